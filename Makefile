@@ -1,0 +1,28 @@
+# One command for the demo, one for the tests; both install what they need.
+.PHONY: setup demo test lint unit integration bench clean
+
+setup:
+	./scripts/bootstrap.sh
+
+demo: setup
+	.venv/bin/python -m scripts.demo
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+unit: setup
+	.venv/bin/pytest tests/unit
+
+integration: setup
+	.venv/bin/pytest tests/integration
+
+test: lint
+	.venv/bin/pytest
+
+bench: setup
+	.venv/bin/python -m bench.repair
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install what ferry needs on a Debian 12 machine, as root; safe to run again.
+# Debian packages: the build needs libcap-dev and gcc (python-prctl builds from
+# source); the tests need real clients and peers (udhcpc, dhclient, socat,
+# iperf3, curl) and the references the benchmarks measure against (pasta,
+# slirp4netns). Python packages go into ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    iproute2 procps kmod libcap-dev gcc python3-dev python3-venv
+    busybox udhcpc isc-dhcp-client socat iperf3 curl
+    passt slirp4netns systemd
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bootstrap: missing Debian packages (${missing[*]}); run as root" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+# Reinstall only when the project's metadata changed since the last install.
+if [ ! -f .venv/.stamp-install ] || [ pyproject.toml -nt .venv/.stamp-install ]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -vE 'WARNING: Location|BuildBackendWarning|^ *$' || true; }
+    touch .venv/.stamp-install
+fi
+
+# Unprivileged ICMP echo sockets (ferryd's ping flows) need the daemon's group
+# inside net.ipv4.ping_group_range; the kernel default "1 0" allows nobody.
+if [ "$(id -u)" -eq 0 ]; then
+    range=$(cat /proc/sys/net/ipv4/ping_group_range)
+    if [ "$range" != "0	2147483647" ]; then
+        sysctl -q -w net.ipv4.ping_group_range="0 2147483647"
+    fi
+fi
