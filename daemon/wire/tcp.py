@@ -1,0 +1,146 @@
+"""TCP segments (RFC 9293) and the options ferry negotiates.
+
+Options understood: MSS (RFC 9293 §3.7.1), window scale and timestamps
+(RFC 7323), SACK-permitted (RFC 2018). Others are skipped by their length.
+Option parsing follows RFC 9293 §3.1: EOL ends the list, NOP is one byte,
+every other option carries a length of at least 2 that must fit the header;
+an option of the wrong length is ignored rather than fatal (as Linux does),
+but a length that runs past the header makes the segment malformed.
+"""
+
+import struct
+from dataclasses import dataclass
+
+from daemon.wire.checksum import checksum, pseudo_header_sum, raw_sum, verify
+from daemon.wire.errors import MalformedPacket
+from daemon.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+
+TCP_HLEN = 20
+_TCP = struct.Struct("!HHIIBBHHH")
+_OPT_EOL, _OPT_NOP, _OPT_MSS, _OPT_WS, _OPT_SACKP, _OPT_TS = 0, 1, 2, 3, 4, 8
+
+
+@dataclass(frozen=True, slots=True)
+class TcpOptions:
+    mss: int | None = None
+    wscale: int | None = None
+    sack_permitted: bool = False
+    timestamp: tuple[int, int] | None = None
+    """(TSval, TSecr)."""
+
+
+NO_OPTIONS = TcpOptions()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TcpSegment:
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: TcpOptions
+    payload: memoryview
+
+
+def _parse_options_untrusted(data: memoryview) -> TcpOptions:
+    mss = wscale = None
+    sack = False
+    ts = None
+    i, end = 0, len(data)
+    while i < end:
+        kind = data[i]
+        if kind == _OPT_EOL:
+            break
+        if kind == _OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            raise MalformedPacket("TCP option truncated")
+        olen = data[i + 1]
+        if olen < 2 or i + olen > end:
+            raise MalformedPacket(f"TCP option {kind} has bad length {olen}")
+        if kind == _OPT_MSS and olen == 4:
+            mss = (data[i + 2] << 8) | data[i + 3]
+        elif kind == _OPT_WS and olen == 3:
+            wscale = min(data[i + 2], 14)  # RFC 7323 §2.3: larger values mean 14
+        elif kind == _OPT_SACKP and olen == 2:
+            sack = True
+        elif kind == _OPT_TS and olen == 10:
+            ts = struct.unpack_from("!II", data, i + 2)
+        i += olen
+    if mss is None and wscale is None and not sack and ts is None:
+        return NO_OPTIONS
+    return TcpOptions(mss, wscale, sack, ts)
+
+
+def parse_tcp_untrusted(packet: IpPacket, verify_checksum: bool = True) -> TcpSegment:
+    data = packet.payload
+    if len(data) < TCP_HLEN:
+        raise MalformedPacket(f"TCP segment of {len(data)} bytes is shorter than a header")
+    sport, dport, seq, ack, off, flags, window, _csum, _urg = _TCP.unpack_from(data)
+    hlen = (off >> 4) * 4
+    if hlen < TCP_HLEN or hlen > len(data):
+        raise MalformedPacket(f"TCP data offset {hlen} does not fit the {len(data)}-byte segment")
+    if verify_checksum and not verify(
+        data, pseudo_header_sum(packet.src, packet.dst, IPPROTO_TCP, len(data))
+    ):
+        raise MalformedPacket("TCP checksum is wrong")
+    options = _parse_options_untrusted(data[TCP_HLEN:hlen]) if hlen > TCP_HLEN else NO_OPTIONS
+    return TcpSegment(sport, dport, seq, ack, flags & 0x3F, window, options, data[hlen:])
+
+
+def encode_options(options: TcpOptions) -> bytes:
+    """Options in Linux's order, NOP-padded to a multiple of four bytes."""
+    out = bytearray()
+    if options.mss is not None:
+        out += struct.pack("!BBH", _OPT_MSS, 4, options.mss)
+    if options.sack_permitted and options.timestamp is not None:
+        out += struct.pack("!BB", _OPT_SACKP, 2)
+        out += struct.pack("!BBII", _OPT_TS, 10, *options.timestamp)
+    elif options.timestamp is not None:
+        out += struct.pack("!BBBBII", _OPT_NOP, _OPT_NOP, _OPT_TS, 10, *options.timestamp)
+    elif options.sack_permitted:
+        out += struct.pack("!BBBB", _OPT_NOP, _OPT_NOP, _OPT_SACKP, 2)
+    if options.wscale is not None:
+        out += struct.pack("!BBBB", _OPT_NOP, _OPT_WS, 3, options.wscale)
+    while len(out) % 4:
+        out.append(_OPT_NOP)
+    return bytes(out)
+
+
+def build_tcp(
+    src: IpAddress,
+    dst: IpAddress,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: TcpOptions = NO_OPTIONS,
+    payload: bytes | bytearray | memoryview = b"",
+) -> bytes:
+    """A checksummed TCP segment; ``window`` is the raw 16-bit field."""
+    opts = encode_options(options) if options is not NO_OPTIONS else b""
+    hlen = TCP_HLEN + len(opts)
+    hdr = bytearray(
+        _TCP.pack(
+            sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags, window, 0, 0
+        )
+    )
+    hdr += opts
+    length = hlen + len(payload)
+    # The header is a multiple of four bytes, so the payload's sum can be
+    # added to the header's without realignment (RFC 1071 §2(B)).
+    initial = pseudo_header_sum(src, dst, IPPROTO_TCP, length) + raw_sum(payload)
+    struct.pack_into("!H", hdr, 16, checksum(hdr, initial))
+    return bytes(hdr) + payload
