@@ -1,0 +1,247 @@
+"""ferryctl: the command-line client of ferryd's control socket.
+
+Each subcommand is one (or, for status --wait, a few) requests over the
+protocol described in :mod:`daemon.control`. Output is for humans by
+default and JSON where a script needs it. Exit status: 0 on success, 1 when
+the daemon is not running, refused the request or is not ready in time, 2
+for bad usage (argparse). Errors are one line on stderr, prefixed with
+``ferryctl:``, saying whether the daemon is missing or what it answered.
+
+Subcommands are a table (:data:`_COMMANDS`): each has a function adding its
+arguments and one running it, so a new subcommand is one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from daemon.control import ControlClientError, DaemonNotRunning, request
+
+#: Environment variable naming the control socket when --control is not given.
+CONTROL_ENV = "FERRY_CONTROL"
+#: How often status --wait asks again.
+_POLL_INTERVAL = 0.05
+
+
+class _Failure(Exception):
+    """A one-line message for stderr and exit status 1."""
+
+
+# ---------------------------------------------------------------------------
+# status
+
+
+def _add_status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        default=None,
+        help="keep asking until the daemon answers and reports ready, for at most "
+        "SECONDS (retries while the socket is missing, the connection is refused "
+        'or the daemon answers "ready": false)',
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds: {text!r}")
+    return value
+
+
+def _run_status(args: argparse.Namespace, out: TextIO) -> None:
+    path: str = args.control
+    status = _request(path, "status") if args.wait is None else _wait_ready(path, args.wait)
+    _print_json(status, out)
+
+
+def _wait_ready(path: str, wait: float) -> dict[str, Any]:
+    """Poll status until ready; any error other than 'not running' ends it at once."""
+    deadline = time.monotonic() + wait
+    last = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            status = request(path, "status", timeout=max(0.5, min(10.0, left)))
+        except DaemonNotRunning as exc:
+            last = str(exc)
+        except ControlClientError as exc:
+            raise _Failure(str(exc)) from None
+        else:
+            if status.get("ready", True) is not False:
+                return status
+            last = "daemon answered but is not ready"
+        if time.monotonic() + _POLL_INTERVAL > deadline:
+            raise _Failure(f"ferryd at {path} not ready after {wait:g} s ({last})")
+        time.sleep(_POLL_INTERVAL)
+
+
+# ---------------------------------------------------------------------------
+# flows
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[dict[str, Any]], str]
+    right: bool = False
+
+
+_FLOW_COLUMNS = (
+    _Column("PROTO", lambda f: str(f.get("proto", "?"))),
+    _Column("GUEST", lambda f: _endpoint(f.get("guest_addr"), f.get("guest_port"))),
+    _Column("HOST", lambda f: _endpoint(f.get("host_addr"), f.get("host_port"))),
+    _Column("STATE", lambda f: str(f.get("state", "?"))),
+    _Column("TO_GUEST", lambda f: str(f.get("bytes_to_guest", "?")), right=True),
+    _Column("FROM_GUEST", lambda f: str(f.get("bytes_from_guest", "?")), right=True),
+)
+
+
+def _endpoint(addr: object, port: object) -> str:
+    """Format an address and port as a user would type them ([v6]:port)."""
+    text = "?" if addr is None else str(addr)
+    if port is None:
+        return text
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def format_flow_table(flows: Sequence[dict[str, Any]]) -> str:
+    """Render flows as an aligned table, one line per flow, header first.
+
+    Missing fields show as '?' rather than failing, so an older or newer
+    daemon's answer still prints.
+    """
+    rows = [[column.header for column in _FLOW_COLUMNS]]
+    rows += [[column.cell(flow) for column in _FLOW_COLUMNS] for flow in flows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_FLOW_COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [
+            text.rjust(width) if column.right else text.ljust(width)
+            for text, width, column in zip(row, widths, _FLOW_COLUMNS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _add_flows(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print the flow list as JSON instead of a table"
+    )
+
+
+def _run_flows(args: argparse.Namespace, out: TextIO) -> None:
+    response = _request(args.control, "flows")
+    flows = response.get("flows")
+    if not isinstance(flows, list) or not all(isinstance(f, dict) for f in flows):
+        raise _Failure(f'ferryd at {args.control} answered "flows" without a list of flows')
+    if args.json:
+        _print_json(flows, out)
+    else:
+        out.write(format_flow_table(flows))
+
+
+# ---------------------------------------------------------------------------
+# migrate (not yet)
+#
+# `ferryctl migrate --to TARGET_CONTROL` goes here, as one more _COMMANDS
+# entry: create os.pipe(), send the read end to the target
+# (request(target, "migrate-receive", fds=[r])) and the write end to the
+# source (request(args.control, "migrate-send", fds=[w])), close both local
+# copies at once (so EOF reaches the target when the source finishes), then
+# wait for both answers and report the outcome of each side. The daemons'
+# handlers take the fds out of their fd list (see daemon.control).
+
+
+# ---------------------------------------------------------------------------
+# plumbing
+
+_COMMANDS: dict[
+    str,
+    tuple[
+        str,
+        Callable[[argparse.ArgumentParser], None],
+        Callable[[argparse.Namespace, TextIO], None],
+    ],
+] = {
+    "status": (
+        "print the daemon's status as JSON (exit 0 if it answered)",
+        _add_status,
+        _run_status,
+    ),
+    "flows": (
+        "list the daemon's flows (connections), one per line",
+        _add_flows,
+        _run_flows,
+    ),
+}
+
+
+def _request(path: str, cmd: str) -> dict[str, Any]:
+    try:
+        return request(path, cmd)
+    except ControlClientError as exc:
+        raise _Failure(str(exc)) from None
+
+
+def _print_json(obj: object, out: TextIO) -> None:
+    json.dump(obj, out, indent=2, sort_keys=True, ensure_ascii=False)
+    out.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ferryctl (public for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="ferryctl",
+        description="Query and control a running ferryd through its control socket.",
+        epilog="Exit status: 0 success; 1 daemon not running, request refused or not "
+        "ready in time; 2 usage error.",
+    )
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        default=os.environ.get(CONTROL_ENV),
+        help=f"ferryd's control socket (the --control given to ferryd; default: ${CONTROL_ENV})",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, _) in _COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ferryctl`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.control:
+        parser.error(f"no control socket: pass --control PATH or set ${CONTROL_ENV}")
+    _, _, run = _COMMANDS[args.command]
+    try:
+        run(args, sys.stdout)
+        sys.stdout.flush()
+    except _Failure as exc:
+        print(f"ferryctl: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `ferryctl flows | head`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
