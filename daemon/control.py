@@ -380,7 +380,8 @@ class ControlServer:
                 pass
             except _FrameLost as exc:
                 log.info("control: closing connection: %s", exc)
-                with trio.move_on_after(1):
+                # Best effort: the client may already be gone.
+                with trio.move_on_after(1), contextlib.suppress(OSError):
                     await _send_all(conn, encode_frame({"ok": False, "error": str(exc)}))
             except OSError as exc:
                 log.info("control: connection error: %s", exc)
