@@ -1,0 +1,178 @@
+"""The flow table: one entry per guest conversation, sans-IO.
+
+Theory of operation
+-------------------
+A flow is what the guest sees as one conversation: a protocol and the two
+endpoints *as the guest knows them*, ``(proto, guest_addr, guest_port,
+remote_addr, remote_port)`` (:class:`FlowKey`). For ICMP echo the "port" is
+the echo identifier and ``remote_port`` is 0. The table maps that key to a
+:class:`Flow`, which carries the bookkeeping every protocol shares: when the
+flow was last active, how many bytes went each way, the host socket's local
+address (what the control socket shows) and an opaque ``handle`` owned by
+the protocol adapter (its socket, its reader task's cancel scope, ...).
+
+The table does no I/O and never reads a clock: every call that depends on
+time takes ``now`` (seconds, the caller's monotonic clock, in ferryd
+``trio.current_time()``), so it is tested with explicit times.
+
+Invariants
+----------
+- At most ``limit`` flows exist; :meth:`FlowTable.add` beyond that raises
+  :class:`FlowLimitReached` (a resource limit, nobody's bug: the adapter
+  drops the packet, logs and counts) and changes nothing.
+- A key is in the table at most once; adding an existing key is a bug of the
+  caller (``KeyError``).
+- No payload is ever stored here: only counters and addresses.
+"""
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpAddress
+
+__all__ = ["Flow", "FlowKey", "FlowLimitReached", "FlowTable", "proto_name"]
+
+H = TypeVar("H")
+
+_PROTO_NAMES = {
+    IPPROTO_TCP: "tcp",
+    IPPROTO_UDP: "udp",
+    IPPROTO_ICMP: "icmp",
+    IPPROTO_ICMPV6: "icmpv6",
+}
+
+
+def proto_name(proto: int) -> str:
+    return _PROTO_NAMES.get(proto, str(proto))
+
+
+class FlowLimitReached(Exception):
+    """The table is full: a new flow was refused (resource limit, not a bug)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"flow table is full ({limit} flows)")
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """A flow as the guest sees it (ICMP echo: ports are id and 0)."""
+
+    proto: int
+    guest_addr: IpAddress
+    guest_port: int
+    remote_addr: IpAddress
+    remote_port: int
+
+
+@dataclass(slots=True, eq=False)
+class Flow(Generic[H]):
+    key: FlowKey
+    handle: H
+    """Whatever the protocol adapter keeps for this flow (its socket, ...)."""
+    state: str
+    created: float
+    last_activity: float
+    host_addr: IpAddress | None = None
+    """Local address of the host socket carrying the flow, if any."""
+    host_port: int = 0
+    bytes_to_guest: int = 0
+    bytes_from_guest: int = 0
+    packets_to_guest: int = 0
+    packets_from_guest: int = 0
+    dropped: int = 0
+    """Packets of this flow dropped (full socket buffer, guest link full...)."""
+
+    def to_guest(self, nbytes: int, now: float) -> None:
+        self.bytes_to_guest += nbytes
+        self.packets_to_guest += 1
+        self.last_activity = now
+
+    def from_guest(self, nbytes: int, now: float) -> None:
+        self.bytes_from_guest += nbytes
+        self.packets_from_guest += 1
+        self.last_activity = now
+
+    def snapshot(self) -> dict[str, object]:
+        key = self.key
+        return {
+            "proto": proto_name(key.proto),
+            "guest_addr": str(key.guest_addr),
+            "guest_port": key.guest_port,
+            "remote_addr": str(key.remote_addr),
+            "remote_port": key.remote_port,
+            "host_addr": None if self.host_addr is None else str(self.host_addr),
+            "host_port": self.host_port,
+            "state": self.state,
+            "bytes_to_guest": self.bytes_to_guest,
+            "bytes_from_guest": self.bytes_from_guest,
+        }
+
+
+class FlowTable(Generic[H]):
+    """Flows by :class:`FlowKey`, with a size limit and idle expiry."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"flow limit must be at least 1, not {limit}")
+        self.limit = limit
+        self._flows: dict[FlowKey, Flow[H]] = {}
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._flows
+
+    def __iter__(self) -> Iterator[Flow[H]]:
+        return iter(list(self._flows.values()))
+
+    def get(self, key: FlowKey) -> Flow[H] | None:
+        return self._flows.get(key)
+
+    def add(
+        self,
+        key: FlowKey,
+        handle: H,
+        now: float,
+        *,
+        state: str,
+        host_addr: IpAddress | None = None,
+        host_port: int = 0,
+    ) -> Flow[H]:
+        """Create a flow; :class:`FlowLimitReached` if the table is full."""
+        if key in self._flows:
+            raise KeyError(f"flow {key} already exists")
+        if len(self._flows) >= self.limit:
+            raise FlowLimitReached(self.limit)
+        flow = Flow(key, handle, state, now, now, host_addr, host_port)
+        self._flows[key] = flow
+        return flow
+
+    def check_room(self) -> None:
+        """Raise :class:`FlowLimitReached` now if :meth:`add` would.
+
+        Lets an adapter refuse a flow before it opens a socket for it.
+        """
+        if len(self._flows) >= self.limit:
+            raise FlowLimitReached(self.limit)
+
+    def remove(self, key: FlowKey) -> Flow[H] | None:
+        return self._flows.pop(key, None)
+
+    def expired(self, now: float, timeout_by_proto: Mapping[int, float]) -> list[Flow[H]]:
+        """Flows idle for longer than their protocol's timeout (not removed).
+
+        A protocol missing from ``timeout_by_proto`` never expires here.
+        """
+        out = []
+        for flow in self._flows.values():
+            timeout = timeout_by_proto.get(flow.key.proto)
+            if timeout is not None and now - flow.last_activity > timeout:
+                out.append(flow)
+        return out
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """One dict per flow for the control socket (JSON-ready values)."""
+        return [flow.snapshot() for flow in self._flows.values()]
