@@ -87,7 +87,9 @@ def parse_ipv6_untrusted(data: bytes | bytearray | memoryview) -> IpPacket:
     view = memoryview(data)[:end]
     off = IPV6_HLEN
     fragment = False
-    for _ in range(MAX_EXTENSION_HEADERS):
+    # One pass more than the limit: a chain of exactly MAX_EXTENSION_HEADERS
+    # headers ends on that last pass with the upper-layer protocol.
+    for _ in range(MAX_EXTENSION_HEADERS + 1):
         if nxt not in (_HOPOPTS, _ROUTING, _FRAGMENT, _DSTOPTS, _AH):
             break
         if off + 8 > end:
