@@ -1,0 +1,128 @@
+"""Addressing rules and helpers shared by the UDP and ICMP flow adapters.
+
+Address translation follows passt's conventions (REFERENCE.md, "Guest link
+conventions"):
+
+- Outbound, with gateway mapping on, a packet the guest sends to its
+  gateway address goes to the host itself (127.0.0.1 / ::1), so services
+  listening on the host's loopback are reachable from the guest. Any other
+  destination is used as is.
+- Inbound, a peer that is the host itself (a loopback address, or the
+  guest's own address, which is also the host's) is shown to the guest as
+  its gateway: the guest would otherwise drop a packet from 127.0.0.1 or
+  from its own address as a martian.
+
+Also here: which destinations the guest may not send to through flows
+(multicast, broadcast, unspecified: the stack answers the link-local
+services itself before flows see anything), and a log throttle, since a
+guest can trigger errors at line rate.
+"""
+
+import logging
+import socket
+from collections import Counter
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from daemon.link import LinkConfig
+from daemon.wire.ip import IpAddress
+
+__all__ = [
+    "LOOPBACK4",
+    "LOOPBACK6",
+    "LogThrottle",
+    "family_of",
+    "gateway_of",
+    "host_destination",
+    "is_group_destination",
+    "peer_as_seen_by_guest",
+    "sockaddr",
+    "strip_scope",
+]
+
+LOOPBACK4 = IPv4Address("127.0.0.1")
+LOOPBACK6 = IPv6Address("::1")
+_BROADCAST4 = IPv4Address("255.255.255.255")
+
+
+def family_of(version: int) -> socket.AddressFamily:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
+def sockaddr(addr: IpAddress, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    if isinstance(addr, IPv4Address):
+        return (str(addr), port)
+    return (str(addr), port, 0, 0)
+
+
+def strip_scope(text: str) -> IpAddress:
+    """An address from a socket address string, without any ``%scope``."""
+    return ip_address(text.partition("%")[0])
+
+
+def gateway_of(link: LinkConfig, version: int) -> IpAddress | None:
+    if version == 4:
+        return None if link.ipv4 is None else link.ipv4.gateway
+    return None if link.ipv6 is None else link.ipv6.gateway
+
+
+def host_destination(link: LinkConfig, map_gateway: bool, dst: IpAddress) -> IpAddress:
+    """Where a packet the guest sends to ``dst`` really goes."""
+    if map_gateway:
+        if isinstance(dst, IPv4Address):
+            if link.ipv4 is not None and dst == link.ipv4.gateway:
+                return LOOPBACK4
+        elif link.ipv6 is not None and dst == link.ipv6.gateway:
+            return LOOPBACK6
+    return dst
+
+
+def peer_as_seen_by_guest(
+    link: LinkConfig, peer: IpAddress, guest_addr: IpAddress
+) -> IpAddress | None:
+    """The source address the guest is shown for an inbound ``peer``.
+
+    None if the peer is the host itself but the link has no gateway of that
+    family to stand for it.
+    """
+    if peer.is_loopback or peer == guest_addr:
+        return gateway_of(link, peer.version)
+    return peer
+
+
+def is_group_destination(link: LinkConfig, dst: IpAddress) -> bool:
+    """Multicast, broadcast (limited or the guest subnet's) or unspecified."""
+    if dst.is_multicast or dst.is_unspecified:
+        return True
+    if isinstance(dst, IPv4Address):
+        if dst == _BROADCAST4:
+            return True
+        cfg = link.ipv4
+        if cfg is not None and cfg.prefixlen <= 30:
+            host_bits = (1 << (32 - cfg.prefixlen)) - 1
+            return int(dst) == int(cfg.address) | host_bits
+    return False
+
+
+class LogThrottle:
+    """Log a kind of event at most once per ``interval`` seconds.
+
+    Events in between are counted and the count is reported with the next
+    message, so nothing is hidden, only summarised.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._log = logger
+        self._interval = interval
+        self._next: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, kind: str, now: float, message: str, *args: object) -> None:
+        if now < self._next.get(kind, float("-inf")):
+            self._suppressed[kind] += 1
+            return
+        self._next[kind] = now + self._interval
+        skipped = self._suppressed.pop(kind, 0)
+        if skipped:
+            self._log.warning(message + " (and %d more like it)", *args, skipped)
+        else:
+            self._log.warning(message, *args)

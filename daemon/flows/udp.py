@@ -1,0 +1,506 @@
+"""UDP flows: guest datagrams to host sockets and back, and UDP forwarding.
+
+Theory of operation
+-------------------
+Every UDP conversation the guest takes part in is a flow in a
+:class:`~daemon.flows.table.FlowTable`, keyed by the guest-side 4-tuple
+``(guest addr, guest port, remote addr, remote port)`` as the guest sees it.
+
+Outbound (the guest sends first): the first datagram of a new 4-tuple opens
+a host UDP socket of the same family, non-blocking, ``connect()``-ed to the
+destination (the host itself for the guest's gateway when gateway mapping
+is on, see :mod:`daemon.flows.common`). A connected socket only receives
+from that destination, so the kernel demultiplexes replies for us, and it
+receives ICMP port unreachable as ECONNREFUSED (RFC 1122 §4.1.3.3: UDP
+passes ICMP errors to the application). A reader task per socket drains it
+(``recv`` until EAGAIN, at most a batch, then awaits readability) and sends
+each datagram to the guest with the remote's address as the guest knows it
+as the source. ECONNREFUSED becomes an ICMP (type 3 code 3, RFC 792) or
+ICMPv6 (type 1 code 4, RFC 4443 §3.1) port unreachable for the guest,
+quoting a reconstructed IP and UDP header of the flow, so the guest's
+socket sees the error as it would on a real network.
+
+Inbound (port forwarding, ``-u`` specs): a listener socket bound to the host
+port receives from any peer; each peer ``(addr, port)`` becomes a flow with
+the guest's address and the forward's guest port, and the peer's address
+kept as the source (a peer on the host itself is shown as the gateway).
+The guest's replies match the flow's 4-tuple and leave through the
+listener with ``sendto(peer)``, so the peer sees the port it sent to.
+
+Invariants
+----------
+- No payload is ever stored: each datagram is sent on or dropped at once,
+  in the same synchronous step it was received in. The kernel's socket
+  queues (and the guest's) are the only buffers. One receive buffer per
+  :class:`UdpFlows` is reused; nothing refers to it across an await.
+- :meth:`UdpFlows.from_guest` never blocks and never raises for anything the
+  guest or the network does: a full socket buffer (EAGAIN, ENOBUFS) drops
+  the datagram and counts it, exactly as a congested link would; other
+  errors are logged once per flow and counted.
+- A flow's socket is open exactly as long as the flow is in the table; a
+  closed flow's reader task is cancelled before its socket is closed.
+- Flows idle for ``idle_timeout`` seconds are closed by :meth:`expire`,
+  which the caller runs periodically with the current time.
+"""
+
+import errno
+import logging
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+import trio
+
+from daemon.flows.common import (
+    LogThrottle,
+    family_of,
+    host_destination,
+    is_group_destination,
+    peer_as_seen_by_guest,
+    sockaddr,
+    strip_scope,
+)
+from daemon.flows.portspec import ForwardError, PortForward
+from daemon.flows.table import Flow, FlowKey, FlowLimitReached, FlowTable
+from daemon.guest import GuestPort
+from daemon.link import LinkConfig
+from daemon.wire.icmp import ICMP_DEST_UNREACH, ICMPV6_DEST_UNREACH, build_icmp
+from daemon.wire.ip import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_UDP,
+    IPV4_HLEN,
+    IPV6_HLEN,
+    IpAddress,
+    IpPacket,
+    ipv4_header,
+    ipv6_header,
+)
+from daemon.wire.udp import UDP_HLEN, UdpDatagram, build_udp
+
+__all__ = ["UDP_IDLE_TIMEOUT", "UdpFlows"]
+
+log = logging.getLogger(__name__)
+
+UDP_IDLE_TIMEOUT = 180.0
+_DRAIN_BATCH = 64
+"""Datagrams read from one socket before yielding to other tasks."""
+_RECV_SIZE = 65536
+_ICMP_PORT_UNREACH = 3  # RFC 792
+_ICMPV6_PORT_UNREACH = 4  # RFC 4443 §3.1
+_UDP_HDR = struct.Struct("!HHHH")
+
+
+@dataclass(eq=False)
+class _Outbound:
+    sock: socket.socket
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    last_len: int = 0
+    """Payload length of the guest's last datagram (for ICMP quotes)."""
+    error_logged: bool = False
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _Listener:
+    sock: socket.socket
+    fwd: PortForward
+    version: int
+    local_addr: IpAddress
+    local_port: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _Inbound:
+    listener: _Listener
+    peer: tuple[str, int] | tuple[str, int, int, int]
+    error_logged: bool = False
+
+
+_Handle = _Outbound | _Inbound
+
+
+class UdpFlows:
+    """UDP flows of one guest: outbound sockets and forwarding listeners."""
+
+    def __init__(
+        self,
+        guest: GuestPort,
+        link: LinkConfig,
+        nursery: trio.Nursery,
+        *,
+        map_gateway: bool,
+        idle_timeout: float = UDP_IDLE_TIMEOUT,
+        limit: int = 4096,
+    ) -> None:
+        self._guest = guest
+        self._link = link
+        self._nursery = nursery
+        self._map_gateway = map_gateway
+        self.idle_timeout = idle_timeout
+        self.table: FlowTable[_Handle] = FlowTable(limit)
+        self.drops: Counter[str] = Counter()
+        """Datagrams dropped, by reason (for status and tests)."""
+        self._listeners: list[_Listener] = []
+        self._buf = bytearray(_RECV_SIZE)
+        self._throttle = LogThrottle(log)
+        # Largest payload that fits the guest's MTU with IP and UDP headers.
+        self._max_payload = {
+            4: link.mtu - IPV4_HLEN - UDP_HLEN,
+            6: link.mtu - IPV6_HLEN - UDP_HLEN,
+        }
+        self._closed = False
+
+    # ------------------------------------------------------------------
+    # guest → host
+
+    def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None:
+        """Send one guest datagram on (never blocks, never raises)."""
+        if self._closed:
+            return
+        if ip.fragment:
+            self.drops["fragment"] += 1
+            return
+        if is_group_destination(self._link, ip.dst):
+            self.drops["multicast"] += 1
+            return
+        now = trio.current_time()
+        key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
+        flow = self.table.get(key)
+        if flow is None:
+            flow = self._open_outbound(key, now)
+            if flow is None:
+                return
+        self._send_to_host(flow, udp.payload, now)
+
+    def _open_outbound(self, key: FlowKey, now: float) -> Flow[_Handle] | None:
+        try:
+            self.table.check_room()
+        except FlowLimitReached as exc:
+            self.drops["flow limit"] += 1
+            self._throttle.warning("limit", now, "UDP: %s; datagram dropped", exc)
+            return None
+        target = host_destination(self._link, self._map_gateway, key.remote_addr)
+        try:
+            sock = socket.socket(
+                family_of(key.remote_addr.version),
+                socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            )
+        except OSError as exc:
+            self.drops["socket"] += 1
+            self._throttle.warning("socket", now, "UDP: cannot open a socket: %s", exc)
+            return None
+        try:
+            sock.connect(sockaddr(target, key.remote_port))
+            local = sock.getsockname()
+        except OSError as exc:
+            sock.close()
+            self.drops["connect"] += 1
+            self._throttle.warning(
+                "connect", now, "UDP: cannot reach %s port %d: %s", target, key.remote_port, exc
+            )
+            return None
+        handle = _Outbound(sock)
+        flow = self.table.add(
+            key,
+            handle,
+            now,
+            state="outbound",
+            host_addr=strip_scope(local[0]),
+            host_port=local[1],
+        )
+        self._nursery.start_soon(self._outbound_reader, flow, handle)
+        return flow
+
+    def _send_to_host(self, flow: Flow[_Handle], payload: memoryview, now: float) -> None:
+        handle = flow.handle
+        for attempt in (1, 2):
+            try:
+                if isinstance(handle, _Inbound):
+                    handle.listener.sock.sendto(payload, handle.peer)
+                else:
+                    handle.sock.send(payload)
+            except (BlockingIOError, InterruptedError):
+                self._drop(flow, "socket buffer full")
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._drop(flow, "socket buffer full")
+                    return
+                if (
+                    exc.errno == errno.ECONNREFUSED
+                    and isinstance(handle, _Outbound)
+                    and attempt == 1
+                ):
+                    # The pending error of an earlier datagram (ICMP port
+                    # unreachable). Reporting it clears it: tell the guest,
+                    # then send this datagram.
+                    self._port_unreachable(flow, handle)
+                    continue
+                self._drop(flow, "send error")
+                self._flow_error(flow, handle, "send", exc)
+                return
+            flow.from_guest(len(payload), now)
+            if isinstance(handle, _Outbound):
+                handle.last_len = len(payload)
+            return
+
+    # ------------------------------------------------------------------
+    # host → guest
+
+    async def _outbound_reader(self, flow: Flow[_Handle], handle: _Outbound) -> None:
+        with handle.scope:
+            while not handle.closed:
+                try:
+                    await trio.lowlevel.wait_readable(handle.sock)
+                except trio.ClosedResourceError:
+                    return
+                self._drain_outbound(flow, handle)
+
+    def _drain_outbound(self, flow: Flow[_Handle], handle: _Outbound) -> None:
+        if handle.closed:
+            return
+        now = trio.current_time()
+        view = memoryview(self._buf)
+        for _ in range(_DRAIN_BATCH):
+            try:
+                n = handle.sock.recv_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Asynchronous errors (ICMP) are reported once and cleared,
+                # so draining goes on after them.
+                if exc.errno == errno.ECONNREFUSED:
+                    self._port_unreachable(flow, handle)
+                else:
+                    self._flow_error(flow, handle, "receive", exc)
+                continue
+            self._to_guest(flow, view[:n], now)
+
+    async def _listener_reader(self, listener: _Listener) -> None:
+        with listener.scope:
+            while not listener.closed:
+                try:
+                    await trio.lowlevel.wait_readable(listener.sock)
+                except trio.ClosedResourceError:
+                    return
+                self._drain_listener(listener)
+
+    def _drain_listener(self, listener: _Listener) -> None:
+        if listener.closed:
+            return
+        now = trio.current_time()
+        view = memoryview(self._buf)
+        for _ in range(_DRAIN_BATCH):
+            try:
+                n, peer = listener.sock.recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._throttle.warning(
+                    "listener",
+                    now,
+                    "UDP: receive on forwarded port %d: %s",
+                    listener.fwd.host_port,
+                    exc,
+                )
+                continue
+            self._from_peer(listener, peer, view[:n], now)
+
+    def _from_peer(
+        self, listener: _Listener, peer: tuple[str, int], data: memoryview, now: float
+    ) -> None:
+        guest_addr = self._guest.guest_address(listener.version)
+        if guest_addr is None:
+            self.drops["no guest address"] += 1
+            return
+        remote = peer_as_seen_by_guest(self._link, strip_scope(peer[0]), guest_addr)
+        if remote is None:
+            self.drops["no gateway"] += 1
+            return
+        key = FlowKey(IPPROTO_UDP, guest_addr, listener.fwd.guest_port, remote, peer[1])
+        flow = self.table.get(key)
+        if flow is None:
+            try:
+                flow = self.table.add(
+                    key,
+                    _Inbound(listener, peer),
+                    now,
+                    state="inbound",
+                    host_addr=listener.local_addr,
+                    host_port=listener.local_port,
+                )
+            except FlowLimitReached as exc:
+                self.drops["flow limit"] += 1
+                self._throttle.warning("limit", now, "UDP: %s; datagram dropped", exc)
+                return
+        self._to_guest(flow, data, now)
+
+    def _to_guest(self, flow: Flow[_Handle], payload: memoryview, now: float) -> None:
+        key = flow.key
+        if len(payload) > self._max_payload[key.guest_addr.version]:
+            self._drop(flow, "larger than the guest MTU")
+            return
+        l4 = build_udp(key.remote_addr, key.guest_addr, key.remote_port, key.guest_port, payload)
+        self._guest.send_ip(key.remote_addr, key.guest_addr, IPPROTO_UDP, l4)
+        flow.to_guest(len(payload), now)
+
+    def _port_unreachable(self, flow: Flow[_Handle], handle: _Outbound) -> None:
+        """Tell the guest its flow's destination port is closed.
+
+        The quote is the guest's datagram as it was sent (RFC 792: IP header
+        plus the first 8 bytes; RFC 4443 §3.1: as much as fits), rebuilt
+        from the flow's addresses and the last datagram's length, since no
+        payload is kept. The quoted UDP checksum is 0 (not checked by
+        receivers: Linux matches the error to a socket by addresses and
+        ports only).
+        """
+        key = flow.key
+        length = UDP_HLEN + handle.last_len
+        udp = _UDP_HDR.pack(key.guest_port, key.remote_port, length, 0)
+        src, dst = key.guest_addr, key.remote_addr
+        if isinstance(src, IPv4Address):
+            assert isinstance(dst, IPv4Address)
+            quote = ipv4_header(src, dst, IPPROTO_UDP, length) + udp
+            l4 = build_icmp(dst, src, ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, bytes(4), quote)
+            proto = IPPROTO_ICMP
+        else:
+            assert isinstance(dst, IPv6Address)
+            quote = ipv6_header(src, dst, IPPROTO_UDP, length) + udp
+            l4 = build_icmp(dst, src, ICMPV6_DEST_UNREACH, _ICMPV6_PORT_UNREACH, bytes(4), quote)
+            proto = IPPROTO_ICMPV6
+        self.drops["port unreachable"] += 1
+        self._guest.send_ip(dst, src, proto, l4)
+
+    # ------------------------------------------------------------------
+    # errors
+
+    def _drop(self, flow: Flow[_Handle], reason: str) -> None:
+        flow.dropped += 1
+        self.drops[reason] += 1
+
+    def _flow_error(self, flow: Flow[_Handle], handle: _Handle, what: str, exc: OSError) -> None:
+        if handle.error_logged:
+            return
+        handle.error_logged = True
+        key = flow.key
+        log.warning(
+            "UDP flow %s:%d → %s:%d: %s failed: %s (further errors of this flow not logged)",
+            key.guest_addr,
+            key.guest_port,
+            key.remote_addr,
+            key.remote_port,
+            what,
+            exc,
+        )
+
+    # ------------------------------------------------------------------
+    # forwarding
+
+    async def add_forward(self, fwd: PortForward) -> None:
+        """Listen on ``fwd.host_port`` and forward what arrives to the guest.
+
+        ``bind=None`` listens on every address of both families (an IPv6
+        socket with IPV6_V6ONLY plus an IPv4 one; just IPv4 if the host has
+        IPv6 disabled). Raises :class:`ForwardError` naming the port if a
+        socket cannot be bound.
+        """
+        listeners: list[_Listener] = []
+        try:
+            if fwd.bind is None:
+                if self._link.ipv6 is not None:
+                    lst = self._bind(fwd, IPv6Address("::"), optional=True)
+                    if lst is not None:
+                        listeners.append(lst)
+                if self._link.ipv4 is not None:
+                    lst = self._bind(fwd, IPv4Address("0.0.0.0"), optional=False)
+                    assert lst is not None
+                    listeners.append(lst)
+            else:
+                if (self._link.ipv4 if fwd.bind.version == 4 else self._link.ipv6) is None:
+                    raise ForwardError(
+                        f"cannot forward UDP {fwd.bind} port {fwd.host_port}: "
+                        f"the guest has no IPv{fwd.bind.version} address"
+                    )
+                lst = self._bind(fwd, fwd.bind, optional=False)
+                assert lst is not None
+                listeners.append(lst)
+            if not listeners:
+                raise ForwardError(
+                    f"cannot forward UDP port {fwd.host_port}: the guest has no IP address"
+                )
+        except BaseException:
+            for lst in listeners:
+                lst.sock.close()
+            raise
+        for lst in listeners:
+            self._listeners.append(lst)
+            self._nursery.start_soon(self._listener_reader, lst)
+        await trio.lowlevel.checkpoint()
+
+    def _bind(self, fwd: PortForward, addr: IpAddress, *, optional: bool) -> _Listener | None:
+        where = f"[{addr}]" if addr.version == 6 else str(addr)
+        try:
+            sock = socket.socket(
+                family_of(addr.version),
+                socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            )
+        except OSError as exc:
+            if optional and exc.errno == errno.EAFNOSUPPORT:
+                return None  # IPv6 disabled on the host
+            raise ForwardError(f"cannot forward UDP port {fwd.host_port}: {exc}") from exc
+        try:
+            if addr.version == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr(addr, fwd.host_port))
+            port = sock.getsockname()[1]
+        except OSError as exc:
+            sock.close()
+            if optional and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                return None
+            raise ForwardError(f"cannot forward UDP {where}:{fwd.host_port}: {exc}") from exc
+        return _Listener(sock, fwd, addr.version, addr, port)
+
+    # ------------------------------------------------------------------
+    # housekeeping
+
+    def expire(self, now: float) -> None:
+        """Close flows idle for longer than ``idle_timeout``."""
+        for flow in self.table.expired(now, {IPPROTO_UDP: self.idle_timeout}):
+            self._close_flow(flow)
+
+    def _close_flow(self, flow: Flow[_Handle]) -> None:
+        self.table.remove(flow.key)
+        handle = flow.handle
+        if isinstance(handle, _Outbound):
+            handle.closed = True
+            handle.scope.cancel()
+            trio.lowlevel.notify_closing(handle.sock)
+            handle.sock.close()
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return self.table.snapshot()
+
+    def listeners(self) -> list[tuple[PortForward, IpAddress, int]]:
+        """Each forwarding listener: its forward and bound address and port."""
+        return [(lst.fwd, lst.local_addr, lst.local_port) for lst in self._listeners]
+
+    def close(self) -> None:
+        """Close every flow and listener (idempotent)."""
+        self._closed = True
+        for flow in self.table:
+            self._close_flow(flow)
+        for lst in self._listeners:
+            lst.closed = True
+            lst.scope.cancel()
+            trio.lowlevel.notify_closing(lst.sock)
+            lst.sock.close()
+        self._listeners.clear()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
