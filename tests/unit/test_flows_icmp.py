@@ -1,5 +1,8 @@
 """ICMP echo flows through ping sockets on loopback, with a recording guest."""
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address, IPv6Address
@@ -145,3 +148,23 @@ async def test_flow_limit() -> None:
         assert len(flows.table) == 2
         assert flows.drops["flow limit"] == 1
         await guest.wait_for(2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_ping_sockets_need_no_privilege() -> None:
+    """What IcmpFlows opens works for an ordinary user (ping_group_range)."""
+    code = (
+        "import os, socket\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()\n"
+        "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6).close()\n"
+        "try:\n"
+        "    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n"
+        "except PermissionError:\n"
+        "    print('raw refused')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "raw refused\n"
