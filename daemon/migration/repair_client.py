@@ -1,0 +1,417 @@
+"""ferryd's client of the TCP_REPAIR helper (ferry-repair, or passt's passt-repair).
+
+ferryd holds no capability, so it cannot switch its own sockets into repair
+mode; a helper holding CAP_NET_ADMIN does it for it. The protocol is
+passt-repair's (see repair_helper/protocol.py): one message per batch of at
+most 253 sockets (the kernel's SCM_MAX_FD), carrying the command byte and the
+descriptors, answered by the same byte once every socket of the batch is
+switched. The helper answers batches in order, and on any error closes the
+connection without answering that batch or any later one.
+
+Two ways to reach a helper, one API:
+
+* ``--repair-socket PATH``: the helper listens (ferry-repair, usually
+  socket-activated by systemd); ``await RepairClient.connect(PATH)``.
+* ``--repair-listen PATH``: ferryd listens and the helper connects, as passt
+  does with passt-repair (``passt-repair PATH`` or ``ferry-repair --connect
+  PATH``); ``listener = await RepairListener.bind(PATH)`` at start-up, then
+  ``client = await listener.accept()`` when migration needs the helper.
+
+Both check who is on the other end (SO_PEERCRED): by default only root and
+ferryd's own uid may act as the helper, since whoever plays that part is
+handed ferryd's sockets, i.e. its connections. (passt does not check.)
+
+Then, for any number of sockets::
+
+    await client.set_repair(socks, RepairMode.ON)
+
+splits ``socks`` into batches of 253, sends them *pipelined* (the sender runs
+ahead of the replies by up to ``max_in_flight`` batches, so the helper never
+waits for a round trip; the window also bounds the descriptors in flight,
+which the kernel counts against the sending user's RLIMIT_NOFILE, see
+net/unix/garbage.c, too_many_unix_fds), and reads the replies as they come.
+Every reply must arrive within ``reply_timeout`` seconds of the previous one (or of
+the call). On failure it raises a :class:`RepairBatchError` that says which
+batch failed and which sockets (indexes into ``socks``) it held: batches
+before it were carried out; it and the later ones were not, except that a
+:class:`RepairTimeout`, or a kernel failure inside the helper, leaves the
+failed batch's state unknown. The client is then closed, since replies still
+in flight would be read as answers to the next call; connect again (or accept
+again) to retry. Rolling back the batches that were carried out is the
+caller's job: it knows what they were for.
+
+API::
+
+    RepairMode                                     # ON = 1, OFF = 0, OFF_NO_WINDOW_PROBE = -1
+    class RepairClient:
+        @classmethod
+        async def connect(cls, path: str | os.PathLike[str], *,
+                          reply_timeout: float = DEFAULT_TIMEOUT,
+                          max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                          helper_uids: Iterable[int] | None = None) -> RepairClient
+        async def set_repair(self, socks: Sequence[int | HasFileno],
+                             mode: RepairMode) -> None
+        async def aclose(self) -> None             # also: async with client: ...
+    class RepairListener:
+        @classmethod
+        async def bind(cls, path: str | os.PathLike[str], *,
+                       reply_timeout: float = DEFAULT_TIMEOUT,
+                       max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                       helper_uids: Iterable[int] | None = None) -> RepairListener
+        async def accept(self) -> RepairClient          # wrap in trio.fail_after()
+        def close(self) -> None                    # also: with listener: ...
+
+Errors, all subclasses of :class:`RepairError`: :class:`RepairUnavailable`
+(no helper could be reached or accepted: bad config, or the helper is not
+running), :class:`RepairRefused` (the helper closed the connection instead of
+answering a batch: see its log for why; usually our bug or a socket that went
+away), :class:`RepairTimeout` (the helper did not answer in time),
+:class:`RepairProtocolError` (the helper answered with a wrong byte: the
+helper's bug), and a plain :class:`RepairBatchError` when sending a batch
+failed locally (e.g. a closed descriptor: our bug).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import math
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import trio
+
+from repair_helper.protocol import SCM_MAX_FD
+from repair_helper.protocol import RepairCommand as RepairMode
+
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_TIMEOUT",
+    "HasFileno",
+    "RepairBatchError",
+    "RepairClient",
+    "RepairError",
+    "RepairListener",
+    "RepairMode",
+    "RepairProtocolError",
+    "RepairRefused",
+    "RepairTimeout",
+    "RepairUnavailable",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds the helper may take to answer one batch.
+DEFAULT_TIMEOUT = 10.0
+#: Batches sent ahead of their replies: 64 x 253 descriptors in flight at most.
+DEFAULT_MAX_IN_FLIGHT = 64
+
+_UCRED = struct.Struct("=iII")
+_SEND_FLAGS = socket.MSG_NOSIGNAL
+
+
+class HasFileno(Protocol):
+    """Anything with a descriptor: a stdlib or trio socket."""
+
+    def fileno(self) -> int: ...
+
+
+class RepairError(Exception):
+    """Setting TCP_REPAIR through the helper failed."""
+
+
+class RepairUnavailable(RepairError):
+    """No helper to talk to (bad config, or the helper is not running)."""
+
+
+class RepairBatchError(RepairError):
+    """A batch failed; ``batch`` (0-based) of ``batches`` held ``socks[sockets]``."""
+
+    def __init__(self, reason: str, *, batch: int, batches: int, sockets: range) -> None:
+        super().__init__(
+            f"TCP_REPAIR batch {batch + 1} of {batches} (sockets {sockets.start}"
+            f"..{sockets.stop - 1}) failed: {reason}"
+        )
+        self.reason = reason
+        self.batch = batch
+        self.batches = batches
+        self.sockets = sockets
+
+
+class RepairRefused(RepairBatchError):
+    """The helper closed the connection instead of answering the batch (see its log)."""
+
+
+class RepairTimeout(RepairBatchError):
+    """The helper did not answer the batch in time; its state is unknown."""
+
+
+class RepairProtocolError(RepairBatchError):
+    """The helper answered with something else than the command byte (helper's bug)."""
+
+
+def _check_helper(sock: trio.socket.SocketType, helper_uids: frozenset[int]) -> int:
+    """The helper's uid, if it is one we accept as the helper; else RepairUnavailable."""
+    creds: bytes = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, _ = _UCRED.unpack(creds)
+    if uid not in helper_uids:
+        raise RepairUnavailable(
+            f"the peer (pid {pid}, uid {uid}) is not an allowed repair helper"
+            f" (uids {sorted(helper_uids)}); it would be handed our sockets"
+        )
+    return int(uid)
+
+
+def _helper_uids(helper_uids: Iterable[int] | None) -> frozenset[int]:
+    return frozenset({0, os.getuid()} if helper_uids is None else helper_uids)
+
+
+class RepairClient:
+    """A connection to a repair helper; see the module docstring."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        *,
+        reply_timeout: float = DEFAULT_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._sock: trio.socket.SocketType | None = sock
+        self._timeout = reply_timeout
+        self._max_in_flight = max_in_flight
+        self._lock = trio.Lock()
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        reply_timeout: float = DEFAULT_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        helper_uids: Iterable[int] | None = None,
+    ) -> RepairClient:
+        """Connect to a helper listening on ``path`` (``--repair-socket``)."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(os.fspath(path))
+            _check_helper(sock, _helper_uids(helper_uids))
+        except OSError as exc:
+            sock.close()
+            raise RepairUnavailable(
+                f"cannot connect to the repair helper at {os.fspath(path)}: {exc.strerror}"
+                " (is ferry-repair.socket running?)"
+            ) from None
+        except RepairUnavailable:
+            sock.close()
+            raise
+        return cls(sock, reply_timeout=reply_timeout, max_in_flight=max_in_flight)
+
+    async def __aenter__(self) -> RepairClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; the helper sees end-of-file."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def closed(self) -> bool:
+        """True once closed, by :meth:`aclose` or after a failure."""
+        return self._sock is None
+
+    async def set_repair(self, socks: Sequence[int | HasFileno], mode: RepairMode) -> None:
+        """Set TCP_REPAIR to ``mode`` on every socket of ``socks``; see the module docstring.
+
+        The caller must keep the sockets open until this returns. Calls on one
+        client are served one after the other.
+        """
+        mode = RepairMode(mode)
+        fds = [s if isinstance(s, int) else s.fileno() for s in socks]
+        if not fds:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise RepairError(
+                    "repair helper connection is closed (after an earlier failure, reconnect)"
+                )
+            try:
+                await _Exchange(sock, fds, mode, self._timeout, self._max_in_flight).run()
+            except BaseException:
+                # Replies may still be in flight: this connection is out of step.
+                sock.close()
+                self._sock = None
+                raise
+
+
+class _Exchange:
+    """One set_repair() call: a sender task and a reply reader, sharing a window."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        fds: list[int],
+        mode: RepairMode,
+        timeout: float,
+        max_in_flight: int,
+    ) -> None:
+        self._sock = sock
+        self._fds = fds
+        self._byte = mode.to_byte()
+        self._timeout = timeout
+        self._batches = math.ceil(len(fds) / SCM_MAX_FD)
+        self._window = trio.Semaphore(max_in_flight)
+        self._answered = 0
+
+    def _error(self, kind: type[RepairBatchError], batch: int, reason: str) -> RepairBatchError:
+        start = batch * SCM_MAX_FD
+        sockets = range(start, min(start + SCM_MAX_FD, len(self._fds)))
+        return kind(reason, batch=batch, batches=self._batches, sockets=sockets)
+
+    async def run(self) -> None:
+        with trio.CancelScope() as deadline:
+            deadline.deadline = trio.current_time() + self._timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_all)
+                await self._read_replies(deadline)
+        if deadline.cancelled_caught:
+            raise self._error(
+                RepairTimeout,
+                self._answered,
+                f"the repair helper did not answer within {self._timeout} s",
+            )
+
+    async def _send_all(self) -> None:
+        for batch in range(self._batches):
+            await self._window.acquire()
+            chunk = self._fds[batch * SCM_MAX_FD : (batch + 1) * SCM_MAX_FD]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunk))]
+            try:
+                await self._sock.sendmsg([self._byte], rights, _SEND_FLAGS)
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    # The helper closed the connection: it refused an earlier
+                    # batch, which the reply reader will name. Stop sending.
+                    return
+                reason = f"cannot send it to the repair helper: {exc.strerror}"
+                if exc.errno == errno.ETOOMANYREFS:
+                    reason += " (too many descriptors in flight: lower max_in_flight)"
+                raise self._error(RepairBatchError, batch, reason) from None
+
+    async def _read_replies(self, deadline: trio.CancelScope) -> None:
+        while self._answered < self._batches:
+            try:
+                replies = await self._sock.recv(self._batches - self._answered)
+            except OSError as exc:
+                if exc.errno != errno.ECONNRESET:
+                    raise self._error(
+                        RepairRefused, self._answered, f"connection lost: {exc.strerror}"
+                    ) from None
+                replies = b""
+            if not replies:
+                raise self._error(
+                    RepairRefused,
+                    self._answered,
+                    "the repair helper closed the connection instead of answering"
+                    " (its log says why)",
+                )
+            for reply in replies:
+                if reply != self._byte[0]:
+                    raise self._error(
+                        RepairProtocolError,
+                        self._answered,
+                        f"the repair helper answered {reply:#04x}, not {self._byte[0]:#04x}",
+                    )
+                self._answered += 1
+                self._window.release()
+            deadline.deadline = trio.current_time() + self._timeout
+
+
+class RepairListener:
+    """A socket a connecting helper reaches us on (``--repair-listen``, passt style)."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        path: str,
+        *,
+        reply_timeout: float,
+        max_in_flight: int,
+        helper_uids: frozenset[int],
+    ) -> None:
+        self._sock = sock
+        self.path = path
+        self._timeout = reply_timeout
+        self._max_in_flight = max_in_flight
+        self._helper_uids = helper_uids
+
+    @classmethod
+    async def bind(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        reply_timeout: float = DEFAULT_TIMEOUT,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        helper_uids: Iterable[int] | None = None,
+    ) -> RepairListener:
+        """Listen on ``path`` (mode 0600: only our uid and root may connect)."""
+        path = os.fspath(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise RepairUnavailable(
+                f"cannot listen for the repair helper on {path}: {exc.strerror}"
+            ) from None
+        return cls(
+            sock,
+            path,
+            reply_timeout=reply_timeout,
+            max_in_flight=max_in_flight,
+            helper_uids=_helper_uids(helper_uids),
+        )
+
+    def __enter__(self) -> RepairListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file."""
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def accept(self) -> RepairClient:
+        """Wait for an allowed helper to connect (others are turned away and logged).
+
+        Waits as long as it takes: bound it with ``trio.fail_after()``.
+        """
+        while True:
+            sock, _ = await self._sock.accept()
+            try:
+                _check_helper(sock, self._helper_uids)
+            except (RepairUnavailable, OSError) as exc:
+                log.warning("turned away a would-be repair helper on %s: %s", self.path, exc)
+                sock.close()
+                continue
+            return RepairClient(
+                sock, reply_timeout=self._timeout, max_in_flight=self._max_in_flight
+            )

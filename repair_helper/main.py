@@ -1,0 +1,104 @@
+"""ferry-repair's command line: set things up, confine ourselves, serve.
+
+Order matters. First, descriptors inherited by mistake are closed (all but
+stdio and, when socket-activated, descriptor 3): the helper holds nothing it
+does not use. Then the endpoint: the socket systemd passed (socket
+activation), a socket we bind (``--listen``), or a connection to a daemon's
+socket (``--connect``; connect() needs write access to the daemon's socket
+file, which root has only while it still holds CAP_DAC_OVERRIDE). Then,
+before the first byte from any client is read, every capability but
+CAP_NET_ADMIN goes, then the seccomp filter is installed, then the loop
+runs. In ``--connect`` mode the helper serves that one
+connection and exits, as passt-repair does: 0 when the daemon closes it,
+1 if it had to refuse something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+from collections.abc import Sequence
+
+from repair_helper.activation import SD_LISTEN_FDS_START, ActivationError, activation_listener
+from repair_helper.endpoints import EndpointError, bind_listener, connect_to_daemon
+from repair_helper.peer import CallerPolicy
+from repair_helper.sandbox import SandboxError, drop_capabilities, install_seccomp
+from repair_helper.server import Server
+
+log = logging.getLogger("ferry-repair")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ferry-repair",
+        description="Set or clear TCP_REPAIR on sockets handed over a Unix socket"
+        " (passt-repair's protocol). Without --listen or --connect, expects a"
+        " socket from systemd (socket activation).",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--listen", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument(
+        "--connect",
+        metavar="PATH",
+        help="connect to a daemon's socket; if PATH is a directory, wait for a *.repair"
+        " socket to appear in it",
+    )
+    parser.add_argument(
+        "--allow-uid", metavar="UID", type=int, action="append", default=[],
+        help="also serve callers with this uid (root and our own uid always are)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-gid", metavar="GID", type=int, action="append", default=[],
+        help="also serve callers with this primary gid",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ferry-repair; returns the exit status."""
+    _close_inherited_fds()
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ferry-repair: %(message)s")
+    policy = CallerPolicy.build(args.allow_uid, args.allow_gid)
+    server = Server(policy)
+    try:
+        _raise_open_file_limit()
+        if args.connect is not None:
+            server.add_connection(connect_to_daemon(args.connect))
+        else:
+            listener = (
+                bind_listener(args.listen)
+                if args.listen is not None
+                else activation_listener(os.environ)
+            )
+            if listener is None:
+                raise EndpointError("no --listen or --connect, and not socket-activated")
+            server.add_listener(listener)
+        drop_capabilities()
+        install_seccomp()
+    except (SandboxError, EndpointError, ActivationError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("serving (%s)", policy)
+    server.run()
+    return 1 if server.refusals else 0
+
+
+def _close_inherited_fds() -> None:
+    activated = os.environ.get("LISTEN_PID") == str(os.getpid())
+    first = SD_LISTEN_FDS_START + 1 if activated else SD_LISTEN_FDS_START
+    os.closerange(first, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+
+def _raise_open_file_limit() -> None:
+    # Each batch briefly holds up to 253 descriptors, each client one more.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

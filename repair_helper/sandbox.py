@@ -1,0 +1,105 @@
+"""Confinement: keep CAP_NET_ADMIN and nothing else, then allow-list syscalls.
+
+ferry-repair is the only privileged process of the system, so it gives up
+all it can, in two steps:
+
+1. :func:`drop_capabilities`, at start, before touching any path or socket:
+   every capability but CAP_NET_ADMIN leaves the bounding set (if we hold
+   CAP_SETPCAP, which root does), then the inheritable set is emptied (which
+   also empties the ambient set: the kernel keeps an ambient capability only
+   while it is both permitted and inheritable, security/commoncap.c) and the
+   permitted and effective sets are cut down to CAP_NET_ADMIN. TCP_REPAIR
+   needs exactly that one (net/ipv4/tcp.c, tcp_can_repair_sock). Then
+   no_new_privs (an execve() can grant nothing, so the bounding set no longer
+   matters either) and non-dumpable (no core file, no ptrace by same-uid
+   processes). The result is read back from /proc/self/status and checked.
+2. :func:`install_seccomp`, once the listener or the connection exists:
+   a seccomp filter (libseccomp, through pyseccomp's ctypes bindings) that
+   allows only the syscalls the serving loop makes. setsockopt() is allowed
+   only for (IPPROTO_TCP, TCP_REPAIR) and getsockopt() only at SOL_SOCKET
+   level (SO_PEERCRED) and for (IPPROTO_TCP, TCP_REPAIR) (the TCP check);
+   no socket(), connect(), open(), execve(), no filesystem at all.
+
+Anything else fails with EPERM rather than killing the process: CPython
+makes rare calls on paths nobody can test exhaustively (formatting a
+traceback opens source files, say), and EPERM denies the call just as
+firmly while keeping the helper alive and able to log what went wrong.
+Only the native architecture's syscall table is allowed (libseccomp kills
+on any other, e.g. i386 syscalls through int 0x80).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import prctl
+
+from repair_helper.protocol import TCP_REPAIR
+from repair_helper.seccomp_bindings import ALLOW, EQ, errno_action, new_filter, syscall_arg
+
+CAP_NET_ADMIN_BIT = 12  # include/uapi/linux/capability.h
+
+#: What the serving loop (server.py, repair.py, logging to stderr) calls,
+#: collected with strace over the test suite; arguments are checked below for
+#: the socket options.
+ALLOWED_SYSCALLS = (
+    # the loop: epoll (selectors), accept, messages, replies, closing
+    "epoll_wait", "epoll_pwait", "epoll_ctl", "accept4", "accept", "recvmsg", "recvfrom",
+    "sendmsg", "sendto", "getsockname", "close", "close_range",
+    # CPython itself: memory, signals, time, log lines, exit
+    "brk", "mmap", "munmap", "mremap", "madvise", "futex", "getpid", "gettid",
+    "rt_sigreturn", "rt_sigprocmask", "clock_gettime", "write", "exit", "exit_group",
+)  # fmt: skip
+
+
+class SandboxError(Exception):
+    """The helper cannot confine itself as required (bad config: missing capability)."""
+
+
+def drop_capabilities() -> None:
+    """Keep only CAP_NET_ADMIN, set no_new_privs and non-dumpable; check the result."""
+    if not prctl.cap_permitted.net_admin:
+        raise SandboxError(
+            "CAP_NET_ADMIN is not in our permitted set: run ferry-repair as root"
+            " or with CAP_NET_ADMIN as an ambient capability"
+        )
+    if prctl.cap_effective.setpcap:
+        for cap in prctl.ALL_CAPS:
+            if cap != prctl.CAP_NET_ADMIN and prctl.capbset_read(cap):
+                prctl.capbset_drop(cap)
+    # Effective first: the kernel refuses a permitted set that is not a
+    # superset of the effective one (capset(2), EPERM).
+    prctl.cap_effective.limit(prctl.CAP_NET_ADMIN)
+    prctl.cap_permitted.limit(prctl.CAP_NET_ADMIN)
+    prctl.cap_inheritable.limit()
+    prctl.set_no_new_privs(1)
+    prctl.set_dumpable(False)
+    _check_status()
+
+
+def _check_status() -> None:
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    only_net_admin = 1 << CAP_NET_ADMIN_BIT
+    wanted = {"CapEff": only_net_admin, "CapPrm": only_net_admin, "CapInh": 0, "CapAmb": 0}
+    for name, value in wanted.items():
+        if int(fields[name], 16) != value:
+            raise SandboxError(f"{name} is {fields[name].strip()} after dropping capabilities")
+    if fields["NoNewPrivs"].strip() != "1":
+        raise SandboxError("no_new_privs did not stick")
+
+
+def install_seccomp() -> None:
+    """Allow only the syscalls of the serving loop, from now on, irrevocably."""
+    rules = new_filter(errno_action(errno.EPERM))
+    for name in ALLOWED_SYSCALLS:
+        rules.add_rule(ALLOW, name)
+    rules.add_rule(
+        ALLOW, "setsockopt", syscall_arg(1, EQ, socket.IPPROTO_TCP), syscall_arg(2, EQ, TCP_REPAIR)
+    )
+    rules.add_rule(
+        ALLOW, "getsockopt", syscall_arg(1, EQ, socket.IPPROTO_TCP), syscall_arg(2, EQ, TCP_REPAIR)
+    )
+    rules.add_rule(ALLOW, "getsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET))
+    rules.load()

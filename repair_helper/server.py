@@ -1,0 +1,190 @@
+"""The helper's event loop: many clients, one thread, nobody waits for anybody.
+
+ferry-repair serves every ferryd on the host (one per VM) at once, from one
+thread, with a plain epoll loop (selectors): each batch is a few hundred
+syscalls that never block, so there is nothing to gain from threads or an
+async framework, and a small loop is easier to confine with seccomp.
+
+Per connection:
+
+1. accept, read SO_PEERCRED, refuse (close) a caller the policy does not
+   allow, otherwise log one line;
+2. on each readable event, receive messages (MSG_DONTWAIT) one at a time, and
+   for each: parse, carry out, queue the one-byte reply. At most
+   :data:`MESSAGES_PER_WAKEUP` messages per event, so that a client
+   pipelining a long run of batches does not starve the others;
+3. replies are sent with MSG_DONTWAIT. A client that pipelines batches but
+   does not read its replies eventually fills its socket; then the helper
+   stops reading from that client until its replies drain (backpressure),
+   without blocking anyone else;
+4. on a refusal, log one line and close. Closing with unread messages
+   queued makes the kernel drop them and release their descriptors (the
+   client's later batches are never carried out), and the client reads the
+   replies already sent, then ECONNRESET or end-of-file: it knows exactly
+   which batch was refused.
+
+No state survives a connection, and the helper keeps no descriptor it was
+handed beyond the batch that carried it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+from dataclasses import dataclass, field
+
+from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
+from repair_helper.protocol import (
+    ANCILLARY_BUFFER_SIZE,
+    DATA_BUFFER_SIZE,
+    RequestRefused,
+    parse_request_untrusted,
+)
+from repair_helper.repair import carry_out_untrusted
+
+log = logging.getLogger("ferry-repair")
+
+#: Messages handled per readable event before the loop looks at other clients.
+MESSAGES_PER_WAKEUP = 16
+#: Connections accepted per readable event on the listener.
+ACCEPTS_PER_WAKEUP = 16
+
+_RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# accept() failures that say "out of resources", not "this caller is bad".
+_ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    peer: PeerCredentials
+    replies: bytearray = field(default_factory=bytearray)
+
+
+class Server:
+    """Serves a listening socket, connected sockets, or both, until none is left."""
+
+    def __init__(self, policy: CallerPolicy) -> None:
+        self._policy = policy
+        self._selector = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+        self._listener_paused = False
+        self._connections: dict[int, _Connection] = {}
+        self.refusals = 0
+
+    def add_listener(self, listener: socket.socket) -> None:
+        """Accept and serve clients on ``listener`` (a listening Unix stream socket)."""
+        listener.setblocking(False)
+        self._listener = listener
+        self._selector.register(listener, selectors.EVENT_READ)
+
+    def add_connection(self, sock: socket.socket) -> None:
+        """Serve an already connected client (``--connect`` mode)."""
+        self._admit(sock)
+
+    def run(self) -> None:
+        """Serve until there is no listener and no connection left."""
+        while self._listener is not None or self._connections:
+            for key, events in self._selector.select():
+                if key.fileobj is self._listener:
+                    self._accept()
+                    continue
+                conn = self._connections.get(key.fd)
+                if conn is None:
+                    continue
+                if events & selectors.EVENT_WRITE:
+                    self._flush(conn)
+                elif events & selectors.EVENT_READ:
+                    self._serve(conn)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+                    # Out of descriptors or memory: stop accepting until a
+                    # connection goes away, instead of spinning on a listener
+                    # that stays readable.
+                    log.error("cannot accept clients for now: %s", exc.strerror)
+                    self._selector.unregister(self._listener)
+                    self._listener_paused = True
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            peer = peer_credentials(sock)
+        except OSError as exc:
+            log.warning("dropped a client whose credentials cannot be read: %s", exc.strerror)
+            sock.close()
+            return
+        if not self._policy.allows(peer):
+            self.refusals += 1
+            log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
+            sock.close()
+            return
+        log.info("client %s connected", peer)
+        self._connections[sock.fileno()] = _Connection(sock, peer)
+        self._selector.register(sock, selectors.EVENT_READ)
+
+    def _serve(self, conn: _Connection) -> None:
+        for _ in range(MESSAGES_PER_WAKEUP):
+            try:
+                data, ancdata, flags, _ = conn.sock.recvmsg(
+                    DATA_BUFFER_SIZE, ANCILLARY_BUFFER_SIZE, _RECV_FLAGS
+                )
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # ECONNRESET: the client closed with replies unread; its business.
+                if exc.errno != errno.ECONNRESET:
+                    log.warning("lost client %s: %s", conn.peer, exc.strerror)
+                self._drop(conn)
+                return
+            if not data and not ancdata:
+                self._drop(conn)  # end of file: the client is done
+                return
+            try:
+                request = parse_request_untrusted(data, ancdata, flags)
+                carry_out_untrusted(request)
+            except RequestRefused as exc:
+                self.refusals += 1
+                log.warning("refused client %s: %s", conn.peer, exc)
+                self._drop(conn)
+                return
+            conn.replies += request.command.to_byte()
+            if not self._flush(conn):
+                return
+
+    def _flush(self, conn: _Connection) -> bool:
+        """Send queued replies; False if the connection is gone or cannot take more now."""
+        try:
+            sent = conn.sock.send(conn.replies, _SEND_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.warning("lost client %s: %s", conn.peer, exc.strerror)
+            self._drop(conn)
+            return False
+        del conn.replies[:sent]
+        # Backpressure: while replies wait, read nothing more from this client.
+        wanted = selectors.EVENT_WRITE if conn.replies else selectors.EVENT_READ
+        if self._selector.get_key(conn.sock).events != wanted:
+            self._selector.modify(conn.sock, wanted)
+        return not conn.replies
+
+    def _drop(self, conn: _Connection) -> None:
+        del self._connections[conn.sock.fileno()]
+        self._selector.unregister(conn.sock)
+        conn.sock.close()
+        if self._listener_paused and self._listener is not None:
+            self._listener_paused = False
+            self._selector.register(self._listener, selectors.EVENT_READ)
