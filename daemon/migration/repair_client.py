@@ -25,7 +25,7 @@ Then, for any number of sockets::
 
     await client.set_repair(socks, RepairMode.ON)
 
-splits ``socks`` into batches of 253, sends them *pipelined* (the sender runs
+splits ``socks`` into batches of at most 253, sends them *pipelined* (the sender runs
 ahead of the replies by up to ``max_in_flight`` batches, so the helper never
 waits for a round trip; the window also bounds the descriptors in flight,
 which the kernel counts against the sending user's RLIMIT_NOFILE, see
@@ -44,6 +44,10 @@ API::
 
     RepairMode                                     # ON = 1, OFF = 0, OFF_NO_WINDOW_PROBE = -1
     class RepairClient:
+        def __init__(self, sock: trio.socket.SocketType, *,
+                     reply_timeout: float = DEFAULT_TIMEOUT,
+                     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                     steady_batches: bool = False) -> None
         @classmethod
         async def connect(cls, path: str | os.PathLike[str], *,
                           reply_timeout: float = DEFAULT_TIMEOUT,
@@ -60,6 +64,17 @@ API::
                        helper_uids: Iterable[int] | None = None) -> RepairListener
         async def accept(self) -> RepairClient          # wrap in trio.fail_after()
         def close(self) -> None                    # also: with listener: ...
+
+passt-repair (Debian 13's, 2025-05) reuses its recvmsg() header without
+resetting msg_controllen, which the kernel lowers to the size of the control
+data it wrote: after a batch of k sockets, a larger batch is silently cut to
+k (the kernel closes the rest and sets MSG_CTRUNC, which passt-repair does not
+check) and still answered as done. So batch sizes must never grow over a
+connection to passt-repair. Batches are therefore split evenly (sizes differ
+by one at most, larger first), and a client accepted by a
+:class:`RepairListener`, whose peer may be passt-repair, keeps every later
+batch no larger than the last one it sent (``steady_batches``); ferry-repair
+has no such limit and a connected client ignores it.
 
 Errors, all subclasses of :class:`RepairError`: :class:`RepairUnavailable`
 (no helper could be reached or accepted: bad config, or the helper is not
@@ -180,9 +195,12 @@ class RepairClient:
         *,
         reply_timeout: float = DEFAULT_TIMEOUT,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        steady_batches: bool = False,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        self._steady_batches = steady_batches
+        self._batch_limit = SCM_MAX_FD
         self._sock: trio.socket.SocketType | None = sock
         self._timeout = reply_timeout
         self._max_in_flight = max_in_flight
@@ -248,13 +266,37 @@ class RepairClient:
                 raise RepairError(
                     "repair helper connection is closed (after an earlier failure, reconnect)"
                 )
+            exchange = _Exchange(
+                sock, fds, mode, self._timeout, self._max_in_flight, self._batch_limit
+            )
             try:
-                await _Exchange(sock, fds, mode, self._timeout, self._max_in_flight).run()
+                await exchange.run()
             except BaseException:
                 # Replies may still be in flight: this connection is out of step.
                 sock.close()
                 self._sock = None
                 raise
+            if self._steady_batches:
+                self._batch_limit = exchange.last_batch_size
+
+
+def split_batches(n: int, limit: int = SCM_MAX_FD) -> list[range]:
+    """Split ``n`` sockets into the fewest batches of at most ``limit``, sizes never growing.
+
+    The sizes differ by at most one, larger first, so the last batch is the
+    smallest (see "passt-repair" in the module docstring).
+    """
+    if n == 0:
+        return []
+    count = math.ceil(n / limit)
+    base, extra = divmod(n, count)
+    bounds: list[range] = []
+    start = 0
+    for index in range(count):
+        size = base + (1 if index < extra else 0)
+        bounds.append(range(start, start + size))
+        start += size
+    return bounds
 
 
 class _Exchange:
@@ -267,26 +309,38 @@ class _Exchange:
         mode: RepairMode,
         timeout: float,
         max_in_flight: int,
+        batch_limit: int,
     ) -> None:
         self._sock = sock
         self._fds = fds
         self._byte = mode.to_byte()
         self._timeout = timeout
-        self._batches = math.ceil(len(fds) / SCM_MAX_FD)
+        self._bounds = split_batches(len(fds), batch_limit)
+        self._batches = len(self._bounds)
         self._window = trio.Semaphore(max_in_flight)
         self._answered = 0
+        self._failure: RepairBatchError | None = None
+
+    @property
+    def last_batch_size(self) -> int:
+        return len(self._bounds[-1])
 
     def _error(self, kind: type[RepairBatchError], batch: int, reason: str) -> RepairBatchError:
-        start = batch * SCM_MAX_FD
-        sockets = range(start, min(start + SCM_MAX_FD, len(self._fds)))
-        return kind(reason, batch=batch, batches=self._batches, sockets=sockets)
+        return kind(reason, batch=batch, batches=self._batches, sockets=self._bounds[batch])
 
     async def run(self) -> None:
         with trio.CancelScope() as deadline:
             deadline.deadline = trio.current_time() + self._timeout
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_all)
-                await self._read_replies(deadline)
+                nursery.start_soon(self._send_all, nursery.cancel_scope)
+                try:
+                    await self._read_replies(deadline)
+                except RepairBatchError as exc:
+                    self._failure = self._failure or exc
+                nursery.cancel_scope.cancel()  # all answered, or failed: stop sending
+        if self._failure is not None:
+            # Raised bare, not in an exception group: the caller wants the batch.
+            raise self._failure
         if deadline.cancelled_caught:
             raise self._error(
                 RepairTimeout,
@@ -294,10 +348,11 @@ class _Exchange:
                 f"the repair helper did not answer within {self._timeout} s",
             )
 
-    async def _send_all(self) -> None:
+    async def _send_all(self, exchange: trio.CancelScope) -> None:
         for batch in range(self._batches):
             await self._window.acquire()
-            chunk = self._fds[batch * SCM_MAX_FD : (batch + 1) * SCM_MAX_FD]
+            bounds = self._bounds[batch]
+            chunk = self._fds[bounds.start : bounds.stop]
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunk))]
             try:
                 await self._sock.sendmsg([self._byte], rights, _SEND_FLAGS)
@@ -309,7 +364,9 @@ class _Exchange:
                 reason = f"cannot send it to the repair helper: {exc.strerror}"
                 if exc.errno == errno.ETOOMANYREFS:
                     reason += " (too many descriptors in flight: lower max_in_flight)"
-                raise self._error(RepairBatchError, batch, reason) from None
+                self._failure = self._failure or self._error(RepairBatchError, batch, reason)
+                exchange.cancel()
+                return
 
     async def _read_replies(self, deadline: trio.CancelScope) -> None:
         while self._answered < self._batches:
@@ -412,6 +469,10 @@ class RepairListener:
                 log.warning("turned away a would-be repair helper on %s: %s", self.path, exc)
                 sock.close()
                 continue
+            # The connecting helper may be passt-repair: keep batches steady.
             return RepairClient(
-                sock, reply_timeout=self._timeout, max_in_flight=self._max_in_flight
+                sock,
+                reply_timeout=self._timeout,
+                max_in_flight=self._max_in_flight,
+                steady_batches=True,
             )
