@@ -1,26 +1,35 @@
-"""Carry out one batch: check every descriptor, set TCP_REPAIR on all, close our copies.
+"""Carry out one batch: check the descriptors, set TCP_REPAIR on each, close our copies.
 
-A batch is all-or-nothing as far as the helper can make it so: every
-descriptor is checked *before* any is touched, so a batch holding one
-descriptor that is not a TCP socket is refused whole and changes nothing.
-Only a failure of the setsockopt() itself (say EPERM: the socket lives in a
-network namespace where we lack CAP_NET_ADMIN) can leave a batch half done;
-the helper then refuses it, and the client, which knows the batch, rolls back.
+The cost model decides the shape. On these machines a syscall costs about a
+microsecond, and a direct setsockopt(TCP_REPAIR) is one syscall, so every
+extra syscall per socket is a large share of the helper's overhead (the
+target is at most twice the direct cost). Per descriptor the helper makes
+exactly two: the getsockname() that CPython makes when wrapping a
+descriptor in a socket object (it cannot be avoided, and it tells us the
+address family for free), and the setsockopt() itself. Our copies are then
+closed with one close_range(2) per batch when the kernel installed them as a
+contiguous range, which it usually does since it hands out the lowest free
+numbers (fs/file.c); otherwise one by one.
 
-The check asks the TCP layer itself: getsockopt(IPPROTO_TCP, TCP_REPAIR).
-Only a TCP socket answers it (net/ipv4/tcp.c, do_tcp_getsockopt); UDP, raw
-(even one opened with protocol IPPROTO_TCP, which SO_PROTOCOL would pass),
-MPTCP and Unix sockets answer EOPNOTSUPP, and anything that is not a socket
-ENOTSOCK. Two syscalls per descriptor in all, which matters: the helper's whole
-overhead over a direct setsockopt() is a handful of syscalls per socket.
+Checks, in two steps:
 
-Socket objects are built with an explicit family, type and protocol so that
-Python does not query the kernel for them (it still checks with one
-getsockname() that the descriptor is a socket at all); they are only
-handles for getsockopt()/setsockopt() and are detached, never trusted for
-anything else. Our copies are then closed, with one close_range(2) when the
-kernel installed the batch as a contiguous range of descriptors, which it
-usually does since it hands out the lowest free numbers (fs/file.c).
+1. Before anything is changed, every descriptor must be a socket
+   (getsockname() fails with ENOTSOCK otherwise) of family AF_INET or
+   AF_INET6: pipes, files, Unix or netlink sockets refuse the whole batch
+   untouched.
+2. setsockopt(IPPROTO_TCP, TCP_REPAIR) is answered only by TCP (net/ipv4/
+   tcp.c, do_tcp_setsockopt); UDP, raw (even opened with IPPROTO_TCP), ping,
+   SCTP and MPTCP sockets answer ENOPROTOOPT or EOPNOTSUPP. The kernel also
+   refuses a listening socket, or a socket of a network namespace over
+   which we hold no CAP_NET_ADMIN (EPERM, tcp_can_repair_sock). Either way
+   the batch is refused, but the sockets before the failing one have been
+   switched: the client, which gets no reply for the batch, knows which
+   sockets it held and rolls back. Checking the protocol up front would
+   cost a third syscall per socket on every batch for the sake of a client
+   bug.
+
+Socket objects are only handles for setsockopt() and are detached, never
+trusted for anything else.
 """
 
 from __future__ import annotations
@@ -32,51 +41,61 @@ import socket
 
 from repair_helper.protocol import TCP_REPAIR, Request, RequestRefused, close_fds
 
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_NOT_TCP_ERRNOS = (errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
 
 def carry_out_untrusted(request: Request) -> None:
     """Set TCP_REPAIR to ``request.command`` on every descriptor, then close them all.
 
     Raises :class:`RequestRefused` (the client's fault) if a descriptor is not
-    a TCP socket, before any socket is changed, or if the kernel refuses the
-    option on one of them. The descriptors are closed in every case.
+    an IPv4/IPv6 socket, before any socket is changed, or if the kernel
+    refuses the option on one of them (not TCP, listening, not ours to
+    repair). The descriptors are closed in every case.
     """
     handles: list[_socket.socket] = []
     try:
         for index, fd in enumerate(request.fds):
-            handles.append(_tcp_handle_untrusted(fd, index))
+            handles.append(_inet_handle_untrusted(fd, index))
         value = int(request.command)
         for index, handle in enumerate(handles):
             try:
                 handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
             except OSError as exc:
-                raise RequestRefused(
-                    f"the kernel refused TCP_REPAIR={value} on descriptor {index} of the batch"
-                    f" ({errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror})"
-                    + (
-                        " (a listening socket, or a network namespace we hold no CAP_NET_ADMIN in?)"
-                        if exc.errno == errno.EPERM
-                        else ""
-                    )
-                ) from None
+                raise _kernel_refusal(exc, index, value) from None
     finally:
         for handle in handles:
             handle.detach()
         _close_batch(request.fds)
 
 
-def _tcp_handle_untrusted(fd: int, index: int) -> _socket.socket:
-    """A detachable handle on ``fd``, which must be a TCP socket."""
+def _inet_handle_untrusted(fd: int, index: int) -> _socket.socket:
+    """A detachable handle on ``fd``, which must be an IPv4 or IPv6 socket."""
     try:
-        # Python checks with getsockname() that fd is a socket (ENOTSOCK).
-        handle = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        # Family -1: CPython takes it from the getsockname() it makes anyway.
+        handle = _socket.socket(-1, socket.SOCK_STREAM, 0, fd)
     except OSError:
         raise RequestRefused(f"descriptor {index} of the batch is not a socket") from None
-    try:
-        handle.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
-    except OSError:
+    if handle.family not in _INET_FAMILIES:
         handle.detach()
-        raise RequestRefused(f"descriptor {index} of the batch is not a TCP socket") from None
+        raise RequestRefused(f"descriptor {index} of the batch is not a TCP socket")
     return handle
+
+
+def _kernel_refusal(exc: OSError, index: int, value: int) -> RequestRefused:
+    done = f"; descriptors 0..{index - 1} were switched" if index else ""
+    if exc.errno in _NOT_TCP_ERRNOS:
+        return RequestRefused(f"descriptor {index} of the batch is not a TCP socket{done}")
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    hint = (
+        " (listening, or in a network namespace we hold no CAP_NET_ADMIN over?)"
+        if exc.errno == errno.EPERM
+        else ""
+    )
+    return RequestRefused(
+        f"the kernel refused TCP_REPAIR={value} on descriptor {index} of the batch:"
+        f" {name} {exc.strerror}{hint}{done}"
+    )
 
 
 def _close_batch(fds: tuple[int, ...]) -> None:

@@ -30,15 +30,18 @@ ahead of the replies by up to ``max_in_flight`` batches, so the helper never
 waits for a round trip; the window also bounds the descriptors in flight,
 which the kernel counts against the sending user's RLIMIT_NOFILE, see
 net/unix/garbage.c, too_many_unix_fds), and reads the replies as they come.
-Every reply must arrive within ``reply_timeout`` seconds of the previous one (or of
-the call). On failure it raises a :class:`RepairBatchError` that says which
-batch failed and which sockets (indexes into ``socks``) it held: batches
-before it were carried out; it and the later ones were not, except that a
-:class:`RepairTimeout`, or a kernel failure inside the helper, leaves the
-failed batch's state unknown. The client is then closed, since replies still
-in flight would be read as answers to the next call; connect again (or accept
-again) to retry. Rolling back the batches that were carried out is the
-caller's job: it knows what they were for.
+Every reply must arrive within ``reply_timeout`` seconds of the previous one
+(or of the call). On failure it raises a :class:`RepairBatchError` that says
+which batch failed and which sockets (indexes into ``socks``) it held:
+batches before it were carried out, later ones were not; the failed batch
+itself may be partly done (the helper refuses a batch with a non-socket or
+non-IPv4/IPv6 descriptor untouched, but when the kernel refuses TCP_REPAIR
+on one socket, say a UDP or a listening one, those before it are switched;
+the helper's log says which), and after a :class:`RepairTimeout` its state
+is unknown. The client is then closed, since replies still in flight would
+be read as answers to the next call; connect again (or accept again) to
+retry. Rolling back the batches that were carried out is the caller's job:
+it knows what they were for.
 
 API::
 

@@ -12,7 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,27 +111,47 @@ def test_one_line_per_connection(helper: HelperProcess, socket_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "reason", "switched_before"),
     [
-        pytest.param(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM), id="udp"),
-        pytest.param(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), id="unix"),
+        # Not IPv4/IPv6: refused before anything is touched.
+        pytest.param(
+            lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+            "descriptor 5 of the batch is not a TCP socket",
+            False,
+            id="unix",
+        ),
+        # IPv4 but not TCP: the kernel refuses TCP_REPAIR on it; the sockets
+        # before it in the batch were switched (the client rolls back).
+        pytest.param(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            "descriptor 5 of the batch is not a TCP socket; descriptors 0..4 were switched",
+            True,
+            id="udp",
+        ),
         pytest.param(
             lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP),
+            "descriptor 5 of the batch is not a TCP socket; descriptors 0..4 were switched",
+            True,
             id="raw-tcp",
         ),
     ],
 )
-def test_refuses_non_tcp_socket_and_changes_nothing(
-    helper: HelperProcess, socket_path: Path, baseline_fds: int, make: object
+def test_refuses_non_tcp_socket(
+    helper: HelperProcess,
+    socket_path: Path,
+    baseline_fds: int,
+    make: Callable[[], socket.socket],
+    reason: str,
+    switched_before: bool,
 ) -> None:
-    assert callable(make)
     with TcpConnections(10) as conns, make() as odd, unix_client(socket_path) as unix:
         fds = [s.fileno() for s in conns.clients]
-        with expect_refusal(helper, socket_path, "descriptor 5 of the batch is not a TCP socket"):
+        with expect_refusal(helper, socket_path, reason):
             send_batch(unix, b"\x01", [*fds[:5], odd.fileno(), *fds[5:]])
             assert recv_reply_or_eof(unix) == b""
-        # Checked before any was touched: the TCP sockets of the batch are unchanged.
-        assert repair_states(conns.clients) == [False] * 10
+        # Nothing after the refused descriptor is ever touched.
+        assert repair_states(conns.clients) == [switched_before] * 5 + [False] * 5
+        clear_repair(conns.clients)
 
 
 def test_refuses_non_socket(helper: HelperProcess, socket_path: Path, baseline_fds: int) -> None:
