@@ -48,3 +48,9 @@ if [ "$(id -u)" -eq 0 ]; then
         sysctl -q -w net.ipv4.ping_group_range="0 2147483647"
     fi
 fi
+
+# passt-repair from Debian 13, for the repair client's interoperability test.
+# Optional: without it that one test skips and says why.
+if [ "$(id -u)" -eq 0 ] && [ ! -x .venv/cache/passt-repair/passt-repair ]; then
+    ./scripts/fetch-passt-repair.sh || echo "bootstrap: passt-repair not fetched (interop test will skip)" >&2
+fi

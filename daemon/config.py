@@ -1,0 +1,353 @@
+"""ferryd's command line and the guest addressing it derives.
+
+Defaults follow passt (REFERENCE.md, "Guest link conventions"): the guest
+gets the address, prefix and gateway of the host interface that carries the
+host's default route, the link MTU is 65520 (the largest a tap takes, so
+bulk data crosses the link in few frames), and DNS servers come from the
+host's resolv.conf. Every one of these can be overridden, and a family with
+neither a host default nor an explicit address is simply disabled.
+
+Gateway mapping: passt maps the guest's connections to the gateway address
+to the host itself. ferry does not by default: the gateway address reaches
+the real gateway, so nothing listening on the host's loopback is exposed to
+the guest unless asked for with ``--map-gw``.
+"""
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
+from pathlib import Path
+
+from daemon.flows.portspec import PortForward, parse_port_spec
+from daemon.link import Ip4Config, Ip6Config, LinkConfig
+from daemon.wire.ethernet import format_mac, parse_mac
+from daemon.wire.ip import IpAddress
+
+log = logging.getLogger("ferryd.config")
+
+DEFAULT_MAC = "9a:55:9a:55:9a:55"
+DEFAULT_MTU = 65520
+AF_INET, AF_INET6 = 2, 10
+
+
+class ConfigError(Exception):
+    """The configuration asked for is impossible: the operator's to fix."""
+
+
+@dataclass(frozen=True)
+class HostRoute:
+    """The host's default route of one family and the address it leaves from."""
+
+    address: IpAddress
+    prefixlen: int
+    gateway: IpAddress
+
+
+@dataclass
+class Options:
+    """Parsed command line (argparse namespace, typed)."""
+
+    netns: str
+    tap: str
+    control: str | None
+    config_net: bool
+    addresses: list[str] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+    mtu: int = DEFAULT_MTU
+    mac: str = DEFAULT_MAC
+    dns: list[str] = field(default_factory=list)
+    only4: bool = False
+    only6: bool = False
+    map_gw: bool = False
+    udp_forwards: list[list[PortForward]] = field(default_factory=list)
+    max_flows: int = 4096
+    verbose: int = 0
+
+
+def _mtu(text: str) -> int:
+    value = int(text)
+    if not 68 <= value <= 65520:
+        raise ValueError("MTU must be between 68 (RFC 791) and 65520 (the tap maximum)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ferryd",
+        description=(
+            "User-mode networking for a guest (a network namespace's tap device, "
+            "later a VM): the guest's frames become ordinary host sockets. ARP, NDP, "
+            "DHCP and DHCPv6 are answered locally. By default the guest gets the "
+            "address, prefix and gateway of the host's default-route interface, "
+            "MTU 65520 and the host's DNS servers."
+        ),
+        epilog=(
+            "Port specs (-u): PORT, HOSTPORT:GUESTPORT, ranges A-B or A-B:C-D, "
+            "comma-separated lists, an optional bind address ADDR/PORTS, or 'none'. "
+            "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
+            "net.ipv4.ping_group_range. Readiness: `ferryctl --control PATH status "
+            "--wait 10`."
+        ),
+    )
+    g = p.add_argument_group("guest attachment")
+    g.add_argument(
+        "--netns",
+        required=True,
+        metavar="PATH",
+        help="guest network namespace: a path such as /run/netns/NAME, or a name",
+    )
+    g.add_argument(
+        "--tap",
+        default="tap0",
+        metavar="NAME",
+        help="tap device in that namespace; created if missing (default: tap0)",
+    )
+    g.add_argument(
+        "--config-net",
+        action="store_true",
+        help="assign the guest's addresses and default routes on the tap "
+        "(like pasta --config-net); without it the guest uses DHCP/NDP",
+    )
+    g.add_argument("--control", metavar="PATH", help="control socket for ferryctl")
+
+    a = p.add_argument_group("guest addressing (defaults: the host's)")
+    a.add_argument(
+        "-a",
+        "--address",
+        dest="addresses",
+        action="append",
+        default=[],
+        metavar="ADDR[/PREFIX]",
+        help="guest address, once per family",
+    )
+    a.add_argument(
+        "-g",
+        "--gateway",
+        dest="gateways",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="guest gateway, once per family "
+        "(IPv6: a link-local address; default: the host's if link-local, "
+        "else derived from ferryd's MAC)",
+    )
+    a.add_argument(
+        "-m", "--mtu", type=_mtu, default=DEFAULT_MTU, help=f"link MTU (default {DEFAULT_MTU})"
+    )
+    a.add_argument(
+        "-M",
+        "--mac",
+        default=DEFAULT_MAC,
+        help=f"ferryd's own MAC address on the guest link (default {DEFAULT_MAC})",
+    )
+    a.add_argument(
+        "-D",
+        "--dns",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="DNS server to announce (repeatable; 'none' for none; "
+        "default: the host's non-loopback resolv.conf servers)",
+    )
+    fam = a.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4-only", dest="only4", action="store_true", help="IPv4 only")
+    fam.add_argument("-6", "--ipv6-only", dest="only6", action="store_true", help="IPv6 only")
+    a.add_argument(
+        "--map-gw",
+        action="store_true",
+        help="send the guest's traffic for the gateway address to the host "
+        "itself (127.0.0.1 / ::1), as passt does by default; off by default "
+        "so host-local services are not exposed to the guest",
+    )
+
+    f = p.add_argument_group("flows")
+    f.add_argument(
+        "-u",
+        "--udp-ports",
+        dest="udp_forwards",
+        action="append",
+        default=[],
+        type=parse_port_spec,
+        metavar="SPEC",
+        help="forward host UDP ports to the guest (repeatable)",
+    )
+    f.add_argument(
+        "--max-flows",
+        type=int,
+        default=4096,
+        help="flows per protocol before new ones are refused (default 4096)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (-vv for per-frame debugging)",
+    )
+    return p
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    ns = build_parser().parse_args(argv)
+    return Options(**vars(ns))
+
+
+def netns_path(name_or_path: str) -> str:
+    return name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
+
+
+def host_default_routes() -> dict[int, HostRoute]:
+    """The host's default route per family, with the source interface address.
+
+    Read through rtnetlink (pyroute2). A family without a default route, or
+    whose interface has no global address, is absent from the result.
+    """
+    from pyroute2 import IPRoute
+
+    found: dict[int, HostRoute] = {}
+    with IPRoute() as ipr:
+        for family in (AF_INET, AF_INET6):
+            for route in ipr.get_default_routes(family=family):
+                gateway, oif = route.get("RTA_GATEWAY"), route.get("RTA_OIF")
+                if gateway is None or oif is None:
+                    continue
+                for addr in ipr.get_addr(family=family, index=oif):
+                    if addr["scope"] != 0:  # RT_SCOPE_UNIVERSE only
+                        continue
+                    found[family] = HostRoute(
+                        ip_address(addr.get("IFA_ADDRESS")),
+                        int(addr["prefixlen"]),
+                        ip_address(gateway),
+                    )
+                    break
+                if family in found:
+                    break
+    return found
+
+
+def resolv_conf_dns(path: str = "/etc/resolv.conf") -> list[IpAddress]:
+    servers: list[IpAddress] = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return servers
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                servers.append(ip_address(parts[1].split("%")[0]))
+            except ValueError:
+                continue
+    return servers
+
+
+def link_local_from_mac(mac: bytes) -> IPv6Address:
+    """Modified EUI-64 interface identifier (RFC 4291 appendix A) in fe80::/64."""
+    eui = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return IPv6Address(b"\xfe\x80" + b"\x00" * 6 + eui)
+
+
+def make_link_config(
+    opts: Options,
+    routes: dict[int, HostRoute] | None = None,
+    host_dns: list[IpAddress] | None = None,
+) -> LinkConfig:
+    """Combine overrides with host defaults; raise ConfigError if impossible."""
+    try:
+        mac = parse_mac(opts.mac)
+    except ValueError as exc:
+        raise ConfigError(f"-M: {exc}") from None
+    if mac[0] & 1:
+        raise ConfigError(f"-M: {format_mac(mac)} is a multicast address")
+    routes = host_default_routes() if routes is None else routes
+    host_dns = resolv_conf_dns() if host_dns is None else host_dns
+
+    explicit: dict[int, tuple[IpAddress, int | None]] = {}
+    for text in opts.addresses:
+        try:
+            iface = ip_interface(text)
+        except ValueError:
+            raise ConfigError(f"-a: {text!r} is not an address[/prefix]") from None
+        prefix = iface.network.prefixlen if "/" in text else None
+        explicit[iface.version] = (iface.ip, prefix)
+    gateways: dict[int, IpAddress] = {}
+    for text in opts.gateways:
+        try:
+            gw = ip_address(text)
+        except ValueError:
+            raise ConfigError(f"-g: {text!r} is not an address") from None
+        if gw.version == 6 and not gw.is_link_local:
+            raise ConfigError(
+                f"-g: {gw} is not link-local: IPv6 routers advertise from fe80::/10 "
+                "(RFC 4861 §6.1.2)"
+            )
+        gateways[gw.version] = gw
+
+    dns: list[IpAddress]
+    if opts.dns == ["none"]:
+        dns = []
+    elif opts.dns:
+        try:
+            dns = [ip_address(d) for d in opts.dns]
+        except ValueError as exc:
+            raise ConfigError(f"-D: {exc}") from None
+    else:
+        dns = [d for d in host_dns if not d.is_loopback]
+
+    ipv4 = None if opts.only6 else _ip4(explicit.get(4), gateways.get(4), routes.get(AF_INET), dns)
+    ipv6 = None
+    if not opts.only4:
+        if opts.mtu < 1280:
+            if opts.only6:
+                raise ConfigError("IPv6 needs an MTU of at least 1280 (RFC 8200 §5)")
+            log.warning("MTU %d is below IPv6's minimum of 1280: IPv6 disabled", opts.mtu)
+        else:
+            ipv6 = _ip6(explicit.get(6), gateways.get(6), routes.get(AF_INET6), dns, mac)
+    if ipv4 is None and ipv6 is None:
+        raise ConfigError(
+            "no guest address: the host has no default route with an address, "
+            "and none was given with -a"
+        )
+    return LinkConfig(mac=mac, mtu=opts.mtu, ipv4=ipv4, ipv6=ipv6)
+
+
+def _ip4(
+    explicit: tuple[IpAddress, int | None] | None,
+    gateway: IpAddress | None,
+    route: HostRoute | None,
+    dns: list[IpAddress],
+) -> Ip4Config | None:
+    if explicit is None and route is None:
+        log.info("IPv4 disabled: no host default route and no -a address")
+        return None
+    addr = explicit[0] if explicit else route.address  # type: ignore[union-attr]
+    prefix = (explicit[1] if explicit else None) or (route.prefixlen if route else 24)
+    gw = gateway or (route.gateway if route else None)
+    if gw is None:
+        raise ConfigError("IPv4: no gateway (the host has no IPv4 default route): use -g")
+    assert isinstance(addr, IPv4Address) and isinstance(gw, IPv4Address)
+    if gw == addr:
+        raise ConfigError(f"IPv4: the gateway {gw} is the guest's own address")
+    return Ip4Config(addr, prefix, gw, tuple(d for d in dns if isinstance(d, IPv4Address)))
+
+
+def _ip6(
+    explicit: tuple[IpAddress, int | None] | None,
+    gateway: IpAddress | None,
+    route: HostRoute | None,
+    dns: list[IpAddress],
+    mac: bytes,
+) -> Ip6Config | None:
+    if explicit is None and route is None:
+        log.info("IPv6 disabled: no host default route and no -a address")
+        return None
+    addr = explicit[0] if explicit else route.address  # type: ignore[union-attr]
+    prefix = (explicit[1] if explicit else None) or (route.prefixlen if route else 64)
+    gw = gateway
+    if gw is None and route is not None and route.gateway.is_link_local:
+        gw = route.gateway
+    if gw is None:
+        gw = link_local_from_mac(mac)
+    assert isinstance(addr, IPv6Address) and isinstance(gw, IPv6Address)
+    return Ip6Config(addr, prefix, gw, tuple(d for d in dns if isinstance(d, IPv6Address)))

@@ -1,0 +1,196 @@
+"""ferryd: the per-guest daemon's entry point.
+
+Start-up order matters, because privilege is only held during setup:
+
+1. parse options and work out the guest's addressing (daemon.config);
+   an impossible configuration exits 2 with a one-line message;
+2. raise the open-file soft limit to the hard one (every flow is a socket);
+3. create/attach the tap in the guest's namespace (privileged);
+4. bind forwarded ports and the control socket (ports < 1024 need
+   CAP_NET_BIND_SERVICE);
+5. drop every capability and set no_new_privs (daemon.privileges);
+6. run the data path until SIGTERM/SIGINT, then exit 0.
+
+Readiness is reported through the control socket: ``status`` answers
+``ready: true`` once the frontend is up and the addresses are known, which is
+what ``ferryctl status --wait`` polls for.
+"""
+
+import logging
+import resource
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from daemon.config import (
+    ConfigError,
+    Options,
+    make_link_config,
+    netns_path,
+    parse_options,
+)
+from daemon.control import ControlAddressInUse, ControlError, ControlServer
+from daemon.flows.icmp import IcmpFlows
+from daemon.flows.portspec import ForwardError
+from daemon.flows.udp import UdpFlows
+from daemon.frontends.tap import TapFrontend, TapSetupError
+from daemon.link import LinkConfig
+from daemon.privileges import drop_all_capabilities
+from daemon.stack import Stack
+from daemon.wire.ethernet import format_mac
+
+log = logging.getLogger("ferryd")
+
+EXPIRY_INTERVAL = 1.0
+
+
+def raise_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def link_summary(link: LinkConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"mac": format_mac(link.mac), "mtu": link.mtu}
+    if link.ipv4 is not None:
+        v4 = link.ipv4
+        out["ipv4"] = {
+            "address": f"{v4.address}/{v4.prefixlen}",
+            "gateway": str(v4.gateway),
+            "dns": [str(d) for d in v4.dns],
+        }
+    if link.ipv6 is not None:
+        v6 = link.ipv6
+        out["ipv6"] = {
+            "address": f"{v6.address}/{v6.prefixlen}",
+            "gateway": str(v6.gateway),
+            "dns": [str(d) for d in v6.dns],
+        }
+    return out
+
+
+class Daemon:
+    """Owns the frontend, the stack and the flow tables of one guest."""
+
+    def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
+        self.opts = opts
+        self.link = link
+        self.tap = tap
+        self.stack = Stack(link, tap.send, trio.current_time())
+        self.ready = False
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            udp = UdpFlows(
+                self.stack,
+                self.link,
+                nursery,
+                map_gateway=self.opts.map_gw,
+                limit=self.opts.max_flows,
+            )
+            icmp = IcmpFlows(
+                self.stack,
+                self.link,
+                nursery,
+                map_gateway=self.opts.map_gw,
+                limit=self.opts.max_flows,
+            )
+            self.stack.udp, self.stack.icmp = udp, icmp
+            self.udp, self.icmp = udp, icmp
+            for spec in self.opts.udp_forwards:
+                for fwd in spec:
+                    await udp.add_forward(fwd)
+            if self.opts.control:
+                control = ControlServer(self.opts.control)
+                control.register("status", self._status)
+                control.register("flows", self._flows)
+                await nursery.start(control.serve)
+            drop_all_capabilities()
+            nursery.start_soon(self._frames)
+            nursery.start_soon(self._timers)
+            self.ready = True
+            log.info("ready: %s", link_summary(self.link))
+            task_status.started()
+
+    async def _frames(self) -> None:
+        stack, clock = self.stack, trio.current_time
+        await self.tap.run(lambda frame: stack.receive_frame(frame, clock()))
+
+    async def _timers(self) -> None:
+        next_expiry = trio.current_time() + EXPIRY_INTERVAL
+        while True:
+            now = trio.current_time()
+            if now >= next_expiry:
+                self.udp.expire(now)
+                self.icmp.expire(now)
+                next_expiry = now + EXPIRY_INTERVAL
+            self.stack.handle_timer(now)
+            deadline = next_expiry
+            ndp = self.stack.next_timer()
+            if ndp is not None:
+                deadline = min(deadline, ndp)
+            await trio.sleep_until(deadline)
+
+    async def _status(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        c = self.stack.counters
+        return {
+            "ready": self.ready,
+            "frontend": {"kind": "tap", "name": self.opts.tap, "netns": self.opts.netns},
+            "link": link_summary(self.link),
+            "guest_mac": format_mac(self.stack.guest_mac) if self.stack.guest_mac else None,
+            "counters": {
+                "frames_in": c.frames_in,
+                "frames_out": c.frames_out,
+                "malformed": c.malformed,
+                "ignored": c.ignored,
+                "dropped_out": self.tap.dropped_out,
+            },
+            "flows": {"udp": len(self.udp.snapshot()), "icmp": len(self.icmp.snapshot())},
+        }
+
+    async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        if fds:
+            raise ControlError("'flows' takes no file descriptors")
+        return {"flows": self.udp.snapshot() + self.icmp.snapshot()}
+
+
+async def serve(opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
+    daemon = Daemon(opts, link, tap)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_options(argv)
+    level = logging.WARNING - 10 * min(opts.verbose + 1, 2)
+    logging.basicConfig(level=level, format="ferryd[%(process)d] %(name)s: %(message)s")
+    try:
+        link = make_link_config(opts)
+        raise_file_limit()
+        tap = TapFrontend.open(netns_path(opts.netns), opts.tap, link, opts.config_net)
+    except (ConfigError, TapSetupError) as exc:
+        print(f"ferryd: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    startup_errors: list[Exception] = []
+    try:
+        trio.run(serve, opts, link, tap)
+    except* (ControlAddressInUse, ForwardError) as group:
+        startup_errors.extend(e for e in group.exceptions if isinstance(e, Exception))
+    finally:
+        tap.close()
+    for error in startup_errors:
+        print(f"ferryd: error: {error}", file=sys.stderr)
+    if startup_errors:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

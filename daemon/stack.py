@@ -1,0 +1,229 @@
+"""The guest link's stack: every frame from the guest is dispatched here.
+
+Theory of operation. ferryd is not a router and keeps no IP stack of its
+own: each frame is parsed just far enough to know who answers it.
+
+- ARP, NDP (router and neighbour solicitations), DHCP and DHCPv6 are
+  answered by the services (pure functions of the link configuration).
+- UDP and ICMP echo go to their flow tables, which map them onto host
+  sockets; TCP goes to the TCP flows once they exist (until then the guest
+  gets a RST, so its connect() fails at once instead of timing out).
+- Everything else (other ethertypes, fragments, multicast that no service
+  wants, frames for another MAC) is dropped and counted.
+
+Parsing is done with the ``*_untrusted`` parsers; :class:`MalformedPacket`
+is the only exception they raise, and it is caught here, counted and logged
+at debug level: nothing the guest sends can stop the daemon (issue 2).
+
+The stack is also the flows' :class:`~daemon.guest.GuestPort`: it adds IP
+and Ethernet headers to what flows send and learns the guest's MAC and
+addresses from what the guest sends (the configured ones until then).
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
+
+from daemon.link import LinkConfig
+from daemon.services.arp import answer_arp
+from daemon.services.dhcp import answer_dhcp_untrusted
+from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
+from daemon.services.ndp import NdpResponder
+from daemon.wire.arp import parse_arp_untrusted
+from daemon.wire.errors import MalformedPacket
+from daemon.wire.ethernet import (
+    BROADCAST,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    EthernetFrame,
+    ethernet_header,
+    is_multicast,
+    parse_ethernet_untrusted,
+)
+from daemon.wire.icmp import (
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REQUEST,
+    ICMPV6_NEIGHBOUR_SOLICIT,
+    ICMPV6_ROUTER_SOLICIT,
+    IcmpMessage,
+    parse_icmp_untrusted,
+)
+from daemon.wire.ip import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IpAddress,
+    IpPacket,
+    ip_header,
+    parse_ipv4_untrusted,
+    parse_ipv6_untrusted,
+)
+from daemon.wire.tcp import ACK, FIN, RST, SYN, build_tcp, parse_tcp_untrusted
+from daemon.wire.udp import UdpDatagram, parse_udp_untrusted
+
+log = logging.getLogger("ferryd.stack")
+
+_ETHERTYPE_OF_VERSION = {4: ETH_P_IP, 6: ETH_P_IPV6}
+
+
+class UdpHandler(Protocol):
+    def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None: ...
+
+
+class IcmpHandler(Protocol):
+    def from_guest(self, ip: IpPacket, icmp: IcmpMessage) -> None: ...
+
+
+@dataclass
+class StackCounters:
+    frames_in: int = 0
+    frames_out: int = 0
+    malformed: int = 0
+    ignored: int = 0
+
+
+class Stack:
+    """Dispatches guest frames; adds headers to what flows send back."""
+
+    def __init__(self, link: LinkConfig, send_frame: Callable[[bytes], None], now: float) -> None:
+        self.link = link
+        self._send_frame = send_frame
+        self.guest_mac: bytes | None = None
+        self._guest_addr: dict[int, IpAddress] = {}
+        if link.ipv4 is not None:
+            self._guest_addr[4] = link.ipv4.address
+        if link.ipv6 is not None:
+            self._guest_addr[6] = link.ipv6.address
+        self.ndp = NdpResponder(link, now) if link.ipv6 is not None else None
+        self.udp: UdpHandler | None = None
+        self.icmp: IcmpHandler | None = None
+        self.counters = StackCounters()
+
+    # --- GuestPort ------------------------------------------------------
+
+    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
+        hdr = ip_header(src, dst, proto, len(l4))
+        eth = ethernet_header(
+            self.guest_mac or BROADCAST, self.link.mac, _ETHERTYPE_OF_VERSION[src.version]
+        )
+        self._emit(eth + hdr + l4)
+
+    def guest_address(self, version: int) -> IpAddress | None:
+        return self._guest_addr.get(version)
+
+    # --- frames from the guest -------------------------------------------
+
+    def receive_frame(self, frame: memoryview, now: float) -> None:
+        self.counters.frames_in += 1
+        try:
+            self._dispatch_untrusted(frame, now)
+        except MalformedPacket as exc:
+            self.counters.malformed += 1
+            log.debug("dropped a malformed frame from the guest: %s", exc)
+
+    def _dispatch_untrusted(self, frame: memoryview, now: float) -> None:
+        eth = parse_ethernet_untrusted(frame)
+        if eth.dst != self.link.mac and not is_multicast(eth.dst):
+            self.counters.ignored += 1
+            return
+        if not is_multicast(eth.src):
+            self.guest_mac = eth.src
+        if eth.ethertype == ETH_P_ARP:
+            reply = answer_arp(self.link, eth, parse_arp_untrusted(eth.payload))
+            if reply is not None:
+                self._emit(reply)
+        elif eth.ethertype == ETH_P_IP and self.link.ipv4 is not None:
+            self._ip(eth, parse_ipv4_untrusted(eth.payload), now)
+        elif eth.ethertype == ETH_P_IPV6 and self.link.ipv6 is not None:
+            self._ip(eth, parse_ipv6_untrusted(eth.payload), now)
+        else:
+            self.counters.ignored += 1
+
+    def _ip(self, eth: EthernetFrame, ip: IpPacket, now: float) -> None:
+        if ip.fragment:
+            self.counters.ignored += 1
+            return
+        proto = ip.proto
+        if proto == IPPROTO_UDP:
+            udp = parse_udp_untrusted(ip)
+            if ip.version == 4 and udp.dport == 67:
+                self._emit_opt(answer_dhcp_untrusted(self.link, eth, ip, udp))
+                return
+            if ip.version == 6 and udp.dport == 547:
+                self._emit_opt(answer_dhcpv6_untrusted(self.link, eth, ip, udp))
+                return
+            if self._learn_source(ip) and not is_multicast(eth.dst) and self.udp is not None:
+                self.udp.from_guest(ip, udp)
+                return
+        elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            if (proto == IPPROTO_ICMP) != (ip.version == 4):
+                raise MalformedPacket(f"ICMP protocol {proto} over IPv{ip.version}")
+            icmp = parse_icmp_untrusted(ip)
+            if icmp.type in (ICMPV6_ROUTER_SOLICIT, ICMPV6_NEIGHBOUR_SOLICIT) and ip.version == 6:
+                if self.ndp is not None:
+                    for reply in self.ndp.receive_untrusted(eth, ip, icmp, now):
+                        self._emit(reply)
+                return
+            if (
+                icmp.type in (ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST)
+                and self._learn_source(ip)
+                and not is_multicast(eth.dst)
+                and self.icmp is not None
+            ):
+                self.icmp.from_guest(ip, icmp)
+                return
+        elif proto == IPPROTO_TCP and self._learn_source(ip):
+            self._refuse_tcp(ip)
+            return
+        self.counters.ignored += 1
+
+    def _learn_source(self, ip: IpPacket) -> bool:
+        """Record the guest's address; False if the source is not usable.
+
+        An unspecified, multicast or (IPv6) link-local source cannot be the
+        address of a flow on the host side.
+        """
+        src = ip.src
+        if src.is_unspecified or src.is_multicast or src.is_loopback:
+            return False
+        if isinstance(src, IPv6Address) and src.is_link_local:
+            return False
+        if isinstance(src, IPv4Address) and src == IPv4Address("255.255.255.255"):
+            return False
+        self._guest_addr[ip.version] = src
+        return True
+
+    def _refuse_tcp(self, ip: IpPacket) -> None:
+        """Answer a TCP segment with RST (RFC 9293 §3.10.7.1, CLOSED state)."""
+        seg = parse_tcp_untrusted(ip)
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            seq, ack, flags = seg.ack, 0, RST
+        else:
+            length = len(seg.payload) + bool(seg.flags & SYN) + bool(seg.flags & FIN)
+            seq, ack, flags = 0, seg.seq + length, RST | ACK
+        l4 = build_tcp(ip.dst, ip.src, seg.dport, seg.sport, seq, ack, flags, 0)
+        self.send_ip(ip.dst, ip.src, IPPROTO_TCP, l4)
+
+    # --- timers ----------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        return self.ndp.next_timer() if self.ndp is not None else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.ndp is not None:
+            for frame in self.ndp.handle_timer(now):
+                self._emit(frame)
+
+    def _emit_opt(self, frame: bytes | None) -> None:
+        if frame is not None:
+            self._emit(frame)
+
+    def _emit(self, frame: bytes) -> None:
+        self.counters.frames_out += 1
+        self._send_frame(frame)
