@@ -1,0 +1,626 @@
+"""What the migration stream carries, as plain Python values, and the mapping to protobuf.
+
+The stream's schema is ``proto/migration.proto``; its generated classes are
+``daemon.migration.migration_pb2``. The rest of ferryd never touches those:
+it builds and reads the frozen dataclasses here, and this module maps them
+to and from the protobuf messages. Two reasons: the protobuf messages are
+mutable and accept any value of their wire type (a port of 70000, a
+5-byte address), and the wire form is compacted in ways a caller should not
+have to know (sequence numbers written as differences against an anchor,
+addresses left out when they equal the guest's, TCP_ESTABLISHED written as
+0, window scales packed in pairs, times in milliseconds).
+
+Invariants:
+
+* A record is valid once it exists: every dataclass checks its fields in
+  ``__post_init__`` and raises :class:`ValueError` naming the field. A
+  record ferryd builds wrongly is ferryd's bug and fails loudly at the
+  source, before a byte of it is written.
+* ``*_from_proto_untrusted`` let exactly one exception escape:
+  :class:`StreamError` (the peer's fault, or the channel's). They never
+  trust a length, a range or a family.
+* Round trip: for every valid record ``r`` and header ``h``,
+  ``flow_from_proto_untrusted(flow_to_proto(r, h), h) == r`` (tested with
+  hypothesis for every record type). Sequence numbers survive exactly in
+  any relation to each other, since the differences are taken modulo 2^32.
+* Addresses are :mod:`ipaddress` objects, ports and sequence numbers
+  ``int``. The kernel state of a TCP socket (:class:`TcpKernelState`) has
+  exactly the field names of ``daemon.migration.sockstate.TcpSocketState``,
+  so the two map onto each other by name.
+
+The compaction rules, with the protobuf field each one concerns, are
+documented in the .proto; this module is their one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from dataclasses import dataclass, fields
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from daemon.link import Ip4Config, Ip6Config
+from daemon.migration import migration_pb2 as pb
+from daemon.wire.ip import IpAddress
+
+__all__ = [
+    "FlowRecord",
+    "IcmpFlowRecord",
+    "ListenerRecord",
+    "StreamError",
+    "StreamHeader",
+    "TcpFlowRecord",
+    "TcpKernelState",
+    "UdpFlowRecord",
+    "flow_from_proto_untrusted",
+    "flow_to_proto",
+    "header_from_proto_untrusted",
+    "header_to_proto",
+]
+
+_U32 = 1 << 32
+_MAX_WSCALE = 14  # RFC 7323 §2.3
+_TCP_ESTABLISHED = 1
+_MAX_TCP_STATE = 13  # include/net/tcp_states.h: TCP_ESTABLISHED 1 .. TCP_BOUND_INACTIVE 13
+_MAX_IDLE_MS = _U32 - 1
+
+
+class StreamError(Exception):
+    """The migration stream is not valid: the source's fault, or the channel's.
+
+    The one exception that decoding a stream lets escape; its message says
+    what is wrong and where.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------
+
+
+def _check_u32(name: str, value: int) -> None:
+    if not 0 <= value < _U32:
+        raise ValueError(f"{name} {value} is not a 32-bit unsigned value")
+
+
+def _check_port(name: str, value: int, *, zero_ok: bool = False) -> None:
+    low = 0 if zero_ok else 1
+    if not low <= value <= 0xFFFF:
+        raise ValueError(f"{name} {value} is not a port ({low}-65535)")
+
+
+def _check_version_match(what: str, a: IpAddress, b: IpAddress) -> None:
+    if a.version != b.version:
+        raise ValueError(f"{what}: IPv{a.version} and IPv{b.version} addresses mixed")
+
+
+def _check_wscale(name: str, value: int) -> None:
+    if not 0 <= value <= _MAX_WSCALE:
+        raise ValueError(f"{name} {value} is not a window scale (0-{_MAX_WSCALE})")
+
+
+def _check_idle(idle: float) -> None:
+    if not (math.isfinite(idle) and idle >= 0):
+        raise ValueError(f"idle time {idle} is not a non-negative number of seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHeader:
+    """Who the guest is: what the target's services must go on telling it."""
+
+    ferry_mac: bytes
+    """ferryd's own MAC address on the guest link."""
+    mtu: int
+    ipv4: Ip4Config | None
+    ipv6: Ip6Config | None
+    guest_mac: bytes | None = None
+    """None: the guest has not sent a frame yet."""
+    flow_count_hint: int = 0
+    software_version: str = ""
+    frozen_at_ns: int | None = None
+    """The source's wall clock at freeze, ns since the Unix epoch (logs only)."""
+
+    def __post_init__(self) -> None:
+        if len(self.ferry_mac) != 6:
+            raise ValueError(f"ferryd MAC of {len(self.ferry_mac)} bytes (needs 6)")
+        if self.guest_mac is not None and len(self.guest_mac) != 6:
+            raise ValueError(f"guest MAC of {len(self.guest_mac)} bytes (needs 6)")
+        if not 68 <= self.mtu <= 65535:  # RFC 791: every IPv4 link carries 68 bytes
+            raise ValueError(f"MTU {self.mtu} is not in 68-65535")
+        if self.ipv4 is not None:
+            _check_ip_config(self.ipv4, IPv4Address, 32)
+        if self.ipv6 is not None:
+            _check_ip_config(self.ipv6, IPv6Address, 128)
+        _check_u32("flow count hint", self.flow_count_hint)
+        if self.frozen_at_ns is not None and not 0 < self.frozen_at_ns < 1 << 64:
+            raise ValueError(f"freeze time {self.frozen_at_ns} ns is out of range")
+
+
+def _check_ip_config(
+    config: Ip4Config | Ip6Config, kind: type[IPv4Address] | type[IPv6Address], bits: int
+) -> None:
+    name = f"guest IPv{4 if kind is IPv4Address else 6}"
+    for what, addr in [("address", config.address), ("gateway", config.gateway)] + [
+        ("DNS server", dns) for dns in config.dns
+    ]:
+        if not isinstance(addr, kind):
+            raise ValueError(f"{name} {what} {addr} is of the wrong family")
+    if not 0 <= config.prefixlen <= bits:
+        raise ValueError(f"{name} prefix length {config.prefixlen} is not in 0-{bits}")
+
+
+@dataclass(frozen=True, slots=True)
+class TcpKernelState:
+    """A host TCP socket as dumped in repair mode (REFERENCE.md, "Dump, per socket").
+
+    Field for field the same names as ``daemon.migration.sockstate.TcpSocketState``.
+    """
+
+    family: int
+    """4 or 6: the socket's address family (a v4-mapped IPv6 socket is 6)."""
+    local_addr: IpAddress
+    local_port: int
+    remote_addr: IpAddress
+    remote_port: int
+    tcp_state: int
+    """Linux's TCP state number (include/net/tcp_states.h), e.g. 1 ESTABLISHED."""
+    mss: int
+    snd_wscale: int
+    rcv_wscale: int
+    options: int
+    """tcp_info options bits: TCPI_OPT_TIMESTAMPS 1, SACK 2, WSCALE 4, ..."""
+    timestamp: int
+    snd_wl1: int
+    snd_wnd: int
+    max_window: int
+    rcv_wnd: int
+    rcv_wup: int
+    send_seq: int
+    """write_seq: the end of the send queue."""
+    recv_seq: int
+    """rcv_nxt: the end of the receive queue."""
+    send_queue: bytes = b""
+    unsent: int = 0
+    """How many bytes at the end of send_queue were never sent."""
+    recv_queue: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.family not in (4, 6):
+            raise ValueError(f"socket family {self.family} is not 4 or 6")
+        _check_version_match("socket", self.local_addr, self.remote_addr)
+        if self.local_addr.version != self.family:
+            raise ValueError(
+                f"socket family {self.family} with IPv{self.local_addr.version} addresses"
+            )
+        _check_port("socket local port", self.local_port)
+        _check_port("socket remote port", self.remote_port)
+        if not 1 <= self.tcp_state <= _MAX_TCP_STATE:
+            raise ValueError(f"TCP state {self.tcp_state} is not a Linux TCP state")
+        _check_port("MSS", self.mss, zero_ok=True)
+        _check_wscale("snd_wscale", self.snd_wscale)
+        _check_wscale("rcv_wscale", self.rcv_wscale)
+        if not 0 <= self.options <= 0xFF:
+            raise ValueError(f"TCP options bits {self.options} do not fit tcp_info's byte")
+        for name in ("timestamp", "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
+            _check_u32(name, getattr(self, name))
+        _check_u32("send_seq", self.send_seq)
+        _check_u32("recv_seq", self.recv_seq)
+        if not 0 <= self.unsent <= len(self.send_queue):
+            raise ValueError(
+                f"{self.unsent} unsent bytes in a send queue of {len(self.send_queue)}"
+            )
+
+    @classmethod
+    def from_state(cls, state: object) -> TcpKernelState:
+        """Copy the same-named attributes of ``state`` (a ``TcpSocketState``).
+
+        Addresses may be strings or :mod:`ipaddress` objects. The way back is
+        ``TcpSocketState(**dataclasses.asdict(k) | {"local_addr": str(k.local_addr),
+        "remote_addr": str(k.remote_addr)})``.
+        """
+        values = {f.name: getattr(state, f.name) for f in fields(cls)}
+        for name in ("local_addr", "remote_addr"):
+            values[name] = ip_address(values[name])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFlowRecord:
+    """A TCP connection: the guest's side of it and the host socket's kernel state."""
+
+    guest_addr: IpAddress
+    guest_port: int
+    remote_addr: IpAddress
+    """The remote address as the guest sees it."""
+    remote_port: int
+    kernel: TcpKernelState | None
+    """The host socket; None only for a flow still in its handshake."""
+    seq_to_guest: int
+    seq_ack_from_guest: int
+    seq_from_guest: int
+    seq_ack_to_guest: int
+    seq_init_from_guest: int
+    guest_window: int
+    """The guest's advertised window, raw from its TCP header (unscaled)."""
+    guest_wscale: int
+    our_wscale: int
+    guest_mss: int
+    flags: int
+    """Opaque here: FIN/ACK state bits defined by daemon/flows/tcp."""
+    state: int
+    """Opaque here: ferryd's TCP flow state, defined by daemon/flows/tcp."""
+    handshake: bool = False
+    """Still in the handshake: the target resets the flow instead of restoring it."""
+
+    def __post_init__(self) -> None:
+        _check_version_match("TCP flow, guest side", self.guest_addr, self.remote_addr)
+        _check_port("guest port", self.guest_port)
+        _check_port("remote port", self.remote_port)
+        if self.kernel is None and not self.handshake:
+            raise ValueError("a TCP flow past its handshake needs its socket's state")
+        for name in (
+            "seq_to_guest",
+            "seq_ack_from_guest",
+            "seq_from_guest",
+            "seq_ack_to_guest",
+            "seq_init_from_guest",
+            "flags",
+            "state",
+        ):
+            _check_u32(name, getattr(self, name))
+        if not 0 <= self.guest_window <= 0xFFFF:
+            raise ValueError(f"guest window {self.guest_window} is not a raw 16-bit window")
+        _check_wscale("guest_wscale", self.guest_wscale)
+        _check_wscale("our_wscale", self.our_wscale)
+        _check_port("guest MSS", self.guest_mss, zero_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class UdpFlowRecord:
+    guest_addr: IpAddress
+    guest_port: int
+    remote_addr: IpAddress
+    """The remote address as the guest sees it."""
+    remote_port: int
+    idle: float
+    """Seconds since the last datagram either way (carried in milliseconds)."""
+    listener_port: int | None = None
+    """Inbound flows: the host port of the forwarding listener that opened it."""
+    listener_addr: IpAddress | None = None
+    """Inbound flows: that listener's bind address; None: all addresses."""
+    host_port: int | None = None
+    """Outbound flows: the host socket's port, for the target to try to keep."""
+    host_addr: IpAddress | None = None
+    """Outbound flows: the host socket's address; None: any."""
+
+    @property
+    def inbound(self) -> bool:
+        return self.listener_port is not None
+
+    def __post_init__(self) -> None:
+        _check_version_match("UDP flow", self.guest_addr, self.remote_addr)
+        _check_port("guest port", self.guest_port)
+        _check_port("remote port", self.remote_port)
+        _check_idle(self.idle)
+        if self.listener_port is not None:
+            _check_port("listener port", self.listener_port)
+        elif self.listener_addr is not None:
+            raise ValueError("a listener address without a listener port")
+        if self.host_port is not None:
+            _check_port("host port", self.host_port)
+
+
+@dataclass(frozen=True, slots=True)
+class IcmpFlowRecord:
+    guest_addr: IpAddress
+    echo_id: int
+    remote_addr: IpAddress
+    """The remote address as the guest sees it (ICMPv6 if IPv6)."""
+    idle: float
+    """Seconds since the last echo either way (carried in milliseconds)."""
+
+    def __post_init__(self) -> None:
+        _check_version_match("ICMP flow", self.guest_addr, self.remote_addr)
+        _check_port("echo id", self.echo_id, zero_ok=True)
+        _check_idle(self.idle)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerRecord:
+    """An inbound forwarding listener (``-t``/``-u``)."""
+
+    proto: int
+    """socket.IPPROTO_TCP (6) or socket.IPPROTO_UDP (17)."""
+    bind_addr: IpAddress | None
+    """None: every address of both families."""
+    host_port: int
+    guest_port: int
+
+    def __post_init__(self) -> None:
+        if self.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            raise ValueError(f"listener protocol {self.proto} is neither TCP (6) nor UDP (17)")
+        _check_port("listener host port", self.host_port)
+        _check_port("listener guest port", self.guest_port)
+
+
+FlowRecord = TcpFlowRecord | UdpFlowRecord | IcmpFlowRecord | ListenerRecord
+FlowMessage = pb.TcpFlow | pb.UdpFlow | pb.IcmpFlow | pb.Listener
+
+
+# ---------------------------------------------------------------------------
+# To protobuf (trusted: records are valid by construction)
+# ---------------------------------------------------------------------------
+
+
+def _packed(addr: IpAddress | None) -> bytes:
+    return b"" if addr is None else addr.packed
+
+
+def _guest_address(header: StreamHeader, version: int) -> IpAddress | None:
+    config = header.ipv4 if version == 4 else header.ipv6
+    return None if config is None else config.address
+
+
+def _guest_packed(addr: IpAddress, header: StreamHeader) -> bytes:
+    """The guest address as written: empty when it is the header's."""
+    return b"" if addr == _guest_address(header, addr.version) else addr.packed
+
+
+def header_to_proto(
+    header: StreamHeader, version: int, min_compatible: int, magic: int
+) -> pb.Header:
+    msg = pb.Header(
+        magic=magic,
+        version=version,
+        min_compatible_version=min_compatible,
+        guest_mac=header.guest_mac or b"",
+        ferry_mac=header.ferry_mac,
+        mtu=header.mtu,
+        flow_count_hint=header.flow_count_hint,
+        software_version=header.software_version,
+        frozen_at_unix_ns=header.frozen_at_ns or 0,
+    )
+    for config, field in ((header.ipv4, msg.ipv4), (header.ipv6, msg.ipv6)):
+        if config is not None:
+            field.address = config.address.packed
+            field.prefix_len = config.prefixlen
+            field.gateway = config.gateway.packed
+            field.dns.extend(dns.packed for dns in config.dns)
+    return msg
+
+
+def _tcp_to_proto(flow: TcpFlowRecord, header: StreamHeader) -> pb.TcpFlow:
+    guest_addr = _guest_packed(flow.guest_addr, header)
+    msg = pb.TcpFlow(
+        guest_addr=guest_addr,
+        guest_port=flow.guest_port,
+        remote_addr=flow.remote_addr.packed,
+        remote_port=flow.remote_port,
+        seq_ack_from_guest=flow.seq_ack_from_guest,
+        seq_to_guest_delta=(flow.seq_to_guest - flow.seq_ack_from_guest) % _U32,
+        seq_from_guest=flow.seq_from_guest,
+        seq_ack_to_guest_delta=(flow.seq_from_guest - flow.seq_ack_to_guest) % _U32,
+        seq_init_from_guest_delta=(flow.seq_from_guest - flow.seq_init_from_guest) % _U32,
+        guest_window=flow.guest_window,
+        guest_wscales=flow.guest_wscale | flow.our_wscale << 4,
+        guest_mss=flow.guest_mss,
+        flags=flow.flags,
+        state=flow.state,
+        handshake=flow.handshake,
+    )
+    k = flow.kernel
+    if k is not None:
+        sock = msg.socket
+        sock.local_addr = b"" if k.local_addr == flow.guest_addr else k.local_addr.packed
+        sock.local_port = k.local_port
+        sock.remote_addr = b"" if k.remote_addr == flow.remote_addr else k.remote_addr.packed
+        sock.remote_port = 0 if k.remote_port == flow.remote_port else k.remote_port
+        sock.tcp_state = 0 if k.tcp_state == _TCP_ESTABLISHED else k.tcp_state
+        sock.mss = k.mss
+        sock.wscales = k.snd_wscale | k.rcv_wscale << 4
+        sock.options = k.options
+        sock.timestamp = k.timestamp
+        sock.send_seq = k.send_seq
+        sock.recv_seq = k.recv_seq
+        sock.snd_wnd = k.snd_wnd
+        sock.rcv_wnd = k.rcv_wnd
+        sock.rcv_wup_delta = (k.recv_seq - k.rcv_wup) % _U32
+        sock.snd_wl1_delta = (k.recv_seq - k.snd_wl1) % _U32
+        sock.max_window_delta = (k.max_window - k.snd_wnd) % _U32
+        sock.send_queue = k.send_queue
+        sock.unsent = k.unsent
+        sock.recv_queue = k.recv_queue
+    return msg
+
+
+def _idle_ms(idle: float) -> int:
+    return min(round(idle * 1000), _MAX_IDLE_MS)
+
+
+def flow_to_proto(flow: FlowRecord, header: StreamHeader) -> FlowMessage:
+    """The protobuf message for ``flow``; guest addresses are left out when the header's."""
+    if isinstance(flow, TcpFlowRecord):
+        return _tcp_to_proto(flow, header)
+    if isinstance(flow, UdpFlowRecord):
+        return pb.UdpFlow(
+            guest_addr=_guest_packed(flow.guest_addr, header),
+            guest_port=flow.guest_port,
+            remote_addr=flow.remote_addr.packed,
+            remote_port=flow.remote_port,
+            idle_ms=_idle_ms(flow.idle),
+            listener_port=flow.listener_port or 0,
+            listener_addr=_packed(flow.listener_addr),
+            host_port=flow.host_port or 0,
+            host_addr=_packed(flow.host_addr),
+        )
+    if isinstance(flow, IcmpFlowRecord):
+        return pb.IcmpFlow(
+            guest_addr=_guest_packed(flow.guest_addr, header),
+            echo_id=flow.echo_id,
+            remote_addr=flow.remote_addr.packed,
+            idle_ms=_idle_ms(flow.idle),
+        )
+    return pb.Listener(
+        ip_proto=flow.proto,
+        bind_addr=_packed(flow.bind_addr),
+        host_port=flow.host_port,
+        guest_port=flow.guest_port,
+    )
+
+
+# ---------------------------------------------------------------------------
+# From protobuf (untrusted)
+# ---------------------------------------------------------------------------
+
+
+def _address(what: str, data: bytes) -> IpAddress:
+    if len(data) == 4:
+        return IPv4Address(data)
+    if len(data) == 16:
+        return IPv6Address(data)
+    raise ValueError(f"{what} of {len(data)} bytes (needs 4 or 16)")
+
+
+def _optional_address(what: str, data: bytes) -> IpAddress | None:
+    return _address(what, data) if data else None
+
+
+def _guest_side(
+    header: StreamHeader, guest_data: bytes, remote_data: bytes
+) -> tuple[IpAddress, IpAddress]:
+    remote = _address("remote address", remote_data)
+    if guest_data:
+        return _address("guest address", guest_data), remote
+    guest = _guest_address(header, remote.version)
+    if guest is None:
+        raise ValueError(f"guest address left out, but the header has no IPv{remote.version}")
+    return guest, remote
+
+
+def header_from_proto_untrusted(msg: pb.Header) -> StreamHeader:
+    """The header's contents (magic and versions are the caller's to check first)."""
+    try:
+        ipv4 = ipv6 = None
+        if msg.HasField("ipv4"):
+            c = msg.ipv4
+            ipv4 = Ip4Config(
+                address=IPv4Address(_exact("guest IPv4 address", c.address, 4)),
+                prefixlen=c.prefix_len,
+                gateway=IPv4Address(_exact("guest IPv4 gateway", c.gateway, 4)),
+                dns=tuple(IPv4Address(_exact("guest IPv4 DNS", d, 4)) for d in c.dns),
+            )
+        if msg.HasField("ipv6"):
+            c = msg.ipv6
+            ipv6 = Ip6Config(
+                address=IPv6Address(_exact("guest IPv6 address", c.address, 16)),
+                prefixlen=c.prefix_len,
+                gateway=IPv6Address(_exact("guest IPv6 gateway", c.gateway, 16)),
+                dns=tuple(IPv6Address(_exact("guest IPv6 DNS", d, 16)) for d in c.dns),
+            )
+        return StreamHeader(
+            ferry_mac=msg.ferry_mac,
+            mtu=msg.mtu,
+            ipv4=ipv4,
+            ipv6=ipv6,
+            guest_mac=msg.guest_mac or None,
+            flow_count_hint=msg.flow_count_hint,
+            software_version=msg.software_version,
+            frozen_at_ns=msg.frozen_at_unix_ns or None,
+        )
+    except ValueError as exc:
+        raise StreamError(f"invalid header: {exc}") from None
+
+
+def _exact(what: str, data: bytes, size: int) -> bytes:
+    if len(data) != size:
+        raise ValueError(f"{what} of {len(data)} bytes (needs {size})")
+    return data
+
+
+def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
+    guest_addr, remote_addr = _guest_side(header, msg.guest_addr, msg.remote_addr)
+    kernel = None
+    if msg.HasField("socket"):
+        s = msg.socket
+        local = _address("socket local address", s.local_addr) if s.local_addr else guest_addr
+        remote = _address("socket remote address", s.remote_addr) if s.remote_addr else remote_addr
+        if s.wscales > 0xFF:
+            raise ValueError(f"socket window scales {s.wscales:#x} do not fit a byte")
+        kernel = TcpKernelState(
+            family=local.version,
+            local_addr=local,
+            local_port=s.local_port,
+            remote_addr=remote,
+            remote_port=s.remote_port or msg.remote_port,
+            tcp_state=s.tcp_state or _TCP_ESTABLISHED,
+            mss=s.mss,
+            snd_wscale=s.wscales & 0xF,
+            rcv_wscale=s.wscales >> 4,
+            options=s.options,
+            timestamp=s.timestamp,
+            snd_wl1=(s.recv_seq - s.snd_wl1_delta) % _U32,
+            snd_wnd=s.snd_wnd,
+            max_window=(s.snd_wnd + s.max_window_delta) % _U32,
+            rcv_wnd=s.rcv_wnd,
+            rcv_wup=(s.recv_seq - s.rcv_wup_delta) % _U32,
+            send_seq=s.send_seq,
+            recv_seq=s.recv_seq,
+            send_queue=s.send_queue,
+            unsent=s.unsent,
+            recv_queue=s.recv_queue,
+        )
+    if msg.guest_wscales > 0xFF:
+        raise ValueError(f"guest window scales {msg.guest_wscales:#x} do not fit a byte")
+    return TcpFlowRecord(
+        guest_addr=guest_addr,
+        guest_port=msg.guest_port,
+        remote_addr=remote_addr,
+        remote_port=msg.remote_port,
+        kernel=kernel,
+        seq_to_guest=(msg.seq_ack_from_guest + msg.seq_to_guest_delta) % _U32,
+        seq_ack_from_guest=msg.seq_ack_from_guest,
+        seq_from_guest=msg.seq_from_guest,
+        seq_ack_to_guest=(msg.seq_from_guest - msg.seq_ack_to_guest_delta) % _U32,
+        seq_init_from_guest=(msg.seq_from_guest - msg.seq_init_from_guest_delta) % _U32,
+        guest_window=msg.guest_window,
+        guest_wscale=msg.guest_wscales & 0xF,
+        our_wscale=msg.guest_wscales >> 4,
+        guest_mss=msg.guest_mss,
+        flags=msg.flags,
+        state=msg.state,
+        handshake=msg.handshake,
+    )
+
+
+def flow_from_proto_untrusted(msg: FlowMessage, header: StreamHeader) -> FlowRecord:
+    """The record a flow message stands for; :class:`StreamError` if it is not valid."""
+    try:
+        if isinstance(msg, pb.TcpFlow):
+            return _tcp_from_proto(msg, header)
+        if isinstance(msg, pb.UdpFlow):
+            guest, remote = _guest_side(header, msg.guest_addr, msg.remote_addr)
+            return UdpFlowRecord(
+                guest_addr=guest,
+                guest_port=msg.guest_port,
+                remote_addr=remote,
+                remote_port=msg.remote_port,
+                idle=msg.idle_ms / 1000,
+                listener_port=msg.listener_port or None,
+                listener_addr=_optional_address("listener address", msg.listener_addr),
+                host_port=msg.host_port or None,
+                host_addr=_optional_address("host address", msg.host_addr),
+            )
+        if isinstance(msg, pb.IcmpFlow):
+            guest, remote = _guest_side(header, msg.guest_addr, msg.remote_addr)
+            return IcmpFlowRecord(
+                guest_addr=guest, echo_id=msg.echo_id, remote_addr=remote, idle=msg.idle_ms / 1000
+            )
+        return ListenerRecord(
+            proto=msg.ip_proto,
+            bind_addr=_optional_address("listener bind address", msg.bind_addr),
+            host_port=msg.host_port,
+            guest_port=msg.guest_port,
+        )
+    except ValueError as exc:
+        kind = type(msg).__name__
+        raise StreamError(f"invalid {kind} record: {exc}") from None

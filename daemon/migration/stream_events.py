@@ -1,0 +1,51 @@
+"""What :class:`daemon.migration.stream.StreamDecoder` reports as records arrive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.migration.records import FlowRecord, StreamHeader
+
+__all__ = ["FlowReceived", "HeaderReceived", "RecordSkipped", "StreamEnded", "StreamEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderReceived:
+    """The header arrived and was accepted (magic and versions checked first)."""
+
+    header: StreamHeader
+    version: int
+    """The format version the source wrote."""
+    min_compatible_version: int
+    """The oldest reader version the source said can read it (at most ours)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowReceived:
+    flow: FlowRecord
+    index: int
+    """Position among the records between header and trailer, from 0."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSkipped:
+    """A record of a kind this ferryd does not know, from a newer source.
+
+    A newer writer only sends a kind that older readers may skip (one they
+    must not skip raises the stream's min_compatible_version instead); the
+    target goes on, and may log it.
+    """
+
+    field_number: int
+    size: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The trailer arrived and its count and checksum match: the stream is complete."""
+
+    flow_count: int
+
+
+StreamEvent = HeaderReceived | FlowReceived | RecordSkipped | StreamEnded
