@@ -1,0 +1,549 @@
+"""Bulk TCP throughput and request/response latency: ferryd against its references.
+
+Run as root: ``python -m bench.throughput [--seconds 5] [--repeat 1]
+[--requests 5000] [--only veth,pasta,slirp4netns,ferryd]`` (bench/README.md).
+
+Every variant gets fresh namespaces of one shape (tests/netns.py:
+build_topology), and only the middle differs::
+
+    guest ns  ──(thing under test)──  host ns  ──veth, MTU 65520──  peer ns
+                                      10.77.0.1/24                   10.77.0.2/24
+                                      default via .2                 iperf3 -s, echo server
+
+* **veth** (the ceiling): a second veth pair, guest 10.78.0.2/24 ↔ host
+  10.78.0.1/24, with IPv4 forwarding on in the host namespace. The
+  reference therefore crosses one forwarding hop, as every user-mode
+  forwarder's traffic crosses the host's stack once more; a bare veth
+  between guest and peer would flatter it.
+* **pasta** (Debian 12's passt package), run in the host namespace with
+  ``--config-net --no-map-gw``: the guest takes the host's address. It
+  stalls in the guest→host direction and has corrupted data there
+  (REFERENCE.md), so it is measured peer→guest only, and it has no latency
+  row (its request path is guest→host).
+* **slirp4netns** 1.2 in the host namespace, ``--configure --mtu=65520
+  --disable-host-loopback``, joining the guest namespace by its path
+  (``--netns-type=path``, equivalent to the PID of a process inside it):
+  the guest is 10.0.2.100 behind slirp's gateway 10.0.2.2.
+* **ferryd**: ``ferryd --netns GUEST --tap tap0 --config-net --control
+  SOCK`` in the host namespace, ready once ``ferryctl status --wait``
+  says so; the guest takes the host's address, as with pasta.
+
+In each: a one-byte request/response probe checks that the guest reaches
+the peer over TCP (a variant that cannot is reported failed with the
+reason, and the run carries on); then ``iperf3 -c 10.77.0.2`` from the
+guest, single stream, ``--seconds`` long, in each direction (``-R`` for
+peer→guest), ``--repeat`` times (the median is shown), goodput as the
+receiver saw it; then ``--requests`` one-byte
+round trips over one TCP connection (bench/common.py: rr_client), mean and
+p99. For the forwarding process (pasta, slirp4netns, ferryd) the CPU it
+used during each iperf3 run (utime+stime from /proc/PID/stat, all threads)
+is divided by the gigabytes delivered.
+
+The report ends with ferry's targets (peer→guest ≥ 0.5× pasta, both
+directions ≥ 1.0× slirp4netns) marked met or not met. It is a benchmark:
+nothing is asserted and the exit status is 0 unless the benchmark itself
+could not run (not root, a tool missing). Namespaces and processes are
+removed on every exit path, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from bench.common import (
+    REPO,
+    IperfResult,
+    RrResult,
+    cpu_seconds,
+    iperf3,
+    rr_probe,
+    start_echo_server,
+    wait_listening,
+)
+from tests.netns import Netns, Topology, build_topology, veth, wait_for
+
+FERRYD = REPO / ".venv" / "bin" / "ferryd"
+FERRYCTL = REPO / ".venv" / "bin" / "ferryctl"
+
+PEER = "10.77.0.2"
+IPERF_PORT = 5201
+ECHO_PORT = 7777
+MTU = 65520
+READY_TIMEOUT = 15.0
+
+G2P = "guest→peer"
+P2G = "peer→guest"
+BOTH = (G2P, P2G)
+
+
+class VariantFailed(Exception):
+    """A variant could not be set up or could not reach the peer; the message says why."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    #: Starts the thing under test between guest and host; yields the PID of
+    #: the forwarding process (None for the kernel's veth).
+    attach: Callable[[Topology, Path], contextlib.AbstractContextManager[int | None]]
+    directions: tuple[str, ...] = BOTH
+    latency: bool = True
+    #: Programs it needs; a missing one fails the variant, not the run.
+    needs: tuple[str, ...] = ()
+
+
+@dataclass
+class Outcome:
+    """What one variant measured, or why it failed."""
+
+    variant: Variant
+    failure: str | None = None
+    throughput: dict[str, IperfResult] = field(default_factory=dict)
+    cpu_per_gb: dict[str, float] = field(default_factory=dict)
+    #: Every run's Gbit/s per direction (the row shows the median).
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    latency: RrResult | None = None
+
+    def gbps(self, direction: str) -> float | None:
+        result = self.throughput.get(direction)
+        return result.gbps if result is not None else None
+
+
+# -- the variants
+
+
+@contextlib.contextmanager
+def attach_veth(topo: Topology, workdir: Path) -> Iterator[int | None]:
+    veth(topo.guest, "eth0", topo.host, "gw0", mtu=MTU)
+    topo.host.add_addr("gw0", "10.78.0.1/24")
+    topo.host.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    topo.guest.add_addr("eth0", "10.78.0.2/24")
+    topo.guest.add_route("default", "10.78.0.1")
+    yield None
+
+
+def _has_default_route(ns: Netns) -> bool:
+    return bool(ns.run(["ip", "-4", "route", "show", "default"], check=False).stdout.strip())
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM by PID, then SIGKILL; the namespace's own cleanup is the last resort."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return "no log"
+    return " | ".join(text[-lines:]) or "empty log"
+
+
+@contextlib.contextmanager
+def _forwarder(
+    ns: Netns, argv: Sequence[str], log_path: Path, ready: Callable[[], bool], what: str
+) -> Iterator[int]:
+    """Run a forwarder in *ns* in the foreground, wait until *ready*, stop it by PID at exit."""
+    with log_path.open("wb") as log_file:
+        proc: subprocess.Popen[bytes] = ns.popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        try:
+            wait_for(
+                lambda: proc.poll() is not None or ready(),
+                timeout=READY_TIMEOUT,
+                what=f"{what} to be ready",
+            )
+        except AssertionError as exc:
+            raise VariantFailed(f"{exc}; log: {_log_tail(log_path)}") from None
+        if proc.poll() is not None:
+            raise VariantFailed(
+                f"{what} exited with status {proc.returncode}: {_log_tail(log_path)}"
+            )
+        yield proc.pid
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def attach_pasta(topo: Topology, workdir: Path) -> Iterator[int | None]:
+    argv = [
+        "pasta",
+        "--foreground",
+        "--runas",
+        "0:0",
+        "--config-net",
+        "--no-map-gw",
+        "-t",
+        "none",
+        "-u",
+        "none",
+        "-T",
+        "none",
+        "-U",
+        "none",
+        "--netns",
+        topo.guest.path,
+    ]
+    with _forwarder(
+        topo.host, argv, workdir / "pasta.log", lambda: _has_default_route(topo.guest), "pasta"
+    ) as pid:
+        yield pid
+
+
+@contextlib.contextmanager
+def attach_slirp4netns(topo: Topology, workdir: Path) -> Iterator[int | None]:
+    argv = [
+        "slirp4netns",
+        "--configure",
+        f"--mtu={MTU}",
+        "--disable-host-loopback",
+        "--netns-type=path",
+        topo.guest.path,
+        "tap0",
+    ]
+    with _forwarder(
+        topo.host,
+        argv,
+        workdir / "slirp4netns.log",
+        lambda: _has_default_route(topo.guest),
+        "slirp4netns",
+    ) as pid:
+        yield pid
+
+
+@contextlib.contextmanager
+def attach_ferryd(topo: Topology, workdir: Path) -> Iterator[int | None]:
+    if not FERRYD.exists():
+        raise VariantFailed(f"{FERRYD} not found (run scripts/bootstrap.sh)")
+    control = workdir / "ferryd.sock"
+    argv = [
+        str(FERRYD),
+        "--netns",
+        topo.guest.path,
+        "--tap",
+        "tap0",
+        "--config-net",
+        "--control",
+        str(control),
+    ]
+
+    def ready() -> bool:
+        if not control.exists():
+            return False
+        status = subprocess.run(
+            [str(FERRYCTL), "--control", str(control), "status", "--wait", "1"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return status.returncode == 0
+
+    with _forwarder(topo.host, argv, workdir / "ferryd.log", ready, "ferryd") as pid:
+        yield pid
+
+
+VARIANTS = (
+    Variant("veth", attach_veth),
+    Variant("pasta", attach_pasta, directions=(P2G,), latency=False, needs=("pasta",)),
+    Variant("slirp4netns", attach_slirp4netns, needs=("slirp4netns",)),
+    Variant("ferryd", attach_ferryd),
+)
+
+
+# -- measuring
+
+
+def measure(variant: Variant, seconds: float, repeat: int, requests: int) -> Outcome:
+    """Build the topology, attach *variant*, measure; any setup failure becomes the outcome."""
+    outcome = Outcome(variant)
+    missing = [tool for tool in variant.needs if shutil.which(tool) is None]
+    if missing:
+        outcome.failure = f"{', '.join(missing)} not installed"
+        return outcome
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="fb-") as tmp,
+            build_topology() as topo,
+        ):
+            topo.peer.popen(
+                ["iperf3", "-s", "-B", PEER, "-p", str(IPERF_PORT)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            start_echo_server(topo.peer, PEER, ECHO_PORT)
+            wait_listening(topo.peer, IPERF_PORT)
+            with variant.attach(topo, Path(tmp)) as pid:
+                _measure_attached(outcome, topo.guest, pid, seconds, repeat, requests)
+    except VariantFailed as exc:
+        outcome.failure = str(exc)
+    except Exception as exc:  # a broken environment: report it, keep going
+        outcome.failure = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+def _measure_attached(
+    outcome: Outcome, guest: Netns, pid: int | None, seconds: float, repeat: int, requests: int
+) -> None:
+    probe = rr_probe(guest, PEER, ECHO_PORT, count=10, warmup=0)
+    if probe.error is not None:
+        raise VariantFailed(f"no TCP connection from the guest to the peer: {probe.error}")
+    for direction in outcome.variant.directions:
+        runs: list[IperfResult] = []
+        cpu = 0.0
+        for _ in range(repeat):
+            before = cpu_seconds(pid) if pid is not None else 0.0
+            result = iperf3(guest, PEER, seconds=seconds, reverse=direction == P2G, port=IPERF_PORT)
+            if pid is not None:
+                cpu += cpu_seconds(pid) - before
+            runs.append(result)
+            if result.gbps is None:
+                break
+        failed = [r for r in runs if r.gbps is None]
+        if failed:
+            outcome.throughput[direction] = failed[0]
+            continue
+        runs.sort(key=lambda r: r.gbps or 0.0)
+        outcome.runs[direction] = [r.gbps or 0.0 for r in runs]
+        outcome.throughput[direction] = runs[(len(runs) - 1) // 2]
+        if pid is not None:
+            outcome.cpu_per_gb[direction] = cpu / (sum(r.bytes for r in runs) / 1e9)
+    if outcome.variant.latency:
+        outcome.latency = rr_probe(guest, PEER, ECHO_PORT, count=requests)
+
+
+# -- reporting
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{value / reference:.2f}×"
+
+
+def _spread(runs: Sequence[float]) -> str:
+    return f"  (runs {min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+
+
+def _find(outcomes: Sequence[Outcome], name: str) -> Outcome | None:
+    return next((o for o in outcomes if o.variant.name == name), None)
+
+
+def _gbps(outcomes: Sequence[Outcome], name: str, direction: str) -> float | None:
+    outcome = _find(outcomes, name)
+    return outcome.gbps(direction) if outcome is not None else None
+
+
+def report(outcomes: Sequence[Outcome], seconds: float, repeat: int, requests: int) -> str:
+    runs = f"median of {repeat} runs" if repeat > 1 else "one run"
+    lines = [
+        f"bulk TCP, one iperf3 stream, {seconds:g} s per run, {runs} per row, MTU {MTU}",
+        "(Gbit/s: goodput at the receiver; CPU s/GB: the forwarding process's"
+        " utime+stime per GB delivered, over all runs)",
+        "",
+        f"{'variant':<12} {'direction':<11} {'Gbit/s':>7} {'×veth':>6} {'×pasta':>7}"
+        f" {'×slirp':>7} {'CPU s/GB':>9}",
+    ]
+    for outcome in outcomes:
+        name = outcome.variant.name
+        if outcome.failure is not None:
+            lines.append(f"{name:<12} failed ({outcome.failure})")
+            continue
+        for direction in outcome.variant.directions:
+            result = outcome.throughput[direction]
+            if result.gbps is None:
+                lines.append(f"{name:<12} {direction:<11} failed ({result.error})")
+                continue
+            pasta = _gbps(outcomes, "pasta", P2G) if direction == P2G else None
+            cpu = outcome.cpu_per_gb.get(direction)
+            lines.append(
+                f"{name:<12} {direction:<11} {result.gbps:>7.2f}"
+                f" {_ratio(result.gbps, _gbps(outcomes, 'veth', direction)):>6}"
+                f" {_ratio(result.gbps, pasta):>7}"
+                f" {_ratio(result.gbps, _gbps(outcomes, 'slirp4netns', direction)):>7}"
+                f" {'-' if cpu is None else f'{cpu:.2f}':>9}"
+                + _spread(outcome.runs.get(direction, []))
+            )
+    lines += [
+        "",
+        f"request/response, 1 byte each way, {requests} round trips on one TCP connection",
+        "",
+        f"{'variant':<12} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8} {'mean ×veth':>11}",
+    ]
+    veth = _find(outcomes, "veth")
+    veth_mean = veth.latency.mean_us if veth is not None and veth.latency is not None else None
+    for outcome in outcomes:
+        name = outcome.variant.name
+        if not outcome.variant.latency:
+            lines.append(f"{name:<12} not measured (its guest→host path is unreliable)")
+        elif outcome.failure is not None:
+            lines.append(f"{name:<12} failed (see above)")
+        elif outcome.latency is None or outcome.latency.mean_us is None:
+            error = outcome.latency.error if outcome.latency is not None else "not run"
+            lines.append(f"{name:<12} failed ({error})")
+        else:
+            lat = outcome.latency
+            lines.append(
+                f"{name:<12} {lat.mean_us:>8.1f} {lat.p50_us:>8.1f} {lat.p99_us:>8.1f}"
+                f" {_ratio(lat.mean_us, veth_mean):>11}"
+            )
+    lines += ["", "targets:", *targets(outcomes)]
+    return "\n".join(lines)
+
+
+def targets(outcomes: Sequence[Outcome]) -> list[str]:
+    """ferry's throughput targets against the references, each met, not met or not measured."""
+    checks = [(P2G, "pasta", 0.5), (G2P, "slirp4netns", 1.0), (P2G, "slirp4netns", 1.0)]
+    ferryd = _find(outcomes, "ferryd")
+    lines = []
+    for direction, reference, factor in checks:
+        label = f"  ferryd {direction} ≥ {factor:.1f}× {reference}:"
+        ours = ferryd.gbps(direction) if ferryd is not None else None
+        theirs = _gbps(outcomes, reference, direction)
+        if ferryd is None:
+            lines.append(f"{label} not measured (ferryd not run)")
+        elif ours is None:
+            lines.append(f"{label} not measured (ferryd failed, see above)")
+        elif theirs is None:
+            lines.append(f"{label} not measured (no {reference} result)")
+        else:
+            verdict = "met" if ours >= factor * theirs else "not met"
+            lines.append(
+                f"{label} {verdict} ({ours:.2f} vs {factor * theirs:.2f} Gbit/s,"
+                f" {ours / theirs:.2f}×)"
+            )
+    return lines
+
+
+def _versions() -> str:
+    def first_line(argv: list[str]) -> str:
+        if shutil.which(argv[0]) is None:
+            return f"{argv[0]} missing"
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+
+    return "; ".join(
+        [
+            f"kernel {os.uname().release}",
+            first_line(["iperf3", "--version"]).split(" (")[0],
+            _pasta_version(first_line),
+            first_line(["slirp4netns", "--version"]),
+            f"{os.cpu_count()} CPUs",
+        ]
+    )
+
+
+def _pasta_version(first_line: Callable[[list[str]], str]) -> str:
+    """pasta's own --version says "unknown version" in Debian 12: ask dpkg then."""
+    own = first_line(["pasta", "--version"])
+    if "unknown" not in own or shutil.which("dpkg-query") is None:
+        return own
+    package = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "passt"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"pasta (passt {package})" if package else own
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _parse_only(values: Sequence[str]) -> list[Variant]:
+    names = [name for value in values for name in value.split(",") if name]
+    known = {v.name: v for v in VARIANTS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return [v for v in VARIANTS if v.name in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput",
+        description="Bulk TCP throughput and request/response latency of ferryd "
+        "against veth, pasta and slirp4netns (run as root).",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="iperf3 runs per direction; the median is reported (default 1)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=5000,
+        help="request/response round trips for the latency rows (default 5000)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="NAMES",
+        help="run only these variants (comma- or space-separated): "
+        + ", ".join(v.name for v in VARIANTS),
+    )
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.throughput needs root (network namespaces, veth, tap)", file=sys.stderr)
+        return 2
+    for tool in ("ip", "iperf3", "ss"):
+        if shutil.which(tool) is None:
+            print(f"bench.throughput needs {tool}", file=sys.stderr)
+            return 2
+    if args.repeat < 1 or args.seconds <= 0 or args.requests < 1:
+        parser.error("--repeat, --seconds and --requests must be positive")
+    variants = _parse_only(args.only) if args.only else list(VARIANTS)
+    # Also when started with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+
+    print(_versions(), flush=True)
+    outcomes: list[Outcome] = []
+    interrupted = False
+    try:
+        for variant in variants:
+            print(f"measuring {variant.name} ...", end=" ", flush=True)
+            start = time.monotonic()
+            outcome = measure(variant, args.seconds, args.repeat, args.requests)
+            outcomes.append(outcome)
+            status = "failed" if outcome.failure is not None else "done"
+            print(f"{status} ({time.monotonic() - start:.0f} s)", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted; namespaces and processes removed", file=sys.stderr)
+        interrupted = True
+    if outcomes:
+        print()
+        print(report(outcomes, args.seconds, args.repeat, args.requests))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
