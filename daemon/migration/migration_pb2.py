@@ -4,46 +4,49 @@
 # source: migration.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "migration.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'migration.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x0fmigration.proto\x12\x12\x66\x65rry.migration.v1"\x92\x02\n\x06Stream\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.ferry.migration.v1.Header\x12(\n\x03tcp\x18\x02 \x03(\x0b\x32\x1b.ferry.migration.v1.TcpFlow\x12(\n\x03udp\x18\x03 \x03(\x0b\x32\x1b.ferry.migration.v1.UdpFlow\x12*\n\x04icmp\x18\x04 \x03(\x0b\x32\x1c.ferry.migration.v1.IcmpFlow\x12.\n\x08listener\x18\x05 \x03(\x0b\x32\x1c.ferry.migration.v1.Listener\x12,\n\x07trailer\x18\x0f \x01(\x0b\x32\x1b.ferry.migration.v1.Trailer"\x9f\x02\n\x06Header\x12\r\n\x05magic\x18\x01 \x01(\x07\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x1e\n\x16min_compatible_version\x18\x03 \x01(\r\x12\x11\n\tguest_mac\x18\x04 \x01(\x0c\x12\x11\n\tferry_mac\x18\x05 \x01(\x0c\x12\x0b\n\x03mtu\x18\x06 \x01(\r\x12)\n\x04ipv4\x18\x07 \x01(\x0b\x32\x1b.ferry.migration.v1.GuestIp\x12)\n\x04ipv6\x18\x08 \x01(\x0b\x32\x1b.ferry.migration.v1.GuestIp\x12\x17\n\x0f\x66low_count_hint\x18\t \x01(\r\x12\x18\n\x10software_version\x18\n \x01(\t\x12\x19\n\x11\x66rozen_at_unix_ns\x18\x0b \x01(\x06"L\n\x07GuestIp\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x0c\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x0f\n\x07gateway\x18\x03 \x01(\x0c\x12\x0b\n\x03\x64ns\x18\x04 \x03(\x0c"\x8e\x03\n\x07TcpFlow\x12\x12\n\nguest_addr\x18\x01 \x01(\x0c\x12\x12\n\nguest_port\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x13\n\x0bremote_port\x18\x04 \x01(\r\x12-\n\x06socket\x18\x05 \x01(\x0b\x32\x1d.ferry.migration.v1.TcpSocket\x12\x1a\n\x12seq_ack_from_guest\x18\x06 \x01(\x07\x12\x1a\n\x12seq_to_guest_delta\x18\x07 \x01(\r\x12\x16\n\x0eseq_from_guest\x18\x08 \x01(\x07\x12\x1e\n\x16seq_ack_to_guest_delta\x18\t \x01(\r\x12!\n\x19seq_init_from_guest_delta\x18\n \x01(\r\x12\x14\n\x0cguest_window\x18\x0b \x01(\r\x12\x15\n\rguest_wscales\x18\x0c \x01(\r\x12\x11\n\tguest_mss\x18\r \x01(\r\x12\r\n\x05\x66lags\x18\x0e \x01(\r\x12\r\n\x05state\x18\x0f \x01(\r\x12\x11\n\thandshake\x18\x10 \x01(\x08"\xf8\x02\n\tTcpSocket\x12\x12\n\nlocal_addr\x18\x01 \x01(\x0c\x12\x12\n\nlocal_port\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x13\n\x0bremote_port\x18\x04 \x01(\r\x12\x11\n\ttcp_state\x18\x05 \x01(\r\x12\x0b\n\x03mss\x18\x06 \x01(\r\x12\x0f\n\x07wscales\x18\x07 \x01(\r\x12\x0f\n\x07options\x18\x08 \x01(\r\x12\x11\n\ttimestamp\x18\t \x01(\x07\x12\x10\n\x08send_seq\x18\n \x01(\x07\x12\x10\n\x08recv_seq\x18\x0b \x01(\x07\x12\x0f\n\x07snd_wnd\x18\x0c \x01(\r\x12\x0f\n\x07rcv_wnd\x18\r \x01(\r\x12\x15\n\rrcv_wup_delta\x18\x0e \x01(\r\x12\x15\n\rsnd_wl1_delta\x18\x0f \x01(\r\x12\x18\n\x10max_window_delta\x18\x10 \x01(\r\x12\x12\n\nsend_queue\x18\x11 \x01(\x0c\x12\x0e\n\x06unsent\x18\x12 \x01(\r\x12\x12\n\nrecv_queue\x18\x13 \x01(\x0c"\xc0\x01\n\x07UdpFlow\x12\x12\n\nguest_addr\x18\x01 \x01(\x0c\x12\x12\n\nguest_port\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x13\n\x0bremote_port\x18\x04 \x01(\r\x12\x0f\n\x07idle_ms\x18\x05 \x01(\r\x12\x15\n\rlistener_port\x18\x06 \x01(\r\x12\x15\n\rlistener_addr\x18\x07 \x01(\x0c\x12\x11\n\thost_port\x18\x08 \x01(\r\x12\x11\n\thost_addr\x18\t \x01(\x0c"U\n\x08IcmpFlow\x12\x12\n\nguest_addr\x18\x01 \x01(\x0c\x12\x0f\n\x07\x65\x63ho_id\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x0f\n\x07idle_ms\x18\x04 \x01(\r"V\n\x08Listener\x12\x10\n\x08ip_proto\x18\x01 \x01(\r\x12\x11\n\tbind_addr\x18\x02 \x01(\x0c\x12\x11\n\thost_port\x18\x03 \x01(\r\x12\x12\n\nguest_port\x18\x04 \x01(\r",\n\x07Trailer\x12\x12\n\nflow_count\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\x07\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\x12\x66\x65rry.migration.v1\"\x92\x02\n\x06Stream\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.ferry.migration.v1.Header\x12(\n\x03tcp\x18\x02 \x03(\x0b\x32\x1b.ferry.migration.v1.TcpFlow\x12(\n\x03udp\x18\x03 \x03(\x0b\x32\x1b.ferry.migration.v1.UdpFlow\x12*\n\x04icmp\x18\x04 \x03(\x0b\x32\x1c.ferry.migration.v1.IcmpFlow\x12.\n\x08listener\x18\x05 \x03(\x0b\x32\x1c.ferry.migration.v1.Listener\x12,\n\x07trailer\x18\x0f \x01(\x0b\x32\x1b.ferry.migration.v1.Trailer\"\x9f\x02\n\x06Header\x12\r\n\x05magic\x18\x01 \x01(\x07\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x1e\n\x16min_compatible_version\x18\x03 \x01(\r\x12\x11\n\tguest_mac\x18\x04 \x01(\x0c\x12\x11\n\tferry_mac\x18\x05 \x01(\x0c\x12\x0b\n\x03mtu\x18\x06 \x01(\r\x12)\n\x04ipv4\x18\x07 \x01(\x0b\x32\x1b.ferry.migration.v1.GuestIp\x12)\n\x04ipv6\x18\x08 \x01(\x0b\x32\x1b.ferry.migration.v1.GuestIp\x12\x17\n\x0f\x66low_count_hint\x18\t \x01(\r\x12\x18\n\x10software_version\x18\n \x01(\t\x12\x19\n\x11\x66rozen_at_unix_ns\x18\x0b \x01(\x06\"L\n\x07GuestIp\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x0c\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x0f\n\x07gateway\x18\x03 \x01(\x0c\x12\x0b\n\x03\x64ns\x18\x04 \x03(\x0c\"\x8e\x03\n\x07TcpFlow\x12\x12\n\nguest_addr\x18\x01 \x01(\x0c\x12\x12\n\nguest_port\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x13\n\x0bremote_port\x18\x04 \x01(\r\x12-\n\x06socket\x18\x05 \x01(\x0b\x32\x1d.ferry.migration.v1.TcpSocket\x12\x1a\n\x12seq_ack_from_guest\x18\x06 \x01(\x07\x12\x1a\n\x12seq_to_guest_delta\x18\x07 \x01(\r\x12\x16\n\x0eseq_from_guest\x18\x08 \x01(\x07\x12\x1e\n\x16seq_ack_to_guest_delta\x18\t \x01(\r\x12!\n\x19seq_init_from_guest_delta\x18\n \x01(\r\x12\x14\n\x0cguest_window\x18\x0b \x01(\r\x12\x15\n\rguest_wscales\x18\x0c \x01(\r\x12\x11\n\tguest_mss\x18\r \x01(\r\x12\r\n\x05\x66lags\x18\x0e \x01(\r\x12\r\n\x05state\x18\x0f \x01(\r\x12\x11\n\thandshake\x18\x10 \x01(\x08\"\xf8\x02\n\tTcpSocket\x12\x12\n\nlocal_addr\x18\x01 \x01(\x0c\x12\x12\n\nlocal_port\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x13\n\x0bremote_port\x18\x04 \x01(\r\x12\x11\n\ttcp_state\x18\x05 \x01(\r\x12\x0b\n\x03mss\x18\x06 \x01(\r\x12\x0f\n\x07wscales\x18\x07 \x01(\r\x12\x0f\n\x07options\x18\x08 \x01(\r\x12\x11\n\ttimestamp\x18\t \x01(\x07\x12\x10\n\x08send_seq\x18\n \x01(\x07\x12\x10\n\x08recv_seq\x18\x0b \x01(\x07\x12\x0f\n\x07snd_wnd\x18\x0c \x01(\r\x12\x0f\n\x07rcv_wnd\x18\r \x01(\r\x12\x15\n\rrcv_wup_delta\x18\x0e \x01(\r\x12\x15\n\rsnd_wl1_delta\x18\x0f \x01(\r\x12\x18\n\x10max_window_delta\x18\x10 \x01(\r\x12\x12\n\nsend_queue\x18\x11 \x01(\x0c\x12\x0e\n\x06unsent\x18\x12 \x01(\r\x12\x12\n\nrecv_queue\x18\x13 \x01(\x0c\"\xc0\x01\n\x07UdpFlow\x12\x12\n\nguest_addr\x18\x01 \x01(\x0c\x12\x12\n\nguest_port\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x13\n\x0bremote_port\x18\x04 \x01(\r\x12\x0f\n\x07idle_ms\x18\x05 \x01(\r\x12\x15\n\rlistener_port\x18\x06 \x01(\r\x12\x15\n\rlistener_addr\x18\x07 \x01(\x0c\x12\x11\n\thost_port\x18\x08 \x01(\r\x12\x11\n\thost_addr\x18\t \x01(\x0c\"U\n\x08IcmpFlow\x12\x12\n\nguest_addr\x18\x01 \x01(\x0c\x12\x0f\n\x07\x65\x63ho_id\x18\x02 \x01(\r\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x0c\x12\x0f\n\x07idle_ms\x18\x04 \x01(\r\"V\n\x08Listener\x12\x10\n\x08ip_proto\x18\x01 \x01(\r\x12\x11\n\tbind_addr\x18\x02 \x01(\x0c\x12\x11\n\thost_port\x18\x03 \x01(\r\x12\x12\n\nguest_port\x18\x04 \x01(\r\",\n\x07Trailer\x12\x12\n\nflow_count\x18\x01 \x01(\x04\x12\r\n\x05\x63rc32\x18\x02 \x01(\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "migration_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_STREAM"]._serialized_start = 40
-    _globals["_STREAM"]._serialized_end = 314
-    _globals["_HEADER"]._serialized_start = 317
-    _globals["_HEADER"]._serialized_end = 604
-    _globals["_GUESTIP"]._serialized_start = 606
-    _globals["_GUESTIP"]._serialized_end = 682
-    _globals["_TCPFLOW"]._serialized_start = 685
-    _globals["_TCPFLOW"]._serialized_end = 1083
-    _globals["_TCPSOCKET"]._serialized_start = 1086
-    _globals["_TCPSOCKET"]._serialized_end = 1462
-    _globals["_UDPFLOW"]._serialized_start = 1465
-    _globals["_UDPFLOW"]._serialized_end = 1657
-    _globals["_ICMPFLOW"]._serialized_start = 1659
-    _globals["_ICMPFLOW"]._serialized_end = 1744
-    _globals["_LISTENER"]._serialized_start = 1746
-    _globals["_LISTENER"]._serialized_end = 1832
-    _globals["_TRAILER"]._serialized_start = 1834
-    _globals["_TRAILER"]._serialized_end = 1878
+  DESCRIPTOR._loaded_options = None
+  _globals['_STREAM']._serialized_start=40
+  _globals['_STREAM']._serialized_end=314
+  _globals['_HEADER']._serialized_start=317
+  _globals['_HEADER']._serialized_end=604
+  _globals['_GUESTIP']._serialized_start=606
+  _globals['_GUESTIP']._serialized_end=682
+  _globals['_TCPFLOW']._serialized_start=685
+  _globals['_TCPFLOW']._serialized_end=1083
+  _globals['_TCPSOCKET']._serialized_start=1086
+  _globals['_TCPSOCKET']._serialized_end=1462
+  _globals['_UDPFLOW']._serialized_start=1465
+  _globals['_UDPFLOW']._serialized_end=1657
+  _globals['_ICMPFLOW']._serialized_start=1659
+  _globals['_ICMPFLOW']._serialized_end=1744
+  _globals['_LISTENER']._serialized_start=1746
+  _globals['_LISTENER']._serialized_end=1832
+  _globals['_TRAILER']._serialized_start=1834
+  _globals['_TRAILER']._serialized_end=1878
 # @@protoc_insertion_point(module_scope)

@@ -20,30 +20,10 @@ class Stream(_message.Message):
     icmp: _containers.RepeatedCompositeFieldContainer[IcmpFlow]
     listener: _containers.RepeatedCompositeFieldContainer[Listener]
     trailer: Trailer
-    def __init__(
-        self,
-        header: _Optional[_Union[Header, _Mapping]] = ...,
-        tcp: _Optional[_Iterable[_Union[TcpFlow, _Mapping]]] = ...,
-        udp: _Optional[_Iterable[_Union[UdpFlow, _Mapping]]] = ...,
-        icmp: _Optional[_Iterable[_Union[IcmpFlow, _Mapping]]] = ...,
-        listener: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ...,
-        trailer: _Optional[_Union[Trailer, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., tcp: _Optional[_Iterable[_Union[TcpFlow, _Mapping]]] = ..., udp: _Optional[_Iterable[_Union[UdpFlow, _Mapping]]] = ..., icmp: _Optional[_Iterable[_Union[IcmpFlow, _Mapping]]] = ..., listener: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., trailer: _Optional[_Union[Trailer, _Mapping]] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = (
-        "magic",
-        "version",
-        "min_compatible_version",
-        "guest_mac",
-        "ferry_mac",
-        "mtu",
-        "ipv4",
-        "ipv6",
-        "flow_count_hint",
-        "software_version",
-        "frozen_at_unix_ns",
-    )
+    __slots__ = ("magic", "version", "min_compatible_version", "guest_mac", "ferry_mac", "mtu", "ipv4", "ipv6", "flow_count_hint", "software_version", "frozen_at_unix_ns")
     MAGIC_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_COMPATIBLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -66,20 +46,7 @@ class Header(_message.Message):
     flow_count_hint: int
     software_version: str
     frozen_at_unix_ns: int
-    def __init__(
-        self,
-        magic: _Optional[int] = ...,
-        version: _Optional[int] = ...,
-        min_compatible_version: _Optional[int] = ...,
-        guest_mac: _Optional[bytes] = ...,
-        ferry_mac: _Optional[bytes] = ...,
-        mtu: _Optional[int] = ...,
-        ipv4: _Optional[_Union[GuestIp, _Mapping]] = ...,
-        ipv6: _Optional[_Union[GuestIp, _Mapping]] = ...,
-        flow_count_hint: _Optional[int] = ...,
-        software_version: _Optional[str] = ...,
-        frozen_at_unix_ns: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, magic: _Optional[int] = ..., version: _Optional[int] = ..., min_compatible_version: _Optional[int] = ..., guest_mac: _Optional[bytes] = ..., ferry_mac: _Optional[bytes] = ..., mtu: _Optional[int] = ..., ipv4: _Optional[_Union[GuestIp, _Mapping]] = ..., ipv6: _Optional[_Union[GuestIp, _Mapping]] = ..., flow_count_hint: _Optional[int] = ..., software_version: _Optional[str] = ..., frozen_at_unix_ns: _Optional[int] = ...) -> None: ...
 
 class GuestIp(_message.Message):
     __slots__ = ("address", "prefix_len", "gateway", "dns")
@@ -91,33 +58,10 @@ class GuestIp(_message.Message):
     prefix_len: int
     gateway: bytes
     dns: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(
-        self,
-        address: _Optional[bytes] = ...,
-        prefix_len: _Optional[int] = ...,
-        gateway: _Optional[bytes] = ...,
-        dns: _Optional[_Iterable[bytes]] = ...,
-    ) -> None: ...
+    def __init__(self, address: _Optional[bytes] = ..., prefix_len: _Optional[int] = ..., gateway: _Optional[bytes] = ..., dns: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TcpFlow(_message.Message):
-    __slots__ = (
-        "guest_addr",
-        "guest_port",
-        "remote_addr",
-        "remote_port",
-        "socket",
-        "seq_ack_from_guest",
-        "seq_to_guest_delta",
-        "seq_from_guest",
-        "seq_ack_to_guest_delta",
-        "seq_init_from_guest_delta",
-        "guest_window",
-        "guest_wscales",
-        "guest_mss",
-        "flags",
-        "state",
-        "handshake",
-    )
+    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "socket", "seq_ack_from_guest", "seq_to_guest_delta", "seq_from_guest", "seq_ack_to_guest_delta", "seq_init_from_guest_delta", "guest_window", "guest_wscales", "guest_mss", "flags", "state", "handshake")
     GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
     GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -150,48 +94,10 @@ class TcpFlow(_message.Message):
     flags: int
     state: int
     handshake: bool
-    def __init__(
-        self,
-        guest_addr: _Optional[bytes] = ...,
-        guest_port: _Optional[int] = ...,
-        remote_addr: _Optional[bytes] = ...,
-        remote_port: _Optional[int] = ...,
-        socket: _Optional[_Union[TcpSocket, _Mapping]] = ...,
-        seq_ack_from_guest: _Optional[int] = ...,
-        seq_to_guest_delta: _Optional[int] = ...,
-        seq_from_guest: _Optional[int] = ...,
-        seq_ack_to_guest_delta: _Optional[int] = ...,
-        seq_init_from_guest_delta: _Optional[int] = ...,
-        guest_window: _Optional[int] = ...,
-        guest_wscales: _Optional[int] = ...,
-        guest_mss: _Optional[int] = ...,
-        flags: _Optional[int] = ...,
-        state: _Optional[int] = ...,
-        handshake: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., socket: _Optional[_Union[TcpSocket, _Mapping]] = ..., seq_ack_from_guest: _Optional[int] = ..., seq_to_guest_delta: _Optional[int] = ..., seq_from_guest: _Optional[int] = ..., seq_ack_to_guest_delta: _Optional[int] = ..., seq_init_from_guest_delta: _Optional[int] = ..., guest_window: _Optional[int] = ..., guest_wscales: _Optional[int] = ..., guest_mss: _Optional[int] = ..., flags: _Optional[int] = ..., state: _Optional[int] = ..., handshake: _Optional[bool] = ...) -> None: ...
 
 class TcpSocket(_message.Message):
-    __slots__ = (
-        "local_addr",
-        "local_port",
-        "remote_addr",
-        "remote_port",
-        "tcp_state",
-        "mss",
-        "wscales",
-        "options",
-        "timestamp",
-        "send_seq",
-        "recv_seq",
-        "snd_wnd",
-        "rcv_wnd",
-        "rcv_wup_delta",
-        "snd_wl1_delta",
-        "max_window_delta",
-        "send_queue",
-        "unsent",
-        "recv_queue",
-    )
+    __slots__ = ("local_addr", "local_port", "remote_addr", "remote_port", "tcp_state", "mss", "wscales", "options", "timestamp", "send_seq", "recv_seq", "snd_wnd", "rcv_wnd", "rcv_wup_delta", "snd_wl1_delta", "max_window_delta", "send_queue", "unsent", "recv_queue")
     LOCAL_ADDR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PORT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -230,41 +136,10 @@ class TcpSocket(_message.Message):
     send_queue: bytes
     unsent: int
     recv_queue: bytes
-    def __init__(
-        self,
-        local_addr: _Optional[bytes] = ...,
-        local_port: _Optional[int] = ...,
-        remote_addr: _Optional[bytes] = ...,
-        remote_port: _Optional[int] = ...,
-        tcp_state: _Optional[int] = ...,
-        mss: _Optional[int] = ...,
-        wscales: _Optional[int] = ...,
-        options: _Optional[int] = ...,
-        timestamp: _Optional[int] = ...,
-        send_seq: _Optional[int] = ...,
-        recv_seq: _Optional[int] = ...,
-        snd_wnd: _Optional[int] = ...,
-        rcv_wnd: _Optional[int] = ...,
-        rcv_wup_delta: _Optional[int] = ...,
-        snd_wl1_delta: _Optional[int] = ...,
-        max_window_delta: _Optional[int] = ...,
-        send_queue: _Optional[bytes] = ...,
-        unsent: _Optional[int] = ...,
-        recv_queue: _Optional[bytes] = ...,
-    ) -> None: ...
+    def __init__(self, local_addr: _Optional[bytes] = ..., local_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., tcp_state: _Optional[int] = ..., mss: _Optional[int] = ..., wscales: _Optional[int] = ..., options: _Optional[int] = ..., timestamp: _Optional[int] = ..., send_seq: _Optional[int] = ..., recv_seq: _Optional[int] = ..., snd_wnd: _Optional[int] = ..., rcv_wnd: _Optional[int] = ..., rcv_wup_delta: _Optional[int] = ..., snd_wl1_delta: _Optional[int] = ..., max_window_delta: _Optional[int] = ..., send_queue: _Optional[bytes] = ..., unsent: _Optional[int] = ..., recv_queue: _Optional[bytes] = ...) -> None: ...
 
 class UdpFlow(_message.Message):
-    __slots__ = (
-        "guest_addr",
-        "guest_port",
-        "remote_addr",
-        "remote_port",
-        "idle_ms",
-        "listener_port",
-        "listener_addr",
-        "host_port",
-        "host_addr",
-    )
+    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "idle_ms", "listener_port", "listener_addr", "host_port", "host_addr")
     GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
     GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -283,18 +158,7 @@ class UdpFlow(_message.Message):
     listener_addr: bytes
     host_port: int
     host_addr: bytes
-    def __init__(
-        self,
-        guest_addr: _Optional[bytes] = ...,
-        guest_port: _Optional[int] = ...,
-        remote_addr: _Optional[bytes] = ...,
-        remote_port: _Optional[int] = ...,
-        idle_ms: _Optional[int] = ...,
-        listener_port: _Optional[int] = ...,
-        listener_addr: _Optional[bytes] = ...,
-        host_port: _Optional[int] = ...,
-        host_addr: _Optional[bytes] = ...,
-    ) -> None: ...
+    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., idle_ms: _Optional[int] = ..., listener_port: _Optional[int] = ..., listener_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., host_addr: _Optional[bytes] = ...) -> None: ...
 
 class IcmpFlow(_message.Message):
     __slots__ = ("guest_addr", "echo_id", "remote_addr", "idle_ms")
@@ -306,13 +170,7 @@ class IcmpFlow(_message.Message):
     echo_id: int
     remote_addr: bytes
     idle_ms: int
-    def __init__(
-        self,
-        guest_addr: _Optional[bytes] = ...,
-        echo_id: _Optional[int] = ...,
-        remote_addr: _Optional[bytes] = ...,
-        idle_ms: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, guest_addr: _Optional[bytes] = ..., echo_id: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., idle_ms: _Optional[int] = ...) -> None: ...
 
 class Listener(_message.Message):
     __slots__ = ("ip_proto", "bind_addr", "host_port", "guest_port")
@@ -324,13 +182,7 @@ class Listener(_message.Message):
     bind_addr: bytes
     host_port: int
     guest_port: int
-    def __init__(
-        self,
-        ip_proto: _Optional[int] = ...,
-        bind_addr: _Optional[bytes] = ...,
-        host_port: _Optional[int] = ...,
-        guest_port: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, ip_proto: _Optional[int] = ..., bind_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., guest_port: _Optional[int] = ...) -> None: ...
 
 class Trailer(_message.Message):
     __slots__ = ("flow_count", "crc32")

@@ -209,11 +209,12 @@ class StreamEncoder:
         """Stream bytes handed out so far, trailer included once written."""
         return self._written
 
-    def _emit(self, field_number: int, body: bytes, what: str) -> bytes:
-        if len(body) > self._max_record_size:
+    def _emit(self, field_number: int, body: bytes) -> bytes:
+        limit = MAX_HEADER_SIZE if field_number == _Field.HEADER else self._max_record_size
+        if len(body) > limit:
             raise ValueError(
-                f"{what} record of {len(body)} bytes exceeds the stream's limit of "
-                f"{self._max_record_size}"
+                f"{_record_name(field_number)} record of {len(body)} bytes exceeds the "
+                f"stream's limit of {limit}"
             )
         record = _frame(field_number, body)
         self._crc = zlib.crc32(record, self._crc)
@@ -224,7 +225,7 @@ class StreamEncoder:
         if self._state is not _EncoderState.NEW:
             raise RuntimeError("the stream's header was already written")
         msg = header_to_proto(header, STREAM_VERSION, MIN_COMPATIBLE_VERSION, MAGIC)
-        record = self._emit(_Field.HEADER, msg.SerializeToString(), "header")
+        record = self._emit(_Field.HEADER, msg.SerializeToString())
         self._header = header
         self._state = _EncoderState.FLOWS
         return record
@@ -238,7 +239,7 @@ class StreamEncoder:
             )
         field = _FLOW_FIELDS[type(flow)]
         body = flow_to_proto(flow, self._header).SerializeToString()
-        record = self._emit(field, body, _RECORD_NAMES[field])
+        record = self._emit(field, body)
         self._count += 1
         return record
 
