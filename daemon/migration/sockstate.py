@@ -1,0 +1,776 @@
+"""The kernel half of TCP migration: freeze, dump and restore one TCP socket.
+
+This module knows nothing of ferryd's flow table. It moves the state a Linux
+TCP socket holds (sequence numbers, negotiated options, windows, timestamps
+and both queues) out of a socket on the source host and into a new one on the
+target, through the kernel's TCP_REPAIR interface (include/uapi/linux/tcp.h;
+the option numbers and the order below are in REFERENCE.md, checked on this
+kind of machine).
+
+Theory of operation
+===================
+
+Source (per socket)::
+
+    freeze_intake(sock)        drop-all classic BPF filter (SO_ATTACH_FILTER)
+    repair ON                  RepairClient.set_repair (ferryd) / set_repair_direct
+    state = dump_tcp(sock)
+    ... keep sock open until the outcome is known, then
+    close_silently(sock)       (or, on rollback: repair OFF, thaw_intake(sock))
+
+Why the freeze: a socket in repair mode still receives, queues and ACKs
+whatever the peer sends (checked). Bytes that arrive after the dump would be
+ACKed by the source and exist nowhere else, and the restored connection would
+stall forever. A socket filter runs before TCP sees a segment
+(tcp_v4_rcv/tcp_v6_rcv → tcp_filter → sk_filter_trim_cap), so with a filter
+that returns 0 nothing is queued, nothing is ACKed, and the peer retransmits
+to whichever host holds the connection next.
+
+dump_tcp() reads, with the socket in repair mode:
+
+* TCP_INFO: ``tcpi_state`` (byte 0), ``tcpi_options`` (byte 5: TS 1, SACK 2,
+  WSCALE 4), the window scales (byte 6: snd low nibble, rcv high nibble);
+* TCP_MAXSEG (the MSS the kernel uses, restored as the clamp), TCP_TIMESTAMP
+  (the socket's timestamp clock: restored so the peer's PAWS check keeps
+  accepting our segments), TCP_REPAIR_WINDOW (snd_wl1, snd_wnd, max_window,
+  rcv_wnd, rcv_wup);
+* SIOCOUTQ (write_seq − snd_una: sent + unsent), SIOCOUTQNSD (write_seq −
+  snd_nxt: unsent), SIOCINQ (rcv_nxt − copied_seq, minus a received FIN);
+* per queue, selected with TCP_REPAIR_QUEUE: TCP_QUEUE_SEQ (write_seq resp.
+  rcv_nxt, i.e. the END of the queue) and the bytes, with recv(MSG_PEEK)
+  (tcp_peek_sndq() walks the retransmit and write queues; the receive queue
+  is peeked from copied_seq, so a SO_PEEK_OFF set by ferryd is reset to 0
+  for the dump and put back afterwards).
+
+FIN bookkeeping. A FIN occupies one sequence number. Once we queued our FIN
+(FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK) write_seq counts it, and while it
+is unacknowledged SIOCOUTQ counts it too (SIOCOUTQNSD as well while it is
+unsent); the peeked bytes never contain it. Once the peer's FIN arrived
+(CLOSE_WAIT, LAST_ACK, CLOSING) rcv_nxt counts it. :class:`TcpSocketState`
+keeps the kernel's raw ``send_seq``/``recv_seq`` (FIN included) and the
+queues as data only (``unsent`` is the data length of the unsent tail); the
+FIN flags follow from ``tcp_state`` (properties ``fin_sent``,
+``fin_acked``, ``fin_received``), so no extra field is needed.
+
+Target, in the phases that batching the helper needs::
+
+    socks = [new_socket_for(s) for s in states]        # unconnected, SO_REUSEADDR
+    repair ON for all socks                             # one batched helper call
+    for sock, s in ...: restore_in_repair(sock, s)
+    repair OFF for all socks                            # one batched helper call
+    for sock, s in ...: finish_restore(sock, s)         # may need calling again
+
+restore_in_repair() does, in this order (each step's reason is the kernel's):
+
+1. while unconnected (TCP_QUEUE_SEQ is refused with EPERM in any other
+   state): the START of each queue, write_seq − len(send queue) and rcv_nxt −
+   len(recv queue), less one for a FIN (ours is queued again by shutdown();
+   the peer's is not re-created, see below). Setting the END values would
+   make the socket acknowledge bytes the peer never sent;
+2. TCP_TIMESTAMP (sets tsoffset), bind(), connect(): in repair mode
+   tcp_connect() calls tcp_finish_connect() at once, no SYN, ESTABLISHED;
+3. TCP_REPAIR_OPTIONS: MSS, WINDOW (snd | rcv << 16), SACK_PERM, TIMESTAMP,
+   as tcpi_options says. The kernel takes them only in ESTABLISHED before any
+   byte went on the wire (``!tp->bytes_sent``, since Linux 6.1);
+4. the receive queue (tcp_send_rcvq(): appended, rcv_nxt advanced) and the
+   sent-but-unacked part of the send queue (tcp_write_xmit() in repair mode
+   with the send queue selected marks it as sent without transmitting; the
+   retransmit timer and the window probe at repair OFF bring it to the peer).
+   Written in chunks, halving a chunk on ENOMEM. The unsent tail is NOT
+   written in repair mode (a blocking send of it there never returns);
+5. FIN_WAIT2 (our FIN sent and acked): shutdown(SHUT_WR) with the send queue
+   selected queues the FIN and marks it sent, without transmitting;
+6. TCP_REPAIR_WINDOW last (tcp_repair_set_window() refuses rcv_wup after
+   rcv_nxt with EINVAL, so only once the receive queue is in). When the
+   peer's FIN had arrived, rcv_nxt is restored before the FIN, so rcv_wup−1
+   and rcv_wnd+1 (same right edge).
+
+finish_restore() runs after repair OFF: it sends the unsent tail normally
+(without blocking; call again with ``sent=`` while it returns less than
+``state.unsent``), then, if our FIN had not been acked (FIN_WAIT1, CLOSING,
+LAST_ACK), shutdown(SHUT_WR) queues it after the data again.
+
+The peer's FIN is not re-created on the target: the restored socket is
+ESTABLISHED (or FIN_WAIT*) from the kernel's point of view, acknowledges one
+sequence number short of the FIN (the peer takes that as an old duplicate
+ACK, RFC 793 3.9 "SEG.ACK < SND.UNA ... ignored") and never reports
+end-of-file. The caller knows from ``state.fin_received`` that the peer has
+closed (ferryd already passed the FIN to the guest). After our own FIN is
+acknowledged such a socket waits in FIN_WAIT2 for a FIN that will not come:
+close it (the kernel then reaps it after tcp_fin_timeout).
+
+Not carried: the out-of-order queue (never acknowledged cumulatively, so the
+peer resends it; SACKed parts after a delay, when it detects the reneging),
+urgent data, congestion state (the restored socket starts with an initial
+window and RTO), link-local IPv6 scope ids.
+
+close_silently(): in repair mode close() calls tcp_disconnect(), which sends
+neither FIN nor RST (it only sets ECONNABORTED on the socket).
+
+Errors: everything raises :class:`SocketStateError`, whose message names the
+socket's 4-tuple and the failing step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from repair_helper.protocol import TCP_REPAIR
+from repair_helper.protocol import RepairCommand as RepairMode
+
+__all__ = [
+    "SUPPORTED_STATES",
+    "HasFileno",
+    "RepairMode",
+    "SocketStateError",
+    "TcpSocketState",
+    "TcpState",
+    "close_silently",
+    "dump_tcp",
+    "finish_restore",
+    "freeze_intake",
+    "new_socket_for",
+    "parse_tcp_info",
+    "restore_in_repair",
+    "set_repair_direct",
+    "thaw_intake",
+]
+
+# -- kernel constants (include/uapi/linux/tcp.h, asm-generic/socket.h, linux/sockios.h)
+
+TCP_REPAIR_QUEUE: Final = 20
+TCP_QUEUE_SEQ: Final = 21
+TCP_REPAIR_OPTIONS: Final = 22
+TCP_TIMESTAMP: Final = 24
+TCP_REPAIR_WINDOW: Final = 29
+TCP_NO_QUEUE: Final = 0
+TCP_RECV_QUEUE: Final = 1
+TCP_SEND_QUEUE: Final = 2
+
+TCPOPT_MSS: Final = 2
+TCPOPT_WINDOW: Final = 3
+TCPOPT_SACK_PERM: Final = 4
+TCPOPT_TIMESTAMP: Final = 8
+
+#: tcpi_options bits (TCPI_OPT_*).
+OPT_TIMESTAMPS: Final = 1
+OPT_SACK: Final = 2
+OPT_WSCALE: Final = 4
+#: Largest window scale the kernel accepts (TCP_MAX_WSCALE).
+MAX_WSCALE: Final = 14
+
+SO_ATTACH_FILTER: Final = 26
+SO_DETACH_FILTER: Final = 27
+SO_PEEK_OFF: Final = 42
+
+SIOCINQ: Final = 0x541B  # FIONREAD
+SIOCOUTQ: Final = 0x5411  # TIOCOUTQ
+SIOCOUTQNSD: Final = 0x894B
+
+#: Largest value TCP_MAXSEG accepts (MAX_TCP_WINDOW).
+MAX_USER_MSS: Final = 32767
+
+#: Largest chunk written to a queue in repair mode in one call; halved on ENOMEM.
+MAX_CHUNK: Final = 1 << 20
+
+_U32 = struct.Struct("=I")
+_INT = struct.Struct("=i")
+_REPAIR_WINDOW = struct.Struct("=5I")
+_REPAIR_OPT = struct.Struct("=II")
+
+#: The head of struct tcp_info (include/uapi/linux/tcp.h) up to tcpi_total_retrans:
+#: 8 bytes (state, ca_state, retransmits, probes, backoff, options, wscales,
+#: app_limited/fastopen bits), then 24 u32 (rto ... total_retrans). The kernel
+#: copies min(optlen, sizeof) bytes, so asking for this head is enough.
+TCP_INFO_HEAD = struct.Struct("=8B24I")
+
+
+class TcpState:
+    """Linux TCP state numbers (include/net/tcp_states.h), as in tcpi_state."""
+
+    ESTABLISHED: Final = 1
+    SYN_SENT: Final = 2
+    SYN_RECV: Final = 3
+    FIN_WAIT1: Final = 4
+    FIN_WAIT2: Final = 5
+    TIME_WAIT: Final = 6
+    CLOSE: Final = 7
+    CLOSE_WAIT: Final = 8
+    LAST_ACK: Final = 9
+    LISTEN: Final = 10
+    CLOSING: Final = 11
+
+    NAMES: Final = {
+        1: "ESTABLISHED",
+        2: "SYN_SENT",
+        3: "SYN_RECV",
+        4: "FIN_WAIT1",
+        5: "FIN_WAIT2",
+        6: "TIME_WAIT",
+        7: "CLOSE",
+        8: "CLOSE_WAIT",
+        9: "LAST_ACK",
+        10: "LISTEN",
+        11: "CLOSING",
+    }
+
+
+#: States a connection can be dumped and restored in.
+SUPPORTED_STATES: Final = frozenset(
+    {
+        TcpState.ESTABLISHED,
+        TcpState.FIN_WAIT1,
+        TcpState.FIN_WAIT2,
+        TcpState.CLOSE_WAIT,
+        TcpState.LAST_ACK,
+        TcpState.CLOSING,
+    }
+)
+_FIN_SENT: Final = frozenset(
+    {TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.LAST_ACK, TcpState.CLOSING}
+)
+_FIN_RECEIVED: Final = frozenset({TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING})
+
+
+class HasFileno(Protocol):
+    """Anything with a descriptor: a stdlib or trio socket."""
+
+    def fileno(self) -> int: ...
+
+
+class SocketStateError(Exception):
+    """Dumping, restoring or switching a TCP socket failed; the message says which and where."""
+
+    def __init__(self, where: str, step: str, reason: str) -> None:
+        super().__init__(f"{where}: {step}: {reason}")
+        self.where = where
+        self.step = step
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocketState:
+    """Everything the kernel holds for one TCP connection (see the module docstring).
+
+    ``send_seq`` and ``recv_seq`` are the kernel's write_seq and rcv_nxt: the
+    END of each queue, a FIN included once queued (ours) or received (the
+    peer's). ``send_queue`` and ``recv_queue`` are data only; ``unsent`` is
+    the length of the tail of ``send_queue`` not yet sent (FIN excluded).
+    """
+
+    family: int  # 4 or 6
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    tcp_state: int  # TcpState.*, tcpi_state
+    mss: int
+    snd_wscale: int
+    rcv_wscale: int
+    options: int  # tcpi_options: OPT_TIMESTAMPS 1, OPT_SACK 2, OPT_WSCALE 4
+    timestamp: int  # TCP_TIMESTAMP, u32
+    snd_wl1: int
+    snd_wnd: int
+    max_window: int
+    rcv_wnd: int
+    rcv_wup: int
+    send_seq: int  # write_seq, u32
+    recv_seq: int  # rcv_nxt, u32
+    send_queue: bytes
+    unsent: int
+    recv_queue: bytes
+
+    @property
+    def fin_sent(self) -> bool:
+        """We queued our FIN (shutdown(SHUT_WR) or close); ``send_seq`` counts it."""
+        return self.tcp_state in _FIN_SENT
+
+    @property
+    def fin_acked(self) -> bool:
+        """The peer acknowledged our FIN (FIN_WAIT2)."""
+        return self.tcp_state == TcpState.FIN_WAIT2
+
+    @property
+    def fin_received(self) -> bool:
+        """The peer's FIN arrived; ``recv_seq`` counts it; the restored socket will not say EOF."""
+        return self.tcp_state in _FIN_RECEIVED
+
+    @property
+    def state_name(self) -> str:
+        return TcpState.NAMES.get(self.tcp_state, f"state {self.tcp_state}")
+
+    @property
+    def send_start(self) -> int:
+        """Sequence number of the first byte of ``send_queue`` (snd_una)."""
+        return (self.send_seq - len(self.send_queue) - int(self.fin_sent)) & 0xFFFFFFFF
+
+    @property
+    def recv_start(self) -> int:
+        """Sequence number of the first byte of ``recv_queue`` (copied_seq)."""
+        return (self.recv_seq - len(self.recv_queue) - int(self.fin_received)) & 0xFFFFFFFF
+
+    def describe(self) -> str:
+        """The 4-tuple, as error messages name it."""
+        return _describe(
+            self.family, self.local_addr, self.local_port, self.remote_addr, self.remote_port
+        )
+
+    def check(self) -> None:
+        """Raise SocketStateError unless this state can be restored (e.g. after decoding)."""
+        problems: list[str] = []
+        if self.family not in (4, 6):
+            problems.append(f"family {self.family}")
+        if self.tcp_state not in SUPPORTED_STATES:
+            problems.append(f"unsupported TCP state {self.state_name}")
+        if not 0 <= self.unsent <= len(self.send_queue):
+            problems.append(f"unsent {self.unsent} of a {len(self.send_queue)}-byte send queue")
+        if self.snd_wscale > MAX_WSCALE or self.rcv_wscale > MAX_WSCALE:
+            problems.append(f"window scales {self.snd_wscale}/{self.rcv_wscale}")
+        if self.fin_acked and self.send_queue:
+            problems.append("FIN_WAIT2 with data in the send queue")
+        for name in ("local_port", "remote_port"):
+            if not 0 < getattr(self, name) < 65536:
+                problems.append(f"{name} {getattr(self, name)}")
+        for name in (
+            "mss",
+            "timestamp",
+            "snd_wl1",
+            "snd_wnd",
+            "max_window",
+            "rcv_wnd",
+            "rcv_wup",
+            "send_seq",
+            "recv_seq",
+        ):
+            if not 0 <= getattr(self, name) <= 0xFFFFFFFF:
+                problems.append(f"{name} {getattr(self, name)} is not a u32")
+        try:
+            for addr in (self.local_addr, self.remote_addr):
+                if ipaddress.ip_address(addr).version != self.family:
+                    problems.append(f"address {addr} is not IPv{self.family}")
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise SocketStateError(self.describe(), "check state", "; ".join(problems))
+
+
+# -- pure helpers
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfoHead:
+    """The fields of struct tcp_info that a dump uses."""
+
+    state: int
+    options: int
+    snd_wscale: int
+    rcv_wscale: int
+    snd_mss: int
+    rcv_mss: int
+
+
+def parse_tcp_info(data: bytes) -> TcpInfoHead:
+    """Decode the head of struct tcp_info (at least TCP_INFO_HEAD.size bytes)."""
+    fields = TCP_INFO_HEAD.unpack_from(data)
+    wscales = fields[6]
+    return TcpInfoHead(
+        state=fields[0],
+        options=fields[5],
+        snd_wscale=wscales & 0x0F,
+        rcv_wscale=wscales >> 4,
+        snd_mss=fields[8 + 2],
+        rcv_mss=fields[8 + 3],
+    )
+
+
+def repair_options(state: TcpSocketState) -> bytes:
+    """The TCP_REPAIR_OPTIONS argument: struct tcp_repair_opt pairs in the checked order."""
+    pairs = [(TCPOPT_MSS, state.mss)]
+    if state.options & OPT_WSCALE:
+        pairs.append((TCPOPT_WINDOW, state.snd_wscale | state.rcv_wscale << 16))
+    if state.options & OPT_SACK:
+        pairs.append((TCPOPT_SACK_PERM, 0))
+    if state.options & OPT_TIMESTAMPS:
+        pairs.append((TCPOPT_TIMESTAMP, 0))
+    return b"".join(_REPAIR_OPT.pack(code, value) for code, value in pairs)
+
+
+def repair_window(state: TcpSocketState) -> bytes:
+    """The TCP_REPAIR_WINDOW argument, adjusted for a received FIN (rcv_wup−1, rcv_wnd+1)."""
+    rcv_wnd, rcv_wup = state.rcv_wnd, state.rcv_wup
+    if state.fin_received:
+        rcv_wup = (rcv_wup - 1) & 0xFFFFFFFF
+        rcv_wnd += 1
+    return _REPAIR_WINDOW.pack(state.snd_wl1, state.snd_wnd, state.max_window, rcv_wnd, rcv_wup)
+
+
+def _drop_all_program() -> tuple[ctypes.Array[ctypes.c_char], bytes]:
+    """struct sock_fprog for one instruction, BPF_RET|BPF_K 0: accept 0 bytes, i.e. drop."""
+    insn = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
+    fprog = struct.pack("@HP", 1, ctypes.addressof(insn))
+    return insn, fprog
+
+
+# The kernel copies the program during setsockopt(); the buffer only has to
+# outlive that call, but keeping it for the process's life is simplest.
+_DROP_ALL_INSN, _DROP_ALL_FPROG = _drop_all_program()
+
+
+def _describe(family: int, laddr: str, lport: int, raddr: str, rport: int) -> str:
+    if family == 6:
+        return f"TCP [{laddr}]:{lport} -> [{raddr}]:{rport}"
+    return f"TCP {laddr}:{lport} -> {raddr}:{rport}"
+
+
+def _where(sock: HasFileno) -> str:
+    """Name a socket by its 4-tuple, as far as the kernel still knows it."""
+    try:
+        with _borrow(sock) as s:
+            family = 6 if s.family == socket.AF_INET6 else 4
+            local = s.getsockname()
+            try:
+                remote = s.getpeername()
+            except OSError:
+                return f"TCP socket fd {s.fileno()} bound to {local[0]}:{local[1]} (unconnected)"
+            return _describe(family, local[0], local[1], remote[0], remote[1])
+    except OSError:
+        return f"TCP socket fd {sock.fileno()}"
+
+
+@contextlib.contextmanager
+def _borrow(sock: HasFileno) -> Iterator[socket.socket]:
+    """A stdlib socket for ``sock`` (itself, or a temporary wrapper that never closes the fd)."""
+    if isinstance(sock, socket.socket):
+        yield sock
+        return
+    wrapper = socket.socket(fileno=sock.fileno())
+    try:
+        yield wrapper
+    finally:
+        wrapper.detach()
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    value: int = _INT.unpack(fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+    return value
+
+
+# -- freeze / thaw / repair / close
+
+
+def freeze_intake(sock: HasFileno) -> None:
+    """Attach the drop-all socket filter: from now on every incoming segment is dropped unseen."""
+    try:
+        with _borrow(sock) as s:
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL_FPROG)
+    except OSError as exc:
+        raise SocketStateError(
+            _where(sock), "freeze intake (SO_ATTACH_FILTER)", exc.strerror or str(exc)
+        ) from exc
+
+
+def thaw_intake(sock: HasFileno) -> None:
+    """Detach the socket filter again (rollback); a socket without one is left alone."""
+    try:
+        with _borrow(sock) as s:
+            s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return
+        raise SocketStateError(
+            _where(sock), "thaw intake (SO_DETACH_FILTER)", exc.strerror or str(exc)
+        ) from exc
+
+
+def set_repair_direct(socks: Sequence[int | HasFileno], mode: RepairMode) -> None:
+    """Set TCP_REPAIR to ``mode`` on each socket ourselves (needs CAP_NET_ADMIN).
+
+    The same contract as RepairClient.set_repair, for code that holds the
+    capability (tests, benchmarks). On failure the sockets before the failing
+    one are switched, the rest are not.
+    """
+    value = int(RepairMode(mode))
+    for index, item in enumerate(socks):
+        fd = item if isinstance(item, int) else item.fileno()
+        wrapper = socket.socket(fileno=fd)
+        try:
+            wrapper.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
+        except OSError as exc:
+            where = _where(wrapper)
+            raise SocketStateError(
+                where,
+                f"TCP_REPAIR={value} (socket {index} of {len(socks)})",
+                exc.strerror or str(exc),
+            ) from exc
+        finally:
+            wrapper.detach()
+
+
+def close_silently(sock: socket.socket) -> None:
+    """Close a socket in repair mode: tcp_disconnect() sends neither FIN nor RST.
+
+    Raises SocketStateError, leaving the socket open, if it is not in repair
+    mode (closing it would then send a FIN, or an RST if data is unread).
+    """
+    try:
+        repair = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
+    except OSError as exc:
+        raise SocketStateError(
+            _where(sock), "close silently (TCP_REPAIR?)", exc.strerror or str(exc)
+        ) from exc
+    if repair != 1:
+        raise SocketStateError(
+            _where(sock), "close silently", "not in repair mode: close() would reach the peer"
+        )
+    sock.close()
+
+
+# -- dump
+
+
+def dump_tcp(sock: socket.socket) -> TcpSocketState:
+    """Read a frozen socket in repair mode; see the module docstring. The socket is unchanged."""
+    step = "start"
+    try:
+        step = "getsockname/getpeername"
+        local = sock.getsockname()
+        remote = sock.getpeername()
+        family = 6 if sock.family == socket.AF_INET6 else 4
+        step = "TCP_INFO"
+        info = parse_tcp_info(
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
+        )
+        if info.state not in SUPPORTED_STATES:
+            raise SocketStateError(
+                _describe(family, local[0], local[1], remote[0], remote[1]),
+                "dump",
+                f"cannot migrate a connection in state {TcpState.NAMES.get(info.state, '?')}",
+            )
+        step = "TCP_MAXSEG"
+        mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        step = "TCP_TIMESTAMP"
+        timestamp = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+        step = "TCP_REPAIR_WINDOW"
+        window = _REPAIR_WINDOW.unpack(
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size)
+        )
+        fd = sock.fileno()
+        step = "SIOCOUTQ/SIOCOUTQNSD/SIOCINQ"
+        outq = _ioctl_int(fd, SIOCOUTQ)
+        outq_unsent = _ioctl_int(fd, SIOCOUTQNSD)
+        inq = _ioctl_int(fd, SIOCINQ)
+        fin_pending = info.state in _FIN_SENT and info.state != TcpState.FIN_WAIT2
+        # An unacked FIN is the last "byte" of SIOCOUTQ, and of SIOCOUTQNSD while unsent.
+        data_len = outq - int(fin_pending)
+        unsent = outq_unsent - int(fin_pending and outq_unsent > 0)
+
+        step = "select send queue"
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        step = "TCP_QUEUE_SEQ (send queue)"
+        send_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        step = "peek send queue"
+        send_queue = sock.recv(data_len, socket.MSG_PEEK | socket.MSG_DONTWAIT) if data_len else b""
+        step = "select receive queue"
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        step = "TCP_QUEUE_SEQ (receive queue)"
+        recv_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        step = "peek receive queue"
+        recv_queue = _peek_recv_queue(sock, inq) if inq else b""
+        step = "deselect queue"
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    except OSError as exc:
+        raise SocketStateError(_where(sock), f"dump: {step}", exc.strerror or str(exc)) from exc
+    where = _describe(family, local[0], local[1], remote[0], remote[1])
+    if len(send_queue) != data_len:
+        raise SocketStateError(
+            where, "dump: peek send queue", f"got {len(send_queue)} bytes, SIOCOUTQ says {data_len}"
+        )
+    if not 0 <= unsent <= data_len:
+        raise SocketStateError(where, "dump", f"SIOCOUTQNSD {outq_unsent} > SIOCOUTQ {outq}")
+    return TcpSocketState(
+        family=family,
+        local_addr=local[0],
+        local_port=local[1],
+        remote_addr=remote[0],
+        remote_port=remote[1],
+        tcp_state=info.state,
+        mss=mss,
+        snd_wscale=info.snd_wscale,
+        rcv_wscale=info.rcv_wscale,
+        options=info.options,
+        timestamp=timestamp,
+        snd_wl1=window[0],
+        snd_wnd=window[1],
+        max_window=window[2],
+        rcv_wnd=window[3],
+        rcv_wup=window[4],
+        send_seq=send_seq,
+        recv_seq=recv_seq,
+        send_queue=send_queue,
+        unsent=unsent,
+        recv_queue=recv_queue,
+    )
+
+
+def _peek_recv_queue(sock: socket.socket, length: int) -> bytes:
+    """All ``length`` bytes of the receive queue, from copied_seq, whatever SO_PEEK_OFF was."""
+    peek_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+    if peek_off < 0:
+        data = sock.recv(length, flags)
+        if len(data) == length:
+            return data
+    # Peek from the start, resuming where each peek ended; put the offset back.
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        parts: list[bytes] = []
+        got = 0
+        while got < length:
+            part = sock.recv(length - got, flags)
+            if not part:
+                raise OSError(errno.EIO, f"receive queue ended after {got} of {length} bytes")
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
+
+
+# -- restore
+
+
+def new_socket_for(state: TcpSocketState) -> socket.socket:
+    """An unconnected socket of the right family with SO_REUSEADDR; next: repair ON."""
+    family = socket.AF_INET6 if state.family == 6 else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SocketStateError(state.describe(), "socket()", exc.strerror or str(exc)) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except OSError as exc:
+        sock.close()
+        raise SocketStateError(state.describe(), "SO_REUSEADDR", exc.strerror or str(exc)) from exc
+    return sock
+
+
+def restore_in_repair(sock: socket.socket, state: TcpSocketState) -> None:
+    """Restore ``state`` into ``sock`` (from new_socket_for, now in repair mode).
+
+    See the module docstring for the order and why. Next: repair OFF, then
+    :func:`finish_restore`.
+    """
+    state.check()
+    tcp = socket.IPPROTO_TCP
+    step = "start"
+    try:
+        step = "send queue sequence (TCP_QUEUE_SEQ)"
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        sock.setsockopt(tcp, TCP_QUEUE_SEQ, _signed(state.send_start))
+        step = "receive queue sequence (TCP_QUEUE_SEQ)"
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        sock.setsockopt(tcp, TCP_QUEUE_SEQ, _signed(state.recv_start))
+        step = "TCP_TIMESTAMP"
+        sock.setsockopt(tcp, TCP_TIMESTAMP, _signed(state.timestamp))
+        step = "TCP_MAXSEG (for the initial send buffer)"
+        sock.setsockopt(tcp, socket.TCP_MAXSEG, min(state.mss, MAX_USER_MSS))
+        step = "bind"
+        sock.bind((state.local_addr, state.local_port))
+        step = "connect"
+        sock.connect((state.remote_addr, state.remote_port))
+        step = "TCP_REPAIR_OPTIONS"
+        sock.setsockopt(tcp, TCP_REPAIR_OPTIONS, repair_options(state))
+        step = "TCP_MAXSEG (clear)"
+        sock.setsockopt(tcp, socket.TCP_MAXSEG, 0)
+        if state.recv_queue:
+            step = "receive queue contents"
+            sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            _write_queue(sock, memoryview(state.recv_queue))
+        sent = len(state.send_queue) - state.unsent
+        step = "send queue contents"
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        if sent:
+            _write_queue(sock, memoryview(state.send_queue)[:sent], grow_sndbuf=True)
+        if state.fin_acked:
+            step = "FIN (shutdown in repair mode)"
+            sock.shutdown(socket.SHUT_WR)
+        step = "TCP_REPAIR_WINDOW"
+        sock.setsockopt(tcp, TCP_REPAIR_WINDOW, repair_window(state))
+    except OSError as exc:
+        raise SocketStateError(
+            state.describe(), f"restore: {step}", exc.strerror or str(exc)
+        ) from exc
+
+
+def _write_queue(sock: socket.socket, data: memoryview, *, grow_sndbuf: bool = False) -> None:
+    """Write ``data`` into the selected queue, in chunks; halve a chunk on ENOMEM.
+
+    With ``grow_sndbuf`` (the sent part of the send queue), a full send
+    buffer is made larger once with SO_SNDBUF (see the module docstring);
+    if that is still not enough, OSError(ENOBUFS).
+    """
+    chunk = MAX_CHUNK
+    flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+    grown = False
+    while data:
+        try:
+            n = sock.send(data[:chunk], flags)
+        except BlockingIOError:
+            if not grow_sndbuf or grown:
+                raise OSError(
+                    errno.ENOBUFS,
+                    f"{len(data)} bytes do not fit the send buffer"
+                    f" ({sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)} bytes;"
+                    " net.core.wmem_max limits it)",
+                ) from None
+            # SO_SNDBUF doubles the value it is given (socket(7)); ask for room for
+            # all that is left, plus as much again for the kernel's overhead.
+            current = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, current + 2 * len(data))
+            grown = True
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM and chunk > 1:
+                chunk //= 2
+                continue
+            raise
+        data = data[n:]
+
+
+def finish_restore(sock: socket.socket, state: TcpSocketState, *, sent: int = 0) -> int:
+    """After repair OFF: send the unsent tail, then our FIN if it had not been acknowledged.
+
+    Sends without blocking and returns how much of the unsent tail
+    (``state.unsent`` bytes) has now gone in total. When that is less than
+    ``state.unsent`` the socket's send buffer is full: call again with
+    ``sent=`` the returned value once it is writable. The FIN (FIN_WAIT1,
+    CLOSING, LAST_ACK) is queued right after the last byte.
+    """
+    tail = memoryview(state.send_queue)[len(state.send_queue) - state.unsent :]
+    try:
+        while sent < len(tail):
+            try:
+                sent += sock.send(tail[sent:], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                return sent
+        if state.fin_sent and not state.fin_acked:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        raise SocketStateError(
+            state.describe(), "finish restore", exc.strerror or str(exc)
+        ) from exc
+    return sent
+
+
+def _signed(value: int) -> int:
+    """A u32 as the C int that setsockopt(int) passes on unchanged."""
+    return value - (1 << 32) if value >= 1 << 31 else value

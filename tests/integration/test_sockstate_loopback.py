@@ -1,0 +1,164 @@
+"""sockstate on one host: freeze, dump and restore connections over loopback.
+
+Same host, same namespace (REFERENCE.md "same host"): the target's connect()
+of a 4-tuple fails while the source socket exists, so each source socket is
+closed silently right before its replacement connects. Both ends of every
+connection live in one fresh namespace; the remote ends keep their traffic
+running while the local ends move.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from daemon.migration.sockstate import (
+    RepairMode,
+    SocketStateError,
+    TcpState,
+    close_silently,
+    dump_tcp,
+    freeze_intake,
+    set_repair_direct,
+    thaw_intake,
+)
+from tests.integration.test_sockstate_support import (
+    ENDLESS,
+    Timing,
+    Traffic,
+    cap_totals,
+    close_all,
+    connect_pairs,
+    freeze_and_dump,
+    make_conns,
+    queued,
+    raise_fd_limit,
+    requires_root,
+    restore_all,
+    tcp_state,
+)
+from tests.netns import Netns, wait_for
+
+pytestmark = [pytest.mark.integration, requires_root]
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    raise_fd_limit()
+    with Netns("sockstate") as ns:
+        yield ns
+
+
+def _pairs(ns: Netns, count: int) -> list[tuple[socket.socket, socket.socket]]:
+    half = count // 2
+    return connect_pairs(ns.path, ns.path, "127.0.0.1", half) + connect_pairs(
+        ns.path, ns.path, "::1", count - half
+    )
+
+
+def _total_retrans(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[100:104], "little")
+
+
+def test_freeze_drops_everything_until_thawed(netns: Netns) -> None:
+    """With the filter on nothing is queued or ACKed: the peer retransmits; thawed, it arrives."""
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    with client, server:
+        freeze_intake(server)
+        client.sendall(b"x" * 1000)
+        wait_for(lambda: _total_retrans(client) >= 1, what="the client to retransmit")
+        assert queued(server) == 0
+        assert queued(client) == 1000  # not ACKed
+        thaw_intake(server)
+        thaw_intake(server)  # a socket without a filter is left alone
+        server.settimeout(30)
+        assert server.recv(2000) == b"x" * 1000
+        wait_for(lambda: queued(client) == 0, what="the client's data to be ACKed")
+
+
+def test_close_silently_refuses_a_socket_not_in_repair(netns: Netns) -> None:
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    with client, server:
+        with pytest.raises(SocketStateError, match=r"127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+"):
+            close_silently(client)
+        assert client.fileno() >= 0
+
+
+def test_dump_refuses_a_socket_not_in_repair(netns: Netns) -> None:
+    [(client, server)] = connect_pairs(netns.path, netns.path, "::1", 1)
+    with client, server, pytest.raises(SocketStateError, match=r"TCP_REPAIR_WINDOW"):
+        dump_tcp(client)
+
+
+def test_close_silently_sends_nothing(netns: Netns) -> None:
+    """The peer sees neither FIN nor RST: it stays ESTABLISHED with nothing to read."""
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    with server:
+        set_repair_direct([client], RepairMode.ON)
+        close_silently(client)
+        assert tcp_state(server) == TcpState.ESTABLISHED  # loopback delivers synchronously
+        assert queued(server) == 0
+        # The 4-tuple is gone: data now gets an RST, which ESTABLISHED reports as ECONNRESET
+        # (after a FIN it would have been EOF or EPIPE).
+        server.sendall(b"ping")
+        server.settimeout(30)
+        with pytest.raises(ConnectionResetError):
+            server.recv(10)
+
+
+def test_idle_connections(netns: Netns) -> None:
+    """400 idle connections (half IPv4, half IPv6) move and then carry data both ways."""
+    pairs = _pairs(netns, 400)
+    timing = Timing()
+    states = freeze_and_dump([local for local, _ in pairs], timing)
+    assert all(s.tcp_state == TcpState.ESTABLISHED for s in states)
+    assert all(not s.send_queue and not s.recv_queue for s in states)
+    restored = restore_all(
+        states, timing, netns=netns.path, close_sources=[local for local, _ in pairs]
+    )
+    print(timing.report("loopback idle"))
+    conns = make_conns(
+        [(new, remote) for new, (_, remote) in zip(restored, pairs, strict=True)], 1000
+    )
+    try:
+        with Traffic(conns) as traffic:
+            traffic.adopt(list(zip(restored, states, strict=True)))
+            traffic.wait(lambda: all(c.done for c in conns), "every connection to finish")
+    finally:
+        close_all(restored + [remote for _, remote in pairs])
+
+
+def test_busy_connections(netns: Netns) -> None:
+    """20 connections with full queues both ways move while the remote ends keep going."""
+    pairs = _pairs(netns, 20)
+    conns = make_conns(pairs, ENDLESS)
+    restored: list[socket.socket] = []
+    try:
+        with Traffic(conns) as traffic:
+            traffic.wait(
+                lambda: all(c.up.received > 100_000 and c.down.received > 100_000 for c in conns),
+                "traffic to flow",
+            )
+            # A slow guest and a slow peer: queues fill up.
+            traffic.set(read_local=False, read_remote=False)
+            traffic.wait(lambda: sum(queued(c.local) for c in conns) > 8 << 20, "queues to fill")
+            # ferryd stops touching its sockets; the peer goes on writing. It reads again
+            # only after the restore: a window update it sends in the gap between a
+            # source's close and its replacement's connect would get an RST (same host).
+            traffic.set(local_paused=True)
+            traffic.call(lambda: cap_totals(conns, 256 << 10))
+            timing = Timing()
+            sources = [c.local for c in conns]
+            states = freeze_and_dump(sources, timing)
+            restored = restore_all(states, timing, netns=netns.path, close_sources=sources)
+            in_queues = sum(len(s.send_queue) + len(s.recv_queue) for s in states)
+            print(timing.report(f"loopback busy, {in_queues / 1e6:.1f} MB in queues"))
+            assert in_queues > 8 << 20
+            traffic.adopt(list(zip(restored, states, strict=True)))
+            traffic.set(read_local=True, read_remote=True)
+            traffic.wait(lambda: all(c.done for c in conns), "every stream to complete")
+    finally:
+        close_all(restored + [c.remote for c in conns])
