@@ -11,6 +11,7 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+	proto/generate.sh --check
 
 unit: setup
 	.venv/bin/pytest tests/unit
@@ -23,6 +24,7 @@ test: lint
 
 bench: setup
 	.venv/bin/python -m bench.repair
+	.venv/bin/python -m bench.throughput
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -61,6 +61,7 @@ class Options:
     only6: bool = False
     map_gw: bool = False
     udp_forwards: list[list[PortForward]] = field(default_factory=list)
+    tcp_forwards: list[list[PortForward]] = field(default_factory=list)
     max_flows: int = 4096
     verbose: int = 0
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
             "MTU 65520 and the host's DNS servers."
         ),
         epilog=(
-            "Port specs (-u): PORT, HOSTPORT:GUESTPORT, ranges A-B or A-B:C-D, "
+            "Port specs (-t, -u): PORT, HOSTPORT:GUESTPORT, ranges A-B or A-B:C-D, "
             "comma-separated lists, an optional bind address ADDR/PORTS, or 'none'. "
             "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
             "net.ipv4.ping_group_range. Readiness: `ferryctl --control PATH status "
@@ -162,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     f = p.add_argument_group("flows")
+    f.add_argument(
+        "-t",
+        "--tcp-ports",
+        dest="tcp_forwards",
+        action="append",
+        default=[],
+        type=parse_port_spec,
+        metavar="SPEC",
+        help="forward host TCP ports to the guest (repeatable); the guest sees "
+        "the peer's own address as the source",
+    )
     f.add_argument(
         "-u",
         "--udp-ports",

@@ -34,6 +34,7 @@ from daemon.config import (
 from daemon.control import ControlAddressInUse, ControlError, ControlServer
 from daemon.flows.icmp import IcmpFlows
 from daemon.flows.portspec import ForwardError
+from daemon.flows.tcp import TcpFlows
 from daemon.flows.udp import UdpFlows
 from daemon.frontends.tap import TapFrontend, TapSetupError
 from daemon.link import LinkConfig
@@ -98,11 +99,21 @@ class Daemon:
                 map_gateway=self.opts.map_gw,
                 limit=self.opts.max_flows,
             )
-            self.stack.udp, self.stack.icmp = udp, icmp
-            self.udp, self.icmp = udp, icmp
+            tcp = TcpFlows(
+                self.stack,
+                self.link,
+                nursery,
+                map_gateway=self.opts.map_gw,
+                limit=self.opts.max_flows,
+            )
+            self.stack.udp, self.stack.icmp, self.stack.tcp = udp, icmp, tcp
+            self.udp, self.icmp, self.tcp = udp, icmp, tcp
             for spec in self.opts.udp_forwards:
                 for fwd in spec:
                     await udp.add_forward(fwd)
+            for spec in self.opts.tcp_forwards:
+                for fwd in spec:
+                    await tcp.add_forward(fwd)
             if self.opts.control:
                 control = ControlServer(self.opts.control)
                 control.register("status", self._status)
@@ -148,13 +159,17 @@ class Daemon:
                 "ignored": c.ignored,
                 "dropped_out": self.tap.dropped_out,
             },
-            "flows": {"udp": len(self.udp.snapshot()), "icmp": len(self.icmp.snapshot())},
+            "flows": {
+                "tcp": len(self.tcp.table),
+                "udp": len(self.udp.table),
+                "icmp": len(self.icmp.table),
+            },
         }
 
     async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         if fds:
             raise ControlError("'flows' takes no file descriptors")
-        return {"flows": self.udp.snapshot() + self.icmp.snapshot()}
+        return {"flows": self.tcp.snapshot() + self.udp.snapshot() + self.icmp.snapshot()}
 
 
 async def serve(opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
@@ -164,6 +179,9 @@ async def serve(opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
             await nursery.start(daemon.run)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
+                # Reset every TCP connection both ways: a guest or a peer
+                # left waiting on a connection nobody serves would hang.
+                daemon.tcp.close()
                 nursery.cancel_scope.cancel()
                 break
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
+from daemon.flows.tcp import reset_for
 from daemon.link import LinkConfig
 from daemon.services.arp import answer_arp
 from daemon.services.dhcp import answer_dhcp_untrusted
@@ -62,7 +63,7 @@ from daemon.wire.ip import (
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.tcp import ACK, FIN, RST, SYN, build_tcp, parse_tcp_untrusted
+from daemon.wire.tcp import TcpSegment, parse_tcp_untrusted
 from daemon.wire.udp import UdpDatagram, parse_udp_untrusted
 
 log = logging.getLogger("ferryd.stack")
@@ -76,6 +77,10 @@ class UdpHandler(Protocol):
 
 class IcmpHandler(Protocol):
     def from_guest(self, ip: IpPacket, icmp: IcmpMessage) -> None: ...
+
+
+class TcpHandler(Protocol):
+    def from_guest(self, ip: IpPacket, seg: TcpSegment, now: float) -> None: ...
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Stack:
         self.ndp = NdpResponder(link, now) if link.ipv6 is not None else None
         self.udp: UdpHandler | None = None
         self.icmp: IcmpHandler | None = None
+        self.tcp: TcpHandler | None = None
         self.counters = StackCounters()
 
     # --- GuestPort ------------------------------------------------------
@@ -176,9 +182,16 @@ class Stack:
             ):
                 self.icmp.from_guest(ip, icmp)
                 return
-        elif proto == IPPROTO_TCP and self._learn_source(ip):
-            self._refuse_tcp(ip)
-            return
+        elif proto == IPPROTO_TCP:
+            seg = parse_tcp_untrusted(ip)
+            if self._learn_source(ip) and not is_multicast(eth.dst):
+                if self.tcp is not None:
+                    self.tcp.from_guest(ip, seg, now)
+                else:
+                    rst = reset_for(ip, seg)
+                    if rst is not None:
+                        self.send_ip(ip.dst, ip.src, IPPROTO_TCP, rst)
+                return
         self.counters.ignored += 1
 
     def _learn_source(self, ip: IpPacket) -> bool:
@@ -196,19 +209,6 @@ class Stack:
             return False
         self._guest_addr[ip.version] = src
         return True
-
-    def _refuse_tcp(self, ip: IpPacket) -> None:
-        """Answer a TCP segment with RST (RFC 9293 §3.10.7.1, CLOSED state)."""
-        seg = parse_tcp_untrusted(ip)
-        if seg.flags & RST:
-            return
-        if seg.flags & ACK:
-            seq, ack, flags = seg.ack, 0, RST
-        else:
-            length = len(seg.payload) + bool(seg.flags & SYN) + bool(seg.flags & FIN)
-            seq, ack, flags = 0, seg.seq + length, RST | ACK
-        l4 = build_tcp(ip.dst, ip.src, seg.dport, seg.sport, seq, ack, flags, 0)
-        self.send_ip(ip.dst, ip.src, IPPROTO_TCP, l4)
 
     # --- timers ----------------------------------------------------------
 

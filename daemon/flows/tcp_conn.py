@@ -1,0 +1,618 @@
+"""One guest TCP connection spliced onto one host TCP socket, holding no payload.
+
+Theory of operation
+-------------------
+The guest speaks TCP to ferryd over the tap; the host socket speaks TCP to
+the peer through the kernel. ferryd terminates neither byte stream in a
+buffer of its own (DESIGN.md, "The invariant that makes migration
+possible"): every byte is in the guest, on a wire, or in the host socket's
+kernel queues. Only sequence and window bookkeeping lives here, which is
+what a migration carries.
+
+guest → host. A data segment at ``seq_from_guest`` is written to the socket
+with a non-blocking send, and ``seq_from_guest`` advances by what the kernel
+took, which is also all the guest is ACKed for. Whatever the kernel did not
+take the guest still holds and resends: after a short write ferryd sends
+three duplicate ACKs so the guest retransmits at once (RFC 5681 §3.2 fast
+retransmit) instead of waiting for its timer. The window offered to the
+guest is the free space of the socket's send buffer (SO_SNDBUF less
+SIOCOUTQ, with headroom for the kernel's per-skb overhead), so short writes
+are rare; when it gets small, ferryd waits for the socket to become writable
+and sends a window update. Waiting for writability is also what lets the
+kernel's send-buffer autotuning grow the buffer (tcp_poll sets SOCK_NOSPACE,
+tcp_check_space then expands sk_sndbuf).
+
+host → guest. Data is read with MSG_PEEK: SO_PEEK_OFF makes each peek start
+after what was already sent, so ``seq_to_guest - seq_ack_from_guest`` bytes
+(the flight) stay queued in the socket until the guest ACKs them; only then
+are they dropped from the queue with ``recv(MSG_TRUNC)`` (which for TCP
+discards without copying). Consuming moves the peek offset back by the
+same amount (sk_peek_offset_bwd), so the offset always equals the flight. A
+retransmission rewinds ``seq_to_guest`` to the guest's last ACK and the
+peek offset to 0. The flight is limited by the guest's window. Because the
+queued flight keeps the socket readable, the reader waits with SO_RCVLOWAT
+set to flight + 1: tcp_poll then reports readability only when bytes beyond
+the flight arrived (or on FIN/error).
+
+Closing. The guest's FIN, once everything before it was written, becomes
+``shutdown(SHUT_WR)`` on the socket. The socket's EOF, once every byte
+before it was sent to the guest, becomes a FIN to the guest. When both
+FINs are done and the guest ACKed ours, the socket is closed normally and
+the kernel finishes the exchange with the peer. A RST from the guest
+aborts the socket with SO_LINGER {1, 0} (the kernel sends RST); a reset
+socket sends the guest a RST.
+
+Time is passed in (``now``), never read here: the adapter in
+``daemon.flows.tcp`` owns the clock, the tasks and the flow table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import fcntl
+import logging
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from daemon.flows.table import Flow
+from daemon.flows.tcp_seq import seq_add, seq_diff
+from daemon.guest import GuestPort
+from daemon.wire.ip import IPPROTO_TCP, IpAddress
+from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment, build_tcp
+
+log = logging.getLogger("ferryd.tcp")
+
+SO_PEEK_OFF = 42
+SIOCOUTQ = 0x5411
+_INT = struct.Struct("i")
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+#: Window scale ferryd offers the guest: windows up to 16 MiB.
+OUR_WSCALE = 8
+#: RFC 6298 §2: an initial RTO of 1 s; doubled on each expiry, at most 60 s.
+RTO_INITIAL = 1.0
+RTO_MAX = 60.0
+#: Retransmissions without progress before the connection is given up.
+MAX_RETRIES = 8
+#: How long a host connect() may take before the guest gets a RST.
+CONNECT_TIMEOUT = 10.0
+#: An established connection with no traffic either way for this long is
+#: reset (passt's activity timeout).
+IDLE_TIMEOUT = 7200.0
+#: Duplicate ACKs that make the guest retransmit (RFC 5681 §3.2).
+DUPACK_THRESHOLD = 3
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    """Guest SYN received; the host socket's connect() is in progress."""
+    SYN_ACK_SENT = "syn_ack_sent"
+    """Host side connected; SYN-ACK sent to the guest, its ACK awaited."""
+    SYN_SENT = "syn_sent"
+    """Inbound: the host accepted a peer; SYN sent to the guest."""
+    ESTABLISHED = "established"
+    """Data both ways; half-closes are the ``Flags`` bits."""
+    CLOSED = "closed"
+
+
+class Flags(enum.IntFlag):
+    """Closing progress; carried opaquely by the migration stream."""
+
+    FIN_FROM_GUEST = 1
+    """The guest's FIN was accepted and the socket shut down for writing."""
+    SOCK_EOF = 2
+    """The socket reached end of file (the peer's FIN)."""
+    FIN_TO_GUEST = 4
+    """A FIN was sent to the guest (it occupies one sequence number)."""
+    FIN_TO_GUEST_ACKED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """The connection's addresses as the guest sees them."""
+
+    guest_addr: IpAddress
+    guest_port: int
+    remote_addr: IpAddress
+    remote_port: int
+
+
+class TcpConn:
+    """State of one spliced connection; driven by the adapter's events."""
+
+    def __init__(
+        self,
+        ends: Endpoints,
+        sock: socket.socket,
+        guest: GuestPort,
+        state: State,
+        link_mss: int,
+        peek_buffer: memoryview,
+        on_closed: Callable[[TcpConn], None],
+        rcvlowat_cap: int,
+    ) -> None:
+        self.ends = ends
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.guest = guest
+        self.flow: Flow[TcpConn]  # set by the adapter once the table holds it
+        self.state = state
+        self.link_mss = link_mss
+        self._buf = peek_buffer
+        self._on_closed = on_closed
+        self._rcvlowat_cap = rcvlowat_cap
+        self.flags = Flags(0)
+        self.isn = secrets.randbits(32)
+        self.seq_to_guest = self.isn
+        self.seq_ack_from_guest = self.isn
+        self.seq_from_guest = 0
+        self.seq_init_from_guest = 0
+        self.seq_ack_to_guest = 0
+        self.guest_wnd = 0
+        """The guest's receive window in bytes (already scaled)."""
+        self.guest_ws = 0
+        self.our_ws = 0
+        self.guest_mss = 536
+        self.wnd_to_guest = 0
+        """Last window (bytes) advertised to the guest."""
+        self.dupacks = 0
+        self.retries = 0
+        self.rto = RTO_INITIAL
+        self.timer: float = float("inf")
+        self.last_progress = 0.0
+        self._rcvlowat = 1
+        self._starved = False
+        self.want_writable = False
+        """The adapter should wait for writability and call on_writable()."""
+        self.wakeup: trio.Event | None = None
+        self.scope: trio.CancelScope | None = None
+
+    # --- derived state ----------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def flight(self) -> int:
+        """Bytes sent to the guest and not yet acknowledged (FIN included)."""
+        return seq_diff(self.seq_to_guest, self.seq_ack_from_guest)
+
+    @property
+    def data_flight(self) -> int:
+        """Payload bytes in flight: what sits peeked in the receive queue."""
+        fin = Flags.FIN_TO_GUEST in self.flags and Flags.FIN_TO_GUEST_ACKED not in self.flags
+        return self.flight - (1 if fin else 0)
+
+    def reading(self) -> bool:
+        """Whether the adapter should wait for new data on the socket."""
+        return (
+            self.state is State.ESTABLISHED
+            and Flags.SOCK_EOF not in self.flags
+            and not self._starved
+            and self.flight < min(self.guest_wnd, self._rcvlowat_cap)
+        )
+
+    def deadline(self) -> float:
+        """When the adapter must call on_timer(): retransmission, handshake,
+        window probe or, for an established connection, the idle limit."""
+        if self.state is State.ESTABLISHED:
+            return min(self.timer, self.last_progress + IDLE_TIMEOUT)
+        return self.timer
+
+    def prepare_wait(self) -> None:
+        """Only bytes beyond the flight make the socket readable.
+
+        Called whenever the flight changes (bytes sent to the guest, bytes
+        acknowledged and dropped), not just before waiting: a wait that began
+        with a larger flight would otherwise miss new data once the guest's
+        ACK shrinks the queue below the old mark.
+        """
+        want = min(self.data_flight + 1, self._rcvlowat_cap)
+        if want != self._rcvlowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self._rcvlowat = want
+
+    def _poke(self) -> None:
+        """Make the adapter's task re-evaluate what it waits for and until when."""
+        if self.scope is not None:
+            self.scope.deadline = self.deadline()
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    # --- frames to the guest ----------------------------------------------
+
+    def _send(
+        self,
+        flags: int,
+        seq: int,
+        payload: memoryview | bytes = b"",
+        options: TcpOptions | None = None,
+    ) -> None:
+        e = self.ends
+        if flags & SYN:
+            window = min(self.wnd_to_guest, 0xFFFF)
+        else:
+            window = min(self.wnd_to_guest >> self.our_ws, 0xFFFF)
+        ack = self.seq_from_guest if flags & ACK else 0
+        self.seq_ack_to_guest = ack
+        l4 = build_tcp(
+            e.remote_addr,
+            e.guest_addr,
+            e.remote_port,
+            e.guest_port,
+            seq,
+            ack,
+            flags,
+            window,
+            options if options is not None else _NO_OPTIONS,
+            payload,
+        )
+        self.guest.send_ip(e.remote_addr, e.guest_addr, IPPROTO_TCP, l4)
+
+    def send_ack(self) -> None:
+        self._update_window()
+        self._send(ACK, self.seq_to_guest)
+
+    def _syn_options(self, offer_wscale: bool) -> TcpOptions:
+        return TcpOptions(mss=self.link_mss, wscale=OUR_WSCALE if offer_wscale else None)
+
+    def _update_window(self) -> None:
+        """Window for the guest: the socket's free send space (see module doc)."""
+        if Flags.FIN_FROM_GUEST in self.flags:
+            self.wnd_to_guest = 0xFFFF << self.our_ws  # nothing more may come
+            return
+        sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        outq = _INT.unpack(fcntl.ioctl(self.fd, SIOCOUTQ, b"\0\0\0\0"))[0]
+        free = max(0, sndbuf * 3 // 4 - outq)
+        self.wnd_to_guest = min(free, 0xFFFF << self.our_ws)
+        if free < sndbuf // 4 and not self.want_writable:
+            self.want_writable = True
+
+    # --- events from the adapter ------------------------------------------
+
+    def start_outbound(self, syn: TcpSegment, now: float) -> None:
+        """Guest SYN for a new connection; the adapter started connect()."""
+        opts = syn.options
+        self.seq_init_from_guest = syn.seq
+        self.seq_from_guest = seq_add(syn.seq, 1)
+        if opts.wscale is not None:
+            self.guest_ws, self.our_ws = opts.wscale, OUR_WSCALE
+        self.guest_mss = opts.mss if opts.mss else 536
+        self.guest_wnd = syn.window
+        self.timer = now + CONNECT_TIMEOUT
+        self.last_progress = now
+
+    def on_connected(self, now: float) -> None:
+        """The host connect() finished (writable): success or failure."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            log.debug(
+                "connect to %s:%d failed: %s",
+                self.ends.remote_addr,
+                self.ends.remote_port,
+                errno.errorcode.get(err, err),
+            )
+            self.abort(now, rst_guest=True, rst_peer=False)
+            return
+        self.state = State.SYN_ACK_SENT
+        self.flow.state = self.state.value
+        self._update_window()
+        self.seq_to_guest = seq_add(self.isn, 1)
+        self._send(SYN | ACK, self.isn, options=self._syn_options(self.our_ws != 0))
+        self.retries = 0
+        self.rto = RTO_INITIAL
+        self.timer = now + self.rto
+
+    def start_inbound(self, now: float) -> None:
+        """A peer connected to a forwarded port: open the guest side (SYN)."""
+        self.our_ws = OUR_WSCALE  # tentative: in effect only if the guest agrees
+        self._update_window()
+        self.seq_to_guest = seq_add(self.isn, 1)
+        self._send(SYN, self.isn, options=self._syn_options(True))
+        self.timer = now + self.rto
+        self.last_progress = now
+
+    def on_guest_segment(self, seg: TcpSegment, now: float) -> None:
+        flags = seg.flags
+        if flags & RST:
+            # The guest aborts: RFC 9293 §3.10.7.4; the guest is our own
+            # link, so any RST for this tuple is taken as genuine.
+            self.abort(now, rst_guest=False, rst_peer=True)
+            return
+        state = self.state
+        if state is State.CONNECTING:
+            return  # a retransmitted SYN: the SYN-ACK follows once connected
+        if state is State.SYN_SENT:
+            self._syn_ack_from_guest(seg, now)
+            return
+        if state is State.SYN_ACK_SENT:
+            if flags & SYN:
+                self._send(SYN | ACK, self.isn, options=self._syn_options(self.our_ws != 0))
+                return
+            if not flags & ACK or seg.ack != seq_add(self.isn, 1):
+                return
+            self.state = State.ESTABLISHED
+            self.flow.state = self.state.value
+            self.seq_ack_from_guest = seg.ack
+            self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+        elif state is not State.ESTABLISHED:
+            return
+        elif flags & SYN:
+            self.send_ack()  # RFC 9293 §3.10.7.4: a SYN in a synchronized state
+            return
+        self.last_progress = now
+        if flags & ACK:
+            self._ack_from_guest(seg, now)
+            if self.state is State.CLOSED:
+                return
+        if seg.payload or flags & FIN:
+            self._data_from_guest(seg, now)
+        if self.state is State.ESTABLISHED:
+            self.push(now)
+            self._maybe_finish(now)
+
+    def _syn_ack_from_guest(self, seg: TcpSegment, now: float) -> None:
+        if seg.flags & (SYN | ACK) != SYN | ACK or seg.ack != seq_add(self.isn, 1):
+            return
+        opts = seg.options
+        self.seq_init_from_guest = seg.seq
+        self.seq_from_guest = seq_add(seg.seq, 1)
+        if opts.wscale is not None:
+            self.guest_ws = opts.wscale
+        else:
+            self.our_ws = 0  # RFC 7323 §2.2: scaling only if both SYNs carry it
+        self.guest_mss = opts.mss if opts.mss else 536
+        self.guest_wnd = seg.window  # never scaled in a SYN (RFC 7323 §2.2)
+        self.seq_ack_from_guest = seg.ack
+        self.state = State.ESTABLISHED
+        self.flow.state = self.state.value
+        self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+        self.send_ack()
+        self.push(now)
+        self._poke()
+
+    def _ack_from_guest(self, seg: TcpSegment, now: float) -> None:
+        acked = seq_diff(seg.ack, self.seq_ack_from_guest)
+        new_wnd = seg.window << self.guest_ws
+        if acked > 0 and acked <= self.flight:
+            data = min(acked, self.data_flight)
+            if data:
+                try:
+                    self.sock.recv(data, socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+                except OSError as exc:
+                    self._socket_error(exc, now)
+                    return
+            fin_acked = acked - data
+            self.seq_ack_from_guest = seg.ack
+            if fin_acked:
+                self.flags |= Flags.FIN_TO_GUEST_ACKED
+            self.dupacks = 0
+            self.retries = 0
+            self.rto = RTO_INITIAL
+            self._starved = False
+            self.timer = now + self.rto if self.flight else float("inf")
+            self.prepare_wait()
+        elif (
+            acked == 0
+            and self.flight
+            and not seg.payload
+            and not seg.flags & (SYN | FIN)
+            and new_wnd == self.guest_wnd
+        ):
+            self.dupacks += 1
+            if self.dupacks == DUPACK_THRESHOLD:
+                self._rewind()
+        opened = new_wnd > self.guest_wnd
+        self.guest_wnd = new_wnd
+        if opened or acked > 0:
+            self._poke()
+
+    def _data_from_guest(self, seg: TcpSegment, now: float) -> None:
+        payload = seg.payload
+        off = seq_diff(self.seq_from_guest, seg.seq)
+        if off < 0:
+            self.send_ack()  # a gap: the guest will fill it (out of order)
+            return
+        short = False
+        if off < len(payload) and Flags.FIN_FROM_GUEST not in self.flags:
+            data = payload[off:]
+            try:
+                n = self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._socket_error(exc, now)
+                return
+            if n:
+                self.seq_from_guest = seq_add(self.seq_from_guest, n)
+                self.flow.from_guest(n, now)
+            short = n < len(data)
+        if (
+            seg.flags & FIN
+            and not short
+            and Flags.FIN_FROM_GUEST not in self.flags
+            and seq_add(seg.seq, len(payload)) == self.seq_from_guest
+        ):
+            self.flags |= Flags.FIN_FROM_GUEST
+            self.seq_from_guest = seq_add(self.seq_from_guest, 1)
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._socket_error(exc, now)
+                return
+        self.send_ack()
+        if short:
+            # Make the guest resend from seq_from_guest at once: two more
+            # identical ACKs make three duplicates (same window: a changed
+            # window would not count, RFC 5681 §2).
+            self._send(ACK, self.seq_to_guest)
+            self._send(ACK, self.seq_to_guest)
+            self.want_writable = True
+            self._poke()
+
+    def on_writable(self, now: float) -> None:
+        """Send buffer space freed up: tell the guest its new window."""
+        self.want_writable = False
+        if self.state is State.ESTABLISHED:
+            before = self.wnd_to_guest
+            self._update_window()
+            if self.wnd_to_guest != before:
+                self._send(ACK, self.seq_to_guest)
+
+    def on_readable(self, now: float) -> None:
+        if self.state is not State.ESTABLISHED:
+            return
+        sent = self.push(now)
+        if not sent and self.data_flight and Flags.SOCK_EOF not in self.flags:
+            # Readable but nothing beyond the flight: the receive queue is
+            # full of unacknowledged bytes (tcp_epollin_ready reports
+            # readability when the receive window is nearly closed). Wait
+            # for the guest's ACK instead of spinning.
+            self._starved = True
+        self._maybe_finish(now)
+
+    def push(self, now: float) -> int:
+        """Send the guest what its window allows; returns payload bytes sent."""
+        if self.state is not State.ESTABLISHED or Flags.FIN_TO_GUEST in self.flags:
+            return 0
+        left = min(self.guest_wnd, self._rcvlowat_cap) - self.flight
+        buf, total = self._buf, 0
+        mss = max(1, min(self.guest_mss, self.link_mss))
+        while left > 0:
+            want = min(left, len(buf))
+            try:
+                n = self.sock.recv_into(buf, want, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._socket_error(exc, now)
+                return total
+            if n == 0:
+                self.flags |= Flags.SOCK_EOF
+                break
+            for off in range(0, n, mss):
+                end = min(off + mss, n)
+                flags = ACK | PSH if end == n else ACK
+                self._send(flags, seq_add(self.seq_to_guest, off), buf[off:end])
+            self.seq_to_guest = seq_add(self.seq_to_guest, n)
+            total += n
+            left -= n
+            if n < want:
+                break
+        if Flags.SOCK_EOF in self.flags and Flags.FIN_TO_GUEST not in self.flags:
+            self._send(FIN | ACK, self.seq_to_guest)
+            self.seq_to_guest = seq_add(self.seq_to_guest, 1)
+            self.flags |= Flags.FIN_TO_GUEST
+        if total:
+            self.flow.to_guest(total, now)
+            self.last_progress = now
+            self.prepare_wait()
+        if self.flight and self.timer == float("inf"):
+            self.timer = now + self.rto
+            self._poke()
+        elif not self.flight and self.guest_wnd == 0 and not total:
+            # Zero window with data waiting: probe it (RFC 9293 §3.8.6.1).
+            self.timer = min(self.timer, now + self.rto)
+            self._poke()
+        return total
+
+    def _rewind(self) -> None:
+        """Go back to the guest's last ACK: everything after it is resent."""
+        self.seq_to_guest = self.seq_ack_from_guest
+        self.flags &= ~Flags.FIN_TO_GUEST
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        self.dupacks = 0
+        self._starved = False
+        self.prepare_wait()
+
+    def on_timer(self, now: float) -> None:
+        state = self.state
+        if state is State.CONNECTING:
+            log.debug("connect to %s:%d timed out", self.ends.remote_addr, self.ends.remote_port)
+            self.abort(now, rst_guest=True, rst_peer=False)
+            return
+        if state is State.ESTABLISHED and now >= self.last_progress + IDLE_TIMEOUT:
+            log.info("%s: idle for %.0f s: reset", self.describe(), IDLE_TIMEOUT)
+            self.abort(now, rst_guest=True, rst_peer=True)
+            return
+        if now < self.timer:
+            self._poke()  # woken for a deadline that has since moved
+            return
+        if self.retries >= MAX_RETRIES:
+            log.info(
+                "%s: no answer from the guest after %d retransmissions: reset",
+                self.describe(),
+                self.retries,
+            )
+            self.abort(now, rst_guest=True, rst_peer=True)
+            return
+        self.retries += 1
+        self.rto = min(self.rto * 2, RTO_MAX)
+        self.timer = now + self.rto
+        if state is State.SYN_SENT:
+            self._send(SYN, self.isn, options=self._syn_options(True))
+        elif state is State.SYN_ACK_SENT:
+            self._send(SYN | ACK, self.isn, options=self._syn_options(self.our_ws != 0))
+        elif state is State.ESTABLISHED:
+            if self.flight:
+                self._rewind()
+                self.push(now)
+            elif self.guest_wnd == 0:
+                # Window probe: an old sequence number makes the guest ACK
+                # with its current window (RFC 9293 §3.8.6.1).
+                self._send(ACK, seq_add(self.seq_to_guest, -1))
+            else:
+                self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+        self._poke()
+
+    def _maybe_finish(self, now: float) -> None:
+        """Both FINs exchanged and ours acknowledged: close the socket."""
+        done = Flags.FIN_FROM_GUEST | Flags.FIN_TO_GUEST_ACKED
+        if self.flags & done == done:
+            self.close(now, abort=False)
+
+    def _socket_error(self, exc: OSError, now: float) -> None:
+        if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT):
+            log.info("%s: socket error %s: reset", self.describe(), exc)
+        self.abort(now, rst_guest=True, rst_peer=False)
+
+    def abort(self, now: float, *, rst_guest: bool, rst_peer: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        if rst_guest and self.state is not State.SYN_SENT:
+            if self.state is State.CONNECTING:
+                self._send(RST | ACK, 0)
+            else:
+                self._send(RST | ACK, self.seq_to_guest)
+        elif rst_guest:
+            self._send(RST, self.seq_to_guest)
+        self.close(now, abort=rst_peer)
+
+    def close(self, now: float, *, abort: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.flow.state = self.state.value
+        if abort:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        self.timer = float("-inf")
+        self._poke()
+        self._on_closed(self)
+
+    def describe(self) -> str:
+        e = self.ends
+        return f"tcp {e.guest_addr}:{e.guest_port} -> {e.remote_addr}:{e.remote_port}"
+
+
+_NO_OPTIONS = TcpOptions()
