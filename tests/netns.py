@@ -367,3 +367,86 @@ def build_topology() -> Iterator[Topology]:
         peer.add_route("default", topo.host_v4)
         peer.add_route("default", topo.host_v6)
         yield topo
+
+
+@dataclass
+class TwoHostTopology:
+    """Two hosts with the same addresses and MAC, and a peer the fabric moves between them.
+
+    ::
+
+        host_a ns                         peer ns
+        up0 10.88.0.1/24 fd00:88::1/64 ── pa ─┐
+            MAC 02:88:00:00:00:01             br0 10.88.0.2/24 fd00:88::2/64
+        host_b ns                             │   (+ .3 / ::3)
+        up0 (same addresses, same MAC) ─── pb ┘  pb: down, not in br0 until switch
+
+    This is the real case of a migration: the target host carries the
+    source's address and MAC, so the peer's neighbour cache stays valid and
+    the peer never learns that anything moved. The peer's addresses live on
+    a bridge, so that moving the link does not take them away. Before
+    :meth:`switch_to_b` only host A is reachable (host B's up0 has no
+    carrier: binding and connecting there works, nothing reaches the wire);
+    after it only host B is: A's veth pair is deleted (so A's frozen
+    sockets can never answer the peer, not even with an RST) and B's
+    peer-side end joins the bridge.
+    """
+
+    host_a: Netns
+    host_b: Netns
+    peer: Netns
+    uplink: str = "up0"
+    bridge: str = "br0"
+    port_a: str = "pa"
+    port_b: str = "pb"
+    host_mac: str = "02:88:00:00:00:01"
+    host_v4: str = "10.88.0.1"
+    host_v6: str = "fd00:88::1"
+    prefix_v4: int = 24
+    prefix_v6: int = 64
+    peers_v4: tuple[str, ...] = ("10.88.0.2", "10.88.0.3")
+    peers_v6: tuple[str, ...] = ("fd00:88::2", "fd00:88::3")
+    switched: bool = False
+
+    @property
+    def namespaces(self) -> tuple[Netns, Netns, Netns]:
+        return (self.host_a, self.host_b, self.peer)
+
+    def switch_to_b(self) -> None:
+        """Move the fabric from host A to host B (two ``ip`` commands; safe to call once)."""
+        if self.switched:
+            raise NetnsError("the fabric was already switched to host B")
+        self.host_a.run(["ip", "link", "del", self.uplink])
+        self.peer.run(["ip", "link", "set", self.port_b, "master", self.bridge, "up"])
+        self.switched = True
+
+
+@contextlib.contextmanager
+def two_host_topology() -> Iterator[TwoHostTopology]:
+    """Create host A, host B and a peer wired as in :class:`TwoHostTopology`.
+
+    All three namespaces are removed on exit, also when setup fails halfway.
+    The bridge runs no STP, so a new port forwards at once.
+    """
+    with contextlib.ExitStack() as stack:
+        host_a = stack.enter_context(Netns("hosta"))
+        host_b = stack.enter_context(Netns("hostb"))
+        peer = stack.enter_context(Netns("peer"))
+        topo = TwoHostTopology(host_a=host_a, host_b=host_b, peer=peer)
+        peer.run(["ip", "link", "add", topo.bridge, "type", "bridge", "stp_state", "0"])
+        peer.link_up(topo.bridge)
+        for addr in topo.peers_v4:
+            peer.add_addr(topo.bridge, f"{addr}/{topo.prefix_v4}")
+        for addr in topo.peers_v6:
+            peer.add_addr(topo.bridge, f"{addr}/{topo.prefix_v6}")
+        for host, port in ((host_a, topo.port_a), (host_b, topo.port_b)):
+            ip(
+                "link", "add", topo.uplink, "netns", host.name, "address", topo.host_mac,
+                "mtu", "65520", "type", "veth",
+                "peer", "name", port, "netns", peer.name, "mtu", "65520",
+            )  # fmt: skip
+            host.add_addr(topo.uplink, f"{topo.host_v4}/{topo.prefix_v4}")
+            host.add_addr(topo.uplink, f"{topo.host_v6}/{topo.prefix_v6}")
+            host.link_up(topo.uplink)
+        peer.run(["ip", "link", "set", topo.port_a, "master", topo.bridge, "up"])
+        yield topo

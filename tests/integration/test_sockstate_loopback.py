@@ -28,9 +28,10 @@ from tests.integration.test_sockstate_support import (
     ENDLESS,
     Timing,
     Traffic,
-    cap_totals,
     close_all,
     connect_pairs,
+    extend_and_close,
+    fill_queues,
     freeze_and_dump,
     make_conns,
     queued,
@@ -142,21 +143,19 @@ def test_busy_connections(netns: Netns) -> None:
                 lambda: all(c.up.received > 100_000 and c.down.received > 100_000 for c in conns),
                 "traffic to flow",
             )
-            # A slow guest and a slow peer: queues fill up.
-            traffic.set(read_local=False, read_remote=False)
-            traffic.wait(lambda: sum(queued(c.local) for c in conns) > 8 << 20, "queues to fill")
+            fill_queues(traffic, conns, 256 << 10)
             # ferryd stops touching its sockets; the peer goes on writing. It reads again
             # only after the restore: a window update it sends in the gap between a
             # source's close and its replacement's connect would get an RST (same host).
             traffic.set(local_paused=True)
-            traffic.call(lambda: cap_totals(conns, 256 << 10))
+            traffic.call(lambda: extend_and_close(conns, 256 << 10))
             timing = Timing()
             sources = [c.local for c in conns]
             states = freeze_and_dump(sources, timing)
             restored = restore_all(states, timing, netns=netns.path, close_sources=sources)
             in_queues = sum(len(s.send_queue) + len(s.recv_queue) for s in states)
             print(timing.report(f"loopback busy, {in_queues / 1e6:.1f} MB in queues"))
-            assert in_queues > 8 << 20
+            assert in_queues > 1 << 20
             traffic.adopt(list(zip(restored, states, strict=True)))
             traffic.set(read_local=True, read_remote=True)
             traffic.wait(lambda: all(c.done for c in conns), "every stream to complete")

@@ -380,14 +380,41 @@ class Traffic:
         return progress
 
 
-def cap_totals(conns: Sequence[Conn], extra: int) -> None:
-    """End every stream ``extra`` bytes after what its sender has written so far.
+def fill_queues(traffic: Traffic, conns: Sequence[Conn], extra: int) -> None:
+    """A slow guest and a slow peer: both ends stop reading and each writes ``extra`` more.
 
-    Run it through Traffic.call (the thread must not be writing meanwhile).
+    Returns once every sender has written its share or its send buffer is
+    full; what was written is then in the local and remote queues (or on the
+    wire). The streams stay open.
     """
+
+    def cap() -> None:
+        traffic.read_local = traffic.read_remote = False
+        for conn in conns:
+            for direction in (conn.up, conn.down):
+                direction.total = direction.sent + extra
+                direction.close_after = False
+
+    def stalled(sock: socket.socket, direction: Direction) -> bool:
+        if direction.sent == direction.total:
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return not poller.poll(0)
+
+    traffic.call(cap)
+    traffic.wait(
+        lambda: all(stalled(c.local, c.up) and stalled(c.remote, c.down) for c in conns),
+        "every sender to write its share into the queues",
+    )
+
+
+def extend_and_close(conns: Sequence[Conn], extra: int) -> None:
+    """Let every stream go on for ``extra`` bytes, then end with a FIN (through Traffic.call)."""
     for conn in conns:
         for direction in (conn.up, conn.down):
-            direction.total = direction.sent + extra
+            direction.total += extra
+            direction.close_after = True
 
 
 #: A total no stream reaches before cap_totals() ends it.
@@ -427,12 +454,24 @@ class Timing:
         return f"[sockstate] {label}, {self.count} connections: " + "; ".join(parts)
 
 
-def freeze_and_dump(socks: Sequence[socket.socket], timing: Timing) -> list[TcpSocketState]:
-    """Source side: freeze intake, repair ON (direct), dump each. Sockets stay open."""
+def freeze_and_dump(
+    socks: Sequence[socket.socket],
+    timing: Timing,
+    *,
+    after_freeze: Callable[[], None] | None = None,
+) -> list[TcpSocketState]:
+    """Source side: freeze intake, repair ON (direct), dump each. Sockets stay open.
+
+    ``after_freeze`` runs once every socket is frozen (not timed).
+    """
     timing.count = len(socks)
     start = time.perf_counter()
     for sock in socks:
         freeze_intake(sock)
+    if after_freeze is not None:
+        elapsed = time.perf_counter() - start
+        after_freeze()
+        start = time.perf_counter() - elapsed
     set_repair_direct(socks, RepairMode.ON)
     timing.add("freeze+repair on", time.perf_counter() - start)
     start = time.perf_counter()
