@@ -187,14 +187,18 @@ def test_half_closed_connections_move_between_hosts(hosts: TwoHostTopology) -> N
         # The closes complete: the peer's sockets are closed (TIME_WAIT) on both sides'
         # FINs. A restored socket that had received the peer's FIN never learns of it
         # again, so it waits in FIN_WAIT2 (see sockstate's docstring).
-        for conn, state in zip(conns, states, strict=True):
-            expected = TcpState.FIN_WAIT2 if state.fin_received else TcpState.CLOSE
-            wait_for(
-                lambda conn=conn, expected=expected: (
+        for conn, dumped in zip(conns, states, strict=True):
+            expected = TcpState.FIN_WAIT2 if dumped.fin_received else TcpState.CLOSE
+
+            def closed(conn: Conn = conn, expected: int = expected) -> bool:
+                return (
                     tcp_state(conn.remote) == TcpState.CLOSE and tcp_state(conn.local) == expected
-                ),
+                )
+
+            wait_for(
+                closed,
                 timeout=30,
-                what=f"the close of a connection restored in {state.state_name} to complete",
+                what=f"the close of a connection restored in {dumped.state_name} to complete",
             )
     finally:
         close_all(sources + restored + [remote for _, remote in pairs])

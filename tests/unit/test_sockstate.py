@@ -1,0 +1,229 @@
+"""sockstate's pure parts: struct layouts, option and window encodings, FIN arithmetic.
+
+The kernel structs are built by hand here from their C definitions
+(include/uapi/linux/tcp.h), so a wrong offset in the module shows up as a
+wrong field, not as a silently shifted one. Two checks use a real loopback
+connection, which needs no privilege (TCP_INFO, SO_ATTACH_FILTER).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.migration import sockstate
+from daemon.migration.sockstate import (
+    SocketStateError,
+    TcpSocketState,
+    TcpState,
+    parse_tcp_info,
+    repair_options,
+    repair_window,
+)
+
+BASE = TcpSocketState(
+    family=4,
+    local_addr="10.0.0.1",
+    local_port=40000,
+    remote_addr="10.0.0.2",
+    remote_port=80,
+    tcp_state=TcpState.ESTABLISHED,
+    mss=1460,
+    snd_wscale=7,
+    rcv_wscale=9,
+    options=sockstate.OPT_TIMESTAMPS | sockstate.OPT_SACK | sockstate.OPT_WSCALE,
+    timestamp=123456,
+    snd_wl1=1000,
+    snd_wnd=65535,
+    max_window=65535,
+    rcv_wnd=64000,
+    rcv_wup=5000,
+    send_seq=2000,
+    recv_seq=5000,
+    send_queue=b"abcdef",
+    unsent=2,
+    recv_queue=b"xyz",
+)
+
+
+def test_tcp_info_head_layout() -> None:
+    """Byte 0 state, byte 5 options, byte 6 wscales (snd low nibble), then u32s from byte 8."""
+    u32s = list(range(100, 124))  # rto, ato, snd_mss, rcv_mss, ...
+    raw = bytes([TcpState.CLOSE_WAIT, 0, 0, 0, 0, 7, 0x9E, 0]) + struct.pack("=24I", *u32s)
+    assert sockstate.TCP_INFO_HEAD.size == 104
+    info = parse_tcp_info(raw + b"\xff" * 100)  # longer structs from newer kernels
+    assert info.state == TcpState.CLOSE_WAIT
+    assert info.options == 7
+    assert (info.snd_wscale, info.rcv_wscale) == (0xE, 0x9)
+    assert (info.snd_mss, info.rcv_mss) == (102, 103)
+
+
+@pytest.fixture
+def loopback() -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            yield client, server
+
+
+def test_tcp_info_of_a_real_socket(loopback: tuple[socket.socket, socket.socket]) -> None:
+    client, _ = loopback
+    info = parse_tcp_info(
+        client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, sockstate.TCP_INFO_HEAD.size)
+    )
+    assert info.state == TcpState.ESTABLISHED
+    assert info.options & sockstate.OPT_SACK  # Linux negotiates SACK, TS, WSCALE by default
+    assert info.snd_mss == client.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+
+
+def test_drop_all_filter_is_one_bpf_ret_0() -> None:
+    insn = bytes(sockstate._DROP_ALL_INSN)
+    assert insn == struct.pack("=HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, k = 0
+    count, address = struct.unpack("@HP", sockstate._DROP_ALL_FPROG)  # struct sock_fprog
+    assert count == 1
+    assert address == ctypes.addressof(sockstate._DROP_ALL_INSN)
+
+
+def test_freeze_and_thaw_need_no_privilege(loopback: tuple[socket.socket, socket.socket]) -> None:
+    client, server = loopback
+    sockstate.freeze_intake(server)
+    sockstate.thaw_intake(server)
+    sockstate.thaw_intake(server)
+    client.sendall(b"after thaw")
+    server.settimeout(10)
+    assert server.recv(100) == b"after thaw"
+
+
+def test_repair_options_in_the_checked_order() -> None:
+    pairs = list(struct.iter_unpack("=II", repair_options(BASE)))
+    assert pairs == [(2, 1460), (3, 7 | 9 << 16), (4, 0), (8, 0)]
+
+
+def test_repair_options_only_those_negotiated() -> None:
+    state = dataclasses.replace(BASE, options=sockstate.OPT_SACK)
+    assert list(struct.iter_unpack("=II", repair_options(state))) == [(2, 1460), (4, 0)]
+
+
+def test_repair_window_plain_and_after_peer_fin() -> None:
+    assert struct.unpack("=5I", repair_window(BASE)) == (1000, 65535, 65535, 64000, 5000)
+    closing = dataclasses.replace(BASE, tcp_state=TcpState.CLOSE_WAIT)
+    # rcv_nxt is restored before the FIN: rcv_wup one less, same right edge.
+    assert struct.unpack("=5I", repair_window(closing)) == (1000, 65535, 65535, 64001, 4999)
+    wrapped = dataclasses.replace(closing, rcv_wup=0)
+    assert struct.unpack("=5I", repair_window(wrapped))[4] == 0xFFFFFFFF
+
+
+@pytest.mark.parametrize(
+    ("state", "fin_sent", "fin_acked", "fin_received"),
+    [
+        (TcpState.ESTABLISHED, False, False, False),
+        (TcpState.FIN_WAIT1, True, False, False),
+        (TcpState.FIN_WAIT2, True, True, False),
+        (TcpState.CLOSE_WAIT, False, False, True),
+        (TcpState.LAST_ACK, True, False, True),
+        (TcpState.CLOSING, True, False, True),
+    ],
+)
+def test_fin_flags_follow_the_state(
+    state: int, fin_sent: bool, fin_acked: bool, fin_received: bool
+) -> None:
+    s = dataclasses.replace(BASE, tcp_state=state, send_queue=b"" if fin_acked else b"abc")
+    assert (s.fin_sent, s.fin_acked, s.fin_received) == (fin_sent, fin_acked, fin_received)
+
+
+def test_queue_starts_exclude_the_fins() -> None:
+    assert (BASE.send_start, BASE.recv_start) == (2000 - 6, 5000 - 3)
+    s = dataclasses.replace(BASE, tcp_state=TcpState.LAST_ACK)
+    assert (s.send_start, s.recv_start) == (2000 - 6 - 1, 5000 - 3 - 1)
+
+
+@given(
+    seq=st.integers(0, 0xFFFFFFFF),
+    queue=st.binary(max_size=64),
+    state=st.sampled_from(sorted(sockstate.SUPPORTED_STATES)),
+)
+def test_queue_starts_wrap_around(seq: int, queue: bytes, state: int) -> None:
+    s = dataclasses.replace(
+        BASE,
+        tcp_state=state,
+        send_seq=seq,
+        recv_seq=seq,
+        send_queue=b"" if state == TcpState.FIN_WAIT2 else queue,
+        unsent=0,
+        recv_queue=queue,
+    )
+    assert 0 <= s.send_start <= 0xFFFFFFFF
+    assert (s.send_start + len(s.send_queue) + s.fin_sent) % (1 << 32) == seq
+    assert (s.recv_start + len(s.recv_queue) + s.fin_received) % (1 << 32) == seq
+    s.check()
+
+
+@given(st.integers(0, 0xFFFFFFFF))
+def test_signed_round_trips_through_a_c_int(value: int) -> None:
+    signed = sockstate._signed(value)
+    assert -(1 << 31) <= signed < 1 << 31
+    assert struct.unpack("=I", struct.pack("=i", signed))[0] == value
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"family": 5}, "family 5"),
+        ({"tcp_state": TcpState.LISTEN}, "unsupported TCP state LISTEN"),
+        ({"tcp_state": TcpState.TIME_WAIT}, "unsupported TCP state TIME_WAIT"),
+        ({"unsent": 7}, "unsent 7 of a 6-byte send queue"),
+        ({"snd_wscale": 15}, "window scales"),
+        ({"tcp_state": TcpState.FIN_WAIT2}, "FIN_WAIT2 with data"),
+        ({"local_port": 0}, "local_port 0"),
+        ({"rcv_wnd": 1 << 32}, "rcv_wnd"),
+        ({"remote_addr": "fd00::1"}, "not IPv4"),
+        ({"local_addr": "nonsense"}, "does not appear to be an IPv4 or IPv6 address"),
+    ],
+)
+def test_check_refuses_what_cannot_be_restored(change: dict[str, object], complaint: str) -> None:
+    state = dataclasses.replace(BASE, **change)  # type: ignore[arg-type]
+    with pytest.raises(SocketStateError, match="check state") as caught:
+        state.check()
+    assert complaint in str(caught.value)
+    assert str(caught.value).startswith(f"TCP {state.local_addr}:{state.local_port} -> ")
+
+
+def test_errors_name_the_four_tuple_and_the_step() -> None:
+    v6 = dataclasses.replace(BASE, family=6, local_addr="fd00::1", remote_addr="fd00::2")
+    error = SocketStateError(v6.describe(), "restore: connect", "Connection refused")
+    assert str(error) == "TCP [fd00::1]:40000 -> [fd00::2]:80: restore: connect: Connection refused"
+
+
+def test_state_field_names_are_the_agreed_ones() -> None:
+    """The protobuf schema mirrors these names; renaming one breaks the migration stream."""
+    assert [f.name for f in dataclasses.fields(TcpSocketState)] == [
+        "family",
+        "local_addr",
+        "local_port",
+        "remote_addr",
+        "remote_port",
+        "tcp_state",
+        "mss",
+        "snd_wscale",
+        "rcv_wscale",
+        "options",
+        "timestamp",
+        "snd_wl1",
+        "snd_wnd",
+        "max_window",
+        "rcv_wnd",
+        "rcv_wup",
+        "send_seq",
+        "recv_seq",
+        "send_queue",
+        "unsent",
+        "recv_queue",
+    ]
