@@ -67,8 +67,13 @@ restore_in_repair() does, in this order (each step's reason is the kernel's):
    len(recv queue), less one for a FIN (ours is queued again by shutdown();
    the peer's is not re-created, see below). Setting the END values would
    make the socket acknowledge bytes the peer never sent;
-2. TCP_TIMESTAMP (sets tsoffset), bind(), connect(): in repair mode
-   tcp_connect() calls tcp_finish_connect() at once, no SYN, ESTABLISHED;
+2. TCP_TIMESTAMP (sets tsoffset), TCP_MAXSEG, bind(), connect(): in repair
+   mode tcp_connect() calls tcp_finish_connect() at once, no SYN,
+   ESTABLISHED. tcp_init_buffer_space() sizes the initial send buffer there
+   from the MSS of the moment (tcp_sndbuf_expand(): about 2 x 10 segments),
+   which without a hint is the 536-byte default: ~69 KB (checked). So
+   TCP_MAXSEG = min(mss, 32767) first (~2 MB, checked), cleared to 0 again
+   after step 3;
 3. TCP_REPAIR_OPTIONS: MSS, WINDOW (snd | rcv << 16), SACK_PERM, TIMESTAMP,
    as tcpi_options says. The kernel takes them only in ESTABLISHED before any
    byte went on the wire (``!tp->bytes_sent``, since Linux 6.1);
@@ -77,7 +82,14 @@ restore_in_repair() does, in this order (each step's reason is the kernel's):
    with the send queue selected marks it as sent without transmitting; the
    retransmit timer and the window probe at repair OFF bring it to the peer).
    Written in chunks, halving a chunk on ENOMEM. The unsent tail is NOT
-   written in repair mode (a blocking send of it there never returns);
+   written in repair mode (a blocking send of it there never returns).
+   The sent part must go in whole: snd_nxt has to reach the source's, or the
+   peer's ACKs (up to the source's snd_nxt) are "ACKs of unsent data" that
+   tcp_ack() discards with their segment, and nothing would ever free the
+   send buffer. If the send buffer is full before it is all in (EAGAIN; no
+   ACK can free space in repair mode) it is raised once with SO_SNDBUF,
+   which also ends send-buffer autotuning for that socket (SOCK_SNDBUF_LOCK)
+   and is capped by net.core.wmem_max; beyond that the restore fails;
 5. FIN_WAIT2 (our FIN sent and acked): shutdown(SHUT_WR) with the send queue
    selected queues the FIN and marks it sent, without transmitting;
 6. TCP_REPAIR_WINDOW last (tcp_repair_set_window() refuses rcv_wup after

@@ -9,6 +9,7 @@ running while the local ends move.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterator
 
@@ -21,9 +22,12 @@ from daemon.migration.sockstate import (
     close_silently,
     dump_tcp,
     freeze_intake,
+    new_socket_for,
+    restore_in_repair,
     set_repair_direct,
     thaw_intake,
 )
+from daemon.netns import run_in_netns
 from tests.integration.test_sockstate_support import (
     ENDLESS,
     Timing,
@@ -161,3 +165,31 @@ def test_busy_connections(netns: Netns) -> None:
             traffic.wait(lambda: all(c.done for c in conns), "every stream to complete")
     finally:
         close_all(restored + [c.remote for c in conns])
+
+
+@pytest.mark.parametrize("sent_mb", [3, 64])
+def test_a_sent_part_larger_than_the_send_buffer(netns: Netns, sent_mb: int) -> None:
+    """3 MB of sent-but-unacked data outgrow the initial send buffer: it is raised once.
+
+    64 MB do not fit even then (net.core.wmem_max): the restore fails, naming the step.
+    The state is a real dump with a made-up send queue, restored under a
+    connection whose source is already gone, and then dropped silently.
+    """
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    timing = Timing()
+    [real] = freeze_and_dump([client], timing)
+    queue = bytes(sent_mb << 20)
+    state = dataclasses.replace(
+        real, send_queue=queue, unsent=0, send_seq=(real.send_seq + len(queue)) & 0xFFFFFFFF
+    )
+    close_silently(client)
+    [new] = run_in_netns(netns.path, lambda: [new_socket_for(state)])
+    with server, new:
+        set_repair_direct([new], RepairMode.ON)
+        if sent_mb == 3:
+            restore_in_repair(new, state)
+            assert new.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 3 << 20
+        else:
+            with pytest.raises(SocketStateError, match=r"restore: send queue contents: .*wmem_max"):
+                restore_in_repair(new, state)
+        close_silently(new)
