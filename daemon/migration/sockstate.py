@@ -141,6 +141,7 @@ from repair_helper.protocol import RepairCommand as RepairMode
 
 __all__ = [
     "SUPPORTED_STATES",
+    "Closable",
     "HasFileno",
     "RepairMode",
     "SocketStateError",
@@ -527,14 +528,21 @@ def set_repair_direct(socks: Sequence[int | HasFileno], mode: RepairMode) -> Non
             wrapper.detach()
 
 
-def close_silently(sock: socket.socket) -> None:
+class Closable(HasFileno, Protocol):
+    """A socket that can be closed: stdlib or trio."""
+
+    def close(self) -> None: ...
+
+
+def close_silently(sock: Closable) -> None:
     """Close a socket in repair mode: tcp_disconnect() sends neither FIN nor RST.
 
     Raises SocketStateError, leaving the socket open, if it is not in repair
     mode (closing it would then send a FIN, or an RST if data is unread).
     """
     try:
-        repair = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
+        with _borrow(sock) as stdlib_sock:
+            repair = stdlib_sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
     except OSError as exc:
         raise SocketStateError(
             _where(sock), "close silently (TCP_REPAIR?)", exc.strerror or str(exc)
@@ -549,8 +557,16 @@ def close_silently(sock: socket.socket) -> None:
 # -- dump
 
 
-def dump_tcp(sock: socket.socket) -> TcpSocketState:
-    """Read a frozen socket in repair mode; see the module docstring. The socket is unchanged."""
+def dump_tcp(sock: HasFileno) -> TcpSocketState:
+    """Read a frozen socket in repair mode; see the module docstring. The socket is unchanged.
+
+    ``sock`` may be a stdlib or a trio socket.
+    """
+    with _borrow(sock) as stdlib_sock:
+        return _dump(stdlib_sock)
+
+
+def _dump(sock: socket.socket) -> TcpSocketState:
     step = "start"
     try:
         step = "getsockname/getpeername"
@@ -758,15 +774,21 @@ def _write_queue(sock: socket.socket, data: memoryview, *, grow_sndbuf: bool = F
         data = data[n:]
 
 
-def finish_restore(sock: socket.socket, state: TcpSocketState, *, sent: int = 0) -> int:
+def finish_restore(sock: HasFileno, state: TcpSocketState, *, sent: int = 0) -> int:
     """After repair OFF: send the unsent tail, then our FIN if it had not been acknowledged.
 
     Sends without blocking and returns how much of the unsent tail
     (``state.unsent`` bytes) has now gone in total. When that is less than
     ``state.unsent`` the socket's send buffer is full: call again with
     ``sent=`` the returned value once it is writable. The FIN (FIN_WAIT1,
-    CLOSING, LAST_ACK) is queued right after the last byte.
+    CLOSING, LAST_ACK) is queued right after the last byte. ``sock`` may be
+    a stdlib or a trio socket.
     """
+    with _borrow(sock) as stdlib_sock:
+        return _finish(stdlib_sock, state, sent)
+
+
+def _finish(sock: socket.socket, state: TcpSocketState, sent: int) -> int:
     tail = memoryview(state.send_queue)[len(state.send_queue) - state.unsent :]
     try:
         while sent < len(tail):

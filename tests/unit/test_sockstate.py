@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -227,3 +228,16 @@ def test_state_field_names_are_the_agreed_ones() -> None:
         "unsent",
         "recv_queue",
     ]
+
+
+async def test_trio_sockets_are_accepted(loopback: tuple[socket.socket, socket.socket]) -> None:
+    """ferryd's sockets are trio sockets: borrowed by descriptor, never closed by accident."""
+    client, server = loopback
+    trio_server = trio.socket.from_stdlib_socket(server.dup())
+    with trio_server:
+        sockstate.freeze_intake(trio_server)
+        sockstate.thaw_intake(trio_server)
+        with pytest.raises(SocketStateError, match="not in repair mode"):
+            sockstate.close_silently(trio_server)
+        client.sendall(b"still open")
+        assert await trio_server.recv(100) == b"still open"
