@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from daemon.migration.sockstate import (
+    SO_PEEK_OFF,
     RepairMode,
     SocketStateError,
     TcpState,
@@ -193,3 +194,19 @@ def test_a_sent_part_larger_than_the_send_buffer(netns: Netns, sent_mb: int) -> 
             with pytest.raises(SocketStateError, match=r"restore: send queue contents: .*wmem_max"):
                 restore_in_repair(new, state)
         close_silently(new)
+
+
+def test_dump_reads_the_whole_receive_queue_whatever_so_peek_off(netns: Netns) -> None:
+    """ferryd peeks with SO_PEEK_OFF; the dump still starts at copied_seq and puts it back."""
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    with server:
+        server.sendall(b"0123456789")
+        client.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        client.settimeout(10)
+        wait_for(lambda: queued(client) == 10, what="the data to arrive")
+        assert client.recv(4, socket.MSG_PEEK) == b"0123"  # peek offset now 4
+        timing = Timing()
+        [state] = freeze_and_dump([client], timing)
+        assert state.recv_queue == b"0123456789"
+        assert client.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) == 4
+        close_silently(client)
