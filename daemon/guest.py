@@ -15,8 +15,23 @@ from daemon.wire.ip import IpAddress
 
 
 class GuestPort(Protocol):
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
-        """Send ``l4`` (an upper-layer message, checksummed) to the guest."""
+    def send_ip(
+        self,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: int,
+        l4: bytes,
+        payload: bytes | memoryview = b"",
+        csum_offset: int | None = None,
+    ) -> None:
+        """Send ``l4`` followed by ``payload`` to the guest.
+
+        Without ``csum_offset`` the message is complete and checksummed. With
+        it, the 16-bit field at that offset of ``l4`` holds only the
+        pseudo-header sum and is completed by the frontend or the guest's
+        kernel (checksum offload, see frontends/tap.py). ``payload`` is
+        written from where it is, without being copied into ``l4``.
+        """
         ...
 
     def guest_address(self, version: int) -> IpAddress | None:

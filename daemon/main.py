@@ -80,7 +80,7 @@ class Daemon:
         self.opts = opts
         self.link = link
         self.tap = tap
-        self.stack = Stack(link, tap.send, trio.current_time())
+        self.stack = Stack(link, tap, trio.current_time())
         self.ready = False
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,7 +128,9 @@ class Daemon:
 
     async def _frames(self) -> None:
         stack, clock = self.stack, trio.current_time
-        await self.tap.run(lambda frame: stack.receive_frame(frame, clock()))
+        await self.tap.run(
+            lambda frame, trusted: stack.receive_frame(frame, clock(), trusted), stack.flush
+        )
 
     async def _timers(self) -> None:
         next_expiry = trio.current_time() + EXPIRY_INTERVAL

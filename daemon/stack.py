@@ -21,7 +21,7 @@ addresses from what the guest sends (the configured ones until then).
 """
 
 import logging
-from collections.abc import Callable
+import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
@@ -33,6 +33,7 @@ from daemon.services.dhcp import answer_dhcp_untrusted
 from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
 from daemon.services.ndp import NdpResponder
 from daemon.wire.arp import parse_arp_untrusted
+from daemon.wire.checksum import fold, raw_sum
 from daemon.wire.errors import MalformedPacket
 from daemon.wire.ethernet import (
     BROADCAST,
@@ -82,6 +83,21 @@ class IcmpHandler(Protocol):
 class TcpHandler(Protocol):
     def from_guest(self, ip: IpPacket, seg: TcpSegment, now: float) -> None: ...
 
+    def flush(self) -> None: ...
+
+
+class Frontend(Protocol):
+    """What the stack needs of a frontend (tap, QEMU stream, vhost-user)."""
+
+    csum_offload: bool
+    """True if frames may leave the L4 checksum to the guest's kernel."""
+
+    def send(self, frame: bytes) -> None: ...
+
+    def send_partial(
+        self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
+    ) -> None: ...
+
 
 @dataclass
 class StackCounters:
@@ -94,9 +110,10 @@ class StackCounters:
 class Stack:
     """Dispatches guest frames; adds headers to what flows send back."""
 
-    def __init__(self, link: LinkConfig, send_frame: Callable[[bytes], None], now: float) -> None:
+    def __init__(self, link: LinkConfig, frontend: Frontend, now: float) -> None:
         self.link = link
-        self._send_frame = send_frame
+        self._frontend = frontend
+        self._send_frame = frontend.send
         self.guest_mac: bytes | None = None
         self._guest_addr: dict[int, IpAddress] = {}
         if link.ipv4 is not None:
@@ -108,23 +125,49 @@ class Stack:
         self.icmp: IcmpHandler | None = None
         self.tcp: TcpHandler | None = None
         self.counters = StackCounters()
+        self._trusted = False
 
     # --- GuestPort ------------------------------------------------------
 
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
-        hdr = ip_header(src, dst, proto, len(l4))
+    def send_ip(
+        self,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: int,
+        l4: bytes,
+        payload: bytes | memoryview = b"",
+        csum_offset: int | None = None,
+    ) -> None:
+        hdr = ip_header(src, dst, proto, len(l4) + len(payload))
         eth = ethernet_header(
             self.guest_mac or BROADCAST, self.link.mac, _ETHERTYPE_OF_VERSION[src.version]
         )
-        self._emit(eth + hdr + l4)
+        self.counters.frames_out += 1
+        if csum_offset is None:
+            self._send_frame(eth + hdr + l4 + payload)
+            return
+        if self._frontend.csum_offload:
+            start = len(eth) + len(hdr)
+            self._frontend.send_partial([eth + hdr + l4, payload], start, csum_offset)
+            return
+        # No offload: complete the checksum here. The field holds the folded
+        # pseudo-header sum, so summing the header as it is and the payload
+        # gives the full sum (RFC 1071 §2: sums of aligned parts add up).
+        head = bytearray(l4)
+        csum = ~fold(raw_sum(l4) + raw_sum(payload)) & 0xFFFF
+        struct.pack_into("!H", head, csum_offset, csum)
+        self._send_frame(eth + hdr + bytes(head) + payload)
 
     def guest_address(self, version: int) -> IpAddress | None:
         return self._guest_addr.get(version)
 
     # --- frames from the guest -------------------------------------------
 
-    def receive_frame(self, frame: memoryview, now: float) -> None:
+    def receive_frame(self, frame: memoryview, now: float, trusted: bool = False) -> None:
+        """Dispatch one frame; ``trusted``: its L4 checksum is not to be verified
+        (the guest's kernel left it to the device, see frontends/tap.py)."""
         self.counters.frames_in += 1
+        self._trusted = trusted
         try:
             self._dispatch_untrusted(frame, now)
         except MalformedPacket as exc:
@@ -155,7 +198,7 @@ class Stack:
             return
         proto = ip.proto
         if proto == IPPROTO_UDP:
-            udp = parse_udp_untrusted(ip)
+            udp = parse_udp_untrusted(ip, verify_checksum=not self._trusted)
             if ip.version == 4 and udp.dport == 67:
                 self._emit_opt(answer_dhcp_untrusted(self.link, eth, ip, udp))
                 return
@@ -183,7 +226,7 @@ class Stack:
                 self.icmp.from_guest(ip, icmp)
                 return
         elif proto == IPPROTO_TCP:
-            seg = parse_tcp_untrusted(ip)
+            seg = parse_tcp_untrusted(ip, verify_checksum=not self._trusted)
             if self._learn_source(ip) and not is_multicast(eth.dst):
                 if self.tcp is not None:
                     self.tcp.from_guest(ip, seg, now)
@@ -209,6 +252,11 @@ class Stack:
             return False
         self._guest_addr[ip.version] = src
         return True
+
+    def flush(self) -> None:
+        """The frontend has no more frames queued for now (end of a burst)."""
+        if self.tcp is not None:
+            self.tcp.flush()
 
     # --- timers ----------------------------------------------------------
 

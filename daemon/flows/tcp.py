@@ -117,6 +117,7 @@ class TcpFlows:
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._writers: set[TcpConn] = set()
+        self._ack_due: list[TcpConn] = []
         self.resets_sent = 0
 
     # --- from the guest ---------------------------------------------------
@@ -196,6 +197,7 @@ class TcpFlows:
             self._mss(version),
             self._peek,
             self._closed,
+            self._queue_ack,
             self._rcvlowat_cap,
         )
 
@@ -204,6 +206,17 @@ class TcpFlows:
         self.table.remove(
             FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port)
         )
+
+    def _queue_ack(self, conn: TcpConn) -> None:
+        self._ack_due.append(conn)
+
+    def flush(self) -> None:
+        """The frontend's queue ran dry: send the ACKs deferred meanwhile."""
+        due, self._ack_due = self._ack_due, []
+        for conn in due:
+            conn.flush_ack()
+            if conn.want_writable:
+                self._start_writer(conn)
 
     # --- per-connection task ----------------------------------------------
 

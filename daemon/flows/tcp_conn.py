@@ -65,7 +65,17 @@ from daemon.flows.table import Flow
 from daemon.flows.tcp_seq import seq_add, seq_diff
 from daemon.guest import GuestPort
 from daemon.wire.ip import IPPROTO_TCP, IpAddress
-from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment, build_tcp
+from daemon.wire.tcp import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    TCP_CSUM_OFFSET,
+    TcpOptions,
+    TcpSegment,
+    build_tcp_header_partial,
+)
 
 log = logging.getLogger("ferryd.tcp")
 
@@ -136,6 +146,7 @@ class TcpConn:
         link_mss: int,
         peek_buffer: memoryview,
         on_closed: Callable[[TcpConn], None],
+        on_ack_due: Callable[[TcpConn], None],
         rcvlowat_cap: int,
     ) -> None:
         self.ends = ends
@@ -147,6 +158,8 @@ class TcpConn:
         self.link_mss = link_mss
         self._buf = peek_buffer
         self._on_closed = on_closed
+        self._on_ack_due = on_ack_due
+        self.ack_due = False
         self._rcvlowat_cap = rcvlowat_cap
         self.flags = Flags(0)
         self.isn = secrets.randbits(32)
@@ -243,7 +256,7 @@ class TcpConn:
             window = min(self.wnd_to_guest >> self.our_ws, 0xFFFF)
         ack = self.seq_from_guest if flags & ACK else 0
         self.seq_ack_to_guest = ack
-        l4 = build_tcp(
+        hdr = build_tcp_header_partial(
             e.remote_addr,
             e.guest_addr,
             e.remote_port,
@@ -253,13 +266,19 @@ class TcpConn:
             flags,
             window,
             options if options is not None else _NO_OPTIONS,
-            payload,
+            len(payload),
         )
-        self.guest.send_ip(e.remote_addr, e.guest_addr, IPPROTO_TCP, l4)
+        self.guest.send_ip(e.remote_addr, e.guest_addr, IPPROTO_TCP, hdr, payload, TCP_CSUM_OFFSET)
 
     def send_ack(self) -> None:
         self._update_window()
         self._send(ACK, self.seq_to_guest)
+
+    def flush_ack(self) -> None:
+        """Send the ACK deferred by _data_from_guest, unless data carried it."""
+        self.ack_due = False
+        if self.state is State.ESTABLISHED and self.seq_ack_to_guest != self.seq_from_guest:
+            self.send_ack()
 
     def _syn_options(self, offer_wscale: bool) -> TcpOptions:
         return TcpOptions(mss=self.link_mss, wscale=OUR_WSCALE if offer_wscale else None)
@@ -448,6 +467,13 @@ class TcpConn:
             except OSError as exc:
                 self._socket_error(exc, now)
                 return
+        if not short:
+            # Acknowledged once the stack has handled the whole burst of
+            # frames the tap had queued: one ACK covers many segments.
+            if not self.ack_due:
+                self.ack_due = True
+                self._on_ack_due(self)
+            return
         self.send_ack()
         if short:
             # Make the guest resend from seq_from_guest at once: two more

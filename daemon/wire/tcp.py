@@ -11,7 +11,7 @@ but a length that runs past the header makes the segment malformed.
 import struct
 from dataclasses import dataclass
 
-from daemon.wire.checksum import checksum, pseudo_header_sum, raw_sum, verify
+from daemon.wire.checksum import checksum, fold, pseudo_header_sum, raw_sum, verify
 from daemon.wire.errors import MalformedPacket
 from daemon.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 
@@ -144,3 +144,45 @@ def build_tcp(
     initial = pseudo_header_sum(src, dst, IPPROTO_TCP, length) + raw_sum(payload)
     struct.pack_into("!H", hdr, 16, checksum(hdr, initial))
     return bytes(hdr) + payload
+
+
+#: Offset of the checksum field in the TCP header.
+TCP_CSUM_OFFSET = 16
+
+
+def build_tcp_header_partial(
+    src: IpAddress,
+    dst: IpAddress,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: TcpOptions,
+    payload_len: int,
+) -> bytes:
+    """A TCP header whose checksum field holds only the pseudo-header sum.
+
+    This is the CHECKSUM_PARTIAL convention: whoever delivers the segment
+    (a device with checksum offload, or :meth:`daemon.stack.Stack.send_ip`)
+    completes it over header and payload, so the payload is never summed
+    here.
+    """
+    opts = encode_options(options) if options is not NO_OPTIONS else b""
+    hlen = TCP_HLEN + len(opts)
+    partial = fold(pseudo_header_sum(src, dst, IPPROTO_TCP, hlen + payload_len))
+    return (
+        _TCP.pack(
+            sport,
+            dport,
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF,
+            (hlen // 4) << 4,
+            flags,
+            window,
+            partial,
+            0,
+        )
+        + opts
+    )

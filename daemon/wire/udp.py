@@ -23,7 +23,7 @@ class UdpDatagram:
     payload: memoryview
 
 
-def parse_udp_untrusted(packet: IpPacket) -> UdpDatagram:
+def parse_udp_untrusted(packet: IpPacket, verify_checksum: bool = True) -> UdpDatagram:
     data = packet.payload
     if len(data) < UDP_HLEN:
         raise MalformedPacket(f"UDP datagram of {len(data)} bytes is shorter than a header")
@@ -31,7 +31,9 @@ def parse_udp_untrusted(packet: IpPacket) -> UdpDatagram:
     if length < UDP_HLEN or length > len(data):
         raise MalformedPacket(f"UDP length {length} does not fit the {len(data)}-byte packet")
     data = data[:length]
-    if csum == 0:
+    if not verify_checksum:
+        pass
+    elif csum == 0:
         if packet.version == 6:
             raise MalformedPacket("UDP over IPv6 without a checksum")
     elif not verify(data, pseudo_header_sum(packet.src, packet.dst, IPPROTO_UDP, length)):

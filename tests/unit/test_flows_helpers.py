@@ -74,9 +74,19 @@ class FakeGuest:
         self.packets: list[IpPacket] = []
         self._changed = trio.Event()
 
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
+    def send_ip(
+        self,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: int,
+        l4: bytes,
+        payload: bytes | memoryview = b"",
+        csum_offset: int | None = None,
+    ) -> None:
+        # UDP and ICMP always send complete, checksummed messages.
+        assert csum_offset is None
         # Parse it back: proves the builders produced a valid packet.
-        self.packets.append(parse_ip(build_ip(src, dst, proto, l4)))
+        self.packets.append(parse_ip(build_ip(src, dst, proto, l4 + payload)))
         self._changed.set()
 
     def guest_address(self, version: int) -> IpAddress | None:
