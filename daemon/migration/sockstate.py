@@ -119,8 +119,28 @@ window and RTO), link-local IPv6 scope ids.
 close_silently(): in repair mode close() calls tcp_disconnect(), which sends
 neither FIN nor RST (it only sets ECONNABORTED on the socket).
 
+On one host (tests, same namespace) the target's connect() of a 4-tuple
+fails with EADDRNOTAVAIL while the source socket exists: close the source
+silently right before restore_in_repair() of its replacement. A peer segment
+arriving in that gap (a window update, a retransmission) is answered with an
+RST (checked: a peer reading during the restore lost connections), so keep
+the gap per socket tiny and the peer quiet if you can. Between two hosts
+there is no gap: the source keeps its frozen sockets until the fabric moved.
+
 Errors: everything raises :class:`SocketStateError`, whose message names the
 socket's 4-tuple and the failing step.
+
+API::
+
+    @dataclass(frozen=True, slots=True) class TcpSocketState   # fields: see the class
+        .fin_sent .fin_acked .fin_received .send_start .recv_start .describe() .check()
+    freeze_intake(sock) / thaw_intake(sock)                     # stdlib or trio sockets
+    set_repair_direct(socks, mode: RepairMode)                  # needs CAP_NET_ADMIN
+    dump_tcp(sock) -> TcpSocketState                            # frozen, repair ON
+    close_silently(sock)                                        # repair ON, else refused
+    new_socket_for(state) -> socket.socket                      # then repair ON
+    restore_in_repair(sock, state)                              # then repair OFF
+    finish_restore(sock, state, *, sent=0) -> int               # bytes of the tail sent
 """
 
 from __future__ import annotations
