@@ -210,3 +210,34 @@ def test_dump_reads_the_whole_receive_queue_whatever_so_peek_off(netns: Netns) -
         assert state.recv_queue == b"0123456789"
         assert client.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) == 4
         close_silently(client)
+
+
+def test_rollback_after_dump(netns: Netns) -> None:
+    """A failed migration: repair OFF and thaw, and the frozen connections just go on."""
+    pairs = _pairs(netns, 20)
+    conns = make_conns(pairs, ENDLESS)
+    try:
+        with Traffic(conns) as traffic:
+            traffic.wait(
+                lambda: all(c.up.received > 100_000 and c.down.received > 100_000 for c in conns),
+                "traffic to flow",
+            )
+            traffic.set(local_paused=True)
+            timing = Timing()
+            sources = [c.local for c in conns]
+            states = freeze_and_dump(sources, timing)
+            assert all(s.tcp_state == TcpState.ESTABLISHED for s in states)
+            set_repair_direct(sources, RepairMode.OFF)
+            for sock in sources:
+                thaw_intake(sock)
+
+            def end_soon() -> None:
+                for conn in conns:
+                    for direction in (conn.up, conn.down):
+                        direction.total = direction.sent + (256 << 10)
+
+            traffic.call(end_soon)
+            traffic.set(local_paused=False)
+            traffic.wait(lambda: all(c.done for c in conns), "every stream to complete")
+    finally:
+        close_all([s for pair in pairs for s in pair])
