@@ -1,7 +1,8 @@
 """ferryctl: the command-line client of ferryd's control socket.
 
 Each subcommand is one (or, for status --wait, a few) requests over the
-protocol described in :mod:`daemon.control`. Output is for humans by
+protocol described in :mod:`daemon.control`; ``migrate`` is a conversation
+with two daemons, described where it is implemented. Output is for humans by
 default and JSON where a script needs it. Exit status: 0 on success, 1 when
 the daemon is not running, refused the request or is not ready in time, 2
 for bad usage (argparse). Errors are one line on stderr, prefixed with
@@ -14,15 +15,28 @@ arguments and one running it, so a new subcommand is one entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from daemon.control import ControlClientError, DaemonNotRunning, request
+from daemon.control import (
+    MAX_RESPONSE,
+    ControlClientError,
+    ControlProtocolError,
+    ControlRequestFailed,
+    DaemonNotRunning,
+    encode_frame,
+    parse_length_untrusted,
+    parse_response_untrusted,
+    request,
+)
 
 #: Environment variable naming the control socket when --control is not given.
 CONTROL_ENV = "FERRY_CONTROL"
@@ -153,15 +167,332 @@ def _run_flows(args: argparse.Namespace, out: TextIO) -> None:
 
 
 # ---------------------------------------------------------------------------
-# migrate (not yet)
+# migrate
 #
-# `ferryctl migrate --to TARGET_CONTROL` goes here, as one more _COMMANDS
-# entry: create os.pipe(), send the read end to the target
-# (request(target, "migrate-receive", fds=[r])) and the write end to the
-# source (request(args.control, "migrate-send", fds=[w])), close both local
-# copies at once (so EOF reaches the target when the source finishes), then
-# wait for both answers and report the outcome of each side. The daemons'
-# handlers take the fds out of their fd list (see daemon.control).
+# The conversation, one request at a time (the daemons do the work; ferryctl
+# only carries the pipe and decides commit or abort):
+#
+#   status (both)           source must be "running", target "incoming"
+#   target migrate-in  [r]  the pipe's read end; the target restores in the
+#                           background and answers at once
+#   source migrate-out [w]  the write end; answers once the whole stream is
+#                           written (the source is then frozen)
+#   target migrate-wait     answers once every flow is restored (or failed)
+#   source migrate-commit   the source lets go of the guest, keeps its frozen
+#                           sockets until --linger ends
+#   target migrate-resume   the target takes over: the migration is done
+#
+# Any failure before the resume answered ends in migrate-abort: to the
+# target first (it lets go of the guest and waits for a stream again), then
+# to the source (it unfreezes and resumes with every connection intact;
+# still possible after commit). Aborts are best effort: their own failures
+# are reported, never hidden, but do not stop the other abort.
+
+#: Default bound on each request of a migration (a dump of thousands of
+#: connections with full queues legitimately takes seconds).
+MIGRATE_TIMEOUT = 60.0
+#: Pipe capacity asked for (F_SETPIPE_SZ): a larger pipe lets the source dump
+#: ahead of the target's restore. 1 MiB is the unprivileged maximum by default.
+_PIPE_SIZE = 1 << 20
+
+
+def _add_migrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        metavar="PATH",
+        default=None,
+        help="control socket of the running ferryd to migrate from (default: --control)",
+    )
+    parser.add_argument(
+        "--target",
+        metavar="PATH",
+        required=True,
+        help="control socket of the ferryd started with --incoming to migrate to",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=MIGRATE_TIMEOUT,
+        help=f"limit for each request of the migration (default {MIGRATE_TIMEOUT:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+@dataclass(frozen=True)
+class _Peers:
+    """The two daemons of one migration and the per-request limit."""
+
+    source: str
+    target: str
+    timeout: float
+
+    def ask(self, who: str, cmd: str, **args: Any) -> dict[str, Any]:
+        """One request to *who* ("source" or "target"); a failure names the side."""
+        try:
+            return request(self._path(who), cmd, timeout=self.timeout, **args)
+        except ControlClientError as exc:
+            raise _Failure(f"{who} {exc}") from None
+
+    def abort(self, who: str) -> str | None:
+        """Best-effort migrate-abort; a note saying why it failed, or None."""
+        try:
+            request(self._path(who), "migrate-abort", timeout=self.timeout)
+        except ControlClientError as exc:
+            return f"{who} migrate-abort also failed: {exc}"
+        return None
+
+    def _path(self, who: str) -> str:
+        return self.source if who == "source" else self.target
+
+
+def _run_migrate(args: argparse.Namespace, out: TextIO) -> None:
+    source: str | None = args.source or args.control
+    if not source:
+        raise _Failure("migrate: no source: pass --source PATH (or --control PATH)")
+    peers = _Peers(source, args.target, args.timeout)
+    if os.path.abspath(peers.source) == os.path.abspath(peers.target):
+        raise _Failure("migrate: source and target are the same control socket")
+    src_status = peers.ask("source", "status")
+    dst_status = peers.ask("target", "status")
+    _check_role("source", src_status, "running")
+    _check_role("target", dst_status, "incoming")
+    if dst_status.get("ready") is False:
+        raise _Failure(f"target at {peers.target} is not ready for a stream yet")
+    src_ns, dst_ns = src_status.get("host_netns"), dst_status.get("host_netns")
+    same_netns = src_ns is not None and src_ns == dst_ns
+
+    started = time.monotonic()
+    out_resp = _hand_over_pipe(peers, same_netns)
+    wait_resp = _wait_restored(peers)
+    try:
+        peers.ask("source", "migrate-commit")
+    except _Failure as exc:
+        raise _aborted(peers, f"{exc}") from None
+    try:
+        resume_resp = peers.ask("target", "migrate-resume")
+    except _Failure as exc:
+        raise _aborted(peers, f"{exc}") from None
+    summary = migration_summary(out_resp, wait_resp, resume_resp, time.monotonic() - started)
+    if args.json:
+        _print_json(summary, out)
+    else:
+        out.write(format_migration_summary(summary))
+
+
+def _check_role(who: str, status: dict[str, Any], wanted: str) -> None:
+    role = status.get("role")
+    if role == wanted:
+        return
+    if role is None:
+        raise _Failure(f"{who} ferryd does not report a role: it cannot migrate (too old?)")
+    hint = " (start it with ferryd --incoming)" if who == "target" else ""
+    raise _Failure(f'{who} ferryd is "{role}", expected "{wanted}"{hint}; nothing was changed')
+
+
+def _hand_over_pipe(peers: _Peers, same_netns: bool) -> dict[str, Any]:
+    """Give the target the read end and the source the write end; the source's answer.
+
+    Our copies are closed as soon as each request is sent: the target sees
+    the end of the stream when the source closes the last write end.
+    """
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            peers.ask("target", "migrate-in", fds=[rfd])
+        except _Failure as exc:
+            raise _Failure(f"migrate: {exc}; nothing was changed") from None
+        finally:
+            os.close(rfd)
+            rfd = -1
+        try:
+            fd, wfd = wfd, -1
+            return _request_handing_over(
+                peers.source, "migrate-out", fd, peers.timeout, same_netns=same_netns
+            )
+        except ControlRequestFailed as exc:
+            # The source refused or failed and has rolled back; the target
+            # fails on its own (the stream ended early), the abort resets it.
+            raise _aborted(peers, f"source {exc}", abort_source=False) from None
+        except ControlClientError as exc:
+            # No answer: the source may be frozen or half-way; ask it to roll back.
+            raise _aborted(peers, f"source {exc}") from None
+    finally:
+        for fd in (rfd, wfd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _wait_restored(peers: _Peers) -> dict[str, Any]:
+    try:
+        return peers.ask("target", "migrate-wait")
+    except _Failure as exc:
+        raise _aborted(peers, f"restore failed: {exc}") from None
+
+
+def _aborted(peers: _Peers, what: str, *, abort_source: bool = True) -> _Failure:
+    """Abort the target, then (unless told not to) the source; the failure to report.
+
+    The target's answer to the abort is not reported: after a failed
+    restore it has already cleaned up and may say there is nothing to abort.
+    The source's is: if its abort fails, its connections may still be frozen.
+    """
+    peers.abort("target")
+    if not abort_source:
+        return _Failure(f"migrate: {what}; the source rolled back and keeps running")
+    problem = peers.abort("source")
+    if problem:
+        return _Failure(
+            f"migrate: {what}; {problem}: the source may still be frozen, check its status"
+        )
+    return _Failure(f"migrate: {what}; migration aborted, the source resumed")
+
+
+def _request_handing_over(
+    path: str, cmd: str, fd: int, timeout: float, **args: Any
+) -> dict[str, Any]:
+    """Like :func:`daemon.control.request` with one descriptor, closing ours once it is sent.
+
+    The kernel holds the descriptor in flight from the moment sendmsg()
+    returns, so closing our copy right then leaves the daemon's as the only
+    one: when the source closes it, the target sees the end of the stream,
+    without waiting for our copy. (control.request keeps the caller's copy
+    until the answer, which for migrate-out comes only after the stream ends.)
+    Takes ownership of *fd* in every case.
+    """
+    try:
+        frame = encode_frame({"cmd": cmd, **args})
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise DaemonNotRunning(
+                    f"ferryd is not running (no one listens on {path})"
+                ) from None
+            except OSError as exc:
+                raise ControlClientError(
+                    f"cannot connect to control socket {path}: {exc}"
+                ) from None
+            try:
+                sent = socket.send_fds(sock, [frame], [fd])
+                os.close(fd)
+                fd = -1
+                sock.sendall(frame[sent:])
+                header = _recv_exact(sock, 4, deadline, cmd, path)
+                length = parse_length_untrusted(header, MAX_RESPONSE)
+                response = parse_response_untrusted(_recv_exact(sock, length, deadline, cmd, path))
+            except TimeoutError:
+                raise ControlClientError(
+                    f"{cmd}: no answer from ferryd at {path} within {timeout:g} s"
+                ) from None
+            except (BrokenPipeError, ConnectionResetError):
+                raise ControlClientError(
+                    f"{cmd}: ferryd at {path} closed the connection unanswered"
+                ) from None
+            except ControlProtocolError as exc:
+                raise ControlClientError(f"{cmd}: bad response from {path}: {exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if not response["ok"]:
+        raise ControlRequestFailed(cmd, response["error"])
+    return response
+
+
+def _recv_exact(sock: socket.socket, size: int, deadline: float, cmd: str, path: str) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        data = sock.recv(size - len(buf))
+        if not data:
+            raise ControlClientError(f"{cmd}: ferryd at {path} closed the connection unanswered")
+        buf += data
+    return bytes(buf)
+
+
+def migration_summary(
+    out_resp: dict[str, Any],
+    wait_resp: dict[str, Any],
+    resume_resp: dict[str, Any],
+    elapsed: float,
+) -> dict[str, Any]:
+    """The summary of a migration from the daemons' answers (public for tests and bench).
+
+    Downtime is the target's resume time minus the source's freeze time.
+    Both are CLOCK_MONOTONIC readings, comparable only on one machine (the
+    case of namespaces on one host, and of tests); ``downtime_ms`` is None
+    when a reading is missing or the difference is negative (two machines).
+    """
+    t_freeze, t_resumed = out_resp.get("t_freeze"), resume_resp.get("t_resumed")
+    downtime: float | None = None
+    if (
+        isinstance(t_freeze, (int, float))
+        and isinstance(t_resumed, (int, float))
+        and t_resumed >= t_freeze
+    ):
+        downtime = round((t_resumed - t_freeze) * 1000, 3)
+    target_timings = dict(_timings(wait_resp))
+    for key, value in _timings(resume_resp).items():
+        target_timings[key if key not in target_timings else f"resume_{key}"] = value
+    return {
+        "flows": out_resp.get("flows", {}),
+        "restored": wait_resp.get("restored", {}),
+        "stream_bytes": out_resp.get("stream_bytes"),
+        "downtime_ms": downtime,
+        "ferryctl_ms": round(elapsed * 1000, 3),
+        "source_timings_ms": _timings(out_resp),
+        "target_timings_ms": target_timings,
+    }
+
+
+def _timings(response: dict[str, Any]) -> dict[str, Any]:
+    timings = response.get("timings_ms")
+    return dict(timings) if isinstance(timings, dict) else {}
+
+
+_FLOW_KINDS = (("tcp", "TCP"), ("udp", "UDP"), ("icmp", "ICMP"), ("listeners", "listeners"))
+
+
+def _counts(counts: object) -> str:
+    if not isinstance(counts, dict):
+        return "?"
+    parts = [f"{counts.get(key, 0)} {label}" for key, label in _FLOW_KINDS]
+    parts += [f"{value} {key}" for key, value in counts.items() if key not in dict(_FLOW_KINDS)]
+    return ", ".join(parts)
+
+
+def _splits(timings: dict[str, Any]) -> str:
+    if not timings:
+        return "(none reported)"
+    return ", ".join(
+        f"{key} {value:.1f}" if isinstance(value, (int, float)) else f"{key} {value}"
+        for key, value in timings.items()
+    )
+
+
+def format_migration_summary(summary: dict[str, Any]) -> str:
+    """The human-readable summary: flows, bytes, downtime and each side's timing splits."""
+    downtime = summary["downtime_ms"]
+    stream_bytes = summary["stream_bytes"]
+    lines = [
+        f"migrated:   {_counts(summary['flows'])}",
+        f"restored:   {_counts(summary['restored'])}",
+        "stream:     "
+        + (f"{stream_bytes:,} bytes" if isinstance(stream_bytes, int) else "? bytes"),
+        "downtime:   "
+        + (f"{downtime:.1f} ms (freeze to resume)" if downtime is not None else "unknown")
+        + f"; ferryctl took {summary['ferryctl_ms']:.1f} ms",
+        f"source ms:  {_splits(summary['source_timings_ms'])}",
+        f"target ms:  {_splits(summary['target_timings_ms'])}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +516,16 @@ _COMMANDS: dict[
         _add_flows,
         _run_flows,
     ),
+    "migrate": (
+        "move the guest's network state (every connection) from a running ferryd "
+        "to one started with --incoming",
+        _add_migrate,
+        _run_migrate,
+    ),
 }
+
+#: Subcommands that name their daemons themselves (--control is optional for them).
+_OWN_SOCKETS = frozenset({"migrate"})
 
 
 def _request(path: str, cmd: str) -> dict[str, Any]:
@@ -224,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferryctl`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.control:
+    if not args.control and args.command not in _OWN_SOCKETS:
         parser.error(f"no control socket: pass --control PATH or set ${CONTROL_ENV}")
     _, _, run = _COMMANDS[args.command]
     try:
