@@ -28,6 +28,19 @@ Checks, in two steps:
    cost a third syscall per socket on every batch for the sake of a client
    bug.
 
+Freezing intake. A socket in repair mode still receives and ACKs what the
+peer sends (REFERENCE.md, checked): bytes that arrive after the dump would be
+acknowledged by the source and exist nowhere else. So with repair ON the
+helper first attaches a drop-all classic BPF socket filter (SO_ATTACH_FILTER,
+one instruction BPF_RET|BPF_K 0): segments are dropped before TCP sees them,
+nothing is ACKed, and the peer retransmits to whoever owns the connection
+next. With repair OFF it detaches the filter first (so the answer to the
+kernel's window probe gets in), then clears TCP_REPAIR. The rule is simple:
+a socket in repair mode hears nothing. Attaching a filter needs
+CAP_NET_ADMIN on these kernels (checked: it fails with EPERM for a process
+without capabilities, which ferryd is), so it belongs here. passt-repair
+does not do this; ferryd says so when it finds itself talking to it.
+
 Socket objects are only handles for setsockopt() and are detached, never
 trusted for anything else.
 """
@@ -35,13 +48,21 @@ trusted for anything else.
 from __future__ import annotations
 
 import _socket
+import ctypes
 import errno
 import os
 import socket
+import struct
 
 from repair_helper.protocol import TCP_REPAIR, Request, RequestRefused, close_fds
 
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+# struct sock_fprog {len = 1, filter = &{BPF_RET|BPF_K (0x06), 0, 0, k = 0}}:
+# the kernel copies the program during setsockopt(), the buffer lives on.
+_DROP_ALL_INSN = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
+DROP_ALL_FPROG = struct.pack("@HP", 1, ctypes.addressof(_DROP_ALL_INSN))
 _NOT_TCP_ERRNOS = (errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
@@ -60,13 +81,30 @@ def carry_out_untrusted(request: Request) -> None:
         value = int(request.command)
         for index, handle in enumerate(handles):
             try:
-                handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
+                if value == 1:
+                    handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, DROP_ALL_FPROG)
+                    try:
+                        handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
+                    except OSError:
+                        _detach_filter(handle)  # a refused socket is left as it was
+                        raise
+                else:
+                    _detach_filter(handle)
+                    handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
             except OSError as exc:
                 raise _kernel_refusal(exc, index, value) from None
     finally:
         for handle in handles:
             handle.detach()
         _close_batch(request.fds)
+
+
+def _detach_filter(handle: _socket.socket) -> None:
+    try:
+        handle.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: no filter attached
+            raise
 
 
 def _inet_handle_untrusted(fd: int, index: int) -> _socket.socket:
