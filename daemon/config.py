@@ -64,6 +64,10 @@ class Options:
     tcp_forwards: list[list[PortForward]] = field(default_factory=list)
     max_flows: int = 4096
     verbose: int = 0
+    incoming: bool = False
+    repair_socket: str | None = None
+    repair_listen: str | None = None
+    linger: float = 30.0
 
 
 def _mtu(text: str) -> int:
@@ -189,6 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4096,
         help="flows per protocol before new ones are refused (default 4096)",
+    )
+    m = p.add_argument_group("migration")
+    m.add_argument(
+        "--incoming",
+        action="store_true",
+        help="start as a migration target: attach to the guest's existing tap "
+        "(queue disabled), configure nothing, and wait for `ferryctl migrate` to "
+        "hand over a stream; addresses, flows and forwards come from the source",
+    )
+    m.add_argument(
+        "--repair-socket",
+        metavar="PATH",
+        help="ferry-repair's listening socket (TCP_REPAIR is toggled through it; "
+        "ferryd itself holds no capability). Needed to migrate TCP connections",
+    )
+    m.add_argument(
+        "--repair-listen",
+        metavar="PATH",
+        help="listen on PATH for a repair helper that connects (passt-repair style: "
+        "`passt-repair PATH`) instead of connecting to one",
+    )
+    m.add_argument(
+        "--linger",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after handing its guest over, keep the frozen sockets (dropping what "
+        "reaches them, so the source never resets a connection the target now owns) "
+        "this long, then exit 0 (default 30; SIGTERM ends it earlier)",
     )
     p.add_argument(
         "-v",

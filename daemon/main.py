@@ -17,6 +17,7 @@ what ``ferryctl status --wait`` polls for.
 """
 
 import logging
+import os
 import resource
 import signal
 import sys
@@ -74,57 +75,93 @@ def link_summary(link: LinkConfig) -> dict[str, Any]:
 
 
 class Daemon:
-    """Owns the frontend, the stack and the flow tables of one guest."""
+    """Owns the frontend, the stack and the flow tables of one guest.
+
+    Two nurseries: the outer one holds what lives as long as the process
+    (control socket, migration tasks); the data path's (tap reader, timers,
+    every flow's task) is cancelled when a migration freezes the guest and
+    started again on rollback, or on a target when it resumes.
+    """
 
     def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
         self.opts = opts
-        self.link = link
         self.tap = tap
-        self.stack = Stack(link, tap, trio.current_time())
+        self.build(link, trio.current_time())
         self.ready = False
+        self.role = "incoming" if opts.incoming else "running"
+        self.host_netns = os.stat("/proc/self/ns/net").st_ino
+        self.outer: trio.Nursery | None = None
+        self._data_scope: trio.CancelScope | None = None
+        self._data_done = trio.Event()
+        self._data_done.set()
+        self.repair_source: Any = None
+        self.migration: Any = None
+        """The migration in progress (daemon.migration.source/target), if any."""
+        self.exit_requested = trio.Event()
+
+    def build(self, link: LinkConfig, now: float) -> None:
+        """A stack and empty flow tables for ``link`` (no tasks yet)."""
+        self.link = link
+        self.stack = Stack(link, self.tap, now)
+        kw: dict[str, Any] = {"map_gateway": self.opts.map_gw, "limit": self.opts.max_flows}
+        self.udp = UdpFlows(self.stack, link, None, **kw)
+        self.icmp = IcmpFlows(self.stack, link, None, **kw)
+        self.tcp = TcpFlows(self.stack, link, None, **kw)
+        self.stack.udp, self.stack.icmp, self.stack.tcp = self.udp, self.icmp, self.tcp
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            udp = UdpFlows(
-                self.stack,
-                self.link,
-                nursery,
-                map_gateway=self.opts.map_gw,
-                limit=self.opts.max_flows,
-            )
-            icmp = IcmpFlows(
-                self.stack,
-                self.link,
-                nursery,
-                map_gateway=self.opts.map_gw,
-                limit=self.opts.max_flows,
-            )
-            tcp = TcpFlows(
-                self.stack,
-                self.link,
-                nursery,
-                map_gateway=self.opts.map_gw,
-                limit=self.opts.max_flows,
-            )
-            self.stack.udp, self.stack.icmp, self.stack.tcp = udp, icmp, tcp
-            self.udp, self.icmp, self.tcp = udp, icmp, tcp
-            for spec in self.opts.udp_forwards:
-                for fwd in spec:
-                    await udp.add_forward(fwd)
-            for spec in self.opts.tcp_forwards:
-                for fwd in spec:
-                    await tcp.add_forward(fwd)
+        from daemon.migration import control_handlers
+
+        async with trio.open_nursery() as outer:
+            self.outer = outer
+            if not self.opts.incoming:
+                for spec in self.opts.udp_forwards:
+                    for fwd in spec:
+                        await self.udp.add_forward(fwd)
+                for spec in self.opts.tcp_forwards:
+                    for fwd in spec:
+                        await self.tcp.add_forward(fwd)
             if self.opts.control:
                 control = ControlServer(self.opts.control)
                 control.register("status", self._status)
                 control.register("flows", self._flows)
-                await nursery.start(control.serve)
+                control_handlers.register(control, self)
+                await outer.start(control.serve)
+            await control_handlers.setup(self)
             drop_all_capabilities()
-            nursery.start_soon(self._frames)
-            nursery.start_soon(self._timers)
+            if not self.opts.incoming:
+                await self.start_data_path()
             self.ready = True
-            log.info("ready: %s", link_summary(self.link))
+            log.info("ready (%s): %s", self.role, link_summary(self.link))
             task_status.started()
+
+    # --- the data path ----------------------------------------------------
+
+    async def start_data_path(self) -> None:
+        assert self.outer is not None
+        self._data_scope = await self.outer.start(self._data_path)
+
+    async def stop_data_path(self) -> None:
+        """Freeze: no frame from the guest, no socket event is handled after this."""
+        if self._data_scope is not None:
+            self._data_scope.cancel()
+            self._data_scope = None
+        await self._data_done.wait()
+
+    async def _data_path(self, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        self._data_done = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    for flows in (self.tcp, self.udp, self.icmp):
+                        flows.attach(nursery)
+                    nursery.start_soon(self._frames)
+                    nursery.start_soon(self._timers)
+                    task_status.started(scope)
+        finally:
+            for flows in (self.tcp, self.udp, self.icmp):
+                flows.attach(None)
+            self._data_done.set()
 
     async def _frames(self) -> None:
         stack, clock = self.stack, trio.current_time
@@ -147,10 +184,14 @@ class Daemon:
                 deadline = min(deadline, ndp)
             await trio.sleep_until(deadline)
 
+    # --- control ----------------------------------------------------------
+
     async def _status(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         c = self.stack.counters
         return {
             "ready": self.ready,
+            "role": self.role,
+            "host_netns": self.host_netns,
             "frontend": {"kind": "tap", "name": self.opts.tap, "netns": self.opts.netns},
             "link": link_summary(self.link),
             "guest_mac": format_mac(self.stack.guest_mac) if self.stack.guest_mac else None,
@@ -179,13 +220,22 @@ async def serve(opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
+            nursery.start_soon(_exit_on_request, daemon, nursery.cancel_scope)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
-                # Reset every TCP connection both ways: a guest or a peer
-                # left waiting on a connection nobody serves would hang.
-                daemon.tcp.close()
+                if daemon.role in ("running", "restored"):
+                    # Reset every TCP connection both ways: a guest or a peer
+                    # left waiting on a connection nobody serves would hang.
+                    # (A migrated source's frozen sockets close silently.)
+                    daemon.tcp.close()
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _exit_on_request(daemon: Daemon, scope: trio.CancelScope) -> None:
+    """A migrated source exits once its linger time is over."""
+    await daemon.exit_requested.wait()
+    scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,7 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         link = make_link_config(opts)
         raise_file_limit()
-        tap = TapFrontend.open(netns_path(opts.netns), opts.tap, link, opts.config_net)
+        tap = TapFrontend.open(
+            netns_path(opts.netns),
+            opts.tap,
+            link,
+            opts.config_net and not opts.incoming,
+            incoming=opts.incoming,
+        )
     except (ConfigError, TapSetupError) as exc:
         print(f"ferryd: error: {exc}", file=sys.stderr)
         sys.exit(2)

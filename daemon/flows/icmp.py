@@ -89,7 +89,7 @@ class IcmpFlows:
         self,
         guest: GuestPort,
         link: LinkConfig,
-        nursery: trio.Nursery,
+        nursery: trio.Nursery | None,
         *,
         map_gateway: bool,
         idle_timeout: float = ICMP_IDLE_TIMEOUT,
@@ -185,8 +185,28 @@ class IcmpFlows:
         flow = self.table.add(
             key, handle, now, state="echo", host_addr=strip_scope(local[0]), host_port=local[1]
         )
-        self._nursery.start_soon(self._reader, flow, handle)
+        self._spawn(flow, handle)
         return flow
+
+    def _spawn(self, flow: Flow[_Echo], handle: _Echo) -> None:
+        if self._nursery is not None:
+            handle.scope = trio.CancelScope()
+            self._nursery.start_soon(self._reader, flow, handle)
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Run readers in ``nursery`` from now on (see UdpFlows.attach)."""
+        self._nursery = nursery
+        if nursery is not None:
+            for flow in self.table:
+                self._spawn(flow, flow.handle)
+
+    def restore(self, key: FlowKey, now: float) -> None:
+        """Recreate a migrated echo flow (a new ping socket, same guest id)."""
+        self._open(key, now)
+
+    def close_sockets_for_handover(self) -> None:
+        self.close()
+        self._closed = False
 
     async def _reader(self, flow: Flow[_Echo], handle: _Echo) -> None:
         with handle.scope:

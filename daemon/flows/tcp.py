@@ -102,7 +102,7 @@ class TcpFlows:
         self,
         guest: GuestPort,
         link: LinkConfig,
-        nursery: trio.Nursery,
+        nursery: trio.Nursery | None,
         *,
         map_gateway: bool,
         limit: int = 4096,
@@ -184,7 +184,7 @@ class TcpFlows:
             host_port=local[1],
         )
         conn.start_outbound(seg, now)
-        self._nursery.start_soon(self._run, conn)
+        self._spawn(conn)
 
     def _new_conn(
         self, ends: Endpoints, sock: socket.socket, state: State, version: int
@@ -247,12 +247,60 @@ class TcpFlows:
                 log.info("%s: %s: reset", conn.describe(), exc)
                 conn.abort(trio.current_time(), rst_guest=True, rst_peer=True)
 
+    def _spawn(self, conn: TcpConn) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run, conn)
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Run connection tasks in ``nursery`` from now on; None: stop spawning.
+
+        A migration cancels the data path's nursery (freeze) and attaches a
+        new one on rollback, or on the target at resume: every connection and
+        listener then gets its task again.
+        """
+        self._nursery = nursery
+        self._writers.clear()
+        if nursery is None:
+            return
+        for flow in self.table:
+            conn = flow.handle
+            conn.scope = conn.wakeup = None
+            nursery.start_soon(self._run, conn)
+            if conn.want_writable:
+                self._start_writer(conn)
+        for lst in self._listeners:
+            nursery.start_soon(self._accept_loop, lst)
+
+    def adopt(self, conn_ends: Endpoints, sock: socket.socket, version: int, now: float) -> TcpConn:
+        """A connection restored by a migration: in the table, no task yet."""
+        conn = self._new_conn(conn_ends, sock, State.ESTABLISHED, version)
+        e = conn_ends
+        local = sock.getsockname()
+        conn.flow = self.table.add(
+            FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port),
+            conn,
+            now,
+            state=State.ESTABLISHED.value,
+            host_addr=strip_scope(local[0]),
+            host_port=local[1],
+        )
+        return conn
+
+    def close_listeners(self) -> None:
+        for lst in self._listeners:
+            trio.lowlevel.notify_closing(lst.sock)
+            lst.sock.close()
+        self._listeners.clear()
+
     def _start_writer(self, conn: TcpConn) -> None:
+        if self._nursery is None:
+            return
         if conn not in self._writers and conn.state is not State.CLOSED:
             self._writers.add(conn)
             self._nursery.start_soon(self._writer, conn)
 
     async def _writer(self, conn: TcpConn) -> None:
+        assert self._nursery is not None
         try:
             await trio.lowlevel.wait_writable(conn.sock)
         except (trio.ClosedResourceError, OSError):
@@ -282,7 +330,8 @@ class TcpFlows:
         for addr in addrs:
             lst = self._listen(fwd, addr)
             self._listeners.append(lst)
-            self._nursery.start_soon(self._accept_loop, lst)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._accept_loop, lst)
         await trio.lowlevel.checkpoint()
 
     def _listen(self, fwd: PortForward, addr: IpAddress) -> _Listener:
@@ -352,7 +401,7 @@ class TcpFlows:
             host_port=local[1],
         )
         conn.start_inbound(now)
-        self._nursery.start_soon(self._run, conn)
+        self._spawn(conn)
 
     # --- housekeeping -----------------------------------------------------
 
@@ -367,10 +416,7 @@ class TcpFlows:
         now = trio.current_time()
         for flow in self.table:
             flow.handle.abort(now, rst_guest=True, rst_peer=True)
-        for lst in self._listeners:
-            trio.lowlevel.notify_closing(lst.sock)
-            lst.sock.close()
-        self._listeners.clear()
+        self.close_listeners()
 
 
 def _tune(sock: socket.socket) -> None:

@@ -64,6 +64,7 @@ import trio
 from daemon.flows.table import Flow
 from daemon.flows.tcp_seq import seq_add, seq_diff
 from daemon.guest import GuestPort
+from daemon.migration.sockstate import SocketStateError, TcpSocketState, finish_restore
 from daemon.wire.ip import IPPROTO_TCP, IpAddress
 from daemon.wire.tcp import (
     ACK,
@@ -110,6 +111,15 @@ class State(enum.Enum):
     ESTABLISHED = "established"
     """Data both ways; half-closes are the ``Flags`` bits."""
     CLOSED = "closed"
+
+
+#: State numbers in the migration stream (records.TcpFlowRecord.state).
+STATE_NUMBERS = {
+    State.CONNECTING: 1,
+    State.SYN_ACK_SENT: 2,
+    State.SYN_SENT: 3,
+    State.ESTABLISHED: 4,
+}
 
 
 class Flags(enum.IntFlag):
@@ -186,6 +196,8 @@ class TcpConn:
         """The adapter should wait for writability and call on_writable()."""
         self.wakeup: trio.Event | None = None
         self.scope: trio.CancelScope | None = None
+        self.restore_tail: tuple[TcpSocketState, int] | None = None
+        """A migrated socket's unsent bytes still to write, and how many went."""
 
     # --- derived state ----------------------------------------------------
 
@@ -444,6 +456,8 @@ class TcpConn:
         if off < len(payload) and Flags.FIN_FROM_GUEST not in self.flags:
             data = payload[off:]
             try:
+                if self.restore_tail is not None and not self._finish_tail():
+                    raise BlockingIOError  # the migrated unsent bytes go first
                 n = self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
             except BlockingIOError:
                 n = 0
@@ -484,9 +498,29 @@ class TcpConn:
             self.want_writable = True
             self._poke()
 
+    def _finish_tail(self) -> bool:
+        """Send the rest of a migrated socket's unsent bytes; True once done."""
+        assert self.restore_tail is not None
+        state, sent = self.restore_tail
+        sent = finish_restore(self.sock, state, sent=sent)
+        if sent < state.unsent:
+            self.restore_tail = (state, sent)
+            self.want_writable = True
+            return False
+        self.restore_tail = None
+        return True
+
     def on_writable(self, now: float) -> None:
         """Send buffer space freed up: tell the guest its new window."""
         self.want_writable = False
+        if self.restore_tail is not None:
+            try:
+                if not self._finish_tail():
+                    return
+            except SocketStateError as exc:
+                log.info("%s: %s: reset", self.describe(), exc)
+                self.abort(now, rst_guest=True, rst_peer=True)
+                return
         if self.state is State.ESTABLISHED:
             before = self.wnd_to_guest
             self._update_window()
@@ -512,17 +546,20 @@ class TcpConn:
         left = min(self.guest_wnd, self._rcvlowat_cap) - self.flight
         buf, total = self._buf, 0
         mss = max(1, min(self.guest_mss, self.link_mss))
+        drained = False
         while left > 0:
             want = min(left, len(buf))
             try:
                 n = self.sock.recv_into(buf, want, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
+                drained = True
                 break
             except OSError as exc:
                 self._socket_error(exc, now)
                 return total
             if n == 0:
                 self.flags |= Flags.SOCK_EOF
+                drained = True
                 break
             for off in range(0, n, mss):
                 end = min(off + mss, n)
@@ -532,8 +569,11 @@ class TcpConn:
             total += n
             left -= n
             if n < want:
+                drained = True
                 break
-        if Flags.SOCK_EOF in self.flags and Flags.FIN_TO_GUEST not in self.flags:
+        # The FIN follows the last byte, so only once the queue was drained
+        # (a migrated socket knows its EOF from the flags, not from recv()).
+        if drained and Flags.SOCK_EOF in self.flags and Flags.FIN_TO_GUEST not in self.flags:
             self._send(FIN | ACK, self.seq_to_guest)
             self.seq_to_guest = seq_add(self.seq_to_guest, 1)
             self.flags |= Flags.FIN_TO_GUEST

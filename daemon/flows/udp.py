@@ -43,6 +43,7 @@ Invariants
   which the caller runs periodically with the current time.
 """
 
+import contextlib
 import errno
 import logging
 import socket
@@ -122,6 +123,7 @@ class _Inbound:
 
 
 _Handle = _Outbound | _Inbound
+_ANY: dict[int, IpAddress] = {4: IPv4Address("0.0.0.0"), 6: IPv6Address("::")}
 
 
 class UdpFlows:
@@ -131,7 +133,7 @@ class UdpFlows:
         self,
         guest: GuestPort,
         link: LinkConfig,
-        nursery: trio.Nursery,
+        nursery: trio.Nursery | None,
         *,
         map_gateway: bool,
         idle_timeout: float = UDP_IDLE_TIMEOUT,
@@ -177,7 +179,12 @@ class UdpFlows:
                 return
         self._send_to_host(flow, udp.payload, now)
 
-    def _open_outbound(self, key: FlowKey, now: float) -> Flow[_Handle] | None:
+    def _open_outbound(
+        self,
+        key: FlowKey,
+        now: float,
+        bind: tuple[IpAddress | None, int | None] = (None, None),
+    ) -> Flow[_Handle] | None:
         try:
             self.table.check_room()
         except FlowLimitReached as exc:
@@ -195,6 +202,9 @@ class UdpFlows:
             self._throttle.warning("socket", now, "UDP: cannot open a socket: %s", exc)
             return None
         try:
+            if bind[1]:
+                with contextlib.suppress(OSError):  # keeping the port is best effort
+                    sock.bind(sockaddr(bind[0] or _ANY[key.remote_addr.version], bind[1]))
             sock.connect(sockaddr(target, key.remote_port))
             local = sock.getsockname()
         except OSError as exc:
@@ -213,7 +223,7 @@ class UdpFlows:
             host_addr=strip_scope(local[0]),
             host_port=local[1],
         )
-        self._nursery.start_soon(self._outbound_reader, flow, handle)
+        self._spawn_outbound(flow, handle)
         return flow
 
     def _send_to_host(self, flow: Flow[_Handle], payload: memoryview, now: float) -> None:
@@ -439,7 +449,7 @@ class UdpFlows:
             raise
         for lst in listeners:
             self._listeners.append(lst)
-            self._nursery.start_soon(self._listener_reader, lst)
+            self._spawn_listener(lst)
         await trio.lowlevel.checkpoint()
 
     def _bind(self, fwd: PortForward, addr: IpAddress, *, optional: bool) -> _Listener | None:
@@ -464,6 +474,69 @@ class UdpFlows:
                 return None
             raise ForwardError(f"cannot forward UDP {where}:{fwd.host_port}: {exc}") from exc
         return _Listener(sock, fwd, addr.version, addr, port)
+
+    # ------------------------------------------------------------------
+    # tasks: readers run in the data path's nursery, which a migration
+    # cancels (freeze) and recreates (rollback, or resume on the target)
+
+    def attach(self, nursery: trio.Nursery | None) -> None:
+        """Run readers in ``nursery`` from now on; None: stop spawning them.
+
+        Attaching starts a reader for every existing flow and listener
+        (each with a fresh cancel scope: a scope can be entered only once).
+        """
+        self._nursery = nursery
+        if nursery is None:
+            return
+        for flow in self.table:
+            if isinstance(flow.handle, _Outbound):
+                self._spawn_outbound(flow, flow.handle)
+        for lst in self._listeners:
+            self._spawn_listener(lst)
+
+    def _spawn_outbound(self, flow: Flow[_Handle], handle: _Outbound) -> None:
+        if self._nursery is not None:
+            handle.scope = trio.CancelScope()
+            self._nursery.start_soon(self._outbound_reader, flow, handle)
+
+    def _spawn_listener(self, lst: _Listener) -> None:
+        if self._nursery is not None:
+            lst.scope = trio.CancelScope()
+            self._nursery.start_soon(self._listener_reader, lst)
+
+    def restore_outbound(
+        self, key: FlowKey, host_addr: IpAddress | None, host_port: int | None, now: float
+    ) -> None:
+        """Recreate a migrated outbound flow, keeping its host port if possible.
+
+        The peer keeps talking to the same host address and port, so an
+        exchange in progress continues on the new host (two-host topology:
+        the target's namespace has the same addresses).
+        """
+        flow = self._open_outbound(key, now, bind=(host_addr, host_port))
+        if flow is None:
+            log.info("UDP flow %s:%d could not be restored", key.guest_addr, key.guest_port)
+
+    def restore_inbound(self, key: FlowKey, listener_port: int, now: float) -> None:
+        """Recreate a migrated inbound flow on its (already restored) listener."""
+        for lst in self._listeners:
+            if lst.local_port == listener_port and lst.version == key.remote_addr.version:
+                peer = sockaddr(key.remote_addr, key.remote_port)
+                self.table.add(
+                    key,
+                    _Inbound(lst, peer),
+                    now,
+                    state="inbound",
+                    host_addr=lst.local_addr,
+                    host_port=lst.local_port,
+                )
+                return
+        log.info("UDP flow from %s: no listener on port %d", key.remote_addr, listener_port)
+
+    def close_sockets_for_handover(self) -> None:
+        """Same-namespace migration: free every port for the target."""
+        self.close()
+        self._closed = False
 
     # ------------------------------------------------------------------
     # housekeeping

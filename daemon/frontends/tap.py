@@ -51,6 +51,10 @@ log = logging.getLogger("ferryd.tap")
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
+TUNSETQUEUE = 0x400454D9
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -69,14 +73,25 @@ class TapSetupError(Exception):
     """The tap device could not be set up (bad namespace, name or permission)."""
 
 
-def _open_and_configure(name: str, link: LinkConfig, config_net: bool) -> int:
+def _set_queue(fd: int, flag: int) -> None:
+    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH", b"", flag))
+
+
+def _open_and_configure(name: str, link: LinkConfig, config_net: bool, incoming: bool) -> int:
     from pyroute2 import IPRoute
 
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        # IFF_MULTI_QUEUE: a migration target attaches a second queue to the
+        # same device (disabled until it takes over), so the guest's link
+        # never goes away while it moves from one ferryd to the other.
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        if incoming:
+            _set_queue(fd, IFF_DETACH_QUEUE)
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        if incoming:
+            return fd
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=name)[0]
             ipr.link("set", index=index, mtu=link.mtu, state="up")
@@ -143,16 +158,29 @@ class TapFrontend:
         self.frames_out = 0
         self.dropped_out = 0
 
+    def detach_queue(self) -> None:
+        """Stop receiving the guest's frames (a migration's source, at commit)."""
+        _set_queue(self.fd, IFF_DETACH_QUEUE)
+
+    def attach_queue(self) -> None:
+        """Start receiving the guest's frames (a migration's target, at resume)."""
+        _set_queue(self.fd, IFF_ATTACH_QUEUE)
+
     @classmethod
-    def open(cls, netns: str, name: str, link: LinkConfig, config_net: bool) -> "TapFrontend":
+    def open(
+        cls, netns: str, name: str, link: LinkConfig, config_net: bool, incoming: bool = False
+    ) -> "TapFrontend":
         if not name or len(name.encode()) > 15:
             raise TapSetupError(f"tap name {name!r} must be 1 to 15 bytes (IFNAMSIZ)")
         if not os.path.exists(netns):
             raise TapSetupError(f"network namespace {netns} does not exist")
         try:
-            fd = run_in_netns(netns, lambda: _open_and_configure(name, link, config_net))
+            fd = run_in_netns(netns, lambda: _open_and_configure(name, link, config_net, incoming))
         except OSError as exc:
-            raise TapSetupError(f"cannot set up tap {name!r} in {netns}: {exc}") from exc
+            hint = ""
+            if exc.errno == errno.EINVAL:
+                hint = " (an existing device without multi-queue support?)"
+            raise TapSetupError(f"cannot set up tap {name!r} in {netns}: {exc}{hint}") from exc
         except Exception as exc:  # pyroute2's NetlinkError and friends
             raise TapSetupError(f"cannot configure tap {name!r} in {netns}: {exc}") from exc
         return cls(fd)

@@ -1,0 +1,83 @@
+"""The migration commands of the control socket (see daemon/ctl.py ``migrate``).
+
+Source: ``migrate-out`` (with the stream's write end), ``migrate-commit``,
+``migrate-abort``. Target: ``migrate-in`` (with the read end),
+``migrate-wait``, ``migrate-resume``, ``migrate-abort``. ferryctl drives
+them in that order; the shape is vhost-user's SET_DEVICE_STATE_FD then
+CHECK_DEVICE_STATE (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from daemon.control import ControlError, ControlServer
+from daemon.migration.restore import RepairSource
+from daemon.migration.source import SourceMigration
+from daemon.migration.target import TargetMigration
+
+if TYPE_CHECKING:
+    from daemon.main import Daemon
+
+
+def _one_fd(cmd: str, fds: list[int]) -> int:
+    if len(fds) != 1:
+        raise ControlError(
+            f"{cmd!r} takes exactly one file descriptor (the stream), not {len(fds)}"
+        )
+    return fds.pop()
+
+
+async def setup(daemon: Daemon) -> None:
+    repair = RepairSource(daemon.opts.repair_socket, daemon.opts.repair_listen)
+    await repair.setup()
+    daemon.repair_source = repair
+
+
+def register(control: ControlServer, daemon: Daemon) -> None:
+    async def migrate_out(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        fd = _one_fd("migrate-out", fds)
+        migration = SourceMigration(daemon, daemon.repair_source)
+        if daemon.role == "running":
+            daemon.migration = migration
+        return await migration.migrate_out(fd, bool(req.get("same_netns", False)))
+
+    async def migrate_in(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        fd = _one_fd("migrate-in", fds)
+        migration = TargetMigration(daemon, daemon.repair_source)
+        result = await migration.migrate_in(fd)  # owns fd, success or not
+        daemon.migration = migration
+        return result
+
+    def current(kind: type) -> Any:
+        if not isinstance(daemon.migration, kind):
+            raise ControlError(f"no migration in progress here (this ferryd is {daemon.role})")
+        return daemon.migration
+
+    async def migrate_wait(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        result: dict[str, Any] = await current(TargetMigration).wait()
+        return result
+
+    async def migrate_resume(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        result: dict[str, Any] = await current(TargetMigration).resume()
+        return result
+
+    async def migrate_commit(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        result: dict[str, Any] = await current(SourceMigration).commit()
+        return result
+
+    async def migrate_abort(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        if daemon.migration is None:
+            raise ControlError(f"no migration in progress here (this ferryd is {daemon.role})")
+        result: dict[str, Any] = await daemon.migration.abort()
+        return result
+
+    for name, handler in (
+        ("migrate-out", migrate_out),
+        ("migrate-in", migrate_in),
+        ("migrate-wait", migrate_wait),
+        ("migrate-resume", migrate_resume),
+        ("migrate-commit", migrate_commit),
+        ("migrate-abort", migrate_abort),
+    ):
+        control.register(name, handler)

@@ -1,0 +1,82 @@
+"""Between ferryd's live TCP connections and the migration stream's records.
+
+The stream carries two halves per connection: the host socket's kernel state
+(daemon.migration.sockstate, dumped in repair mode) and the guest-facing
+sequence and window bookkeeping that :class:`~daemon.flows.tcp_conn.TcpConn`
+keeps. Nothing else exists: ferryd holds no payload (DESIGN.md), so every
+byte not yet acknowledged by the guest is still in the socket's receive
+queue, and every byte the guest sent and ferryd acknowledged is in the send
+queue or already with the peer.
+
+On the target a connection resumes *rewound*: ``seq_to_guest`` goes back to
+the guest's last ACK and the peek offset to 0, so everything the guest had
+not acknowledged is sent again from the restored receive queue (the guest
+discards what it already had, RFC 9293 §3.10.7.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import ip_address
+
+from daemon.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn
+from daemon.migration.records import TcpFlowRecord, TcpKernelState
+from daemon.migration.sockstate import TcpSocketState
+
+
+def tcp_record(conn: TcpConn, kernel: TcpSocketState | None) -> TcpFlowRecord:
+    e = conn.ends
+    return TcpFlowRecord(
+        guest_addr=e.guest_addr,
+        guest_port=e.guest_port,
+        remote_addr=e.remote_addr,
+        remote_port=e.remote_port,
+        kernel=None if kernel is None else TcpKernelState.from_state(kernel),
+        seq_to_guest=conn.seq_to_guest,
+        seq_ack_from_guest=conn.seq_ack_from_guest,
+        seq_from_guest=conn.seq_from_guest,
+        seq_ack_to_guest=conn.seq_ack_to_guest,
+        seq_init_from_guest=conn.seq_init_from_guest,
+        guest_window=min(conn.guest_wnd >> conn.guest_ws, 0xFFFF),
+        guest_wscale=conn.guest_ws,
+        our_wscale=conn.our_ws,
+        guest_mss=min(conn.guest_mss, 0xFFFF),
+        flags=int(conn.flags),
+        state=STATE_NUMBERS[conn.state],
+        handshake=conn.state is not State.ESTABLISHED,
+    )
+
+
+def socket_state(kernel: TcpKernelState) -> TcpSocketState:
+    values = dataclasses.asdict(kernel)
+    values["local_addr"] = str(kernel.local_addr)
+    values["remote_addr"] = str(kernel.remote_addr)
+    return TcpSocketState(**values)
+
+
+def apply_guest_state(
+    conn: TcpConn, rec: TcpFlowRecord, kernel: TcpSocketState, now: float
+) -> None:
+    """Give a restored connection the guest-side state it had on the source."""
+    conn.seq_ack_from_guest = rec.seq_ack_from_guest
+    conn.seq_to_guest = rec.seq_ack_from_guest  # rewound: see the module doc
+    conn.seq_from_guest = rec.seq_from_guest
+    conn.seq_ack_to_guest = rec.seq_ack_to_guest
+    conn.seq_init_from_guest = rec.seq_init_from_guest
+    conn.guest_ws = rec.guest_wscale
+    conn.our_ws = rec.our_wscale
+    conn.guest_wnd = rec.guest_window << rec.guest_wscale
+    conn.guest_mss = rec.guest_mss or 536
+    flags = Flags(rec.flags)
+    if Flags.FIN_TO_GUEST_ACKED not in flags:
+        flags &= ~Flags.FIN_TO_GUEST  # resent after the data, if still unacknowledged
+    if kernel.fin_received:
+        # A restored socket never reports the peer's earlier FIN as EOF
+        # (sockstate: the FIN is accounted in the window, not re-queued).
+        flags |= Flags.SOCK_EOF
+    conn.flags = flags
+    conn.last_progress = now
+
+
+def guest_addresses(rec: TcpFlowRecord) -> tuple[str, str]:
+    return str(ip_address(rec.guest_addr)), str(ip_address(rec.remote_addr))

@@ -1,0 +1,145 @@
+"""The target side of a migration: decode and restore while the stream arrives.
+
+``migrate-in`` hands this ferryd the read end of the stream; restoring runs
+in the background (records are applied as they are decoded, see
+daemon.migration.restore) and ``migrate-wait`` reports the outcome. The
+header is checked before anything is touched (StreamDecoder refuses an
+incompatible version first); a truncated or corrupt stream, or a socket
+that cannot be restored (an address this host cannot bind, ...), discards
+everything restored so far — silently, the sockets still being in repair
+mode — and the daemon waits for a stream again. ``migrate-resume`` then
+turns repair off, takes the guest's tap queue and starts the data path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from daemon.control import ControlError
+from daemon.link import LinkConfig
+from daemon.migration.restore import RepairSource, Restorer
+from daemon.migration.stream import StreamDecoder
+from daemon.migration.stream_events import FlowReceived, HeaderReceived, RecordSkipped
+
+if TYPE_CHECKING:
+    from daemon.main import Daemon
+
+log = logging.getLogger("ferryd.migration")
+
+READ_SIZE = 1 << 20
+
+
+class TargetMigration:
+    def __init__(self, daemon: Daemon, repair: RepairSource) -> None:
+        self.d = daemon
+        self.repair = repair
+        self.done = trio.Event()
+        self.result: dict[str, Any] = {}
+        self.error: str | None = None
+        self.restorer: Restorer | None = None
+        self._scope: trio.CancelScope | None = None
+
+    async def migrate_in(self, fd: int) -> dict[str, Any]:
+        d = self.d
+        if d.role != "incoming":
+            os.close(fd)
+            raise ControlError(f"cannot take a migration: this ferryd is {d.role}")
+        d.role = "migrating"
+        assert d.outer is not None
+        d.outer.start_soon(self._restore, fd)
+        await trio.lowlevel.checkpoint()
+        return {}
+
+    async def _restore(self, fd: int) -> None:
+        d = self.d
+        stream = trio.lowlevel.FdStream(fd)
+        restorer = self.restorer = Restorer(d, self.repair)
+        decoder = StreamDecoder()
+        t0 = time.monotonic()
+        t_first: float | None = None
+        try:
+            with trio.CancelScope() as self._scope:
+                while True:
+                    data = await stream.receive_some(READ_SIZE)
+                    if t_first is None:
+                        t_first = time.monotonic()
+                    if not data:
+                        decoder.eof()
+                        break
+                    for event in decoder.feed_untrusted(data):
+                        if isinstance(event, HeaderReceived):
+                            h = event.header
+                            d.build(
+                                LinkConfig(mac=h.ferry_mac, mtu=h.mtu, ipv4=h.ipv4, ipv6=h.ipv6),
+                                trio.current_time(),
+                            )
+                            restorer = self.restorer = Restorer(d, self.repair)
+                            d.stack.guest_mac = h.guest_mac
+                        elif isinstance(event, FlowReceived):
+                            await restorer.add(event.flow)
+                        elif isinstance(event, RecordSkipped):
+                            log.info(
+                                "migration: skipped a record of unknown kind %d", event.field_number
+                            )
+                await restorer.finish()
+            if self._scope.cancelled_caught:
+                raise ControlError("migration aborted")
+        except Exception as exc:
+            log.warning("migration in failed: %s; discarding what was restored", exc)
+            restorer.discard()
+            d.build(d.link, trio.current_time())
+            d.role = "incoming"
+            self.error = f"restore failed: {exc}"
+        else:
+            d.role = "restored"
+            t_end = time.monotonic()
+            self.result = {
+                "restored": restorer.counts,
+                "stream_bytes": decoder.bytes_consumed,
+                "timings_ms": {
+                    "restore": (t_end - (t_first or t0)) * 1e3,
+                    "repair_on_passes": restorer.repair_passes,
+                },
+            }
+            log.info("migration: restored %s", restorer.counts)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            self.done.set()
+
+    async def wait(self) -> dict[str, Any]:
+        await self.done.wait()
+        if self.error is not None:
+            raise ControlError(self.error)
+        return self.result
+
+    async def resume(self) -> dict[str, Any]:
+        d = self.d
+        if d.role != "restored" or self.restorer is None:
+            raise ControlError(f"nothing to resume: this ferryd is {d.role}")
+        t0 = time.monotonic()
+        d.tap.attach_queue()
+        t_off = await self.restorer.resume()
+        d.role = "running"
+        t_resumed = time.monotonic()
+        log.info("migration: resumed in %.1f ms", (t_resumed - t0) * 1e3)
+        return {
+            "t_resumed": t_resumed,
+            "timings_ms": {"repair_off": t_off, "resume": (t_resumed - t0) * 1e3},
+        }
+
+    async def abort(self) -> dict[str, Any]:
+        d = self.d
+        if d.role == "migrating" and self._scope is not None:
+            self._scope.cancel()
+            await self.done.wait()
+        elif d.role == "restored" and self.restorer is not None:
+            self.restorer.discard()
+            d.build(d.link, trio.current_time())
+            d.role = "incoming"
+        return {"role": d.role}
