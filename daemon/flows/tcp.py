@@ -355,7 +355,10 @@ class TcpFlows:
 
     async def _accept_loop(self, lst: _Listener) -> None:
         while True:
-            await trio.lowlevel.wait_readable(lst.sock)
+            try:
+                await trio.lowlevel.wait_readable(lst.sock)
+            except (trio.ClosedResourceError, OSError):
+                return  # the listener was closed (shutdown, or handed over)
             while True:
                 try:
                     sock, peer = lst.sock.accept()

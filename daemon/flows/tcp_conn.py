@@ -452,6 +452,13 @@ class TcpConn:
         if off < 0:
             self.send_ack()  # a gap: the guest will fill it (out of order)
             return
+        fin_again = bool(seg.flags & FIN) and Flags.FIN_FROM_GUEST in self.flags
+        if (payload and off >= len(payload)) or fin_again:
+            # Entirely old: our ACK for it was lost or is late. Answer at
+            # once, even if we believe we already sent this ACK (RFC 9293
+            # §3.10.7.4: an unacceptable segment gets an ACK).
+            self.send_ack()
+            return
         short = False
         if off < len(payload) and Flags.FIN_FROM_GUEST not in self.flags:
             data = payload[off:]

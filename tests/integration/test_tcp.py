@@ -105,20 +105,8 @@ def client(ns: Netns, *args: object, timeout: float = 120) -> dict[str, Any]:
     return dict(json.loads(result.stdout.splitlines()[-1]))
 
 
-SHUTDOWN_BUG = (
-    "ferryd exits 1 on SIGTERM when it has -t listeners: TcpFlows.close() closes the "
-    "listening sockets while _accept_loop waits on them, and the ClosedResourceError from "
-    "wait_readable escapes the nursery"
-)
-
-
 def start(topo: Topology, start_ferryd: StartFerryd, *args: str) -> FerrydProcess:
-    ferryd = start_ferryd(topo, "-D", "none", *args, config_net=True)
-    if "-t" in args:
-        # SHUTDOWN_BUG: tolerated here so the data-path tests stay meaningful;
-        # test_shutdown_with_forward_listeners_is_clean holds the bug.
-        ferryd.ok_exit = ferryd.ok_exit | {1}
-    return ferryd
+    return start_ferryd(topo, "-D", "none", *args, config_net=True)
 
 
 def tcp_flows(ferryd: FerrydProcess, port: int | None = None) -> list[dict[str, Any]]:
@@ -456,7 +444,6 @@ def test_inbound_forward_preserves_peer_address(
     no_tcp_flows(ferryd)
 
 
-@pytest.mark.xfail(strict=True, reason=SHUTDOWN_BUG)
 def test_shutdown_with_forward_listeners_is_clean(
     topology: Topology, start_ferryd: StartFerryd
 ) -> None:
