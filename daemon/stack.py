@@ -21,7 +21,6 @@ addresses from what the guest sends (the configured ones until then).
 """
 
 import logging
-import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
@@ -33,7 +32,7 @@ from daemon.services.dhcp import answer_dhcp_untrusted
 from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
 from daemon.services.ndp import NdpResponder
 from daemon.wire.arp import parse_arp_untrusted
-from daemon.wire.checksum import fold, raw_sum
+from daemon.wire.checksum import complete_partial
 from daemon.wire.errors import MalformedPacket
 from daemon.wire.ethernet import (
     BROADCAST,
@@ -150,13 +149,8 @@ class Stack:
             start = len(eth) + len(hdr)
             self._frontend.send_partial([eth + hdr + l4, payload], start, csum_offset)
             return
-        # No offload: complete the checksum here. The field holds the folded
-        # pseudo-header sum, so summing the header as it is and the payload
-        # gives the full sum (RFC 1071 §2: sums of aligned parts add up).
-        head = bytearray(l4)
-        csum = ~fold(raw_sum(l4) + raw_sum(payload)) & 0xFFFF
-        struct.pack_into("!H", head, csum_offset, csum)
-        self._send_frame(eth + hdr + bytes(head) + payload)
+        # No offload: complete the checksum here.
+        self._send_frame(eth + hdr + complete_partial(l4, csum_offset, payload) + payload)
 
     def guest_address(self, version: int) -> IpAddress | None:
         return self._guest_addr.get(version)

@@ -165,7 +165,6 @@ class TcpFlows:
             err = sock.connect_ex(sockaddr(dst, seg.dport))
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, errno.errorcode.get(err, str(err)))
-            local = sock.getsockname()
         except OSError as exc:
             sock.close()
             self._throttle.warning(
@@ -174,22 +173,15 @@ class TcpFlows:
             self._reset(ip, seg)
             return
         ends = Endpoints(ip.src, seg.sport, ip.dst, seg.dport)
-        conn = self._new_conn(ends, sock, State.CONNECTING, ip.version)
-        conn.flow = self.table.add(
-            key,
-            conn,
-            now,
-            state=State.CONNECTING.value,
-            host_addr=strip_scope(local[0]),
-            host_port=local[1],
-        )
+        conn = self._register(ends, sock, State.CONNECTING, ip.version, now)
         conn.start_outbound(seg, now)
         self._spawn(conn)
 
-    def _new_conn(
-        self, ends: Endpoints, sock: socket.socket, state: State, version: int
+    def _register(
+        self, ends: Endpoints, sock: socket.socket, state: State, version: int, now: float
     ) -> TcpConn:
-        return TcpConn(
+        """A new connection on ``sock``, entered in the flow table."""
+        conn = TcpConn(
             ends,
             sock,
             self._guest,
@@ -200,6 +192,13 @@ class TcpFlows:
             self._queue_ack,
             self._rcvlowat_cap,
         )
+        local = sock.getsockname()
+        e = ends
+        key = FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port)
+        conn.flow = self.table.add(
+            key, conn, now, state=state.value, host_addr=strip_scope(local[0]), host_port=local[1]
+        )
+        return conn
 
     def _closed(self, conn: TcpConn) -> None:
         e = conn.ends
@@ -271,20 +270,9 @@ class TcpFlows:
         for lst in self._listeners:
             nursery.start_soon(self._accept_loop, lst)
 
-    def adopt(self, conn_ends: Endpoints, sock: socket.socket, version: int, now: float) -> TcpConn:
+    def adopt(self, ends: Endpoints, sock: socket.socket, version: int, now: float) -> TcpConn:
         """A connection restored by a migration: in the table, no task yet."""
-        conn = self._new_conn(conn_ends, sock, State.ESTABLISHED, version)
-        e = conn_ends
-        local = sock.getsockname()
-        conn.flow = self.table.add(
-            FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port),
-            conn,
-            now,
-            state=State.ESTABLISHED.value,
-            host_addr=strip_scope(local[0]),
-            host_port=local[1],
-        )
-        return conn
+        return self._register(ends, sock, State.ESTABLISHED, version, now)
 
     def close_listeners(self) -> None:
         for lst in self._listeners:
@@ -387,22 +375,13 @@ class TcpFlows:
             self.table.check_room()
             sock.setblocking(False)
             _tune(sock)
-            local = sock.getsockname()
         except (OSError, FlowLimitReached) as exc:
             self._throttle.warning("inbound", now, "refusing peer %s:%d: %s", peer[0], peer[1], exc)
             _abort(sock)
             return
         assert guest_addr is not None and shown is not None
         ends = Endpoints(guest_addr, lst.fwd.guest_port, shown, peer[1])
-        conn = self._new_conn(ends, sock, State.SYN_SENT, peer_addr.version)
-        conn.flow = self.table.add(
-            key,
-            conn,
-            now,
-            state=State.SYN_SENT.value,
-            host_addr=strip_scope(local[0]),
-            host_port=local[1],
-        )
+        conn = self._register(ends, sock, State.SYN_SENT, peer_addr.version, now)
         conn.start_inbound(now)
         self._spawn(conn)
 

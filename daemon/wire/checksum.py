@@ -52,3 +52,15 @@ def pseudo_header_sum(
 def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
     """True if ``data`` (checksum field included) sums to 0xFFFF."""
     return fold(initial + raw_sum(data)) == 0xFFFF
+
+
+def complete_partial(
+    head: bytes, csum_offset: int, payload: bytes | bytearray | memoryview = b""
+) -> bytes:
+    """Finish a CHECKSUM_PARTIAL header: its field at ``csum_offset`` holds the
+    folded pseudo-header sum, so the sum of the header as it is plus the
+    payload is the full sum (the header has an even length, RFC 1071 §2(B))."""
+    out = bytearray(head)
+    csum = ~fold(raw_sum(head) + raw_sum(payload)) & 0xFFFF
+    out[csum_offset : csum_offset + 2] = csum.to_bytes(2, "big")
+    return bytes(out)

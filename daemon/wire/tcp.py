@@ -11,7 +11,7 @@ but a length that runs past the header makes the segment malformed.
 import struct
 from dataclasses import dataclass
 
-from daemon.wire.checksum import checksum, fold, pseudo_header_sum, raw_sum, verify
+from daemon.wire.checksum import complete_partial, fold, pseudo_header_sum, verify
 from daemon.wire.errors import MalformedPacket
 from daemon.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 
@@ -130,20 +130,10 @@ def build_tcp(
     payload: bytes | bytearray | memoryview = b"",
 ) -> bytes:
     """A checksummed TCP segment; ``window`` is the raw 16-bit field."""
-    opts = encode_options(options) if options is not NO_OPTIONS else b""
-    hlen = TCP_HLEN + len(opts)
-    hdr = bytearray(
-        _TCP.pack(
-            sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags, window, 0, 0
-        )
+    hdr = build_tcp_header_partial(
+        src, dst, sport, dport, seq, ack, flags, window, options, len(payload)
     )
-    hdr += opts
-    length = hlen + len(payload)
-    # The header is a multiple of four bytes, so the payload's sum can be
-    # added to the header's without realignment (RFC 1071 §2(B)).
-    initial = pseudo_header_sum(src, dst, IPPROTO_TCP, length) + raw_sum(payload)
-    struct.pack_into("!H", hdr, 16, checksum(hdr, initial))
-    return bytes(hdr) + payload
+    return complete_partial(hdr, TCP_CSUM_OFFSET, payload) + payload
 
 
 #: Offset of the checksum field in the TCP header.
