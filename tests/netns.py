@@ -45,6 +45,7 @@ __all__ = [
     "Netns",
     "NetnsError",
     "Topology",
+    "TwoHostTopology",
     "WaitTimeout",
     "build_topology",
     "ip",
@@ -419,6 +420,35 @@ class TwoHostTopology:
         self.host_a.run(["ip", "link", "del", self.uplink])
         self.peer.run(["ip", "link", "set", self.port_b, "master", self.bridge, "up"])
         self.switched = True
+
+    def standby_a(self) -> None:
+        """After :meth:`switch_to_b`: give host A a new uplink, not yet on the fabric.
+
+        The same picture as host B's at the start (same address and MAC, its
+        peer-side end down and outside the bridge), so that a ferryd started
+        in A can be the target of a migration back (A→B→A).
+        """
+        if not self.switched:
+            raise NetnsError("host A is still on the fabric")
+        self._add_uplink(self.host_a, self.port_a)
+
+    def switch_to_a(self) -> None:
+        """Move the fabric back from host B to host A (after :meth:`standby_a`)."""
+        if not self.switched:
+            raise NetnsError("the fabric is already on host A")
+        self.host_b.run(["ip", "link", "del", self.uplink])
+        self.peer.run(["ip", "link", "set", self.port_a, "master", self.bridge, "up"])
+        self.switched = False
+
+    def _add_uplink(self, host: Netns, port: str) -> None:
+        ip(
+            "link", "add", self.uplink, "netns", host.name, "address", self.host_mac,
+            "mtu", "65520", "type", "veth",
+            "peer", "name", port, "netns", self.peer.name, "mtu", "65520",
+        )  # fmt: skip
+        host.add_addr(self.uplink, f"{self.host_v4}/{self.prefix_v4}")
+        host.add_addr(self.uplink, f"{self.host_v6}/{self.prefix_v6}")
+        host.link_up(self.uplink)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ shutdown is a bug like any other.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,7 +32,15 @@ from typing import Any, Protocol
 import pytest
 
 from daemon.control import request
-from tests.netns import Topology, build_topology, wait_for
+from tests.integration.test_repair_support import listening_helper, raise_fd_limit
+from tests.netns import (
+    Netns,
+    Topology,
+    TwoHostTopology,
+    build_topology,
+    two_host_topology,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -280,3 +290,195 @@ def _wait_ready(ferryd: FerrydProcess) -> None:
     )
     ferryd.reported = True
     pytest.fail(f"{why}\ncommand: {' '.join(ferryd.argv)}\n--- ferryd log ---\n{ferryd.log()}")
+
+
+# ---------------------------------------------------------------------------
+# Migration: two hosts (or one), one guest, one ferry-repair, ferryds started by role
+
+
+@dataclass
+class MigrationBed:
+    """Everything a migration test runs on (see the ``two_hosts`` and ``one_host`` fixtures).
+
+    ``host_a`` runs the source and ``host_b`` the target (the same namespace in
+    the one-host bed). The guest namespace is shared: the source creates its
+    multi-queue tap, the target attaches to it. One ferry-repair in the root
+    namespace serves every ferryd (``--repair-socket``). Addresses: the hosts'
+    ``host_v4``/``host_v6`` (which the guest gets too), the peer's ``peers_v4``
+    and ``peers_v6`` (the first is the gateway; tests talk to the second).
+    """
+
+    host_a: Netns
+    host_b: Netns
+    peer: Netns
+    guest: Netns
+    tmp: Path
+    repair_socket: str
+    fabric: TwoHostTopology | None
+    host_v4: str
+    host_v6: str
+    peers_v4: tuple[str, ...]
+    peers_v6: tuple[str, ...]
+    ferryds: list[FerrydProcess] = field(default_factory=list)
+
+    @property
+    def peer_v4(self) -> str:
+        """The peer address tests connect to (not the guest's gateway)."""
+        return self.peers_v4[-1]
+
+    @property
+    def peer_v6(self) -> str:
+        return self.peers_v6[-1]
+
+    def start_ferryd(
+        self, host: Netns, *args: str, config_net: bool = False, incoming: bool = False
+    ) -> FerrydProcess:
+        """Start ferryd in *host* for the shared guest; return it once ready."""
+        n = len(self.ferryds)
+        control = str(self.tmp / f"m{n}.sock")
+        log_path = self.tmp / f"ferryd-m{n}.log"
+        argv = [
+            str(FERRYD),
+            "--netns",
+            self.guest.path,
+            "--tap",
+            "tap0",
+            "--control",
+            control,
+            "--repair-socket",
+            self.repair_socket,
+            *(["--config-net"] if config_net else []),
+            *(["--incoming"] if incoming else []),
+            *args,
+        ]
+        with log_path.open("wb") as log_file:
+            proc = host.popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        ferryd = FerrydProcess(proc, control, log_path, argv)
+        self.ferryds.append(ferryd)
+        _wait_ready(ferryd)
+        return ferryd
+
+    def start_source(self, *args: str, host: Netns | None = None) -> FerrydProcess:
+        """A running ferryd that configures the guest (``--config-net``)."""
+        return self.start_ferryd(host or self.host_a, *args, config_net=True)
+
+    def start_target(self, *args: str, host: Netns | None = None) -> FerrydProcess:
+        """A ferryd started with ``--incoming``: it waits for a stream."""
+        return self.start_ferryd(host or self.host_b, *args, incoming=True)
+
+    def migrate(
+        self, source: FerrydProcess, target: FerrydProcess, *args: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ferryctl migrate --json`` (the real CLI) and return what it did."""
+        return subprocess.run(
+            [
+                str(FERRYCTL),
+                "migrate",
+                "--source",
+                source.control,
+                "--target",
+                target.control,
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def migrate_ok(
+        self, source: FerrydProcess, target: FerrydProcess, *args: str
+    ) -> dict[str, Any]:
+        """Migrate and switch the fabric; fail the test with both logs if ferryctl failed."""
+        result = self.migrate(source, target, *args)
+        if result.returncode != 0:
+            pytest.fail(
+                f"ferryctl migrate failed (exit {result.returncode}): {result.stderr.strip()}\n"
+                f"--- source log ---\n{source.log()}\n--- target log ---\n{target.log()}",
+                pytrace=False,
+            )
+        self.switch_fabric()
+        summary: dict[str, Any] = json.loads(result.stdout)
+        return summary
+
+    def switch_fabric(self) -> None:
+        """Move the peer's link to the other host (nothing to do on one host)."""
+        if self.fabric is None:
+            return
+        if self.fabric.switched:
+            self.fabric.switch_to_a()
+        else:
+            self.fabric.switch_to_b()
+
+    def standby_a(self) -> None:
+        """After A→B: give host A a fresh uplink, not yet on the fabric (for B→A)."""
+        if self.fabric is not None:
+            self.fabric.standby_a()
+            _default_routes(self.host_a, self.peers_v4[0], self.peers_v6[0])
+
+
+def _default_routes(host: Netns, gateway_v4: str, gateway_v6: str) -> None:
+    """ferryd takes the guest's addresses from the host's default routes."""
+    host.run(["ip", "-4", "route", "replace", "default", "via", gateway_v4])
+    host.run(["ip", "-6", "route", "replace", "default", "via", gateway_v6])
+
+
+@contextlib.contextmanager
+def _migration_bed(
+    request: pytest.FixtureRequest,
+    tmp: Path,
+    fabric: TwoHostTopology | None,
+    topo: Topology | None,
+) -> Iterator[MigrationBed]:
+    raise_fd_limit()
+    guest_cm = Netns("guest") if fabric is not None else contextlib.nullcontext(None)
+    with guest_cm as own_guest, listening_helper(tmp / "repair.sock") as helper:
+        if fabric is not None:
+            assert own_guest is not None
+            for host in (fabric.host_a, fabric.host_b):
+                _default_routes(host, fabric.peers_v4[0], fabric.peers_v6[0])
+            bed = MigrationBed(
+                fabric.host_a, fabric.host_b, fabric.peer, own_guest, tmp,
+                str(tmp / "repair.sock"), fabric, fabric.host_v4, fabric.host_v6,
+                fabric.peers_v4, fabric.peers_v6,
+            )  # fmt: skip
+        else:
+            assert topo is not None
+            bed = MigrationBed(
+                topo.host, topo.host, topo.peer, topo.guest, tmp, str(tmp / "repair.sock"),
+                None, topo.host_v4, topo.host_v6, topo.peers_v4, topo.peers_v6,
+            )  # fmt: skip
+        try:
+            yield bed
+        finally:
+            failed = _test_failed(request.node)
+            for ferryd in bed.ferryds:
+                status = ferryd.stop()
+                if failed:
+                    print(f"--- ferryd log ({' '.join(ferryd.argv)}, exit {status}) ---")
+                    print(ferryd.log())
+            if failed:
+                print("--- ferry-repair log ---\n" + "\n".join(helper.lines[-50:]))
+
+
+@pytest.fixture
+def two_hosts(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[MigrationBed]:
+    """Host A (source), host B (target), the peer on a fabric that moves, a shared guest.
+
+    Every ferryd started through the bed is stopped (SIGTERM) before the
+    namespaces go; their logs are printed when the test failed.
+    """
+    short_tmp.chmod(0o755)
+    with two_host_topology() as fabric, _migration_bed(request, short_tmp, fabric, None) as bed:
+        yield bed
+
+
+@pytest.fixture
+def one_host(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[MigrationBed]:
+    """Source and target ferryd in one host namespace (the standard topology)."""
+    short_tmp.chmod(0o755)
+    with build_topology() as topo, _migration_bed(request, short_tmp, None, topo) as bed:
+        yield bed

@@ -1,0 +1,165 @@
+"""Migration downtime through real ferryds, by number of connections.
+
+Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]``.
+
+For each N it builds the two-host bed of the integration tests (tests/
+netns.py two_host_topology: host A and host B with the same address and
+MAC, a peer on a fabric that moves, one guest namespace, one ferry-repair),
+starts a source ferryd in A and an ``--incoming`` one in B, opens N
+connections from the guest to the peer (``--busy`` of them streaming both
+ways at full speed, the rest idle; tests/integration/streamtool.py), runs
+``ferryctl migrate --json`` and switches the fabric. It prints, per N, the
+freeze-to-resume downtime, its split as the daemons report it
+(``timings_ms``: the source's stop, freeze + repair ON and dump/stream; the
+target's restore, repair OFF and resume), and the stream's size per
+connection. The traffic is then checked byte for byte as in the tests
+(a benchmark that moved connections wrongly would measure nothing).
+Nothing is asserted about the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.integration.conftest import (
+    FERRYCTL,
+    FerrydProcess,
+    MigrationBed,
+    _default_routes,
+)
+from tests.integration.test_migration_support import Streams
+from tests.integration.test_repair_support import listening_helper, raise_fd_limit
+from tests.netns import Netns, two_host_topology
+
+SIZES = (1, 100, 1000, 5000)
+
+
+@contextlib.contextmanager
+def _bed() -> Iterator[MigrationBed]:
+    tmp = Path(tempfile.mkdtemp(prefix="fb-"))
+    tmp.chmod(0o755)
+    with (
+        two_host_topology() as fabric,
+        Netns("guest") as guest,
+        listening_helper(tmp / "repair.sock"),
+    ):
+        for host in (fabric.host_a, fabric.host_b):
+            _default_routes(host, fabric.peers_v4[0], fabric.peers_v6[0])
+        bed = MigrationBed(
+            fabric.host_a, fabric.host_b, fabric.peer, guest, tmp, str(tmp / "repair.sock"),
+            fabric, fabric.host_v4, fabric.host_v6, fabric.peers_v4, fabric.peers_v6,
+        )  # fmt: skip
+        try:
+            yield bed
+        finally:
+            for ferryd in bed.ferryds:
+                ferryd.stop()
+
+
+def _start(bed: MigrationBed, host: Netns, n: int, incoming: bool) -> FerrydProcess:
+    limit = ["--max-flows", str(n + 100)]
+    if incoming:
+        return bed.start_ferryd(host, *limit, incoming=True)
+    return bed.start_ferryd(host, *limit, config_net=True)
+
+
+def measure(n: int, busy: int) -> dict[str, Any]:
+    """One migration of n connections; the ferryctl summary plus the traffic check."""
+    busy = min(busy, n)
+    with _bed() as bed:
+        source = _start(bed, bed.host_a, n, incoming=False)
+        target = _start(bed, bed.host_b, n, incoming=True)
+        specs = [f"busy:{busy}"] + ([f"idle:{n - busy}"] if n > busy else [])
+        streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9800, *specs)
+        try:
+            if busy:
+                streams.wait_flowing("busy", 1 << 20)
+            result = subprocess.run(
+                [str(FERRYCTL), "migrate", "--source", source.control, "--target",
+                 target.control, "--json"],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            if result.returncode != 0:
+                return {"n": n, "error": result.stderr.strip()}
+            bed.switch_fabric()
+            summary: dict[str, Any] = json.loads(result.stdout)
+            try:
+                streams.finish(timeout=300)
+                summary["checked"] = "ok"
+            except AssertionError as exc:
+                summary["checked"] = f"FAILED: {str(exc)[:200]}"
+            summary["n"] = n
+            return summary
+        finally:
+            streams.close()
+
+
+def _ms(timings: dict[str, Any], key: str) -> str:
+    value = timings.get(key)
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "N", "downtime", "src stop", "freeze+rep", "dump/stream", "tgt restore",
+        "repair off", "resume", "B/conn", "check",
+    )  # fmt: skip
+    lines = [header]
+    for row in rows:
+        if "error" in row:
+            lines.append((str(row["n"]), "error: " + row["error"][:80], *[""] * 8))
+            continue
+        src, tgt = row["source_timings_ms"], row["target_timings_ms"]
+        downtime = row.get("downtime_ms")
+        per_conn = (row.get("stream_bytes") or 0) / max(1, row["n"])
+        lines.append(
+            (
+                str(row["n"]),
+                f"{downtime:.1f}" if isinstance(downtime, (int, float)) else "-",
+                _ms(src, "stop"),
+                _ms(src, "freeze_repair_on"),
+                _ms(src, "dump_stream"),
+                _ms(tgt, "restore"),
+                _ms(tgt, "repair_off"),
+                _ms(tgt, "resume"),
+                f"{per_conn:,.0f}",
+                row.get("checked", "?"),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "times in ms (timings_ms reported by the daemons)\n" + "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.migration", description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--busy", type=int, default=4, help="busy connections among the N")
+    parser.add_argument("--json", action="store_true", help="also print the raw summaries")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.migration needs root (network namespaces, taps)", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    rows = []
+    for n in args.sizes:
+        row = measure(n, args.busy)
+        rows.append(row)
+        print(f"N={n}: done", file=sys.stderr, flush=True)
+    sys.stdout.write(format_table(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

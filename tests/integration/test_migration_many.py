@@ -1,0 +1,47 @@
+"""Many connections at once: IDLE_CONNECTIONS idle and BUSY_CONNECTIONS busy ones move together.
+
+Each connection is one socket in the guest, one in each ferryd and one in
+the peer; the open-file limit here is 20,000 per process (REFERENCE.md), so
+5,000 is well inside it. Marked slow: opening them through ferryd and
+closing them again takes most of the time.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import MigrationBed
+from tests.integration.test_migration_support import Streams
+
+#: Idle connections (each sends and receives 1,000 bytes after the migration).
+IDLE_CONNECTIONS = 5000
+#: Connections streaming both ways at full speed throughout.
+BUSY_CONNECTIONS = 20
+
+
+@pytest.mark.slow
+def test_many_idle_and_busy_connections(two_hosts: MigrationBed) -> None:
+    bed = two_hosts
+    source = bed.start_source("--max-flows", str(IDLE_CONNECTIONS + BUSY_CONNECTIONS + 100))
+    target = bed.start_target("--max-flows", str(IDLE_CONNECTIONS + BUSY_CONNECTIONS + 100))
+    streams = Streams(
+        bed.peer,
+        bed.guest,
+        "::",
+        bed.peer_v4,
+        9700,
+        f"busy:{BUSY_CONNECTIONS}",
+        f"idle:{IDLE_CONNECTIONS}",
+    )
+    try:
+        streams.wait_flowing("busy", 1 << 20)
+        summary = bed.migrate_ok(source, target)
+        print("summary:", summary)
+        assert summary["flows"]["tcp"] == IDLE_CONNECTIONS + BUSY_CONNECTIONS
+        assert summary["restored"]["tcp"] == IDLE_CONNECTIONS + BUSY_CONNECTIONS
+        mark = streams.report()["busy"]["min_received"]
+        streams.wait_flowing("busy", mark + (1 << 20), "after the move")
+        final = streams.finish(timeout=300)
+        assert final["report"]["idle"]["received"] == IDLE_CONNECTIONS * 1000
+    finally:
+        streams.close()

@@ -1,0 +1,236 @@
+"""Shared pieces of the migration tests: checked traffic processes and migration helpers.
+
+Not a test module (it defines no tests); named ``test_migration_*`` to live
+beside the tests that use it (and bench/migration.py uses it too).
+
+Traffic runs in real processes inside the namespaces: ``streamtool.py``
+(tests/integration/streamtool.py: many TCP connections, a checked pattern
+each way, commands on stdin, JSON lines on stdout) and its UDP mode.
+:class:`Tool` runs one and collects its JSON lines; :class:`Streams` pairs
+a server and a client and checks, at the end, that every connection ended
+cleanly with every byte checked and that what each end sent is exactly
+what the other received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.netns import Netns
+
+PY = sys.executable
+STREAMTOOL = str(Path(__file__).with_name("streamtool.py"))
+#: Upper bound on any wait for a condition; never a timing assertion.
+WAIT_SECONDS = 60.0
+
+
+class Tool:
+    """One streamtool process in a namespace, its JSON output lines collected."""
+
+    def __init__(self, ns: Netns, *args: str) -> None:
+        self.argv = [PY, STREAMTOOL, *args]
+        self.lines: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._changed = threading.Condition()
+        self.proc: subprocess.Popen[str] = ns.popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._threads = [
+            threading.Thread(target=self._read_out, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    self.errors.append(line.rstrip())
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.errors.append(line.rstrip())
+
+    def wait_line(
+        self, pred: Callable[[dict[str, Any]], bool], what: str, timeout: float = WAIT_SECONDS
+    ) -> dict[str, Any]:
+        """The first output line (old or new) for which *pred* holds."""
+        return self.wait_lines(pred, 1, what, timeout)[0]
+
+    def wait_lines(
+        self,
+        pred: Callable[[dict[str, Any]], bool],
+        count: int,
+        what: str,
+        timeout: float = WAIT_SECONDS,
+    ) -> list[dict[str, Any]]:
+        def found() -> list[dict[str, Any]]:
+            return [line for line in self.lines if pred(line)]
+
+        with self._changed:
+            self._changed.wait_for(
+                lambda: len(found()) >= count or self.proc.poll() is not None, timeout
+            )
+            lines = found()
+        if len(lines) < count:
+            raise AssertionError(
+                f"{' '.join(self.argv[1:4])}: no {what} after {timeout:g} s "
+                f"(exit {self.proc.poll()}); last lines {self.lines[-3:]}; "
+                f"stderr {self.errors[-10:]}"
+            )
+        return lines[:count]
+
+    def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self.proc.wait(timeout=10)
+            raise AssertionError(
+                f"{' '.join(self.argv[1:4])} exited ({self.proc.returncode}) before {text!r}; "
+                f"last lines {self.lines[-3:]}; stderr {self.errors[-10:]}"
+            ) from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+
+
+def connection_count(specs: tuple[str, ...]) -> int:
+    return sum(int(spec.split(":")[1]) for spec in specs)
+
+
+class Streams:
+    """A streamtool server in *server_ns* and a client in *client_ns*.
+
+    ``Streams(peer, guest, "::", "10.88.0.3", 9000, "busy:4")`` serves on the
+    peer and connects from the guest (outbound flows); swap the namespaces
+    for inbound ones.
+    """
+
+    def __init__(
+        self,
+        server_ns: Netns,
+        client_ns: Netns,
+        bind: str,
+        connect: str,
+        port: int,
+        *specs: str,
+    ) -> None:
+        self.count = connection_count(specs)
+        self.server = Tool(server_ns, "server", bind, str(port))
+        self.server.wait_line(lambda line: "listening" in line, "listening")
+        self.client = Tool(client_ns, "client", connect, str(port), *specs)
+        self._reports = 0
+        self.client.wait_line(lambda line: "connected" in line, "connections", timeout=180)
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """The client's byte counts per kind of connection, now."""
+        self._reports += 1
+        self.client.command("report")
+        wanted = self._reports
+        lines = self.client.wait_lines(lambda line: "report" in line, wanted, "a report")
+        report: dict[str, dict[str, int]] = lines[wanted - 1]["report"]
+        return report
+
+    def wait_flowing(
+        self, kind: str, at_least: int, what: str = "", *, way: str = "both"
+    ) -> dict[str, int]:
+        """Wait until every connection of *kind* has moved *at_least* bytes.
+
+        *way*: "received" (peer to client), "sent" (client to peer) or "both".
+        """
+        keys = {"both": ("min_sent", "min_received"), "sent": ("min_sent",)}.get(
+            way, ("min_received",)
+        )
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            entry = self.report()[kind]
+            if min(entry[k] for k in keys) >= at_least:
+                return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{kind} connections not flowing {what}: {entry}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
+        """Stop, wait for every connection to end, and check both ends byte for byte."""
+        self.client.command("stop")
+        final = self.client.wait_line(lambda line: "done" in line, "final result", timeout)
+        results = self.server.wait_lines(
+            lambda line: "seed" in line, self.count, "server results", timeout
+        )
+        problems: list[str] = []
+        if not final["ok"]:
+            problems.append(f"client: {final['bad_count']} bad connections, e.g. {final['bad']}")
+        by_seed = {line["seed"]: line for line in results}
+        for seed_text, sent in final["sent"].items():
+            line = by_seed.get(int(seed_text))
+            received = final["received"][seed_text]
+            if line is None:
+                problems.append(f"connection {seed_text}: no result from the server")
+            elif not line["ok"]:
+                problems.append(f"connection {seed_text}: server says {line['error']}")
+            elif (line["received"], line["sent"]) != (sent, received):
+                problems.append(
+                    f"connection {seed_text}: client sent {sent}, server received "
+                    f"{line['received']}; server sent {line['sent']}, client received {received}"
+                )
+        assert not problems, "; ".join(problems[:10]) + f" ({len(problems)} problems)"
+        return final
+
+    def close(self) -> None:
+        self.client.stop()
+        self.server.stop()
+
+
+class UdpExchange:
+    """streamtool's UDP echo on one side and its checking client on the other."""
+
+    def __init__(self, server_ns: Netns, client_ns: Netns, bind: str, connect: str, port: int):
+        self.server = Tool(server_ns, "udpecho", bind, str(port))
+        self.server.wait_line(lambda line: "listening" in line, "listening")
+        self.client = Tool(client_ns, "udp", connect, str(port))
+        self._reports = 0
+
+    def sent(self) -> int:
+        self._reports += 1
+        self.client.command("report")
+        lines = self.client.wait_lines(lambda line: "resent" in line, self._reports, "a report")
+        sent: int = lines[-1]["sent"]
+        return sent
+
+    def finish(self) -> dict[str, Any]:
+        self.client.command("stop")
+        final = self.client.wait_line(lambda line: "done" in line, "final UDP result")
+        assert final["ok"], final
+        return final
+
+    def close(self) -> None:
+        self.client.stop()
+        self.server.stop()
