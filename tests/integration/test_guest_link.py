@@ -259,3 +259,17 @@ def test_garbage_from_the_guest_changes_nothing(
     for addr in (topology.peers_v4[0], topology.peers_v6[0]):
         assert topology.guest.ping(addr), f"ferryd stopped answering after garbage ({addr})"
     assert ferryd.proc.poll() is None
+
+
+def test_ferryd_holds_no_capability_once_running(
+    topology: Topology, start_ferryd: StartFerryd
+) -> None:
+    """Setup needs privilege; the data path must run without any (DESIGN.md)."""
+    ferryd = _start(topology, start_ferryd, config_net=True)
+    status = Path(f"/proc/{ferryd.pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert "ferryd" in Path(f"/proc/{ferryd.pid}/cmdline").read_text()
+    for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[name], 16) == 0, (name, fields[name])
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert topology.guest.ping(topology.peers_v4[0])  # and it still works
