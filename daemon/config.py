@@ -62,7 +62,7 @@ class Options:
     map_gw: bool = False
     udp_forwards: list[list[PortForward]] = field(default_factory=list)
     tcp_forwards: list[list[PortForward]] = field(default_factory=list)
-    max_flows: int = 4096
+    max_flows: int = 16384
     verbose: int = 0
     incoming: bool = False
     repair_socket: str | None = None
@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--max-flows",
         type=int,
-        default=4096,
-        help="flows per protocol before new ones are refused (default 4096)",
+        default=16384,
+        help="flows per protocol before new ones are refused, with a log line "
+        "(default 16384; each TCP or UDP flow holds one socket, mind RLIMIT_NOFILE)",
     )
     m = p.add_argument_group("migration")
     m.add_argument(
