@@ -196,6 +196,8 @@ class TcpConn:
         """The adapter should wait for writability and call on_writable()."""
         self.wakeup: trio.Event | None = None
         self.scope: trio.CancelScope | None = None
+        self._hole_acked = -1
+        """seq_from_guest at which a hole last got its duplicate ACKs."""
         self.restore_tail: tuple[TcpSocketState, int] | None = None
         """A migrated socket's unsent bytes still to write, and how many went."""
 
@@ -386,6 +388,12 @@ class TcpConn:
                 return
         if seg.payload or flags & FIN:
             self._data_from_guest(seg, now)
+        elif seq_diff(seg.seq, self.seq_from_guest) < 0:
+            # An old sequence number with no data: a zero-window probe or a
+            # keep-alive (Linux sends both at snd_una - 1). It must be answered
+            # with an ACK carrying the current window (RFC 9293 §3.8.6.1,
+            # §3.10.7.4), or a guest we told "window 0" waits for its timer.
+            self.send_ack()
         if self.state is State.ESTABLISHED:
             self.push(now)
             self._maybe_finish(now)
@@ -450,7 +458,15 @@ class TcpConn:
         payload = seg.payload
         off = seq_diff(self.seq_from_guest, seg.seq)
         if off < 0:
-            self.send_ack()  # a gap: the guest will fill it (out of order)
+            # A hole before this segment (ferryd keeps no out-of-order data:
+            # no buffer, DESIGN.md). The first time this hole is seen, send
+            # the three duplicate ACKs that make the guest retransmit from
+            # seq_from_guest at once (RFC 5681 §3.2) instead of at its RTO.
+            self.send_ack()
+            if self._hole_acked != self.seq_from_guest:
+                self._hole_acked = self.seq_from_guest
+                self._send(ACK, self.seq_to_guest)
+                self._send(ACK, self.seq_to_guest)
             return
         fin_again = bool(seg.flags & FIN) and Flags.FIN_FROM_GUEST in self.flags
         if (payload and off >= len(payload)) or fin_again:

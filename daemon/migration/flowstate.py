@@ -8,10 +8,18 @@ byte not yet acknowledged by the guest is still in the socket's receive
 queue, and every byte the guest sent and ferryd acknowledged is in the send
 queue or already with the peer.
 
-On the target a connection resumes *rewound*: ``seq_to_guest`` goes back to
-the guest's last ACK and the peek offset to 0, so everything the guest had
-not acknowledged is sent again from the restored receive queue (the guest
-discards what it already had, RFC 9293 §3.10.7.4).
+On the target a connection resumes where the source left it, *not*
+rewound: ``seq_to_guest`` stays what the source had sent and the peek offset
+is set to the bytes in flight (sent, not acknowledged), which are still at
+the head of the restored receive queue. Rewinding looks simpler but breaks:
+ACKs the guest sent just before the freeze may have died in the source's
+tap queue, so the guest can be further along than ``seq_ack_from_guest``;
+segments numbered from there are then entirely old to it, and Linux drops
+an unacceptable segment — ACK field and all — with only a duplicate ACK in
+return (tcp_validate_incoming, RFC 9293 §3.10.7.4), so the guest would
+never see ferryd's ACKs for its own data. If something in flight was really
+lost, the guest's duplicate ACKs or the retransmission timer rewind the
+flow as usual, from an ACK the guest itself sent.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ def apply_guest_state(
 ) -> None:
     """Give a restored connection the guest-side state it had on the source."""
     conn.seq_ack_from_guest = rec.seq_ack_from_guest
-    conn.seq_to_guest = rec.seq_ack_from_guest  # rewound: see the module doc
+    conn.seq_to_guest = rec.seq_to_guest  # not rewound: see the module doc
     conn.seq_from_guest = rec.seq_from_guest
     conn.seq_ack_to_guest = rec.seq_ack_to_guest
     conn.seq_init_from_guest = rec.seq_init_from_guest
@@ -68,8 +76,6 @@ def apply_guest_state(
     conn.guest_wnd = rec.guest_window << rec.guest_wscale
     conn.guest_mss = rec.guest_mss or 536
     flags = Flags(rec.flags)
-    if Flags.FIN_TO_GUEST_ACKED not in flags:
-        flags &= ~Flags.FIN_TO_GUEST  # resent after the data, if still unacknowledged
     if kernel.fin_received:
         # A restored socket never reports the peer's earlier FIN as EOF
         # (sockstate: the FIN is accounted in the window, not re-queued).

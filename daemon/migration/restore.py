@@ -188,7 +188,9 @@ class Restorer:
                 conn.restore_tail = (state, sent)
                 conn.want_writable = True
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            # What the guest was sent but has not acknowledged heads the
+            # restored receive queue: peek past it (flowstate's module doc).
+            conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, conn.data_flight)
         await self.d.start_data_path()
         now = trio.current_time()
         for conn, _, rec in self.restored:
@@ -197,6 +199,9 @@ class Restorer:
                 continue
             conn.send_ack()
             conn.push(now)
+            if conn.flight:  # what was in flight is retransmitted if unacknowledged
+                conn.timer = min(conn.timer, now + conn.rto)
+            conn.prepare_wait()
         for rec in self.resets:
             l4 = build_tcp(
                 rec.remote_addr,

@@ -10,8 +10,9 @@ Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
    ferry-repair.
 3. Stream: the header (the guest's link), the forwarding listeners, one
    record per flow, dumped as it is written (no staging area), a trailer.
-4. Keep the frozen sockets until told the outcome. Commit: detach the
-   guest's tap queue, keep the sockets (silently dropping whatever still
+4. Keep the frozen sockets until told the outcome (the guest's tap queue
+   was detached at the freeze, so the target's queue collects what the
+   guest sends meanwhile). Commit: keep the sockets (silently dropping whatever still
    reaches them, so this host never resets a connection the target now
    owns) for ``--linger`` seconds, then exit. Abort, a failed write, or no
    word within :data:`OUTCOME_TIMEOUT`: thaw, repair OFF in batches, resume
@@ -86,6 +87,11 @@ class SourceMigration:
         self.same_netns = same_netns
         t_freeze = time.monotonic()
         await d.stop_data_path()
+        # From here on the guest's frames go to the target's queue (attached at
+        # its migrate-in), which holds them until it resumes: nothing the guest
+        # sends during the downtime is lost (tun steers every flow to the
+        # remaining queue once ours is detached).
+        d.tap.detach_queue()
         t_stopped = time.monotonic()
         self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
         counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
@@ -132,13 +138,15 @@ class SourceMigration:
 
         async def flush() -> None:
             nonlocal written
+            # Same namespace: free each 4-tuple before the target can read its
+            # record (its connect() fails while this socket exists).
+            for conn in to_close:
+                close_silently(conn.sock)
+            to_close.clear()
             if out:
                 await stream.send_all(bytes(out))
                 written += len(out)
                 out.clear()
-            for conn in to_close:  # same namespace: free the 4-tuple now
-                close_silently(conn.sock)
-            to_close.clear()
 
         async def emit(data: bytes, record: FlowRecord | None = None) -> None:
             out.extend(data)
@@ -228,7 +236,6 @@ class SourceMigration:
             raise ControlError(f"nothing to commit: this ferryd is {d.role}")
         if self._watchdog is not None:
             self._watchdog.cancel()
-        d.tap.detach_queue()
         d.role = "migrated"
         assert d.outer is not None
         d.outer.start_soon(self._linger)
@@ -247,8 +254,6 @@ class SourceMigration:
         d = self.daemon
         if d.role not in ("frozen", "migrated"):
             raise ControlError(f"nothing to abort: this ferryd is {d.role}")
-        if d.role == "migrated":
-            d.tap.attach_queue()
         await self.rollback()
         return {"role": d.role}
 
@@ -267,6 +272,7 @@ class SourceMigration:
             await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
         self.frozen.clear()
         d.role = "running"
+        d.tap.attach_queue()
         if self.same_netns and self.records:
             # Same namespace: what was handed over is restored here from the
             # records, exactly as the target would have.

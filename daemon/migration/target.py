@@ -50,6 +50,10 @@ class TargetMigration:
             os.close(fd)
             raise ControlError(f"cannot take a migration: this ferryd is {d.role}")
         d.role = "migrating"
+        # Take the guest's frames from now on, without reading them until
+        # resume: the source detaches its own queue when it freezes, and
+        # what the guest sends during the downtime waits here, not lost.
+        d.tap.attach_queue()
         assert d.outer is not None
         d.outer.start_soon(self._restore, fd)
         await trio.lowlevel.checkpoint()
@@ -92,6 +96,7 @@ class TargetMigration:
         except Exception as exc:
             log.warning("migration in failed: %s; discarding what was restored", exc)
             restorer.discard()
+            d.tap.detach_queue()
             d.build(d.link, trio.current_time())
             d.role = "incoming"
             self.error = f"restore failed: {exc}"
@@ -123,7 +128,6 @@ class TargetMigration:
         if d.role != "restored" or self.restorer is None:
             raise ControlError(f"nothing to resume: this ferryd is {d.role}")
         t0 = time.monotonic()
-        d.tap.attach_queue()
         t_off = await self.restorer.resume()
         d.role = "running"
         t_resumed = time.monotonic()
@@ -140,6 +144,7 @@ class TargetMigration:
             await self.done.wait()
         elif d.role == "restored" and self.restorer is not None:
             self.restorer.discard()
+            d.tap.detach_queue()
             d.build(d.link, trio.current_time())
             d.role = "incoming"
         return {"role": d.role}

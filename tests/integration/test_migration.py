@@ -84,9 +84,12 @@ def test_udp_exchange_continues(two_hosts: MigrationBed) -> None:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="daemon side, under diagnosis: with 2 guestfirst + 2 peerfirst connections of "
-    "64 MB the transfer continues after the move but the client never gets to the end "
-    "within 120 s (1 + 1 of 16 MB complete byte-exact)",
+    reason="known issue: a connection restored from CLOSE_WAIT (the peer had closed its "
+    "side) keeps taking the guest's upload for a while after the move, then ~1.5 MB sits "
+    "unacknowledged in the restored socket's send queue, ferryd's window to the guest "
+    "closes and the upload crawls; the peer (FIN_WAIT2) stops acknowledging. Suspected: "
+    "the restored socket's ACK of the peer's FIN (sockstate rcv_wup/rcv_wnd adjustment). "
+    "The FIN_WAIT2 side (guest closed first) migrates fine.",
 )
 @pytest.mark.parametrize("family", ["v4", "v6"])
 def test_half_closed_both_ways(two_hosts: MigrationBed, family: str) -> None:
@@ -116,7 +119,7 @@ def test_half_closed_both_ways(two_hosts: MigrationBed, family: str) -> None:
         )
         streams.wait_flowing("peerfirst", before["peerfirst"]["min_sent"] + (4 << 20), way="sent")
         print("summary:", summary, "before:", before, "after:", after)
-        final = streams.finish(timeout=120)
+        final = streams.finish(timeout=30)
         assert final["report"]["guestfirst"]["received"] == 2 * (64 << 20)
         assert final["report"]["peerfirst"]["sent"] == 2 * (64 << 20)
     finally:
@@ -149,11 +152,6 @@ def test_inbound_connection_and_listener_move(two_hosts: MigrationBed) -> None:
             later.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="daemon side, under diagnosis: same namespace, the guest-to-peer direction of "
-    "the busy streams stops after the move (peer-to-guest creeps on)",
-)
 def test_one_host_namespace(one_host: MigrationBed) -> None:
     """Source and target in one namespace: sockets close before their twins connect."""
     bed = one_host
@@ -175,11 +173,6 @@ def test_one_host_namespace(one_host: MigrationBed) -> None:
         udp.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="daemon side, under diagnosis: A→B works, then after B→A (old source stopped, "
-    "new --incoming ferryd in A) the busy streams no longer move",
-)
 def test_there_and_back(two_hosts: MigrationBed) -> None:
     """A→B, then a new --incoming ferryd in A and B→A; the streams never notice."""
     bed = two_hosts
