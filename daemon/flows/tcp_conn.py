@@ -175,6 +175,10 @@ class TcpConn:
         self.isn = secrets.randbits(32)
         self.seq_to_guest = self.isn
         self.seq_ack_from_guest = self.isn
+        self.seq_max_to_guest = self.isn
+        """The highest sequence number sent to the guest (SND.NXT before any rewind)."""
+        self.fin_seq: int | None = None
+        """Sequence number of the FIN sent to the guest, once sent."""
         self.seq_from_guest = 0
         self.seq_init_from_guest = 0
         self.seq_ack_to_guest = 0
@@ -338,7 +342,7 @@ class TcpConn:
         self.state = State.SYN_ACK_SENT
         self.flow.state = self.state.value
         self._update_window()
-        self.seq_to_guest = seq_add(self.isn, 1)
+        self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
         self._send(SYN | ACK, self.isn, options=self._syn_options(self.our_ws != 0))
         self.retries = 0
         self.rto = RTO_INITIAL
@@ -348,7 +352,7 @@ class TcpConn:
         """A peer connected to a forwarded port: open the guest side (SYN)."""
         self.our_ws = OUR_WSCALE  # tentative: in effect only if the guest agrees
         self._update_window()
-        self.seq_to_guest = seq_add(self.isn, 1)
+        self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
         self._send(SYN, self.isn, options=self._syn_options(True))
         self.timer = now + self.rto
         self.last_progress = now
@@ -421,18 +425,23 @@ class TcpConn:
     def _ack_from_guest(self, seg: TcpSegment, now: float) -> None:
         acked = seq_diff(seg.ack, self.seq_ack_from_guest)
         new_wnd = seg.window << self.guest_ws
-        if acked > 0 and acked <= self.flight:
-            data = min(acked, self.data_flight)
+        # After a rewind the guest may acknowledge more than was sent since:
+        # up to the highest sequence number ever sent is valid (RFC 9293
+        # §3.10.7.4: SND.UNA < SEG.ACK =< SND.NXT, with SND.NXT the highest).
+        if 0 < acked <= seq_diff(self.seq_max_to_guest, self.seq_ack_from_guest):
+            fin = self.fin_seq is not None and seq_diff(seg.ack, self.fin_seq) > 0
+            data = acked - 1 if fin else acked
             if data:
                 try:
-                    self._discard(data)
+                    self._discard(data)  # the kernel's peek offset shrinks with it
                 except OSError as exc:
                     self._socket_error(exc, now)
                     return
-            fin_acked = acked - data
             self.seq_ack_from_guest = seg.ack
-            if fin_acked:
-                self.flags |= Flags.FIN_TO_GUEST_ACKED
+            if seq_diff(seg.ack, self.seq_to_guest) > 0:
+                self.seq_to_guest = seg.ack  # past a rewound point: peek offset is 0
+            if fin:
+                self.flags |= Flags.FIN_TO_GUEST | Flags.FIN_TO_GUEST_ACKED
             self.dupacks = 0
             self.retries = 0
             self.rto = RTO_INITIAL
@@ -589,6 +598,8 @@ class TcpConn:
                 flags = ACK | PSH if end == n else ACK
                 self._send(flags, seq_add(self.seq_to_guest, off), buf[off:end])
             self.seq_to_guest = seq_add(self.seq_to_guest, n)
+            if seq_diff(self.seq_to_guest, self.seq_max_to_guest) > 0:
+                self.seq_max_to_guest = self.seq_to_guest
             total += n
             left -= n
             if n < want:
@@ -598,7 +609,10 @@ class TcpConn:
         # (a migrated socket knows its EOF from the flags, not from recv()).
         if drained and Flags.SOCK_EOF in self.flags and Flags.FIN_TO_GUEST not in self.flags:
             self._send(FIN | ACK, self.seq_to_guest)
+            self.fin_seq = self.seq_to_guest
             self.seq_to_guest = seq_add(self.seq_to_guest, 1)
+            if seq_diff(self.seq_to_guest, self.seq_max_to_guest) > 0:
+                self.seq_max_to_guest = self.seq_to_guest
             self.flags |= Flags.FIN_TO_GUEST
         if total:
             self.flow.to_guest(total, now)

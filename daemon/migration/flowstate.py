@@ -67,7 +67,7 @@ def apply_guest_state(
 ) -> None:
     """Give a restored connection the guest-side state it had on the source."""
     conn.seq_ack_from_guest = rec.seq_ack_from_guest
-    conn.seq_to_guest = rec.seq_to_guest  # not rewound: see the module doc
+    conn.seq_to_guest = conn.seq_max_to_guest = rec.seq_to_guest  # not rewound (module doc)
     conn.seq_from_guest = rec.seq_from_guest
     conn.seq_ack_to_guest = rec.seq_ack_to_guest
     conn.seq_init_from_guest = rec.seq_init_from_guest
@@ -76,6 +76,8 @@ def apply_guest_state(
     conn.guest_wnd = rec.guest_window << rec.guest_wscale
     conn.guest_mss = rec.guest_mss or 536
     flags = Flags(rec.flags)
+    if Flags.FIN_TO_GUEST in flags:
+        conn.fin_seq = (rec.seq_to_guest - 1) & 0xFFFFFFFF
     if kernel.fin_received:
         # A restored socket never reports the peer's earlier FIN as EOF
         # (sockstate: the FIN is accounted in the window, not re-queued).
