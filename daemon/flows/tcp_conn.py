@@ -53,6 +53,7 @@ import enum
 import errno
 import fcntl
 import logging
+import random
 import secrets
 import socket
 import struct
@@ -231,6 +232,15 @@ class TcpConn:
             and self.flight < min(self.guest_wnd, self._rcvlowat_cap)
         )
 
+    def rto_jittered(self) -> float:
+        """The RTO stretched by up to a quarter, at random.
+
+        Thousands of connections that lost segments in one burst (a guest
+        whose backlog overflowed, a migration) would otherwise retransmit
+        in lockstep, overflow it again on every backoff, and never recover.
+        """
+        return self.rto * (1.0 + random.random() / 4)
+
     def deadline(self) -> float:
         """When the adapter must call on_timer(): retransmission, handshake,
         window probe or, for an established connection, the idle limit."""
@@ -346,7 +356,7 @@ class TcpConn:
         self._send(SYN | ACK, self.isn, options=self._syn_options(self.our_ws != 0))
         self.retries = 0
         self.rto = RTO_INITIAL
-        self.timer = now + self.rto
+        self.timer = now + self.rto_jittered()
 
     def start_inbound(self, now: float) -> None:
         """A peer connected to a forwarded port: open the guest side (SYN)."""
@@ -354,7 +364,7 @@ class TcpConn:
         self._update_window()
         self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
         self._send(SYN, self.isn, options=self._syn_options(True))
-        self.timer = now + self.rto
+        self.timer = now + self.rto_jittered()
         self.last_progress = now
 
     def on_guest_segment(self, seg: TcpSegment, now: float) -> None:
@@ -446,7 +456,7 @@ class TcpConn:
             self.retries = 0
             self.rto = RTO_INITIAL
             self._starved = False
-            self.timer = now + self.rto if self.flight else float("inf")
+            self.timer = now + self.rto_jittered() if self.flight else float("inf")
             self.prepare_wait()
         elif (
             acked == 0
@@ -619,11 +629,11 @@ class TcpConn:
             self.last_progress = now
             self.prepare_wait()
         if self.flight and self.timer == float("inf"):
-            self.timer = now + self.rto
+            self.timer = now + self.rto_jittered()
             self._poke()
         elif not self.flight and self.guest_wnd == 0 and not total:
             # Zero window with data waiting: probe it (RFC 9293 §3.8.6.1).
-            self.timer = min(self.timer, now + self.rto)
+            self.timer = min(self.timer, now + self.rto_jittered())
             self._poke()
         return total
 
@@ -673,7 +683,7 @@ class TcpConn:
             return
         self.retries += 1
         self.rto = min(self.rto * 2, RTO_MAX)
-        self.timer = now + self.rto
+        self.timer = now + self.rto_jittered()
         if state is State.SYN_SENT:
             self._send(SYN, self.isn, options=self._syn_options(True))
         elif state is State.SYN_ACK_SENT:

@@ -200,7 +200,7 @@ class Restorer:
             conn.send_ack()
             conn.push(now)
             if conn.flight:  # what was in flight is retransmitted if unacknowledged
-                conn.timer = min(conn.timer, now + conn.rto)
+                conn.timer = min(conn.timer, now + conn.rto_jittered())
             conn.prepare_wait()
         for rec in self.resets:
             l4 = build_tcp(
