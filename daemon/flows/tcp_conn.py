@@ -506,10 +506,28 @@ class TcpConn:
             except OSError as exc:
                 self._socket_error(exc, now)
                 return
+            except SocketStateError as exc:  # the migrated tail could not be sent
+                log.info("%s: %s: reset", self.describe(), exc)
+                self.abort(now, rst_guest=True, rst_peer=True)
+                return
             if n:
                 self.seq_from_guest = seq_add(self.seq_from_guest, n)
                 self.flow.from_guest(n, now)
             short = n < len(data)
+        if (
+            seg.flags & FIN
+            and not short
+            and Flags.FIN_FROM_GUEST not in self.flags
+            and seq_add(seg.seq, len(payload)) == self.seq_from_guest
+        ):
+            try:
+                # A migrated socket's unsent bytes go before the FIN: after
+                # shutdown() they could never be sent (nor could the FIN wait).
+                short = self.restore_tail is not None and not self._finish_tail()
+            except SocketStateError as exc:
+                log.info("%s: %s: reset", self.describe(), exc)
+                self.abort(now, rst_guest=True, rst_peer=True)
+                return
         if (
             seg.flags & FIN
             and not short
