@@ -115,6 +115,7 @@ class _Column:
 _FLOW_COLUMNS = (
     _Column("PROTO", lambda f: str(f.get("proto", "?"))),
     _Column("GUEST", lambda f: _endpoint(f.get("guest_addr"), f.get("guest_port"))),
+    _Column("REMOTE", lambda f: _endpoint(f.get("remote_addr"), f.get("remote_port"))),
     _Column("HOST", lambda f: _endpoint(f.get("host_addr"), f.get("host_port"))),
     _Column("STATE", lambda f: str(f.get("state", "?"))),
     _Column("TO_GUEST", lambda f: str(f.get("bytes_to_guest", "?")), right=True),

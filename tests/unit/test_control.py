@@ -54,6 +54,8 @@ FLOWS = [
         "proto": "tcp",
         "guest_addr": "10.77.0.1",
         "guest_port": 40000,
+        "remote_addr": "192.0.2.7",
+        "remote_port": 443,
         "host_addr": "10.77.0.2",
         "host_port": 80,
         "state": "ESTABLISHED",
@@ -64,6 +66,8 @@ FLOWS = [
         "proto": "udp",
         "guest_addr": "fd00:77::1",
         "guest_port": 5353,
+        "remote_addr": "2001:db8::53",
+        "remote_port": 53,
         "host_addr": "fd00:77::3",
         "host_port": 53,
         "state": "ACTIVE",
@@ -589,18 +593,27 @@ async def test_ctl_flows_table(daemon: Daemon, capsys: pytest.CaptureFixture[str
     assert (rc, err) == (0, "")
     lines = out.splitlines()
     assert len(lines) == 3
-    assert lines[0].split() == ["PROTO", "GUEST", "HOST", "STATE", "TO_GUEST", "FROM_GUEST"]
+    assert lines[0].split() == [
+        "PROTO",
+        "GUEST",
+        "REMOTE",
+        "HOST",
+        "STATE",
+        "TO_GUEST",
+        "FROM_GUEST",
+    ]
     assert lines[1].split() == [
         "tcp",
         "10.77.0.1:40000",
+        "192.0.2.7:443",
         "10.77.0.2:80",
         "ESTABLISHED",
         "123456",
         "78",
     ]
-    assert lines[2].split()[1:3] == ["[fd00:77::1]:5353", "[fd00:77::3]:53"]
+    assert lines[2].split()[1:4] == ["[fd00:77::1]:5353", "[2001:db8::53]:53", "[fd00:77::3]:53"]
     # Aligned: every column starts at the same offset on every line.
-    for column in ("GUEST", "HOST", "STATE"):
+    for column in ("GUEST", "REMOTE", "HOST", "STATE"):
         start = lines[0].index(column)
         assert all(line[start - 2 : start] == "  " for line in lines)
     # Byte counts are right-aligned on the header's right edge.
@@ -657,4 +670,4 @@ def test_ctl_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_format_flow_table_tolerates_missing_fields() -> None:
     text = ctl.format_flow_table([{"proto": "icmp", "guest_addr": "10.0.0.1"}])
-    assert text.splitlines()[1].split() == ["icmp", "10.0.0.1", "?", "?", "?", "?"]
+    assert text.splitlines()[1].split() == ["icmp", "10.0.0.1", "?", "?", "?", "?", "?"]
