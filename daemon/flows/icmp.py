@@ -38,20 +38,19 @@ Invariants
 import errno
 import logging
 import socket
-from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
 
 from daemon.flows.common import (
-    LogThrottle,
     family_of,
     host_destination,
     is_group_destination,
     sockaddr,
     strip_scope,
 )
-from daemon.flows.table import Flow, FlowKey, FlowLimitReached, FlowTable
+from daemon.flows.datagram import DatagramFlows
+from daemon.flows.table import Flow, FlowKey, FlowLimitReached
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
 from daemon.wire.icmp import (
@@ -71,7 +70,6 @@ log = logging.getLogger(__name__)
 
 ICMP_IDLE_TIMEOUT = 60.0
 _DRAIN_BATCH = 64
-_RECV_SIZE = 65536
 
 
 @dataclass(eq=False)
@@ -82,7 +80,7 @@ class _Echo:
     closed: bool = False
 
 
-class IcmpFlows:
+class IcmpFlows(DatagramFlows[_Echo]):
     """Echo flows of one guest, one ping socket each."""
 
     def __init__(
@@ -95,18 +93,16 @@ class IcmpFlows:
         idle_timeout: float = ICMP_IDLE_TIMEOUT,
         limit: int = 1024,
     ) -> None:
-        self._guest = guest
-        self._link = link
-        self._nursery = nursery
-        self._map_gateway = map_gateway
-        self.idle_timeout = idle_timeout
-        self.table: FlowTable[_Echo] = FlowTable(limit)
-        self.drops: Counter[str] = Counter()
-        """Messages dropped or ignored, by reason."""
-        self._buf = bytearray(_RECV_SIZE)
-        self._throttle = LogThrottle(log)
+        super().__init__(
+            guest,
+            link,
+            nursery,
+            map_gateway=map_gateway,
+            idle_timeout=idle_timeout,
+            limit=limit,
+            logger=log,
+        )
         self._max_message = {4: link.mtu - IPV4_HLEN, 6: link.mtu - IPV6_HLEN}
-        self._closed = False
 
     def from_guest(self, ip: IpPacket, icmp: IcmpMessage) -> None:
         """Send one guest echo request on (never blocks, never raises)."""
@@ -204,10 +200,6 @@ class IcmpFlows:
         """Recreate a migrated echo flow (a new ping socket, same guest id)."""
         self._open(key, now)
 
-    def close_sockets_for_handover(self) -> None:
-        self.close()
-        self._closed = False
-
     async def _reader(self, flow: Flow[_Echo], handle: _Echo) -> None:
         with handle.scope:
             while not handle.closed:
@@ -248,10 +240,6 @@ class IcmpFlows:
             self._guest.send_ip(key.remote_addr, key.guest_addr, key.proto, l4)
             flow.to_guest(n, now)
 
-    def _drop(self, flow: Flow[_Echo], reason: str) -> None:
-        flow.dropped += 1
-        self.drops[reason] += 1
-
     def _flow_error(self, flow: Flow[_Echo], what: str, exc: OSError) -> None:
         if flow.handle.error_logged:
             return
@@ -274,21 +262,10 @@ class IcmpFlows:
 
     def _close_flow(self, flow: Flow[_Echo]) -> None:
         self.table.remove(flow.key)
-        handle = flow.handle
-        handle.closed = True
-        handle.scope.cancel()
-        trio.lowlevel.notify_closing(handle.sock)
-        handle.sock.close()
-
-    def snapshot(self) -> list[dict[str, object]]:
-        return self.table.snapshot()
+        self._close_socket(flow.handle)
 
     def close(self) -> None:
         """Close every flow (idempotent)."""
         self._closed = True
         for flow in self.table:
             self._close_flow(flow)
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()

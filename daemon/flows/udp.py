@@ -48,14 +48,12 @@ import errno
 import logging
 import socket
 import struct
-from collections import Counter
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
 from daemon.flows.common import (
-    LogThrottle,
     family_of,
     host_destination,
     is_group_destination,
@@ -63,8 +61,9 @@ from daemon.flows.common import (
     sockaddr,
     strip_scope,
 )
+from daemon.flows.datagram import DatagramFlows
 from daemon.flows.portspec import ForwardError, PortForward
-from daemon.flows.table import Flow, FlowKey, FlowLimitReached, FlowTable
+from daemon.flows.table import Flow, FlowKey, FlowLimitReached
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
 from daemon.wire.icmp import ICMP_DEST_UNREACH, ICMPV6_DEST_UNREACH, build_icmp
@@ -88,7 +87,6 @@ log = logging.getLogger(__name__)
 UDP_IDLE_TIMEOUT = 180.0
 _DRAIN_BATCH = 64
 """Datagrams read from one socket before yielding to other tasks."""
-_RECV_SIZE = 65536
 _ICMP_PORT_UNREACH = 3  # RFC 792
 _ICMPV6_PORT_UNREACH = 4  # RFC 4443 §3.1
 _UDP_HDR = struct.Struct("!HHHH")
@@ -126,7 +124,7 @@ _Handle = _Outbound | _Inbound
 _ANY: dict[int, IpAddress] = {4: IPv4Address("0.0.0.0"), 6: IPv6Address("::")}
 
 
-class UdpFlows:
+class UdpFlows(DatagramFlows[_Handle]):
     """UDP flows of one guest: outbound sockets and forwarding listeners."""
 
     def __init__(
@@ -139,23 +137,21 @@ class UdpFlows:
         idle_timeout: float = UDP_IDLE_TIMEOUT,
         limit: int = 4096,
     ) -> None:
-        self._guest = guest
-        self._link = link
-        self._nursery = nursery
-        self._map_gateway = map_gateway
-        self.idle_timeout = idle_timeout
-        self.table: FlowTable[_Handle] = FlowTable(limit)
-        self.drops: Counter[str] = Counter()
-        """Datagrams dropped, by reason (for status and tests)."""
+        super().__init__(
+            guest,
+            link,
+            nursery,
+            map_gateway=map_gateway,
+            idle_timeout=idle_timeout,
+            limit=limit,
+            logger=log,
+        )
         self._listeners: list[_Listener] = []
-        self._buf = bytearray(_RECV_SIZE)
-        self._throttle = LogThrottle(log)
         # Largest payload that fits the guest's MTU with IP and UDP headers.
         self._max_payload = {
             4: link.mtu - IPV4_HLEN - UDP_HLEN,
             6: link.mtu - IPV6_HLEN - UDP_HLEN,
         }
-        self._closed = False
 
     # ------------------------------------------------------------------
     # guest → host
@@ -389,10 +385,6 @@ class UdpFlows:
     # ------------------------------------------------------------------
     # errors
 
-    def _drop(self, flow: Flow[_Handle], reason: str) -> None:
-        flow.dropped += 1
-        self.drops[reason] += 1
-
     def _flow_error(self, flow: Flow[_Handle], handle: _Handle, what: str, exc: OSError) -> None:
         if handle.error_logged:
             return
@@ -533,11 +525,6 @@ class UdpFlows:
                 return
         log.info("UDP flow from %s: no listener on port %d", key.remote_addr, listener_port)
 
-    def close_sockets_for_handover(self) -> None:
-        """Same-namespace migration: free every port for the target."""
-        self.close()
-        self._closed = False
-
     # ------------------------------------------------------------------
     # housekeeping
 
@@ -550,13 +537,7 @@ class UdpFlows:
         self.table.remove(flow.key)
         handle = flow.handle
         if isinstance(handle, _Outbound):
-            handle.closed = True
-            handle.scope.cancel()
-            trio.lowlevel.notify_closing(handle.sock)
-            handle.sock.close()
-
-    def snapshot(self) -> list[dict[str, object]]:
-        return self.table.snapshot()
+            self._close_socket(handle)
 
     def listeners(self) -> list[tuple[PortForward, IpAddress, int]]:
         """Each forwarding listener: its forward and bound address and port."""
@@ -573,7 +554,3 @@ class UdpFlows:
             trio.lowlevel.notify_closing(lst.sock)
             lst.sock.close()
         self._listeners.clear()
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()

@@ -25,7 +25,6 @@ flow as usual, from an ACK the guest itself sent.
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import ip_address
 
 from daemon.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn
 from daemon.migration.records import TcpFlowRecord, TcpKernelState
@@ -84,7 +83,3 @@ def apply_guest_state(
         flags |= Flags.SOCK_EOF
     conn.flags = flags
     conn.last_progress = now
-
-
-def guest_addresses(rec: TcpFlowRecord) -> tuple[str, str]:
-    return str(ip_address(rec.guest_addr)), str(ip_address(rec.remote_addr))
