@@ -511,9 +511,18 @@ def _connect_error(path: str, exc: OSError) -> ControlClientError:
     return ControlClientError(f"cannot connect to control socket {path}: {exc.strerror or exc}")
 
 
-def _recv_exact_sync(sock: socket.socket, size: int, cmd: str, path: str) -> bytes:
+def recv_exact_sync(
+    sock: socket.socket, size: int, cmd: str, path: str, deadline: float | None = None
+) -> bytes:
+    """Read exactly ``size`` bytes of a response (by ``deadline``, a
+    time.monotonic() value, if given: TimeoutError after it)."""
     buf = bytearray()
     while len(buf) < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
         data = sock.recv(size - len(buf))
         if not data:
             raise ControlClientError(f"{cmd}: ferryd at {path} closed the connection unanswered")
@@ -559,13 +568,13 @@ def request(
             sock.settimeout(remaining())
             sock.sendall(frame[sent:])
             sock.settimeout(remaining())
-            header = _recv_exact_sync(sock, _HEADER.size, cmd, path)
+            header = recv_exact_sync(sock, _HEADER.size, cmd, path)
             try:
                 length = parse_length_untrusted(header, MAX_RESPONSE)
             except ControlProtocolError as exc:
                 raise ControlClientError(f"{cmd}: bad response from {path}: {exc}") from None
             sock.settimeout(remaining())
-            payload = _recv_exact_sync(sock, length, cmd, path)
+            payload = recv_exact_sync(sock, length, cmd, path)
         except TimeoutError:
             raise ControlClientError(
                 f"{cmd}: no answer from ferryd at {path} within {timeout:g} s"

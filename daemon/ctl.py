@@ -35,6 +35,7 @@ from daemon.control import (
     encode_frame,
     parse_length_untrusted,
     parse_response_untrusted,
+    recv_exact_sync,
     request,
 )
 
@@ -383,9 +384,11 @@ def _request_handing_over(
                 os.close(fd)
                 fd = -1
                 sock.sendall(frame[sent:])
-                header = _recv_exact(sock, 4, deadline, cmd, path)
+                header = recv_exact_sync(sock, 4, cmd, path, deadline)
                 length = parse_length_untrusted(header, MAX_RESPONSE)
-                response = parse_response_untrusted(_recv_exact(sock, length, deadline, cmd, path))
+                response = parse_response_untrusted(
+                    recv_exact_sync(sock, length, cmd, path, deadline)
+                )
             except TimeoutError:
                 raise ControlClientError(
                     f"{cmd}: no answer from ferryd at {path} within {timeout:g} s"
@@ -402,20 +405,6 @@ def _request_handing_over(
     if not response["ok"]:
         raise ControlRequestFailed(cmd, response["error"])
     return response
-
-
-def _recv_exact(sock: socket.socket, size: int, deadline: float, cmd: str, path: str) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
-        data = sock.recv(size - len(buf))
-        if not data:
-            raise ControlClientError(f"{cmd}: ferryd at {path} closed the connection unanswered")
-        buf += data
-    return bytes(buf)
 
 
 def migration_summary(

@@ -288,7 +288,6 @@ class TcpFlows:
             self._nursery.start_soon(self._writer, conn)
 
     async def _writer(self, conn: TcpConn) -> None:
-        assert self._nursery is not None
         try:
             await trio.lowlevel.wait_writable(conn.sock)
         except (trio.ClosedResourceError, OSError):
