@@ -7,23 +7,27 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Stream(_message.Message):
-    __slots__ = ("header", "tcp", "udp", "icmp", "listener", "trailer")
+    __slots__ = ("header", "tcp", "udp", "icmp", "listener", "precopy_end", "tcp_gone", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TCP_FIELD_NUMBER: _ClassVar[int]
     UDP_FIELD_NUMBER: _ClassVar[int]
     ICMP_FIELD_NUMBER: _ClassVar[int]
     LISTENER_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_END_FIELD_NUMBER: _ClassVar[int]
+    TCP_GONE_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: Header
     tcp: _containers.RepeatedCompositeFieldContainer[TcpFlow]
     udp: _containers.RepeatedCompositeFieldContainer[UdpFlow]
     icmp: _containers.RepeatedCompositeFieldContainer[IcmpFlow]
     listener: _containers.RepeatedCompositeFieldContainer[Listener]
+    precopy_end: _containers.RepeatedCompositeFieldContainer[PrecopyEnd]
+    tcp_gone: _containers.RepeatedCompositeFieldContainer[TcpGone]
     trailer: Trailer
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., tcp: _Optional[_Iterable[_Union[TcpFlow, _Mapping]]] = ..., udp: _Optional[_Iterable[_Union[UdpFlow, _Mapping]]] = ..., icmp: _Optional[_Iterable[_Union[IcmpFlow, _Mapping]]] = ..., listener: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., trailer: _Optional[_Union[Trailer, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., tcp: _Optional[_Iterable[_Union[TcpFlow, _Mapping]]] = ..., udp: _Optional[_Iterable[_Union[UdpFlow, _Mapping]]] = ..., icmp: _Optional[_Iterable[_Union[IcmpFlow, _Mapping]]] = ..., listener: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., precopy_end: _Optional[_Iterable[_Union[PrecopyEnd, _Mapping]]] = ..., tcp_gone: _Optional[_Iterable[_Union[TcpGone, _Mapping]]] = ..., trailer: _Optional[_Union[Trailer, _Mapping]] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("magic", "version", "min_compatible_version", "guest_mac", "ferry_mac", "mtu", "ipv4", "ipv6", "flow_count_hint", "software_version", "frozen_at_unix_ns")
+    __slots__ = ("magic", "version", "min_compatible_version", "guest_mac", "ferry_mac", "mtu", "ipv4", "ipv6", "flow_count_hint", "software_version", "frozen_at_unix_ns", "precopy")
     MAGIC_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_COMPATIBLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +39,7 @@ class Header(_message.Message):
     FLOW_COUNT_HINT_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROZEN_AT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_FIELD_NUMBER: _ClassVar[int]
     magic: int
     version: int
     min_compatible_version: int
@@ -46,7 +51,8 @@ class Header(_message.Message):
     flow_count_hint: int
     software_version: str
     frozen_at_unix_ns: int
-    def __init__(self, magic: _Optional[int] = ..., version: _Optional[int] = ..., min_compatible_version: _Optional[int] = ..., guest_mac: _Optional[bytes] = ..., ferry_mac: _Optional[bytes] = ..., mtu: _Optional[int] = ..., ipv4: _Optional[_Union[GuestIp, _Mapping]] = ..., ipv6: _Optional[_Union[GuestIp, _Mapping]] = ..., flow_count_hint: _Optional[int] = ..., software_version: _Optional[str] = ..., frozen_at_unix_ns: _Optional[int] = ...) -> None: ...
+    precopy: bool
+    def __init__(self, magic: _Optional[int] = ..., version: _Optional[int] = ..., min_compatible_version: _Optional[int] = ..., guest_mac: _Optional[bytes] = ..., ferry_mac: _Optional[bytes] = ..., mtu: _Optional[int] = ..., ipv4: _Optional[_Union[GuestIp, _Mapping]] = ..., ipv6: _Optional[_Union[GuestIp, _Mapping]] = ..., flow_count_hint: _Optional[int] = ..., software_version: _Optional[str] = ..., frozen_at_unix_ns: _Optional[int] = ..., precopy: _Optional[bool] = ...) -> None: ...
 
 class GuestIp(_message.Message):
     __slots__ = ("address", "prefix_len", "gateway", "dns")
@@ -183,6 +189,18 @@ class Listener(_message.Message):
     host_port: int
     guest_port: int
     def __init__(self, ip_proto: _Optional[int] = ..., bind_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., guest_port: _Optional[int] = ...) -> None: ...
+
+class PrecopyEnd(_message.Message):
+    __slots__ = ("tcp_count",)
+    TCP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    tcp_count: int
+    def __init__(self, tcp_count: _Optional[int] = ...) -> None: ...
+
+class TcpGone(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Trailer(_message.Message):
     __slots__ = ("flow_count", "crc32")

@@ -119,6 +119,8 @@ class StreamHeader:
     software_version: str = ""
     frozen_at_ns: int | None = None
     """The source's wall clock at freeze, ns since the Unix epoch (logs only)."""
+    precopy: bool = False
+    """The stream starts with TCP flows pre-copied while the guest ran (stream.py)."""
 
     def __post_init__(self) -> None:
         if len(self.ferry_mac) != 6:
@@ -379,6 +381,7 @@ def header_to_proto(
         flow_count_hint=header.flow_count_hint,
         software_version=header.software_version,
         frozen_at_unix_ns=header.frozen_at_ns or 0,
+        precopy=header.precopy,
     )
     for config, field in ((header.ipv4, msg.ipv4), (header.ipv6, msg.ipv6)):
         if config is not None:
@@ -526,6 +529,7 @@ def header_from_proto_untrusted(msg: pb.Header) -> StreamHeader:
             flow_count_hint=msg.flow_count_hint,
             software_version=msg.software_version,
             frozen_at_ns=msg.frozen_at_unix_ns or None,
+            precopy=msg.precopy,
         )
     except ValueError as exc:
         raise StreamError(f"invalid header: {exc}") from None

@@ -26,9 +26,15 @@ i.e. protobuf's standard length-delimited form with the record's kind in
 front, one byte cheaper per flow than an envelope message, and decodable as
 a whole by ``protoc --decode=ferry.migration.v1.Stream``. The order is
 fixed: one header, any number of flow records, one trailer, then the end of
-the stream. A record kind this reader does not know (a newer writer's) is
-skipped and reported as :class:`RecordSkipped`; a record whose wire type is
-not length-delimited is an error.
+the stream. With pre-copy (``StreamHeader.precopy``, format version 2) the
+flows come in two parts: TCP flows dumped while the guest ran, a
+``PrecopyEnd`` record, then what was dumped after the freeze, where a TCP
+flow may replace a pre-copied one of the same 4-tuple and one ``TcpGone``
+record may retire pre-copied ones (the target's job, daemon.migration.
+restore; this codec checks the order and the indexes). A record kind
+this reader does not know (a newer writer's) is skipped and reported as
+:class:`RecordSkipped`; a record whose wire type is not length-delimited is
+an error.
 
 Checks, in the order the decoder makes them (each failure is a
 :class:`StreamError` saying what is wrong; the decoder is then dead and
@@ -88,9 +94,11 @@ from daemon.migration.records import (
 from daemon.migration.stream_events import (
     FlowReceived,
     HeaderReceived,
+    PrecopyEnded,
     RecordSkipped,
     StreamEnded,
     StreamEvent,
+    TcpFlowsGone,
 )
 
 __all__ = [
@@ -102,21 +110,25 @@ __all__ = [
     "STREAM_VERSION",
     "FlowReceived",
     "HeaderReceived",
+    "PrecopyEnded",
     "RecordSkipped",
     "StreamDecoder",
     "StreamEncoder",
     "StreamEnded",
     "StreamError",
     "StreamEvent",
+    "TcpFlowsGone",
 ]
 
 MAGIC = int.from_bytes(b"FRRY", "little")
 """Header.magic: a little-endian fixed32 that reads "FRRY" on the wire."""
-STREAM_VERSION = 1
-"""The format version this ferryd writes."""
+STREAM_VERSION = 2
+"""The format version this ferryd writes (2: pre-copy)."""
 MIN_COMPATIBLE_VERSION = 1
-"""The oldest reader version that can read what this ferryd writes."""
-READER_VERSION = 1
+"""The oldest reader version that can read what this ferryd writes without pre-copy."""
+PRECOPY_VERSION = 2
+"""The oldest reader version that understands pre-copy (its streams say so)."""
+READER_VERSION = 2
 """This ferryd reads every stream whose min_compatible_version is at most this."""
 MAX_RECORD_SIZE = 64 << 20
 MAX_HEADER_SIZE = 64 << 10
@@ -134,6 +146,8 @@ class _Field(enum.IntEnum):
     UDP = 3
     ICMP = 4
     LISTENER = 5
+    PRECOPY_END = 6
+    TCP_GONE = 7
     TRAILER = 15
 
 
@@ -155,6 +169,8 @@ _RECORD_NAMES: dict[int, str] = {
     _Field.UDP: "UDP flow",
     _Field.ICMP: "ICMP flow",
     _Field.LISTENER: "listener",
+    _Field.PRECOPY_END: "pre-copy end",
+    _Field.TCP_GONE: "TCP gone",
     _Field.TRAILER: "trailer",
 }
 
@@ -184,12 +200,17 @@ def _frame(field_number: int, body: bytes) -> bytes:
 
 class _EncoderState(enum.Enum):
     NEW = enum.auto()
+    PRECOPY = enum.auto()
     FLOWS = enum.auto()
     DONE = enum.auto()
 
 
 class StreamEncoder:
-    """Records to stream bytes: ``header()``, then ``flow()`` per flow, then ``trailer()``."""
+    """Records to stream bytes: ``header()``, then ``flow()`` per flow, then ``trailer()``.
+
+    With a pre-copy header: ``flow()`` of TCP flows only, ``precopy_end()``,
+    then ``flow()`` per flow and at most one ``tcp_gone()``, then ``trailer()``.
+    """
 
     def __init__(self, *, max_record_size: int = MAX_RECORD_SIZE) -> None:
         self._state = _EncoderState.NEW
@@ -198,6 +219,8 @@ class StreamEncoder:
         self._count = 0
         self._written = 0
         self._max_record_size = max_record_size
+        self._precopied = 0
+        self._gone_written = False
 
     @property
     def flow_count(self) -> int:
@@ -224,23 +247,54 @@ class StreamEncoder:
     def header(self, header: StreamHeader) -> bytes:
         if self._state is not _EncoderState.NEW:
             raise RuntimeError("the stream's header was already written")
-        msg = header_to_proto(header, STREAM_VERSION, MIN_COMPATIBLE_VERSION, MAGIC)
+        oldest = PRECOPY_VERSION if header.precopy else MIN_COMPATIBLE_VERSION
+        msg = header_to_proto(header, STREAM_VERSION, oldest, MAGIC)
         record = self._emit(_Field.HEADER, msg.SerializeToString())
         self._header = header
-        self._state = _EncoderState.FLOWS
+        self._state = _EncoderState.PRECOPY if header.precopy else _EncoderState.FLOWS
         return record
 
     def flow(self, flow: FlowRecord) -> bytes:
-        if self._state is not _EncoderState.FLOWS or self._header is None:
+        if self._state not in (_EncoderState.FLOWS, _EncoderState.PRECOPY) or self._header is None:
             raise RuntimeError(
                 "a flow record before the header"
                 if self._state is _EncoderState.NEW
                 else "a flow record after the trailer"
             )
         field = _FLOW_FIELDS[type(flow)]
+        if self._state is _EncoderState.PRECOPY:
+            if field is not _Field.TCP:
+                raise RuntimeError("only TCP flows are pre-copied")
+            self._precopied += 1
         body = flow_to_proto(flow, self._header).SerializeToString()
         record = self._emit(field, body)
         self._count += 1
+        return record
+
+    def precopy_end(self) -> bytes:
+        """The end of the pre-copy part: what follows was dumped after the freeze."""
+        if self._state is not _EncoderState.PRECOPY:
+            raise RuntimeError("no pre-copy part to end")
+        msg = pb.PrecopyEnd(tcp_count=self._precopied)
+        record = self._emit(_Field.PRECOPY_END, msg.SerializeToString())
+        self._count += 1
+        self._state = _EncoderState.FLOWS
+        return record
+
+    def tcp_gone(self, indexes: list[int]) -> bytes:
+        """Retire pre-copied TCP flows (their record positions) that ended before the freeze."""
+        if (
+            self._state is not _EncoderState.FLOWS
+            or self._header is None
+            or not self._header.precopy
+            or self._gone_written
+        ):
+            raise RuntimeError("TCP gone: only once, after the end of a pre-copy")
+        if any(not 0 <= i < self._precopied for i in indexes):
+            raise ValueError(f"TCP gone: an index outside the {self._precopied} pre-copied flows")
+        record = self._emit(_Field.TCP_GONE, pb.TcpGone(index=indexes).SerializeToString())
+        self._count += 1
+        self._gone_written = True
         return record
 
     def trailer(self) -> bytes:
@@ -248,6 +302,8 @@ class StreamEncoder:
             raise RuntimeError(
                 "the trailer before the header"
                 if self._state is _EncoderState.NEW
+                else "the trailer before the end of the pre-copy"
+                if self._state is _EncoderState.PRECOPY
                 else "the trailer was already written"
             )
         msg = pb.Trailer(flow_count=self._count, crc32=self._crc)
@@ -264,6 +320,7 @@ class StreamEncoder:
 
 class _DecoderState(enum.Enum):
     EXPECT_HEADER = enum.auto()
+    IN_PRECOPY = enum.auto()
     IN_FLOWS = enum.auto()
     ENDED = enum.auto()
     FAILED = enum.auto()
@@ -272,20 +329,29 @@ class _DecoderState(enum.Enum):
 class _Kind(enum.Enum):
     HEADER = enum.auto()
     FLOW = enum.auto()
+    PRECOPY_TCP = enum.auto()
+    PRECOPY_END = enum.auto()
+    TCP_GONE = enum.auto()
     UNKNOWN = enum.auto()
     TRAILER = enum.auto()
 
 
 # (state, record kind) -> next state; any other pair is refused by _REFUSALS.
+# The header goes to IN_PRECOPY instead when it announces a pre-copy.
 _TRANSITIONS: dict[tuple[_DecoderState, _Kind], _DecoderState] = {
     (_DecoderState.EXPECT_HEADER, _Kind.HEADER): _DecoderState.IN_FLOWS,
+    (_DecoderState.IN_PRECOPY, _Kind.PRECOPY_TCP): _DecoderState.IN_PRECOPY,
+    (_DecoderState.IN_PRECOPY, _Kind.PRECOPY_END): _DecoderState.IN_FLOWS,
     (_DecoderState.IN_FLOWS, _Kind.FLOW): _DecoderState.IN_FLOWS,
+    (_DecoderState.IN_FLOWS, _Kind.PRECOPY_TCP): _DecoderState.IN_FLOWS,
+    (_DecoderState.IN_FLOWS, _Kind.TCP_GONE): _DecoderState.IN_FLOWS,
     (_DecoderState.IN_FLOWS, _Kind.UNKNOWN): _DecoderState.IN_FLOWS,
     (_DecoderState.IN_FLOWS, _Kind.TRAILER): _DecoderState.ENDED,
 }
 _REFUSALS: dict[_DecoderState, str] = {
     _DecoderState.EXPECT_HEADER: "a {what} record before the header",
-    _DecoderState.IN_FLOWS: "a second header after {index} flow records",
+    _DecoderState.IN_PRECOPY: "a {what} record in the pre-copy part (after {index} records)",
+    _DecoderState.IN_FLOWS: "a {what} record out of place after {index} records",
     _DecoderState.ENDED: "data after the trailer",
 }
 
@@ -295,6 +361,12 @@ def _kind_of(field_number: int) -> _Kind:
         return _Kind.HEADER
     if field_number == _Field.TRAILER:
         return _Kind.TRAILER
+    if field_number == _Field.TCP:
+        return _Kind.PRECOPY_TCP  # a TCP flow is welcome in either part
+    if field_number == _Field.PRECOPY_END:
+        return _Kind.PRECOPY_END
+    if field_number == _Field.TCP_GONE:
+        return _Kind.TCP_GONE
     if field_number in _FLOW_MESSAGES:
         return _Kind.FLOW
     return _Kind.UNKNOWN
@@ -330,6 +402,10 @@ class StreamDecoder:
         self._consumed = 0
         self._failure = ""
         self._max_record_size = max_record_size
+        self._precopied: int | None = None
+        """Pre-copied TCP records, once the pre-copy part ended."""
+        self._precopy_tcp = 0
+        self._gone_seen = False
 
     @property
     def ended(self) -> bool:
@@ -371,6 +447,8 @@ class StreamDecoder:
             return
         if self._state is _DecoderState.EXPECT_HEADER:
             where = "before its header was complete"
+        elif self._state is _DecoderState.IN_PRECOPY:
+            where = f"in its pre-copy part, after {self._count} flow records"
         else:
             where = f"after {self._count} flow records, without a trailer"
         partial = f" ({len(self._buf)} bytes of an incomplete record)" if self._buf else ""
@@ -427,9 +505,18 @@ class StreamDecoder:
         else:
             self._crc = zlib.crc32(buf[pos:end], self._crc)
             if kind is _Kind.HEADER:
-                events.append(self._accept_header(body))
-            elif kind is _Kind.FLOW:
+                header_event = self._accept_header(body)
+                events.append(header_event)
+                if header_event.header.precopy:
+                    next_state = _DecoderState.IN_PRECOPY
+            elif kind in (_Kind.FLOW, _Kind.PRECOPY_TCP):
+                if self._state is _DecoderState.IN_PRECOPY:
+                    self._precopy_tcp += 1
                 events.append(self._accept_flow(field_number, body))
+            elif kind is _Kind.PRECOPY_END:
+                events.append(self._accept_precopy_end(body))
+            elif kind is _Kind.TCP_GONE:
+                events.append(self._accept_gone(body))
             else:
                 events.append(RecordSkipped(field_number, size, self._count))
                 self._count += 1
@@ -459,8 +546,48 @@ class StreamDecoder:
                 f"this ferryd reads {READER_VERSION}"
             )
         header = header_from_proto_untrusted(msg)
+        if header.precopy and oldest < PRECOPY_VERSION:
+            raise StreamError(
+                f"header announces a pre-copy but says version {oldest} readers can read it"
+            )
         self._header = header
         return HeaderReceived(header, version, oldest)
+
+    def _accept_precopy_end(self, body: bytes) -> PrecopyEnded:
+        msg = pb.PrecopyEnd()
+        try:
+            msg.ParseFromString(body)
+        except (DecodeError, ValueError) as exc:
+            raise StreamError(f"pre-copy end does not parse: {exc}") from None
+        if msg.tcp_count != self._precopy_tcp:
+            raise StreamError(
+                f"pre-copy end counts {msg.tcp_count} TCP flows, but {self._precopy_tcp} came"
+            )
+        self._precopied = self._precopy_tcp
+        event = PrecopyEnded(self._precopy_tcp, self._count)
+        self._count += 1
+        return event
+
+    def _accept_gone(self, body: bytes) -> TcpFlowsGone:
+        if self._precopied is None or self._gone_seen:
+            raise StreamError(
+                f"a TCP gone record {'twice' if self._gone_seen else 'without a pre-copy'}"
+            )
+        msg = pb.TcpGone()
+        try:
+            msg.ParseFromString(body)
+        except (DecodeError, ValueError) as exc:
+            raise StreamError(f"TCP gone record does not parse: {exc}") from None
+        indexes = list(msg.index)
+        if len(set(indexes)) != len(indexes) or any(i >= self._precopied for i in indexes):
+            raise StreamError(
+                f"TCP gone record names indexes outside the {self._precopied} pre-copied flows "
+                "or names one twice"
+            )
+        self._gone_seen = True
+        event = TcpFlowsGone(tuple(indexes), self._count)
+        self._count += 1
+        return event
 
     def _accept_flow(self, field_number: int, body: bytes) -> FlowReceived:
         assert self._header is not None  # the transition table admits flows only after it

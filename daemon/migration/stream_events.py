@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 from daemon.migration.records import FlowRecord, StreamHeader
 
-__all__ = ["FlowReceived", "HeaderReceived", "RecordSkipped", "StreamEnded", "StreamEvent"]
+__all__ = [
+    "FlowReceived",
+    "HeaderReceived",
+    "PrecopyEnded",
+    "RecordSkipped",
+    "StreamEnded",
+    "StreamEvent",
+    "TcpFlowsGone",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +50,33 @@ class RecordSkipped:
 
 
 @dataclass(frozen=True, slots=True)
+class PrecopyEnded:
+    """The pre-copy part ended: what follows was dumped after the source froze.
+
+    The TCP flows before it stand unless replaced (a later TCP flow with
+    the same 4-tuple) or retired (:class:`TcpFlowsGone`).
+    """
+
+    tcp_count: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFlowsGone:
+    """Pre-copied TCP flows that ended before the freeze: drop them."""
+
+    indexes: tuple[int, ...]
+    """Their :attr:`FlowReceived.index` values."""
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEnded:
     """The trailer arrived and its count and checksum match: the stream is complete."""
 
     flow_count: int
 
 
-StreamEvent = HeaderReceived | FlowReceived | RecordSkipped | StreamEnded
+StreamEvent = (
+    HeaderReceived | FlowReceived | PrecopyEnded | TcpFlowsGone | RecordSkipped | StreamEnded
+)

@@ -29,6 +29,7 @@ from daemon.migration.records import (
 )
 from daemon.migration.stream import (
     MAGIC,
+    STREAM_VERSION,
     FlowReceived,
     HeaderReceived,
     StreamDecoder,
@@ -282,7 +283,7 @@ def decode_chunks(chunks: list[bytes]) -> list[StreamEvent]:
 def check_events(
     events: list[StreamEvent], header: StreamHeader, flow_list: list[FlowRecord]
 ) -> None:
-    assert events[0] == HeaderReceived(header, 1, 1)
+    assert events[0] == HeaderReceived(header, STREAM_VERSION, 1)
     assert events[1:-1] == [FlowReceived(f, i) for i, f in enumerate(flow_list)]
     assert events[-1] == StreamEnded(len(flow_list))
 
@@ -498,7 +499,7 @@ def test_version_too_new_is_refused_before_any_flow() -> None:
     dec = StreamDecoder()
     with pytest.raises(StreamError) as info:
         dec.feed_untrusted(data)
-    assert str(info.value) == "stream version 7 needs a reader ≥ 5; this ferryd reads 1"
+    assert str(info.value) == "stream version 7 needs a reader ≥ 5; this ferryd reads 2"
 
 
 def test_newer_version_readable_by_us_is_accepted() -> None:
@@ -531,7 +532,7 @@ def test_flow_before_header() -> None:
 
 
 def test_second_header() -> None:
-    refused(header_bytes() + header_bytes(), "second header after 0 flow records")
+    refused(header_bytes() + header_bytes(), "a header record out of place after 0 records")
 
 
 def test_data_after_trailer() -> None:

@@ -37,12 +37,12 @@ def _add_field(
 
 
 def _newer_schema() -> dict[str, type[Message]]:
-    """Version 2 of the schema, as a future ferryd might have it."""
+    """A later version of the schema, as a future ferryd might have it."""
     fdp = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(fdp)
     fdp.name = "migration_v2.proto"
     messages = {m.name: m for m in fdp.message_type}
-    _add_field(messages["Header"], "cluster_id", 12, _T.TYPE_STRING)
+    _add_field(messages["Header"], "cluster_id", 13, _T.TYPE_STRING)
     _add_field(messages["TcpFlow"], "ecn_state", 17, _T.TYPE_UINT32)
     _add_field(messages["TcpFlow"], "congestion", 3000, _T.TYPE_BYTES)
     _add_field(messages["TcpSocket"], "tcp_notsent_lowat", 20, _T.TYPE_UINT32)
@@ -50,7 +50,7 @@ def _newer_schema() -> dict[str, type[Message]]:
     sctp = fdp.message_type.add(name="SctpFlow")
     _add_field(sctp, "association", 1, _T.TYPE_BYTES)
     stream = messages["Stream"]
-    field = stream.field.add(name="sctp", number=6, type=_T.TYPE_MESSAGE, label=_T.LABEL_REPEATED)
+    field = stream.field.add(name="sctp", number=8, type=_T.TYPE_MESSAGE, label=_T.LABEL_REPEATED)
     field.type_name = ".ferry.migration.v1.SctpFlow"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
@@ -83,7 +83,7 @@ def test_newer_fields_and_record_kinds_are_ignored() -> None:
     body = (
         _frame(1, _convert(header, v2["Header"], cluster_id="eu-west"))
         + _frame(2, tcp_v2.SerializeToString())
-        + _frame(6, _convert(v2["SctpFlow"](), v2["SctpFlow"], association=b"\x01" * 40))
+        + _frame(8, _convert(v2["SctpFlow"](), v2["SctpFlow"], association=b"\x01" * 40))
         + _frame(5, flow_to_proto(_listener(), HEADER).SerializeToString())
         + _frame(99, b"a record kind with a two-byte tag")
     )
@@ -99,7 +99,7 @@ def test_newer_fields_and_record_kinds_are_ignored() -> None:
     assert events == [
         HeaderReceived(HEADER, 2, 1),
         FlowReceived(idle_tcp(), 0),
-        RecordSkipped(6, 42, 1),
+        RecordSkipped(8, 42, 1),
         FlowReceived(_listener(), 2),
         RecordSkipped(99, 33, 3),
         StreamEnded(4),
