@@ -79,7 +79,8 @@ def apply_guest_state(
         conn.fin_seq = (rec.seq_to_guest - 1) & 0xFFFFFFFF
     if kernel.fin_received:
         # A restored socket never reports the peer's earlier FIN as EOF
-        # (sockstate: the FIN is accounted in the window, not re-queued).
+        # (sockstate: repair mode cannot queue a received FIN; rcv_nxt counts
+        # it, but the kernel's state stays ESTABLISHED).
         flags |= Flags.SOCK_EOF
     conn.flags = flags
     conn.last_progress = now

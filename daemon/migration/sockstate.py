@@ -63,10 +63,10 @@ Target, in the phases that batching the helper needs::
 restore_in_repair() does, in this order (each step's reason is the kernel's):
 
 1. while unconnected (TCP_QUEUE_SEQ is refused with EPERM in any other
-   state): the START of each queue, write_seq − len(send queue) and rcv_nxt −
-   len(recv queue), less one for a FIN (ours is queued again by shutdown();
-   the peer's is not re-created, see below). Setting the END values would
-   make the socket acknowledge bytes the peer never sent;
+   state): the START of each queue, write_seq − len(send queue), less one
+   for our FIN (queued again by shutdown()), and rcv_nxt − len(recv queue),
+   the peer's FIN included (see "The peer's FIN" below). Setting the END
+   values would make the socket acknowledge bytes the peer never sent;
 2. TCP_TIMESTAMP (sets tsoffset), TCP_MAXSEG, bind(), connect(): in repair
    mode tcp_connect() calls tcp_finish_connect() at once, no SYN,
    ESTABLISHED. tcp_init_buffer_space() sizes the initial send buffer there
@@ -93,23 +93,35 @@ restore_in_repair() does, in this order (each step's reason is the kernel's):
 5. FIN_WAIT2 (our FIN sent and acked): shutdown(SHUT_WR) with the send queue
    selected queues the FIN and marks it sent, without transmitting;
 6. TCP_REPAIR_WINDOW last (tcp_repair_set_window() refuses rcv_wup after
-   rcv_nxt with EINVAL, so only once the receive queue is in). When the
-   peer's FIN had arrived, rcv_nxt is restored before the FIN, so rcv_wup−1
-   and rcv_wnd+1 (same right edge).
+   rcv_nxt with EINVAL, so only once the receive queue is in), as dumped.
 
 finish_restore() runs after repair OFF: it sends the unsent tail normally
 (without blocking; call again with ``sent=`` while it returns less than
 ``state.unsent``), then, if our FIN had not been acked (FIN_WAIT1, CLOSING,
 LAST_ACK), shutdown(SHUT_WR) queues it after the data again.
 
-The peer's FIN is not re-created on the target: the restored socket is
-ESTABLISHED (or FIN_WAIT*) from the kernel's point of view, acknowledges one
-sequence number short of the FIN (the peer takes that as an old duplicate
-ACK, RFC 793 3.9 "SEG.ACK < SND.UNA ... ignored") and never reports
-end-of-file. The caller knows from ``state.fin_received`` that the peer has
-closed (ferryd already passed the FIN to the guest). After our own FIN is
-acknowledged such a socket waits in FIN_WAIT2 for a FIN that will not come:
-close it (the kernel then reaps it after tcp_fin_timeout).
+The peer's FIN. Repair mode cannot queue a received FIN (tcp_send_rcvq()
+makes plain data segments), so the restored socket is ESTABLISHED (or
+FIN_WAIT* once we shut down) from the kernel's point of view and never
+reports end-of-file; the caller knows from ``state.fin_received`` that the
+peer has closed (ferryd already passed the FIN to the guest). Its rcv_nxt
+must still count the FIN, i.e. be the source's exactly: every segment the
+restored socket sends carries rcv_nxt as its ACK, and one short of the FIN
+is below the peer's snd_una. The peer takes each such segment as an old
+ACK (tcp_ack(): ``before(ack, prior_snd_una)`` → old_ack), which returns
+before rcv_tstamp and ts_recent are updated (tcp_replace_ts_recent()), so
+its TSecr stays at the source's last tsval: every RTT the restored socket
+then takes from an ACK of retransmitted data (tcp_ack_update_rtt() →
+tcp_rtt_tsopt_us()) is the time since the freeze, its RTO grows to
+seconds and a loss stalls the upload (checked: 1.5 MB stuck, RTO 8 s).
+Hence the receive queue starts at rcv_nxt − len(recv queue): the FIN's
+sequence number sits before the unread bytes, which the restored socket
+numbers one higher than the wire did. Nothing can tell: the peer sends
+nothing after its FIN, and a retransmission of anything before it ends at
+or before rcv_nxt, a duplicate that tcp_data_queue() drops either way.
+After our own FIN is acknowledged such a socket waits in FIN_WAIT2 for a
+FIN that will not come: close it (the kernel then reaps it after
+tcp_fin_timeout).
 
 Not carried: the out-of-order queue (never acknowledged cumulatively, so the
 peer resends it; SACKed parts after a delay, when it detects the reneging),
@@ -133,7 +145,8 @@ socket's 4-tuple and the failing step.
 API::
 
     @dataclass(frozen=True, slots=True) class TcpSocketState   # fields: see the class
-        .fin_sent .fin_acked .fin_received .send_start .recv_start .describe() .check()
+        .fin_sent .fin_acked .fin_received .send_start .recv_start .restored_recv_start
+        .describe() .check()
     freeze_intake(sock) / thaw_intake(sock)                     # stdlib or trio sockets
     set_repair_direct(socks, mode: RepairMode)                  # needs CAP_NET_ADMIN
     dump_tcp(sock) -> TcpSocketState                            # frozen, repair ON
@@ -351,6 +364,11 @@ class TcpSocketState:
         """Sequence number of the first byte of ``recv_queue`` (copied_seq)."""
         return (self.recv_seq - len(self.recv_queue) - int(self.fin_received)) & 0xFFFFFFFF
 
+    @property
+    def restored_recv_start(self) -> int:
+        """Where the restored receive queue starts: after a received FIN (module docstring)."""
+        return (self.recv_seq - len(self.recv_queue)) & 0xFFFFFFFF
+
     def describe(self) -> str:
         """The 4-tuple, as error messages name it."""
         return _describe(
@@ -438,12 +456,10 @@ def repair_options(state: TcpSocketState) -> bytes:
 
 
 def repair_window(state: TcpSocketState) -> bytes:
-    """The TCP_REPAIR_WINDOW argument, adjusted for a received FIN (rcv_wup−1, rcv_wnd+1)."""
-    rcv_wnd, rcv_wup = state.rcv_wnd, state.rcv_wup
-    if state.fin_received:
-        rcv_wup = (rcv_wup - 1) & 0xFFFFFFFF
-        rcv_wnd += 1
-    return _REPAIR_WINDOW.pack(state.snd_wl1, state.snd_wnd, state.max_window, rcv_wnd, rcv_wup)
+    """The TCP_REPAIR_WINDOW argument: the dumped values (rcv_nxt is restored exactly)."""
+    return _REPAIR_WINDOW.pack(
+        state.snd_wl1, state.snd_wnd, state.max_window, state.rcv_wnd, state.rcv_wup
+    )
 
 
 def _drop_all_program() -> tuple[ctypes.Array[ctypes.c_char], bytes]:
@@ -726,7 +742,7 @@ def restore_in_repair(sock: socket.socket, state: TcpSocketState) -> None:
         sock.setsockopt(tcp, TCP_QUEUE_SEQ, _signed(state.send_start))
         step = "receive queue sequence (TCP_QUEUE_SEQ)"
         sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        sock.setsockopt(tcp, TCP_QUEUE_SEQ, _signed(state.recv_start))
+        sock.setsockopt(tcp, TCP_QUEUE_SEQ, _signed(state.restored_recv_start))
         step = "TCP_TIMESTAMP"
         sock.setsockopt(tcp, TCP_TIMESTAMP, _signed(state.timestamp))
         step = "TCP_MAXSEG (for the initial send buffer)"

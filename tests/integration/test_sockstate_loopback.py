@@ -9,8 +9,11 @@ running while the local ends move.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
+import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +25,7 @@ from daemon.migration.sockstate import (
     TcpState,
     close_silently,
     dump_tcp,
+    finish_restore,
     freeze_intake,
     new_socket_for,
     restore_in_repair,
@@ -30,7 +34,9 @@ from daemon.migration.sockstate import (
 )
 from daemon.netns import run_in_netns
 from tests.integration.test_sockstate_support import (
+    CHUNK,
     ENDLESS,
+    WAIT_SECONDS,
     Timing,
     Traffic,
     close_all,
@@ -39,6 +45,7 @@ from tests.integration.test_sockstate_support import (
     fill_queues,
     freeze_and_dump,
     make_conns,
+    pattern,
     queued,
     raise_fd_limit,
     requires_root,
@@ -241,3 +248,74 @@ def test_rollback_after_dump(netns: Netns) -> None:
             traffic.wait(lambda: all(c.done for c in conns), "every stream to complete")
     finally:
         close_all([s for pair in pairs for s in pair])
+
+
+def _ack_and_data_age_ms(sock: socket.socket) -> tuple[int, int]:
+    """tcpi_last_ack_recv and tcpi_last_data_recv: ms since the last new ACK / data segment."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    data, ack = struct.unpack_from("=II", info, 52)
+    return ack, data
+
+
+def _rtt_us(sock: socket.socket) -> int:
+    """tcpi_rtt: the smoothed RTT in microseconds."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    rtt: int = struct.unpack_from("=I", info, 68)[0]
+    return rtt
+
+
+def _upload(sender: socket.socket, receiver: socket.socket, start: int, end: int) -> None:
+    """Send bytes ``start .. end`` of pattern stream 0 and check they all arrive."""
+    sender.setblocking(False)
+    receiver.settimeout(WAIT_SECONDS)
+    sent = received = start
+    while received < end:
+        if sent < end:
+            with contextlib.suppress(BlockingIOError):
+                sent += sender.send(pattern(0, sent, min(CHUNK, end - sent)))
+        data = receiver.recv(CHUNK)
+        assert data == pattern(0, received, len(data)), f"wrong bytes at {received}"
+        received += len(data)
+
+
+def test_close_wait_restored_socket_acknowledges_the_peers_fin(netns: Netns) -> None:
+    """A socket moved in CLOSE_WAIT ACKs the peer's FIN: the peer does not take its ACKs as old.
+
+    Regression: restored one sequence number short of the FIN, every segment
+    it sent carried an ACK below the peer's snd_una. The peer (FIN_WAIT2)
+    took each as an old ACK (tcp_ack: before(ack, prior_snd_una) → old_ack),
+    which skips the rcv_tstamp and ts_recent updates: its TSecr stayed at the
+    last tsval of the source, so every RTT the restored socket took from an
+    ACK of retransmitted data (tcp_ack_update_rtt → tcp_rtt_tsopt_us) was
+    the time since the freeze, and its RTO grew to seconds.
+    """
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    restored: list[socket.socket] = []
+    try:
+        server.sendall(b"unread" * 100)
+        server.shutdown(socket.SHUT_WR)
+        wait_for(lambda: tcp_state(client) == TcpState.CLOSE_WAIT, what="the peer's FIN")
+        _upload(client, server, 0, 1 << 20)
+        [state] = freeze_and_dump([client], Timing())
+        assert state.fin_received and state.recv_queue == b"unread" * 100
+        time.sleep(1.0)  # the move takes a while: ACKs from before it are this old
+        restored = restore_all([state], Timing(), netns=netns.path, close_sources=[client])
+        [new] = restored
+        assert finish_restore(new, state) == state.unsent
+        _upload(new, server, 1 << 20, 4 << 20)
+        ack_age, data_age = _ack_and_data_age_ms(server)
+        assert ack_age <= data_age + 100, "the peer took the restored socket's ACKs as old"
+        # A retransmission (the peer drops everything for a while) is ACKed with a
+        # fresh TSecr: the RTT sample is the real one, not the time since the freeze.
+        freeze_intake(server)
+        new.send(b"x" * 1000)
+        time.sleep(0.3)
+        thaw_intake(server)
+        server.settimeout(WAIT_SECONDS)
+        assert server.recv(2000) == b"x" * 1000
+        wait_for(lambda: queued(new) == len(state.recv_queue), what="the retransmission's ACK")
+        assert _rtt_us(new) < 10_000, f"RTT {_rtt_us(new)} us after a retransmission"
+        new.settimeout(WAIT_SECONDS)
+        assert new.recv(1000) == b"unread" * 100
+    finally:
+        close_all([*restored, server])

@@ -113,13 +113,11 @@ def test_repair_options_only_those_negotiated() -> None:
     assert list(struct.iter_unpack("=II", repair_options(state))) == [(2, 1460), (4, 0)]
 
 
-def test_repair_window_plain_and_after_peer_fin() -> None:
+def test_repair_window_is_the_dumped_one_also_after_peer_fin() -> None:
     assert struct.unpack("=5I", repair_window(BASE)) == (1000, 65535, 65535, 64000, 5000)
     closing = dataclasses.replace(BASE, tcp_state=TcpState.CLOSE_WAIT)
-    # rcv_nxt is restored before the FIN: rcv_wup one less, same right edge.
-    assert struct.unpack("=5I", repair_window(closing)) == (1000, 65535, 65535, 64001, 4999)
-    wrapped = dataclasses.replace(closing, rcv_wup=0)
-    assert struct.unpack("=5I", repair_window(wrapped))[4] == 0xFFFFFFFF
+    # rcv_nxt is restored with the FIN counted (sockstate docstring): nothing to adjust.
+    assert struct.unpack("=5I", repair_window(closing)) == (1000, 65535, 65535, 64000, 5000)
 
 
 @pytest.mark.parametrize(
@@ -146,6 +144,14 @@ def test_queue_starts_exclude_the_fins() -> None:
     assert (s.send_start, s.recv_start) == (2000 - 6 - 1, 5000 - 3 - 1)
 
 
+def test_restored_receive_queue_starts_after_the_peers_fin() -> None:
+    assert BASE.restored_recv_start == BASE.recv_start == 5000 - 3
+    for state in (TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING):
+        s = dataclasses.replace(BASE, tcp_state=state)
+        # rcv_nxt ends up at recv_seq, FIN included: the peer must not see old ACKs.
+        assert s.restored_recv_start == s.recv_start + 1 == 5000 - 3
+
+
 @given(
     seq=st.integers(0, 0xFFFFFFFF),
     queue=st.binary(max_size=64),
@@ -164,6 +170,7 @@ def test_queue_starts_wrap_around(seq: int, queue: bytes, state: int) -> None:
     assert 0 <= s.send_start <= 0xFFFFFFFF
     assert (s.send_start + len(s.send_queue) + s.fin_sent) % (1 << 32) == seq
     assert (s.recv_start + len(s.recv_queue) + s.fin_received) % (1 << 32) == seq
+    assert (s.restored_recv_start + len(s.recv_queue)) % (1 << 32) == seq
     s.check()
 
 
