@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from daemon.migration import migration_pb2 as pb
-from daemon.migration.records import UdpFlowRecord
+from daemon.migration.records import TcpFlowRecord, UdpFlowRecord
 from daemon.migration.stream import (
     PRECOPY_VERSION,
     FlowReceived,
@@ -26,7 +26,7 @@ from tests.unit.test_stream import HEADER, header_bytes, idle_tcp, refused, trai
 PRECOPY_HEADER = dataclasses.replace(HEADER, precopy=True)
 
 
-def precopy_stream() -> tuple[bytes, list[object]]:
+def precopy_stream() -> tuple[bytes, list[TcpFlowRecord]]:
     """Two pre-copied flows, the end, one replacement, one retired, the trailer."""
     enc = StreamEncoder()
     a, b = idle_tcp(4), dataclasses.replace(idle_tcp(4), guest_port=40001)
