@@ -1,0 +1,186 @@
+"""A private epoll plus a timer heap: what one reactor task needs to drive many handles.
+
+Theory of operation
+-------------------
+:class:`Interest` keeps, for each handle (a TCP connection, say), the file
+descriptor it waits on and the epoll event mask registered for it, and a
+deadline. It owns no task and reads no clock: the adapter asks it for the
+ready handles (:meth:`Interest.ready`, a non-blocking ``epoll_wait``) and
+the due ones (:meth:`Interest.due`, given ``now``), and tells it after every
+change what each handle waits for now (:meth:`Interest.set_mask`,
+:meth:`Interest.set_deadline`).
+
+Readiness. Registrations are level-triggered (epoll(7)): a socket stays
+reported for as long as it is readable or writable, so a handle that is not
+served in one round is reported again in the next, and no wake-up is lost
+between the adapter's check and its next wait. The price is that a
+registered descriptor must always be wanted: EPOLLERR and EPOLLHUP are
+reported whatever the mask says (epoll_ctl(2)), so a socket kept
+registered with nothing to wait for would be reported on every round once
+its peer hung up. A handle whose mask becomes empty is therefore
+unregistered (EPOLL_CTL_DEL), and registered again when it becomes
+non-empty; ``epoll_ctl`` is only called when the mask actually changes.
+
+An epoll registration belongs to the open file *and* its descriptor number
+(epoll(7), "Questions and answers"): closing the last descriptor of a socket
+removes it from the set silently, and the number is reused by the next
+socket at once. So :meth:`Interest.forget` must run BEFORE the socket is
+closed; otherwise this table would take a new socket for the old handle.
+
+Timers. A binary heap of ``(deadline, tiebreak, handle)`` with lazy
+invalidation: per handle only the deadline last pushed counts. A new
+deadline is pushed only if it is earlier than that one; a later one is
+ignored, and when the earlier entry falls due the adapter finds the
+handle's real deadline later and schedules it again. Entries of forgotten
+or superseded schedules stay in the heap until popped (skipped then), or
+until the heap holds more than twice as many entries as live schedules, when
+it is rebuilt from the live ones (a connection that alternates between
+short retransmission timers and its idle limit would otherwise leave one
+dead entry per burst).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import select
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+H = TypeVar("H", bound=Hashable)
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+
+#: Events taken from the kernel per round; more stay reported (level-triggered).
+MAX_EVENTS = 1024
+#: The heap is rebuilt when it holds this many more entries than twice the live ones.
+_HEAP_SLACK = 64
+
+
+class Interest(Generic[H]):
+    """Which descriptor each handle waits on, for which events, until when."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._fd_of: dict[H, int] = {}
+        self._mask_of: dict[H, int] = {}
+        """Registered handles only; never an empty mask."""
+        self._by_fd: dict[int, H] = {}
+        self._heap: list[tuple[float, int, H]] = []
+        self._scheduled: dict[H, tuple[float, int]] = {}
+        """The live heap entry of each handle: (deadline, tiebreak)."""
+        self._tiebreak = itertools.count()
+
+    def fileno(self) -> int:
+        """The epoll descriptor: readable when some registered handle is ready."""
+        return self._epoll.fileno()
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._fd_of.clear()
+        self._mask_of.clear()
+        self._by_fd.clear()
+        self._heap.clear()
+        self._scheduled.clear()
+
+    # --- readiness --------------------------------------------------------
+
+    def mask(self, handle: H) -> int:
+        """The events registered for ``handle`` (0: not registered)."""
+        return self._mask_of.get(handle, 0)
+
+    def set_mask(self, handle: H, fd: int, mask: int) -> None:
+        """Wait for ``mask`` on ``fd`` from now on; 0 unregisters."""
+        old = self._mask_of.get(handle, 0)
+        if mask == old:
+            return
+        if not mask:
+            self._unregister(handle)
+        elif not old:
+            stale = self._by_fd.get(fd)
+            if stale is not None:
+                # Its socket was closed without forget(): the kernel already
+                # dropped that registration, and the number is this socket's.
+                self._fd_of.pop(stale, None)
+                self._mask_of.pop(stale, None)
+            self._epoll.register(fd, mask)
+            self._fd_of[handle] = fd
+            self._mask_of[handle] = mask
+            self._by_fd[fd] = handle
+        else:
+            self._epoll.modify(fd, mask)
+            self._mask_of[handle] = mask
+
+    def _unregister(self, handle: H) -> None:
+        fd = self._fd_of.pop(handle, None)
+        self._mask_of.pop(handle, None)
+        if fd is None or self._by_fd.get(fd) is not handle:
+            return  # never registered, or its number now belongs to another socket
+        del self._by_fd[fd]
+        try:
+            self._epoll.unregister(fd)
+        except OSError as exc:
+            # Closed behind our back (the kernel dropped the registration
+            # with the file): nothing left to remove.
+            if exc.errno not in (errno.ENOENT, errno.EBADF):
+                raise
+
+    def ready(self, max_events: int = MAX_EVENTS) -> list[tuple[H, int]]:
+        """Registered handles with events now (never blocks)."""
+        by_fd = self._by_fd
+        return [(by_fd[fd], ev) for fd, ev in self._epoll.poll(0, max_events) if fd in by_fd]
+
+    # --- timers -----------------------------------------------------------
+
+    def set_deadline(self, handle: H, when: float) -> None:
+        """Make sure ``handle`` is due no later than ``when`` (inf: no deadline).
+
+        A deadline later than the one scheduled is not pushed: :meth:`due`
+        returns the handle at the earlier time, and the caller schedules it
+        again from the handle's real deadline.
+        """
+        current = self._scheduled.get(handle)
+        if when == float("inf") or (current is not None and when >= current[0]):
+            return
+        tiebreak = next(self._tiebreak)
+        self._scheduled[handle] = (when, tiebreak)
+        heapq.heappush(self._heap, (when, tiebreak, handle))
+        if len(self._heap) > 2 * len(self._scheduled) + _HEAP_SLACK:
+            self._heap = [(w, t, h) for h, (w, t) in self._scheduled.items()]
+            heapq.heapify(self._heap)
+
+    def next_deadline(self) -> float:
+        """The earliest scheduled deadline (inf if none)."""
+        heap, scheduled = self._heap, self._scheduled
+        while heap:
+            when, tiebreak, handle = heap[0]
+            if scheduled.get(handle) == (when, tiebreak):
+                return when
+            heapq.heappop(heap)  # superseded or forgotten
+        return float("inf")
+
+    def due(self, now: float) -> list[H]:
+        """Handles whose scheduled deadline is ``now`` or earlier, each
+        unscheduled (the caller schedules it again from its real deadline)."""
+        heap, scheduled, out = self._heap, self._scheduled, []
+        while heap and heap[0][0] <= now:
+            when, tiebreak, handle = heapq.heappop(heap)
+            if scheduled.get(handle) == (when, tiebreak):
+                del scheduled[handle]
+                out.append(handle)
+        return out
+
+    # --- both -------------------------------------------------------------
+
+    def forget(self, handle: H) -> None:
+        """No more events or deadlines for ``handle``. Call BEFORE closing its fd."""
+        self._unregister(handle)
+        self._scheduled.pop(handle, None)
+
+    def handles(self) -> set[H]:
+        """Every handle registered or scheduled."""
+        return set(self._mask_of) | set(self._scheduled)

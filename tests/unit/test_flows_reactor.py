@@ -1,0 +1,198 @@
+"""daemon.flows.reactor.Interest: epoll masks and the lazy timer heap, with explicit time."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.flows.reactor import EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
+
+INF = float("inf")
+
+
+class Handle:
+    """Stands for a connection: identity-hashed, like TcpConn."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture
+def interest() -> Iterator[Interest[Handle]]:
+    it: Interest[Handle] = Interest()
+    yield it
+    it.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_ready_reports_the_registered_events(
+    interest: Interest[Handle], pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    h = Handle("a")
+    interest.set_mask(h, a.fileno(), EPOLLIN)
+    assert interest.ready() == []
+    b.send(b"x")
+    assert interest.ready() == [(h, EPOLLIN)]
+    assert interest.ready() == [(h, EPOLLIN)]  # level-triggered: still there
+    interest.set_mask(h, a.fileno(), EPOLLIN | EPOLLOUT)
+    assert interest.ready() == [(h, EPOLLIN | EPOLLOUT)]
+    assert interest.mask(h) == EPOLLIN | EPOLLOUT
+
+
+def test_an_empty_mask_unregisters_so_a_hang_up_is_not_reported(
+    interest: Interest[Handle], pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, b = pair
+    h = Handle("a")
+    interest.set_mask(h, a.fileno(), EPOLLOUT)
+    b.close()
+    # EPOLLHUP comes whatever the mask (epoll_ctl(2)) ...
+    [(got, events)] = interest.ready()
+    assert got is h and events & EPOLLHUP
+    # ... unless the descriptor is out of the set.
+    interest.set_mask(h, a.fileno(), 0)
+    assert interest.mask(h) == 0
+    assert interest.ready() == []
+    interest.set_mask(h, a.fileno(), EPOLLIN)
+    assert [got for got, _ in interest.ready()] == [h]
+
+
+def test_forget_before_close_leaves_the_reused_number_alone(interest: Interest[Handle]) -> None:
+    a, peer_a = socket.socketpair()
+    old, new = Handle("old"), Handle("new")
+    try:
+        fd = a.fileno()
+        interest.set_mask(old, fd, EPOLLOUT)
+        interest.forget(old)
+        a.close()
+        b, peer_b = socket.socketpair()  # the lowest free number: a's
+        try:
+            assert b.fileno() == fd
+            interest.set_mask(new, fd, EPOLLOUT)
+            assert interest.ready() == [(new, EPOLLOUT)]
+            interest.forget(old)  # again: nothing of new's is touched
+            assert interest.ready() == [(new, EPOLLOUT)]
+        finally:
+            b.close()
+            peer_b.close()
+    finally:
+        peer_a.close()
+
+
+def test_a_socket_closed_without_forget_cannot_take_the_new_one(
+    interest: Interest[Handle],
+) -> None:
+    a, peer_a = socket.socketpair()
+    old, new = Handle("old"), Handle("new")
+    fd = a.fileno()
+    interest.set_mask(old, fd, EPOLLOUT)
+    a.close()  # the kernel drops the registration with the file
+    b, peer_b = socket.socketpair()
+    try:
+        assert b.fileno() == fd
+        interest.set_mask(new, fd, EPOLLOUT)
+        interest.forget(old)  # late: must not unregister new's socket
+        assert (new, EPOLLOUT) in interest.ready()
+        assert interest.mask(new) == EPOLLOUT
+    finally:
+        b.close()
+        peer_b.close()
+        peer_a.close()
+
+
+def test_unchanged_mask_makes_no_system_call(
+    interest: Interest[Handle], pair: tuple[socket.socket, socket.socket]
+) -> None:
+    a, _ = pair
+    h = Handle("a")
+    fd = a.fileno()
+    interest.set_mask(h, fd, EPOLLIN)
+    a.close()  # any epoll_ctl on fd would now fail with EBADF
+    interest.set_mask(h, fd, EPOLLIN)
+
+
+def test_timers_fire_in_order(interest: Interest[Handle]) -> None:
+    x, y, z = Handle("x"), Handle("y"), Handle("z")
+    interest.set_deadline(x, 3.0)
+    interest.set_deadline(y, 1.0)
+    interest.set_deadline(z, 2.0)
+    assert interest.next_deadline() == 1.0
+    assert interest.due(0.5) == []
+    assert interest.due(2.0) == [y, z]
+    assert interest.next_deadline() == 3.0
+    assert interest.due(10.0) == [x]
+    assert interest.next_deadline() == INF
+
+
+def test_a_later_deadline_is_not_pushed_an_earlier_one_supersedes(
+    interest: Interest[Handle],
+) -> None:
+    h = Handle("h")
+    interest.set_deadline(h, 5.0)
+    interest.set_deadline(h, 9.0)  # later: the caller reschedules when 5.0 pops
+    assert interest.next_deadline() == 5.0
+    interest.set_deadline(h, 2.0)
+    assert interest.next_deadline() == 2.0
+    assert interest.due(6.0) == [h]  # once, not for the stale 5.0 entry too
+    assert interest.next_deadline() == INF
+    interest.set_deadline(h, INF)
+    assert interest.next_deadline() == INF
+
+
+def test_forget_drops_the_deadline(interest: Interest[Handle]) -> None:
+    h, k = Handle("h"), Handle("k")
+    interest.set_deadline(h, 1.0)
+    interest.set_deadline(k, 2.0)
+    interest.forget(h)
+    assert interest.next_deadline() == 2.0
+    assert interest.due(5.0) == [k]
+
+
+def test_dead_entries_do_not_pile_up(interest: Interest[Handle]) -> None:
+    handles = [Handle(str(i)) for i in range(10)]
+    now = 0.0
+    for _ in range(1000):  # each round: an idle limit far off, then a short timer
+        for h in handles:
+            interest.set_deadline(h, now + 7200.0)
+            interest.set_deadline(h, now + 1.0)
+        now += 1.0
+        assert sorted(interest.due(now), key=lambda h: h.name) == sorted(
+            handles, key=lambda h: h.name
+        )
+    assert len(interest._heap) <= 2 * len(handles) + 64 + 1
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.floats(0, 100)), max_size=60), st.floats(0, 100))
+def test_due_matches_the_earliest_deadline_asked_for(
+    calls: list[tuple[int, float]], now: float
+) -> None:
+    interest: Interest[Handle] = Interest()
+    try:
+        handles = [Handle(str(i)) for i in range(5)]
+        earliest: dict[Handle, float] = {}
+        for index, when in calls:
+            h = handles[index]
+            interest.set_deadline(h, when)
+            earliest[h] = min(earliest.get(h, INF), when)
+        due = interest.due(now)
+        assert len(due) == len(set(due))
+        assert set(due) == {h for h, when in earliest.items() if when <= now}
+        rest = [when for h, when in earliest.items() if when > now]
+        assert interest.next_deadline() == min(rest, default=INF)
+    finally:
+        interest.close()
