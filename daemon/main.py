@@ -79,8 +79,9 @@ class Daemon:
 
     Two nurseries: the outer one holds what lives as long as the process
     (control socket, migration tasks); the data path's (tap reader, timers,
-    every flow's task) is cancelled when a migration freezes the guest and
-    started again on rollback, or on a target when it resumes.
+    the TCP reactor and listeners, every UDP and ICMP flow's task) is
+    cancelled when a migration freezes the guest and started again on
+    rollback, or on a target when it resumes.
     """
 
     def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:

@@ -42,8 +42,12 @@ the kernel finishes the exchange with the peer. A RST from the guest
 aborts the socket with SO_LINGER {1, 0} (the kernel sends RST); a reset
 socket sends the guest a RST.
 
-Time is passed in (``now``), never read here: the adapter in
-``daemon.flows.tcp`` owns the clock, the tasks and the flow table.
+Time is passed in (``now``), never read here, and nothing here waits: the
+adapter in ``daemon.flows.tcp`` owns the clock, the flow table and the one
+reactor that waits for every connection. After any change to what the
+connection waits for (``reading()``, ``want_writable``, the state) or until
+when (``deadline()``) it calls ``on_changed``; the adapter re-arms the
+connection from those once its current batch of events is done.
 """
 
 from __future__ import annotations
@@ -59,8 +63,6 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import trio
 
 from daemon.flows.table import Flow
 from daemon.flows.tcp_seq import seq_add, seq_diff
@@ -158,6 +160,7 @@ class TcpConn:
         peek_buffer: memoryview,
         on_closed: Callable[[TcpConn], None],
         on_ack_due: Callable[[TcpConn], None],
+        on_changed: Callable[[TcpConn], None],
         rcvlowat_cap: int,
     ) -> None:
         self.ends = ends
@@ -170,6 +173,7 @@ class TcpConn:
         self._buf = peek_buffer
         self._on_closed = on_closed
         self._on_ack_due = on_ack_due
+        self._on_changed = on_changed
         self.ack_due = False
         self._rcvlowat_cap = rcvlowat_cap
         self.flags = Flags(0)
@@ -199,8 +203,6 @@ class TcpConn:
         self._starved = False
         self.want_writable = False
         """The adapter should wait for writability and call on_writable()."""
-        self.wakeup: trio.Event | None = None
-        self.scope: trio.CancelScope | None = None
         self._hole_acked = -1
         """seq_from_guest at which a hole last got its duplicate ACKs."""
         self.restore_tail: tuple[TcpSocketState, int] | None = None
@@ -262,11 +264,8 @@ class TcpConn:
             self._rcvlowat = want
 
     def _poke(self) -> None:
-        """Make the adapter's task re-evaluate what it waits for and until when."""
-        if self.scope is not None:
-            self.scope.deadline = self.deadline()
-        if self.wakeup is not None:
-            self.wakeup.set()
+        """Make the adapter re-evaluate what this connection waits for and until when."""
+        self._on_changed(self)
 
     # --- frames to the guest ----------------------------------------------
 
@@ -322,6 +321,7 @@ class TcpConn:
         self.wnd_to_guest = min(free, 0xFFFF << self.our_ws)
         if free < sndbuf // 4 and not self.want_writable:
             self.want_writable = True
+            self._poke()
 
     # --- events from the adapter ------------------------------------------
 
@@ -566,6 +566,7 @@ class TcpConn:
         if sent < state.unsent:
             self.restore_tail = (state, sent)
             self.want_writable = True
+            self._poke()
             return False
         self.restore_tail = None
         return True
@@ -749,11 +750,11 @@ class TcpConn:
         if abort:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-        trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
         self.timer = float("-inf")
-        self._poke()
+        # Before close(): the adapter takes the descriptor out of its epoll
+        # while the number is still this socket's (it is reused at once).
         self._on_closed(self)
+        self.sock.close()
 
     def describe(self) -> str:
         e = self.ends
