@@ -202,6 +202,7 @@ class Restorer:
             if conn.flight:  # what was in flight is retransmitted if unacknowledged
                 conn.timer = min(conn.timer, now + conn.rto_jittered())
             conn.prepare_wait()
+            self.d.tcp.changed(conn)  # the reactor re-arms it (timer set directly)
         for rec in self.resets:
             l4 = build_tcp(
                 rec.remote_addr,

@@ -141,6 +141,7 @@ class SourceMigration:
             # Same namespace: free each 4-tuple before the target can read its
             # record (its connect() fails while this socket exists).
             for conn in to_close:
+                d.tcp.forget(conn)  # out of the reactor's epoll before the fd goes
                 close_silently(conn.sock)
             to_close.clear()
             if out:
@@ -246,6 +247,7 @@ class SourceMigration:
         await trio.sleep(self.daemon.opts.linger)
         for conn in self.frozen:
             if conn.sock.fileno() >= 0:
+                self.daemon.tcp.forget(conn)
                 close_silently(conn.sock)
         log.info("linger time over: exiting")
         self.daemon.exit_requested.set()
