@@ -148,6 +148,9 @@ class TcpFlows:
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}
+        self._held: dict[TcpConn, bool] = {}
+        """Connections a migration's pre-copy is dumping: value, a guest RST came meanwhile."""
+        self.held_drops = 0
         """Connections to re-arm, in the order they changed."""
         self._deferring = False
         """A burst of guest frames (or a reactor round) is under way: re-arm at its end."""
@@ -162,6 +165,14 @@ class TcpFlows:
         flow = self.table.get(key)
         if flow is not None:
             conn = flow.handle
+            if conn in self._held:
+                # In repair mode for a pre-copy dump: the socket takes no
+                # data. Not acknowledged, so the guest sends it again; a RST
+                # (never resent) is carried out at release().
+                self.held_drops += 1
+                if seg.flags & RST:
+                    self._held[conn] = True
+                return
             self._dirty[conn] = None
             conn.on_guest_segment(seg, now)
             return
@@ -265,6 +276,27 @@ class TcpFlows:
         """The caller changed ``conn`` directly (its timer, say): re-arm it."""
         self._changed(conn)
 
+    def hold(self, conns: list[TcpConn]) -> None:
+        """Leave ``conns`` alone until release(): no events, no timers, guest segments dropped.
+
+        A migration's pre-copy holds a batch while its sockets are in
+        repair mode, where a send fails and a peek reads nothing
+        (tcp_sendmsg_locked, tcp_recvmsg_locked with tp->repair): a held
+        connection must not touch its socket.
+        """
+        for conn in conns:
+            self._held[conn] = False
+            self._dirty.pop(conn, None)
+            if self._interest is not None:
+                self._interest.set_mask(conn, conn.fd, 0)
+
+    def release(self, conns: list[TcpConn], now: float) -> None:
+        """Undo hold(): re-arm, and carry out a RST the guest sent meanwhile."""
+        for conn in conns:
+            if self._held.pop(conn, False) and not conn.closed:
+                conn.abort(now, rst_guest=False, rst_peer=True)
+            self._changed(conn)
+
     def forget(self, conn: TcpConn) -> None:
         """Let go of ``conn``: out of the epoll, the timers and the flow table.
 
@@ -304,6 +336,8 @@ class TcpFlows:
         if conn.closed or conn.sock.fileno() < 0:
             interest.forget(conn)  # closed, or handed over by a migration
             return
+        if conn in self._held:
+            return  # release() arms it
         try:
             if conn.state is State.CONNECTING:
                 mask = EPOLLOUT
@@ -343,6 +377,8 @@ class TcpFlows:
     def _dispatch(self, interest: Interest[TcpConn], now: float) -> None:
         """Hand each ready socket's events to its connection."""
         for conn, events in interest.ready():
+            if conn in self._held:
+                continue
             self._dirty[conn] = None
             try:
                 if conn.state is State.CONNECTING:
@@ -360,6 +396,9 @@ class TcpFlows:
         """Fire the due deadlines; reschedule those that moved later."""
         for conn in interest.due(now):
             if conn.closed:
+                continue
+            if conn in self._held:
+                self._dirty[conn] = None  # its deadline is set again once released
                 continue
             when = conn.deadline()
             if when > now:

@@ -150,8 +150,10 @@ def _config_net(ipr: object, index: int, link: LinkConfig) -> None:
 class TapFrontend:
     """A tap device's fd, with a draining reader and a non-blocking writer."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, attached: bool = True) -> None:
         self.fd = fd
+        self.attached = attached
+        """Whether this queue receives the guest's frames (not so for --incoming)."""
         self._buf = bytearray(_MAX_FRAME)
         self._view = memoryview(self._buf)
         self.frames_in = 0
@@ -159,12 +161,16 @@ class TapFrontend:
         self.dropped_out = 0
 
     def detach_queue(self) -> None:
-        """Stop receiving the guest's frames (a migration's source, at commit)."""
-        _set_queue(self.fd, IFF_DETACH_QUEUE)
+        """Stop receiving the guest's frames (a migration's source, at its freeze)."""
+        if self.attached:
+            _set_queue(self.fd, IFF_DETACH_QUEUE)
+            self.attached = False
 
     def attach_queue(self) -> None:
-        """Start receiving the guest's frames (a migration's target, at resume)."""
-        _set_queue(self.fd, IFF_ATTACH_QUEUE)
+        """Start receiving the guest's frames (a migration's target, before the freeze)."""
+        if not self.attached:
+            _set_queue(self.fd, IFF_ATTACH_QUEUE)
+            self.attached = True
 
     @classmethod
     def open(
@@ -183,7 +189,7 @@ class TapFrontend:
             raise TapSetupError(f"cannot set up tap {name!r} in {netns}: {exc}{hint}") from exc
         except Exception as exc:  # pyroute2's NetlinkError and friends
             raise TapSetupError(f"cannot configure tap {name!r} in {netns}: {exc}") from exc
-        return cls(fd)
+        return cls(fd, attached=not incoming)
 
     #: Frames may be sent with a partial L4 checksum (see the module doc).
     csum_offload = True

@@ -187,6 +187,7 @@ __all__ = [
     "new_socket_for",
     "parse_tcp_info",
     "restore_in_repair",
+    "segment_counts",
     "set_repair_direct",
     "thaw_intake",
 ]
@@ -238,6 +239,9 @@ _REPAIR_OPT = struct.Struct("=II")
 #: app_limited/fastopen bits), then 24 u32 (rto ... total_retrans). The kernel
 #: copies min(optlen, sizeof) bytes, so asking for this head is enough.
 TCP_INFO_HEAD = struct.Struct("=8B24I")
+#: struct tcp_info's tcpi_segs_out and tcpi_segs_in (u32 at offset 136, after
+#: total_retrans, pacing_rate, max_pacing_rate, bytes_acked, bytes_received).
+_TCP_INFO_SEGS = struct.Struct("=136x2I")
 
 
 class TcpState:
@@ -683,6 +687,24 @@ def _dump(sock: socket.socket) -> TcpSocketState:
         unsent=unsent,
         recv_queue=recv_queue,
     )
+
+
+def segment_counts(sock: HasFileno) -> tuple[int, int]:
+    """(segments sent, segments received) by the socket so far: tcpi_segs_out / tcpi_segs_in.
+
+    The kernel counts every segment it transmits (__tcp_transmit_skb:
+    data, ACKs, probes, retransmissions) and every segment it takes in
+    for the socket once the socket filter let it pass (tcp_v4_rcv /
+    tcp_v6_rcv: tcp_filter, then tcp_segs_in). While neither count moves
+    and the owner neither writes nor reads, nothing a dump reads can change
+    (sequence numbers, windows, queues, state), which is how a pre-copied
+    dump is confirmed after the freeze without dumping again. Works
+    without repair mode.
+    """
+    with _borrow(sock) as stdlib_sock:
+        data = stdlib_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
+    out, in_ = _TCP_INFO_SEGS.unpack(data)
+    return out, in_
 
 
 def _peek_recv_queue(sock: socket.socket, length: int) -> bytes:
