@@ -218,6 +218,13 @@ def _add_migrate(parser: argparse.ArgumentParser) -> None:
         default=MIGRATE_TIMEOUT,
         help=f"limit for each request of the migration (default {MIGRATE_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--no-precopy",
+        action="store_true",
+        help="dump every connection after the freeze instead of pre-copying the quiet ones"
+        " while the guest runs (pre-copy is also skipped when both daemons share a network"
+        " namespace)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -265,7 +272,10 @@ def _run_migrate(args: argparse.Namespace, out: TextIO) -> None:
     same_netns = src_ns is not None and src_ns == dst_ns
 
     started = time.monotonic()
-    out_resp = _hand_over_pipe(peers, same_netns)
+    if same_netns or args.no_precopy:
+        out_resp = _hand_over_pipe(peers, same_netns)
+    else:
+        out_resp = _precopy_then_freeze(peers)
     wait_resp = _wait_restored(peers)
     try:
         peers.ask("source", "migrate-commit")
@@ -325,6 +335,51 @@ def _hand_over_pipe(peers: _Peers, same_netns: bool) -> dict[str, Any]:
         for fd in (rfd, wfd):
             if fd >= 0:
                 os.close(fd)
+
+
+def _precopy_then_freeze(peers: _Peers) -> dict[str, Any]:
+    """Pre-copy while the guest runs, let the target restore it, then freeze; the source's answer.
+
+    The same pipe carries both parts of the stream (proto/migration.proto,
+    PrecopyEnd). The target takes the guest's tap queue when it has
+    restored the pre-copy, right before the freeze.
+    """
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            peers.ask("target", "migrate-in", fds=[rfd], precopy=True)
+        except _Failure as exc:
+            raise _Failure(f"migrate: {exc}; nothing was changed") from None
+        finally:
+            os.close(rfd)
+            rfd = -1
+        try:
+            fd, wfd = wfd, -1
+            pre = _request_handing_over(peers.source, "migrate-precopy", fd, peers.timeout)
+        except ControlRequestFailed as exc:
+            raise _aborted(peers, f"source {exc}", abort_source=False) from None
+        except ControlClientError as exc:
+            raise _aborted(peers, f"source {exc}") from None
+    finally:
+        for fd in (rfd, wfd):
+            if fd >= 0:
+                os.close(fd)
+    try:
+        pre_wait = peers.ask("target", "migrate-wait-precopy")
+    except _Failure as exc:
+        raise _aborted(peers, f"pre-copy failed: {exc}") from None
+    try:
+        out = request(peers.source, "migrate-out", timeout=peers.timeout)
+    except ControlRequestFailed as exc:
+        raise _aborted(peers, f"source {exc}", abort_source=False) from None
+    except ControlClientError as exc:
+        raise _aborted(peers, f"source {exc}") from None
+    timings = dict(_timings(out))
+    timings["precopy"] = _timings(pre).get("precopy")
+    timings["target_precopy"] = _timings(pre_wait).get("precopy")
+    return {**out, "precopied": pre.get("precopied"), "timings_ms": timings}
 
 
 def _wait_restored(peers: _Peers) -> dict[str, Any]:
@@ -435,6 +490,7 @@ def migration_summary(
         "flows": out_resp.get("flows", {}),
         "restored": wait_resp.get("restored", {}),
         "stream_bytes": out_resp.get("stream_bytes"),
+        "precopied": out_resp.get("precopied", 0),
         "downtime_ms": downtime,
         "ferryctl_ms": round(elapsed * 1000, 3),
         "source_timings_ms": _timings(out_resp),

@@ -5,6 +5,12 @@ Source: ``migrate-out`` (with the stream's write end), ``migrate-commit``,
 ``migrate-wait``, ``migrate-resume``, ``migrate-abort``. ferryctl drives
 them in that order; the shape is vhost-user's SET_DEVICE_STATE_FD then
 CHECK_DEVICE_STATE (DESIGN.md).
+
+With pre-copy (daemon.migration.source): ``migrate-in`` with
+``precopy: true``, then the source's ``migrate-precopy`` (with the write
+end; the guest keeps running), the target's ``migrate-wait-precopy``
+(restored ahead; takes the guest's tap queue), then ``migrate-out``
+without a descriptor (the freeze, on the same stream), and on as above.
 """
 
 from __future__ import annotations
@@ -35,18 +41,33 @@ async def setup(daemon: Daemon) -> None:
 
 
 def register(control: ControlServer, daemon: Daemon) -> None:
+    async def migrate_precopy(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        fd = _one_fd("migrate-precopy", fds)
+        migration = SourceMigration(daemon, daemon.repair_source)
+        if daemon.role == "running":
+            daemon.migration = migration
+        return await migration.precopy(fd)
+
     async def migrate_out(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        same_netns = bool(req.get("same_netns", False))
+        if not fds and daemon.role == "precopied":
+            source: SourceMigration = current(SourceMigration)
+            return await source.migrate_out(None, same_netns)
         fd = _one_fd("migrate-out", fds)
         migration = SourceMigration(daemon, daemon.repair_source)
         if daemon.role == "running":
             daemon.migration = migration
-        return await migration.migrate_out(fd, bool(req.get("same_netns", False)))
+        return await migration.migrate_out(fd, same_netns)
 
     async def migrate_in(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         fd = _one_fd("migrate-in", fds)
         migration = TargetMigration(daemon, daemon.repair_source)
-        result = await migration.migrate_in(fd)  # owns fd, success or not
+        result = await migration.migrate_in(fd, bool(req.get("precopy", False)))  # owns fd
         daemon.migration = migration
+        return result
+
+    async def migrate_wait_precopy(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        result: dict[str, Any] = await current(TargetMigration).wait_precopy()
         return result
 
     def current(kind: type) -> Any:
@@ -73,8 +94,10 @@ def register(control: ControlServer, daemon: Daemon) -> None:
         return result
 
     for name, handler in (
+        ("migrate-precopy", migrate_precopy),
         ("migrate-out", migrate_out),
         ("migrate-in", migrate_in),
+        ("migrate-wait-precopy", migrate_wait_precopy),
         ("migrate-wait", migrate_wait),
         ("migrate-resume", migrate_resume),
         ("migrate-commit", migrate_commit),

@@ -10,6 +10,17 @@ goes OFF in batches, migrated unsent bytes are sent, the data path starts
 and each guest connection is resynchronised (an ACK with a fresh window,
 and everything the guest had not acknowledged sent again).
 
+Pre-copy (daemon.migration.source): flows that arrive before the
+PrecopyEnd record are restored the same way, ahead of the freeze, and
+remembered by 4-tuple and record index. After it, a TCP flow with the same
+4-tuple replaces its pre-copied connection (closed silently first: its
+4-tuple must be free for the new connect()), :meth:`Restorer.gone` drops
+the pre-copied connections that ended before the freeze, and the rest stand
+as restored. A connection that stood unchanged through the freeze has
+nothing to resynchronise: no unsent tail, nothing in flight, and the guest
+already holds its latest ACK and window, so :meth:`Restorer.resume` only
+takes it out of repair mode and arms it.
+
 If anything fails before resume, :meth:`Restorer.discard` closes every
 socket silently and leaves nothing behind.
 """
@@ -94,8 +105,15 @@ class Restorer:
         self.d = daemon
         self._repair = repair
         self.pending: list[tuple[socket.socket, TcpSocketState, TcpFlowRecord]] = []
-        self.restored: list[tuple[TcpConn, TcpSocketState, TcpFlowRecord]] = []
-        self.in_repair: list[socket.socket] = []
+        self.restored: dict[Endpoints, tuple[TcpConn, TcpSocketState, TcpFlowRecord]] = {}
+        self.in_repair: dict[int, socket.socket] = {}
+        """Sockets in repair mode, by id(): closed silently by discard()."""
+        self.in_precopy = False
+        self.precopied: dict[int, Endpoints] = {}
+        """Pre-copied connections still standing, by record index."""
+        self.standing: set[Endpoints] = set()
+        """Pre-copied connections the source has not replaced or retired (yet)."""
+        self.replaced = 0
         self.resets: list[TcpFlowRecord] = []
         self.udp: list[UdpFlowRecord] = []
         self.icmp: list[IcmpFlowRecord] = []
@@ -109,11 +127,21 @@ class Restorer:
             raise ControlError("no repair helper for restoring TCP connections")
         return self._repair
 
-    async def add(self, rec: FlowRecord) -> None:
+    async def add(self, rec: FlowRecord, index: int = -1) -> None:
         if isinstance(rec, TcpFlowRecord):
+            ends = ends_of(rec)
+            if ends in self.restored:
+                if self.in_precopy or not self._drop(ends):
+                    raise ControlError(
+                        f"the stream names TCP {ends.guest_addr}:{ends.guest_port} -> "
+                        f"{ends.remote_addr}:{ends.remote_port} twice"
+                    )
+                self.replaced += 1
             if rec.kernel is None:
                 self.resets.append(rec)
                 return
+            if self.in_precopy:
+                self.precopied[index] = ends
             state = socket_state(rec.kernel)
             state.check()
             self.pending.append((new_socket_for(state), state, rec))
@@ -129,6 +157,31 @@ class Restorer:
         else:
             self.icmp.append(rec)
 
+    def _drop(self, ends: Endpoints) -> bool:
+        """Close a pre-copied connection silently and forget it; False if it was not one."""
+        if ends not in self.standing:
+            return False
+        conn, _, _ = self.restored.pop(ends)
+        self.standing.discard(ends)
+        self.in_repair.pop(id(conn.sock), None)
+        self.d.tcp.forget(conn)  # before the close: the fd number is reused at once
+        close_silently(conn.sock)
+        self.counts["tcp"] -= 1
+        return True
+
+    async def precopy_end(self) -> None:
+        """The pre-copy part ended: restore its last batch; what follows may replace it."""
+        await self._batch()
+        self.standing = set(self.restored)
+        self.in_precopy = False
+
+    def gone(self, indexes: tuple[int, ...]) -> None:
+        """Pre-copied connections that ended on the source before the freeze."""
+        for index in indexes:
+            ends = self.precopied.pop(index, None)
+            if ends is not None and ends in self.restored:
+                self._drop(ends)
+
     async def _batch(self) -> None:
         batch, self.pending = self.pending, []
         if not batch:
@@ -142,15 +195,21 @@ class Restorer:
                 sock.close()  # unconnected: closing sends nothing
             raise
         self.repair_passes += 1
-        self.in_repair.extend(socks)
+        for sock in socks:
+            self.in_repair[id(sock)] = sock
         now = trio.current_time()
         for sock, state, rec in batch:
             restore_in_repair(sock, state)
             sock.setblocking(False)
             version = 6 if state.family == 6 else 4
-            conn = self.d.tcp.adopt(ends_of(rec), sock, version, now)
+            ends = ends_of(rec)
+            conn = self.d.tcp.adopt(ends, sock, version, now)
             apply_guest_state(conn, rec, state, now)
-            self.restored.append((conn, state, rec))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # What the guest was sent but has not acknowledged heads the
+            # restored receive queue: peek past it (flowstate's module doc).
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, conn.data_flight)
+            self.restored[ends] = (conn, state, rec)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
 
     async def finish(self) -> None:
@@ -175,25 +234,26 @@ class Restorer:
 
     async def resume(self) -> float:
         """Repair OFF, start the data path, resync the guest. Returns ms spent in repair OFF."""
-        socks = [conn.sock for conn, _, _ in self.restored]
+        socks = [conn.sock for conn, _, _ in self.restored.values()]
         t0 = trio.current_time()
         if socks:
             repair = await self._client()
             await repair.set_repair(socks, RepairMode.OFF)
         t_off = (trio.current_time() - t0) * 1e3
         self.in_repair.clear()
-        for conn, state, _ in self.restored:
+        standing = self.standing
+        for conn, state, rec in self.restored.values():
+            if ends_of(rec) in standing:
+                continue  # unchanged through the freeze: nothing to finish
             sent = finish_restore(conn.sock, state)
             if sent < state.unsent:
                 conn.restore_tail = (state, sent)
                 conn.want_writable = True
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # What the guest was sent but has not acknowledged heads the
-            # restored receive queue: peek past it (flowstate's module doc).
-            conn.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, conn.data_flight)
         await self.d.start_data_path()
         now = trio.current_time()
-        for conn, _, rec in self.restored:
+        for conn, _, rec in self.restored.values():
+            if ends_of(rec) in standing:
+                continue  # the guest has its ACK and window; the data path armed it
             if rec.handshake:
                 conn.abort(now, rst_guest=True, rst_peer=True)  # documented: reset
                 continue
@@ -223,7 +283,7 @@ class Restorer:
         for sock, _, _ in self.pending:
             sock.close()
         self.pending.clear()
-        for sock in self.in_repair:
+        for sock in self.in_repair.values():
             if sock.fileno() >= 0:
                 try:
                     close_silently(sock)

@@ -18,6 +18,24 @@ Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
    word within :data:`OUTCOME_TIMEOUT`: thaw, repair OFF in batches, resume
    as if nothing happened.
 
+Pre-copy (``migrate-precopy``, before ``migrate-out``; not in the same
+namespace). Restoring a socket costs the target far more than dumping it
+costs the source, and a thousand idle connections do not change in the
+second before a freeze. So while the guest still runs, the quiet
+connections (established, nothing in flight either way for
+:data:`PRECOPY_QUIET`) are dumped in batches: each batch is held (the data
+path leaves those connections alone and drops the guest's segments for
+them, which the guest retransmits), repair ON, dump, repair OFF without a
+window probe, released — a few milliseconds per batch. The records go
+ahead of the freeze, ended by a PrecopyEnd record, and the target restores
+them while the guest still runs. At the freeze every socket is frozen and
+put in repair mode as before, but a pre-copied connection whose socket
+counted no segment in or out since its dump (sockstate.segment_counts)
+and whose guest side did not move is not dumped again: it costs one
+getsockopt and no stream bytes. The others are dumped in full and replace
+their pre-copied record; pre-copied connections that ended meanwhile are
+listed in one TcpGone record.
+
 Same network namespace as the target (REFERENCE.md, "Same host"): the
 target cannot connect a 4-tuple while this socket exists, so each socket is
 closed silently (repair mode: no FIN, no RST) right after its record left,
@@ -45,8 +63,13 @@ from daemon.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.migration.repair_client import RepairClient, RepairMode
-from daemon.migration.sockstate import close_silently, dump_tcp
+from daemon.migration.repair_client import RepairClient, RepairError, RepairMode
+from daemon.migration.sockstate import (
+    SocketStateError,
+    close_silently,
+    dump_tcp,
+    segment_counts,
+)
 from daemon.migration.stream import StreamEncoder
 from daemon.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
@@ -60,6 +83,37 @@ OUTCOME_TIMEOUT = 120.0
 #: Records are written to the stream in chunks of about this size.
 CHUNK = 256 * 1024
 SOFTWARE_VERSION = "ferry 0.1.0"
+#: A connection is pre-copied only if nothing moved on it for this long.
+PRECOPY_QUIET = 0.05
+#: Connections held at once for a pre-copy dump (one ferry-repair message).
+PRECOPY_BATCH = 128
+
+#: What must not have changed on a pre-copied connection's guest side.
+_GuestMark = tuple[int, int, int, int, int, int, State]
+
+
+def _guest_mark(conn: TcpConn) -> _GuestMark:
+    return (
+        conn.seq_to_guest,
+        conn.seq_ack_from_guest,
+        conn.seq_from_guest,
+        conn.seq_ack_to_guest,
+        conn.guest_wnd,
+        int(conn.flags),
+        conn.state,
+    )
+
+
+def _precopy_candidate(conn: TcpConn, now: float) -> bool:
+    return (
+        conn.state is State.ESTABLISHED
+        and not conn.flags
+        and not conn.flight
+        and not conn.ack_due
+        and conn.restore_tail is None
+        and not conn.want_writable
+        and now - conn.last_progress >= PRECOPY_QUIET
+    )
 
 
 class SourceMigration:
@@ -76,16 +130,133 @@ class SourceMigration:
         self._watchdog: trio.CancelScope | None = None
         self.listeners_closed = False
         self.sockets_closed = False
+        self.stream: trio.lowlevel.FdStream | None = None
+        self.enc = StreamEncoder()
+        self.written = 0
+        self.precopied: dict[TcpConn, tuple[int, tuple[int, int], _GuestMark]] = {}
+        """Pre-copied connections: record index, segment counts and guest mark at the dump."""
+        self.precopy_timings: dict[str, float] = {}
 
-    async def migrate_out(self, fd: int, same_netns: bool) -> dict[str, Any]:
+    async def precopy(self, fd: int) -> dict[str, Any]:
+        """Start the stream while the guest runs: header and the quiet TCP connections."""
         d = self.daemon
         stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
         if d.role != "running":
             await stream.aclose()
-            raise ControlError(f"cannot migrate out: this ferryd is {d.role}")
+            raise ControlError(f"cannot pre-copy: this ferryd is {d.role}")
+        d.role = "precopying"
+        self.stream = stream
+        t0 = time.monotonic()
+        held: list[TcpConn] = []
+        try:
+            out = bytearray(self.enc.header(self._header(precopy=True)))
+            now = trio.current_time()
+            quiet = [f.handle for f in d.tcp.table if _precopy_candidate(f.handle, now)]
+            if quiet:
+                repair = self.repair = await self.repair_source.get()
+            for start in range(0, len(quiet), PRECOPY_BATCH):
+                batch = [c for c in quiet[start : start + PRECOPY_BATCH] if not c.closed]
+                if not batch:
+                    continue
+                held = batch
+                d.tcp.hold(batch)
+                socks = [c.sock for c in batch]
+                await repair.set_repair(socks, RepairMode.ON)
+                try:
+                    for conn in batch:
+                        try:
+                            segs = segment_counts(conn.sock)
+                            kernel = dump_tcp(conn.sock)
+                        except (SocketStateError, OSError) as exc:
+                            log.info("pre-copy: %s: %s; left for the freeze", conn.describe(), exc)
+                            continue
+                        out += self.enc.flow(tcp_record(conn, kernel))
+                        self.precopied[conn] = (self.enc.flow_count - 1, segs, _guest_mark(conn))
+                finally:
+                    await repair.set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
+                    d.tcp.release(batch, trio.current_time())
+                    held = []
+                if len(out) >= CHUNK:
+                    await stream.send_all(bytes(out))
+                    self.written += len(out)
+                    out.clear()
+            out += self.enc.precopy_end()
+            await stream.send_all(bytes(out))
+            self.written += len(out)
+        except (RepairError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning("pre-copy failed: %s", exc)
+            with trio.CancelScope(shield=True):
+                if held:
+                    await self._unhold(held)
+                await self._drop_precopy()
+            raise ControlError(f"pre-copy failed ({exc}); nothing changed here") from exc
+        d.role = "precopied"
+        assert d.outer is not None
+        d.outer.start_soon(self._outcome_watchdog)
+        self.precopy_timings = {"precopy": (time.monotonic() - t0) * 1e3}
+        log.info("migration: pre-copied %d TCP connections", len(self.precopied))
+        return {
+            "precopied": len(self.precopied),
+            "stream_bytes": self.written,
+            "timings_ms": self.precopy_timings,
+        }
+
+    async def _unhold(self, held: list[TcpConn]) -> None:
+        """A pre-copy batch failed half-way: repair OFF again (fresh helper), release."""
+        d = self.daemon
+        try:
+            repair = await self.repair_source.get()
+            await repair.set_repair([c.sock for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
+        except Exception as exc:  # nothing better to do than say so
+            log.error("pre-copy: cannot take %d sockets out of repair mode: %s", len(held), exc)
+        d.tcp.release(held, trio.current_time())
+
+    async def _drop_precopy(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+        self.precopied.clear()
+        self.daemon.role = "running"
+
+    def _header(self, *, precopy: bool) -> StreamHeader:
+        d = self.daemon
+        link = d.link
+        return StreamHeader(
+            ferry_mac=link.mac,
+            mtu=link.mtu,
+            ipv4=link.ipv4,
+            ipv6=link.ipv6,
+            guest_mac=d.stack.guest_mac,
+            flow_count_hint=len(d.tcp.table) + len(d.udp.table) + len(d.icmp.table),
+            software_version=SOFTWARE_VERSION,
+            frozen_at_ns=None if precopy else time.time_ns(),
+            precopy=precopy,
+        )
+
+    async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
+        """Freeze and stream: on ``fd``, or on the pre-copy's stream if ``fd`` is None."""
+        d = self.daemon
+        if fd is not None:
+            stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
+            if d.role != "running":
+                await stream.aclose()
+                raise ControlError(f"cannot migrate out: this ferryd is {d.role}")
+        else:
+            if d.role != "precopied" or self.stream is None:
+                raise ControlError(
+                    f"migrate-out without a stream needs a pre-copy first (this ferryd is {d.role})"
+                )
+            stream = self.stream
+            if same_netns:
+                await self._drop_precopy()
+                raise ControlError("no pre-copy in the target's network namespace")
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
         d.role = "migrating"
         self.same_netns = same_netns
         t_freeze = time.monotonic()
+        counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
         await d.stop_data_path()
         # From here on the guest's frames go to the target's queue (attached at
         # its migrate-in), which holds them until it resumes: nothing the guest
@@ -94,7 +265,6 @@ class SourceMigration:
         d.tap.detach_queue()
         t_stopped = time.monotonic()
         self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
-        counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
         try:
             repairable = [c for c in self.conns if c.state is not State.CONNECTING]
             if repairable:
@@ -126,15 +296,15 @@ class SourceMigration:
             "flows": counts,
             "stream_bytes": written,
             "t_freeze": t_freeze,
-            "timings_ms": self.timings,
+            "timings_ms": {**self.precopy_timings, **self.timings},
         }
 
     async def _stream(self, stream: trio.lowlevel.FdStream, counts: dict[str, int]) -> int:
         d = self.daemon
-        enc = StreamEncoder()
+        enc = self.enc
         out = bytearray()
         to_close: list[TcpConn] = []
-        written = 0
+        written = self.written
 
         async def flush() -> None:
             nonlocal written
@@ -156,19 +326,8 @@ class SourceMigration:
             if len(out) >= CHUNK:
                 await flush()
 
-        link = d.link
-        flow_hint = len(d.tcp.table) + len(d.udp.table) + len(d.icmp.table)
-        header = StreamHeader(
-            ferry_mac=link.mac,
-            mtu=link.mtu,
-            ipv4=link.ipv4,
-            ipv6=link.ipv6,
-            guest_mac=d.stack.guest_mac,
-            flow_count_hint=flow_hint,
-            software_version=SOFTWARE_VERSION,
-            frozen_at_ns=time.time_ns(),
-        )
-        await emit(enc.header(header))
+        if enc.bytes_written == 0:  # else the pre-copy wrote it
+            await emit(enc.header(self._header(precopy=False)))
         listeners = [(IPPROTO_TCP, f) for f, _, _ in d.tcp.listeners()]
         listeners += [(IPPROTO_UDP, f) for f, _, _ in d.udp.listeners()]
         seen: set[tuple[int, int]] = set()
@@ -182,13 +341,26 @@ class SourceMigration:
         if self.same_netns:
             d.tcp.close_listeners()
             self.listeners_closed = True
+        precopied = self.precopied
         for conn in self.conns:
+            pre = precopied.pop(conn, None)
+            if (
+                pre is not None
+                and pre[2] == _guest_mark(conn)
+                and pre[1] == segment_counts(conn.sock)
+            ):
+                counts["tcp"] += 1  # the target has it already, exactly so
+                counts["unchanged"] += 1
+                continue
             kernel = None if conn.state is State.CONNECTING else dump_tcp(conn.sock)
             rec_tcp: TcpFlowRecord = tcp_record(conn, kernel)
             await emit(enc.flow(rec_tcp), rec_tcp)
             counts["tcp" if not rec_tcp.handshake else "reset"] += 1
             if self.same_netns and kernel is not None:
                 to_close.append(conn)
+        if precopied:  # pre-copied, and closed since
+            await emit(enc.tcp_gone(sorted(index for index, _, _ in precopied.values())))
+            precopied.clear()
         now = trio.current_time()
         for flow in d.udp.table:
             handle: Any = flow.handle
@@ -225,7 +397,12 @@ class SourceMigration:
         with trio.CancelScope() as scope:
             self._watchdog = scope
             await trio.sleep(OUTCOME_TIMEOUT)
-            if self.daemon.role == "frozen":
+            if self.daemon.role == "precopied":
+                log.warning(
+                    "migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT
+                )
+                await self._drop_precopy()
+            elif self.daemon.role == "frozen":
                 log.warning(
                     "migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT
                 )
@@ -254,6 +431,11 @@ class SourceMigration:
 
     async def abort(self) -> dict[str, Any]:
         d = self.daemon
+        if d.role == "precopied":
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            await self._drop_precopy()
+            return {"role": d.role}
         if d.role not in ("frozen", "migrated"):
             raise ControlError(f"nothing to abort: this ferryd is {d.role}")
         await self.rollback()

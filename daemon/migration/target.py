@@ -24,7 +24,13 @@ from daemon.control import ControlError
 from daemon.link import LinkConfig
 from daemon.migration.restore import RepairSource, Restorer
 from daemon.migration.stream import StreamDecoder
-from daemon.migration.stream_events import FlowReceived, HeaderReceived, RecordSkipped
+from daemon.migration.stream_events import (
+    FlowReceived,
+    HeaderReceived,
+    PrecopyEnded,
+    RecordSkipped,
+    TcpFlowsGone,
+)
 
 if TYPE_CHECKING:
     from daemon.main import Daemon
@@ -43,17 +49,28 @@ class TargetMigration:
         self.error: str | None = None
         self.restorer: Restorer | None = None
         self._scope: trio.CancelScope | None = None
+        self.precopied = trio.Event()
+        self.precopy_ms = 0.0
 
-    async def migrate_in(self, fd: int) -> dict[str, Any]:
+    async def migrate_in(self, fd: int, precopy: bool = False) -> dict[str, Any]:
+        """Read and restore the stream on ``fd`` in the background.
+
+        With ``precopy`` the stream starts with a pre-copy, read while the
+        source's guest still runs: the guest's tap queue is then taken only
+        by :meth:`wait_precopy`, just before the source freezes (a queue
+        attached early would get a share of the guest's frames and sit on
+        them until resume).
+        """
         d = self.d
         if d.role != "incoming":
             os.close(fd)
             raise ControlError(f"cannot take a migration: this ferryd is {d.role}")
         d.role = "migrating"
-        # Take the guest's frames from now on, without reading them until
-        # resume: the source detaches its own queue when it freezes, and
-        # what the guest sends during the downtime waits here, not lost.
-        d.tap.attach_queue()
+        if not precopy:
+            # Take the guest's frames from now on, without reading them until
+            # resume: the source detaches its own queue when it freezes, and
+            # what the guest sends during the downtime waits here, not lost.
+            d.tap.attach_queue()
         assert d.outer is not None
         d.outer.start_soon(self._restore, fd)
         await trio.lowlevel.checkpoint()
@@ -83,9 +100,17 @@ class TargetMigration:
                                 trio.current_time(),
                             )
                             restorer = self.restorer = Restorer(d, self.repair)
+                            restorer.in_precopy = h.precopy
                             d.stack.guest_mac = h.guest_mac
                         elif isinstance(event, FlowReceived):
-                            await restorer.add(event.flow)
+                            await restorer.add(event.flow, event.index)
+                        elif isinstance(event, PrecopyEnded):
+                            await restorer.precopy_end()
+                            self.precopy_ms = (time.monotonic() - t0) * 1e3
+                            self.precopied.set()
+                            t_first = None  # the downtime's part starts with what follows
+                        elif isinstance(event, TcpFlowsGone):
+                            restorer.gone(event.indexes)
                         elif isinstance(event, RecordSkipped):
                             log.info(
                                 "migration: skipped a record of unknown kind %d", event.field_number
@@ -104,7 +129,7 @@ class TargetMigration:
             d.role = "restored"
             t_end = time.monotonic()
             self.result = {
-                "restored": restorer.counts,
+                "restored": {**restorer.counts, "replaced": restorer.replaced},
                 "stream_bytes": decoder.bytes_consumed,
                 "timings_ms": {
                     "restore": (t_end - (t_first or t0)) * 1e3,
@@ -116,6 +141,25 @@ class TargetMigration:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             self.done.set()
+
+    async def wait_precopy(self) -> dict[str, Any]:
+        """Until the pre-copy is restored; then take the guest's tap queue (see migrate_in)."""
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def failed() -> None:
+                    await self.done.wait()
+                    scope.cancel()
+
+                nursery.start_soon(failed)
+                await self.precopied.wait()
+                nursery.cancel_scope.cancel()
+        if self.error is not None or not self.precopied.is_set():
+            raise ControlError(self.error or "the stream ended before its pre-copy did")
+        self.d.tap.attach_queue()
+        restorer = self.restorer
+        assert restorer is not None
+        return {"precopied": len(restorer.standing), "timings_ms": {"precopy": self.precopy_ms}}
 
     async def wait(self) -> dict[str, Any]:
         await self.done.wait()
@@ -144,7 +188,7 @@ class TargetMigration:
             await self.done.wait()
         elif d.role == "restored" and self.restorer is not None:
             self.restorer.discard()
-            d.tap.detach_queue()
+            d.tap.detach_queue()  # restored: wait_precopy or migrate_in attached it
             d.build(d.link, trio.current_time())
             d.role = "incoming"
         return {"role": d.role}

@@ -24,6 +24,12 @@ on stdout; servers print one line per connection):
                             "connected", wait for a stdin line, then send
                             connection i the stream of seed i, half-close all
                             and check every answer.
+  ``echoconns ADDR PORT COUNT``  open COUNT connections to an echo server,
+                            print "connected", then obey stdin lines:
+                            ``poke I J`` (connections I..J-1 each send 100
+                            checked bytes and read the echo), ``close I J``,
+                            ``check`` (every open connection echoes 1,000
+                            checked bytes; prints ok and exits).
   ``peer ADDR PORT``        scenario server: the client's first line names
                             what to do (see ``_peer``).
   ``halfclose ADDR PORT MODE UP UPSEED DOWN DOWNSEED``  MODE ``guest-first``:
@@ -269,6 +275,49 @@ def many(addr: str, port: int, count: int, nbytes: int) -> int:
     return 0 if not bad else 1
 
 
+def _echo_round(sock: socket.socket, index: int, size: int, round_: int) -> bool:
+    data = hashlib.sha256(f"{index}/{round_}".encode()).digest() * (size // 32 + 1)
+    data = data[:size]
+    sock.sendall(data)
+    got = b""
+    while len(got) < size:
+        part = sock.recv(size - len(got))
+        if not part:
+            return False
+        got += part
+    return got == data
+
+
+def echoconns(addr: str, port: int, count: int) -> int:
+    _raise_fd_limit()
+    socks: dict[int, socket.socket] = {
+        i: socket.create_connection((addr, port), timeout=30) for i in range(count)
+    }
+    _json(connected=len(socks))
+    rounds = 0
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        rounds += 1
+        if words[0] == "poke":
+            bad = [
+                i
+                for i in range(int(words[1]), int(words[2]))
+                if not _echo_round(socks[i], i, 100, rounds)
+            ]
+            _json(poked=int(words[2]) - int(words[1]), bad=bad)
+        elif words[0] == "close":
+            for i in range(int(words[1]), int(words[2])):
+                socks.pop(i).close()
+            _json(closed=int(words[2]) - int(words[1]))
+        elif words[0] == "check":
+            bad = [i for i, sock in socks.items() if not _echo_round(sock, i, 1000, rounds)]
+            _json(ok=not bad, checked=len(socks), bad=bad[:20])
+            return 0 if not bad else 1
+    return 1
+
+
 def _peer(conn: socket.socket, peer: tuple[str, int]) -> None:
     """One scenario per connection, named by the client's first line."""
     line = b""
@@ -430,6 +479,8 @@ def main(argv: list[str]) -> int:
         return holdfetch(addr, port, int(argv[3]), int(argv[4]), int(argv[5]))
     if cmd == "many":
         return many(addr, port, int(argv[3]), int(argv[4]))
+    if cmd == "echoconns":
+        return echoconns(addr, port, int(argv[3]))
     if cmd == "halfclose":
         mode, *sizes = argv[3:8]
         up, up_seed, down, down_seed = (int(a) for a in sizes)

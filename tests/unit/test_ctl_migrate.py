@@ -54,6 +54,8 @@ class Fakes:
     eof_seen: trio.Event = field(default_factory=trio.Event)
     reader_done: trio.Event = field(default_factory=trio.Event)
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
+    precopy_pipe: trio.lowlevel.FdStream | None = None
+    precopy_seen: list[object] = field(default_factory=list)
 
     def commands(self, who: str | None = None) -> list[str]:
         return [cmd for side, cmd in self.log if who is None or side == who]
@@ -118,14 +120,28 @@ def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlSe
 
     if who == "source":
 
+        async def migrate_precopy(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+            fakes.log.append((who, "migrate-precopy"))
+            assert len(fds) == 1
+            pipe = trio.lowlevel.FdStream(fds.pop())
+            await _misbehave(fakes, who, "migrate-precopy")
+            await pipe.send_all(STREAM[: len(STREAM) // 2])
+            fakes.precopy_pipe = pipe
+            return {"precopied": 2, "stream_bytes": len(STREAM) // 2, "timings_ms": {"precopy": 7}}
+
         async def migrate_out(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
             fakes.log.append((who, "migrate-out"))
             fakes.same_netns_seen.append(req.get("same_netns"))
-            assert len(fds) == 1
             await _misbehave(fakes, who, "migrate-out")
-            async with trio.lowlevel.FdStream(fds.pop()) as pipe:
+            if fakes.precopy_pipe is not None:
+                assert not fds
+                pipe, rest = fakes.precopy_pipe, STREAM[len(STREAM) // 2 :]
+            else:
+                assert len(fds) == 1
+                pipe, rest = trio.lowlevel.FdStream(fds.pop()), STREAM
+            async with pipe:
                 try:
-                    await pipe.send_all(STREAM)
+                    await pipe.send_all(rest)
                 except trio.BrokenResourceError:
                     raise ControlError("the target stopped reading; rolled back") from None
             # The target sees EOF only if no other write end is left open:
@@ -142,6 +158,7 @@ def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlSe
             }
 
         server.register("migrate-out", migrate_out)
+        server.register("migrate-precopy", migrate_precopy)
     else:
 
         async def read_stream(fd: int) -> None:
@@ -153,6 +170,7 @@ def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlSe
 
         async def migrate_in(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
             fakes.log.append((who, "migrate-in"))
+            fakes.precopy_seen.append(req.get("precopy"))
             assert len(fds) == 1
             await _misbehave(fakes, who, "migrate-in")
             nursery.start_soon(read_stream, fds.pop())
@@ -169,8 +187,17 @@ def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlSe
                 "timings_ms": {"read": 4.0, "restore": 20.0},
             }
 
+        async def migrate_wait_precopy(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+            fakes.log.append((who, "migrate-wait-precopy"))
+            await _misbehave(fakes, who, "migrate-wait-precopy")
+            with trio.fail_after(5):
+                while len(fakes.received) < len(STREAM) // 2:  # noqa: ASYNC110 (polls a buffer)
+                    await trio.sleep(0.001)
+            return {"precopied": 2, "timings_ms": {"precopy": 9}}
+
         server.register("migrate-in", migrate_in)
         server.register("migrate-wait", migrate_wait)
+        server.register("migrate-wait-precopy", migrate_wait_precopy)
     return server
 
 
@@ -189,9 +216,12 @@ async def fakes(paths: tuple[str, str], nursery: trio.Nursery) -> AsyncIterator[
 
 
 async def migrate(
-    capsys: pytest.CaptureFixture[str], fakes: Fakes, *extra: str
+    capsys: pytest.CaptureFixture[str], fakes: Fakes, *extra: str, precopy: bool = False
 ) -> tuple[int, str, str]:
+    """Run ferryctl migrate; without pre-copy unless asked (test_precopy_* cover it)."""
     argv = ["migrate", "--source", fakes.source_path, "--target", fakes.target_path, *extra]
+    if not precopy:
+        argv.append("--no-precopy")
     rc = await trio.to_thread.run_sync(partial(ctl.main, argv))
     out, err = capsys.readouterr()
     return rc, out, err
@@ -272,7 +302,66 @@ async def test_control_option_names_the_source(
     argv = ["--control", fakes.source_path, "migrate", "--target", fakes.target_path]
     rc = await trio.to_thread.run_sync(partial(ctl.main, argv))
     assert rc == 0, capsys.readouterr().err
+    assert fakes.log == HAPPY_PRECOPY
+
+
+HAPPY_PRECOPY = [
+    ("source", "status"),
+    ("target", "status"),
+    ("target", "migrate-in"),
+    ("source", "migrate-precopy"),
+    ("target", "migrate-wait-precopy"),
+    ("source", "migrate-out"),
+    ("target", "migrate-wait"),
+    ("source", "migrate-commit"),
+    ("target", "migrate-resume"),
+]
+
+
+async def test_precopy_conversation(fakes: Fakes, capsys: pytest.CaptureFixture[str]) -> None:
+    """By default the quiet connections are pre-copied: one pipe, two parts, then the freeze."""
+    before = _open_fds()
+    rc, out, err = await migrate(capsys, fakes, "--json", precopy=True)
+    assert (rc, err) == (0, "")
+    assert fakes.log == HAPPY_PRECOPY
+    assert fakes.precopy_seen == [True]
+    assert bytes(fakes.received) == STREAM
+    summary = json.loads(out)
+    assert summary["precopied"] == 2
+    assert summary["source_timings_ms"]["precopy"] == 7
+    assert summary["source_timings_ms"]["target_precopy"] == 9
+    assert _open_fds() == before
+
+
+async def test_no_precopy_in_one_namespace(
+    fakes: Fakes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fakes.target_ns = fakes.source_ns
+    rc, _, _ = await migrate(capsys, fakes, precopy=True)
+    assert rc == 0
     assert fakes.log == HAPPY
+    assert fakes.precopy_seen == [None]
+
+
+@pytest.mark.parametrize("how", ["refuse", "die"])
+async def test_precopy_fails(fakes: Fakes, capsys: pytest.CaptureFixture[str], how: str) -> None:
+    fakes.fail["source migrate-precopy"] = how
+    rc, _, err = await migrate(capsys, fakes, precopy=True)
+    assert rc != 0
+    assert "migrate-precopy" in err
+    assert ("target", "migrate-abort") in fakes.log
+    assert ("source", "migrate-out") not in fakes.log
+
+
+async def test_target_fails_to_restore_the_precopy(
+    fakes: Fakes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fakes.fail["target migrate-wait-precopy"] = "refuse"
+    rc, _, err = await migrate(capsys, fakes, precopy=True)
+    assert rc != 0
+    assert "pre-copy failed" in err
+    assert fakes.commands("source")[-1] == "migrate-abort"
+    assert ("source", "migrate-out") not in fakes.log
 
 
 # ---------------------------------------------------------------------------

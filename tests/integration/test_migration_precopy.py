@@ -1,0 +1,77 @@
+"""Pre-copy: quiet connections are dumped while the guest runs; the freeze confirms them.
+
+The migration is driven step by step over the two daemons' control
+sockets (what ``ferryctl migrate`` does in one go, daemon/ctl.py), so
+that the guest can act between the pre-copy and the freeze: some
+pre-copied connections then carry data (the source must dump them again
+and the target replace them), some close (the target must drop them), and
+the rest stay quiet (the source must confirm them without a dump). Every
+connection that is left must then echo checked bytes through the target.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from daemon.control import request
+from tests.integration.conftest import MigrationBed
+from tests.integration.test_tcp import server, spawn
+
+COUNT = 300
+POKED = 50
+CLOSED = 50
+
+
+def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
+    bed = two_hosts
+    source = bed.start_source()
+    target = bed.start_target()
+    echo = server(bed.peer, "echo", "0.0.0.0", 9400)
+    conns = spawn(bed.guest, "echoconns", bed.peer_v4, 9400, COUNT)
+    try:
+        assert conns.out.json(what="connected") == {"connected": COUNT}
+        time.sleep(0.3)  # quiet for longer than source.PRECOPY_QUIET
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            request(target.control, "migrate-in", fds=[rfd], precopy=True)
+            pre = request(source.control, "migrate-precopy", fds=[wfd], timeout=30)
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+        assert pre["precopied"] == COUNT
+        assert request(source.control, "status")["role"] == "precopied"
+
+        # The guest goes on: POKED connections carry data, CLOSED ones end.
+        conns.tell(f"poke 0 {POKED}")
+        assert conns.out.json(what="poked") == {"poked": POKED, "bad": []}
+        conns.tell(f"close {COUNT - CLOSED} {COUNT}")
+        assert conns.out.json(what="closed") == {"closed": CLOSED}
+        deadline = time.monotonic() + 10
+        while len(request(source.control, "flows")["flows"]) > COUNT - CLOSED:
+            assert time.monotonic() < deadline, "closed connections still in the flow table"
+            time.sleep(0.05)
+
+        request(target.control, "migrate-wait-precopy", timeout=30)
+        out = request(source.control, "migrate-out", timeout=30)
+        restored = request(target.control, "migrate-wait", timeout=30)["restored"]
+        request(source.control, "migrate-commit")
+        request(target.control, "migrate-resume", timeout=30)
+        bed.switch_fabric()
+        print("source:", out, "target:", restored)
+
+        kept = COUNT - CLOSED
+        assert out["flows"]["tcp"] == kept
+        assert out["flows"]["unchanged"] == kept - POKED
+        assert restored["tcp"] == kept
+        assert restored["replaced"] == POKED
+        assert len(request(target.control, "flows")["flows"]) == kept
+
+        conns.tell("check")
+        assert conns.out.json(timeout=60, what="check") == {"ok": True, "checked": kept, "bad": []}
+        assert conns.finish() == 0
+    finally:
+        for tool in (conns, echo):
+            if tool.proc.poll() is None:
+                tool.proc.kill()
+            tool.proc.wait(timeout=10)
