@@ -1,6 +1,7 @@
 """Migration downtime through real ferryds, by number of connections.
 
-Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]``.
+Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]
+[--modes precopy plain]``.
 
 For each N it builds the two-host bed of the integration tests (tests/
 netns.py two_host_topology: host A and host B with the same address and
@@ -15,6 +16,13 @@ target's restore, repair OFF and resume), and the stream's size per
 connection. The traffic is then checked byte for byte as in the tests
 (a benchmark that moved connections wrongly would measure nothing).
 Nothing is asserted about the times.
+
+Each N runs in both modes by default: ``precopy`` (ferryctl's default: the
+quiet connections are dumped and restored while the guest runs, the freeze
+only confirms them) and ``plain`` (``--no-precopy``: everything is dumped
+after the freeze), the reference the pre-copy is measured against. The
+``precopy`` column is the source's pre-copy time, outside the downtime;
+``unchanged`` counts the connections the freeze only had to confirm.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,7 @@ from tests.integration.conftest import (
     MigrationBed,
     _default_routes,
 )
+from tests.integration.streamtool import UNLIMITED
 from tests.integration.test_migration_support import Streams
 from tests.integration.test_repair_support import listening_helper, raise_fd_limit
 from tests.netns import Netns, two_host_topology
@@ -72,24 +82,26 @@ def _start(bed: MigrationBed, host: Netns, n: int, incoming: bool) -> FerrydProc
     return bed.start_ferryd(host, *limit, config_net=True)
 
 
-def measure(n: int, busy: int) -> dict[str, Any]:
+def measure(n: int, busy: int, mode: str = "precopy", rate: float = 0) -> dict[str, Any]:
     """One migration of n connections; the ferryctl summary plus the traffic check."""
     busy = min(busy, n)
     with _bed() as bed:
         source = _start(bed, bed.host_a, n, incoming=False)
         target = _start(bed, bed.host_b, n, incoming=True)
-        specs = [f"busy:{busy}"] + ([f"idle:{n - busy}"] if n > busy else [])
+        busy_spec = f"busy:{busy}" + (f":{UNLIMITED}:{UNLIMITED}:{rate * 1e6:.0f}" if rate else "")
+        specs = [busy_spec] + ([f"idle:{n - busy}"] if n > busy else [])
         streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9800, *specs)
         try:
             if busy:
                 streams.wait_flowing("busy", 1 << 20)
+                time.sleep(0.5)  # the busy streams' queues at their steady size
             result = subprocess.run(
                 [str(FERRYCTL), "migrate", "--source", source.control, "--target",
-                 target.control, "--json"],
+                 target.control, "--json", *(["--no-precopy"] if mode == "plain" else [])],
                 capture_output=True, text=True, timeout=300, check=False,
             )  # fmt: skip
             if result.returncode != 0:
-                return {"n": n, "error": result.stderr.strip()}
+                return {"n": n, "mode": mode, "error": result.stderr.strip()}
             bed.switch_fabric()
             summary: dict[str, Any] = json.loads(result.stdout)
             try:
@@ -98,6 +110,7 @@ def measure(n: int, busy: int) -> dict[str, Any]:
             except AssertionError as exc:
                 summary["checked"] = f"FAILED: {str(exc)[:200]}"
             summary["n"] = n
+            summary["mode"] = mode
             return summary
         finally:
             streams.close()
@@ -110,13 +123,13 @@ def _ms(timings: dict[str, Any], key: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "N", "downtime", "src stop", "freeze+rep", "dump/stream", "tgt restore",
-        "repair off", "resume", "B/conn", "check",
+        "N", "mode", "downtime", "precopy", "unchanged", "src stop", "freeze+rep",
+        "dump/stream", "tgt restore", "repair off", "resume", "B/conn", "check",
     )  # fmt: skip
     lines = [header]
     for row in rows:
         if "error" in row:
-            lines.append((str(row["n"]), "error: " + row["error"][:80], *[""] * 8))
+            lines.append((str(row["n"]), row["mode"], "error: " + row["error"][:80], *[""] * 10))
             continue
         src, tgt = row["source_timings_ms"], row["target_timings_ms"]
         downtime = row.get("downtime_ms")
@@ -124,7 +137,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             (
                 str(row["n"]),
+                row["mode"],
                 f"{downtime:.1f}" if isinstance(downtime, (int, float)) else "-",
+                _ms(src, "precopy"),
+                str(row.get("flows", {}).get("unchanged", 0)),
                 _ms(src, "stop"),
                 _ms(src, "freeze_repair_on"),
                 _ms(src, "dump_stream"),
@@ -144,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.migration", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--busy", type=int, default=4, help="busy connections among the N")
+    parser.add_argument(
+        "--busy-rate",
+        type=float,
+        default=0,
+        metavar="MB/S",
+        help="each busy connection's rate each way, MB/s (default 0: as fast as it goes)",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=("precopy", "plain"), default=["precopy", "plain"]
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw summaries")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -152,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     rows = []
     for n in args.sizes:
-        row = measure(n, args.busy)
-        rows.append(row)
-        print(f"N={n}: done", file=sys.stderr, flush=True)
+        for mode in args.modes:
+            rows.append(measure(n, args.busy, mode, args.busy_rate))
+            print(f"N={n} {mode}: done", file=sys.stderr, flush=True)
     sys.stdout.write(format_table(rows))
     if args.json:
         print(json.dumps(rows, indent=2))

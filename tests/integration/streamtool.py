@@ -28,7 +28,7 @@ prints one JSON line per finished connection.
 
 Connection kinds (client ``SPEC`` = ``KIND:COUNT[:UP:DOWN:RATE]``):
 
-``busy``       both ways at full speed until ``stop``.
+``busy``       both ways at full speed (or RATE bytes/s each way) until ``stop``.
 ``idle``       nothing until ``stop``; then UP bytes up (default 1000) and,
                after that, DOWN bytes back (default 1000).
 ``guestfirst`` UP bytes up, then the guest half-closes; DOWN bytes come back,
@@ -330,6 +330,8 @@ def parse_specs(specs: list[str]) -> list[ClientConn]:
                 down.rate = rate
             if kind == "peerfirst":
                 up.rate = rate
+            if kind == "busy":  # RATE (0: full speed) both ways; the client's reads pace down
+                up.rate = down.rate = rate
             conn = ClientConn(kind, seed, up, down, HEADER.pack(seed, up_total, down_total, flags))
             if kind == "idle":
                 conn.up_on_stop, conn.up_started = True, False
