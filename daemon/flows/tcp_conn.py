@@ -29,10 +29,12 @@ are they dropped from the queue with ``recv(MSG_TRUNC)`` (which for TCP
 discards without copying). Consuming moves the peek offset back by the
 same amount (sk_peek_offset_bwd), so the offset always equals the flight. A
 retransmission rewinds ``seq_to_guest`` to the guest's last ACK and the
-peek offset to 0. The flight is limited by the guest's window. Because the
-queued flight keeps the socket readable, the reader waits with SO_RCVLOWAT
-set to flight + 1: tcp_poll then reports readability only when bytes beyond
-the flight arrived (or on FIN/error).
+peek offset to 0; until the guest ACKs beyond all that was resent, its
+duplicate ACKs (its answers to resent bytes it already held) start no new
+rewind (RFC 6582 "recover"). The flight is limited by the guest's window.
+Because the queued flight keeps the socket readable, the reader waits with
+SO_RCVLOWAT set to flight + 1: tcp_poll then reports readability only when
+bytes beyond the flight arrived (or on FIN/error).
 
 Closing. The guest's FIN, once everything before it was written, becomes
 ``shutdown(SHUT_WR)`` on the socket. The socket's EOF, once every byte
@@ -195,6 +197,9 @@ class TcpConn:
         self.wnd_to_guest = 0
         """Last window (bytes) advertised to the guest."""
         self.dupacks = 0
+        self.recover: int | None = None
+        """seq_max_to_guest when the flight was last resent, until an ACK goes
+        beyond it (RFC 6582 §3.2 "recover"; None: no resend outstanding)."""
         self.retries = 0
         self.rto = RTO_INITIAL
         self.timer: float = float("inf")
@@ -448,6 +453,8 @@ class TcpConn:
                     self._socket_error(exc, now)
                     return
             self.seq_ack_from_guest = seg.ack
+            if self.recover is not None and seq_diff(seg.ack, self.recover) > 0:
+                self.recover = None  # beyond what was resent: dupacks count again
             if seq_diff(seg.ack, self.seq_to_guest) > 0:
                 self.seq_to_guest = seg.ack  # past a rewound point: peek offset is 0
             if fin:
@@ -466,7 +473,17 @@ class TcpConn:
             and new_wnd == self.guest_wnd
         ):
             self.dupacks += 1
-            if self.dupacks == DUPACK_THRESHOLD:
+            # Not while a resend is outstanding (RFC 6582 §3.2 step 1: no
+            # fast retransmit unless the ACK covers more than "recover").
+            # A rewind resends up to a whole window, and the guest answers
+            # every segment it already holds with an immediate ACK of its
+            # rcv_nxt (tcp_data_queue: old data forces an ACK); once ours
+            # run past that point again, those ACKs are duplicates, and
+            # counting them rewound again and again: a storm of old data and
+            # ACKs that overflowed the tap queue and starved the guest's own
+            # segments of room (its uploads stalled on RTO backoff, and other
+            # connections' ACKs were lost for 8 retransmissions).
+            if self.dupacks == DUPACK_THRESHOLD and self.recover is None:
                 self._rewind()
         opened = new_wnd > self.guest_wnd
         self.guest_wnd = new_wnd
@@ -672,6 +689,7 @@ class TcpConn:
 
     def _rewind(self) -> None:
         """Go back to the guest's last ACK: everything after it is resent."""
+        self.recover = self.seq_max_to_guest  # RFC 6582 §3.2 steps 2 and 4
         self.seq_to_guest = self.seq_ack_from_guest
         self.flags &= ~Flags.FIN_TO_GUEST
         self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)

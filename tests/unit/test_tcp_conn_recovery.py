@@ -1,0 +1,154 @@
+"""TcpConn's go-back-N resend and duplicate ACKs (RFC 6582 §3.2 "recover").
+
+A real loopback TCP connection stands in for the host socket (TcpConn peeks
+and discards on it); the guest is a recorder of the segments ferryd sends,
+and its ACKs are built by hand, so time and order are explicit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import select
+import socket
+import struct
+import termios
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from daemon.flows.table import Flow, FlowKey
+from daemon.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
+from daemon.flows.tcp_seq import seq_add
+from daemon.wire.ip import IPPROTO_TCP, IpAddress
+from daemon.wire.tcp import ACK, NO_OPTIONS, TcpSegment
+
+GUEST = IPv4Address("10.0.2.15")
+REMOTE = IPv4Address("192.0.2.1")
+MSS = 1000
+WINDOW = 65535
+GUEST_SEQ = 5000
+_INT = struct.Struct("i")
+
+
+class RecordingGuest:
+    """A GuestPort that keeps (seq, payload length) of every segment to the guest."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int]] = []
+
+    def send_ip(
+        self,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: int,
+        l4: bytes,
+        payload: bytes | memoryview = b"",
+        csum_offset: int | None = None,
+    ) -> None:
+        assert proto == IPPROTO_TCP
+        seq = struct.unpack_from("!I", l4, 4)[0]
+        self.sent.append((seq, len(payload)))
+
+    def guest_address(self, version: int) -> IpAddress | None:
+        return GUEST
+
+    def data_at(self, seq: int) -> int:
+        """How many times a data segment starting at ``seq`` was sent."""
+        return sum(1 for s, n in self.sent if s == seq and n)
+
+
+@pytest.fixture
+def host_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(ferryd's host socket, the peer's socket) over loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)  # as TcpFlows sets it up
+    try:
+        yield ours, peer
+    finally:
+        ours.close()
+        peer.close()
+
+
+def established(sock: socket.socket, guest: RecordingGuest) -> TcpConn:
+    ends = Endpoints(GUEST, 40000, REMOTE, 80)
+    conn = TcpConn(
+        ends,
+        sock,
+        guest,
+        State.ESTABLISHED,
+        MSS,
+        memoryview(bytearray(1 << 16)),
+        on_closed=lambda c: None,
+        on_ack_due=lambda c: None,
+        on_changed=lambda c: None,
+        rcvlowat_cap=1 << 20,
+    )
+    key = FlowKey(IPPROTO_TCP, GUEST, 40000, REMOTE, 80)
+    conn.flow = Flow(key, conn, State.ESTABLISHED.value, 0.0, 0.0)
+    conn.seq_from_guest = conn.seq_ack_to_guest = GUEST_SEQ
+    conn.guest_mss = MSS
+    conn.guest_wnd = WINDOW
+    return conn
+
+
+def peer_sends(peer: socket.socket, ours: socket.socket, n: int) -> None:
+    """The peer sends ``n`` bytes; returns once ``ours`` holds them (and nothing else)."""
+    peer.sendall(bytes(n))
+    for _ in range(100):  # loopback: there at once, but make sure
+        select.select([ours], [], [], 0.01)
+        if _INT.unpack(fcntl.ioctl(ours.fileno(), termios.FIONREAD, b"\0" * 4))[0] >= n:
+            return
+    raise AssertionError(f"{n} bytes did not arrive")
+
+
+def ack(conn: TcpConn, seq: int, now: float) -> None:
+    """A pure ACK from the guest, window unchanged."""
+    seg = TcpSegment(40000, 80, GUEST_SEQ, seq, ACK, WINDOW, NO_OPTIONS, memoryview(b""))
+    conn.on_guest_segment(seg, now)
+
+
+def test_acks_for_resent_old_data_do_not_rewind_again(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, peer = host_pair
+    guest = RecordingGuest()
+    conn = established(ours, guest)
+    start = conn.seq_to_guest
+    peer_sends(peer, ours, 10 * MSS)
+    assert conn.push(0.0) == 10 * MSS
+    end = seq_add(start, 10 * MSS)
+
+    # The first segment is lost; the guest holds the other nine and says so
+    # with three duplicate ACKs: fast retransmit, go-back-N from `start`.
+    for _ in range(3):
+        ack(conn, start, 0.1)
+    assert guest.data_at(start) == 2
+    assert conn.seq_to_guest == end
+
+    # The resent first segment fills the hole: the guest ACKs everything
+    # (`end`) and answers each of the nine resent segments it already had
+    # with the same ACK. The first of them lets new data go out...
+    ack(conn, end, 0.2)
+    peer_sends(peer, ours, 5 * MSS)
+    conn.on_readable(0.2)
+    assert guest.data_at(end) == 1
+    assert conn.flight == 5 * MSS
+
+    # ... and the other eight are duplicates of it, caused by our own
+    # resend, not a loss: no second go-back-N (RFC 6582 §3.2 step 1).
+    for _ in range(8):
+        ack(conn, end, 0.3)
+    assert guest.data_at(end) == 1
+    assert conn.seq_to_guest == seq_add(end, 5 * MSS)
+
+    # Once the guest ACKs beyond what was resent, a new loss is repaired by
+    # fast retransmit again.
+    after = seq_add(end, MSS)
+    ack(conn, after, 0.4)
+    for _ in range(3):
+        ack(conn, after, 0.5)
+    assert guest.data_at(after) == 2
