@@ -20,6 +20,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -97,6 +98,8 @@ class Daemon:
         self._data_done.set()
         self.repair_source: Any = None
         self.migration: Any = None
+        self.stranded: list[socket.socket] = []
+        """Sockets a failed migration could not close silently: kept open, unused."""
         """The migration in progress (daemon.migration.source/target), if any."""
         self.exit_requested = trio.Event()
 

@@ -16,10 +16,18 @@ remembered by 4-tuple and record index. After it, a TCP flow with the same
 4-tuple replaces its pre-copied connection (closed silently first: its
 4-tuple must be free for the new connect()), :meth:`Restorer.gone` drops
 the pre-copied connections that ended before the freeze, and the rest stand
-as restored. A connection that stood unchanged through the freeze has
-nothing to resynchronise: no unsent tail, nothing in flight, and the guest
-already holds its latest ACK and window, so :meth:`Restorer.resume` only
-takes it out of repair mode and arms it.
+as restored. Pre-copied sockets leave repair mode as soon as they are
+restored (without the kernel's window probe, so they say nothing: a quiet
+connection has nothing in flight and no timer running), which takes their
+repair OFF pass out of the downtime; they cannot be reached before the
+fabric moves, and a segment that did reach them would be taken in just the
+same in repair mode. One that must go (replaced, retired, or the whole
+migration discarded) is put back in repair mode first and then closed
+silently: closed any other way it would send the peer a FIN or RST for a
+connection the source still owns. A connection that stood unchanged
+through the freeze has nothing to resynchronise: no unsent tail, nothing
+in flight, and the guest already holds its latest ACK and window, so
+:meth:`Restorer.resume` only arms it.
 
 If anything fails before resume, :meth:`Restorer.discard` closes every
 socket silently and leaves nothing behind.
@@ -114,6 +122,10 @@ class Restorer:
         self.standing: set[Endpoints] = set()
         """Pre-copied connections the source has not replaced or retired (yet)."""
         self.replaced = 0
+        self.live: dict[int, socket.socket] = {}
+        """Pre-copied sockets already out of repair mode, by id()."""
+        self.to_close: list[socket.socket] = []
+        """Pre-copied sockets to put back in repair mode and close (next _batch)."""
         self.resets: list[TcpFlowRecord] = []
         self.udp: list[UdpFlowRecord] = []
         self.icmp: list[IcmpFlowRecord] = []
@@ -158,20 +170,22 @@ class Restorer:
             self.icmp.append(rec)
 
     def _drop(self, ends: Endpoints) -> bool:
-        """Close a pre-copied connection silently and forget it; False if it was not one."""
+        """Forget a pre-copied connection, its socket to be closed silently by the next
+        _batch() (before a replacement connects the same 4-tuple); False if it was not one."""
         if ends not in self.standing:
             return False
         conn, _, _ = self.restored.pop(ends)
         self.standing.discard(ends)
-        self.in_repair.pop(id(conn.sock), None)
         self.d.tcp.forget(conn)  # before the close: the fd number is reused at once
-        close_silently(conn.sock)
+        sock = self.live.pop(id(conn.sock), None) or self.in_repair.pop(id(conn.sock))
+        self.to_close.append(sock)
         self.counts["tcp"] -= 1
         return True
 
     async def precopy_end(self) -> None:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
         await self._batch()
+        await self._off_early()
         self.standing = set(self.restored)
         self.in_precopy = False
 
@@ -182,18 +196,32 @@ class Restorer:
             if ends is not None and ends in self.restored:
                 self._drop(ends)
 
+    async def _off_early(self) -> None:
+        """Pre-copy: take what was restored so far out of repair mode, silently."""
+        socks = list(self.in_repair.values())
+        if not socks:
+            return
+        await (await self._client()).set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
+        self.in_repair.clear()
+        for sock in socks:
+            self.live[id(sock)] = sock
+
     async def _batch(self) -> None:
         batch, self.pending = self.pending, []
-        if not batch:
+        closing, self.to_close = self.to_close, []
+        if not batch and not closing:
             return
         repair = await self._client()
         socks = [sock for sock, _, _ in batch]
         try:
-            await repair.set_repair(socks, RepairMode.ON)
+            await repair.set_repair(closing + socks, RepairMode.ON)
         except BaseException:
             for sock in socks:
                 sock.close()  # unconnected: closing sends nothing
+            self.to_close = closing  # discard() tries again
             raise
+        for sock in closing:
+            close_silently(sock)
         self.repair_passes += 1
         for sock in socks:
             self.in_repair[id(sock)] = sock
@@ -234,7 +262,7 @@ class Restorer:
 
     async def resume(self) -> float:
         """Repair OFF, start the data path, resync the guest. Returns ms spent in repair OFF."""
-        socks = [conn.sock for conn, _, _ in self.restored.values()]
+        socks = list(self.in_repair.values())  # pre-copied ones went out of it already
         t0 = trio.current_time()
         if socks:
             repair = await self._client()
@@ -242,8 +270,8 @@ class Restorer:
         t_off = (trio.current_time() - t0) * 1e3
         self.in_repair.clear()
         standing = self.standing
-        for conn, state, rec in self.restored.values():
-            if ends_of(rec) in standing:
+        for ends, (conn, state, _) in self.restored.items():
+            if ends in standing:
                 continue  # unchanged through the freeze: nothing to finish
             sent = finish_restore(conn.sock, state)
             if sent < state.unsent:
@@ -251,8 +279,8 @@ class Restorer:
                 conn.want_writable = True
         await self.d.start_data_path()
         now = trio.current_time()
-        for conn, _, rec in self.restored.values():
-            if ends_of(rec) in standing:
+        for ends, (conn, _, rec) in self.restored.items():
+            if ends in standing:
                 continue  # the guest has its ACK and window; the data path armed it
             if rec.handshake:
                 conn.abort(now, rst_guest=True, rst_peer=True)  # documented: reset
@@ -276,13 +304,34 @@ class Restorer:
             )
             self.d.stack.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
         self.restored.clear()
+        self.live.clear()
         return t_off
 
-    def discard(self) -> None:
+    async def discard(self) -> None:
         """Undo everything: no socket survives, and none says a word to a peer."""
         for sock, _, _ in self.pending:
             sock.close()
         self.pending.clear()
+        live = [*self.live.values(), *self.to_close]
+        self.live.clear()
+        self.to_close = []
+        if live:
+            try:
+                with trio.fail_after(10):
+                    await (await self._client()).set_repair(live, RepairMode.ON)
+            except Exception as exc:
+                # Closed out of repair mode they would FIN or RST the peer of a
+                # connection the source still owns: keep them (open, unused).
+                log.error(
+                    "cannot put %d pre-copied sockets back in repair mode (%s): keeping them"
+                    " open rather than resetting the source's connections",
+                    len(live),
+                    exc,
+                )
+                self.d.stranded.extend(live)
+            else:
+                for sock in live:
+                    self.in_repair[id(sock)] = sock
         for sock in self.in_repair.values():
             if sock.fileno() >= 0:
                 try:

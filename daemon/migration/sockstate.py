@@ -701,8 +701,11 @@ def segment_counts(sock: HasFileno) -> tuple[int, int]:
     dump is confirmed after the freeze without dumping again. Works
     without repair mode.
     """
-    with _borrow(sock) as stdlib_sock:
-        data = stdlib_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
+    if isinstance(sock, socket.socket):  # the usual case: no wrapper (called per connection)
+        data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
+    else:
+        with _borrow(sock) as stdlib_sock:
+            data = stdlib_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
     out, in_ = _TCP_INFO_SEGS.unpack(data)
     return out, in_
 

@@ -120,7 +120,8 @@ class TargetMigration:
                 raise ControlError("migration aborted")
         except Exception as exc:
             log.warning("migration in failed: %s; discarding what was restored", exc)
-            restorer.discard()
+            with trio.CancelScope(shield=True):
+                await restorer.discard()
             d.tap.detach_queue()
             d.build(d.link, trio.current_time())
             d.role = "incoming"
@@ -187,7 +188,7 @@ class TargetMigration:
             self._scope.cancel()
             await self.done.wait()
         elif d.role == "restored" and self.restorer is not None:
-            self.restorer.discard()
+            await self.restorer.discard()
             d.tap.detach_queue()  # restored: wait_precopy or migrate_in attached it
             d.build(d.link, trio.current_time())
             d.role = "incoming"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 from daemon.control import request
 from tests.integration.conftest import MigrationBed
@@ -70,6 +72,52 @@ def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
         conns.tell("check")
         assert conns.out.json(timeout=60, what="check") == {"ok": True, "checked": kept, "bad": []}
         assert conns.finish() == 0
+    finally:
+        for tool in (conns, echo):
+            if tool.proc.poll() is None:
+                tool.proc.kill()
+            tool.proc.wait(timeout=10)
+
+
+def _tcp_out_segments(ns_run: Callable[..., Any]) -> int:
+    """Tcp OutSegs of a namespace (/proc/net/snmp): every segment its kernel sent."""
+    lines = [line.split() for line in ns_run(["cat", "/proc/net/snmp"]).stdout.splitlines()]
+    tcp = [line for line in lines if line[0] == "Tcp:"]
+    return int(tcp[1][tcp[0].index("OutSegs")])
+
+
+def test_abort_after_precopy_closes_silently(two_hosts: MigrationBed) -> None:
+    """Aborted after the pre-copy: the target's restored sockets (out of repair mode by
+    then) go back into it and close without a segment; the source goes on."""
+    bed = two_hosts
+    source = bed.start_source()
+    target = bed.start_target()
+    echo = server(bed.peer, "echo", "0.0.0.0", 9401)
+    conns = spawn(bed.guest, "echoconns", bed.peer_v4, 9401, 100)
+    try:
+        assert conns.out.json(what="connected") == {"connected": 100}
+        time.sleep(0.3)
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            request(target.control, "migrate-in", fds=[rfd], precopy=True)
+            assert request(source.control, "migrate-precopy", fds=[wfd])["precopied"] == 100
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+        request(target.control, "migrate-wait-precopy", timeout=30)
+        assert len(request(target.control, "flows")["flows"]) == 100
+        sent_before = _tcp_out_segments(bed.host_b.run)
+        request(target.control, "migrate-abort", timeout=30)
+        request(source.control, "migrate-abort")
+        assert request(target.control, "status")["role"] == "incoming"
+        assert request(source.control, "status")["role"] == "running"
+        assert request(target.control, "flows")["flows"] == []
+        assert _tcp_out_segments(bed.host_b.run) == sent_before  # no FIN, no RST
+        established = bed.host_b.run(["ss", "-Htn", "state", "established"]).stdout
+        assert established.strip() == ""
+        conns.tell("check")
+        assert conns.out.json(timeout=60, what="check") == {"ok": True, "checked": 100, "bad": []}
+        assert "stranded" not in target.log()
     finally:
         for tool in (conns, echo):
             if tool.proc.poll() is None:
