@@ -23,8 +23,10 @@ import sys
 from collections.abc import Sequence
 
 from repair_helper.activation import SD_LISTEN_FDS_START, ActivationError, activation_listener
+from repair_helper.dropall import load_drop_all
 from repair_helper.endpoints import EndpointError, bind_listener, connect_to_daemon
 from repair_helper.peer import CallerPolicy
+from repair_helper.repair import use_drop_all_program
 from repair_helper.sandbox import SandboxError, drop_capabilities, install_seccomp
 from repair_helper.server import Server
 
@@ -77,12 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if listener is None:
                 raise EndpointError("no --listen or --connect, and not socket-activated")
             server.add_listener(listener)
+        # Loaded while we may still hold CAP_BPF/CAP_SYS_ADMIN (dropall.py).
+        drop_all = load_drop_all()
+        use_drop_all_program(drop_all)
         drop_capabilities()
         install_seccomp()
     except (SandboxError, EndpointError, ActivationError) as exc:
         log.error("%s", exc)
         return 2
-    log.info("serving (%s)", policy)
+    log.info(
+        "serving (%s); intake freeze: %s",
+        policy,
+        "eBPF program" if drop_all is not None else "classic BPF filter (no CAP_BPF to load eBPF)",
+    )
     server.run()
     return 1 if server.refusals else 0
 

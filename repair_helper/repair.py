@@ -31,8 +31,9 @@ Checks, in two steps:
 Freezing intake. A socket in repair mode still receives and ACKs what the
 peer sends (REFERENCE.md, checked): bytes that arrive after the dump would be
 acknowledged by the source and exist nowhere else. So with repair ON the
-helper first attaches a drop-all classic BPF socket filter (SO_ATTACH_FILTER,
-one instruction BPF_RET|BPF_K 0): segments are dropped before TCP sees them,
+helper first attaches a drop-all socket filter (the eBPF program of
+dropall.py, loaded once at start-up; the classic one-instruction program
+BPF_RET|BPF_K 0 where that cannot be loaded): segments are dropped before TCP sees them,
 nothing is ACKed, and the peer retransmits to whoever owns the connection
 next. With repair OFF it detaches the filter first (so the answer to the
 kernel's window probe gets in), then clears TCP_REPAIR. The rule is simple:
@@ -54,6 +55,7 @@ import os
 import socket
 import struct
 
+from repair_helper.dropall import SO_ATTACH_BPF
 from repair_helper.protocol import TCP_REPAIR, Request, RequestRefused, close_fds
 
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
@@ -64,6 +66,23 @@ SO_DETACH_FILTER = 27
 _DROP_ALL_INSN = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
 DROP_ALL_FPROG = struct.pack("@HP", 1, ctypes.addressof(_DROP_ALL_INSN))
 _NOT_TCP_ERRNOS = (errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
+
+_drop_all_bpf: int | None = None
+"""The eBPF drop-all program's fd (dropall.py), once loaded; else the classic one is used."""
+
+
+def use_drop_all_program(fd: int | None) -> None:
+    """Attach the loaded eBPF program (see dropall.py) instead of compiling a classic one."""
+    global _drop_all_bpf
+    _drop_all_bpf = fd
+
+
+def _freeze_intake(handle: _socket.socket) -> None:
+    if _drop_all_bpf is not None:
+        handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, _drop_all_bpf)
+    else:
+        handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, DROP_ALL_FPROG)
 
 
 def carry_out_untrusted(request: Request) -> None:
@@ -82,7 +101,7 @@ def carry_out_untrusted(request: Request) -> None:
         for index, handle in enumerate(handles):
             try:
                 if value == 1:
-                    handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, DROP_ALL_FPROG)
+                    _freeze_intake(handle)
                     try:
                         handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
                     except OSError:

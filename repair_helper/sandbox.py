@@ -37,6 +37,7 @@ import socket
 
 import prctl
 
+from repair_helper.dropall import SO_ATTACH_BPF
 from repair_helper.protocol import TCP_REPAIR
 from repair_helper.repair import SO_ATTACH_FILTER, SO_DETACH_FILTER
 from repair_helper.seccomp_bindings import ALLOW, EQ, errno_action, new_filter, syscall_arg
@@ -101,7 +102,7 @@ def install_seccomp() -> None:
     rules.add_rule(
         ALLOW, "setsockopt", syscall_arg(1, EQ, socket.IPPROTO_TCP), syscall_arg(2, EQ, TCP_REPAIR)
     )
-    for option in (SO_ATTACH_FILTER, SO_DETACH_FILTER):  # freezing intake: see repair.py
+    for option in (SO_ATTACH_FILTER, SO_ATTACH_BPF, SO_DETACH_FILTER):  # intake: repair.py
         rules.add_rule(
             ALLOW, "setsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET), syscall_arg(2, EQ, option)
         )

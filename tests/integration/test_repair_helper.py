@@ -7,16 +7,19 @@ leave it serving other clients (and holding no descriptor it was handed).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon.migration.sockstate import segment_counts
 from repair_helper.protocol import SCM_MAX_FD
 from tests.integration.test_repair_support import (
     HELPER,
@@ -108,6 +111,38 @@ def test_one_line_per_connection(helper: HelperProcess, socket_path: Path) -> No
         assert all(repair_states(conns.clients))
         clear_repair(conns.clients)
     assert helper.count("connected") == before + 1
+
+
+def test_repair_on_freezes_intake_and_off_thaws_it(
+    helper: HelperProcess, socket_path: Path
+) -> None:
+    """With repair ON nothing the peer sends reaches TCP (no segment counted, nothing
+    queued, nothing ACKed); with OFF the peer's retransmission gets in."""
+    with TcpConnections(300) as conns, unix_client(socket_path) as unix:
+        fds = [s.fileno() for s in conns.clients]
+        send_batch(unix, b"\x01", fds[:150])
+        send_batch(unix, b"\x01", fds[150:])
+        assert recv_exactly(unix, 2) == b"\x01\x01"
+        before = [segment_counts(s)[1] for s in conns.clients]
+        for server in conns.servers:
+            server.send(b"x" * 1000)
+        time.sleep(0.3)  # the peers' first transmissions have long arrived
+        assert [segment_counts(s)[1] for s in conns.clients] == before
+        assert {peer_unacked(server) for server in conns.servers} == {1000}
+        send_batch(unix, b"\x00", fds[:150])
+        send_batch(unix, b"\x00", fds[150:])
+        assert recv_exactly(unix, 2) == b"\x00\x00"
+        assert not any(repair_states(conns.clients))
+        for client in conns.clients:
+            client.settimeout(10)
+            assert recv_exactly(client, 1000) == b"x" * 1000  # retransmitted, now taken
+
+
+def peer_unacked(sock: socket.socket) -> int:
+    """Bytes ``sock`` sent that its peer has not acknowledged (SIOCOUTQ less unsent)."""
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), 0x5411, b"\0" * 4))[0]  # SIOCOUTQ
+    unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), 0x894B, b"\0" * 4))[0]  # SIOCOUTQNSD
+    return int(outq - unsent)
 
 
 @pytest.mark.parametrize(
