@@ -108,7 +108,7 @@ def measure(n: int, busy: int, mode: str = "precopy", rate: float = 0) -> dict[s
                 streams.finish(timeout=300)
                 summary["checked"] = "ok"
             except AssertionError as exc:
-                summary["checked"] = f"FAILED: {str(exc)[:200]}"
+                summary["checked"] = f"FAILED: {str(exc)[-1500:]}"
             summary["n"] = n
             summary["mode"] = mode
             return summary

@@ -21,7 +21,8 @@ The conversation
 ----------------
 The client opens each connection with a header (``>IQQB``: seed, bytes it
 will send up or :data:`UNLIMITED`, bytes the server is to send down or
-UNLIMITED, flags: bit 0 = the server sends only after the client's EOF).
+UNLIMITED, flags: bit 0 = the server sends only after the client's EOF,
+bits 1-7 = the rate, in MB/s, at which the server sends (0: full speed)).
 The server sends its side (an UNLIMITED down stream ends when the up
 stream ends), reads the up stream to EOF, shuts its write side down and
 prints one JSON line per finished connection.
@@ -78,6 +79,7 @@ CHUNK = 256 * 1024
 UNLIMITED = (1 << 63) - 1
 HEADER = struct.Struct(">IQQB")
 FLAG_DOWN_AFTER_UP = 1
+RATE_SHIFT = 1  # flags >> RATE_SHIFT: the server's sending rate in MB/s
 #: Connections connecting at once (non-blocking connect()s in flight).
 CONNECT_WINDOW = 256
 
@@ -153,7 +155,7 @@ def _send_some(sock: socket.socket, direction: Direction, now: float) -> bool:
 # server
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity (the _PACED set)
 class ServerConn:
     sock: socket.socket
     header: bytes = b""
@@ -166,6 +168,7 @@ class ServerConn:
 
 
 def _server_result(conn: ServerConn) -> None:
+    _PACED.discard(conn)
     up, down = conn.up, conn.down
     _emit(
         seed=conn.seed,
@@ -187,11 +190,21 @@ def server(addr: str, port: int) -> None:
     sel.register(listener, selectors.EVENT_READ, None)
     _emit(listening=port)
     while True:
-        for key, mask in sel.select():
+        for key, mask in sel.select(timeout=0.005 if _PACED else None):
             if key.data is None:
                 _accept(listener, sel)
             else:
                 _serve_event(key.data, mask, sel)
+        now = time.monotonic()
+        for conn in list(_PACED):
+            assert conn.down is not None
+            if conn.down.budget(now) > 0:
+                _PACED.discard(conn)
+                _serve_event(conn, selectors.EVENT_WRITE, sel)
+
+
+#: Connections whose sending waits for its rate budget (not for the socket).
+_PACED: set[ServerConn] = set()
 
 
 def _accept(listener: socket.socket, sel: selectors.BaseSelector) -> None:
@@ -229,7 +242,10 @@ def _serve_event(conn: ServerConn, mask: int, sel: selectors.BaseSelector) -> No
     if up is None or not up.closed:
         wanted |= selectors.EVENT_READ
     if down is not None and not down.closed and (not conn.down_after_up or (up and up.closed)):
-        wanted |= selectors.EVENT_WRITE
+        if down.rate and down.budget(now) <= 0:
+            _PACED.add(conn)  # the main loop asks for writability again in time
+        else:
+            wanted |= selectors.EVENT_WRITE
     if wanted != conn.events:
         conn.events = wanted
         sel.modify(conn.sock, wanted, conn)
@@ -248,6 +264,8 @@ def _server_read(conn: ServerConn) -> None:
         conn.up = Direction(start_offset(seed, False), up_total)
         conn.down = Direction(start_offset(seed, True), down_total)
         conn.down_after_up = bool(flags & FLAG_DOWN_AFTER_UP)
+        conn.down.rate = (flags >> RATE_SHIFT) * 1e6
+        conn.down.began_at = time.monotonic()
         return
     for _ in range(4):
         try:
@@ -324,14 +342,16 @@ def parse_specs(specs: list[str]) -> list[ClientConn]:
         for _ in range(int(count)):
             seed = len(conns)
             flags = FLAG_DOWN_AFTER_UP if kind in ("idle", "guestfirst") else 0
+            if kind == "busy" and rate:  # the server paces what it sends
+                flags |= max(1, min(127, round(rate / 1e6))) << RATE_SHIFT
             up = Direction(start_offset(seed, False), up_total)
             down = Direction(start_offset(seed, True), down_total)
             if kind == "guestfirst":
                 down.rate = rate
             if kind == "peerfirst":
                 up.rate = rate
-            if kind == "busy":  # RATE (0: full speed) both ways; the client's reads pace down
-                up.rate = down.rate = rate
+            if kind == "busy":  # RATE (0: full speed) up; the server paces down (flags)
+                up.rate = rate
             conn = ClientConn(kind, seed, up, down, HEADER.pack(seed, up_total, down_total, flags))
             if kind == "idle":
                 conn.up_on_stop, conn.up_started = True, False
