@@ -186,6 +186,7 @@ class Restorer:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
         await self._batch()
         await self._off_early()
+        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()])
         self.standing = set(self.restored)
         self.in_precopy = False
 
@@ -303,6 +304,9 @@ class Restorer:
                 0,
             )
             self.d.stack.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
+        # Arm every connection now (the reactor would in its first round):
+        # resumed means every connection is listened to again.
+        self.d.tcp.flush()
         self.restored.clear()
         self.live.clear()
         return t_off
