@@ -15,21 +15,12 @@ from tests.integration.test_migration_support import Streams
 
 #: Connections streaming both ways at full speed throughout.
 BUSY_CONNECTIONS = 20
-KNOWN_ISSUE_5000 = (
-    "known issue: with 5,000 idle + 20 busy connections the migration itself succeeds "
-    "(about 1.8 s downtime) but afterwards some connections see no ACK from the guest "
-    "for eight retransmissions and are reset, and the idle exchange does not complete; "
-    "1,000 idle + 20 busy pass"
-)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "idle_connections",
-    [
-        1000,
-        pytest.param(5000, marks=pytest.mark.xfail(strict=False, reason=KNOWN_ISSUE_5000)),
-    ],
+    [1000, 5000],
 )
 def test_many_idle_and_busy_connections(two_hosts: MigrationBed, idle_connections: int) -> None:
     """IDLE idle connections (each sends and receives 1,000 bytes after the move) and
