@@ -252,6 +252,35 @@ class TapFrontend:
                     continue
                 on_burst_end()
 
+    def drain(
+        self,
+        on_frame: Callable[[memoryview, bool], None],
+        on_burst_end: Callable[[], None],
+        limit: int = 4096,
+    ) -> int:
+        """Deliver, without waiting, the frames queued now (at most ``limit``); how many.
+
+        A migration's source calls it right before detaching its queue: the
+        kernel drops whatever a queue still holds when it is detached
+        (__tun_detach: tun_queue_purge), and for the guest that is data
+        already sent, recovered only by its retransmission timer.
+        """
+        readv, fd, buf, view = os.readv, self.fd, [self._buf], self._view
+        trust = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
+        count = 0
+        while count < limit:
+            try:
+                n = readv(fd, buf)
+            except BlockingIOError:
+                break
+            count += 1
+            if n <= VNET_HDR_LEN:
+                continue
+            self.frames_in += 1
+            on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
+        on_burst_end()
+        return count
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

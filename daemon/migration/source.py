@@ -258,10 +258,14 @@ class SourceMigration:
         t_freeze = time.monotonic()
         counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
         await d.stop_data_path()
-        # From here on the guest's frames go to the target's queue (attached at
-        # its migrate-in), which holds them until it resumes: nothing the guest
-        # sends during the downtime is lost (tun steers every flow to the
-        # remaining queue once ours is detached).
+        # What the guest already queued for us is handled now: detaching drops
+        # it (TapFrontend.drain). From the detach on the guest's frames go to
+        # the target's queue (attached at its migrate-in or wait-precopy),
+        # which holds them until it resumes: nothing the guest sends during
+        # the downtime is lost (tun steers every flow to the remaining queue
+        # once ours is detached).
+        stack, now = d.stack, trio.current_time()
+        d.tap.drain(lambda frame, trusted: stack.receive_frame(frame, now, trusted), stack.flush)
         d.tap.detach_queue()
         t_stopped = time.monotonic()
         self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
