@@ -36,6 +36,16 @@ Because the queued flight keeps the socket readable, the reader waits with
 SO_RCVLOWAT set to flight + 1: tcp_poll then reports readability only when
 bytes beyond the flight arrived (or on FIN/error).
 
+Timestamps (RFC 7323). When the guest's SYN (or its SYN-ACK) carries them,
+every segment to the guest does too, on the host socket's own clock (see
+``ts_offset``). Not for PAWS on our side: because ferryd keeps no
+out-of-order data, a lost segment from the guest costs everything it sent
+after it, and with data flowing to the guest ferryd's duplicate ACKs do not
+count as such for Linux (each one also updates the window: tcp_ack); only
+the guest's retransmission timer recovers, and without timestamps Karn's
+rule gives it no RTT sample while it retransmits, so its RTO backs off to
+tens of seconds and the connection crawls. With them every ACK is a sample.
+
 Closing. The guest's FIN, once everything before it was written, becomes
 ``shutdown(SHUT_WR)`` on the socket. The socket's EOF, once every byte
 before it was sent to the guest, becomes a FIN to the guest. When both
@@ -137,6 +147,16 @@ class Flags(enum.IntFlag):
     FIN_TO_GUEST = 4
     """A FIN was sent to the guest (it occupies one sequence number)."""
     FIN_TO_GUEST_ACKED = 8
+    TIMESTAMPS = 16
+    """RFC 7323 timestamps were agreed with the guest (see TcpConn.ts_offset)."""
+
+
+#: The bits of Flags that say how far closing went.
+CLOSING = Flags.FIN_FROM_GUEST | Flags.SOCK_EOF | Flags.FIN_TO_GUEST | Flags.FIN_TO_GUEST_ACKED
+#: TCP_TIMESTAMP (include/uapi/linux/tcp.h): the socket's timestamp clock, in ms.
+TCP_TIMESTAMP = 24
+#: What the timestamps option adds to each segment (10 bytes, 2 NOPs: RFC 7323 §3.2).
+TS_OPTION_LEN = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +230,16 @@ class TcpConn:
         """The adapter should wait for writability and call on_writable()."""
         self._hole_acked = -1
         """seq_from_guest at which a hole last got its duplicate ACKs."""
+        self.ts_offset = 0
+        """With Flags.TIMESTAMPS: TSval = now in ms + ts_offset, mod 2^32. Taken from the
+        host socket's own timestamp clock (TCP_TIMESTAMP, CLOCK_MONOTONIC like ours), so a
+        migration target, whose restored socket goes on with the source's clock, can go
+        on with it too (flowstate.apply_guest_state): the guest's PAWS check (RFC 7323
+        §5) never sees our TSval go back."""
+        self.ts_recent = 0
+        """The guest's latest TSval, echoed as TSecr (0 until one was seen)."""
+        self._now_ms = 0
+        self._ts_offered = False
         self.restore_tail: tuple[TcpSocketState, int] | None = None
         """A migrated socket's unsent bytes still to write, and how many went."""
 
@@ -288,6 +318,8 @@ class TcpConn:
             window = min(self.wnd_to_guest >> self.our_ws, 0xFFFF)
         ack = self.seq_from_guest if flags & ACK else 0
         self.seq_ack_to_guest = ack
+        if options is None and Flags.TIMESTAMPS in self.flags:
+            options = TcpOptions(timestamp=(self._tsval(), self.ts_recent))
         hdr = build_tcp_header_partial(
             e.remote_addr,
             e.guest_addr,
@@ -313,7 +345,43 @@ class TcpConn:
             self.send_ack()
 
     def _syn_options(self, offer_wscale: bool) -> TcpOptions:
-        return TcpOptions(mss=self.link_mss, wscale=OUR_WSCALE if offer_wscale else None)
+        ts = (self._tsval(), self.ts_recent) if Flags.TIMESTAMPS in self.flags else None
+        return TcpOptions(
+            mss=self.link_mss, wscale=OUR_WSCALE if offer_wscale else None, timestamp=ts
+        )
+
+    def continue_timestamps(self, sock_ts: int, now: float) -> None:
+        """A migration target: go on with the clock of the restored host socket.
+
+        The restored socket continues its timestamp clock from the dumped
+        value ``sock_ts``; ours follows, one ms ahead so that rounding never
+        takes it back. The guest's TSval is learnt again from its next
+        segment (TSecr 0 until then gives the guest no RTT sample, nothing
+        worse: tcp_ack_update_rtt).
+        """
+        self._now_ms = int(now * 1000)
+        self.ts_offset = (sock_ts + 1 - self._now_ms) & 0xFFFFFFFF
+        self.ts_recent = 0
+
+    def _tsval(self) -> int:
+        return (self._now_ms + self.ts_offset) & 0xFFFFFFFF
+
+    def _start_timestamps(self, now: float) -> None:
+        """Agree to RFC 7323 timestamps: our clock is the host socket's (ts_offset).
+
+        They give the guest an RTT sample from every ACK, retransmissions
+        included (RFC 7323 §4); without them Karn's rule leaves it none while
+        it retransmits, so after a loss (ferryd keeps no out-of-order data)
+        its RTO backs off for good (tcp_ack_update_rtt resets icsk_backoff
+        only on a sample) and the connection crawls on timeouts.
+        """
+        self._now_ms = int(now * 1000)
+        try:
+            sock_ts = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+        except OSError:
+            sock_ts = secrets.randbits(32)
+        self.ts_offset = sock_ts - self._now_ms
+        self.flags |= Flags.TIMESTAMPS
 
     def _update_window(self) -> None:
         """Window for the guest: the socket's free send space (see module doc)."""
@@ -339,6 +407,9 @@ class TcpConn:
             self.guest_ws, self.our_ws = opts.wscale, OUR_WSCALE
         self.guest_mss = opts.mss if opts.mss else 536
         self.guest_wnd = syn.window
+        if opts.timestamp is not None:  # agreed once connected (_start_timestamps)
+            self.ts_recent = opts.timestamp[0]
+            self._ts_offered = True
         self.timer = now + CONNECT_TIMEOUT
         self.last_progress = now
 
@@ -356,6 +427,8 @@ class TcpConn:
             return
         self.state = State.SYN_ACK_SENT
         self.flow.state = self.state.value
+        if self._ts_offered:
+            self._start_timestamps(now)
         self._update_window()
         self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
         self._send(SYN | ACK, self.isn, options=self._syn_options(self.our_ws != 0))
@@ -366,6 +439,7 @@ class TcpConn:
     def start_inbound(self, now: float) -> None:
         """A peer connected to a forwarded port: open the guest side (SYN)."""
         self.our_ws = OUR_WSCALE  # tentative: in effect only if the guest agrees
+        self._start_timestamps(now)  # offered; dropped unless the guest's SYN-ACK agrees
         self._update_window()
         self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
         self._send(SYN, self.isn, options=self._syn_options(True))
@@ -374,6 +448,16 @@ class TcpConn:
 
     def on_guest_segment(self, seg: TcpSegment, now: float) -> None:
         flags = seg.flags
+        self._now_ms = int(now * 1000)
+        ts = seg.options.timestamp
+        # The newest TSval, for TSecr (RFC 7323 §4.3 asks for the one of the
+        # segment that advanced the left edge; the newest errs on the short side).
+        if (
+            ts is not None
+            and Flags.TIMESTAMPS in self.flags
+            and (not self.ts_recent or seq_diff(ts[0], self.ts_recent) > 0)
+        ):
+            self.ts_recent = ts[0]
         if flags & RST:
             # The guest aborts: RFC 9293 §3.10.7.4; the guest is our own
             # link, so any RST for this tuple is taken as genuine.
@@ -429,6 +513,10 @@ class TcpConn:
             self.our_ws = 0  # RFC 7323 §2.2: scaling only if both SYNs carry it
         self.guest_mss = opts.mss if opts.mss else 536
         self.guest_wnd = seg.window  # never scaled in a SYN (RFC 7323 §2.2)
+        if opts.timestamp is None:
+            self.flags &= ~Flags.TIMESTAMPS  # RFC 7323 §3.2: only if both SYNs carry it
+        else:
+            self.ts_recent = opts.timestamp[0]
         self.seq_ack_from_guest = seg.ack
         self.state = State.ESTABLISHED
         self.flow.state = self.state.value
@@ -624,6 +712,9 @@ class TcpConn:
         left = min(self.guest_wnd, self._rcvlowat_cap) - self.flight
         buf, total = self._buf, 0
         mss = max(1, min(self.guest_mss, self.link_mss))
+        if Flags.TIMESTAMPS in self.flags:
+            mss = max(1, mss - TS_OPTION_LEN)  # the MSS leaves options out (RFC 9293 §3.7.1)
+        self._now_ms = int(now * 1000)
         drained = False
         while left > 0:
             want = min(left, len(buf))
@@ -698,6 +789,7 @@ class TcpConn:
         self.prepare_wait()
 
     def on_timer(self, now: float) -> None:
+        self._now_ms = int(now * 1000)
         state = self.state
         if state is State.CONNECTING:
             log.debug("connect to %s:%d timed out", self.ends.remote_addr, self.ends.remote_port)

@@ -77,6 +77,8 @@ def apply_guest_state(
     flags = Flags(rec.flags)
     if Flags.FIN_TO_GUEST in flags:
         conn.fin_seq = (rec.seq_to_guest - 1) & 0xFFFFFFFF
+    if Flags.TIMESTAMPS in flags:
+        conn.continue_timestamps(kernel.timestamp, now)
     if kernel.fin_received:
         # A restored socket never reports the peer's earlier FIN as EOF
         # (sockstate: repair mode cannot queue a received FIN; rcv_nxt counts

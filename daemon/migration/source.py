@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from daemon.control import ControlError
-from daemon.flows.tcp_conn import State, TcpConn
+from daemon.flows.tcp_conn import CLOSING, State, TcpConn
 from daemon.migration import restore
 from daemon.migration.flowstate import tcp_record
 from daemon.migration.records import (
@@ -107,7 +107,7 @@ def _guest_mark(conn: TcpConn) -> _GuestMark:
 def _precopy_candidate(conn: TcpConn, now: float) -> bool:
     return (
         conn.state is State.ESTABLISHED
-        and not conn.flags
+        and not conn.flags & CLOSING
         and not conn.flight
         and not conn.ack_due
         and conn.restore_tail is None

@@ -1,0 +1,162 @@
+"""TcpConn and RFC 7323 timestamps with the guest: agreed, carried, continued after a move.
+
+A real loopback TCP connection stands in for the host socket (its
+TCP_TIMESTAMP clock is what ferryd's TSval follows); the guest is a recorder
+that decodes the options of every segment ferryd sends it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from daemon.flows.table import Flow, FlowKey
+from daemon.flows.tcp_conn import (
+    SO_PEEK_OFF,
+    TCP_TIMESTAMP,
+    TS_OPTION_LEN,
+    Endpoints,
+    Flags,
+    State,
+    TcpConn,
+)
+from daemon.wire.ip import IPPROTO_TCP, IpAddress
+from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment, _parse_options_untrusted
+
+GUEST = IPv4Address("10.0.2.15")
+REMOTE = IPv4Address("192.0.2.1")
+LINK_MSS = 65480
+GUEST_TSVAL = 123456
+
+
+class OptionsGuest:
+    """A GuestPort that keeps (flags, options, payload length) of every segment."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, TcpOptions, int]] = []
+
+    def send_ip(
+        self,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: int,
+        l4: bytes,
+        payload: bytes | memoryview = b"",
+        csum_offset: int | None = None,
+    ) -> None:
+        assert proto == IPPROTO_TCP
+        offset = (l4[12] >> 4) * 4
+        options = _parse_options_untrusted(memoryview(l4)[20:offset])
+        self.sent.append((l4[13], options, len(payload)))
+
+    def guest_address(self, version: int) -> IpAddress | None:
+        return GUEST
+
+
+@pytest.fixture
+def host_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        yield ours, peer
+    finally:
+        ours.close()
+        peer.close()
+
+
+def connecting(sock: socket.socket, guest: OptionsGuest, syn_options: TcpOptions) -> TcpConn:
+    """An outbound connection whose host connect() just finished."""
+    conn = TcpConn(
+        Endpoints(GUEST, 40000, REMOTE, 80),
+        sock,
+        guest,
+        State.CONNECTING,
+        LINK_MSS,
+        memoryview(bytearray(1 << 20)),
+        on_closed=lambda c: None,
+        on_ack_due=lambda c: None,
+        on_changed=lambda c: None,
+        rcvlowat_cap=1 << 20,
+    )
+    key = FlowKey(IPPROTO_TCP, GUEST, 40000, REMOTE, 80)
+    conn.flow = Flow(key, conn, State.CONNECTING.value, 0.0, 0.0)
+    syn = TcpSegment(40000, 80, 1000, 0, SYN, 65535, syn_options, memoryview(b""))
+    conn.start_outbound(syn, 1.0)
+    conn.on_connected(1.0)
+    return conn
+
+
+def established_by_guest(conn: TcpConn, tsval: int, now: float) -> None:
+    opts = TcpOptions(timestamp=(tsval, 0))
+    seg = TcpSegment(
+        40000, 80, 1001, (conn.isn + 1) & 0xFFFFFFFF, ACK, 65535, opts, memoryview(b"")
+    )
+    conn.on_guest_segment(seg, now)
+
+
+def test_agreed_when_the_guest_offers_them(host_pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, peer = host_pair
+    guest = OptionsGuest()
+    sock_ts = ours.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP)
+    conn = connecting(ours, guest, TcpOptions(mss=1460, wscale=7, timestamp=(GUEST_TSVAL, 0)))
+    flags, syn_ack, _ = guest.sent[-1]
+    assert flags == SYN | ACK
+    assert syn_ack.timestamp is not None
+    tsval, tsecr = syn_ack.timestamp
+    assert tsecr == GUEST_TSVAL
+    assert 0 <= (tsval - sock_ts) & 0xFFFFFFFF < 1000  # the host socket's clock
+
+    established_by_guest(conn, GUEST_TSVAL + 5, 1.5)
+    conn.guest_mss = LINK_MSS
+    peer.sendall(bytes(200_000))
+    while conn.push(1.5) == 0:
+        pass
+    data = [(opts, n) for _, opts, n in guest.sent if n]
+    assert data
+    for opts, n in data:
+        assert opts.timestamp is not None
+        assert opts.timestamp[1] == GUEST_TSVAL + 5  # the newest TSval echoed
+        assert (opts.timestamp[0] - tsval) & 0xFFFFFFFF == 500  # 1.0 s -> 1.5 s
+        assert n <= LINK_MSS - TS_OPTION_LEN
+
+
+def test_not_without_the_guest(host_pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, peer = host_pair
+    guest = OptionsGuest()
+    conn = connecting(ours, guest, TcpOptions(mss=1460, wscale=7))
+    assert Flags.TIMESTAMPS not in conn.flags
+    established_by_guest(conn, 0, 1.5)
+    conn.guest_mss = LINK_MSS
+    peer.sendall(bytes(200_000))
+    while conn.push(1.5) == 0:
+        pass
+    assert all(opts.timestamp is None for _, opts, _ in guest.sent)
+    assert max(n for _, _, n in guest.sent) == LINK_MSS
+
+
+def test_a_migration_target_goes_on_with_the_clock(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """After the move TSval continues from the dumped socket clock (never back: the
+    guest's PAWS would drop our segments) and TSecr waits for the guest's next TSval."""
+    ours, _ = host_pair
+    guest = OptionsGuest()
+    conn = connecting(ours, guest, TcpOptions(mss=1460, timestamp=(GUEST_TSVAL, 0)))
+    established_by_guest(conn, GUEST_TSVAL, 1.0)
+    dumped = 0xFFFFFFF0  # about to wrap
+    conn.continue_timestamps(dumped, 5000.0)  # another host's clock
+    conn.send_ack()
+    tsval, tsecr = guest.sent[-1][1].timestamp or (0, 0)
+    assert (tsval - dumped) & 0xFFFFFFFF == 1
+    assert tsecr == 0
+    established_by_guest(conn, GUEST_TSVAL + 100, 5000.25)
+    conn.send_ack()
+    tsval, tsecr = guest.sent[-1][1].timestamp or (0, 0)
+    assert (tsval - dumped) & 0xFFFFFFFF == 251
+    assert tsecr == GUEST_TSVAL + 100
