@@ -82,15 +82,6 @@ def test_udp_exchange_continues(two_hosts: MigrationBed) -> None:
         udp.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known issue, about 1 run in 10: after the move a guest uploading on a "
-    "connection whose peer had closed (CLOSE_WAIT) loses most of its segments to ferryd "
-    "(its socket: lost ~330, RTO backoff 6) while the restored host socket's send queue "
-    "is empty, so the upload crawls on RTOs. The kernel-side cause of the same symptom "
-    "(restored socket one short of the peer's FIN: old ACKs, stale TSecr, RTO 8 s) is "
-    "fixed and covered by test_sockstate_loopback.",
-)
 @pytest.mark.parametrize("family", ["v4", "v6"])
 def test_half_closed_both_ways(two_hosts: MigrationBed, family: str) -> None:
     """Guest shut its write side (FIN_WAIT2) / the peer did (CLOSE_WAIT); data goes on after."""
