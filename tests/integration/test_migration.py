@@ -52,8 +52,8 @@ def test_busy_streams_both_ways(two_hosts: MigrationBed) -> None:
         summary = bed.migrate_ok(source, target)
         assert summary["flows"]["tcp"] == 4
         assert _roles(source, target) == ["migrated", "running"]
-        after_v4 = v4.wait_flowing("busy", before[0]["min_received"] + (8 << 20), "after")
-        after_v6 = v6.wait_flowing("busy", before[1]["min_received"] + (8 << 20), "after")
+        after_v4 = v4.wait_more("busy", before[0], 8 << 20, "after")
+        after_v6 = v6.wait_more("busy", before[1], 8 << 20, "after")
         print("summary:", summary, "v4:", after_v4, "v6:", after_v6)
         v4.finish()
         v6.finish()
@@ -130,7 +130,7 @@ def test_inbound_connection_and_listener_move(two_hosts: MigrationBed) -> None:
         assert summary["flows"]["listeners"] >= 2
         assert summary["flows"]["tcp"] == 2
         before = inbound.report()["busy"]
-        inbound.wait_flowing("busy", before["min_received"] + (4 << 20), "after the move")
+        inbound.wait_more("busy", before, 4 << 20, "after the move")
         # A new connection, through the listener that moved to host B.
         later = Streams(bed.guest, bed.peer, "0.0.0.0", bed.host_v4, 8081, "busy:1", "idle:3")
         later.wait_flowing("busy", 1 << 20, "on a new inbound connection")
@@ -155,7 +155,7 @@ def test_one_host_namespace(one_host: MigrationBed) -> None:
         summary = bed.migrate_ok(source, target)
         assert summary["flows"]["tcp"] == 52
         before = streams.report()["busy"]
-        streams.wait_flowing("busy", before["min_received"] + (4 << 20), "after the move")
+        streams.wait_more("busy", before, 4 << 20, "after the move")
         print("summary:", summary)
         streams.finish()
         udp.finish()
@@ -173,8 +173,8 @@ def test_there_and_back(two_hosts: MigrationBed) -> None:
     try:
         streams.wait_flowing("busy", 1 << 20)
         bed.migrate_ok(first, second)
-        mark = streams.report()["busy"]["min_received"]
-        streams.wait_flowing("busy", mark + (4 << 20), "on host B")
+        mark = streams.report()["busy"]
+        streams.wait_more("busy", mark, 4 << 20, "on host B")
         # The old source lingers with frozen twins of every socket in A: it
         # must be gone before A's new ferryd restores the same 4-tuples there.
         assert first.stop() in first.ok_exit
@@ -182,8 +182,8 @@ def test_there_and_back(two_hosts: MigrationBed) -> None:
         third = bed.start_target(host=bed.host_a)
         summary = bed.migrate_ok(second, third)
         assert summary["flows"]["tcp"] == 22
-        mark = streams.report()["busy"]["min_received"]
-        streams.wait_flowing("busy", mark + (4 << 20), "back on host A")
+        mark = streams.report()["busy"]
+        streams.wait_more("busy", mark, 4 << 20, "back on host A")
         assert third.request("status")["role"] == "running"
         streams.finish()
     finally:
@@ -196,8 +196,8 @@ def test_there_and_back(two_hosts: MigrationBed) -> None:
 
 def _source_survives(source: FerrydProcess, target: FerrydProcess, streams: Streams) -> None:
     assert source.request("status")["role"] == "running"
-    mark = streams.report()["busy"]["min_received"]
-    streams.wait_flowing("busy", mark + (4 << 20), "on the source after the failure")
+    mark = streams.report()["busy"]
+    streams.wait_more("busy", mark, 4 << 20, "on the source after the failure")
     streams.finish()
 
 

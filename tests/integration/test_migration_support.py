@@ -178,6 +178,23 @@ class Streams:
                 raise AssertionError(f"{kind} connections not flowing {what}: {entry}")
             time.sleep(0.05)
 
+    def wait_more(
+        self, kind: str, before: dict[str, int], more: int, what: str = ""
+    ) -> dict[str, int]:
+        """Wait until every connection of *kind* moved *more* bytes each way since *before*
+        (a report entry): each direction against its own mark, since the two need not
+        run at the same rate."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            entry = self.report()[kind]
+            if all(entry[k] >= before[k] + more for k in ("min_sent", "min_received")):
+                return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{kind} connections not flowing {what}: {entry} (from {before})"
+                )
+            time.sleep(0.05)
+
     def finish(self, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
         """Stop, wait for every connection to end, and check both ends byte for byte."""
         self.client.command("stop")
