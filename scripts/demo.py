@@ -124,9 +124,11 @@ def run_demo(topo: TwoHostTopology, guest: Netns, tmp: Path) -> None:
 
         step(f"guest -> peer: {BUSY} busy and {IDLE} idle TCP connections, every byte checked")
         server = topo.peer.popen(
-            [PY, STREAMTOOL, "server", "0.0.0.0", "7000"], stdout=subprocess.DEVNULL
+            [PY, STREAMTOOL, "server", "0.0.0.0", "7000"], stdout=subprocess.PIPE, text=True
         )
         procs.append(server)
+        assert server.stdout is not None
+        server.stdout.readline()  # {"listening": 7000}: only then may the guest connect
         client = guest.popen(
             [PY, STREAMTOOL, "client", topo.peers_v4[0], "7000", f"busy:{BUSY}", f"idle:{IDLE}"],
             stdin=subprocess.PIPE,
