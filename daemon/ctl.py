@@ -273,7 +273,7 @@ def _run_migrate(args: argparse.Namespace, out: TextIO) -> None:
 
     started = time.monotonic()
     if same_netns or args.no_precopy:
-        out_resp = _hand_over_pipe(peers, same_netns)
+        out_resp = _hand_over_pipe(peers, "migrate-out", same_netns=same_netns)
     else:
         out_resp = _precopy_then_freeze(peers)
     wait_resp = _wait_restored(peers)
@@ -302,18 +302,21 @@ def _check_role(who: str, status: dict[str, Any], wanted: str) -> None:
     raise _Failure(f'{who} ferryd is "{role}", expected "{wanted}"{hint}; nothing was changed')
 
 
-def _hand_over_pipe(peers: _Peers, same_netns: bool) -> dict[str, Any]:
+def _hand_over_pipe(
+    peers: _Peers, source_cmd: str, *, precopy: bool = False, **args: Any
+) -> dict[str, Any]:
     """Give the target the read end and the source the write end; the source's answer.
 
-    Our copies are closed as soon as each request is sent: the target sees
-    the end of the stream when the source closes the last write end.
+    ``source_cmd`` is migrate-out (the freeze) or migrate-precopy. Our
+    copies are closed as soon as each request is sent: the target sees the
+    end of the stream when the source closes the last write end.
     """
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         try:
-            peers.ask("target", "migrate-in", fds=[rfd])
+            peers.ask("target", "migrate-in", fds=[rfd], **({"precopy": True} if precopy else {}))
         except _Failure as exc:
             raise _Failure(f"migrate: {exc}; nothing was changed") from None
         finally:
@@ -321,9 +324,7 @@ def _hand_over_pipe(peers: _Peers, same_netns: bool) -> dict[str, Any]:
             rfd = -1
         try:
             fd, wfd = wfd, -1
-            return _request_handing_over(
-                peers.source, "migrate-out", fd, peers.timeout, same_netns=same_netns
-            )
+            return _request_handing_over(peers.source, source_cmd, fd, peers.timeout, **args)
         except ControlRequestFailed as exc:
             # The source refused or failed and has rolled back; the target
             # fails on its own (the stream ended early), the abort resets it.
@@ -344,28 +345,7 @@ def _precopy_then_freeze(peers: _Peers) -> dict[str, Any]:
     PrecopyEnd). The target takes the guest's tap queue when it has
     restored the pre-copy, right before the freeze.
     """
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        try:
-            peers.ask("target", "migrate-in", fds=[rfd], precopy=True)
-        except _Failure as exc:
-            raise _Failure(f"migrate: {exc}; nothing was changed") from None
-        finally:
-            os.close(rfd)
-            rfd = -1
-        try:
-            fd, wfd = wfd, -1
-            pre = _request_handing_over(peers.source, "migrate-precopy", fd, peers.timeout)
-        except ControlRequestFailed as exc:
-            raise _aborted(peers, f"source {exc}", abort_source=False) from None
-        except ControlClientError as exc:
-            raise _aborted(peers, f"source {exc}") from None
-    finally:
-        for fd in (rfd, wfd):
-            if fd >= 0:
-                os.close(fd)
+    pre = _hand_over_pipe(peers, "migrate-precopy", precopy=True)
     try:
         pre_wait = peers.ask("target", "migrate-wait-precopy")
     except _Failure as exc:

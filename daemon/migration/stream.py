@@ -73,8 +73,9 @@ from __future__ import annotations
 
 import enum
 import zlib
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from daemon.migration import migration_pb2 as pb
 from daemon.migration.records import (
@@ -133,6 +134,7 @@ READER_VERSION = 2
 MAX_RECORD_SIZE = 64 << 20
 MAX_HEADER_SIZE = 64 << 10
 
+_M = TypeVar("_M", bound=Message)
 _WIRETYPE_LEN = 2
 _MAX_TAG_BYTES = 5  # field numbers are < 2**29
 _MAX_LENGTH_BYTES = 10
@@ -372,6 +374,15 @@ def _kind_of(field_number: int) -> _Kind:
     return _Kind.UNKNOWN
 
 
+def _parse_untrusted(msg: _M, body: bytes, what: str) -> _M:
+    """``msg`` filled from ``body``; StreamError naming ``what`` if it does not parse."""
+    try:
+        msg.ParseFromString(body)
+    except (DecodeError, ValueError) as exc:
+        raise StreamError(f"{what} does not parse: {exc}") from None
+    return msg
+
+
 def _read_varint(buf: bytearray, pos: int, max_bytes: int, what: str) -> tuple[int, int] | None:
     """(value, position after it), or None if the buffer ends inside it."""
     value = 0
@@ -525,11 +536,7 @@ class StreamDecoder:
         return end
 
     def _accept_header(self, body: bytes) -> HeaderReceived:
-        msg = pb.Header()
-        try:
-            msg.ParseFromString(body)
-        except (DecodeError, ValueError) as exc:
-            raise StreamError(f"header does not parse: {exc}") from None
+        msg = _parse_untrusted(pb.Header(), body, "header")
         if msg.magic != MAGIC:
             raise StreamError(
                 f"not a ferry migration stream: bad magic {msg.magic:#010x} "
@@ -554,11 +561,7 @@ class StreamDecoder:
         return HeaderReceived(header, version, oldest)
 
     def _accept_precopy_end(self, body: bytes) -> PrecopyEnded:
-        msg = pb.PrecopyEnd()
-        try:
-            msg.ParseFromString(body)
-        except (DecodeError, ValueError) as exc:
-            raise StreamError(f"pre-copy end does not parse: {exc}") from None
+        msg = _parse_untrusted(pb.PrecopyEnd(), body, "pre-copy end")
         if msg.tcp_count != self._precopy_tcp:
             raise StreamError(
                 f"pre-copy end counts {msg.tcp_count} TCP flows, but {self._precopy_tcp} came"
@@ -573,11 +576,7 @@ class StreamDecoder:
             raise StreamError(
                 f"a TCP gone record {'twice' if self._gone_seen else 'without a pre-copy'}"
             )
-        msg = pb.TcpGone()
-        try:
-            msg.ParseFromString(body)
-        except (DecodeError, ValueError) as exc:
-            raise StreamError(f"TCP gone record does not parse: {exc}") from None
+        msg = _parse_untrusted(pb.TcpGone(), body, "TCP gone record")
         indexes = list(msg.index)
         if len(set(indexes)) != len(indexes) or any(i >= self._precopied for i in indexes):
             raise StreamError(
@@ -591,13 +590,8 @@ class StreamDecoder:
 
     def _accept_flow(self, field_number: int, body: bytes) -> FlowReceived:
         assert self._header is not None  # the transition table admits flows only after it
-        msg = _FLOW_MESSAGES[field_number]()
-        try:
-            msg.ParseFromString(body)
-        except (DecodeError, ValueError) as exc:
-            raise StreamError(
-                f"{_RECORD_NAMES[field_number]} record {self._count} does not parse: {exc}"
-            ) from None
+        what = f"{_RECORD_NAMES[field_number]} record {self._count}"
+        msg = _parse_untrusted(_FLOW_MESSAGES[field_number](), body, what)
         try:
             flow = flow_from_proto_untrusted(msg, self._header)
         except StreamError as exc:
@@ -607,11 +601,7 @@ class StreamDecoder:
         return event
 
     def _trailer(self, body: bytes) -> StreamEnded:
-        msg = pb.Trailer()
-        try:
-            msg.ParseFromString(body)
-        except (DecodeError, ValueError) as exc:
-            raise StreamError(f"trailer does not parse: {exc}") from None
+        msg = _parse_untrusted(pb.Trailer(), body, "trailer")
         if msg.flow_count != self._count:
             raise StreamError(
                 f"trailer counts {msg.flow_count} flow records, but {self._count} arrived"

@@ -12,19 +12,13 @@ import select
 import socket
 import struct
 import termios
-from collections.abc import Iterator
-from ipaddress import IPv4Address
 
-import pytest
-
-from daemon.flows.table import Flow, FlowKey
-from daemon.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
+from daemon.flows.tcp_conn import State, TcpConn
 from daemon.flows.tcp_seq import seq_add
 from daemon.wire.ip import IPPROTO_TCP, IpAddress
 from daemon.wire.tcp import ACK, NO_OPTIONS, TcpSegment
+from tests.unit.tcp_conn_support import GUEST, bare_conn
 
-GUEST = IPv4Address("10.0.2.15")
-REMOTE = IPv4Address("192.0.2.1")
 MSS = 1000
 WINDOW = 65535
 GUEST_SEQ = 5000
@@ -58,37 +52,8 @@ class RecordingGuest:
         return sum(1 for s, n in self.sent if s == seq and n)
 
 
-@pytest.fixture
-def host_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """(ferryd's host socket, the peer's socket) over loopback."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        peer = socket.create_connection(server.getsockname())
-        ours, _ = server.accept()
-    ours.setblocking(False)
-    ours.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)  # as TcpFlows sets it up
-    try:
-        yield ours, peer
-    finally:
-        ours.close()
-        peer.close()
-
-
 def established(sock: socket.socket, guest: RecordingGuest) -> TcpConn:
-    ends = Endpoints(GUEST, 40000, REMOTE, 80)
-    conn = TcpConn(
-        ends,
-        sock,
-        guest,
-        State.ESTABLISHED,
-        MSS,
-        memoryview(bytearray(1 << 16)),
-        on_closed=lambda c: None,
-        on_ack_due=lambda c: None,
-        on_changed=lambda c: None,
-        rcvlowat_cap=1 << 20,
-    )
-    key = FlowKey(IPPROTO_TCP, GUEST, 40000, REMOTE, 80)
-    conn.flow = Flow(key, conn, State.ESTABLISHED.value, 0.0, 0.0)
+    conn = bare_conn(sock, guest, State.ESTABLISHED, MSS)
     conn.seq_from_guest = conn.seq_ack_to_guest = GUEST_SEQ
     conn.guest_mss = MSS
     conn.guest_wnd = WINDOW

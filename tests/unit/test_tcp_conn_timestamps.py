@@ -8,26 +8,18 @@ that decodes the options of every segment ferryd sends it.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from ipaddress import IPv4Address
 
-import pytest
-
-from daemon.flows.table import Flow, FlowKey
 from daemon.flows.tcp_conn import (
-    SO_PEEK_OFF,
     TCP_TIMESTAMP,
     TS_OPTION_LEN,
-    Endpoints,
     Flags,
     State,
     TcpConn,
 )
 from daemon.wire.ip import IPPROTO_TCP, IpAddress
 from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment, _parse_options_untrusted
+from tests.unit.tcp_conn_support import GUEST, bare_conn
 
-GUEST = IPv4Address("10.0.2.15")
-REMOTE = IPv4Address("192.0.2.1")
 LINK_MSS = 65480
 GUEST_TSVAL = 123456
 
@@ -56,36 +48,9 @@ class OptionsGuest:
         return GUEST
 
 
-@pytest.fixture
-def host_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        peer = socket.create_connection(server.getsockname())
-        ours, _ = server.accept()
-    ours.setblocking(False)
-    ours.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-    try:
-        yield ours, peer
-    finally:
-        ours.close()
-        peer.close()
-
-
 def connecting(sock: socket.socket, guest: OptionsGuest, syn_options: TcpOptions) -> TcpConn:
     """An outbound connection whose host connect() just finished."""
-    conn = TcpConn(
-        Endpoints(GUEST, 40000, REMOTE, 80),
-        sock,
-        guest,
-        State.CONNECTING,
-        LINK_MSS,
-        memoryview(bytearray(1 << 20)),
-        on_closed=lambda c: None,
-        on_ack_due=lambda c: None,
-        on_changed=lambda c: None,
-        rcvlowat_cap=1 << 20,
-    )
-    key = FlowKey(IPPROTO_TCP, GUEST, 40000, REMOTE, 80)
-    conn.flow = Flow(key, conn, State.CONNECTING.value, 0.0, 0.0)
+    conn = bare_conn(sock, guest, State.CONNECTING, LINK_MSS)
     syn = TcpSegment(40000, 80, 1000, 0, SYN, 65535, syn_options, memoryview(b""))
     conn.start_outbound(syn, 1.0)
     conn.on_connected(1.0)

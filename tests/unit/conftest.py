@@ -1,0 +1,25 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from daemon.flows.tcp_conn import SO_PEEK_OFF
+
+
+@pytest.fixture
+def host_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(ferryd's host socket, the peer's socket) over loopback, set up as TcpFlows does."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        yield ours, peer
+    finally:
+        ours.close()
+        peer.close()
