@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def _bed() -> Iterator[MigrationBed]:
         finally:
             for ferryd in bed.ferryds:
                 ferryd.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _start(bed: MigrationBed, host: Netns, n: int, incoming: bool) -> FerrydProcess:
