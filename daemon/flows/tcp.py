@@ -259,8 +259,9 @@ class TcpFlows:
         """The frontend's queue ran dry: send the ACKs deferred meanwhile,
         and re-arm the connections the burst changed."""
         due, self._ack_due = self._ack_due, []
+        now = trio.current_time()
         for conn in due:
-            conn.flush_ack()
+            conn.flush_ack(now)
             self._dirty[conn] = None
         self._settle()
 

@@ -197,6 +197,7 @@ class TcpConn:
         self._on_ack_due = on_ack_due
         self._on_changed = on_changed
         self.ack_due = False
+        self.push_due = False
         self._rcvlowat_cap = rcvlowat_cap
         self.flags = Flags(0)
         self.isn = secrets.randbits(32)
@@ -338,11 +339,23 @@ class TcpConn:
         self._update_window()
         self._send(ACK, self.seq_to_guest)
 
-    def flush_ack(self) -> None:
-        """Send the ACK deferred by _data_from_guest, unless data carried it."""
+    def flush_ack(self, now: float) -> None:
+        """The burst of guest frames ended: send what its segments let go (one push for
+        all their ACKs), then the ACK deferred by _data_from_guest unless data carried it."""
         self.ack_due = False
+        if self.push_due:
+            self.push_due = False
+            if self.state is State.ESTABLISHED:
+                self.push(now)
+                self._maybe_finish(now)
         if self.state is State.ESTABLISHED and self.seq_ack_to_guest != self.seq_from_guest:
             self.send_ack()
+
+    def _at_burst_end(self) -> None:
+        """Have the adapter call flush_ack() once the frontend's queue ran dry."""
+        if not self.ack_due:
+            self.ack_due = True
+            self._on_ack_due(self)
 
     def _syn_options(self, offer_wscale: bool) -> TcpOptions:
         ts = (self._tsval(), self.ts_recent) if Flags.TIMESTAMPS in self.flags else None
@@ -498,7 +511,12 @@ class TcpConn:
             # §3.10.7.4), or a guest we told "window 0" waits for its timer.
             self.send_ack()
         if self.state is State.ESTABLISHED:
-            self.push(now)
+            # What the window now lets go is sent once the burst of frames
+            # has been read, for all its ACKs at once: pushing megabytes for
+            # each ACK would keep the guest's own data waiting behind them in
+            # the frontend's queue (an upload next to a download crawls).
+            self.push_due = True
+            self._at_burst_end()
             self._maybe_finish(now)
 
     def _syn_ack_from_guest(self, seg: TcpSegment, now: float) -> None:
@@ -649,9 +667,7 @@ class TcpConn:
         if not short:
             # Acknowledged once the stack has handled the whole burst of
             # frames the tap had queued: one ACK covers many segments.
-            if not self.ack_due:
-                self.ack_due = True
-                self._on_ack_due(self)
+            self._at_burst_end()
             return
         self.send_ack()
         if short:
@@ -730,6 +746,12 @@ class TcpConn:
                 self.flags |= Flags.SOCK_EOF
                 drained = True
                 break
+            if not total:
+                # Data segments carry our ACK and window too: a window computed
+                # when the socket was full would otherwise ride on every one of
+                # them, and flush_ack() sends no separate ACK once data carried
+                # it, so the guest's uploads would stay throttled.
+                self._update_window()
             for off in range(0, n, mss):
                 end = min(off + mss, n)
                 flags = ACK | PSH if end == n else ACK
