@@ -96,6 +96,25 @@ class IperfResult:
     error: str | None = None
 
 
+def iperf3_bidir(
+    ns: Netns, server: str, *, seconds: float, port: int = 5201
+) -> tuple[float, float] | str:
+    """``iperf3 --bidir`` from *ns*: (up, down) goodput in Gbit/s at each receiver, or an error.
+
+    Up is the client's stream (received by the server: ``sum_received``),
+    down the reverse one (``sum_received_bidir_reverse``).
+    """
+    argv = ["iperf3", "-c", server, "-p", str(port), "-t", f"{seconds:g}", "--bidir", "--json"]
+    try:
+        result = ns.run(argv, check=False, timeout=seconds + 30)
+        end = json.loads(result.stdout)["end"]
+        up = end["sum_received"]["bits_per_second"] / 1e9
+        down = end["sum_received_bidir_reverse"]["bits_per_second"] / 1e9
+    except Exception as exc:  # no result, no JSON, an old iperf3 without --bidir
+        return f"iperf3 --bidir gave no result ({type(exc).__name__}: {exc})"
+    return up, down
+
+
 def iperf3(
     ns: Netns, server: str, *, seconds: float, reverse: bool, port: int = 5201
 ) -> IperfResult:

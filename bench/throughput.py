@@ -33,7 +33,9 @@ the peer over TCP (a variant that cannot is reported failed with the
 reason, and the run carries on); then ``iperf3 -c 10.77.0.2`` from the
 guest, single stream, ``--seconds`` long, in each direction (``-R`` for
 peer→guest), ``--repeat`` times (the median is shown), goodput as the
-receiver saw it; then ``--requests`` one-byte
+receiver saw it; where both directions work, one ``iperf3 --bidir`` run
+(a stream each way at once: how the two share the forwarder); then
+``--requests`` one-byte
 round trips over one TCP connection (bench/common.py: rr_client), mean and
 p99. For the forwarding process (pasta, slirp4netns, ferryd) the CPU it
 used during each iperf3 run (utime+stime from /proc/PID/stat, all threads)
@@ -68,6 +70,7 @@ from bench.common import (
     RrResult,
     cpu_seconds,
     iperf3,
+    iperf3_bidir,
     rr_probe,
     start_echo_server,
     wait_listening,
@@ -115,6 +118,8 @@ class Outcome:
     #: Every run's Gbit/s per direction (the row shows the median).
     runs: dict[str, list[float]] = field(default_factory=dict)
     latency: RrResult | None = None
+    bidir: tuple[float, float] | str | None = None
+    """iperf3 --bidir: (up, down) Gbit/s, or why not."""
 
     def gbps(self, direction: str) -> float | None:
         result = self.throughput.get(direction)
@@ -328,6 +333,8 @@ def _measure_attached(
         outcome.throughput[direction] = runs[(len(runs) - 1) // 2]
         if pid is not None:
             outcome.cpu_per_gb[direction] = cpu / (sum(r.bytes for r in runs) / 1e9)
+    if outcome.variant.directions == BOTH:
+        outcome.bidir = iperf3_bidir(guest, PEER, seconds=seconds, port=IPERF_PORT)
     if outcome.variant.latency:
         outcome.latency = rr_probe(guest, PEER, ECHO_PORT, count=requests)
 
@@ -384,6 +391,20 @@ def report(outcomes: Sequence[Outcome], seconds: float, repeat: int, requests: i
                 f" {'-' if cpu is None else f'{cpu:.2f}':>9}"
                 + _spread(outcome.runs.get(direction, []))
             )
+    lines += [
+        "",
+        "both directions at once (iperf3 --bidir, one stream each way, Gbit/s)",
+        "",
+        f"{'variant':<12} {'up':>7} {'down':>7} {'total':>7}",
+    ]
+    for outcome in outcomes:
+        if outcome.bidir is None:
+            continue
+        if isinstance(outcome.bidir, str):
+            lines.append(f"{outcome.variant.name:<12} failed ({outcome.bidir})")
+            continue
+        up, down = outcome.bidir
+        lines.append(f"{outcome.variant.name:<12} {up:>7.2f} {down:>7.2f} {up + down:>7.2f}")
     lines += [
         "",
         f"request/response, 1 byte each way, {requests} round trips on one TCP connection",
