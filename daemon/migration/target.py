@@ -6,9 +6,16 @@ daemon.migration.restore) and ``migrate-wait`` reports the outcome. The
 header is checked before anything is touched (StreamDecoder refuses an
 incompatible version first); a truncated or corrupt stream, or a socket
 that cannot be restored (an address this host cannot bind, ...), discards
-everything restored so far — silently, the sockets still being in repair
-mode — and the daemon waits for a stream again. ``migrate-resume`` then
-turns repair off, takes the guest's tap queue and starts the data path.
+everything restored so far — silently (sockets already out of repair mode
+are put back into it first) — and the daemon waits for a stream again.
+
+The guest's tap queue is taken at ``migrate-in``, or, when the stream
+starts with a pre-copy, by ``migrate-wait-precopy`` once the pre-copied
+connections are restored, right before the source freezes: a queue
+attached early would get a share of the guest's frames while the source
+still runs and hold them until resume. ``migrate-resume`` then turns repair
+off for what is still in repair mode and starts the data path, every
+connection armed before it answers.
 """
 
 from __future__ import annotations
