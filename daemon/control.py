@@ -511,18 +511,20 @@ def _connect_error(path: str, exc: OSError) -> ControlClientError:
     return ControlClientError(f"cannot connect to control socket {path}: {exc.strerror or exc}")
 
 
-def recv_exact_sync(
-    sock: socket.socket, size: int, cmd: str, path: str, deadline: float | None = None
-) -> bytes:
-    """Read exactly ``size`` bytes of a response (by ``deadline``, a
-    time.monotonic() value, if given: TimeoutError after it)."""
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline`` (time.monotonic()); TimeoutError once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def recv_exact_sync(sock: socket.socket, size: int, cmd: str, path: str, deadline: float) -> bytes:
+    """Read exactly ``size`` bytes of a response by ``deadline`` (time.monotonic();
+    TimeoutError after it, however slowly the bytes trickle in)."""
     buf = bytearray()
     while len(buf) < size:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
+        sock.settimeout(_left(deadline))
         data = sock.recv(size - len(buf))
         if not data:
             raise ControlClientError(f"{cmd}: ferryd at {path} closed the connection unanswered")
@@ -537,15 +539,37 @@ def request(
     *,
     fds: Sequence[int] = (),
     timeout: float = 10.0,
+    hand_over: bool = False,
     **args: Any,
 ) -> dict[str, Any]:
     """Send one request to the daemon at *path* and return its ``ok`` response.
 
     *fds* are passed with the request (the caller keeps its own copies and
-    may close them afterwards). *timeout* bounds the whole exchange.
-    Raises DaemonNotRunning, ControlRequestFailed (``ok: false``) or
-    ControlClientError (timeout, broken or malformed response).
+    may close them afterwards). With *hand_over* they are the daemon's: ours
+    are closed as soon as sendmsg() returns (the kernel holds them in flight
+    from then on), and in every case. That is what a pipe's write end needs
+    when the answer comes only after the stream ended: the reader sees the
+    end once the daemon closes the last copy, not ours (ferryctl migrate).
+    *timeout* bounds the whole exchange. Raises DaemonNotRunning,
+    ControlRequestFailed (``ok: false``) or ControlClientError (timeout,
+    broken or malformed response).
     """
+    owned = list(fds) if hand_over else []
+    try:
+        return _request(path, cmd, fds, owned, timeout, args)
+    finally:
+        for fd in owned:
+            os.close(fd)
+
+
+def _request(
+    path: str,
+    cmd: str,
+    fds: Sequence[int],
+    owned: list[int],
+    timeout: float,
+    args: Mapping[str, Any],
+) -> dict[str, Any]:
     frame = _request_frame(cmd, args)
     if len(fds) > MAX_FDS:
         raise ControlClientError(f"{cmd}: at most {MAX_FDS} descriptors per request")
@@ -558,23 +582,17 @@ def request(
             except OSError as exc:
                 raise _connect_error(path, exc) from None
 
-            def remaining() -> float:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                return left
-
             sent = socket.send_fds(sock, [frame], list(fds)) if fds else sock.send(frame)
-            sock.settimeout(remaining())
+            while owned:
+                os.close(owned.pop())
+            sock.settimeout(_left(deadline))
             sock.sendall(frame[sent:])
-            sock.settimeout(remaining())
-            header = recv_exact_sync(sock, _HEADER.size, cmd, path)
+            header = recv_exact_sync(sock, _HEADER.size, cmd, path, deadline)
             try:
                 length = parse_length_untrusted(header, MAX_RESPONSE)
             except ControlProtocolError as exc:
                 raise ControlClientError(f"{cmd}: bad response from {path}: {exc}") from None
-            sock.settimeout(remaining())
-            payload = recv_exact_sync(sock, length, cmd, path)
+            payload = recv_exact_sync(sock, length, cmd, path, deadline)
         except TimeoutError:
             raise ControlClientError(
                 f"{cmd}: no answer from ferryd at {path} within {timeout:g} s"

@@ -19,7 +19,6 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,15 +26,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from daemon.control import (
-    MAX_RESPONSE,
     ControlClientError,
-    ControlProtocolError,
     ControlRequestFailed,
     DaemonNotRunning,
-    encode_frame,
-    parse_length_untrusted,
-    parse_response_untrusted,
-    recv_exact_sync,
     request,
 )
 
@@ -324,7 +317,9 @@ def _hand_over_pipe(
             rfd = -1
         try:
             fd, wfd = wfd, -1
-            return _request_handing_over(peers.source, source_cmd, fd, peers.timeout, **args)
+            return request(
+                peers.source, source_cmd, fds=[fd], timeout=peers.timeout, hand_over=True, **args
+            )
         except ControlRequestFailed as exc:
             # The source refused or failed and has rolled back; the target
             # fails on its own (the stream ended early), the abort resets it.
@@ -385,61 +380,6 @@ def _aborted(peers: _Peers, what: str, *, abort_source: bool = True) -> _Failure
             f"migrate: {what}; {problem}: the source may still be frozen, check its status"
         )
     return _Failure(f"migrate: {what}; migration aborted, the source resumed")
-
-
-def _request_handing_over(
-    path: str, cmd: str, fd: int, timeout: float, **args: Any
-) -> dict[str, Any]:
-    """Like :func:`daemon.control.request` with one descriptor, closing ours once it is sent.
-
-    The kernel holds the descriptor in flight from the moment sendmsg()
-    returns, so closing our copy right then leaves the daemon's as the only
-    one: when the source closes it, the target sees the end of the stream,
-    without waiting for our copy. (control.request keeps the caller's copy
-    until the answer, which for migrate-out comes only after the stream ends.)
-    Takes ownership of *fd* in every case.
-    """
-    try:
-        frame = encode_frame({"cmd": cmd, **args})
-        deadline = time.monotonic() + timeout
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise DaemonNotRunning(
-                    f"ferryd is not running (no one listens on {path})"
-                ) from None
-            except OSError as exc:
-                raise ControlClientError(
-                    f"cannot connect to control socket {path}: {exc}"
-                ) from None
-            try:
-                sent = socket.send_fds(sock, [frame], [fd])
-                os.close(fd)
-                fd = -1
-                sock.sendall(frame[sent:])
-                header = recv_exact_sync(sock, 4, cmd, path, deadline)
-                length = parse_length_untrusted(header, MAX_RESPONSE)
-                response = parse_response_untrusted(
-                    recv_exact_sync(sock, length, cmd, path, deadline)
-                )
-            except TimeoutError:
-                raise ControlClientError(
-                    f"{cmd}: no answer from ferryd at {path} within {timeout:g} s"
-                ) from None
-            except (BrokenPipeError, ConnectionResetError):
-                raise ControlClientError(
-                    f"{cmd}: ferryd at {path} closed the connection unanswered"
-                ) from None
-            except ControlProtocolError as exc:
-                raise ControlClientError(f"{cmd}: bad response from {path}: {exc}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if not response["ok"]:
-        raise ControlRequestFailed(cmd, response["error"])
-    return response
 
 
 def migration_summary(
