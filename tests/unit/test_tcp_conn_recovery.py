@@ -15,41 +15,13 @@ import termios
 
 from daemon.flows.tcp_conn import State, TcpConn
 from daemon.flows.tcp_seq import seq_add
-from daemon.wire.ip import IPPROTO_TCP, IpAddress
 from daemon.wire.tcp import ACK, NO_OPTIONS, TcpSegment
-from tests.unit.tcp_conn_support import GUEST, bare_conn
+from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
 
 MSS = 1000
 WINDOW = 65535
 GUEST_SEQ = 5000
 _INT = struct.Struct("i")
-
-
-class RecordingGuest:
-    """A GuestPort that keeps (seq, payload length) of every segment to the guest."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, int]] = []
-
-    def send_ip(
-        self,
-        src: IpAddress,
-        dst: IpAddress,
-        proto: int,
-        l4: bytes,
-        payload: bytes | memoryview = b"",
-        csum_offset: int | None = None,
-    ) -> None:
-        assert proto == IPPROTO_TCP
-        seq = struct.unpack_from("!I", l4, 4)[0]
-        self.sent.append((seq, len(payload)))
-
-    def guest_address(self, version: int) -> IpAddress | None:
-        return GUEST
-
-    def data_at(self, seq: int) -> int:
-        """How many times a data segment starting at ``seq`` was sent."""
-        return sum(1 for s, n in self.sent if s == seq and n)
 
 
 def established(sock: socket.socket, guest: RecordingGuest) -> TcpConn:

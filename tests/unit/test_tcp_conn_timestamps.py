@@ -16,39 +16,14 @@ from daemon.flows.tcp_conn import (
     State,
     TcpConn,
 )
-from daemon.wire.ip import IPPROTO_TCP, IpAddress
-from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment, _parse_options_untrusted
-from tests.unit.tcp_conn_support import GUEST, bare_conn
+from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
+from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
 
 LINK_MSS = 65480
 GUEST_TSVAL = 123456
 
 
-class OptionsGuest:
-    """A GuestPort that keeps (flags, options, payload length) of every segment."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, TcpOptions, int]] = []
-
-    def send_ip(
-        self,
-        src: IpAddress,
-        dst: IpAddress,
-        proto: int,
-        l4: bytes,
-        payload: bytes | memoryview = b"",
-        csum_offset: int | None = None,
-    ) -> None:
-        assert proto == IPPROTO_TCP
-        offset = (l4[12] >> 4) * 4
-        options = _parse_options_untrusted(memoryview(l4)[20:offset])
-        self.sent.append((l4[13], options, len(payload)))
-
-    def guest_address(self, version: int) -> IpAddress | None:
-        return GUEST
-
-
-def connecting(sock: socket.socket, guest: OptionsGuest, syn_options: TcpOptions) -> TcpConn:
+def connecting(sock: socket.socket, guest: RecordingGuest, syn_options: TcpOptions) -> TcpConn:
     """An outbound connection whose host connect() just finished."""
     conn = bare_conn(sock, guest, State.CONNECTING, LINK_MSS)
     syn = TcpSegment(40000, 80, 1000, 0, SYN, 65535, syn_options, memoryview(b""))
@@ -67,13 +42,13 @@ def established_by_guest(conn: TcpConn, tsval: int, now: float) -> None:
 
 def test_agreed_when_the_guest_offers_them(host_pair: tuple[socket.socket, socket.socket]) -> None:
     ours, peer = host_pair
-    guest = OptionsGuest()
+    guest = RecordingGuest()
     sock_ts = ours.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP)
     conn = connecting(ours, guest, TcpOptions(mss=1460, wscale=7, timestamp=(GUEST_TSVAL, 0)))
-    flags, syn_ack, _ = guest.sent[-1]
-    assert flags == SYN | ACK
-    assert syn_ack.timestamp is not None
-    tsval, tsecr = syn_ack.timestamp
+    syn_ack = guest.sent[-1]
+    assert syn_ack.flags == SYN | ACK
+    assert syn_ack.options.timestamp is not None
+    tsval, tsecr = syn_ack.options.timestamp
     assert tsecr == GUEST_TSVAL
     assert 0 <= (tsval - sock_ts) & 0xFFFFFFFF < 1000  # the host socket's clock
 
@@ -82,7 +57,7 @@ def test_agreed_when_the_guest_offers_them(host_pair: tuple[socket.socket, socke
     peer.sendall(bytes(200_000))
     while conn.push(1.5) == 0:
         pass
-    data = [(opts, n) for _, opts, n in guest.sent if n]
+    data = [(s.options, s.length) for s in guest.sent if s.length]
     assert data
     for opts, n in data:
         assert opts.timestamp is not None
@@ -93,7 +68,7 @@ def test_agreed_when_the_guest_offers_them(host_pair: tuple[socket.socket, socke
 
 def test_not_without_the_guest(host_pair: tuple[socket.socket, socket.socket]) -> None:
     ours, peer = host_pair
-    guest = OptionsGuest()
+    guest = RecordingGuest()
     conn = connecting(ours, guest, TcpOptions(mss=1460, wscale=7))
     assert Flags.TIMESTAMPS not in conn.flags
     established_by_guest(conn, 0, 1.5)
@@ -101,8 +76,8 @@ def test_not_without_the_guest(host_pair: tuple[socket.socket, socket.socket]) -
     peer.sendall(bytes(200_000))
     while conn.push(1.5) == 0:
         pass
-    assert all(opts.timestamp is None for _, opts, _ in guest.sent)
-    assert max(n for _, _, n in guest.sent) == LINK_MSS
+    assert all(s.options.timestamp is None for s in guest.sent)
+    assert max(s.length for s in guest.sent) == LINK_MSS
 
 
 def test_a_migration_target_goes_on_with_the_clock(
@@ -111,17 +86,17 @@ def test_a_migration_target_goes_on_with_the_clock(
     """After the move TSval continues from the dumped socket clock (never back: the
     guest's PAWS would drop our segments) and TSecr waits for the guest's next TSval."""
     ours, _ = host_pair
-    guest = OptionsGuest()
+    guest = RecordingGuest()
     conn = connecting(ours, guest, TcpOptions(mss=1460, timestamp=(GUEST_TSVAL, 0)))
     established_by_guest(conn, GUEST_TSVAL, 1.0)
     dumped = 0xFFFFFFF0  # about to wrap
     conn.continue_timestamps(dumped, 5000.0)  # another host's clock
     conn.send_ack()
-    tsval, tsecr = guest.sent[-1][1].timestamp or (0, 0)
+    tsval, tsecr = guest.sent[-1].options.timestamp or (0, 0)
     assert (tsval - dumped) & 0xFFFFFFFF == 1
     assert tsecr == 0
     established_by_guest(conn, GUEST_TSVAL + 100, 5000.25)
     conn.send_ack()
-    tsval, tsecr = guest.sent[-1][1].timestamp or (0, 0)
+    tsval, tsecr = guest.sent[-1].options.timestamp or (0, 0)
     assert (tsval - dumped) & 0xFFFFFFFF == 251
     assert tsecr == GUEST_TSVAL + 100
