@@ -231,35 +231,35 @@ class TapFrontend:
         ``on_burst_end()`` follows every burst (work deferred per frame, such
         as ACKs, is done there once).
         """
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            while self._burst(on_frame):  # a full burst: more may be queued
+                on_burst_end()
+                await trio.lowlevel.checkpoint()
+            on_burst_end()
+
+    def _burst(self, on_frame: Callable[[memoryview, bool], None], limit: int = _BURST) -> bool:
+        """Deliver up to ``limit`` queued frames; True unless the queue ran dry."""
         readv, fd, buf, view = os.readv, self.fd, [self._buf], self._view
         trust = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            drained = False
-            while not drained:
-                for _ in range(_BURST):
-                    try:
-                        n = readv(fd, buf)
-                    except BlockingIOError:
-                        drained = True
-                        break
-                    if n <= VNET_HDR_LEN:
-                        continue
-                    self.frames_in += 1
-                    on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
-                else:
-                    on_burst_end()
-                    await trio.lowlevel.checkpoint()
-                    continue
-                on_burst_end()
+        for _ in range(limit):
+            try:
+                n = readv(fd, buf)
+            except BlockingIOError:
+                return False
+            if n <= VNET_HDR_LEN:
+                continue
+            self.frames_in += 1
+            on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
+        return True
 
     def drain(
         self,
         on_frame: Callable[[memoryview, bool], None],
         on_burst_end: Callable[[], None],
         budget: float = 0.002,
-    ) -> int:
-        """Deliver, without waiting, the frames queued now, for ``budget`` seconds at most.
+    ) -> None:
+        """Deliver, without waiting, the frames queued now, for about ``budget`` seconds.
 
         A migration's source calls it right before detaching its queue: the
         kernel drops whatever a queue still holds when it is detached
@@ -268,24 +268,11 @@ class TapFrontend:
         keeps this out of the downtime's way: a guest sending at full speed
         keeps a thousand 64 KiB frames queued, half a second of work; what
         is left then is dropped, and resent by the guest (~200 ms, its RTO).
-        Returns how many frames were read.
         """
-        readv, fd, buf, view = os.readv, self.fd, [self._buf], self._view
-        trust = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
-        count = 0
         deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
-            try:
-                n = readv(fd, buf)
-            except BlockingIOError:
-                break
-            count += 1
-            if n <= VNET_HDR_LEN:
-                continue
-            self.frames_in += 1
-            on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
+        while self._burst(on_frame, 4) and time.monotonic() < deadline:
+            pass
         on_burst_end()
-        return count
 
     def close(self) -> None:
         if self.fd >= 0:
