@@ -689,7 +689,7 @@ def _dump(sock: socket.socket) -> TcpSocketState:
     )
 
 
-def segment_counts(sock: HasFileno) -> tuple[int, int]:
+def segment_counts(sock: socket.socket) -> tuple[int, int]:
     """(segments sent, segments received) by the socket so far: tcpi_segs_out / tcpi_segs_in.
 
     The kernel counts every segment it transmits (__tcp_transmit_skb:
@@ -701,11 +701,7 @@ def segment_counts(sock: HasFileno) -> tuple[int, int]:
     dump is confirmed after the freeze without dumping again. Works
     without repair mode.
     """
-    if isinstance(sock, socket.socket):  # the usual case: no wrapper (called per connection)
-        data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
-    else:
-        with _borrow(sock) as stdlib_sock:
-            data = stdlib_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
+    data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SEGS.size)
     out, in_ = _TCP_INFO_SEGS.unpack(data)
     return out, in_
 

@@ -56,8 +56,10 @@ class TargetMigration:
         self.error: str | None = None
         self.restorer: Restorer | None = None
         self._scope: trio.CancelScope | None = None
-        self.precopied = trio.Event()
-        self.precopy_ms = 0.0
+        self.precopy_settled = trio.Event()
+        """Set when the pre-copy is restored, or when the restore ended without it."""
+        self.precopy_ms: float | None = None
+        """How long the pre-copy took to restore; None until it was."""
 
     async def migrate_in(self, fd: int, precopy: bool = False) -> dict[str, Any]:
         """Read and restore the stream on ``fd`` in the background.
@@ -114,7 +116,7 @@ class TargetMigration:
                         elif isinstance(event, PrecopyEnded):
                             await restorer.precopy_end()
                             self.precopy_ms = (time.monotonic() - t0) * 1e3
-                            self.precopied.set()
+                            self.precopy_settled.set()
                             t_first = None  # the downtime's part starts with what follows
                         elif isinstance(event, TcpFlowsGone):
                             restorer.gone(event.indexes)
@@ -148,21 +150,13 @@ class TargetMigration:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+            self.precopy_settled.set()
             self.done.set()
 
     async def wait_precopy(self) -> dict[str, Any]:
         """Until the pre-copy is restored; then take the guest's tap queue (see migrate_in)."""
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def failed() -> None:
-                    await self.done.wait()
-                    scope.cancel()
-
-                nursery.start_soon(failed)
-                await self.precopied.wait()
-                nursery.cancel_scope.cancel()
-        if self.error is not None or not self.precopied.is_set():
+        await self.precopy_settled.wait()
+        if self.error is not None or self.precopy_ms is None:
             raise ControlError(self.error or "the stream ended before its pre-copy did")
         self.d.tap.attach_queue()
         restorer = self.restorer
