@@ -13,7 +13,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,7 +125,12 @@ def test_repair_on_freezes_intake_and_off_thaws_it(
         before = [segment_counts(s)[1] for s in conns.clients]
         for server in conns.servers:
             server.send(b"x" * 1000)
-        time.sleep(0.3)  # the peers' first transmissions have long arrived
+
+        # Each segment reached its socket and the filter dropped it (sk_drops).
+        def hit() -> int:
+            return sum(1 for c in conns.clients if dropped(c))
+
+        assert wait_until(hit, len(conns.clients)) == len(conns.clients)
         assert [segment_counts(s)[1] for s in conns.clients] == before
         assert {peer_unacked(server) for server in conns.servers} == {1000}
         send_batch(unix, b"\x00", fds[:150])
@@ -136,6 +140,11 @@ def test_repair_on_freezes_intake_and_off_thaws_it(
         for client in conns.clients:
             client.settimeout(10)
             assert recv_exactly(client, 1000) == b"x" * 1000  # retransmitted, now taken
+
+
+def dropped(sock: socket.socket) -> int:
+    """The socket's sk_drops: SO_MEMINFO's SK_MEMINFO_DROPS (include/uapi/linux/sock_diag.h)."""
+    return int(struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, 55, 36))[8])
 
 
 def peer_unacked(sock: socket.socket) -> int:
