@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
             "comma-separated lists, an optional bind address ADDR/PORTS, or 'none'. "
             "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
             "net.ipv4.ping_group_range. Readiness: `ferryctl --control PATH status "
-            "--wait 10`."
+            "--wait 10`. Exit status: 0 stopped by SIGTERM/SIGINT or at the end of a "
+            "migrated source's linger; 1 a runtime failure (a socket or directory that "
+            "cannot be made, a port that cannot be bound); 2 a usage or configuration "
+            "error. Start-up failures are one line; -v adds the traceback."
         ),
     )
     g = p.add_argument_group("guest attachment")
