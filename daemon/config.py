@@ -71,10 +71,20 @@ class Options:
 
 
 def _mtu(text: str) -> int:
-    value = int(text)
-    if not 68 <= value <= 65520:
-        raise ValueError("MTU must be between 68 (RFC 791) and 65520 (the tap maximum)")
-    return value
+    # argparse shows an ArgumentTypeError's own message; a ValueError only
+    # becomes "invalid _mtu value", which names neither the rule nor the fix.
+    if not text.isdigit() or not 68 <= int(text) <= 65520:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the MTU must be a number from 68 (RFC 791) to 65520 (the tap maximum)"
+        )
+    return int(text)
+
+
+def _port_spec(text: str) -> list[PortForward]:
+    try:
+        return parse_port_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
             "comma-separated lists, an optional bind address ADDR/PORTS, or 'none'. "
             "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
             "net.ipv4.ping_group_range. Readiness: `ferryctl --control PATH status "
-            "--wait 10`."
+            "--wait 10`. Exit status: 0 stopped by SIGTERM/SIGINT or at the end of a "
+            "migrated source's linger; 1 a runtime failure (a socket or directory that "
+            "cannot be made, a port that cannot be bound); 2 a usage or configuration "
+            "error. Start-up failures are one line; -v adds the traceback."
         ),
     )
     g = p.add_argument_group("guest attachment")
@@ -173,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="tcp_forwards",
         action="append",
         default=[],
-        type=parse_port_spec,
+        type=_port_spec,
         metavar="SPEC",
         help="forward host TCP ports to the guest (repeatable); the guest sees "
         "the peer's own address as the source",
@@ -184,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="udp_forwards",
         action="append",
         default=[],
-        type=parse_port_spec,
+        type=_port_spec,
         metavar="SPEC",
         help="forward host UDP ports to the guest (repeatable)",
     )

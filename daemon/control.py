@@ -93,11 +93,14 @@ from typing import Any
 
 import trio
 
+from daemon.exits import StartupError, ensure_parent_dir
+
 __all__ = [
     "MAX_FDS",
     "MAX_REQUEST",
     "MAX_RESPONSE",
     "ControlAddressInUse",
+    "ControlBindError",
     "ControlClientError",
     "ControlError",
     "ControlProtocolError",
@@ -141,7 +144,11 @@ class ControlProtocolError(Exception):
     """A frame received from the other side is malformed (the sender's fault)."""
 
 
-class ControlAddressInUse(Exception):
+class ControlBindError(Exception):
+    """The control socket cannot be made at its path (the operator's to fix)."""
+
+
+class ControlAddressInUse(ControlBindError):
     """Another live daemon already answers on the control socket path (bad config)."""
 
 
@@ -304,9 +311,11 @@ class ControlServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket, report started, and serve until cancelled.
 
-        Raises ControlAddressInUse if another daemon answers on the path, or
-        OSError if the path cannot be bound. The socket file is removed when
-        serving ends (if it is still ours).
+        Creates the socket's directory if it is missing (mode 0755, like a
+        systemd RuntimeDirectory). Raises ControlAddressInUse if another
+        daemon answers on the path, ControlBindError if the path cannot be
+        bound. The socket file is removed when serving ends (if it is still
+        ours).
         """
         listener, bound = await self._bind()
         try:
@@ -320,10 +329,17 @@ class ControlServer:
             self._unlink_if_ours(bound)
 
     async def _bind(self) -> tuple[trio.socket.SocketType, os.stat_result]:
+        try:
+            ensure_parent_dir(self.path, "control socket")
+        except StartupError as exc:
+            raise ControlBindError(str(exc)) from exc
         await self._remove_stale()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            await sock.bind(self.path)
+            try:
+                await sock.bind(self.path)
+            except OSError as exc:
+                raise ControlBindError(f"control socket {self.path}: {exc.strerror}") from exc
             # Not listening yet, so nobody can connect before the mode is tight.
             os.chmod(self.path, 0o600)
             bound = os.lstat(self.path)

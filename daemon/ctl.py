@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -546,6 +547,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "ferryctl: internal error (a bug in ferry; please report it with the traceback above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

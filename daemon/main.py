@@ -21,7 +21,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 from typing import Any
 
 import trio
@@ -33,7 +32,8 @@ from daemon.config import (
     netns_path,
     parse_options,
 )
-from daemon.control import ControlAddressInUse, ControlError, ControlServer
+from daemon.control import ControlAddressInUse, ControlBindError, ControlError, ControlServer
+from daemon.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
 from daemon.flows.icmp import IcmpFlows
 from daemon.flows.portspec import ForwardError
 from daemon.flows.tcp import TcpFlows
@@ -243,33 +243,63 @@ async def _exit_on_request(daemon: Daemon, scope: trio.CancelScope) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``ferryd``; exit statuses as ``--help`` documents them."""
     opts = parse_options(argv)
     level = logging.WARNING - 10 * min(opts.verbose + 1, 2)
     logging.basicConfig(level=level, format="ferryd[%(process)d] %(name)s: %(message)s")
-    try:
-        link = make_link_config(opts)
-        raise_file_limit()
-        tap = TapFrontend.open(
-            netns_path(opts.netns),
-            opts.tap,
-            link,
-            opts.config_net and not opts.incoming,
-            incoming=opts.incoming,
-        )
-    except (ConfigError, TapSetupError) as exc:
-        print(f"ferryd: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    startup_errors: list[Exception] = []
+    exit_on_failure(
+        "ferryd",
+        lambda: _run(opts),
+        {
+            ConfigError: EXIT_USAGE,
+            TapSetupError: EXIT_USAGE,
+            ControlAddressInUse: EXIT_USAGE,
+            ControlBindError: EXIT_RUNTIME,
+            ForwardError: EXIT_RUNTIME,
+            StartupError: EXIT_RUNTIME,
+        },
+        verbose=opts.verbose > 0,
+    )
+
+
+def _run(opts: Options) -> None:
+    link = make_link_config(opts)
+    raise_file_limit()
+    if opts.repair_socket is not None:
+        warn_if_nobody_listens(opts.repair_socket)
+    tap = TapFrontend.open(
+        netns_path(opts.netns),
+        opts.tap,
+        link,
+        opts.config_net and not opts.incoming,
+        incoming=opts.incoming,
+    )
     try:
         trio.run(serve, opts, link, tap)
-    except* (ControlAddressInUse, ForwardError) as group:
-        startup_errors.extend(e for e in group.exceptions if isinstance(e, Exception))
     finally:
         tap.close()
-    for error in startup_errors:
-        print(f"ferryd: error: {error}", file=sys.stderr)
-    if startup_errors:
-        sys.exit(2)
+
+
+def warn_if_nobody_listens(path: str) -> None:
+    """Say at start that ``--repair-socket`` leads nowhere yet.
+
+    Not an error: ferry-repair may be socket-activated or started later, and
+    it is needed only when a migration begins; but an operator who mistyped
+    the path should learn it now, not at the first migration.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        log.warning(
+            "--repair-socket %s: nothing listens there yet (%s); migration needs ferry-repair"
+            " there",
+            path,
+            exc.strerror or exc,
+        )
+    finally:
+        probe.close()
 
 
 if __name__ == "__main__":

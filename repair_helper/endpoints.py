@@ -41,10 +41,16 @@ class EndpointError(Exception):
 
 
 def bind_listener(path: str) -> socket.socket:
-    """A listening Unix stream socket at ``path``, replacing a stale one."""
+    """A listening Unix stream socket at ``path``, replacing a stale one.
+
+    A missing directory is created (mode 0755, like a systemd
+    RuntimeDirectory), so ``--listen /run/ferry/repair.sock`` works on a
+    fresh machine.
+    """
     _remove_stale_socket(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
         listener.bind(path)
         os.chmod(path, 0o666)
         listener.listen(socket.SOMAXCONN)

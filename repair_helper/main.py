@@ -39,6 +39,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Set or clear TCP_REPAIR on sockets handed over a Unix socket"
         " (passt-repair's protocol). Without --listen or --connect, expects a"
         " socket from systemd (socket activation).",
+        epilog="Exit status: 0 served and ended cleanly; 1 a request had to be refused"
+        " (--connect mode) or an internal error; 2 cannot start as configured (options,"
+        " endpoint, missing CAP_NET_ADMIN). Start-up failures are one line; -v adds"
+        " their traceback.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="tracebacks with start-up errors"
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--listen", metavar="PATH", help="listen on this Unix socket")
@@ -85,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_capabilities()
         install_seccomp()
     except (SandboxError, EndpointError, ActivationError) as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, exc_info=args.verbose)
         return 2
+    except Exception:
+        log.exception("internal error at start-up (a bug in ferry-repair; please report it)")
+        return 1
     log.info(
         "serving (%s); intake freeze: %s",
         policy,
