@@ -203,6 +203,8 @@ class Daemon:
                 "frames_in": c.frames_in,
                 "frames_out": c.frames_out,
                 "malformed": c.malformed,
+                "frame_errors": c.frame_errors,
+                "flow_errors": self.tcp.flow_errors + self.udp.flow_errors + self.icmp.flow_errors,
                 "ignored": c.ignored,
                 "dropped_out": self.tap.dropped_out,
             },

@@ -7,6 +7,11 @@ close a flow by cancelling its reader and closing its socket. The receive
 buffer is shared by all flows of an adapter and only used inside a
 synchronous drain, so it never holds a datagram across an await (no-buffer
 invariant, DESIGN.md).
+
+A bug of ours reached while a flow's datagrams are handled costs that flow
+(:meth:`DatagramFlows._contain`): it is closed, counted in ``flow_errors``
+and logged, rate-limited, and the reader task ends quietly instead of taking
+the data path's nursery, and the daemon, with it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
+from daemon.bugs import describe_bug
 from daemon.flows.common import LogThrottle
 from daemon.flows.table import Flow, FlowTable
 from daemon.guest import GuestPort
@@ -58,6 +64,9 @@ class DatagramFlows(Generic[H]):
         self._buf = bytearray(RECV_SIZE)
         self._throttle = LogThrottle(logger)
         self._closed = False
+        self._kind = logger.name.rpartition(".")[2]
+        self.flow_errors = 0
+        """Flows closed because handling them raised (a ferryd bug, contained)."""
 
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1
@@ -69,6 +78,19 @@ class DatagramFlows(Generic[H]):
         handle.scope.cancel()
         trio.lowlevel.notify_closing(handle.sock)
         handle.sock.close()
+
+    def _contain(self, flow: Flow[H] | None, exc: Exception, now: float) -> None:
+        """Handling ``flow`` (None: a listener's datagram) raised: close it, count, log."""
+        self.flow_errors += 1
+        what = "a datagram dropped" if flow is None else f"flow {flow.key} closed"
+        self._throttle.warning(
+            "bug", now, "%s: %s, ferryd bug: %s", self._kind, what, describe_bug(exc)
+        )
+        if flow is not None and self.table.get(flow.key) is flow:
+            self._close_flow(flow)
+
+    def _close_flow(self, flow: Flow[H]) -> None:
+        raise NotImplementedError
 
     def snapshot(self) -> list[dict[str, object]]:
         return self.table.snapshot()

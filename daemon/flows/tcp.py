@@ -51,6 +51,12 @@ connections are also handled in one wake-up instead of a task switch each.
 Segments for unknown 4-tuples (other than a SYN) get a RST (RFC 9293
 §3.10.7.1), as does a SYN when the table is full (``--max-flows``; logged,
 rate-limited).
+
+A bug of ours reached while one connection handles a guest segment, a
+socket event or a timer costs that connection, not the daemon (issue 9):
+the exception is caught there (``Exception`` only, see :mod:`daemon.bugs`),
+the connection is reset both ways, counted in ``flow_errors`` and logged,
+rate-limited.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from pathlib import Path
 
 import trio
 
+from daemon.bugs import describe_bug
 from daemon.flows.common import (
     LogThrottle,
     family_of,
@@ -145,6 +152,8 @@ class TcpFlows:
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
         self.resets_sent = 0
+        self.flow_errors = 0
+        """Connections reset because handling them raised (a ferryd bug, contained)."""
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}
@@ -176,7 +185,10 @@ class TcpFlows:
                     self._held[conn] = True
                 return
             self._dirty[conn] = None
-            conn.on_guest_segment(seg, now)
+            try:
+                conn.on_guest_segment(seg, now)
+            except Exception as exc:  # a bug the guest reached: this connection pays
+                self._bug(conn, exc, now)
             return
         if seg.flags & (SYN | ACK | RST | FIN) == SYN:
             self._outbound(ip, seg, key, now)
@@ -261,7 +273,10 @@ class TcpFlows:
         due, self._ack_due = self._ack_due, []
         now = trio.current_time()
         for conn in due:
-            conn.flush_ack(now)
+            try:
+                conn.flush_ack(now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
             self._dirty[conn] = None
         self._settle()
 
@@ -357,12 +372,29 @@ class TcpFlows:
         except OSError as exc:
             self._failed(conn, exc, trio.current_time())
             return
+        except Exception as exc:
+            self._bug(conn, exc, trio.current_time())
+            return
         interest.set_deadline(conn, conn.deadline())
 
     def _failed(self, conn: TcpConn, exc: OSError, now: float) -> None:
         if not conn.closed:
             log.info("%s: %s: reset", conn.describe(), exc)
             conn.abort(now, rst_guest=True, rst_peer=True)
+
+    def _bug(self, conn: TcpConn, exc: Exception, now: float) -> None:
+        """Handling ``conn`` raised: reset it, count and log; the rest goes on."""
+        self.flow_errors += 1
+        self._throttle.warning(
+            "bug", now, "%s: reset, ferryd bug: %s", conn.describe(), describe_bug(exc)
+        )
+        try:
+            conn.abort(now, rst_guest=True, rst_peer=True)
+        except Exception:
+            # Its state is beyond saving: let the socket go without a word.
+            self.forget(conn)
+            conn.state = State.CLOSED
+            conn.sock.close()
 
     async def _reactor(self, interest: Interest[TcpConn]) -> None:
         epoll_fd = interest.fileno()
@@ -396,6 +428,8 @@ class TcpFlows:
                     conn.on_writable(now)
             except OSError as exc:
                 self._failed(conn, exc, now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
 
     def _timers(self, interest: Interest[TcpConn], now: float) -> None:
         """Fire the due deadlines; reschedule those that moved later."""
@@ -414,6 +448,8 @@ class TcpFlows:
                 conn.on_timer(now)
             except OSError as exc:
                 self._failed(conn, exc, now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
 
     def attach(self, nursery: trio.Nursery | None) -> None:
         """Run the reactor and the listeners in ``nursery`` from now on; None: stopped.

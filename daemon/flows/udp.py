@@ -265,7 +265,11 @@ class UdpFlows(DatagramFlows[_Handle]):
                     await trio.lowlevel.wait_readable(handle.sock)
                 except trio.ClosedResourceError:
                     return
-                self._drain_outbound(flow, handle)
+                try:
+                    self._drain_outbound(flow, handle)
+                except Exception as exc:  # a bug: this flow pays (DatagramFlows._contain)
+                    self._contain(flow, exc, trio.current_time())
+                    return
 
     def _drain_outbound(self, flow: Flow[_Handle], handle: _Outbound) -> None:
         if handle.closed:
@@ -294,7 +298,10 @@ class UdpFlows(DatagramFlows[_Handle]):
                     await trio.lowlevel.wait_readable(listener.sock)
                 except trio.ClosedResourceError:
                     return
-                self._drain_listener(listener)
+                try:
+                    self._drain_listener(listener)
+                except Exception as exc:  # a bug: one datagram pays, the listener goes on
+                    self._contain(None, exc, trio.current_time())
 
     def _drain_listener(self, listener: _Listener) -> None:
         if listener.closed:

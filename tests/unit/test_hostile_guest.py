@@ -1,0 +1,155 @@
+"""What a hostile guest sends: replies stay bounded, and a bug costs one frame.
+
+Issue 9 item 2: a DHCPv6 Solicit with thousands of IA_NA options made a
+reply larger than an IP packet and the exception stopped ferryd. Each
+service's reply must be bounded whatever the request holds, and the stack
+must contain any exception raised while one frame is handled.
+"""
+
+import struct
+from ipaddress import IPv6Address
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.services import dhcpv6
+from daemon.services.dhcp import parse_dhcp_untrusted
+from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
+from daemon.stack import Stack
+from daemon.wire.errors import MalformedPacket
+from daemon.wire.ip import IpPacket
+from daemon.wire.udp import UdpDatagram
+from tests.unit.test_services import (
+    ALL_DHCP,
+    CID,
+    FERRY_MAC,
+    GUEST_LL,
+    GUEST_MAC,
+    LINK,
+    SID,
+    fuzz,
+    ia_na,
+    parse_udp_frame,
+    udp_frame,
+    v6msg,
+    v6opt,
+)
+
+#: A reply must fit a minimum-MTU link whatever the request asked for.
+BOUND = 1280
+
+
+def dhcpv6_answer(payload: bytes) -> bytes | None:
+    frame = udp_frame(GUEST_MAC, FERRY_MAC, GUEST_LL, ALL_DHCP, 546, 547, payload)
+    return answer_dhcpv6_untrusted(LINK, *parse_udp_frame(frame))
+
+
+def test_dhcpv6_solicit_with_thousands_of_ia_na_gets_one() -> None:
+    """The frame that killed ferryd: 3,000 IA_NAs (48 KB) in one Solicit."""
+    payload = v6msg(1, CID, *(ia_na(i) for i in range(3000)))
+    reply = dhcpv6_answer(payload)
+    assert reply is not None and len(reply) < BOUND
+    msg = dhcpv6.parse_dhcpv6_untrusted(parse_udp_frame(reply)[2].payload)
+    assert [c for c, _ in msg.options].count(dhcpv6.OPT_IA_NA) == 1
+
+
+@pytest.mark.parametrize("mtype", [3, 5, 6])
+def test_dhcpv6_ia_na_listing_thousands_of_addresses(mtype: int) -> None:
+    addresses = [IPv6Address(0x20010DB8_0099 << 80 | i) for i in range(2000)]
+    ids = (CID, SID) if mtype != 6 else (CID,)
+    reply = dhcpv6_answer(v6msg(mtype, *ids, ia_na(7, *addresses)))
+    assert reply is not None and len(reply) < BOUND
+    msg = dhcpv6.parse_dhcpv6_untrusted(parse_udp_frame(reply)[2].payload)
+    ia = dict(msg.options)[dhcpv6.OPT_IA_NA]
+    subs = dhcpv6.parse_dhcpv6_options_untrusted(ia[12:])
+    assert len(subs) == 1 + dhcpv6.MAX_STALE_ADDRESSES
+
+
+@pytest.mark.parametrize("length", [0, 2, 131, 60000])
+def test_dhcpv6_client_identifier_of_impossible_length_is_malformed(length: int) -> None:
+    with pytest.raises(MalformedPacket):
+        dhcpv6_answer(v6msg(1, v6opt(1, bytes(length)), ia_na(7)))
+
+
+@fuzz
+@given(
+    st.integers(0, 255),
+    st.integers(0, 1500),
+    st.integers(0, 600),
+    st.booleans(),
+    st.binary(min_size=3, max_size=130),
+)
+def test_dhcpv6_reply_is_bounded(
+    mtype: int, n_ias: int, n_addrs: int, with_sid: bool, duid: bytes
+) -> None:
+    addresses = [IPv6Address(0x20010DB8 << 96 | i) for i in range(n_addrs)]
+    options = [v6opt(1, duid), *([SID] if with_sid else []), ia_na(1, *addresses)]
+    options += [ia_na(i) for i in range(n_ias)]
+    reply = dhcpv6_answer(v6msg(mtype, *options))
+    assert reply is None or len(reply) < BOUND
+
+
+def test_dhcp_thousands_of_repeated_options_concatenate_in_linear_time() -> None:
+    """RFC 3396 concatenation of 20,000 one-byte repeats (a 60 KB request)."""
+    fixed = struct.pack(
+        "!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, 1, 0, 0, *[bytes(4)] * 4, GUEST_MAC, b"", b""
+    )
+    options = b"\x35\x01\x01" + b"\x0c\x01a" * 20000 + b"\xff"
+    msg = parse_dhcp_untrusted(fixed + b"\x63\x82\x53\x63" + options)
+    assert msg.options[12] == b"a" * 20000
+
+
+class _Exploding:
+    """A flow handler with a bug the guest can reach."""
+
+    def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None:
+        raise struct.error("a bug of ours")
+
+
+class _Frontend:
+    csum_offload = False
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+    def send_partial(self, parts: list[bytes | memoryview], start: int, offset: int) -> None:
+        raise AssertionError("not used")
+
+
+def test_stack_contains_a_bug_reached_by_one_frame() -> None:
+    frontend = _Frontend()
+    stack = Stack(LINK, frontend, 0.0)
+    stack.udp = _Exploding()
+    peer = IPv6Address("2001:db8:99::1")
+    frame = udp_frame(GUEST_MAC, FERRY_MAC, IPv6Address("2001:db8:77::5"), peer, 5000, 53, b"x")
+    for i in range(3):
+        stack.receive_frame(memoryview(frame), float(i))
+    assert stack.counters.frame_errors == 3
+    assert stack.counters.malformed == 0
+    # The stack still answers the next frame.
+    stack.receive_frame(
+        memoryview(
+            udp_frame(GUEST_MAC, FERRY_MAC, GUEST_LL, ALL_DHCP, 546, 547, v6msg(1, CID, ia_na(1)))
+        ),
+        3.0,
+    )
+    assert len(frontend.sent) == 1
+
+
+def test_stack_lets_cancellation_through() -> None:
+    """BaseException (trio.Cancelled, KeyboardInterrupt) is not the stack's to catch."""
+
+    class _Interrupting:
+        def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None:
+            raise KeyboardInterrupt
+
+    stack = Stack(LINK, _Frontend(), 0.0)
+    stack.udp = _Interrupting()
+    peer = IPv6Address("2001:db8:99::1")
+    frame = udp_frame(GUEST_MAC, FERRY_MAC, IPv6Address("2001:db8:77::5"), peer, 5000, 53, b"x")
+    with pytest.raises(KeyboardInterrupt):
+        stack.receive_frame(memoryview(frame), 0.0)
