@@ -49,8 +49,9 @@ each connection's mask (no system call unless it changed). Events of many
 connections are also handled in one wake-up instead of a task switch each.
 
 Segments for unknown 4-tuples (other than a SYN) get a RST (RFC 9293
-§3.10.7.1), as does a SYN when the table is full (``--max-flows``; logged,
-rate-limited).
+§3.10.7.1), as does a SYN when the table is full (``--max-flows``) or no
+descriptor is left for its socket (:mod:`daemon.descriptors`); logged,
+rate-limited. A forwarded port's peer is reset in those cases.
 
 A bug of ours reached while one connection handles a guest segment, a
 socket event or a timer costs that connection, not the daemon (issue 9):
@@ -70,6 +71,7 @@ from pathlib import Path
 import trio
 
 from daemon.bugs import describe_bug
+from daemon.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, open_flow_socket
 from daemon.flows.common import (
     LogThrottle,
     family_of,
@@ -140,12 +142,14 @@ class TcpFlows:
         *,
         map_gateway: bool,
         limit: int = 4096,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self._guest = guest
+        self._budget = budget
         self._link = link
         self._nursery = nursery
         self._map_gateway = map_gateway
-        self.table: FlowTable[TcpConn] = FlowTable(limit)
+        self.table: FlowTable[TcpConn] = FlowTable(limit, budget)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
         self._rcvlowat_cap = _rcvlowat_cap()
         self._listeners: list[_Listener] = []
@@ -209,16 +213,14 @@ class TcpFlows:
             return
         try:
             self.table.check_room()
-        except FlowLimitReached as exc:
+            sock = open_flow_socket(self._budget, family_of(ip.version), socket.SOCK_STREAM)
+        except (FlowLimitReached, OSError) as exc:  # table full, no descriptor left...
             self._throttle.warning(
                 "limit", now, "refusing TCP connection to %s:%d: %s", ip.dst, seg.dport, exc
             )
             self._reset(ip, seg)
             return
         dst = host_destination(self._link, self._map_gateway, ip.dst)
-        sock = socket.socket(
-            family_of(ip.version), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        )
         try:
             _tune(sock)
             err = sock.connect_ex(sockaddr(dst, seg.dport))
@@ -556,6 +558,7 @@ class TcpFlows:
                 await trio.lowlevel.wait_readable(lst.sock)
             except (trio.ClosedResourceError, OSError):
                 return  # the listener was closed (shutdown, or handed over)
+            backoff = False
             while True:
                 try:
                     sock, peer = lst.sock.accept()
@@ -565,8 +568,15 @@ class TcpFlows:
                     self._throttle.warning(
                         "accept", trio.current_time(), "accept on port %d: %s", lst.port, exc
                     )
+                    # Out of descriptors the listener stays readable: retrying
+                    # at once would spin. The peers wait in the backlog.
+                    backoff = is_exhaustion(exc)
+                    if backoff and self._budget is not None:
+                        self._budget.exhausted += 1
                     break
                 self._inbound(sock, peer, lst)
+            if backoff:
+                await trio.sleep(ACCEPT_BACKOFF)
 
     def _inbound(self, sock: socket.socket, peer: tuple[str, int], lst: _Listener) -> None:
         now = trio.current_time()
