@@ -6,20 +6,30 @@ service's reply must be bounded whatever the request holds, and the stack
 must contain any exception raised while one frame is handled.
 """
 
+import socket
 import struct
+from collections.abc import Callable
 from ipaddress import IPv6Address
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from daemon.flows.table import FlowKey
+from daemon.flows.tcp import TcpFlows
+from daemon.flows.udp import UdpFlows
 from daemon.services import dhcpv6
 from daemon.services.dhcp import parse_dhcp_untrusted
 from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
 from daemon.stack import Stack
 from daemon.wire.errors import MalformedPacket
-from daemon.wire.ip import IpPacket
+from daemon.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
+from daemon.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
 from daemon.wire.udp import UdpDatagram
+from tests.unit.tcp_conn_support import RecordingGuest
+from tests.unit.test_flows_helpers import GUEST4, GW4, FakeGuest, parse_ip, udp_from_guest
+from tests.unit.test_flows_helpers import LINK as FLOW_LINK
 from tests.unit.test_services import (
     ALL_DHCP,
     CID,
@@ -153,3 +163,72 @@ def test_stack_lets_cancellation_through() -> None:
     frame = udp_frame(GUEST_MAC, FERRY_MAC, IPv6Address("2001:db8:77::5"), peer, 5000, 53, b"x")
     with pytest.raises(KeyboardInterrupt):
         stack.receive_frame(memoryview(frame), 0.0)
+
+
+# --- a bug reached through one flow costs that flow --------------------------------
+
+
+def _tcp_from_guest(dport: int, seq: int, ack: int, flags: int) -> tuple[IpPacket, TcpSegment]:
+    l4 = build_tcp(GUEST4, GW4, 40000, dport, seq, ack, flags, 65535)
+    ip = parse_ip(build_ip(GUEST4, GW4, IPPROTO_TCP, l4))
+    return ip, parse_tcp_untrusted(ip)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 (the guest recorder has no event)
+            await trio.sleep(0.001)
+
+
+async def test_tcp_bug_costs_one_connection() -> None:
+    guest = RecordingGuest()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            flows = TcpFlows(guest, FLOW_LINK, nursery, map_gateway=True)
+            flows.attach(nursery)
+            flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
+            flows.flush()
+            await _until(lambda: any(s.flags == SYN | ACK for s in guest.sent))
+            (flow,) = list(flows.table)
+            conn = flow.handle
+
+            def bug(seg: TcpSegment, now: float) -> None:
+                raise IndexError("a bug of ours")
+
+            conn.on_guest_segment = bug  # type: ignore[method-assign]
+            ack = (conn.isn + 1) & 0xFFFFFFFF
+            flows.from_guest(*_tcp_from_guest(port, 1001, ack, ACK), trio.current_time())
+            flows.flush()
+            assert flows.flow_errors == 1 and len(flows.table) == 0
+            assert guest.sent[-1].flags & RST
+            # The next connection is served as usual.
+            flows.from_guest(*_tcp_from_guest(port, 5000, 0, SYN), trio.current_time())
+            flows.flush()
+            await _until(lambda: sum(s.flags == SYN | ACK for s in guest.sent) == 2)
+            flows.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_udp_bug_costs_one_flow() -> None:
+    guest = FakeGuest()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    async with trio.open_nursery() as nursery:
+        flows = UdpFlows(guest, FLOW_LINK, nursery, map_gateway=True)
+        port = peer.getsockname()[1]
+        flows.from_guest(*udp_from_guest(GUEST4, GW4, 1111, port, b"a"))
+        flows.from_guest(*udp_from_guest(GUEST4, GW4, 2222, port, b"b"))
+        first = flows.table.get(FlowKey(IPPROTO_UDP, GUEST4, 1111, GW4, port))
+        assert first is not None and len(flows.table) == 2
+
+        def bug(flow: object, payload: memoryview, now: float) -> None:
+            raise ValueError("a bug of ours")
+
+        flows._to_guest = bug  # type: ignore[method-assign]
+        _data, src = peer.recvfrom(10)
+        peer.sendto(b"reply", src)
+        await _until(lambda: flows.flow_errors == 1)
+        assert len(flows.table) == 1  # that flow only; its reader ended quietly
+        await flows.aclose()
+    peer.close()
