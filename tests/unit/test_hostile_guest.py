@@ -9,7 +9,7 @@ must contain any exception raised while one frame is handled.
 import socket
 import struct
 from collections.abc import Callable
-from ipaddress import IPv6Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 import trio
@@ -24,6 +24,7 @@ from daemon.services.dhcp import parse_dhcp_untrusted
 from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
 from daemon.stack import Stack
 from daemon.wire.errors import MalformedPacket
+from daemon.wire.ethernet import BROADCAST
 from daemon.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
 from daemon.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
 from daemon.wire.udp import UdpDatagram
@@ -232,3 +233,31 @@ async def test_udp_bug_costs_one_flow() -> None:
         assert len(flows.table) == 1  # that flow only; its reader ended quietly
         await flows.aclose()
     peer.close()
+
+
+@fuzz
+@given(
+    st.sampled_from([b"\x08\x06", b"\x08\x00", b"\x86\xdd", b"\x81\x00"]),
+    st.binary(max_size=600),
+)
+def test_random_frames_reach_no_bug(ethertype: bytes, body: bytes) -> None:
+    """Whatever the guest sends is answered, ignored or malformed: never a bug."""
+    stack = Stack(LINK, _Frontend(), 0.0)
+    stack.receive_frame(memoryview(FERRY_MAC + GUEST_MAC + ethertype + body), 0.0)
+    assert stack.counters.frame_errors == 0
+
+
+@fuzz
+@given(st.binary(max_size=400), st.booleans(), st.booleans())
+def test_random_dhcp_payloads_reach_no_bug(payload: bytes, v6: bool, cookie: bool) -> None:
+    stack = Stack(LINK, _Frontend(), 0.0)
+    if v6:
+        frame = udp_frame(GUEST_MAC, FERRY_MAC, GUEST_LL, ALL_DHCP, 546, 547, payload)
+    else:
+        # A fixed BOOTP part (and magic cookie) so the option walk gets the random bytes.
+        fixed = bytes((1, 1, 6, 0)) + bytes(24) + GUEST_MAC + bytes(202)
+        body = fixed + (b"\x63\x82\x53\x63" if cookie else b"") + payload
+        src, dst = IPv4Address(0), IPv4Address("255.255.255.255")
+        frame = udp_frame(GUEST_MAC, BROADCAST, src, dst, 68, 67, body)
+    stack.receive_frame(memoryview(frame), 0.0)
+    assert stack.counters.frame_errors == 0
