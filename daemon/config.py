@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16384,
         help="flows per protocol before new ones are refused, with a log line "
-        "(default 16384; each TCP or UDP flow holds one socket, mind RLIMIT_NOFILE)",
+        "(default 16384); all protocols together are also held to what RLIMIT_NOFILE "
+        "allows, less a reserve (ferryctl status: descriptors)",
     )
     m = p.add_argument_group("migration")
     m.add_argument(

@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -93,7 +94,9 @@ from typing import Any
 
 import trio
 
+from daemon.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
 from daemon.exits import StartupError, ensure_parent_dir
+from daemon.flows.common import LogThrottle
 
 __all__ = [
     "MAX_FDS",
@@ -263,6 +266,13 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]], into: list[int]) ->
             into.extend(fds)
 
 
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 def _close_all(fds: list[int]) -> None:
     while fds:
         fd = fds.pop()
@@ -294,6 +304,8 @@ class ControlServer:
     def __init__(self, path: str) -> None:
         self.path = path
         self._handlers: dict[str, Handler] = {}
+        self._spare: int | None = None
+        """A descriptor held back for accept() under EMFILE (see _accept)."""
 
     def register(self, cmd: str, handler: Handler) -> None:
         """Make *handler* answer requests whose ``cmd`` is *cmd*."""
@@ -318,15 +330,55 @@ class ControlServer:
         ours).
         """
         listener, bound = await self._bind()
+        # At most MAX_CONTROL_CONNECTIONS at once (their descriptors are in
+        # ferryd's reserve, daemon.descriptors); more wait in the backlog.
+        slots = trio.Semaphore(MAX_CONTROL_CONNECTIONS)
+        throttle = LogThrottle(log)
+        self._spare = _open_spare()
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 while True:
-                    conn, _ = await listener.accept()
-                    nursery.start_soon(self._serve_connection, conn)
+                    await slots.acquire()
+                    try:
+                        conn = await self._accept(listener)
+                    except OSError as exc:
+                        slots.release()
+                        if not is_exhaustion(exc):
+                            raise
+                        # EMFILE: the listener stays readable, so retrying at
+                        # once would spin; the clients wait in the backlog.
+                        throttle.warning(
+                            "accept", trio.current_time(), "control: cannot accept: %s", exc
+                        )
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    nursery.start_soon(self._serve_connection, conn, slots)
         finally:
             listener.close()
+            if self._spare is not None:
+                os.close(self._spare)
+                self._spare = None
             self._unlink_if_ours(bound)
+
+    async def _accept(self, listener: trio.socket.SocketType) -> trio.socket.SocketType:
+        """Accept one client, even when the process is out of descriptors.
+
+        A spare descriptor is held for that case (the classic EMFILE
+        trick): when accept() fails with EMFILE it is given up so this one
+        connection gets through, and taken again once a connection ends.
+        So the owner can still ask ``status`` while a guest (or a lowered
+        limit) has used every descriptor.
+        """
+        try:
+            conn, _ = await listener.accept()
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or self._spare is None:
+                raise
+            os.close(self._spare)
+            self._spare = None
+            conn, _ = await listener.accept()
+        return conn
 
     async def _bind(self) -> tuple[trio.socket.SocketType, os.stat_result]:
         try:
@@ -382,7 +434,15 @@ class ControlServer:
         except OSError:
             pass
 
-    async def _serve_connection(self, conn: trio.socket.SocketType) -> None:
+    async def _serve_connection(self, conn: trio.socket.SocketType, slots: trio.Semaphore) -> None:
+        try:
+            await self._serve_one_connection(conn)
+        finally:
+            slots.release()
+            if self._spare is None:
+                self._spare = _open_spare()
+
+    async def _serve_one_connection(self, conn: trio.socket.SocketType) -> None:
         with conn:
             try:
                 while True:

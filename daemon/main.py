@@ -33,6 +33,7 @@ from daemon.config import (
     parse_options,
 )
 from daemon.control import ControlAddressInUse, ControlBindError, ControlError, ControlServer
+from daemon.descriptors import DescriptorBudget
 from daemon.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
 from daemon.flows.icmp import IcmpFlows
 from daemon.flows.portspec import ForwardError
@@ -88,6 +89,14 @@ class Daemon:
     def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
         self.opts = opts
         self.tap = tap
+        # Every flow's socket counts against RLIMIT_NOFILE (daemon.descriptors).
+        listeners = sum(
+            1 if fwd.bind is not None else 2
+            for spec in (*opts.tcp_forwards, *opts.udp_forwards)
+            for fwd in spec
+        )
+        self.budget = DescriptorBudget.from_rlimit(listeners)
+        self.budget.warn_if_short(opts.max_flows)
         self.build(link, trio.current_time())
         self.ready = False
         self.role = "incoming" if opts.incoming else "running"
@@ -107,10 +116,15 @@ class Daemon:
         """A stack and empty flow tables for ``link`` (no tasks yet)."""
         self.link = link
         self.stack = Stack(link, self.tap, now)
-        kw: dict[str, Any] = {"map_gateway": self.opts.map_gw, "limit": self.opts.max_flows}
+        kw: dict[str, Any] = {
+            "map_gateway": self.opts.map_gw,
+            "limit": self.opts.max_flows,
+            "budget": self.budget,
+        }
         self.udp = UdpFlows(self.stack, link, None, **kw)
         self.icmp = IcmpFlows(self.stack, link, None, **kw)
         self.tcp = TcpFlows(self.stack, link, None, **kw)
+        self.budget.track(f.table for f in (self.tcp, self.udp, self.icmp))
         self.stack.udp, self.stack.icmp, self.stack.tcp = self.udp, self.icmp, self.tcp
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -203,6 +217,8 @@ class Daemon:
                 "frames_in": c.frames_in,
                 "frames_out": c.frames_out,
                 "malformed": c.malformed,
+                "frame_errors": c.frame_errors,
+                "flow_errors": self.tcp.flow_errors + self.udp.flow_errors + self.icmp.flow_errors,
                 "ignored": c.ignored,
                 "dropped_out": self.tap.dropped_out,
             },
@@ -211,6 +227,7 @@ class Daemon:
                 "udp": len(self.udp.table),
                 "icmp": len(self.icmp.table),
             },
+            "descriptors": self.budget.snapshot(),
         }
 
     async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:

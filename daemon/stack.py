@@ -13,7 +13,11 @@ own: each frame is parsed just far enough to know who answers it.
 
 Parsing is done with the ``*_untrusted`` parsers; :class:`MalformedPacket`
 is the only exception they raise, and it is caught here, counted and logged
-at debug level: nothing the guest sends can stop the daemon (issue 2).
+at debug level. Any other exception raised while one frame is handled is a
+bug of ours the guest reached (issue 9: one DHCPv6 Solicit once killed the
+daemon): it is caught here too, the frame is dropped, counted as a
+``frame_errors`` and logged (rate-limited, see :mod:`daemon.bugs`). Nothing
+the guest sends can stop the daemon.
 
 The stack is also the flows' :class:`~daemon.guest.GuestPort`: it adds IP
 and Ethernet headers to what flows send and learns the guest's MAC and
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
+from daemon.bugs import describe_bug
+from daemon.flows.common import LogThrottle
 from daemon.flows.tcp import reset_for
 from daemon.link import LinkConfig
 from daemon.services.arp import answer_arp
@@ -103,6 +109,8 @@ class StackCounters:
     frames_in: int = 0
     frames_out: int = 0
     malformed: int = 0
+    frame_errors: int = 0
+    """Frames whose handling raised an unexpected exception (a ferryd bug), dropped."""
     ignored: int = 0
 
 
@@ -125,6 +133,8 @@ class Stack:
         self.tcp: TcpHandler | None = None
         self.counters = StackCounters()
         self._trusted = False
+        self._throttle = LogThrottle(log)
+        self._last_now = now
 
     # --- GuestPort ------------------------------------------------------
 
@@ -162,11 +172,20 @@ class Stack:
         (the guest's kernel left it to the device, see frontends/tap.py)."""
         self.counters.frames_in += 1
         self._trusted = trusted
+        self._last_now = now
         try:
             self._dispatch_untrusted(frame, now)
         except MalformedPacket as exc:
             self.counters.malformed += 1
             log.debug("dropped a malformed frame from the guest: %s", exc)
+        except Exception as exc:  # a bug the guest reached: contain it (daemon.bugs)
+            self._contain(exc, now)
+
+    def _contain(self, exc: Exception, now: float) -> None:
+        self.counters.frame_errors += 1
+        self._throttle.warning(
+            "bug", now, "dropped a guest frame, ferryd bug: %s", describe_bug(exc)
+        )
 
     def _dispatch_untrusted(self, frame: memoryview, now: float) -> None:
         eth = parse_ethernet_untrusted(frame)
@@ -250,7 +269,10 @@ class Stack:
     def flush(self) -> None:
         """The frontend has no more frames queued for now (end of a burst)."""
         if self.tcp is not None:
-            self.tcp.flush()
+            try:
+                self.tcp.flush()
+            except Exception as exc:  # work deferred from the burst's frames
+                self._contain(exc, self._last_now)
 
     # --- timers ----------------------------------------------------------
 

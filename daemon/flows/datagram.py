@@ -7,6 +7,11 @@ close a flow by cancelling its reader and closing its socket. The receive
 buffer is shared by all flows of an adapter and only used inside a
 synchronous drain, so it never holds a datagram across an await (no-buffer
 invariant, DESIGN.md).
+
+A bug of ours reached while a flow's datagrams are handled costs that flow
+(:meth:`DatagramFlows._contain`): it is closed, counted in ``flow_errors``
+and logged, rate-limited, and the reader task ends quietly instead of taking
+the data path's nursery, and the daemon, with it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
+from daemon.bugs import describe_bug
+from daemon.descriptors import DescriptorBudget, open_flow_socket
 from daemon.flows.common import LogThrottle
-from daemon.flows.table import Flow, FlowTable
+from daemon.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
+from daemon.wire.ip import IpPacket
+from daemon.wire.refusal import admin_prohibited
 
 RECV_SIZE = 65536
 
@@ -46,18 +55,23 @@ class DatagramFlows(Generic[H]):
         idle_timeout: float,
         limit: int,
         logger: logging.Logger,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self._guest = guest
         self._link = link
         self._nursery = nursery
         self._map_gateway = map_gateway
         self.idle_timeout = idle_timeout
-        self.table: FlowTable[H] = FlowTable(limit)
+        self.table: FlowTable[H] = FlowTable(limit, budget)
+        self._budget = budget
         self.drops: Counter[str] = Counter()
         """Datagrams dropped or ignored, by reason (for status and tests)."""
         self._buf = bytearray(RECV_SIZE)
         self._throttle = LogThrottle(logger)
         self._closed = False
+        self._kind = logger.name.rpartition(".")[2]
+        self.flow_errors = 0
+        """Flows closed because handling them raised (a ferryd bug, contained)."""
 
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1
@@ -69,6 +83,32 @@ class DatagramFlows(Generic[H]):
         handle.scope.cancel()
         trio.lowlevel.notify_closing(handle.sock)
         handle.sock.close()
+
+    def _new_socket(self, family: int, proto: int = 0) -> socket.socket:
+        """A datagram socket for a new flow (see :func:`open_flow_socket`)."""
+        return open_flow_socket(self._budget, family, socket.SOCK_DGRAM, proto)
+
+    def _refuse(self, ip: IpPacket, exc: FlowLimitReached, now: float) -> None:
+        """No room for the guest's new flow: tell it as a router would (ICMP)."""
+        self.drops["no descriptor" if isinstance(exc, DescriptorsSpent) else "flow limit"] += 1
+        self._throttle.warning(
+            "limit", now, "%s: refusing a new flow to %s: %s", self._kind, ip.dst, exc
+        )
+        proto, msg = admin_prohibited(ip)
+        self._guest.send_ip(ip.dst, ip.src, proto, msg)
+
+    def _contain(self, flow: Flow[H] | None, exc: Exception, now: float) -> None:
+        """Handling ``flow`` (None: a listener's datagram) raised: close it, count, log."""
+        self.flow_errors += 1
+        what = "a datagram dropped" if flow is None else f"flow {flow.key} closed"
+        self._throttle.warning(
+            "bug", now, "%s: %s, ferryd bug: %s", self._kind, what, describe_bug(exc)
+        )
+        if flow is not None and self.table.get(flow.key) is flow:
+            self._close_flow(flow)
+
+    def _close_flow(self, flow: Flow[H]) -> None:
+        raise NotImplementedError
 
     def snapshot(self) -> list[dict[str, object]]:
         return self.table.snapshot()

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from daemon.descriptors import DescriptorBudget
 from daemon.flows.common import (
     family_of,
     host_destination,
@@ -92,6 +93,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
         map_gateway: bool,
         idle_timeout: float = ICMP_IDLE_TIMEOUT,
         limit: int = 1024,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         super().__init__(
             guest,
@@ -101,6 +103,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
             idle_timeout=idle_timeout,
             limit=limit,
             logger=log,
+            budget=budget,
         )
         self._max_message = {4: link.mtu - IPV4_HLEN, 6: link.mtu - IPV6_HLEN}
 
@@ -131,7 +134,11 @@ class IcmpFlows(DatagramFlows[_Echo]):
         key = FlowKey(proto, ip.src, ident, dst, 0)
         flow = self.table.get(key)
         if flow is None:
-            flow = self._open(key, now)
+            try:
+                flow = self._open(key, now)
+            except FlowLimitReached as exc:  # table full or no descriptor left
+                self._refuse(ip, exc, now)
+                return
             if flow is None:
                 return
         handle = flow.handle
@@ -150,20 +157,13 @@ class IcmpFlows(DatagramFlows[_Echo]):
         flow.from_guest(len(ip.payload), now)
 
     def _open(self, key: FlowKey, now: float) -> Flow[_Echo] | None:
-        try:
-            self.table.check_room()
-        except FlowLimitReached as exc:
-            self.drops["flow limit"] += 1
-            self._throttle.warning("limit", now, "ICMP: %s; echo request dropped", exc)
-            return None
+        """A new echo flow; None if its socket fails. Raises
+        :class:`FlowLimitReached` (or :class:`DescriptorsSpent`) if there is no room."""
+        self.table.check_room()
         target = host_destination(self._link, self._map_gateway, key.remote_addr)
         proto = socket.IPPROTO_ICMP if key.remote_addr.version == 4 else socket.IPPROTO_ICMPV6
         try:
-            sock = socket.socket(
-                family_of(key.remote_addr.version),
-                socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                proto,
-            )
+            sock = self._new_socket(family_of(key.remote_addr.version), proto)
         except OSError as exc:
             # EACCES: our group is outside net.ipv4.ping_group_range.
             self.drops["socket"] += 1
@@ -198,7 +198,10 @@ class IcmpFlows(DatagramFlows[_Echo]):
 
     def restore(self, key: FlowKey, now: float) -> None:
         """Recreate a migrated echo flow (a new ping socket, same guest id)."""
-        self._open(key, now)
+        try:
+            self._open(key, now)
+        except FlowLimitReached as exc:
+            log.info("ICMP echo flow %s id %d: %s", key.guest_addr, key.guest_port, exc)
 
     async def _reader(self, flow: Flow[_Echo], handle: _Echo) -> None:
         with handle.scope:
@@ -207,7 +210,11 @@ class IcmpFlows(DatagramFlows[_Echo]):
                     await trio.lowlevel.wait_readable(handle.sock)
                 except trio.ClosedResourceError:
                     return
-                self._drain(flow, handle)
+                try:
+                    self._drain(flow, handle)
+                except Exception as exc:  # a bug: this flow pays (DatagramFlows._contain)
+                    self._contain(flow, exc, trio.current_time())
+                    return
 
     def _drain(self, flow: Flow[_Echo], handle: _Echo) -> None:
         if handle.closed:

@@ -19,7 +19,12 @@ Invariants
 ----------
 - At most ``limit`` flows exist; :meth:`FlowTable.add` beyond that raises
   :class:`FlowLimitReached` (a resource limit, nobody's bug: the adapter
-  drops the packet, logs and counts) and changes nothing.
+  refuses the flow, logs and counts) and changes nothing.
+- Flows that hold a descriptor of their own (all but inbound UDP flows,
+  which share their listener's socket) also draw on a descriptor budget
+  shared by every protocol's table (:mod:`daemon.descriptors`); when
+  it is spent, :meth:`FlowTable.add` raises :class:`DescriptorsSpent`, a
+  :class:`FlowLimitReached`, so adapters refuse such flows the same way.
 - A key is in the table at most once; adding an existing key is a bug of the
   caller (``KeyError``).
 - No payload is ever stored here: only counters and addresses.
@@ -27,11 +32,18 @@ Invariants
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpAddress
 
-__all__ = ["Flow", "FlowKey", "FlowLimitReached", "FlowTable", "proto_name"]
+__all__ = [
+    "DescriptorsSpent",
+    "Flow",
+    "FlowKey",
+    "FlowLimitReached",
+    "FlowTable",
+    "proto_name",
+]
 
 H = TypeVar("H")
 
@@ -53,6 +65,21 @@ class FlowLimitReached(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"flow table is full ({limit} flows)")
         self.limit = limit
+
+
+class DescriptorsSpent(FlowLimitReached):
+    """No descriptor is left for a new flow (the budget is spent, or the kernel said EMFILE)."""
+
+    def __init__(self, limit: int, why: str = "") -> None:
+        Exception.__init__(
+            self, why or f"descriptor budget spent ({limit} descriptors for flows in use)"
+        )
+        self.limit = limit
+
+
+class Budget(Protocol):
+    def check(self) -> None:
+        """Raise :class:`DescriptorsSpent` if no descriptor is left for a new flow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +110,8 @@ class Flow(Generic[H]):
     packets_from_guest: int = 0
     dropped: int = 0
     """Packets of this flow dropped (full socket buffer, guest link full...)."""
+    holds_descriptor: bool = True
+    """The flow has a socket of its own (counted against the descriptor budget)."""
 
     def to_guest(self, nbytes: int, now: float) -> None:
         self.bytes_to_guest += nbytes
@@ -113,11 +142,14 @@ class Flow(Generic[H]):
 class FlowTable(Generic[H]):
     """Flows by :class:`FlowKey`, with a size limit and idle expiry."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, budget: Budget | None = None) -> None:
         if limit < 1:
             raise ValueError(f"flow limit must be at least 1, not {limit}")
         self.limit = limit
+        self._budget = budget
         self._flows: dict[FlowKey, Flow[H]] = {}
+        self.descriptors = 0
+        """Flows in the table that hold a descriptor of their own."""
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -140,26 +172,34 @@ class FlowTable(Generic[H]):
         state: str,
         host_addr: IpAddress | None = None,
         host_port: int = 0,
+        holds_descriptor: bool = True,
     ) -> Flow[H]:
-        """Create a flow; :class:`FlowLimitReached` if the table is full."""
+        """Create a flow; :class:`FlowLimitReached` if the table is full or
+        (:class:`DescriptorsSpent`) the flow needs a descriptor and none is left."""
         if key in self._flows:
             raise KeyError(f"flow {key} already exists")
-        if len(self._flows) >= self.limit:
-            raise FlowLimitReached(self.limit)
+        self.check_room(holds_descriptor)
         flow = Flow(key, handle, state, now, now, host_addr, host_port)
+        flow.holds_descriptor = holds_descriptor
         self._flows[key] = flow
+        self.descriptors += holds_descriptor
         return flow
 
-    def check_room(self) -> None:
+    def check_room(self, holds_descriptor: bool = True) -> None:
         """Raise :class:`FlowLimitReached` now if :meth:`add` would.
 
         Lets an adapter refuse a flow before it opens a socket for it.
         """
         if len(self._flows) >= self.limit:
             raise FlowLimitReached(self.limit)
+        if holds_descriptor and self._budget is not None:
+            self._budget.check()
 
     def remove(self, key: FlowKey) -> Flow[H] | None:
-        return self._flows.pop(key, None)
+        flow = self._flows.pop(key, None)
+        if flow is not None:
+            self.descriptors -= flow.holds_descriptor
+        return flow
 
     def expired(self, now: float, timeout_by_proto: Mapping[int, float]) -> list[Flow[H]]:
         """Flows idle for longer than their protocol's timeout (not removed).

@@ -49,8 +49,15 @@ each connection's mask (no system call unless it changed). Events of many
 connections are also handled in one wake-up instead of a task switch each.
 
 Segments for unknown 4-tuples (other than a SYN) get a RST (RFC 9293
-§3.10.7.1), as does a SYN when the table is full (``--max-flows``; logged,
-rate-limited).
+§3.10.7.1), as does a SYN when the table is full (``--max-flows``) or no
+descriptor is left for its socket (:mod:`daemon.descriptors`); logged,
+rate-limited. A forwarded port's peer is reset in those cases.
+
+A bug of ours reached while one connection handles a guest segment, a
+socket event or a timer costs that connection, not the daemon (issue 9):
+the exception is caught there (``Exception`` only, see :mod:`daemon.bugs`),
+the connection is reset both ways, counted in ``flow_errors`` and logged,
+rate-limited.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ from pathlib import Path
 
 import trio
 
+from daemon.bugs import describe_bug
+from daemon.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, open_flow_socket
 from daemon.flows.common import (
     LogThrottle,
     family_of,
@@ -133,18 +142,22 @@ class TcpFlows:
         *,
         map_gateway: bool,
         limit: int = 4096,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self._guest = guest
+        self._budget = budget
         self._link = link
         self._nursery = nursery
         self._map_gateway = map_gateway
-        self.table: FlowTable[TcpConn] = FlowTable(limit)
+        self.table: FlowTable[TcpConn] = FlowTable(limit, budget)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
         self._rcvlowat_cap = _rcvlowat_cap()
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
         self.resets_sent = 0
+        self.flow_errors = 0
+        """Connections reset because handling them raised (a ferryd bug, contained)."""
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}
@@ -176,7 +189,10 @@ class TcpFlows:
                     self._held[conn] = True
                 return
             self._dirty[conn] = None
-            conn.on_guest_segment(seg, now)
+            try:
+                conn.on_guest_segment(seg, now)
+            except Exception as exc:  # a bug the guest reached: this connection pays
+                self._bug(conn, exc, now)
             return
         if seg.flags & (SYN | ACK | RST | FIN) == SYN:
             self._outbound(ip, seg, key, now)
@@ -197,16 +213,14 @@ class TcpFlows:
             return
         try:
             self.table.check_room()
-        except FlowLimitReached as exc:
+            sock = open_flow_socket(self._budget, family_of(ip.version), socket.SOCK_STREAM)
+        except (FlowLimitReached, OSError) as exc:  # table full, no descriptor left...
             self._throttle.warning(
                 "limit", now, "refusing TCP connection to %s:%d: %s", ip.dst, seg.dport, exc
             )
             self._reset(ip, seg)
             return
         dst = host_destination(self._link, self._map_gateway, ip.dst)
-        sock = socket.socket(
-            family_of(ip.version), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-        )
         try:
             _tune(sock)
             err = sock.connect_ex(sockaddr(dst, seg.dport))
@@ -261,7 +275,10 @@ class TcpFlows:
         due, self._ack_due = self._ack_due, []
         now = trio.current_time()
         for conn in due:
-            conn.flush_ack(now)
+            try:
+                conn.flush_ack(now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
             self._dirty[conn] = None
         self._settle()
 
@@ -357,12 +374,29 @@ class TcpFlows:
         except OSError as exc:
             self._failed(conn, exc, trio.current_time())
             return
+        except Exception as exc:
+            self._bug(conn, exc, trio.current_time())
+            return
         interest.set_deadline(conn, conn.deadline())
 
     def _failed(self, conn: TcpConn, exc: OSError, now: float) -> None:
         if not conn.closed:
             log.info("%s: %s: reset", conn.describe(), exc)
             conn.abort(now, rst_guest=True, rst_peer=True)
+
+    def _bug(self, conn: TcpConn, exc: Exception, now: float) -> None:
+        """Handling ``conn`` raised: reset it, count and log; the rest goes on."""
+        self.flow_errors += 1
+        self._throttle.warning(
+            "bug", now, "%s: reset, ferryd bug: %s", conn.describe(), describe_bug(exc)
+        )
+        try:
+            conn.abort(now, rst_guest=True, rst_peer=True)
+        except Exception:
+            # Its state is beyond saving: let the socket go without a word.
+            self.forget(conn)
+            conn.state = State.CLOSED
+            conn.sock.close()
 
     async def _reactor(self, interest: Interest[TcpConn]) -> None:
         epoll_fd = interest.fileno()
@@ -396,6 +430,8 @@ class TcpFlows:
                     conn.on_writable(now)
             except OSError as exc:
                 self._failed(conn, exc, now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
 
     def _timers(self, interest: Interest[TcpConn], now: float) -> None:
         """Fire the due deadlines; reschedule those that moved later."""
@@ -414,6 +450,8 @@ class TcpFlows:
                 conn.on_timer(now)
             except OSError as exc:
                 self._failed(conn, exc, now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
 
     def attach(self, nursery: trio.Nursery | None) -> None:
         """Run the reactor and the listeners in ``nursery`` from now on; None: stopped.
@@ -520,6 +558,7 @@ class TcpFlows:
                 await trio.lowlevel.wait_readable(lst.sock)
             except (trio.ClosedResourceError, OSError):
                 return  # the listener was closed (shutdown, or handed over)
+            backoff = False
             while True:
                 try:
                     sock, peer = lst.sock.accept()
@@ -529,8 +568,15 @@ class TcpFlows:
                     self._throttle.warning(
                         "accept", trio.current_time(), "accept on port %d: %s", lst.port, exc
                     )
+                    # Out of descriptors the listener stays readable: retrying
+                    # at once would spin. The peers wait in the backlog.
+                    backoff = is_exhaustion(exc)
+                    if backoff and self._budget is not None:
+                        self._budget.exhausted += 1
                     break
                 self._inbound(sock, peer, lst)
+            if backoff:
+                await trio.sleep(ACCEPT_BACKOFF)
 
     def _inbound(self, sock: socket.socket, peer: tuple[str, int], lst: _Listener) -> None:
         now = trio.current_time()

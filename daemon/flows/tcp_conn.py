@@ -114,6 +114,25 @@ CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 7200.0
 #: Duplicate ACKs that make the guest retransmit (RFC 5681 §3.2).
 DUPACK_THRESHOLD = 3
+#: The guest's MSS when its SYN carries none (RFC 9293 §3.7.1).
+DEFAULT_MSS = 536
+#: The least payload a segment to the guest carries, whatever MSS it
+#: advertised: Linux's net.ipv4.tcp_min_snd_mss default (__tcp_mtu_to_mss;
+#: added in 5.2 for CVE-2019-11479). A guest advertising MSS 1 once made
+#: ferryd send a peer's data one byte per frame (issue 9).
+MIN_SND_MSS = 48
+
+
+def guest_mss_untrusted(advertised: int | None) -> int:
+    """The MSS to use for a guest that advertised ``advertised`` in its SYN.
+
+    An absent or zero option means the default (tcp_parse_options ignores a
+    zero MSS); anything below :data:`MIN_SND_MSS` is raised to it. The upper
+    end is the link's, applied when segments are cut (:meth:`TcpConn.push`).
+    """
+    if not advertised:
+        return DEFAULT_MSS
+    return max(advertised, MIN_SND_MSS)
 
 
 class State(enum.Enum):
@@ -214,7 +233,7 @@ class TcpConn:
         """The guest's receive window in bytes (already scaled)."""
         self.guest_ws = 0
         self.our_ws = 0
-        self.guest_mss = 536
+        self.guest_mss = DEFAULT_MSS
         self.wnd_to_guest = 0
         """Last window (bytes) advertised to the guest."""
         self.dupacks = 0
@@ -418,7 +437,7 @@ class TcpConn:
         self.seq_from_guest = seq_add(syn.seq, 1)
         if opts.wscale is not None:
             self.guest_ws, self.our_ws = opts.wscale, OUR_WSCALE
-        self.guest_mss = opts.mss if opts.mss else 536
+        self.guest_mss = guest_mss_untrusted(opts.mss)
         self.guest_wnd = syn.window
         if opts.timestamp is not None:  # agreed once connected (_start_timestamps)
             self.ts_recent = opts.timestamp[0]
@@ -529,7 +548,7 @@ class TcpConn:
             self.guest_ws = opts.wscale
         else:
             self.our_ws = 0  # RFC 7323 §2.2: scaling only if both SYNs carry it
-        self.guest_mss = opts.mss if opts.mss else 536
+        self.guest_mss = guest_mss_untrusted(opts.mss)
         self.guest_wnd = seg.window  # never scaled in a SYN (RFC 7323 §2.2)
         if opts.timestamp is None:
             self.flags &= ~Flags.TIMESTAMPS  # RFC 7323 §3.2: only if both SYNs carry it
@@ -727,9 +746,12 @@ class TcpConn:
             return 0
         left = min(self.guest_wnd, self._rcvlowat_cap) - self.flight
         buf, total = self._buf, 0
-        mss = max(1, min(self.guest_mss, self.link_mss))
+        mss = min(self.guest_mss, self.link_mss)
         if Flags.TIMESTAMPS in self.flags:
-            mss = max(1, mss - TS_OPTION_LEN)  # the MSS leaves options out (RFC 9293 §3.7.1)
+            mss -= TS_OPTION_LEN  # the MSS leaves options out (RFC 9293 §3.7.1)
+        # Never below the floor (a restored flow's MSS comes from a stream),
+        # never above what the link carries.
+        mss = min(max(mss, MIN_SND_MSS), self.link_mss)
         self._now_ms = int(now * 1000)
         drained = False
         while left > 0:

@@ -53,6 +53,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
+from daemon.descriptors import DescriptorBudget
 from daemon.flows.common import (
     family_of,
     host_destination,
@@ -136,6 +137,7 @@ class UdpFlows(DatagramFlows[_Handle]):
         map_gateway: bool,
         idle_timeout: float = UDP_IDLE_TIMEOUT,
         limit: int = 4096,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         super().__init__(
             guest,
@@ -145,6 +147,7 @@ class UdpFlows(DatagramFlows[_Handle]):
             idle_timeout=idle_timeout,
             limit=limit,
             logger=log,
+            budget=budget,
         )
         self._listeners: list[_Listener] = []
         # Largest payload that fits the guest's MTU with IP and UDP headers.
@@ -170,7 +173,11 @@ class UdpFlows(DatagramFlows[_Handle]):
         key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.table.get(key)
         if flow is None:
-            flow = self._open_outbound(key, now)
+            try:
+                flow = self._open_outbound(key, now)
+            except FlowLimitReached as exc:  # table full or no descriptor left
+                self._refuse(ip, exc, now)
+                return
             if flow is None:
                 return
         self._send_to_host(flow, udp.payload, now)
@@ -181,18 +188,12 @@ class UdpFlows(DatagramFlows[_Handle]):
         now: float,
         bind: tuple[IpAddress | None, int | None] = (None, None),
     ) -> Flow[_Handle] | None:
-        try:
-            self.table.check_room()
-        except FlowLimitReached as exc:
-            self.drops["flow limit"] += 1
-            self._throttle.warning("limit", now, "UDP: %s; datagram dropped", exc)
-            return None
+        """A new outbound flow; None if its socket fails. Raises
+        :class:`FlowLimitReached` (or :class:`DescriptorsSpent`) if there is no room."""
+        self.table.check_room()
         target = host_destination(self._link, self._map_gateway, key.remote_addr)
         try:
-            sock = socket.socket(
-                family_of(key.remote_addr.version),
-                socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-            )
+            sock = self._new_socket(family_of(key.remote_addr.version))
         except OSError as exc:
             self.drops["socket"] += 1
             self._throttle.warning("socket", now, "UDP: cannot open a socket: %s", exc)
@@ -265,7 +266,11 @@ class UdpFlows(DatagramFlows[_Handle]):
                     await trio.lowlevel.wait_readable(handle.sock)
                 except trio.ClosedResourceError:
                     return
-                self._drain_outbound(flow, handle)
+                try:
+                    self._drain_outbound(flow, handle)
+                except Exception as exc:  # a bug: this flow pays (DatagramFlows._contain)
+                    self._contain(flow, exc, trio.current_time())
+                    return
 
     def _drain_outbound(self, flow: Flow[_Handle], handle: _Outbound) -> None:
         if handle.closed:
@@ -294,7 +299,10 @@ class UdpFlows(DatagramFlows[_Handle]):
                     await trio.lowlevel.wait_readable(listener.sock)
                 except trio.ClosedResourceError:
                     return
-                self._drain_listener(listener)
+                try:
+                    self._drain_listener(listener)
+                except Exception as exc:  # a bug: one datagram pays, the listener goes on
+                    self._contain(None, exc, trio.current_time())
 
     def _drain_listener(self, listener: _Listener) -> None:
         if listener.closed:
@@ -339,6 +347,7 @@ class UdpFlows(DatagramFlows[_Handle]):
                     state="inbound",
                     host_addr=listener.local_addr,
                     host_port=listener.local_port,
+                    holds_descriptor=False,
                 )
             except FlowLimitReached as exc:
                 self.drops["flow limit"] += 1
@@ -505,7 +514,11 @@ class UdpFlows(DatagramFlows[_Handle]):
         exchange in progress continues on the new host (two-host topology:
         the target's namespace has the same addresses).
         """
-        flow = self._open_outbound(key, now, bind=(host_addr, host_port))
+        try:
+            flow = self._open_outbound(key, now, bind=(host_addr, host_port))
+        except FlowLimitReached as exc:
+            log.info("UDP flow %s:%d: %s", key.guest_addr, key.guest_port, exc)
+            flow = None
         if flow is None:
             log.info("UDP flow %s:%d could not be restored", key.guest_addr, key.guest_port)
 
@@ -521,6 +534,7 @@ class UdpFlows(DatagramFlows[_Handle]):
                     state="inbound",
                     host_addr=lst.local_addr,
                     host_port=lst.local_port,
+                    holds_descriptor=False,
                 )
                 return
         log.info("UDP flow from %s: no listener on port %d", key.remote_addr, listener_port)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from daemon.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn
+from daemon.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn, guest_mss_untrusted
 from daemon.migration.records import TcpFlowRecord, TcpKernelState
 from daemon.migration.sockstate import TcpSocketState
 
@@ -73,7 +73,7 @@ def apply_guest_state(
     conn.guest_ws = rec.guest_wscale
     conn.our_ws = rec.our_wscale
     conn.guest_wnd = rec.guest_window << rec.guest_wscale
-    conn.guest_mss = rec.guest_mss or 536
+    conn.guest_mss = guest_mss_untrusted(rec.guest_mss)
     flags = Flags(rec.flags)
     if Flags.FIN_TO_GUEST in flags:
         conn.fin_seq = (rec.seq_to_guest - 1) & 0xFFFFFFFF

@@ -119,7 +119,9 @@ class DhcpMessage:
         return IPv4Address(value) if value is not None and len(value) == 4 else None
 
 
-def _walk_options_untrusted(data: bytes, into: dict[int, bytes]) -> None:
+def _walk_options_untrusted(data: bytes, into: dict[int, bytearray]) -> None:
+    # Repeated options are appended in place: concatenating bytes anew for
+    # each of thousands of one-byte repeats would cost quadratic time.
     i, end = 0, len(data)
     while i < end:
         code = data[i]
@@ -133,7 +135,7 @@ def _walk_options_untrusted(data: bytes, into: dict[int, bytes]) -> None:
         olen = data[i + 1]
         if i + 2 + olen > end:
             raise MalformedPacket(f"DHCP option {code} of length {olen} runs past the message")
-        into[code] = into.get(code, b"") + data[i + 2 : i + 2 + olen]
+        into.setdefault(code, bytearray()).extend(data[i + 2 : i + 2 + olen])
         i += 2 + olen
     # RFC 2131 §4.1 wants an END option; many clients pad instead: accept.
 
@@ -163,17 +165,18 @@ def parse_dhcp_untrusted(data: bytes | bytearray | memoryview) -> DhcpMessage:
         raise MalformedPacket("DHCP magic cookie missing (plain BOOTP is not served)")
     if hlen > len(chaddr):
         raise MalformedPacket(f"DHCP hardware address length {hlen} exceeds 16")
-    options: dict[int, bytes] = {}
-    _walk_options_untrusted(raw[_FIXED:], options)
-    overload = options.pop(OPT_OVERLOAD, b"")
+    walked: dict[int, bytearray] = {}
+    _walk_options_untrusted(raw[_FIXED:], walked)
+    overload = walked.pop(OPT_OVERLOAD, b"")
     if overload:
         # RFC 2132 §9.3: 1 = file holds options, 2 = sname, 3 = both (file first).
         if len(overload) != 1 or overload[0] not in (1, 2, 3):
             raise MalformedPacket(f"DHCP option overload value {overload.hex()} is invalid")
         if overload[0] & 1:
-            _walk_options_untrusted(file, options)
+            _walk_options_untrusted(file, walked)
         if overload[0] & 2:
-            _walk_options_untrusted(sname, options)
+            _walk_options_untrusted(sname, walked)
+    options = {code: bytes(value) for code, value in walked.items()}
     return DhcpMessage(
         op,
         htype,

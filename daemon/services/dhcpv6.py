@@ -12,7 +12,7 @@ client sends           ferryd answers (§18.3)
 Solicit                Advertise with preference 255 (§18.2.1: the client
                        takes it at once); Reply if the client sent Rapid
                        Commit (§18.3.1, with Rapid Commit echoed)
-Request, Renew,        Reply with the address in each IA_NA; other
+Request, Renew,        Reply with the address in the first IA_NA; other
 Rebind                 addresses the client lists get lifetimes 0 (§18.3.4)
 Confirm                Reply, status Success if every listed address is
                        the guest's, else NotOnLink; no Reply if it lists
@@ -21,13 +21,20 @@ Information-request    Reply with the DNS servers only
 Release, Decline       Reply with status Success (§18.3.7, §18.3.8)
 =====================  ==================================================
 
-Only the first IA_NA gets the address (there is one); further IA_NAs get
-status NoAddrsAvail in their IA, and a Solicit/Request with no IA_NA at all
-gets a top-level NoAddrsAvail (§18.3.9). IA_TA and IA_PD are not served and
-are left out of replies. Lifetimes are infinite (0xffffffff, §7.7), T1 and T2
-too: the address never changes while the guest lives, and a live migration
-carries it along, so renewals would only add traffic. The DNS recursive name
-server option (23, RFC 3646) is included when DNS servers are configured.
+Only the first IA_NA is answered, with the address (there is one); further
+IA_NAs are left out of the reply, as IA_TA and IA_PD (not served) are, and a
+Solicit/Request with no IA_NA at all gets a top-level NoAddrsAvail
+(§18.3.9). Every reply is bounded whatever the request holds: one IA_NA
+answered, at most :data:`MAX_STALE_ADDRESSES` of the client's other
+addresses released in it, a client identifier of at most
+:data:`MAX_DUID_LEN` bytes (§11.1) echoed. (Answering every IA_NA of a
+Solicit carrying thousands of them once made a reply larger than an IP
+packet, and the exception stopped ferryd: issue 9.)
+
+Lifetimes are infinite (0xffffffff, §7.7), T1 and T2 too: the address
+never changes while the guest lives, and a live migration carries it along,
+so renewals would only add traffic. The DNS recursive name server option
+(23, RFC 3646) is included when DNS servers are configured.
 
 The server DUID is a DUID-LL (§11.4) built from ferryd's MAC. Messages that
 §16 says to discard are ignored: a Solicit, Confirm or Rebind carrying a
@@ -68,6 +75,11 @@ OPT_DNS_SERVERS = 23
 STATUS_SUCCESS = 0
 STATUS_NO_ADDRS_AVAIL = 2
 STATUS_NOT_ON_LINK = 4
+
+#: The longest DUID (§11.1: "up to 128 octets", plus its 2-byte type).
+MAX_DUID_LEN = 130
+#: Addresses of the answered IA_NA, besides the guest's, given lifetimes 0.
+MAX_STALE_ADDRESSES = 8
 
 _DUID_LL = 3
 _HTYPE_ETHERNET = 1
@@ -174,20 +186,20 @@ def status_option(status: int, message: str = "") -> bytes:
     return option(OPT_STATUS_CODE, struct.pack("!H", status) + message.encode())
 
 
-def _ia_na_option(ia: IaNa, ip6: Ip6Config, assign: bool) -> bytes:
-    if not assign:
-        refused = _IA_NA.pack(ia.iaid, 0, 0) + status_option(STATUS_NO_ADDRS_AVAIL, "one address")
-        return option(OPT_IA_NA, refused)
+def _ia_na_option(ia: IaNa, ip6: Ip6Config) -> bytes:
     body = bytearray(_IA_NA.pack(ia.iaid, INFINITY, INFINITY))
     body += option(OPT_IAADDR, _IAADDR.pack(ip6.address.packed, INFINITY, INFINITY))
-    for stale in ia.addresses:
-        if stale != ip6.address:  # §18.3.4: tell the client to stop using it
-            body += option(OPT_IAADDR, _IAADDR.pack(stale.packed, 0, 0))
+    stale = [a for a in dict.fromkeys(ia.addresses) if a != ip6.address]
+    for address in stale[:MAX_STALE_ADDRESSES]:  # §18.3.4: tell the client to stop using it
+        body += option(OPT_IAADDR, _IAADDR.pack(address.packed, 0, 0))
     return option(OPT_IA_NA, bytes(body))
 
 
 def _acceptable_untrusted(msg: Dhcpv6Message, server_duid: bytes) -> bool:
     """Whether §16 lets the server answer ``msg`` at all."""
+    client_id = msg.first(OPT_CLIENTID)
+    if client_id is not None and not 3 <= len(client_id) <= MAX_DUID_LEN:
+        raise MalformedPacket(f"DHCPv6 client identifier of {len(client_id)} bytes (§11.1)")
     server_id = msg.first(OPT_SERVERID)
     mtype = msg.msg_type
     if mtype == Dhcpv6Type.INFORMATION_REQUEST:
@@ -217,8 +229,8 @@ def _reply_body_untrusted(msg: Dhcpv6Message, link: LinkConfig, ip6: Ip6Config) 
     if mtype != Dhcpv6Type.INFORMATION_REQUEST:
         if not ias and mtype in (Dhcpv6Type.SOLICIT, Dhcpv6Type.REQUEST):
             body += status_option(STATUS_NO_ADDRS_AVAIL, "only IA_NA is served")
-        for index, ia in enumerate(ias):
-            body += _ia_na_option(ia, ip6, assign=index == 0)
+        if ias:
+            body += _ia_na_option(ias[0], ip6)
         if mtype == Dhcpv6Type.SOLICIT:
             body += option(OPT_PREFERENCE, bytes((MAX_PREFERENCE,)))
     if ip6.dns:

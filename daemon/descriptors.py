@@ -1,0 +1,177 @@
+"""The descriptor budget: how many flows ferryd can hold sockets for, shared by all protocols.
+
+Theory of operation
+-------------------
+Every TCP connection, outbound UDP flow and ICMP echo flow holds one socket,
+and the process may hold at most RLIMIT_NOFILE descriptors (ferryd raises
+its soft limit to the hard one at start). Issue 9: with the default
+``--max-flows`` (16,384 per protocol) never checked against that limit, a
+guest that opened ~19k UDP flows and then TCP connections made ``socket()``
+fail with EMFILE outside any handler and ferryd died; under a low limit
+``accept()`` on the control socket did the same.
+
+So at start ferryd works out a budget, ``RLIMIT_NOFILE - RESERVE -
+listeners``, that every protocol's flow table draws from
+(:class:`~daemon.flows.table.FlowTable` asks :meth:`DescriptorBudget.check`
+before it adds a flow holding a socket). What is kept back:
+
+=====================================  =====
+what                                   fds
+=====================================  =====
+stdin, stdout, stderr                  3
+the tap (and a target's second queue)  2
+trio's epoll, wakeup pair, signal fd   4
+the TCP reactor's epoll                1
+the control socket and its clients     1 + :data:`MAX_CONTROL_CONNECTIONS`
+ (each may pass a descriptor or two)   + 16
+a migration: its pipe, the helper      4
+ connection, a socket being set up
+slack (logging, /proc reads, netlink)  17
+=====================================  =====
+
+That is :data:`RESERVE` (64). Forwarding listeners are counted from the
+options (two per port without a bind address, one per family). A
+migration's restored flows are flows like any other: they draw on the
+budget (a target short of descriptors fails the restore and the source
+rolls back). Descriptors passed to ferry-repair are the flows' own sockets:
+a batch of 253 costs ferryd nothing extra (the helper's copies are its own).
+
+When the budget is spent a new flow is refused as a router would refuse it
+(TCP RST, ICMP administratively prohibited for UDP and ICMP echo), counted
+in ``refused``, and logged rate-limited. Should the kernel still run out
+(EMFILE or ENFILE from ``socket()`` or ``accept()``: another process, a
+limit lowered behind ferryd's back, the reserve exceeded), the same refusal
+happens and ``exhausted`` is counted; nothing in ferryd lets that error
+escape (the accept loops back off for :data:`ACCEPT_BACKOFF`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+from collections.abc import Iterable
+from typing import Protocol
+
+from daemon.flows.table import DescriptorsSpent
+
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "MAX_CONTROL_CONNECTIONS",
+    "RESERVE",
+    "DescriptorBudget",
+    "is_exhaustion",
+    "open_flow_socket",
+]
+
+log = logging.getLogger("ferryd.descriptors")
+
+#: Control connections served at once; more wait in the listen backlog.
+MAX_CONTROL_CONNECTIONS = 16
+#: Descriptors kept back from flows (see the table in the module docstring).
+RESERVE = 64
+#: How long an accept loop waits after EMFILE/ENFILE before trying again
+#: (the listener stays readable: retrying at once would spin).
+ACCEPT_BACKOFF = 0.1
+
+#: Errors that mean "no descriptor (or kernel memory) for a new socket".
+_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def is_exhaustion(exc: OSError) -> bool:
+    """Whether ``exc`` says the process or the system ran out of descriptors."""
+    return exc.errno in _EXHAUSTION
+
+
+def open_flow_socket(
+    budget: DescriptorBudget | None, family: int, kind: int, proto: int = 0
+) -> socket.socket:
+    """A non-blocking, close-on-exec socket for a new flow.
+
+    Out of descriptors (EMFILE, ENFILE...) raises :class:`DescriptorsSpent`,
+    counted in ``budget.exhausted``, so the caller refuses the flow as when
+    the budget is spent; any other error is raised as it is.
+    """
+    try:
+        return socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+    except OSError as exc:
+        if not is_exhaustion(exc):
+            raise
+        if budget is None:
+            raise DescriptorsSpent(0, f"no descriptor for a new socket: {exc}") from exc
+        raise budget.exhausted_by(exc) from exc
+
+
+class _Table(Protocol):
+    @property
+    def descriptors(self) -> int: ...
+
+
+class DescriptorBudget:
+    """Descriptors the flow tables may hold between them, and what was refused."""
+
+    def __init__(self, capacity: int, *, limit: int = 0, reserved: int = 0) -> None:
+        self.capacity = max(0, capacity)
+        self.limit = limit
+        """RLIMIT_NOFILE the capacity was worked out from (0: not from a limit)."""
+        self.reserved = reserved
+        self.refused = 0
+        """New flows refused because the budget was spent."""
+        self.exhausted = 0
+        """New flows refused because the kernel had no descriptor left (EMFILE...)."""
+        self._tables: list[_Table] = []
+
+    @classmethod
+    def from_rlimit(cls, listeners: int) -> DescriptorBudget:
+        """The budget the current (already raised) RLIMIT_NOFILE allows."""
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        reserved = RESERVE + listeners
+        return cls(soft - reserved, limit=soft, reserved=reserved)
+
+    def track(self, tables: Iterable[_Table]) -> None:
+        """Count the descriptors of these tables from now on (the daemon's current ones)."""
+        self._tables = list(tables)
+
+    @property
+    def in_use(self) -> int:
+        return sum(t.descriptors for t in self._tables)
+
+    def check(self) -> None:
+        if self.in_use >= self.capacity:
+            self.refused += 1
+            raise DescriptorsSpent(self.capacity)
+
+    def exhausted_by(self, exc: OSError) -> DescriptorsSpent:
+        """Count an EMFILE-like failure; the exception to refuse the flow with."""
+        self.exhausted += 1
+        return DescriptorsSpent(self.capacity, f"no descriptor for a new socket: {exc}")
+
+    def warn_if_short(self, max_flows: int) -> None:
+        """Say so at start if even one protocol could not reach ``--max-flows``.
+
+        The protocols share the budget, so their limits may add up to more
+        than it holds (the default 3 x 16384 does under a 20,000 limit): that
+        is by design and not worth a line at every start. A limit that one
+        protocol alone cannot reach is a configuration to look at.
+        """
+        if max_flows > self.capacity:
+            log.warning(
+                "--max-flows %d cannot be reached: RLIMIT_NOFILE %d leaves %d descriptors"
+                " (%d kept back) for the flows of every protocol together; flows beyond"
+                " that are refused",
+                max_flows,
+                self.limit,
+                self.capacity,
+                self.reserved,
+            )
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "limit": self.limit,
+            "reserved": self.reserved,
+            "for_flows": self.capacity,
+            "in_use": self.in_use,
+            "refused": self.refused,
+            "exhausted": self.exhausted,
+        }
