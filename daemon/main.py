@@ -39,7 +39,7 @@ from daemon.flows.icmp import IcmpFlows
 from daemon.flows.portspec import ForwardError
 from daemon.flows.tcp import TcpFlows
 from daemon.flows.udp import UdpFlows
-from daemon.frontends.tap import TapFrontend, TapSetupError
+from daemon.frontends.tap import TapFrontend, TapGone, TapSetupError
 from daemon.link import LinkConfig
 from daemon.privileges import drop_all_capabilities
 from daemon.stack import Stack
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             ConfigError: EXIT_USAGE,
             TapSetupError: EXIT_USAGE,
+            TapGone: EXIT_RUNTIME,
             ControlAddressInUse: EXIT_USAGE,
             ControlBindError: EXIT_RUNTIME,
             ForwardError: EXIT_RUNTIME,

@@ -74,6 +74,15 @@ class TapSetupError(Exception):
     """The tap device could not be set up (bad namespace, name or permission)."""
 
 
+class TapGone(Exception):
+    """The tap device went away under us (deleted in the guest's namespace).
+
+    Not a bug and not a frame ferryd could drop: there is no guest left to
+    serve, so ferryd ends with one line (daemon.exits) and its unit's restart
+    policy decides what comes next.
+    """
+
+
 def _set_queue(fd: int, flag: int) -> None:
     fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH", b"", flag))
 
@@ -247,6 +256,10 @@ class TapFrontend:
                 n = readv(fd, buf)
             except BlockingIOError:
                 return False
+            except OSError as exc:
+                # EBADFD: the device was deleted and our queue detached from
+                # it (drivers/net/tun.c, tun_get() finds no device).
+                raise TapGone(f"the guest's tap device is gone: {exc.strerror}") from exc
             if n <= VNET_HDR_LEN:
                 continue
             self.frames_in += 1

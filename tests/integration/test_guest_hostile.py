@@ -103,3 +103,17 @@ def test_syn_advertising_mss_1_gets_48_byte_segments(
     assert got["largest"] == 48, got
     assert int(str(got["segments"])) < nbytes // 48 * 2, got
     assert ferryd.proc.poll() is None
+
+
+def test_guest_deleting_its_tap_ends_ferryd_with_one_line(
+    topology: Topology, start_ferryd: StartFerryd
+) -> None:
+    # A namespace guest can delete the device ferryd reads; that ends the
+    # guest's own network, and ferryd with one clear line, not a traceback.
+    ferryd = start_ferryd(topology)
+    topology.guest.run(["ip", "link", "del", "tap0"])
+    assert ferryd.proc.wait(timeout=10) == 1
+    ferryd.ok_exit = frozenset({1})
+    log = ferryd.log()
+    assert "Traceback" not in log
+    assert "ferryd: error: the guest's tap device is gone: File descriptor in bad state" in log
