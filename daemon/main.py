@@ -34,11 +34,13 @@ from daemon.config import (
     parse_options,
 )
 from daemon.control import ControlAddressInUse, ControlError, ControlServer
+from daemon.flows.destinations import DestinationPolicy, Destinations
 from daemon.flows.icmp import IcmpFlows
 from daemon.flows.portspec import ForwardError
 from daemon.flows.tcp import TcpFlows
 from daemon.flows.udp import UdpFlows
 from daemon.frontends.tap import TapFrontend, TapSetupError
+from daemon.host_addresses import AddressWatch, read_host_addresses
 from daemon.link import LinkConfig
 from daemon.privileges import drop_all_capabilities
 from daemon.stack import Stack
@@ -88,6 +90,9 @@ class Daemon:
     def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
         self.opts = opts
         self.tap = tap
+        policy = DestinationPolicy(link, opts.map_gw, opts.no_link_local)
+        self.destinations = Destinations(policy.with_host_addresses(read_host_addresses()))
+        """Where the guest may send (all protocols), and the refusals' counters."""
         self.build(link, trio.current_time())
         self.ready = False
         self.role = "incoming" if opts.incoming else "running"
@@ -107,7 +112,8 @@ class Daemon:
         """A stack and empty flow tables for ``link`` (no tasks yet)."""
         self.link = link
         self.stack = Stack(link, self.tap, now)
-        kw: dict[str, Any] = {"map_gateway": self.opts.map_gw, "limit": self.opts.max_flows}
+        self.destinations.set_link(link)
+        kw: dict[str, Any] = {"destinations": self.destinations, "limit": self.opts.max_flows}
         self.udp = UdpFlows(self.stack, link, None, **kw)
         self.icmp = IcmpFlows(self.stack, link, None, **kw)
         self.tcp = TcpFlows(self.stack, link, None, **kw)
@@ -118,6 +124,7 @@ class Daemon:
 
         async with trio.open_nursery() as outer:
             self.outer = outer
+            outer.start_soon(self._watch_addresses, AddressWatch())
             if not self.opts.incoming:
                 for spec in self.opts.udp_forwards:
                     for fwd in spec:
@@ -138,6 +145,13 @@ class Daemon:
             self.ready = True
             log.info("ready (%s): %s", self.role, link_summary(self.link))
             task_status.started()
+
+    async def _watch_addresses(self, watch: AddressWatch) -> None:
+        """Keep the policy's view of the host's own addresses current."""
+        try:
+            await watch.watch(self.destinations.set_host_addresses)
+        finally:
+            watch.close()
 
     # --- the data path ----------------------------------------------------
 
@@ -205,6 +219,8 @@ class Daemon:
                 "malformed": c.malformed,
                 "ignored": c.ignored,
                 "dropped_out": self.tap.dropped_out,
+                "refused": {p: self.destinations.refused[p] for p in ("tcp", "udp", "icmp")},
+                "refusals_unanswered": self.destinations.unanswered,
             },
             "flows": {
                 "tcp": len(self.tcp.table),

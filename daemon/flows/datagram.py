@@ -18,10 +18,13 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
-from daemon.flows.common import LogThrottle
+from daemon.flows.common import LogThrottle, gateway_of
+from daemon.flows.destinations import Destinations
 from daemon.flows.table import Flow, FlowTable
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
+from daemon.wire.icmp import build_admin_prohibited
+from daemon.wire.ip import IpPacket
 
 RECV_SIZE = 65536
 
@@ -42,7 +45,7 @@ class DatagramFlows(Generic[H]):
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         idle_timeout: float,
         limit: int,
         logger: logging.Logger,
@@ -50,7 +53,7 @@ class DatagramFlows(Generic[H]):
         self._guest = guest
         self._link = link
         self._nursery = nursery
-        self._map_gateway = map_gateway
+        self._destinations = destinations
         self.idle_timeout = idle_timeout
         self.table: FlowTable[H] = FlowTable(limit)
         self.drops: Counter[str] = Counter()
@@ -62,6 +65,13 @@ class DatagramFlows(Generic[H]):
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1
         self.drops[reason] += 1
+
+    def _prohibited(self, ip: IpPacket) -> None:
+        """Answer a refused packet as a router's filter would: ICMP(v6)
+        destination unreachable, administratively prohibited, from the gateway."""
+        src = gateway_of(self._link, ip.version) or ip.dst
+        proto, message = build_admin_prohibited(ip, src)
+        self._guest.send_ip(src, ip.src, proto, message)
 
     @staticmethod
     def _close_socket(handle: SocketHandle) -> None:

@@ -42,14 +42,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from daemon.flows.common import (
-    family_of,
-    host_destination,
-    is_group_destination,
-    sockaddr,
-    strip_scope,
-)
+from daemon.flows.common import family_of, sockaddr, strip_scope
 from daemon.flows.datagram import DatagramFlows
+from daemon.flows.destinations import Destinations, Refusal
 from daemon.flows.table import Flow, FlowKey, FlowLimitReached
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
@@ -62,7 +57,7 @@ from daemon.wire.icmp import (
     IcmpMessage,
     build_icmp,
 )
-from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, IpPacket
+from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, IpAddress, IpPacket
 
 __all__ = ["ICMP_IDLE_TIMEOUT", "IcmpFlows"]
 
@@ -89,7 +84,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         idle_timeout: float = ICMP_IDLE_TIMEOUT,
         limit: int = 1024,
     ) -> None:
@@ -97,7 +92,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
             guest,
             link,
             nursery,
-            map_gateway=map_gateway,
+            destinations=destinations,
             idle_timeout=idle_timeout,
             limit=limit,
             logger=log,
@@ -119,11 +114,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
             self.drops["fragment"] += 1
             return
         dst = ip.dst
-        if (
-            is_group_destination(self._link, dst)
-            or dst == ip.src
-            or dst == self._guest.guest_address(ip.version)
-        ):
+        if dst == ip.src or dst == self._guest.guest_address(ip.version):
             self.drops["bad destination"] += 1
             return
         now = trio.current_time()
@@ -131,7 +122,16 @@ class IcmpFlows(DatagramFlows[_Echo]):
         key = FlowKey(proto, ip.src, ident, dst, 0)
         flow = self.table.get(key)
         if flow is None:
-            flow = self._open(key, now)
+            target = self._destinations.policy.route(dst)
+            if target is Refusal.GROUP:
+                self.drops["bad destination"] += 1
+                return
+            if isinstance(target, Refusal):
+                self.drops["refused"] += 1
+                if self._destinations.refuse("icmp", ip.src, dst, ident, target, now):
+                    self._prohibited(ip)
+                return
+            flow = self._open(key, target, now)
             if flow is None:
                 return
         handle = flow.handle
@@ -149,14 +149,14 @@ class IcmpFlows(DatagramFlows[_Echo]):
             return
         flow.from_guest(len(ip.payload), now)
 
-    def _open(self, key: FlowKey, now: float) -> Flow[_Echo] | None:
+    def _open(self, key: FlowKey, target: IpAddress, now: float) -> Flow[_Echo] | None:
+        """A flow for ``key`` on a ping socket connected to ``target`` (the policy's route)."""
         try:
             self.table.check_room()
         except FlowLimitReached as exc:
             self.drops["flow limit"] += 1
             self._throttle.warning("limit", now, "ICMP: %s; echo request dropped", exc)
             return None
-        target = host_destination(self._link, self._map_gateway, key.remote_addr)
         proto = socket.IPPROTO_ICMP if key.remote_addr.version == 4 else socket.IPPROTO_ICMPV6
         try:
             sock = socket.socket(
@@ -198,7 +198,11 @@ class IcmpFlows(DatagramFlows[_Echo]):
 
     def restore(self, key: FlowKey, now: float) -> None:
         """Recreate a migrated echo flow (a new ping socket, same guest id)."""
-        self._open(key, now)
+        target = self._destinations.policy.route(key.remote_addr)
+        if isinstance(target, Refusal):  # the target checked the stream: not reached
+            log.warning("ICMP flow to %s not restored: %s", key.remote_addr, target.value)
+            return
+        self._open(key, target, now)
 
     async def _reader(self, flow: Flow[_Echo], handle: _Echo) -> None:
         with handle.scope:

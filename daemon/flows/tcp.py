@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 Outbound: a guest SYN for an unknown 4-tuple opens a non-blocking host
 socket and starts connect() to the destination (the gateway address maps
-to the host itself only with ``--map-gw``). The guest gets its SYN-ACK only
+to the host itself only with ``--map-gw``). A destination the policy
+refuses (the host itself, see :mod:`daemon.flows.destinations`) gets a RST
+and no socket; one sent to a group address gets nothing. The guest gets its SYN-ACK only
 once the host side is connected, and a RST if connect() fails (refused,
 ICMP unreachable) or takes longer than ``CONNECT_TIMEOUT``, so the guest's
 connect() reports what really happened.
@@ -66,12 +68,11 @@ import trio
 from daemon.flows.common import (
     LogThrottle,
     family_of,
-    host_destination,
-    is_group_destination,
     peer_as_seen_by_guest,
     sockaddr,
     strip_scope,
 )
+from daemon.flows.destinations import Destinations, Refusal
 from daemon.flows.portspec import ForwardError, PortForward
 from daemon.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from daemon.flows.table import FlowKey, FlowLimitReached, FlowTable
@@ -131,13 +132,13 @@ class TcpFlows:
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         limit: int = 4096,
     ) -> None:
         self._guest = guest
         self._link = link
         self._nursery = nursery
-        self._map_gateway = map_gateway
+        self._destinations = destinations
         self.table: FlowTable[TcpConn] = FlowTable(limit)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
         self._rcvlowat_cap = _rcvlowat_cap()
@@ -193,7 +194,11 @@ class TcpFlows:
         return self._link.mtu - (40 if version == 4 else 60)
 
     def _outbound(self, ip: IpPacket, seg: TcpSegment, key: FlowKey, now: float) -> None:
-        if is_group_destination(self._link, ip.dst):
+        dst = self._destinations.policy.route(ip.dst)
+        if isinstance(dst, Refusal):
+            # Before the flow limit: a refusal must not depend on the table's fill.
+            if self._destinations.refuse("tcp", ip.src, ip.dst, seg.dport, dst, now):
+                self._reset(ip, seg)
             return
         try:
             self.table.check_room()
@@ -203,7 +208,6 @@ class TcpFlows:
             )
             self._reset(ip, seg)
             return
-        dst = host_destination(self._link, self._map_gateway, ip.dst)
         sock = socket.socket(
             family_of(ip.version), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )

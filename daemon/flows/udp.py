@@ -55,13 +55,12 @@ import trio
 
 from daemon.flows.common import (
     family_of,
-    host_destination,
-    is_group_destination,
     peer_as_seen_by_guest,
     sockaddr,
     strip_scope,
 )
 from daemon.flows.datagram import DatagramFlows
+from daemon.flows.destinations import Destinations, Refusal
 from daemon.flows.portspec import ForwardError, PortForward
 from daemon.flows.table import Flow, FlowKey, FlowLimitReached
 from daemon.guest import GuestPort
@@ -133,7 +132,7 @@ class UdpFlows(DatagramFlows[_Handle]):
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         idle_timeout: float = UDP_IDLE_TIMEOUT,
         limit: int = 4096,
     ) -> None:
@@ -141,7 +140,7 @@ class UdpFlows(DatagramFlows[_Handle]):
             guest,
             link,
             nursery,
-            map_gateway=map_gateway,
+            destinations=destinations,
             idle_timeout=idle_timeout,
             limit=limit,
             logger=log,
@@ -163,14 +162,20 @@ class UdpFlows(DatagramFlows[_Handle]):
         if ip.fragment:
             self.drops["fragment"] += 1
             return
-        if is_group_destination(self._link, ip.dst):
-            self.drops["multicast"] += 1
-            return
         now = trio.current_time()
         key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.table.get(key)
         if flow is None:
-            flow = self._open_outbound(key, now)
+            target = self._destinations.policy.route(ip.dst)
+            if target is Refusal.GROUP:
+                self.drops["multicast"] += 1
+                return
+            if isinstance(target, Refusal):
+                self.drops["refused"] += 1
+                if self._destinations.refuse("udp", ip.src, ip.dst, udp.dport, target, now):
+                    self._prohibited(ip)
+                return
+            flow = self._open_outbound(key, target, now)
             if flow is None:
                 return
         self._send_to_host(flow, udp.payload, now)
@@ -178,16 +183,17 @@ class UdpFlows(DatagramFlows[_Handle]):
     def _open_outbound(
         self,
         key: FlowKey,
+        target: IpAddress,
         now: float,
         bind: tuple[IpAddress | None, int | None] = (None, None),
     ) -> Flow[_Handle] | None:
+        """A flow for ``key`` on a socket connected to ``target`` (the policy's route)."""
         try:
             self.table.check_room()
         except FlowLimitReached as exc:
             self.drops["flow limit"] += 1
             self._throttle.warning("limit", now, "UDP: %s; datagram dropped", exc)
             return None
-        target = host_destination(self._link, self._map_gateway, key.remote_addr)
         try:
             sock = socket.socket(
                 family_of(key.remote_addr.version),
@@ -505,7 +511,11 @@ class UdpFlows(DatagramFlows[_Handle]):
         exchange in progress continues on the new host (two-host topology:
         the target's namespace has the same addresses).
         """
-        flow = self._open_outbound(key, now, bind=(host_addr, host_port))
+        target = self._destinations.policy.route(key.remote_addr)
+        if isinstance(target, Refusal):  # the target checked the stream: not reached
+            log.warning("UDP flow to %s not restored: %s", key.remote_addr, target.value)
+            return
+        flow = self._open_outbound(key, target, now, bind=(host_addr, host_port))
         if flow is None:
             log.info("UDP flow %s:%d could not be restored", key.guest_addr, key.guest_port)
 
