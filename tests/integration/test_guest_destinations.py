@@ -200,3 +200,20 @@ def test_refusal_answers_are_rate_limited(topology: Topology, start_ferryd: Star
     finally:
         flood.kill()
         flood.wait()
+
+
+def test_an_address_added_later_is_refused_too(
+    topology: Topology, start_ferryd: StartFerryd
+) -> None:
+    """The host's addresses are followed (netlink notifications), not only read at start."""
+    topo = topology
+    start(topo, start_ferryd)
+    new = "198.18.0.77"
+    assert probe(topo, "icmp", new, 0) == {"answer": "none"}  # nobody there yet
+    topo.host.run(["ip", "addr", "add", f"{new}/32", "dev", "lo"])
+    # Until ferryd has re-read the set, the host itself answers the echo.
+    wait_for(
+        lambda: probe(topo, "icmp", new, 0) == UNREACHABLE4,
+        timeout=30,
+        what=f"ferryd to refuse {new} once the host owns it",
+    )
