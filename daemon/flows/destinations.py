@@ -191,6 +191,16 @@ class Destinations:
 
     def set_link(self, link: LinkConfig) -> None:
         self.policy = replace(self.policy, link=link)
+        for config in (link.ipv4, link.ipv6):
+            for dns in () if config is None else config.dns:
+                why = self.policy.route(dns)
+                if isinstance(why, Refusal):
+                    log.warning(
+                        "the guest is told to use DNS server %s, which it may not reach (%s): "
+                        "give another with -D, or the gateway with --map-gw",
+                        dns,
+                        why.value,
+                    )
 
     def set_host_addresses(self, addresses: frozenset[IpAddress]) -> None:
         self.policy = self.policy.with_host_addresses(addresses)

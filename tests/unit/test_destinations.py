@@ -237,3 +237,11 @@ def test_host_shown_as_gateway_only_with_map_gw() -> None:
         with pytest.raises(StreamError, match="would not connect"):
             check_record(POLICY, rec)
     check_record(MAPPED, _tcp(GW4, 80))  # the real gateway behind it: as before
+
+
+def test_a_dns_server_on_the_host_itself_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    dest = Destinations(POLICY)
+    link = replace(LINK, ipv4=replace(LINK.ipv4, dns=(HOST_OTHER4, PEER4)))  # type: ignore[type-var]
+    dest.set_link(link)
+    assert f"DNS server {HOST_OTHER4}, which it may not reach" in caplog.text
+    assert str(PEER4) not in caplog.text
