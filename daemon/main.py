@@ -40,7 +40,7 @@ from daemon.flows.portspec import ForwardError
 from daemon.flows.tcp import TcpFlows
 from daemon.flows.udp import UdpFlows
 from daemon.frontends.tap import TapFrontend, TapSetupError
-from daemon.host_addresses import AddressWatch, read_host_addresses
+from daemon.host_addresses import AddressWatch
 from daemon.link import LinkConfig
 from daemon.privileges import drop_all_capabilities
 from daemon.stack import Stack
@@ -90,8 +90,9 @@ class Daemon:
     def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
         self.opts = opts
         self.tap = tap
+        self.host_addresses = AddressWatch()
         policy = DestinationPolicy(link, opts.map_gw, opts.no_link_local)
-        self.destinations = Destinations(policy.with_host_addresses(read_host_addresses()))
+        self.destinations = Destinations(policy.with_host_addresses(self.host_addresses.addresses))
         """Where the guest may send (all protocols), and the refusals' counters."""
         self.build(link, trio.current_time())
         self.ready = False
@@ -124,7 +125,7 @@ class Daemon:
 
         async with trio.open_nursery() as outer:
             self.outer = outer
-            outer.start_soon(self._watch_addresses, AddressWatch())
+            outer.start_soon(self._watch_addresses)
             if not self.opts.incoming:
                 for spec in self.opts.udp_forwards:
                     for fwd in spec:
@@ -146,12 +147,12 @@ class Daemon:
             log.info("ready (%s): %s", self.role, link_summary(self.link))
             task_status.started()
 
-    async def _watch_addresses(self, watch: AddressWatch) -> None:
+    async def _watch_addresses(self) -> None:
         """Keep the policy's view of the host's own addresses current."""
         try:
-            await watch.watch(self.destinations.set_host_addresses)
+            await self.host_addresses.watch(self.destinations.set_host_addresses)
         finally:
-            watch.close()
+            self.host_addresses.close()
 
     # --- the data path ----------------------------------------------------
 
