@@ -58,6 +58,7 @@ __all__ = [
     "Destinations",
     "RateLimit",
     "Refusal",
+    "endpoint_text",
     "is_group_destination",
 ]
 
@@ -100,6 +101,17 @@ def is_group_destination(link: LinkConfig, dst: IpAddress) -> bool:
             host_bits = (1 << (32 - cfg.prefixlen)) - 1
             return int(dst) == int(cfg.address) | host_bits
     return False
+
+
+def endpoint_text(addr: IpAddress, port: int | None = None) -> str:
+    """``addr`` (``[addr]:port`` / ``addr:port``) for a message; IPv4-mapped ones
+    written ::ffff:a.b.c.d, the way an operator would look for them."""
+    text = str(addr)
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        text = f"::ffff:{addr.ipv4_mapped}"
+    if port is None:
+        return text
+    return f"[{text}]:{port}" if addr.version == 6 else f"{text}:{port}"
 
 
 def _judged(addr: IpAddress) -> IpAddress:
@@ -212,7 +224,7 @@ class Destinations:
         if not why.answered:
             return False
         self.refused[proto] += 1
-        where = f"[{dst}]:{port}" if dst.version == 6 else f"{dst}:{port}"
+        where = endpoint_text(dst, port)
         self._throttle.warning(
             "refused", now, "refused guest %s %s -> %s: %s", proto, src, where, why.value
         )

@@ -36,7 +36,7 @@ What is checked, per record:
 from __future__ import annotations
 
 from daemon.flows.common import gateway_of
-from daemon.flows.destinations import DestinationPolicy, Refusal
+from daemon.flows.destinations import DestinationPolicy, Refusal, endpoint_text
 from daemon.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
@@ -50,17 +50,11 @@ from daemon.wire.ip import IpAddress
 __all__ = ["check_record"]
 
 
-def _where(addr: IpAddress, port: int | None) -> str:
-    if port is None:
-        return str(addr)
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
-
-
 def _check_remote(policy: DestinationPolicy, what: str, addr: IpAddress, port: int | None) -> None:
     verdict = policy.route(addr)
     if isinstance(verdict, Refusal):
         raise StreamError(
-            f"the stream restores a {what} to {_where(addr, port)}, a destination this "
+            f"the stream restores a {what} to {endpoint_text(addr, port)}, a destination this "
             f"ferryd refuses ({verdict.value}): migration refused"
         )
 
@@ -81,8 +75,8 @@ def check_record(policy: DestinationPolicy, rec: FlowRecord) -> None:
         if k.remote_addr not in (rec.remote_addr, routed) and not host_shown_as_gateway:
             raise StreamError(
                 f"the stream restores a TCP flow the guest sees as "
-                f"{_where(rec.remote_addr, rec.remote_port)} on a socket connected to "
-                f"{_where(k.remote_addr, k.remote_port)}, which this ferryd would not "
+                f"{endpoint_text(rec.remote_addr, rec.remote_port)} on a socket connected to "
+                f"{endpoint_text(k.remote_addr, k.remote_port)}, which this ferryd would not "
                 "connect it to: migration refused"
             )
     elif isinstance(rec, UdpFlowRecord):
@@ -95,6 +89,6 @@ def check_record(policy: DestinationPolicy, rec: FlowRecord) -> None:
             return
         if addr not in policy.host_addresses:
             raise StreamError(
-                f"the stream opens a listener on {_where(addr, rec.host_port)}, which is "
+                f"the stream opens a listener on {endpoint_text(addr, rec.host_port)}, which is "
                 "not an address of this host: migration refused"
             )
