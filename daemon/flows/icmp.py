@@ -21,7 +21,8 @@ back, the sequence number and body unchanged, from the destination the
 guest pinged. Only echo requests (type 8, RFC 792; type 128, RFC 4443 §4.1)
 travel this way; anything else the guest sends is ignored here. Echo
 requests to multicast or broadcast addresses, or to the guest's own
-address, are dropped.
+address, are dropped; those to the host itself are answered with an ICMP
+administratively prohibited (:mod:`daemon.flows.destinations`).
 
 Invariants
 ----------

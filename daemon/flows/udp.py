@@ -9,8 +9,10 @@ Every UDP conversation the guest takes part in is a flow in a
 Outbound (the guest sends first): the first datagram of a new 4-tuple opens
 a host UDP socket of the same family, non-blocking, ``connect()``-ed to the
 destination (the host itself for the guest's gateway when gateway mapping
-is on, see :mod:`daemon.flows.common`). A connected socket only receives
-from that destination, so the kernel demultiplexes replies for us, and it
+is on; a destination that is the host itself otherwise is refused with an
+ICMP administratively prohibited: :mod:`daemon.flows.destinations`). A
+connected socket only receives from that destination, so the kernel
+demultiplexes replies for us, and it
 receives ICMP port unreachable as ECONNREFUSED (RFC 1122 §4.1.3.3: UDP
 passes ICMP errors to the application). A reader task per socket drains it
 (``recv`` until EAGAIN, at most a batch, then awaits readability) and sends
