@@ -60,6 +60,7 @@ class Options:
     only4: bool = False
     only6: bool = False
     map_gw: bool = False
+    no_link_local: bool = False
     udp_forwards: list[list[PortForward]] = field(default_factory=list)
     tcp_forwards: list[list[PortForward]] = field(default_factory=list)
     max_flows: int = 16384
@@ -176,7 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the guest's traffic for the gateway address to the host "
         "itself (127.0.0.1 / ::1), as passt does by default; off by default "
-        "so host-local services are not exposed to the guest",
+        "so host-local services are not exposed to the guest. Without it the "
+        "guest's traffic to the host itself (127.0.0.0/8, ::1, unspecified, and "
+        "every address of ferryd's host namespace) is refused with a TCP RST or "
+        "ICMP administratively prohibited",
+    )
+    a.add_argument(
+        "--no-link-local",
+        action="store_true",
+        help="also refuse the guest's traffic to link-local destinations "
+        "(169.254.0.0/16, fe80::/10), such as a cloud metadata service at "
+        "169.254.169.254",
     )
 
     f = p.add_argument_group("flows")

@@ -35,11 +35,13 @@ from daemon.config import (
 from daemon.control import ControlAddressInUse, ControlBindError, ControlError, ControlServer
 from daemon.descriptors import DescriptorBudget
 from daemon.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
+from daemon.flows.destinations import DestinationPolicy, Destinations
 from daemon.flows.icmp import IcmpFlows
 from daemon.flows.portspec import ForwardError
 from daemon.flows.tcp import TcpFlows
 from daemon.flows.udp import UdpFlows
 from daemon.frontends.tap import TapFrontend, TapGone, TapSetupError
+from daemon.host_addresses import AddressWatch
 from daemon.link import LinkConfig
 from daemon.privileges import drop_all_capabilities
 from daemon.stack import Stack
@@ -97,6 +99,10 @@ class Daemon:
         )
         self.budget = DescriptorBudget.from_rlimit(listeners)
         self.budget.warn_if_short(opts.max_flows)
+        self.host_addresses = AddressWatch()
+        policy = DestinationPolicy(link, opts.map_gw, opts.no_link_local)
+        self.destinations = Destinations(policy.with_host_addresses(self.host_addresses.addresses))
+        """Where the guest may send (all protocols), and the refusals' counters."""
         self.build(link, trio.current_time())
         self.ready = False
         self.role = "incoming" if opts.incoming else "running"
@@ -116,8 +122,9 @@ class Daemon:
         """A stack and empty flow tables for ``link`` (no tasks yet)."""
         self.link = link
         self.stack = Stack(link, self.tap, now)
+        self.destinations.set_link(link)
         kw: dict[str, Any] = {
-            "map_gateway": self.opts.map_gw,
+            "destinations": self.destinations,
             "limit": self.opts.max_flows,
             "budget": self.budget,
         }
@@ -132,6 +139,7 @@ class Daemon:
 
         async with trio.open_nursery() as outer:
             self.outer = outer
+            outer.start_soon(self._watch_addresses)
             if not self.opts.incoming:
                 for spec in self.opts.udp_forwards:
                     for fwd in spec:
@@ -152,6 +160,13 @@ class Daemon:
             self.ready = True
             log.info("ready (%s): %s", self.role, link_summary(self.link))
             task_status.started()
+
+    async def _watch_addresses(self) -> None:
+        """Keep the policy's view of the host's own addresses current."""
+        try:
+            await self.host_addresses.watch(self.destinations.set_host_addresses)
+        finally:
+            self.host_addresses.close()
 
     # --- the data path ----------------------------------------------------
 
@@ -221,6 +236,8 @@ class Daemon:
                 "flow_errors": self.tcp.flow_errors + self.udp.flow_errors + self.icmp.flow_errors,
                 "ignored": c.ignored,
                 "dropped_out": self.tap.dropped_out,
+                "refused": {p: self.destinations.refused[p] for p in ("tcp", "udp", "icmp")},
+                "refusals_unanswered": self.destinations.unanswered,
             },
             "flows": {
                 "tcp": len(self.tcp.table),

@@ -3,19 +3,15 @@
 Address translation follows passt's conventions (REFERENCE.md, "Guest link
 conventions"):
 
-- Outbound, with gateway mapping on, a packet the guest sends to its
-  gateway address goes to the host itself (127.0.0.1 / ::1), so services
-  listening on the host's loopback are reachable from the guest. Any other
-  destination is used as is.
+- Outbound, where a new flow goes (the gateway mapping of ``--map-gw``,
+  and which destinations are refused) is decided in one place,
+  :mod:`daemon.flows.destinations`.
 - Inbound, a peer that is the host itself (a loopback address, or the
   guest's own address, which is also the host's) is shown to the guest as
   its gateway: the guest would otherwise drop a packet from 127.0.0.1 or
   from its own address as a martian.
 
-Also here: which destinations the guest may not send to through flows
-(multicast, broadcast, unspecified: the stack answers the link-local
-services itself before flows see anything), and a log throttle, since a
-guest can trigger errors at line rate.
+Also here: a log throttle, since a guest can trigger errors at line rate.
 """
 
 import logging
@@ -32,8 +28,6 @@ __all__ = [
     "LogThrottle",
     "family_of",
     "gateway_of",
-    "host_destination",
-    "is_group_destination",
     "peer_as_seen_by_guest",
     "sockaddr",
     "strip_scope",
@@ -41,7 +35,6 @@ __all__ = [
 
 LOOPBACK4 = IPv4Address("127.0.0.1")
 LOOPBACK6 = IPv6Address("::1")
-_BROADCAST4 = IPv4Address("255.255.255.255")
 
 
 def family_of(version: int) -> socket.AddressFamily:
@@ -65,17 +58,6 @@ def gateway_of(link: LinkConfig, version: int) -> IpAddress | None:
     return None if link.ipv6 is None else link.ipv6.gateway
 
 
-def host_destination(link: LinkConfig, map_gateway: bool, dst: IpAddress) -> IpAddress:
-    """Where a packet the guest sends to ``dst`` really goes."""
-    if map_gateway:
-        if isinstance(dst, IPv4Address):
-            if link.ipv4 is not None and dst == link.ipv4.gateway:
-                return LOOPBACK4
-        elif link.ipv6 is not None and dst == link.ipv6.gateway:
-            return LOOPBACK6
-    return dst
-
-
 def peer_as_seen_by_guest(
     link: LinkConfig, peer: IpAddress, guest_addr: IpAddress
 ) -> IpAddress | None:
@@ -87,20 +69,6 @@ def peer_as_seen_by_guest(
     if peer.is_loopback or peer == guest_addr:
         return gateway_of(link, peer.version)
     return peer
-
-
-def is_group_destination(link: LinkConfig, dst: IpAddress) -> bool:
-    """Multicast, broadcast (limited or the guest subnet's) or unspecified."""
-    if dst.is_multicast or dst.is_unspecified:
-        return True
-    if isinstance(dst, IPv4Address):
-        if dst == _BROADCAST4:
-            return True
-        cfg = link.ipv4
-        if cfg is not None and cfg.prefixlen <= 30:
-            host_bits = (1 << (32 - cfg.prefixlen)) - 1
-            return int(dst) == int(cfg.address) | host_bits
-    return False
 
 
 class LogThrottle:

@@ -25,12 +25,13 @@ import trio
 
 from daemon.bugs import describe_bug
 from daemon.descriptors import DescriptorBudget, open_flow_socket
-from daemon.flows.common import LogThrottle
+from daemon.flows.common import LogThrottle, gateway_of
+from daemon.flows.destinations import Destinations
 from daemon.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
+from daemon.wire.icmp import build_admin_prohibited
 from daemon.wire.ip import IpPacket
-from daemon.wire.refusal import admin_prohibited
 
 RECV_SIZE = 65536
 
@@ -51,7 +52,7 @@ class DatagramFlows(Generic[H]):
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         idle_timeout: float,
         limit: int,
         logger: logging.Logger,
@@ -60,7 +61,7 @@ class DatagramFlows(Generic[H]):
         self._guest = guest
         self._link = link
         self._nursery = nursery
-        self._map_gateway = map_gateway
+        self._destinations = destinations
         self.idle_timeout = idle_timeout
         self.table: FlowTable[H] = FlowTable(limit, budget)
         self._budget = budget
@@ -76,6 +77,13 @@ class DatagramFlows(Generic[H]):
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1
         self.drops[reason] += 1
+
+    def _prohibited(self, ip: IpPacket) -> None:
+        """Answer a refused packet as a router's filter would: ICMP(v6)
+        destination unreachable, administratively prohibited, from the gateway."""
+        src = gateway_of(self._link, ip.version) or ip.dst
+        proto, message = build_admin_prohibited(ip, src)
+        self._guest.send_ip(src, ip.src, proto, message)
 
     @staticmethod
     def _close_socket(handle: SocketHandle) -> None:
@@ -94,8 +102,8 @@ class DatagramFlows(Generic[H]):
         self._throttle.warning(
             "limit", now, "%s: refusing a new flow to %s: %s", self._kind, ip.dst, exc
         )
-        proto, msg = admin_prohibited(ip)
-        self._guest.send_ip(ip.dst, ip.src, proto, msg)
+        if self._destinations.may_answer(now):
+            self._prohibited(ip)
 
     def _contain(self, flow: Flow[H] | None, exc: Exception, now: float) -> None:
         """Handling ``flow`` (None: a listener's datagram) raised: close it, count, log."""

@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 Outbound: a guest SYN for an unknown 4-tuple opens a non-blocking host
 socket and starts connect() to the destination (the gateway address maps
-to the host itself only with ``--map-gw``). The guest gets its SYN-ACK only
+to the host itself only with ``--map-gw``). A destination the policy
+refuses (the host itself, see :mod:`daemon.flows.destinations`) gets a RST
+and no socket; one sent to a group address gets nothing. The guest gets its SYN-ACK only
 once the host side is connected, and a RST if connect() fails (refused,
 ICMP unreachable) or takes longer than ``CONNECT_TIMEOUT``, so the guest's
 connect() reports what really happened.
@@ -75,12 +77,11 @@ from daemon.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, 
 from daemon.flows.common import (
     LogThrottle,
     family_of,
-    host_destination,
-    is_group_destination,
     peer_as_seen_by_guest,
     sockaddr,
     strip_scope,
 )
+from daemon.flows.destinations import Destinations, Refusal
 from daemon.flows.portspec import ForwardError, PortForward
 from daemon.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from daemon.flows.table import FlowKey, FlowLimitReached, FlowTable
@@ -140,7 +141,7 @@ class TcpFlows:
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         limit: int = 4096,
         budget: DescriptorBudget | None = None,
     ) -> None:
@@ -148,7 +149,7 @@ class TcpFlows:
         self._budget = budget
         self._link = link
         self._nursery = nursery
-        self._map_gateway = map_gateway
+        self._destinations = destinations
         self.table: FlowTable[TcpConn] = FlowTable(limit, budget)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
         self._rcvlowat_cap = _rcvlowat_cap()
@@ -209,7 +210,11 @@ class TcpFlows:
         return self._link.mtu - (40 if version == 4 else 60)
 
     def _outbound(self, ip: IpPacket, seg: TcpSegment, key: FlowKey, now: float) -> None:
-        if is_group_destination(self._link, ip.dst):
+        dst = self._destinations.policy.route(ip.dst)
+        if isinstance(dst, Refusal):
+            # Before the flow limit: a refusal must not depend on the table's fill.
+            if self._destinations.refuse("tcp", ip.src, ip.dst, seg.dport, dst, now):
+                self._reset(ip, seg)
             return
         try:
             self.table.check_room()
@@ -220,7 +225,6 @@ class TcpFlows:
             )
             self._reset(ip, seg)
             return
-        dst = host_destination(self._link, self._map_gateway, ip.dst)
         try:
             _tune(sock)
             err = sock.connect_ex(sockaddr(dst, seg.dport))

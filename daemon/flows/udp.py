@@ -9,8 +9,10 @@ Every UDP conversation the guest takes part in is a flow in a
 Outbound (the guest sends first): the first datagram of a new 4-tuple opens
 a host UDP socket of the same family, non-blocking, ``connect()``-ed to the
 destination (the host itself for the guest's gateway when gateway mapping
-is on, see :mod:`daemon.flows.common`). A connected socket only receives
-from that destination, so the kernel demultiplexes replies for us, and it
+is on; a destination that is the host itself otherwise is refused with an
+ICMP administratively prohibited: :mod:`daemon.flows.destinations`). A
+connected socket only receives from that destination, so the kernel
+demultiplexes replies for us, and it
 receives ICMP port unreachable as ECONNREFUSED (RFC 1122 §4.1.3.3: UDP
 passes ICMP errors to the application). A reader task per socket drains it
 (``recv`` until EAGAIN, at most a batch, then awaits readability) and sends
@@ -56,13 +58,12 @@ import trio
 from daemon.descriptors import DescriptorBudget
 from daemon.flows.common import (
     family_of,
-    host_destination,
-    is_group_destination,
     peer_as_seen_by_guest,
     sockaddr,
     strip_scope,
 )
 from daemon.flows.datagram import DatagramFlows
+from daemon.flows.destinations import Destinations, Refusal
 from daemon.flows.portspec import ForwardError, PortForward
 from daemon.flows.table import Flow, FlowKey, FlowLimitReached
 from daemon.guest import GuestPort
@@ -134,7 +135,7 @@ class UdpFlows(DatagramFlows[_Handle]):
         link: LinkConfig,
         nursery: trio.Nursery | None,
         *,
-        map_gateway: bool,
+        destinations: Destinations,
         idle_timeout: float = UDP_IDLE_TIMEOUT,
         limit: int = 4096,
         budget: DescriptorBudget | None = None,
@@ -143,7 +144,7 @@ class UdpFlows(DatagramFlows[_Handle]):
             guest,
             link,
             nursery,
-            map_gateway=map_gateway,
+            destinations=destinations,
             idle_timeout=idle_timeout,
             limit=limit,
             logger=log,
@@ -166,15 +167,21 @@ class UdpFlows(DatagramFlows[_Handle]):
         if ip.fragment:
             self.drops["fragment"] += 1
             return
-        if is_group_destination(self._link, ip.dst):
-            self.drops["multicast"] += 1
-            return
         now = trio.current_time()
         key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.table.get(key)
         if flow is None:
+            target = self._destinations.policy.route(ip.dst)
+            if target is Refusal.GROUP:
+                self.drops["multicast"] += 1
+                return
+            if isinstance(target, Refusal):
+                self.drops["refused"] += 1
+                if self._destinations.refuse("udp", ip.src, ip.dst, udp.dport, target, now):
+                    self._prohibited(ip)
+                return
             try:
-                flow = self._open_outbound(key, now)
+                flow = self._open_outbound(key, target, now)
             except FlowLimitReached as exc:  # table full or no descriptor left
                 self._refuse(ip, exc, now)
                 return
@@ -185,13 +192,14 @@ class UdpFlows(DatagramFlows[_Handle]):
     def _open_outbound(
         self,
         key: FlowKey,
+        target: IpAddress,
         now: float,
         bind: tuple[IpAddress | None, int | None] = (None, None),
     ) -> Flow[_Handle] | None:
-        """A new outbound flow; None if its socket fails. Raises
-        :class:`FlowLimitReached` (or :class:`DescriptorsSpent`) if there is no room."""
+        """A flow for ``key`` on a socket connected to ``target`` (the policy's route);
+        None if its socket fails. Raises :class:`FlowLimitReached` (or
+        :class:`DescriptorsSpent`) if there is no room."""
         self.table.check_room()
-        target = host_destination(self._link, self._map_gateway, key.remote_addr)
         try:
             sock = self._new_socket(family_of(key.remote_addr.version))
         except OSError as exc:
@@ -514,8 +522,12 @@ class UdpFlows(DatagramFlows[_Handle]):
         exchange in progress continues on the new host (two-host topology:
         the target's namespace has the same addresses).
         """
+        target = self._destinations.policy.route(key.remote_addr)
+        if isinstance(target, Refusal):  # the target checked the stream: not reached
+            log.warning("UDP flow to %s not restored: %s", key.remote_addr, target.value)
+            return
         try:
-            flow = self._open_outbound(key, now, bind=(host_addr, host_port))
+            flow = self._open_outbound(key, target, now, bind=(host_addr, host_port))
         except FlowLimitReached as exc:
             log.info("UDP flow %s:%d: %s", key.guest_addr, key.guest_port, exc)
             flow = None

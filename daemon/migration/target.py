@@ -4,8 +4,10 @@
 in the background (records are applied as they are decoded, see
 daemon.migration.restore) and ``migrate-wait`` reports the outcome. The
 header is checked before anything is touched (StreamDecoder refuses an
-incompatible version first); a truncated or corrupt stream, or a socket
-that cannot be restored (an address this host cannot bind, ...), discards
+incompatible version first), and so is every record against this
+ferryd's own destination rules (daemon.migration.admission); a truncated
+or corrupt stream, a record those rules refuse, or a socket that cannot be
+restored (an address this host cannot bind, ...), discards
 everything restored so far — silently (sockets already out of repair mode
 are put back into it first) — and the daemon waits for a stream again.
 
@@ -29,6 +31,7 @@ import trio
 
 from daemon.control import ControlError
 from daemon.link import LinkConfig
+from daemon.migration.admission import check_record
 from daemon.migration.restore import RepairSource, Restorer
 from daemon.migration.stream import StreamDecoder
 from daemon.migration.stream_events import (
@@ -112,6 +115,9 @@ class TargetMigration:
                             restorer.in_precopy = h.precopy
                             d.stack.guest_mac = h.guest_mac
                         elif isinstance(event, FlowReceived):
+                            # This ferryd's destination rules, before the record
+                            # touches anything (migration/admission.py).
+                            check_record(d.destinations.policy, event.flow)
                             await restorer.add(event.flow, event.index)
                         elif isinstance(event, PrecopyEnded):
                             await restorer.precopy_end()

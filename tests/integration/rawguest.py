@@ -1,169 +1,201 @@
-"""A hostile guest: hand-made frames on the guest's tap, run inside the guest namespace.
+"""Hand-made frames from the guest namespace, for what a guest kernel would never send.
 
-A real guest's kernel never sends what these tests need (a Solicit with
-thousands of IA_NAs, a SYN advertising MSS 1), so frames are built with
-ferry's own wire builders and sent on ``tap0`` through an AF_PACKET socket;
-what ferryd answers is read from the same socket. Results are one JSON line.
+A Linux guest keeps 127.0.0.1, ::1 and its own address to itself, so a test
+of what ferryd does with such destinations must write the frames itself: an
+AF_PACKET socket on the guest's tap sends one Ethernet frame to ferryd's
+MAC and reads ferryd's answers. Run with ferryd's venv Python inside the
+guest namespace (``ip netns exec GUEST python rawguest.py ...``); frames are
+built and parsed with ferryd's own wire code.
 
-  ``frames HEXFILE UDPPORT TIMEOUT``  send every frame of HEXFILE (one hex
-      frame per line), then print the first UDP datagram to UDPPORT that
-      comes back (hex of the whole frame), or null.
-  ``mss SRC DST PORT MSS BYTES``  open a TCP connection from SRC to DST:PORT
-      by hand with a SYN advertising MSS, ask the peer (a tcptool ``source``)
-      for BYTES bytes, acknowledge everything, and report the payload sizes
-      of the data segments. Run it with no address on tap0, so the guest's
-      own kernel stays silent (it would reset a connection it does not know).
+Usage:
+  ``rawguest.py probe SRC4 SRC6 PORT KIND:DST...`` sends, for each
+  KIND:DST in turn (KIND tcp, udp or icmp), one TCP SYN, UDP datagram or ICMP
+  echo request from the guest's address of DST's family to DST:PORT, and
+  prints one JSON object mapping each "KIND DST" to the first answer about
+  it: ``{"answer": "rst"|"synack"|"unreachable"|"udp"|"echo-reply"|"none",
+  ...}`` (``type``/``code`` for ICMP errors); "none" after ``--wait`` seconds.
+  ``rawguest.py flood SRC DST PORT COUNT`` sends COUNT UDP datagrams (each
+  from another source port), prints ``{"sent": COUNT}``, then reads a number
+  N from stdin, waits until N ICMP errors about them came back (or
+  ``--wait`` seconds passed) and prints ``{"errors": n}``.
 """
 
 from __future__ import annotations
 
-import errno
+import argparse
 import json
-import secrets
+import random
+import select
 import socket
 import sys
 import time
-from ipaddress import ip_address
-from pathlib import Path
+from collections.abc import Iterator
+from ipaddress import IPv4Address, ip_address
 
 from daemon.wire.errors import MalformedPacket
 from daemon.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
+from daemon.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
 from daemon.wire.ip import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IpAddress,
+    IpPacket,
     build_ip,
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, build_tcp, parse_tcp_untrusted
-from daemon.wire.udp import parse_udp_untrusted
+from daemon.wire.tcp import RST, SYN, build_tcp, parse_tcp_untrusted
+from daemon.wire.udp import build_udp, parse_udp_untrusted
 
 FERRY_MAC = bytes.fromhex("9a559a559a55")
 ETH_P_ALL = 0x0003
 
 
-def _open() -> tuple[socket.socket, bytes]:
+def open_tap(ifname: str) -> tuple[socket.socket, bytes]:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    sock.bind(("tap0", 0))
-    text = Path("/sys/class/net/tap0/address").read_text().strip()
-    mac = bytes.fromhex(text.replace(":", ""))
-    return sock, mac
+    sock.bind((ifname, 0))
+    return sock, sock.getsockname()[4]
 
 
-def _incoming(sock: socket.socket, deadline: float) -> bytes | None:
-    """The next frame ferryd sent to the guest, or None at the deadline."""
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
+def send(
+    sock: socket.socket, mac: bytes, src: IpAddress, dst: IpAddress, proto: int, l4: bytes
+) -> None:
+    ethertype = ETH_P_IP if isinstance(src, IPv4Address) else ETH_P_IPV6
+    sock.send(build_ethernet(FERRY_MAC, mac, ethertype, build_ip(src, dst, proto, l4)))
+
+
+def frames(sock: socket.socket, deadline: float) -> Iterator[IpPacket]:
+    """Each IP packet ferryd sends until ``deadline`` (outgoing frames skipped)."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            return
+        data, addr = sock.recvfrom(65536)
+        if addr[2] == socket.PACKET_OUTGOING:
+            continue
         try:
-            frame, addr = sock.recvfrom(70000)
-        except TimeoutError:
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ENETDOWN:
-                return None  # ferryd closed the tap: it is gone
-            raise
-        if addr[2] != socket.PACKET_OUTGOING:
-            return frame
-    return None
-
-
-def _ip_of(frame: bytes):  # type: ignore[no-untyped-def]
-    eth = parse_ethernet_untrusted(frame)
-    if eth.ethertype == ETH_P_IP:
-        return parse_ipv4_untrusted(eth.payload)
-    if eth.ethertype == ETH_P_IPV6:
-        return parse_ipv6_untrusted(eth.payload)
-    return None
-
-
-def frames(hexfile: str, port: int, timeout: float) -> None:
-    sock, _mac = _open()
-    lines = Path(hexfile).read_text().split()
-    for line in lines:
-        sock.send(bytes.fromhex(line))
-    deadline = time.monotonic() + timeout
-    while (frame := _incoming(sock, deadline)) is not None:
-        try:
-            ip = _ip_of(frame)
-            udp = (
-                parse_udp_untrusted(ip, verify_checksum=False)
-                if ip is not None and ip.proto == IPPROTO_UDP
-                else None
-            )
-            if udp is not None and udp.dport == port:
-                print(json.dumps({"sent": len(lines), "reply": frame.hex()}))
-                return
+            eth = parse_ethernet_untrusted(data)
+            if eth.src != FERRY_MAC:
+                continue
+            if eth.ethertype == ETH_P_IP:
+                yield parse_ipv4_untrusted(eth.payload)
+            elif eth.ethertype == ETH_P_IPV6:
+                yield parse_ipv6_untrusted(eth.payload)
         except MalformedPacket:
             continue
-    print(json.dumps({"sent": len(lines), "reply": None}))
 
 
-def mss(src_text: str, dst_text: str, port: int, mss_value: int, nbytes: int) -> None:
-    sock, mac = _open()
-    src, dst = ip_address(src_text), ip_address(dst_text)
-    ethertype = ETH_P_IP if src.version == 4 else ETH_P_IPV6
-    sport = 40000 + secrets.randbelow(20000)
-    isn = secrets.randbits(32)
+def icmp_error_about(ip: IpPacket, proto: int, dst: IpAddress, sport: int) -> dict[str, int] | None:
+    """type and code if ``ip`` is an ICMP error quoting our packet to ``dst`` from ``sport``."""
+    if ip.proto not in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        return None
+    icmp = parse_icmp_untrusted(ip)
+    if icmp.type not in (3, 1) or (ip.proto == IPPROTO_ICMP) != (icmp.type == 3):
+        return None
+    quote = bytes(icmp.body)
+    if ip.version == 4:
+        qproto, qdst, l4 = quote[9], ip_address(quote[16:20]), quote[20:]
+    else:
+        qproto, qdst, l4 = quote[6], ip_address(quote[24:40]), quote[40:]
+    at = 4 if qproto in (IPPROTO_ICMP, IPPROTO_ICMPV6) else 0  # echo identifier, or port
+    if qproto != proto or qdst != dst or int.from_bytes(l4[at : at + 2], "big") != sport:
+        return None
+    return {"type": icmp.type, "code": icmp.code}
 
-    def send(seq: int, ack: int, flags: int, payload: bytes = b"", **opts: int) -> None:
-        options = TcpOptions(mss=opts["mss"]) if "mss" in opts else TcpOptions()
-        seg = build_tcp(src, dst, sport, port, seq, ack, flags, 0xFFFF, options, payload)
-        sock.send(build_ethernet(FERRY_MAC, mac, ethertype, build_ip(src, dst, IPPROTO_TCP, seg)))
 
-    def segments(timeout: float):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while (frame := _incoming(sock, deadline)) is not None:
-            try:
-                ip = _ip_of(frame)
-                if ip is None or ip.proto != IPPROTO_TCP:
-                    continue
-                seg = parse_tcp_untrusted(ip, verify_checksum=False)
-            except MalformedPacket:
-                continue
+def probe(
+    sock: socket.socket,
+    mac: bytes,
+    kind: str,
+    src: IpAddress,
+    dst: IpAddress,
+    port: int,
+    wait: float,
+) -> dict[str, object]:
+    sport = random.randrange(20000, 60000)
+    if kind == "tcp":
+        proto, l4 = IPPROTO_TCP, build_tcp(src, dst, sport, port, 1000, 0, SYN, 65535)
+    elif kind == "udp":
+        proto, l4 = IPPROTO_UDP, build_udp(src, dst, sport, port, b"probe")
+    else:
+        proto = IPPROTO_ICMP if dst.version == 4 else IPPROTO_ICMPV6
+        l4 = build_icmp(src, dst, 8 if dst.version == 4 else 128, 0, echo_rest(sport, 1), b"x")
+    send(sock, mac, src, dst, proto, l4)
+    for ip in frames(sock, time.monotonic() + wait):
+        if ip.dst != src:
+            continue
+        error = icmp_error_about(ip, proto, dst, sport)
+        if error is not None:
+            return {"answer": "unreachable", **error}
+        if ip.src != dst:
+            continue
+        if kind == "tcp" and ip.proto == IPPROTO_TCP:
+            seg = parse_tcp_untrusted(ip, verify_checksum=False)
             if seg.dport == sport:
-                yield seg
+                if seg.flags & RST:
+                    return {"answer": "rst"}
+                return {"answer": "synack" if seg.flags & SYN else "tcp"}
+        elif kind == "udp" and ip.proto == IPPROTO_UDP:
+            if parse_udp_untrusted(ip, verify_checksum=False).dport == sport:
+                return {"answer": "udp"}
+        elif kind == "icmp" and ip.proto == proto:
+            icmp = parse_icmp_untrusted(ip)
+            if icmp.type in (0, 129):
+                return {"answer": "echo-reply"}
+    return {"answer": "none"}
 
-    send(isn, 0, SYN, mss=mss_value)
-    synack = next(s for s in segments(10) if s.flags & SYN)
-    rcv = (synack.seq + 1) & 0xFFFFFFFF
-    request = f"{nbytes} 7\n".encode()
-    send(isn + 1, rcv, ACK | PSH, request)
-    sizes: list[int] = []
-    got, fin = 0, False
-    for seg in segments(60):
-        if seg.flags & RST:
-            break
-        n = len(seg.payload)
-        if n and seg.seq == rcv:
-            sizes.append(n)
-            got += n
-            rcv = (rcv + n) & 0xFFFFFFFF
-        if seg.flags & FIN and seg.seq == rcv:
-            rcv = (rcv + 1) & 0xFFFFFFFF
-            fin = True
-        # Cumulative ACK of what arrived in order; the window stays wide open.
-        send(isn + 1 + len(request), rcv, ACK)
-        if fin:
-            send(isn + 1 + len(request), rcv, ACK | FIN)
-            break
-    print(
-        json.dumps(
-            {
-                "synack_mss": synack.options.mss,
-                "bytes": got,
-                "segments": len(sizes),
-                "largest": max(sizes, default=0),
-                "fin": fin,
-            }
-        )
-    )
+
+def flood(src: IpAddress, dst: IpAddress, port: int, count: int, wait: float) -> None:
+    sock, mac = open_tap("tap0")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sports = {20000 + i for i in range(count)}
+    for sport in sorted(sports):
+        send(sock, mac, src, dst, IPPROTO_UDP, build_udp(src, dst, sport, port, b"flood"))
+    print(json.dumps({"sent": count}), flush=True)
+    expected = int(sys.stdin.readline())
+    errors = 0
+    for ip in frames(sock, time.monotonic() + wait):
+        if ip.dst != src or ip.proto not in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            continue
+        icmp = parse_icmp_untrusted(ip)
+        quote = bytes(icmp.body)
+        l4 = quote[20:] if ip.version == 4 else quote[40:]
+        if int.from_bytes(l4[0:2], "big") in sports:
+            errors += 1
+            if errors >= expected:
+                break
+    print(json.dumps({"errors": errors}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--wait", type=float, default=5.0)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe")
+    for name in ("src4", "src6"):
+        p.add_argument(name, type=ip_address)
+    p.add_argument("port", type=int)
+    p.add_argument("targets", nargs="+")
+    f = sub.add_parser("flood")
+    for name in ("src", "dst"):
+        f.add_argument(name, type=ip_address)
+    f.add_argument("port", type=int)
+    f.add_argument("count", type=int)
+    args = parser.parse_args()
+    if args.cmd == "probe":
+        sock, mac = open_tap("tap0")
+        answers = {}
+        for target in args.targets:
+            kind, _, text = target.partition(":")
+            dst = ip_address(text)
+            src = args.src4 if dst.version == 4 else args.src6
+            answers[f"{kind} {text}"] = probe(sock, mac, kind, src, dst, args.port, args.wait)
+        print(json.dumps(answers), flush=True)
+    else:
+        flood(args.src, args.dst, args.port, args.count, args.wait)
 
 
 if __name__ == "__main__":
-    cmd, *args = sys.argv[1:]
-    if cmd == "frames":
-        frames(args[0], int(args[1]), float(args[2]))
-    elif cmd == "mss":
-        mss(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
-    else:
-        sys.exit(f"unknown command {cmd!r}")
+    main()

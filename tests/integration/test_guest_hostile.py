@@ -2,7 +2,7 @@
 
 Frames no real guest kernel sends are built with ferry's wire builders and
 sent on the tap from inside the guest namespace (tests/integration/
-rawguest.py, an AF_PACKET socket); what ferryd answers is read back there.
+rawframes.py, an AF_PACKET socket); what ferryd answers is read back there.
 Each test checks that ferryd keeps running and keeps serving.
 """
 
@@ -22,7 +22,7 @@ from tests.netns import Topology
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
-RAWGUEST = str(HERE / "rawguest.py")
+RAWFRAMES = str(HERE / "rawframes.py")
 TCPTOOL = str(HERE / "tcptool.py")
 
 
@@ -37,7 +37,7 @@ def _guest_mac(topology: Topology) -> bytes:
 
 def _raw(topology: Topology, *args: object, timeout: float = 120) -> dict[str, object]:
     result = topology.guest.run(
-        [PY, RAWGUEST, *(str(a) for a in args)], check=False, timeout=timeout
+        [PY, RAWFRAMES, *(str(a) for a in args)], check=False, timeout=timeout
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return dict(json.loads(result.stdout))

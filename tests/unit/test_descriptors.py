@@ -15,13 +15,13 @@ from daemon.descriptors import RESERVE, DescriptorBudget
 from daemon.flows.icmp import IcmpFlows
 from daemon.flows.table import DescriptorsSpent, FlowKey, FlowLimitReached, FlowTable
 from daemon.flows.udp import UdpFlows
-from daemon.wire.icmp import parse_icmp_untrusted
+from daemon.wire.icmp import build_admin_prohibited, parse_icmp_untrusted
 from daemon.wire.ip import IPPROTO_UDP, IpAddress, build_ip
-from daemon.wire.refusal import admin_prohibited
 from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,
     FakeGuest,
+    destinations,
     echo_from_guest,
     guest_of,
     loopback_of,
@@ -87,7 +87,7 @@ def test_admin_prohibited_quotes_the_refused_packet(version: int) -> None:
     dst: IpAddress = IPv4Address("192.0.2.1") if version == 4 else IPv6Address("2001:db8::1")
     src = guest_of(version)
     ip, _udp = udp_from_guest(src, dst, 4000, 53, bytes(2000))
-    proto, msg = admin_prohibited(ip)
+    proto, msg = build_admin_prohibited(ip, dst)
     icmp = parse_icmp_untrusted(parse_ip(build_ip(dst, src, proto, msg)))
     quote = bytes(icmp.body)
     ports = (4000).to_bytes(2, "big") + (53).to_bytes(2, "big")
@@ -106,8 +106,8 @@ async def test_udp_and_icmp_refuse_with_icmp_when_the_budget_is_spent() -> None:
     guest = FakeGuest()
     budget = DescriptorBudget(2)
     async with trio.open_nursery() as nursery:
-        udp = UdpFlows(guest, LINK, nursery, map_gateway=True, budget=budget)
-        icmp = IcmpFlows(guest, LINK, nursery, map_gateway=True, budget=budget)
+        udp = UdpFlows(guest, LINK, nursery, destinations=destinations(), budget=budget)
+        icmp = IcmpFlows(guest, LINK, nursery, destinations=destinations(), budget=budget)
         budget.track([udp.table, icmp.table])
         try:
             for sport in (1, 2, 3):

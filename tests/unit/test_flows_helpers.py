@@ -5,6 +5,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
+from daemon.flows.destinations import DestinationPolicy, Destinations
 from daemon.link import Ip4Config, Ip6Config, LinkConfig
 from daemon.wire.icmp import IcmpMessage, build_icmp, echo_rest, parse_icmp_untrusted
 from daemon.wire.ip import (
@@ -30,6 +31,16 @@ LINK = LinkConfig(
 )
 LO4 = IPv4Address("127.0.0.1")
 LO6 = IPv6Address("::1")
+
+
+def destinations(*, map_gateway: bool = True) -> Destinations:
+    """The policy of a ferryd on LINK whose host owns the guest's address (passt's way).
+
+    The host's loopback is reached through the gateway (``--map-gw``): the
+    one way a guest may reach it.
+    """
+    policy = DestinationPolicy(LINK, map_gateway=map_gateway)
+    return Destinations(policy.with_host_addresses(frozenset({GUEST4, GUEST6})))
 
 
 def guest_of(version: int) -> IpAddress:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 import trio
@@ -17,6 +17,7 @@ from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,
     FakeGuest,
+    destinations,
     echo_from_guest,
     gateway_of,
     guest_of,
@@ -33,7 +34,9 @@ async def icmp_flows(
 ) -> AsyncIterator[tuple[IcmpFlows, FakeGuest]]:
     guest = FakeGuest()
     async with trio.open_nursery() as nursery:
-        flows = IcmpFlows(guest, LINK, nursery, map_gateway=map_gateway, limit=limit)
+        flows = IcmpFlows(
+            guest, LINK, nursery, destinations=destinations(map_gateway=map_gateway), limit=limit
+        )
         try:
             yield flows, guest
         finally:
@@ -50,17 +53,17 @@ def reply_fields(version: int, pkt_index: int, guest: FakeGuest) -> tuple[int, i
 
 
 @VERSIONS
-async def test_echo_to_loopback_answered_with_the_guests_id(version: int) -> None:
-    lo, me = loopback_of(version), guest_of(version)
+async def test_echo_to_the_host_answered_with_the_guests_id(version: int) -> None:
+    lo, me, gw = loopback_of(version), guest_of(version), gateway_of(version)
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(me, lo, 0x1234, 7, b"ping payload"))
+        flows.from_guest(*echo_from_guest(me, gw, 0x1234, 7, b"ping payload"))
         (pkt,) = await guest.wait_for(1)
-        assert (pkt.src, pkt.dst) == (lo, me)
+        assert (pkt.src, pkt.dst) == (gw, me)
         assert reply_fields(version, 0, guest) == (0x1234, 7, b"ping payload")
         (snap,) = flows.snapshot()
         assert snap["proto"] == ("icmp" if version == 4 else "icmpv6")
         assert (snap["guest_addr"], snap["guest_port"]) == (str(me), 0x1234)
-        assert (snap["remote_addr"], snap["remote_port"]) == (str(lo), 0)
+        assert (snap["remote_addr"], snap["remote_port"]) == (str(gw), 0)
         assert snap["host_addr"] == str(lo)
         assert snap["state"] == "echo"
         assert snap["bytes_from_guest"] == snap["bytes_to_guest"] == 8 + 12
@@ -68,10 +71,10 @@ async def test_echo_to_loopback_answered_with_the_guests_id(version: int) -> Non
 
 @VERSIONS
 async def test_sequence_of_echoes_shares_a_flow(version: int) -> None:
-    lo, me = loopback_of(version), guest_of(version)
+    gw, me = gateway_of(version), guest_of(version)
     async with icmp_flows() as (flows, guest):
         for seq in range(1, 21):
-            flows.from_guest(*echo_from_guest(me, lo, 99, seq, b"%d" % seq))
+            flows.from_guest(*echo_from_guest(me, gw, 99, seq, b"%d" % seq))
         await guest.wait_for(20)
         got = sorted(reply_fields(version, i, guest) for i in range(20))
         assert got == sorted((99, seq, b"%d" % seq) for seq in range(1, 21))
@@ -80,8 +83,8 @@ async def test_sequence_of_echoes_shares_a_flow(version: int) -> None:
 
 async def test_two_guest_ids_are_two_flows() -> None:
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(GUEST4, loopback_of(4), 1, 1, b"a"))
-        flows.from_guest(*echo_from_guest(GUEST4, loopback_of(4), 2, 1, b"b"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 1, 1, b"a"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 2, 1, b"b"))
         await guest.wait_for(2)
         got = {reply_fields(4, i, guest) for i in range(2)}
         assert got == {(1, 1, b"a"), (2, 1, b"b")}
@@ -119,8 +122,8 @@ async def test_bad_destinations_dropped(dst: IpAddress) -> None:
 
 async def test_only_echo_requests_are_taken() -> None:
     async with icmp_flows() as (flows, _guest):
-        raw = build_icmp(GUEST4, loopback_of(4), 0, 0, echo_rest(1, 1), b"reply")
-        ip = parse_ip(build_ip(GUEST4, loopback_of(4), IPPROTO_ICMP, raw))
+        raw = build_icmp(GUEST4, gateway_of(4), 0, 0, echo_rest(1, 1), b"reply")
+        ip = parse_ip(build_ip(GUEST4, gateway_of(4), IPPROTO_ICMP, raw))
         flows.from_guest(ip, parse_icmp_untrusted(ip))
         assert len(flows.table) == 0
         assert flows.drops["not an echo request"] == 1
@@ -128,7 +131,7 @@ async def test_only_echo_requests_are_taken() -> None:
 
 async def test_idle_expiry_with_explicit_time() -> None:
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(GUEST4, loopback_of(4), 5, 1, b"x"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 5, 1, b"x"))
         await guest.wait_for(1)
         (flow,) = flows.table
         last = flow.last_activity
@@ -136,7 +139,7 @@ async def test_idle_expiry_with_explicit_time() -> None:
         assert len(flows.table) == 1
         flows.expire(last + 61.0)
         assert len(flows.table) == 0
-        flows.from_guest(*echo_from_guest(GUEST4, loopback_of(4), 5, 2, b"y"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 5, 2, b"y"))
         await guest.wait_for(2)
         assert reply_fields(4, 1, guest) == (5, 2, b"y")
 
@@ -144,7 +147,7 @@ async def test_idle_expiry_with_explicit_time() -> None:
 async def test_flow_limit() -> None:
     async with icmp_flows(limit=2) as (flows, guest):
         for ident in (1, 2, 3):
-            flows.from_guest(*echo_from_guest(GUEST4, loopback_of(4), ident, 1, b"x"))
+            flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), ident, 1, b"x"))
         assert len(flows.table) == 2
         assert flows.drops["flow limit"] == 1
         await guest.wait_for(2)
@@ -168,3 +171,17 @@ def test_ping_sockets_need_no_privilege() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "raw refused\n"
+
+
+@pytest.mark.parametrize("dst", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "0.0.0.0"])
+async def test_echo_to_the_host_itself_is_refused(dst: str) -> None:
+    target = ip_address(dst)
+    me, gw = guest_of(target.version), gateway_of(target.version)
+    async with icmp_flows() as (flows, guest):
+        flows.from_guest(*echo_from_guest(me, target, 1, 1, b"x"))
+        (pkt,) = await guest.wait_for(1)
+        assert (pkt.src, pkt.dst) == (gw, me)
+        icmp = parse_icmp_untrusted(pkt)
+        assert (icmp.type, icmp.code) == ((3, 13) if target.version == 4 else (1, 1))
+        assert len(flows.table) == 0
+        assert flows.drops["refused"] == 1

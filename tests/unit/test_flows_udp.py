@@ -23,6 +23,7 @@ from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,
     FakeGuest,
+    destinations,
     gateway_of,
     guest_of,
     loopback_of,
@@ -39,7 +40,9 @@ async def udp_flows(
 ) -> AsyncIterator[tuple[UdpFlows, FakeGuest]]:
     guest = FakeGuest()
     async with trio.open_nursery() as nursery:
-        flows = UdpFlows(guest, LINK, nursery, map_gateway=map_gateway, limit=limit)
+        flows = UdpFlows(
+            guest, LINK, nursery, destinations=destinations(map_gateway=map_gateway), limit=limit
+        )
         try:
             yield flows, guest
         finally:
@@ -92,22 +95,22 @@ def free_port_both_families() -> int:
 @VERSIONS
 async def test_datagram_to_loopback_server_and_reply(version: int) -> None:
     srv = await server(version)
-    lo, me = loopback_of(version), guest_of(version)
+    lo, me, gw = loopback_of(version), guest_of(version), gateway_of(version)
     async with udp_flows() as (flows, guest):
-        flows.from_guest(*udp_from_guest(me, lo, 40000, port_of(srv), b"hello"))
+        flows.from_guest(*udp_from_guest(me, gw, 40000, port_of(srv), b"hello"))
         with trio.fail_after(10):
             data, addr = await srv.recvfrom(100)
         assert data == b"hello"
         await srv.sendto(b"world!", addr)
         (pkt,) = await guest.wait_for(1)
-        assert (pkt.src, pkt.dst, pkt.proto) == (lo, me, IPPROTO_UDP)
+        assert (pkt.src, pkt.dst, pkt.proto) == (gw, me, IPPROTO_UDP)
         udp = parse_udp_untrusted(pkt)  # checks the checksum
         assert (udp.sport, udp.dport, bytes(udp.payload)) == (port_of(srv), 40000, b"world!")
         (snap,) = flows.snapshot()
         assert snap["proto"] == "udp"
         assert snap["guest_addr"] == str(me)
         assert snap["guest_port"] == 40000
-        assert snap["remote_addr"] == str(lo)
+        assert snap["remote_addr"] == str(gw)
         assert snap["remote_port"] == port_of(srv)
         assert snap["host_addr"] == str(lo)
         assert snap["host_port"] == addr[1]
@@ -121,7 +124,7 @@ async def test_one_socket_per_guest_four_tuple() -> None:
     srv = await server(4)
     async with udp_flows() as (flows, _guest):
         for sport in (1000, 1000, 1001):
-            flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), sport, port_of(srv), b"x"))
+            flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), sport, port_of(srv), b"x"))
         sources = set()
         with trio.fail_after(10):
             for _ in range(3):
@@ -139,7 +142,7 @@ async def test_thousand_datagrams_all_accounted_for() -> None:
     async with udp_flows() as (flows, guest), trio.open_nursery() as nursery:
         nursery.start_soon(echo, srv, 1000)
         for i, payload in enumerate(payloads):
-            flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), 5555, port_of(srv), payload))
+            flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 5555, port_of(srv), payload))
             if i % 50 == 49:
                 await trio.lowlevel.checkpoint()
         packets = await guest.wait_for(1000)
@@ -182,7 +185,6 @@ async def test_gateway_not_mapped_when_disabled() -> None:
         IPv4Address("224.0.0.251"),
         IPv4Address("255.255.255.255"),
         IPv4Address("10.0.2.255"),
-        IPv4Address("0.0.0.0"),
         IPv6Address("ff02::fb"),
     ],
 )
@@ -196,14 +198,14 @@ async def test_group_destinations_dropped(dst: IpAddress) -> None:
 
 @VERSIONS
 async def test_closed_port_gives_the_guest_port_unreachable(version: int) -> None:
-    lo, me = loopback_of(version), guest_of(version)
+    lo, me, gw = loopback_of(version), guest_of(version), gateway_of(version)
     with socket.socket(socket.AF_INET if version == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as s:
         s.bind((str(lo), 0))
         closed: int = s.getsockname()[1]
     async with udp_flows() as (flows, guest):
-        flows.from_guest(*udp_from_guest(me, lo, 33333, closed, b"anyone there?"))
+        flows.from_guest(*udp_from_guest(me, gw, 33333, closed, b"anyone there?"))
         (pkt,) = await guest.wait_for(1)
-        assert (pkt.src, pkt.dst) == (lo, me)
+        assert (pkt.src, pkt.dst) == (gw, me)
         icmp = parse_icmp_untrusted(pkt)  # checks the checksum
         quote = bytes(icmp.body)
         if version == 4:
@@ -211,20 +213,20 @@ async def test_closed_port_gives_the_guest_port_unreachable(version: int) -> Non
             assert (icmp.type, icmp.code) == (3, 3)
             assert quote[0] == 0x45 and quote[9] == IPPROTO_UDP
             assert struct.unpack_from("!H", quote, 2)[0] == 20 + 8 + 13
-            assert (ip_address(quote[12:16]), ip_address(quote[16:20])) == (me, lo)
+            assert (ip_address(quote[12:16]), ip_address(quote[16:20])) == (me, gw)
             udp = quote[20:28]
         else:
             assert pkt.proto == IPPROTO_ICMPV6
             assert (icmp.type, icmp.code) == (1, 4)
             assert quote[0] >> 4 == 6 and quote[6] == IPPROTO_UDP
             assert struct.unpack_from("!H", quote, 4)[0] == 8 + 13
-            assert (ip_address(quote[8:24]), ip_address(quote[24:40])) == (me, lo)
+            assert (ip_address(quote[8:24]), ip_address(quote[24:40])) == (me, gw)
             udp = quote[40:48]
         sport, dport, length, _csum = struct.unpack("!HHHH", udp)
         assert (sport, dport, length) == (33333, closed, 8 + 13)
         # The flow survives the error and keeps working.
         assert len(flows.table) == 1
-        flows.from_guest(*udp_from_guest(me, lo, 33333, closed, b"again"))
+        flows.from_guest(*udp_from_guest(me, gw, 33333, closed, b"again"))
         await guest.wait_for(2)
         assert flows.drops["port unreachable"] >= 2
 
@@ -248,7 +250,7 @@ async def test_unreachable_destination_is_counted_not_raised(
 async def test_idle_expiry_with_explicit_time() -> None:
     srv = await server(4)
     async with udp_flows() as (flows, _guest):
-        flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), 1234, port_of(srv), b"x"))
+        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1234, port_of(srv), b"x"))
         (flow,) = flows.table
         start = flow.last_activity
         flows.expire(start + 179.0)
@@ -257,7 +259,7 @@ async def test_idle_expiry_with_explicit_time() -> None:
         assert len(flows.table) == 0
         assert flows.snapshot() == []
         # A new datagram opens a new flow.
-        flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), 1234, port_of(srv), b"y"))
+        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1234, port_of(srv), b"y"))
         assert len(flows.table) == 1
         with trio.fail_after(10):
             assert (await srv.recvfrom(10))[0] == b"x"
@@ -270,12 +272,12 @@ async def test_flow_limit(caplog: pytest.LogCaptureFixture) -> None:
     async with udp_flows(limit=3) as (flows, _guest):
         with caplog.at_level(logging.WARNING):
             for sport in range(1, 6):
-                flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), sport, port_of(srv), b"x"))
+                flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), sport, port_of(srv), b"x"))
         assert len(flows.table) == 3
         assert flows.drops["flow limit"] == 2
         assert "flow table is full (3 flows)" in caplog.text
         # Existing flows still work.
-        flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), 1, port_of(srv), b"x"))
+        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1, port_of(srv), b"x"))
         assert flows.drops["flow limit"] == 2
     srv.close()
 
@@ -283,12 +285,12 @@ async def test_flow_limit(caplog: pytest.LogCaptureFixture) -> None:
 async def test_aclose_closes_everything() -> None:
     srv = await server(4)
     async with udp_flows() as (flows, _guest):
-        flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), 1, port_of(srv), b"x"))
+        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1, port_of(srv), b"x"))
         await flows.add_forward(PortForward(loopback_of(4), 0, 7))
         await flows.aclose()
         assert len(flows.table) == 0
         assert flows.listeners() == []
-        flows.from_guest(*udp_from_guest(GUEST4, loopback_of(4), 2, port_of(srv), b"x"))
+        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 2, port_of(srv), b"x"))
         assert len(flows.table) == 0
     srv.close()
 
@@ -368,3 +370,21 @@ async def test_forward_on_a_foreign_address_fails() -> None:
     async with udp_flows() as (flows, _guest):
         with pytest.raises(ForwardError, match=re.escape("192.0.2.77:9999")):
             await flows.add_forward(PortForward(IPv4Address("192.0.2.77"), 9999, 53))
+
+
+@pytest.mark.parametrize(
+    "dst", ["127.0.0.1", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::", "10.0.2.15"]
+)
+async def test_datagrams_to_the_host_itself_are_refused(dst: str) -> None:
+    """Answered as a router's filter would (ICMP type 3 code 13 / ICMPv6 type 1 code 1),
+    with no socket opened: the host's loopback and its own addresses are not for the guest."""
+    target = ip_address(dst)
+    me, gw = guest_of(target.version), gateway_of(target.version)
+    async with udp_flows() as (flows, guest):
+        flows.from_guest(*udp_from_guest(me, target, 5000, 6379, b"FLUSHALL\r\n"))
+        (pkt,) = await guest.wait_for(1)
+        assert (pkt.src, pkt.dst) == (gw, me)
+        icmp = parse_icmp_untrusted(pkt)
+        assert (icmp.type, icmp.code) == ((3, 13) if target.version == 4 else (1, 1))
+        assert len(flows.table) == 0
+        assert flows.drops["refused"] == 1

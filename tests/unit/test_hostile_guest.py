@@ -29,7 +29,14 @@ from daemon.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
 from daemon.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
 from daemon.wire.udp import UdpDatagram
 from tests.unit.tcp_conn_support import RecordingGuest
-from tests.unit.test_flows_helpers import GUEST4, GW4, FakeGuest, parse_ip, udp_from_guest
+from tests.unit.test_flows_helpers import (
+    GUEST4,
+    GW4,
+    FakeGuest,
+    destinations,
+    parse_ip,
+    udp_from_guest,
+)
 from tests.unit.test_flows_helpers import LINK as FLOW_LINK
 from tests.unit.test_services import (
     ALL_DHCP,
@@ -186,7 +193,7 @@ async def test_tcp_bug_costs_one_connection() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            flows = TcpFlows(guest, FLOW_LINK, nursery, map_gateway=True)
+            flows = TcpFlows(guest, FLOW_LINK, nursery, destinations=destinations())
             flows.attach(nursery)
             flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
             flows.flush()
@@ -216,7 +223,7 @@ async def test_udp_bug_costs_one_flow() -> None:
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     async with trio.open_nursery() as nursery:
-        flows = UdpFlows(guest, FLOW_LINK, nursery, map_gateway=True)
+        flows = UdpFlows(guest, FLOW_LINK, nursery, destinations=destinations())
         port = peer.getsockname()[1]
         flows.from_guest(*udp_from_guest(GUEST4, GW4, 1111, port, b"a"))
         flows.from_guest(*udp_from_guest(GUEST4, GW4, 2222, port, b"b"))
