@@ -211,6 +211,8 @@ class Daemon:
                 "udp": len(self.udp.table),
                 "icmp": len(self.icmp.table),
             },
+            # A source's pending rollback and why (SourceMigration.status).
+            "migration": self.migration.status() if hasattr(self.migration, "status") else None,
         }
 
     async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
