@@ -53,7 +53,8 @@ the call that found it:
 * before a call, a connection whose helper hung up since the last call
   (readable while no request is outstanding: end-of-file, or bytes nobody
   asked for) is replaced by a new one;
-* a reused connection closed before it answered anything (the helper died
+* a connection that served an earlier call, closed before it answered
+  anything in this one (the helper died
   after the check above, or just before it) is replaced once and the call
   is repeated on the new one. Repeating is safe: each batch sets TCP_REPAIR
   to a value, so setting it again is a no-op for sockets already switched.
@@ -273,6 +274,8 @@ class RepairClient:
         self._lock = trio.Lock()
         self._redial = redial
         self._closed_by_us = False
+        self._served = False
+        """The connection answered a call before (so it may have gone stale since)."""
         self.reconnects = 0
 
     @classmethod
@@ -330,7 +333,7 @@ class RepairClient:
             self._drop()
             sock = None
         if sock is not None:
-            return sock, True
+            return sock, self._served
         return await self._new_connection(), False
 
     async def _new_connection(self) -> trio.socket.SocketType:
@@ -340,6 +343,7 @@ class RepairClient:
                 "repair helper connection is closed (after an earlier failure, reconnect)"
             )
         sock = self._sock = await self._redial()
+        self._served = False
         self._batch_limit = SCM_MAX_FD  # a new peer: nothing learnt about it yet
         self.reconnects += 1
         return sock
@@ -362,8 +366,8 @@ class RepairClient:
             except RepairRefused as exc:
                 if not (reused and exc.batch == 0 and self._redial is not None):
                     raise
-                # Closed before answering anything, on a connection an earlier
-                # call left idle: the helper went away meanwhile. Once more, anew.
+                # Closed before answering anything, on a connection that served
+                # an earlier call: the helper went away meanwhile. Once more, anew.
                 log.warning("%s; the helper went away since the last request: reconnecting", exc)
                 await self._exchange(await self._new_connection(), fds, mode)
 
@@ -377,6 +381,7 @@ class RepairClient:
             # Replies may still be in flight: this connection is out of step.
             self._drop()
             raise
+        self._served = True
         if self._steady_batches:
             self._batch_limit = exchange.last_batch_size
 
