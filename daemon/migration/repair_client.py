@@ -54,10 +54,10 @@ the call that found it:
   (readable while no request is outstanding: end-of-file, or bytes nobody
   asked for) is replaced by a new one;
 * a connection that served an earlier call, closed before it answered
-  anything in this one (the helper died
-  after the check above, or just before it) is replaced once and the call
-  is repeated on the new one. Repeating is safe: each batch sets TCP_REPAIR
-  to a value, so setting it again is a no-op for sockets already switched.
+  anything in this one (the helper died after the check above, or just
+  before it), is replaced once and the call is repeated on the new one.
+  Repeating is safe: each batch sets TCP_REPAIR to a value, so setting it
+  again is a no-op for sockets already switched.
   A fresh connection that fails, or a second failure, is the caller's error;
 * after a failure the next call starts on a new connection (a rollback
   after a failed freeze reaches the helper again instead of reusing the
