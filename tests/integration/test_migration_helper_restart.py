@@ -17,6 +17,7 @@ way is checked, so a connection lost or corrupted by a rollback fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.control import ControlClientError
 from tests.integration.conftest import FERRYCTL, FerrydProcess, MigrationBed
 from tests.integration.test_migration_support import Streams
 from tests.integration.test_repair_support import HELPER, HelperProcess
@@ -279,4 +281,56 @@ def test_helper_refuses_mid_freeze(two_hosts: MigrationBed, helper: Helper) -> N
         _still_flowing(streams, "after the rollback finished")
         streams.finish()
     finally:
+        streams.close()
+
+
+@pytest.mark.parametrize(
+    ("cmd", "busy_role"), [("migrate-out", "migrating"), ("migrate-precopy", "precopying")]
+)
+def test_abort_a_migration_stuck_on_its_stream(
+    two_hosts: MigrationBed, helper: Helper, cmd: str, busy_role: str
+) -> None:
+    """A freeze (or pre-copy) whose stream nobody reads never ends by itself: abort ends it.
+
+    The stream is a pipe that is already full and kept open: the source's
+    first write blocks for good, as with a target that hangs without
+    closing its end. migrate-abort must stop it (the freeze then rolls
+    back) and answer; the stalled request answers that it was aborted.
+    """
+    bed = two_hosts
+    source = bed.start_source("--repair-socket", str(helper.path))
+    streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9740, "busy:2", "idle:20")
+    rfd, wfd = os.pipe()
+    answer: dict[str, str] = {}
+    caller: threading.Thread | None = None
+    try:
+        streams.wait_flowing("busy", 1 << 20)
+        os.set_blocking(wfd, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(wfd, bytes(65536))
+
+        def call() -> None:
+            try:
+                source.request(cmd, fds=[wfd], same_netns=False, timeout=120)
+                answer["ok"] = "answered"
+            except ControlClientError as exc:
+                answer["error"] = str(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_for(lambda: _role(source) == busy_role, timeout=30, what=f"the source {busy_role}")
+        aborted = _ctl(source, "migrate-abort")
+        print("ferryctl migrate-abort:", aborted.stdout, aborted.stderr)
+        assert aborted.returncode == 0, aborted.stderr
+        caller.join(60)
+        assert "aborted by migrate-abort" in answer.get("error", ""), answer
+        assert _role(source) == "running"
+        _still_flowing(streams, "after the abort")
+        streams.finish()
+    finally:
+        if caller is not None:
+            caller.join(60)
+        os.close(rfd)
+        os.close(wfd)
         streams.close()
