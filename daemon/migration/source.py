@@ -116,6 +116,13 @@ class MigrationAborted(Exception):
     """migrate-abort stopped a pre-copy or a freeze in progress."""
 
 
+def _why(exc: BaseException) -> str:
+    """A failure in words; trio's stream errors carry none."""
+    if isinstance(exc, trio.BrokenResourceError):
+        return "the stream's reader went away (the target stopped reading)"
+    return str(exc) or type(exc).__name__
+
+
 #: What must not have changed on a pre-copied connection's guest side.
 _GuestMark = tuple[int, int, int, int, int, int, State]
 
@@ -252,12 +259,12 @@ class SourceMigration:
             trio.ClosedResourceError,
             MigrationAborted,
         ) as exc:
-            log.warning("pre-copy failed: %s", exc)
+            log.warning("pre-copy failed: %s", _why(exc))
             with trio.CancelScope(shield=True):
                 if held:
                     await self._unhold(held)
                 await self._drop_precopy()
-            raise ControlError(f"pre-copy failed ({exc}); nothing changed here") from exc
+            raise ControlError(f"pre-copy failed ({_why(exc)}); nothing changed here") from exc
         finally:
             self._work = None
             self._work_done.set()
@@ -359,12 +366,13 @@ class SourceMigration:
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:
-            log.warning("migration failed: %s; rolling back", exc)
+            log.warning("migration failed: %s; rolling back", _why(exc))
+            await trio.lowlevel.checkpoint()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
                 rolled_back = await self.rollback()
             raise ControlError(
-                self.rollback_outcome(f"migration failed ({exc})", rolled_back)
+                self.rollback_outcome(f"migration failed ({_why(exc)})", rolled_back)
             ) from exc
         finally:
             self._work = None
