@@ -182,7 +182,10 @@ def _run_flows(args: argparse.Namespace, out: TextIO) -> None:
 # target first (it lets go of the guest and waits for a stream again), then
 # to the source (it unfreezes and resumes with every connection intact;
 # still possible after commit). Aborts are best effort: their own failures
-# are reported, never hidden, but do not stop the other abort.
+# are reported, never hidden, but do not stop the other abort. After a
+# failure the source's role is asked, not assumed: "resumed" is said only
+# when it answers "running" (a rollback that cannot reach the repair helper
+# leaves it "rollback-pending"; `ferryctl migrate-abort` retries it).
 
 #: Default bound on each request of a migration (a dump of thousands of
 #: connections with full queues legitimately takes seconds).
@@ -371,16 +374,39 @@ def _aborted(peers: _Peers, what: str, *, abort_source: bool = True) -> _Failure
     The target's answer to the abort is not reported: after a failed
     restore it has already cleaned up and may say there is nothing to abort.
     The source's is: if its abort fails, its connections may still be frozen.
+    Whether the source resumed is then asked, never assumed: a source whose
+    rollback could not reach the repair helper is not running (its role says
+    ``rollback-pending``), and saying otherwise would hide a guest that is
+    offline.
     """
     peers.abort("target")
-    if not abort_source:
-        return _Failure(f"migrate: {what}; the source rolled back and keeps running")
-    problem = peers.abort("source")
+    problem = peers.abort("source") if abort_source else None
     if problem:
         return _Failure(
             f"migrate: {what}; {problem}: the source may still be frozen, check its status"
         )
-    return _Failure(f"migrate: {what}; migration aborted, the source resumed")
+    role = _source_role(peers)
+    if role == "running":
+        done = (
+            "migration aborted, the source resumed"
+            if abort_source
+            else ("the source rolled back and keeps running")
+        )
+        return _Failure(f"migrate: {what}; {done}")
+    return _Failure(
+        f"migrate: {what}; the source did NOT resume (it is {role or 'not answering'}): its"
+        f" connections may be frozen; `ferryctl --control {peers.source} status` says why,"
+        f" `ferryctl --control {peers.source} migrate-abort` retries the rollback"
+    )
+
+
+def _source_role(peers: _Peers) -> str | None:
+    """The source's role as it answers now; None if it does not answer."""
+    try:
+        role = request(peers.source, "status", timeout=peers.timeout).get("role")
+    except ControlClientError:
+        return None
+    return str(role)
 
 
 def migration_summary(
@@ -463,6 +489,30 @@ def format_migration_summary(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------
+# migrate-abort
+
+
+def _add_abort(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=MIGRATE_TIMEOUT,
+        help=f"limit for the request (default {MIGRATE_TIMEOUT:g}; a rollback of thousands"
+        " of connections takes a while)",
+    )
+
+
+def _run_abort(args: argparse.Namespace, out: TextIO) -> None:
+    """Undo the daemon's migration, whatever state it is in; print the role reached."""
+    try:
+        answer = request(args.control, "migrate-abort", timeout=args.timeout)
+    except ControlClientError as exc:
+        raise _Failure(str(exc)) from None
+    _print_json(answer, out)
+
+
+# ---------------------------------------------------------------------------
 # plumbing
 
 _COMMANDS: dict[
@@ -488,6 +538,13 @@ _COMMANDS: dict[
         "to one started with --incoming",
         _add_migrate,
         _run_migrate,
+    ),
+    "migrate-abort": (
+        "undo a migration on this daemon in whatever state it is: stop a pre-copy or a "
+        "freeze in progress, roll back a frozen source (retrying a rollback that could not "
+        "reach the repair helper), reset a target; exit 1 if it could not be done",
+        _add_abort,
+        _run_abort,
     ),
 }
 

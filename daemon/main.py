@@ -245,6 +245,8 @@ class Daemon:
                 "icmp": len(self.icmp.table),
             },
             "descriptors": self.budget.snapshot(),
+            # A source's pending rollback and why (SourceMigration.status).
+            "migration": self.migration.status() if hasattr(self.migration, "status") else None,
         }
 
     async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:

@@ -88,8 +88,11 @@ def register(control: ControlServer, daemon: Daemon) -> None:
         return result
 
     async def migrate_abort(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        # Acts in every state (SourceMigration.abort); an error only when the
+        # undoing could not be completed. Nothing to undo is an answer, not an
+        # error: ferryctl must be able to tell "already running" from "stuck".
         if daemon.migration is None:
-            raise ControlError(f"no migration in progress here (this ferryd is {daemon.role})")
+            return {"role": daemon.role, "note": "no migration in progress: nothing to undo"}
         result: dict[str, Any] = await daemon.migration.abort()
         return result
 

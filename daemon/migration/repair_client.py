@@ -38,10 +38,32 @@ itself may be partly done (the helper refuses a batch with a non-socket or
 non-IPv4/IPv6 descriptor untouched, but when the kernel refuses TCP_REPAIR
 on one socket, say a UDP or a listening one, those before it are switched;
 the helper's log says which), and after a :class:`RepairTimeout` its state
-is unknown. The client is then closed, since replies still in flight would
-be read as answers to the next call; connect again (or accept again) to
-retry. Rolling back the batches that were carried out is the caller's job:
-it knows what they were for.
+is unknown. The connection is then closed, since replies still in flight
+would be read as answers to the next call. Rolling back the batches that
+were carried out is the caller's job: it knows what they were for.
+
+A helper can go away between two calls (ferry-repair restarted by systemd
+or by hand, passt-repair exited): the connection ferryd keeps from one
+migration to the next is then stale, and its first batch would meet a
+closed socket. A client made by :meth:`RepairClient.connect` or
+:meth:`RepairListener.accept` knows how to reach a helper again, and
+``set_repair`` uses that, so a stale or failed connection never outlives
+the call that found it:
+
+* before a call, a connection whose helper hung up since the last call
+  (readable while no request is outstanding: end-of-file, or bytes nobody
+  asked for) is replaced by a new one;
+* a connection that served an earlier call, closed before it answered
+  anything in this one (the helper died after the check above, or just
+  before it), is replaced once and the call is repeated on the new one.
+  Repeating is safe: each batch sets TCP_REPAIR to a value, so setting it
+  again is a no-op for sockets already switched.
+  A fresh connection that fails, or a second failure, is the caller's error;
+* after a failure the next call starts on a new connection (a rollback
+  after a failed freeze reaches the helper again instead of reusing the
+  connection that just failed).
+
+``reconnects`` counts the connections made after the first.
 
 API::
 
@@ -50,7 +72,8 @@ API::
         def __init__(self, sock: trio.socket.SocketType, *,
                      reply_timeout: float = DEFAULT_TIMEOUT,
                      max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                     steady_batches: bool = False) -> None
+                     steady_batches: bool = False,
+                     redial: Redial | None = None) -> None
         @classmethod
         async def connect(cls, path: str | os.PathLike[str], *,
                           reply_timeout: float = DEFAULT_TIMEOUT,
@@ -59,6 +82,7 @@ API::
         async def set_repair(self, socks: Sequence[int | HasFileno],
                              mode: RepairMode) -> None
         async def aclose(self) -> None             # also: async with client: ...
+        reconnects: int                            # connections made after the first
     class RepairListener:
         @classmethod
         async def bind(cls, path: str | os.PathLike[str], *,
@@ -97,9 +121,10 @@ import errno
 import logging
 import math
 import os
+import select
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 import trio
@@ -111,6 +136,7 @@ __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_TIMEOUT",
     "HasFileno",
+    "Redial",
     "RepairBatchError",
     "RepairClient",
     "RepairError",
@@ -131,6 +157,13 @@ DEFAULT_MAX_IN_FLIGHT = 64
 
 _UCRED = struct.Struct("=iII")
 _SEND_FLAGS = socket.MSG_NOSIGNAL
+#: poll() bits saying an idle connection is no longer in step: the helper hung
+#: up (end-of-file, POLLRDHUP, POLLHUP) or sent bytes nobody asked for (POLLIN).
+_HUNG_UP = select.POLLIN | select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+
+#: How a client reaches a helper again: a new connection, already checked
+#: (SO_PEERCRED), or RepairUnavailable.
+Redial = Callable[[], Awaitable[trio.socket.SocketType]]
 
 
 class HasFileno(Protocol):
@@ -189,6 +222,36 @@ def _helper_uids(helper_uids: Iterable[int] | None) -> frozenset[int]:
     return frozenset({0, os.getuid()} if helper_uids is None else helper_uids)
 
 
+def _hung_up(sock: trio.socket.SocketType) -> bool:
+    """True if an idle connection is out of step: the helper closed it, or wrote unasked.
+
+    Between calls the helper owes us nothing, so any readiness at all means
+    the connection cannot serve the next call (unix_poll() reports
+    POLLRDHUP/POLLHUP once the peer is gone, POLLIN for end-of-file or data).
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), _HUNG_UP)
+    return bool(poller.poll(0))
+
+
+async def _dial(path: str, helper_uids: frozenset[int]) -> trio.socket.SocketType:
+    """A checked connection to the helper listening on ``path``, or RepairUnavailable."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(path)
+        _check_helper(sock, helper_uids)
+    except OSError as exc:
+        sock.close()
+        raise RepairUnavailable(
+            f"cannot connect to the repair helper at {path}: {exc.strerror}"
+            " (is ferry-repair.socket running?)"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class RepairClient:
     """A connection to a repair helper; see the module docstring."""
 
@@ -199,6 +262,7 @@ class RepairClient:
         reply_timeout: float = DEFAULT_TIMEOUT,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         steady_batches: bool = False,
+        redial: Redial | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -208,6 +272,11 @@ class RepairClient:
         self._timeout = reply_timeout
         self._max_in_flight = max_in_flight
         self._lock = trio.Lock()
+        self._redial = redial
+        self._closed_by_us = False
+        self._served = False
+        """The connection answered a call before (so it may have gone stale since)."""
+        self.reconnects = 0
 
     @classmethod
     async def connect(
@@ -218,21 +287,19 @@ class RepairClient:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         helper_uids: Iterable[int] | None = None,
     ) -> RepairClient:
-        """Connect to a helper listening on ``path`` (``--repair-socket``)."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(os.fspath(path))
-            _check_helper(sock, _helper_uids(helper_uids))
-        except OSError as exc:
-            sock.close()
-            raise RepairUnavailable(
-                f"cannot connect to the repair helper at {os.fspath(path)}: {exc.strerror}"
-                " (is ferry-repair.socket running?)"
-            ) from None
-        except RepairUnavailable:
-            sock.close()
-            raise
-        return cls(sock, reply_timeout=reply_timeout, max_in_flight=max_in_flight)
+        """Connect to a helper listening on ``path`` (``--repair-socket``).
+
+        The client connects there again when the helper went away (see the
+        module docstring).
+        """
+        where, uids = os.fspath(path), _helper_uids(helper_uids)
+
+        async def redial() -> trio.socket.SocketType:
+            return await _dial(where, uids)
+
+        return cls(
+            await redial(), reply_timeout=reply_timeout, max_in_flight=max_in_flight, redial=redial
+        )
 
     async def __aenter__(self) -> RepairClient:
         return self
@@ -241,16 +308,45 @@ class RepairClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection; the helper sees end-of-file."""
+        """Close the connection for good; the helper sees end-of-file."""
+        self._closed_by_us = True
+        self._drop()
+        await trio.lowlevel.checkpoint()
+
+    def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        await trio.lowlevel.checkpoint()
 
     @property
     def closed(self) -> bool:
-        """True once closed, by :meth:`aclose` or after a failure."""
-        return self._sock is None
+        """True once unusable: closed by :meth:`aclose`, or failed with no way to redial."""
+        return self._closed_by_us or (self._sock is None and self._redial is None)
+
+    async def _connection(self) -> tuple[trio.socket.SocketType, bool]:
+        """A connection in step with the helper, and whether it served an earlier call."""
+        if self._closed_by_us:
+            raise RepairError("repair helper client is closed")
+        sock = self._sock
+        if sock is not None and _hung_up(sock):
+            log.info("the repair helper hung up since the last request (restarted?): reconnecting")
+            self._drop()
+            sock = None
+        if sock is not None:
+            return sock, self._served
+        return await self._new_connection(), False
+
+    async def _new_connection(self) -> trio.socket.SocketType:
+        self._drop()
+        if self._redial is None:
+            raise RepairError(
+                "repair helper connection is closed (after an earlier failure, reconnect)"
+            )
+        sock = self._sock = await self._redial()
+        self._served = False
+        self._batch_limit = SCM_MAX_FD  # a new peer: nothing learnt about it yet
+        self.reconnects += 1
+        return sock
 
     async def set_repair(self, socks: Sequence[int | HasFileno], mode: RepairMode) -> None:
         """Set TCP_REPAIR to ``mode`` on every socket of ``socks``; see the module docstring.
@@ -264,23 +360,30 @@ class RepairClient:
             await trio.lowlevel.checkpoint()
             return
         async with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise RepairError(
-                    "repair helper connection is closed (after an earlier failure, reconnect)"
-                )
-            exchange = _Exchange(
-                sock, fds, mode, self._timeout, self._max_in_flight, self._batch_limit
-            )
+            sock, reused = await self._connection()
             try:
-                await exchange.run()
-            except BaseException:
-                # Replies may still be in flight: this connection is out of step.
-                sock.close()
-                self._sock = None
-                raise
-            if self._steady_batches:
-                self._batch_limit = exchange.last_batch_size
+                await self._exchange(sock, fds, mode)
+            except RepairRefused as exc:
+                if not (reused and exc.batch == 0 and self._redial is not None):
+                    raise
+                # Closed before answering anything, on a connection that served
+                # an earlier call: the helper went away meanwhile. Once more, anew.
+                log.warning("%s; the helper went away since the last request: reconnecting", exc)
+                await self._exchange(await self._new_connection(), fds, mode)
+
+    async def _exchange(
+        self, sock: trio.socket.SocketType, fds: list[int], mode: RepairMode
+    ) -> None:
+        exchange = _Exchange(sock, fds, mode, self._timeout, self._max_in_flight, self._batch_limit)
+        try:
+            await exchange.run()
+        except BaseException:
+            # Replies may still be in flight: this connection is out of step.
+            self._drop()
+            raise
+        self._served = True
+        if self._steady_batches:
+            self._batch_limit = exchange.last_batch_size
 
 
 def split_batches(n: int, limit: int = SCM_MAX_FD) -> list[range]:
@@ -462,8 +565,29 @@ class RepairListener:
     async def accept(self) -> RepairClient:
         """Wait for an allowed helper to connect (others are turned away and logged).
 
-        Waits as long as it takes: bound it with ``trio.fail_after()``.
+        Waits as long as it takes: bound it with ``trio.fail_after()``. The
+        client waits here again, for at most ``reply_timeout``, when its
+        helper went away (a new passt-repair must be started meanwhile).
         """
+
+        async def redial() -> trio.socket.SocketType:
+            with trio.move_on_after(self._timeout):
+                return await self._accept_checked()
+            raise RepairUnavailable(
+                f"no repair helper connected to {self.path} within {self._timeout:g} s"
+                " (start passt-repair or ferry-repair --connect again)"
+            )
+
+        # The connecting helper may be passt-repair: keep batches steady.
+        return RepairClient(
+            await self._accept_checked(),
+            reply_timeout=self._timeout,
+            max_in_flight=self._max_in_flight,
+            steady_batches=True,
+            redial=redial,
+        )
+
+    async def _accept_checked(self) -> trio.socket.SocketType:
         while True:
             sock, _ = await self._sock.accept()
             try:
@@ -472,10 +596,4 @@ class RepairListener:
                 log.warning("turned away a would-be repair helper on %s: %s", self.path, exc)
                 sock.close()
                 continue
-            # The connecting helper may be passt-repair: keep batches steady.
-            return RepairClient(
-                sock,
-                reply_timeout=self._timeout,
-                max_in_flight=self._max_in_flight,
-                steady_batches=True,
-            )
+            return sock

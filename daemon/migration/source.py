@@ -18,6 +18,20 @@ Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
    word within :data:`OUTCOME_TIMEOUT`: thaw, repair OFF in batches, resume
    as if nothing happened.
 
+A rollback needs the helper (repair OFF), and the helper may be gone: the
+connection to it failed mid-freeze, or ferry-repair was restarted or is
+down. The rollback reaches it anew (the repair client reconnects), and if
+it still cannot, nothing is claimed: the frozen connections stay frozen
+(their peers keep retransmitting into the drop-all filter, nothing is lost
+yet), the role says ``rollback-pending``, ``status`` shows why, the
+rollback is retried in the background (:data:`ROLLBACK_RETRY_MAX` apart at
+most) and by every ``migrate-abort``. ``migrate-abort`` acts in every
+source state short of the end: it stops a pre-copy or a freeze in
+progress (which then rolls back), rolls back a frozen or committed source,
+retries a pending rollback, and on a running source says there is nothing
+to undo; it fails only when the rollback could not be completed, and says
+why.
+
 Pre-copy (``migrate-precopy``, before ``migrate-out``; not in the same
 namespace). Restoring a socket costs the target far more than dumping it
 costs the source, and a thousand idle connections do not change in the
@@ -87,6 +101,27 @@ SOFTWARE_VERSION = "ferry 0.1.0"
 PRECOPY_QUIET = 0.05
 #: Connections held at once for a pre-copy dump (one ferry-repair message).
 PRECOPY_BATCH = 128
+#: A rollback that could not reach the helper is tried again after this many
+#: seconds, doubling up to :data:`ROLLBACK_RETRY_MAX`.
+ROLLBACK_RETRY_FIRST = 0.25
+ROLLBACK_RETRY_MAX = 5.0
+
+#: The role of a source whose rollback is not complete (the helper was unreachable).
+ROLLBACK_PENDING = "rollback-pending"
+#: Roles in which a rollback has something to undo.
+_ROLLBACK_ROLES = frozenset({"migrating", "frozen", "migrated", ROLLBACK_PENDING})
+
+
+class MigrationAborted(Exception):
+    """migrate-abort stopped a pre-copy or a freeze in progress."""
+
+
+def _why(exc: BaseException) -> str:
+    """A failure in words; trio's stream errors carry none."""
+    if isinstance(exc, trio.BrokenResourceError):
+        return "the stream's reader went away (the target stopped reading)"
+    return str(exc) or type(exc).__name__
+
 
 #: What must not have changed on a pre-copied connection's guest side.
 _GuestMark = tuple[int, int, int, int, int, int, State]
@@ -136,6 +171,27 @@ class SourceMigration:
         self.precopied: dict[TcpConn, tuple[int, tuple[int, int], _GuestMark]] = {}
         """Pre-copied connections: record index, segment counts and guest mark at the dump."""
         self.precopy_timings: dict[str, float] = {}
+        self._work: trio.CancelScope | None = None
+        """The pre-copy or freeze in progress (migrate-abort cancels it)."""
+        self._work_done = trio.Event()
+        self._work_done.set()
+        self._rollback_lock = trio.Lock()
+        self._retrying = False
+        self.handed_over: list[TcpConn] = []
+        """Same namespace: connections whose sockets went to the target (a rollback's part)."""
+        self.rollback_error: str | None = None
+        """Why the last rollback attempt could not complete; None once one did."""
+        self.rollback_attempts = 0
+        self._linger_scope: trio.CancelScope | None = None
+
+    def status(self) -> dict[str, Any]:
+        """This migration in ``ferryctl status``: a pending rollback is visible there."""
+        return {
+            "side": "source",
+            "rollback_error": self.rollback_error,
+            "rollback_attempts": self.rollback_attempts,
+            "helper_reconnects": 0 if self.repair is None else self.repair.reconnects,
+        }
 
     async def precopy(self, fd: int) -> dict[str, Any]:
         """Start the stream while the guest runs: header and the quiet TCP connections."""
@@ -148,48 +204,70 @@ class SourceMigration:
         self.stream = stream
         t0 = time.monotonic()
         held: list[TcpConn] = []
+        self._work_done = trio.Event()
         try:
-            out = bytearray(self.enc.header(self._header(precopy=True)))
-            now = trio.current_time()
-            quiet = [f.handle for f in d.tcp.table if _precopy_candidate(f.handle, now)]
-            if quiet:
-                repair = self.repair = await self.repair_source.get()
-            for start in range(0, len(quiet), PRECOPY_BATCH):
-                batch = [c for c in quiet[start : start + PRECOPY_BATCH] if not c.closed]
-                if not batch:
-                    continue
-                held = batch
-                d.tcp.hold(batch)
-                socks = [c.sock for c in batch]
-                await repair.set_repair(socks, RepairMode.ON)
-                try:
-                    for conn in batch:
-                        try:
-                            segs = segment_counts(conn.sock)
-                            kernel = dump_tcp(conn.sock)
-                        except (SocketStateError, OSError) as exc:
-                            log.info("pre-copy: %s: %s; left for the freeze", conn.describe(), exc)
-                            continue
-                        out += self.enc.flow(tcp_record(conn, kernel))
-                        self.precopied[conn] = (self.enc.flow_count - 1, segs, _guest_mark(conn))
-                finally:
-                    await repair.set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
-                    d.tcp.release(batch, trio.current_time())
-                    held = []
-                if len(out) >= CHUNK:
-                    await stream.send_all(bytes(out))
-                    self.written += len(out)
-                    out.clear()
-            out += self.enc.precopy_end()
-            await stream.send_all(bytes(out))
-            self.written += len(out)
-        except (RepairError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.warning("pre-copy failed: %s", exc)
+            with trio.CancelScope() as work:
+                self._work = work
+                out = bytearray(self.enc.header(self._header(precopy=True)))
+                now = trio.current_time()
+                quiet = [f.handle for f in d.tcp.table if _precopy_candidate(f.handle, now)]
+                if quiet:
+                    repair = self.repair = await self.repair_source.get()
+                for start in range(0, len(quiet), PRECOPY_BATCH):
+                    batch = [c for c in quiet[start : start + PRECOPY_BATCH] if not c.closed]
+                    if not batch:
+                        continue
+                    held = batch
+                    d.tcp.hold(batch)
+                    socks = [c.sock for c in batch]
+                    await repair.set_repair(socks, RepairMode.ON)
+                    try:
+                        for conn in batch:
+                            try:
+                                segs = segment_counts(conn.sock)
+                                kernel = dump_tcp(conn.sock)
+                            except (SocketStateError, OSError) as exc:
+                                log.info(
+                                    "pre-copy: %s: %s; left for the freeze", conn.describe(), exc
+                                )
+                                continue
+                            out += self.enc.flow(tcp_record(conn, kernel))
+                            self.precopied[conn] = (
+                                self.enc.flow_count - 1,
+                                segs,
+                                _guest_mark(conn),
+                            )
+                    finally:
+                        # (Cancelled by migrate-abort, this raises again and
+                        # leaves the batch held: the handler below undoes it.)
+                        await repair.set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
+                        d.tcp.release(batch, trio.current_time())
+                        held = []
+                    if len(out) >= CHUNK:
+                        await stream.send_all(bytes(out))
+                        self.written += len(out)
+                        out.clear()
+                out += self.enc.precopy_end()
+                await stream.send_all(bytes(out))
+                self.written += len(out)
+            if work.cancelled_caught:
+                raise MigrationAborted("aborted by migrate-abort")
+        except (
+            RepairError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            MigrationAborted,
+        ) as exc:
+            log.warning("pre-copy failed: %s", _why(exc))
             with trio.CancelScope(shield=True):
                 if held:
                     await self._unhold(held)
                 await self._drop_precopy()
-            raise ControlError(f"pre-copy failed ({exc}); nothing changed here") from exc
+            raise ControlError(f"pre-copy failed ({_why(exc)}); nothing changed here") from exc
+        finally:
+            self._work = None
+            self._work_done.set()
         d.role = "precopied"
         assert d.outer is not None
         d.outer.start_soon(self._outcome_watchdog)
@@ -257,36 +335,48 @@ class SourceMigration:
         self.same_netns = same_netns
         t_freeze = time.monotonic()
         counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
-        await d.stop_data_path()
-        # What the guest already queued for us is handled now: detaching drops
-        # it (TapFrontend.drain). From the detach on the guest's frames go to
-        # the target's queue (attached at its migrate-in or wait-precopy),
-        # which holds them until it resumes: nothing the guest sends during
-        # the downtime is lost (tun steers every flow to the remaining queue
-        # once ours is detached).
-        stack, now = d.stack, trio.current_time()
-        d.tap.drain(lambda frame, trusted: stack.receive_frame(frame, now, trusted), stack.flush)
-        d.tap.detach_queue()
-        t_stopped = time.monotonic()
-        self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
+        self._work_done = trio.Event()
         try:
-            repairable = [c for c in self.conns if c.state is not State.CONNECTING]
-            if repairable:
-                self.repair = await self.repair_source.get()
-                # ferry-repair freezes each socket's intake (a drop-all
-                # filter) as it turns repair on: see repair_helper/repair.py.
-                self.frozen.extend(repairable)
-                await self.repair.set_repair([c.sock for c in repairable], RepairMode.ON)
-            t_repaired = time.monotonic()
-            written = await self._stream(stream, counts)
-            t_dumped = time.monotonic()
+            with trio.CancelScope() as work:
+                self._work = work
+                await d.stop_data_path()
+                # What the guest already queued for us is handled now: detaching drops
+                # it (TapFrontend.drain). From the detach on the guest's frames go to
+                # the target's queue (attached at its migrate-in or wait-precopy),
+                # which holds them until it resumes: nothing the guest sends during
+                # the downtime is lost (tun steers every flow to the remaining queue
+                # once ours is detached).
+                stack, now = d.stack, trio.current_time()
+                d.tap.drain(
+                    lambda frame, trusted: stack.receive_frame(frame, now, trusted), stack.flush
+                )
+                d.tap.detach_queue()
+                t_stopped = time.monotonic()
+                self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
+                repairable = [c for c in self.conns if c.state is not State.CONNECTING]
+                if repairable:
+                    self.repair = await self.repair_source.get()
+                    # ferry-repair freezes each socket's intake (a drop-all
+                    # filter) as it turns repair on: see repair_helper/repair.py.
+                    self.frozen.extend(repairable)
+                    await self.repair.set_repair([c.sock for c in repairable], RepairMode.ON)
+                t_repaired = time.monotonic()
+                written = await self._stream(stream, counts)
+                t_dumped = time.monotonic()
+            if work.cancelled_caught:
+                raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:
-            log.warning("migration failed: %s; rolling back", exc)
+            log.warning("migration failed: %s; rolling back", _why(exc))
             await trio.lowlevel.checkpoint()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-                await self.rollback()
-            raise ControlError(f"migration failed ({exc}); rolled back, nothing lost") from exc
+                rolled_back = await self.rollback()
+            raise ControlError(
+                self.rollback_outcome(f"migration failed ({_why(exc)})", rolled_back)
+            ) from exc
+        finally:
+            self._work = None
+            self._work_done.set()
         d.role = "frozen"
         assert d.outer is not None
         d.outer.start_soon(self._outcome_watchdog)
@@ -420,12 +510,16 @@ class SourceMigration:
             self._watchdog.cancel()
         d.role = "migrated"
         assert d.outer is not None
-        d.outer.start_soon(self._linger)
+        self._linger_scope = trio.CancelScope()
+        d.outer.start_soon(self._linger, self._linger_scope)
         log.info("migration committed: guest handed over; lingering %.0f s", d.opts.linger)
         return {"linger": d.opts.linger}
 
-    async def _linger(self) -> None:
-        await trio.sleep(self.daemon.opts.linger)
+    async def _linger(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(self.daemon.opts.linger)
+        if scope.cancelled_caught:
+            return  # rolled back after the commit: this ferryd keeps the guest
         for conn in self.frozen:
             if conn.sock.fileno() >= 0:
                 self.daemon.tcp.forget(conn)
@@ -434,52 +528,132 @@ class SourceMigration:
         self.daemon.exit_requested.set()
 
     async def abort(self) -> dict[str, Any]:
+        """Undo whatever this migration did on this side; see the module docstring.
+
+        Answers with the role reached; raises ControlError only if the
+        rollback could not be completed (the error says why and what
+        happens next).
+        """
         d = self.daemon
+        stopped = self._work is not None
+        if self._work is not None:
+            # A pre-copy or a freeze in progress: stop it; it undoes itself
+            # (a freeze rolls back) before its own request answers.
+            self._work.cancel()
+        await self._work_done.wait()
         if d.role == "precopied":
             if self._watchdog is not None:
                 self._watchdog.cancel()
             await self._drop_precopy()
-            return {"role": d.role}
-        if d.role not in ("frozen", "migrated"):
-            raise ControlError(f"nothing to abort: this ferryd is {d.role}")
-        await self.rollback()
-        return {"role": d.role}
+            return {"role": d.role, "note": "pre-copy dropped"}
+        if d.role in _ROLLBACK_ROLES:
+            if not await self.rollback():
+                raise ControlError(self.rollback_outcome("migrate-abort", False))
+            return {"role": d.role, "note": "rolled back, nothing lost"}
+        if stopped:
+            return {"role": d.role, "note": "stopped the migration in progress; nothing lost"}
+        return {"role": d.role, "note": "no migration in progress: nothing to undo"}
 
-    async def rollback(self) -> None:
-        """Put everything back as it was before the freeze and resume."""
+    def rollback_outcome(self, what: str, rolled_back: bool) -> str:
+        """What a failed migration or an abort tells ferryctl: exactly what happened."""
+        if rolled_back:
+            return f"{what}; rolled back, nothing lost"
+        return (
+            f"{what}; rollback incomplete: {self.rollback_error}. The guest's TCP connections"
+            f" stay frozen here (role {self.daemon.role}); ferryd keeps retrying every"
+            f" {ROLLBACK_RETRY_MAX:g} s at most, and migrate-abort retries at once"
+        )
+
+    async def rollback(self) -> bool:
+        """Put everything back as it was before the freeze and resume; True if done.
+
+        False when it could not be completed (the role is then
+        ``rollback-pending``, :attr:`rollback_error` says why, and a
+        background task tries again). Safe to call again at any point: each
+        step is repeated only until it succeeded once.
+        """
         d = self.daemon
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        live = [c for c in self.frozen if c.sock.fileno() >= 0]
-        handed_over = [c for c in self.frozen if c.sock.fileno() < 0]
-        repair = self.repair
-        if live or handed_over:
-            repair = repair or await self.repair_source.get()
-        if live:
-            assert repair is not None
-            await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
-        self.frozen.clear()
-        d.role = "running"
+        async with self._rollback_lock:
+            if d.role not in _ROLLBACK_ROLES:
+                return d.role == "running"  # someone else (a retry, an abort) finished it
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            if self._linger_scope is not None:
+                self._linger_scope.cancel()
+            self.rollback_attempts += 1
+            try:
+                await self._rollback_steps()
+            except Exception as exc:
+                first = d.role != ROLLBACK_PENDING
+                d.role = ROLLBACK_PENDING
+                self.rollback_error = str(exc)
+                if first:
+                    log.error(
+                        "migration rollback incomplete: %s; the guest's TCP connections stay"
+                        " frozen until it succeeds (retrying)",
+                        exc,
+                    )
+                self._retry_in_background()
+                return False
+            self.rollback_error = None
+            log.info("migration rolled back: running again with every connection")
+            return True
+
+    def _retry_in_background(self) -> None:
+        if self._retrying:
+            return
+        self._retrying = True
+        assert self.daemon.outer is not None
+        self.daemon.outer.start_soon(self._retry_rollback)
+
+    async def _retry_rollback(self) -> None:
+        delay = ROLLBACK_RETRY_FIRST
+        try:
+            while self.daemon.role == ROLLBACK_PENDING:
+                await trio.sleep(delay)
+                delay = min(delay * 2, ROLLBACK_RETRY_MAX)
+                await self.rollback()
+        finally:
+            self._retrying = False
+
+    async def _rollback_steps(self) -> None:
+        d = self.daemon
+        await d.stop_data_path()  # a freeze cancelled half-way: let it end first
+        if self.frozen:
+            live = [c for c in self.frozen if c.sock.fileno() >= 0]
+            if live:
+                repair = self.repair = await self.repair_source.get()
+                await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
+            self.handed_over += [c for c in self.frozen if c.sock.fileno() < 0]
+            self.frozen.clear()
         d.tap.attach_queue()
         if self.same_netns and self.records:
             # Same namespace: what was handed over is restored here from the
             # records, exactly as the target would have.
+            repair = self.repair = await self.repair_source.get()
             restorer = restore.Restorer(d, repair)
-            closed = {c.ends for c in handed_over}
-            for conn in handed_over:
+            closed = {c.ends for c in self.handed_over}
+            for conn in self.handed_over:
                 d.tcp.table.remove(conn.flow.key)
-            for rec in self.records:
-                if isinstance(rec, TcpFlowRecord):
-                    if rec.kernel is not None and restore.ends_of(rec) in closed:
+            try:
+                for rec in self.records:
+                    if isinstance(rec, TcpFlowRecord):
+                        if rec.kernel is not None and restore.ends_of(rec) in closed:
+                            await restorer.add(rec)
+                    elif isinstance(rec, ListenerRecord):
+                        tcp = rec.proto == IPPROTO_TCP
+                        if (tcp and self.listeners_closed) or (not tcp and self.sockets_closed):
+                            await restorer.add(rec)
+                    elif self.sockets_closed:
                         await restorer.add(rec)
-                elif isinstance(rec, ListenerRecord):
-                    tcp = rec.proto == IPPROTO_TCP
-                    if (tcp and self.listeners_closed) or (not tcp and self.sockets_closed):
-                        await restorer.add(rec)
-                elif self.sockets_closed:
-                    await restorer.add(rec)
-            await restorer.finish()
+                await restorer.finish()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await restorer.discard()
+                raise
+            d.role = "running"
             await restorer.resume()
+            self.records.clear()
         else:
+            d.role = "running"
             await d.start_data_path()
-        log.info("migration rolled back: running again with every connection")

@@ -47,7 +47,9 @@ class Fakes:
     source_ns: int = HOST_NS
     target_ns: int = HOST_NS + 1
     #: Per command, what the fake does instead of succeeding: "refuse" (ok: false)
-    #: or "die" (stop serving; the request is left unanswered) or "hang".
+    #: or "die" (stop serving; the request is left unanswered) or "hang", or
+    #: "stuck" (a source that failed and could not roll back: ok: false, and
+    #: its role turns "rollback-pending").
     fail: dict[str, str] = field(default_factory=dict)
     same_netns_seen: list[object] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)
@@ -94,6 +96,9 @@ async def _misbehave(fakes: Fakes, who: str, cmd: str) -> None:
         await trio.sleep_forever()
     if how == "hang":
         await trio.sleep_forever()
+    if how == "stuck":  # failed, and could not roll back (its repair helper is gone)
+        fakes.source_role = "rollback-pending"
+        raise ControlError(f"{cmd} failed; rollback incomplete: the repair helper is gone")
 
 
 def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlServer:
@@ -365,7 +370,7 @@ async def test_target_fails_to_restore_the_precopy(
     rc, _, err = await migrate(capsys, fakes, precopy=True)
     assert rc != 0
     assert "pre-copy failed" in err
-    assert fakes.commands("source")[-1] == "migrate-abort"
+    assert fakes.commands("source")[-2:] == ["migrate-abort", "status"]
     assert ("source", "migrate-out") not in fakes.log
 
 
@@ -437,7 +442,11 @@ async def test_source_refuses_stream(fakes: Fakes, capsys: pytest.CaptureFixture
     assert rc == 1
     assert "migrate-out refused by the fake source" in err
     assert "the source rolled back and keeps running" in err
-    assert fakes.log[-2:] == [("source", "migrate-out"), ("target", "migrate-abort")]
+    assert fakes.log[-3:] == [
+        ("source", "migrate-out"),
+        ("target", "migrate-abort"),
+        ("source", "status"),
+    ]
     assert ("source", "migrate-abort") not in fakes.log
     # Our copy of the write end was closed: the target saw the (empty) stream end.
     with trio.fail_after(5):
@@ -463,7 +472,11 @@ async def test_source_hangs(fakes: Fakes, capsys: pytest.CaptureFixture[str]) ->
     assert rc == 1
     assert "no answer from ferryd" in err
     assert "within 0.5 s" in err
-    assert fakes.log[-2:] == [("target", "migrate-abort"), ("source", "migrate-abort")]
+    assert fakes.log[-3:] == [
+        ("target", "migrate-abort"),
+        ("source", "migrate-abort"),
+        ("source", "status"),
+    ]
 
 
 async def test_target_dies_during_restore(fakes: Fakes, capsys: pytest.CaptureFixture[str]) -> None:
@@ -472,7 +485,7 @@ async def test_target_dies_during_restore(fakes: Fakes, capsys: pytest.CaptureFi
     assert rc == 1
     assert "restore failed: target migrate-wait" in err
     assert "migration aborted, the source resumed" in err
-    assert fakes.log[-1] == ("source", "migrate-abort")
+    assert fakes.log[-2:] == [("source", "migrate-abort"), ("source", "status")]
     assert "migrate-commit" not in fakes.commands("source")
 
 
@@ -481,7 +494,11 @@ async def test_restore_fails(fakes: Fakes, capsys: pytest.CaptureFixture[str]) -
     rc, _, err = await migrate(capsys, fakes)
     assert rc == 1
     assert "restore failed: target migrate-wait: migrate-wait refused by the fake target" in err
-    assert fakes.log[-2:] == [("target", "migrate-abort"), ("source", "migrate-abort")]
+    assert fakes.log[-3:] == [
+        ("target", "migrate-abort"),
+        ("source", "migrate-abort"),
+        ("source", "status"),
+    ]
     assert "migrate-commit" not in fakes.commands("source")
 
 
@@ -490,7 +507,11 @@ async def test_commit_fails(fakes: Fakes, capsys: pytest.CaptureFixture[str]) ->
     rc, _, err = await migrate(capsys, fakes)
     assert rc == 1
     assert "source migrate-commit: migrate-commit refused" in err
-    assert fakes.log[-2:] == [("target", "migrate-abort"), ("source", "migrate-abort")]
+    assert fakes.log[-3:] == [
+        ("target", "migrate-abort"),
+        ("source", "migrate-abort"),
+        ("source", "status"),
+    ]
     assert "migrate-resume" not in fakes.commands("target")
 
 
@@ -500,11 +521,12 @@ async def test_resume_fails(fakes: Fakes, capsys: pytest.CaptureFixture[str]) ->
     assert (rc, out) == (1, "")
     assert "target migrate-resume: migrate-resume refused by the fake target" in err
     assert "migration aborted, the source resumed" in err
-    assert fakes.log[-4:] == [
+    assert fakes.log[-5:] == [
         ("source", "migrate-commit"),
         ("target", "migrate-resume"),
         ("target", "migrate-abort"),
         ("source", "migrate-abort"),
+        ("source", "status"),
     ]
 
 
@@ -517,6 +539,47 @@ async def test_resume_fails_and_source_abort_fails(
     assert rc == 1
     assert "source migrate-abort also failed: migrate-abort: migrate-abort refused" in err
     assert "check its status" in err
+
+
+async def test_source_that_could_not_roll_back_is_not_called_running(
+    fakes: Fakes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The source failed and its rollback did not complete: ferryctl asks, and says so."""
+    fakes.fail["source migrate-out"] = "stuck"
+    rc, _, err = await migrate(capsys, fakes)
+    assert rc == 1
+    assert "rollback incomplete: the repair helper is gone" in err
+    assert "rolled back and keeps running" not in err
+    assert "resumed" not in err
+    assert "the source did NOT resume (it is rollback-pending)" in err
+    assert f"ferryctl --control {fakes.source_path} migrate-abort" in err
+    assert fakes.log[-2:] == [("target", "migrate-abort"), ("source", "status")]
+
+
+async def test_abort_that_cannot_complete_is_reported(
+    fakes: Fakes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fakes.fail["target migrate-wait"] = "refuse"
+    fakes.fail["source migrate-abort"] = "stuck"
+    rc, _, err = await migrate(capsys, fakes)
+    assert rc == 1
+    assert "source migrate-abort also failed" in err
+    assert "rollback incomplete" in err
+    assert "resumed" not in err
+
+
+async def test_migrate_abort_command(fakes: Fakes, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ferryctl migrate-abort``: the daemon's answer as JSON, exit 1 when it failed."""
+    argv = ["--control", fakes.source_path, "migrate-abort"]
+    rc = await trio.to_thread.run_sync(ctl.main, argv)
+    out, _ = capsys.readouterr()
+    assert (rc, json.loads(out)) == (0, {"ok": True})
+    fakes.fail["source migrate-abort"] = "stuck"
+    rc = await trio.to_thread.run_sync(ctl.main, argv)
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, "")
+    assert "migrate-abort failed; rollback incomplete: the repair helper is gone" in err
+    assert fakes.commands("source") == ["migrate-abort", "migrate-abort"]
 
 
 # ---------------------------------------------------------------------------
