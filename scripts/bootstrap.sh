@@ -29,7 +29,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-PYTHON=${PYTHON:-python3}
+# Debian's own interpreter, not one found first on PATH: ferryd drops to an
+# unprivileged user (nobody by default) after setup, and then still imports
+# modules lazily (the stdlib, the migration code); an interpreter under a
+# private home (a pyenv build in /root, mode 0700) is unreadable to it.
+# A venv built from another interpreter is rebuilt.
+PYTHON=${PYTHON:-/usr/bin/python3}
+if [ -x .venv/bin/python ] \
+    && ! grep -qx "home = $(dirname "$(readlink -f "$PYTHON")")" .venv/pyvenv.cfg 2>/dev/null; then
+    echo "bootstrap: .venv was built from another interpreter; rebuilding it from $PYTHON"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
