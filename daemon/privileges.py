@@ -143,6 +143,10 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
     prctl.cap_inheritable.limit()
     prctl.cap_effective.limit(*kept)
     prctl.cap_permitted.limit(*kept)
+    if keep:
+        # setresuid() away from 0 emptied the effective set even with KEEPCAPS;
+        # raise the one capability again from the permitted set.
+        prctl.cap_effective.net_bind_service = True
     prctl.set_no_new_privs(True)
     prctl.set_dumpable(False)
     _check(identity, (1 << CAP_NET_BIND_SERVICE) if keep else 0)
