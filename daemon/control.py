@@ -321,16 +321,20 @@ class ControlServer:
 
     async def _bind(self) -> tuple[trio.socket.SocketType, os.stat_result]:
         await self._remove_stale()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound synchronously: trio binds a Unix socket path in a worker thread,
+        # and a thread left over from setup would keep its capabilities past
+        # the privilege drop (capset(2) changes the calling thread only).
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            await sock.bind(self.path)
+            raw.bind(self.path)
             # Not listening yet, so nobody can connect before the mode is tight.
             os.chmod(self.path, 0o600)
             bound = os.lstat(self.path)
-            sock.listen(64)
+            raw.listen(64)
         except BaseException:
-            sock.close()
+            raw.close()
             raise
+        sock = trio.socket.from_stdlib_socket(raw)
         log.debug("control: listening on %s", self.path)
         return sock, bound
 

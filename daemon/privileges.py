@@ -114,8 +114,13 @@ def needs_bind_service(host_ports: Iterable[int]) -> bool:
     """Whether binding one of ``host_ports`` needs CAP_NET_BIND_SERVICE here.
 
     The sysctl is per network namespace: read in ours, where ferryd binds.
+    Unreadable (systemd's ProcSubset=pid hides /proc/sys): the kernel's
+    default, 1024.
     """
-    start = int(UNPRIVILEGED_PORT_START.read_text())
+    try:
+        start = int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        start = 1024
     return any(0 < port < start for port in host_ports)
 
 
