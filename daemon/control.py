@@ -4,8 +4,12 @@ Theory of operation
 -------------------
 ferryd listens on a Unix stream socket whose path the operator chooses
 (``ferryd --control PATH``). The socket file is created with mode 0600, so
-only the daemon's own user (and root) can connect: the file mode is the whole
-access control, as with passt's and QEMU's sockets. The socket is bound, then
+only the user who started the daemon (and root) can connect: the file mode is
+the whole access control, as with passt's and QEMU's sockets. It is created
+before the privilege drop (privileges.py), so a ferryd started as root keeps
+a root-owned socket while it runs as ``--runas``: that user (nobody, which
+other ferryds may share) cannot drive it. Two ferryds started by the same
+non-root user can drive each other's; give each guest its own user. The socket is bound, then
 chmod'ed, and only then listened on: until ``listen()`` every connect() is
 refused, so no client ever reaches it through a wider umask-derived mode.
 

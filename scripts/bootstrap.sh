@@ -50,6 +50,15 @@ if [ ! -f .venv/.stamp-install ] || [ pyproject.toml -nt .venv/.stamp-install ];
     touch .venv/.stamp-install
 fi
 
+# ferryd started as root runs as nobody once set up and keeps importing
+# lazily from the venv and the tree: both must be readable by that user.
+if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null \
+    && ! setpriv --reuid 65534 --regid 65534 --clear-groups \
+        .venv/bin/python -c 'import daemon.main, daemon.migration.source' 2>/dev/null; then
+    echo "bootstrap: warning: uid 65534 cannot import ferry from $(pwd)/.venv;" \
+        "ferryd will fail after dropping to nobody (make the tree readable, mode 0755)" >&2
+fi
+
 # Unprivileged ICMP echo sockets (ferryd's ping flows) need the daemon's group
 # inside net.ipv4.ping_group_range; the kernel default "1 0" allows nobody.
 if [ "$(id -u)" -eq 0 ]; then
