@@ -94,10 +94,12 @@ def test_repair_helper_loads_its_ebpf_filter_under_its_unit(tmp_path: Path) -> N
     assert "intake freeze: eBPF program" in serving, serving
 
 
-#: Debian's udev makes /dev/net/tun mode 0666; some containers do not. In a
-#: private mount namespace, a node with the usual mode stands in for it.
-_TUN_0666 = (
-    'd=$(mktemp -d) && mount -t tmpfs tmpfs "$d" && mknod -m 666 "$d/tun" c 10 200'
+#: In a private mount namespace: the unit's ProtectProc=invisible and
+#: ProcSubset=pid (a /proc with only the processes, no /proc/sys), and a
+#: /dev/net/tun of mode 0666 as Debian's udev makes it (some containers do not).
+_UNIT_MOUNTS = (
+    "mount -t proc -o subset=pid,hidepid=invisible proc /proc"
+    ' && d=$(mktemp -d) && mount -t tmpfs tmpfs "$d" && mknod -m 666 "$d/tun" c 10 200'
     ' && mount --bind "$d/tun" /dev/net/tun && exec "$@"'
 )
 
@@ -106,6 +108,7 @@ def test_ferryd_works_under_its_unit(topology: Topology, short_tmp: Path) -> Non
     """A non-root ferryd with the unit's ambient capabilities and filter; -t 80."""
     unit = UNITS / "ferryd@.service"
     assert _setting(unit, "DynamicUser") == "yes"
+    assert _setting(unit, "ProcSubset") == "pid"
     caps = _setpriv_caps(unit, "AmbientCapabilities")
     bounding = _setpriv_caps(unit, "CapabilityBoundingSet")
     short_tmp.chmod(0o755)
@@ -114,7 +117,7 @@ def test_ferryd_works_under_its_unit(topology: Topology, short_tmp: Path) -> Non
     shutil.chown(run, RUNAS_UID, RUNAS_UID)
     control = str(run / "control.sock")
     argv = [
-        "unshare", "--mount", "--propagation", "private", "sh", "-c", _TUN_0666, "sh",
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", _UNIT_MOUNTS, "sh",
         "setpriv", "--reuid", str(RUNAS_UID), "--regid", str(RUNAS_UID), "--clear-groups",
         "--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", f"-all,{bounding}",
         "--no-new-privs", *FILTER, str(unit), "--",

@@ -12,8 +12,12 @@ the first line, an allow-list, starts the set; a later ``~`` line removes
 from it and a later plain line adds to it. Groups (``@system-service``) are
 expanded by ``systemd-analyze syscall-filter``, recursively, so the filter
 is the one systemd would build. Denied calls fail with the unit's
-SystemCallErrorNumber=. Not reproduced: RestrictNamespaces= and
-RestrictAddressFamilies=, which systemd also implements with seccomp.
+SystemCallErrorNumber=. RestrictAddressFamilies= (an allow-list) and
+RestrictNamespaces= (the kinds allowed) are in the same filter, as systemd
+puts them in seccomp too: socket() only for the listed families, setns()
+only for the allowed kinds, unshare() and clone() only without the others'
+flags (clone3 fails with ENOSYS, as under systemd, so libc falls back to
+clone).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,13 +76,53 @@ def allowed_syscalls(unit: Path) -> set[str]:
     return allowed
 
 
+#: linux/sched.h
+NAMESPACE_FLAGS = {
+    "cgroup": 0x02000000, "ipc": 0x08000000, "net": 0x40000000, "mnt": 0x00020000,
+    "pid": 0x20000000, "user": 0x10000000, "uts": 0x04000000,
+}  # fmt: skip
+
+
 def install(unit: Path) -> None:
     code = unit_settings(unit, "SystemCallErrorNumber") or ["EPERM"]
     rules = pyseccomp.SyscallFilter(pyseccomp.ERRNO(getattr(errno, code[-1])))
-    for name in sorted(allowed_syscalls(unit)):
+    allowed = allowed_syscalls(unit)
+    conditional: list[tuple[str, list[object]]] = []
+    families = unit_settings(unit, "RestrictAddressFamilies")
+    if families and "socket" in allowed:
+        allowed.discard("socket")
+        for family in families[-1].split():
+            number = getattr(socket, family)
+            conditional.append(("socket", [pyseccomp.Arg(0, pyseccomp.EQ, number)]))
+    kinds = unit_settings(unit, "RestrictNamespaces")
+    if kinds and kinds[-1] != "no":
+        value = kinds[-1]
+        if value == "yes":
+            permitted: set[str] = set()
+        elif value.startswith("~"):
+            permitted = set(NAMESPACE_FLAGS) - set(value[1:].split())
+        else:
+            permitted = set(value.split())
+        forbidden = sum(f for k, f in NAMESPACE_FLAGS.items() if k not in permitted)
+        if "setns" in allowed:
+            allowed.discard("setns")
+            # setns(fd, 0) would let the kernel pick the kind: systemd refuses it.
+            for kind in permitted:
+                flag = NAMESPACE_FLAGS[kind]
+                conditional.append(("setns", [pyseccomp.Arg(1, pyseccomp.EQ, flag)]))
+        for name, arg in (("unshare", 0), ("clone", 0)):
+            if name in allowed:
+                allowed.discard(name)
+                conditional.append((name, [pyseccomp.Arg(arg, pyseccomp.MASKED_EQ, forbidden, 0)]))
+        if "clone3" in allowed:
+            allowed.discard("clone3")
+            rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    for name in sorted(allowed):
         # OSError: not a syscall of this architecture (systemd skips those too).
         with contextlib.suppress(OSError):
             rules.add_rule(pyseccomp.ALLOW, name)
+    for name, args in conditional:
+        rules.add_rule(pyseccomp.ALLOW, name, *args)
     rules.load()
 
 
