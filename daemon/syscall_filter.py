@@ -17,9 +17,10 @@ Arguments are checked where a call has one dangerous use:
   still imports lazily after setup (the migration modules, codecs), which
   must keep working; writing a file is never ferryd's business.
 * ``ioctl`` only with the requests ferryd makes: queue lengths (SIOCINQ,
-  SIOCOUTQ, SIOCOUTQNSD), the tap's queue switch (TUNSETQUEUE) and FIONBIO,
-  FIOCLEX. Not TIOCSTI, which would type into the terminal ferryd's stderr
-  may be.
+  SIOCOUTQ, SIOCOUTQNSD), the tap's queue switch (TUNSETQUEUE), FIONBIO,
+  FIOCLEX and TCGETS (isatty). Not TIOCSTI, which would type into the
+  terminal ferryd's stderr may be.
+* ``prlimit64`` only on ferryd itself (pid 0).
 * ``clone``/``clone3`` are not allowed at all: ferryd starts no thread and
   no process after setup.
 
@@ -100,6 +101,9 @@ def install_syscall_filter() -> None:
     for name in ALLOWED_SYSCALLS:
         rules.add_rule(ALLOW, name)
     rules.add_rule(ALLOW, "openat", syscall_arg(2, MASKED_EQ, _WRITING, 0))
+    # getrlimit() (glibc: prlimit64 on ourselves): the descriptor budget may
+    # be looked at again later; another process's limits never.
+    rules.add_rule(ALLOW, "prlimit64", syscall_arg(0, EQ, 0))
     for request in ALLOWED_IOCTLS:
         rules.add_rule(ALLOW, "ioctl", syscall_arg(1, EQ, request))
     rules.load()

@@ -93,7 +93,7 @@ def test_low_forward_keeps_only_bind_service(topology: Topology, start_ferryd: S
 def test_forbidden_syscalls_fail_under_ferryds_filter() -> None:
     """execve, ptrace, mount, a file opened for writing, kill: refused (EPERM)."""
     probe = """
-import ctypes, errno, os, socket
+import ctypes, errno, os, resource, socket
 from daemon.syscall_filter import install_syscall_filter
 install_syscall_filter()
 libc = ctypes.CDLL(None, use_errno=True)
@@ -114,12 +114,13 @@ print(
     err(lambda: os.fork()),
     err(lambda: socket.socket().close()),              # allowed: 0
     err(lambda: open("/etc/hostname").close()),        # allowed: 0
+    err(lambda: resource.getrlimit(resource.RLIMIT_NOFILE)),  # allowed: 0
 )
 """
     out = subprocess.run(
         [str(FERRYD.parent / "python"), "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == [str(errno.EPERM)] * 6 + ["0", "0"], out
+    assert out == [str(errno.EPERM)] * 6 + ["0", "0", "0"], out
     assert not Path("/tmp/ferry-seccomp-probe").exists()
 
 
