@@ -9,9 +9,10 @@ the whole access control, as with passt's and QEMU's sockets. It is created
 before the privilege drop (privileges.py), so a ferryd started as root keeps
 a root-owned socket while it runs as ``--runas``: that user (nobody, which
 other ferryds may share) cannot drive it. Two ferryds started by the same
-non-root user can drive each other's; give each guest its own user. The socket is bound, then
-chmod'ed, and only then listened on: until ``listen()`` every connect() is
-refused, so no client ever reaches it through a wider umask-derived mode.
+non-root user can drive each other's; give each guest its own user. The
+socket is bound, then chmod'ed, and only then listened on: until
+``listen()`` every connect() is refused, so no client ever reaches it
+through a wider umask-derived mode.
 
 At start a leftover socket file from a crashed daemon is removed, but only
 after checking that nobody answers on it: if a connect() succeeds, another

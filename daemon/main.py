@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     startup_errors: list[Exception] = []
     try:
         trio.run(serve, opts, link, tap, runas)
-    except* (ControlAddressInUse, ForwardError) as group:
+    except* (ControlAddressInUse, ForwardError, PrivilegeError) as group:
         startup_errors.extend(e for e in group.exceptions if isinstance(e, Exception))
     finally:
         tap.close()
