@@ -42,6 +42,7 @@ from typing import Any
 
 from tests.integration.conftest import (
     FERRYCTL,
+    RUNAS_UID,
     FerrydProcess,
     MigrationBed,
     _default_routes,
@@ -61,7 +62,7 @@ def _bed() -> Iterator[MigrationBed]:
     with (
         two_host_topology() as fabric,
         Netns("guest") as guest,
-        listening_helper(tmp / "repair.sock"),
+        listening_helper(tmp / "repair.sock", "--allow-uid", str(RUNAS_UID)),
     ):
         for host in (fabric.host_a, fabric.host_b):
             _default_routes(host, fabric.peers_v4[0], fabric.peers_v6[0])

@@ -69,6 +69,7 @@ class Options:
     repair_socket: str | None = None
     repair_listen: str | None = None
     linger: float = 30.0
+    runas: str | None = None
 
 
 def _mtu(text: str) -> int:
@@ -248,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="after handing its guest over, keep the frozen sockets (dropping what "
         "reaches them, so the source never resets a connection the target now owns) "
         "this long, then exit 0 (default 30; SIGTERM ends it earlier)",
+    )
+    p.add_argument(
+        "--runas",
+        metavar="USER[:GROUP]",
+        help="when started as root, become this user (name or uid) once set up "
+        "(default: nobody); a non-root caller can only name itself. ferry-repair "
+        "must allow that uid (--allow-uid) for migration",
     )
     p.add_argument(
         "-v",

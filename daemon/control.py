@@ -4,10 +4,15 @@ Theory of operation
 -------------------
 ferryd listens on a Unix stream socket whose path the operator chooses
 (``ferryd --control PATH``). The socket file is created with mode 0600, so
-only the daemon's own user (and root) can connect: the file mode is the whole
-access control, as with passt's and QEMU's sockets. The socket is bound, then
-chmod'ed, and only then listened on: until ``listen()`` every connect() is
-refused, so no client ever reaches it through a wider umask-derived mode.
+only the user who started the daemon (and root) can connect: the file mode is
+the whole access control, as with passt's and QEMU's sockets. It is created
+before the privilege drop (privileges.py), so a ferryd started as root keeps
+a root-owned socket while it runs as ``--runas``: that user (nobody, which
+other ferryds may share) cannot drive it. Two ferryds started by the same
+non-root user can drive each other's; give each guest its own user. The
+socket is bound, then chmod'ed, and only then listened on: until
+``listen()`` every connect() is refused, so no client ever reaches it
+through a wider umask-derived mode.
 
 At start a leftover socket file from a crashed daemon is removed, but only
 after checking that nobody answers on it: if a connect() succeeds, another
@@ -386,19 +391,23 @@ class ControlServer:
         except StartupError as exc:
             raise ControlBindError(str(exc)) from exc
         await self._remove_stale()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # Bound synchronously: trio binds a Unix socket path in a worker thread,
+        # and a thread left over from setup would keep its capabilities past
+        # the privilege drop (capset(2) changes the calling thread only).
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             try:
-                await sock.bind(self.path)
+                raw.bind(self.path)
             except OSError as exc:
                 raise ControlBindError(f"control socket {self.path}: {exc.strerror}") from exc
             # Not listening yet, so nobody can connect before the mode is tight.
             os.chmod(self.path, 0o600)
             bound = os.lstat(self.path)
-            sock.listen(64)
+            raw.listen(64)
         except BaseException:
-            sock.close()
+            raw.close()
             raise
+        sock = trio.socket.from_stdlib_socket(raw)
         log.debug("control: listening on %s", self.path)
         return sock, bound
 

@@ -7,9 +7,14 @@ Start-up order matters, because privilege is only held during setup:
 2. raise the open-file soft limit to the hard one (every flow is a socket);
 3. create/attach the tap in the guest's namespace (privileged);
 4. bind forwarded ports and the control socket (ports < 1024 need
-   CAP_NET_BIND_SERVICE);
-5. drop every capability and set no_new_privs (daemon.privileges);
-6. run the data path until SIGTERM/SIGINT, then exit 0.
+   CAP_NET_BIND_SERVICE); the control socket stays the starting user's
+   (mode 0600), so the user ferryd becomes next cannot drive it;
+5. drop privileges (daemon.privileges): become ``--runas`` (nobody by
+   default) when started as root, keep no capability but
+   CAP_NET_BIND_SERVICE when a forward needs it (a migration binds
+   forwards again), no_new_privs, non-dumpable;
+6. install the seccomp allow-list (daemon.syscall_filter);
+7. run the data path until SIGTERM/SIGINT, then exit 0.
 
 Readiness is reported through the control socket: ``status`` answers
 ``ready: true`` once the frontend is up and the addresses are known, which is
@@ -43,8 +48,15 @@ from daemon.flows.udp import UdpFlows
 from daemon.frontends.tap import TapFrontend, TapGone, TapSetupError
 from daemon.host_addresses import AddressWatch
 from daemon.link import LinkConfig
-from daemon.privileges import drop_all_capabilities
+from daemon.privileges import (
+    Identity,
+    PrivilegeError,
+    drop_privileges,
+    needs_bind_service,
+    resolve_runas,
+)
 from daemon.stack import Stack
+from daemon.syscall_filter import install_syscall_filter
 from daemon.wire.ethernet import format_mac
 
 log = logging.getLogger("ferryd")
@@ -88,8 +100,11 @@ class Daemon:
     rollback, or on a target when it resumes.
     """
 
-    def __init__(self, opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
+    def __init__(
+        self, opts: Options, link: LinkConfig, tap: TapFrontend, runas: Identity | None = None
+    ) -> None:
         self.opts = opts
+        self.runas = runas
         self.tap = tap
         # Every flow's socket counts against RLIMIT_NOFILE (daemon.descriptors).
         listeners = sum(
@@ -154,7 +169,12 @@ class Daemon:
                 control_handlers.register(control, self)
                 await outer.start(control.serve)
             await control_handlers.setup(self)
-            drop_all_capabilities()
+            forwards = self.opts.tcp_forwards + self.opts.udp_forwards
+            drop_privileges(
+                self.runas,
+                keep_bind_service=needs_bind_service(f.host_port for s in forwards for f in s),
+            )
+            install_syscall_filter()
             if not self.opts.incoming:
                 await self.start_data_path()
             self.ready = True
@@ -255,8 +275,10 @@ class Daemon:
         return {"flows": self.tcp.snapshot() + self.udp.snapshot() + self.icmp.snapshot()}
 
 
-async def serve(opts: Options, link: LinkConfig, tap: TapFrontend) -> None:
-    daemon = Daemon(opts, link, tap)
+async def serve(
+    opts: Options, link: LinkConfig, tap: TapFrontend, runas: Identity | None = None
+) -> None:
+    daemon = Daemon(opts, link, tap, runas)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
@@ -289,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             ConfigError: EXIT_USAGE,
             TapSetupError: EXIT_USAGE,
+            PrivilegeError: EXIT_USAGE,
             TapGone: EXIT_RUNTIME,
             ControlAddressInUse: EXIT_USAGE,
             ControlBindError: EXIT_RUNTIME,
@@ -301,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(opts: Options) -> None:
     link = make_link_config(opts)
+    runas = resolve_runas(opts.runas)
     raise_file_limit()
     if opts.repair_socket is not None:
         warn_if_nobody_listens(opts.repair_socket)
@@ -312,7 +336,7 @@ def _run(opts: Options) -> None:
         incoming=opts.incoming,
     )
     try:
-        trio.run(serve, opts, link, tap)
+        trio.run(serve, opts, link, tap, runas)
     finally:
         tap.close()
 

@@ -2,41 +2,219 @@
 
 ferryd needs privilege only to create and configure the guest's tap device
 (CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter the namespace) and to bind
-forwarded ports below 1024 (CAP_NET_BIND_SERVICE). All of that happens
-before the data path starts. Then every capability is dropped from every set
-(effective, permitted, inheritable, ambient, bounding) and no_new_privs is set,
-so neither the daemon nor anything it could exec regains privilege
-(DESIGN.md: ferryd "runs with no capabilities at all once set up").
+forwarded ports below ``net.ipv4.ip_unprivileged_port_start``
+(CAP_NET_BIND_SERVICE). Then, before the first guest frame is read,
+:func:`drop_privileges`:
+
+1. leaves the starting user when that is root: ``setgroups([])``, then
+   ``setresgid`` and ``setresuid`` to ``--runas USER`` (passt's option and
+   default: ``nobody``). A guest that takes over ferryd then holds a uid
+   that owns nothing: it cannot write ``kernel.core_pattern`` or anything
+   else root owns, nor connect to another ferryd's control socket (those
+   stay root's, mode 0600; control.py);
+2. keeps exactly one capability when it is needed, CAP_NET_BIND_SERVICE, and
+   only if a forward (``-t``/``-u``) names a host port below
+   ``ip_unprivileged_port_start`` of ferryd's network namespace: a
+   migration target binds the forwards and restores the connections
+   accepted on them (a bind() in repair mode is checked like any other:
+   inet_bind → inet_port_requires_bind_service), and a source whose
+   same-host migration failed binds them again on rollback. Keeping the
+   capability, rather than binding early and carrying the sockets, keeps
+   migration's listener handling as it is; the capability lets ferryd bind
+   a low port and nothing else (capabilities(7)). It survives setuid()
+   through PR_SET_KEEPCAPS, which is cleared again right after;
+3. empties the bounding, inheritable and ambient sets and every other
+   capability, sets no_new_privs (no execve() can give any back) and makes
+   the process non-dumpable (no core file, no ptrace or /proc/PID/mem by
+   the runas user: a second ferryd running as the same user cannot read
+   this one's memory; /proc/PID then belongs to root);
+4. reads the result back from /proc/self/status and refuses to go on if
+   the kernel did not do what was asked (our bug or an unexpected kernel).
+
+The seccomp allow-list (daemon/syscall_filter.py) comes after this.
+
+A non-root caller cannot switch users: ``--runas`` naming anyone but the
+caller is a configuration error, as in passt.
 """
 
+from __future__ import annotations
+
+import grp
 import logging
+import os
+import pwd
 import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import prctl
 
 log = logging.getLogger("ferryd.privileges")
 
+DEFAULT_RUNAS = "nobody"
+CAP_NET_BIND_SERVICE = 10  # include/uapi/linux/capability.h
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
 
-def drop_all_capabilities() -> None:
-    # The bounding set must be cleared while CAP_SETPCAP is still effective
-    # (capabilities(7): PR_CAPBSET_DROP needs it), so it goes first.
+
+class PrivilegeError(Exception):
+    """ferryd cannot run as asked: a bad ``--runas`` (operator) or a drop that did not stick."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who ferryd becomes after setup."""
+
+    uid: int
+    gid: int
+    name: str
+
+
+def resolve_runas(spec: str | None) -> Identity | None:
+    """The identity for ``--runas`` (USER, UID, USER:GROUP or UID:GID); None: stay as we are.
+
+    Resolved at start-up, before anything is set up, so a typo exits 2
+    with a message instead of failing halfway.
+    """
+    if os.geteuid() != 0:
+        if spec is None:
+            return None
+        who = _lookup(spec)
+        if (who.uid, who.gid) != (os.getuid(), os.getgid()):
+            raise PrivilegeError(
+                f"--runas {spec}: only root can switch users (we run as uid {os.getuid()})"
+            )
+        return None
+    return _lookup(spec if spec is not None else DEFAULT_RUNAS)
+
+
+def _lookup(spec: str) -> Identity:
+    user, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    except KeyError:
+        if not user.isdigit():
+            raise PrivilegeError(f"--runas {spec}: no user named {user!r}") from None
+        if not group:
+            raise PrivilegeError(
+                f"--runas {spec}: uid {user} has no passwd entry; give UID:GID"
+            ) from None
+        uid, gid, name = int(user), -1, user
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise PrivilegeError(f"--runas {spec}: no group named {group!r}") from None
+    return Identity(uid, gid, name)
+
+
+def needs_bind_service(host_ports: Iterable[int]) -> bool:
+    """Whether binding one of ``host_ports`` needs CAP_NET_BIND_SERVICE here.
+
+    The sysctl is per network namespace: read in ours, where ferryd binds.
+    Unreadable (systemd's ProcSubset=pid hides /proc/sys): the kernel's
+    default, 1024.
+    """
+    try:
+        start = int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        start = 1024
+    return any(0 < port < start for port in host_ports)
+
+
+def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> None:
+    """Become ``identity`` (if given) with no capability but, if asked, CAP_NET_BIND_SERVICE."""
+    keep = keep_bind_service and bool(prctl.cap_permitted.net_bind_service)
+    kept = (prctl.CAP_NET_BIND_SERVICE,) if keep else ()
+    # The bounding set needs CAP_SETPCAP to shrink (capabilities(7)), so first.
     if prctl.cap_effective.setpcap:
-        prctl.capbset.limit()
-    prctl.cap_inheritable.limit()
+        for cap in prctl.ALL_CAPS:
+            if cap not in kept and prctl.capbset_read(cap):
+                prctl.capbset_drop(cap)
+    if identity is not None:
+        # Without it setuid() from 0 empties the permitted set (capabilities(7),
+        # "Effect of user ID changes on capabilities").
+        prctl.set_keepcaps(keep)
+        os.setgroups([])
+        os.setresgid(identity.gid, identity.gid, identity.gid)
+        os.setresuid(identity.uid, identity.uid, identity.uid)
+        prctl.set_keepcaps(False)
     # Effective before permitted: capset(2) refuses an effective set that is
-    # not a subset of the permitted one. Clearing permitted and inheritable
-    # also clears the ambient set (capabilities(7)).
-    prctl.cap_effective.limit()
-    prctl.cap_permitted.limit()
+    # not a subset of the permitted one. Emptying inheritable also empties
+    # the ambient set (the kernel keeps an ambient capability only while it is
+    # both permitted and inheritable).
+    prctl.cap_inheritable.limit()
+    prctl.cap_effective.limit(*kept)
+    prctl.cap_permitted.limit(*kept)
+    if keep:
+        # setresuid() away from 0 emptied the effective set even with KEEPCAPS;
+        # raise the one capability again from the permitted set.
+        prctl.cap_effective.net_bind_service = True
     prctl.set_no_new_privs(True)
+    prctl.set_dumpable(False)
+    _check(identity, (1 << CAP_NET_BIND_SERVICE) if keep else 0)
+    _check_other_threads()
+    if identity is not None:
+        log.info(
+            "running as %s (uid %d, gid %d)%s",
+            identity.name,
+            identity.uid,
+            identity.gid,
+            ", keeping CAP_NET_BIND_SERVICE for forwarded ports" if keep else "",
+        )
 
 
-def current_capabilities() -> dict[str, int]:
-    """CapInh/CapPrm/CapEff/CapBnd/CapAmb of this process, from /proc."""
-    caps: dict[str, int] = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        m = re.match(r"(Cap\w+):\s+([0-9a-f]+)", line)
+def _check(identity: Identity | None, caps: int) -> None:
+    status = process_status()
+    wanted = {"CapEff": caps, "CapPrm": caps, "CapInh": 0, "CapAmb": 0}
+    for name, value in wanted.items():
+        if int(status[name], 16) != value:
+            raise PrivilegeError(f"{name} is {status[name]} after dropping privileges")
+    if status["NoNewPrivs"] != "1":
+        raise PrivilegeError("no_new_privs did not stick")
+    if identity is not None:
+        uids = {int(u) for u in status["Uid"].split()}
+        gids = {int(g) for g in status["Gid"].split()}
+        if uids != {identity.uid} or gids != {identity.gid} or status["Groups"]:
+            raise PrivilegeError(
+                f"ids are Uid {status['Uid']} Gid {status['Gid']} Groups {status['Groups']!r}"
+                f" after switching to {identity.name}"
+            )
+
+
+def _check_other_threads() -> None:
+    """No other thread kept a capability.
+
+    capset(2) and PR_SET_KEEPCAPS act on the calling thread only, and trio
+    may hold an idle worker thread from setup (a Unix socket's bind() runs in
+    one). glibc runs setresuid() in every thread, and the kernel clears the
+    capabilities of a thread whose uids all leave 0 without KEEPCAPS, so after
+    a user switch the others hold none; this checks it rather than trusting it
+    (and catches a non-root start with capabilities and a second thread). The
+    seccomp filter, synchronised to every thread, then sets their no_new_privs.
+    """
+    me = threading.get_native_id()
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == me:
+            continue
+        try:
+            status = process_status(f"self/task/{tid}")
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        if int(status["CapEff"], 16) or int(status["CapPrm"], 16):
+            raise PrivilegeError(
+                f"thread {tid} ({status['Name']}) still holds capabilities"
+                f" (CapPrm {status['CapPrm']}) after the drop (our bug)"
+            )
+
+
+def process_status(pid: int | str = "self") -> dict[str, str]:
+    """The fields of /proc/PID/status (Uid, CapEff, NoNewPrivs, Seccomp...)."""
+    fields: dict[str, str] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        m = re.match(r"(\w+):\s*(.*)", line)
         if m:
-            caps[m.group(1)] = int(m.group(2), 16)
-    return caps
+            fields[m.group(1)] = m.group(2).strip()
+    return fields

@@ -15,6 +15,11 @@ import pyseccomp  # type: ignore[import-untyped]
 
 ALLOW: int = pyseccomp.ALLOW
 EQ: int = pyseccomp.EQ
+MASKED_EQ: int = pyseccomp.MASKED_EQ
+CTL_LOG: int = pyseccomp.Attr.CTL_LOG
+"""Filter attribute: SECCOMP_FILTER_FLAG_LOG, the kernel logs every action but ALLOW."""
+CTL_TSYNC: int = pyseccomp.Attr.CTL_TSYNC
+"""Filter attribute: SECCOMP_FILTER_FLAG_TSYNC, the filter applies to every thread."""
 
 
 class _Arg(Protocol):
@@ -24,6 +29,8 @@ class _Arg(Protocol):
 class _SyscallFilter(Protocol):
     def add_rule(self, action: int, syscall: str, *args: _Arg) -> None: ...
 
+    def set_attr(self, attr: int, value: int) -> None: ...
+
     def load(self) -> None: ...
 
 
@@ -32,9 +39,9 @@ def errno_action(code: int) -> int:
     return cast(int, pyseccomp.ERRNO(code))
 
 
-def syscall_arg(index: int, op: int, value: int) -> _Arg:
-    """A comparison on syscall argument ``index``."""
-    return cast(_Arg, pyseccomp.Arg(index, op, value))
+def syscall_arg(index: int, op: int, value: int, value_b: int = 0) -> _Arg:
+    """A comparison on syscall argument ``index`` (MASKED_EQ: ``arg & value == value_b``)."""
+    return cast(_Arg, pyseccomp.Arg(index, op, value, value_b))
 
 
 def new_filter(default_action: int) -> _SyscallFilter:

@@ -29,7 +29,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-PYTHON=${PYTHON:-python3}
+# Debian's own interpreter, not one found first on PATH: ferryd drops to an
+# unprivileged user (nobody by default) after setup, and then still imports
+# modules lazily (the stdlib, the migration code); an interpreter under a
+# private home (a pyenv build in /root, mode 0700) is unreadable to it.
+# A venv built from another interpreter is rebuilt.
+PYTHON=${PYTHON:-/usr/bin/python3}
+if [ -x .venv/bin/python ] \
+    && ! grep -qx "home = $(dirname "$(readlink -f "$PYTHON")")" .venv/pyvenv.cfg 2>/dev/null; then
+    echo "bootstrap: .venv was built from another interpreter; rebuilding it from $PYTHON"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
@@ -38,6 +48,15 @@ if [ ! -f .venv/.stamp-install ] || [ pyproject.toml -nt .venv/.stamp-install ];
     .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -vE 'WARNING: Location|BuildBackendWarning|^ *$' || true; }
     touch .venv/.stamp-install
+fi
+
+# ferryd started as root runs as nobody once set up and keeps importing
+# lazily from the venv and the tree: both must be readable by that user.
+if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null \
+    && ! setpriv --reuid 65534 --regid 65534 --clear-groups \
+        .venv/bin/python -c 'import daemon.main, daemon.migration.source' 2>/dev/null; then
+    echo "bootstrap: warning: uid 65534 cannot import ferry from $(pwd)/.venv;" \
+        "ferryd will fail after dropping to nobody (make the tree readable, mode 0755)" >&2
 fi
 
 # Unprivileged ICMP echo sockets (ferryd's ping flows) need the daemon's group

@@ -72,7 +72,8 @@ def run_demo(topo: TwoHostTopology, guest: Netns, tmp: Path) -> None:
         step("ferry-repair, the privileged helper (CAP_NET_ADMIN only)")
         procs.append(
             subprocess.Popen(
-                [str(BIN / "ferry-repair"), "--listen", repair_sock],
+                # ferryd runs as nobody once set up (daemon/privileges.py).
+                [str(BIN / "ferry-repair"), "--listen", repair_sock, "--allow-uid", "65534"],
                 stdout=logs["repair"],
                 stderr=subprocess.STDOUT,
             )
@@ -213,6 +214,7 @@ def main() -> None:
         two_host_topology() as topo,
         Netns("guest") as guest,
     ):
+        Path(tmp).chmod(0o755)  # ferryd, as nobody, reaches ferry-repair's socket in it
         run_demo(topo, guest, Path(tmp))
     print(f"(took {time.monotonic() - started:.1f} s; namespaces removed)")
 

@@ -532,18 +532,20 @@ class RepairListener:
     ) -> RepairListener:
         """Listen on ``path`` (mode 0600: only our uid and root may connect)."""
         path = os.fspath(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound synchronously, not in a trio worker thread (control.py says why).
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            await sock.bind(path)
+            raw.bind(path)
             os.chmod(path, 0o600)
-            sock.listen(1)
+            raw.listen(1)
         except OSError as exc:
-            sock.close()
+            raw.close()
             raise RepairUnavailable(
                 f"cannot listen for the repair helper on {path}: {exc.strerror}"
             ) from None
+        await trio.lowlevel.checkpoint()
         return cls(
-            sock,
+            trio.socket.from_stdlib_socket(raw),
             path,
             reply_timeout=reply_timeout,
             max_in_flight=max_in_flight,
@@ -559,7 +561,8 @@ class RepairListener:
     def close(self) -> None:
         """Stop listening and remove the socket file."""
         self._sock.close()
-        with contextlib.suppress(FileNotFoundError):
+        # After the privilege drop the directory may no longer be ours to write.
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
 
     async def accept(self) -> RepairClient:

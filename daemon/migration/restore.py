@@ -345,3 +345,7 @@ class Restorer:
                     sock.close()
         self.in_repair.clear()
         self.restored.clear()
+        # The forwarding listeners restored so far hold the source's ports: on
+        # one host the source binds them again when it rolls back.
+        self.d.tcp.close_listeners()
+        self.d.udp.close()

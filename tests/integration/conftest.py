@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,8 @@ VENV_BIN = REPO / ".venv" / "bin"
 FERRYD = VENV_BIN / "ferryd"
 FERRYCTL = VENV_BIN / "ferryctl"
 HERE = Path(__file__).resolve().parent
+#: Who ferryd becomes after setup when started as root (its --runas default).
+RUNAS_UID = pwd.getpwnam("nobody").pw_uid
 
 #: How long ferryd may take to become ready, and to stop after SIGTERM.
 READY_TIMEOUT = 15.0
@@ -435,7 +438,9 @@ def _migration_bed(
 ) -> Iterator[MigrationBed]:
     raise_fd_limit()
     guest_cm = Netns("guest") if fabric is not None else contextlib.nullcontext(None)
-    with guest_cm as own_guest, listening_helper(tmp / "repair.sock") as helper:
+    # ferryd runs as nobody once set up (daemon/privileges.py): the helper must serve it.
+    allow = ("--allow-uid", str(RUNAS_UID))
+    with guest_cm as own_guest, listening_helper(tmp / "repair.sock", *allow) as helper:
         if fabric is not None:
             assert own_guest is not None
             for host in (fabric.host_a, fabric.host_b):

@@ -52,7 +52,8 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
 
 def test_service_keeps_only_net_admin_and_is_confined() -> None:
     service = settings(UNITS / "ferry-repair.service")
-    assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    # CAP_BPF only to load the eBPF intake filter at start (sandbox.py drops it).
+    assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_BPF"]
     for key in ("NoNewPrivileges", "PrivateNetwork", "PrivateDevices", "ProtectHome"):
         assert service[key] == ["yes"], key
     assert service["ProtectSystem"] == ["strict"]
