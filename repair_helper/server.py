@@ -42,7 +42,7 @@ from repair_helper.protocol import (
     RequestRefused,
     parse_request_untrusted,
 )
-from repair_helper.repair import carry_out_untrusted
+from repair_helper.repair import CallerRules, carry_out_untrusted
 
 log = logging.getLogger("ferry-repair")
 
@@ -61,14 +61,16 @@ _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 class _Connection:
     sock: socket.socket
     peer: PeerCredentials
+    rules: CallerRules
     replies: bytearray = field(default_factory=bytearray)
 
 
 class Server:
     """Serves a listening socket, connected sockets, or both, until none is left."""
 
-    def __init__(self, policy: CallerPolicy) -> None:
+    def __init__(self, policy: CallerPolicy, *, forced_reuse: bool = False) -> None:
         self._policy = policy
+        self._forced_reuse = forced_reuse
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
         self._listener_paused = False
@@ -131,7 +133,8 @@ class Server:
             sock.close()
             return
         log.info("client %s connected", peer)
-        self._connections[sock.fileno()] = _Connection(sock, peer)
+        rules = CallerRules.for_caller(peer.uid, forced_reuse=self._forced_reuse)
+        self._connections[sock.fileno()] = _Connection(sock, peer, rules)
         self._selector.register(sock, selectors.EVENT_READ)
 
     def _serve(self, conn: _Connection) -> None:
@@ -153,7 +156,7 @@ class Server:
                 return
             try:
                 request = parse_request_untrusted(data, ancdata, flags)
-                carry_out_untrusted(request)
+                carry_out_untrusted(request, conn.rules)
             except RequestRefused as exc:
                 self.refusals += 1
                 log.warning("refused client %s: %s", conn.peer, exc)

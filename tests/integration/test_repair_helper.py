@@ -109,6 +109,8 @@ def test_one_line_per_connection(helper: HelperProcess, socket_path: Path) -> No
         assert recv_exactly(unix, 3) == b"\x01\x01\x01"
         assert all(repair_states(conns.clients))
         clear_repair(conns.clients)
+    # The line is written before the first reply, but read by another thread.
+    helper.wait_for_line("connected", count=before + 1)
     assert helper.count("connected") == before + 1
 
 
@@ -154,6 +156,12 @@ def peer_unacked(sock: socket.socket) -> int:
     return int(outq - unsent)
 
 
+def bound_udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))  # bound, so the kernel is asked (an unbound one is refused first)
+    return sock
+
+
 @pytest.mark.parametrize(
     ("make", "reason", "switched_before"),
     [
@@ -167,7 +175,7 @@ def peer_unacked(sock: socket.socket) -> int:
         # IPv4 but not TCP: the kernel refuses TCP_REPAIR on it; the sockets
         # before it in the batch were switched (the client rolls back).
         pytest.param(
-            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            bound_udp_socket,
             "descriptor 5 of the batch is not a TCP socket; descriptors 0..4 were switched",
             True,
             id="udp",
