@@ -118,7 +118,7 @@ def linger_off_all(fds: Iterable[int]) -> None:
             handle.detach()
 
 
-def _fds_in(ancdata: Sequence[_ControlMessage]) -> list[int]:
+def fds_in(ancdata: Sequence[_ControlMessage]) -> list[int]:
     """Every descriptor passed in SCM_RIGHTS control messages, whatever else is wrong."""
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -140,7 +140,7 @@ def parse_request_untrusted(
     carried if the message is not exactly one known command byte with 1..253
     descriptors and nothing else.
     """
-    fds = _fds_in(ancdata)
+    fds = fds_in(ancdata)
     try:
         return Request(_command_untrusted(data, ancdata, msg_flags, len(fds)), tuple(fds))
     except RequestRefused:

@@ -17,11 +17,22 @@ Per connection:
    does not read its replies eventually fills its socket; then the helper
    stops reading from that client until its replies drain (backpressure),
    without blocking anyone else;
-4. on a refusal, log one line and close. Closing with unread messages
-   queued makes the kernel drop them and release their descriptors (the
-   client's later batches are never carried out), and the client reads the
-   replies already sent, then ECONNRESET or end-of-file: it knows exactly
-   which batch was refused.
+4. on a refusal, log one line (rate-limited, throttle.py: a flood of
+   refusals costs a line per interval) and close. The client's later
+   batches are never carried out, and the client reads the replies already
+   sent, then ECONNRESET or end-of-file: it knows exactly which batch was
+   refused.
+
+Closing a client never waits for one (issue 9, item 6). Messages still
+queued on a connection we close carry descriptors, and the kernel releases
+them in our task (unix_release → skb purge → fput, the final __fput run as
+task work before close() returns): a TCP socket among them with SO_LINGER
+on and unsent data would make that close() wait for the linger time. So a
+connection is shut down first (the client can queue nothing more), the
+messages left are read out, their descriptors get SO_LINGER off and are
+closed, and only then the connection. The same holds for a caller refused
+at accept, which may have queued batches before we accepted it; there it
+costs a shutdown() and one empty read.
 
 No state survives a connection, and the helper keeps no descriptor it was
 handed beyond the batch that carried it.
@@ -29,10 +40,12 @@ handed beyond the batch that carried it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import selectors
 import socket
+import time
 from dataclasses import dataclass, field
 
 from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
@@ -40,9 +53,13 @@ from repair_helper.protocol import (
     ANCILLARY_BUFFER_SIZE,
     DATA_BUFFER_SIZE,
     RequestRefused,
+    close_fds,
+    fds_in,
+    linger_off_all,
     parse_request_untrusted,
 )
 from repair_helper.repair import CallerRules, carry_out_untrusted
+from repair_helper.throttle import Throttle
 
 log = logging.getLogger("ferry-repair")
 
@@ -76,6 +93,8 @@ class Server:
         self._listener_paused = False
         self._connections: dict[int, _Connection] = {}
         self.refusals = 0
+        self._refused_callers = Throttle()
+        self._refused_requests = Throttle()
 
     def add_listener(self, listener: socket.socket) -> None:
         """Accept and serve clients on ``listener`` (a listening Unix stream socket)."""
@@ -90,7 +109,7 @@ class Server:
     def run(self) -> None:
         """Serve until there is no listener and no connection left."""
         while self._listener is not None or self._connections:
-            for key, events in self._selector.select():
+            for key, events in self._selector.select(self._timeout()):
                 if key.fileobj is self._listener:
                     self._accept()
                     continue
@@ -101,6 +120,24 @@ class Server:
                     self._flush(conn)
                 elif events & selectors.EVENT_READ:
                     self._serve(conn)
+            self._summarise(time.monotonic())
+
+    def _timeout(self) -> float | None:
+        """Until the next refusal summary is due; None (wait for events) if none is."""
+        due = [
+            t
+            for t in (self._refused_callers.next_timer(), self._refused_requests.next_timer())
+            if t is not None
+        ]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _summarise(self, now: float) -> None:
+        callers = self._refused_callers.handle_timer(now)
+        if callers:
+            log.warning("refused %d more clients whose uid and gid are not allowed", callers)
+        requests = self._refused_requests.handle_timer(now)
+        if requests:
+            log.warning("refused %d more batches (and dropped their clients)", requests)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -125,12 +162,14 @@ class Server:
             peer = peer_credentials(sock)
         except OSError as exc:
             log.warning("dropped a client whose credentials cannot be read: %s", exc.strerror)
-            sock.close()
+            _close_client(sock)
             return
         if not self._policy.allows(peer):
+            # The cheap path: one getsockopt() decided; no log line in a flood.
             self.refusals += 1
-            log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
-            sock.close()
+            if self._refused_callers.admit(time.monotonic()):
+                log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
+            _close_client(sock)
             return
         log.info("client %s connected", peer)
         rules = CallerRules.for_caller(peer.uid, forced_reuse=self._forced_reuse)
@@ -159,7 +198,8 @@ class Server:
                 carry_out_untrusted(request, conn.rules)
             except RequestRefused as exc:
                 self.refusals += 1
-                log.warning("refused client %s: %s", conn.peer, exc)
+                if self._refused_requests.admit(time.monotonic()):
+                    log.warning("refused client %s: %s", conn.peer, exc)
                 self._drop(conn)
                 return
             conn.replies += request.command.to_byte()
@@ -187,7 +227,25 @@ class Server:
     def _drop(self, conn: _Connection) -> None:
         del self._connections[conn.sock.fileno()]
         self._selector.unregister(conn.sock)
-        conn.sock.close()
+        _close_client(conn.sock)
         if self._listener_paused and self._listener is not None:
             self._listener_paused = False
             self._selector.register(self._listener, selectors.EVENT_READ)
+
+
+def _close_client(sock: socket.socket) -> None:
+    """Close a client's connection without waiting on a descriptor it left queued (module doc)."""
+    # From now on its sendmsg() fails (EPIPE); ENOTCONN: nothing can be queued either.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(DATA_BUFFER_SIZE, ANCILLARY_BUFFER_SIZE, _RECV_FLAGS)
+        except OSError:
+            break  # EAGAIN: read out; ECONNRESET and the like: nothing left to read
+        if not data and not ancdata:
+            break  # end-of-file
+        fds = fds_in(ancdata)
+        linger_off_all(fds)
+        close_fds(fds)
+    sock.close()

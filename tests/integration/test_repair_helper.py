@@ -1,7 +1,9 @@
 """ferry-repair --listen: what it does, what it refuses, and what it runs with.
 
-One helper serves the whole module, so every refusal is also checked to
-leave it serving other clients (and holding no descriptor it was handed).
+Each test gets its own helper (refusals are logged one per interval, and
+each test looks for its own refusal's line), and every refusal is also
+checked to leave it serving other clients (and holding no descriptor it was
+handed).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tests.integration.test_repair_support import (
 pytestmark = [pytest.mark.integration, requires_root]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def socket_path() -> Iterator[Path]:
     with public_tmp_dir() as directory:  # the unprivileged caller must reach it
         yield directory / "ferry-repair.sock"
@@ -52,7 +54,7 @@ def public_dir() -> Iterator[Path]:
         yield directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def helper(socket_path: Path) -> Iterator[HelperProcess]:
     with listening_helper(socket_path) as proc:
         yield proc
