@@ -10,9 +10,12 @@ Per connection:
 1. accept, read SO_PEERCRED, refuse (close) a caller the policy does not
    allow, otherwise log one line;
 2. on each readable event, receive messages (MSG_DONTWAIT) one at a time, and
-   for each: parse, carry out, queue the one-byte reply. At most
-   :data:`MESSAGES_PER_WAKEUP` messages per event, so that a client
-   pipelining a long run of batches does not starve the others;
+   for each: parse, carry out, queue the one-byte reply. A turn ends after
+   one full batch's worth of descriptors (:data:`DESCRIPTORS_PER_TURN`, or
+   :data:`MESSAGES_PER_WAKEUP` small messages): the loop then serves every
+   other ready client before coming back, so four ferryds pipelining 64
+   batches each get one batch answered per round each, and none waits
+   behind another's whole run;
 3. replies are sent with MSG_DONTWAIT. A client that pipelines batches but
    does not read its replies eventually fills its socket; then the helper
    stops reading from that client until its replies drain (backpressure),
@@ -52,6 +55,7 @@ from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
 from repair_helper.protocol import (
     ANCILLARY_BUFFER_SIZE,
     DATA_BUFFER_SIZE,
+    SCM_MAX_FD,
     RequestRefused,
     close_fds,
     fds_in,
@@ -65,6 +69,8 @@ log = logging.getLogger("ferry-repair")
 
 #: Messages handled per readable event before the loop looks at other clients.
 MESSAGES_PER_WAKEUP = 16
+#: Descriptors handled per readable event (one full batch) before the others' turn.
+DESCRIPTORS_PER_TURN = SCM_MAX_FD
 #: Connections accepted per readable event on the listener.
 ACCEPTS_PER_WAKEUP = 16
 
@@ -177,6 +183,7 @@ class Server:
         self._selector.register(sock, selectors.EVENT_READ)
 
     def _serve(self, conn: _Connection) -> None:
+        budget = DESCRIPTORS_PER_TURN
         for _ in range(MESSAGES_PER_WAKEUP):
             try:
                 data, ancdata, flags, _ = conn.sock.recvmsg(
@@ -205,6 +212,9 @@ class Server:
             conn.replies += request.command.to_byte()
             if not self._flush(conn):
                 return
+            budget -= len(request.fds)
+            if budget <= 0:
+                return  # the others' turn; the rest is still readable next round
 
     def _flush(self, conn: _Connection) -> bool:
         """Send queued replies; False if the connection is gone or cannot take more now."""
