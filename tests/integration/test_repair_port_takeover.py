@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from repair_helper.protocol import TCP_REPAIR, RequestRefused
+from repair_helper.repair import _drop_forced_reuse_untrusted
 from tests.integration.test_repair_support import (
     WAIT_SECONDS,
     TcpConnections,
@@ -192,3 +194,44 @@ def test_root_caller_may_repair_any_owners_socket(public_dir: Path) -> None:
                 assert unix.recv(1) == b"\x01"
                 clear_repair([theirs])
         assert helper.count("refused") == 0
+
+
+def test_allow_forced_reuse_serves_passts_target(public_dir: Path, victim: socket.socket) -> None:
+    """passt compatibility: its target hands over unbound sockets and binds them, in repair
+    mode, to the port of a listener it already has; --allow-forced-reuse allows exactly that."""
+    path = public_dir / "helper.sock"
+    port = victim.getsockname()[1]
+    with (
+        listening_helper(path, "--allow-forced-reuse") as helper,
+        unix_client(path) as unix,
+        socket.socket() as restored,
+    ):
+        assert "--allow-forced-reuse" in helper.wait_for_line("any port")
+        send_batch(unix, b"\x01", [restored.fileno()])
+        assert unix.recv(1) == b"\x01"
+        restored.bind(("127.0.0.1", port))  # next to the listener: forced reuse
+        clear_repair([restored])
+
+
+def test_a_socket_rebound_while_switched_is_undone() -> None:
+    """The race the helper checks for: between TCP_REPAIR=1 and SO_REUSEADDR=1 a caller
+    rebinds its socket over a listener and listens. Staged here by doing the caller's part
+    directly (as root) before the helper's check runs on the old address."""
+    with socket.socket() as victim_listener, socket.socket() as stolen:
+        victim_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        victim_listener.bind(("0.0.0.0", 0))
+        victim_listener.listen()
+        victim_listener.settimeout(WAIT_SECONDS)
+        port = victim_listener.getsockname()[1]
+        before = stolen.getsockname()  # unbound: what the helper saw
+        stolen.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)  # SK_FORCE_REUSE
+        stolen.bind(("127.0.0.1", port))
+        stolen.listen()
+        with pytest.raises(RequestRefused, match="rebound by the caller"):
+            _drop_forced_reuse_untrusted(stolen, 0, before)
+        assert repair_states([stolen]) == [False]
+        with pytest.raises(OSError):
+            stolen.listen()  # as an ordinary socket it conflicts with the listener
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_SECONDS):
+            conn, _ = victim_listener.accept()  # root's client reaches root's service
+            conn.close()
