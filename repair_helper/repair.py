@@ -225,20 +225,24 @@ def _bound_address_untrusted(handle: _socket.socket, index: int) -> object:
 
 def _drop_forced_reuse_untrusted(handle: _socket.socket, index: int, address: object) -> None:
     """SK_FORCE_REUSE → SK_CAN_REUSE; refuse, and undo, if the caller rebound the socket."""
-    handle.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if handle.getsockname() == address:
-        return
-    # Bound elsewhere between TCP_REPAIR=1 and now: stop a listener, clear the
-    # forced reuse with repair OFF. Best effort: the batch is refused anyway.
-    with contextlib.suppress(OSError):
-        handle.shutdown(socket.SHUT_RDWR)
+    try:
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if handle.getsockname() == address:
+            return
+    except OSError as exc:  # never seen; but forced reuse must not stay on
+        reason = f"kept the kernel's forced address reuse ({exc.strerror})"
+    else:
+        # Bound elsewhere between TCP_REPAIR=1 and now, maybe listening there:
+        # shutdown() stops a listener (tcp_disconnect → inet_csk_listen_stop).
+        reason = "was rebound by the caller while repair went on"
+        with contextlib.suppress(OSError):
+            handle.shutdown(socket.SHUT_RDWR)
+    # Repair OFF clears the forced reuse. Best effort: the batch is refused anyway.
     with contextlib.suppress(OSError):
         handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
     with contextlib.suppress(OSError):
         _detach_filter(handle)
-    raise RequestRefused(
-        f"descriptor {index} of the batch was rebound by the caller while repair went on"
-    )
+    raise RequestRefused(f"descriptor {index} of the batch {reason}")
 
 
 def _detach_filter(handle: _socket.socket) -> None:
