@@ -63,6 +63,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--allow-gid", metavar="GID", type=int, action="append", default=[],
         help="also serve callers with this primary gid",
     )  # fmt: skip
+    parser.add_argument(
+        "--allow-forced-reuse",
+        action="store_true",
+        help="passt compatibility: accept unbound sockets for repair ON and leave the"
+        " kernel's forced address reuse on them, which passt's migration target needs"
+        " (it binds restored connections under its own listeners, in repair mode)."
+        " WARNING: any allowed caller can then bind a socket to any port, another"
+        " user's listening port included, and take that service's clients. Use it only"
+        " if every allowed caller is a passt you trust",
+    )
     return parser.parse_args(argv)
 
 
@@ -72,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="ferry-repair: %(message)s")
     policy = CallerPolicy.build(args.allow_uid, args.allow_gid)
-    server = Server(policy)
+    server = Server(policy, forced_reuse=args.allow_forced_reuse)
     try:
         _raise_open_file_limit()
         if args.connect is not None:
@@ -97,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("internal error at start-up (a bug in ferry-repair; please report it)")
         return 1
+    if args.allow_forced_reuse:
+        log.warning(
+            "--allow-forced-reuse: every allowed caller can bind sockets in repair mode to"
+            " any port, other users' included"
+        )
     log.info(
         "serving (%s); intake freeze: %s",
         policy,

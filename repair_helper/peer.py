@@ -4,9 +4,11 @@ The kernel records the credentials of a Unix socket's peer when the
 connection is made (or, for the connecting side, when the peer called
 listen()), and SO_PEERCRED returns them: they cannot be forged by the peer
 and do not change afterwards (net/unix/af_unix.c, copy_peercred). So one
-check per connection decides what the helper may do for it: a caller whose
-uid or gid is allowed gets every batch it sends honoured, any other caller
-is refused before a byte is read.
+check per connection decides whom the helper serves: a caller whose uid or
+gid is allowed gets its batches carried out, within the rules repair.py
+enforces on each socket (its own sockets only, unless it is root; repair ON
+only for bound ones; never the kernel's forced address reuse); any other
+caller is refused before a byte is read.
 
 By default the helper serves root and its own uid: an unprivileged ferryd
 needs an explicit ``--allow-uid`` or ``--allow-gid`` (bad config, not a bug,

@@ -31,11 +31,13 @@ Kernel behaviour relied on (net/unix/af_unix.c, net/core/scm.c):
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import enum
 import os
 import socket
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +86,10 @@ class Request:
     fds: tuple[int, ...]
 
 
+#: struct linger {l_onoff = 0, l_linger = 0}: close() never waits for unsent data.
+LINGER_OFF = struct.pack("=ii", 0, 0)
+
+
 def close_fds(fds: Iterable[int]) -> None:
     """Close descriptors we own, ignoring ones that are already gone."""
     for fd in fds:
@@ -91,7 +97,28 @@ def close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
-def _fds_in(ancdata: Sequence[_ControlMessage]) -> list[int]:
+def linger_off_all(fds: Iterable[int]) -> None:
+    """Switch SO_LINGER off on each descriptor that is a socket, before we close it.
+
+    Our close() may drop the last reference to a client's socket, and a TCP
+    socket with SO_LINGER on and unsent data then blocks close() for up to
+    the linger time (tcp_close → sk_stream_wait_close): the one-threaded
+    helper must never wait for a client's peer. Not a socket: left alone.
+    """
+    for fd in fds:
+        try:
+            handle = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        except (OSError, ValueError):  # not a socket, or not a descriptor at all
+            continue
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+        except OSError:
+            pass  # not a socket that lingers (AF_UNIX takes it too; others may not)
+        finally:
+            handle.detach()
+
+
+def fds_in(ancdata: Sequence[_ControlMessage]) -> list[int]:
     """Every descriptor passed in SCM_RIGHTS control messages, whatever else is wrong."""
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -113,10 +140,11 @@ def parse_request_untrusted(
     carried if the message is not exactly one known command byte with 1..253
     descriptors and nothing else.
     """
-    fds = _fds_in(ancdata)
+    fds = fds_in(ancdata)
     try:
         return Request(_command_untrusted(data, ancdata, msg_flags, len(fds)), tuple(fds))
     except RequestRefused:
+        linger_off_all(fds)
         close_fds(fds)
         raise
 

@@ -2,21 +2,24 @@
 
 The cost model decides the shape. On these machines a syscall costs about a
 microsecond, and a direct setsockopt(TCP_REPAIR) is one syscall, so every
-extra syscall per socket is a large share of the helper's overhead (the
-target is at most twice the direct cost). Per descriptor the helper makes
-exactly two: the getsockname() that CPython makes when wrapping a
-descriptor in a socket object (it cannot be avoided, and it tells us the
-address family for free), and the setsockopt() itself. Our copies are then
-closed with one close_range(2) per batch when the kernel installed them as a
-contiguous range, which it usually does since it hands out the lowest free
-numbers (fs/file.c); otherwise one by one.
+extra syscall per socket is a large share of the helper's overhead. Per
+descriptor the helper makes: the getsockname() that CPython makes when
+wrapping a descriptor in a socket object (it cannot be avoided, and it tells
+us the address family for free), the fstat() of the owner check (not for a
+root caller), the filter and TCP_REPAIR setsockopt()s, and, for repair ON,
+the two getsockname() and the SO_REUSEADDR that keep a caller from binding
+over other users' ports (below). Our copies are then closed with one
+close_range(2) per batch when the kernel installed them as a contiguous
+range, which it usually does since it hands out the lowest free numbers
+(fs/file.c); otherwise one by one.
 
 Checks, in two steps:
 
 1. Before anything is changed, every descriptor must be a socket
    (getsockname() fails with ENOTSOCK otherwise) of family AF_INET or
-   AF_INET6: pipes, files, Unix or netlink sockets refuse the whole batch
-   untouched.
+   AF_INET6, owned by the caller, and for repair ON bound: pipes, files,
+   Unix or netlink sockets, other users' or unbound sockets refuse the
+   whole batch untouched.
 2. setsockopt(IPPROTO_TCP, TCP_REPAIR) is answered only by TCP (net/ipv4/
    tcp.c, do_tcp_setsockopt); UDP, raw (even opened with IPPROTO_TCP), ping,
    SCTP and MPTCP sockets answer ENOPROTOOPT or EOPNOTSUPP. The kernel also
@@ -25,7 +28,7 @@ Checks, in two steps:
    the batch is refused, but the sockets before the failing one have been
    switched: the client, which gets no reply for the batch, knows which
    sockets it held and rolls back. Checking the protocol up front would
-   cost a third syscall per socket on every batch for the sake of a client
+   cost another syscall per socket on every batch for the sake of a client
    bug.
 
 Freezing intake. A socket in repair mode still receives and ACKs what the
@@ -42,6 +45,50 @@ CAP_NET_ADMIN on these kernels (checked: it fails with EPERM for a process
 without capabilities, which ferryd is), so it belongs here. passt-repair
 does not do this; ferryd says so when it finds itself talking to it.
 
+What an allowed caller gets, and what it does not (issue 9, item 5).
+TCP_REPAIR=1 also sets the socket's sk_reuse to SK_FORCE_REUSE
+(do_tcp_setsockopt), and a socket so marked may bind() any port whatever is
+bound there, another user's listener included (inet_csk_get_port): a caller
+could bind its repair-mode socket to root's service port, listen, and take
+root's clients. Requiring the socket to be bound already is not enough on
+its own (a connected socket whose port the kernel chose loses it again on
+connect(AF_UNSPEC), tcp_disconnect → inet_put_port, and is unbound in repair
+mode). So, unless ``--allow-forced-reuse`` (passt compatibility) says
+otherwise:
+
+* every descriptor must belong to the caller: the socket inode's owner
+  (fstat's st_uid, the creator's fsuid, sock_alloc) must be the caller's uid
+  from SO_PEERCRED. A root caller is spared: uid 0 owns the system's files
+  and can subvert it whatever capabilities it lacks, so the rule would
+  protect nothing from it;
+* repair ON only for a socket bound to a non-zero port (getsockname), so no
+  bind() of the caller can come after it: a second bind() fails with EINVAL
+  (inet_bind: inet_num is set). The migration target binds before asking;
+* right after TCP_REPAIR=1 the helper sets SO_REUSEADDR=1, which replaces
+  SK_FORCE_REUSE by SK_CAN_REUSE (sk_setsockopt): the socket keeps only the
+  address reuse any unprivileged process may ask for. Repair OFF sets
+  SK_NO_REUSE anyway (do_tcp_setsockopt);
+* the caller holds the same socket and may race the helper between those two
+  setsockopt() calls (disconnect, bind, listen in a few microseconds). So the
+  socket's address is read again at the end: if it moved, the caller raced
+  us, and the helper undoes what it can (shutdown() stops a listener,
+  tcp_disconnect → inet_csk_listen_stop; repair OFF clears the reuse) and
+  refuses the batch.
+
+A listener is never repaired: the kernel refuses TCP_REPAIR on a socket in
+LISTEN (tcp_can_repair_sock), both ways. What a caller keeps is what repair
+mode gives on its own sockets: queues and sequence numbers to read and set,
+a connect() without handshake from an address it could bind anyway.
+
+Closing without blocking (item 6). close() of the last reference to a TCP
+socket with SO_LINGER on and unsent data waits for the data to leave, up to
+the linger time (inet_release → tcp_close → sk_stream_wait_close): a caller
+that hands over such a socket and closes its own copy would stall the
+single-threaded helper for everyone. A socket in repair mode closes at once
+(tcp_close → tcp_disconnect, nothing is waited for), so after a successful
+repair ON the batch is closed as it is; after repair OFF, and after any
+refusal, SO_LINGER is switched off on each descriptor first.
+
 Socket objects are only handles for setsockopt() and are detached, never
 trusted for anything else.
 """
@@ -49,14 +96,23 @@ trusted for anything else.
 from __future__ import annotations
 
 import _socket
+import contextlib
 import ctypes
 import errno
 import os
 import socket
 import struct
+from dataclasses import dataclass
 
 from repair_helper.dropall import SO_ATTACH_BPF
-from repair_helper.protocol import TCP_REPAIR, Request, RequestRefused, close_fds
+from repair_helper.protocol import (
+    LINGER_OFF,
+    TCP_REPAIR,
+    Request,
+    RequestRefused,
+    close_fds,
+    linger_off_all,
+)
 
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 SO_ATTACH_FILTER = 26
@@ -85,19 +141,41 @@ def _freeze_intake(handle: _socket.socket) -> None:
         handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, DROP_ALL_FPROG)
 
 
-def carry_out_untrusted(request: Request) -> None:
+@dataclass(frozen=True)
+class CallerRules:
+    """What one caller may have done to its sockets (see the module docstring)."""
+
+    owner_uid: int | None
+    """Every descriptor must be owned by this uid; None: any owner (a root caller)."""
+    forced_reuse: bool = False
+    """passt compatibility: unbound sockets accepted, the kernel's forced reuse left on."""
+
+    @classmethod
+    def for_caller(cls, uid: int, *, forced_reuse: bool = False) -> CallerRules:
+        return cls(None if uid == 0 else uid, forced_reuse)
+
+
+def carry_out_untrusted(request: Request, rules: CallerRules) -> None:
     """Set TCP_REPAIR to ``request.command`` on every descriptor, then close them all.
 
     Raises :class:`RequestRefused` (the client's fault) if a descriptor is not
-    an IPv4/IPv6 socket, before any socket is changed, or if the kernel
-    refuses the option on one of them (not TCP, listening, not ours to
-    repair). The descriptors are closed in every case.
+    an IPv4/IPv6 socket of the caller's (or, for repair ON, is not bound),
+    before any socket is changed; or if the kernel refuses the option on one
+    of them (not TCP, listening, not ours to repair); or if the caller moved
+    a socket while it was being switched. The descriptors are closed in every
+    case, and never wait for a lingering socket's data.
     """
     handles: list[_socket.socket] = []
+    value = int(request.command)
+    guard = value == 1 and not rules.forced_reuse
+    done = False
     try:
         for index, fd in enumerate(request.fds):
             handles.append(_inet_handle_untrusted(fd, index))
-        value = int(request.command)
+        if rules.owner_uid is not None:
+            for index, fd in enumerate(request.fds):
+                _check_owner_untrusted(fd, index, rules.owner_uid)
+        addresses = [_bound_address_untrusted(h, i) for i, h in enumerate(handles)] if guard else []
         for index, handle in enumerate(handles):
             try:
                 if value == 1:
@@ -107,15 +185,64 @@ def carry_out_untrusted(request: Request) -> None:
                     except OSError:
                         _detach_filter(handle)  # a refused socket is left as it was
                         raise
+                    if guard:
+                        _drop_forced_reuse_untrusted(handle, index, addresses[index])
                 else:
                     _detach_filter(handle)
                     handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
             except OSError as exc:
                 raise _kernel_refusal(exc, index, value) from None
+        done = True
     finally:
+        if not (done and value == 1):  # in repair mode a socket closes at once; others may linger
+            for handle in handles:
+                with contextlib.suppress(OSError):
+                    handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+            linger_off_all(request.fds[len(handles) :])
         for handle in handles:
             handle.detach()
         _close_batch(request.fds)
+
+
+def _check_owner_untrusted(fd: int, index: int, uid: int) -> None:
+    owner = os.fstat(fd).st_uid
+    if owner != uid:
+        raise RequestRefused(
+            f"descriptor {index} of the batch is owned by uid {owner}, not by the caller"
+            f" (uid {uid}): a caller may only repair its own sockets"
+        )
+
+
+def _bound_address_untrusted(handle: _socket.socket, index: int) -> object:
+    address = handle.getsockname()
+    if address[1] == 0:
+        raise RequestRefused(
+            f"descriptor {index} of the batch is not bound: repair ON needs a socket bound"
+            " to its port first (bind() in repair mode would ignore other users' sockets)"
+        )
+    return address
+
+
+def _drop_forced_reuse_untrusted(handle: _socket.socket, index: int, address: object) -> None:
+    """SK_FORCE_REUSE → SK_CAN_REUSE; refuse, and undo, if the caller rebound the socket."""
+    try:
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if handle.getsockname() == address:
+            return
+    except OSError as exc:  # never seen; but forced reuse must not stay on
+        reason = f"kept the kernel's forced address reuse ({exc.strerror})"
+    else:
+        # Bound elsewhere between TCP_REPAIR=1 and now, maybe listening there:
+        # shutdown() stops a listener (tcp_disconnect → inet_csk_listen_stop).
+        reason = "was rebound by the caller while repair went on"
+        with contextlib.suppress(OSError):
+            handle.shutdown(socket.SHUT_RDWR)
+    # Repair OFF clears the forced reuse. Best effort: the batch is refused anyway.
+    with contextlib.suppress(OSError):
+        handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    with contextlib.suppress(OSError):
+        _detach_filter(handle)
+    raise RequestRefused(f"descriptor {index} of the batch {reason}")
 
 
 def _detach_filter(handle: _socket.socket) -> None:

@@ -10,18 +10,32 @@ Per connection:
 1. accept, read SO_PEERCRED, refuse (close) a caller the policy does not
    allow, otherwise log one line;
 2. on each readable event, receive messages (MSG_DONTWAIT) one at a time, and
-   for each: parse, carry out, queue the one-byte reply. At most
-   :data:`MESSAGES_PER_WAKEUP` messages per event, so that a client
-   pipelining a long run of batches does not starve the others;
+   for each: parse, carry out, queue the one-byte reply. A turn ends after
+   one full batch's worth of descriptors (:data:`DESCRIPTORS_PER_TURN`, or
+   :data:`MESSAGES_PER_WAKEUP` small messages): the loop then serves every
+   other ready client before coming back, so four ferryds pipelining 64
+   batches each get one batch answered per round each, and none waits
+   behind another's whole run;
 3. replies are sent with MSG_DONTWAIT. A client that pipelines batches but
    does not read its replies eventually fills its socket; then the helper
    stops reading from that client until its replies drain (backpressure),
    without blocking anyone else;
-4. on a refusal, log one line and close. Closing with unread messages
-   queued makes the kernel drop them and release their descriptors (the
-   client's later batches are never carried out), and the client reads the
-   replies already sent, then ECONNRESET or end-of-file: it knows exactly
-   which batch was refused.
+4. on a refusal, log one line (rate-limited, throttle.py: a flood of
+   refusals costs a line per interval) and close. The client's later
+   batches are never carried out, and the client reads the replies already
+   sent, then ECONNRESET or end-of-file: it knows exactly which batch was
+   refused.
+
+Closing a client never waits for one (issue 9, item 6). Messages still
+queued on a connection we close carry descriptors, and the kernel releases
+them in our task (unix_release → skb purge → fput, the final __fput run as
+task work before close() returns): a TCP socket among them with SO_LINGER
+on and unsent data would make that close() wait for the linger time. So a
+connection is shut down first (the client can queue nothing more), the
+messages left are read out, their descriptors get SO_LINGER off and are
+closed, and only then the connection. The same holds for a caller refused
+at accept, which may have queued batches before we accepted it; there it
+costs a shutdown() and one empty read.
 
 No state survives a connection, and the helper keeps no descriptor it was
 handed beyond the batch that carried it.
@@ -29,25 +43,34 @@ handed beyond the batch that carried it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import selectors
 import socket
+import time
 from dataclasses import dataclass, field
 
 from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
 from repair_helper.protocol import (
     ANCILLARY_BUFFER_SIZE,
     DATA_BUFFER_SIZE,
+    SCM_MAX_FD,
     RequestRefused,
+    close_fds,
+    fds_in,
+    linger_off_all,
     parse_request_untrusted,
 )
-from repair_helper.repair import carry_out_untrusted
+from repair_helper.repair import CallerRules, carry_out_untrusted
+from repair_helper.throttle import Throttle
 
 log = logging.getLogger("ferry-repair")
 
 #: Messages handled per readable event before the loop looks at other clients.
 MESSAGES_PER_WAKEUP = 16
+#: Descriptors handled per readable event (one full batch) before the others' turn.
+DESCRIPTORS_PER_TURN = SCM_MAX_FD
 #: Connections accepted per readable event on the listener.
 ACCEPTS_PER_WAKEUP = 16
 
@@ -61,19 +84,23 @@ _ACCEPT_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 class _Connection:
     sock: socket.socket
     peer: PeerCredentials
+    rules: CallerRules
     replies: bytearray = field(default_factory=bytearray)
 
 
 class Server:
     """Serves a listening socket, connected sockets, or both, until none is left."""
 
-    def __init__(self, policy: CallerPolicy) -> None:
+    def __init__(self, policy: CallerPolicy, *, forced_reuse: bool = False) -> None:
         self._policy = policy
+        self._forced_reuse = forced_reuse
         self._selector = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
         self._listener_paused = False
         self._connections: dict[int, _Connection] = {}
         self.refusals = 0
+        self._refused_callers = Throttle()
+        self._refused_requests = Throttle()
 
     def add_listener(self, listener: socket.socket) -> None:
         """Accept and serve clients on ``listener`` (a listening Unix stream socket)."""
@@ -88,7 +115,7 @@ class Server:
     def run(self) -> None:
         """Serve until there is no listener and no connection left."""
         while self._listener is not None or self._connections:
-            for key, events in self._selector.select():
+            for key, events in self._selector.select(self._timeout()):
                 if key.fileobj is self._listener:
                     self._accept()
                     continue
@@ -99,6 +126,24 @@ class Server:
                     self._flush(conn)
                 elif events & selectors.EVENT_READ:
                     self._serve(conn)
+            self._summarise(time.monotonic())
+
+    def _timeout(self) -> float | None:
+        """Until the next refusal summary is due; None (wait for events) if none is."""
+        due = [
+            t
+            for t in (self._refused_callers.next_timer(), self._refused_requests.next_timer())
+            if t is not None
+        ]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _summarise(self, now: float) -> None:
+        callers = self._refused_callers.handle_timer(now)
+        if callers:
+            log.warning("refused %d more clients whose uid and gid are not allowed", callers)
+        requests = self._refused_requests.handle_timer(now)
+        if requests:
+            log.warning("refused %d more batches (and dropped their clients)", requests)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -123,18 +168,22 @@ class Server:
             peer = peer_credentials(sock)
         except OSError as exc:
             log.warning("dropped a client whose credentials cannot be read: %s", exc.strerror)
-            sock.close()
+            _close_client(sock)
             return
         if not self._policy.allows(peer):
+            # The cheap path: one getsockopt() decided; no log line in a flood.
             self.refusals += 1
-            log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
-            sock.close()
+            if self._refused_callers.admit(time.monotonic()):
+                log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
+            _close_client(sock)
             return
         log.info("client %s connected", peer)
-        self._connections[sock.fileno()] = _Connection(sock, peer)
+        rules = CallerRules.for_caller(peer.uid, forced_reuse=self._forced_reuse)
+        self._connections[sock.fileno()] = _Connection(sock, peer, rules)
         self._selector.register(sock, selectors.EVENT_READ)
 
     def _serve(self, conn: _Connection) -> None:
+        budget = DESCRIPTORS_PER_TURN
         for _ in range(MESSAGES_PER_WAKEUP):
             try:
                 data, ancdata, flags, _ = conn.sock.recvmsg(
@@ -153,15 +202,19 @@ class Server:
                 return
             try:
                 request = parse_request_untrusted(data, ancdata, flags)
-                carry_out_untrusted(request)
+                carry_out_untrusted(request, conn.rules)
             except RequestRefused as exc:
                 self.refusals += 1
-                log.warning("refused client %s: %s", conn.peer, exc)
+                if self._refused_requests.admit(time.monotonic()):
+                    log.warning("refused client %s: %s", conn.peer, exc)
                 self._drop(conn)
                 return
             conn.replies += request.command.to_byte()
             if not self._flush(conn):
                 return
+            budget -= len(request.fds)
+            if budget <= 0:
+                return  # the others' turn; the rest is still readable next round
 
     def _flush(self, conn: _Connection) -> bool:
         """Send queued replies; False if the connection is gone or cannot take more now."""
@@ -184,7 +237,25 @@ class Server:
     def _drop(self, conn: _Connection) -> None:
         del self._connections[conn.sock.fileno()]
         self._selector.unregister(conn.sock)
-        conn.sock.close()
+        _close_client(conn.sock)
         if self._listener_paused and self._listener is not None:
             self._listener_paused = False
             self._selector.register(self._listener, selectors.EVENT_READ)
+
+
+def _close_client(sock: socket.socket) -> None:
+    """Close a client's connection without waiting on a descriptor it left queued (module doc)."""
+    # From now on its sendmsg() fails (EPIPE); ENOTCONN: nothing can be queued either.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(DATA_BUFFER_SIZE, ANCILLARY_BUFFER_SIZE, _RECV_FLAGS)
+        except OSError:
+            break  # EAGAIN: read out; ECONNRESET and the like: nothing left to read
+        if not data and not ancdata:
+            break  # end-of-file
+        fds = fds_in(ancdata)
+        linger_off_all(fds)
+        close_fds(fds)
+    sock.close()

@@ -127,6 +127,7 @@ class Restorer:
         self.to_close: list[socket.socket] = []
         """Pre-copied sockets to put back in repair mode and close (next _batch)."""
         self.resets: list[TcpFlowRecord] = []
+        self.listeners: list[ListenerRecord] = []
         self.udp: list[UdpFlowRecord] = []
         self.icmp: list[IcmpFlowRecord] = []
         self.counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
@@ -160,10 +161,7 @@ class Restorer:
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
-            fwd = PortForward(rec.bind_addr, rec.host_port, rec.guest_port)
-            flows = self.d.tcp if rec.proto == IPPROTO_TCP else self.d.udp
-            await flows.add_forward(fwd)
-            self.counts["listeners"] += 1
+            self.listeners.append(rec)  # created by finish(), after every connection
         elif isinstance(rec, UdpFlowRecord):
             self.udp.append(rec)
         else:
@@ -205,6 +203,10 @@ class Restorer:
         await (await self._client()).set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
         self.in_repair.clear()
         for sock in socks:
+            # Repair OFF cleared the address reuse (SK_NO_REUSE, do_tcp_setsockopt):
+            # without it the stream's listeners and later connections on the
+            # same port could not be bound next to this one.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.live[id(sock)] = sock
 
     async def _batch(self) -> None:
@@ -242,8 +244,21 @@ class Restorer:
             self.counts["tcp" if not rec.handshake else "reset"] += 1
 
     async def finish(self) -> None:
-        """The stream ended: restore the last batch and the datagram flows."""
+        """The stream ended: restore the last batch, the forwarding listeners, the datagram flows.
+
+        The listeners come after every TCP connection is bound: a restored
+        inbound connection has its listener's port, and binding it next to a
+        socket in LISTEN fails even with SO_REUSEADDR on both
+        (inet_bind_conflict), while a listener binds next to connections
+        that reuse the address (in repair mode, or pre-copied ones that
+        _off_early gave SO_REUSEADDR back).
+        """
         await self._batch()
+        for listener in self.listeners:
+            fwd = PortForward(listener.bind_addr, listener.host_port, listener.guest_port)
+            flows = self.d.tcp if listener.proto == IPPROTO_TCP else self.d.udp
+            await flows.add_forward(fwd)
+            self.counts["listeners"] += 1
         now = trio.current_time()
         for rec in self.udp:
             key = FlowKey(

@@ -54,7 +54,7 @@ FIN flags follow from ``tcp_state`` (properties ``fin_sent``,
 
 Target, in the phases that batching the helper needs::
 
-    socks = [new_socket_for(s) for s in states]        # unconnected, SO_REUSEADDR
+    socks = [new_socket_for(s) for s in states]        # SO_REUSEADDR, bound, unconnected
     repair ON for all socks                             # one batched helper call
     for sock, s in ...: restore_in_repair(sock, s)
     repair OFF for all socks                            # one batched helper call
@@ -62,12 +62,13 @@ Target, in the phases that batching the helper needs::
 
 restore_in_repair() does, in this order (each step's reason is the kernel's):
 
-1. while unconnected (TCP_QUEUE_SEQ is refused with EPERM in any other
-   state): the START of each queue, write_seq − len(send queue), less one
-   for our FIN (queued again by shutdown()), and rcv_nxt − len(recv queue),
-   the peer's FIN included (see "The peer's FIN" below). Setting the END
-   values would make the socket acknowledge bytes the peer never sent;
-2. TCP_TIMESTAMP (sets tsoffset), TCP_MAXSEG, bind(), connect(): in repair
+1. while unconnected (bound, by new_socket_for; TCP_QUEUE_SEQ is refused
+   with EPERM in any state but TCP_CLOSE): the START of each queue,
+   write_seq − len(send queue), less one for our FIN (queued again by
+   shutdown()), and rcv_nxt − len(recv queue), the peer's FIN included
+   (see "The peer's FIN" below). Setting the END values would make the
+   socket acknowledge bytes the peer never sent;
+2. TCP_TIMESTAMP (sets tsoffset), TCP_MAXSEG, connect(): in repair
    mode tcp_connect() calls tcp_finish_connect() at once, no SYN,
    ESTABLISHED. tcp_init_buffer_space() sizes the initial send buffer there
    from the MSS of the moment (tcp_sndbuf_expand(): about 2 x 10 segments),
@@ -151,7 +152,7 @@ API::
     set_repair_direct(socks, mode: RepairMode)                  # needs CAP_NET_ADMIN
     dump_tcp(sock) -> TcpSocketState                            # frozen, repair ON
     close_silently(sock)                                        # repair ON, else refused
-    new_socket_for(state) -> socket.socket                      # then repair ON
+    new_socket_for(state) -> socket.socket                      # bound; then repair ON
     restore_in_repair(sock, state)                              # then repair OFF
     finish_restore(sock, state, *, sent=0) -> int               # bytes of the tail sent
 """
@@ -734,17 +735,28 @@ def _peek_recv_queue(sock: socket.socket, length: int) -> bytes:
 
 
 def new_socket_for(state: TcpSocketState) -> socket.socket:
-    """An unconnected socket of the right family with SO_REUSEADDR; next: repair ON."""
+    """A socket of the right family with SO_REUSEADDR, bound to the local address; next: repair ON.
+
+    Bound here, out of repair mode, under the usual rules: ferry-repair turns
+    repair ON only for a bound socket (it would otherwise let a caller bind
+    over other users' ports, repair_helper/repair.py). With SO_REUSEADDR the
+    bind succeeds next to sockets that are merely bound or connected on the
+    port and also reuse it, but not next to a listener: the forwarding
+    listeners of the stream are created after the connections (restore.py).
+    """
     family = socket.AF_INET6 if state.family == 6 else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise SocketStateError(state.describe(), "socket()", exc.strerror or str(exc)) from exc
+    step = "SO_REUSEADDR"
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        step = "bind"
+        sock.bind((state.local_addr, state.local_port))
     except OSError as exc:
         sock.close()
-        raise SocketStateError(state.describe(), "SO_REUSEADDR", exc.strerror or str(exc)) from exc
+        raise SocketStateError(state.describe(), step, exc.strerror or str(exc)) from exc
     return sock
 
 
@@ -768,8 +780,6 @@ def restore_in_repair(sock: socket.socket, state: TcpSocketState) -> None:
         sock.setsockopt(tcp, TCP_TIMESTAMP, _signed(state.timestamp))
         step = "TCP_MAXSEG (for the initial send buffer)"
         sock.setsockopt(tcp, socket.TCP_MAXSEG, min(state.mss, MAX_USER_MSS))
-        step = "bind"
-        sock.bind((state.local_addr, state.local_port))
         step = "connect"
         sock.connect((state.remote_addr, state.remote_port))
         step = "TCP_REPAIR_OPTIONS"

@@ -1,7 +1,9 @@
 """ferry-repair --listen: what it does, what it refuses, and what it runs with.
 
-One helper serves the whole module, so every refusal is also checked to
-leave it serving other clients (and holding no descriptor it was handed).
+Each test gets its own helper (refusals are logged one per interval, and
+each test looks for its own refusal's line), and every refusal is also
+checked to leave it serving other clients (and holding no descriptor it was
+handed).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tests.integration.test_repair_support import (
 pytestmark = [pytest.mark.integration, requires_root]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def socket_path() -> Iterator[Path]:
     with public_tmp_dir() as directory:  # the unprivileged caller must reach it
         yield directory / "ferry-repair.sock"
@@ -52,7 +54,7 @@ def public_dir() -> Iterator[Path]:
         yield directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def helper(socket_path: Path) -> Iterator[HelperProcess]:
     with listening_helper(socket_path) as proc:
         yield proc
@@ -109,6 +111,8 @@ def test_one_line_per_connection(helper: HelperProcess, socket_path: Path) -> No
         assert recv_exactly(unix, 3) == b"\x01\x01\x01"
         assert all(repair_states(conns.clients))
         clear_repair(conns.clients)
+    # The line is written before the first reply, but read by another thread.
+    helper.wait_for_line("connected", count=before + 1)
     assert helper.count("connected") == before + 1
 
 
@@ -154,6 +158,12 @@ def peer_unacked(sock: socket.socket) -> int:
     return int(outq - unsent)
 
 
+def bound_udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))  # bound, so the kernel is asked (an unbound one is refused first)
+    return sock
+
+
 @pytest.mark.parametrize(
     ("make", "reason", "switched_before"),
     [
@@ -167,7 +177,7 @@ def peer_unacked(sock: socket.socket) -> int:
         # IPv4 but not TCP: the kernel refuses TCP_REPAIR on it; the sockets
         # before it in the batch were switched (the client rolls back).
         pytest.param(
-            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            bound_udp_socket,
             "descriptor 5 of the batch is not a TCP socket; descriptors 0..4 were switched",
             True,
             id="udp",

@@ -118,6 +118,7 @@ async def test_failed_batch_is_named_and_later_ones_untouched(tmp_path: Path) ->
         TcpConnections(3 * SCM_MAX_FD) as conns,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
     ):
+        udp.bind(("127.0.0.1", 0))  # bound: the helper asks the kernel, which says no
         socks: list[socket.socket] = list(conns.clients)
         socks[SCM_MAX_FD + 7] = udp  # batch 2 of 3 holds a socket that is not TCP
         client = await RepairClient.connect(path)
