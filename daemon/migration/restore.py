@@ -298,11 +298,17 @@ class Restorer:
         for ends, (conn, _, rec) in self.restored.items():
             if ends in standing:
                 continue  # the guest has its ACK and window; the data path armed it
+            if conn.closed:
+                # Ended by the data path already: start_data_path() lets its
+                # tasks run, and the guest's first frames may close a flow.
+                continue
             if rec.handshake:
                 conn.abort(now, rst_guest=True, rst_peer=True)  # documented: reset
                 continue
             conn.send_ack()
             conn.push(now)
+            if conn.closed:
+                continue  # the push found the socket reset by its peer
             if conn.flight:  # what was in flight is retransmitted if unacknowledged
                 conn.timer = min(conn.timer, now + conn.rto_jittered())
             conn.prepare_wait()
