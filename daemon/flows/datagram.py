@@ -26,12 +26,12 @@ import trio
 from daemon.bugs import describe_bug
 from daemon.descriptors import DescriptorBudget, open_flow_socket
 from daemon.flows.common import LogThrottle, gateway_of
-from daemon.flows.destinations import Destinations
+from daemon.flows.destinations import Destinations, Refusal
 from daemon.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
 from daemon.wire.icmp import build_admin_prohibited
-from daemon.wire.ip import IpPacket
+from daemon.wire.ip import IpAddress, IpPacket
 
 RECV_SIZE = 65536
 
@@ -77,6 +77,26 @@ class DatagramFlows(Generic[H]):
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1
         self.drops[reason] += 1
+
+    def _route(
+        self, ip: IpPacket, dst: IpAddress, port: int, now: float, *, group_drop: str
+    ) -> IpAddress | None:
+        """Where a new flow to ``dst`` goes, or None once it has been refused.
+
+        Group destinations are dropped silently (RFC 1812 §4.3.2.7: no ICMP
+        error about them), counted under ``group_drop``; the host itself is
+        refused as a router's filter would (``_prohibited``, rate-limited).
+        """
+        target = self._destinations.policy.route(dst)
+        if target is Refusal.GROUP:
+            self.drops[group_drop] += 1
+            return None
+        if isinstance(target, Refusal):
+            self.drops["refused"] += 1
+            if self._destinations.refuse(self._kind, ip.src, dst, port, target, now):
+                self._prohibited(ip)
+            return None
+        return target
 
     def _prohibited(self, ip: IpPacket) -> None:
         """Answer a refused packet as a router's filter would: ICMP(v6)

@@ -126,14 +126,8 @@ class IcmpFlows(DatagramFlows[_Echo]):
         key = FlowKey(proto, ip.src, ident, dst, 0)
         flow = self.table.get(key)
         if flow is None:
-            target = self._destinations.policy.route(dst)
-            if target is Refusal.GROUP:
-                self.drops["bad destination"] += 1
-                return
-            if isinstance(target, Refusal):
-                self.drops["refused"] += 1
-                if self._destinations.refuse("icmp", ip.src, dst, ident, target, now):
-                    self._prohibited(ip)
+            target = self._route(ip, dst, ident, now, group_drop="bad destination")
+            if target is None:
                 return
             try:
                 flow = self._open(key, target, now)

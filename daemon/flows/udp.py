@@ -171,14 +171,8 @@ class UdpFlows(DatagramFlows[_Handle]):
         key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.table.get(key)
         if flow is None:
-            target = self._destinations.policy.route(ip.dst)
-            if target is Refusal.GROUP:
-                self.drops["multicast"] += 1
-                return
-            if isinstance(target, Refusal):
-                self.drops["refused"] += 1
-                if self._destinations.refuse("udp", ip.src, ip.dst, udp.dport, target, now):
-                    self._prohibited(ip)
+            target = self._route(ip, ip.dst, udp.dport, now, group_drop="multicast")
+            if target is None:
                 return
             try:
                 flow = self._open_outbound(key, target, now)

@@ -44,7 +44,7 @@ import trio
 from daemon.control import ControlError
 from daemon.flows.portspec import PortForward
 from daemon.flows.table import FlowKey
-from daemon.flows.tcp_conn import SO_PEEK_OFF, Endpoints, TcpConn
+from daemon.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
 from daemon.migration.flowstate import apply_guest_state, socket_state
 from daemon.migration.records import (
     FlowRecord,
@@ -307,7 +307,7 @@ class Restorer:
                 continue
             conn.send_ack()
             conn.push(now)
-            if conn.closed:
+            if conn.state is State.CLOSED:
                 continue  # the push found the socket reset by its peer
             if conn.flight:  # what was in flight is retransmitted if unacknowledged
                 conn.timer = min(conn.timer, now + conn.rto_jittered())

@@ -60,6 +60,7 @@ this ferryd from the records it streamed, exactly as a target would.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -624,6 +625,11 @@ class SourceMigration:
             if live:
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
+                # Repair OFF leaves SO_REUSEADDR at 0 (net/ipv4/tcp.c, TCP_REPAIR_OFF:
+                # sk_reuse = SK_NO_REUSE); the twins restored below bind next to
+                # these on a forwarded port, which needs it on both (inet_bind_conflict).
+                for c in live:
+                    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.handed_over += [c for c in self.frozen if c.sock.fileno() < 0]
             self.frozen.clear()
         d.tap.attach_queue()
