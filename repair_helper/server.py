@@ -101,6 +101,9 @@ class Server:
         self.refusals = 0
         self._refused_callers = Throttle()
         self._refused_requests = Throttle()
+        # Allowed callers are logged the same way: an allowed caller is what a
+        # guest that took over a ferryd would be, and it may connect in a loop.
+        self._connected = Throttle()
 
     def add_listener(self, listener: socket.socket) -> None:
         """Accept and serve clients on ``listener`` (a listening Unix stream socket)."""
@@ -132,7 +135,11 @@ class Server:
         """Until the next refusal summary is due; None (wait for events) if none is."""
         due = [
             t
-            for t in (self._refused_callers.next_timer(), self._refused_requests.next_timer())
+            for t in (
+                self._refused_callers.next_timer(),
+                self._refused_requests.next_timer(),
+                self._connected.next_timer(),
+            )
             if t is not None
         ]
         return max(0.0, min(due) - time.monotonic()) if due else None
@@ -144,6 +151,9 @@ class Server:
         requests = self._refused_requests.handle_timer(now)
         if requests:
             log.warning("refused %d more batches (and dropped their clients)", requests)
+        connected = self._connected.handle_timer(now)
+        if connected:
+            log.info("%d more clients connected", connected)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -177,7 +187,8 @@ class Server:
                 log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
             _close_client(sock)
             return
-        log.info("client %s connected", peer)
+        if self._connected.admit(time.monotonic()):
+            log.info("client %s connected", peer)
         rules = CallerRules.for_caller(peer.uid, forced_reuse=self._forced_reuse)
         self._connections[sock.fileno()] = _Connection(sock, peer, rules)
         self._selector.register(sock, selectors.EVENT_READ)

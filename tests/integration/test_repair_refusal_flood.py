@@ -110,3 +110,50 @@ def test_refusal_flood_is_logged_per_interval(public_dir: Path) -> None:
         # One line for the first refusal of each interval plus one summary per interval.
         assert lines <= 2 * (math.ceil(elapsed / INTERVAL) + 1)
         assert helper.proc.poll() is None
+
+
+CONNECTOR = r"""
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.close()
+print("done", flush=True)
+"""
+
+CONNECTED = re.compile(r"(\d+) more clients connected")
+
+
+def test_allowed_connection_flood_is_logged_per_interval(public_dir: Path) -> None:
+    # An allowed caller (what a guest that took over a ferryd would be) that
+    # connects in a loop must not flood the log either.
+    path = public_dir / "helper.sock"
+    n = 5_000
+    with listening_helper(path) as helper:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-c", CONNECTOR, str(path), str(n)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert out.stdout.strip() == "done"
+
+        def lines() -> list[str]:
+            return [line for line in helper.lines if "connected" in line]
+
+        def seen() -> int:
+            named = sum(1 for line in lines() if CONNECTED.search(line) is None)
+            return named + sum(int(m.group(1)) for x in lines() if (m := CONNECTED.search(x)))
+
+        while seen() < n:
+            try:  # the summary is due at the end of the interval
+                helper.wait_for_line("connected", count=len(lines()) + 1)
+            except AssertionError:
+                break
+        elapsed = time.monotonic() - t0
+        assert seen() == n
+        assert len(lines()) <= 2 * (math.ceil(elapsed / INTERVAL) + 1)
+        assert helper.proc.poll() is None
