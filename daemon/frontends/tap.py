@@ -91,7 +91,7 @@ def _set_queue(fd: int, flag: int) -> None:
 #: What ferryd asks of the tap; a persistent tap must have been made with
 #: the same (``ip tuntap add ... mode tap multi_queue vnet_hdr``): TUNSETIFF
 #: refuses a multi-queue mismatch with EINVAL (tun_set_iff()).
-_TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
+TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
 
 
 def _attach_given(fd: int, name: str, incoming: bool) -> None:
@@ -108,11 +108,22 @@ def _attach_given(fd: int, name: str, incoming: bool) -> None:
     except OSError as exc:
         if exc.errno != errno.EBADFD:
             raise
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), _TAP_FLAGS))
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
+        except OSError as setiff:
+            # EINVAL for a queue detached earlier (tun_set_iff(): tfile->detached),
+            # e.g. by a ferryd that was a migration's source or target, kept
+            # by systemd's descriptor store across a restart: attach it back.
+            if setiff.errno != errno.EINVAL:
+                raise
+            try:
+                _set_queue(fd, IFF_ATTACH_QUEUE)
+            except OSError:
+                raise setiff from None
     else:
         current = ifr[:16].rstrip(b"\0").decode(errors="replace")
         (flags,) = struct.unpack("H", ifr[16:18])
-        if current != name or flags & _TAP_FLAGS != _TAP_FLAGS:
+        if current != name or flags & TAP_FLAGS != TAP_FLAGS:
             raise TapSetupError(
                 f"the tap descriptor is already attached to {current!r} (flags {flags:#x}),"
                 f" not to a multi-queue vnet_hdr tap {name!r}"
@@ -130,7 +141,7 @@ def _open_and_configure(name: str, link: LinkConfig, config_net: bool, incoming:
         # IFF_MULTI_QUEUE: a migration target attaches a second queue to the
         # same device (disabled until it takes over), so the guest's link
         # never goes away while it moves from one ferryd to the other.
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), _TAP_FLAGS))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
         if incoming:
             _set_queue(fd, IFF_DETACH_QUEUE)
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
