@@ -1,6 +1,7 @@
 """Open /dev/net/tun inside a network namespace, then exec a command in ours with it as fd 3.
 
-Usage: ``python -m tests.integration.tap_fd_launcher NETNS_PATH [--explicit] -- COMMAND...``
+Usage: ``python -m tests.integration.tap_fd_launcher (--netns PATH | --fd N) [--explicit]
+-- COMMAND...``
 
 What a root launcher (or a service manager) does for a ferryd that holds no
 capability: the tun file binds to the namespace it is opened in
@@ -10,11 +11,13 @@ thread enters it with setns(2) and comes back before exec, so the command
 runs in the namespace this launcher started in (ferryd's host side).
 The descriptor becomes 3 and, unless ``--explicit`` (then the command is
 expected to carry ``--tap-fd 3`` itself), LISTEN_FDS=1 and LISTEN_PID name
-the exec'd process (same pid), as sd_listen_fds(3) expects.
+the exec'd process (same pid), as sd_listen_fds(3) expects. ``--fd N``
+passes an inherited descriptor instead, as systemd passes a stored one.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import sys
@@ -45,21 +48,22 @@ def open_tun_in(netns: str) -> int:
 
 
 def main(argv: list[str]) -> None:
-    netns, *rest = argv
-    explicit = rest[:1] == ["--explicit"]
-    if explicit:
-        rest = rest[1:]
-    if rest[:1] != ["--"] or len(rest) < 2:
-        raise SystemExit(__doc__)
-    fd = open_tun_in(netns)
+    parser = argparse.ArgumentParser(prog="tap_fd_launcher")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--netns", help="open /dev/net/tun in this namespace")
+    source.add_argument("--fd", type=int, help="pass this inherited descriptor")
+    parser.add_argument("--explicit", action="store_true", help="no LISTEN_* variables")
+    parser.add_argument("command", nargs="+")
+    opts = parser.parse_args(argv)
+    fd = open_tun_in(opts.netns) if opts.netns else opts.fd
     if fd != 3:
         os.dup2(fd, 3)  # dup2 leaves the new descriptor inheritable
         os.close(fd)
     else:
         os.set_inheritable(fd, True)
-    if not explicit:
+    if not opts.explicit:
         os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="tap")
-    os.execvp(rest[1], rest[1:])
+    os.execvp(opts.command[0], opts.command)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ AS_NOBODY = ["setpriv", "--reuid", str(RUNAS_UID), "--regid", str(RUNAS_GID), "-
              "--inh-caps", "-all", "--bounding-set", "-all", "--no-new-privs"]  # fmt: skip
 
 
+LAUNCHER = [sys.executable, "-m", "tests.integration.tap_fd_launcher"]
+
+
 def launcher(netns: Netns, *, explicit: bool = False) -> list[str]:
-    return [
-        sys.executable, "-m", "tests.integration.tap_fd_launcher", netns.path,
-        *(["--explicit"] if explicit else []), "--",
-    ]  # fmt: skip
+    return [*LAUNCHER, "--netns", netns.path, *(["--explicit"] if explicit else []), "--"]
 
 
 def persistent_tap(guest: Netns, group: int = RUNAS_GID) -> None:
