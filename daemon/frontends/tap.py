@@ -8,6 +8,9 @@ name is attached to instead); set its MTU and bring it up through rtnetlink
 default routes, as ``pasta --config-net`` does. The returned file descriptor
 keeps working after the thread that opened it is gone and after capabilities
 are dropped: the kernel checks permissions at TUNSETIFF time only.
+:meth:`TapFrontend.adopt` is the unprivileged variant: a descriptor opened
+in the guest's namespace by someone else (daemon.frontends.tap_fd), a tap
+already made and configured by root; only TUNSETIFF and TUNSETOFFLOAD here.
 
 Data path: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR gives one Ethernet frame per
 read and per write, each behind a 10-byte ``struct virtio_net_hdr``
