@@ -87,24 +87,6 @@ def test_exposure_levels() -> None:
     assert _exposure(UNITS / "ferryd@.service") <= 1.5
 
 
-def test_ferryd_unit_verifies(tmp_path: Path) -> None:
-    """``systemd-analyze verify`` is clean (ExecStart*= pointed at this checkout's scripts)."""
-    text = (UNITS / "ferryd@.service").read_text()
-    for name in ("ferry-tap-setup", "ferryd", "ferryctl"):
-        assert f"/usr/local/bin/{name} " in text, name
-        text = text.replace(f"/usr/local/bin/{name} ", f"{FERRYD.parent / name} ")
-    (tmp_path / "ferryd@.service").write_text(text)
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "ferryd@guest.service"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert (result.returncode, result.stdout + result.stderr) == (0, "")
-
-
 def test_repair_helper_loads_its_ebpf_filter_under_its_unit(tmp_path: Path) -> None:
     unit = UNITS / "ferry-repair.service"
     assert _setting(unit, "PrivateNetwork") == "yes"
