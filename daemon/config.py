@@ -70,6 +70,7 @@ class Options:
     repair_listen: str | None = None
     linger: float = 30.0
     runas: str | None = None
+    tap_fd: int | None = None
 
 
 def _mtu(text: str) -> int:
@@ -128,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="assign the guest's addresses and default routes on the tap "
         "(like pasta --config-net); without it the guest uses DHCP/NDP",
+    )
+    g.add_argument(
+        "--tap-fd",
+        type=int,
+        metavar="N",
+        help="use descriptor N, /dev/net/tun opened by the caller inside the guest's "
+        "namespace, and attach it to the existing tap --tap (owned by ferryd's user or "
+        "group): no setns, no capability needed. Socket activation (LISTEN_FDS=1) "
+        "does the same with descriptor 3. The tap must be configured beforehand; "
+        "--config-net is refused",
     )
     g.add_argument("--control", metavar="PATH", help="control socket for ferryctl")
 

@@ -5,7 +5,9 @@ Start-up order matters, because privilege is only held during setup:
 1. parse options and work out the guest's addressing (daemon.config);
    an impossible configuration exits 2 with a one-line message;
 2. raise the open-file soft limit to the hard one (every flow is a socket);
-3. create/attach the tap in the guest's namespace (privileged);
+3. create/attach the tap in the guest's namespace (privileged), or attach
+   the /dev/net/tun descriptor we were given, opened in that namespace by
+   our caller (--tap-fd, socket activation: no privilege needed at all);
 4. bind forwarded ports and the control socket (ports < 1024 need
    CAP_NET_BIND_SERVICE); the control socket stays the starting user's
    (mode 0600), so the user ferryd becomes next cannot drive it;
@@ -46,6 +48,7 @@ from daemon.flows.portspec import ForwardError
 from daemon.flows.tcp import TcpFlows
 from daemon.flows.udp import UdpFlows
 from daemon.frontends.tap import TapFrontend, TapGone, TapSetupError
+from daemon.frontends.tap_fd import TapFdError, inherited_tap_fd
 from daemon.host_addresses import AddressWatch
 from daemon.link import LinkConfig
 from daemon.privileges import (
@@ -311,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         {
             ConfigError: EXIT_USAGE,
             TapSetupError: EXIT_USAGE,
+            TapFdError: EXIT_USAGE,
             PrivilegeError: EXIT_USAGE,
             TapGone: EXIT_RUNTIME,
             ControlAddressInUse: EXIT_USAGE,
@@ -328,13 +332,22 @@ def _run(opts: Options) -> None:
     raise_file_limit()
     if opts.repair_socket is not None:
         warn_if_nobody_listens(opts.repair_socket)
-    tap = TapFrontend.open(
-        netns_path(opts.netns),
-        opts.tap,
-        link,
-        opts.config_net and not opts.incoming,
-        incoming=opts.incoming,
-    )
+    given = inherited_tap_fd(os.environ, opts.tap_fd)
+    if given is not None:
+        if opts.config_net:
+            raise ConfigError(
+                "--config-net needs ferryd to configure the tap itself; with a tap descriptor"
+                " (--tap-fd or socket activation) whoever created the tap configures it"
+            )
+        tap = TapFrontend.adopt(given, opts.tap, incoming=opts.incoming)
+    else:
+        tap = TapFrontend.open(
+            netns_path(opts.netns),
+            opts.tap,
+            link,
+            opts.config_net and not opts.incoming,
+            incoming=opts.incoming,
+        )
     try:
         trio.run(serve, opts, link, tap, runas)
     finally:

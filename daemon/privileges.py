@@ -1,7 +1,8 @@
 """Dropping privilege once setup is done.
 
 ferryd needs privilege only to create and configure the guest's tap device
-(CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter the namespace) and to bind
+(CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter the namespace; neither when it is
+handed a /dev/net/tun descriptor, daemon.frontends.tap_fd) and to bind
 forwarded ports below ``net.ipv4.ip_unprivileged_port_start``
 (CAP_NET_BIND_SERVICE). Then, before the first guest frame is read,
 :func:`drop_privileges`:
@@ -144,10 +145,14 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
     # Effective before permitted: capset(2) refuses an effective set that is
     # not a subset of the permitted one. Emptying inheritable also empties
     # the ambient set (the kernel keeps an ambient capability only while it is
-    # both permitted and inheritable).
-    prctl.cap_inheritable.limit()
-    prctl.cap_effective.limit(*kept)
-    prctl.cap_permitted.limit(*kept)
+    # both permitted and inheritable). Holding nothing already (started with
+    # no capability, as ferryd@.service does it), capset() is not called at
+    # all: that unit's filter denies it (@privileged), and it would change
+    # nothing.
+    if _holds_capabilities():
+        prctl.cap_inheritable.limit()
+        prctl.cap_effective.limit(*kept)
+        prctl.cap_permitted.limit(*kept)
     if keep:
         # setresuid() away from 0 emptied the effective set even with KEEPCAPS;
         # raise the one capability again from the permitted set.
@@ -164,6 +169,12 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
             identity.gid,
             ", keeping CAP_NET_BIND_SERVICE for forwarded ports" if keep else "",
         )
+
+
+def _holds_capabilities() -> bool:
+    """Whether this thread has any capability in its permitted, inheritable or ambient set."""
+    status = process_status()
+    return any(int(status[name], 16) for name in ("CapPrm", "CapInh", "CapAmb"))
 
 
 def _check(identity: Identity | None, caps: int) -> None:

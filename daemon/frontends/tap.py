@@ -8,6 +8,9 @@ name is attached to instead); set its MTU and bring it up through rtnetlink
 default routes, as ``pasta --config-net`` does. The returned file descriptor
 keeps working after the thread that opened it is gone and after capabilities
 are dropped: the kernel checks permissions at TUNSETIFF time only.
+:meth:`TapFrontend.adopt` is the unprivileged variant: a descriptor opened
+in the guest's namespace by someone else (daemon.frontends.tap_fd), a tap
+already made and configured by root; only TUNSETIFF and TUNSETOFFLOAD here.
 
 Data path: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR gives one Ethernet frame per
 read and per write, each behind a 10-byte ``struct virtio_net_hdr``
@@ -53,6 +56,7 @@ log = logging.getLogger("ferryd.tap")
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETQUEUE = 0x400454D9
+TUNGETIFF = 0x800454D2
 IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
@@ -87,6 +91,51 @@ def _set_queue(fd: int, flag: int) -> None:
     fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH", b"", flag))
 
 
+#: What ferryd asks of the tap; a persistent tap must have been made with
+#: the same (``ip tuntap add ... mode tap multi_queue vnet_hdr``): TUNSETIFF
+#: refuses a multi-queue mismatch with EINVAL (tun_set_iff()).
+TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
+
+
+def _attach_given(fd: int, name: str, incoming: bool) -> None:
+    """Attach the descriptor someone else opened (daemon.frontends.tap_fd) to tap ``name``.
+
+    It may already be attached: a descriptor kept across ferryd's restarts
+    by whoever passed it stays attached to its queue (TUNSETIFF then fails
+    with EEXIST), so TUNGETIFF is asked first; EBADFD means not attached
+    (__tun_chr_ioctl). No capability is needed for any of this on a
+    persistent tap of our user or group (tun_not_capable()).
+    """
+    try:
+        ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(18))
+    except OSError as exc:
+        if exc.errno != errno.EBADFD:
+            raise
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
+        except OSError as setiff:
+            # EINVAL for a queue detached earlier (tun_set_iff(): tfile->detached),
+            # e.g. by a ferryd that was a migration's source or target, kept
+            # by systemd's descriptor store across a restart: attach it back.
+            if setiff.errno != errno.EINVAL:
+                raise
+            try:
+                _set_queue(fd, IFF_ATTACH_QUEUE)
+            except OSError:
+                raise setiff from None
+    else:
+        current = ifr[:16].rstrip(b"\0").decode(errors="replace")
+        (flags,) = struct.unpack("H", ifr[16:18])
+        if current != name or flags & TAP_FLAGS != TAP_FLAGS:
+            raise TapSetupError(
+                f"the tap descriptor is already attached to {current!r} (flags {flags:#x}),"
+                f" not to a multi-queue vnet_hdr tap {name!r}"
+            )
+    if incoming:
+        _set_queue(fd, IFF_DETACH_QUEUE)
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+
+
 def _open_and_configure(name: str, link: LinkConfig, config_net: bool, incoming: bool) -> int:
     from pyroute2 import IPRoute
 
@@ -95,8 +144,7 @@ def _open_and_configure(name: str, link: LinkConfig, config_net: bool, incoming:
         # IFF_MULTI_QUEUE: a migration target attaches a second queue to the
         # same device (disabled until it takes over), so the guest's link
         # never goes away while it moves from one ferryd to the other.
-        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
         if incoming:
             _set_queue(fd, IFF_DETACH_QUEUE)
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
@@ -199,6 +247,31 @@ class TapFrontend:
             raise TapSetupError(f"cannot set up tap {name!r} in {netns}: {exc}{hint}") from exc
         except Exception as exc:  # pyroute2's NetlinkError and friends
             raise TapSetupError(f"cannot configure tap {name!r} in {netns}: {exc}") from exc
+        return cls(fd, attached=not incoming)
+
+    @classmethod
+    def adopt(cls, fd: int, name: str, incoming: bool = False) -> "TapFrontend":
+        """A frontend on a /dev/net/tun descriptor opened in the guest's namespace by another.
+
+        No setns and no netlink: the tap exists already, with its MTU and
+        link state set by whoever created it (see daemon.frontends.tap_fd).
+        """
+        if not name or len(name.encode()) > 15:
+            raise TapSetupError(f"tap name {name!r} must be 1 to 15 bytes (IFNAMSIZ)")
+        try:
+            _attach_given(fd, name, incoming)
+        except OSError as exc:
+            hint = ""
+            if exc.errno == errno.EPERM:
+                # tun_not_capable(), or a missing device: creating one needs
+                # CAP_NET_ADMIN (tun_set_iff()).
+                hint = (
+                    " (does a persistent tap of that name exist in the namespace the"
+                    " descriptor was opened in, owned by ferryd's user or group?)"
+                )
+            elif exc.errno == errno.EINVAL:
+                hint = " (a tap made without multi_queue or vnet_hdr?)"
+            raise TapSetupError(f"cannot attach to tap {name!r}: {exc.strerror}{hint}") from exc
         return cls(fd, attached=not incoming)
 
     #: Frames may be sent with a partial L4 checksum (see the module doc).

@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -334,13 +334,23 @@ class MigrationBed:
         return self.peers_v6[-1]
 
     def start_ferryd(
-        self, host: Netns, *args: str, config_net: bool = False, incoming: bool = False
+        self,
+        host: Netns,
+        *args: str,
+        config_net: bool = False,
+        incoming: bool = False,
+        prefix: Sequence[str] = (),
     ) -> FerrydProcess:
-        """Start ferryd in *host* for the shared guest; return it once ready."""
+        """Start ferryd in *host* for the shared guest; return it once ready.
+
+        ``prefix``: a launcher that execs ferryd (test_tap_fd.py passes it a
+        /dev/net/tun descriptor).
+        """
         n = len(self.ferryds)
         control = str(self.tmp / f"m{n}.sock")
         log_path = self.tmp / f"ferryd-m{n}.log"
         argv = [
+            *prefix,
             str(FERRYD),
             "--netns",
             self.guest.path,

@@ -24,7 +24,8 @@ def test_ferryd_template_verifies_clean(tmp_path: Path) -> None:
     if not (bin_dir / "ferryd").exists():
         pytest.skip(f"{bin_dir}/ferryd missing: install the project (make setup)")
     unit = (UNITS / "ferryd@.service").read_text()
-    assert "/usr/local/bin/ferryd " in unit and "/usr/local/bin/ferryctl " in unit
+    for name in ("ferry-tap-setup", "ferryd", "ferryctl"):  # ExecStartPre=, ExecStart=, ...Post=
+        assert f"/usr/local/bin/{name} " in unit, name
     (tmp_path / "ferryd@guest1.service").write_text(unit.replace("/usr/local/bin/", f"{bin_dir}/"))
     result = subprocess.run(
         ["systemd-analyze", "verify", "ferryd@guest1.service"],

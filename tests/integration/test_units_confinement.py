@@ -4,12 +4,14 @@ No systemd runs on the test machines, so each unit's confinement is
 reproduced from the unit file itself (tests/integration/unit_syscall_filter.py
 says how and what is left out) and the real program runs under it:
 ferry-repair must still load its eBPF intake filter (CAP_BPF and bpf() only
-at start), ferryd must still set up its tap, drop what it holds and forward
-traffic as the unit's unprivileged user.
+at start); ferryd, holding no capability at all, must attach to the tap its
+ExecStartPre= prepared and serve the guest (DHCP, a forward) as the unit's
+unprivileged user, and again after a restart.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -20,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import FERRYCTL, FERRYD, RUNAS_UID
+from tests.integration.fake_fdstore import FakeFdStore
 from tests.integration.test_migration_support import Streams
 from tests.integration.test_repair_support import REPO, listening_helper
+from tests.integration.test_tap_fd import LAUNCHER, RUNAS_GID, dhcp
 from tests.netns import Topology
 
 UNITS = REPO / "systemd"
@@ -50,8 +54,12 @@ def _lines(unit: Path) -> list[tuple[str, str]]:
 
 
 def _setpriv_caps(unit: Path, key: str) -> str:
-    """``CAP_NET_ADMIN CAP_BPF`` -> ``+net_admin,+bpf`` (setpriv's spelling)."""
-    return ",".join("+" + cap.removeprefix("CAP_").lower() for cap in _setting(unit, key).split())
+    """``CAP_NET_ADMIN CAP_BPF`` -> ``+net_admin,+bpf`` (setpriv's spelling); empty: ``-all``.
+
+    The last assignment counts (a drop-in's, appended to the unit's empty one).
+    """
+    caps = [v for k, v in _lines(unit) if k == key][-1].split()
+    return ",".join("+" + cap.removeprefix("CAP_").lower() for cap in caps) or "-all"
 
 
 def _exposure(unit: Path) -> float:
@@ -68,15 +76,15 @@ def _exposure(unit: Path) -> float:
 
 
 def test_exposure_levels() -> None:
-    """ferry-repair scores 1.5 at most; ferryd as low as a daemon with a host network can.
+    """Both services score 1.5 at most (ferryd@: 1.3, as low as a daemon with a host network can).
 
     ferryd's floor: the host's network (PrivateNetwork, AF_INET, no IP
-    allow-list), CAP_SYS_ADMIN for setns and CAP_NET_ADMIN for the tap
-    during setup, the capset() it drops them with, and no user namespace
-    (capabilities must hold over the guest's namespace).
+    allow-list), netlink for the host's addresses, and no user namespace
+    (a drop-in may give CAP_NET_BIND_SERVICE, which must hold over the
+    host's namespace).
     """
     assert _exposure(UNITS / "ferry-repair.service") <= 1.5
-    assert _exposure(UNITS / "ferryd@.service") <= 2.3
+    assert _exposure(UNITS / "ferryd@.service") <= 1.5
 
 
 def test_repair_helper_loads_its_ebpf_filter_under_its_unit(tmp_path: Path) -> None:
@@ -95,38 +103,92 @@ def test_repair_helper_loads_its_ebpf_filter_under_its_unit(tmp_path: Path) -> N
 
 
 #: In a private mount namespace: the unit's ProtectProc=invisible and
-#: ProcSubset=pid (a /proc with only the processes, no /proc/sys), and a
-#: /dev/net/tun of mode 0666 as Debian's udev makes it (some containers do not).
+#: ProcSubset=pid (a /proc with only the processes, no /proc/sys), and its
+#: PrivateDevices=yes as far as ferryd could notice: no /dev/net/tun at all.
 _UNIT_MOUNTS = (
     "mount -t proc -o subset=pid,hidepid=invisible proc /proc"
-    ' && d=$(mktemp -d) && mount -t tmpfs tmpfs "$d" && mknod -m 666 "$d/tun" c 10 200'
-    ' && mount --bind "$d/tun" /dev/net/tun && exec "$@"'
+    ' && mount -t tmpfs tmpfs /dev/net && exec "$@"'
+)
+#: The low-ports drop-in the unit's comment documents.
+_LOW_PORTS = (
+    "[Service]\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
+    "AmbientCapabilities=CAP_NET_BIND_SERVICE\nSystemCallFilter=capset\n"
 )
 
 
-def test_ferryd_works_under_its_unit(topology: Topology, short_tmp: Path) -> None:
-    """A non-root ferryd with the unit's ambient capabilities and filter; -t 80."""
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox udhcpc")
+@pytest.mark.parametrize("drop_in", [False, True], ids=["unit", "low-ports-drop-in"])
+def test_ferryd_works_under_its_unit(topology: Topology, short_tmp: Path, drop_in: bool) -> None:
+    """ExecStartPre= as root, then ferryd with no capability, the unit's filter and mounts.
+
+    ferry-tap-setup runs as the unit runs it, talking to a stand-in of
+    systemd's notify socket (tests/integration/fake_fdstore.py); the stored
+    descriptor is passed as systemd passes it. ferryd must reach ready, give
+    the guest its address by DHCP and forward a port; then, restarted (the
+    store keeps the descriptor the first ferryd attached, and refuses the one
+    ExecStartPre= sends again), serve the guest again.
+    """
     unit = UNITS / "ferryd@.service"
     assert _setting(unit, "DynamicUser") == "yes"
     assert _setting(unit, "ProcSubset") == "pid"
-    caps = _setpriv_caps(unit, "AmbientCapabilities")
-    bounding = _setpriv_caps(unit, "CapabilityBoundingSet")
+    assert _setting(unit, "PrivateDevices") == "yes"
+    assert (_setting(unit, "NotifyAccess"), _setting(unit, "FileDescriptorStoreMax")) == (
+        "exec",
+        "1",
+    )
+    if drop_in:
+        unit = short_tmp / "ferryd@.service"
+        unit.write_text((UNITS / "ferryd@.service").read_text() + _LOW_PORTS)
     short_tmp.chmod(0o755)
     run = short_tmp / "run"  # the unit's RuntimeDirectory, owned by its user
     run.mkdir()
-    shutil.chown(run, RUNAS_UID, RUNAS_UID)
-    control = str(run / "control.sock")
+    shutil.chown(run, RUNAS_UID, RUNAS_GID)
+    pre = _exec_start_pre(unit, topology)
+    store = FakeFdStore(short_tmp / "notify")
+    try:
+        for attempt in ("first", "restarted"):
+            done = subprocess.run(
+                pre, env={**os.environ, "NOTIFY_SOCKET": store.path}, capture_output=True,
+                text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert [name for name, _fd in store.stored] == ["tap"], store.messages
+            port = 80 if drop_in else 8080
+            _serve_once(topology, unit, short_tmp, store.stored[0][1], port, attempt)
+    finally:
+        store.close()
+
+
+def _exec_start_pre(unit: Path, topology: Topology) -> list[str]:
+    """The unit's ExecStartPre=+ command, run as root here: ``%i`` is the guest namespace."""
+    line = _setting(unit, "ExecStartPre")
+    assert line.startswith("+/usr/local/bin/ferry-tap-setup "), line
+    args = line.split()[1:]
+    args = [a.replace("/run/netns/%i", topology.guest.path) for a in args]
+    args[args.index("--group") + 1] = str(RUNAS_GID)  # the unit's Group=, nobody's here
+    return [str(FERRYD.parent / "ferry-tap-setup"), *args]
+
+
+def _serve_once(
+    topology: Topology, unit: Path, tmp: Path, stored: int, port: int, attempt: str
+) -> None:
+    control = str(tmp / "run" / "control.sock")
+    caps = _setpriv_caps(unit, "AmbientCapabilities")
+    kept_bound = _setpriv_caps(unit, "CapabilityBoundingSet")
+    bounding = "-all" if kept_bound == "-all" else f"-all,{kept_bound}"
     argv = [
+        # systemd's part: the stored descriptor becomes 3, LISTEN_* name it.
+        *LAUNCHER, "--fd", str(stored), "--",
         "unshare", "--mount", "--propagation", "private", "sh", "-c", _UNIT_MOUNTS, "sh",
-        "setpriv", "--reuid", str(RUNAS_UID), "--regid", str(RUNAS_UID), "--clear-groups",
-        "--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", f"-all,{bounding}",
+        "setpriv", "--reuid", str(RUNAS_UID), "--regid", str(RUNAS_GID), "--clear-groups",
+        "--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", bounding,
         "--no-new-privs", *FILTER, str(unit), "--",
         str(FERRYD), "--netns", topology.guest.path, "--tap", "tap0", "--control", control,
-        "--config-net", "-t", "80",
+        "-t", str(port),
     ]  # fmt: skip
-    log = short_tmp / "ferryd.log"
+    log = tmp / f"ferryd-{attempt}.log"
     with log.open("wb") as out:
-        proc = topology.host.popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = topology.host.popen(argv, stdout=out, stderr=subprocess.STDOUT, pass_fds=[stored])
     streams: Streams | None = None
     try:
         ready = subprocess.run(
@@ -139,13 +201,18 @@ def test_ferryd_works_under_its_unit(topology: Topology, short_tmp: Path) -> Non
         status = dict(
             line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
         )
+        kept = CAP_NET_BIND_SERVICE if port < 1024 else 0
         assert status["Uid"].split() == [str(RUNAS_UID)] * 4
-        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == CAP_NET_BIND_SERVICE
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == kept
         assert int(status["CapAmb"], 16) == int(status["CapInh"], 16) == 0
         assert status["NoNewPrivs"].strip() == "1"
         assert status["Seccomp_filters"].strip() == "2"  # the unit's and ferryd's own
-        streams = Streams(topology.guest, topology.peer, "0.0.0.0", topology.host_v4, 80, "busy:1")
-        streams.wait_flowing("busy", 1 << 20, "through port 80")
+        if attempt == "first":
+            assert dhcp(topology.guest, tmp) == topology.host_v4
+        streams = Streams(
+            topology.guest, topology.peer, "0.0.0.0", topology.host_v4, port, "busy:1"
+        )
+        streams.wait_flowing("busy", 1 << 20, f"through port {port} ({attempt})")
         streams.finish()
     finally:
         if streams is not None:
