@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 import trio
@@ -78,14 +79,24 @@ class DatagramFlows(Generic[H]):
         flow.dropped += 1
         self.drops[reason] += 1
 
-    def _route(
-        self, ip: IpPacket, dst: IpAddress, port: int, now: float, *, group_drop: str
-    ) -> IpAddress | None:
-        """Where a new flow to ``dst`` goes, or None once it has been refused.
+    def _new_flow(
+        self,
+        ip: IpPacket,
+        dst: IpAddress,
+        port: int,
+        now: float,
+        *,
+        group_drop: str,
+        open_flow: Callable[[IpAddress], Flow[H] | None],
+    ) -> Flow[H] | None:
+        """A flow for the guest's first packet to ``dst``, or None if it got none.
 
         Group destinations are dropped silently (RFC 1812 §4.3.2.7: no ICMP
         error about them), counted under ``group_drop``; the host itself is
-        refused as a router's filter would (``_prohibited``, rate-limited).
+        refused as a router's filter would (``_prohibited``, rate-limited);
+        so is a flow with no room left (``_refuse``). ``open_flow(target)``
+        opens the flow toward the policy's route, or returns None if its
+        socket fails.
         """
         target = self._destinations.policy.route(dst)
         if target is Refusal.GROUP:
@@ -96,7 +107,11 @@ class DatagramFlows(Generic[H]):
             if self._destinations.refuse(self._kind, ip.src, dst, port, target, now):
                 self._prohibited(ip)
             return None
-        return target
+        try:
+            return open_flow(target)
+        except FlowLimitReached as exc:  # table full or no descriptor left
+            self._refuse(ip, exc, now)
+            return None
 
     def _prohibited(self, ip: IpPacket) -> None:
         """Answer a refused packet as a router's filter would: ICMP(v6)

@@ -126,14 +126,14 @@ class IcmpFlows(DatagramFlows[_Echo]):
         key = FlowKey(proto, ip.src, ident, dst, 0)
         flow = self.table.get(key)
         if flow is None:
-            target = self._route(ip, dst, ident, now, group_drop="bad destination")
-            if target is None:
-                return
-            try:
-                flow = self._open(key, target, now)
-            except FlowLimitReached as exc:  # table full or no descriptor left
-                self._refuse(ip, exc, now)
-                return
+            flow = self._new_flow(
+                ip,
+                dst,
+                ident,
+                now,
+                group_drop="bad destination",
+                open_flow=lambda target: self._open(key, target, now),
+            )
             if flow is None:
                 return
         handle = flow.handle

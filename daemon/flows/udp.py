@@ -171,14 +171,14 @@ class UdpFlows(DatagramFlows[_Handle]):
         key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.table.get(key)
         if flow is None:
-            target = self._route(ip, ip.dst, udp.dport, now, group_drop="multicast")
-            if target is None:
-                return
-            try:
-                flow = self._open_outbound(key, target, now)
-            except FlowLimitReached as exc:  # table full or no descriptor left
-                self._refuse(ip, exc, now)
-                return
+            flow = self._new_flow(
+                ip,
+                ip.dst,
+                udp.dport,
+                now,
+                group_drop="multicast",
+                open_flow=lambda target: self._open_outbound(key, target, now),
+            )
             if flow is None:
                 return
         self._send_to_host(flow, udp.payload, now)
