@@ -222,7 +222,8 @@ class Daemon:
     async def _frames(self) -> None:
         stack, clock = self.stack, trio.current_time
         await self.tap.run(
-            lambda frame, trusted: stack.receive_frame(frame, clock(), trusted), stack.flush
+            lambda frame, trusted: stack.receive_frame(frame, clock(), trusted),
+            lambda: stack.flush(clock()),
         )
 
     async def _timers(self) -> None:

@@ -134,7 +134,6 @@ class Stack:
         self.counters = StackCounters()
         self._trusted = False
         self._throttle = LogThrottle(log)
-        self._last_now = now
 
     # --- GuestPort ------------------------------------------------------
 
@@ -172,7 +171,6 @@ class Stack:
         (the guest's kernel left it to the device, see frontends/tap.py)."""
         self.counters.frames_in += 1
         self._trusted = trusted
-        self._last_now = now
         try:
             self._dispatch_untrusted(frame, now)
         except MalformedPacket as exc:
@@ -266,13 +264,13 @@ class Stack:
         self._guest_addr[ip.version] = src
         return True
 
-    def flush(self) -> None:
+    def flush(self, now: float) -> None:
         """The frontend has no more frames queued for now (end of a burst)."""
         if self.tcp is not None:
             try:
                 self.tcp.flush()
             except Exception as exc:  # work deferred from the burst's frames
-                self._contain(exc, self._last_now)
+                self._contain(exc, now)
 
     # --- timers ----------------------------------------------------------
 

@@ -131,6 +131,12 @@ def _attach_given(fd: int, name: str, incoming: bool) -> None:
                 f"the tap descriptor is already attached to {current!r} (flags {flags:#x}),"
                 f" not to a multi-queue vnet_hdr tap {name!r}"
             )
+    _attached(fd, incoming)
+
+
+def _attached(fd: int, incoming: bool) -> None:
+    """The queue is ours: a migration target's waits detached (it takes over at
+    resume); offloads on (see the module docstring)."""
     if incoming:
         _set_queue(fd, IFF_DETACH_QUEUE)
     fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
@@ -145,9 +151,7 @@ def _open_and_configure(name: str, link: LinkConfig, config_net: bool, incoming:
         # same device (disabled until it takes over), so the guest's link
         # never goes away while it moves from one ferryd to the other.
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
-        if incoming:
-            _set_queue(fd, IFF_DETACH_QUEUE)
-        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        _attached(fd, incoming)
         if incoming:
             return fd
         with IPRoute() as ipr:

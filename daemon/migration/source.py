@@ -349,7 +349,8 @@ class SourceMigration:
                 # once ours is detached).
                 stack, now = d.stack, trio.current_time()
                 d.tap.drain(
-                    lambda frame, trusted: stack.receive_frame(frame, now, trusted), stack.flush
+                    lambda frame, trusted: stack.receive_frame(frame, now, trusted),
+                    lambda: stack.flush(now),
                 )
                 d.tap.detach_queue()
                 t_stopped = time.monotonic()
