@@ -68,17 +68,13 @@ from daemon.flows.portspec import ForwardError, PortForward
 from daemon.flows.table import Flow, FlowKey, FlowLimitReached
 from daemon.guest import GuestPort
 from daemon.link import LinkConfig
-from daemon.wire.icmp import ICMP_DEST_UNREACH, ICMPV6_DEST_UNREACH, build_icmp
+from daemon.wire.icmp import PORT_UNREACHABLE, build_dest_unreach
 from daemon.wire.ip import (
-    IPPROTO_ICMP,
-    IPPROTO_ICMPV6,
     IPPROTO_UDP,
     IPV4_HLEN,
     IPV6_HLEN,
     IpAddress,
     IpPacket,
-    ipv4_header,
-    ipv6_header,
 )
 from daemon.wire.udp import UDP_HLEN, UdpDatagram, build_udp
 
@@ -89,8 +85,6 @@ log = logging.getLogger(__name__)
 UDP_IDLE_TIMEOUT = 180.0
 _DRAIN_BATCH = 64
 """Datagrams read from one socket before yielding to other tasks."""
-_ICMP_PORT_UNREACH = 3  # RFC 792
-_ICMPV6_PORT_UNREACH = 4  # RFC 4443 §3.1
 _UDP_HDR = struct.Struct("!HHHH")
 
 
@@ -380,16 +374,7 @@ class UdpFlows(DatagramFlows[_Handle]):
         length = UDP_HLEN + handle.last_len
         udp = _UDP_HDR.pack(key.guest_port, key.remote_port, length, 0)
         src, dst = key.guest_addr, key.remote_addr
-        if isinstance(src, IPv4Address):
-            assert isinstance(dst, IPv4Address)
-            quote = ipv4_header(src, dst, IPPROTO_UDP, length) + udp
-            l4 = build_icmp(dst, src, ICMP_DEST_UNREACH, _ICMP_PORT_UNREACH, bytes(4), quote)
-            proto = IPPROTO_ICMP
-        else:
-            assert isinstance(dst, IPv6Address)
-            quote = ipv6_header(src, dst, IPPROTO_UDP, length) + udp
-            l4 = build_icmp(dst, src, ICMPV6_DEST_UNREACH, _ICMPV6_PORT_UNREACH, bytes(4), quote)
-            proto = IPPROTO_ICMPV6
+        proto, l4 = build_dest_unreach(dst, src, dst, IPPROTO_UDP, length, udp, PORT_UNREACHABLE)
         self.drops["port unreachable"] += 1
         self._guest.send_ip(dst, src, proto, l4)
 

@@ -56,7 +56,7 @@ from daemon.wire.icmp import (
     IcmpMessage,
     build_icmp,
 )
-from daemon.wire.ip import IPPROTO_ICMPV6, IpPacket, build_ip
+from daemon.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, IpPacket, build_ip
 
 RA_INTERVAL = 60.0
 MIN_DELAY_BETWEEN_RAS = 3.0  # RFC 4861 §10
@@ -66,7 +66,6 @@ PREFIX_PREFERRED_LIFETIME = 14400
 RDNSS_LIFETIME = 1800  # RFC 8106 §5.1: at least 3 × the RA interval
 CUR_HOP_LIMIT = 64
 NDP_HOP_LIMIT = 255
-IPV6_MIN_MTU = 1280
 
 OPT_SOURCE_LLADDR = 1
 OPT_TARGET_LLADDR = 2

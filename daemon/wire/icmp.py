@@ -7,7 +7,7 @@ ICMPv6 includes the IPv6 pseudo-header in its checksum; ICMP does not.
 
 import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address
 
 from daemon.wire.checksum import checksum, pseudo_header_sum, verify
 from daemon.wire.errors import MalformedPacket
@@ -15,10 +15,10 @@ from daemon.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPV6_HLEN,
+    IPV6_MIN_MTU,
     IpAddress,
     IpPacket,
-    ipv4_header,
-    ipv6_header,
+    ip_header,
 )
 
 ICMP_ECHO_REPLY = 0
@@ -39,7 +39,11 @@ ICMPV6_NEIGHBOUR_SOLICIT = 135
 ICMPV6_NEIGHBOUR_ADVERT = 136
 
 ICMP_HLEN = 8
-IPV6_MIN_MTU = 1280  # RFC 8200 §5
+#: Destination unreachable codes as (ICMP, ICMPv6): port unreachable (RFC 792;
+#: RFC 4443 §3.1, code 4) and administratively prohibited (RFC 1812 §5.2.7.1;
+#: RFC 4443 §3.1, code 1).
+PORT_UNREACHABLE = (3, 4)
+ADMIN_PROHIBITED = (ICMP_ADMIN_PROHIBITED, ICMPV6_ADMIN_PROHIBITED)
 _ICMP = struct.Struct("!BBH4s")
 _ECHO = struct.Struct("!HH")
 
@@ -94,28 +98,43 @@ def echo_rest(ident: int, seq: int) -> bytes:
     return _ECHO.pack(ident, seq)
 
 
-def build_admin_prohibited(packet: IpPacket, src: IpAddress) -> tuple[int, bytes]:
-    """(protocol, message): "administratively prohibited" for ``packet``, from ``src``.
+def build_dest_unreach(
+    sender: IpAddress,
+    src: IpAddress,
+    dst: IpAddress,
+    proto: int,
+    length: int,
+    l4: bytes | memoryview,
+    codes: tuple[int, int],
+    ttl: int = 64,
+) -> tuple[int, bytes]:
+    """(protocol, message): destination unreachable from ``sender`` about a
+    packet ``src`` → ``dst`` (``proto``, ``length`` bytes after its IP header,
+    starting with ``l4``), with ``codes`` (ICMP, ICMPv6).
 
-    What a router's filter answers (RFC 1812 §5.2.7.1; RFC 4443 §3.1, code 1).
-    The quote is ``packet``'s IP header, rebuilt without options or
-    extension headers (receivers match an error to a socket by addresses,
-    protocol and ports only), then the start of its payload: 8 bytes for
-    ICMP (RFC 792), as much as keeps the error within the IPv6 minimum MTU
-    for ICMPv6 (RFC 4443 §2.4 (c)).
+    The quote is the packet's IP header, rebuilt without options or extension
+    headers (receivers match an error to a socket by addresses, protocol and
+    ports only), then the start of ``l4``: 8 bytes for ICMP (RFC 792), as much
+    as keeps the error within the IPv6 minimum MTU for ICMPv6 (RFC 4443 §2.4 (c)).
     """
-    payload = packet.payload
-    if isinstance(packet.src, IPv4Address):
-        assert isinstance(packet.dst, IPv4Address)
-        hdr = ipv4_header(packet.src, packet.dst, packet.proto, len(payload), packet.ttl)
-        quote = hdr + payload[:8]
-        return IPPROTO_ICMP, build_icmp(
-            src, packet.src, ICMP_DEST_UNREACH, ICMP_ADMIN_PROHIBITED, bytes(4), quote
-        )
-    assert isinstance(packet.dst, IPv6Address)
+    if isinstance(src, IPv4Address):
+        quote = ip_header(src, dst, proto, length, ttl) + l4[:8]
+        return IPPROTO_ICMP, build_icmp(sender, src, ICMP_DEST_UNREACH, codes[0], bytes(4), quote)
     room = IPV6_MIN_MTU - IPV6_HLEN - ICMP_HLEN - IPV6_HLEN
-    hdr = ipv6_header(packet.src, packet.dst, packet.proto, len(payload), packet.ttl)
-    quote = hdr + payload[:room]
-    return IPPROTO_ICMPV6, build_icmp(
-        src, packet.src, ICMPV6_DEST_UNREACH, ICMPV6_ADMIN_PROHIBITED, bytes(4), quote
+    quote = ip_header(src, dst, proto, length, ttl) + l4[:room]
+    return IPPROTO_ICMPV6, build_icmp(sender, src, ICMPV6_DEST_UNREACH, codes[1], bytes(4), quote)
+
+
+def build_admin_prohibited(packet: IpPacket, sender: IpAddress) -> tuple[int, bytes]:
+    """(protocol, message): what a router's filter answers to ``packet``."""
+    payload = packet.payload
+    return build_dest_unreach(
+        sender,
+        packet.src,
+        packet.dst,
+        packet.proto,
+        len(payload),
+        payload,
+        ADMIN_PROHIBITED,
+        packet.ttl,
     )

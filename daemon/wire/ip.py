@@ -33,6 +33,7 @@ MAX_EXTENSION_HEADERS = 8
 
 IPV4_HLEN = 20
 IPV6_HLEN = 40
+IPV6_MIN_MTU = 1280  # RFC 8200 §5
 _V4 = struct.Struct("!BBHHHBBH4s4s")
 _V6 = struct.Struct("!IHBB16s16s")
 
