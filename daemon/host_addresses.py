@@ -14,9 +14,13 @@ socket (rtnetlink(7)) opened at start:
 - from then on every RTM_NEWADDR / RTM_DELADDR the kernel multicasts is
   applied as it is read (between the change and the read, microseconds,
   the old set applies);
-- if notifications were lost (the socket's queue overflowed: ENOBUFS), a
-  new dump is asked for on the same socket and replaces the set when it
-  ends.
+- if notifications were lost (the socket's queue overflowed: ENOBUFS), or
+  a datagram could not be parsed (it may have held a dump's end), a new
+  dump is asked for on the same socket and replaces the set when it ends;
+  it supersedes any dump still under way, whose late replies (our port,
+  an older sequence number) are then ignored. Notifications never carry
+  our port: the kernel sends them with the port of whoever made the change
+  (rtmsg_ifa()).
 
 Only recv() and send() on that one descriptor are needed after start (no
 new socket, no library underneath), so a seccomp allow-list has little to
@@ -41,6 +45,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
+from daemon.exits import StartupError
 from daemon.wire.ip import IpAddress
 
 __all__ = [
@@ -174,6 +179,9 @@ class AddressWatch:
             while self.dump_pending:  # read the first dump to its end
                 self._handle(self._sock.recv(_RECV_SIZE))
             self._sock.setblocking(False)
+        except (OSError, NetlinkError) as exc:
+            self._sock.close()
+            raise StartupError(f"cannot read the host's addresses (rtnetlink): {exc}") from exc
         except BaseException:
             self._sock.close()
             raise
@@ -202,35 +210,60 @@ class AddressWatch:
         """Apply one datagram; True if the set may have changed."""
         events, done = parse_addr_messages_untrusted(data)
         dump = None if self._dumping is None else self._dumping[0]
+        changed = False
         for event in events:
-            ours = event.port == self._port and event.seq == dump
-            if not ours:  # a notification: true of now, whatever the dump says
-                self.current.apply(event)
+            if event.port == self._port:  # a reply to one of our dumps
+                if self._dumping is not None and event.seq == dump:
+                    self._dumping[1].apply(event)
+                continue  # a superseded dump's: what it says may be stale
+            self.current.apply(event)  # a notification: true of now
+            changed = True
             if self._dumping is not None:
                 self._dumping[1].apply(event)
-        if self._dumping is not None and self._dumping[0] in done:
+        if self._dumping is not None and dump in done:
             self.current = self._dumping[1]
             self._dumping = None
             return True
-        return bool(events)
+        return changed
+
+    def resync(self) -> None:
+        """Something was lost: dump everything again (superseding a dump under way)."""
+        self._dumping = self._request_dump()
 
     async def watch(self, changed: Callable[[frozenset[IpAddress]], None]) -> None:
-        """Call ``changed`` with the new set after each burst of netlink messages."""
+        """Call ``changed`` with the new set after each burst of netlink messages.
+
+        Never raises for what the kernel sends or fails to: a lost or
+        unreadable datagram costs a new dump; a socket that stops working
+        ends the watch with an error line (the addresses known by then stay
+        refused).
+        """
         while True:
             await trio.lowlevel.wait_readable(self._sock)
-            dirty = False
+            dirty = lost = False
             while True:
                 try:
                     dirty |= self._handle(self._sock.recv(_RECV_SIZE))
                 except BlockingIOError:
                     break
                 except NetlinkError as exc:
-                    log.warning("host address notifications: %s", exc)
+                    log.warning("host address notifications: %s; reading them all again", exc)
+                    lost = True
                 except OSError as exc:
                     if exc.errno != errno.ENOBUFS:
-                        raise
-                    if self._dumping is None:  # one dump at a time per socket
-                        log.info("host address notifications were lost: reading them all again")
-                        self._dumping = self._request_dump()
+                        log.error(
+                            "host address notifications stopped (%s): addresses the host"
+                            " gains from now on are not refused to the guest",
+                            exc,
+                        )
+                        return
+                    log.info("host address notifications were lost: reading them all again")
+                    lost = True
+            if lost:
+                try:
+                    self.resync()
+                except OSError as exc:
+                    log.error("host address notifications stopped (cannot dump: %s)", exc)
+                    return
             if dirty:
                 changed(self.current.addresses)

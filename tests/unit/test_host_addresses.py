@@ -28,13 +28,16 @@ def attr(kind: int, value: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + value + bytes(-length % 4)
 
 
-def message(kind: int, body: bytes, seq: int = 0) -> bytes:
+def message(kind: int, body: bytes, seq: int = 0, port: int = 0) -> bytes:
     length = 16 + len(body)
-    return struct.pack("=IHHII", length, kind, 0, seq, 0) + body + bytes(-length % 4)
+    return struct.pack("=IHHII", length, kind, 0, seq, port) + body + bytes(-length % 4)
 
 
-def addr_message(kind: int, family: int, index: int, *attrs: bytes, seq: int = 0) -> bytes:
-    return message(kind, struct.pack("=BBBBI", family, 24, 0, 0, index) + b"".join(attrs), seq)
+def addr_message(
+    kind: int, family: int, index: int, *attrs: bytes, seq: int = 0, port: int = 0
+) -> bytes:
+    body = struct.pack("=BBBBI", family, 24, 0, 0, index) + b"".join(attrs)
+    return message(kind, body, seq, port)
 
 
 A4 = IPv4Address("192.0.2.10")
@@ -90,5 +93,47 @@ def test_a_real_dump_has_the_loopback() -> None:
     try:
         assert IPv4Address("127.0.0.1") in watch.addresses
         assert not watch.dump_pending
+    finally:
+        watch.close()
+
+
+def pending(watch: AddressWatch) -> bool:
+    """A call, so that mypy does not keep a narrowed property across _handle()."""
+    return watch.dump_pending
+
+
+def _dump_reply(watch: AddressWatch, seq: int, *addresses: IPv4Address) -> bytes:
+    """What the kernel answers our dump number ``seq`` (our port), DONE included."""
+    port = watch._port
+    msgs = [
+        addr_message(RTM_NEWADDR, 2, 1, attr(IFA_LOCAL, a.packed), seq=seq, port=port)
+        for a in addresses
+    ]
+    return b"".join(msgs) + message(NLMSG_DONE, struct.pack("=i", 0), seq=seq, port=port)
+
+
+def test_a_lost_datagram_during_a_dump_is_recovered_by_a_new_dump() -> None:
+    # The datagram holding the dump's end may be the one that did not parse:
+    # resync() starts a dump that supersedes it, whose late replies are ignored.
+    watch = AddressWatch()
+    try:
+        watch.resync()
+        first = watch._dumping[0] if watch._dumping else -1
+        with pytest.raises(NetlinkError):
+            watch._handle(message(NLMSG_ERROR, struct.pack("=i", -12), seq=first))
+        assert pending(watch)
+        watch.resync()  # what watch() does after an unparsable datagram
+        second = watch._dumping[0] if watch._dumping else -1
+        assert second != first
+        # A notification meanwhile (another process's port) counts at once.
+        assert watch._handle(addr_message(RTM_NEWADDR, 2, 5, attr(IFA_LOCAL, A4.packed), seq=9))
+        assert A4 in watch.addresses
+        # The superseded dump's late end changes nothing and ends nothing.
+        assert not watch._handle(_dump_reply(watch, first, PEER4))
+        assert pending(watch) and PEER4 not in watch.addresses
+        # The new dump's end replaces the set; the notification stays in it.
+        assert watch._handle(_dump_reply(watch, second, IPv4Address("127.0.0.1")))
+        assert not pending(watch)
+        assert watch.addresses == frozenset({IPv4Address("127.0.0.1"), A4})
     finally:
         watch.close()
