@@ -88,7 +88,7 @@ class IcmpHandler(Protocol):
 class TcpHandler(Protocol):
     def from_guest(self, ip: IpPacket, seg: TcpSegment, now: float) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, now: float) -> None: ...
 
 
 class Frontend(Protocol):
@@ -268,7 +268,7 @@ class Stack:
         """The frontend has no more frames queued for now (end of a burst)."""
         if self.tcp is not None:
             try:
-                self.tcp.flush()
+                self.tcp.flush(now)
             except Exception as exc:  # work deferred from the burst's frames
                 self._contain(exc, now)
 

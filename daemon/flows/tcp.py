@@ -64,9 +64,11 @@ rate-limited.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -238,9 +240,43 @@ class TcpFlows:
             self._reset(ip, seg)
             return
         ends = Endpoints(ip.src, seg.sport, ip.dst, seg.dport)
-        conn = self._register(ends, sock, State.CONNECTING, ip.version, now)
-        conn.start_outbound(seg, now)
-        self._dirty[conn] = None  # armed by flush(), at the end of this burst
+        conn = self._start(
+            ends, sock, State.CONNECTING, ip.version, now, lambda c: c.start_outbound(seg, now)
+        )
+        if conn is not None:
+            self._dirty[conn] = None  # armed by flush(), at the end of this burst
+
+    def _start(
+        self,
+        ends: Endpoints,
+        sock: socket.socket,
+        state: State,
+        version: int,
+        now: float,
+        begin: Callable[[TcpConn], None],
+    ) -> TcpConn | None:
+        """Register a new connection and ``begin`` its handshake; a bug costs it alone.
+
+        Without this, a bug in the first step of a connection would end the
+        guest's frame (outbound: the stack's catch-all, leaving a half-started
+        entry) or the accept loop and the daemon with it (inbound).
+        """
+        try:
+            conn = self._register(ends, sock, state, version, now)
+        except Exception as exc:
+            self.flow_errors += 1
+            self._throttle.warning(
+                "bug", now, "%s: not started, ferryd bug: %s", ends, describe_bug(exc)
+            )
+            with contextlib.suppress(OSError):
+                _abort(sock)
+            return None
+        try:
+            begin(conn)
+        except Exception as exc:
+            self._bug(conn, exc, now)
+            return None
+        return conn
 
     def _register(
         self, ends: Endpoints, sock: socket.socket, state: State, version: int, now: float
@@ -273,11 +309,10 @@ class TcpFlows:
     def _queue_ack(self, conn: TcpConn) -> None:
         self._ack_due.append(conn)
 
-    def flush(self) -> None:
+    def flush(self, now: float) -> None:
         """The frontend's queue ran dry: send the ACKs deferred meanwhile,
         and re-arm the connections the burst changed."""
         due, self._ack_due = self._ack_due, []
-        now = trio.current_time()
         for conn in due:
             try:
                 conn.flush_ack(now)
@@ -397,10 +432,11 @@ class TcpFlows:
         try:
             conn.abort(now, rst_guest=True, rst_peer=True)
         except Exception:
-            # Its state is beyond saving: let the socket go without a word.
+            # Its state is beyond saving: reset the peer and let it go.
             self.forget(conn)
             conn.state = State.CLOSED
-            conn.sock.close()
+            with contextlib.suppress(OSError):
+                _abort(conn.sock)
 
     async def _reactor(self, interest: Interest[TcpConn]) -> None:
         epoll_fd = interest.fileno()
@@ -576,7 +612,7 @@ class TcpFlows:
                     # at once would spin. The peers wait in the backlog.
                     backoff = is_exhaustion(exc)
                     if backoff and self._budget is not None:
-                        self._budget.exhausted += 1
+                        self._budget.exhausted_by(exc)
                     break
                 self._inbound(sock, peer, lst)
             if backoff:
@@ -605,9 +641,11 @@ class TcpFlows:
         assert guest_addr is not None and shown is not None
         ends = Endpoints(guest_addr, lst.fwd.guest_port, shown, peer[1])
         self._deferring = True
-        conn = self._register(ends, sock, State.SYN_SENT, peer_addr.version, now)
-        conn.start_inbound(now)
-        self._dirty[conn] = None
+        conn = self._start(
+            ends, sock, State.SYN_SENT, peer_addr.version, now, lambda c: c.start_inbound(now)
+        )
+        if conn is not None:
+            self._dirty[conn] = None
         self._settle()
 
     # --- housekeeping -----------------------------------------------------

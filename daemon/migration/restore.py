@@ -327,7 +327,7 @@ class Restorer:
             self.d.stack.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
         # Arm every connection now (the reactor would in its first round):
         # resumed means every connection is listened to again.
-        self.d.tcp.flush()
+        self.d.tcp.flush(now)
         self.restored.clear()
         self.live.clear()
         return t_off

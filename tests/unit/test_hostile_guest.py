@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from daemon.flows.table import FlowKey
 from daemon.flows.tcp import TcpFlows
+from daemon.flows.tcp_conn import TcpConn
 from daemon.flows.udp import UdpFlows
 from daemon.services import dhcpv6
 from daemon.services.dhcp import parse_dhcp_untrusted
@@ -196,7 +197,7 @@ async def test_tcp_bug_costs_one_connection() -> None:
             flows = TcpFlows(guest, FLOW_LINK, nursery, destinations=destinations())
             flows.attach(nursery)
             flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
-            flows.flush()
+            flows.flush(trio.current_time())
             await _until(lambda: any(s.flags == SYN | ACK for s in guest.sent))
             (flow,) = list(flows.table)
             conn = flow.handle
@@ -207,13 +208,34 @@ async def test_tcp_bug_costs_one_connection() -> None:
             conn.on_guest_segment = bug  # type: ignore[method-assign]
             ack = (conn.isn + 1) & 0xFFFFFFFF
             flows.from_guest(*_tcp_from_guest(port, 1001, ack, ACK), trio.current_time())
-            flows.flush()
+            flows.flush(trio.current_time())
             assert flows.flow_errors == 1 and len(flows.table) == 0
             assert guest.sent[-1].flags & RST
             # The next connection is served as usual.
             flows.from_guest(*_tcp_from_guest(port, 5000, 0, SYN), trio.current_time())
-            flows.flush()
+            flows.flush(trio.current_time())
             await _until(lambda: sum(s.flags == SYN | ACK for s in guest.sent) == 2)
+            flows.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_tcp_bug_in_a_handshake_start_costs_that_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest = RecordingGuest()
+
+    def bug(self: TcpConn, seg: TcpSegment, now: float) -> None:
+        raise IndexError("a bug of ours")
+
+    monkeypatch.setattr(TcpConn, "start_outbound", bug)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            flows = TcpFlows(guest, FLOW_LINK, nursery, destinations=destinations())
+            flows.attach(nursery)
+            flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
+            flows.flush(trio.current_time())
+            assert flows.flow_errors == 1 and len(flows.table) == 0
             flows.close()
             nursery.cancel_scope.cancel()
 
