@@ -28,6 +28,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 from typing import Any
 
 import trio
@@ -360,12 +361,12 @@ def warn_if_nobody_listens(path: str) -> None:
 
     Not an error: ferry-repair may be socket-activated or started later, and
     it is needed only when a migration begins; but an operator who mistyped
-    the path should learn it now, not at the first migration.
+    the path should learn it now, not at the first migration. Only looked
+    at, never connected to: a connection would start a socket-activated
+    ferry-repair (and write a line in its log) at every ferryd start.
     """
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
+        mode = os.stat(path).st_mode
     except OSError as exc:
         log.warning(
             "--repair-socket %s: nothing listens there yet (%s); migration needs ferry-repair"
@@ -373,8 +374,9 @@ def warn_if_nobody_listens(path: str) -> None:
             path,
             exc.strerror or exc,
         )
-    finally:
-        probe.close()
+        return
+    if not stat.S_ISSOCK(mode):
+        log.warning("--repair-socket %s: not a socket; migration needs ferry-repair there", path)
 
 
 if __name__ == "__main__":
