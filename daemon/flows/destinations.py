@@ -136,26 +136,28 @@ class DestinationPolicy:
 
     def is_host_itself(self, addr: IpAddress) -> bool:
         """Whether a socket sending to ``addr`` would reach this host."""
-        a = _judged(addr)
-        if a.is_unspecified or a.is_loopback or a in self.host_addresses:
-            return True
-        return isinstance(a, IPv4Address) and a in _THIS_NETWORK4
+        return self._host_refusal(_judged(addr)) is not None
 
-    def route(self, dst: IpAddress) -> IpAddress | Refusal:
-        """Where a new flow the guest sends to ``dst`` goes, or why it does not."""
-        if self.map_gateway and dst == gateway_of(self.link, dst.version):
-            return LOOPBACK4 if isinstance(dst, IPv4Address) else LOOPBACK6
-        if is_group_destination(self.link, dst):
-            return Refusal.GROUP
-        a = _judged(dst)
+    def _host_refusal(self, a: IpAddress) -> Refusal | None:
+        """Why a socket sending to ``a`` (judged) would reach this host, if it would."""
         if a.is_unspecified or (isinstance(a, IPv4Address) and a in _THIS_NETWORK4):
             return Refusal.UNSPECIFIED
         if a.is_loopback:
             return Refusal.LOOPBACK
         if a in self.host_addresses:
             return Refusal.HOST
-        if a.is_multicast or (isinstance(a, IPv4Address) and a == _BROADCAST4):
-            return Refusal.GROUP  # an IPv4-mapped group address
+        return None
+
+    def route(self, dst: IpAddress) -> IpAddress | Refusal:
+        """Where a new flow the guest sends to ``dst`` goes, or why it does not."""
+        if self.map_gateway and dst == gateway_of(self.link, dst.version):
+            return LOOPBACK4 if isinstance(dst, IPv4Address) else LOOPBACK6
+        a = _judged(dst)  # an IPv4-mapped group or host address is one too
+        if is_group_destination(self.link, a):
+            return Refusal.GROUP
+        why = self._host_refusal(a)
+        if why is not None:
+            return why
         if self.refuse_link_local and (a in _LINK_LOCAL4 or a in _LINK_LOCAL6):
             return Refusal.LINK_LOCAL
         return dst
