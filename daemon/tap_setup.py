@@ -53,6 +53,7 @@ from daemon.netns import run_in_netns
 
 TUNSETPERSIST = 0x400454CB
 TUNSETGROUP = 0x400454CE
+IFF_TUN_EXCL = 0x8000  # include/uapi/linux/if_tun.h
 BARRIER_TIMEOUT = 5.0
 
 
@@ -61,21 +62,28 @@ class SetupError(Exception):
 
 
 def ensure_tap(name: str, gid: int, mtu: int) -> None:
-    """The persistent tap ``name`` exists in this thread's namespace, up, at ``mtu``."""
+    """The persistent tap ``name`` exists in this thread's namespace; if we make it, up at ``mtu``.
+
+    An existing tap is left as it is (the module docstring says why).
+    IFF_TUN_EXCL makes the creation fail (EBUSY) if a tap of that name
+    appeared since the lookup, so root never adopts, regroups or persists a
+    device someone else made in the guest's namespace (tun_set_iff()).
+    """
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
-                fcntl.ioctl(fd, TUNSETGROUP, gid)
-                fcntl.ioctl(fd, TUNSETPERSIST, 1)
-            finally:
-                os.close(fd)
-            found = ipr.link_lookup(ifname=name)
-        ipr.link("set", index=found[0], mtu=mtu, state="up")
+        if ipr.link_lookup(ifname=name):
+            return
+        fd = open_tun()
+        try:
+            flags = TAP_FLAGS | IFF_TUN_EXCL
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+            fcntl.ioctl(fd, TUNSETGROUP, gid)
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        finally:
+            os.close(fd)
+        (index,) = ipr.link_lookup(ifname=name)
+        ipr.link("set", index=index, mtu=mtu, state="up")
 
 
 def open_tun() -> int:

@@ -160,3 +160,28 @@ def test_migration_between_descriptor_ferryds(two_hosts: MigrationBed, short_tmp
         streams.finish()
     finally:
         streams.close()
+
+
+def test_tap_setup_makes_a_tap_and_leaves_an_existing_one_alone() -> None:
+    from daemon.netns import run_in_netns
+    from daemon.tap_setup import ensure_tap
+
+    with Netns("tapsetup") as guest:
+        run_in_netns(guest.path, lambda: ensure_tap("tap0", RUNAS_GID, 9000))
+        made = guest.run(["ip", "link", "show", "tap0"]).stdout
+        assert "mtu 9000" in made and ",UP" in made
+        tuntap = {
+            line.split(":")[0]: line
+            for line in guest.run(["ip", "tuntap", "show"]).stdout.splitlines()
+        }
+        assert f"persist group {RUNAS_GID}" in tuntap["tap0"]
+        # Someone else's tap of that name, down at another MTU: not touched.
+        guest.run(["ip", "tuntap", "add", "dev", "tap1", "mode", "tap"])
+        run_in_netns(guest.path, lambda: ensure_tap("tap1", RUNAS_GID, 9000))
+        other = guest.run(["ip", "link", "show", "tap1"]).stdout
+        assert "mtu 1500" in other and ",UP" not in other
+        tuntap = {
+            line.split(":")[0]: line
+            for line in guest.run(["ip", "tuntap", "show"]).stdout.splitlines()
+        }
+        assert "group" not in tuntap["tap1"]
