@@ -45,6 +45,8 @@ from __future__ import annotations
 import errno
 import os
 
+from daemon.frontends.tap import TUNSETQUEUE
+from daemon.migration.sockstate import SIOCINQ, SIOCOUTQ, SIOCOUTQNSD
 from repair_helper.seccomp_bindings import (
     ALLOW,
     CTL_LOG,
@@ -77,14 +79,10 @@ ALLOWED_SYSCALLS = (
     "rt_sigreturn", "sigaltstack", "sched_yield", "exit", "exit_group",
 )  # fmt: skip
 
-# asm-generic/ioctls.h, linux/sockios.h, linux/if_tun.h
-FIONREAD = SIOCINQ = 0x541B
-TIOCOUTQ = SIOCOUTQ = 0x5411
-SIOCOUTQNSD = 0x894B
+# asm-generic/ioctls.h (the queue lengths and TUNSETQUEUE come from where they are used)
 FIONBIO = 0x5421
 FIOCLEX = 0x5451
 TCGETS = 0x5401  # isatty(): io.open() asks, for every file a lazy import reads
-TUNSETQUEUE = 0x400454D9
 ALLOWED_IOCTLS = (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD, FIONBIO, FIOCLEX, TUNSETQUEUE, TCGETS)
 
 #: openat(2) flags that write, create or truncate (O_ACCMODE's write bits too).
