@@ -198,9 +198,10 @@ def _check(identity: Identity | None, caps: int) -> None:
 def _check_other_threads() -> None:
     """No other thread kept a capability.
 
-    capset(2) and PR_SET_KEEPCAPS act on the calling thread only, and trio
-    may hold an idle worker thread from setup (a Unix socket's bind() runs in
-    one). glibc runs setresuid() in every thread, and the kernel clears the
+    capset(2) and PR_SET_KEEPCAPS act on the calling thread only, and a
+    thread started during setup would keep what it had (trio binds a Unix
+    socket path in a worker thread, which is why daemon.control and the
+    repair client bind synchronously). glibc runs setresuid() in every thread, and the kernel clears the
     capabilities of a thread whose uids all leave 0 without KEEPCAPS, so after
     a user switch the others hold none; this checks it rather than trusting it
     (and catches a non-root start with capabilities and a second thread). The

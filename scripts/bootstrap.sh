@@ -36,7 +36,7 @@ fi
 # A venv built from another interpreter is rebuilt.
 PYTHON=${PYTHON:-/usr/bin/python3}
 if [ -x .venv/bin/python ] \
-    && ! grep -qx "home = $(dirname "$(readlink -f "$PYTHON")")" .venv/pyvenv.cfg 2>/dev/null; then
+    && ! grep -qx "home = $(dirname "$(readlink -f "$(command -v "$PYTHON")")")" .venv/pyvenv.cfg 2>/dev/null; then
     echo "bootstrap: .venv was built from another interpreter; rebuilding it from $PYTHON"
     rm -rf .venv
 fi
