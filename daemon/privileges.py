@@ -201,8 +201,9 @@ def _check_other_threads() -> None:
     capset(2) and PR_SET_KEEPCAPS act on the calling thread only, and a
     thread started during setup would keep what it had (trio binds a Unix
     socket path in a worker thread, which is why daemon.control and the
-    repair client bind synchronously). glibc runs setresuid() in every thread, and the kernel clears the
-    capabilities of a thread whose uids all leave 0 without KEEPCAPS, so after
+    repair client bind synchronously). glibc runs setresuid() in every
+    thread, and the kernel clears the capabilities of a thread whose uids all
+    leave 0 without KEEPCAPS, so after
     a user switch the others hold none; this checks it rather than trusting it
     (and catches a non-root start with capabilities and a second thread). The
     seccomp filter, synchronised to every thread, then sets their no_new_privs.
