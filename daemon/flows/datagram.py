@@ -20,7 +20,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
@@ -47,6 +47,9 @@ H = TypeVar("H")
 
 
 class DatagramFlows(Generic[H]):
+    kind: ClassVar[str]
+    """The protocol's name in counters and logs ("udp", "icmp")."""
+
     def __init__(
         self,
         guest: GuestPort,
@@ -71,7 +74,6 @@ class DatagramFlows(Generic[H]):
         self._buf = bytearray(RECV_SIZE)
         self._throttle = LogThrottle(logger)
         self._closed = False
-        self._kind = logger.name.rpartition(".")[2]
         self.flow_errors = 0
         """Flows closed because handling them raised (a ferryd bug, contained)."""
 
@@ -104,7 +106,7 @@ class DatagramFlows(Generic[H]):
             return None
         if isinstance(target, Refusal):
             self.drops["refused"] += 1
-            if self._destinations.refuse(self._kind, ip.src, dst, port, target, now):
+            if self._destinations.refuse(self.kind, ip.src, dst, port, target, now):
                 self._prohibited(ip)
             return None
         try:
@@ -135,7 +137,7 @@ class DatagramFlows(Generic[H]):
         """No room for the guest's new flow: tell it as a router would (ICMP)."""
         self.drops["no descriptor" if isinstance(exc, DescriptorsSpent) else "flow limit"] += 1
         self._throttle.warning(
-            "limit", now, "%s: refusing a new flow to %s: %s", self._kind, ip.dst, exc
+            "limit", now, "%s: refusing a new flow to %s: %s", self.kind, ip.dst, exc
         )
         if self._destinations.may_answer(now):
             self._prohibited(ip)
@@ -145,7 +147,7 @@ class DatagramFlows(Generic[H]):
         self.flow_errors += 1
         what = "a datagram dropped" if flow is None else f"flow {flow.key} closed"
         self._throttle.warning(
-            "bug", now, "%s: %s, ferryd bug: %s", self._kind, what, describe_bug(exc)
+            "bug", now, "%s: %s, ferryd bug: %s", self.kind, what, describe_bug(exc)
         )
         if flow is not None and self.table.get(flow.key) is flow:
             self._close_flow(flow)

@@ -80,6 +80,8 @@ class _Echo:
 class IcmpFlows(DatagramFlows[_Echo]):
     """Echo flows of one guest, one ping socket each."""
 
+    kind = "icmp"
+
     def __init__(
         self,
         guest: GuestPort,

@@ -123,6 +123,8 @@ _ANY: dict[int, IpAddress] = {4: IPv4Address("0.0.0.0"), 6: IPv6Address("::")}
 class UdpFlows(DatagramFlows[_Handle]):
     """UDP flows of one guest: outbound sockets and forwarding listeners."""
 
+    kind = "udp"
+
     def __init__(
         self,
         guest: GuestPort,
