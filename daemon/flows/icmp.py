@@ -196,7 +196,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
     def restore(self, key: FlowKey, now: float) -> None:
         """Recreate a migrated echo flow (a new ping socket, same guest id)."""
         target = self._destinations.policy.route(key.remote_addr)
-        if isinstance(target, Refusal):  # the target checked the stream: not reached
+        if isinstance(target, Refusal):  # admitted, then the host's addresses changed
             log.warning("ICMP flow to %s not restored: %s", key.remote_addr, target.value)
             return
         try:

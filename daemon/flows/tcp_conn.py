@@ -749,9 +749,9 @@ class TcpConn:
         mss = min(self.guest_mss, self.link_mss)
         if Flags.TIMESTAMPS in self.flags:
             mss -= TS_OPTION_LEN  # the MSS leaves options out (RFC 9293 §3.7.1)
-        # Never below the floor (a restored flow's MSS comes from a stream),
-        # never above what the link carries.
-        mss = min(max(mss, MIN_SND_MSS), self.link_mss)
+        # guest_mss is floored already (guest_mss_untrusted); the option's
+        # bytes must not take a segment below the floor either.
+        mss = max(mss, MIN_SND_MSS)
         self._now_ms = int(now * 1000)
         drained = False
         while left > 0:

@@ -504,7 +504,7 @@ class UdpFlows(DatagramFlows[_Handle]):
         the target's namespace has the same addresses).
         """
         target = self._destinations.policy.route(key.remote_addr)
-        if isinstance(target, Refusal):  # the target checked the stream: not reached
+        if isinstance(target, Refusal):  # admitted, then the host's addresses changed
             log.warning("UDP flow to %s not restored: %s", key.remote_addr, target.value)
             return
         try:
