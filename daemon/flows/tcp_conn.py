@@ -750,8 +750,9 @@ class TcpConn:
         if Flags.TIMESTAMPS in self.flags:
             mss -= TS_OPTION_LEN  # the MSS leaves options out (RFC 9293 §3.7.1)
         # guest_mss is floored already (guest_mss_untrusted); the option's
-        # bytes must not take a segment below the floor either.
-        mss = max(mss, MIN_SND_MSS)
+        # bytes must not take a segment below the floor either, but a link
+        # smaller than the floor (MTU 68) still bounds it.
+        mss = min(max(mss, MIN_SND_MSS), self.link_mss)
         self._now_ms = int(now * 1000)
         drained = False
         while left > 0:
