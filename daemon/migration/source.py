@@ -490,19 +490,21 @@ class SourceMigration:
         return written
 
     async def _outcome_watchdog(self) -> None:
+        # Act only after leaving the scope: rollback() cancels self._watchdog,
+        # which inside it would cancel the rollback itself.
         with trio.CancelScope() as scope:
             self._watchdog = scope
             await trio.sleep(OUTCOME_TIMEOUT)
-            if self.daemon.role == "precopied":
-                log.warning(
-                    "migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT
-                )
-                await self._drop_precopy()
-            elif self.daemon.role == "frozen":
-                log.warning(
-                    "migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT
-                )
-                await self.rollback()
+        if self._watchdog is scope:
+            self._watchdog = None
+        if scope.cancelled_caught:
+            return
+        if self.daemon.role == "precopied":
+            log.warning("migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT)
+            await self._drop_precopy()
+        elif self.daemon.role == "frozen":
+            log.warning("migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT)
+            await self.rollback()
 
     async def commit(self) -> dict[str, Any]:
         d = self.daemon
