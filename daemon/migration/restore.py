@@ -334,6 +334,10 @@ class Restorer:
 
     async def discard(self) -> None:
         """Undo everything: no socket survives, and none says a word to a peer."""
+        for conn, _, _ in self.restored.values():
+            # Out of the flow table (and the epoll) before the socket goes: a
+            # rollback on the source adopts the same 4-tuple again.
+            self.d.tcp.forget(conn)
         for sock, _, _ in self.pending:
             sock.close()
         self.pending.clear()

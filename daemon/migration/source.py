@@ -656,12 +656,12 @@ class SourceMigration:
                     elif self.sockets_closed:
                         await restorer.add(rec)
                 await restorer.finish()
+                await restorer.resume()
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await restorer.discard()
                 raise
             d.role = "running"
-            await restorer.resume()
             self.records.clear()
         else:
             d.role = "running"
