@@ -370,7 +370,15 @@ class Restorer:
                     sock.close()
         self.in_repair.clear()
         self.restored.clear()
-        # The forwarding listeners restored so far hold the source's ports: on
-        # one host the source binds them again when it rolls back.
-        self.d.tcp.close_listeners()
-        self.d.udp.close()
+        # The forwarding listeners and datagram flows restored so far hold the
+        # source's ports: on one host the source binds them again when it rolls
+        # back. Closed as for a handover, which leaves UDP and ICMP usable (a
+        # source rolling back keeps them; a target may take a migration again);
+        # and only a kind this restorer was given: a source rolling back
+        # restores only what it had closed, and keeps the rest running.
+        if any(rec.proto == IPPROTO_TCP for rec in self.listeners):
+            self.d.tcp.close_listeners()
+        if self.udp or any(rec.proto != IPPROTO_TCP for rec in self.listeners):
+            self.d.udp.close_sockets_for_handover()
+        if self.icmp:
+            self.d.icmp.close_sockets_for_handover()

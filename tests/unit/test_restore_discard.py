@@ -22,6 +22,7 @@ from daemon.flows.table import FlowKey
 from daemon.flows.tcp import TcpFlows
 from daemon.flows.tcp_conn import Endpoints
 from daemon.flows.udp import UdpFlows
+from daemon.migration.records import UdpFlowRecord
 from daemon.migration.restore import Restorer
 from daemon.wire.ip import IPPROTO_TCP
 from tests.unit.test_flows_helpers import (
@@ -30,6 +31,7 @@ from tests.unit.test_flows_helpers import (
     FakeGuest,
     destinations,
     gateway_of,
+    udp_from_guest,
 )
 
 
@@ -81,3 +83,22 @@ async def test_discard_forgets_restored_tcp_connections(
             _adopt(d, again, ends, sock)
             assert d.tcp.table.get(key) is not None
             d.tcp.forget(again.restored[ends][0])
+
+
+async def test_discard_leaves_udp_usable() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        async with daemon() as d:
+            restorer = Restorer(cast(Any, d), None)
+            await restorer.add(UdpFlowRecord(GUEST4, 40000, gateway_of(4), port, 0.0))
+            await restorer.finish()
+            assert len(d.udp.table) == 1
+            await restorer.discard()
+            assert len(d.udp.table) == 0  # the restored flow went, its port freed
+            # The source keeps its UdpFlows: a guest's datagram opens a flow again.
+            d.udp.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"))
+            assert len(d.udp.table) == 1
+            with trio.fail_after(5):
+                data = await trio.socket.from_stdlib_socket(server).recv(100)
+            assert data == b"hi"
