@@ -78,7 +78,7 @@ from daemon.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.migration.repair_client import RepairClient, RepairError, RepairMode
+from daemon.migration.repair_client import RepairClient, RepairMode
 from daemon.migration.sockstate import (
     SocketStateError,
     close_silently,
@@ -253,13 +253,7 @@ class SourceMigration:
                 self.written += len(out)
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
-        except (
-            RepairError,
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            MigrationAborted,
-        ) as exc:
+        except Exception as exc:  # as migrate_out: any failure undoes the pre-copy
             log.warning("pre-copy failed: %s", _why(exc))
             with trio.CancelScope(shield=True):
                 if held:
