@@ -60,6 +60,7 @@ from daemon.migration.sockstate import (
     finish_restore,
     new_socket_for,
     restore_in_repair,
+    reuse_after_repair_off,
 )
 from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from daemon.wire.tcp import ACK, RST, build_tcp
@@ -202,11 +203,10 @@ class Restorer:
             return
         await (await self._client()).set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
         self.in_repair.clear()
+        # The stream's listeners and later connections on the same port are
+        # bound next to these.
+        reuse_after_repair_off(socks)
         for sock in socks:
-            # Repair OFF cleared the address reuse (SK_NO_REUSE, do_tcp_setsockopt):
-            # without it the stream's listeners and later connections on the
-            # same port could not be bound next to this one.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.live[id(sock)] = sock
 
     async def _batch(self) -> None:

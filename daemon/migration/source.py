@@ -60,7 +60,6 @@ this ferryd from the records it streamed, exactly as a target would.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +82,7 @@ from daemon.migration.sockstate import (
     SocketStateError,
     close_silently,
     dump_tcp,
+    reuse_after_repair_off,
     segment_counts,
 )
 from daemon.migration.stream import StreamEncoder
@@ -242,6 +242,7 @@ class SourceMigration:
                         # (Cancelled by migrate-abort, this raises again and
                         # leaves the batch held: the handler below undoes it.)
                         await repair.set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
+                        reuse_after_repair_off(socks)
                         d.tcp.release(batch, trio.current_time())
                         held = []
                     if len(out) >= CHUNK:
@@ -280,6 +281,7 @@ class SourceMigration:
         try:
             repair = await self.repair_source.get()
             await repair.set_repair([c.sock for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
+            reuse_after_repair_off([c.sock for c in held])
         except Exception as exc:  # nothing better to do than say so
             log.error("pre-copy: cannot take %d sockets out of repair mode: %s", len(held), exc)
         d.tcp.release(held, trio.current_time())
@@ -622,11 +624,8 @@ class SourceMigration:
             if live:
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
-                # Repair OFF leaves SO_REUSEADDR at 0 (net/ipv4/tcp.c, TCP_REPAIR_OFF:
-                # sk_reuse = SK_NO_REUSE); the twins restored below bind next to
-                # these on a forwarded port, which needs it on both (inet_bind_conflict).
-                for c in live:
-                    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # The twins restored below bind next to these on a forwarded port.
+                reuse_after_repair_off([c.sock for c in live])
             self.handed_over += [c for c in self.frozen if c.sock.fileno() < 0]
             self.frozen.clear()
         d.tap.attach_queue()
