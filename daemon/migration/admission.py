@@ -50,23 +50,26 @@ from daemon.wire.ip import IpAddress
 __all__ = ["check_record"]
 
 
-def _check_remote(policy: DestinationPolicy, what: str, addr: IpAddress, port: int | None) -> None:
+def _check_remote(
+    policy: DestinationPolicy, what: str, addr: IpAddress, port: int | None
+) -> IpAddress:
+    """Where the policy routes ``addr``; :class:`StreamError` if it refuses it."""
     verdict = policy.route(addr)
     if isinstance(verdict, Refusal):
         raise StreamError(
             f"the stream restores a {what} to {endpoint_text(addr, port)}, a destination this "
             f"ferryd refuses ({verdict.value}): migration refused"
         )
+    return verdict
 
 
 def check_record(policy: DestinationPolicy, rec: FlowRecord) -> None:
     """Raise :class:`StreamError` if restoring ``rec`` would break ``policy``."""
     if isinstance(rec, TcpFlowRecord):
-        _check_remote(policy, "TCP flow", rec.remote_addr, rec.remote_port)
+        routed = _check_remote(policy, "TCP flow", rec.remote_addr, rec.remote_port)
         k = rec.kernel
         if k is None:
             return  # still in its handshake: reset, not restored
-        routed = policy.route(rec.remote_addr)
         host_shown_as_gateway = (
             policy.map_gateway
             and rec.remote_addr == gateway_of(policy.link, rec.remote_addr.version)

@@ -369,7 +369,11 @@ class RepairClient:
                 # Closed before answering anything, on a connection that served
                 # an earlier call: the helper went away meanwhile. Once more, anew.
                 log.warning("%s; the helper went away since the last request: reconnecting", exc)
-                await self._exchange(await self._new_connection(), fds, mode)
+                try:
+                    await self._exchange(await self._new_connection(), fds, mode)
+                except RepairError as then:
+                    # Maybe it had refused the batch after all: say both.
+                    raise _after(exc, then) from exc
 
     async def _exchange(
         self, sock: trio.socket.SocketType, fds: list[int], mode: RepairMode
@@ -384,6 +388,13 @@ class RepairClient:
         self._served = True
         if self._steady_batches:
             self._batch_limit = exchange.last_batch_size
+
+
+def _after(first: RepairError, then: RepairError) -> RepairError:
+    """``then`` (same type and attributes, for the caller), its message naming ``first`` first."""
+    err = type(then).__new__(type(then), f"{first}; then, on a new connection: {then}")
+    err.__dict__.update(then.__dict__)
+    return err
 
 
 def split_batches(n: int, limit: int = SCM_MAX_FD) -> list[range]:

@@ -60,6 +60,7 @@ from daemon.migration.sockstate import (
     finish_restore,
     new_socket_for,
     restore_in_repair,
+    reuse_after_repair_off,
 )
 from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from daemon.wire.tcp import ACK, RST, build_tcp
@@ -202,11 +203,10 @@ class Restorer:
             return
         await (await self._client()).set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
         self.in_repair.clear()
+        # The stream's listeners and later connections on the same port are
+        # bound next to these.
+        reuse_after_repair_off(socks)
         for sock in socks:
-            # Repair OFF cleared the address reuse (SK_NO_REUSE, do_tcp_setsockopt):
-            # without it the stream's listeners and later connections on the
-            # same port could not be bound next to this one.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.live[id(sock)] = sock
 
     async def _batch(self) -> None:
@@ -334,6 +334,10 @@ class Restorer:
 
     async def discard(self) -> None:
         """Undo everything: no socket survives, and none says a word to a peer."""
+        for conn, _, _ in self.restored.values():
+            # Out of the flow table (and the epoll) before the socket goes: a
+            # rollback on the source adopts the same 4-tuple again.
+            self.d.tcp.forget(conn)
         for sock, _, _ in self.pending:
             sock.close()
         self.pending.clear()
@@ -366,7 +370,15 @@ class Restorer:
                     sock.close()
         self.in_repair.clear()
         self.restored.clear()
-        # The forwarding listeners restored so far hold the source's ports: on
-        # one host the source binds them again when it rolls back.
-        self.d.tcp.close_listeners()
-        self.d.udp.close()
+        # The forwarding listeners and datagram flows restored so far hold the
+        # source's ports: on one host the source binds them again when it rolls
+        # back. Closed as for a handover, which leaves UDP and ICMP usable (a
+        # source rolling back keeps them; a target may take a migration again);
+        # and only a kind this restorer was given: a source rolling back
+        # restores only what it had closed, and keeps the rest running.
+        if any(rec.proto == IPPROTO_TCP for rec in self.listeners):
+            self.d.tcp.close_listeners()
+        if self.udp or any(rec.proto != IPPROTO_TCP for rec in self.listeners):
+            self.d.udp.close_sockets_for_handover()
+        if self.icmp:
+            self.d.icmp.close_sockets_for_handover()

@@ -166,7 +166,7 @@ import fcntl
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -573,6 +573,24 @@ class Closable(HasFileno, Protocol):
     """A socket that can be closed: stdlib or trio."""
 
     def close(self) -> None: ...
+
+
+def reuse_after_repair_off(socks: Iterable[HasFileno]) -> None:
+    """Give sockets just taken out of repair mode their SO_REUSEADDR back.
+
+    Repair OFF, with or without the window probe, leaves the address reuse
+    off whatever it was before: net/ipv4/tcp.c, do_tcp_setsockopt(),
+    TCP_REPAIR_OFF / TCP_REPAIR_OFF_NO_WP: ``sk->sk_reuse = SK_NO_REUSE``
+    (TCP_REPAIR_ON had set SK_FORCE_REUSE). A socket bound next to one of
+    these on the same port (a forwarding listener, a restored connection's
+    twin) then fails with EADDRINUSE: inet_bind_conflict() lets two sockets
+    share a port only if both reuse it. Every ferry socket that shares a
+    port had it (accepted from a listener with SO_REUSEADDR, or made by
+    :func:`new_socket_for`): call this at each repair OFF.
+    """
+    for sock in socks:
+        with _borrow(sock) as stdlib_sock:
+            stdlib_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 def close_silently(sock: Closable) -> None:

@@ -60,7 +60,6 @@ this ferryd from the records it streamed, exactly as a target would.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +77,12 @@ from daemon.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.migration.repair_client import RepairClient, RepairError, RepairMode
+from daemon.migration.repair_client import RepairClient, RepairMode
 from daemon.migration.sockstate import (
     SocketStateError,
     close_silently,
     dump_tcp,
+    reuse_after_repair_off,
     segment_counts,
 )
 from daemon.migration.stream import StreamEncoder
@@ -242,6 +242,7 @@ class SourceMigration:
                         # (Cancelled by migrate-abort, this raises again and
                         # leaves the batch held: the handler below undoes it.)
                         await repair.set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
+                        reuse_after_repair_off(socks)
                         d.tcp.release(batch, trio.current_time())
                         held = []
                     if len(out) >= CHUNK:
@@ -253,13 +254,7 @@ class SourceMigration:
                 self.written += len(out)
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
-        except (
-            RepairError,
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            MigrationAborted,
-        ) as exc:
+        except Exception as exc:  # as migrate_out: any failure undoes the pre-copy
             log.warning("pre-copy failed: %s", _why(exc))
             with trio.CancelScope(shield=True):
                 if held:
@@ -286,6 +281,7 @@ class SourceMigration:
         try:
             repair = await self.repair_source.get()
             await repair.set_repair([c.sock for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
+            reuse_after_repair_off([c.sock for c in held])
         except Exception as exc:  # nothing better to do than say so
             log.error("pre-copy: cannot take %d sockets out of repair mode: %s", len(held), exc)
         d.tcp.release(held, trio.current_time())
@@ -490,19 +486,21 @@ class SourceMigration:
         return written
 
     async def _outcome_watchdog(self) -> None:
+        # Act only after leaving the scope: rollback() cancels self._watchdog,
+        # which inside it would cancel the rollback itself.
         with trio.CancelScope() as scope:
             self._watchdog = scope
             await trio.sleep(OUTCOME_TIMEOUT)
-            if self.daemon.role == "precopied":
-                log.warning(
-                    "migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT
-                )
-                await self._drop_precopy()
-            elif self.daemon.role == "frozen":
-                log.warning(
-                    "migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT
-                )
-                await self.rollback()
+        if self._watchdog is scope:
+            self._watchdog = None
+        if scope.cancelled_caught:
+            return
+        if self.daemon.role == "precopied":
+            log.warning("migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT)
+            await self._drop_precopy()
+        elif self.daemon.role == "frozen":
+            log.warning("migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT)
+            await self.rollback()
 
     async def commit(self) -> dict[str, Any]:
         d = self.daemon
@@ -626,11 +624,8 @@ class SourceMigration:
             if live:
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
-                # Repair OFF leaves SO_REUSEADDR at 0 (net/ipv4/tcp.c, TCP_REPAIR_OFF:
-                # sk_reuse = SK_NO_REUSE); the twins restored below bind next to
-                # these on a forwarded port, which needs it on both (inet_bind_conflict).
-                for c in live:
-                    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # The twins restored below bind next to these on a forwarded port.
+                reuse_after_repair_off([c.sock for c in live])
             self.handed_over += [c for c in self.frozen if c.sock.fileno() < 0]
             self.frozen.clear()
         d.tap.attach_queue()
@@ -654,12 +649,12 @@ class SourceMigration:
                     elif self.sockets_closed:
                         await restorer.add(rec)
                 await restorer.finish()
+                await restorer.resume()
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await restorer.discard()
                 raise
             d.role = "running"
-            await restorer.resume()
             self.records.clear()
         else:
             d.role = "running"

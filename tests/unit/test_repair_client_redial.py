@@ -150,9 +150,35 @@ async def test_retry_refused_again_fails(fds: list[int]) -> None:
         helpers = Helpers(nursery, serve_once_then_refuse, read_one_and_close)
         client = helpers.client()
         await client.set_repair(fds[:1], RepairMode.ON)
-        with pytest.raises(RepairRefused):
+        with pytest.raises(RepairRefused) as refused:
             await client.set_repair(fds, RepairMode.ON)
         assert client.reconnects == 1  # exactly one retry
+        # Both refusals are named, and the error is still the second one's.
+        assert str(refused.value).count("closed the connection instead of answering") == 2
+        assert refused.value.batch == 0
+        nursery.cancel_scope.cancel()
+    helpers.close()
+
+
+async def test_refusal_then_no_helper_names_the_refusal(fds: list[int]) -> None:
+    """A genuine refusal of batch 0 on a reused connection looks like a helper gone:
+    when the new connection then fails too, the error names both, refusal first."""
+
+    async def serve_once_then_refuse(helper: Helper) -> None:
+        await helper.sock.send(await helper.receive(1))
+        await read_one_and_close(helper)
+
+    async with trio.open_nursery() as nursery:
+        helpers = Helpers(nursery, serve_once_then_refuse)  # nothing to redial
+        client = helpers.client()
+        await client.set_repair(fds[:1], RepairMode.ON)
+        with pytest.raises(RepairUnavailable) as failed:
+            await client.set_repair(fds, RepairMode.ON)
+        message = str(failed.value)
+        assert message.startswith("TCP_REPAIR batch 1 of 2 (sockets 0..149) failed:")
+        assert "closed the connection instead of answering" in message
+        assert message.endswith("; then, on a new connection: no helper listening (test)")
+        assert isinstance(failed.value.__cause__, RepairRefused)
         nursery.cancel_scope.cancel()
     helpers.close()
 

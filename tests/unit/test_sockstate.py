@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from daemon.migration import sockstate
 from daemon.migration.sockstate import (
+    RepairMode,
     SocketStateError,
     TcpSocketState,
     TcpState,
@@ -248,3 +249,20 @@ async def test_trio_sockets_are_accepted(loopback: tuple[socket.socket, socket.s
             sockstate.close_silently(trio_server)
         client.sendall(b"still open")
         assert await trio_server.recv(100) == b"still open"
+
+
+@pytest.mark.parametrize("off", [RepairMode.OFF, RepairMode.OFF_NO_WINDOW_PROBE])
+def test_repair_off_clears_address_reuse_and_the_helper_restores_it(
+    loopback: tuple[socket.socket, socket.socket], off: RepairMode
+) -> None:
+    """The kernel quirk reuse_after_repair_off() is for (needs CAP_NET_ADMIN)."""
+    _, server = loopback  # accepted from a listener: no SO_REUSEADDR unless inherited
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sockstate.set_repair_direct([server], RepairMode.ON)
+    except SocketStateError as exc:
+        pytest.skip(f"TCP_REPAIR needs CAP_NET_ADMIN: {exc}")
+    sockstate.set_repair_direct([server], off)
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+    sockstate.reuse_after_repair_off([server])
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1

@@ -1,0 +1,104 @@
+"""Restorer.discard() leaves nothing behind, and nothing broken, on real flow tables.
+
+The situation: a same-namespace source rolls back by restoring from its
+records, and that restore fails (the helper went away): discard() undoes
+it, and the rollback is tried again later, restoring the same 4-tuples
+and the same UDP flows once more. No helper here: the restored TCP socket
+is adopted as the Restorer would, and discard() closes it plainly (it is
+not in repair mode) rather than silently.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import trio
+
+from daemon.flows.icmp import IcmpFlows
+from daemon.flows.table import FlowKey
+from daemon.flows.tcp import TcpFlows
+from daemon.flows.tcp_conn import Endpoints
+from daemon.flows.udp import UdpFlows
+from daemon.migration.records import UdpFlowRecord
+from daemon.migration.restore import Restorer
+from daemon.wire.ip import IPPROTO_TCP
+from tests.unit.test_flows_helpers import (
+    GUEST4,
+    LINK,
+    FakeGuest,
+    destinations,
+    gateway_of,
+    udp_from_guest,
+)
+
+
+class FakeDaemon:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        guest = FakeGuest()
+        self.tcp = TcpFlows(cast(Any, guest), LINK, nursery, destinations=destinations())
+        self.udp = UdpFlows(guest, LINK, nursery, destinations=destinations())
+        self.icmp = IcmpFlows(guest, LINK, nursery, destinations=destinations())
+        self.stranded: list[socket.socket] = []
+
+
+@asynccontextmanager
+async def daemon() -> AsyncIterator[FakeDaemon]:
+    async with trio.open_nursery() as nursery:
+        d = FakeDaemon(nursery)
+        try:
+            yield d
+        finally:
+            await d.udp.aclose()
+            await d.icmp.aclose()
+            d.tcp.close_listeners()
+            nursery.cancel_scope.cancel()
+
+
+def _adopt(d: FakeDaemon, restorer: Restorer, ends: Endpoints, sock: socket.socket) -> None:
+    """What Restorer._batch does with a socket restored in repair mode."""
+    sock.setblocking(False)
+    conn = d.tcp.adopt(ends, sock, 4, trio.current_time())
+    restorer.in_repair[id(sock)] = sock
+    restorer.restored[ends] = (conn, cast(Any, None), cast(Any, None))
+
+
+async def test_discard_forgets_restored_tcp_connections(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    ends = Endpoints(GUEST4, 40000, gateway_of(4), 80)
+    key = FlowKey(IPPROTO_TCP, GUEST4, 40000, gateway_of(4), 80)
+    async with daemon() as d:
+        restorer = Restorer(cast(Any, d), None)
+        _adopt(d, restorer, ends, ours)
+        await restorer.discard()
+        assert ours.fileno() < 0
+        assert d.tcp.table.get(key) is None
+        # The rollback's next attempt restores the same connection again.
+        again = Restorer(cast(Any, d), None)
+        with socket.socket() as sock:
+            _adopt(d, again, ends, sock)
+            assert d.tcp.table.get(key) is not None
+            d.tcp.forget(again.restored[ends][0])
+
+
+async def test_discard_leaves_udp_usable() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        async with daemon() as d:
+            restorer = Restorer(cast(Any, d), None)
+            await restorer.add(UdpFlowRecord(GUEST4, 40000, gateway_of(4), port, 0.0))
+            await restorer.finish()
+            assert len(d.udp.table) == 1
+            await restorer.discard()
+            assert len(d.udp.table) == 0  # the restored flow went, its port freed
+            # The source keeps its UdpFlows: a guest's datagram opens a flow again.
+            d.udp.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"))
+            assert len(d.udp.table) == 1
+            with trio.fail_after(5):
+                data = await trio.socket.from_stdlib_socket(server).recv(100)
+            assert data == b"hi"
