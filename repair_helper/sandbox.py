@@ -132,7 +132,14 @@ def install_seccomp() -> None:
             ALLOW, "setsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET), syscall_arg(2, EQ, option)
         )
     rules.add_rule(ALLOW, "getsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET))
-    # glibc's fstat(fd) is newfstatat(fd, "", buf, AT_EMPTY_PATH); stat() of a
-    # path passes other flags and stays denied.
+    # glibc's fstat(fd) is newfstatat(fd, "", buf, AT_EMPTY_PATH), which the
+    # owner check makes (repair.py). The rule checks only the flags: seccomp
+    # cannot read the path (a pointer), and with AT_EMPTY_PATH a non-empty
+    # path is still looked up, so newfstatat(AT_FDCWD, "/any/path", buf,
+    # AT_EMPTY_PATH) would be allowed. What it keeps out is glibc's stat() and
+    # lstat() (flags 0 and AT_SYMLINK_NOFOLLOW), i.e. CPython's os.stat(path);
+    # not every stat of a path. Only the helper's own code makes these calls
+    # (a caller supplies descriptors, never paths), and stat reveals metadata
+    # only: open() and every other path syscall stay denied.
     rules.add_rule(ALLOW, "newfstatat", syscall_arg(3, EQ, _AT_EMPTY_PATH))
     rules.load()
