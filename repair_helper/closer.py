@@ -67,7 +67,7 @@ class Closer:
     """Closes descriptors in a thread of its own, in the order they were handed over."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[int, ...]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[tuple[int, ...], bool]] = queue.SimpleQueue()
         # One writer each (the loop, the thread); reading an int needs no lock.
         self._queued = 0
         self._closed = 0
@@ -77,11 +77,17 @@ class Closer:
         """Start the thread: after dropping capabilities, before the seccomp filter."""
         self._thread.start()
 
-    def close_later(self, fds: Sequence[int]) -> None:
-        """Hand over descriptors we own; the caller must not use them any more."""
+    def close_later(self, fds: Sequence[int], *, linger_off: bool = True) -> None:
+        """Hand over descriptors we own; the caller must not use them any more.
+
+        ``linger_off=False`` skips the SO_LINGER shortcut, a syscall per
+        descriptor, for sockets just put in repair mode: those close at once
+        (tcp_close → tcp_disconnect); and should one linger after all, only
+        this thread waits.
+        """
         if fds:
             self._queued += len(fds)
-            self._queue.put(tuple(fds))
+            self._queue.put((tuple(fds), linger_off))
 
     @property
     def closed(self) -> int:
@@ -95,9 +101,10 @@ class Closer:
 
     def _run(self) -> None:
         while True:
-            fds = self._queue.get()
+            fds, linger_off = self._queue.get()
             try:
-                linger_off_all(fds)
+                if linger_off:
+                    linger_off_all(fds)
                 close_batch(fds)
             except Exception:  # a bug; the descriptors must still go, and the thread live
                 log.exception("internal error while closing descriptors")

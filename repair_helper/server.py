@@ -60,6 +60,7 @@ from repair_helper.protocol import (
     ANCILLARY_BUFFER_SIZE,
     DATA_BUFFER_SIZE,
     SCM_MAX_FD,
+    RepairCommand,
     RequestRefused,
     fds_in,
     parse_request_untrusted,
@@ -274,13 +275,14 @@ class Server:
                 request = parse_request_untrusted(data, ancdata, flags)
                 carry_out_untrusted(request, conn.rules)
             except RequestRefused as exc:
+                self._closer.close_later(fds)  # never closed here (module docstring)
                 self.refusals += 1
                 if self._refused_requests.admit(time.monotonic()):
                     log.warning("refused client %s: %s", conn.peer, exc)
                 self._drop(conn)
                 return
-            finally:
-                self._closer.close_later(fds)  # never closed here (module docstring)
+            # All in repair mode now (ON): they close at once, no SO_LINGER to clear.
+            self._closer.close_later(fds, linger_off=request.command != RepairCommand.ON)
             conn.replies += request.command.to_byte()
             if not self._flush(conn):
                 return
