@@ -8,7 +8,10 @@ socket (``--connect``; connect() needs write access to the daemon's socket
 file, which root has only while it still holds CAP_DAC_OVERRIDE). Then,
 before the first byte from any client is read, every capability but
 CAP_NET_ADMIN goes, then the seccomp filter is installed, then the loop
-runs. In ``--connect`` mode the helper serves that one
+runs. The closer thread (closer.py) starts after the capabilities are
+dropped (capset() changes only the calling thread's) and before the filter
+(no clone() then). In
+``--connect`` mode the helper serves that one
 connection and exits, as passt-repair does: 0 when the daemon closes it,
 1 if it had to refuse something.
 """
@@ -100,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_all = load_drop_all()
         use_drop_all_program(drop_all)
         drop_capabilities()
+        # Between the two: the thread inherits the reduced capabilities, and the
+        # filter (applied to every thread) forbids clone() afterwards.
+        server.start_closer()
         install_seccomp()
     except (SandboxError, EndpointError, ActivationError) as exc:
         log.error("%s", exc, exc_info=args.verbose)
@@ -118,7 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eBPF program" if drop_all is not None else "classic BPF filter (no CAP_BPF to load eBPF)",
     )
     server.run()
-    return 1 if server.refusals else 0
+    # Leave without finalizing the interpreter: the closer thread (closer.py)
+    # may be in the middle of a close(), and a thread that wakes up during
+    # finalization leaves through pthread_exit(), which loads libgcc_s with
+    # open() (denied by the filter) and crashes. The kernel closes whatever the
+    # closer had left, as for any exiting process.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(1 if server.refusals else 0)
 
 
 def _close_inherited_fds() -> None:

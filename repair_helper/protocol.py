@@ -14,9 +14,13 @@ exported in a UAPI header): a single sendmsg() cannot carry more.
 Everything in a message is chosen by the client, which may be hostile or
 buggy, so :func:`parse_request_untrusted` treats it as untrusted input. It
 raises exactly one exception, :class:`RequestRefused`, whose message says
-what the *client* did wrong, and it never leaks a descriptor: on refusal it
-closes every descriptor the kernel installed in our table for that message,
-whatever shape the control data had.
+what the *client* did wrong. It closes nothing, even on refusal: every
+descriptor the kernel installed in our table for a message (:func:`fds_in`,
+whatever shape the control data had) goes to the closer thread
+(closer.py), because close() of a caller's descriptor may block for as
+long as the caller likes (a lingering TCP socket, a Unix socket with such
+sockets queued on it, a file on the caller's FUSE mount), and the serving
+loop must never wait.
 
 Kernel behaviour relied on (net/unix/af_unix.c, net/core/scm.c):
 
@@ -78,8 +82,8 @@ class RequestRefused(Exception):
 class Request:
     """A well-formed batch: the command and the descriptors the kernel gave us.
 
-    The descriptors are ours (copies installed in the helper's table); whoever
-    holds the request must close them.
+    The descriptors are ours (copies installed in the helper's table); the
+    server hands them to the closer thread (closer.py) once the batch is done.
     """
 
     command: RepairCommand
@@ -102,8 +106,10 @@ def linger_off_all(fds: Iterable[int]) -> None:
 
     Our close() may drop the last reference to a client's socket, and a TCP
     socket with SO_LINGER on and unsent data then blocks close() for up to
-    the linger time (tcp_close → sk_stream_wait_close): the one-threaded
-    helper must never wait for a client's peer. Not a socket: left alone.
+    the linger time (tcp_close → sk_stream_wait_close). Only the closer
+    thread calls this, right before it closes (closer.py): a shortcut for the
+    common case, not a guarantee (the caller may switch it on again, or the
+    socket may be queued inside another). Not a socket: left alone.
     """
     for fd in fds:
         try:
@@ -136,17 +142,13 @@ def parse_request_untrusted(
 ) -> Request:
     """Check one received message (recvmsg's first three results) and return its request.
 
-    Raises :class:`RequestRefused` after closing every descriptor the message
-    carried if the message is not exactly one known command byte with 1..253
-    descriptors and nothing else.
+    Raises :class:`RequestRefused` if the message is not exactly one known
+    command byte with 1..253 descriptors and nothing else. Either way the
+    descriptors the message carried (:func:`fds_in`) stay open: the caller
+    closes them, off the serving thread (module docstring).
     """
     fds = fds_in(ancdata)
-    try:
-        return Request(_command_untrusted(data, ancdata, msg_flags, len(fds)), tuple(fds))
-    except RequestRefused:
-        linger_off_all(fds)
-        close_fds(fds)
-        raise
+    return Request(_command_untrusted(data, ancdata, msg_flags, len(fds)), tuple(fds))
 
 
 def _command_untrusted(

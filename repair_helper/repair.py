@@ -1,4 +1,4 @@
-"""Carry out one batch: check the descriptors, set TCP_REPAIR on each, close our copies.
+"""Carry out one batch: check the descriptors, set TCP_REPAIR on each.
 
 The cost model decides the shape. On these machines a syscall costs about a
 microsecond, and a direct setsockopt(TCP_REPAIR) is one syscall, so every
@@ -8,10 +8,8 @@ wrapping a descriptor in a socket object (it cannot be avoided, and it tells
 us the address family for free), the fstat() of the owner check (not for a
 root caller), the filter and TCP_REPAIR setsockopt()s, and, for repair ON,
 the two getsockname() and the SO_REUSEADDR that keep a caller from binding
-over other users' ports (below). Our copies are then closed with one
-close_range(2) per batch when the kernel installed them as a contiguous
-range, which it usually does since it hands out the lowest free numbers
-(fs/file.c); otherwise one by one.
+over other users' ports (below). Our copies are closed afterwards by the
+closer thread (closer.py), not here.
 
 Checks, in two steps:
 
@@ -80,14 +78,16 @@ LISTEN (tcp_can_repair_sock), both ways. What a caller keeps is what repair
 mode gives on its own sockets: queues and sequence numbers to read and set,
 a connect() without handshake from an address it could bind anyway.
 
-Closing without blocking (item 6). close() of the last reference to a TCP
-socket with SO_LINGER on and unsent data waits for the data to leave, up to
-the linger time (inet_release → tcp_close → sk_stream_wait_close): a caller
-that hands over such a socket and closes its own copy would stall the
-single-threaded helper for everyone. A socket in repair mode closes at once
-(tcp_close → tcp_disconnect, nothing is waited for), so after a successful
-repair ON the batch is closed as it is; after repair OFF, and after any
-refusal, SO_LINGER is switched off on each descriptor first.
+Closing without blocking (item 6). Nothing here closes a descriptor: the
+server hands every batch, carried out or refused, to the closer thread
+(closer.py). close() of a caller's descriptor can wait as long as the caller
+likes: a TCP socket with SO_LINGER on and unsent data waits up to the linger
+time (inet_release → tcp_close → sk_stream_wait_close), a Unix socket
+releases what is queued on it (lingering sockets included), a file on a
+FUSE mount waits for the FUSE server's flush (filp_close → f_op->flush).
+Switching SO_LINGER off here first would not help either: the caller may
+switch it on again before the close. In the closer thread such a close
+holds up only the closer, never the serving loop.
 
 Socket objects are only handles for setsockopt() and are detached, never
 trusted for anything else.
@@ -105,14 +105,7 @@ import struct
 from dataclasses import dataclass
 
 from repair_helper.dropall import SO_ATTACH_BPF
-from repair_helper.protocol import (
-    LINGER_OFF,
-    TCP_REPAIR,
-    Request,
-    RequestRefused,
-    close_fds,
-    linger_off_all,
-)
+from repair_helper.protocol import TCP_REPAIR, Request, RequestRefused
 
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 SO_ATTACH_FILTER = 26
@@ -156,19 +149,18 @@ class CallerRules:
 
 
 def carry_out_untrusted(request: Request, rules: CallerRules) -> None:
-    """Set TCP_REPAIR to ``request.command`` on every descriptor, then close them all.
+    """Set TCP_REPAIR to ``request.command`` on every descriptor.
 
     Raises :class:`RequestRefused` (the client's fault) if a descriptor is not
     an IPv4/IPv6 socket of the caller's (or, for repair ON, is not bound),
     before any socket is changed; or if the kernel refuses the option on one
     of them (not TCP, listening, not ours to repair); or if the caller moved
-    a socket while it was being switched. The descriptors are closed in every
-    case, and never wait for a lingering socket's data.
+    a socket while it was being switched. The descriptors stay open, in every
+    case: the caller hands them to the closer thread (closer.py).
     """
     handles: list[_socket.socket] = []
     value = int(request.command)
     guard = value == 1 and not rules.forced_reuse
-    done = False
     try:
         for index, fd in enumerate(request.fds):
             handles.append(_inet_handle_untrusted(fd, index))
@@ -192,16 +184,9 @@ def carry_out_untrusted(request: Request, rules: CallerRules) -> None:
                     handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
             except OSError as exc:
                 raise _kernel_refusal(exc, index, value) from None
-        done = True
     finally:
-        if not (done and value == 1):  # in repair mode a socket closes at once; others may linger
-            for handle in handles:
-                with contextlib.suppress(OSError):
-                    handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
-            linger_off_all(request.fds[len(handles) :])
         for handle in handles:
             handle.detach()
-        _close_batch(request.fds)
 
 
 def _check_owner_untrusted(fd: int, index: int, uid: int) -> None:
@@ -280,11 +265,3 @@ def _kernel_refusal(exc: OSError, index: int, value: int) -> RequestRefused:
         f"the kernel refused TCP_REPAIR={value} on descriptor {index} of the batch:"
         f" {name} {exc.strerror}{hint}{done}"
     )
-
-
-def _close_batch(fds: tuple[int, ...]) -> None:
-    low, high = min(fds), max(fds)
-    if high - low + 1 == len(fds) == len(set(fds)):
-        os.closerange(low, high + 1)
-    else:
-        close_fds(fds)

@@ -13,7 +13,8 @@ all it can, in two steps:
    no_new_privs (an execve() can grant nothing, so the bounding set no longer
    matters either) and non-dumpable (no core file, no ptrace by same-uid
    processes). The result is read back from /proc/self/status and checked.
-2. :func:`install_seccomp`, once the listener or the connection exists:
+2. :func:`install_seccomp`, once the listener or the connection exists and
+   the closer thread runs (closer.py), in every thread (TSYNC):
    a seccomp filter (libseccomp, through pyseccomp's ctypes bindings) that
    allows only the syscalls the serving loop makes. setsockopt() is allowed
    only for (IPPROTO_TCP, TCP_REPAIR) and the SOL_SOCKET options repair.py
@@ -41,7 +42,14 @@ import prctl
 from repair_helper.dropall import SO_ATTACH_BPF
 from repair_helper.protocol import TCP_REPAIR
 from repair_helper.repair import SO_ATTACH_FILTER, SO_DETACH_FILTER
-from repair_helper.seccomp_bindings import ALLOW, EQ, errno_action, new_filter, syscall_arg
+from repair_helper.seccomp_bindings import (
+    ALLOW,
+    CTL_TSYNC,
+    EQ,
+    errno_action,
+    new_filter,
+    syscall_arg,
+)
 
 CAP_NET_ADMIN_BIT = 12  # include/uapi/linux/capability.h
 _AT_EMPTY_PATH = 0x1000  # include/uapi/linux/fcntl.h
@@ -50,7 +58,8 @@ _AT_EMPTY_PATH = 0x1000  # include/uapi/linux/fcntl.h
 #: collected with strace over the test suite; arguments are checked below for
 #: the socket options.
 ALLOWED_SYSCALLS = (
-    # the loop: epoll (selectors), accept, messages, replies, closing
+    # the loop: epoll (selectors), accept, messages, replies; the closer thread
+    # (closer.py, started before the filter): its queue (futex), close
     "epoll_wait", "epoll_pwait", "epoll_ctl", "accept4", "accept", "recvmsg", "recvfrom",
     "sendmsg", "sendto", "getsockname", "close", "close_range",
     # the batch's checks (repair.py): the owner of each socket (fstat; newfstatat
@@ -100,8 +109,12 @@ def _check_status() -> None:
 
 
 def install_seccomp() -> None:
-    """Allow only the syscalls of the serving loop, from now on, irrevocably."""
+    """Allow only the syscalls of the serving loop, from now on, irrevocably, in every thread."""
     rules = new_filter(errno_action(errno.EPERM))
+    # The closer thread (closer.py) exists already: without TSYNC the filter
+    # would confine only the calling thread, and the closer would keep every
+    # syscall, with CAP_NET_ADMIN.
+    rules.set_attr(CTL_TSYNC, 1)
     for name in ALLOWED_SYSCALLS:
         rules.add_rule(ALLOW, name)
     rules.add_rule(
@@ -119,7 +132,14 @@ def install_seccomp() -> None:
             ALLOW, "setsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET), syscall_arg(2, EQ, option)
         )
     rules.add_rule(ALLOW, "getsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET))
-    # glibc's fstat(fd) is newfstatat(fd, "", buf, AT_EMPTY_PATH); stat() of a
-    # path passes other flags and stays denied.
+    # glibc's fstat(fd) is newfstatat(fd, "", buf, AT_EMPTY_PATH), which the
+    # owner check makes (repair.py). The rule checks only the flags: seccomp
+    # cannot read the path (a pointer), and with AT_EMPTY_PATH a non-empty
+    # path is still looked up, so newfstatat(AT_FDCWD, "/any/path", buf,
+    # AT_EMPTY_PATH) would be allowed. What it keeps out is glibc's stat() and
+    # lstat() (flags 0 and AT_SYMLINK_NOFOLLOW), i.e. CPython's os.stat(path);
+    # not every stat of a path. Only the helper's own code makes these calls
+    # (a caller supplies descriptors, never paths), and stat reveals metadata
+    # only: open() and every other path syscall stay denied.
     rules.add_rule(ALLOW, "newfstatat", syscall_arg(3, EQ, _AT_EMPTY_PATH))
     rules.load()

@@ -26,19 +26,22 @@ Per connection:
    sent, then ECONNRESET or end-of-file: it knows exactly which batch was
    refused.
 
-Closing a client never waits for one (issue 9, item 6). Messages still
-queued on a connection we close carry descriptors, and the kernel releases
-them in our task (unix_release → skb purge → fput, the final __fput run as
-task work before close() returns): a TCP socket among them with SO_LINGER
-on and unsent data would make that close() wait for the linger time. So a
-connection is shut down first (the client can queue nothing more), the
-messages left are read out, their descriptors get SO_LINGER off and are
-closed, and only then the connection. The same holds for a caller refused
-at accept, which may have queued batches before we accepted it; there it
-costs a shutdown() and one empty read.
+Closing never waits for a client (issue 9, item 6). The loop closes no
+descriptor a client handed over, nor a client's connection: close() of
+either may block for as long as the client likes (closer.py: a lingering TCP
+socket; the descriptors still queued on a connection, which the kernel
+releases when the connection goes; a file on the client's FUSE mount). A
+batch, carried out or refused, and a connection we are done with (after a
+shutdown(), so that the client can queue nothing more) go to the closer
+thread, which closes them one after the other. The same holds for a caller
+refused at accept, which may have queued batches before we accepted it.
+If the closer falls behind by more than :data:`~repair_helper.closer.MAX_BACKLOG`
+descriptors (stuck in a close()), the loop stops accepting and reading
+(replies wait too) and checks again every :data:`CLOSER_POLL_SECONDS`
+until the backlog is under the bound.
 
 No state survives a connection, and the helper keeps no descriptor it was
-handed beyond the batch that carried it.
+handed beyond the batch that carried it (and the closer's queue).
 """
 
 from __future__ import annotations
@@ -51,15 +54,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from repair_helper.closer import MAX_BACKLOG, Closer
 from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
 from repair_helper.protocol import (
     ANCILLARY_BUFFER_SIZE,
     DATA_BUFFER_SIZE,
     SCM_MAX_FD,
+    RepairCommand,
     RequestRefused,
-    close_fds,
     fds_in,
-    linger_off_all,
     parse_request_untrusted,
 )
 from repair_helper.repair import CallerRules, carry_out_untrusted
@@ -73,6 +76,9 @@ MESSAGES_PER_WAKEUP = 16
 DESCRIPTORS_PER_TURN = SCM_MAX_FD
 #: Connections accepted per readable event on the listener.
 ACCEPTS_PER_WAKEUP = 16
+#: While the closer is behind (module docstring), or the listener paused for
+#: want of descriptors, how often the loop looks again.
+CLOSER_POLL_SECONDS = 0.05
 
 _RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
@@ -89,14 +95,23 @@ class _Connection:
 
 
 class Server:
-    """Serves a listening socket, connected sockets, or both, until none is left."""
+    """Serves a listening socket, connected sockets, or both, until none is left.
+
+    Call :meth:`start_closer` after dropping capabilities (a thread keeps the
+    capabilities it was created with: capset() changes only the calling
+    thread's) and before the seccomp filter (clone() is not allowed then).
+    """
 
     def __init__(self, policy: CallerPolicy, *, forced_reuse: bool = False) -> None:
         self._policy = policy
         self._forced_reuse = forced_reuse
         self._selector = selectors.DefaultSelector()
+        self._idle = selectors.DefaultSelector()  # nothing registered: a sleep
+        self._closer = Closer()
+        self._closer_behind = False
         self._listener: socket.socket | None = None
         self._listener_paused = False
+        self._closed_at_pause = 0  # the closer's count when the listener was paused
         self._connections: dict[int, _Connection] = {}
         self.refusals = 0
         self._refused_callers = Throttle()
@@ -104,6 +119,10 @@ class Server:
         # Allowed callers are logged the same way: an allowed caller is what a
         # guest that took over a ferryd would be, and it may connect in a loop.
         self._connected = Throttle()
+
+    def start_closer(self) -> None:
+        """Start the closer thread (class docstring: when)."""
+        self._closer.start()
 
     def add_listener(self, listener: socket.socket) -> None:
         """Accept and serve clients on ``listener`` (a listening Unix stream socket)."""
@@ -118,6 +137,9 @@ class Server:
     def run(self) -> None:
         """Serve until there is no listener and no connection left."""
         while self._listener is not None or self._connections:
+            if self._wait_for_closer():
+                continue
+            self._maybe_resume_listener()
             for key, events in self._selector.select(self._timeout()):
                 if key.fileobj is self._listener:
                     self._accept()
@@ -131,18 +153,49 @@ class Server:
                     self._serve(conn)
             self._summarise(time.monotonic())
 
+    def _wait_for_closer(self) -> bool:
+        """While the closer is behind, wait a little instead of serving; True if it is."""
+        if self._closer.backlog <= MAX_BACKLOG:
+            if self._closer_behind:
+                self._closer_behind = False
+                log.warning("closing descriptors caught up; serving again")
+            return False
+        if not self._closer_behind:
+            self._closer_behind = True
+            log.warning(
+                "closing descriptors is stuck (%d waiting, a client's close() blocks):"
+                " not accepting or reading until it catches up",
+                self._closer.backlog,
+            )
+        self._idle.select(CLOSER_POLL_SECONDS)
+        self._summarise(time.monotonic())
+        return True
+
+    def _maybe_resume_listener(self) -> None:
+        """Accept again once the closer has freed a descriptor since accept() ran out."""
+        if (
+            self._listener_paused
+            and self._listener is not None
+            and self._closer.closed > self._closed_at_pause
+        ):
+            self._listener_paused = False
+            self._selector.register(self._listener, selectors.EVENT_READ)
+
     def _timeout(self) -> float | None:
-        """Until the next refusal summary is due; None (wait for events) if none is."""
+        """Until the next refusal summary is due, or the next look at a paused
+        listener; None (wait for events) if neither is."""
+        now = time.monotonic()
         due = [
             t
             for t in (
                 self._refused_callers.next_timer(),
                 self._refused_requests.next_timer(),
                 self._connected.next_timer(),
+                now + CLOSER_POLL_SECONDS if self._listener_paused else None,
             )
             if t is not None
         ]
-        return max(0.0, min(due) - time.monotonic()) if due else None
+        return max(0.0, min(due) - now) if due else None
 
     def _summarise(self, now: float) -> None:
         callers = self._refused_callers.handle_timer(now)
@@ -158,18 +211,22 @@ class Server:
     def _accept(self) -> None:
         assert self._listener is not None
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if self._closer.backlog > MAX_BACKLOG:
+                return  # run() waits for the closer
+            closed = self._closer.closed  # before: the closer may free some meanwhile
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-                    # Out of descriptors or memory: stop accepting until a
-                    # connection goes away, instead of spinning on a listener
-                    # that stays readable.
+                    # Out of descriptors or memory: stop accepting until the
+                    # closer has closed something (a batch, a connection),
+                    # instead of spinning on a listener that stays readable.
                     log.error("cannot accept clients for now: %s", exc.strerror)
                     self._selector.unregister(self._listener)
                     self._listener_paused = True
+                    self._closed_at_pause = closed
                 return
             self._admit(sock)
 
@@ -178,14 +235,14 @@ class Server:
             peer = peer_credentials(sock)
         except OSError as exc:
             log.warning("dropped a client whose credentials cannot be read: %s", exc.strerror)
-            _close_client(sock)
+            self._close_client(sock)
             return
         if not self._policy.allows(peer):
             # The cheap path: one getsockopt() decided; no log line in a flood.
             self.refusals += 1
             if self._refused_callers.admit(time.monotonic()):
                 log.warning("refused client %s: uid and gid not allowed (%s)", peer, self._policy)
-            _close_client(sock)
+            self._close_client(sock)
             return
         if self._connected.admit(time.monotonic()):
             log.info("client %s connected", peer)
@@ -196,6 +253,8 @@ class Server:
     def _serve(self, conn: _Connection) -> None:
         budget = DESCRIPTORS_PER_TURN
         for _ in range(MESSAGES_PER_WAKEUP):
+            if self._closer.backlog > MAX_BACKLOG:
+                return  # still readable; run() waits for the closer first
             try:
                 data, ancdata, flags, _ = conn.sock.recvmsg(
                     DATA_BUFFER_SIZE, ANCILLARY_BUFFER_SIZE, _RECV_FLAGS
@@ -211,15 +270,19 @@ class Server:
             if not data and not ancdata:
                 self._drop(conn)  # end of file: the client is done
                 return
+            fds = fds_in(ancdata)
             try:
                 request = parse_request_untrusted(data, ancdata, flags)
                 carry_out_untrusted(request, conn.rules)
             except RequestRefused as exc:
+                self._closer.close_later(fds)  # never closed here (module docstring)
                 self.refusals += 1
                 if self._refused_requests.admit(time.monotonic()):
                     log.warning("refused client %s: %s", conn.peer, exc)
                 self._drop(conn)
                 return
+            # All in repair mode now (ON): they close at once, no SO_LINGER to clear.
+            self._closer.close_later(fds, linger_off=request.command != RepairCommand.ON)
             conn.replies += request.command.to_byte()
             if not self._flush(conn):
                 return
@@ -248,25 +311,11 @@ class Server:
     def _drop(self, conn: _Connection) -> None:
         del self._connections[conn.sock.fileno()]
         self._selector.unregister(conn.sock)
-        _close_client(conn.sock)
-        if self._listener_paused and self._listener is not None:
-            self._listener_paused = False
-            self._selector.register(self._listener, selectors.EVENT_READ)
+        self._close_client(conn.sock)  # the closer frees it: see _maybe_resume_listener
 
-
-def _close_client(sock: socket.socket) -> None:
-    """Close a client's connection without waiting on a descriptor it left queued (module doc)."""
-    # From now on its sendmsg() fails (EPIPE); ENOTCONN: nothing can be queued either.
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    while True:
-        try:
-            data, ancdata, _, _ = sock.recvmsg(DATA_BUFFER_SIZE, ANCILLARY_BUFFER_SIZE, _RECV_FLAGS)
-        except OSError:
-            break  # EAGAIN: read out; ECONNRESET and the like: nothing left to read
-        if not data and not ancdata:
-            break  # end-of-file
-        fds = fds_in(ancdata)
-        linger_off_all(fds)
-        close_fds(fds)
-    sock.close()
+    def _close_client(self, sock: socket.socket) -> None:
+        """Hand a client's connection to the closer; the loop never closes one (module doc)."""
+        # From now on its sendmsg() fails (EPIPE): nothing more can be queued.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        self._closer.close_later([sock.detach()])

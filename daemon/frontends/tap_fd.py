@@ -16,10 +16,11 @@ MTU, link state, the guest's addresses) is root's business beforehand
 ``--config-net`` is refused in this mode.
 
 Two ways to receive it: ``--tap-fd N`` (an inherited descriptor), or the
-sd_listen_fds(3) protocol (LISTEN_PID/LISTEN_FDS, descriptor 3), read here
-the way repair_helper/activation.py reads it for the helper; the few lines
-are mirrored rather than shared because the two packages share no runtime
-module but the seccomp bindings.
+sd_listen_fds(3) protocol (LISTEN_PID/LISTEN_FDS, descriptor 3), parsed by
+repair_helper.activation.listen_fds, which the helper uses for its own
+listener: ferryd already imports repair_helper at run time (the repair
+client and sockstate use repair_helper.protocol); the helper never imports
+daemon.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import os
 import stat
 from collections.abc import MutableMapping
 
-SD_LISTEN_FDS_START = 3
+from repair_helper.activation import SD_LISTEN_FDS_START, ActivationError, listen_fds
+
 #: /dev/net/tun is the misc device 10:200 (Documentation/admin-guide/devices.txt).
 TUN_DEVICE = os.makedev(10, 200)
 
@@ -45,14 +47,17 @@ def inherited_tap_fd(environ: MutableMapping[str, str], explicit: int | None) ->
     naming us means descriptor 3; the variables are removed once read (as
     sd_listen_fds() does) so that nothing ferryd might start inherits them.
     """
-    pid = environ.pop("LISTEN_PID", None)
-    count = environ.pop("LISTEN_FDS", None)
-    environ.pop("LISTEN_FDNAMES", None)
+    try:
+        count = listen_fds(environ)  # read (and removed) even with --tap-fd
+    except ActivationError as exc:
+        if explicit is None:
+            raise TapFdError(str(exc)) from None
+        count = None
     if explicit is not None:
         fd = explicit
-    elif pid is None or count is None or pid != str(os.getpid()):
+    elif count is None:
         return None  # not activated, or the variables were meant for another process
-    elif count != "1":
+    elif count != 1:
         raise TapFdError(f"LISTEN_FDS={count}: expected exactly one /dev/net/tun descriptor")
     else:
         fd = SD_LISTEN_FDS_START

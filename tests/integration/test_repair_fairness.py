@@ -16,8 +16,11 @@ the other client within the bound.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,7 @@ import pytest
 import trio
 
 from daemon.migration.repair_client import RepairClient, RepairMode
+from repair_helper.closer import MAX_BACKLOG
 from repair_helper.protocol import SCM_MAX_FD
 from tests.integration.test_repair_support import (
     WAIT_SECONDS,
@@ -33,6 +37,7 @@ from tests.integration.test_repair_support import (
     TcpConnections,
     clear_repair,
     listening_helper,
+    public_tmp_dir,
     recv_exactly,
     recv_reply_or_eof,
     repair_states,
@@ -70,6 +75,7 @@ def stuck_lingering_socket(conns: TcpConnections) -> socket.socket:
 @pytest.mark.parametrize(
     "command",
     [
+        pytest.param(b"\x01", id="repair-on"),  # carried out, then closed
         pytest.param(b"\x00", id="repair-off"),  # carried out, then closed
         pytest.param(b"\x05", id="refused"),  # refused by the parser, then closed
     ],
@@ -83,7 +89,7 @@ def test_lingering_socket_does_not_stall_others(
         with unix_client(path) as hostile:
             send_batch(hostile, command, [sock.fileno()])
             sock.close()  # the helper now holds the last reference
-            assert recv_reply_or_eof(hostile) == (command if command == b"\x00" else b"")
+            assert recv_reply_or_eof(hostile) == (command if command != b"\x05" else b"")
         with unix_client(path) as good:
             send_batch(good, b"\x01", [s.fileno() for s in others.clients])
             assert recv_exactly(good, 1) == b"\x01"  # times out after WAIT_SECONDS if stuck
@@ -112,6 +118,133 @@ def test_lingering_sockets_left_unread_do_not_stall_others(
             send_batch(good, b"\x01", [s.fileno() for s in others.clients])
             assert recv_exactly(good, 1) == b"\x01"
             clear_repair(others.clients)
+    assert helper.proc.poll() is None
+
+
+# A caller the helper refuses at accept (uid 65534, not allowed): it queues a
+# batch with the descriptor it inherited as soon as it is connected, before
+# the helper has looked at it, and closes its copy at once, so that the
+# helper's is usually the last (if the helper was quicker, the caller's own
+# close() lingers: it is killed at the end). It says "sent" once the helper
+# has shut its connection down.
+REFUSED_CALLER = """
+import array, os, socket, sys
+fd = int(sys.argv[2])
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+unix = socket.socket(socket.AF_UNIX)
+unix.settimeout(30)
+sys.stdin.readline()  # the test has closed its own copy
+unix.connect(sys.argv[1])
+try:
+    rights = array.array("i", [fd])
+    unix.sendmsg([b"\\x01"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+except (BrokenPipeError, ConnectionResetError):
+    print("too late", flush=True)  # the helper had closed us already
+else:
+    os.close(fd)
+    try:
+        assert unix.recv(1) == b""  # refused: shut down by the helper
+    except ConnectionResetError:
+        pass
+    print("sent", flush=True)
+sys.stdin.readline()
+"""
+
+
+@contextlib.contextmanager
+def queued_by_refused_caller(path: Path, sock: socket.socket) -> Iterator[bool]:
+    """Run REFUSED_CALLER with ``sock`` (our copy closed first); whether it queued it.
+
+    True once the helper has refused the caller with the batch queued.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", REFUSED_CALLER, str(path), str(sock.fileno())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=[sock.fileno()],
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        sock.close()  # the caller's copy and, once it closed it, the helper's are the last
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        yield child.stdout.readline().strip() == "sent"
+    finally:
+        child.kill()  # pid-targeted; also ends a close() of its own that lingers
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
+@pytest.mark.parametrize("nesting", ["direct", "inside-unix-socket"])
+def test_refused_callers_lingering_socket_does_not_stall_others(nesting: str) -> None:
+    """A caller refused at accept queued a lingering socket before it was looked at.
+
+    "direct": the batch holds the lingering socket. "inside-unix-socket": it
+    holds a Unix socket with the lingering socket queued on it, which the
+    helper's close() of that Unix socket releases (unix_release_sock → skb
+    purge → fput): switching SO_LINGER off on what the batch holds does not
+    reach it; only closing off the serving thread (closer.py) does. The same
+    goes for a file on the caller's FUSE mount (flush on close), not tested
+    here: there is no FUSE on the test machines.
+    """
+    with public_tmp_dir() as public, listening_helper(public / "s") as helper:
+        path = public / "s"
+        for _ in range(5):
+            with TcpConnections(1) as stuck, TcpConnections(5) as others:
+                sock = stuck_lingering_socket(stuck)
+                if nesting == "inside-unix-socket":
+                    outer, inner = socket.socketpair()
+                    send_batch(outer, b"x", [sock.fileno()])
+                    sock.close()
+                    outer.close()
+                    sock = inner
+                with queued_by_refused_caller(path, sock) as queued:
+                    if not queued:
+                        continue  # the helper was quicker than the caller: try again
+                    with unix_client(path) as good:
+                        send_batch(good, b"\x01", [s.fileno() for s in others.clients])
+                        assert recv_exactly(good, 1) == b"\x01"  # times out if helper stuck
+                        assert all(repair_states(others.clients))
+                        clear_repair(others.clients)
+                break
+        else:
+            pytest.fail("the refused caller never got its batch queued before the helper closed it")
+        assert helper.proc.poll() is None
+
+
+def test_stuck_closer_stops_intake_until_it_catches_up(
+    helper_path: tuple[HelperProcess, Path],
+) -> None:
+    """The closer thread stuck in a lingering close(): beyond MAX_BACKLOG descriptors
+    waiting, the helper stops reading (and says so) instead of piling them up, and
+    serves again once the close() returns."""
+    helper, path = helper_path
+    # The stuck descriptor plus these batches are more than MAX_BACKLOG: one more
+    # batch is read only after the catch-up.
+    batches = MAX_BACKLOG // SCM_MAX_FD
+    with TcpConnections(1) as stuck, TcpConnections(SCM_MAX_FD) as others:
+        sock = stuck_lingering_socket(stuck)
+        outer, inner = socket.socketpair()
+        send_batch(outer, b"x", [sock.fileno()])
+        sock.close()
+        outer.close()
+        with unix_client(path) as hostile:
+            send_batch(hostile, b"\x05", [inner.fileno()])  # refused; closing it lingers
+            inner.close()
+            assert recv_reply_or_eof(hostile) == b""
+        fds = [s.fileno() for s in others.clients]
+        commands = [b"\x01" if i % 2 == 0 else b"\x00" for i in range(batches + 1)]
+        with unix_client(path) as good:
+            for command in commands:
+                send_batch(good, command, fds)
+            helper.wait_for_line("closing descriptors is stuck")
+            assert recv_exactly(good, batches) == b"".join(commands[:batches])
+            stuck.servers[0].close()  # unread data: a reset, and the lingering close() returns
+            helper.wait_for_line("closing descriptors caught up")
+            assert recv_exactly(good, 1) == commands[-1]
+        clear_repair(others.clients)
     assert helper.proc.poll() is None
 
 

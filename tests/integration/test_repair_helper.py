@@ -94,6 +94,14 @@ def test_capabilities_only_net_admin(helper: HelperProcess) -> None:
     assert int(status["CapAmb"], 16) == 0
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"  # filter mode
+    # Every thread, the closer (closer.py) included, is confined the same way.
+    tasks = os.listdir(f"/proc/{helper.pid}/task")
+    assert len(tasks) == 2
+    for task in tasks:
+        with open(f"/proc/{helper.pid}/task/{task}/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        assert fields["Seccomp"] == "2"
+        assert int(fields["CapEff"], 16) == 1 << 12
     assert_serves_with(helper)
 
 

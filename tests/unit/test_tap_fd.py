@@ -28,6 +28,31 @@ def test_variables_for_another_process_are_ignored_and_removed() -> None:
     assert env == {}
 
 
+@pytest.mark.parametrize(("count", "message"), [("0", "LISTEN_FDS=0"), ("abc", "not a number")])
+def test_malformed_count_is_a_configuration_error(count: str, message: str) -> None:
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": count}
+    with pytest.raises(TapFdError, match=message):
+        inherited_tap_fd(env, None)
+    assert env == {}
+
+
+def test_malformed_variables_do_not_matter_with_tap_fd(pipe: int) -> None:
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "abc"}
+    with pytest.raises(TapFdError, match="not /dev/net/tun"):  # checked: --tap-fd's descriptor
+        inherited_tap_fd(env, pipe)
+    assert env == {}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun here")
+def test_tun_opened_read_only_is_refused() -> None:
+    fd = os.open("/dev/net/tun", os.O_RDONLY)
+    try:
+        with pytest.raises(TapFdError, match="O_RDWR"):
+            inherited_tap_fd({}, fd)
+    finally:
+        os.close(fd)
+
+
 def test_more_than_one_descriptor_is_a_configuration_error() -> None:
     env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"}
     with pytest.raises(TapFdError, match="LISTEN_FDS=2"):
