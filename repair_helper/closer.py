@@ -20,7 +20,11 @@ The helper's socket is 0666, so any local user can hand it such a
 descriptor, even one refused at accept (a refused caller's queued messages
 are released when we close its connection). So the serving loop never
 closes a descriptor a caller gave it, nor a client's connection: it hands
-them here. This thread switches SO_LINGER off on each (sockets only; errors
+them here. One exception: a batch just put in repair mode is closed by the
+loop before it replies (every descriptor is then a TCP socket in repair
+mode, whose close cannot wait), because the caller may count on the socket
+being gone once its own copy is (a same-host migration target connect()s
+the same 4-tuple). This thread switches SO_LINGER off on each (sockets only; errors
 ignored: it is only a shortcut for the common case) and closes them, a
 batch at a time, with one close_range(2) when the kernel installed the batch
 as a contiguous range. If a close() blocks, only this thread waits; the

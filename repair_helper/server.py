@@ -54,7 +54,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from repair_helper.closer import MAX_BACKLOG, Closer
+from repair_helper.closer import MAX_BACKLOG, Closer, close_batch
 from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
 from repair_helper.protocol import (
     ANCILLARY_BUFFER_SIZE,
@@ -281,8 +281,15 @@ class Server:
                     log.warning("refused client %s: %s", conn.peer, exc)
                 self._drop(conn)
                 return
-            # All in repair mode now (ON): they close at once, no SO_LINGER to clear.
-            self._closer.close_later(fds, linger_off=request.command != RepairCommand.ON)
+            if request.command == RepairCommand.ON:
+                # Every one a TCP socket in repair mode now: close() cannot wait
+                # (__tcp_close → disconnect, then nothing to linger for), and it
+                # must be done before the reply. The caller may close its own copy
+                # next and expect the socket gone: a same-host target connect()s
+                # the same 4-tuple (EADDRNOTAVAIL while any copy is open).
+                close_batch(fds)
+            else:
+                self._closer.close_later(fds)
             conn.replies += request.command.to_byte()
             if not self._flush(conn):
                 return
