@@ -40,10 +40,10 @@ from pathlib import Path
 
 import trio
 
-from daemon.migration.repair_client import RepairClient, RepairMode
-from repair_helper.dropall import SO_ATTACH_BPF, load_drop_all
-from repair_helper.protocol import TCP_REPAIR
-from repair_helper.repair import DROP_ALL_FPROG, SO_ATTACH_FILTER, SO_DETACH_FILTER
+from ferry_repair.dropall import SO_ATTACH_BPF, load_drop_all
+from ferry_repair.protocol import TCP_REPAIR
+from ferry_repair.repair import DROP_ALL_FPROG, SO_ATTACH_FILTER, SO_DETACH_FILTER
+from ferryd.migration.repair_client import RepairClient, RepairMode
 
 REPO = Path(__file__).resolve().parents[1]
 TCP_REPAIR_QUEUE = 20
@@ -138,7 +138,7 @@ def in_repair(sock: socket.socket) -> bool:
 
 def start_helper(path: Path) -> subprocess.Popen[bytes]:
     helper = subprocess.Popen(
-        [sys.executable, "-m", "repair_helper.main", "--listen", str(path)],
+        [sys.executable, "-m", "ferry_repair.main", "--listen", str(path)],
         cwd=REPO,
         stderr=subprocess.PIPE,
     )

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.migration.sockstate import (
+from ferryd.migration.sockstate import (
     RepairMode,
     TcpSocketState,
     close_silently,

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
 from pathlib import Path
 
-from daemon.flows.portspec import PortForward, parse_port_spec
-from daemon.link import Ip4Config, Ip6Config, LinkConfig
-from daemon.wire.ethernet import format_mac, parse_mac
-from daemon.wire.ip import IpAddress
+from ferryd.flows.portspec import PortForward, parse_port_spec
+from ferryd.link import Ip4Config, Ip6Config, LinkConfig
+from ferryd.wire.ethernet import format_mac, parse_mac
+from ferryd.wire.ip import IpAddress
 
 log = logging.getLogger("ferryd.config")
 

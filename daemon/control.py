@@ -99,9 +99,9 @@ from typing import Any
 
 import trio
 
-from daemon.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
-from daemon.exits import StartupError, ensure_parent_dir
-from daemon.flows.common import LogThrottle
+from ferryd.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
+from ferryd.exits import StartupError, ensure_parent_dir
+from ferryd.flows.common import LogThrottle
 
 __all__ = [
     "MAX_FDS",
@@ -336,7 +336,7 @@ class ControlServer:
         """
         listener, bound = await self._bind()
         # At most MAX_CONTROL_CONNECTIONS at once (their descriptors are in
-        # ferryd's reserve, daemon.descriptors); more wait in the backlog.
+        # ferryd's reserve, ferryd.descriptors); more wait in the backlog.
         slots = trio.Semaphore(MAX_CONTROL_CONNECTIONS)
         throttle = LogThrottle(log)
         self._spare = _open_spare()

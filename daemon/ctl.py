@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from daemon.control import (
+from ferryd.control import (
     ControlClientError,
     ControlRequestFailed,
     DaemonNotRunning,

@@ -54,7 +54,7 @@ import socket
 from collections.abc import Iterable
 from typing import Protocol
 
-from daemon.flows.table import DescriptorsSpent
+from ferryd.flows.table import DescriptorsSpent
 
 __all__ = [
     "ACCEPT_BACKOFF",

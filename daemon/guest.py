@@ -11,7 +11,7 @@ retransmits).
 
 from typing import Protocol
 
-from daemon.wire.ip import IpAddress
+from ferryd.wire.ip import IpAddress
 
 
 class GuestPort(Protocol):

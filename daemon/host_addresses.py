@@ -1,6 +1,6 @@
 """The addresses of ferryd's host network namespace, kept current.
 
-The destination policy (daemon.flows.destinations) refuses the host's own
+The destination policy (ferryd.flows.destinations) refuses the host's own
 addresses, so it must know them: every address of every interface of the
 namespace ferryd's host sockets are created in (a socket sending to one of
 them is delivered locally). They can change while ferryd runs (DHCP, an
@@ -45,8 +45,8 @@ from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
-from daemon.exits import StartupError
-from daemon.wire.ip import IpAddress
+from ferryd.exits import StartupError
+from ferryd.wire.ip import IpAddress
 
 __all__ = [
     "AddrEvent",

@@ -2,7 +2,7 @@
 
 Start-up order matters, because privilege is only held during setup:
 
-1. parse options and work out the guest's addressing (daemon.config);
+1. parse options and work out the guest's addressing (ferryd.config);
    an impossible configuration exits 2 with a one-line message;
 2. raise the open-file soft limit to the hard one (every flow is a socket);
 3. create/attach the tap in the guest's namespace (privileged), or attach
@@ -11,11 +11,11 @@ Start-up order matters, because privilege is only held during setup:
 4. bind forwarded ports and the control socket (ports < 1024 need
    CAP_NET_BIND_SERVICE); the control socket stays the starting user's
    (mode 0600), so the user ferryd becomes next cannot drive it;
-5. drop privileges (daemon.privileges): become ``--runas`` (nobody by
+5. drop privileges (ferryd.privileges): become ``--runas`` (nobody by
    default) when started as root, keep no capability but
    CAP_NET_BIND_SERVICE when a forward needs it (a migration binds
    forwards again), no_new_privs, non-dumpable;
-6. install the seccomp allow-list (daemon.syscall_filter);
+6. install the seccomp allow-list (ferryd.syscall_filter);
 7. run the data path until SIGTERM/SIGINT, then exit 0.
 
 Readiness is reported through the control socket: ``status`` answers
@@ -33,35 +33,35 @@ from typing import Any
 
 import trio
 
-from daemon.config import (
+from ferryd.config import (
     ConfigError,
     Options,
     make_link_config,
     netns_path,
     parse_options,
 )
-from daemon.control import ControlAddressInUse, ControlBindError, ControlError, ControlServer
-from daemon.descriptors import DescriptorBudget
-from daemon.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
-from daemon.flows.destinations import DestinationPolicy, Destinations
-from daemon.flows.icmp import IcmpFlows
-from daemon.flows.portspec import ForwardError
-from daemon.flows.tcp import TcpFlows
-from daemon.flows.udp import UdpFlows
-from daemon.frontends.tap import TapFrontend, TapGone, TapSetupError
-from daemon.frontends.tap_fd import TapFdError, inherited_tap_fd
-from daemon.host_addresses import AddressWatch
-from daemon.link import LinkConfig
-from daemon.privileges import (
+from ferryd.control import ControlAddressInUse, ControlBindError, ControlError, ControlServer
+from ferryd.descriptors import DescriptorBudget
+from ferryd.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
+from ferryd.flows.destinations import DestinationPolicy, Destinations
+from ferryd.flows.icmp import IcmpFlows
+from ferryd.flows.portspec import ForwardError
+from ferryd.flows.tcp import TcpFlows
+from ferryd.flows.udp import UdpFlows
+from ferryd.frontends.tap import TapFrontend, TapGone, TapSetupError
+from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
+from ferryd.host_addresses import AddressWatch
+from ferryd.link import LinkConfig
+from ferryd.privileges import (
     Identity,
     PrivilegeError,
     drop_privileges,
     needs_bind_service,
     resolve_runas,
 )
-from daemon.stack import Stack
-from daemon.syscall_filter import install_syscall_filter
-from daemon.wire.ethernet import format_mac
+from ferryd.stack import Stack
+from ferryd.syscall_filter import install_syscall_filter
+from ferryd.wire.ethernet import format_mac
 
 log = logging.getLogger("ferryd")
 
@@ -110,7 +110,7 @@ class Daemon:
         self.opts = opts
         self.runas = runas
         self.tap = tap
-        # Every flow's socket counts against RLIMIT_NOFILE (daemon.descriptors).
+        # Every flow's socket counts against RLIMIT_NOFILE (ferryd.descriptors).
         listeners = sum(
             1 if fwd.bind is not None else 2
             for spec in (*opts.tcp_forwards, *opts.udp_forwards)
@@ -134,7 +134,7 @@ class Daemon:
         self.migration: Any = None
         self.stranded: list[socket.socket] = []
         """Sockets a failed migration could not close silently: kept open, unused."""
-        """The migration in progress (daemon.migration.source/target), if any."""
+        """The migration in progress (ferryd.migration.source/target), if any."""
         self.exit_requested = trio.Event()
 
     def build(self, link: LinkConfig, now: float) -> None:
@@ -154,7 +154,7 @@ class Daemon:
         self.stack.udp, self.stack.icmp, self.stack.tcp = self.udp, self.icmp, self.tcp
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from daemon.migration import control_handlers
+        from ferryd.migration import control_handlers
 
         async with trio.open_nursery() as outer:
             self.outer = outer

@@ -2,7 +2,7 @@
 
 ferryd needs privilege only to create and configure the guest's tap device
 (CAP_NET_ADMIN, and CAP_SYS_ADMIN to enter the namespace; neither when it is
-handed a /dev/net/tun descriptor, daemon.frontends.tap_fd) and to bind
+handed a /dev/net/tun descriptor, ferryd.frontends.tap_fd) and to bind
 forwarded ports below ``net.ipv4.ip_unprivileged_port_start``
 (CAP_NET_BIND_SERVICE). Then, before the first guest frame is read,
 :func:`drop_privileges`:
@@ -200,7 +200,7 @@ def _check_other_threads() -> None:
 
     capset(2) and PR_SET_KEEPCAPS act on the calling thread only, and a
     thread started during setup would keep what it had (trio binds a Unix
-    socket path in a worker thread, which is why daemon.control and the
+    socket path in a worker thread, which is why ferryd.control and the
     repair client bind synchronously). glibc runs setresuid() in every
     thread, and the kernel clears the capabilities of a thread whose uids all
     leave 0 without KEEPCAPS, so after

@@ -29,18 +29,18 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
-from daemon.bugs import describe_bug
-from daemon.flows.common import LogThrottle
-from daemon.flows.tcp import reset_for
-from daemon.link import LinkConfig
-from daemon.services.arp import answer_arp
-from daemon.services.dhcp import answer_dhcp_untrusted
-from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
-from daemon.services.ndp import NdpResponder
-from daemon.wire.arp import parse_arp_untrusted
-from daemon.wire.checksum import complete_partial
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import (
+from ferryd.bugs import describe_bug
+from ferryd.flows.common import LogThrottle
+from ferryd.flows.tcp import reset_for
+from ferryd.link import LinkConfig
+from ferryd.services.arp import answer_arp
+from ferryd.services.dhcp import answer_dhcp_untrusted
+from ferryd.services.dhcpv6 import answer_dhcpv6_untrusted
+from ferryd.services.ndp import NdpResponder
+from ferryd.wire.arp import parse_arp_untrusted
+from ferryd.wire.checksum import complete_partial
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import (
     BROADCAST,
     ETH_P_ARP,
     ETH_P_IP,
@@ -50,7 +50,7 @@ from daemon.wire.ethernet import (
     is_multicast,
     parse_ethernet_untrusted,
 )
-from daemon.wire.icmp import (
+from ferryd.wire.icmp import (
     ICMP_ECHO_REQUEST,
     ICMPV6_ECHO_REQUEST,
     ICMPV6_NEIGHBOUR_SOLICIT,
@@ -58,7 +58,7 @@ from daemon.wire.icmp import (
     IcmpMessage,
     parse_icmp_untrusted,
 )
-from daemon.wire.ip import (
+from ferryd.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -69,8 +69,8 @@ from daemon.wire.ip import (
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.tcp import TcpSegment, parse_tcp_untrusted
-from daemon.wire.udp import UdpDatagram, parse_udp_untrusted
+from ferryd.wire.tcp import TcpSegment, parse_tcp_untrusted
+from ferryd.wire.udp import UdpDatagram, parse_udp_untrusted
 
 log = logging.getLogger("ferryd.stack")
 
@@ -176,7 +176,7 @@ class Stack:
         except MalformedPacket as exc:
             self.counters.malformed += 1
             log.debug("dropped a malformed frame from the guest: %s", exc)
-        except Exception as exc:  # a bug the guest reached: contain it (daemon.bugs)
+        except Exception as exc:  # a bug the guest reached: contain it (ferryd.bugs)
             self._contain(exc, now)
 
     def _contain(self, exc: Exception, now: float) -> None:

@@ -45,9 +45,7 @@ from __future__ import annotations
 import errno
 import os
 
-from daemon.frontends.tap import TUNSETQUEUE
-from daemon.migration.sockstate import SIOCINQ, SIOCOUTQ, SIOCOUTQNSD
-from repair_helper.seccomp_bindings import (
+from ferry_repair.seccomp_bindings import (
     ALLOW,
     CTL_LOG,
     CTL_TSYNC,
@@ -57,6 +55,8 @@ from repair_helper.seccomp_bindings import (
     new_filter,
     syscall_arg,
 )
+from ferryd.frontends.tap import TUNSETQUEUE
+from ferryd.migration.sockstate import SIOCINQ, SIOCOUTQ, SIOCOUTQNSD
 
 #: What ferryd calls once set up (collected over the integration suite).
 ALLOWED_SYSCALLS = (

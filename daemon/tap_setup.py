@@ -17,7 +17,7 @@ needs one happens here, as root, before it starts:
    (sd_notify(3)) with the descriptor attached, then ``BARRIER=1`` so that
    systemd has taken it before this process exits. systemd passes stored
    descriptors to the next ExecStart= like socket-activated ones
-   (LISTEN_FDS; daemon.frontends.tap_fd reads them).
+   (LISTEN_FDS; ferryd.frontends.tap_fd reads them).
 
 Why not a socket unit with ``ListenSpecial=/dev/net/tun`` and
 ``NetworkNamespacePath=``: systemd opens special files in PID 1 itself
@@ -30,7 +30,7 @@ same reason (systemd drops a stored descriptor that reports EPOLLERR).
 
 The store holds one descriptor (FileDescriptorStoreMax=1): when ferryd
 restarts, systemd still holds the one ferryd attached before, passes it
-again (daemon.frontends.tap: an attached descriptor is accepted as it is),
+again (ferryd.frontends.tap: an attached descriptor is accepted as it is),
 and refuses the fresh one sent here.
 """
 
@@ -48,8 +48,8 @@ import sys
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from daemon.frontends.tap import TAP_FLAGS, TUNSETIFF
-from daemon.netns import run_in_netns
+from ferryd.frontends.tap import TAP_FLAGS, TUNSETIFF
+from ferryd.netns import run_in_netns
 
 TUNSETPERSIST = 0x400454CB
 TUNSETGROUP = 0x400454CE

@@ -56,7 +56,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from repair_helper.protocol import SCM_MAX_FD, close_fds, linger_off_all
+from ferry_repair.protocol import SCM_MAX_FD, close_fds, linger_off_all
 
 log = logging.getLogger("ferry-repair")
 

@@ -25,13 +25,13 @@ import resource
 import sys
 from collections.abc import Sequence
 
-from repair_helper.activation import SD_LISTEN_FDS_START, ActivationError, activation_listener
-from repair_helper.dropall import load_drop_all
-from repair_helper.endpoints import EndpointError, bind_listener, connect_to_daemon
-from repair_helper.peer import CallerPolicy
-from repair_helper.repair import use_drop_all_program
-from repair_helper.sandbox import SandboxError, drop_capabilities, install_seccomp
-from repair_helper.server import Server
+from ferry_repair.activation import SD_LISTEN_FDS_START, ActivationError, activation_listener
+from ferry_repair.dropall import load_drop_all
+from ferry_repair.endpoints import EndpointError, bind_listener, connect_to_daemon
+from ferry_repair.peer import CallerPolicy
+from ferry_repair.repair import use_drop_all_program
+from ferry_repair.sandbox import SandboxError, drop_capabilities, install_seccomp
+from ferry_repair.server import Server
 
 log = logging.getLogger("ferry-repair")
 

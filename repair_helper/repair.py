@@ -104,8 +104,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from repair_helper.dropall import SO_ATTACH_BPF
-from repair_helper.protocol import TCP_REPAIR, Request, RequestRefused
+from ferry_repair.dropall import SO_ATTACH_BPF
+from ferry_repair.protocol import TCP_REPAIR, Request, RequestRefused
 
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 SO_ATTACH_FILTER = 26

@@ -39,10 +39,10 @@ import socket
 
 import prctl
 
-from repair_helper.dropall import SO_ATTACH_BPF
-from repair_helper.protocol import TCP_REPAIR
-from repair_helper.repair import SO_ATTACH_FILTER, SO_DETACH_FILTER
-from repair_helper.seccomp_bindings import (
+from ferry_repair.dropall import SO_ATTACH_BPF
+from ferry_repair.protocol import TCP_REPAIR
+from ferry_repair.repair import SO_ATTACH_FILTER, SO_DETACH_FILTER
+from ferry_repair.seccomp_bindings import (
     ALLOW,
     CTL_TSYNC,
     EQ,

@@ -35,7 +35,7 @@ batch, carried out or refused, and a connection we are done with (after a
 shutdown(), so that the client can queue nothing more) go to the closer
 thread, which closes them one after the other. The same holds for a caller
 refused at accept, which may have queued batches before we accepted it.
-If the closer falls behind by more than :data:`~repair_helper.closer.MAX_BACKLOG`
+If the closer falls behind by more than :data:`~ferry_repair.closer.MAX_BACKLOG`
 descriptors (stuck in a close()), the loop stops accepting and reading
 (replies wait too) and checks again every :data:`CLOSER_POLL_SECONDS`
 until the backlog is under the bound.
@@ -54,9 +54,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from repair_helper.closer import MAX_BACKLOG, Closer, close_batch
-from repair_helper.peer import CallerPolicy, PeerCredentials, peer_credentials
-from repair_helper.protocol import (
+from ferry_repair.closer import MAX_BACKLOG, Closer, close_batch
+from ferry_repair.peer import CallerPolicy, PeerCredentials, peer_credentials
+from ferry_repair.protocol import (
     ANCILLARY_BUFFER_SIZE,
     DATA_BUFFER_SIZE,
     SCM_MAX_FD,
@@ -65,8 +65,8 @@ from repair_helper.protocol import (
     fds_in,
     parse_request_untrusted,
 )
-from repair_helper.repair import CallerRules, carry_out_untrusted
-from repair_helper.throttle import Throttle
+from ferry_repair.repair import CallerRules, carry_out_untrusted
+from ferry_repair.throttle import Throttle
 
 log = logging.getLogger("ferry-repair")
 

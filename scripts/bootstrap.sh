@@ -46,15 +46,26 @@ fi
 # Reinstall only when the project's metadata changed since the last install.
 if [ ! -f .venv/.stamp-install ] || [ pyproject.toml -nt .venv/.stamp-install ]; then
     .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]' 2>&1 | { grep -vE 'WARNING: Location|BuildBackendWarning|^ *$' || true; }
+    # setuptools warns about every editable install that maps names
+    # (ferryd -> daemon/); the output is shown only when the install fails.
+    if ! out=$(.venv/bin/pip install -q -e '.[test]' 2>&1); then
+        echo "$out" >&2
+        exit 1
+    fi
     touch .venv/.stamp-install
 fi
+
+# The folders daemon/ and repair_helper/ install as ferryd and ferry_repair
+# (pyproject.toml); mypy reads those names through these links.
+mkdir -p build/import-names
+ln -sfn ../../daemon build/import-names/ferryd
+ln -sfn ../../repair_helper build/import-names/ferry_repair
 
 # ferryd started as root runs as nobody once set up and keeps importing
 # lazily from the venv and the tree: both must be readable by that user.
 if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null \
     && ! setpriv --reuid 65534 --regid 65534 --clear-groups \
-        .venv/bin/python -c 'import daemon.main, daemon.migration.source' 2>/dev/null; then
+        .venv/bin/python -c 'import ferryd.main, ferryd.migration.source' 2>/dev/null; then
     echo "bootstrap: warning: uid 65534 cannot import ferry from $(pwd)/.venv;" \
         "ferryd will fail after dropping to nobody (make the tree readable, mode 0755)" >&2
 fi

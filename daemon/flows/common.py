@@ -19,8 +19,8 @@ import socket
 from collections import Counter
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from daemon.link import LinkConfig
-from daemon.wire.ip import IpAddress
+from ferryd.link import LinkConfig
+from ferryd.wire.ip import IpAddress
 
 __all__ = [
     "LOOPBACK4",

@@ -24,15 +24,15 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
-from daemon.bugs import describe_bug
-from daemon.descriptors import DescriptorBudget, open_flow_socket
-from daemon.flows.common import LogThrottle, gateway_of
-from daemon.flows.destinations import Destinations, Refusal
-from daemon.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
-from daemon.guest import GuestPort
-from daemon.link import LinkConfig
-from daemon.wire.icmp import build_admin_prohibited
-from daemon.wire.ip import IpAddress, IpPacket
+from ferryd.bugs import describe_bug
+from ferryd.descriptors import DescriptorBudget, open_flow_socket
+from ferryd.flows.common import LogThrottle, gateway_of
+from ferryd.flows.destinations import Destinations, Refusal
+from ferryd.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
+from ferryd.guest import GuestPort
+from ferryd.link import LinkConfig
+from ferryd.wire.icmp import build_admin_prohibited
+from ferryd.wire.ip import IpAddress, IpPacket
 
 RECV_SIZE = 65536
 

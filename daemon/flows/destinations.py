@@ -27,7 +27,7 @@ connect to or a :class:`Refusal`:
   it stands for, since the kernel sends to that one.
 
 The host's own addresses are those of the network namespace ferryd's host
-sockets live in (daemon.host_addresses reads them at start and again
+sockets live in (ferryd.host_addresses reads them at start and again
 whenever the kernel announces an address change). With passt's addressing
 the guest's own address is one of them, so a guest frame sent to its own
 address is refused too: it would reach the host.
@@ -49,9 +49,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from daemon.flows.common import LOOPBACK4, LOOPBACK6, LogThrottle, gateway_of
-from daemon.link import LinkConfig
-from daemon.wire.ip import IpAddress
+from ferryd.flows.common import LOOPBACK4, LOOPBACK6, LogThrottle, gateway_of
+from ferryd.link import LinkConfig
+from ferryd.wire.ip import IpAddress
 
 __all__ = [
     "DestinationPolicy",

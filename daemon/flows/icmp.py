@@ -43,14 +43,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from daemon.descriptors import DescriptorBudget
-from daemon.flows.common import family_of, sockaddr, strip_scope
-from daemon.flows.datagram import DatagramFlows
-from daemon.flows.destinations import Destinations, Refusal
-from daemon.flows.table import Flow, FlowKey, FlowLimitReached
-from daemon.guest import GuestPort
-from daemon.link import LinkConfig
-from daemon.wire.icmp import (
+from ferryd.descriptors import DescriptorBudget
+from ferryd.flows.common import family_of, sockaddr, strip_scope
+from ferryd.flows.datagram import DatagramFlows
+from ferryd.flows.destinations import Destinations, Refusal
+from ferryd.flows.table import Flow, FlowKey, FlowLimitReached
+from ferryd.guest import GuestPort
+from ferryd.link import LinkConfig
+from ferryd.wire.icmp import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
     ICMP_HLEN,
@@ -59,7 +59,7 @@ from daemon.wire.icmp import (
     IcmpMessage,
     build_icmp,
 )
-from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, IpAddress, IpPacket
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HLEN, IPV6_HLEN, IpAddress, IpPacket
 
 __all__ = ["ICMP_IDLE_TIMEOUT", "IcmpFlows"]
 

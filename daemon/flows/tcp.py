@@ -74,24 +74,24 @@ from pathlib import Path
 
 import trio
 
-from daemon.bugs import describe_bug
-from daemon.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, open_flow_socket
-from daemon.flows.common import (
+from ferryd.bugs import describe_bug
+from ferryd.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, open_flow_socket
+from ferryd.flows.common import (
     LogThrottle,
     family_of,
     peer_as_seen_by_guest,
     sockaddr,
     strip_scope,
 )
-from daemon.flows.destinations import Destinations, Refusal
-from daemon.flows.portspec import ForwardError, PortForward
-from daemon.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
-from daemon.flows.table import FlowKey, FlowLimitReached, FlowTable
-from daemon.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
-from daemon.guest import GuestPort
-from daemon.link import LinkConfig
-from daemon.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
-from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, build_tcp
+from ferryd.flows.destinations import Destinations, Refusal
+from ferryd.flows.portspec import ForwardError, PortForward
+from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
+from ferryd.flows.table import FlowKey, FlowLimitReached, FlowTable
+from ferryd.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
+from ferryd.guest import GuestPort
+from ferryd.link import LinkConfig
+from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
+from ferryd.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, build_tcp
 
 log = logging.getLogger("ferryd.tcp")
 

@@ -76,12 +76,12 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from daemon.flows.table import Flow
-from daemon.flows.tcp_seq import seq_add, seq_diff
-from daemon.guest import GuestPort
-from daemon.migration.sockstate import SocketStateError, TcpSocketState, finish_restore
-from daemon.wire.ip import IPPROTO_TCP, IpAddress
-from daemon.wire.tcp import (
+from ferryd.flows.table import Flow
+from ferryd.flows.tcp_seq import seq_add, seq_diff
+from ferryd.guest import GuestPort
+from ferryd.migration.sockstate import SocketStateError, TcpSocketState, finish_restore
+from ferryd.wire.ip import IPPROTO_TCP, IpAddress
+from ferryd.wire.tcp import (
     ACK,
     FIN,
     PSH,

@@ -55,28 +55,28 @@ from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
-from daemon.descriptors import DescriptorBudget
-from daemon.flows.common import (
+from ferryd.descriptors import DescriptorBudget
+from ferryd.flows.common import (
     family_of,
     peer_as_seen_by_guest,
     sockaddr,
     strip_scope,
 )
-from daemon.flows.datagram import DatagramFlows
-from daemon.flows.destinations import Destinations, Refusal
-from daemon.flows.portspec import ForwardError, PortForward
-from daemon.flows.table import Flow, FlowKey, FlowLimitReached
-from daemon.guest import GuestPort
-from daemon.link import LinkConfig
-from daemon.wire.icmp import PORT_UNREACHABLE, build_dest_unreach
-from daemon.wire.ip import (
+from ferryd.flows.datagram import DatagramFlows
+from ferryd.flows.destinations import Destinations, Refusal
+from ferryd.flows.portspec import ForwardError, PortForward
+from ferryd.flows.table import Flow, FlowKey, FlowLimitReached
+from ferryd.guest import GuestPort
+from ferryd.link import LinkConfig
+from ferryd.wire.icmp import PORT_UNREACHABLE, build_dest_unreach
+from ferryd.wire.ip import (
     IPPROTO_UDP,
     IPV4_HLEN,
     IPV6_HLEN,
     IpAddress,
     IpPacket,
 )
-from daemon.wire.udp import UDP_HLEN, UdpDatagram, build_udp
+from ferryd.wire.udp import UDP_HLEN, UdpDatagram, build_udp
 
 __all__ = ["UDP_IDLE_TIMEOUT", "UdpFlows"]
 

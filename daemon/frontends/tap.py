@@ -1,7 +1,7 @@
 """Tap frontend: the guest is a network namespace with a tap device.
 
 Setup (privileged, before ferryd drops its capabilities): in the guest's
-namespace (daemon.netns), open /dev/net/tun and attach to the tap device with
+namespace (ferryd.netns), open /dev/net/tun and attach to the tap device with
 TUNSETIFF, which creates it if it does not exist (a persistent tap of that
 name is attached to instead); set its MTU and bring it up through rtnetlink
 (pyroute2); with ``--config-net`` also assign the guest's addresses and
@@ -9,7 +9,7 @@ default routes, as ``pasta --config-net`` does. The returned file descriptor
 keeps working after the thread that opened it is gone and after capabilities
 are dropped: the kernel checks permissions at TUNSETIFF time only.
 :meth:`TapFrontend.adopt` is the unprivileged variant: a descriptor opened
-in the guest's namespace by someone else (daemon.frontends.tap_fd), a tap
+in the guest's namespace by someone else (ferryd.frontends.tap_fd), a tap
 already made and configured by root; only TUNSETIFF and TUNSETOFFLOAD here.
 
 Data path: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR gives one Ethernet frame per
@@ -48,8 +48,8 @@ from collections.abc import Callable
 
 import trio
 
-from daemon.link import LinkConfig
-from daemon.netns import run_in_netns
+from ferryd.link import LinkConfig
+from ferryd.netns import run_in_netns
 
 log = logging.getLogger("ferryd.tap")
 
@@ -82,7 +82,7 @@ class TapGone(Exception):
     """The tap device went away under us (deleted in the guest's namespace).
 
     Not a bug and not a frame ferryd could drop: there is no guest left to
-    serve, so ferryd ends with one line (daemon.exits) and its unit's restart
+    serve, so ferryd ends with one line (ferryd.exits) and its unit's restart
     policy decides what comes next.
     """
 
@@ -98,7 +98,7 @@ TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
 
 
 def _attach_given(fd: int, name: str, incoming: bool) -> None:
-    """Attach the descriptor someone else opened (daemon.frontends.tap_fd) to tap ``name``.
+    """Attach the descriptor someone else opened (ferryd.frontends.tap_fd) to tap ``name``.
 
     It may already be attached: a descriptor kept across ferryd's restarts
     by whoever passed it stays attached to its queue (TUNSETIFF then fails
@@ -258,7 +258,7 @@ class TapFrontend:
         """A frontend on a /dev/net/tun descriptor opened in the guest's namespace by another.
 
         No setns and no netlink: the tap exists already, with its MTU and
-        link state set by whoever created it (see daemon.frontends.tap_fd).
+        link state set by whoever created it (see ferryd.frontends.tap_fd).
         """
         if not name or len(name.encode()) > 15:
             raise TapSetupError(f"tap name {name!r} must be 1 to 15 bytes (IFNAMSIZ)")

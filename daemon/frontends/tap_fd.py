@@ -17,9 +17,9 @@ MTU, link state, the guest's addresses) is root's business beforehand
 
 Two ways to receive it: ``--tap-fd N`` (an inherited descriptor), or the
 sd_listen_fds(3) protocol (LISTEN_PID/LISTEN_FDS, descriptor 3), parsed by
-repair_helper.activation.listen_fds, which the helper uses for its own
+ferry_repair.activation.listen_fds, which the helper uses for its own
 listener: ferryd already imports repair_helper at run time (the repair
-client and sockstate use repair_helper.protocol); the helper never imports
+client and sockstate use ferry_repair.protocol); the helper never imports
 daemon.
 """
 
@@ -30,7 +30,7 @@ import os
 import stat
 from collections.abc import MutableMapping
 
-from repair_helper.activation import SD_LISTEN_FDS_START, ActivationError, listen_fds
+from ferry_repair.activation import SD_LISTEN_FDS_START, ActivationError, listen_fds
 
 #: /dev/net/tun is the misc device 10:200 (Documentation/admin-guide/devices.txt).
 TUN_DEVICE = os.makedev(10, 200)

@@ -35,9 +35,9 @@ What is checked, per record:
 
 from __future__ import annotations
 
-from daemon.flows.common import gateway_of
-from daemon.flows.destinations import DestinationPolicy, Refusal, endpoint_text
-from daemon.migration.records import (
+from ferryd.flows.common import gateway_of
+from ferryd.flows.destinations import DestinationPolicy, Refusal, endpoint_text
+from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
     ListenerRecord,
@@ -45,7 +45,7 @@ from daemon.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.wire.ip import IpAddress
+from ferryd.wire.ip import IpAddress
 
 __all__ = ["check_record"]
 

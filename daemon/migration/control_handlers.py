@@ -6,7 +6,7 @@ Source: ``migrate-out`` (with the stream's write end), ``migrate-commit``,
 them in that order; the shape is vhost-user's SET_DEVICE_STATE_FD then
 CHECK_DEVICE_STATE (DESIGN.md).
 
-With pre-copy (daemon.migration.source): ``migrate-in`` with
+With pre-copy (ferryd.migration.source): ``migrate-in`` with
 ``precopy: true``, then the source's ``migrate-precopy`` (with the write
 end; the guest keeps running), the target's ``migrate-wait-precopy``
 (restored ahead; takes the guest's tap queue), then ``migrate-out``
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from daemon.control import ControlError, ControlServer
-from daemon.migration.restore import RepairSource
-from daemon.migration.source import SourceMigration
-from daemon.migration.target import TargetMigration
+from ferryd.control import ControlError, ControlServer
+from ferryd.migration.restore import RepairSource
+from ferryd.migration.source import SourceMigration
+from ferryd.migration.target import TargetMigration
 
 if TYPE_CHECKING:
-    from daemon.main import Daemon
+    from ferryd.main import Daemon
 
 
 def _one_fd(cmd: str, fds: list[int]) -> int:

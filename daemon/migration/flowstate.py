@@ -1,7 +1,7 @@
 """Between ferryd's live TCP connections and the migration stream's records.
 
 The stream carries two halves per connection: the host socket's kernel state
-(daemon.migration.sockstate, dumped in repair mode) and the guest-facing
+(ferryd.migration.sockstate, dumped in repair mode) and the guest-facing
 sequence and window bookkeeping that :class:`~daemon.flows.tcp_conn.TcpConn`
 keeps. Nothing else exists: ferryd holds no payload (DESIGN.md), so every
 byte not yet acknowledged by the guest is still in the socket's receive
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from daemon.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn, guest_mss_untrusted
-from daemon.migration.records import TcpFlowRecord, TcpKernelState
-from daemon.migration.sockstate import TcpSocketState
+from ferryd.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn, guest_mss_untrusted
+from ferryd.migration.records import TcpFlowRecord, TcpKernelState
+from ferryd.migration.sockstate import TcpSocketState
 
 
 def tcp_record(conn: TcpConn, kernel: TcpSocketState | None) -> TcpFlowRecord:

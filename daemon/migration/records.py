@@ -39,9 +39,9 @@ import socket
 from dataclasses import dataclass, fields
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from daemon.link import Ip4Config, Ip6Config
-from daemon.migration import migration_pb2 as pb
-from daemon.wire.ip import IpAddress
+from ferryd.link import Ip4Config, Ip6Config
+from ferryd.migration import migration_pb2 as pb
+from ferryd.wire.ip import IpAddress
 
 __all__ = [
     "FlowRecord",

@@ -129,8 +129,8 @@ from typing import Protocol
 
 import trio
 
-from repair_helper.protocol import SCM_MAX_FD
-from repair_helper.protocol import RepairCommand as RepairMode
+from ferry_repair.protocol import SCM_MAX_FD
+from ferry_repair.protocol import RepairCommand as RepairMode
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",

@@ -10,7 +10,7 @@ goes OFF in batches, migrated unsent bytes are sent, the data path starts
 and each guest connection is resynchronised (an ACK with a fresh window,
 and everything the guest had not acknowledged sent again).
 
-Pre-copy (daemon.migration.source): flows that arrive before the
+Pre-copy (ferryd.migration.source): flows that arrive before the
 PrecopyEnd record are restored the same way, ahead of the freeze, and
 remembered by 4-tuple and record index. After it, a TCP flow with the same
 4-tuple replaces its pre-copied connection (closed silently first: its
@@ -41,20 +41,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from daemon.control import ControlError
-from daemon.flows.portspec import PortForward
-from daemon.flows.table import FlowKey
-from daemon.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
-from daemon.migration.flowstate import apply_guest_state, socket_state
-from daemon.migration.records import (
+from ferryd.control import ControlError
+from ferryd.flows.portspec import PortForward
+from ferryd.flows.table import FlowKey
+from ferryd.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
+from ferryd.migration.flowstate import apply_guest_state, socket_state
+from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
     ListenerRecord,
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.migration.repair_client import RepairClient, RepairListener, RepairMode
-from daemon.migration.sockstate import (
+from ferryd.migration.repair_client import RepairClient, RepairListener, RepairMode
+from ferryd.migration.sockstate import (
     TcpSocketState,
     close_silently,
     finish_restore,
@@ -62,11 +62,11 @@ from daemon.migration.sockstate import (
     restore_in_repair,
     reuse_after_repair_off,
 )
-from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
-from daemon.wire.tcp import ACK, RST, build_tcp
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from ferryd.wire.tcp import ACK, RST, build_tcp
 
 if TYPE_CHECKING:
-    from daemon.main import Daemon
+    from ferryd.main import Daemon
 
 log = logging.getLogger("ferryd.migration")
 

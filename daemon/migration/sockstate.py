@@ -170,8 +170,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from repair_helper.protocol import TCP_REPAIR
-from repair_helper.protocol import RepairCommand as RepairMode
+from ferry_repair.protocol import TCP_REPAIR
+from ferry_repair.protocol import RepairCommand as RepairMode
 
 __all__ = [
     "SUPPORTED_STATES",

@@ -65,11 +65,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from daemon.control import ControlError
-from daemon.flows.tcp_conn import CLOSING, State, TcpConn
-from daemon.migration import restore
-from daemon.migration.flowstate import tcp_record
-from daemon.migration.records import (
+from ferryd.control import ControlError
+from ferryd.flows.tcp_conn import CLOSING, State, TcpConn
+from ferryd.migration import restore
+from ferryd.migration.flowstate import tcp_record
+from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
     ListenerRecord,
@@ -77,19 +77,19 @@ from daemon.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.migration.repair_client import RepairClient, RepairMode
-from daemon.migration.sockstate import (
+from ferryd.migration.repair_client import RepairClient, RepairMode
+from ferryd.migration.sockstate import (
     SocketStateError,
     close_silently,
     dump_tcp,
     reuse_after_repair_off,
     segment_counts,
 )
-from daemon.migration.stream import StreamEncoder
-from daemon.wire.ip import IPPROTO_TCP, IPPROTO_UDP
+from ferryd.migration.stream import StreamEncoder
+from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
 if TYPE_CHECKING:
-    from daemon.main import Daemon
+    from ferryd.main import Daemon
 
 log = logging.getLogger("ferryd.migration")
 

@@ -30,7 +30,7 @@ the stream. With pre-copy (``StreamHeader.precopy``, format version 2) the
 flows come in two parts: TCP flows dumped while the guest ran, a
 ``PrecopyEnd`` record, then what was dumped after the freeze, where a TCP
 flow may replace a pre-copied one of the same 4-tuple and one ``TcpGone``
-record may retire pre-copied ones (the target's job, daemon.migration.
+record may retire pre-copied ones (the target's job, ferryd.migration.
 restore; this codec checks the order and the indexes). A record kind
 this reader does not know (a newer writer's) is skipped and reported as
 :class:`RecordSkipped`; a record whose wire type is not length-delimited is
@@ -77,8 +77,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from daemon.migration import migration_pb2 as pb
-from daemon.migration.records import (
+from ferryd.migration import migration_pb2 as pb
+from ferryd.migration.records import (
     FlowMessage,
     FlowRecord,
     IcmpFlowRecord,
@@ -92,7 +92,7 @@ from daemon.migration.records import (
     header_from_proto_untrusted,
     header_to_proto,
 )
-from daemon.migration.stream_events import (
+from ferryd.migration.stream_events import (
     FlowReceived,
     HeaderReceived,
     PrecopyEnded,

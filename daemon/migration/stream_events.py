@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daemon.migration.records import FlowRecord, StreamHeader
+from ferryd.migration.records import FlowRecord, StreamHeader
 
 __all__ = [
     "FlowReceived",

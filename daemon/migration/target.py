@@ -2,10 +2,10 @@
 
 ``migrate-in`` hands this ferryd the read end of the stream; restoring runs
 in the background (records are applied as they are decoded, see
-daemon.migration.restore) and ``migrate-wait`` reports the outcome. The
+ferryd.migration.restore) and ``migrate-wait`` reports the outcome. The
 header is checked before anything is touched (StreamDecoder refuses an
 incompatible version first), and so is every record against this
-ferryd's own destination rules (daemon.migration.admission); a truncated
+ferryd's own destination rules (ferryd.migration.admission); a truncated
 or corrupt stream, a record those rules refuse, or a socket that cannot be
 restored (an address this host cannot bind, ...), discards
 everything restored so far — silently (sockets already out of repair mode
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from daemon.control import ControlError
-from daemon.link import LinkConfig
-from daemon.migration.admission import check_record
-from daemon.migration.restore import RepairSource, Restorer
-from daemon.migration.stream import StreamDecoder
-from daemon.migration.stream_events import (
+from ferryd.control import ControlError
+from ferryd.link import LinkConfig
+from ferryd.migration.admission import check_record
+from ferryd.migration.restore import RepairSource, Restorer
+from ferryd.migration.stream import StreamDecoder
+from ferryd.migration.stream_events import (
     FlowReceived,
     HeaderReceived,
     PrecopyEnded,
@@ -43,7 +43,7 @@ from daemon.migration.stream_events import (
 )
 
 if TYPE_CHECKING:
-    from daemon.main import Daemon
+    from ferryd.main import Daemon
 
 log = logging.getLogger("ferryd.migration")
 

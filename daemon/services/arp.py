@@ -23,9 +23,9 @@ Pure function, no state: the guest's neighbour cache does all remembering.
 
 from ipaddress import IPv4Address
 
-from daemon.link import LinkConfig
-from daemon.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp
-from daemon.wire.ethernet import ETH_P_ARP, EthernetFrame, build_ethernet, is_multicast
+from ferryd.link import LinkConfig
+from ferryd.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp
+from ferryd.wire.ethernet import ETH_P_ARP, EthernetFrame, build_ethernet, is_multicast
 
 _UNSPECIFIED = IPv4Address(0)
 

@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network
 
-from daemon.link import Ip4Config, LinkConfig
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import BROADCAST, ETH_P_IP, EthernetFrame, build_ethernet
-from daemon.wire.ip import IPPROTO_UDP, IpPacket, build_ip
-from daemon.wire.udp import UdpDatagram, build_udp
+from ferryd.link import Ip4Config, LinkConfig
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import BROADCAST, ETH_P_IP, EthernetFrame, build_ethernet
+from ferryd.wire.ip import IPPROTO_UDP, IpPacket, build_ip
+from ferryd.wire.udp import UdpDatagram, build_udp
 
 SERVER_PORT = 67
 CLIENT_PORT = 68

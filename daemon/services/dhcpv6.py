@@ -52,11 +52,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv6Address
 
-from daemon.link import Ip6Config, LinkConfig
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import ETH_P_IPV6, EthernetFrame, build_ethernet, is_multicast
-from daemon.wire.ip import IPPROTO_UDP, IpPacket, build_ip
-from daemon.wire.udp import UdpDatagram, build_udp
+from ferryd.link import Ip6Config, LinkConfig
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import ETH_P_IPV6, EthernetFrame, build_ethernet, is_multicast
+from ferryd.wire.ip import IPPROTO_UDP, IpPacket, build_ip
+from ferryd.wire.udp import UdpDatagram, build_udp
 
 SERVER_PORT = 547
 CLIENT_PORT = 546

@@ -45,10 +45,10 @@ to a solicited-node group); an invalid message raises
 import struct
 from ipaddress import IPv6Address, IPv6Network
 
-from daemon.link import Ip6Config, LinkConfig
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import ETH_P_IPV6, EthernetFrame, build_ethernet, is_multicast
-from daemon.wire.icmp import (
+from ferryd.link import Ip6Config, LinkConfig
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import ETH_P_IPV6, EthernetFrame, build_ethernet, is_multicast
+from ferryd.wire.icmp import (
     ICMPV6_NEIGHBOUR_ADVERT,
     ICMPV6_NEIGHBOUR_SOLICIT,
     ICMPV6_ROUTER_ADVERT,
@@ -56,7 +56,7 @@ from daemon.wire.icmp import (
     IcmpMessage,
     build_icmp,
 )
-from daemon.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, IpPacket, build_ip
+from ferryd.wire.ip import IPPROTO_ICMPV6, IPV6_MIN_MTU, IpPacket, build_ip
 
 RA_INTERVAL = 60.0
 MIN_DELAY_BETWEEN_RAS = 3.0  # RFC 4861 §10

@@ -6,6 +6,6 @@ Builders trust their arguments (they come from ferryd itself) and compute
 every length and checksum, so a frame ferryd sends is always well formed.
 """
 
-from daemon.wire.errors import MalformedPacket
+from ferryd.wire.errors import MalformedPacket
 
 __all__ = ["MalformedPacket"]

@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from daemon.wire.errors import MalformedPacket
+from ferryd.wire.errors import MalformedPacket
 
 ARP_REQUEST = 1
 ARP_REPLY = 2

@@ -9,7 +9,7 @@ point-to-point link has no reason to send either.
 import struct
 from dataclasses import dataclass
 
-from daemon.wire.errors import MalformedPacket
+from ferryd.wire.errors import MalformedPacket
 
 ETH_HLEN = 14
 ETH_P_IP = 0x0800

@@ -9,9 +9,9 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from daemon.wire.checksum import checksum, pseudo_header_sum, verify
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ip import (
+from ferryd.wire.checksum import checksum, pseudo_header_sum, verify
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPV6_HLEN,

@@ -19,8 +19,8 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from daemon.wire.checksum import checksum
-from daemon.wire.errors import MalformedPacket
+from ferryd.wire.checksum import checksum
+from ferryd.wire.errors import MalformedPacket
 
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6

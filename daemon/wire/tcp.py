@@ -11,9 +11,9 @@ but a length that runs past the header makes the segment malformed.
 import struct
 from dataclasses import dataclass
 
-from daemon.wire.checksum import complete_partial, fold, pseudo_header_sum, verify
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
+from ferryd.wire.checksum import complete_partial, fold, pseudo_header_sum, verify
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 
 FIN = 0x01
 SYN = 0x02

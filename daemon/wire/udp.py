@@ -8,9 +8,9 @@ invalid (RFC 8200 §8.1) and refused. A computed checksum of zero is sent as
 import struct
 from dataclasses import dataclass
 
-from daemon.wire.checksum import checksum, pseudo_header_sum, verify
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ip import IPPROTO_UDP, IpAddress, IpPacket
+from ferryd.wire.checksum import checksum, pseudo_header_sum, verify
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ip import IPPROTO_UDP, IpAddress, IpPacket
 
 UDP_HLEN = 8
 _UDP = struct.Struct("!HHHH")

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from daemon.control import request
+from ferryd.control import request
 from tests.integration.test_repair_support import listening_helper, raise_fd_limit
 from tests.netns import (
     Netns,
@@ -136,7 +136,7 @@ class FerrydProcess:
             return ""
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """One control request (daemon.control.request) to this ferryd."""
+        """One control request (ferryd.control.request) to this ferryd."""
         return request(self.control, cmd, **args)
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -26,17 +26,17 @@ import time
 from ipaddress import ip_address
 from pathlib import Path
 
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
-from daemon.wire.ip import (
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
+from ferryd.wire.ip import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     build_ip,
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, build_tcp, parse_tcp_untrusted
-from daemon.wire.udp import parse_udp_untrusted
+from ferryd.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, build_tcp, parse_tcp_untrusted
+from ferryd.wire.udp import parse_udp_untrusted
 
 FERRY_MAC = bytes.fromhex("9a559a559a55")
 ETH_P_ALL = 0x0003

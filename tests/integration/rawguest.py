@@ -32,10 +32,10 @@ import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, ip_address
 
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
-from daemon.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
-from daemon.wire.ip import (
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import ETH_P_IP, ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
+from ferryd.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
+from ferryd.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -46,8 +46,8 @@ from daemon.wire.ip import (
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.tcp import RST, SYN, build_tcp, parse_tcp_untrusted
-from daemon.wire.udp import build_udp, parse_udp_untrusted
+from ferryd.wire.tcp import RST, SYN, build_tcp, parse_tcp_untrusted
+from ferryd.wire.udp import build_udp, parse_udp_untrusted
 
 FERRY_MAC = bytes.fromhex("9a559a559a55")
 ETH_P_ALL = 0x0003

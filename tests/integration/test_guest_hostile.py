@@ -13,10 +13,10 @@ import sys
 from ipaddress import IPv6Address
 from pathlib import Path
 
-from daemon.services import dhcpv6
-from daemon.wire.ethernet import ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
-from daemon.wire.ip import IPPROTO_UDP, build_ip, parse_ipv6_untrusted
-from daemon.wire.udp import build_udp, parse_udp_untrusted
+from ferryd.services import dhcpv6
+from ferryd.wire.ethernet import ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
+from ferryd.wire.ip import IPPROTO_UDP, build_ip, parse_ipv6_untrusted
+from ferryd.wire.udp import build_udp, parse_udp_untrusted
 from tests.integration.conftest import StartFerryd
 from tests.netns import Topology
 

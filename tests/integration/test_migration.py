@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import pytest
 
-from daemon.control import ControlRequestFailed
-from daemon.migration import migration_pb2 as pb
+from ferryd.control import ControlRequestFailed
+from ferryd.migration import migration_pb2 as pb
 from tests.integration.conftest import FERRYCTL, FerrydProcess, MigrationBed
 from tests.integration.test_migration_support import Streams, UdpExchange
 from tests.netns import wait_for

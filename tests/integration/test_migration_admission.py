@@ -20,14 +20,14 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from daemon.migration.records import (
+from ferryd.migration.records import (
     FlowRecord,
     ListenerRecord,
     StreamHeader,
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from daemon.migration.stream import (
+from ferryd.migration.stream import (
     FlowReceived,
     HeaderReceived,
     StreamDecoder,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.control import ControlClientError
+from ferryd.control import ControlClientError
 from tests.integration.conftest import FERRYCTL, RUNAS_UID, FerrydProcess, MigrationBed
 from tests.integration.test_migration_support import Streams
 from tests.integration.test_repair_support import HELPER, HelperProcess

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from daemon.control import request
+from ferryd.control import request
 from tests.integration.conftest import MigrationBed
 from tests.integration.test_migration_support import Streams
 from tests.integration.test_tcp import server, spawn

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.control import ControlRequestFailed
+from ferryd.control import ControlRequestFailed
 from tests.integration.conftest import (
     FERRYCTL,
     FERRYD,
@@ -94,7 +94,7 @@ def test_forbidden_syscalls_fail_under_ferryds_filter() -> None:
     """execve, ptrace, mount, a file opened for writing, kill: refused (EPERM)."""
     probe = """
 import ctypes, errno, os, resource, socket
-from daemon.syscall_filter import install_syscall_filter
+from ferryd.syscall_filter import install_syscall_filter
 install_syscall_filter()
 libc = ctypes.CDLL(None, use_errno=True)
 def err(fn):

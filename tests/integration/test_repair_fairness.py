@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.migration.repair_client import RepairClient, RepairMode
-from repair_helper.closer import MAX_BACKLOG
-from repair_helper.protocol import SCM_MAX_FD
+from ferry_repair.closer import MAX_BACKLOG
+from ferry_repair.protocol import SCM_MAX_FD
+from ferryd.migration.repair_client import RepairClient, RepairMode
 from tests.integration.test_repair_support import (
     WAIT_SECONDS,
     HelperProcess,

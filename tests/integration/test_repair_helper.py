@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.migration.sockstate import segment_counts
-from repair_helper.protocol import SCM_MAX_FD
+from ferry_repair.protocol import SCM_MAX_FD
+from ferryd.migration.sockstate import segment_counts
 from tests.integration.test_repair_support import (
     HELPER,
     HelperProcess,

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.migration.repair_client import (
+from ferry_repair.protocol import SCM_MAX_FD
+from ferryd.migration.repair_client import (
     RepairClient,
     RepairListener,
     RepairMode,
     RepairRefused,
     RepairUnavailable,
 )
-from repair_helper.protocol import SCM_MAX_FD
 from tests.integration.test_repair_support import (
     HELPER,
     WAIT_SECONDS,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemon.migration.repair_client import RepairListener, RepairMode
+from ferryd.migration.repair_client import RepairListener, RepairMode
 from tests.integration.test_repair_support import (
     REPO,
     WAIT_SECONDS,

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from repair_helper.protocol import TCP_REPAIR, RequestRefused
-from repair_helper.repair import _drop_forced_reuse_untrusted
+from ferry_repair.protocol import TCP_REPAIR, RequestRefused
+from ferry_repair.repair import _drop_forced_reuse_untrusted
 from tests.integration.test_repair_support import (
     WAIT_SECONDS,
     TcpConnections,

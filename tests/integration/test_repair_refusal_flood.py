@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from repair_helper.throttle import INTERVAL
+from ferry_repair.throttle import INTERVAL
 from tests.integration.test_repair_support import (
     WAIT_SECONDS,
     HelperProcess,

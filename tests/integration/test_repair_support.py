@@ -28,10 +28,10 @@ from types import TracebackType
 
 import pytest
 
-from repair_helper.protocol import SCM_MAX_FD, TCP_REPAIR
+from ferry_repair.protocol import SCM_MAX_FD, TCP_REPAIR
 
 REPO = Path(__file__).resolve().parents[2]
-HELPER = [sys.executable, "-m", "repair_helper.main"]
+HELPER = [sys.executable, "-m", "ferry_repair.main"]
 TCP_REPAIR_QUEUE = 20
 TCP_QUEUE_SEQ = 21
 TCP_SEND_QUEUE = 2

@@ -31,22 +31,22 @@ from pathlib import Path
 
 import pytest
 
-from daemon.link import Ip4Config, Ip6Config, LinkConfig
-from daemon.services.arp import answer_arp
-from daemon.services.dhcp import answer_dhcp_untrusted
-from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
-from daemon.services.ndp import NdpResponder
-from daemon.wire.arp import parse_arp_untrusted
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, parse_ethernet_untrusted
-from daemon.wire.icmp import parse_icmp_untrusted
-from daemon.wire.ip import (
+from ferryd.link import Ip4Config, Ip6Config, LinkConfig
+from ferryd.services.arp import answer_arp
+from ferryd.services.dhcp import answer_dhcp_untrusted
+from ferryd.services.dhcpv6 import answer_dhcpv6_untrusted
+from ferryd.services.ndp import NdpResponder
+from ferryd.wire.arp import parse_arp_untrusted
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, parse_ethernet_untrusted
+from ferryd.wire.icmp import parse_icmp_untrusted
+from ferryd.wire.ip import (
     IPPROTO_ICMPV6,
     IPPROTO_UDP,
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.udp import parse_udp_untrusted
+from ferryd.wire.udp import parse_udp_untrusted
 from tests.netns import Netns, ping_command, wait_for
 
 FERRY_MAC = bytes.fromhex("9a55e0000001")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.migration.sockstate import (
+from ferryd.migration.sockstate import (
     SO_PEEK_OFF,
     RepairMode,
     SocketStateError,
@@ -32,7 +32,7 @@ from daemon.migration.sockstate import (
     set_repair_direct,
     thaw_intake,
 )
-from daemon.netns import run_in_netns
+from ferryd.netns import run_in_netns
 from tests.integration.test_sockstate_support import (
     CHUNK,
     ENDLESS,

@@ -39,7 +39,7 @@ from typing import TypeVar
 
 import pytest
 
-from daemon.migration.sockstate import (
+from ferryd.migration.sockstate import (
     RepairMode,
     TcpSocketState,
     close_silently,
@@ -50,7 +50,7 @@ from daemon.migration.sockstate import (
     restore_in_repair,
     set_repair_direct,
 )
-from daemon.netns import run_in_netns
+from ferryd.netns import run_in_netns
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs root")
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.migration.sockstate import TcpState
+from ferryd.migration.sockstate import TcpState
 from tests.integration.test_sockstate_support import (
     ENDLESS,
     Conn,

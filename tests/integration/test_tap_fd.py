@@ -163,8 +163,8 @@ def test_migration_between_descriptor_ferryds(two_hosts: MigrationBed, short_tmp
 
 
 def test_tap_setup_makes_a_tap_and_leaves_an_existing_one_alone() -> None:
-    from daemon.netns import run_in_netns
-    from daemon.tap_setup import ensure_tap
+    from ferryd.netns import run_in_netns
+    from ferryd.tap_setup import ensure_tap
 
     with Netns("tapsetup") as guest:
         run_in_netns(guest.path, lambda: ensure_tap("tap0", RUNAS_GID, 9000))

@@ -154,7 +154,7 @@ def test_wait_for() -> None:
 FAKE_FERRYD = textwrap.dedent(
     """
     import argparse, os, sys, trio
-    from daemon.control import ControlServer
+    from ferryd.control import ControlServer
 
     p = argparse.ArgumentParser()
     p.add_argument("--netns", required=True)

@@ -7,11 +7,11 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from daemon.flows.table import Flow, FlowKey
-from daemon.flows.tcp_conn import Endpoints, State, TcpConn
-from daemon.guest import GuestPort
-from daemon.wire.ip import IPPROTO_TCP, IpAddress
-from daemon.wire.tcp import TcpOptions, _parse_options_untrusted
+from ferryd.flows.table import Flow, FlowKey
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
+from ferryd.guest import GuestPort
+from ferryd.wire.ip import IPPROTO_TCP, IpAddress
+from ferryd.wire.tcp import TcpOptions, _parse_options_untrusted
 
 GUEST = IPv4Address("10.0.2.15")
 REMOTE = IPv4Address("192.0.2.1")

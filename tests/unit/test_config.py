@@ -1,10 +1,10 @@
-"""Guest addressing from host defaults and overrides (daemon.config), host facts passed in."""
+"""Guest addressing from host defaults and overrides (ferryd.config), host facts passed in."""
 
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
-from daemon.config import (
+from ferryd.config import (
     AF_INET,
     AF_INET6,
     ConfigError,

@@ -1,4 +1,4 @@
-"""Tests of the control socket (daemon.control) and ferryctl (daemon.ctl).
+"""Tests of the control socket (ferryd.control) and ferryctl (ferryd.ctl).
 
 A real ControlServer runs in the test's nursery on a socket in a short
 temporary directory (sun_path is limited to 108 bytes, pytest's tmp_path can
@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import ctl
-from daemon.control import (
+from ferryd import ctl
+from ferryd.control import (
     MAX_REQUEST,
     ControlAddressInUse,
     ControlClientError,

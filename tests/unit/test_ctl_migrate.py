@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import ctl
-from daemon.control import ControlError, ControlServer
+from ferryd import ctl
+from ferryd.control import ControlError, ControlServer
 
 STREAM = bytes(range(256)) * 1024  # 256 KiB: more than a default pipe holds
 HOST_NS = 4026531840

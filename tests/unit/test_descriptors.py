@@ -11,12 +11,12 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 import trio
 
-from daemon.descriptors import RESERVE, DescriptorBudget
-from daemon.flows.icmp import IcmpFlows
-from daemon.flows.table import DescriptorsSpent, FlowKey, FlowLimitReached, FlowTable
-from daemon.flows.udp import UdpFlows
-from daemon.wire.icmp import build_admin_prohibited, parse_icmp_untrusted
-from daemon.wire.ip import IPPROTO_UDP, IpAddress, build_ip
+from ferryd.descriptors import RESERVE, DescriptorBudget
+from ferryd.flows.icmp import IcmpFlows
+from ferryd.flows.table import DescriptorsSpent, FlowKey, FlowLimitReached, FlowTable
+from ferryd.flows.udp import UdpFlows
+from ferryd.wire.icmp import build_admin_prohibited, parse_icmp_untrusted
+from ferryd.wire.ip import IPPROTO_UDP, IpAddress, build_ip
 from tests.unit.test_flows_helpers import (
     GUEST4,
     GW4,

@@ -8,9 +8,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
-from daemon.flows.destinations import DestinationPolicy, Destinations, RateLimit, Refusal
-from daemon.migration.admission import check_record
-from daemon.migration.records import (
+from ferryd.flows.destinations import DestinationPolicy, Destinations, RateLimit, Refusal
+from ferryd.migration.admission import check_record
+from ferryd.migration.records import (
     IcmpFlowRecord,
     ListenerRecord,
     StreamError,
@@ -18,15 +18,15 @@ from daemon.migration.records import (
     TcpKernelState,
     UdpFlowRecord,
 )
-from daemon.wire.icmp import build_admin_prohibited, parse_icmp_untrusted
-from daemon.wire.ip import (
+from ferryd.wire.icmp import build_admin_prohibited, parse_icmp_untrusted
+from ferryd.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_UDP,
     IpAddress,
     build_ip,
 )
-from daemon.wire.udp import build_udp
+from ferryd.wire.udp import build_udp
 from tests.unit.test_flows_helpers import GUEST4, GUEST6, GW4, GW6, LINK, parse_ip
 
 HOST_OTHER4 = IPv4Address("192.0.2.10")

@@ -1,4 +1,4 @@
-"""One line for the operator, a traceback for a bug (daemon.exits)."""
+"""One line for the operator, a traceback for a bug (ferryd.exits)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import parse_options
-from daemon.exits import StartupError, ensure_parent_dir, exit_on_failure
+from ferryd.config import parse_options
+from ferryd.exits import StartupError, ensure_parent_dir, exit_on_failure
 
 
 class Expected(Exception):

@@ -5,10 +5,10 @@ from ipaddress import IPv4Address, IPv6Address
 
 import trio
 
-from daemon.flows.destinations import DestinationPolicy, Destinations
-from daemon.link import Ip4Config, Ip6Config, LinkConfig
-from daemon.wire.icmp import IcmpMessage, build_icmp, echo_rest, parse_icmp_untrusted
-from daemon.wire.ip import (
+from ferryd.flows.destinations import DestinationPolicy, Destinations
+from ferryd.link import Ip4Config, Ip6Config, LinkConfig
+from ferryd.wire.icmp import IcmpMessage, build_icmp, echo_rest, parse_icmp_untrusted
+from ferryd.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_UDP,
@@ -18,7 +18,7 @@ from daemon.wire.ip import (
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.udp import UdpDatagram, build_udp, parse_udp_untrusted
+from ferryd.wire.udp import UdpDatagram, build_udp, parse_udp_untrusted
 
 GUEST4 = IPv4Address("10.0.2.15")
 GW4 = IPv4Address("10.0.2.2")

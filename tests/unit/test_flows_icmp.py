@@ -10,9 +10,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 import trio
 
-from daemon.flows.icmp import IcmpFlows
-from daemon.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
-from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IpAddress, build_ip
+from ferryd.flows.icmp import IcmpFlows
+from ferryd.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IpAddress, build_ip
 from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,

@@ -1,4 +1,4 @@
-"""daemon.flows.reactor.Interest: epoll masks and the lazy timer heap, with explicit time."""
+"""ferryd.flows.reactor.Interest: epoll masks and the lazy timer heap, with explicit time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.flows.reactor import EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
+from ferryd.flows.reactor import EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 
 INF = float("inf")
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.flows.table import FlowKey, FlowLimitReached, FlowTable
-from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from ferryd.flows.table import FlowKey, FlowLimitReached, FlowTable
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
 GUEST = IPv4Address("10.0.2.15")
 REMOTE = IPv4Address("192.0.2.1")

@@ -13,12 +13,12 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 import trio
 
-from daemon.flows.common import peer_as_seen_by_guest
-from daemon.flows.portspec import ForwardError, PortForward
-from daemon.flows.udp import UdpFlows
-from daemon.wire.icmp import parse_icmp_untrusted
-from daemon.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, IpAddress
-from daemon.wire.udp import parse_udp_untrusted
+from ferryd.flows.common import peer_as_seen_by_guest
+from ferryd.flows.portspec import ForwardError, PortForward
+from ferryd.flows.udp import UdpFlows
+from ferryd.wire.icmp import parse_icmp_untrusted
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, IpAddress
+from ferryd.wire.udp import parse_udp_untrusted
 from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from daemon.host_addresses import (
+from ferryd.host_addresses import (
     IFA_ADDRESS,
     IFA_LOCAL,
     NLMSG_DONE,

@@ -16,19 +16,19 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.flows.table import FlowKey
-from daemon.flows.tcp import TcpFlows
-from daemon.flows.tcp_conn import TcpConn
-from daemon.flows.udp import UdpFlows
-from daemon.services import dhcpv6
-from daemon.services.dhcp import parse_dhcp_untrusted
-from daemon.services.dhcpv6 import answer_dhcpv6_untrusted
-from daemon.stack import Stack
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import BROADCAST
-from daemon.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
-from daemon.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
-from daemon.wire.udp import UdpDatagram
+from ferryd.flows.table import FlowKey
+from ferryd.flows.tcp import TcpFlows
+from ferryd.flows.tcp_conn import TcpConn
+from ferryd.flows.udp import UdpFlows
+from ferryd.services import dhcpv6
+from ferryd.services.dhcp import parse_dhcp_untrusted
+from ferryd.services.dhcpv6 import answer_dhcpv6_untrusted
+from ferryd.stack import Stack
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import BROADCAST
+from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
+from ferryd.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
+from ferryd.wire.udp import UdpDatagram
 from tests.unit.tcp_conn_support import RecordingGuest
 from tests.unit.test_flows_helpers import (
     GUEST4,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.flows.portspec import PortForward, parse_port_spec
+from ferryd.flows.portspec import PortForward, parse_port_spec
 
 
 def pairs(spec: str) -> list[tuple[int, int]]:

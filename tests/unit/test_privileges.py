@@ -12,8 +12,8 @@ import pwd
 
 import pytest
 
-from daemon.privileges import Identity, PrivilegeError, resolve_runas
-from daemon.privileges import _lookup as lookup
+from ferryd.privileges import Identity, PrivilegeError, resolve_runas
+from ferryd.privileges import _lookup as lookup
 
 NOBODY = pwd.getpwnam("nobody")
 

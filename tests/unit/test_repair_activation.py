@@ -1,4 +1,4 @@
-"""repair_helper.activation: the sd_listen_fds(3) variables, shared by the helper and ferryd."""
+"""ferry_repair.activation: the sd_listen_fds(3) variables, shared by the helper and ferryd."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from repair_helper.activation import ActivationError, activation_listener, listen_fds
+from ferry_repair.activation import ActivationError, activation_listener, listen_fds
 
 
 def ours(count: str) -> dict[str, str]:

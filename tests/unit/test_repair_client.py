@@ -18,7 +18,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.migration.repair_client import (
+from ferry_repair.protocol import ANCILLARY_BUFFER_SIZE, SCM_MAX_FD, close_fds
+from ferryd.migration.repair_client import (
     RepairBatchError,
     RepairClient,
     RepairError,
@@ -28,7 +29,6 @@ from daemon.migration.repair_client import (
     RepairTimeout,
     split_batches,
 )
-from repair_helper.protocol import ANCILLARY_BUFFER_SIZE, SCM_MAX_FD, close_fds
 
 Script = Callable[[trio.socket.SocketType], Awaitable[None]]
 

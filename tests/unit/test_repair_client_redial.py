@@ -19,14 +19,14 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import trio
 
-from daemon.migration.repair_client import (
+from ferry_repair.protocol import close_fds
+from ferryd.migration.repair_client import (
     RepairClient,
     RepairError,
     RepairMode,
     RepairRefused,
     RepairUnavailable,
 )
-from repair_helper.protocol import close_fds
 from tests.unit.test_repair_client import Helper
 
 Script = Callable[[Helper], Awaitable[None]]

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from repair_helper.protocol import (
+from ferry_repair.protocol import (
     SCM_MAX_FD,
     RepairCommand,
     Request,

@@ -13,8 +13,8 @@ import socket
 
 import pytest
 
-from repair_helper.protocol import RepairCommand, Request, RequestRefused
-from repair_helper.repair import CallerRules, carry_out_untrusted
+from ferry_repair.protocol import RepairCommand, Request, RequestRefused
+from ferry_repair.repair import CallerRules, carry_out_untrusted
 
 
 def is_open(fd: int) -> bool:

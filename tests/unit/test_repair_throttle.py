@@ -1,11 +1,11 @@
-"""repair_helper.throttle: one line per interval, every event counted, explicit time."""
+"""ferry_repair.throttle: one line per interval, every event counted, explicit time."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from repair_helper.throttle import Throttle
+from ferry_repair.throttle import Throttle
 
 
 def test_first_event_logged_then_counted_then_summarised() -> None:

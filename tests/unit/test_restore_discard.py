@@ -17,14 +17,14 @@ from typing import Any, cast
 
 import trio
 
-from daemon.flows.icmp import IcmpFlows
-from daemon.flows.table import FlowKey
-from daemon.flows.tcp import TcpFlows
-from daemon.flows.tcp_conn import Endpoints
-from daemon.flows.udp import UdpFlows
-from daemon.migration.records import UdpFlowRecord
-from daemon.migration.restore import Restorer
-from daemon.wire.ip import IPPROTO_TCP
+from ferryd.flows.icmp import IcmpFlows
+from ferryd.flows.table import FlowKey
+from ferryd.flows.tcp import TcpFlows
+from ferryd.flows.tcp_conn import Endpoints
+from ferryd.flows.udp import UdpFlows
+from ferryd.migration.records import UdpFlowRecord
+from ferryd.migration.restore import Restorer
+from ferryd.wire.ip import IPPROTO_TCP
 from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,

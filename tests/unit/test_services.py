@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.link import Ip4Config, Ip6Config, LinkConfig
-from daemon.services import dhcp, dhcpv6, ndp
-from daemon.services.arp import answer_arp
-from daemon.services.dhcp import DhcpType, answer_dhcp_untrusted, parse_dhcp_untrusted
-from daemon.services.dhcpv6 import Dhcpv6Type, answer_dhcpv6_untrusted, parse_dhcpv6_untrusted
-from daemon.services.ndp import NdpResponder
-from daemon.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp, parse_arp_untrusted
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import (
+from ferryd.link import Ip4Config, Ip6Config, LinkConfig
+from ferryd.services import dhcp, dhcpv6, ndp
+from ferryd.services.arp import answer_arp
+from ferryd.services.dhcp import DhcpType, answer_dhcp_untrusted, parse_dhcp_untrusted
+from ferryd.services.dhcpv6 import Dhcpv6Type, answer_dhcpv6_untrusted, parse_dhcpv6_untrusted
+from ferryd.services.ndp import NdpResponder
+from ferryd.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp, parse_arp_untrusted
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import (
     BROADCAST,
     ETH_P_ARP,
     ETH_P_IP,
@@ -25,8 +25,8 @@ from daemon.wire.ethernet import (
     build_ethernet,
     parse_ethernet_untrusted,
 )
-from daemon.wire.icmp import IcmpMessage, build_icmp, parse_icmp_untrusted
-from daemon.wire.ip import (
+from ferryd.wire.icmp import IcmpMessage, build_icmp, parse_icmp_untrusted
+from ferryd.wire.ip import (
     IPPROTO_ICMPV6,
     IPPROTO_UDP,
     IpPacket,
@@ -34,7 +34,7 @@ from daemon.wire.ip import (
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.udp import UdpDatagram, build_udp, parse_udp_untrusted
+from ferryd.wire.udp import UdpDatagram, build_udp, parse_udp_untrusted
 
 FERRY_MAC = bytes.fromhex("9a55e0000001")
 GUEST_MAC = bytes.fromhex("525400123456")

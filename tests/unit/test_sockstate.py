@@ -19,8 +19,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.migration import sockstate
-from daemon.migration.sockstate import (
+from ferryd.migration import sockstate
+from ferryd.migration.sockstate import (
     RepairMode,
     SocketStateError,
     TcpSocketState,

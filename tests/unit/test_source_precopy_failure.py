@@ -14,10 +14,10 @@ from typing import Any, cast
 import pytest
 import trio
 
-from daemon.control import ControlError
-from daemon.flows.tcp_conn import State
-from daemon.migration.restore import RepairSource
-from daemon.migration.source import PRECOPY_QUIET, SourceMigration
+from ferryd.control import ControlError
+from ferryd.flows.tcp_conn import State
+from ferryd.migration.restore import RepairSource
+from ferryd.migration.source import PRECOPY_QUIET, SourceMigration
 from tests.unit.test_source_watchdog import FakeDaemon
 
 

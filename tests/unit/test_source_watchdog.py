@@ -12,7 +12,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from daemon.migration.source import OUTCOME_TIMEOUT, SourceMigration
+from ferryd.migration.source import OUTCOME_TIMEOUT, SourceMigration
 
 
 class FakeTap:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.link import Ip4Config, Ip6Config
-from daemon.migration import migration_pb2 as pb
-from daemon.migration.records import (
+from ferryd.link import Ip4Config, Ip6Config
+from ferryd.migration import migration_pb2 as pb
+from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
     ListenerRecord,
@@ -27,7 +27,7 @@ from daemon.migration.records import (
     flow_from_proto_untrusted,
     flow_to_proto,
 )
-from daemon.migration.stream import (
+from ferryd.migration.stream import (
     MAGIC,
     STREAM_VERSION,
     FlowReceived,
@@ -39,7 +39,7 @@ from daemon.migration.stream import (
     StreamEvent,
     _frame,
 )
-from daemon.wire.ip import IpAddress
+from ferryd.wire.ip import IpAddress
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import zlib
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from daemon.migration import migration_pb2 as pb
-from daemon.migration.records import flow_to_proto, header_to_proto
-from daemon.migration.stream import (
+from ferryd.migration import migration_pb2 as pb
+from ferryd.migration.records import flow_to_proto, header_to_proto
+from ferryd.migration.stream import (
     MAGIC,
     FlowReceived,
     HeaderReceived,

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from daemon.migration import migration_pb2 as pb
-from daemon.migration.records import TcpFlowRecord, UdpFlowRecord
-from daemon.migration.stream import (
+from ferryd.migration import migration_pb2 as pb
+from ferryd.migration.records import TcpFlowRecord, UdpFlowRecord
+from ferryd.migration.stream import (
     PRECOPY_VERSION,
     FlowReceived,
     HeaderReceived,

@@ -1,4 +1,4 @@
-"""daemon.frontends.tap_fd: which descriptor ferryd was given, checked before it is used."""
+"""ferryd.frontends.tap_fd: which descriptor ferryd was given, checked before it is used."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.frontends.tap_fd import TapFdError, inherited_tap_fd
+from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.flows.tcp_conn import (
+from ferryd.flows.tcp_conn import (
     DEFAULT_MSS,
     MIN_SND_MSS,
     State,
     TcpConn,
     guest_mss_untrusted,
 )
-from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment, _parse_options_untrusted
+from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment, _parse_options_untrusted
 from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
 
 LINK_MSS = 65480

@@ -13,9 +13,9 @@ import socket
 import struct
 import termios
 
-from daemon.flows.tcp_conn import State, TcpConn
-from daemon.flows.tcp_seq import seq_add
-from daemon.wire.tcp import ACK, NO_OPTIONS, TcpSegment
+from ferryd.flows.tcp_conn import State, TcpConn
+from ferryd.flows.tcp_seq import seq_add
+from ferryd.wire.tcp import ACK, NO_OPTIONS, TcpSegment
 from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
 
 MSS = 1000

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import socket
 
-from daemon.flows.tcp_conn import (
+from ferryd.flows.tcp_conn import (
     TCP_TIMESTAMP,
     TS_OPTION_LEN,
     Flags,
     State,
     TcpConn,
 )
-from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
+from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
 from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
 
 LINK_MSS = 65480

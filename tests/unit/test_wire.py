@@ -1,4 +1,4 @@
-"""Property tests for daemon.wire: round trips, checksums, and hostile input.
+"""Property tests for ferryd.wire: round trips, checksums, and hostile input.
 
 The checksum is checked against a naive RFC 1071 implementation (a loop over
 16-bit words with end-around carry), the independent oracle for the fast
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.wire import checksum as csum
-from daemon.wire.arp import ArpPacket, build_arp, parse_arp_untrusted
-from daemon.wire.errors import MalformedPacket
-from daemon.wire.ethernet import (
+from ferryd.wire import checksum as csum
+from ferryd.wire.arp import ArpPacket, build_arp, parse_arp_untrusted
+from ferryd.wire.errors import MalformedPacket
+from ferryd.wire.ethernet import (
     ETH_P_ARP,
     ETH_P_IP,
     ETH_P_IPV6,
@@ -27,8 +27,8 @@ from daemon.wire.ethernet import (
     parse_ethernet_untrusted,
     parse_mac,
 )
-from daemon.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
-from daemon.wire.ip import (
+from ferryd.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
+from ferryd.wire.ip import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -41,7 +41,7 @@ from daemon.wire.ip import (
     parse_ipv4_untrusted,
     parse_ipv6_untrusted,
 )
-from daemon.wire.tcp import (
+from ferryd.wire.tcp import (
     ACK,
     NO_OPTIONS,
     SYN,
@@ -50,7 +50,7 @@ from daemon.wire.tcp import (
     encode_options,
     parse_tcp_untrusted,
 )
-from daemon.wire.udp import build_udp, parse_udp_untrusted
+from ferryd.wire.udp import build_udp, parse_udp_untrusted
 
 props = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
