@@ -56,7 +56,7 @@ from ferry_repair.seccomp_bindings import (
     syscall_arg,
 )
 from ferryd.frontends.tap import TUNSETQUEUE
-from ferryd.migration.sockstate import SIOCINQ, SIOCOUTQ, SIOCOUTQNSD
+from ferryd.linux import SIOCINQ, SIOCOUTQ, SIOCOUTQNSD
 
 #: What ferryd calls once set up (collected over the integration suite).
 ALLOWED_SYSCALLS = (

@@ -87,9 +87,10 @@ from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from ferryd.flows.table import FlowKey, FlowLimitReached, FlowTable
-from ferryd.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
+from ferryd.linux import SO_PEEK_OFF
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, build_tcp
 

@@ -79,6 +79,7 @@ from dataclasses import dataclass
 from ferryd.flows.table import Flow
 from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.guest import GuestPort
+from ferryd.linux import SIOCOUTQ, SO_PEEK_OFF, TCP_TIMESTAMP
 from ferryd.migration.sockstate import SocketStateError, TcpSocketState, finish_restore
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress
 from ferryd.wire.tcp import (
@@ -95,8 +96,6 @@ from ferryd.wire.tcp import (
 
 log = logging.getLogger("ferryd.tcp")
 
-SO_PEEK_OFF = 42
-SIOCOUTQ = 0x5411
 _INT = struct.Struct("i")
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
@@ -172,8 +171,6 @@ class Flags(enum.IntFlag):
 
 #: The bits of Flags that say how far closing went.
 CLOSING = Flags.FIN_FROM_GUEST | Flags.SOCK_EOF | Flags.FIN_TO_GUEST | Flags.FIN_TO_GUEST_ACKED
-#: TCP_TIMESTAMP (include/uapi/linux/tcp.h): the socket's timestamp clock, in ms.
-TCP_TIMESTAMP = 24
 #: What the timestamps option adds to each segment (10 bytes, 2 NOPs: RFC 7323 §3.2).
 TS_OPTION_LEN = 12
 

@@ -44,7 +44,8 @@ import trio
 from ferryd.control import ControlError
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp_conn import SO_PEEK_OFF, Endpoints, State, TcpConn
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
+from ferryd.linux import SO_PEEK_OFF
 from ferryd.migration.flowstate import apply_guest_state, socket_state
 from ferryd.migration.records import (
     FlowRecord,

@@ -172,6 +172,30 @@ from typing import Final, Protocol
 
 from ferry_repair.protocol import TCP_REPAIR
 from ferry_repair.protocol import RepairCommand as RepairMode
+from ferryd.linux import (
+    MAX_WSCALE,
+    OPT_SACK,
+    OPT_TIMESTAMPS,
+    OPT_WSCALE,
+    SIOCINQ,
+    SIOCOUTQ,
+    SIOCOUTQNSD,
+    SO_ATTACH_FILTER,
+    SO_DETACH_FILTER,
+    SO_PEEK_OFF,
+    TCP_NO_QUEUE,
+    TCP_QUEUE_SEQ,
+    TCP_RECV_QUEUE,
+    TCP_REPAIR_OPTIONS,
+    TCP_REPAIR_QUEUE,
+    TCP_REPAIR_WINDOW,
+    TCP_SEND_QUEUE,
+    TCP_TIMESTAMP,
+    TCPOPT_MSS,
+    TCPOPT_SACK_PERM,
+    TCPOPT_TIMESTAMP,
+    TCPOPT_WINDOW,
+)
 
 __all__ = [
     "SUPPORTED_STATES",
@@ -192,37 +216,6 @@ __all__ = [
     "set_repair_direct",
     "thaw_intake",
 ]
-
-# -- kernel constants (include/uapi/linux/tcp.h, asm-generic/socket.h, linux/sockios.h)
-
-TCP_REPAIR_QUEUE: Final = 20
-TCP_QUEUE_SEQ: Final = 21
-TCP_REPAIR_OPTIONS: Final = 22
-TCP_TIMESTAMP: Final = 24
-TCP_REPAIR_WINDOW: Final = 29
-TCP_NO_QUEUE: Final = 0
-TCP_RECV_QUEUE: Final = 1
-TCP_SEND_QUEUE: Final = 2
-
-TCPOPT_MSS: Final = 2
-TCPOPT_WINDOW: Final = 3
-TCPOPT_SACK_PERM: Final = 4
-TCPOPT_TIMESTAMP: Final = 8
-
-#: tcpi_options bits (TCPI_OPT_*).
-OPT_TIMESTAMPS: Final = 1
-OPT_SACK: Final = 2
-OPT_WSCALE: Final = 4
-#: Largest window scale the kernel accepts (TCP_MAX_WSCALE).
-MAX_WSCALE: Final = 14
-
-SO_ATTACH_FILTER: Final = 26
-SO_DETACH_FILTER: Final = 27
-SO_PEEK_OFF: Final = 42
-
-SIOCINQ: Final = 0x541B  # FIONREAD
-SIOCOUTQ: Final = 0x5411  # TIOCOUTQ
-SIOCOUTQNSD: Final = 0x894B
 
 #: Largest value TCP_MAXSEG accepts (MAX_TCP_WINDOW).
 MAX_USER_MSS: Final = 32767

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from ferryd.linux import SO_PEEK_OFF
 from ferryd.migration.sockstate import (
-    SO_PEEK_OFF,
     RepairMode,
     SocketStateError,
     TcpState,

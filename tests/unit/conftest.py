@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ferryd.flows.tcp_conn import SO_PEEK_OFF
+from ferryd.linux import SO_PEEK_OFF
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ferryd import linux
 from ferryd.migration import sockstate
 from ferryd.migration.sockstate import (
     RepairMode,
@@ -40,7 +41,7 @@ BASE = TcpSocketState(
     mss=1460,
     snd_wscale=7,
     rcv_wscale=9,
-    options=sockstate.OPT_TIMESTAMPS | sockstate.OPT_SACK | sockstate.OPT_WSCALE,
+    options=linux.OPT_TIMESTAMPS | linux.OPT_SACK | linux.OPT_WSCALE,
     timestamp=123456,
     snd_wl1=1000,
     snd_wnd=65535,
@@ -82,7 +83,7 @@ def test_tcp_info_of_a_real_socket(loopback: tuple[socket.socket, socket.socket]
         client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, sockstate.TCP_INFO_HEAD.size)
     )
     assert info.state == TcpState.ESTABLISHED
-    assert info.options & sockstate.OPT_SACK  # Linux negotiates SACK, TS, WSCALE by default
+    assert info.options & linux.OPT_SACK  # Linux negotiates SACK, TS, WSCALE by default
     assert info.snd_mss == client.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
 
 
@@ -110,7 +111,7 @@ def test_repair_options_in_the_checked_order() -> None:
 
 
 def test_repair_options_only_those_negotiated() -> None:
-    state = dataclasses.replace(BASE, options=sockstate.OPT_SACK)
+    state = dataclasses.replace(BASE, options=linux.OPT_SACK)
     assert list(struct.iter_unpack("=II", repair_options(state))) == [(2, 1460), (4, 0)]
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import socket
 
 from ferryd.flows.tcp_conn import (
-    TCP_TIMESTAMP,
     TS_OPTION_LEN,
     Flags,
     State,
     TcpConn,
 )
+from ferryd.linux import TCP_TIMESTAMP
 from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
 from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
 

@@ -1,0 +1,39 @@
+"""Linux socket constants Python's socket module lacks, defined once for ferryd.
+
+Each comes from the uapi header named beside it; they are ABI, so fixed
+numbers are safe. (ferry-repair keeps the few it needs itself: the helper
+imports nothing of ferryd's.)
+"""
+
+from typing import Final
+
+# include/uapi/linux/tcp.h, asm-generic/socket.h, linux/sockios.h
+
+TCP_REPAIR_QUEUE: Final = 20
+TCP_QUEUE_SEQ: Final = 21
+TCP_REPAIR_OPTIONS: Final = 22
+TCP_TIMESTAMP: Final = 24
+TCP_REPAIR_WINDOW: Final = 29
+TCP_NO_QUEUE: Final = 0
+TCP_RECV_QUEUE: Final = 1
+TCP_SEND_QUEUE: Final = 2
+
+TCPOPT_MSS: Final = 2
+TCPOPT_WINDOW: Final = 3
+TCPOPT_SACK_PERM: Final = 4
+TCPOPT_TIMESTAMP: Final = 8
+
+#: tcpi_options bits (TCPI_OPT_*).
+OPT_TIMESTAMPS: Final = 1
+OPT_SACK: Final = 2
+OPT_WSCALE: Final = 4
+#: Largest window scale the kernel accepts (TCP_MAX_WSCALE).
+MAX_WSCALE: Final = 14
+
+SO_ATTACH_FILTER: Final = 26
+SO_DETACH_FILTER: Final = 27
+SO_PEEK_OFF: Final = 42
+
+SIOCINQ: Final = 0x541B  # FIONREAD
+SIOCOUTQ: Final = 0x5411  # TIOCOUTQ
+SIOCOUTQNSD: Final = 0x894B
