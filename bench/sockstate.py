@@ -29,17 +29,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.sockstate import (
-    RepairMode,
-    TcpSocketState,
     close_silently,
     dump_tcp,
     finish_restore,
-    freeze_intake,
     new_socket_for,
     restore_in_repair,
-    set_repair_direct,
 )
+from tests.sockstate_tools import freeze_intake, set_repair_direct
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("freeze+repair on", "dump", "create+repair on", "close+restore", "repair off", "finish")
@@ -80,7 +79,7 @@ def one_round(n: int, queued: int) -> dict[str, float]:
         set_repair_direct(sources, RepairMode.ON)
 
     timed("freeze+repair on", times, freeze)
-    states: list[TcpSocketState] = []
+    states: list[TcpKernelState] = []
     timed("dump", times, lambda: states.extend(dump_tcp(sock) for sock in sources))
 
     targets: list[socket.socket] = []

@@ -30,8 +30,6 @@ OPT_WSCALE: Final = 4
 #: Largest window scale the kernel accepts (TCP_MAX_WSCALE).
 MAX_WSCALE: Final = 14
 
-SO_ATTACH_FILTER: Final = 26
-SO_DETACH_FILTER: Final = 27
 SO_PEEK_OFF: Final = 42
 
 SIOCINQ: Final = 0x541B  # FIONREAD

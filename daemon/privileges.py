@@ -32,6 +32,9 @@ forwarded ports below ``net.ipv4.ip_unprivileged_port_start``
 4. reads the result back from /proc/self/status and refuses to go on if
    the kernel did not do what was asked (our bug or an unexpected kernel).
 
+Steps 2-4 are ferry-repair's too; the shared moves are in
+``ferry_repair.capabilities`` (the helper imports nothing of ferryd's).
+
 The seccomp allow-list (daemon/syscall_filter.py) comes after this.
 
 A non-root caller cannot switch users: ``--runas`` naming anyone but the
@@ -44,7 +47,6 @@ import grp
 import logging
 import os
 import pwd
-import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,10 +54,17 @@ from pathlib import Path
 
 import prctl
 
+from ferry_repair.capabilities import (
+    capability_problem,
+    limit_capabilities,
+    lock_down,
+    process_status,
+    shrink_bounding_set,
+)
+
 log = logging.getLogger("ferryd.privileges")
 
 DEFAULT_RUNAS = "nobody"
-CAP_NET_BIND_SERVICE = 10  # include/uapi/linux/capability.h
 UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
 
 
@@ -130,10 +139,7 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
     keep = keep_bind_service and bool(prctl.cap_permitted.net_bind_service)
     kept = (prctl.CAP_NET_BIND_SERVICE,) if keep else ()
     # The bounding set needs CAP_SETPCAP to shrink (capabilities(7)), so first.
-    if prctl.cap_effective.setpcap:
-        for cap in prctl.ALL_CAPS:
-            if cap not in kept and prctl.capbset_read(cap):
-                prctl.capbset_drop(cap)
+    shrink_bounding_set(kept)
     if identity is not None:
         # Without it setuid() from 0 empties the permitted set (capabilities(7),
         # "Effect of user ID changes on capabilities").
@@ -142,24 +148,17 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
         prctl.set_keepcaps(False)
-    # Effective before permitted: capset(2) refuses an effective set that is
-    # not a subset of the permitted one. Emptying inheritable also empties
-    # the ambient set (the kernel keeps an ambient capability only while it is
-    # both permitted and inheritable). Holding nothing already (started with
-    # no capability, as ferryd@.service does it), capset() is not called at
-    # all: that unit's filter denies it (@privileged), and it would change
-    # nothing.
+    # Holding nothing already (started with no capability, as ferryd@.service
+    # does it), capset() is not called at all: that unit's filter denies it
+    # (@privileged), and it would change nothing.
     if _holds_capabilities():
-        prctl.cap_inheritable.limit()
-        prctl.cap_effective.limit(*kept)
-        prctl.cap_permitted.limit(*kept)
+        limit_capabilities(kept)
     if keep:
         # setresuid() away from 0 emptied the effective set even with KEEPCAPS;
         # raise the one capability again from the permitted set.
         prctl.cap_effective.net_bind_service = True
-    prctl.set_no_new_privs(True)
-    prctl.set_dumpable(False)
-    _check(identity, (1 << CAP_NET_BIND_SERVICE) if keep else 0)
+    lock_down()
+    _check(identity, kept)
     _check_other_threads()
     if identity is not None:
         log.info(
@@ -177,15 +176,12 @@ def _holds_capabilities() -> bool:
     return any(int(status[name], 16) for name in ("CapPrm", "CapInh", "CapAmb"))
 
 
-def _check(identity: Identity | None, caps: int) -> None:
-    status = process_status()
-    wanted = {"CapEff": caps, "CapPrm": caps, "CapInh": 0, "CapAmb": 0}
-    for name, value in wanted.items():
-        if int(status[name], 16) != value:
-            raise PrivilegeError(f"{name} is {status[name]} after dropping privileges")
-    if status["NoNewPrivs"] != "1":
-        raise PrivilegeError("no_new_privs did not stick")
+def _check(identity: Identity | None, kept: tuple[int, ...]) -> None:
+    problem = capability_problem(kept)
+    if problem is not None:
+        raise PrivilegeError(f"{problem} after dropping privileges")
     if identity is not None:
+        status = process_status()
         uids = {int(u) for u in status["Uid"].split()}
         gids = {int(g) for g in status["Gid"].split()}
         if uids != {identity.uid} or gids != {identity.gid} or status["Groups"]:
@@ -221,13 +217,3 @@ def _check_other_threads() -> None:
                 f"thread {tid} ({status['Name']}) still holds capabilities"
                 f" (CapPrm {status['CapPrm']}) after the drop (our bug)"
             )
-
-
-def process_status(pid: int | str = "self") -> dict[str, str]:
-    """The fields of /proc/PID/status (Uid, CapEff, NoNewPrivs, Seccomp...)."""
-    fields: dict[str, str] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        m = re.match(r"(\w+):\s*(.*)", line)
-        if m:
-            fields[m.group(1)] = m.group(2).strip()
-    return fields

@@ -6,13 +6,13 @@ all it can, in two steps:
 1. :func:`drop_capabilities`, at start, before touching any path or socket:
    every capability but CAP_NET_ADMIN leaves the bounding set (if we hold
    CAP_SETPCAP, which root does), then the inheritable set is emptied (which
-   also empties the ambient set: the kernel keeps an ambient capability only
-   while it is both permitted and inheritable, security/commoncap.c) and the
-   permitted and effective sets are cut down to CAP_NET_ADMIN. TCP_REPAIR
-   needs exactly that one (net/ipv4/tcp.c, tcp_can_repair_sock). Then
-   no_new_privs (an execve() can grant nothing, so the bounding set no longer
-   matters either) and non-dumpable (no core file, no ptrace by same-uid
-   processes). The result is read back from /proc/self/status and checked.
+   also empties the ambient set) and the permitted and effective sets are
+   cut down to CAP_NET_ADMIN. TCP_REPAIR needs exactly that one
+   (net/ipv4/tcp.c, tcp_can_repair_sock). Then no_new_privs (an execve()
+   can grant nothing, so the bounding set no longer matters either) and
+   non-dumpable (no core file, no ptrace by same-uid processes). The result
+   is read back from /proc/self/status and checked. These moves, shared
+   with ferryd's privileges.py, are in capabilities.py.
 2. :func:`install_seccomp`, once the listener or the connection exists and
    the closer thread runs (closer.py), in every thread (TSYNC):
    a seccomp filter (libseccomp, through pyseccomp's ctypes bindings) that
@@ -39,6 +39,12 @@ import socket
 
 import prctl
 
+from ferry_repair.capabilities import (
+    capability_problem,
+    limit_capabilities,
+    lock_down,
+    shrink_bounding_set,
+)
 from ferry_repair.dropall import SO_ATTACH_BPF
 from ferry_repair.protocol import TCP_REPAIR
 from ferry_repair.repair import SO_ATTACH_FILTER, SO_DETACH_FILTER
@@ -51,7 +57,6 @@ from ferry_repair.seccomp_bindings import (
     syscall_arg,
 )
 
-CAP_NET_ADMIN_BIT = 12  # include/uapi/linux/capability.h
 _AT_EMPTY_PATH = 0x1000  # include/uapi/linux/fcntl.h
 
 #: What the serving loop (server.py, repair.py, logging to stderr) calls,
@@ -82,30 +87,13 @@ def drop_capabilities() -> None:
             "CAP_NET_ADMIN is not in our permitted set: run ferry-repair as root"
             " or with CAP_NET_ADMIN as an ambient capability"
         )
-    if prctl.cap_effective.setpcap:
-        for cap in prctl.ALL_CAPS:
-            if cap != prctl.CAP_NET_ADMIN and prctl.capbset_read(cap):
-                prctl.capbset_drop(cap)
-    # Effective first: the kernel refuses a permitted set that is not a
-    # superset of the effective one (capset(2), EPERM).
-    prctl.cap_effective.limit(prctl.CAP_NET_ADMIN)
-    prctl.cap_permitted.limit(prctl.CAP_NET_ADMIN)
-    prctl.cap_inheritable.limit()
-    prctl.set_no_new_privs(1)
-    prctl.set_dumpable(False)
-    _check_status()
-
-
-def _check_status() -> None:
-    with open("/proc/self/status") as status:
-        fields = dict(line.split(":", 1) for line in status if ":" in line)
-    only_net_admin = 1 << CAP_NET_ADMIN_BIT
-    wanted = {"CapEff": only_net_admin, "CapPrm": only_net_admin, "CapInh": 0, "CapAmb": 0}
-    for name, value in wanted.items():
-        if int(fields[name], 16) != value:
-            raise SandboxError(f"{name} is {fields[name].strip()} after dropping capabilities")
-    if fields["NoNewPrivs"].strip() != "1":
-        raise SandboxError("no_new_privs did not stick")
+    kept = (prctl.CAP_NET_ADMIN,)
+    shrink_bounding_set(kept)
+    limit_capabilities(kept)
+    lock_down()
+    problem = capability_problem(kept)
+    if problem is not None:
+        raise SandboxError(f"{problem} after dropping capabilities")
 
 
 def install_seccomp() -> None:

@@ -80,7 +80,8 @@ from ferryd.flows.table import Flow
 from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.guest import GuestPort
 from ferryd.linux import SIOCOUTQ, SO_PEEK_OFF, TCP_TIMESTAMP
-from ferryd.migration.sockstate import SocketStateError, TcpSocketState, finish_restore
+from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.sockstate import SocketStateError, finish_restore
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress
 from ferryd.wire.tcp import (
     ACK,
@@ -257,7 +258,7 @@ class TcpConn:
         """The guest's latest TSval, echoed as TSecr (0 until one was seen)."""
         self._now_ms = 0
         self._ts_offered = False
-        self.restore_tail: tuple[TcpSocketState, int] | None = None
+        self.restore_tail: tuple[TcpKernelState, int] | None = None
         """A migrated socket's unsent bytes still to write, and how many went."""
 
     # --- derived state ----------------------------------------------------

@@ -24,21 +24,19 @@ flow as usual, from an ACK the guest itself sent.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ferryd.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn, guest_mss_untrusted
-from ferryd.migration.records import TcpFlowRecord, TcpKernelState
-from ferryd.migration.sockstate import TcpSocketState
+from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.records import TcpFlowRecord
 
 
-def tcp_record(conn: TcpConn, kernel: TcpSocketState | None) -> TcpFlowRecord:
+def tcp_record(conn: TcpConn, kernel: TcpKernelState | None) -> TcpFlowRecord:
     e = conn.ends
     return TcpFlowRecord(
         guest_addr=e.guest_addr,
         guest_port=e.guest_port,
         remote_addr=e.remote_addr,
         remote_port=e.remote_port,
-        kernel=None if kernel is None else TcpKernelState.from_state(kernel),
+        kernel=kernel,
         seq_to_guest=conn.seq_to_guest,
         seq_ack_from_guest=conn.seq_ack_from_guest,
         seq_from_guest=conn.seq_from_guest,
@@ -54,15 +52,8 @@ def tcp_record(conn: TcpConn, kernel: TcpSocketState | None) -> TcpFlowRecord:
     )
 
 
-def socket_state(kernel: TcpKernelState) -> TcpSocketState:
-    values = dataclasses.asdict(kernel)
-    values["local_addr"] = str(kernel.local_addr)
-    values["remote_addr"] = str(kernel.remote_addr)
-    return TcpSocketState(**values)
-
-
 def apply_guest_state(
-    conn: TcpConn, rec: TcpFlowRecord, kernel: TcpSocketState, now: float
+    conn: TcpConn, rec: TcpFlowRecord, kernel: TcpKernelState, now: float
 ) -> None:
     """Give a restored connection the guest-side state it had on the source."""
     conn.seq_ack_from_guest = rec.seq_ack_from_guest

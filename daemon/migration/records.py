@@ -1,7 +1,7 @@
 """What the migration stream carries, as plain Python values, and the mapping to protobuf.
 
 The stream's schema is ``proto/migration.proto``; its generated classes are
-``daemon.migration.migration_pb2``. The rest of ferryd never touches those:
+``ferryd.migration.migration_pb2``. The rest of ferryd never touches those:
 it builds and reads the frozen dataclasses here, and this module maps them
 to and from the protobuf messages. Two reasons: the protobuf messages are
 mutable and accept any value of their wire type (a port of 70000, a
@@ -16,7 +16,7 @@ Invariants:
   ``__post_init__`` and raises :class:`ValueError` naming the field. A
   record ferryd builds wrongly is ferryd's bug and fails loudly at the
   source, before a byte of it is written.
-* ``*_from_proto_untrusted`` let exactly one exception escape:
+* ``*_untrusted`` functions let exactly one exception escape:
   :class:`StreamError` (the peer's fault, or the channel's). They never
   trust a length, a range or a family.
 * Round trip: for every valid record ``r`` and header ``h``,
@@ -24,9 +24,9 @@ Invariants:
   hypothesis for every record type). Sequence numbers survive exactly in
   any relation to each other, since the differences are taken modulo 2^32.
 * Addresses are :mod:`ipaddress` objects, ports and sequence numbers
-  ``int``. The kernel state of a TCP socket (:class:`TcpKernelState`) has
-  exactly the field names of ``daemon.migration.sockstate.TcpSocketState``,
-  so the two map onto each other by name.
+  ``int``. A TCP flow's host socket is a
+  :class:`~ferryd.migration.kernel_state.TcpKernelState`, the very value
+  that sockstate dumps and restores; it validates itself the same way.
 
 The compaction rules, with the protobuf field each one concerns, are
 documented in the .proto; this module is their one implementation.
@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import math
 import socket
-from dataclasses import dataclass, fields
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 
 from ferryd.link import Ip4Config, Ip6Config
+from ferryd.linux import MAX_WSCALE
 from ferryd.migration import migration_pb2 as pb
+from ferryd.migration.kernel_state import TcpKernelState, TcpState
 from ferryd.wire.ip import IpAddress
 
 __all__ = [
@@ -50,18 +52,15 @@ __all__ = [
     "StreamError",
     "StreamHeader",
     "TcpFlowRecord",
-    "TcpKernelState",
     "UdpFlowRecord",
     "flow_from_proto_untrusted",
     "flow_to_proto",
     "header_from_proto_untrusted",
     "header_to_proto",
+    "kernel_state_from_proto_untrusted",
 ]
 
 _U32 = 1 << 32
-_MAX_WSCALE = 14  # RFC 7323 §2.3
-_TCP_ESTABLISHED = 1
-_MAX_TCP_STATE = 13  # include/net/tcp_states.h: TCP_ESTABLISHED 1 .. TCP_BOUND_INACTIVE 13
 _MAX_IDLE_MS = _U32 - 1
 
 
@@ -95,8 +94,8 @@ def _check_version_match(what: str, a: IpAddress, b: IpAddress) -> None:
 
 
 def _check_wscale(name: str, value: int) -> None:
-    if not 0 <= value <= _MAX_WSCALE:
-        raise ValueError(f"{name} {value} is not a window scale (0-{_MAX_WSCALE})")
+    if not 0 <= value <= MAX_WSCALE:  # RFC 7323 §2.3
+        raise ValueError(f"{name} {value} is not a window scale (0-{MAX_WSCALE})")
 
 
 def _check_idle(idle: float) -> None:
@@ -152,81 +151,6 @@ def _check_ip_config(
 
 
 @dataclass(frozen=True, slots=True)
-class TcpKernelState:
-    """A host TCP socket as dumped in repair mode (REFERENCE.md, "Dump, per socket").
-
-    Field for field the same names as ``daemon.migration.sockstate.TcpSocketState``.
-    """
-
-    family: int
-    """4 or 6: the socket's address family (a v4-mapped IPv6 socket is 6)."""
-    local_addr: IpAddress
-    local_port: int
-    remote_addr: IpAddress
-    remote_port: int
-    tcp_state: int
-    """Linux's TCP state number (include/net/tcp_states.h), e.g. 1 ESTABLISHED."""
-    mss: int
-    snd_wscale: int
-    rcv_wscale: int
-    options: int
-    """tcp_info options bits: TCPI_OPT_TIMESTAMPS 1, SACK 2, WSCALE 4, ..."""
-    timestamp: int
-    snd_wl1: int
-    snd_wnd: int
-    max_window: int
-    rcv_wnd: int
-    rcv_wup: int
-    send_seq: int
-    """write_seq: the end of the send queue."""
-    recv_seq: int
-    """rcv_nxt: the end of the receive queue."""
-    send_queue: bytes = b""
-    unsent: int = 0
-    """How many bytes at the end of send_queue were never sent."""
-    recv_queue: bytes = b""
-
-    def __post_init__(self) -> None:
-        if self.family not in (4, 6):
-            raise ValueError(f"socket family {self.family} is not 4 or 6")
-        _check_version_match("socket", self.local_addr, self.remote_addr)
-        if self.local_addr.version != self.family:
-            raise ValueError(
-                f"socket family {self.family} with IPv{self.local_addr.version} addresses"
-            )
-        _check_port("socket local port", self.local_port)
-        _check_port("socket remote port", self.remote_port)
-        if not 1 <= self.tcp_state <= _MAX_TCP_STATE:
-            raise ValueError(f"TCP state {self.tcp_state} is not a Linux TCP state")
-        _check_port("MSS", self.mss, zero_ok=True)
-        _check_wscale("snd_wscale", self.snd_wscale)
-        _check_wscale("rcv_wscale", self.rcv_wscale)
-        if not 0 <= self.options <= 0xFF:
-            raise ValueError(f"TCP options bits {self.options} do not fit tcp_info's byte")
-        for name in ("timestamp", "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
-            _check_u32(name, getattr(self, name))
-        _check_u32("send_seq", self.send_seq)
-        _check_u32("recv_seq", self.recv_seq)
-        if not 0 <= self.unsent <= len(self.send_queue):
-            raise ValueError(
-                f"{self.unsent} unsent bytes in a send queue of {len(self.send_queue)}"
-            )
-
-    @classmethod
-    def from_state(cls, state: object) -> TcpKernelState:
-        """Copy the same-named attributes of ``state`` (a ``TcpSocketState``).
-
-        Addresses may be strings or :mod:`ipaddress` objects. The way back is
-        ``TcpSocketState(**dataclasses.asdict(k) | {"local_addr": str(k.local_addr),
-        "remote_addr": str(k.remote_addr)})``.
-        """
-        values = {f.name: getattr(state, f.name) for f in fields(cls)}
-        for name in ("local_addr", "remote_addr"):
-            values[name] = ip_address(values[name])
-        return cls(**values)
-
-
-@dataclass(frozen=True, slots=True)
 class TcpFlowRecord:
     """A TCP connection: the guest's side of it and the host socket's kernel state."""
 
@@ -248,9 +172,9 @@ class TcpFlowRecord:
     our_wscale: int
     guest_mss: int
     flags: int
-    """Opaque here: FIN/ACK state bits defined by daemon/flows/tcp."""
+    """Opaque here: closing progress and agreed options, ferryd's TCP flow code's Flags."""
     state: int
-    """Opaque here: ferryd's TCP flow state, defined by daemon/flows/tcp."""
+    """Opaque here: ferryd's TCP flow state, numbered by its TCP flow code (STATE_NUMBERS)."""
     handshake: bool = False
     """Still in the handshake: the target resets the flow instead of restoring it."""
 
@@ -418,7 +342,7 @@ def _tcp_to_proto(flow: TcpFlowRecord, header: StreamHeader) -> pb.TcpFlow:
         sock.local_port = k.local_port
         sock.remote_addr = b"" if k.remote_addr == flow.remote_addr else k.remote_addr.packed
         sock.remote_port = 0 if k.remote_port == flow.remote_port else k.remote_port
-        sock.tcp_state = 0 if k.tcp_state == _TCP_ESTABLISHED else k.tcp_state
+        sock.tcp_state = 0 if k.tcp_state == TcpState.ESTABLISHED else k.tcp_state
         sock.mss = k.mss
         sock.wscales = k.snd_wscale | k.rcv_wscale << 4
         sock.options = k.options
@@ -541,22 +465,25 @@ def _exact(what: str, data: bytes, size: int) -> bytes:
     return data
 
 
-def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
-    guest_addr, remote_addr = _guest_side(header, msg.guest_addr, msg.remote_addr)
-    kernel = None
-    if msg.HasField("socket"):
-        s = msg.socket
+def kernel_state_from_proto_untrusted(
+    s: pb.TcpSocket, guest_addr: IpAddress, remote_addr: IpAddress, remote_port: int
+) -> TcpKernelState:
+    """The host socket of a TCP flow record; :class:`StreamError` if it is not restorable.
+
+    ``guest_addr``, ``remote_addr`` and ``remote_port`` are the flow's (its
+    guest side): what an empty address or a zero remote port stands for.
+    """
+    try:
         local = _address("socket local address", s.local_addr) if s.local_addr else guest_addr
         remote = _address("socket remote address", s.remote_addr) if s.remote_addr else remote_addr
         if s.wscales > 0xFF:
             raise ValueError(f"socket window scales {s.wscales:#x} do not fit a byte")
-        kernel = TcpKernelState(
-            family=local.version,
+        return TcpKernelState(
             local_addr=local,
             local_port=s.local_port,
             remote_addr=remote,
-            remote_port=s.remote_port or msg.remote_port,
-            tcp_state=s.tcp_state or _TCP_ESTABLISHED,
+            remote_port=s.remote_port or remote_port,
+            tcp_state=s.tcp_state or TcpState.ESTABLISHED,
             mss=s.mss,
             snd_wscale=s.wscales & 0xF,
             rcv_wscale=s.wscales >> 4,
@@ -572,6 +499,17 @@ def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
             send_queue=s.send_queue,
             unsent=s.unsent,
             recv_queue=s.recv_queue,
+        )
+    except ValueError as exc:  # KernelStateError included
+        raise StreamError(f"invalid socket state: {exc}") from None
+
+
+def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
+    guest_addr, remote_addr = _guest_side(header, msg.guest_addr, msg.remote_addr)
+    kernel = None
+    if msg.HasField("socket"):
+        kernel = kernel_state_from_proto_untrusted(
+            msg.socket, guest_addr, remote_addr, msg.remote_port
         )
     if msg.guest_wscales > 0xFF:
         raise ValueError(f"guest window scales {msg.guest_wscales:#x} do not fit a byte")
@@ -598,6 +536,7 @@ def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
 
 def flow_from_proto_untrusted(msg: FlowMessage, header: StreamHeader) -> FlowRecord:
     """The record a flow message stands for; :class:`StreamError` if it is not valid."""
+    kind = type(msg).__name__
     try:
         if isinstance(msg, pb.TcpFlow):
             return _tcp_from_proto(msg, header)
@@ -625,6 +564,5 @@ def flow_from_proto_untrusted(msg: FlowMessage, header: StreamHeader) -> FlowRec
             host_port=msg.host_port,
             guest_port=msg.guest_port,
         )
-    except ValueError as exc:
-        kind = type(msg).__name__
+    except (ValueError, StreamError) as exc:
         raise StreamError(f"invalid {kind} record: {exc}") from None

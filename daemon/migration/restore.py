@@ -46,7 +46,8 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.linux import SO_PEEK_OFF
-from ferryd.migration.flowstate import apply_guest_state, socket_state
+from ferryd.migration.flowstate import apply_guest_state
+from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
@@ -56,7 +57,6 @@ from ferryd.migration.records import (
 )
 from ferryd.migration.repair_client import RepairClient, RepairListener, RepairMode
 from ferryd.migration.sockstate import (
-    TcpSocketState,
     close_silently,
     finish_restore,
     new_socket_for,
@@ -114,8 +114,8 @@ class Restorer:
     def __init__(self, daemon: Daemon, repair: RepairClient | RepairSource | None) -> None:
         self.d = daemon
         self._repair = repair
-        self.pending: list[tuple[socket.socket, TcpSocketState, TcpFlowRecord]] = []
-        self.restored: dict[Endpoints, tuple[TcpConn, TcpSocketState, TcpFlowRecord]] = {}
+        self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord]] = []
+        self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord]] = {}
         self.in_repair: dict[int, socket.socket] = {}
         """Sockets in repair mode, by id(): closed silently by discard()."""
         self.in_precopy = False
@@ -157,8 +157,7 @@ class Restorer:
                 return
             if self.in_precopy:
                 self.precopied[index] = ends
-            state = socket_state(rec.kernel)
-            state.check()
+            state = rec.kernel
             self.pending.append((new_socket_for(state), state, rec))
             if len(self.pending) >= BATCH:
                 await self._batch()

@@ -12,11 +12,11 @@ Theory of operation
 
 Source (per socket)::
 
-    freeze_intake(sock)        drop-all classic BPF filter (SO_ATTACH_FILTER)
-    repair ON                  RepairClient.set_repair (ferryd) / set_repair_direct
+    repair ON + freeze         RepairClient.set_repair (ferry-repair freezes
+                               the socket's intake as it turns repair on)
     state = dump_tcp(sock)
     ... keep sock open until the outcome is known, then
-    close_silently(sock)       (or, on rollback: repair OFF, thaw_intake(sock))
+    close_silently(sock)       (or, on rollback: repair OFF, which thaws it)
 
 Why the freeze: a socket in repair mode still receives, queues and ACKs
 whatever the peer sends (checked). Bytes that arrive after the dump would be
@@ -24,7 +24,11 @@ ACKed by the source and exist nowhere else, and the restored connection would
 stall forever. A socket filter runs before TCP sees a segment
 (tcp_v4_rcv/tcp_v6_rcv → tcp_filter → sk_filter_trim_cap), so with a filter
 that returns 0 nothing is queued, nothing is ACKed, and the peer retransmits
-to whichever host holds the connection next.
+to whichever host holds the connection next. ferry-repair attaches that
+filter as it turns repair ON and detaches it at repair OFF
+(repair_helper/repair.py, "Freezing intake"; passt-repair does not), so
+ferryd holds no copy of the program. Tests and benchmarks that switch
+repair mode themselves freeze with tests/sockstate_tools.py.
 
 dump_tcp() reads, with the socket in repair mode:
 
@@ -42,15 +46,9 @@ dump_tcp() reads, with the socket in repair mode:
   is peeked from copied_seq, so a SO_PEEK_OFF set by ferryd is reset to 0
   for the dump and put back afterwards).
 
-FIN bookkeeping. A FIN occupies one sequence number. Once we queued our FIN
-(FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK) write_seq counts it, and while it
-is unacknowledged SIOCOUTQ counts it too (SIOCOUTQNSD as well while it is
-unsent); the peeked bytes never contain it. Once the peer's FIN arrived
-(CLOSE_WAIT, LAST_ACK, CLOSING) rcv_nxt counts it. :class:`TcpSocketState`
-keeps the kernel's raw ``send_seq``/``recv_seq`` (FIN included) and the
-queues as data only (``unsent`` is the data length of the unsent tail); the
-FIN flags follow from ``tcp_state`` (properties ``fin_sent``,
-``fin_acked``, ``fin_received``), so no extra field is needed.
+What a dump yields is a :class:`~ferryd.migration.kernel_state.TcpKernelState`,
+the type the migration stream carries too; how it counts the FINs is in
+kernel_state.py ("FIN bookkeeping").
 
 Target, in the phases that batching the helper needs::
 
@@ -141,47 +139,40 @@ the gap per socket tiny and the peer quiet if you can. Between two hosts
 there is no gap: the source keeps its frozen sockets until the fabric moved.
 
 Errors: everything raises :class:`SocketStateError`, whose message names the
-socket's 4-tuple and the failing step.
+socket's 4-tuple and the failing step. A state to restore is valid by
+construction (TcpKernelState checks itself), so the restore steps check
+nothing again.
 
-API::
+API (every socket is a stdlib ``socket.socket``, as ferryd's are)::
 
-    @dataclass(frozen=True, slots=True) class TcpSocketState   # fields: see the class
-        .fin_sent .fin_acked .fin_received .send_start .recv_start .restored_recv_start
-        .describe() .check()
-    freeze_intake(sock) / thaw_intake(sock)                     # stdlib or trio sockets
-    set_repair_direct(socks, mode: RepairMode)                  # needs CAP_NET_ADMIN
-    dump_tcp(sock) -> TcpSocketState                            # frozen, repair ON
-    close_silently(sock)                                        # repair ON, else refused
-    new_socket_for(state) -> socket.socket                      # bound; then repair ON
-    restore_in_repair(sock, state)                              # then repair OFF
-    finish_restore(sock, state, *, sent=0) -> int               # bytes of the tail sent
+    dump_tcp(sock) -> TcpKernelState                    # frozen, repair ON
+    segment_counts(sock) -> (out, in)                   # any time
+    close_silently(sock)                                # repair ON, else refused
+    new_socket_for(state) -> socket.socket              # bound; then repair ON
+    restore_in_repair(sock, state)                      # then repair OFF
+    reuse_after_repair_off(socks)                       # at every repair OFF
+    finish_restore(sock, state, *, sent=0) -> int       # bytes of the tail sent
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
-import ipaddress
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from ipaddress import ip_address
+from typing import Final
 
 from ferry_repair.protocol import TCP_REPAIR
-from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.linux import (
-    MAX_WSCALE,
     OPT_SACK,
     OPT_TIMESTAMPS,
     OPT_WSCALE,
     SIOCINQ,
     SIOCOUTQ,
     SIOCOUTQNSD,
-    SO_ATTACH_FILTER,
-    SO_DETACH_FILTER,
     SO_PEEK_OFF,
     TCP_NO_QUEUE,
     TCP_QUEUE_SEQ,
@@ -196,25 +187,23 @@ from ferryd.linux import (
     TCPOPT_TIMESTAMP,
     TCPOPT_WINDOW,
 )
+from ferryd.migration.kernel_state import (
+    SUPPORTED_STATES,
+    TcpKernelState,
+    TcpState,
+    four_tuple,
+)
 
 __all__ = [
-    "SUPPORTED_STATES",
-    "Closable",
-    "HasFileno",
-    "RepairMode",
     "SocketStateError",
-    "TcpSocketState",
-    "TcpState",
     "close_silently",
     "dump_tcp",
     "finish_restore",
-    "freeze_intake",
     "new_socket_for",
     "parse_tcp_info",
     "restore_in_repair",
+    "reuse_after_repair_off",
     "segment_counts",
-    "set_repair_direct",
-    "thaw_intake",
 ]
 
 #: Largest value TCP_MAXSEG accepts (MAX_TCP_WINDOW).
@@ -223,7 +212,6 @@ MAX_USER_MSS: Final = 32767
 #: Largest chunk written to a queue in repair mode in one call; halved on ENOMEM.
 MAX_CHUNK: Final = 1 << 20
 
-_U32 = struct.Struct("=I")
 _INT = struct.Struct("=i")
 _REPAIR_WINDOW = struct.Struct("=5I")
 _REPAIR_OPT = struct.Struct("=II")
@@ -238,61 +226,8 @@ TCP_INFO_HEAD = struct.Struct("=8B24I")
 _TCP_INFO_SEGS = struct.Struct("=136x2I")
 
 
-class TcpState:
-    """Linux TCP state numbers (include/net/tcp_states.h), as in tcpi_state."""
-
-    ESTABLISHED: Final = 1
-    SYN_SENT: Final = 2
-    SYN_RECV: Final = 3
-    FIN_WAIT1: Final = 4
-    FIN_WAIT2: Final = 5
-    TIME_WAIT: Final = 6
-    CLOSE: Final = 7
-    CLOSE_WAIT: Final = 8
-    LAST_ACK: Final = 9
-    LISTEN: Final = 10
-    CLOSING: Final = 11
-
-    NAMES: Final = {
-        1: "ESTABLISHED",
-        2: "SYN_SENT",
-        3: "SYN_RECV",
-        4: "FIN_WAIT1",
-        5: "FIN_WAIT2",
-        6: "TIME_WAIT",
-        7: "CLOSE",
-        8: "CLOSE_WAIT",
-        9: "LAST_ACK",
-        10: "LISTEN",
-        11: "CLOSING",
-    }
-
-
-#: States a connection can be dumped and restored in.
-SUPPORTED_STATES: Final = frozenset(
-    {
-        TcpState.ESTABLISHED,
-        TcpState.FIN_WAIT1,
-        TcpState.FIN_WAIT2,
-        TcpState.CLOSE_WAIT,
-        TcpState.LAST_ACK,
-        TcpState.CLOSING,
-    }
-)
-_FIN_SENT: Final = frozenset(
-    {TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.LAST_ACK, TcpState.CLOSING}
-)
-_FIN_RECEIVED: Final = frozenset({TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING})
-
-
-class HasFileno(Protocol):
-    """Anything with a descriptor: a stdlib or trio socket."""
-
-    def fileno(self) -> int: ...
-
-
 class SocketStateError(Exception):
-    """Dumping, restoring or switching a TCP socket failed; the message says which and where."""
+    """Dumping, restoring or closing a TCP socket failed; the message says which and where."""
 
     def __init__(self, where: str, step: str, reason: str) -> None:
         super().__init__(f"{where}: {step}: {reason}")
@@ -301,118 +236,7 @@ class SocketStateError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class TcpSocketState:
-    """Everything the kernel holds for one TCP connection (see the module docstring).
-
-    ``send_seq`` and ``recv_seq`` are the kernel's write_seq and rcv_nxt: the
-    END of each queue, a FIN included once queued (ours) or received (the
-    peer's). ``send_queue`` and ``recv_queue`` are data only; ``unsent`` is
-    the length of the tail of ``send_queue`` not yet sent (FIN excluded).
-    """
-
-    family: int  # 4 or 6
-    local_addr: str
-    local_port: int
-    remote_addr: str
-    remote_port: int
-    tcp_state: int  # TcpState.*, tcpi_state
-    mss: int
-    snd_wscale: int
-    rcv_wscale: int
-    options: int  # tcpi_options: OPT_TIMESTAMPS 1, OPT_SACK 2, OPT_WSCALE 4
-    timestamp: int  # TCP_TIMESTAMP, u32
-    snd_wl1: int
-    snd_wnd: int
-    max_window: int
-    rcv_wnd: int
-    rcv_wup: int
-    send_seq: int  # write_seq, u32
-    recv_seq: int  # rcv_nxt, u32
-    send_queue: bytes
-    unsent: int
-    recv_queue: bytes
-
-    @property
-    def fin_sent(self) -> bool:
-        """We queued our FIN (shutdown(SHUT_WR) or close); ``send_seq`` counts it."""
-        return self.tcp_state in _FIN_SENT
-
-    @property
-    def fin_acked(self) -> bool:
-        """The peer acknowledged our FIN (FIN_WAIT2)."""
-        return self.tcp_state == TcpState.FIN_WAIT2
-
-    @property
-    def fin_received(self) -> bool:
-        """The peer's FIN arrived; ``recv_seq`` counts it; the restored socket will not say EOF."""
-        return self.tcp_state in _FIN_RECEIVED
-
-    @property
-    def state_name(self) -> str:
-        return TcpState.NAMES.get(self.tcp_state, f"state {self.tcp_state}")
-
-    @property
-    def send_start(self) -> int:
-        """Sequence number of the first byte of ``send_queue`` (snd_una)."""
-        return (self.send_seq - len(self.send_queue) - int(self.fin_sent)) & 0xFFFFFFFF
-
-    @property
-    def recv_start(self) -> int:
-        """Sequence number of the first byte of ``recv_queue`` (copied_seq)."""
-        return (self.recv_seq - len(self.recv_queue) - int(self.fin_received)) & 0xFFFFFFFF
-
-    @property
-    def restored_recv_start(self) -> int:
-        """Where the restored receive queue starts: after a received FIN (module docstring)."""
-        return (self.recv_seq - len(self.recv_queue)) & 0xFFFFFFFF
-
-    def describe(self) -> str:
-        """The 4-tuple, as error messages name it."""
-        return _describe(
-            self.family, self.local_addr, self.local_port, self.remote_addr, self.remote_port
-        )
-
-    def check(self) -> None:
-        """Raise SocketStateError unless this state can be restored (e.g. after decoding)."""
-        problems: list[str] = []
-        if self.family not in (4, 6):
-            problems.append(f"family {self.family}")
-        if self.tcp_state not in SUPPORTED_STATES:
-            problems.append(f"unsupported TCP state {self.state_name}")
-        if not 0 <= self.unsent <= len(self.send_queue):
-            problems.append(f"unsent {self.unsent} of a {len(self.send_queue)}-byte send queue")
-        if self.snd_wscale > MAX_WSCALE or self.rcv_wscale > MAX_WSCALE:
-            problems.append(f"window scales {self.snd_wscale}/{self.rcv_wscale}")
-        if self.fin_acked and self.send_queue:
-            problems.append("FIN_WAIT2 with data in the send queue")
-        for name in ("local_port", "remote_port"):
-            if not 0 < getattr(self, name) < 65536:
-                problems.append(f"{name} {getattr(self, name)}")
-        for name in (
-            "mss",
-            "timestamp",
-            "snd_wl1",
-            "snd_wnd",
-            "max_window",
-            "rcv_wnd",
-            "rcv_wup",
-            "send_seq",
-            "recv_seq",
-        ):
-            if not 0 <= getattr(self, name) <= 0xFFFFFFFF:
-                problems.append(f"{name} {getattr(self, name)} is not a u32")
-        try:
-            for addr in (self.local_addr, self.remote_addr):
-                if ipaddress.ip_address(addr).version != self.family:
-                    problems.append(f"address {addr} is not IPv{self.family}")
-        except ValueError as exc:
-            problems.append(str(exc))
-        if problems:
-            raise SocketStateError(self.describe(), "check state", "; ".join(problems))
-
-
-# -- pure helpers
+# -- encodings and helpers
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +265,7 @@ def parse_tcp_info(data: bytes) -> TcpInfoHead:
     )
 
 
-def repair_options(state: TcpSocketState) -> bytes:
+def repair_options(state: TcpKernelState) -> bytes:
     """The TCP_REPAIR_OPTIONS argument: struct tcp_repair_opt pairs in the checked order."""
     pairs = [(TCPOPT_MSS, state.mss)]
     if state.options & OPT_WSCALE:
@@ -453,57 +277,24 @@ def repair_options(state: TcpSocketState) -> bytes:
     return b"".join(_REPAIR_OPT.pack(code, value) for code, value in pairs)
 
 
-def repair_window(state: TcpSocketState) -> bytes:
+def repair_window(state: TcpKernelState) -> bytes:
     """The TCP_REPAIR_WINDOW argument: the dumped values (rcv_nxt is restored exactly)."""
     return _REPAIR_WINDOW.pack(
         state.snd_wl1, state.snd_wnd, state.max_window, state.rcv_wnd, state.rcv_wup
     )
 
 
-def _drop_all_program() -> tuple[ctypes.Array[ctypes.c_char], bytes]:
-    """struct sock_fprog for one instruction, BPF_RET|BPF_K 0: accept 0 bytes, i.e. drop."""
-    insn = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
-    fprog = struct.pack("@HP", 1, ctypes.addressof(insn))
-    return insn, fprog
-
-
-# The kernel copies the program during setsockopt(); the buffer only has to
-# outlive that call, but keeping it for the process's life is simplest.
-_DROP_ALL_INSN, _DROP_ALL_FPROG = _drop_all_program()
-
-
-def _describe(family: int, laddr: str, lport: int, raddr: str, rport: int) -> str:
-    if family == 6:
-        return f"TCP [{laddr}]:{lport} -> [{raddr}]:{rport}"
-    return f"TCP {laddr}:{lport} -> {raddr}:{rport}"
-
-
-def _where(sock: HasFileno) -> str:
+def _where(sock: socket.socket) -> str:
     """Name a socket by its 4-tuple, as far as the kernel still knows it."""
     try:
-        with _borrow(sock) as s:
-            family = 6 if s.family == socket.AF_INET6 else 4
-            local = s.getsockname()
-            try:
-                remote = s.getpeername()
-            except OSError:
-                return f"TCP socket fd {s.fileno()} bound to {local[0]}:{local[1]} (unconnected)"
-            return _describe(family, local[0], local[1], remote[0], remote[1])
+        local = sock.getsockname()
+        try:
+            remote = sock.getpeername()
+        except OSError:
+            return f"TCP socket fd {sock.fileno()} bound to {local[0]}:{local[1]} (unconnected)"
+        return four_tuple(local[0], local[1], remote[0], remote[1])
     except OSError:
         return f"TCP socket fd {sock.fileno()}"
-
-
-@contextlib.contextmanager
-def _borrow(sock: HasFileno) -> Iterator[socket.socket]:
-    """A stdlib socket for ``sock`` (itself, or a temporary wrapper that never closes the fd)."""
-    if isinstance(sock, socket.socket):
-        yield sock
-        return
-    wrapper = socket.socket(fileno=sock.fileno())
-    try:
-        yield wrapper
-    finally:
-        wrapper.detach()
 
 
 def _ioctl_int(fd: int, request: int) -> int:
@@ -511,64 +302,10 @@ def _ioctl_int(fd: int, request: int) -> int:
     return value
 
 
-# -- freeze / thaw / repair / close
+# -- repair OFF, close
 
 
-def freeze_intake(sock: HasFileno) -> None:
-    """Attach the drop-all socket filter: from now on every incoming segment is dropped unseen."""
-    try:
-        with _borrow(sock) as s:
-            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL_FPROG)
-    except OSError as exc:
-        raise SocketStateError(
-            _where(sock), "freeze intake (SO_ATTACH_FILTER)", exc.strerror or str(exc)
-        ) from exc
-
-
-def thaw_intake(sock: HasFileno) -> None:
-    """Detach the socket filter again (rollback); a socket without one is left alone."""
-    try:
-        with _borrow(sock) as s:
-            s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return
-        raise SocketStateError(
-            _where(sock), "thaw intake (SO_DETACH_FILTER)", exc.strerror or str(exc)
-        ) from exc
-
-
-def set_repair_direct(socks: Sequence[int | HasFileno], mode: RepairMode) -> None:
-    """Set TCP_REPAIR to ``mode`` on each socket ourselves (needs CAP_NET_ADMIN).
-
-    The same contract as RepairClient.set_repair, for code that holds the
-    capability (tests, benchmarks). On failure the sockets before the failing
-    one are switched, the rest are not.
-    """
-    value = int(RepairMode(mode))
-    for index, item in enumerate(socks):
-        fd = item if isinstance(item, int) else item.fileno()
-        wrapper = socket.socket(fileno=fd)
-        try:
-            wrapper.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
-        except OSError as exc:
-            where = _where(wrapper)
-            raise SocketStateError(
-                where,
-                f"TCP_REPAIR={value} (socket {index} of {len(socks)})",
-                exc.strerror or str(exc),
-            ) from exc
-        finally:
-            wrapper.detach()
-
-
-class Closable(HasFileno, Protocol):
-    """A socket that can be closed: stdlib or trio."""
-
-    def close(self) -> None: ...
-
-
-def reuse_after_repair_off(socks: Iterable[HasFileno]) -> None:
+def reuse_after_repair_off(socks: Iterable[socket.socket]) -> None:
     """Give sockets just taken out of repair mode their SO_REUSEADDR back.
 
     Repair OFF, with or without the window probe, leaves the address reuse
@@ -582,19 +319,17 @@ def reuse_after_repair_off(socks: Iterable[HasFileno]) -> None:
     :func:`new_socket_for`): call this at each repair OFF.
     """
     for sock in socks:
-        with _borrow(sock) as stdlib_sock:
-            stdlib_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
-def close_silently(sock: Closable) -> None:
+def close_silently(sock: socket.socket) -> None:
     """Close a socket in repair mode: tcp_disconnect() sends neither FIN nor RST.
 
     Raises SocketStateError, leaving the socket open, if it is not in repair
     mode (closing it would then send a FIN, or an RST if data is unread).
     """
     try:
-        with _borrow(sock) as stdlib_sock:
-            repair = stdlib_sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
+        repair = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
     except OSError as exc:
         raise SocketStateError(
             _where(sock), "close silently (TCP_REPAIR?)", exc.strerror or str(exc)
@@ -609,29 +344,20 @@ def close_silently(sock: Closable) -> None:
 # -- dump
 
 
-def dump_tcp(sock: HasFileno) -> TcpSocketState:
-    """Read a frozen socket in repair mode; see the module docstring. The socket is unchanged.
-
-    ``sock`` may be a stdlib or a trio socket.
-    """
-    with _borrow(sock) as stdlib_sock:
-        return _dump(stdlib_sock)
-
-
-def _dump(sock: socket.socket) -> TcpSocketState:
+def dump_tcp(sock: socket.socket) -> TcpKernelState:
+    """Read a frozen socket in repair mode; see the module docstring. The socket is unchanged."""
     step = "start"
     try:
         step = "getsockname/getpeername"
         local = sock.getsockname()
         remote = sock.getpeername()
-        family = 6 if sock.family == socket.AF_INET6 else 4
         step = "TCP_INFO"
         info = parse_tcp_info(
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
         )
         if info.state not in SUPPORTED_STATES:
             raise SocketStateError(
-                _describe(family, local[0], local[1], remote[0], remote[1]),
+                four_tuple(local[0], local[1], remote[0], remote[1]),
                 "dump",
                 f"cannot migrate a connection in state {TcpState.NAMES.get(info.state, '?')}",
             )
@@ -648,7 +374,8 @@ def _dump(sock: socket.socket) -> TcpSocketState:
         outq = _ioctl_int(fd, SIOCOUTQ)
         outq_unsent = _ioctl_int(fd, SIOCOUTQNSD)
         inq = _ioctl_int(fd, SIOCINQ)
-        fin_pending = info.state in _FIN_SENT and info.state != TcpState.FIN_WAIT2
+        # Our FIN queued and not yet acknowledged (FIN_WAIT2: acknowledged).
+        fin_pending = info.state in (TcpState.FIN_WAIT1, TcpState.CLOSING, TcpState.LAST_ACK)
         # An unacked FIN is the last "byte" of SIOCOUTQ, and of SIOCOUTQNSD while unsent.
         data_len = outq - int(fin_pending)
         unsent = outq_unsent - int(fin_pending and outq_unsent > 0)
@@ -669,36 +396,38 @@ def _dump(sock: socket.socket) -> TcpSocketState:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
     except OSError as exc:
         raise SocketStateError(_where(sock), f"dump: {step}", exc.strerror or str(exc)) from exc
-    where = _describe(family, local[0], local[1], remote[0], remote[1])
+    where = four_tuple(local[0], local[1], remote[0], remote[1])
     if len(send_queue) != data_len:
         raise SocketStateError(
             where, "dump: peek send queue", f"got {len(send_queue)} bytes, SIOCOUTQ says {data_len}"
         )
     if not 0 <= unsent <= data_len:
         raise SocketStateError(where, "dump", f"SIOCOUTQNSD {outq_unsent} > SIOCOUTQ {outq}")
-    return TcpSocketState(
-        family=family,
-        local_addr=local[0],
-        local_port=local[1],
-        remote_addr=remote[0],
-        remote_port=remote[1],
-        tcp_state=info.state,
-        mss=mss,
-        snd_wscale=info.snd_wscale,
-        rcv_wscale=info.rcv_wscale,
-        options=info.options,
-        timestamp=timestamp,
-        snd_wl1=window[0],
-        snd_wnd=window[1],
-        max_window=window[2],
-        rcv_wnd=window[3],
-        rcv_wup=window[4],
-        send_seq=send_seq,
-        recv_seq=recv_seq,
-        send_queue=send_queue,
-        unsent=unsent,
-        recv_queue=recv_queue,
-    )
+    try:
+        return TcpKernelState(
+            local_addr=ip_address(local[0]),
+            local_port=local[1],
+            remote_addr=ip_address(remote[0]),
+            remote_port=remote[1],
+            tcp_state=info.state,
+            mss=mss,
+            snd_wscale=info.snd_wscale,
+            rcv_wscale=info.rcv_wscale,
+            options=info.options,
+            timestamp=timestamp,
+            snd_wl1=window[0],
+            snd_wnd=window[1],
+            max_window=window[2],
+            rcv_wnd=window[3],
+            rcv_wup=window[4],
+            send_seq=send_seq,
+            recv_seq=recv_seq,
+            send_queue=send_queue,
+            unsent=unsent,
+            recv_queue=recv_queue,
+        )
+    except ValueError as exc:  # KernelStateError: a kernel answer we do not expect
+        raise SocketStateError(where, "dump", str(exc)) from exc
 
 
 def segment_counts(sock: socket.socket) -> tuple[int, int]:
@@ -745,7 +474,7 @@ def _peek_recv_queue(sock: socket.socket, length: int) -> bytes:
 # -- restore
 
 
-def new_socket_for(state: TcpSocketState) -> socket.socket:
+def new_socket_for(state: TcpKernelState) -> socket.socket:
     """A socket of the right family with SO_REUSEADDR, bound to the local address; next: repair ON.
 
     Bound here, out of repair mode, under the usual rules: ferry-repair turns
@@ -764,20 +493,19 @@ def new_socket_for(state: TcpSocketState) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         step = "bind"
-        sock.bind((state.local_addr, state.local_port))
+        sock.bind((str(state.local_addr), state.local_port))
     except OSError as exc:
         sock.close()
         raise SocketStateError(state.describe(), step, exc.strerror or str(exc)) from exc
     return sock
 
 
-def restore_in_repair(sock: socket.socket, state: TcpSocketState) -> None:
+def restore_in_repair(sock: socket.socket, state: TcpKernelState) -> None:
     """Restore ``state`` into ``sock`` (from new_socket_for, now in repair mode).
 
     See the module docstring for the order and why. Next: repair OFF, then
     :func:`finish_restore`.
     """
-    state.check()
     tcp = socket.IPPROTO_TCP
     step = "start"
     try:
@@ -792,7 +520,7 @@ def restore_in_repair(sock: socket.socket, state: TcpSocketState) -> None:
         step = "TCP_MAXSEG (for the initial send buffer)"
         sock.setsockopt(tcp, socket.TCP_MAXSEG, min(state.mss, MAX_USER_MSS))
         step = "connect"
-        sock.connect((state.remote_addr, state.remote_port))
+        sock.connect((str(state.remote_addr), state.remote_port))
         step = "TCP_REPAIR_OPTIONS"
         sock.setsockopt(tcp, TCP_REPAIR_OPTIONS, repair_options(state))
         step = "TCP_MAXSEG (clear)"
@@ -852,21 +580,15 @@ def _write_queue(sock: socket.socket, data: memoryview, *, grow_sndbuf: bool = F
         data = data[n:]
 
 
-def finish_restore(sock: HasFileno, state: TcpSocketState, *, sent: int = 0) -> int:
+def finish_restore(sock: socket.socket, state: TcpKernelState, *, sent: int = 0) -> int:
     """After repair OFF: send the unsent tail, then our FIN if it had not been acknowledged.
 
     Sends without blocking and returns how much of the unsent tail
     (``state.unsent`` bytes) has now gone in total. When that is less than
     ``state.unsent`` the socket's send buffer is full: call again with
     ``sent=`` the returned value once it is writable. The FIN (FIN_WAIT1,
-    CLOSING, LAST_ACK) is queued right after the last byte. ``sock`` may be
-    a stdlib or a trio socket.
+    CLOSING, LAST_ACK) is queued right after the last byte.
     """
-    with _borrow(sock) as stdlib_sock:
-        return _finish(stdlib_sock, state, sent)
-
-
-def _finish(sock: socket.socket, state: TcpSocketState, sent: int) -> int:
     tail = memoryview(state.send_queue)[len(state.send_queue) - state.unsent :]
     try:
         while sent < len(tail):

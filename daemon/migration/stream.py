@@ -6,10 +6,10 @@ Theory of operation
 A source ferryd writes one stream to one target ferryd (through a pipe that
 QEMU or ferryctl carries); the two may run different versions. The schema is
 ``proto/migration.proto``; the Python values are those of
-:mod:`daemon.migration.records`. This module owns no file descriptor and no
+:mod:`ferryd.migration.records`. This module owns no file descriptor and no
 clock: :class:`StreamEncoder` turns records into bytes for the caller to
 write, :class:`StreamDecoder` turns whatever bytes the caller read into
-events (:mod:`daemon.migration.stream_events`) as soon as each record is
+events (:mod:`ferryd.migration.stream_events`) as soon as each record is
 complete, so the target restores flow *n* while the source still dumps flow
 *n + 1*, and neither side stages the whole stream.
 
@@ -52,8 +52,9 @@ says so on any later call):
    :data:`MAX_RECORD_SIZE`, 64 MiB: a TCP flow carries its socket's send
    and receive queues), refused as soon as its length is read.
 4. Every message must parse, and its values must make sense (ports,
-   address lengths and families, window scales, ...: see
-   :mod:`daemon.migration.records`).
+   address lengths and families, window scales, a socket state that can
+   be restored, ...: see :mod:`ferryd.migration.records` and
+   :mod:`ferryd.migration.kernel_state`).
 5. The trailer must count the records between header and trailer, and
    carry the CRC-32 (``zlib.crc32``) of every stream byte before its own
    tag. Nothing may follow it; :meth:`StreamDecoder.eof` raises if the
@@ -66,7 +67,8 @@ could compute either.
 
 The encoder trusts its records (they validate themselves when built) and
 keeps the count and checksum; calling it out of order is a bug in ferryd
-and raises :class:`RuntimeError`.
+and raises :class:`RuntimeError`; a record larger than the stream's limit,
+or a TcpGone index outside the pre-copy, raises :class:`ValueError`.
 """
 
 from __future__ import annotations

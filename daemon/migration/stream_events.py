@@ -1,4 +1,4 @@
-"""What :class:`daemon.migration.stream.StreamDecoder` reports as records arrive."""
+"""What :class:`ferryd.migration.stream.StreamDecoder` reports as records arrive."""
 
 from __future__ import annotations
 

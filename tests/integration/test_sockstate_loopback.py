@@ -19,18 +19,15 @@ from collections.abc import Iterator
 import pytest
 
 from ferryd.linux import SO_PEEK_OFF
+from ferryd.migration.kernel_state import TcpState
+from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.sockstate import (
-    RepairMode,
     SocketStateError,
-    TcpState,
     close_silently,
     dump_tcp,
     finish_restore,
-    freeze_intake,
     new_socket_for,
     restore_in_repair,
-    set_repair_direct,
-    thaw_intake,
 )
 from ferryd.netns import run_in_netns
 from tests.integration.test_sockstate_support import (
@@ -53,6 +50,7 @@ from tests.integration.test_sockstate_support import (
     tcp_state,
 )
 from tests.netns import Netns, wait_for
+from tests.sockstate_tools import freeze_intake, set_repair_direct, thaw_intake
 
 pytestmark = [pytest.mark.integration, requires_root]
 

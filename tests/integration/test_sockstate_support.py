@@ -39,18 +39,17 @@ from typing import TypeVar
 
 import pytest
 
+from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.sockstate import (
-    RepairMode,
-    TcpSocketState,
     close_silently,
     dump_tcp,
     finish_restore,
-    freeze_intake,
     new_socket_for,
     restore_in_repair,
-    set_repair_direct,
 )
 from ferryd.netns import run_in_netns
+from tests.sockstate_tools import freeze_intake, set_repair_direct
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs root")
 
@@ -167,7 +166,7 @@ class Conn:
     read_local: bool = True
     read_remote: bool = True
     #: A restore whose unsent tail is still being sent: (state, bytes of it sent so far).
-    finishing: tuple[TcpSocketState, int] | None = None
+    finishing: tuple[TcpKernelState, int] | None = None
 
     @property
     def done(self) -> bool:
@@ -248,7 +247,7 @@ class Traffic:
 
         self.call(apply)
 
-    def adopt(self, restored: Sequence[tuple[socket.socket, TcpSocketState]]) -> None:
+    def adopt(self, restored: Sequence[tuple[socket.socket, TcpKernelState]]) -> None:
         """Replace each connection's local end by its restored socket and resume it."""
 
         def apply() -> None:
@@ -459,7 +458,7 @@ def freeze_and_dump(
     timing: Timing,
     *,
     after_freeze: Callable[[], None] | None = None,
-) -> list[TcpSocketState]:
+) -> list[TcpKernelState]:
     """Source side: freeze intake, repair ON (direct), dump each. Sockets stay open.
 
     ``after_freeze`` runs once every socket is frozen (not timed).
@@ -481,7 +480,7 @@ def freeze_and_dump(
 
 
 def restore_all(
-    states: Sequence[TcpSocketState],
+    states: Sequence[TcpKernelState],
     timing: Timing,
     *,
     netns: str | None = None,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ferryd.migration.sockstate import TcpState
+from ferryd.migration.kernel_state import TcpState
 from tests.integration.test_sockstate_support import (
     ENDLESS,
     Conn,

@@ -10,12 +10,12 @@ import pytest
 
 from ferryd.flows.destinations import DestinationPolicy, Destinations, RateLimit, Refusal
 from ferryd.migration.admission import check_record
+from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import (
     IcmpFlowRecord,
     ListenerRecord,
     StreamError,
     TcpFlowRecord,
-    TcpKernelState,
     UdpFlowRecord,
 )
 from ferryd.wire.icmp import build_admin_prohibited, parse_icmp_untrusted
@@ -157,7 +157,7 @@ def test_admin_prohibited_quotes_the_datagram(
 
 def _kernel(local: IpAddress, remote: IpAddress, remote_port: int) -> TcpKernelState:
     return TcpKernelState(
-        family=local.version, local_addr=local, local_port=40000, remote_addr=remote,
+        local_addr=local, local_port=40000, remote_addr=remote,
         remote_port=remote_port, tcp_state=1, mss=1460, snd_wscale=7, rcv_wscale=7, options=7,
         timestamp=1, snd_wl1=1, snd_wnd=65535, max_window=65535, rcv_wnd=65535, rcv_wup=1,
         send_seq=1, recv_seq=1,
