@@ -101,7 +101,7 @@ import trio
 
 from ferryd.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
 from ferryd.exits import StartupError, ensure_parent_dir
-from ferryd.flows.common import LogThrottle
+from ferryd.logthrottle import LogThrottle
 
 __all__ = [
     "MAX_FDS",

@@ -26,11 +26,12 @@ import trio
 
 from ferryd.bugs import describe_bug
 from ferryd.descriptors import DescriptorBudget, open_flow_socket
-from ferryd.flows.common import LogThrottle, gateway_of
+from ferryd.flows.common import gateway_of
 from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
+from ferryd.logthrottle import LogThrottle
 from ferryd.wire.icmp import build_admin_prohibited
 from ferryd.wire.ip import IpAddress, IpPacket
 

@@ -49,8 +49,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from ferryd.flows.common import LOOPBACK4, LOOPBACK6, LogThrottle, gateway_of
+from ferryd.flows.common import LOOPBACK4, LOOPBACK6, gateway_of
 from ferryd.link import LinkConfig
+from ferryd.logthrottle import LogThrottle
 from ferryd.wire.ip import IpAddress
 
 __all__ = [

@@ -77,7 +77,6 @@ import trio
 from ferryd.bugs import describe_bug
 from ferryd.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, open_flow_socket
 from ferryd.flows.common import (
-    LogThrottle,
     family_of,
     peer_as_seen_by_guest,
     sockaddr,
@@ -91,6 +90,7 @@ from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.linux import SO_PEEK_OFF
+from ferryd.logthrottle import LogThrottle
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, build_tcp
 
