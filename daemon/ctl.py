@@ -158,6 +158,44 @@ def _run_flows(args: argparse.Namespace, out: TextIO) -> None:
 
 
 # ---------------------------------------------------------------------------
+# counters
+
+
+def format_counters(groups: dict[str, Any]) -> str:
+    """Render the daemon's counters, one per line (group, name, value), header first.
+
+    Groups in the daemon's order (not sorted: related ones stay together);
+    a group that is not a mapping (a newer daemon's shape) is skipped.
+    """
+    rows = [("GROUP", "COUNTER", "VALUE")]
+    for group, values in groups.items():
+        if isinstance(values, dict):
+            rows += [(group, str(name), str(value)) for name, value in values.items()]
+    group_width = max(len(row[0]) for row in rows)
+    name_width = max(len(row[1]) for row in rows)
+    value_width = max(len(row[2]) for row in rows)
+    lines = [
+        f"{group.ljust(group_width)}  {name.ljust(name_width)}  {value.rjust(value_width)}"
+        for group, name, value in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _add_counters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the counters as JSON")
+
+
+def _run_counters(args: argparse.Namespace, out: TextIO) -> None:
+    counters = _request(args.control, "counters").get("counters")
+    if not isinstance(counters, dict):
+        raise _Failure(f'ferryd at {args.control} answered "counters" without counters')
+    if args.json:
+        _print_json(counters, out)
+    else:
+        out.write(format_counters(counters))
+
+
+# ---------------------------------------------------------------------------
 # migrate (the conversation is ferryd.coordinator's; here: arguments and output)
 
 
@@ -287,6 +325,11 @@ _COMMANDS: dict[
         "list the daemon's flows (connections), one per line",
         _add_flows,
         _run_flows,
+    ),
+    "counters": (
+        "print what the daemon counted (frames, drops, refusals, errors), by component",
+        _add_counters,
+        _run_counters,
     ),
     "migrate": (
         "move the guest's network state (every connection) from a running ferryd "

@@ -53,6 +53,11 @@ FLOWS = [
     },
 ]
 
+COUNTERS = {
+    "stack": {"frames_in": 1234567, "frames_out": 12, "malformed": 0},
+    "refusals": {"tcp": 3, "unanswered": 0},
+}
+
 
 @dataclass
 class Daemon:
@@ -85,6 +90,9 @@ def make_server(path: str) -> Daemon:
 
     async def flows(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"flows": FLOWS}
+
+    async def counters(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"counters": COUNTERS}
 
     async def echo(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"request": req, "nfds": len(fds)}
@@ -125,6 +133,7 @@ def make_server(path: str) -> Daemon:
     for name, handler in [
         ("status", status),
         ("flows", flows),
+        ("counters", counters),
         ("echo", echo),
         ("refuse", refuse),
         ("crash", crash),

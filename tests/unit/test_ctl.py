@@ -18,7 +18,7 @@ import trio
 
 from ferryd import ctl
 from ferryd.control import ControlError, ControlServer, DaemonNotRunning, request
-from tests.unit.control_support import FLOWS, Daemon, make_server
+from tests.unit.control_support import COUNTERS, FLOWS, Daemon, make_server
 
 
 async def run_ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -131,6 +131,25 @@ async def test_ctl_flows_json(daemon: Daemon, capsys: pytest.CaptureFixture[str]
     rc, out, _ = await run_ctl(capsys, "--control", daemon.path, "flows", "--json")
     assert rc == 0
     assert json.loads(out) == FLOWS
+
+
+async def test_ctl_counters_table(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = await run_ctl(capsys, "--control", daemon.path, "counters")
+    assert (rc, err) == (0, "")
+    assert out == (
+        "GROUP     COUNTER       VALUE\n"
+        "stack     frames_in   1234567\n"
+        "stack     frames_out       12\n"
+        "stack     malformed         0\n"
+        "refusals  tcp               3\n"
+        "refusals  unanswered        0\n"
+    )
+
+
+async def test_ctl_counters_json(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = await run_ctl(capsys, "--control", daemon.path, "counters", "--json")
+    assert rc == 0
+    assert json.loads(out) == COUNTERS
 
 
 async def test_ctl_error_response(sock_path: str, capsys: pytest.CaptureFixture[str]) -> None:
