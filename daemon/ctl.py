@@ -1,8 +1,9 @@
 """ferryctl: the command-line client of ferryd's control socket.
 
 Each subcommand is one (or, for status --wait, a few) requests over the
-protocol described in :mod:`daemon.control`; ``migrate`` is a conversation
-with two daemons, described where it is implemented. Output is for humans by
+protocol of :mod:`ferryd.control`; ``migrate`` is a conversation with two
+daemons, which :mod:`ferryd.coordinator` carries out: this module parses
+the arguments and formats what comes back. Output is for humans by
 default and JSON where a script needs it. Exit status: 0 on success, 1 when
 the daemon is not running, refused the request or is not ready in time, 2
 for bad usage (argparse). Errors are one line on stderr, prefixed with
@@ -15,8 +16,6 @@ arguments and one running it, so a new subcommand is one entry.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -26,12 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ferryd.control import (
-    ControlClientError,
-    ControlRequestFailed,
-    DaemonNotRunning,
-    request,
-)
+from ferryd.control import ControlClientError, DaemonNotRunning, request
+from ferryd.coordinator import MIGRATE_TIMEOUT, MigrationError, migrate
 
 #: Environment variable naming the control socket when --control is not given.
 CONTROL_ENV = "FERRY_CONTROL"
@@ -163,36 +158,45 @@ def _run_flows(args: argparse.Namespace, out: TextIO) -> None:
 
 
 # ---------------------------------------------------------------------------
-# migrate
-#
-# The conversation, one request at a time (the daemons do the work; ferryctl
-# only carries the pipe and decides commit or abort):
-#
-#   status (both)           source must be "running", target "incoming"
-#   target migrate-in  [r]  the pipe's read end; the target restores in the
-#                           background and answers at once
-#   source migrate-out [w]  the write end; answers once the whole stream is
-#                           written (the source is then frozen)
-#   target migrate-wait     answers once every flow is restored (or failed)
-#   source migrate-commit   the source lets go of the guest, keeps its frozen
-#                           sockets until --linger ends
-#   target migrate-resume   the target takes over: the migration is done
-#
-# Any failure before the resume answered ends in migrate-abort: to the
-# target first (it lets go of the guest and waits for a stream again), then
-# to the source (it unfreezes and resumes with every connection intact;
-# still possible after commit). Aborts are best effort: their own failures
-# are reported, never hidden, but do not stop the other abort. After a
-# failure the source's role is asked, not assumed: "resumed" is said only
-# when it answers "running" (a rollback that cannot reach the repair helper
-# leaves it "rollback-pending"; `ferryctl migrate-abort` retries it).
+# counters
 
-#: Default bound on each request of a migration (a dump of thousands of
-#: connections with full queues legitimately takes seconds).
-MIGRATE_TIMEOUT = 60.0
-#: Pipe capacity asked for (F_SETPIPE_SZ): a larger pipe lets the source dump
-#: ahead of the target's restore. 1 MiB is the unprivileged maximum by default.
-_PIPE_SIZE = 1 << 20
+
+def format_counters(groups: dict[str, Any]) -> str:
+    """Render the daemon's counters, one per line (group, name, value), header first.
+
+    Groups in the daemon's order (not sorted: related ones stay together);
+    a group that is not a mapping (a newer daemon's shape) is skipped.
+    """
+    rows = [("GROUP", "COUNTER", "VALUE")]
+    for group, values in groups.items():
+        if isinstance(values, dict):
+            rows += [(group, str(name), str(value)) for name, value in values.items()]
+    group_width = max(len(row[0]) for row in rows)
+    name_width = max(len(row[1]) for row in rows)
+    value_width = max(len(row[2]) for row in rows)
+    lines = [
+        f"{group.ljust(group_width)}  {name.ljust(name_width)}  {value.rjust(value_width)}"
+        for group, name, value in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _add_counters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the counters as JSON")
+
+
+def _run_counters(args: argparse.Namespace, out: TextIO) -> None:
+    counters = _request(args.control, "counters").get("counters")
+    if not isinstance(counters, dict):
+        raise _Failure(f'ferryd at {args.control} answered "counters" without counters')
+    if args.json:
+        _print_json(counters, out)
+    else:
+        out.write(format_counters(counters))
+
+
+# ---------------------------------------------------------------------------
+# migrate (the conversation is ferryd.coordinator's; here: arguments and output)
 
 
 def _add_migrate(parser: argparse.ArgumentParser) -> None:
@@ -225,229 +229,18 @@ def _add_migrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-@dataclass(frozen=True)
-class _Peers:
-    """The two daemons of one migration and the per-request limit."""
-
-    source: str
-    target: str
-    timeout: float
-
-    def ask(self, who: str, cmd: str, **args: Any) -> dict[str, Any]:
-        """One request to *who* ("source" or "target"); a failure names the side."""
-        try:
-            return request(self._path(who), cmd, timeout=self.timeout, **args)
-        except ControlClientError as exc:
-            raise _Failure(f"{who} {exc}") from None
-
-    def abort(self, who: str) -> str | None:
-        """Best-effort migrate-abort; a note saying why it failed, or None."""
-        try:
-            request(self._path(who), "migrate-abort", timeout=self.timeout)
-        except ControlClientError as exc:
-            return f"{who} migrate-abort also failed: {exc}"
-        return None
-
-    def _path(self, who: str) -> str:
-        return self.source if who == "source" else self.target
-
-
 def _run_migrate(args: argparse.Namespace, out: TextIO) -> None:
     source: str | None = args.source or args.control
     if not source:
         raise _Failure("migrate: no source: pass --source PATH (or --control PATH)")
-    peers = _Peers(source, args.target, args.timeout)
-    if os.path.abspath(peers.source) == os.path.abspath(peers.target):
-        raise _Failure("migrate: source and target are the same control socket")
-    src_status = peers.ask("source", "status")
-    dst_status = peers.ask("target", "status")
-    _check_role("source", src_status, "running")
-    _check_role("target", dst_status, "incoming")
-    if dst_status.get("ready") is False:
-        raise _Failure(f"target at {peers.target} is not ready for a stream yet")
-    src_ns, dst_ns = src_status.get("host_netns"), dst_status.get("host_netns")
-    same_netns = src_ns is not None and src_ns == dst_ns
-
-    started = time.monotonic()
-    if same_netns or args.no_precopy:
-        out_resp = _hand_over_pipe(peers, "migrate-out", same_netns=same_netns)
-    else:
-        out_resp = _precopy_then_freeze(peers)
-    wait_resp = _wait_restored(peers)
     try:
-        peers.ask("source", "migrate-commit")
-    except _Failure as exc:
-        raise _aborted(peers, f"{exc}") from None
-    try:
-        resume_resp = peers.ask("target", "migrate-resume")
-    except _Failure as exc:
-        raise _aborted(peers, f"{exc}") from None
-    summary = migration_summary(out_resp, wait_resp, resume_resp, time.monotonic() - started)
+        summary = migrate(source, args.target, timeout=args.timeout, precopy=not args.no_precopy)
+    except MigrationError as exc:
+        raise _Failure(str(exc)) from None
     if args.json:
         _print_json(summary, out)
     else:
         out.write(format_migration_summary(summary))
-
-
-def _check_role(who: str, status: dict[str, Any], wanted: str) -> None:
-    role = status.get("role")
-    if role == wanted:
-        return
-    if role is None:
-        raise _Failure(f"{who} ferryd does not report a role: it cannot migrate (too old?)")
-    hint = " (start it with ferryd --incoming)" if who == "target" else ""
-    raise _Failure(f'{who} ferryd is "{role}", expected "{wanted}"{hint}; nothing was changed')
-
-
-def _hand_over_pipe(
-    peers: _Peers, source_cmd: str, *, precopy: bool = False, **args: Any
-) -> dict[str, Any]:
-    """Give the target the read end and the source the write end; the source's answer.
-
-    ``source_cmd`` is migrate-out (the freeze) or migrate-precopy. Our
-    copies are closed as soon as each request is sent: the target sees the
-    end of the stream when the source closes the last write end.
-    """
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        try:
-            peers.ask("target", "migrate-in", fds=[rfd], **({"precopy": True} if precopy else {}))
-        except _Failure as exc:
-            raise _Failure(f"migrate: {exc}; nothing was changed") from None
-        finally:
-            os.close(rfd)
-            rfd = -1
-        try:
-            fd, wfd = wfd, -1
-            return request(
-                peers.source, source_cmd, fds=[fd], timeout=peers.timeout, hand_over=True, **args
-            )
-        except ControlRequestFailed as exc:
-            # The source refused or failed and has rolled back; the target
-            # fails on its own (the stream ended early), the abort resets it.
-            raise _aborted(peers, f"source {exc}", abort_source=False) from None
-        except ControlClientError as exc:
-            # No answer: the source may be frozen or half-way; ask it to roll back.
-            raise _aborted(peers, f"source {exc}") from None
-    finally:
-        for fd in (rfd, wfd):
-            if fd >= 0:
-                os.close(fd)
-
-
-def _precopy_then_freeze(peers: _Peers) -> dict[str, Any]:
-    """Pre-copy while the guest runs, let the target restore it, then freeze; the source's answer.
-
-    The same pipe carries both parts of the stream (proto/migration.proto,
-    PrecopyEnd). The target takes the guest's tap queue when it has
-    restored the pre-copy, right before the freeze.
-    """
-    pre = _hand_over_pipe(peers, "migrate-precopy", precopy=True)
-    try:
-        pre_wait = peers.ask("target", "migrate-wait-precopy")
-    except _Failure as exc:
-        raise _aborted(peers, f"pre-copy failed: {exc}") from None
-    try:
-        out = request(peers.source, "migrate-out", timeout=peers.timeout)
-    except ControlRequestFailed as exc:
-        raise _aborted(peers, f"source {exc}", abort_source=False) from None
-    except ControlClientError as exc:
-        raise _aborted(peers, f"source {exc}") from None
-    timings = dict(_timings(out))
-    timings["precopy"] = _timings(pre).get("precopy")
-    timings["target_precopy"] = _timings(pre_wait).get("precopy")
-    return {**out, "precopied": pre.get("precopied"), "timings_ms": timings}
-
-
-def _wait_restored(peers: _Peers) -> dict[str, Any]:
-    try:
-        return peers.ask("target", "migrate-wait")
-    except _Failure as exc:
-        raise _aborted(peers, f"restore failed: {exc}") from None
-
-
-def _aborted(peers: _Peers, what: str, *, abort_source: bool = True) -> _Failure:
-    """Abort the target, then (unless told not to) the source; the failure to report.
-
-    The target's answer to the abort is not reported: after a failed
-    restore it has already cleaned up and may say there is nothing to abort.
-    The source's is: if its abort fails, its connections may still be frozen.
-    Whether the source resumed is then asked, never assumed: a source whose
-    rollback could not reach the repair helper is not running (its role says
-    ``rollback-pending``), and saying otherwise would hide a guest that is
-    offline.
-    """
-    peers.abort("target")
-    problem = peers.abort("source") if abort_source else None
-    if problem:
-        return _Failure(
-            f"migrate: {what}; {problem}: the source may still be frozen, check its status"
-        )
-    role = _source_role(peers)
-    if role == "running":
-        done = (
-            "migration aborted, the source resumed"
-            if abort_source
-            else ("the source rolled back and keeps running")
-        )
-        return _Failure(f"migrate: {what}; {done}")
-    return _Failure(
-        f"migrate: {what}; the source did NOT resume (it is {role or 'not answering'}): its"
-        f" connections may be frozen; `ferryctl --control {peers.source} status` says why,"
-        f" `ferryctl --control {peers.source} migrate-abort` retries the rollback"
-    )
-
-
-def _source_role(peers: _Peers) -> str | None:
-    """The source's role as it answers now; None if it does not answer."""
-    try:
-        role = request(peers.source, "status", timeout=peers.timeout).get("role")
-    except ControlClientError:
-        return None
-    return str(role)
-
-
-def migration_summary(
-    out_resp: dict[str, Any],
-    wait_resp: dict[str, Any],
-    resume_resp: dict[str, Any],
-    elapsed: float,
-) -> dict[str, Any]:
-    """The summary of a migration from the daemons' answers (public for tests and bench).
-
-    Downtime is the target's resume time minus the source's freeze time.
-    Both are CLOCK_MONOTONIC readings, comparable only on one machine (the
-    case of namespaces on one host, and of tests); ``downtime_ms`` is None
-    when a reading is missing or the difference is negative (two machines).
-    """
-    t_freeze, t_resumed = out_resp.get("t_freeze"), resume_resp.get("t_resumed")
-    downtime: float | None = None
-    if (
-        isinstance(t_freeze, (int, float))
-        and isinstance(t_resumed, (int, float))
-        and t_resumed >= t_freeze
-    ):
-        downtime = round((t_resumed - t_freeze) * 1000, 3)
-    target_timings = dict(_timings(wait_resp))
-    for key, value in _timings(resume_resp).items():
-        target_timings[key if key not in target_timings else f"resume_{key}"] = value
-    return {
-        "flows": out_resp.get("flows", {}),
-        "restored": wait_resp.get("restored", {}),
-        "stream_bytes": out_resp.get("stream_bytes"),
-        "precopied": out_resp.get("precopied", 0),
-        "downtime_ms": downtime,
-        "ferryctl_ms": round(elapsed * 1000, 3),
-        "source_timings_ms": _timings(out_resp),
-        "target_timings_ms": target_timings,
-    }
-
-
-def _timings(response: dict[str, Any]) -> dict[str, Any]:
-    timings = response.get("timings_ms")
-    return dict(timings) if isinstance(timings, dict) else {}
 
 
 _FLOW_KINDS = (("tcp", "TCP"), ("udp", "UDP"), ("icmp", "ICMP"), ("listeners", "listeners"))
@@ -532,6 +325,11 @@ _COMMANDS: dict[
         "list the daemon's flows (connections), one per line",
         _add_flows,
         _run_flows,
+    ),
+    "counters": (
+        "print what the daemon counted (frames, drops, refusals, errors), by component",
+        _add_counters,
+        _run_counters,
     ),
     "migrate": (
         "move the guest's network state (every connection) from a running ferryd "

@@ -52,6 +52,7 @@ import logging
 import resource
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from ferryd.flows.table import DescriptorsSpent
@@ -90,7 +91,7 @@ def open_flow_socket(
     """A non-blocking, close-on-exec socket for a new flow.
 
     Out of descriptors (EMFILE, ENFILE...) raises :class:`DescriptorsSpent`,
-    counted in ``budget.exhausted``, so the caller refuses the flow as when
+    counted in ``budget.counters.exhausted``, so the caller refuses the flow as when
     the budget is spent; any other error is raised as it is.
     """
     try:
@@ -108,6 +109,16 @@ class _Table(Protocol):
     def descriptors(self) -> int: ...
 
 
+@dataclass
+class DescriptorCounters:
+    """New flows refused for want of a descriptor (for the counters registry)."""
+
+    refused: int = 0
+    """Because the budget was spent."""
+    exhausted: int = 0
+    """Because the kernel had no descriptor left (EMFILE...)."""
+
+
 class DescriptorBudget:
     """Descriptors the flow tables may hold between them, and what was refused."""
 
@@ -116,10 +127,7 @@ class DescriptorBudget:
         self.limit = limit
         """RLIMIT_NOFILE the capacity was worked out from (0: not from a limit)."""
         self.reserved = reserved
-        self.refused = 0
-        """New flows refused because the budget was spent."""
-        self.exhausted = 0
-        """New flows refused because the kernel had no descriptor left (EMFILE...)."""
+        self.counters = DescriptorCounters()
         self._tables: list[_Table] = []
 
     @classmethod
@@ -139,12 +147,12 @@ class DescriptorBudget:
 
     def check(self) -> None:
         if self.in_use >= self.capacity:
-            self.refused += 1
+            self.counters.refused += 1
             raise DescriptorsSpent(self.capacity)
 
     def exhausted_by(self, exc: OSError) -> DescriptorsSpent:
         """Count an EMFILE-like failure; the exception to refuse the flow with."""
-        self.exhausted += 1
+        self.counters.exhausted += 1
         return DescriptorsSpent(self.capacity, f"no descriptor for a new socket: {exc}")
 
     def warn_if_short(self, max_flows: int) -> None:
@@ -172,6 +180,6 @@ class DescriptorBudget:
             "reserved": self.reserved,
             "for_flows": self.capacity,
             "in_use": self.in_use,
-            "refused": self.refused,
-            "exhausted": self.exhausted,
+            "refused": self.counters.refused,
+            "exhausted": self.counters.exhausted,
         }

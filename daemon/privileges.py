@@ -12,7 +12,7 @@ forwarded ports below ``net.ipv4.ip_unprivileged_port_start``
    default: ``nobody``). A guest that takes over ferryd then holds a uid
    that owns nothing: it cannot write ``kernel.core_pattern`` or anything
    else root owns, nor connect to another ferryd's control socket (those
-   stay root's, mode 0600; control.py);
+   stay root's, mode 0600; control/server.py);
 2. keeps exactly one capability when it is needed, CAP_NET_BIND_SERVICE, and
    only if a forward (``-t``/``-u``) names a host port below
    ``ip_unprivileged_port_start`` of ferryd's network namespace: a

@@ -30,9 +30,9 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from ferryd.bugs import describe_bug
-from ferryd.flows.common import LogThrottle
 from ferryd.flows.tcp import reset_for
 from ferryd.link import LinkConfig
+from ferryd.logthrottle import LogThrottle
 from ferryd.services.arp import answer_arp
 from ferryd.services.dhcp import answer_dhcp_untrusted
 from ferryd.services.dhcpv6 import answer_dhcpv6_untrusted

@@ -9,7 +9,11 @@ line: nothing is hidden, only summarised, and a flood that stops is still
 reported (the serving loop wakes up for :meth:`next_timer`).
 
 Sans-IO, time passed in: the serving loop calls :meth:`admit` per event and
-:meth:`handle_timer` when woken, and logs what they return.
+:meth:`handle_timer` when woken, and logs what they return. ferryd's
+``LogThrottle`` (ferryd/logthrottle.py) uses the same counting without a
+timer: it reports the count with the next line it lets through
+(:meth:`take_count`). This module imports nothing of ferryd's, so
+ferry-repair stays free of the daemon's code.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ class Throttle:
             return False
         self._until = now + self._interval
         return True
+
+    def take_count(self) -> int:
+        """The events counted so far, reported now by the caller's own line; resets the count.
+
+        For a caller with no timer: right after :meth:`admit` said yes, it
+        appends "and N more" to the line it logs instead of waiting for
+        :meth:`handle_timer`.
+        """
+        count, self._suppressed = self._suppressed, 0
+        return count
 
     def next_timer(self) -> float | None:
         """When a summary is due (the end of the interval), if any event was counted."""

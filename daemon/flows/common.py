@@ -10,13 +10,9 @@ conventions"):
   guest's own address, which is also the host's) is shown to the guest as
   its gateway: the guest would otherwise drop a packet from 127.0.0.1 or
   from its own address as a martian.
-
-Also here: a log throttle, since a guest can trigger errors at line rate.
 """
 
-import logging
 import socket
-from collections import Counter
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from ferryd.link import LinkConfig
@@ -25,7 +21,6 @@ from ferryd.wire.ip import IpAddress
 __all__ = [
     "LOOPBACK4",
     "LOOPBACK6",
-    "LogThrottle",
     "family_of",
     "gateway_of",
     "peer_as_seen_by_guest",
@@ -69,28 +64,3 @@ def peer_as_seen_by_guest(
     if peer.is_loopback or peer == guest_addr:
         return gateway_of(link, peer.version)
     return peer
-
-
-class LogThrottle:
-    """Log a kind of event at most once per ``interval`` seconds.
-
-    Events in between are counted and the count is reported with the next
-    message, so nothing is hidden, only summarised.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._log = logger
-        self._interval = interval
-        self._next: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, kind: str, now: float, message: str, *args: object) -> None:
-        if now < self._next.get(kind, float("-inf")):
-            self._suppressed[kind] += 1
-            return
-        self._next[kind] = now + self._interval
-        skipped = self._suppressed.pop(kind, 0)
-        if skipped:
-            self._log.warning(message + " (and %d more like it)", *args, skipped)
-        else:
-            self._log.warning(message, *args)

@@ -9,7 +9,7 @@ synchronous drain, so it never holds a datagram across an await (no-buffer
 invariant, DESIGN.md).
 
 A bug of ours reached while a flow's datagrams are handled costs that flow
-(:meth:`DatagramFlows._contain`): it is closed, counted in ``flow_errors``
+(:meth:`DatagramFlows._contain`): it is closed, counted in ``counters.flow_errors``
 and logged, rate-limited, and the reader task ends quietly instead of taking
 the data path's nursery, and the daemon, with it.
 """
@@ -20,17 +20,19 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
 from ferryd.bugs import describe_bug
 from ferryd.descriptors import DescriptorBudget, open_flow_socket
-from ferryd.flows.common import LogThrottle, gateway_of
+from ferryd.flows.common import gateway_of
 from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
+from ferryd.logthrottle import LogThrottle
 from ferryd.wire.icmp import build_admin_prohibited
 from ferryd.wire.ip import IpAddress, IpPacket
 
@@ -44,6 +46,14 @@ class SocketHandle(Protocol):
 
 
 H = TypeVar("H")
+
+
+@dataclass
+class DatagramCounters:
+    """What a datagram protocol's flows count (read by ferryd's counters registry)."""
+
+    flow_errors: int = 0
+    """Flows closed because handling them raised (a ferryd bug, contained)."""
 
 
 class DatagramFlows(Generic[H]):
@@ -74,8 +84,7 @@ class DatagramFlows(Generic[H]):
         self._buf = bytearray(RECV_SIZE)
         self._throttle = LogThrottle(logger)
         self._closed = False
-        self.flow_errors = 0
-        """Flows closed because handling them raised (a ferryd bug, contained)."""
+        self.counters = DatagramCounters()
 
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1
@@ -144,7 +153,7 @@ class DatagramFlows(Generic[H]):
 
     def _contain(self, flow: Flow[H] | None, exc: Exception, now: float) -> None:
         """Handling ``flow`` (None: a listener's datagram) raised: close it, count, log."""
-        self.flow_errors += 1
+        self.counters.flow_errors += 1
         what = "a datagram dropped" if flow is None else f"flow {flow.key} closed"
         self._throttle.warning(
             "bug", now, "%s: %s, ferryd bug: %s", self.kind, what, describe_bug(exc)

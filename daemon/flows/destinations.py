@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from ferryd.flows.common import LOOPBACK4, LOOPBACK6, LogThrottle, gateway_of
+from ferryd.flows.common import LOOPBACK4, LOOPBACK6, gateway_of
 from ferryd.link import LinkConfig
+from ferryd.logthrottle import LogThrottle
 from ferryd.wire.ip import IpAddress
 
 __all__ = [
@@ -186,6 +186,21 @@ class RateLimit:
         return False
 
 
+@dataclass
+class RefusalCounters:
+    """New flows refused, by protocol, and refusals left unanswered (for the registry)."""
+
+    tcp: int = 0
+    udp: int = 0
+    icmp: int = 0
+    unanswered: int = 0
+    """Refusals not answered because the answers' rate limit was reached."""
+
+    def count(self, proto: str) -> None:
+        """One more refusal of a new *proto* flow ("tcp", "udp" or "icmp")."""
+        setattr(self, proto, getattr(self, proto) + 1)
+
+
 class Destinations:
     """The policy the flows apply, and the accounting of what it refuses.
 
@@ -196,10 +211,7 @@ class Destinations:
 
     def __init__(self, policy: DestinationPolicy) -> None:
         self.policy = policy
-        self.refused: Counter[str] = Counter()
-        """Refused new flows by protocol ("tcp", "udp", "icmp")."""
-        self.unanswered = 0
-        """Refusals not answered because the answers' rate limit was reached."""
+        self.counters = RefusalCounters()
         self._limit = RateLimit(ANSWERS_PER_SECOND, ANSWER_BURST)
         self._throttle = LogThrottle(log)
 
@@ -225,7 +237,7 @@ class Destinations:
         """Count and log a refused new flow; True if the guest is to be answered now."""
         if not why.answered:
             return False
-        self.refused[proto] += 1
+        self.counters.count(proto)
         where = endpoint_text(dst, port)
         self._throttle.warning(
             "refused", now, "refused guest %s %s -> %s: %s", proto, src, where, why.value
@@ -241,5 +253,5 @@ class Destinations:
         """
         if self._limit.allow(now):
             return True
-        self.unanswered += 1
+        self.counters.unanswered += 1
         return False

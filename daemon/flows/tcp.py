@@ -58,7 +58,7 @@ rate-limited. A forwarded port's peer is reset in those cases.
 A bug of ours reached while one connection handles a guest segment, a
 socket event or a timer costs that connection, not the daemon (issue 9):
 the exception is caught there (``Exception`` only, see :mod:`daemon.bugs`),
-the connection is reset both ways, counted in ``flow_errors`` and logged,
+the connection is reset both ways, counted in ``counters.flow_errors`` and logged,
 rate-limited.
 """
 
@@ -69,6 +69,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -77,7 +78,6 @@ import trio
 from ferryd.bugs import describe_bug
 from ferryd.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, open_flow_socket
 from ferryd.flows.common import (
-    LogThrottle,
     family_of,
     peer_as_seen_by_guest,
     sockaddr,
@@ -91,6 +91,7 @@ from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.linux import SO_PEEK_OFF
+from ferryd.logthrottle import LogThrottle
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, FIN, RST, SYN, TcpSegment, build_tcp
 
@@ -137,6 +138,18 @@ class _Listener:
         self.port = port
 
 
+@dataclass
+class TcpCounters:
+    """What the TCP flows count (read by ferryd's counters registry)."""
+
+    resets_sent: int = 0
+    """RSTs sent to the guest for segments of no connection."""
+    flow_errors: int = 0
+    """Connections reset because handling them raised (a ferryd bug, contained)."""
+    held_drops: int = 0
+    """Guest segments dropped while a pre-copy held their connection (the guest resends)."""
+
+
 class TcpFlows:
     def __init__(
         self,
@@ -159,15 +172,12 @@ class TcpFlows:
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
-        self.resets_sent = 0
-        self.flow_errors = 0
-        """Connections reset because handling them raised (a ferryd bug, contained)."""
+        self.counters = TcpCounters()
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}
         self._held: dict[TcpConn, bool] = {}
         """Connections a migration's pre-copy is dumping: value, a guest RST came meanwhile."""
-        self.held_drops = 0
         self._prearmed: set[TcpConn] = set()
         """Armed ahead of attach() and unchanged since: attach() leaves them be."""
         """Connections to re-arm, in the order they changed."""
@@ -188,7 +198,7 @@ class TcpFlows:
                 # In repair mode for a pre-copy dump: the socket takes no
                 # data. Not acknowledged, so the guest sends it again; a RST
                 # (never resent) is carried out at release().
-                self.held_drops += 1
+                self.counters.held_drops += 1
                 if seg.flags & RST:
                     self._held[conn] = True
                 return
@@ -206,7 +216,7 @@ class TcpFlows:
     def _reset(self, ip: IpPacket, seg: TcpSegment) -> None:
         rst = reset_for(ip, seg)
         if rst is not None:
-            self.resets_sent += 1
+            self.counters.resets_sent += 1
             self._guest.send_ip(ip.dst, ip.src, IPPROTO_TCP, rst)
 
     def _mss(self, version: int) -> int:
@@ -265,7 +275,7 @@ class TcpFlows:
         try:
             conn = self._register(ends, sock, state, version, now)
         except Exception as exc:
-            self.flow_errors += 1
+            self.counters.flow_errors += 1
             self._throttle.warning(
                 "bug", now, "%s: not started, ferryd bug: %s", ends, describe_bug(exc)
             )
@@ -426,7 +436,7 @@ class TcpFlows:
 
     def _bug(self, conn: TcpConn, exc: Exception, now: float) -> None:
         """Handling ``conn`` raised: reset it, count and log; the rest goes on."""
-        self.flow_errors += 1
+        self.counters.flow_errors += 1
         self._throttle.warning(
             "bug", now, "%s: reset, ferryd bug: %s", conn.describe(), describe_bug(exc)
         )

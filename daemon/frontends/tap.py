@@ -45,6 +45,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -209,6 +210,16 @@ def _config_net(ipr: object, index: int, link: LinkConfig) -> None:
         )
 
 
+@dataclass
+class TapCounters:
+    """What crossed the tap, and what it could not take (counted, never logged per frame)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped_out: int = 0
+    """Frames for the guest dropped: its queue was full, or the tap is down."""
+
+
 class TapFrontend:
     """A tap device's fd, with a draining reader and a non-blocking writer."""
 
@@ -218,9 +229,7 @@ class TapFrontend:
         """Whether this queue receives the guest's frames (not so for --incoming)."""
         self._buf = bytearray(_MAX_FRAME)
         self._view = memoryview(self._buf)
-        self.frames_in = 0
-        self.frames_out = 0
-        self.dropped_out = 0
+        self.counters = TapCounters()
 
     def detach_queue(self) -> None:
         """Stop receiving the guest's frames (a migration's source, at its freeze)."""
@@ -295,12 +304,12 @@ class TapFrontend:
     def _write(self, parts: list[bytes | memoryview]) -> None:
         try:
             os.writev(self.fd, parts)
-            self.frames_out += 1
+            self.counters.frames_out += 1
         except BlockingIOError:
-            self.dropped_out += 1  # a full NIC queue: see daemon/guest.py
+            self.counters.dropped_out += 1  # a full NIC queue: see daemon/guest.py
         except OSError as exc:
             # EIO: the tap is down (guest side closed it); nothing to deliver to.
-            self.dropped_out += 1
+            self.counters.dropped_out += 1
             if exc.errno != errno.EIO:
                 log.warning("tap write failed: %s", exc)
 
@@ -326,7 +335,7 @@ class TapFrontend:
 
     def _burst(self, on_frame: Callable[[memoryview, bool], None], limit: int = _BURST) -> bool:
         """Deliver up to ``limit`` queued frames; True unless the queue ran dry."""
-        readv, fd, buf, view = os.readv, self.fd, [self._buf], self._view
+        readv, fd, buf, view, counters = os.readv, self.fd, [self._buf], self._view, self.counters
         trust = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
         for _ in range(limit):
             try:
@@ -339,7 +348,7 @@ class TapFrontend:
                 raise TapGone(f"the guest's tap device is gone: {exc.strerror}") from exc
             if n <= VNET_HDR_LEN:
                 continue
-            self.frames_in += 1
+            counters.frames_in += 1
             on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
         return True
 

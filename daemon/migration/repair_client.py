@@ -543,7 +543,7 @@ class RepairListener:
     ) -> RepairListener:
         """Listen on ``path`` (mode 0600: only our uid and root may connect)."""
         path = os.fspath(path)
-        # Bound synchronously, not in a trio worker thread (control.py says why).
+        # Bound synchronously, not in a trio worker thread (ferryd/control/server.py says why).
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             raw.bind(path)

@@ -259,6 +259,12 @@ def test_garbage_from_the_guest_changes_nothing(
     for addr in (topology.peers_v4[0], topology.peers_v6[0]):
         assert topology.guest.ping(addr), f"ferryd stopped answering after garbage ({addr})"
     assert ferryd.proc.poll() is None
+    # ferryctl counters: every component's counters, read in one snapshot
+    # (the tap hands each frame it counts to the stack, which counts it too).
+    counters = json.loads(ferryd.ctl("counters", "--json").stdout)
+    assert counters["stack"]["malformed"] >= 300
+    assert counters["tap"]["frames_in"] == counters["stack"]["frames_in"]
+    assert set(counters) >= {"tap", "refusals", "descriptors", "stack", "tcp", "udp", "icmp"}
 
 
 def test_ferryd_holds_no_capability_once_running(

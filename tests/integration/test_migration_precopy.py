@@ -1,7 +1,7 @@
 """Pre-copy: quiet connections are dumped while the guest runs; the freeze confirms them.
 
 The migration is driven step by step over the two daemons' control
-sockets (what ``ferryctl migrate`` does in one go, daemon/ctl.py), so
+sockets (what ``ferryctl migrate`` does in one go, daemon/coordinator.py), so
 that the guest can act between the pre-copy and the freeze: some
 pre-copied connections then carry data (the source must dump them again
 and the target replace them), some close (the target must drop them), and

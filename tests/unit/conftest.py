@@ -8,6 +8,14 @@ from collections.abc import Iterator
 import pytest
 
 from ferryd.linux import SO_PEEK_OFF
+from tests.unit.control_support import (  # noqa: F401 (fixtures: a served ControlServer)
+    daemon,
+    sock_path,
+)
+from tests.unit.migration_fakes import (  # noqa: F401 (fixtures: a fake source and target)
+    fake_paths,
+    fakes,
+)
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def test_tables_share_one_budget() -> None:
     with pytest.raises(DescriptorsSpent) as info:
         b.add(key(2), None, 0.0, state="x")
     assert isinstance(info.value, FlowLimitReached)
-    assert budget.refused == 1 and len(b) == 1
+    assert budget.counters.refused == 1 and len(b) == 1
     # A flow without its own socket still fits; a freed descriptor is reusable.
     b.add(key(3), None, 0.0, state="x", holds_descriptor=False)
     a.remove(key(1))
@@ -114,7 +114,7 @@ async def test_udp_and_icmp_refuse_with_icmp_when_the_budget_is_spent() -> None:
                 udp.from_guest(*udp_from_guest(GUEST4, GW4, sport, 9, b"x"))
             icmp.from_guest(*echo_from_guest(GUEST4, GW4, 7, 1, b"ping"))
             assert len(udp.table) == 2 and len(icmp.table) == 0
-            assert budget.refused == 2
+            assert budget.counters.refused == 2
             assert udp.drops["no descriptor"] == 1 and icmp.drops["no descriptor"] == 1
             errors = [parse_icmp_untrusted(p) for p in guest.packets]
             assert [(e.type, e.code) for e in errors] == [(3, 13), (3, 13)]

@@ -119,10 +119,10 @@ def test_refusals_counted_and_answers_limited() -> None:
     dest = Destinations(POLICY)
     answers = [dest.refuse("udp", GUEST4, HOST_OTHER4, 53, Refusal.HOST, 5.0) for _ in range(60)]
     assert answers.count(True) == 50  # the burst
-    assert dest.refused["udp"] == 60
-    assert dest.unanswered == 10
+    assert dest.counters.udp == 60
+    assert dest.counters.unanswered == 10
     assert dest.refuse("tcp", GUEST4, IPv4Address("224.0.0.1"), 1, Refusal.GROUP, 5.0) is False
-    assert dest.refused["tcp"] == 0  # a group destination is dropped, not refused
+    assert dest.counters.tcp == 0  # a group destination is dropped, not refused
 
 
 # --------------------------------------------------------------------------- the answer

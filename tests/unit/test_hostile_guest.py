@@ -209,7 +209,7 @@ async def test_tcp_bug_costs_one_connection() -> None:
             ack = (conn.isn + 1) & 0xFFFFFFFF
             flows.from_guest(*_tcp_from_guest(port, 1001, ack, ACK), trio.current_time())
             flows.flush(trio.current_time())
-            assert flows.flow_errors == 1 and len(flows.table) == 0
+            assert flows.counters.flow_errors == 1 and len(flows.table) == 0
             assert guest.sent[-1].flags & RST
             # The next connection is served as usual.
             flows.from_guest(*_tcp_from_guest(port, 5000, 0, SYN), trio.current_time())
@@ -235,7 +235,7 @@ async def test_tcp_bug_in_a_handshake_start_costs_that_connection(
             flows.attach(nursery)
             flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
-            assert flows.flow_errors == 1 and len(flows.table) == 0
+            assert flows.counters.flow_errors == 1 and len(flows.table) == 0
             flows.close()
             nursery.cancel_scope.cancel()
 
@@ -258,7 +258,7 @@ async def test_udp_bug_costs_one_flow() -> None:
         flows._to_guest = bug  # type: ignore[method-assign]
         _data, src = peer.recvfrom(10)
         peer.sendto(b"reply", src)
-        await _until(lambda: flows.flow_errors == 1)
+        await _until(lambda: flows.counters.flow_errors == 1)
         assert len(flows.table) == 1  # that flow only; its reader ended quietly
         await flows.aclose()
     peer.close()

@@ -41,3 +41,15 @@ def test_nothing_hidden_and_lines_bounded(times: list[float]) -> None:
         lines += 1
     assert logged + summarised == len(times)
     assert lines <= 1 + 1000 / 10 + 1
+
+
+def test_take_count_reports_with_the_next_line_instead_of_a_timer() -> None:
+    t = Throttle(interval=10.0)
+    assert t.admit(0.0)
+    assert t.take_count() == 0
+    assert not t.admit(1.0)
+    assert not t.admit(2.0)
+    assert t.admit(10.0)
+    assert t.take_count() == 2
+    assert t.next_timer() is None  # taken: no summary is due any more
+    assert t.take_count() == 0
