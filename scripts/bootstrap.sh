@@ -45,7 +45,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when the project's metadata changed since the last install.
 if [ ! -f .venv/.stamp-install ] || [ pyproject.toml -nt .venv/.stamp-install ]; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
     # setuptools warns about every editable install that maps names
     # (ferryd -> daemon/); the output is shown only when the install fails.
     if ! out=$(.venv/bin/pip install -q -e '.[test]' 2>&1); then
