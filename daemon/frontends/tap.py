@@ -48,6 +48,7 @@ from collections.abc import Callable
 
 import trio
 
+from ferryd.frontends.base import OnBurstEnd, OnFrame
 from ferryd.link import LinkConfig
 from ferryd.netns import run_in_netns
 
@@ -210,7 +211,11 @@ def _config_net(ipr: object, index: int, link: LinkConfig) -> None:
 
 
 class TapFrontend:
-    """A tap device's fd, with a draining reader and a non-blocking writer."""
+    """A tap device's fd, with a draining reader and a non-blocking writer.
+
+    Implements :class:`ferryd.frontends.base.Frontend`; the handover is the
+    tap's multi-queue: each ferryd holds one queue of the same device.
+    """
 
     def __init__(self, fd: int, *, attached: bool = True) -> None:
         self.fd = fd
@@ -222,13 +227,17 @@ class TapFrontend:
         self.frames_out = 0
         self.dropped_out = 0
 
-    def detach_queue(self) -> None:
-        """Stop receiving the guest's frames (a migration's source, at its freeze)."""
+    def hand_over(self) -> None:
+        """Stop receiving the guest's frames (a migration's source, at its freeze).
+
+        Detaching our queue makes tun steer every flow to the queue that
+        remains (the target's): nothing the guest sends meanwhile is lost.
+        """
         if self.attached:
             _set_queue(self.fd, IFF_DETACH_QUEUE)
             self.attached = False
 
-    def attach_queue(self) -> None:
+    def take_over(self) -> None:
         """Start receiving the guest's frames (a migration's target, before the freeze)."""
         if not self.attached:
             _set_queue(self.fd, IFF_ATTACH_QUEUE)
@@ -304,9 +313,7 @@ class TapFrontend:
             if exc.errno != errno.EIO:
                 log.warning("tap write failed: %s", exc)
 
-    async def run(
-        self, on_frame: Callable[[memoryview, bool], None], on_burst_end: Callable[[], None]
-    ) -> None:
+    async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         """Deliver every frame the guest sends, until cancelled.
 
         ``on_frame(frame, trusted)``: ``trusted`` means the guest's kernel
@@ -324,7 +331,7 @@ class TapFrontend:
                 await trio.lowlevel.checkpoint()
             on_burst_end()
 
-    def _burst(self, on_frame: Callable[[memoryview, bool], None], limit: int = _BURST) -> bool:
+    def _burst(self, on_frame: OnFrame, limit: int = _BURST) -> bool:
         """Deliver up to ``limit`` queued frames; True unless the queue ran dry."""
         readv, fd, buf, view = os.readv, self.fd, [self._buf], self._view
         trust = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
@@ -343,12 +350,7 @@ class TapFrontend:
             on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
         return True
 
-    def drain(
-        self,
-        on_frame: Callable[[memoryview, bool], None],
-        on_burst_end: Callable[[], None],
-        budget: float = 0.002,
-    ) -> None:
+    def drain(self, on_frame: OnFrame, on_burst_end: OnBurstEnd, budget: float = 0.002) -> None:
         """Deliver, without waiting, the frames queued now, for about ``budget`` seconds.
 
         A migration's source calls it right before detaching its queue: the

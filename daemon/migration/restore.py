@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING
 
 import trio
 
-from ferryd.control import ControlError
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.linux import SO_PEEK_OFF
+from ferryd.migration.errors import RepairUnavailable, StreamRejected
 from ferryd.migration.flowstate import apply_guest_state, socket_state
+from ferryd.migration.host import MigrationHost
 from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
@@ -54,7 +54,8 @@ from ferryd.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from ferryd.migration.repair_client import RepairClient, RepairListener, RepairMode
+from ferryd.migration.repair_client import RepairClient, RepairMode
+from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.sockstate import (
     TcpSocketState,
     close_silently,
@@ -66,44 +67,9 @@ from ferryd.migration.sockstate import (
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from ferryd.wire.tcp import ACK, RST, build_tcp
 
-if TYPE_CHECKING:
-    from ferryd.main import Daemon
-
 log = logging.getLogger("ferryd.migration")
 
 BATCH = 253  # SCM_MAX_FD: one ferry-repair message
-
-
-class RepairSource:
-    """Where this ferryd gets its repair helper from (--repair-socket/--repair-listen)."""
-
-    def __init__(self, connect: str | None, listen: str | None) -> None:
-        self.connect_path = connect
-        self.listen_path = listen
-        self._listener: RepairListener | None = None
-        self._client: RepairClient | None = None
-
-    async def setup(self) -> None:
-        if self.listen_path:
-            self._listener = await RepairListener.bind(self.listen_path)
-
-    async def get(self) -> RepairClient:
-        if self._client is not None and not self._client.closed:
-            return self._client
-        if self.connect_path:
-            self._client = await RepairClient.connect(self.connect_path)
-        elif self._listener is not None:
-            with trio.move_on_after(10) as scope:
-                self._client = await self._listener.accept()
-            if scope.cancelled_caught:
-                raise ControlError(f"no repair helper connected to {self.listen_path} within 10 s")
-        else:
-            raise ControlError(
-                "migrating TCP connections needs the repair helper: start ferryd with "
-                "--repair-socket PATH (ferry-repair --listen PATH) or --repair-listen PATH"
-            )
-        assert self._client is not None
-        return self._client
 
 
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
@@ -111,8 +77,8 @@ def ends_of(rec: TcpFlowRecord) -> Endpoints:
 
 
 class Restorer:
-    def __init__(self, daemon: Daemon, repair: RepairClient | RepairSource | None) -> None:
-        self.d = daemon
+    def __init__(self, host: MigrationHost, repair: RepairClient | RepairSource | None) -> None:
+        self.d = host
         self._repair = repair
         self.pending: list[tuple[socket.socket, TcpSocketState, TcpFlowRecord]] = []
         self.restored: dict[Endpoints, tuple[TcpConn, TcpSocketState, TcpFlowRecord]] = {}
@@ -139,7 +105,7 @@ class Restorer:
         if isinstance(self._repair, RepairSource):
             self._repair = await self._repair.get()
         if self._repair is None:
-            raise ControlError("no repair helper for restoring TCP connections")
+            raise RepairUnavailable("no repair helper for restoring TCP connections")
         return self._repair
 
     async def add(self, rec: FlowRecord, index: int = -1) -> None:
@@ -147,7 +113,7 @@ class Restorer:
             ends = ends_of(rec)
             if ends in self.restored:
                 if self.in_precopy or not self._drop(ends):
-                    raise ControlError(
+                    raise StreamRejected(
                         f"the stream names TCP {ends.guest_addr}:{ends.guest_port} -> "
                         f"{ends.remote_addr}:{ends.remote_port} twice"
                     )
@@ -294,13 +260,13 @@ class Restorer:
             if sent < state.unsent:
                 conn.restore_tail = (state, sent)
                 conn.want_writable = True
-        await self.d.start_data_path()
+        await self.d.start()
         now = trio.current_time()
         for ends, (conn, _, rec) in self.restored.items():
             if ends in standing:
                 continue  # the guest has its ACK and window; the data path armed it
             if conn.closed:
-                # Ended by the data path already: start_data_path() lets its
+                # Ended by the data path already: start() lets its
                 # tasks run, and the guest's first frames may close a flow.
                 continue
             if rec.handshake:
@@ -325,7 +291,7 @@ class Restorer:
                 RST | ACK,
                 0,
             )
-            self.d.stack.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
+            self.d.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
         # Arm every connection now (the reactor would in its first round):
         # resumed means every connection is listened to again.
         self.d.tcp.flush(now)

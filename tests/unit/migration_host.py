@@ -1,0 +1,110 @@
+"""An in-memory MigrationHost for driving the migration layer without root (no tests here).
+
+Real flow tables (ferryd.flows) on a recording guest (FakeGuest), no
+frontend and no data-path tasks: :meth:`MemoryHost.stop`,
+:meth:`~MemoryHost.start` and the handover only record what migration asked
+for, in order, in :attr:`MemoryHost.calls`. A fake is fine here: the
+migration source, target and controller are state machines over this
+interface (ferryd.migration.host), and what they write or read is checked
+byte for byte through a real stream.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, cast
+
+import trio
+
+from ferryd.flows.destinations import DestinationPolicy
+from ferryd.flows.icmp import IcmpFlows
+from ferryd.flows.tcp import TcpFlows
+from ferryd.flows.udp import UdpFlows
+from ferryd.link import LinkConfig
+from ferryd.migration.repair_source import RepairSource
+from ferryd.migration.roles import Role, RoleMachine
+from ferryd.migration.session import MigrationCounters, Session
+from ferryd.wire.ip import IpAddress
+from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations
+
+
+class MemoryHost:
+    """ferryd.migration.host.MigrationHost over real flow tables, in memory."""
+
+    def __init__(self, nursery: trio.Nursery, link: LinkConfig = LINK) -> None:
+        self.nursery = nursery
+        self.destinations = destinations()
+        self.stranded: list[socket.socket] = []
+        self.calls: list[str] = []
+        """What migration asked of the data path, in order."""
+        self.running = False
+        self.holds_guest = True
+        """Whether the guest's frames come here (the frontend's queue)."""
+        self.sent: list[tuple[IpAddress, IpAddress, int, bytes]] = []
+        self._build(link)
+
+    def _build(self, link: LinkConfig) -> None:
+        self.link = link
+        self.guest = FakeGuest()
+        self.guest_mac: bytes | None = None
+        kw: dict[str, Any] = {"destinations": self.destinations}
+        self.tcp = TcpFlows(cast(Any, self.guest), link, self.nursery, **kw)
+        self.udp = UdpFlows(self.guest, link, self.nursery, **kw)
+        self.icmp = IcmpFlows(self.guest, link, self.nursery, **kw)
+
+    @property
+    def policy(self) -> DestinationPolicy:
+        return self.destinations.policy
+
+    def rebuild(self, link: LinkConfig, now: float) -> None:
+        self.calls.append("rebuild")
+        self._build(link)
+
+    async def start(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append("start")
+        self.running = True
+
+    async def stop(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append("stop")
+        self.running = False
+
+    def hand_over(self, *, drain: bool) -> None:
+        self.calls.append("hand_over(drain)" if drain else "hand_over")
+        self.holds_guest = False
+
+    def take_over(self) -> None:
+        self.calls.append("take_over")
+        self.holds_guest = True
+
+    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
+        self.sent.append((src, dst, proto, l4))
+
+    async def aclose(self) -> None:
+        await self.udp.aclose()
+        await self.icmp.aclose()
+        self.tcp.close_listeners()
+
+
+def session(
+    host: MemoryHost,
+    nursery: trio.Nursery,
+    role: Role,
+    *,
+    repair: RepairSource | None = None,
+    linger: float = 0.0,
+    precopy_quiet: float = 0.001,
+) -> Session:
+    """A Session as the controller makes one (no repair helper unless given)."""
+    exits: list[None] = []
+    return Session(
+        host=host,
+        roles=RoleMachine(role),
+        repair=repair or RepairSource(None, None),
+        nursery=nursery,
+        counters=MigrationCounters(),
+        linger=linger,
+        handed_over=lambda: exits.append(None),
+        precopy_quiet=precopy_quiet,
+    )
