@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Protocol
 
 import trio
 
@@ -44,6 +45,7 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.linux import SO_PEEK_OFF
+from ferryd.migration import sockstate
 from ferryd.migration.errors import RepairUnavailable, StreamRejected
 from ferryd.migration.flowstate import apply_guest_state, socket_state
 from ferryd.migration.host import MigrationHost
@@ -56,14 +58,7 @@ from ferryd.migration.records import (
 )
 from ferryd.migration.repair_client import RepairClient, RepairMode
 from ferryd.migration.repair_source import RepairSource
-from ferryd.migration.sockstate import (
-    TcpSocketState,
-    close_silently,
-    finish_restore,
-    new_socket_for,
-    restore_in_repair,
-    reuse_after_repair_off,
-)
+from ferryd.migration.sockstate import TcpSocketState
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from ferryd.wire.tcp import ACK, RST, build_tcp
 
@@ -72,14 +67,51 @@ log = logging.getLogger("ferryd.migration")
 BATCH = 253  # SCM_MAX_FD: one ferry-repair message
 
 
+class KernelRepair(Protocol):
+    """The kernel's side of restoring a TCP socket: ferryd.migration.sockstate.
+
+    A port, so that a test without CAP_NET_ADMIN (no socket ever enters
+    repair mode then) can drive the restorer with a double of it.
+    """
+
+    def new_socket_for(self, state: TcpSocketState) -> socket.socket: ...
+
+    def restore_in_repair(self, sock: socket.socket, state: TcpSocketState) -> None: ...
+
+    def finish_restore(self, sock: socket.socket, state: TcpSocketState) -> int: ...
+
+    def close_silently(self, sock: socket.socket) -> None: ...
+
+    def reuse_after_repair_off(self, socks: list[socket.socket]) -> None: ...
+
+
+class _Linux:
+    """KernelRepair as the kernel does it (ferryd.migration.sockstate)."""
+
+    new_socket_for = staticmethod(sockstate.new_socket_for)
+    restore_in_repair = staticmethod(sockstate.restore_in_repair)
+    finish_restore = staticmethod(sockstate.finish_restore)
+    close_silently = staticmethod(sockstate.close_silently)
+    reuse_after_repair_off = staticmethod(sockstate.reuse_after_repair_off)
+
+
+LINUX: KernelRepair = _Linux()
+
+
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
     return Endpoints(rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port)
 
 
 class Restorer:
-    def __init__(self, host: MigrationHost, repair: RepairClient | RepairSource | None) -> None:
+    def __init__(
+        self,
+        host: MigrationHost,
+        repair: RepairClient | RepairSource | None,
+        kernel: KernelRepair = LINUX,
+    ) -> None:
         self.d = host
         self._repair = repair
+        self.kernel = kernel
         self.pending: list[tuple[socket.socket, TcpSocketState, TcpFlowRecord]] = []
         self.restored: dict[Endpoints, tuple[TcpConn, TcpSocketState, TcpFlowRecord]] = {}
         self.in_repair: dict[int, socket.socket] = {}
@@ -125,7 +157,7 @@ class Restorer:
                 self.precopied[index] = ends
             state = socket_state(rec.kernel)
             state.check()
-            self.pending.append((new_socket_for(state), state, rec))
+            self.pending.append((self.kernel.new_socket_for(state), state, rec))
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
@@ -172,7 +204,7 @@ class Restorer:
         self.in_repair.clear()
         # The stream's listeners and later connections on the same port are
         # bound next to these.
-        reuse_after_repair_off(socks)
+        self.kernel.reuse_after_repair_off(socks)
         for sock in socks:
             self.live[id(sock)] = sock
 
@@ -191,13 +223,13 @@ class Restorer:
             self.to_close = closing  # discard() tries again
             raise
         for sock in closing:
-            close_silently(sock)
+            self.kernel.close_silently(sock)
         self.repair_passes += 1
         for sock in socks:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
         for sock, state, rec in batch:
-            restore_in_repair(sock, state)
+            self.kernel.restore_in_repair(sock, state)
             sock.setblocking(False)
             version = 6 if state.family == 6 else 4
             ends = ends_of(rec)
@@ -256,7 +288,7 @@ class Restorer:
         for ends, (conn, state, _) in self.restored.items():
             if ends in standing:
                 continue  # unchanged through the freeze: nothing to finish
-            sent = finish_restore(conn.sock, state)
+            sent = self.kernel.finish_restore(conn.sock, state)
             if sent < state.unsent:
                 conn.restore_tail = (state, sent)
                 conn.want_writable = True
@@ -331,7 +363,7 @@ class Restorer:
         for sock in self.in_repair.values():
             if sock.fileno() >= 0:
                 try:
-                    close_silently(sock)
+                    self.kernel.close_silently(sock)
                 except Exception as exc:  # not in repair mode after all: plain close
                     log.warning("closing a restored socket: %s", exc)
                     sock.close()

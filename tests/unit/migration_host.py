@@ -24,6 +24,8 @@ from ferryd.link import LinkConfig
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role, RoleMachine
 from ferryd.migration.session import MigrationCounters, Session
+from ferryd.migration.source import SourceMigration
+from ferryd.migration.target import TargetMigration
 from ferryd.wire.ip import IpAddress
 from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations
 
@@ -41,6 +43,8 @@ class MemoryHost:
         self.holds_guest = True
         """Whether the guest's frames come here (the frontend's queue)."""
         self.sent: list[tuple[IpAddress, IpAddress, int, bytes]] = []
+        self.exited = trio.Event()
+        """Set when a committed source's linger is over (Session.handed_over)."""
         self._build(link)
 
     def _build(self, link: LinkConfig) -> None:
@@ -81,10 +85,19 @@ class MemoryHost:
     def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
         self.sent.append((src, dst, proto, l4))
 
+    def exit(self) -> None:
+        self.calls.append("exit")
+        self.exited.set()
+
     async def aclose(self) -> None:
         await self.udp.aclose()
         await self.icmp.aclose()
         self.tcp.close_listeners()
+
+
+def role_of(migration: SourceMigration | TargetMigration) -> Role:
+    """The role now (a call, so that mypy does not narrow it across awaits)."""
+    return migration.s.roles.role
 
 
 def session(
@@ -97,7 +110,6 @@ def session(
     precopy_quiet: float = 0.001,
 ) -> Session:
     """A Session as the controller makes one (no repair helper unless given)."""
-    exits: list[None] = []
     return Session(
         host=host,
         roles=RoleMachine(role),
@@ -105,6 +117,6 @@ def session(
         nursery=nursery,
         counters=MigrationCounters(),
         linger=linger,
-        handed_over=lambda: exits.append(None),
+        handed_over=host.exit,
         precopy_quiet=precopy_quiet,
     )
