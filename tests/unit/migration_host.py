@@ -1,6 +1,6 @@
 """An in-memory MigrationHost for driving the migration layer without root (no tests here).
 
-Real flow tables (ferryd.flows) on a recording guest (FakeGuest), no
+Real flow tables (ferryd.flows) on recording guests (FakeGuest, TcpGuest), no
 frontend and no data-path tasks: :meth:`MemoryHost.stop`,
 :meth:`~MemoryHost.start` and the handover only record what migration asked
 for, in order, in :attr:`MemoryHost.calls`. A fake is fine here: the
@@ -12,7 +12,9 @@ byte for byte through a real stream.
 from __future__ import annotations
 
 import socket
-from typing import Any, cast
+import struct
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -27,7 +29,39 @@ from ferryd.migration.session import MigrationCounters, Session
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.target import TargetMigration
 from ferryd.wire.ip import IpAddress
-from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations
+from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations, guest_of
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One TCP segment sent to the guest, as the guest reads it."""
+
+    seq: int
+    ack: int
+    flags: int
+    payload: bytes
+
+
+class TcpGuest:
+    """The TCP flows' GuestPort: records every segment."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def send_ip(
+        self,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: int,
+        l4: bytes,
+        payload: bytes | memoryview = b"",
+        csum_offset: int | None = None,
+    ) -> None:
+        seq, ack = struct.unpack_from("!II", l4, 4)
+        self.segments.append(Segment(seq, ack, l4[13], bytes(l4[(l4[12] >> 4) * 4 :]) + payload))
+
+    def guest_address(self, version: int) -> IpAddress | None:
+        return guest_of(version)
 
 
 class MemoryHost:
@@ -50,9 +84,10 @@ class MemoryHost:
     def _build(self, link: LinkConfig) -> None:
         self.link = link
         self.guest = FakeGuest()
+        self.tcp_guest = TcpGuest()
         self.guest_mac: bytes | None = None
         kw: dict[str, Any] = {"destinations": self.destinations}
-        self.tcp = TcpFlows(cast(Any, self.guest), link, self.nursery, **kw)
+        self.tcp = TcpFlows(self.tcp_guest, link, self.nursery, **kw)
         self.udp = UdpFlows(self.guest, link, self.nursery, **kw)
         self.icmp = IcmpFlows(self.guest, link, self.nursery, **kw)
 
