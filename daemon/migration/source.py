@@ -145,7 +145,7 @@ class SourceMigration:
     def __init__(self, session: Session) -> None:
         self.s = session
         self.roles = session.roles
-        self.daemon = session.host
+        self.host = session.host
         self.repair_source = session.repair
         self.repair: RepairClient | None = None
         self.same_netns = False
@@ -187,7 +187,7 @@ class SourceMigration:
 
     async def precopy(self, fd: int) -> dict[str, Any]:
         """Start the stream while the guest runs: header and the quiet TCP connections."""
-        d = self.daemon
+        d = self.host
         stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
         try:
             self.roles.step(Event.PRECOPY, "cannot pre-copy: this ferryd is {role}")
@@ -270,7 +270,7 @@ class SourceMigration:
 
     async def _unhold(self, held: list[TcpConn]) -> None:
         """A pre-copy batch failed half-way: repair OFF again (fresh helper), release."""
-        d = self.daemon
+        d = self.host
         try:
             repair = await self.repair_source.get()
             await repair.set_repair([c.sock for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
@@ -287,7 +287,7 @@ class SourceMigration:
         self.roles.step(Event.PRECOPY_DROPPED)
 
     def _header(self, *, precopy: bool) -> StreamHeader:
-        d = self.daemon
+        d = self.host
         link = d.link
         return StreamHeader(
             ferry_mac=link.mac,
@@ -303,7 +303,7 @@ class SourceMigration:
 
     async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
         """Freeze and stream: on ``fd``, or on the pre-copy's stream if ``fd`` is None."""
-        d, roles = self.daemon, self.roles
+        d, roles = self.host, self.roles
         if fd is not None:
             stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
             try:
@@ -383,7 +383,7 @@ class SourceMigration:
         }
 
     async def _stream(self, stream: trio.lowlevel.FdStream, counts: dict[str, int]) -> int:
-        d = self.daemon
+        d = self.host
         enc = self.enc
         out = bytearray()
         to_close: list[TcpConn] = []
@@ -510,7 +510,7 @@ class SourceMigration:
             return  # rolled back after the commit: this ferryd keeps the guest
         for conn in self.frozen:
             if conn.sock.fileno() >= 0:
-                self.daemon.tcp.forget(conn)
+                self.host.tcp.forget(conn)
                 close_silently(conn.sock)
         log.info("linger time over: exiting")
         self.s.handed_over()
@@ -608,7 +608,7 @@ class SourceMigration:
             self._retrying = False
 
     async def _rollback_steps(self) -> None:
-        d = self.daemon
+        d = self.host
         await d.stop()  # a freeze cancelled half-way: let it end first
         if self.frozen:
             live = [c for c in self.frozen if c.sock.fileno() >= 0]
