@@ -27,12 +27,12 @@ import logging
 import os
 import resource
 import signal
-import socket
 import stat
 from typing import Any
 
 import trio
 
+from ferryd import migration_control
 from ferryd.config import (
     ConfigError,
     Options,
@@ -42,17 +42,19 @@ from ferryd.config import (
 )
 from ferryd.control import ControlAddressInUse, ControlBindError, ControlError, ControlServer
 from ferryd.counters import Registry, Snapshot
+from ferryd.datapath import DataPath
 from ferryd.descriptors import DescriptorBudget
 from ferryd.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
 from ferryd.flows.destinations import DestinationPolicy, Destinations
-from ferryd.flows.icmp import IcmpFlows
 from ferryd.flows.portspec import ForwardError
-from ferryd.flows.tcp import TcpFlows
-from ferryd.flows.udp import UdpFlows
+from ferryd.frontends.base import Frontend
 from ferryd.frontends.tap import TapFrontend, TapGone, TapSetupError
 from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
 from ferryd.host_addresses import AddressWatch
 from ferryd.link import LinkConfig
+from ferryd.migration.controller import MigrationController
+from ferryd.migration.repair_source import RepairSource
+from ferryd.migration.roles import Role
 from ferryd.privileges import (
     Identity,
     PrivilegeError,
@@ -60,13 +62,10 @@ from ferryd.privileges import (
     needs_bind_service,
     resolve_runas,
 )
-from ferryd.stack import Stack
 from ferryd.syscall_filter import install_syscall_filter
 from ferryd.wire.ethernet import format_mac
 
 log = logging.getLogger("ferryd")
-
-EXPIRY_INTERVAL = 1.0
 
 
 def raise_file_limit() -> int:
@@ -109,101 +108,83 @@ def status_counters(snapshot: Snapshot) -> dict[str, Any]:
         "frame_errors": stack["frame_errors"],
         "flow_errors": sum(snapshot[p]["flow_errors"] for p in ("tcp", "udp", "icmp")),
         "ignored": stack["ignored"],
-        "dropped_out": snapshot["tap"]["dropped_out"],
+        "dropped_out": snapshot["frontend"]["dropped_out"],
         "refused": {p: refusals[p] for p in ("tcp", "udp", "icmp")},
         "refusals_unanswered": refusals["unanswered"],
     }
 
 
 class Daemon:
-    """Owns the frontend, the stack and the flow tables of one guest.
+    """Composes one guest's data path, its migration controller and the control socket.
 
-    Two nurseries: the outer one holds what lives as long as the process
-    (control socket, migration tasks); the data path's (tap reader, timers,
-    the TCP reactor and listeners, every UDP and ICMP flow's task) is
-    cancelled when a migration freezes the guest and started again on
-    rollback, or on a target when it resumes.
+    The layers, each knowing only those below it: the frontend (a tap:
+    ferryd.frontends) under the data path (ferryd.datapath: the stack, the
+    flow tables and their tasks), which the migration controller
+    (ferryd.migration) drives through the narrow interface it defines
+    (ferryd.migration.host); the control socket (ferryd.control) reaches
+    the controller through ferryd.migration_control. Only this class knows
+    them all, and nothing imports this module.
+
+    Task lifetimes: what lives as long as the process (the address watch,
+    the control socket, the migrations' background tasks) runs in the outer
+    nursery; the data path's tasks run in generations inside it
+    (DataPath.run), cancelled when a migration freezes the guest and
+    started again on rollback, or on a target when it resumes.
     """
 
     def __init__(
-        self, opts: Options, link: LinkConfig, tap: TapFrontend, runas: Identity | None = None
+        self, opts: Options, link: LinkConfig, frontend: Frontend, runas: Identity | None = None
     ) -> None:
         self.opts = opts
         self.runas = runas
-        self.tap = tap
         # Every flow's socket counts against RLIMIT_NOFILE (ferryd.descriptors).
         listeners = sum(
             1 if fwd.bind is not None else 2
             for spec in (*opts.tcp_forwards, *opts.udp_forwards)
             for fwd in spec
         )
-        self.budget = DescriptorBudget.from_rlimit(listeners)
-        self.budget.warn_if_short(opts.max_flows)
+        budget = DescriptorBudget.from_rlimit(listeners)
+        budget.warn_if_short(opts.max_flows)
         self.host_addresses = AddressWatch()
         policy = DestinationPolicy(link, opts.map_gw, opts.no_link_local)
-        self.destinations = Destinations(policy.with_host_addresses(self.host_addresses.addresses))
-        """Where the guest may send (all protocols), and the refusals' counters."""
+        destinations = Destinations(policy.with_host_addresses(self.host_addresses.addresses))
         self.counters = Registry()
         """Everything ferryd counts, by component (``ferryctl status``, ``counters``)."""
-        self.counters.add("tap", tap.counters)
-        self.counters.add("refusals", self.destinations.counters)
-        self.counters.add("descriptors", self.budget.counters)
-        # self.counters.add("migration", ...): the migration controller's MigrationCounters.
-        self.build(link, trio.current_time())
-        self.ready = False
-        self.role = "incoming" if opts.incoming else "running"
-        self.host_netns = os.stat("/proc/self/ns/net").st_ino
-        self.outer: trio.Nursery | None = None
-        self._data_scope: trio.CancelScope | None = None
-        self._data_done = trio.Event()
-        self._data_done.set()
-        self.repair_source: Any = None
-        self.migration: Any = None
-        self.stranded: list[socket.socket] = []
-        """Sockets a failed migration could not close silently: kept open, unused."""
-        """The migration in progress (ferryd.migration.source/target), if any."""
+        self.data = DataPath(
+            frontend, link, destinations, budget, opts.max_flows, trio.current_time(), self.counters
+        )
         self.exit_requested = trio.Event()
-
-    def build(self, link: LinkConfig, now: float) -> None:
-        """A stack and empty flow tables for ``link`` (no tasks yet)."""
-        self.link = link
-        self.stack = Stack(link, self.tap, now)
-        self.destinations.set_link(link)
-        kw: dict[str, Any] = {
-            "destinations": self.destinations,
-            "limit": self.opts.max_flows,
-            "budget": self.budget,
-        }
-        self.udp = UdpFlows(self.stack, link, None, **kw)
-        self.icmp = IcmpFlows(self.stack, link, None, **kw)
-        self.tcp = TcpFlows(self.stack, link, None, **kw)
-        self.budget.track(f.table for f in (self.tcp, self.udp, self.icmp))
-        self.stack.udp, self.stack.icmp, self.stack.tcp = self.udp, self.icmp, self.tcp
-        self.counters.add("stack", self.stack.counters)
-        for name, flows in (("tcp", self.tcp), ("udp", self.udp), ("icmp", self.icmp)):
-            self.counters.add(name, flows.counters)
+        self.migration = MigrationController(
+            self.data,
+            RepairSource(opts.repair_socket, opts.repair_listen),
+            incoming=opts.incoming,
+            linger=opts.linger,
+            handed_over=self.exit_requested.set,
+        )
+        self.counters.add("migration", self.migration.counters)
+        self.ready = False
+        self.host_netns = os.stat("/proc/self/ns/net").st_ino
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from ferryd.migration import control_handlers
-
+        data = self.data
         async with trio.open_nursery() as outer:
-            self.outer = outer
             outer.start_soon(self._watch_addresses)
+            await outer.start(data.run)
             if not self.opts.incoming:
                 for spec in self.opts.udp_forwards:
                     for fwd in spec:
-                        await self.udp.add_forward(fwd)
+                        await data.udp.add_forward(fwd)
                 for spec in self.opts.tcp_forwards:
                     for fwd in spec:
-                        await self.tcp.add_forward(fwd)
+                        await data.tcp.add_forward(fwd)
             if self.opts.control:
                 control = ControlServer(self.opts.control)
                 control.register("status", self._status)
                 control.register("flows", self._flows)
                 control.register("counters", self._counters)
-                control_handlers.register(control, self)
+                migration_control.register(control, self.migration)
                 await outer.start(control.serve)
-            await control_handlers.setup(self)
+            await outer.start(self.migration.run)
             forwards = self.opts.tcp_forwards + self.opts.udp_forwards
             drop_privileges(
                 self.runas,
@@ -211,88 +192,39 @@ class Daemon:
             )
             install_syscall_filter()
             if not self.opts.incoming:
-                await self.start_data_path()
+                await data.start()
             self.ready = True
-            log.info("ready (%s): %s", self.role, link_summary(self.link))
+            log.info("ready (%s): %s", self.migration.role, link_summary(data.link))
             task_status.started()
 
     async def _watch_addresses(self) -> None:
         """Keep the policy's view of the host's own addresses current."""
         try:
-            await self.host_addresses.watch(self.destinations.set_host_addresses)
+            await self.host_addresses.watch(self.data.destinations.set_host_addresses)
         finally:
             self.host_addresses.close()
-
-    # --- the data path ----------------------------------------------------
-
-    async def start_data_path(self) -> None:
-        assert self.outer is not None
-        self._data_scope = await self.outer.start(self._data_path)
-
-    async def stop_data_path(self) -> None:
-        """Freeze: no frame from the guest, no socket event is handled after this."""
-        if self._data_scope is not None:
-            self._data_scope.cancel()
-            self._data_scope = None
-        await self._data_done.wait()
-
-    async def _data_path(self, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-        self._data_done = trio.Event()
-        try:
-            with trio.CancelScope() as scope:
-                async with trio.open_nursery() as nursery:
-                    for flows in (self.tcp, self.udp, self.icmp):
-                        flows.attach(nursery)
-                    nursery.start_soon(self._frames)
-                    nursery.start_soon(self._timers)
-                    task_status.started(scope)
-        finally:
-            for flows in (self.tcp, self.udp, self.icmp):
-                flows.attach(None)
-            self._data_done.set()
-
-    async def _frames(self) -> None:
-        stack, clock = self.stack, trio.current_time
-        await self.tap.run(
-            lambda frame, trusted: stack.receive_frame(frame, clock(), trusted),
-            lambda: stack.flush(clock()),
-        )
-
-    async def _timers(self) -> None:
-        next_expiry = trio.current_time() + EXPIRY_INTERVAL
-        while True:
-            now = trio.current_time()
-            if now >= next_expiry:
-                self.udp.expire(now)
-                self.icmp.expire(now)
-                next_expiry = now + EXPIRY_INTERVAL
-            self.stack.handle_timer(now)
-            deadline = next_expiry
-            ndp = self.stack.next_timer()
-            if ndp is not None:
-                deadline = min(deadline, ndp)
-            await trio.sleep_until(deadline)
 
     # --- control ----------------------------------------------------------
 
     async def _status(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        data = self.data
         counters = self.counters.snapshot()
         return {
             "ready": self.ready,
-            "role": self.role,
+            "role": str(self.migration.role),
             "host_netns": self.host_netns,
             "frontend": {"kind": "tap", "name": self.opts.tap, "netns": self.opts.netns},
-            "link": link_summary(self.link),
-            "guest_mac": format_mac(self.stack.guest_mac) if self.stack.guest_mac else None,
+            "link": link_summary(data.link),
+            "guest_mac": format_mac(data.stack.guest_mac) if data.stack.guest_mac else None,
             "counters": {**status_counters(counters), **counters},
             "flows": {
-                "tcp": len(self.tcp.table),
-                "udp": len(self.udp.table),
-                "icmp": len(self.icmp.table),
+                "tcp": len(data.tcp.table),
+                "udp": len(data.udp.table),
+                "icmp": len(data.icmp.table),
             },
-            "descriptors": self.budget.snapshot(),
+            "descriptors": data.budget.snapshot(),
             # A source's pending rollback and why (SourceMigration.status).
-            "migration": self.migration.status() if hasattr(self.migration, "status") else None,
+            "migration": self.migration.status(),
         }
 
     async def _counters(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -301,24 +233,25 @@ class Daemon:
     async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         if fds:
             raise ControlError("'flows' takes no file descriptors")
-        return {"flows": self.tcp.snapshot() + self.udp.snapshot() + self.icmp.snapshot()}
+        data = self.data
+        return {"flows": data.tcp.snapshot() + data.udp.snapshot() + data.icmp.snapshot()}
 
 
 async def serve(
-    opts: Options, link: LinkConfig, tap: TapFrontend, runas: Identity | None = None
+    opts: Options, link: LinkConfig, frontend: Frontend, runas: Identity | None = None
 ) -> None:
-    daemon = Daemon(opts, link, tap, runas)
+    daemon = Daemon(opts, link, frontend, runas)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
             nursery.start_soon(_exit_on_request, daemon, nursery.cancel_scope)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
-                if daemon.role in ("running", "restored"):
+                if daemon.migration.role in (Role.RUNNING, Role.RESTORED):
                     # Reset every TCP connection both ways: a guest or a peer
                     # left waiting on a connection nobody serves would hang.
                     # (A migrated source's frozen sockets close silently.)
-                    daemon.tcp.close()
+                    daemon.data.tcp.close()
                 nursery.cancel_scope.cancel()
                 break
 

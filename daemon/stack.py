@@ -31,6 +31,7 @@ from typing import Protocol
 
 from ferryd.bugs import describe_bug
 from ferryd.flows.tcp import reset_for
+from ferryd.frontends.base import FrameSink
 from ferryd.link import LinkConfig
 from ferryd.logthrottle import LogThrottle
 from ferryd.services.arp import answer_arp
@@ -91,19 +92,6 @@ class TcpHandler(Protocol):
     def flush(self, now: float) -> None: ...
 
 
-class Frontend(Protocol):
-    """What the stack needs of a frontend (tap, QEMU stream, vhost-user)."""
-
-    csum_offload: bool
-    """True if frames may leave the L4 checksum to the guest's kernel."""
-
-    def send(self, frame: bytes) -> None: ...
-
-    def send_partial(
-        self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None: ...
-
-
 @dataclass
 class StackCounters:
     frames_in: int = 0
@@ -117,7 +105,7 @@ class StackCounters:
 class Stack:
     """Dispatches guest frames; adds headers to what flows send back."""
 
-    def __init__(self, link: LinkConfig, frontend: Frontend, now: float) -> None:
+    def __init__(self, link: LinkConfig, frontend: FrameSink, now: float) -> None:
         self.link = link
         self._frontend = frontend
         self._send_frame = frontend.send

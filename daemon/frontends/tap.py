@@ -45,10 +45,10 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
+from ferryd.frontends.base import FrontendCounters, OnBurstEnd, OnFrame
 from ferryd.link import LinkConfig
 from ferryd.netns import run_in_netns
 
@@ -210,18 +210,12 @@ def _config_net(ipr: object, index: int, link: LinkConfig) -> None:
         )
 
 
-@dataclass
-class TapCounters:
-    """What crossed the tap, and what it could not take (counted, never logged per frame)."""
-
-    frames_in: int = 0
-    frames_out: int = 0
-    dropped_out: int = 0
-    """Frames for the guest dropped: its queue was full, or the tap is down."""
-
-
 class TapFrontend:
-    """A tap device's fd, with a draining reader and a non-blocking writer."""
+    """A tap device's fd, with a draining reader and a non-blocking writer.
+
+    Implements :class:`ferryd.frontends.base.Frontend`; the handover is the
+    tap's multi-queue: each ferryd holds one queue of the same device.
+    """
 
     def __init__(self, fd: int, *, attached: bool = True) -> None:
         self.fd = fd
@@ -229,15 +223,19 @@ class TapFrontend:
         """Whether this queue receives the guest's frames (not so for --incoming)."""
         self._buf = bytearray(_MAX_FRAME)
         self._view = memoryview(self._buf)
-        self.counters = TapCounters()
+        self.counters = FrontendCounters()
 
-    def detach_queue(self) -> None:
-        """Stop receiving the guest's frames (a migration's source, at its freeze)."""
+    def hand_over(self) -> None:
+        """Stop receiving the guest's frames (a migration's source, at its freeze).
+
+        Detaching our queue makes tun steer every flow to the queue that
+        remains (the target's): nothing the guest sends meanwhile is lost.
+        """
         if self.attached:
             _set_queue(self.fd, IFF_DETACH_QUEUE)
             self.attached = False
 
-    def attach_queue(self) -> None:
+    def take_over(self) -> None:
         """Start receiving the guest's frames (a migration's target, before the freeze)."""
         if not self.attached:
             _set_queue(self.fd, IFF_ATTACH_QUEUE)
@@ -313,9 +311,7 @@ class TapFrontend:
             if exc.errno != errno.EIO:
                 log.warning("tap write failed: %s", exc)
 
-    async def run(
-        self, on_frame: Callable[[memoryview, bool], None], on_burst_end: Callable[[], None]
-    ) -> None:
+    async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         """Deliver every frame the guest sends, until cancelled.
 
         ``on_frame(frame, trusted)``: ``trusted`` means the guest's kernel
@@ -333,7 +329,7 @@ class TapFrontend:
                 await trio.lowlevel.checkpoint()
             on_burst_end()
 
-    def _burst(self, on_frame: Callable[[memoryview, bool], None], limit: int = _BURST) -> bool:
+    def _burst(self, on_frame: OnFrame, limit: int = _BURST) -> bool:
         """Deliver up to ``limit`` queued frames; True unless the queue ran dry."""
         readv, fd, buf, view, counters = os.readv, self.fd, [self._buf], self._view, self.counters
         trust = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
@@ -352,12 +348,7 @@ class TapFrontend:
             on_frame(view[VNET_HDR_LEN:n], bool(view[0] & trust))
         return True
 
-    def drain(
-        self,
-        on_frame: Callable[[memoryview, bool], None],
-        on_burst_end: Callable[[], None],
-        budget: float = 0.002,
-    ) -> None:
+    def drain(self, on_frame: OnFrame, on_burst_end: OnBurstEnd, budget: float = 0.002) -> None:
         """Deliver, without waiting, the frames queued now, for about ``budget`` seconds.
 
         A migration's source calls it right before detaching its queue: the

@@ -37,16 +37,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-from ferryd.control import ControlError
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.linux import SO_PEEK_OFF
+from ferryd.migration import sockstate
+from ferryd.migration.errors import RepairUnavailable, StreamRejected
 from ferryd.migration.flowstate import apply_guest_state
+from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import (
     FlowRecord,
@@ -55,55 +57,45 @@ from ferryd.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from ferryd.migration.repair_client import RepairClient, RepairListener, RepairMode
-from ferryd.migration.sockstate import (
-    close_silently,
-    finish_restore,
-    new_socket_for,
-    restore_in_repair,
-    reuse_after_repair_off,
-)
+from ferryd.migration.repair_client import RepairClient, RepairMode
+from ferryd.migration.repair_source import RepairSource
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from ferryd.wire.tcp import ACK, RST, build_tcp
-
-if TYPE_CHECKING:
-    from ferryd.main import Daemon
 
 log = logging.getLogger("ferryd.migration")
 
 BATCH = 253  # SCM_MAX_FD: one ferry-repair message
 
 
-class RepairSource:
-    """Where this ferryd gets its repair helper from (--repair-socket/--repair-listen)."""
+class KernelRepair(Protocol):
+    """The kernel's side of restoring a TCP socket: ferryd.migration.sockstate.
 
-    def __init__(self, connect: str | None, listen: str | None) -> None:
-        self.connect_path = connect
-        self.listen_path = listen
-        self._listener: RepairListener | None = None
-        self._client: RepairClient | None = None
+    A port, so that a test without CAP_NET_ADMIN (no socket ever enters
+    repair mode then) can drive the restorer with a double of it.
+    """
 
-    async def setup(self) -> None:
-        if self.listen_path:
-            self._listener = await RepairListener.bind(self.listen_path)
+    def new_socket_for(self, state: TcpKernelState) -> socket.socket: ...
 
-    async def get(self) -> RepairClient:
-        if self._client is not None and not self._client.closed:
-            return self._client
-        if self.connect_path:
-            self._client = await RepairClient.connect(self.connect_path)
-        elif self._listener is not None:
-            with trio.move_on_after(10) as scope:
-                self._client = await self._listener.accept()
-            if scope.cancelled_caught:
-                raise ControlError(f"no repair helper connected to {self.listen_path} within 10 s")
-        else:
-            raise ControlError(
-                "migrating TCP connections needs the repair helper: start ferryd with "
-                "--repair-socket PATH (ferry-repair --listen PATH) or --repair-listen PATH"
-            )
-        assert self._client is not None
-        return self._client
+    def restore_in_repair(self, sock: socket.socket, state: TcpKernelState) -> None: ...
+
+    def finish_restore(self, sock: socket.socket, state: TcpKernelState) -> int: ...
+
+    def close_silently(self, sock: socket.socket) -> None: ...
+
+    def reuse_after_repair_off(self, socks: list[socket.socket]) -> None: ...
+
+
+class _Linux:
+    """KernelRepair as the kernel does it (ferryd.migration.sockstate)."""
+
+    new_socket_for = staticmethod(sockstate.new_socket_for)
+    restore_in_repair = staticmethod(sockstate.restore_in_repair)
+    finish_restore = staticmethod(sockstate.finish_restore)
+    close_silently = staticmethod(sockstate.close_silently)
+    reuse_after_repair_off = staticmethod(sockstate.reuse_after_repair_off)
+
+
+LINUX: KernelRepair = _Linux()
 
 
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
@@ -111,9 +103,15 @@ def ends_of(rec: TcpFlowRecord) -> Endpoints:
 
 
 class Restorer:
-    def __init__(self, daemon: Daemon, repair: RepairClient | RepairSource | None) -> None:
-        self.d = daemon
+    def __init__(
+        self,
+        host: MigrationHost,
+        repair: RepairClient | RepairSource | None,
+        kernel: KernelRepair = LINUX,
+    ) -> None:
+        self.d = host
         self._repair = repair
+        self.kernel = kernel
         self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord]] = []
         self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord]] = {}
         self.in_repair: dict[int, socket.socket] = {}
@@ -139,7 +137,7 @@ class Restorer:
         if isinstance(self._repair, RepairSource):
             self._repair = await self._repair.get()
         if self._repair is None:
-            raise ControlError("no repair helper for restoring TCP connections")
+            raise RepairUnavailable("no repair helper for restoring TCP connections")
         return self._repair
 
     async def add(self, rec: FlowRecord, index: int = -1) -> None:
@@ -147,7 +145,7 @@ class Restorer:
             ends = ends_of(rec)
             if ends in self.restored:
                 if self.in_precopy or not self._drop(ends):
-                    raise ControlError(
+                    raise StreamRejected(
                         f"the stream names TCP {ends.guest_addr}:{ends.guest_port} -> "
                         f"{ends.remote_addr}:{ends.remote_port} twice"
                     )
@@ -158,7 +156,7 @@ class Restorer:
             if self.in_precopy:
                 self.precopied[index] = ends
             state = rec.kernel
-            self.pending.append((new_socket_for(state), state, rec))
+            self.pending.append((self.kernel.new_socket_for(state), state, rec))
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
@@ -205,7 +203,7 @@ class Restorer:
         self.in_repair.clear()
         # The stream's listeners and later connections on the same port are
         # bound next to these.
-        reuse_after_repair_off(socks)
+        self.kernel.reuse_after_repair_off(socks)
         for sock in socks:
             self.live[id(sock)] = sock
 
@@ -224,13 +222,13 @@ class Restorer:
             self.to_close = closing  # discard() tries again
             raise
         for sock in closing:
-            close_silently(sock)
+            self.kernel.close_silently(sock)
         self.repair_passes += 1
         for sock in socks:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
         for sock, state, rec in batch:
-            restore_in_repair(sock, state)
+            self.kernel.restore_in_repair(sock, state)
             sock.setblocking(False)
             version = 6 if state.family == 6 else 4
             ends = ends_of(rec)
@@ -289,17 +287,17 @@ class Restorer:
         for ends, (conn, state, _) in self.restored.items():
             if ends in standing:
                 continue  # unchanged through the freeze: nothing to finish
-            sent = finish_restore(conn.sock, state)
+            sent = self.kernel.finish_restore(conn.sock, state)
             if sent < state.unsent:
                 conn.restore_tail = (state, sent)
                 conn.want_writable = True
-        await self.d.start_data_path()
+        await self.d.start()
         now = trio.current_time()
         for ends, (conn, _, rec) in self.restored.items():
             if ends in standing:
                 continue  # the guest has its ACK and window; the data path armed it
             if conn.closed:
-                # Ended by the data path already: start_data_path() lets its
+                # Ended by the data path already: start() lets its
                 # tasks run, and the guest's first frames may close a flow.
                 continue
             if rec.handshake:
@@ -324,7 +322,7 @@ class Restorer:
                 RST | ACK,
                 0,
             )
-            self.d.stack.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
+            self.d.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
         # Arm every connection now (the reactor would in its first round):
         # resumed means every connection is listened to again.
         self.d.tcp.flush(now)
@@ -364,7 +362,7 @@ class Restorer:
         for sock in self.in_repair.values():
             if sock.fileno() >= 0:
                 try:
-                    close_silently(sock)
+                    self.kernel.close_silently(sock)
                 except Exception as exc:  # not in repair mode after all: plain close
                     log.warning("closing a restored socket: %s", exc)
                     sock.close()

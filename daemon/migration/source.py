@@ -2,7 +2,7 @@
 
 Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
 
-1. Stop the data path: the tap reader and every flow task are cancelled, so
+1. Stop the data path: the frontend's reader and every flow task are cancelled, so
    no frame from the guest and no socket event is handled any more.
 2. Freeze each TCP socket's intake (a drop-all socket filter: a socket in
    repair mode would otherwise keep ACKing data that then exists nowhere)
@@ -10,8 +10,8 @@ Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
    ferry-repair.
 3. Stream: the header (the guest's link), the forwarding listeners, one
    record per flow, dumped as it is written (no staging area), a trailer.
-4. Keep the frozen sockets until told the outcome (the guest's tap queue
-   was detached at the freeze, so the target's queue collects what the
+4. Keep the frozen sockets until told the outcome (the guest's frames
+   were handed over at the freeze, so the target's frontend collects what the
    guest sends meanwhile). Commit: keep the sockets (silently dropping whatever still
    reaches them, so this host never resets a connection the target now
    owns) for ``--linger`` seconds, then exit. Abort, a failed write, or no
@@ -37,7 +37,8 @@ namespace). Restoring a socket costs the target far more than dumping it
 costs the source, and a thousand idle connections do not change in the
 second before a freeze. So while the guest still runs, the quiet
 connections (established, nothing in flight either way for
-:data:`PRECOPY_QUIET`) are dumped in batches: each batch is held (the data
+:data:`~ferryd.migration.session.PRECOPY_QUIET`, a setting of the
+controller) are dumped in batches: each batch is held (the data
 path leaves those connections alone and drops the guest's segments for
 them, which the guest retransmits), repair ON, dump, repair OFF without a
 window probe, released — a few milliseconds per batch. The records go
@@ -61,13 +62,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from ferryd.control import ControlError
 from ferryd.flows.tcp_conn import CLOSING, State, TcpConn
 from ferryd.migration import restore
+from ferryd.migration.errors import MigrationAborted, MigrationFailed
 from ferryd.migration.flowstate import tcp_record
 from ferryd.migration.records import (
     FlowRecord,
@@ -78,6 +79,8 @@ from ferryd.migration.records import (
     UdpFlowRecord,
 )
 from ferryd.migration.repair_client import RepairClient, RepairMode
+from ferryd.migration.roles import ROLLBACK_ROLES, Event, Role
+from ferryd.migration.session import Session
 from ferryd.migration.sockstate import (
     SocketStateError,
     close_silently,
@@ -88,9 +91,6 @@ from ferryd.migration.sockstate import (
 from ferryd.migration.stream import StreamEncoder
 from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
-if TYPE_CHECKING:
-    from ferryd.main import Daemon
-
 log = logging.getLogger("ferryd.migration")
 
 #: A frozen source that hears neither commit nor abort rolls back by itself.
@@ -98,23 +98,12 @@ OUTCOME_TIMEOUT = 120.0
 #: Records are written to the stream in chunks of about this size.
 CHUNK = 256 * 1024
 SOFTWARE_VERSION = "ferry 0.1.0"
-#: A connection is pre-copied only if nothing moved on it for this long.
-PRECOPY_QUIET = 0.05
 #: Connections held at once for a pre-copy dump (one ferry-repair message).
 PRECOPY_BATCH = 128
 #: A rollback that could not reach the helper is tried again after this many
 #: seconds, doubling up to :data:`ROLLBACK_RETRY_MAX`.
 ROLLBACK_RETRY_FIRST = 0.25
 ROLLBACK_RETRY_MAX = 5.0
-
-#: The role of a source whose rollback is not complete (the helper was unreachable).
-ROLLBACK_PENDING = "rollback-pending"
-#: Roles in which a rollback has something to undo.
-_ROLLBACK_ROLES = frozenset({"migrating", "frozen", "migrated", ROLLBACK_PENDING})
-
-
-class MigrationAborted(Exception):
-    """migrate-abort stopped a pre-copy or a freeze in progress."""
 
 
 def _why(exc: BaseException) -> str:
@@ -140,7 +129,7 @@ def _guest_mark(conn: TcpConn) -> _GuestMark:
     )
 
 
-def _precopy_candidate(conn: TcpConn, now: float) -> bool:
+def _precopy_candidate(conn: TcpConn, now: float, quiet: float) -> bool:
     return (
         conn.state is State.ESTABLISHED
         and not conn.flags & CLOSING
@@ -148,14 +137,16 @@ def _precopy_candidate(conn: TcpConn, now: float) -> bool:
         and not conn.ack_due
         and conn.restore_tail is None
         and not conn.want_writable
-        and now - conn.last_progress >= PRECOPY_QUIET
+        and now - conn.last_progress >= quiet
     )
 
 
 class SourceMigration:
-    def __init__(self, daemon: Daemon, repair: restore.RepairSource) -> None:
-        self.daemon = daemon
-        self.repair_source = repair
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.roles = session.roles
+        self.host = session.host
+        self.repair_source = session.repair
         self.repair: RepairClient | None = None
         self.same_netns = False
         self.conns: list[TcpConn] = []
@@ -196,12 +187,13 @@ class SourceMigration:
 
     async def precopy(self, fd: int) -> dict[str, Any]:
         """Start the stream while the guest runs: header and the quiet TCP connections."""
-        d = self.daemon
+        d = self.host
         stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
-        if d.role != "running":
+        try:
+            self.roles.step(Event.PRECOPY, "cannot pre-copy: this ferryd is {role}")
+        except BaseException:
             await stream.aclose()
-            raise ControlError(f"cannot pre-copy: this ferryd is {d.role}")
-        d.role = "precopying"
+            raise
         self.stream = stream
         t0 = time.monotonic()
         held: list[TcpConn] = []
@@ -211,7 +203,8 @@ class SourceMigration:
                 self._work = work
                 out = bytearray(self.enc.header(self._header(precopy=True)))
                 now = trio.current_time()
-                quiet = [f.handle for f in d.tcp.table if _precopy_candidate(f.handle, now)]
+                wait = self.s.precopy_quiet
+                quiet = [f.handle for f in d.tcp.table if _precopy_candidate(f.handle, now, wait)]
                 if quiet:
                     repair = self.repair = await self.repair_source.get()
                 for start in range(0, len(quiet), PRECOPY_BATCH):
@@ -256,17 +249,17 @@ class SourceMigration:
                 raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:  # as migrate_out: any failure undoes the pre-copy
             log.warning("pre-copy failed: %s", _why(exc))
+            self.s.counters.out_failed += 1
             with trio.CancelScope(shield=True):
                 if held:
                     await self._unhold(held)
                 await self._drop_precopy()
-            raise ControlError(f"pre-copy failed ({_why(exc)}); nothing changed here") from exc
+            raise MigrationFailed(f"pre-copy failed ({_why(exc)}); nothing changed here") from exc
         finally:
             self._work = None
             self._work_done.set()
-        d.role = "precopied"
-        assert d.outer is not None
-        d.outer.start_soon(self._outcome_watchdog)
+        self.roles.step(Event.PRECOPIED)
+        self.s.nursery.start_soon(self._outcome_watchdog)
         self.precopy_timings = {"precopy": (time.monotonic() - t0) * 1e3}
         log.info("migration: pre-copied %d TCP connections", len(self.precopied))
         return {
@@ -277,7 +270,7 @@ class SourceMigration:
 
     async def _unhold(self, held: list[TcpConn]) -> None:
         """A pre-copy batch failed half-way: repair OFF again (fresh helper), release."""
-        d = self.daemon
+        d = self.host
         try:
             repair = await self.repair_source.get()
             await repair.set_repair([c.sock for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
@@ -291,17 +284,17 @@ class SourceMigration:
             await self.stream.aclose()
             self.stream = None
         self.precopied.clear()
-        self.daemon.role = "running"
+        self.roles.step(Event.PRECOPY_DROPPED)
 
     def _header(self, *, precopy: bool) -> StreamHeader:
-        d = self.daemon
+        d = self.host
         link = d.link
         return StreamHeader(
             ferry_mac=link.mac,
             mtu=link.mtu,
             ipv4=link.ipv4,
             ipv6=link.ipv6,
-            guest_mac=d.stack.guest_mac,
+            guest_mac=d.guest_mac,
             flow_count_hint=len(d.tcp.table) + len(d.udp.table) + len(d.icmp.table),
             software_version=SOFTWARE_VERSION,
             frozen_at_ns=None if precopy else time.time_ns(),
@@ -310,25 +303,27 @@ class SourceMigration:
 
     async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
         """Freeze and stream: on ``fd``, or on the pre-copy's stream if ``fd`` is None."""
-        d = self.daemon
+        d, roles = self.host, self.roles
         if fd is not None:
             stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
-            if d.role != "running":
+            try:
+                roles.step(Event.FREEZE, "cannot migrate out: this ferryd is {role}")
+            except BaseException:
                 await stream.aclose()
-                raise ControlError(f"cannot migrate out: this ferryd is {d.role}")
+                raise
         else:
-            if d.role != "precopied" or self.stream is None:
-                raise ControlError(
-                    f"migrate-out without a stream needs a pre-copy first (this ferryd is {d.role})"
-                )
+            refusal = "migrate-out without a stream needs a pre-copy first (this ferryd is {role})"
+            roles.check(Event.FREEZE_PRECOPIED, refusal)
+            if self.stream is None:
+                raise MigrationFailed(refusal.format(role=roles.role))
             stream = self.stream
             if same_netns:
                 await self._drop_precopy()
-                raise ControlError("no pre-copy in the target's network namespace")
+                raise MigrationFailed("no pre-copy in the target's network namespace")
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
-        d.role = "migrating"
+            roles.step(Event.FREEZE_PRECOPIED)
         self.same_netns = same_netns
         t_freeze = time.monotonic()
         counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
@@ -336,19 +331,13 @@ class SourceMigration:
         try:
             with trio.CancelScope() as work:
                 self._work = work
-                await d.stop_data_path()
-                # What the guest already queued for us is handled now: detaching drops
-                # it (TapFrontend.drain). From the detach on the guest's frames go to
-                # the target's queue (attached at its migrate-in or wait-precopy),
-                # which holds them until it resumes: nothing the guest sends during
-                # the downtime is lost (tun steers every flow to the remaining queue
-                # once ours is detached).
-                stack, now = d.stack, trio.current_time()
-                d.tap.drain(
-                    lambda frame, trusted: stack.receive_frame(frame, now, trusted),
-                    lambda: stack.flush(now),
-                )
-                d.tap.detach_queue()
+                await d.stop()
+                # What the guest already queued for us is handled now: handing
+                # over drops it. From the handover on the guest's frames go to
+                # the target (taken over at its migrate-in or wait-precopy),
+                # which holds them until it resumes: nothing the guest sends
+                # during the downtime is lost.
+                d.hand_over(drain=True)
                 t_stopped = time.monotonic()
                 self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
                 repairable = [c for c in self.conns if c.state is not State.CONNECTING]
@@ -365,19 +354,21 @@ class SourceMigration:
                 raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:
             log.warning("migration failed: %s; rolling back", _why(exc))
+            self.s.counters.out_failed += 1
             await trio.lowlevel.checkpoint()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
                 rolled_back = await self.rollback()
-            raise ControlError(
+            raise MigrationFailed(
                 self.rollback_outcome(f"migration failed ({_why(exc)})", rolled_back)
             ) from exc
         finally:
             self._work = None
             self._work_done.set()
-        d.role = "frozen"
-        assert d.outer is not None
-        d.outer.start_soon(self._outcome_watchdog)
+        roles.step(Event.STREAMED)
+        self.s.nursery.start_soon(self._outcome_watchdog)
+        self.s.counters.last_downtime_ms = (t_dumped - t_freeze) * 1e3
+        self.s.counters.last_connections = counts["tcp"]
         self.timings = {
             "stop": (t_stopped - t_freeze) * 1e3,
             "freeze_repair_on": (t_repaired - t_stopped) * 1e3,
@@ -392,7 +383,7 @@ class SourceMigration:
         }
 
     async def _stream(self, stream: trio.lowlevel.FdStream, counts: dict[str, int]) -> int:
-        d = self.daemon
+        d = self.host
         enc = self.enc
         out = bytearray()
         to_close: list[TcpConn] = []
@@ -495,64 +486,64 @@ class SourceMigration:
             self._watchdog = None
         if scope.cancelled_caught:
             return
-        if self.daemon.role == "precopied":
+        if self.roles.role is Role.PRECOPIED:
             log.warning("migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT)
             await self._drop_precopy()
-        elif self.daemon.role == "frozen":
+        elif self.roles.role is Role.FROZEN:
             log.warning("migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT)
             await self.rollback()
 
     async def commit(self) -> dict[str, Any]:
-        d = self.daemon
-        if d.role != "frozen":
-            raise ControlError(f"nothing to commit: this ferryd is {d.role}")
+        self.roles.step(Event.COMMIT, "nothing to commit: this ferryd is {role}")
         if self._watchdog is not None:
             self._watchdog.cancel()
-        d.role = "migrated"
-        assert d.outer is not None
+        self.s.counters.out_completed += 1
         self._linger_scope = trio.CancelScope()
-        d.outer.start_soon(self._linger, self._linger_scope)
-        log.info("migration committed: guest handed over; lingering %.0f s", d.opts.linger)
-        return {"linger": d.opts.linger}
+        self.s.nursery.start_soon(self._linger, self._linger_scope)
+        log.info("migration committed: guest handed over; lingering %.0f s", self.s.linger)
+        return {"linger": self.s.linger}
 
     async def _linger(self, scope: trio.CancelScope) -> None:
         with scope:
-            await trio.sleep(self.daemon.opts.linger)
+            await trio.sleep(self.s.linger)
         if scope.cancelled_caught:
             return  # rolled back after the commit: this ferryd keeps the guest
         for conn in self.frozen:
             if conn.sock.fileno() >= 0:
-                self.daemon.tcp.forget(conn)
+                self.host.tcp.forget(conn)
                 close_silently(conn.sock)
         log.info("linger time over: exiting")
-        self.daemon.exit_requested.set()
+        self.s.handed_over()
 
     async def abort(self) -> dict[str, Any]:
         """Undo whatever this migration did on this side; see the module docstring.
 
-        Answers with the role reached; raises ControlError only if the
+        Answers with the role reached; raises MigrationFailed only if the
         rollback could not be completed (the error says why and what
         happens next).
         """
-        d = self.daemon
+        roles = self.roles
         stopped = self._work is not None
         if self._work is not None:
             # A pre-copy or a freeze in progress: stop it; it undoes itself
             # (a freeze rolls back) before its own request answers.
             self._work.cancel()
         await self._work_done.wait()
-        if d.role == "precopied":
+        if roles.role is Role.PRECOPIED:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             await self._drop_precopy()
-            return {"role": d.role, "note": "pre-copy dropped"}
-        if d.role in _ROLLBACK_ROLES:
+            return {"role": str(roles.role), "note": "pre-copy dropped"}
+        if roles.role in ROLLBACK_ROLES:
             if not await self.rollback():
-                raise ControlError(self.rollback_outcome("migrate-abort", False))
-            return {"role": d.role, "note": "rolled back, nothing lost"}
+                raise MigrationFailed(self.rollback_outcome("migrate-abort", False))
+            return {"role": str(roles.role), "note": "rolled back, nothing lost"}
         if stopped:
-            return {"role": d.role, "note": "stopped the migration in progress; nothing lost"}
-        return {"role": d.role, "note": "no migration in progress: nothing to undo"}
+            return {
+                "role": str(roles.role),
+                "note": "stopped the migration in progress; nothing lost",
+            }
+        return {"role": str(roles.role), "note": "no migration in progress: nothing to undo"}
 
     def rollback_outcome(self, what: str, rolled_back: bool) -> str:
         """What a failed migration or an abort tells ferryctl: exactly what happened."""
@@ -560,7 +551,7 @@ class SourceMigration:
             return f"{what}; rolled back, nothing lost"
         return (
             f"{what}; rollback incomplete: {self.rollback_error}. The guest's TCP connections"
-            f" stay frozen here (role {self.daemon.role}); ferryd keeps retrying every"
+            f" stay frozen here (role {self.roles.role}); ferryd keeps retrying every"
             f" {ROLLBACK_RETRY_MAX:g} s at most, and migrate-abort retries at once"
         )
 
@@ -572,10 +563,10 @@ class SourceMigration:
         background task tries again). Safe to call again at any point: each
         step is repeated only until it succeeded once.
         """
-        d = self.daemon
+        roles = self.roles
         async with self._rollback_lock:
-            if d.role not in _ROLLBACK_ROLES:
-                return d.role == "running"  # someone else (a retry, an abort) finished it
+            if roles.role not in ROLLBACK_ROLES:
+                return roles.role is Role.RUNNING  # someone else (a retry, an abort) finished it
             if self._watchdog is not None:
                 self._watchdog.cancel()
             if self._linger_scope is not None:
@@ -584,8 +575,8 @@ class SourceMigration:
             try:
                 await self._rollback_steps()
             except Exception as exc:
-                first = d.role != ROLLBACK_PENDING
-                d.role = ROLLBACK_PENDING
+                first = roles.role is not Role.ROLLBACK_PENDING
+                roles.step(Event.ROLLBACK_FAILED)
                 self.rollback_error = str(exc)
                 if first:
                     log.error(
@@ -596,6 +587,7 @@ class SourceMigration:
                 self._retry_in_background()
                 return False
             self.rollback_error = None
+            self.s.counters.out_rolled_back += 1
             log.info("migration rolled back: running again with every connection")
             return True
 
@@ -603,13 +595,12 @@ class SourceMigration:
         if self._retrying:
             return
         self._retrying = True
-        assert self.daemon.outer is not None
-        self.daemon.outer.start_soon(self._retry_rollback)
+        self.s.nursery.start_soon(self._retry_rollback)
 
     async def _retry_rollback(self) -> None:
         delay = ROLLBACK_RETRY_FIRST
         try:
-            while self.daemon.role == ROLLBACK_PENDING:
+            while self.roles.role is Role.ROLLBACK_PENDING:
                 await trio.sleep(delay)
                 delay = min(delay * 2, ROLLBACK_RETRY_MAX)
                 await self.rollback()
@@ -617,8 +608,8 @@ class SourceMigration:
             self._retrying = False
 
     async def _rollback_steps(self) -> None:
-        d = self.daemon
-        await d.stop_data_path()  # a freeze cancelled half-way: let it end first
+        d = self.host
+        await d.stop()  # a freeze cancelled half-way: let it end first
         if self.frozen:
             live = [c for c in self.frozen if c.sock.fileno() >= 0]
             if live:
@@ -628,7 +619,7 @@ class SourceMigration:
                 reuse_after_repair_off([c.sock for c in live])
             self.handed_over += [c for c in self.frozen if c.sock.fileno() < 0]
             self.frozen.clear()
-        d.tap.attach_queue()
+        d.take_over()
         if self.same_netns and self.records:
             # Same namespace: what was handed over is restored here from the
             # records, exactly as the target would have.
@@ -654,8 +645,8 @@ class SourceMigration:
                 with trio.CancelScope(shield=True):
                     await restorer.discard()
                 raise
-            d.role = "running"
+            self.roles.step(Event.ROLLED_BACK)
             self.records.clear()
         else:
-            d.role = "running"
-            await d.start_data_path()
+            await d.start()
+            self.roles.step(Event.ROLLED_BACK)

@@ -11,11 +11,12 @@ restored (an address this host cannot bind, ...), discards
 everything restored so far — silently (sockets already out of repair mode
 are put back into it first) — and the daemon waits for a stream again.
 
-The guest's tap queue is taken at ``migrate-in``, or, when the stream
-starts with a pre-copy, by ``migrate-wait-precopy`` once the pre-copied
-connections are restored, right before the source freezes: a queue
-attached early would get a share of the guest's frames while the source
-still runs and hold them until resume. ``migrate-resume`` then turns repair
+The guest's frames are taken over (MigrationHost.take_over: a tap attaches
+its queue) at ``migrate-in``, or, when the stream starts with a pre-copy,
+by ``migrate-wait-precopy`` once the pre-copied connections are restored,
+right before the source freezes: taken early, a share of the guest's
+frames would arrive here while the source still runs, and wait until
+resume. ``migrate-resume`` then turns repair
 off for what is still in repair mode and starts the data path, every
 connection armed before it answers.
 """
@@ -25,14 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from ferryd.control import ControlError
 from ferryd.link import LinkConfig
 from ferryd.migration.admission import check_record
-from ferryd.migration.restore import RepairSource, Restorer
+from ferryd.migration.errors import MigrationAborted, MigrationFailed
+from ferryd.migration.restore import Restorer
+from ferryd.migration.roles import Event, Role
+from ferryd.migration.session import Session
 from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import (
     FlowReceived,
@@ -42,18 +45,16 @@ from ferryd.migration.stream_events import (
     TcpFlowsGone,
 )
 
-if TYPE_CHECKING:
-    from ferryd.main import Daemon
-
 log = logging.getLogger("ferryd.migration")
 
 READ_SIZE = 1 << 20
 
 
 class TargetMigration:
-    def __init__(self, daemon: Daemon, repair: RepairSource) -> None:
-        self.d = daemon
-        self.repair = repair
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.d = session.host
+        self.repair = session.repair
         self.done = trio.Event()
         self.result: dict[str, Any] = {}
         self.error: str | None = None
@@ -63,28 +64,29 @@ class TargetMigration:
         """Set when the pre-copy is restored, or when the restore ended without it."""
         self.precopy_ms: float | None = None
         """How long the pre-copy took to restore; None until it was."""
+        self.t_first: float | None = None
+        """When the first bytes after the freeze arrived (the downtime's part here)."""
 
     async def migrate_in(self, fd: int, precopy: bool = False) -> dict[str, Any]:
         """Read and restore the stream on ``fd`` in the background.
 
         With ``precopy`` the stream starts with a pre-copy, read while the
-        source's guest still runs: the guest's tap queue is then taken only
-        by :meth:`wait_precopy`, just before the source freezes (a queue
-        attached early would get a share of the guest's frames and sit on
-        them until resume).
+        source's guest still runs: the guest's frames are then taken over only
+        by :meth:`wait_precopy`, just before the source freezes (taken early,
+        a share of them would sit here until resume).
         """
         d = self.d
-        if d.role != "incoming":
+        try:
+            self.s.roles.step(Event.MIGRATE_IN, "cannot take a migration: this ferryd is {role}")
+        except BaseException:
             os.close(fd)
-            raise ControlError(f"cannot take a migration: this ferryd is {d.role}")
-        d.role = "migrating"
+            raise
         if not precopy:
             # Take the guest's frames from now on, without reading them until
-            # resume: the source detaches its own queue when it freezes, and
+            # resume: the source hands its own over when it freezes, and
             # what the guest sends during the downtime waits here, not lost.
-            d.tap.attach_queue()
-        assert d.outer is not None
-        d.outer.start_soon(self._restore, fd)
+            d.take_over()
+        self.s.nursery.start_soon(self._restore, fd)
         await trio.lowlevel.checkpoint()
         return {}
 
@@ -107,17 +109,17 @@ class TargetMigration:
                     for event in decoder.feed_untrusted(data):
                         if isinstance(event, HeaderReceived):
                             h = event.header
-                            d.build(
+                            d.rebuild(
                                 LinkConfig(mac=h.ferry_mac, mtu=h.mtu, ipv4=h.ipv4, ipv6=h.ipv6),
                                 trio.current_time(),
                             )
                             restorer = self.restorer = Restorer(d, self.repair)
                             restorer.in_precopy = h.precopy
-                            d.stack.guest_mac = h.guest_mac
+                            d.guest_mac = h.guest_mac
                         elif isinstance(event, FlowReceived):
                             # This ferryd's destination rules, before the record
                             # touches anything (migration/admission.py).
-                            check_record(d.destinations.policy, event.flow)
+                            check_record(d.policy, event.flow)
                             await restorer.add(event.flow, event.index)
                         elif isinstance(event, PrecopyEnded):
                             await restorer.precopy_end()
@@ -132,17 +134,19 @@ class TargetMigration:
                             )
                 await restorer.finish()
             if self._scope.cancelled_caught:
-                raise ControlError("migration aborted")
+                raise MigrationAborted("migration aborted")
         except Exception as exc:
             log.warning("migration in failed: %s; discarding what was restored", exc)
             with trio.CancelScope(shield=True):
                 await restorer.discard()
-            d.tap.detach_queue()
-            d.build(d.link, trio.current_time())
-            d.role = "incoming"
+            d.hand_over(drain=False)
+            d.rebuild(d.link, trio.current_time())
+            self.s.roles.step(Event.RESTORE_FAILED)
+            self.s.counters.in_failed += 1
             self.error = f"restore failed: {exc}"
         else:
-            d.role = "restored"
+            self.s.roles.step(Event.RESTORED)
+            self.t_first = t_first
             t_end = time.monotonic()
             self.result = {
                 "restored": {**restorer.counts, "replaced": restorer.replaced},
@@ -160,11 +164,11 @@ class TargetMigration:
             self.done.set()
 
     async def wait_precopy(self) -> dict[str, Any]:
-        """Until the pre-copy is restored; then take the guest's tap queue (see migrate_in)."""
+        """Until the pre-copy is restored; then take the guest's frames over (see migrate_in)."""
         await self.precopy_settled.wait()
         if self.error is not None or self.precopy_ms is None:
-            raise ControlError(self.error or "the stream ended before its pre-copy did")
-        self.d.tap.attach_queue()
+            raise MigrationFailed(self.error or "the stream ended before its pre-copy did")
+        self.d.take_over()
         restorer = self.restorer
         assert restorer is not None
         return {"precopied": len(restorer.standing), "timings_ms": {"precopy": self.precopy_ms}}
@@ -172,17 +176,23 @@ class TargetMigration:
     async def wait(self) -> dict[str, Any]:
         await self.done.wait()
         if self.error is not None:
-            raise ControlError(self.error)
+            raise MigrationFailed(self.error)
         return self.result
 
     async def resume(self) -> dict[str, Any]:
-        d = self.d
-        if d.role != "restored" or self.restorer is None:
-            raise ControlError(f"nothing to resume: this ferryd is {d.role}")
+        roles = self.s.roles
+        refusal = "nothing to resume: this ferryd is {role}"
+        roles.check(Event.RESUME, refusal)
+        if self.restorer is None:
+            raise MigrationFailed(refusal.format(role=roles.role))
         t0 = time.monotonic()
         t_off = await self.restorer.resume()
-        d.role = "running"
+        roles.step(Event.RESUME)
         t_resumed = time.monotonic()
+        counters = self.s.counters
+        counters.in_completed += 1
+        counters.last_connections = self.restorer.counts["tcp"]
+        counters.last_downtime_ms = (t_resumed - (self.t_first or t0)) * 1e3
         log.info("migration: resumed in %.1f ms", (t_resumed - t0) * 1e3)
         return {
             "t_resumed": t_resumed,
@@ -190,13 +200,14 @@ class TargetMigration:
         }
 
     async def abort(self) -> dict[str, Any]:
-        d = self.d
-        if d.role == "migrating" and self._scope is not None:
+        d, roles = self.d, self.s.roles
+        if roles.role is Role.MIGRATING and self._scope is not None:
             self._scope.cancel()
             await self.done.wait()
-        elif d.role == "restored" and self.restorer is not None:
+        elif roles.role is Role.RESTORED and self.restorer is not None:
             await self.restorer.discard()
-            d.tap.detach_queue()  # restored: wait_precopy or migrate_in attached it
-            d.build(d.link, trio.current_time())
-            d.role = "incoming"
-        return {"role": d.role}
+            d.hand_over(drain=False)  # restored: wait_precopy or migrate_in took it over
+            d.rebuild(d.link, trio.current_time())
+            roles.step(Event.DISCARD)
+            self.s.counters.in_failed += 1
+        return {"role": str(roles.role)}

@@ -263,7 +263,7 @@ def test_garbage_from_the_guest_changes_nothing(
     # (the tap hands each frame it counts to the stack, which counts it too).
     counters = json.loads(ferryd.ctl("counters", "--json").stdout)
     assert counters["stack"]["malformed"] >= 300
-    assert counters["tap"]["frames_in"] == counters["stack"]["frames_in"]
+    assert counters["frontend"]["frames_in"] == counters["stack"]["frames_in"]
     assert set(counters) >= {"tap", "refusals", "descriptors", "stack", "tcp", "udp", "icmp"}
 
 

@@ -17,11 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ferryd.control import request
+from ferryd.migration.session import PRECOPY_QUIET
 from tests.integration.conftest import MigrationBed
 from tests.integration.test_migration_support import Streams
 from tests.integration.test_tcp import server, spawn
 
 COUNT = 300
+#: Idle for this long, a connection is one a pre-copy takes (with room for a slow runner).
+QUIET_ENOUGH = 6 * PRECOPY_QUIET
 POKED = 50
 CLOSED = 50
 
@@ -34,7 +37,8 @@ def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
     conns = spawn(bed.guest, "echoconns", bed.peer_v4, 9400, COUNT)
     try:
         assert conns.out.json(what="connected") == {"connected": COUNT}
-        time.sleep(0.3)  # quiet for longer than source.PRECOPY_QUIET
+        # Time passing is the condition: quiet for longer than the source waits.
+        time.sleep(QUIET_ENOUGH)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             request(target.control, "migrate-in", fds=[rfd], precopy=True)
@@ -137,7 +141,7 @@ def test_precopied_inbound_connections_and_their_listener(two_hosts: MigrationBe
     inbound = Streams(bed.guest, bed.peer, "0.0.0.0", bed.host_v4, 8080, "busy:1", "idle:10")
     try:
         inbound.wait_flowing("busy", 1 << 20)
-        time.sleep(0.3)  # the idle ones quiet for longer than source.PRECOPY_QUIET
+        time.sleep(QUIET_ENOUGH)  # the idle ones: quiet for longer than the source waits
         summary = bed.migrate_ok(source, target)
         print("summary:", summary)
         assert summary["flows"]["listeners"] >= 1

@@ -11,7 +11,7 @@ from ferryd.descriptors import DescriptorCounters
 from ferryd.flows.datagram import DatagramCounters
 from ferryd.flows.destinations import RefusalCounters
 from ferryd.flows.tcp import TcpCounters
-from ferryd.frontends.tap import TapCounters
+from ferryd.frontends.base import FrontendCounters
 from ferryd.main import status_counters
 from ferryd.stack import StackCounters
 
@@ -56,11 +56,11 @@ def test_a_group_needs_a_name() -> None:
 def test_status_keeps_its_flat_keys() -> None:
     """The keys ``ferryctl status`` has always shown, computed from the groups ferryd registers."""
     registry = Registry()
-    stack, tap = StackCounters(3, 4, 5, 6, 7), TapCounters(dropped_out=2)
+    stack, tap = StackCounters(3, 4, 5, 6, 7), FrontendCounters(dropped_out=2)
     tcp, udp, icmp = TcpCounters(flow_errors=1), DatagramCounters(2), DatagramCounters(4)
     refusals = RefusalCounters(tcp=1, udp=2, icmp=3, unanswered=9)
     for name, group in [
-        ("tap", tap),
+        ("frontend", tap),
         ("refusals", refusals),
         ("descriptors", DescriptorCounters()),
         ("stack", stack),

@@ -1,8 +1,8 @@
 """A pre-copy that fails for any reason undoes itself: the source runs on.
 
-Driven without root: a stand-in daemon with one quiet connection (so the
+Driven without root: an in-memory host with one quiet connection (so the
 pre-copy asks for the repair helper) and no helper configured, which
-RepairSource.get() reports as a ControlError.
+RepairSource.get() reports as RepairUnavailable.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Any, cast
 import pytest
 import trio
 
-from ferryd.control import ControlError
 from ferryd.flows.tcp_conn import State
-from ferryd.migration.restore import RepairSource
-from ferryd.migration.source import PRECOPY_QUIET, SourceMigration
-from tests.unit.test_source_watchdog import FakeDaemon
+from ferryd.migration.errors import MigrationFailed
+from ferryd.migration.roles import Role
+from ferryd.migration.source import SourceMigration
+from tests.unit.migration_host import MemoryHost, session
+
+QUIET = 0.05
 
 
 def _quiet_conn() -> SimpleNamespace:
@@ -29,32 +31,25 @@ def _quiet_conn() -> SimpleNamespace:
         ack_due=False,
         restore_tail=None,
         want_writable=False,
-        last_progress=trio.current_time() - 10 * PRECOPY_QUIET,
+        last_progress=trio.current_time() - 10 * QUIET,
         closed=False,
     )
-
-
-class RunningDaemon(FakeDaemon):
-    def __init__(self, outer: trio.Nursery) -> None:
-        super().__init__(outer)
-        self.role = "running"
-        self.tcp = SimpleNamespace(table=[SimpleNamespace(handle=_quiet_conn())])
-        self.udp = self.icmp = SimpleNamespace(table=[])
-        self.stack = SimpleNamespace(guest_mac=b"\x02" * 6)
-        self.link = SimpleNamespace(mac=b"\x02" * 6, mtu=1500, ipv4=None, ipv6=None)
 
 
 async def test_precopy_without_a_helper_fails_and_runs_on() -> None:
     read_end, write_end = os.pipe()
     try:
         async with trio.open_nursery() as nursery:
-            d = RunningDaemon(nursery)
-            mig = SourceMigration(cast(Any, d), RepairSource(None, None))
-            with pytest.raises(ControlError, match=r"pre-copy failed .*repair helper"):
+            host = MemoryHost(nursery)
+            host.tcp = cast(Any, SimpleNamespace(table=[SimpleNamespace(handle=_quiet_conn())]))
+            mig = SourceMigration(session(host, nursery, Role.RUNNING, precopy_quiet=QUIET))
+            with pytest.raises(MigrationFailed, match=r"pre-copy failed .*repair helper"):
                 await mig.precopy(write_end)
-            assert d.role == "running"
+            assert mig.roles.role is Role.RUNNING
             assert mig.stream is None
+            assert mig.s.counters.out_failed == 1
             # Nothing pre-copied, so nothing for migrate-abort to undo.
             assert (await mig.abort())["note"] == "no migration in progress: nothing to undo"
+            nursery.cancel_scope.cancel()
     finally:
         os.close(read_end)

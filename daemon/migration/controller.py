@@ -1,0 +1,160 @@
+"""The migration controller: one ferryd's migrations, whoever drives them.
+
+Theory of operation. A ferryd is a migration's source or its target (or
+neither, yet); its :class:`~ferryd.migration.roles.Role` changes only
+through the table in ferryd.migration.roles. The controller holds the role,
+the migration in progress (a :class:`~ferryd.migration.source.SourceMigration`
+or a :class:`~ferryd.migration.target.TargetMigration`), the repair helper's
+source and the outcome counters; it drives the data path only through
+ferryd.migration.host.MigrationHost.
+
+Its entry points take the stream as a file descriptor, readable on a
+target and writable on a source, and nothing else of a request: ferryctl's
+pipe hand-over (ferryd.migration_control turns the control socket's
+``migrate-*`` requests into these calls) and QEMU's device-state fd
+(vhost-user's SET_DEVICE_STATE_FD, then CHECK_DEVICE_STATE: :meth:`wait`)
+drive the same controller. The order ferryctl uses:
+
+- source: [:meth:`precopy` (fd) →] :meth:`migrate_out` (fd, or None after a
+  pre-copy: same stream) → :meth:`commit`; or :meth:`abort` at any point;
+- target: :meth:`migrate_in` (fd) [→ :meth:`wait_precopy`] → :meth:`wait`
+  → :meth:`resume`; or :meth:`abort`.
+
+Failures are :class:`~ferryd.migration.errors.MigrationError`; the answers
+are plain dicts (timings, counts) that the caller may show or ignore.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ferryd.migration.errors import MigrationError, NoMigration
+from ferryd.migration.host import MigrationHost
+from ferryd.migration.repair_source import RepairSource
+from ferryd.migration.roles import Role, RoleMachine
+from ferryd.migration.session import PRECOPY_QUIET, MigrationCounters, Session
+from ferryd.migration.source import SourceMigration
+from ferryd.migration.target import TargetMigration
+
+__all__ = ["MigrationController", "MigrationCounters"]
+
+_Side = TypeVar("_Side", SourceMigration, TargetMigration)
+
+
+class MigrationController:
+    def __init__(
+        self,
+        host: MigrationHost,
+        repair: RepairSource,
+        *,
+        incoming: bool,
+        linger: float,
+        handed_over: Callable[[], None],
+        precopy_quiet: float = PRECOPY_QUIET,
+    ) -> None:
+        self.host = host
+        self.repair = repair
+        self.roles = RoleMachine(Role.INCOMING if incoming else Role.RUNNING)
+        self.counters = MigrationCounters()
+        self.migration: SourceMigration | TargetMigration | None = None
+        """The migration in progress (or the last one), if any."""
+        self._linger = linger
+        self._handed_over = handed_over
+        self._precopy_quiet = precopy_quiet
+        self._session: Session | None = None
+
+    @property
+    def role(self) -> Role:
+        return self.roles.role
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Get ready (bind --repair-listen: before privileges are dropped) and host
+        the migrations' background tasks until cancelled."""
+        await self.repair.setup()
+        async with trio.open_nursery() as nursery:
+            self._session = Session(
+                host=self.host,
+                roles=self.roles,
+                repair=self.repair,
+                nursery=nursery,
+                counters=self.counters,
+                linger=self._linger,
+                handed_over=self._handed_over,
+                precopy_quiet=self._precopy_quiet,
+            )
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _ready(self, fd: int | None = None) -> Session:
+        """The session; if not started yet, refuse (closing ``fd``, which the caller gave us)."""
+        if self._session is None:
+            if fd is not None:
+                os.close(fd)
+            raise MigrationError("this ferryd is still starting: no migration yet")
+        return self._session
+
+    def _current(self, kind: type[_Side]) -> _Side:
+        if not isinstance(self.migration, kind):
+            raise NoMigration(f"no migration in progress here (this ferryd is {self.role})")
+        return self.migration
+
+    def status(self) -> dict[str, Any] | None:
+        """A source's pending rollback and why (SourceMigration.status), else None."""
+        if isinstance(self.migration, SourceMigration):
+            return self.migration.status()
+        return None
+
+    # --- source -------------------------------------------------------------
+
+    async def precopy(self, fd: int) -> dict[str, Any]:
+        """Write the header and the quiet connections to ``fd`` (owned from here on)."""
+        migration = SourceMigration(self._ready(fd))
+        if self.role is Role.RUNNING:
+            self.migration = migration
+        return await migration.precopy(fd)
+
+    async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
+        """Freeze and stream to ``fd``, or, after a pre-copy, on its stream (``fd`` None)."""
+        if fd is None and self.role is Role.PRECOPIED:
+            return await self._current(SourceMigration).migrate_out(None, same_netns)
+        migration = SourceMigration(self._ready(fd))
+        if self.role is Role.RUNNING:
+            self.migration = migration
+        return await migration.migrate_out(fd, same_netns)
+
+    async def commit(self) -> dict[str, Any]:
+        return await self._current(SourceMigration).commit()
+
+    # --- target -------------------------------------------------------------
+
+    async def migrate_in(self, fd: int, precopy: bool = False) -> dict[str, Any]:
+        """Read and restore the stream on ``fd`` (owned from here on) in the background."""
+        migration = TargetMigration(self._ready(fd))
+        result = await migration.migrate_in(fd, precopy)
+        self.migration = migration
+        return result
+
+    async def wait_precopy(self) -> dict[str, Any]:
+        return await self._current(TargetMigration).wait_precopy()
+
+    async def wait(self) -> dict[str, Any]:
+        return await self._current(TargetMigration).wait()
+
+    async def resume(self) -> dict[str, Any]:
+        return await self._current(TargetMigration).resume()
+
+    # --- either side ----------------------------------------------------------
+
+    async def abort(self) -> dict[str, Any]:
+        """Undo whatever the migration did here, in every state (SourceMigration.abort).
+
+        Nothing to undo is an answer, not an error: ferryctl must be able to
+        tell "already running" from "stuck".
+        """
+        if self.migration is None:
+            return {"role": str(self.role), "note": "no migration in progress: nothing to undo"}
+        return await self.migration.abort()

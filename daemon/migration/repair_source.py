@@ -1,0 +1,42 @@
+"""Where a ferryd gets its repair helper (ferry-repair) from, and again after it went away."""
+
+from __future__ import annotations
+
+import trio
+
+from ferryd.migration.errors import RepairUnavailable
+from ferryd.migration.repair_client import RepairClient, RepairListener
+
+
+class RepairSource:
+    """Where this ferryd gets its repair helper from (--repair-socket/--repair-listen)."""
+
+    def __init__(self, connect: str | None, listen: str | None) -> None:
+        self.connect_path = connect
+        self.listen_path = listen
+        self._listener: RepairListener | None = None
+        self._client: RepairClient | None = None
+
+    async def setup(self) -> None:
+        if self.listen_path:
+            self._listener = await RepairListener.bind(self.listen_path)
+
+    async def get(self) -> RepairClient:
+        if self._client is not None and not self._client.closed:
+            return self._client
+        if self.connect_path:
+            self._client = await RepairClient.connect(self.connect_path)
+        elif self._listener is not None:
+            with trio.move_on_after(10) as scope:
+                self._client = await self._listener.accept()
+            if scope.cancelled_caught:
+                raise RepairUnavailable(
+                    f"no repair helper connected to {self.listen_path} within 10 s"
+                )
+        else:
+            raise RepairUnavailable(
+                "migrating TCP connections needs the repair helper: start ferryd with "
+                "--repair-socket PATH (ferry-repair --listen PATH) or --repair-listen PATH"
+            )
+        assert self._client is not None
+        return self._client

@@ -1,0 +1,130 @@
+"""The role of a ferryd in a migration, and the only ways it may change.
+
+A ferryd starts ``running`` (or ``incoming``, waiting for a migration's
+stream); each migration request or outcome is an :class:`Event`, and
+:data:`TRANSITIONS` lists every (role, event) pair that is allowed and the
+role it leads to (h2's ``_transitions`` table, STYLE.md). Anything else
+raises :class:`~ferryd.migration.errors.IllegalTransition`: a request that
+does not fit the role is refused before anything is touched.
+
+Source: running → [precopying → precopied →] migrating → frozen →
+migrated → (linger, exit); a failure or an abort rolls back to running, or
+to rollback-pending while the repair helper cannot be reached.
+Target: incoming → migrating → restored → running; a failure or an abort
+discards what was restored and goes back to incoming.
+
+The values are what ``ferryctl status`` shows as ``role``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ferryd.migration.errors import MigrationError
+
+
+class Role(enum.StrEnum):
+    RUNNING = "running"
+    """Serving the guest (a source-to-be, or a target that resumed)."""
+    INCOMING = "incoming"
+    """Waiting for a migration's stream (started with --incoming)."""
+    PRECOPYING = "precopying"
+    PRECOPIED = "precopied"
+    """The quiet connections went ahead; the guest still runs here."""
+    MIGRATING = "migrating"
+    """Source: freezing and streaming. Target: reading and restoring."""
+    FROZEN = "frozen"
+    """Source: streamed, waiting for commit or abort."""
+    MIGRATED = "migrated"
+    """Source: committed; lingers, then exits."""
+    ROLLBACK_PENDING = "rollback-pending"
+    """Source: a rollback could not be completed yet (the helper is unreachable)."""
+    RESTORED = "restored"
+    """Target: everything restored, waiting for resume."""
+
+
+class Event(enum.Enum):
+    """A migration request or outcome: what may change the role."""
+
+    PRECOPY = "pre-copy"
+    PRECOPIED = "pre-copy done"
+    PRECOPY_DROPPED = "pre-copy dropped"
+    FREEZE = "freeze"
+    FREEZE_PRECOPIED = "freeze after a pre-copy"
+    STREAMED = "streamed"
+    COMMIT = "commit"
+    ROLLED_BACK = "rolled back"
+    ROLLBACK_FAILED = "rollback failed"
+    MIGRATE_IN = "migrate in"
+    RESTORED = "restored"
+    RESTORE_FAILED = "restore failed"
+    DISCARD = "discard"
+    RESUME = "resume"
+
+
+#: Roles in which a source's rollback has something to undo.
+_ROLLING_BACK = (Role.MIGRATING, Role.FROZEN, Role.MIGRATED, Role.ROLLBACK_PENDING)
+
+TRANSITIONS: dict[tuple[Role, Event], Role] = {
+    # source
+    (Role.RUNNING, Event.PRECOPY): Role.PRECOPYING,
+    (Role.PRECOPYING, Event.PRECOPIED): Role.PRECOPIED,
+    (Role.PRECOPYING, Event.PRECOPY_DROPPED): Role.RUNNING,
+    (Role.PRECOPIED, Event.PRECOPY_DROPPED): Role.RUNNING,
+    (Role.RUNNING, Event.FREEZE): Role.MIGRATING,
+    (Role.PRECOPIED, Event.FREEZE_PRECOPIED): Role.MIGRATING,
+    (Role.MIGRATING, Event.STREAMED): Role.FROZEN,
+    (Role.FROZEN, Event.COMMIT): Role.MIGRATED,
+    **{(role, Event.ROLLED_BACK): Role.RUNNING for role in _ROLLING_BACK},
+    **{(role, Event.ROLLBACK_FAILED): Role.ROLLBACK_PENDING for role in _ROLLING_BACK},
+    # target
+    (Role.INCOMING, Event.MIGRATE_IN): Role.MIGRATING,
+    (Role.MIGRATING, Event.RESTORED): Role.RESTORED,
+    (Role.MIGRATING, Event.RESTORE_FAILED): Role.INCOMING,
+    (Role.RESTORED, Event.DISCARD): Role.INCOMING,
+    (Role.RESTORED, Event.RESUME): Role.RUNNING,
+}
+
+
+def allowed(role: Role, event: Event) -> bool:
+    return (role, event) in TRANSITIONS
+
+
+class IllegalTransition(MigrationError):
+    """The request does not fit this ferryd's role (the caller's mistake; nothing changed)."""
+
+    def __init__(self, role: Role, event: Event, message: str) -> None:
+        super().__init__(message)
+        self.role = role
+        self.event = event
+
+
+#: Roles a rollback can start from (derived from the table).
+ROLLBACK_ROLES = frozenset(role for role, event in TRANSITIONS if event is Event.ROLLED_BACK)
+
+
+class RoleMachine:
+    """The current role; changed only through :data:`TRANSITIONS`."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    def check(self, event: Event, refusal: str | None = None) -> None:
+        """Raise IllegalTransition unless ``event`` is allowed now (nothing changes)."""
+        if (self.role, event) not in TRANSITIONS:
+            text = refusal or "{event} is not possible: this ferryd is {role}"
+            raise IllegalTransition(
+                self.role, event, text.format(role=self.role, event=event.value)
+            )
+
+    def step(self, event: Event, refusal: str | None = None) -> Role:
+        """Apply ``event``; raise IllegalTransition (role unchanged) if the table has no such pair.
+
+        ``refusal`` is the error's message, with ``{role}`` for the current role.
+        """
+        self.check(event, refusal)
+        self.role = TRANSITIONS[self.role, event]
+        return self.role
+
+    def __str__(self) -> str:
+        return str(self.role)

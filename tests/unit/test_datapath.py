@@ -1,0 +1,166 @@
+"""DataPath without root: start, the freeze, the handover, rebuild.
+
+The frontend is an in-memory one (a fake is fine: DataPath only runs,
+drains and hands over whatever implements ferryd.frontends.base.Frontend);
+the stack behind it is the real one, so an ARP request from the guest is
+answered, or not, by ferryd's own code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+from ferryd.counters import Registry
+from ferryd.datapath import DataPath
+from ferryd.descriptors import DescriptorBudget
+from ferryd.frontends.base import Frontend, FrontendCounters, OnBurstEnd, OnFrame
+from ferryd.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp, parse_arp_untrusted
+from ferryd.wire.ethernet import BROADCAST, ETH_P_ARP, build_ethernet, parse_ethernet_untrusted
+from tests.unit.test_flows_helpers import GUEST4, GW4, LINK, destinations
+
+GUEST_MAC = bytes.fromhex("525400123456")
+
+
+def _arp_request() -> bytes:
+    arp = ArpPacket(ARP_REQUEST, GUEST_MAC, GUEST4, b"\0" * 6, GW4)
+    return build_ethernet(BROADCAST, GUEST_MAC, ETH_P_ARP, build_arp(arp))
+
+
+class MemoryFrontend:
+    """Frames queued in memory; ``attached`` stands for holding the guest's queue."""
+
+    csum_offload = False
+
+    def __init__(self) -> None:
+        self.queue: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.counters = FrontendCounters()
+        self.attached = True
+        self.readers = 0
+        self._readable = trio.Event()
+
+    def push(self, frame: bytes) -> None:
+        """The guest sends a frame (it queues here, unread, until a reader takes it)."""
+        if self.attached:
+            self.queue.append(frame)
+            self._readable.set()
+
+    def send(self, frame: bytes) -> None:
+        self.sent.append(bytes(frame))
+
+    def send_partial(
+        self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
+    ) -> None:
+        self.sent.append(b"".join(parts))
+
+    def _deliver(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
+        while self.queue:
+            on_frame(memoryview(self.queue.pop(0)), False)
+        on_burst_end()
+
+    async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
+        self.readers += 1
+        try:
+            while True:
+                self._deliver(on_frame, on_burst_end)
+                self._readable = trio.Event()
+                await self._readable.wait()
+        finally:
+            self.readers -= 1
+
+    def drain(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
+        self._deliver(on_frame, on_burst_end)
+
+    def hand_over(self) -> None:
+        self.attached = False
+        self.queue.clear()  # what a detached queue still held is dropped
+
+    def take_over(self) -> None:
+        self.attached = True
+
+    def close(self) -> None:
+        pass
+
+
+def _arp_replies(frontend: MemoryFrontend) -> list[ArpPacket]:
+    replies = []
+    for frame in frontend.sent:
+        eth = parse_ethernet_untrusted(frame)
+        if eth.ethertype == ETH_P_ARP:
+            replies.append(parse_arp_untrusted(eth.payload))
+    return replies
+
+
+@asynccontextmanager
+async def data_path() -> AsyncIterator[tuple[DataPath, MemoryFrontend]]:
+    frontend = MemoryFrontend()
+    conforms: Frontend = frontend  # the interface a new frontend implements
+    dp = DataPath(
+        conforms, LINK, destinations(), DescriptorBudget(100), 10, trio.current_time(), Registry()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dp.run)
+        try:
+            yield dp, frontend
+        finally:
+            await dp.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def test_frames_are_answered_only_while_started() -> None:
+    async with data_path() as (dp, frontend):
+        frontend.push(_arp_request())
+        await trio.testing.wait_all_tasks_blocked()
+        assert frontend.sent == []  # not started: the frame waits
+        await dp.start()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [a.op for a in _arp_replies(frontend)] == [ARP_REPLY]
+        assert dp.stack.counters.frames_in == 1
+
+        await dp.stop()  # the freeze
+        assert frontend.readers == 0
+        frontend.push(_arp_request())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(_arp_replies(frontend)) == 1  # nothing handled after stop()
+
+
+async def test_hand_over_drains_what_was_queued_then_gives_the_guest_up() -> None:
+    async with data_path() as (dp, frontend):
+        await dp.start()
+        await dp.stop()
+        frontend.push(_arp_request())
+        dp.hand_over(drain=True)
+        assert len(_arp_replies(frontend)) == 1  # handled, not dropped
+        assert not frontend.attached
+        frontend.push(_arp_request())  # goes to the other ferryd now
+        dp.take_over()
+        await dp.start()  # a rollback
+        await trio.testing.wait_all_tasks_blocked()
+        assert frontend.readers == 1
+        assert len(_arp_replies(frontend)) == 1
+
+
+async def test_hand_over_without_drain_drops_the_queue() -> None:
+    async with data_path() as (dp, frontend):
+        frontend.push(_arp_request())
+        dp.hand_over(drain=False)
+        assert _arp_replies(frontend) == []
+        assert not frontend.attached
+
+
+async def test_rebuild_gives_a_fresh_stack_and_empty_tables() -> None:
+    async with data_path() as (dp, _frontend):
+        tcp, stack = dp.tcp, dp.stack
+        dp.guest_mac = GUEST_MAC
+        moved = dataclasses.replace(LINK, mtu=1400)
+        dp.rebuild(moved, trio.current_time())
+        assert dp.link == moved and dp.stack.link == moved
+        assert dp.tcp is not tcp and dp.stack is not stack
+        assert dp.stack.tcp is dp.tcp and dp.stack.udp is dp.udp and dp.stack.icmp is dp.icmp
+        assert dp.stack.guest_mac is None
+        assert len(dp.tcp.table) == len(dp.udp.table) == len(dp.icmp.table) == 0

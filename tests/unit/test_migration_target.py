@@ -1,0 +1,161 @@
+"""TargetMigration without root: read, restore, resume; discard on a bad stream.
+
+The stream is written by the real StreamEncoder into a socketpair; the
+target restores into an in-memory MigrationHost over real flow tables
+(tests/unit/migration_host.py). No TCP record, so no repair helper: the
+restorer's TCP part has its own test (test_migration_restorer.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
+
+import pytest
+import trio
+
+from ferryd.migration.errors import MigrationFailed
+from ferryd.migration.records import StreamHeader, UdpFlowRecord
+from ferryd.migration.roles import IllegalTransition, Role
+from ferryd.migration.stream import StreamEncoder
+from ferryd.migration.target import TargetMigration
+from tests.unit.migration_host import MemoryHost, role_of, session
+from tests.unit.test_flows_helpers import GUEST4, LINK, gateway_of
+
+GUEST_MAC = b"\x02\x00\x00\x00\x00\x42"
+MOVED_LINK = dataclasses.replace(LINK, mtu=1400)
+
+
+def _header(*, precopy: bool = False) -> StreamHeader:
+    link = MOVED_LINK
+    return StreamHeader(
+        ferry_mac=link.mac,
+        mtu=link.mtu,
+        ipv4=link.ipv4,
+        ipv6=link.ipv6,
+        guest_mac=GUEST_MAC,
+        precopy=precopy,
+    )
+
+
+def _udp(port: int, remote: IPv4Address | None = None) -> UdpFlowRecord:
+    return UdpFlowRecord(GUEST4, 40000, remote or gateway_of(4), port, 0.5)
+
+
+@asynccontextmanager
+async def target(role: Role = Role.INCOMING) -> AsyncIterator[tuple[MemoryHost, TargetMigration]]:
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        host.holds_guest = False  # --incoming: the source has the guest's frames
+        mig = TargetMigration(session(host, nursery, role))
+        try:
+            yield host, mig
+        finally:
+            await host.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _send(sock: socket.socket, data: bytes) -> None:
+    async with trio.SocketStream(trio.socket.from_stdlib_socket(sock)) as stream:
+        await stream.send_all(data)
+
+
+async def test_restores_the_stream_then_resumes() -> None:
+    enc = StreamEncoder()
+    stream = enc.header(_header()) + enc.flow(_udp(5353)) + enc.trailer()
+    reader, writer = socket.socketpair()
+    async with target() as (host, mig):
+        assert await mig.migrate_in(reader.detach()) == {}
+        assert host.calls == ["take_over"]  # before the source freezes
+        await _send(writer, stream)
+        result = await mig.wait()
+        assert role_of(mig) is Role.RESTORED
+        assert result["restored"]["udp"] == 1
+        assert result["stream_bytes"] == len(stream)
+        assert host.calls == ["take_over", "rebuild"]
+        assert host.link == MOVED_LINK and host.guest_mac == GUEST_MAC
+        assert len(host.udp.table) == 1
+        assert host.calls[-1] != "start"
+
+        await mig.resume()
+        assert role_of(mig) is Role.RUNNING
+        assert host.calls[-1] == "start"
+        assert mig.s.counters.in_completed == 1
+        assert mig.s.counters.in_failed == 0
+
+
+@pytest.mark.parametrize("cut", [1, 10, -1])
+async def test_truncated_stream_discards_everything(cut: int) -> None:
+    """A stream that ends early (no trailer) undoes the restore: back to incoming."""
+    enc = StreamEncoder()
+    stream = enc.header(_header()) + enc.flow(_udp(5353)) + enc.trailer()
+    reader, writer = socket.socketpair()
+    async with target() as (host, mig):
+        await mig.migrate_in(reader.detach())
+        await _send(writer, stream[:cut])
+        with pytest.raises(MigrationFailed, match=r"^restore failed: "):
+            await mig.wait()
+        assert role_of(mig) is Role.INCOMING
+        assert host.calls[0] == "take_over"
+        assert host.calls[-2:] == ["hand_over", "rebuild"]  # given back, tables fresh
+        assert not host.holds_guest
+        assert len(host.udp.table) == 0
+        assert mig.s.counters.in_failed == 1
+        with pytest.raises(IllegalTransition, match="nothing to resume: this ferryd is incoming"):
+            await mig.resume()
+
+
+async def test_a_record_the_policy_refuses_discards_everything() -> None:
+    """The guest may not reach the host's loopback directly: the source cannot make it."""
+    enc = StreamEncoder()
+    stream = enc.header(_header()) + enc.flow(_udp(5353, IPv4Address("127.0.0.1")))
+    stream += enc.trailer()
+    reader, writer = socket.socketpair()
+    async with target() as (host, mig):
+        await mig.migrate_in(reader.detach())
+        await _send(writer, stream)
+        with pytest.raises(MigrationFailed, match=r"^restore failed: .* refuses \(loopback\)"):
+            await mig.wait()
+        assert role_of(mig) is Role.INCOMING
+        assert len(host.udp.table) == 0
+
+
+async def test_precopy_takes_the_guest_only_when_restored_ahead() -> None:
+    enc = StreamEncoder()
+    reader, writer = socket.socketpair()
+    tsock = trio.SocketStream(trio.socket.from_stdlib_socket(writer))
+    async with target() as (host, mig):
+        await mig.migrate_in(reader.detach(), precopy=True)
+        await tsock.send_all(enc.header(_header(precopy=True)) + enc.precopy_end())
+        assert (await mig.wait_precopy())["precopied"] == 0
+        assert host.calls == ["rebuild", "take_over"]
+        await tsock.send_all(enc.flow(_udp(5353)) + enc.trailer())
+        await tsock.aclose()
+        assert (await mig.wait())["restored"]["udp"] == 1
+
+
+async def test_abort_of_a_restored_target_discards() -> None:
+    enc = StreamEncoder()
+    reader, writer = socket.socketpair()
+    async with target() as (host, mig):
+        await mig.migrate_in(reader.detach())
+        await _send(writer, enc.header(_header()) + enc.flow(_udp(5353)) + enc.trailer())
+        await mig.wait()
+        assert await mig.abort() == {"role": "incoming"}
+        assert host.calls[-2:] == ["hand_over", "rebuild"]
+        assert len(host.udp.table) == 0
+
+
+async def test_migrate_in_refused_unless_incoming() -> None:
+    reader, writer = socket.socketpair()
+    with writer:
+        async with target(Role.RUNNING) as (host, mig):
+            with pytest.raises(IllegalTransition, match="cannot take a migration: this ferryd is"):
+                await mig.migrate_in(reader.detach())
+            assert host.calls == [] and mig.s.roles.role is Role.RUNNING
+            # The stream was closed: the writer's peer is gone.
+            with pytest.raises(BrokenPipeError):
+                writer.send(b"x")
