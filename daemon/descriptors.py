@@ -55,13 +55,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ferryd.flows.table import DescriptorsSpent
-
 __all__ = [
     "ACCEPT_BACKOFF",
     "MAX_CONTROL_CONNECTIONS",
     "RESERVE",
     "DescriptorBudget",
+    "DescriptorsSpent",
+    "FlowLimitReached",
     "is_exhaustion",
     "open_flow_socket",
 ]
@@ -78,6 +78,24 @@ ACCEPT_BACKOFF = 0.1
 
 #: Errors that mean "no descriptor (or kernel memory) for a new socket".
 _EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class FlowLimitReached(Exception):
+    """The table is full: a new flow was refused (resource limit, not a bug)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"flow table is full ({limit} flows)")
+        self.limit = limit
+
+
+class DescriptorsSpent(FlowLimitReached):
+    """No descriptor is left for a new flow (the budget is spent, or the kernel said EMFILE)."""
+
+    def __init__(self, limit: int, why: str = "") -> None:
+        Exception.__init__(
+            self, why or f"descriptor budget spent ({limit} descriptors for flows in use)"
+        )
+        self.limit = limit
 
 
 def is_exhaustion(exc: OSError) -> bool:

@@ -22,7 +22,7 @@ Invariants
   refuses the flow, logs and counts) and changes nothing.
 - Flows that hold a descriptor of their own (all but inbound UDP flows,
   which share their listener's socket) also draw on a descriptor budget
-  shared by every protocol's table (:mod:`daemon.descriptors`); when
+  shared by every protocol's table (:mod:`ferryd.descriptors`); when
   it is spent, :meth:`FlowTable.add` raises :class:`DescriptorsSpent`, a
   :class:`FlowLimitReached`, so adapters refuse such flows the same way.
 - A key is in the table at most once; adding an existing key is a bug of the
@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from ferryd.descriptors import DescriptorsSpent, FlowLimitReached
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpAddress
 
 __all__ = [
@@ -57,24 +58,6 @@ _PROTO_NAMES = {
 
 def proto_name(proto: int) -> str:
     return _PROTO_NAMES.get(proto, str(proto))
-
-
-class FlowLimitReached(Exception):
-    """The table is full: a new flow was refused (resource limit, not a bug)."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"flow table is full ({limit} flows)")
-        self.limit = limit
-
-
-class DescriptorsSpent(FlowLimitReached):
-    """No descriptor is left for a new flow (the budget is spent, or the kernel said EMFILE)."""
-
-    def __init__(self, limit: int, why: str = "") -> None:
-        Exception.__init__(
-            self, why or f"descriptor budget spent ({limit} descriptors for flows in use)"
-        )
-        self.limit = limit
 
 
 class Budget(Protocol):
