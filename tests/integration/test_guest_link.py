@@ -264,7 +264,7 @@ def test_garbage_from_the_guest_changes_nothing(
     counters = json.loads(ferryd.ctl("counters", "--json").stdout)
     assert counters["stack"]["malformed"] >= 300
     assert counters["frontend"]["frames_in"] == counters["stack"]["frames_in"]
-    assert set(counters) >= {"tap", "refusals", "descriptors", "stack", "tcp", "udp", "icmp"}
+    assert set(counters) >= {"frontend", "migration", "refusals", "descriptors", "stack", "tcp", "udp", "icmp"}
 
 
 def test_ferryd_holds_no_capability_once_running(
