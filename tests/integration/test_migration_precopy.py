@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ferryd.control import request
-from tests.integration.conftest import MigrationBed
-from tests.integration.test_migration_support import Streams
+from testbed.migrationbed import MigrationBed
+from testbed.streams import Streams
 from tests.integration.test_tcp import server, spawn
 
 COUNT = 300

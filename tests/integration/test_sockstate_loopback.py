@@ -33,6 +33,8 @@ from ferryd.migration.sockstate import (
     thaw_intake,
 )
 from ferryd.netns import run_in_netns
+from testbed.netns import Netns
+from testbed.wait import wait_for
 from tests.integration.test_sockstate_support import (
     CHUNK,
     ENDLESS,
@@ -52,7 +54,6 @@ from tests.integration.test_sockstate_support import (
     restore_all,
     tcp_state,
 )
-from tests.netns import Netns, wait_for
 
 pytestmark = [pytest.mark.integration, requires_root]
 

@@ -2,10 +2,10 @@
 
 The guest is a network namespace on ferryd's tap, configured with
 ``--config-net``; the peer is another namespace behind a veth pair
-(tests/netns.py draws the picture). Both ends are real kernel TCP stacks,
+(testbed/topology.py draws the picture). Both ends are real kernel TCP stacks,
 so what is checked is what an application would see. Payloads are
 deterministic streams checked by SHA-256 at the receiving end
-(tests/integration/tcptool.py), or files fetched and uploaded by curl.
+(testbed/tcptool.py), or files fetched and uploaded by curl.
 
 The no-buffer tests check DESIGN.md's invariant from the outside: with the
 receiving application stalled, every byte the sender's kernel got rid of
@@ -30,12 +30,15 @@ from typing import IO, Any
 
 import pytest
 
-from tests.integration.conftest import FerrydProcess, StartFerryd
-from tests.integration.tcptool import expected, stream
-from tests.netns import Netns, Topology, wait_for
+from testbed.ferryd_process import FerrydProcess
+from testbed.netns import Netns
+from testbed.paths import TCPTOOL
+from testbed.tcptool import expected, stream
+from testbed.topology import Topology
+from testbed.wait import wait_for
+from tests.integration.conftest import StartFerryd
 
 PY = sys.executable
-TCPTOOL = str(Path(__file__).with_name("tcptool.py"))
 MB = 1_000_000
 PORT = 5000
 
