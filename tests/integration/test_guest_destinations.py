@@ -24,10 +24,10 @@ from typing import Any
 from testbed.ferryd_process import FerrydProcess
 from testbed.netns import Netns
 from testbed.paths import RAWFRAMES
+from testbed.tcptool_process import Lines
 from testbed.topology import Topology
 from testbed.wait import wait_for
 from tests.integration.conftest import StartFerryd
-from tests.integration.test_tcp import Lines
 
 PY = sys.executable
 PORT = 6379

@@ -19,7 +19,8 @@ from typing import Any
 from ferryd.control import request
 from testbed.migrationbed import MigrationBed
 from testbed.streams import Streams
-from tests.integration.test_tcp import server, spawn
+from testbed.tcptool_process import server, spawn
+from testbed.wait import wait_for
 
 COUNT = 300
 POKED = 50
@@ -50,10 +51,10 @@ def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
         assert conns.out.json(what="poked") == {"poked": POKED, "bad": []}
         conns.tell(f"close {COUNT - CLOSED} {COUNT}")
         assert conns.out.json(what="closed") == {"closed": CLOSED}
-        deadline = time.monotonic() + 10
-        while len(request(source.control, "flows")["flows"]) > COUNT - CLOSED:
-            assert time.monotonic() < deadline, "closed connections still in the flow table"
-            time.sleep(0.05)
+        wait_for(
+            lambda: len(request(source.control, "flows")["flows"]) <= COUNT - CLOSED,
+            what="the closed connections to leave the flow table",
+        )
 
         request(target.control, "migrate-wait-precopy", timeout=30)
         out = request(source.control, "migrate-out", timeout=30)
