@@ -3,9 +3,10 @@
 Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]
 [--modes precopy plain]``.
 
-For each N it builds the two-host bed of the integration tests (testbed/
-migrationbed.py two_host_bed: host A and host B with the same address and
-MAC, a peer on a fabric that moves, one guest namespace, one ferry-repair),
+For each N it builds the two-host bed of the integration tests
+(testbed/migrationbed.py: two_host_bed: host A and host B with the same
+address and MAC, a peer on a fabric that moves, one guest namespace, one
+ferry-repair),
 starts a source ferryd in A and an ``--incoming`` one in B, opens N
 connections from the guest to the peer (``--busy`` of them streaming both
 ways at full speed, the rest idle; testbed/streamtool.py), runs

@@ -1,6 +1,6 @@
 """Checked traffic that spans a migration: streamtool processes driven from outside.
 
-Used by the migration tests, bench/migration.py and the demo's checks.
+Used by the migration tests and bench/migration.py.
 Traffic runs in real processes inside the namespaces: ``streamtool.py``
 (testbed/streamtool.py: many TCP connections, a checked pattern
 each way, commands on stdin, JSON lines on stdout) and its UDP mode.
