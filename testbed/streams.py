@@ -1,9 +1,9 @@
 """Checked traffic that spans a migration: streamtool processes driven from outside.
 
-Used by the migration tests and bench/migration.py.
-Traffic runs in real processes inside the namespaces: ``streamtool.py``
-(testbed/streamtool.py: many TCP connections, a checked pattern
-each way, commands on stdin, JSON lines on stdout) and its UDP mode.
+Used by the migration tests and bench/migration.py. Traffic runs in real
+processes inside the namespaces: ``streamtool.py`` (testbed/streamtool.py:
+many TCP connections, a checked pattern each way, commands on stdin, JSON
+lines on stdout) and its UDP mode.
 :class:`Tool` runs one and collects its JSON lines; :class:`Streams` pairs
 a server and a client and checks, at the end, that every connection ended
 cleanly with every byte checked and that what each end sent is exactly
