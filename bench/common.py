@@ -16,7 +16,7 @@ Benchmarks here compare ferryd with references measured in the same run
 * :func:`wait_listening`: wait until a TCP port listens in a namespace.
 
 The helpers never sleep a fixed time; they poll with deadlines
-(tests/netns.py: wait_for).
+(testbed/wait.py: wait_for).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.netns import Netns, WaitTimeout, wait_for
+from testbed.netns import Netns
+from testbed.paths import REPO
+from testbed.wait import WaitTimeout, wait_for
 
 __all__ = [
     "PYTHON",
@@ -49,7 +51,6 @@ __all__ = [
     "wait_listening",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 #: The interpreter running the benchmark (the venv's), also used inside namespaces.
 PYTHON = sys.executable
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -3,12 +3,13 @@
 Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]
 [--modes precopy plain]``.
 
-For each N it builds the two-host bed of the integration tests (tests/
-netns.py two_host_topology: host A and host B with the same address and
-MAC, a peer on a fabric that moves, one guest namespace, one ferry-repair),
+For each N it builds the two-host bed of the integration tests
+(testbed/migrationbed.py: two_host_bed: host A and host B with the same
+address and MAC, a peer on a fabric that moves, one guest namespace, one
+ferry-repair),
 starts a source ferryd in A and an ``--incoming`` one in B, opens N
 connections from the guest to the peer (``--busy`` of them streaming both
-ways at full speed, the rest idle; tests/integration/streamtool.py), runs
+ways at full speed, the rest idle; testbed/streamtool.py), runs
 ``ferryctl migrate --json`` and switches the fabric. It prints, per N, the
 freeze-to-resume downtime, its split as the daemons report it
 (``timings_ms``: the source's stop, freeze + repair ON and dump/stream; the
@@ -40,17 +41,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import (
-    FERRYCTL,
-    RUNAS_UID,
-    FerrydProcess,
-    MigrationBed,
-    _default_routes,
-)
-from tests.integration.streamtool import UNLIMITED
-from tests.integration.test_migration_support import Streams
-from tests.integration.test_repair_support import listening_helper, raise_fd_limit
-from tests.netns import Netns, two_host_topology
+from testbed.ferryd_process import FerrydProcess
+from testbed.migrationbed import MigrationBed, two_host_bed
+from testbed.netns import Netns
+from testbed.paths import FERRYCTL
+from testbed.repair import raise_fd_limit
+from testbed.streams import Streams
+from testbed.streamtool import UNLIMITED
 
 SIZES = (1, 100, 1000, 5000)
 
@@ -58,24 +55,11 @@ SIZES = (1, 100, 1000, 5000)
 @contextlib.contextmanager
 def _bed() -> Iterator[MigrationBed]:
     tmp = Path(tempfile.mkdtemp(prefix="fb-"))
-    tmp.chmod(0o755)
-    with (
-        two_host_topology() as fabric,
-        Netns("guest") as guest,
-        listening_helper(tmp / "repair.sock", "--allow-uid", str(RUNAS_UID)),
-    ):
-        for host in (fabric.host_a, fabric.host_b):
-            _default_routes(host, fabric.peers_v4[0], fabric.peers_v6[0])
-        bed = MigrationBed(
-            fabric.host_a, fabric.host_b, fabric.peer, guest, tmp, str(tmp / "repair.sock"),
-            fabric, fabric.host_v4, fabric.host_v6, fabric.peers_v4, fabric.peers_v6,
-        )  # fmt: skip
-        try:
+    try:
+        with two_host_bed(tmp) as bed:
             yield bed
-        finally:
-            for ferryd in bed.ferryds:
-                ferryd.stop()
-            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _start(bed: MigrationBed, host: Netns, n: int, incoming: bool) -> FerrydProcess:

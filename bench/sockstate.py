@@ -38,7 +38,7 @@ from ferryd.migration.sockstate import (
     new_socket_for,
     restore_in_repair,
 )
-from tests.sockstate_tools import freeze_intake, set_repair_direct
+from testbed.sockstate_tools import freeze_intake, set_repair_direct
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("freeze+repair on", "dump", "create+repair on", "close+restore", "repair off", "finish")

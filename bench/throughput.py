@@ -3,7 +3,7 @@
 Run as root: ``python -m bench.throughput [--seconds 5] [--repeat 1]
 [--requests 5000] [--only veth,pasta,slirp4netns,ferryd]`` (bench/README.md).
 
-Every variant gets fresh namespaces of one shape (tests/netns.py:
+Every variant gets fresh namespaces of one shape (testbed/topology.py:
 build_topology), and only the middle differs::
 
     guest ns  ──(thing under test)──  host ns  ──veth, MTU 65520──  peer ns
@@ -65,7 +65,6 @@ from pathlib import Path
 from types import FrameType
 
 from bench.common import (
-    REPO,
     IperfResult,
     RrResult,
     cpu_seconds,
@@ -75,10 +74,10 @@ from bench.common import (
     start_echo_server,
     wait_listening,
 )
-from tests.netns import Netns, Topology, build_topology, veth, wait_for
-
-FERRYD = REPO / ".venv" / "bin" / "ferryd"
-FERRYCTL = REPO / ".venv" / "bin" / "ferryctl"
+from testbed.netns import Netns
+from testbed.paths import FERRYCTL, FERRYD
+from testbed.topology import Topology, build_topology, veth
+from testbed.wait import wait_for
 
 PEER = "10.77.0.2"
 IPERF_PORT = 5201

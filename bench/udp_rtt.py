@@ -2,7 +2,7 @@
 
 ``python -m bench.udp_rtt [--count N]`` (root). The same topology as
 bench.throughput (guest ↔ thing under test ↔ host ↔ veth ↔ peer); the
-peer runs tests/integration/udptool.py's echo server and the guest sends
+peer runs testbed/udptool.py's echo server and the guest sends
 N datagrams of 64 bytes one at a time, timing each round trip. Prints the
 mean, median and p99 per variant and ferryd's ratio to veth. A benchmark,
 never a test: nothing is asserted.
@@ -19,11 +19,10 @@ from pathlib import Path
 
 from bench.common import percentile
 from bench.throughput import attach_ferryd, attach_veth
-from tests.netns import build_topology
+from testbed.paths import UDPTOOL, VENV_BIN
+from testbed.topology import build_topology
 
-REPO = Path(__file__).resolve().parents[1]
-UDPTOOL = str(REPO / "tests" / "integration" / "udptool.py")
-PY = str(REPO / ".venv" / "bin" / "python")
+PY = str(VENV_BIN / "python")
 
 CLIENT = """
 import json, socket, sys, time

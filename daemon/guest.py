@@ -1,6 +1,6 @@
 """The stack's side of the guest link, as seen by flows.
 
-Flows (UDP, ICMP, later TCP) never build Ethernet headers or know which
+Flows (UDP, ICMP and TCP) never build Ethernet headers or know which
 frontend carries the frames: they hand an upper-layer message and its
 addresses to a :class:`GuestPort`, which adds the IP and Ethernet headers and
 queues the frame to the frontend. Sending never blocks: the guest link is a

@@ -2,9 +2,11 @@
 
 One frozen :class:`LinkConfig` is built at start (from the host's own
 configuration, passt-style, or from command-line overrides: see
-``daemon.config``) and handed to the services that answer ARP, NDP, DHCP and
-DHCPv6 and to the stack. It never changes while ferryd runs, so the
-services can be plain functions of (config, frame, now).
+``ferryd.config``) and handed to the services that answer ARP, NDP, DHCP and
+DHCPv6 and to the stack. It is never modified, only replaced whole: an
+incoming ferryd takes the source's link from the migration stream's header
+and rebuilds its stack and flow tables around it (migration/target.py). So
+the services can be plain functions of (config, frame, now).
 
 Addressing model (passt's, REFERENCE.md "Guest link conventions"): the guest
 gets the host's own address and prefix and the host's gateway, so the whole

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from tests.netns import Netns, TwoHostTopology, two_host_topology, wait_for
+from testbed.netns import Netns
+from testbed.paths import FERRY_REPAIR, FERRYCTL, FERRYD, STREAMTOOL, VENV_BIN
+from testbed.topology import TwoHostTopology, two_host_topology
+from testbed.wait import wait_for
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = REPO / ".venv" / "bin"
-PY = str(BIN / "python")
-STREAMTOOL = str(REPO / "tests" / "integration" / "streamtool.py")
+PY = str(VENV_BIN / "python")
 RECORDER = """#!/bin/sh
 [ "$1" = bound ] && ip addr add "$ip/$mask" dev "$interface" && ip route add default via "$router"
 env > "{out}"
@@ -46,9 +46,7 @@ def step(text: str) -> None:
 
 
 def ferryctl(*args: str) -> str:
-    return subprocess.run(
-        [str(BIN / "ferryctl"), *args], check=True, capture_output=True, text=True
-    ).stdout
+    return subprocess.run([str(FERRYCTL), *args], check=True, capture_output=True, text=True).stdout
 
 
 def ask(client: subprocess.Popen[str], line: str) -> dict[str, Any]:
@@ -60,7 +58,7 @@ def ask(client: subprocess.Popen[str], line: str) -> dict[str, Any]:
 
 
 def start_ferryd(ns: Netns, log: IO[bytes], *args: str) -> subprocess.Popen[bytes]:
-    return ns.popen([str(BIN / "ferryd"), *args], stdout=log, stderr=subprocess.STDOUT)
+    return ns.popen([str(FERRYD), *args], stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_demo(topo: TwoHostTopology, guest: Netns, tmp: Path) -> None:
@@ -73,7 +71,7 @@ def run_demo(topo: TwoHostTopology, guest: Netns, tmp: Path) -> None:
         procs.append(
             subprocess.Popen(
                 # ferryd runs as nobody once set up (daemon/privileges.py).
-                [str(BIN / "ferry-repair"), "--listen", repair_sock, "--allow-uid", "65534"],
+                [str(FERRY_REPAIR), "--listen", repair_sock, "--allow-uid", "65534"],
                 stdout=logs["repair"],
                 stderr=subprocess.STDOUT,
             )

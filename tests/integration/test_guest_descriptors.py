@@ -19,13 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import FERRYD, RUNAS_UID, FerrydProcess, StartFerryd
-from tests.netns import Topology, wait_for
+from testbed.ferryd_process import RUNAS_UID, FerrydProcess
+from testbed.paths import FERRYD, TCPTOOL
+from testbed.topology import Topology
+from testbed.wait import wait_for
+from tests.integration.conftest import StartFerryd
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
 FDFLOOD = str(HERE / "fdflood.py")
-TCPTOOL = str(HERE / "tcptool.py")
 NOFILE = 200
 #: prlimit on ferryd runs as ferryd's own user: another uid needs CAP_SYS_RESOURCE,
 #: which root lacks in some sandboxes (this machine's, for one).

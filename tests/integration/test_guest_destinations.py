@@ -2,7 +2,7 @@
 
 A service listens in ferryd's host namespace on every address, TCP and UDP,
 both families (like a redis or a DNS cache a host keeps for its own users).
-Frames written on the guest's tap (rawguest.py: a guest kernel would keep
+Frames written on the guest's tap (testbed/rawframes.py: a guest kernel would keep
 these destinations to itself) try to reach it at 127.0.0.1, ::1,
 ::ffff:127.0.0.1, the unspecified addresses, the host's own uplink
 addresses (which the guest also has, passt's way) and another address of
@@ -19,15 +19,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import FerrydProcess, StartFerryd
-from tests.integration.test_tcp import Lines
-from tests.netns import Netns, Topology, wait_for
+from testbed.ferryd_process import FerrydProcess
+from testbed.netns import Netns
+from testbed.paths import RAWFRAMES
+from testbed.tcptool_process import Lines
+from testbed.topology import Topology
+from testbed.wait import wait_for
+from tests.integration.conftest import StartFerryd
 
 PY = sys.executable
-RAWGUEST = str(Path(__file__).with_name("rawguest.py"))
 PORT = 6379
 HOST_OTHER_V4 = "192.0.2.10"
 HOST_OTHER_V6 = "2001:db8:ff::10"
@@ -78,8 +80,8 @@ def first_report_is_the_marker(host: Netns, lines: Lines) -> None:
 
 
 def probes(topo: Topology, *targets: str, port: int = PORT) -> dict[str, Any]:
-    """Each ``KIND:DST`` probed from the guest (rawguest.py); "KIND DST" -> the answer."""
-    argv = [PY, RAWGUEST, "probe", topo.host_v4, topo.host_v6, str(port), *targets]
+    """Each ``KIND:DST`` probed from the guest (rawframes.py); "KIND DST" -> the answer."""
+    argv = [PY, RAWFRAMES, "probe", topo.host_v4, topo.host_v6, str(port), *targets]
     return dict(json.loads(topo.guest.run(argv, timeout=120).stdout))
 
 
@@ -178,7 +180,7 @@ def test_refusal_answers_are_rate_limited(topology: Topology, start_ferryd: Star
     ferryd = start(topo, start_ferryd)
     count = 800  # within the tap's queue (txqueuelen 1000): none lost before ferryd
     flood = topo.guest.popen(
-        [PY, RAWGUEST, "--wait", "20", "flood", topo.host_v4, "127.0.0.1", str(PORT), str(count)],
+        [PY, RAWFRAMES, "--wait", "20", "flood", topo.host_v4, "127.0.0.1", str(PORT), str(count)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

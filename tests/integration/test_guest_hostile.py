@@ -1,8 +1,8 @@
 """A hostile guest against a real ferryd (issue 9, items 2-4).
 
 Frames no real guest kernel sends are built with ferry's wire builders and
-sent on the tap from inside the guest namespace (tests/integration/
-rawframes.py, an AF_PACKET socket); what ferryd answers is read back there.
+sent on the tap from inside the guest namespace (testbed/rawframes.py,
+an AF_PACKET socket); what ferryd answers is read back there.
 Each test checks that ferryd keeps running and keeps serving.
 """
 
@@ -17,13 +17,11 @@ from ferryd.services import dhcpv6
 from ferryd.wire.ethernet import ETH_P_IPV6, build_ethernet, parse_ethernet_untrusted
 from ferryd.wire.ip import IPPROTO_UDP, build_ip, parse_ipv6_untrusted
 from ferryd.wire.udp import build_udp, parse_udp_untrusted
+from testbed.paths import RAWFRAMES, TCPTOOL
+from testbed.topology import Topology
 from tests.integration.conftest import StartFerryd
-from tests.netns import Topology
 
 PY = sys.executable
-HERE = Path(__file__).resolve().parent
-RAWFRAMES = str(HERE / "rawframes.py")
-TCPTOOL = str(HERE / "tcptool.py")
 
 
 def _opt(code: int, value: bytes = b"") -> bytes:

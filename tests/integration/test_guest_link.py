@@ -3,8 +3,8 @@
 Real components only: the guest is a network namespace whose tap device
 ferryd creates, configured by real clients (busybox udhcpc, ISC dhclient,
 the kernel's own SLAAC); the peer is another namespace behind a veth pair
-(tests/netns.py draws the picture). Payloads are compared byte for byte by
-tests/integration/udptool.py.
+(testbed/topology.py draws the picture). Payloads are compared byte for byte by
+testbed/udptool.py.
 """
 
 import json
@@ -15,11 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.conftest import FerrydProcess, StartFerryd
-from tests.netns import Topology, wait_for
+from testbed.ferryd_process import FerrydProcess
+from testbed.paths import UDPTOOL
+from testbed.topology import Topology
+from testbed.wait import wait_for
+from tests.integration.conftest import StartFerryd
 
 PY = sys.executable
-UDPTOOL = str(Path(__file__).with_name("udptool.py"))
 DNS = "10.77.0.53"
 DNS6 = "fd00:77::53"
 # ferryd's default MAC 9a:55:9a:55:9a:55 as a modified EUI-64 link-local
@@ -264,7 +266,16 @@ def test_garbage_from_the_guest_changes_nothing(
     counters = json.loads(ferryd.ctl("counters", "--json").stdout)
     assert counters["stack"]["malformed"] >= 300
     assert counters["frontend"]["frames_in"] == counters["stack"]["frames_in"]
-    assert set(counters) >= {"frontend", "migration", "refusals", "descriptors", "stack", "tcp", "udp", "icmp"}
+    assert set(counters) >= {
+        "frontend",
+        "migration",
+        "refusals",
+        "descriptors",
+        "stack",
+        "tcp",
+        "udp",
+        "icmp",
+    }
 
 
 def test_ferryd_holds_no_capability_once_running(

@@ -1,6 +1,6 @@
 """Live migration through real ferryds: connections survive ``ferryctl migrate``.
 
-The two-host bed (conftest ``two_hosts``; tests/netns.py draws the fabric):
+The two-host bed (conftest ``two_hosts``; testbed/topology.py draws the fabric):
 the source ferryd runs in host A, the target (``--incoming``) in host B,
 both serving the one guest namespace's tap, both toggling TCP_REPAIR
 through one ferry-repair in the root namespace. The guest is configured
@@ -26,9 +26,11 @@ import pytest
 
 from ferryd.control import ControlRequestFailed
 from ferryd.migration import migration_pb2 as pb
-from tests.integration.conftest import FERRYCTL, FerrydProcess, MigrationBed
-from tests.integration.test_migration_support import Streams, UdpExchange
-from tests.netns import wait_for
+from testbed.ferryd_process import FerrydProcess
+from testbed.migrationbed import MigrationBed
+from testbed.paths import FERRYCTL
+from testbed.streams import Streams, UdpExchange
+from testbed.wait import wait_for
 
 #: Idle connections in the many-connections test (each is two sockets in the
 #: guest and peer, one in each ferryd: the fd limit here is 20,000 per process).

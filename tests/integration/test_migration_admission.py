@@ -33,10 +33,10 @@ from ferryd.migration.stream import (
     StreamDecoder,
     StreamEncoder,
 )
-from tests.integration.conftest import MigrationBed
+from testbed.migrationbed import MigrationBed
+from testbed.streams import Streams
+from testbed.wait import wait_for
 from tests.integration.test_migration import _migrate_through, _source_survives
-from tests.integration.test_migration_support import Streams
-from tests.netns import wait_for
 
 LOOPBACK4 = IPv4Address("127.0.0.1")
 

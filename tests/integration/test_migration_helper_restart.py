@@ -11,7 +11,7 @@ migrate-abort``, or its own retry, finishes the rollback). Never a source
 stuck ``migrating`` with the guest offline while ferryctl says it rolled
 back.
 
-Traffic is streamtool's (test_migration_support.Streams): every byte each
+Traffic is streamtool's (testbed/streams.py: Streams): every byte each
 way is checked, so a connection lost or corrupted by a rollback fails.
 """
 
@@ -28,10 +28,12 @@ from pathlib import Path
 import pytest
 
 from ferryd.control import ControlClientError
-from tests.integration.conftest import FERRYCTL, RUNAS_UID, FerrydProcess, MigrationBed
-from tests.integration.test_migration_support import Streams
-from tests.integration.test_repair_support import HELPER, HelperProcess
-from tests.netns import wait_for
+from testbed.ferryd_process import RUNAS_UID, FerrydProcess
+from testbed.migrationbed import MigrationBed
+from testbed.paths import FERRYCTL
+from testbed.repair import HELPER, HelperProcess
+from testbed.streams import Streams
+from testbed.wait import wait_for
 
 #: A stand-in helper that refuses: it reads one batch (closing the descriptors
 #: it got) and closes the connection without a reply, on every connection.

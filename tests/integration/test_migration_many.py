@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import MigrationBed
-from tests.integration.test_migration_support import Streams
+from testbed.migrationbed import MigrationBed
+from testbed.streams import Streams
 
 #: Connections streaming both ways at full speed throughout.
 BUSY_CONNECTIONS = 20

@@ -18,9 +18,10 @@ from typing import Any
 
 from ferryd.control import request
 from ferryd.migration.session import PRECOPY_QUIET
-from tests.integration.conftest import MigrationBed
-from tests.integration.test_migration_support import Streams
-from tests.integration.test_tcp import server, spawn
+from testbed.migrationbed import MigrationBed
+from testbed.streams import Streams
+from testbed.tcptool_process import server, spawn
+from testbed.wait import wait_for
 
 COUNT = 300
 #: Idle for this long, a connection is one a pre-copy takes (with room for a slow runner).
@@ -54,10 +55,10 @@ def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
         assert conns.out.json(what="poked") == {"poked": POKED, "bad": []}
         conns.tell(f"close {COUNT - CLOSED} {COUNT}")
         assert conns.out.json(what="closed") == {"closed": CLOSED}
-        deadline = time.monotonic() + 10
-        while len(request(source.control, "flows")["flows"]) > COUNT - CLOSED:
-            assert time.monotonic() < deadline, "closed connections still in the flow table"
-            time.sleep(0.05)
+        wait_for(
+            lambda: len(request(source.control, "flows")["flows"]) <= COUNT - CLOSED,
+            what="the closed connections to leave the flow table",
+        )
 
         request(target.control, "migrate-wait-precopy", timeout=30)
         out = request(source.control, "migrate-out", timeout=30)
@@ -101,7 +102,7 @@ def test_abort_after_precopy_closes_silently(two_hosts: MigrationBed) -> None:
     conns = spawn(bed.guest, "echoconns", bed.peer_v4, 9401, 100)
     try:
         assert conns.out.json(what="connected") == {"connected": 100}
-        time.sleep(0.3)
+        time.sleep(QUIET_ENOUGH)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             request(target.control, "migrate-in", fds=[rfd], precopy=True)

@@ -21,16 +21,12 @@ from pathlib import Path
 import pytest
 
 from ferryd.control import ControlRequestFailed
-from tests.integration.conftest import (
-    FERRYCTL,
-    FERRYD,
-    RUNAS_UID,
-    FerrydProcess,
-    MigrationBed,
-    StartFerryd,
-)
-from tests.integration.test_migration_support import Streams
-from tests.netns import Topology
+from testbed.ferryd_process import RUNAS_UID, FerrydProcess
+from testbed.migrationbed import MigrationBed
+from testbed.paths import FERRYCTL, FERRYD
+from testbed.streams import Streams
+from testbed.topology import Topology
+from tests.integration.conftest import StartFerryd
 
 AS_NOBODY = ["setpriv", "--reuid", str(RUNAS_UID), "--regid", str(RUNAS_UID), "--clear-groups"]
 CAP_NET_BIND_SERVICE = 1 << 10

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import NETNS_PREFIX, ip
+from testbed.netns import NETNS_PREFIX, ip
 
 pytestmark = [pytest.mark.integration]
 

@@ -31,12 +31,10 @@ import trio
 from ferry_repair.closer import MAX_BACKLOG
 from ferry_repair.protocol import SCM_MAX_FD
 from ferryd.migration.repair_client import RepairClient, RepairMode
+from testbed.repair import WAIT_SECONDS, HelperProcess, listening_helper
 from tests.integration.test_repair_support import (
-    WAIT_SECONDS,
-    HelperProcess,
     TcpConnections,
     clear_repair,
-    listening_helper,
     public_tmp_dir,
     recv_exactly,
     recv_reply_or_eof,

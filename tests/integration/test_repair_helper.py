@@ -22,13 +22,11 @@ import pytest
 
 from ferry_repair.protocol import SCM_MAX_FD
 from ferryd.migration.sockstate import segment_counts
+from testbed.repair import HELPER, HelperProcess, listening_helper
 from tests.integration.test_repair_support import (
-    HELPER,
-    HelperProcess,
     TcpConnections,
     assert_serves,
     clear_repair,
-    listening_helper,
     public_tmp_dir,
     recv_exactly,
     recv_reply_or_eof,

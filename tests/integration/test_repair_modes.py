@@ -24,13 +24,10 @@ from ferryd.migration.repair_client import (
     RepairRefused,
     RepairUnavailable,
 )
+from testbed.repair import HELPER, WAIT_SECONDS, HelperProcess, listening_helper
 from tests.integration.test_repair_support import (
-    HELPER,
-    WAIT_SECONDS,
-    HelperProcess,
     TcpConnections,
     clear_repair,
-    listening_helper,
     repair_states,
     requires_root,
 )

@@ -19,10 +19,9 @@ import pytest
 import trio
 
 from ferryd.migration.repair_client import RepairListener, RepairMode
+from testbed.paths import REPO
+from testbed.repair import WAIT_SECONDS, HelperProcess
 from tests.integration.test_repair_support import (
-    REPO,
-    WAIT_SECONDS,
-    HelperProcess,
     TcpConnections,
     clear_repair,
     repair_states,

@@ -30,11 +30,10 @@ import pytest
 
 from ferry_repair.protocol import TCP_REPAIR, RequestRefused
 from ferry_repair.repair import _drop_forced_reuse_untrusted
+from testbed.repair import WAIT_SECONDS, listening_helper
 from tests.integration.test_repair_support import (
-    WAIT_SECONDS,
     TcpConnections,
     clear_repair,
-    listening_helper,
     public_tmp_dir,
     repair_states,
     send_batch,

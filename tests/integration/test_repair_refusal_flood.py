@@ -25,12 +25,10 @@ from pathlib import Path
 import pytest
 
 from ferry_repair.throttle import INTERVAL
+from testbed.repair import WAIT_SECONDS, HelperProcess, listening_helper
 from tests.integration.test_repair_support import (
-    WAIT_SECONDS,
-    HelperProcess,
     TcpConnections,
     clear_repair,
-    listening_helper,
     public_tmp_dir,
     recv_exactly,
     requires_root,

@@ -1,11 +1,8 @@
-"""Shared pieces of the ferry-repair tests: a helper process, TCP sockets, checks.
+"""Shared pieces of the ferry-repair tests: TCP sockets in and out of repair mode, checks.
 
 Not a test module (it defines no tests); it is named ``test_repair_*`` to
-live beside the tests that use it. The helper runs as a real subprocess;
-its stderr is read by a thread into a list of lines, so a test can wait for
-a log line (the helper logs one per connection and per refusal) instead of
-sleeping. Every process started here is killed by PID when its context
-exits, whatever the test did.
+live beside the tests that use it. The helper process itself is the bed's
+(testbed/repair.py).
 """
 
 from __future__ import annotations
@@ -14,133 +11,24 @@ import array
 import contextlib
 import errno
 import os
-import resource
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from ferry_repair.protocol import SCM_MAX_FD, TCP_REPAIR
+from testbed.repair import WAIT_SECONDS, raise_fd_limit
 
-REPO = Path(__file__).resolve().parents[2]
-HELPER = [sys.executable, "-m", "ferry_repair.main"]
 TCP_REPAIR_QUEUE = 20
 TCP_QUEUE_SEQ = 21
 TCP_SEND_QUEUE = 2
 TCP_NO_QUEUE = 0
-WAIT_SECONDS = 30.0  # upper bound on waits for a condition; never a timing assertion
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs root")
-
-
-class HelperProcess:
-    """A running ferry-repair (or passt-repair) whose log lines are collected."""
-
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        preexec_fn: Callable[[], None] | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.argv = list(argv)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-            text=True,
-            preexec_fn=preexec_fn,
-            env=env,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for_line(self, needle: str, *, count: int = 1) -> str:
-        """Wait until ``count`` log lines contain ``needle``; return the last one."""
-
-        def matching() -> list[str]:
-            return [line for line in self.lines if needle in line]
-
-        with self._changed:
-            done = self._changed.wait_for(
-                lambda: len(matching()) >= count or not self._reader.is_alive(),
-                timeout=WAIT_SECONDS,
-            )
-            found = matching()
-        if not done or len(found) < count:
-            raise AssertionError(f"helper never logged {needle!r} x{count}; log: {self.lines}")
-        return found[count - 1]
-
-    def count(self, needle: str) -> int:
-        with self._changed:
-            return sum(needle in line for line in self.lines)
-
-    def wait_exit(self) -> int:
-        rc = self.proc.wait(timeout=WAIT_SECONDS)
-        self._reader.join(timeout=WAIT_SECONDS)
-        return rc
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def status(self) -> dict[str, str]:
-        with open(f"/proc/{self.pid}/status") as f:
-            return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=WAIT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=WAIT_SECONDS)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def __enter__(self) -> HelperProcess:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def listening_helper(
-    path: Path, *extra: str, prefix: Sequence[str] = ()
-) -> Iterator[HelperProcess]:
-    """ferry-repair --listen PATH, once it serves."""
-    with HelperProcess([*prefix, *HELPER, "--listen", str(path), *extra]) as helper:
-        helper.wait_for_line("serving")
-        yield helper
 
 
 @contextlib.contextmanager
@@ -164,12 +52,6 @@ def wait_until(probe: Callable[[], int], wanted: int) -> int:
     while (value := probe()) != wanted and time.monotonic() < deadline:
         time.sleep(0.005)
     return value
-
-
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class TcpConnections:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_repair_support import REPO
+from testbed.paths import REPO
 
 pytestmark = pytest.mark.integration
 

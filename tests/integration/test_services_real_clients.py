@@ -1,6 +1,6 @@
 """The services against real clients: busybox udhcpc, ISC dhclient (v4 and v6), Linux.
 
-No daemon is involved. Each test makes a throwaway namespace (tests/netns.py)
+No daemon is involved. Each test makes a throwaway namespace (testbed/netns.py)
 with a tap device in it, opened by a thread that joins the namespace just for
 the open() (a tap lives in the namespace it was opened in; the fd then works
 from anywhere). A small pump thread plays ferryd's part: it reads the frames
@@ -9,7 +9,7 @@ does, and writes the answers back into the tap. The test then checks what
 the client did with them: the address, route and MTU it configured, the DNS
 servers its script was given, and that duplicate address detection succeeded.
 
-Every wait polls a condition (tests/netns.py: wait_for); nothing sleeps.
+Every wait polls a condition (testbed/wait.py: wait_for); nothing sleeps.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from ferryd.wire.ip import (
     parse_ipv6_untrusted,
 )
 from ferryd.wire.udp import parse_udp_untrusted
-from tests.netns import Netns, ping_command, wait_for
+from testbed.netns import Netns, ping_command
+from testbed.wait import wait_for
 
 FERRY_MAC = bytes.fromhex("9a55e0000001")
 GUEST4 = IPv4Address("10.77.0.5")

@@ -30,6 +30,9 @@ from ferryd.migration.sockstate import (
     restore_in_repair,
 )
 from ferryd.netns import run_in_netns
+from testbed.netns import Netns
+from testbed.sockstate_tools import freeze_intake, set_repair_direct, thaw_intake
+from testbed.wait import wait_for
 from tests.integration.test_sockstate_support import (
     CHUNK,
     ENDLESS,
@@ -49,8 +52,6 @@ from tests.integration.test_sockstate_support import (
     restore_all,
     tcp_state,
 )
-from tests.netns import Netns, wait_for
-from tests.sockstate_tools import freeze_intake, set_repair_direct, thaw_intake
 
 pytestmark = [pytest.mark.integration, requires_root]
 

@@ -49,7 +49,7 @@ from ferryd.migration.sockstate import (
     restore_in_repair,
 )
 from ferryd.netns import run_in_netns
-from tests.sockstate_tools import freeze_intake, set_repair_direct
+from testbed.sockstate_tools import freeze_intake, set_repair_direct
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs root")
 

@@ -1,7 +1,7 @@
 """sockstate in the real topology: connections move between two hosts with the same address.
 
 Host A and host B both carry 10.88.0.1/24 and fd00:88::1/64 with the same
-MAC (tests/netns.py: two_host_topology). Connections run from sockets in A to
+MAC (testbed/topology.py: two_host_topology). Connections run from sockets in A to
 a server in the peer namespace. A's sockets are frozen and dumped while the
 peer keeps sending and reading; B restores them in repair mode; the fabric
 moves from A to B (A's link is deleted, so A's frozen sockets can never
@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from ferryd.migration.kernel_state import TcpState
+from testbed.topology import TwoHostTopology, two_host_topology
+from testbed.wait import wait_for
 from tests.integration.test_sockstate_support import (
     ENDLESS,
     Conn,
@@ -34,7 +36,6 @@ from tests.integration.test_sockstate_support import (
     restore_all,
     tcp_state,
 )
-from tests.netns import TwoHostTopology, two_host_topology, wait_for
 
 pytestmark = [pytest.mark.integration, requires_root]
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FERRYCTL, FERRYD, VENV_BIN
-from tests.netns import Netns, wait_for
+from testbed.netns import Netns
+from testbed.paths import FERRYCTL, FERRYD, VENV_BIN
+from testbed.wait import wait_for
 
 HELPER = VENV_BIN / "ferry-repair"
 

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FERRYCTL, FERRYD, RUNAS_UID, MigrationBed
-from tests.integration.test_migration_support import Streams
+from testbed.ferryd_process import RUNAS_UID
+from testbed.migrationbed import MigrationBed
+from testbed.netns import Netns
+from testbed.paths import FERRYCTL, FERRYD
+from testbed.streams import Streams
+from testbed.topology import Topology
 from tests.integration.test_privileges import _confinement, _expected
-from tests.netns import Netns, Topology
 
 TAP = "tap0"
 #: nobody's group: ferryd drops to nobody and attaches as a member of it.

@@ -2,10 +2,10 @@
 
 The guest is a network namespace on ferryd's tap, configured with
 ``--config-net``; the peer is another namespace behind a veth pair
-(tests/netns.py draws the picture). Both ends are real kernel TCP stacks,
+(testbed/topology.py draws the picture). Both ends are real kernel TCP stacks,
 so what is checked is what an application would see. Payloads are
 deterministic streams checked by SHA-256 at the receiving end
-(tests/integration/tcptool.py), or files fetched and uploaded by curl.
+(testbed/tcptool.py), or files fetched and uploaded by curl.
 
 The no-buffer tests check DESIGN.md's invariant from the outside: with the
 receiving application stalled, every byte the sender's kernel got rid of
@@ -16,93 +16,28 @@ memory does not follow the amount of data in the path.
 from __future__ import annotations
 
 import hashlib
-import json
-import queue
 import re
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-from tests.integration.conftest import FerrydProcess, StartFerryd
-from tests.integration.tcptool import expected, stream
-from tests.netns import Netns, Topology, wait_for
+from testbed.ferryd_process import FerrydProcess
+from testbed.netns import Netns
+from testbed.tcptool import expected, stream
+from testbed.tcptool_process import client, server, spawn
+from testbed.topology import Topology
+from testbed.wait import wait_for
+from tests.integration.conftest import StartFerryd
 
-PY = sys.executable
-TCPTOOL = str(Path(__file__).with_name("tcptool.py"))
 MB = 1_000_000
 PORT = 5000
 
 
 # --- helpers ----------------------------------------------------------------
-
-
-class Lines:
-    """A process's stdout as a queue of lines, so a test can wait with a deadline."""
-
-    def __init__(self, stdout: IO[bytes]) -> None:
-        self._queue: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._pump, args=(stdout,), daemon=True).start()
-
-    def _pump(self, stdout: IO[bytes]) -> None:
-        for line in stdout:
-            self._queue.put(line)
-        self._queue.put(b"")
-
-    def next(self, timeout: float = 30, what: str = "a line") -> bytes:
-        try:
-            line = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no output after {timeout:g} s waiting for {what}") from None
-        assert line, f"process ended while waiting for {what}"
-        return line
-
-    def json(self, timeout: float = 30, what: str = "a result") -> dict[str, Any]:
-        return dict(json.loads(self.next(timeout, what)))
-
-
-@dataclass
-class Tool:
-    """A tcptool process running in a namespace, with its stdin and stdout."""
-
-    proc: subprocess.Popen[bytes]
-    out: Lines
-
-    def tell(self, line: str = "go") -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def finish(self, timeout: float = 60) -> int:
-        return self.proc.wait(timeout=timeout)
-
-
-def spawn(ns: Netns, *args: object) -> Tool:
-    proc = ns.popen(
-        [PY, TCPTOOL, *(str(a) for a in args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    return Tool(proc, Lines(proc.stdout))
-
-
-def server(ns: Netns, *args: object) -> Tool:
-    """Start a tcptool server and wait until it listens."""
-    tool = spawn(ns, *args)
-    assert tool.out.next(what=f"tcptool {args[0]} to listen") == b"listening\n"
-    return tool
-
-
-def client(ns: Netns, *args: object, timeout: float = 120) -> dict[str, Any]:
-    """Run a tcptool client to completion; fail with its output unless it exits 0."""
-    result = ns.run([PY, TCPTOOL, *(str(a) for a in args)], check=False, timeout=timeout)
-    assert result.returncode == 0, f"tcptool {args}: {result.stdout} {result.stderr}"
-    return dict(json.loads(result.stdout.splitlines()[-1]))
 
 
 def start(topo: Topology, start_ferryd: StartFerryd, *args: str) -> FerrydProcess:

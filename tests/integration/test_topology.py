@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FerrydProcess, StartFerryd
-from tests.netns import NETNS_PREFIX, Netns, Topology, WaitTimeout, build_topology, ip, wait_for
+from testbed.ferryd_process import FerrydFailed, FerrydProcess
+from testbed.netns import NETNS_PREFIX, Netns, ip
+from testbed.topology import Topology, build_topology
+from testbed.wait import WaitTimeout, wait_for
+from tests.integration.conftest import StartFerryd
 
 
 def netns_names() -> set[str]:
@@ -210,7 +213,7 @@ def test_start_ferryd_ready_and_stopped(topology: Topology, start_ferryd: StartF
 
 
 def test_start_ferryd_reports_early_exit(topology: Topology, start_ferryd: StartFerryd) -> None:
-    with pytest.raises(pytest.fail.Exception) as info:
+    with pytest.raises(FerrydFailed) as info:
         start_ferryd(topology, "crash")
     message = str(info.value)
     assert "exited with status 3 before it was ready" in message

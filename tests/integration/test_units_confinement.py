@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FERRYCTL, FERRYD, RUNAS_UID
+from testbed.ferryd_process import RUNAS_UID
+from testbed.paths import FERRYCTL, FERRYD, REPO
+from testbed.repair import listening_helper
+from testbed.streams import Streams
+from testbed.topology import Topology
 from tests.integration.fake_fdstore import FakeFdStore
-from tests.integration.test_migration_support import Streams
-from tests.integration.test_repair_support import REPO, listening_helper
 from tests.integration.test_tap_fd import LAUNCHER, RUNAS_GID, dhcp
-from tests.netns import Topology
 
 UNITS = REPO / "systemd"
 FILTER = [sys.executable, "-m", "tests.integration.unit_syscall_filter"]

@@ -102,8 +102,43 @@ async def test_batches_are_pipelined(
 
 
 async def test_empty_is_a_no_op(client_and_helper: tuple[RepairClient, Helper]) -> None:
-    client, _ = client_and_helper
+    """No descriptors: nothing goes to the helper and no reply is awaited.
+
+    The helper answers only the next call's batch: had the empty call sent a
+    message, the first one the helper reads would be that (ON, no descriptors);
+    had it awaited a reply, it would end in RepairTimeout.
+    """
+    client, helper = client_and_helper
     await client.set_repair([], RepairMode.ON)
+    a, b = socket.socketpair()
+    with a, b:
+        seen: list[bytes] = []
+
+        async def answer() -> None:
+            commands = await helper.receive(1)
+            seen.append(commands)
+            await helper.sock.send(commands)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            await client.set_repair([a, b], RepairMode.OFF)
+    assert seen == [b"\x00"]
+    assert helper.batches == [2]
+    assert not client.closed
+
+
+async def test_empty_needs_no_helper(client_and_helper: tuple[RepairClient, Helper]) -> None:
+    """An empty call does not touch the connection: a helper that hung up is not an error.
+
+    (A call with descriptors would find the hang-up, and with no way to
+    redial, fail with RepairError.)
+    """
+    client, helper = client_and_helper
+    helper.sock.close()
+    await client.set_repair([], RepairMode.OFF)
+    assert client.reconnects == 0
+    with pytest.raises(RepairError):
+        await client.set_repair([0], RepairMode.OFF)
 
 
 async def test_accepts_socket_objects(client_and_helper: tuple[RepairClient, Helper]) -> None:

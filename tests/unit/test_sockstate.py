@@ -29,7 +29,7 @@ from ferryd.migration.sockstate import (
     repair_options,
     repair_window,
 )
-from tests.sockstate_tools import set_repair_direct
+from testbed.sockstate_tools import set_repair_direct
 
 BASE = TcpKernelState(
     local_addr=ip_address("10.0.0.1"),

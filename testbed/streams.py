@@ -1,11 +1,9 @@
-"""Shared pieces of the migration tests: checked traffic processes and migration helpers.
+"""Checked traffic that spans a migration: streamtool processes driven from outside.
 
-Not a test module (it defines no tests); named ``test_migration_*`` to live
-beside the tests that use it (and bench/migration.py uses it too).
-
-Traffic runs in real processes inside the namespaces: ``streamtool.py``
-(tests/integration/streamtool.py: many TCP connections, a checked pattern
-each way, commands on stdin, JSON lines on stdout) and its UDP mode.
+Used by the migration tests and bench/migration.py. Traffic runs in real
+processes inside the namespaces: ``streamtool.py`` (testbed/streamtool.py:
+many TCP connections, a checked pattern each way, commands on stdin, JSON
+lines on stdout) and its UDP mode.
 :class:`Tool` runs one and collects its JSON lines; :class:`Streams` pairs
 a server and a client and checks, at the end, that every connection ended
 cleanly with every byte checked and that what each end sent is exactly
@@ -21,13 +19,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from tests.netns import Netns
+from testbed.netns import Netns
+from testbed.paths import STREAMTOOL
 
 PY = sys.executable
-STREAMTOOL = str(Path(__file__).with_name("streamtool.py"))
 #: Upper bound on any wait for a condition; never a timing assertion.
 WAIT_SECONDS = 60.0
 
