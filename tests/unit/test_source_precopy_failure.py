@@ -15,23 +15,19 @@ import pytest
 import trio
 
 from ferryd.control import ControlError
-from ferryd.flows.tcp_conn import State
 from ferryd.migration.restore import RepairSource
 from ferryd.migration.source import PRECOPY_QUIET, SourceMigration
 from tests.unit.test_source_watchdog import FakeDaemon
 
 
 def _quiet_conn() -> SimpleNamespace:
-    return SimpleNamespace(
-        state=State.ESTABLISHED,
-        flags=0,
-        flight=0,
-        ack_due=False,
-        restore_tail=None,
-        want_writable=False,
-        last_progress=trio.current_time() - 10 * PRECOPY_QUIET,
-        closed=False,
-    )
+    """A connection quiet for long enough (TcpConn.settled) to be pre-copied."""
+
+    def settled(now: float, quiet: float) -> bool:
+        assert quiet == PRECOPY_QUIET
+        return True
+
+    return SimpleNamespace(settled=settled, closed=False)
 
 
 class RunningDaemon(FakeDaemon):
