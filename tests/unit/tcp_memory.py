@@ -22,7 +22,7 @@ from ferryd.flows.table import Flow, FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
 from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
-from ferryd.wire.tcp import SYN, TcpSegment, parse_tcp_untrusted
+from ferryd.wire.tcp import ACK, TcpSegment, parse_tcp_untrusted
 
 GUEST = IPv4Address("10.0.2.15")
 REMOTE = IPv4Address("192.0.2.1")
@@ -172,7 +172,7 @@ class WireGuest:
 
     def check_ack(self, seg: TcpSegment) -> None:
         """No ACK covers a byte (or a FIN) the host socket did not take."""
-        if self.irs is None or seg.flags & SYN or not seg.flags & 0x10:
+        if self.irs is None or not seg.flags & ACK:
             return
         limit = seq_add(self.irs, 1 + self.host.accepted + (1 if self.host.shut_wr else 0))
         assert seq_diff(seg.ack, limit) <= 0, f"ACK {seg.ack} beyond what the socket took ({limit})"
@@ -220,11 +220,15 @@ class Watch:
             assert host.closed, "CLOSED but the socket is still open"
             return
         for name in ("seq_from_guest", "seq_ack_from_guest", "seq_max_to_guest"):
+            # Until the guest's SYN-ACK, an inbound connection knows no
+            # sequence number of the guest's yet.
+            if name == "seq_from_guest" and conn.state is State.SYN_SENT:
+                continue
             now = getattr(conn, name)
             before = getattr(self, name)
-            if before is not None and conn.state is State.ESTABLISHED:
+            if before is not None:
                 assert seq_diff(now, before) >= 0, f"{name} went back: {before} -> {now}"
-            setattr(self, name, now if conn.state is State.ESTABLISHED else None)
+            setattr(self, name, now)
         if conn.state is State.ESTABLISHED:
             # The peek offset is the flight's payload: what was sent and not
             # acknowledged stays queued, and nothing else was consumed.
