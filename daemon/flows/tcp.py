@@ -326,7 +326,7 @@ class TcpFlows:
             except Exception as exc:
                 self._bug(conn, exc, now)
             self._dirty[conn] = None
-        self._settle()
+        self._settle(now)
 
     # --- the reactor ------------------------------------------------------
 
@@ -384,7 +384,7 @@ class TcpFlows:
         if flow is not None and flow.handle is conn:
             self.table.remove(key)
 
-    def _settle(self) -> None:
+    def _settle(self, now: float) -> None:
         """Re-arm every connection changed since the last call."""
         interest = self._interest
         if self._nursery is None or interest is None:
@@ -393,14 +393,14 @@ class TcpFlows:
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for conn in dirty:
-                self._arm(interest, conn)
+                self._arm(interest, conn, now)
         self._deferring = False
         if self._wait is not None:
             when = interest.next_deadline()
             if when != self._wait.deadline:
                 self._wait.deadline = when
 
-    def _arm(self, interest: Interest[TcpConn], conn: TcpConn) -> None:
+    def _arm(self, interest: Interest[TcpConn], conn: TcpConn, now: float) -> None:
         """Register the events ``conn`` waits for now, and its deadline."""
         fd = conn.host.fileno()
         if conn.closed or fd < 0:
@@ -420,10 +420,10 @@ class TcpFlows:
                 mask |= EPOLLOUT
             interest.set_mask(conn, fd, mask)
         except OSError as exc:
-            self._failed(conn, exc, trio.current_time())
+            self._failed(conn, exc, now)
             return
         except Exception as exc:
-            self._bug(conn, exc, trio.current_time())
+            self._bug(conn, exc, now)
             return
         interest.set_deadline(conn, conn.deadline())
 
@@ -449,8 +449,9 @@ class TcpFlows:
 
     async def _reactor(self, interest: Interest[TcpConn]) -> None:
         epoll_fd = interest.fileno()
+        now = trio.current_time()
         while True:
-            self._settle()
+            self._settle(now)
             with trio.CancelScope(deadline=interest.next_deadline()) as wait:
                 self._wait = wait
                 try:
@@ -544,8 +545,9 @@ class TcpFlows:
         """
         if self._interest is None:
             self._interest = Interest()
+        now = trio.current_time()
         for conn in conns:
-            self._arm(self._interest, conn)
+            self._arm(self._interest, conn, now)
             self._prearmed.add(conn)
 
     def adopt(
@@ -679,7 +681,7 @@ class TcpFlows:
         )
         if conn is not None:
             self._dirty[conn] = None
-        self._settle()
+        self._settle(now)
 
     # --- housekeeping -----------------------------------------------------
 

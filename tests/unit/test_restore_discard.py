@@ -99,7 +99,9 @@ async def test_discard_leaves_udp_usable() -> None:
             await restorer.discard()
             assert len(d.udp.table) == 0  # the restored flow went, its port freed
             # The source keeps its UdpFlows: a guest's datagram opens a flow again.
-            d.udp.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"))
+            d.udp.from_guest(
+                *udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"), trio.current_time()
+            )
             assert len(d.udp.table) == 1
             with trio.fail_after(5):
                 data = await trio.socket.from_stdlib_socket(server).recv(100)
