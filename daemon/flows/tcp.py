@@ -69,6 +69,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -130,6 +131,17 @@ def reset_for(ip: IpPacket, seg: TcpSegment) -> bytes | None:
     return build_tcp(ip.dst, ip.src, seg.dport, seg.sport, seq, ack, flags, 0)
 
 
+@dataclass
+class TcpCounters:
+    """What TcpFlows counts besides its flow table; a counters registry reads the fields."""
+
+    resets_sent: int = 0
+    """RSTs answering a segment of no connection (RFC 9293 §3.10.7.1), refused SYNs included."""
+    held_drops: int = 0
+    """Guest segments dropped while a migration's pre-copy held their connection
+    (not acknowledged: the guest sends them again)."""
+
+
 class _Listener:
     def __init__(self, sock: socket.socket, fwd: PortForward, addr: IpAddress, port: int) -> None:
         self.sock = sock
@@ -162,7 +174,7 @@ class TcpFlows:
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
-        self.resets_sent = 0
+        self.counters = TcpCounters()
         self.flow_errors = 0
         """Connections reset because handling them raised (a ferryd bug, contained)."""
         self._interest: Interest[TcpConn] | None = None
@@ -171,7 +183,6 @@ class TcpFlows:
         """Connections to re-arm, in the order they changed."""
         self._held: dict[TcpConn, bool] = {}
         """Connections a migration's pre-copy is dumping: value, a guest RST came meanwhile."""
-        self.held_drops = 0
         self._prearmed: set[TcpConn] = set()
         """Armed ahead of attach() and unchanged since: attach() leaves them be."""
         self._deferring = False
@@ -191,7 +202,7 @@ class TcpFlows:
                 # In repair mode for a pre-copy dump: the socket takes no
                 # data. Not acknowledged, so the guest sends it again; a RST
                 # (never resent) is carried out at release().
-                self.held_drops += 1
+                self.counters.held_drops += 1
                 if seg.flags & RST:
                     self._held[conn] = True
                 return
@@ -213,7 +224,7 @@ class TcpFlows:
     def _reset(self, ip: IpPacket, seg: TcpSegment) -> None:
         rst = reset_for(ip, seg)
         if rst is not None:
-            self.resets_sent += 1
+            self.counters.resets_sent += 1
             self._guest.send_ip(ip.dst, ip.src, IPPROTO_TCP, rst)
 
     def _mss(self, version: int) -> int:

@@ -41,7 +41,9 @@ class RefGuest:
         mss: int = 1460,
         timestamps: bool = False,
         close: bool = True,
+        ports: tuple[int, int] = (GUEST_PORT, REMOTE_PORT),
     ) -> None:
+        self.sport, self.dport = ports
         self.isn = isn
         self.data = data
         self.mss = mss
@@ -77,8 +79,8 @@ class RefGuest:
         window = GUEST_WINDOW if not syn else 0xFFFF
         self.out.append(
             TcpSegment(
-                GUEST_PORT,
-                REMOTE_PORT,
+                self.sport,
+                self.dport,
                 seq,
                 ack,
                 flags,

@@ -53,3 +53,24 @@ def test_with_timestamps_and_short_writes(seed: int) -> None:
     assert out.at_peer == UP
     assert out.at_guest == DOWN
     assert not out.host.aborted
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_migrations_midway_lose_nothing(seed: int) -> None:
+    """guest_state() and TcpConn.restored(): the connection moves mid-transfer,
+    and once more after the peer's FIN."""
+    out = run(
+        UP,
+        DOWN,
+        seed=seed,
+        drop=0.02,
+        dup=0.02,
+        reorder=0.02,
+        timestamps=seed % 2 == 0,
+        migrate_at=(0.2 + 0.1 * seed, 0.5 + 0.1 * seed),
+        migrate_after_peer_fin=True,
+    )
+    assert out.migrations >= 2 and out.migrated_after_peer_fin
+    assert out.at_peer == UP
+    assert out.at_guest == DOWN
+    assert not out.host.aborted
