@@ -239,3 +239,30 @@ async def test_connect_refused_resets_the_guest() -> None:
             assert key in flows.table
             await pump(flows, link, guest, GW4, lambda: guest.state is GState.RESET)
             assert _no_flows(flows)
+
+
+async def test_a_burst_of_guest_segments_gets_one_ack_at_its_end() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    async with tcp_flows() as (flows, link):
+        guest = RefGuest(21, b"", ports=(GUEST_PORT, port), close=False, mss=1000)
+        _conn, peer = await _established(flows, link, listener, guest)
+        guest.data = bytes(3000)
+        guest.send(trio.current_time())
+        burst = guest.take()
+        assert len(burst) == 3
+        for seg in burst:
+            flows.from_guest(from_guest(GUEST4, GW4), seg, trio.current_time())
+        assert not link.take()  # nothing yet: the burst is not over
+        flows.flush(trio.current_time())  # the frontend's queue ran dry
+        ((_src, ack),) = link.take()
+        assert ack.flags == ACK and ack.ack == guest.snd_nxt  # all three, at once
+        with trio.fail_after(TIMEOUT):
+            got = b""
+            while len(got) < 3000:
+                got += await peer.recv(4000)
+        assert got == bytes(3000)
+        peer.close()
+    listener.close()

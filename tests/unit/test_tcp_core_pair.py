@@ -15,9 +15,17 @@ import random
 
 import pytest
 
-from ferryd.flows.tcp_conn import Flags, State
+from ferryd.flows.tcp_conn import Flags, State, TcpConn
 from ferryd.wire.tcp import ACK, NO_OPTIONS, RST, TcpSegment
-from tests.unit.tcp_memory import MemoryHost, Pair, WireGuest, new_conn
+from tests.unit.tcp_memory import (
+    ENDS,
+    LINK_MSS,
+    PEEK_BUFFER,
+    MemoryHost,
+    Pair,
+    WireGuest,
+    new_conn,
+)
 from tests.unit.tcp_ref_guest import GState, RefGuest
 from tests.unit.tcp_sim import run
 
@@ -132,3 +140,79 @@ def test_an_entirely_old_segment_is_answered_at_once() -> None:
     pair.burst([old])
     assert [s.flags for s in pair.wire.out] == [ACK]
     assert pair.wire.out[0].ack == guest.snd_nxt
+
+
+def test_settled_only_when_nothing_moves() -> None:
+    """What a pre-copy may dump: established, nothing in flight, no ACK due, quiet long enough."""
+    pair, _guest = _established()
+    conn = pair.conn
+    assert not conn.settled(1.01, 0.05)  # not quiet for long enough yet
+    assert conn.settled(2.0, 0.05)
+    pair.host.rcv += b"abc"
+    pair.host_events()
+    assert conn.flight == 3 and not conn.settled(9.0, 0.05)
+
+
+class _Tail:
+    """A migrated socket's unsent bytes (UnsentTail), written in pieces as space frees up."""
+
+    def __init__(self, host: MemoryHost, data: bytes) -> None:
+        self.host, self.left = host, data
+
+    def send_more(self) -> bool:
+        try:
+            n = self.host.send(memoryview(self.left))
+        except BlockingIOError:
+            return False
+        self.left = self.left[n:]
+        return not self.left
+
+
+def test_a_migrated_tail_goes_before_the_guests_next_bytes() -> None:
+    pair, guest = _established()
+    saved = pair.conn.guest_state()
+    host = MemoryHost(capacity=4)
+    wire = WireGuest(host)
+    wire.irs = guest.isn
+    conn = TcpConn.restored(
+        ENDS,
+        host,
+        wire,
+        LINK_MSS,
+        memoryview(bytearray(PEEK_BUFFER)),
+        PEEK_BUFFER,
+        random.Random(3),
+        saved,
+        sock_timestamp=0,
+        fin_received=False,
+        now=2.0,
+    )
+    conn.flow = pair.conn.flow
+    assert conn.guest_state() == saved
+    tail = _Tail(host, b"TAIL")
+    host.accepted = 0
+    conn.resume_tail(tail)
+    assert conn.want_writable
+    # The guest sends before the tail is out: not taken (not ACKed), and the
+    # socket's send queue holds the tail's bytes first.
+    host.capacity = 2
+    tail.send_more()
+    data = TcpSegment(
+        40000,
+        80,
+        saved.seq_from_guest,
+        saved.seq_ack_from_guest,
+        ACK,
+        100,
+        NO_OPTIONS,
+        memoryview(b"next"),
+    )
+    conn.on_guest_segment(data, 2.0)
+    assert conn.seq_from_guest == saved.seq_from_guest
+    assert bytes(host.snd) == b"TA"
+    host.peer_read(2)
+    host.capacity = 10
+    conn.on_writable(2.1)  # the rest of the tail
+    conn.on_guest_segment(data, 2.2)
+    assert bytes(host.snd) == b"ILnext"
+    assert conn.seq_from_guest == (saved.seq_from_guest + 4) & 0xFFFFFFFF
