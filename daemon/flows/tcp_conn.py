@@ -275,7 +275,7 @@ class TcpConn:
         """With Flags.TIMESTAMPS: TSval = now in ms + ts_offset, mod 2^32. Taken from the
         host socket's own timestamp clock (TCP_TIMESTAMP, CLOCK_MONOTONIC like ours), so a
         migration target, whose restored socket goes on with the source's clock, can go
-        on with it too (flowstate.apply_guest_state): the guest's PAWS check (RFC 7323
+        on with it too (TcpConn.restored): the guest's PAWS check (RFC 7323
         §5) never sees our TSval go back."""
         self.ts_recent = 0
         """The guest's latest TSval, echoed as TSecr (0 until one was seen)."""
