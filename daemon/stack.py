@@ -79,11 +79,11 @@ _ETHERTYPE_OF_VERSION = {4: ETH_P_IP, 6: ETH_P_IPV6}
 
 
 class UdpHandler(Protocol):
-    def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None: ...
+    def from_guest(self, ip: IpPacket, udp: UdpDatagram, now: float) -> None: ...
 
 
 class IcmpHandler(Protocol):
-    def from_guest(self, ip: IpPacket, icmp: IcmpMessage) -> None: ...
+    def from_guest(self, ip: IpPacket, icmp: IcmpMessage, now: float) -> None: ...
 
 
 class TcpHandler(Protocol):
@@ -205,7 +205,7 @@ class Stack:
                 self._emit_opt(answer_dhcpv6_untrusted(self.link, eth, ip, udp))
                 return
             if self._learn_source(ip) and not is_multicast(eth.dst) and self.udp is not None:
-                self.udp.from_guest(ip, udp)
+                self.udp.from_guest(ip, udp, now)
                 return
         elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
             if (proto == IPPROTO_ICMP) != (ip.version == 4):
@@ -222,7 +222,7 @@ class Stack:
                 and not is_multicast(eth.dst)
                 and self.icmp is not None
             ):
-                self.icmp.from_guest(ip, icmp)
+                self.icmp.from_guest(ip, icmp, now)
                 return
         elif proto == IPPROTO_TCP:
             seg = parse_tcp_untrusted(ip, verify_checksum=not self._trusted)

@@ -105,7 +105,7 @@ class IcmpFlows(DatagramFlows[_Echo]):
         )
         self._max_message = {4: link.mtu - IPV4_HLEN, 6: link.mtu - IPV6_HLEN}
 
-    def from_guest(self, ip: IpPacket, icmp: IcmpMessage) -> None:
+    def from_guest(self, ip: IpPacket, icmp: IcmpMessage, now: float) -> None:
         """Send one guest echo request on (never blocks, never raises)."""
         if self._closed:
             return
@@ -123,7 +123,6 @@ class IcmpFlows(DatagramFlows[_Echo]):
         if dst == ip.src or dst == self._guest.guest_address(ip.version):
             self.drops["bad destination"] += 1
             return
-        now = trio.current_time()
         ident, _seq = icmp.echo_id_seq
         key = FlowKey(proto, ip.src, ident, dst, 0)
         flow = self.table.get(key)
@@ -211,19 +210,19 @@ class IcmpFlows(DatagramFlows[_Echo]):
                     await trio.lowlevel.wait_readable(handle.sock)
                 except trio.ClosedResourceError:
                     return
+                now = trio.current_time()
                 try:
-                    self._drain(flow, handle)
+                    self._drain(flow, handle, now)
                 except Exception as exc:  # a bug: this flow pays (DatagramFlows._contain)
-                    self._contain(flow, exc, trio.current_time())
+                    self._contain(flow, exc, now)
                     return
 
-    def _drain(self, flow: Flow[_Echo], handle: _Echo) -> None:
+    def _drain(self, flow: Flow[_Echo], handle: _Echo, now: float) -> None:
         if handle.closed:
             return
         key = flow.key
         reply = ICMP_ECHO_REPLY if key.proto == IPPROTO_ICMP else ICMPV6_ECHO_REPLY
         limit = self._max_message[key.guest_addr.version]
-        now = trio.current_time()
         view = memoryview(self._buf)
         for _ in range(_DRAIN_BATCH):
             try:

@@ -35,11 +35,11 @@ deadline) every connection that changed.
 
 Segments from the guest are handled synchronously as the stack dispatches
 them: acknowledging, writing to the socket and sending more to the guest
-need no task switch. A connection that changes calls back
-(``on_changed``); what it waits for is re-evaluated once the burst of guest
-frames is done (:meth:`TcpFlows.flush`) or the reactor's round is, so a
-burst that touches one connection many times costs one re-arm, and
-``epoll_ctl`` runs only when a mask really changes.
+need no task switch. Every connection handed an event is marked; what it
+waits for is re-evaluated once the burst of guest frames is done
+(:meth:`TcpFlows.flush`) or the reactor's round is, so a burst that touches
+one connection many times costs one re-arm, and ``epoll_ctl`` runs only
+when a mask really changes.
 
 Why one task and not one per connection: a migration freezes by cancelling
 the data path's nursery and resumes by attaching a new one. With a task per
@@ -87,7 +87,8 @@ from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from ferryd.flows.table import FlowKey, FlowLimitReached, FlowTable
-from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.linux import SO_PEEK_OFF
@@ -130,6 +131,7 @@ def reset_for(ip: IpPacket, seg: TcpSegment) -> bytes | None:
     return build_tcp(ip.dst, ip.src, seg.dport, seg.sport, seq, ack, flags, 0)
 
 
+@dataclass
 class _Listener:
     def __init__(self, sock: socket.socket, fwd: PortForward, addr: IpAddress, port: int) -> None:
         self.sock = sock
@@ -143,7 +145,7 @@ class TcpCounters:
     """What the TCP flows count (read by ferryd's counters registry)."""
 
     resets_sent: int = 0
-    """RSTs sent to the guest for segments of no connection."""
+    """RSTs answering a segment of no connection (RFC 9293 §3.10.7.1), refused SYNs included."""
     flow_errors: int = 0
     """Connections reset because handling them raised (a ferryd bug, contained)."""
     held_drops: int = 0
@@ -160,8 +162,10 @@ class TcpFlows:
         destinations: Destinations,
         limit: int = 4096,
         budget: DescriptorBudget | None = None,
+        entropy: Entropy = SYSTEM_ENTROPY,
     ) -> None:
         self._guest = guest
+        self._entropy = entropy
         self._budget = budget
         self._link = link
         self._nursery = nursery
@@ -176,11 +180,11 @@ class TcpFlows:
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}
+        """Connections to re-arm, in the order they changed."""
         self._held: dict[TcpConn, bool] = {}
         """Connections a migration's pre-copy is dumping: value, a guest RST came meanwhile."""
         self._prearmed: set[TcpConn] = set()
         """Armed ahead of attach() and unchanged since: attach() leaves them be."""
-        """Connections to re-arm, in the order they changed."""
         self._deferring = False
         """A burst of guest frames (or a reactor round) is under way: re-arm at its end."""
         self._wait: trio.CancelScope | None = None
@@ -203,10 +207,14 @@ class TcpFlows:
                     self._held[conn] = True
                 return
             self._dirty[conn] = None
+            queued = conn.ack_due
             try:
                 conn.on_guest_segment(seg, now)
             except Exception as exc:  # a bug the guest reached: this connection pays
                 self._bug(conn, exc, now)
+                return
+            if conn.ack_due and not queued:
+                self._ack_due.append(conn)  # flush() sends it at the burst's end
             return
         if seg.flags & (SYN | ACK | RST | FIN) == SYN:
             self._outbound(ip, seg, key, now)
@@ -293,32 +301,31 @@ class TcpFlows:
         self, ends: Endpoints, sock: socket.socket, state: State, version: int, now: float
     ) -> TcpConn:
         """A new connection on ``sock``, entered in the flow table."""
+        host = SocketHost(sock, self._peek)
         conn = TcpConn(
             ends,
-            sock,
+            host,
             self._guest,
             state,
             self._mss(version),
             self._peek,
-            self._closed,
-            self._queue_ack,
-            self._changed,
             self._rcvlowat_cap,
+            self._entropy,
         )
-        local = sock.getsockname()
+        return self._enter(conn, host, now)
+
+    def _enter(self, conn: TcpConn, host: SocketHost, now: float) -> TcpConn:
+        # TcpConn.close() closes the socket: out of the epoll first, while
+        # the descriptor's number is still this socket's (reused at once).
+        host.before_close = lambda: self.forget(conn)
+        local = host.sock.getsockname()
+        ends, state = conn.ends, conn.state
         e = ends
         key = FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port)
         conn.flow = self.table.add(
             key, conn, now, state=state.value, host_addr=strip_scope(local[0]), host_port=local[1]
         )
         return conn
-
-    def _closed(self, conn: TcpConn) -> None:
-        """TcpConn.close(), before the socket is closed."""
-        self.forget(conn)
-
-    def _queue_ack(self, conn: TcpConn) -> None:
-        self._ack_due.append(conn)
 
     def flush(self, now: float) -> None:
         """The frontend's queue ran dry: send the ACKs deferred meanwhile,
@@ -330,12 +337,12 @@ class TcpFlows:
             except Exception as exc:
                 self._bug(conn, exc, now)
             self._dirty[conn] = None
-        self._settle()
+        self._settle(now)
 
     # --- the reactor ------------------------------------------------------
 
     def _changed(self, conn: TcpConn) -> None:
-        """TcpConn's on_changed: what ``conn`` waits for, or until when, changed."""
+        """What ``conn`` waits for, or until when, changed outside an event of ours."""
         self._dirty[conn] = None
         self._prearmed.discard(conn)
         if not self._deferring and self._wait is not None:
@@ -343,8 +350,9 @@ class TcpFlows:
             # resume): let the reactor re-arm it.
             self._wait.cancel()
 
-    def changed(self, conn: TcpConn) -> None:
-        """The caller changed ``conn`` directly (its timer, say): re-arm it."""
+    def resume(self, conn: TcpConn, now: float) -> None:
+        """A migration target's restored ``conn`` starts (TcpConn.resume), then is re-armed."""
+        conn.resume(now)
         self._changed(conn)
 
     def hold(self, conns: list[TcpConn]) -> None:
@@ -359,7 +367,7 @@ class TcpFlows:
             self._held[conn] = False
             self._dirty.pop(conn, None)
             if self._interest is not None:
-                self._interest.set_mask(conn, conn.fd, 0)
+                self._interest.set_mask(conn, conn.host.fileno(), 0)
 
     def release(self, conns: list[TcpConn], now: float) -> None:
         """Undo hold(): re-arm, and carry out a RST the guest sent meanwhile."""
@@ -387,7 +395,7 @@ class TcpFlows:
         if flow is not None and flow.handle is conn:
             self.table.remove(key)
 
-    def _settle(self) -> None:
+    def _settle(self, now: float) -> None:
         """Re-arm every connection changed since the last call."""
         interest = self._interest
         if self._nursery is None or interest is None:
@@ -396,16 +404,17 @@ class TcpFlows:
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for conn in dirty:
-                self._arm(interest, conn)
+                self._arm(interest, conn, now)
         self._deferring = False
         if self._wait is not None:
             when = interest.next_deadline()
             if when != self._wait.deadline:
                 self._wait.deadline = when
 
-    def _arm(self, interest: Interest[TcpConn], conn: TcpConn) -> None:
+    def _arm(self, interest: Interest[TcpConn], conn: TcpConn, now: float) -> None:
         """Register the events ``conn`` waits for now, and its deadline."""
-        if conn.closed or conn.sock.fileno() < 0:
+        fd = conn.host.fileno()
+        if conn.closed or fd < 0:
             interest.forget(conn)  # closed, or handed over by a migration
             return
         if conn in self._held:
@@ -420,12 +429,12 @@ class TcpFlows:
                 mask = 0
             if conn.want_writable:
                 mask |= EPOLLOUT
-            interest.set_mask(conn, conn.fd, mask)
+            interest.set_mask(conn, fd, mask)
         except OSError as exc:
-            self._failed(conn, exc, trio.current_time())
+            self._failed(conn, exc, now)
             return
         except Exception as exc:
-            self._bug(conn, exc, trio.current_time())
+            self._bug(conn, exc, now)
             return
         interest.set_deadline(conn, conn.deadline())
 
@@ -447,12 +456,13 @@ class TcpFlows:
             self.forget(conn)
             conn.state = State.CLOSED
             with contextlib.suppress(OSError):
-                _abort(conn.sock)
+                _abort(socket_of(conn))
 
     async def _reactor(self, interest: Interest[TcpConn]) -> None:
         epoll_fd = interest.fileno()
+        now = trio.current_time()
         while True:
-            self._settle()
+            self._settle(now)
             with trio.CancelScope(deadline=interest.next_deadline()) as wait:
                 self._wait = wait
                 try:
@@ -546,13 +556,38 @@ class TcpFlows:
         """
         if self._interest is None:
             self._interest = Interest()
+        now = trio.current_time()
         for conn in conns:
-            self._arm(self._interest, conn)
+            self._arm(self._interest, conn, now)
             self._prearmed.add(conn)
 
-    def adopt(self, ends: Endpoints, sock: socket.socket, version: int, now: float) -> TcpConn:
-        """A connection restored by a migration: in the table, armed at attach()."""
-        return self._register(ends, sock, State.ESTABLISHED, version, now)
+    def adopt(
+        self,
+        ends: Endpoints,
+        sock: socket.socket,
+        version: int,
+        saved: TcpGuestState,
+        *,
+        sock_timestamp: int,
+        fin_received: bool,
+        now: float,
+    ) -> TcpConn:
+        """A connection a migration restored (TcpConn.restored): in the table, armed at attach()."""
+        host = SocketHost(sock, self._peek)
+        conn = TcpConn.restored(
+            ends,
+            host,
+            self._guest,
+            self._mss(version),
+            self._peek,
+            self._rcvlowat_cap,
+            self._entropy,
+            saved,
+            sock_timestamp=sock_timestamp,
+            fin_received=fin_received,
+            now=now,
+        )
+        return self._enter(conn, host, now)
 
     def close_listeners(self) -> None:
         for lst in self._listeners:
@@ -657,7 +692,7 @@ class TcpFlows:
         )
         if conn is not None:
             self._dirty[conn] = None
-        self._settle()
+        self._settle(now)
 
     # --- housekeeping -----------------------------------------------------
 
@@ -673,6 +708,13 @@ class TcpFlows:
         for flow in self.table:
             flow.handle.abort(now, rst_guest=True, rst_peer=True)
         self.close_listeners()
+
+
+def socket_of(conn: TcpConn) -> socket.socket:
+    """The host socket under ``conn``, for a migration to dump, restore or hand over."""
+    host = conn.host
+    assert isinstance(host, SocketHost), "TcpFlows builds every connection on a SocketHost"
+    return host.sock
 
 
 def _tune(sock: socket.socket) -> None:

@@ -54,34 +54,36 @@ the kernel finishes the exchange with the peer. A RST from the guest
 aborts the socket with SO_LINGER {1, 0} (the kernel sends RST); a reset
 socket sends the guest a RST.
 
-Time is passed in (``now``), never read here, and nothing here waits: the
-adapter in ``daemon.flows.tcp`` owns the clock, the flow table and the one
-reactor that waits for every connection. After any change to what the
-connection waits for (``reading()``, ``want_writable``, the state) or until
-when (``deadline()``) it calls ``on_changed``; the adapter re-arms the
-connection from those once its current batch of events is done.
+Sans-IO. Time is passed in (``now``), never read here; nothing here waits,
+and nothing here touches a socket or draws a random number itself. The
+host socket's kernel is a port (:class:`~ferryd.flows.tcp_host.HostSocket`,
+one synchronous call per kernel operation, because its answer is needed in
+the middle of an event: how much a send() took, what a peek found), as are
+the guest link (:class:`~ferryd.guest.GuestPort`: segments out) and the
+source of randomness (:class:`~ferryd.flows.tcp_host.Entropy`: ISN, RTO
+jitter). Inputs are the methods below (a guest segment, the socket readable
+or writable or connected, a timer, the end of a burst); outputs are segments
+to the guest, operations on the host socket, and what the connection waits
+for next: ``reading()``, ``want_writable``, ``deadline()`` and ``ack_due``,
+which the adapter in :mod:`ferryd.flows.tcp` (it owns the clock, the flow
+table and the one reactor that waits for every connection) reads after
+every event it delivers, to re-arm the connection once its batch of events
+is done. A migration reads the guest-side bookkeeping with
+:meth:`TcpConn.guest_state` and builds a connection from it with
+:meth:`TcpConn.restored`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
-import fcntl
 import logging
-import random
-import secrets
-import socket
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferryd.flows.table import Flow
+from ferryd.flows.tcp_host import Entropy, HostSocket, TailError, UnsentTail
 from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.guest import GuestPort
-from ferryd.linux import SIOCOUTQ, SO_PEEK_OFF, TCP_TIMESTAMP
-from ferryd.migration.kernel_state import TcpKernelState
-from ferryd.migration.sockstate import SocketStateError, finish_restore
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress
 from ferryd.wire.tcp import (
     ACK,
@@ -96,9 +98,6 @@ from ferryd.wire.tcp import (
 )
 
 log = logging.getLogger("ferryd.tcp")
-
-_INT = struct.Struct("i")
-_LINGER_ABORT = struct.pack("ii", 1, 0)
 
 #: Window scale ferryd offers the guest: windows up to 16 MiB.
 OUR_WSCALE = 8
@@ -186,38 +185,62 @@ class Endpoints:
     remote_port: int
 
 
+@dataclass(frozen=True, slots=True)
+class TcpGuestState:
+    """A connection's guest-side bookkeeping: what a migration carries besides the socket.
+
+    Everything else a connection has (timers, duplicate-ACK counts, what it
+    waits for) is rebuilt on the target; the bytes themselves are in the
+    host socket's queues (no payload here, DESIGN.md).
+    """
+
+    state: State
+    flags: Flags
+    seq_to_guest: int
+    """Next sequence number to the guest (SND.NXT, not rewound by a migration)."""
+    seq_ack_from_guest: int
+    """The guest's latest ACK (SND.UNA)."""
+    seq_from_guest: int
+    """Next sequence number expected from the guest (RCV.NXT)."""
+    seq_ack_to_guest: int
+    """The ACK last sent to the guest."""
+    seq_init_from_guest: int
+    """The guest's ISN (IRS)."""
+    guest_wnd: int
+    """The guest's receive window in bytes (already scaled)."""
+    guest_ws: int
+    our_ws: int
+    guest_mss: int
+
+
 class TcpConn:
     """State of one spliced connection; driven by the adapter's events."""
 
     def __init__(
         self,
         ends: Endpoints,
-        sock: socket.socket,
+        host: HostSocket,
         guest: GuestPort,
         state: State,
         link_mss: int,
         peek_buffer: memoryview,
-        on_closed: Callable[[TcpConn], None],
-        on_ack_due: Callable[[TcpConn], None],
-        on_changed: Callable[[TcpConn], None],
         rcvlowat_cap: int,
+        entropy: Entropy,
     ) -> None:
         self.ends = ends
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.host = host
         self.guest = guest
         self.flow: Flow[TcpConn]  # set by the adapter once the table holds it
         self.state = state
         self.link_mss = link_mss
         self._buf = peek_buffer
-        self._on_closed = on_closed
-        self._on_ack_due = on_ack_due
-        self._on_changed = on_changed
+        self._entropy = entropy
         self.ack_due = False
+        """Segments of the current burst wait for flush_ack() (the adapter queues it)."""
         self.push_due = False
         self._rcvlowat_cap = rcvlowat_cap
         self.flags = Flags(0)
-        self.isn = secrets.randbits(32)
+        self.isn = entropy.getrandbits(32)
         self.seq_to_guest = self.isn
         self.seq_ack_from_guest = self.isn
         self.seq_max_to_guest = self.isn
@@ -252,14 +275,123 @@ class TcpConn:
         """With Flags.TIMESTAMPS: TSval = now in ms + ts_offset, mod 2^32. Taken from the
         host socket's own timestamp clock (TCP_TIMESTAMP, CLOCK_MONOTONIC like ours), so a
         migration target, whose restored socket goes on with the source's clock, can go
-        on with it too (flowstate.apply_guest_state): the guest's PAWS check (RFC 7323
+        on with it too (TcpConn.restored): the guest's PAWS check (RFC 7323
         §5) never sees our TSval go back."""
         self.ts_recent = 0
         """The guest's latest TSval, echoed as TSecr (0 until one was seen)."""
         self._now_ms = 0
         self._ts_offered = False
-        self.restore_tail: tuple[TcpKernelState, int] | None = None
-        """A migrated socket's unsent bytes still to write, and how many went."""
+        self._tail: UnsentTail | None = None
+        """A migrated socket's unsent bytes still to write, before any of the guest's."""
+
+    # --- migration: snapshot and restore ----------------------------------
+
+    def guest_state(self) -> TcpGuestState:
+        """The guest-side bookkeeping a migration carries (see TcpGuestState)."""
+        return TcpGuestState(
+            state=self.state,
+            flags=self.flags,
+            seq_to_guest=self.seq_to_guest,
+            seq_ack_from_guest=self.seq_ack_from_guest,
+            seq_from_guest=self.seq_from_guest,
+            seq_ack_to_guest=self.seq_ack_to_guest,
+            seq_init_from_guest=self.seq_init_from_guest,
+            guest_wnd=self.guest_wnd,
+            guest_ws=self.guest_ws,
+            our_ws=self.our_ws,
+            guest_mss=self.guest_mss,
+        )
+
+    @classmethod
+    def restored(
+        cls,
+        ends: Endpoints,
+        host: HostSocket,
+        guest: GuestPort,
+        link_mss: int,
+        peek_buffer: memoryview,
+        rcvlowat_cap: int,
+        entropy: Entropy,
+        saved: TcpGuestState,
+        *,
+        sock_timestamp: int,
+        fin_received: bool,
+        now: float,
+    ) -> TcpConn:
+        """A connection a migration moved here, going on where the source left it.
+
+        ``host`` is the restored socket, its queues as they were; ``saved``
+        is the source's guest_state(); ``sock_timestamp`` is the restored
+        socket's timestamp clock and ``fin_received`` whether its peer's FIN
+        had arrived (kernel facts the socket's dump carries). The state is
+        ESTABLISHED whatever ``saved`` says: a connection still in its
+        handshake is reset by the target (the caller aborts it).
+        """
+        conn = cls(
+            ends, host, guest, State.ESTABLISHED, link_mss, peek_buffer, rcvlowat_cap, entropy
+        )
+        conn.seq_ack_from_guest = saved.seq_ack_from_guest
+        # Not rewound (flowstate's module doc): the flight is still queued.
+        conn.seq_to_guest = conn.seq_max_to_guest = saved.seq_to_guest
+        conn.seq_from_guest = saved.seq_from_guest
+        conn.seq_ack_to_guest = saved.seq_ack_to_guest
+        conn.seq_init_from_guest = saved.seq_init_from_guest
+        conn.guest_ws = saved.guest_ws
+        conn.our_ws = saved.our_ws
+        conn.guest_wnd = saved.guest_wnd
+        conn.guest_mss = guest_mss_untrusted(saved.guest_mss)
+        flags = saved.flags
+        if Flags.FIN_TO_GUEST in flags:
+            conn.fin_seq = seq_add(saved.seq_to_guest, -1)
+        if Flags.TIMESTAMPS in flags:
+            conn.continue_timestamps(sock_timestamp, now)
+        if fin_received:
+            # A restored socket never reports the peer's earlier FIN as EOF
+            # (sockstate: repair mode cannot queue a received FIN; rcv_nxt counts
+            # it, but the kernel's state stays ESTABLISHED).
+            flags |= Flags.SOCK_EOF
+        conn.flags = flags
+        conn.last_progress = now
+        # What the guest was sent but has not acknowledged heads the
+        # restored receive queue: peek past it.
+        host.set_peek_offset(conn.data_flight)
+        return conn
+
+    def resume_tail(self, tail: UnsentTail) -> None:
+        """The restored socket did not take all of its unsent bytes yet: they go first."""
+        self._tail = tail
+        self.want_writable = True
+
+    def resume(self, now: float) -> None:
+        """A migration target starts the data path: resynchronise the guest.
+
+        The guest gets our ACK and window at once, then what its window
+        lets go; what was in flight is retransmitted if it stays
+        unacknowledged.
+        """
+        self.send_ack()
+        self.push(now)
+        if self.state is State.CLOSED:
+            return  # the push found the socket reset by its peer
+        if self.flight:
+            self.timer = min(self.timer, now + self.rto_jittered())
+        self.prepare_wait()
+
+    def settled(self, now: float, quiet: float) -> bool:
+        """Nothing in motion for ``quiet`` seconds: a pre-copy may dump the socket.
+
+        Established, not closing, nothing in flight either way, no ACK,
+        write or migrated tail pending.
+        """
+        return (
+            self.state is State.ESTABLISHED
+            and not self.flags & CLOSING
+            and not self.flight
+            and not self.ack_due
+            and self._tail is None
+            and not self.want_writable
+            and now - self.last_progress >= quiet
+        )
 
     # --- derived state ----------------------------------------------------
 
@@ -294,7 +426,7 @@ class TcpConn:
         whose backlog overflowed, a migration) would otherwise retransmit
         in lockstep, overflow it again on every backoff, and never recover.
         """
-        return self.rto * (1.0 + random.random() / 4)
+        return self.rto * (1.0 + self._entropy.random() / 4)
 
     def deadline(self) -> float:
         """When the adapter must call on_timer(): retransmission, handshake,
@@ -313,12 +445,8 @@ class TcpConn:
         """
         want = min(self.data_flight + 1, self._rcvlowat_cap)
         if want != self._rcvlowat:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self.host.set_rcvlowat(want)
             self._rcvlowat = want
-
-    def _poke(self) -> None:
-        """Make the adapter re-evaluate what this connection waits for and until when."""
-        self._on_changed(self)
 
     # --- frames to the guest ----------------------------------------------
 
@@ -370,9 +498,7 @@ class TcpConn:
 
     def _at_burst_end(self) -> None:
         """Have the adapter call flush_ack() once the frontend's queue ran dry."""
-        if not self.ack_due:
-            self.ack_due = True
-            self._on_ack_due(self)
+        self.ack_due = True
 
     def _syn_options(self, offer_wscale: bool) -> TcpOptions:
         ts = (self._tsval(), self.ts_recent) if Flags.TIMESTAMPS in self.flags else None
@@ -407,9 +533,9 @@ class TcpConn:
         """
         self._now_ms = int(now * 1000)
         try:
-            sock_ts = self.sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+            sock_ts = self.host.timestamp()
         except OSError:
-            sock_ts = secrets.randbits(32)
+            sock_ts = self._entropy.getrandbits(32)
         self.ts_offset = sock_ts - self._now_ms
         self.flags |= Flags.TIMESTAMPS
 
@@ -418,13 +544,11 @@ class TcpConn:
         if Flags.FIN_FROM_GUEST in self.flags:
             self.wnd_to_guest = 0xFFFF << self.our_ws  # nothing more may come
             return
-        sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        outq = _INT.unpack(fcntl.ioctl(self.fd, SIOCOUTQ, b"\0\0\0\0"))[0]
-        free = max(0, sndbuf * 3 // 4 - outq)
+        sndbuf = self.host.sndbuf()
+        free = max(0, sndbuf * 3 // 4 - self.host.outq())
         self.wnd_to_guest = min(free, 0xFFFF << self.our_ws)
-        if free < sndbuf // 4 and not self.want_writable:
+        if free < sndbuf // 4:
             self.want_writable = True
-            self._poke()
 
     # --- events from the adapter ------------------------------------------
 
@@ -445,7 +569,7 @@ class TcpConn:
 
     def on_connected(self, now: float) -> None:
         """The host connect() finished (writable): success or failure."""
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = self.host.connect_error()
         if err:
             log.debug(
                 "connect to %s:%d failed: %s",
@@ -558,7 +682,6 @@ class TcpConn:
         self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
         self.send_ack()
         self.push(now)
-        self._poke()
 
     def _ack_from_guest(self, seg: TcpSegment, now: float) -> None:
         acked = seq_diff(seg.ack, self.seq_ack_from_guest)
@@ -571,7 +694,7 @@ class TcpConn:
             data = acked - 1 if fin else acked
             if data:
                 try:
-                    self._discard(data)  # the kernel's peek offset shrinks with it
+                    self.host.discard(data)  # the kernel's peek offset shrinks with it
                 except OSError as exc:
                     self._socket_error(exc, now)
                     return
@@ -608,10 +731,7 @@ class TcpConn:
             # connections' ACKs were lost for 8 retransmissions).
             if self.dupacks == DUPACK_THRESHOLD and self.recover is None:
                 self._rewind()
-        opened = new_wnd > self.guest_wnd
         self.guest_wnd = new_wnd
-        if opened or acked > 0:
-            self._poke()
 
     def _data_from_guest(self, seg: TcpSegment, now: float) -> None:
         payload = seg.payload
@@ -638,15 +758,15 @@ class TcpConn:
         if off < len(payload) and Flags.FIN_FROM_GUEST not in self.flags:
             data = payload[off:]
             try:
-                if self.restore_tail is not None and not self._finish_tail():
+                if self._tail is not None and not self._finish_tail():
                     raise BlockingIOError  # the migrated unsent bytes go first
-                n = self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                n = self.host.send(data)
             except BlockingIOError:
                 n = 0
             except OSError as exc:
                 self._socket_error(exc, now)
                 return
-            except SocketStateError as exc:  # the migrated tail could not be sent
+            except TailError as exc:  # the migrated tail could not be sent
                 log.info("%s: %s: reset", self.describe(), exc)
                 self.abort(now, rst_guest=True, rst_peer=True)
                 return
@@ -663,8 +783,8 @@ class TcpConn:
             try:
                 # A migrated socket's unsent bytes go before the FIN: after
                 # shutdown() they could never be sent (nor could the FIN wait).
-                short = self.restore_tail is not None and not self._finish_tail()
-            except SocketStateError as exc:
+                short = self._tail is not None and not self._finish_tail()
+            except TailError as exc:
                 log.info("%s: %s: reset", self.describe(), exc)
                 self.abort(now, rst_guest=True, rst_peer=True)
                 return
@@ -677,7 +797,7 @@ class TcpConn:
             self.flags |= Flags.FIN_FROM_GUEST
             self.seq_from_guest = seq_add(self.seq_from_guest, 1)
             try:
-                self.sock.shutdown(socket.SHUT_WR)
+                self.host.shutdown_write()
             except OSError as exc:
                 self._socket_error(exc, now)
                 return
@@ -694,29 +814,24 @@ class TcpConn:
             self._send(ACK, self.seq_to_guest)
             self._send(ACK, self.seq_to_guest)
             self.want_writable = True
-            self._poke()
 
     def _finish_tail(self) -> bool:
         """Send the rest of a migrated socket's unsent bytes; True once done."""
-        assert self.restore_tail is not None
-        state, sent = self.restore_tail
-        sent = finish_restore(self.sock, state, sent=sent)
-        if sent < state.unsent:
-            self.restore_tail = (state, sent)
+        assert self._tail is not None
+        if not self._tail.send_more():
             self.want_writable = True
-            self._poke()
             return False
-        self.restore_tail = None
+        self._tail = None
         return True
 
     def on_writable(self, now: float) -> None:
         """Send buffer space freed up: tell the guest its new window."""
         self.want_writable = False
-        if self.restore_tail is not None:
+        if self._tail is not None:
             try:
                 if not self._finish_tail():
                     return
-            except SocketStateError as exc:
+            except TailError as exc:
                 log.info("%s: %s: reset", self.describe(), exc)
                 self.abort(now, rst_guest=True, rst_peer=True)
                 return
@@ -756,7 +871,7 @@ class TcpConn:
         while left > 0:
             want = min(left, len(buf))
             try:
-                n = self.sock.recv_into(buf, want, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                n = self.host.peek(buf, want)
             except BlockingIOError:
                 drained = True
                 break
@@ -800,33 +915,17 @@ class TcpConn:
             self.prepare_wait()
         if self.flight and self.timer == float("inf"):
             self.timer = now + self.rto_jittered()
-            self._poke()
         elif not self.flight and self.guest_wnd == 0 and not total:
             # Zero window with data waiting: probe it (RFC 9293 §3.8.6.1).
             self.timer = min(self.timer, now + self.rto_jittered())
-            self._poke()
         return total
-
-    def _discard(self, n: int) -> None:
-        """Drop ``n`` acknowledged bytes from the receive queue, copying nothing.
-
-        For TCP, MSG_TRUNC discards instead of copying (tcp_recvmsg); the
-        buffer is only there to satisfy the API (recv(n) would allocate n
-        bytes per call, which for megabytes means an mmap and page faults).
-        """
-        buf = self._buf
-        while n > 0:
-            got = self.sock.recv_into(buf, min(n, len(buf)), socket.MSG_TRUNC | socket.MSG_DONTWAIT)
-            if got <= 0:
-                break
-            n -= got
 
     def _rewind(self) -> None:
         """Go back to the guest's last ACK: everything after it is resent."""
         self.recover = self.seq_max_to_guest  # RFC 6582 §3.2 steps 2 and 4
         self.seq_to_guest = self.seq_ack_from_guest
         self.flags &= ~Flags.FIN_TO_GUEST
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        self.host.set_peek_offset(0)
         self.dupacks = 0
         self._starved = False
         self.prepare_wait()
@@ -843,8 +942,7 @@ class TcpConn:
             self.abort(now, rst_guest=True, rst_peer=True)
             return
         if now < self.timer:
-            self._poke()  # woken for a deadline that has since moved
-            return
+            return  # woken for a deadline that has since moved
         if self.retries >= MAX_RETRIES:
             log.info(
                 "%s: no answer from the guest after %d retransmissions: reset",
@@ -870,7 +968,6 @@ class TcpConn:
                 self._send(ACK, seq_add(self.seq_to_guest, -1))
             else:
                 self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
-        self._poke()
 
     def _maybe_finish(self, now: float) -> None:
         """Both FINs exchanged and ours acknowledged: close the socket."""
@@ -900,14 +997,8 @@ class TcpConn:
             return
         self.state = State.CLOSED
         self.flow.state = self.state.value
-        if abort:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
         self.timer = float("-inf")
-        # Before close(): the adapter takes the descriptor out of its epoll
-        # while the number is still this socket's (it is reused at once).
-        self._on_closed(self)
-        self.sock.close()
+        self.host.close(abort=abort)
 
     def describe(self) -> str:
         e = self.ends

@@ -16,11 +16,3 @@ def seq_diff(a: int, b: int) -> int:
     """``a - b`` as a signed distance in [-2**31, 2**31)."""
     d = (a - b) & MASK
     return d - (1 << 32) if d & 0x80000000 else d
-
-
-def seq_lt(a: int, b: int) -> bool:
-    return seq_diff(a, b) < 0
-
-
-def seq_le(a: int, b: int) -> bool:
-    return seq_diff(a, b) <= 0

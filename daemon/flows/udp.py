@@ -156,14 +156,13 @@ class UdpFlows(DatagramFlows[_Handle]):
     # ------------------------------------------------------------------
     # guest → host
 
-    def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None:
+    def from_guest(self, ip: IpPacket, udp: UdpDatagram, now: float) -> None:
         """Send one guest datagram on (never blocks, never raises)."""
         if self._closed:
             return
         if ip.fragment:
             self.drops["fragment"] += 1
             return
-        now = trio.current_time()
         key = FlowKey(IPPROTO_UDP, ip.src, udp.sport, ip.dst, udp.dport)
         flow = self.table.get(key)
         if flow is None:
@@ -264,16 +263,16 @@ class UdpFlows(DatagramFlows[_Handle]):
                     await trio.lowlevel.wait_readable(handle.sock)
                 except trio.ClosedResourceError:
                     return
+                now = trio.current_time()
                 try:
-                    self._drain_outbound(flow, handle)
+                    self._drain_outbound(flow, handle, now)
                 except Exception as exc:  # a bug: this flow pays (DatagramFlows._contain)
-                    self._contain(flow, exc, trio.current_time())
+                    self._contain(flow, exc, now)
                     return
 
-    def _drain_outbound(self, flow: Flow[_Handle], handle: _Outbound) -> None:
+    def _drain_outbound(self, flow: Flow[_Handle], handle: _Outbound, now: float) -> None:
         if handle.closed:
             return
-        now = trio.current_time()
         view = memoryview(self._buf)
         for _ in range(_DRAIN_BATCH):
             try:
@@ -297,15 +296,15 @@ class UdpFlows(DatagramFlows[_Handle]):
                     await trio.lowlevel.wait_readable(listener.sock)
                 except trio.ClosedResourceError:
                     return
+                now = trio.current_time()
                 try:
-                    self._drain_listener(listener)
+                    self._drain_listener(listener, now)
                 except Exception as exc:  # a bug: one datagram pays, the listener goes on
-                    self._contain(None, exc, trio.current_time())
+                    self._contain(None, exc, now)
 
-    def _drain_listener(self, listener: _Listener) -> None:
+    def _drain_listener(self, listener: _Listener, now: float) -> None:
         if listener.closed:
             return
-        now = trio.current_time()
         view = memoryview(self._buf)
         for _ in range(_DRAIN_BATCH):
             try:

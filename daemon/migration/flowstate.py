@@ -2,11 +2,13 @@
 
 The stream carries two halves per connection: the host socket's kernel state
 (ferryd.migration.sockstate, dumped in repair mode) and the guest-facing
-sequence and window bookkeeping that :class:`~daemon.flows.tcp_conn.TcpConn`
-keeps. Nothing else exists: ferryd holds no payload (DESIGN.md), so every
-byte not yet acknowledged by the guest is still in the socket's receive
-queue, and every byte the guest sent and ferryd acknowledged is in the send
-queue or already with the peer.
+sequence and window bookkeeping that :class:`~ferryd.flows.tcp_conn.TcpConn`
+keeps (:class:`~ferryd.flows.tcp_conn.TcpGuestState`, read with
+``TcpConn.guest_state()`` and given back to ``TcpConn.restored()``).
+Nothing else exists: ferryd holds no payload (DESIGN.md), so every byte
+not yet acknowledged by the guest is still in the socket's receive queue,
+and every byte the guest sent and ferryd acknowledged is in the send queue
+or already with the peer.
 
 On the target a connection resumes where the source left it, *not*
 rewound: ``seq_to_guest`` stays what the source had sent and the peek offset
@@ -24,56 +26,71 @@ flow as usual, from an ACK the guest itself sent.
 
 from __future__ import annotations
 
-from ferryd.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn, guest_mss_untrusted
+import socket
+
+from ferryd.flows.tcp_conn import STATE_NUMBERS, Flags, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import TailError
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import TcpFlowRecord
+from ferryd.migration.sockstate import SocketStateError, finish_restore
 
 
 def tcp_record(conn: TcpConn, kernel: TcpKernelState | None) -> TcpFlowRecord:
     e = conn.ends
+    g = conn.guest_state()
     return TcpFlowRecord(
         guest_addr=e.guest_addr,
         guest_port=e.guest_port,
         remote_addr=e.remote_addr,
         remote_port=e.remote_port,
         kernel=kernel,
-        seq_to_guest=conn.seq_to_guest,
-        seq_ack_from_guest=conn.seq_ack_from_guest,
-        seq_from_guest=conn.seq_from_guest,
-        seq_ack_to_guest=conn.seq_ack_to_guest,
-        seq_init_from_guest=conn.seq_init_from_guest,
-        guest_window=min(conn.guest_wnd >> conn.guest_ws, 0xFFFF),
-        guest_wscale=conn.guest_ws,
-        our_wscale=conn.our_ws,
-        guest_mss=min(conn.guest_mss, 0xFFFF),
-        flags=int(conn.flags),
-        state=STATE_NUMBERS[conn.state],
-        handshake=conn.state is not State.ESTABLISHED,
+        seq_to_guest=g.seq_to_guest,
+        seq_ack_from_guest=g.seq_ack_from_guest,
+        seq_from_guest=g.seq_from_guest,
+        seq_ack_to_guest=g.seq_ack_to_guest,
+        seq_init_from_guest=g.seq_init_from_guest,
+        guest_window=min(g.guest_wnd >> g.guest_ws, 0xFFFF),
+        guest_wscale=g.guest_ws,
+        our_wscale=g.our_ws,
+        guest_mss=min(g.guest_mss, 0xFFFF),
+        flags=int(g.flags),
+        state=STATE_NUMBERS[g.state],
+        handshake=g.state is not State.ESTABLISHED,
     )
 
 
-def apply_guest_state(
-    conn: TcpConn, rec: TcpFlowRecord, kernel: TcpKernelState, now: float
-) -> None:
-    """Give a restored connection the guest-side state it had on the source."""
-    conn.seq_ack_from_guest = rec.seq_ack_from_guest
-    conn.seq_to_guest = conn.seq_max_to_guest = rec.seq_to_guest  # not rewound (module doc)
-    conn.seq_from_guest = rec.seq_from_guest
-    conn.seq_ack_to_guest = rec.seq_ack_to_guest
-    conn.seq_init_from_guest = rec.seq_init_from_guest
-    conn.guest_ws = rec.guest_wscale
-    conn.our_ws = rec.our_wscale
-    conn.guest_wnd = rec.guest_window << rec.guest_wscale
-    conn.guest_mss = guest_mss_untrusted(rec.guest_mss)
-    flags = Flags(rec.flags)
-    if Flags.FIN_TO_GUEST in flags:
-        conn.fin_seq = (rec.seq_to_guest - 1) & 0xFFFFFFFF
-    if Flags.TIMESTAMPS in flags:
-        conn.continue_timestamps(kernel.timestamp, now)
-    if kernel.fin_received:
-        # A restored socket never reports the peer's earlier FIN as EOF
-        # (sockstate: repair mode cannot queue a received FIN; rcv_nxt counts
-        # it, but the kernel's state stays ESTABLISHED).
-        flags |= Flags.SOCK_EOF
-    conn.flags = flags
-    conn.last_progress = now
+def guest_state(rec: TcpFlowRecord) -> TcpGuestState:
+    """The guest-side state a connection had on the source, for TcpConn.restored()
+    (which goes on not rewound: module doc)."""
+    return TcpGuestState(
+        state=State.ESTABLISHED,
+        flags=Flags(rec.flags),
+        seq_to_guest=rec.seq_to_guest,
+        seq_ack_from_guest=rec.seq_ack_from_guest,
+        seq_from_guest=rec.seq_from_guest,
+        seq_ack_to_guest=rec.seq_ack_to_guest,
+        seq_init_from_guest=rec.seq_init_from_guest,
+        guest_wnd=rec.guest_window << rec.guest_wscale,
+        guest_ws=rec.guest_wscale,
+        our_ws=rec.our_wscale,
+        guest_mss=rec.guest_mss,
+    )
+
+
+class RestoreTail:
+    """A restored socket's unsent bytes (and FIN) that did not all go at repair OFF.
+
+    The connection writes the rest (UnsentTail) before any byte of the guest's.
+    """
+
+    def __init__(self, sock: socket.socket, kernel: TcpKernelState, sent: int) -> None:
+        self._sock = sock
+        self._kernel = kernel
+        self._sent = sent
+
+    def send_more(self) -> bool:
+        try:
+            self._sent = finish_restore(self._sock, self._kernel, sent=self._sent)
+        except SocketStateError as exc:
+            raise TailError(str(exc)) from exc
+        return self._sent >= self._kernel.unsent

@@ -43,11 +43,11 @@ import trio
 
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
-from ferryd.linux import SO_PEEK_OFF
+from ferryd.flows.tcp import socket_of
+from ferryd.flows.tcp_conn import Endpoints, TcpConn
 from ferryd.migration import sockstate
 from ferryd.migration.errors import RepairUnavailable, StreamRejected
-from ferryd.migration.flowstate import apply_guest_state
+from ferryd.migration.flowstate import RestoreTail, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import (
@@ -174,7 +174,8 @@ class Restorer:
         conn, _, _ = self.restored.pop(ends)
         self.standing.discard(ends)
         self.d.tcp.forget(conn)  # before the close: the fd number is reused at once
-        sock = self.live.pop(id(conn.sock), None) or self.in_repair.pop(id(conn.sock))
+        handle = id(socket_of(conn))
+        sock = self.live.pop(handle, None) or self.in_repair.pop(handle)
         self.to_close.append(sock)
         self.counts["tcp"] -= 1
         return True
@@ -232,12 +233,18 @@ class Restorer:
             sock.setblocking(False)
             version = 6 if state.family == 6 else 4
             ends = ends_of(rec)
-            conn = self.d.tcp.adopt(ends, sock, version, now)
-            apply_guest_state(conn, rec, state, now)
+            # Peeks past what the guest was sent but has not acknowledged,
+            # which heads the restored receive queue (flowstate's module doc).
+            conn = self.d.tcp.adopt(
+                ends,
+                sock,
+                version,
+                guest_state(rec),
+                sock_timestamp=state.timestamp,
+                fin_received=state.fin_received,
+                now=now,
+            )
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # What the guest was sent but has not acknowledged heads the
-            # restored receive queue: peek past it (flowstate's module doc).
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, conn.data_flight)
             self.restored[ends] = (conn, state, rec)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
 
@@ -287,10 +294,10 @@ class Restorer:
         for ends, (conn, state, _) in self.restored.items():
             if ends in standing:
                 continue  # unchanged through the freeze: nothing to finish
-            sent = self.kernel.finish_restore(conn.sock, state)
+            sock = socket_of(conn)
+            sent = self.kernel.finish_restore(sock, state)
             if sent < state.unsent:
-                conn.restore_tail = (state, sent)
-                conn.want_writable = True
+                conn.resume_tail(RestoreTail(sock, state, sent))
         await self.d.start()
         now = trio.current_time()
         for ends, (conn, _, rec) in self.restored.items():
@@ -303,14 +310,7 @@ class Restorer:
             if rec.handshake:
                 conn.abort(now, rst_guest=True, rst_peer=True)  # documented: reset
                 continue
-            conn.send_ack()
-            conn.push(now)
-            if conn.state is State.CLOSED:
-                continue  # the push found the socket reset by its peer
-            if conn.flight:  # what was in flight is retransmitted if unacknowledged
-                conn.timer = min(conn.timer, now + conn.rto_jittered())
-            conn.prepare_wait()
-            self.d.tcp.changed(conn)  # the reactor re-arms it (timer set directly)
+            self.d.tcp.resume(conn, now)  # ACK, window, what it lets go; re-armed
         for rec in self.resets:
             l4 = build_tcp(
                 rec.remote_addr,

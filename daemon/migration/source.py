@@ -66,7 +66,8 @@ from typing import Any
 
 import trio
 
-from ferryd.flows.tcp_conn import CLOSING, State, TcpConn
+from ferryd.flows.tcp import socket_of
+from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
 from ferryd.migration import restore
 from ferryd.migration.errors import MigrationAborted, MigrationFailed
 from ferryd.migration.flowstate import tcp_record
@@ -114,31 +115,15 @@ def _why(exc: BaseException) -> str:
 
 
 #: What must not have changed on a pre-copied connection's guest side.
-_GuestMark = tuple[int, int, int, int, int, int, State]
+_GuestMark = TcpGuestState
 
 
 def _guest_mark(conn: TcpConn) -> _GuestMark:
-    return (
-        conn.seq_to_guest,
-        conn.seq_ack_from_guest,
-        conn.seq_from_guest,
-        conn.seq_ack_to_guest,
-        conn.guest_wnd,
-        int(conn.flags),
-        conn.state,
-    )
+    return conn.guest_state()
 
 
 def _precopy_candidate(conn: TcpConn, now: float, quiet: float) -> bool:
-    return (
-        conn.state is State.ESTABLISHED
-        and not conn.flags & CLOSING
-        and not conn.flight
-        and not conn.ack_due
-        and conn.restore_tail is None
-        and not conn.want_writable
-        and now - conn.last_progress >= quiet
-    )
+    return conn.settled(now, quiet)
 
 
 class SourceMigration:
@@ -213,13 +198,13 @@ class SourceMigration:
                         continue
                     held = batch
                     d.tcp.hold(batch)
-                    socks = [c.sock for c in batch]
+                    socks = [socket_of(c) for c in batch]
                     await repair.set_repair(socks, RepairMode.ON)
                     try:
                         for conn in batch:
                             try:
-                                segs = segment_counts(conn.sock)
-                                kernel = dump_tcp(conn.sock)
+                                segs = segment_counts(socket_of(conn))
+                                kernel = dump_tcp(socket_of(conn))
                             except (SocketStateError, OSError) as exc:
                                 log.info(
                                     "pre-copy: %s: %s; left for the freeze", conn.describe(), exc
@@ -273,8 +258,8 @@ class SourceMigration:
         d = self.host
         try:
             repair = await self.repair_source.get()
-            await repair.set_repair([c.sock for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
-            reuse_after_repair_off([c.sock for c in held])
+            await repair.set_repair([socket_of(c) for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
+            reuse_after_repair_off([socket_of(c) for c in held])
         except Exception as exc:  # nothing better to do than say so
             log.error("pre-copy: cannot take %d sockets out of repair mode: %s", len(held), exc)
         d.tcp.release(held, trio.current_time())
@@ -346,7 +331,7 @@ class SourceMigration:
                     # ferry-repair freezes each socket's intake (a drop-all
                     # filter) as it turns repair on: see repair_helper/repair.py.
                     self.frozen.extend(repairable)
-                    await self.repair.set_repair([c.sock for c in repairable], RepairMode.ON)
+                    await self.repair.set_repair([socket_of(c) for c in repairable], RepairMode.ON)
                 t_repaired = time.monotonic()
                 written = await self._stream(stream, counts)
                 t_dumped = time.monotonic()
@@ -395,7 +380,7 @@ class SourceMigration:
             # record (its connect() fails while this socket exists).
             for conn in to_close:
                 d.tcp.forget(conn)  # out of the reactor's epoll before the fd goes
-                close_silently(conn.sock)
+                close_silently(socket_of(conn))
             to_close.clear()
             if out:
                 await stream.send_all(bytes(out))
@@ -430,12 +415,12 @@ class SourceMigration:
             if (
                 pre is not None
                 and pre[2] == _guest_mark(conn)
-                and pre[1] == segment_counts(conn.sock)
+                and pre[1] == segment_counts(socket_of(conn))
             ):
                 counts["tcp"] += 1  # the target has it already, exactly so
                 counts["unchanged"] += 1
                 continue
-            kernel = None if conn.state is State.CONNECTING else dump_tcp(conn.sock)
+            kernel = None if conn.state is State.CONNECTING else dump_tcp(socket_of(conn))
             rec_tcp: TcpFlowRecord = tcp_record(conn, kernel)
             await emit(enc.flow(rec_tcp), rec_tcp)
             counts["tcp" if not rec_tcp.handshake else "reset"] += 1
@@ -509,9 +494,9 @@ class SourceMigration:
         if scope.cancelled_caught:
             return  # rolled back after the commit: this ferryd keeps the guest
         for conn in self.frozen:
-            if conn.sock.fileno() >= 0:
+            if socket_of(conn).fileno() >= 0:
                 self.host.tcp.forget(conn)
-                close_silently(conn.sock)
+                close_silently(socket_of(conn))
         log.info("linger time over: exiting")
         self.s.handed_over()
 
@@ -611,13 +596,13 @@ class SourceMigration:
         d = self.host
         await d.stop()  # a freeze cancelled half-way: let it end first
         if self.frozen:
-            live = [c for c in self.frozen if c.sock.fileno() >= 0]
+            live = [c for c in self.frozen if socket_of(c).fileno() >= 0]
             if live:
                 repair = self.repair = await self.repair_source.get()
-                await repair.set_repair([c.sock for c in live], RepairMode.OFF)  # and thaws
+                await repair.set_repair([socket_of(c) for c in live], RepairMode.OFF)  # and thaws
                 # The twins restored below bind next to these on a forwarded port.
-                reuse_after_repair_off([c.sock for c in live])
-            self.handed_over += [c for c in self.frozen if c.sock.fileno() < 0]
+                reuse_after_repair_off([socket_of(c) for c in live])
+            self.handed_over += [c for c in self.frozen if socket_of(c).fileno() < 0]
             self.frozen.clear()
         d.take_over()
         if self.same_netns and self.records:

@@ -88,6 +88,8 @@ class SockInfo:
     send_q: int
     bytes_acked: int
     bytes_received: int
+    segs_in: int
+    """Segments the socket received (tcpi_segs_in), pure ACKs and window probes included."""
 
 
 def sockets(ns: Netns, port: int) -> list[SockInfo]:
@@ -113,6 +115,7 @@ def sockets(ns: Netns, port: int) -> list[SockInfo]:
                 # Both count the SYN when non-zero (ss prints tcpi_bytes_acked as is).
                 max(0, field("bytes_acked") - 1),
                 field("bytes_received"),
+                field("segs_in"),
             )
         )
     return found
@@ -349,9 +352,15 @@ def test_guest_stops_reading_then_resumes(topology: Topology, start_ferryd: Star
         lambda: (one_socket(topology.guest, PORT).recv_q, one_socket(topology.host, PORT).recv_q),
         what="the path to fill up",
     )
-    assert one_socket(topology.guest, PORT).recv_q > 0
-    # Stay stalled a little longer: ferryd probes the zero window meanwhile.
-    time.sleep(1.5)
+    stalled = one_socket(topology.guest, PORT)
+    assert stalled.recv_q > 0
+    # Stay stalled until ferryd probed the zero window (RFC 9293 §3.8.6.1):
+    # nothing else reaches the guest while its window is closed.
+    wait_for(
+        lambda: one_socket(topology.guest, PORT).segs_in > stalled.segs_in,
+        timeout=30,
+        what="ferryd to probe the guest's zero window",
+    )
     guest.tell()
     assert guest.out.json(timeout=60, what="the guest's verdict")["ok"]
     assert guest.finish() == 0

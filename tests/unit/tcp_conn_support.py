@@ -1,4 +1,4 @@
-"""A TcpConn on a real host socket with no adapter around it, for the state-machine tests."""
+"""A TcpConn on a real host socket (SocketHost) with no adapter around it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from ipaddress import IPv4Address
 
 from ferryd.flows.table import Flow, FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
+from ferryd.flows.tcp_host import SYSTEM_ENTROPY, SocketHost
 from ferryd.guest import GuestPort
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress
 from ferryd.wire.tcp import TcpOptions, _parse_options_untrusted
@@ -20,18 +21,17 @@ REMOTE_PORT = 80
 
 
 def bare_conn(sock: socket.socket, guest: GuestPort, state: State, link_mss: int) -> TcpConn:
-    """GUEST:40000 -> REMOTE:80 on ``sock``, in ``state``; every adapter callback a no-op."""
+    """GUEST:40000 -> REMOTE:80 on ``sock``, in ``state``."""
+    buf = memoryview(bytearray(1 << 20))
     conn = TcpConn(
         Endpoints(GUEST, GUEST_PORT, REMOTE, REMOTE_PORT),
-        sock,
+        SocketHost(sock, buf),
         guest,
         state,
         link_mss,
-        memoryview(bytearray(1 << 20)),
-        on_closed=lambda c: None,
-        on_ack_due=lambda c: None,
-        on_changed=lambda c: None,
+        buf,
         rcvlowat_cap=1 << 20,
+        entropy=SYSTEM_ENTROPY,
     )
     key = FlowKey(IPPROTO_TCP, GUEST, GUEST_PORT, REMOTE, REMOTE_PORT)
     conn.flow = Flow(key, conn, state.value, 0.0, 0.0)

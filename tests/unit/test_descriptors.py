@@ -111,8 +111,8 @@ async def test_udp_and_icmp_refuse_with_icmp_when_the_budget_is_spent() -> None:
         budget.track([udp.table, icmp.table])
         try:
             for sport in (1, 2, 3):
-                udp.from_guest(*udp_from_guest(GUEST4, GW4, sport, 9, b"x"))
-            icmp.from_guest(*echo_from_guest(GUEST4, GW4, 7, 1, b"ping"))
+                udp.from_guest(*udp_from_guest(GUEST4, GW4, sport, 9, b"x"), trio.current_time())
+            icmp.from_guest(*echo_from_guest(GUEST4, GW4, 7, 1, b"ping"), trio.current_time())
             assert len(udp.table) == 2 and len(icmp.table) == 0
             assert budget.counters.refused == 2
             assert udp.drops["no descriptor"] == 1 and icmp.drops["no descriptor"] == 1

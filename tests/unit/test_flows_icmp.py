@@ -56,7 +56,7 @@ def reply_fields(version: int, pkt_index: int, guest: FakeGuest) -> tuple[int, i
 async def test_echo_to_the_host_answered_with_the_guests_id(version: int) -> None:
     lo, me, gw = loopback_of(version), guest_of(version), gateway_of(version)
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(me, gw, 0x1234, 7, b"ping payload"))
+        flows.from_guest(*echo_from_guest(me, gw, 0x1234, 7, b"ping payload"), trio.current_time())
         (pkt,) = await guest.wait_for(1)
         assert (pkt.src, pkt.dst) == (gw, me)
         assert reply_fields(version, 0, guest) == (0x1234, 7, b"ping payload")
@@ -74,7 +74,7 @@ async def test_sequence_of_echoes_shares_a_flow(version: int) -> None:
     gw, me = gateway_of(version), guest_of(version)
     async with icmp_flows() as (flows, guest):
         for seq in range(1, 21):
-            flows.from_guest(*echo_from_guest(me, gw, 99, seq, b"%d" % seq))
+            flows.from_guest(*echo_from_guest(me, gw, 99, seq, b"%d" % seq), trio.current_time())
         await guest.wait_for(20)
         got = sorted(reply_fields(version, i, guest) for i in range(20))
         assert got == sorted((99, seq, b"%d" % seq) for seq in range(1, 21))
@@ -83,8 +83,8 @@ async def test_sequence_of_echoes_shares_a_flow(version: int) -> None:
 
 async def test_two_guest_ids_are_two_flows() -> None:
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 1, 1, b"a"))
-        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 2, 1, b"b"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 1, 1, b"a"), trio.current_time())
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 2, 1, b"b"), trio.current_time())
         await guest.wait_for(2)
         got = {reply_fields(4, i, guest) for i in range(2)}
         assert got == {(1, 1, b"a"), (2, 1, b"b")}
@@ -95,7 +95,7 @@ async def test_two_guest_ids_are_two_flows() -> None:
 async def test_echo_to_gateway_answered_by_the_host(version: int) -> None:
     gw, me = gateway_of(version), guest_of(version)
     async with icmp_flows(map_gateway=True) as (flows, guest):
-        flows.from_guest(*echo_from_guest(me, gw, 0xBEEF, 3, b"gw"))
+        flows.from_guest(*echo_from_guest(me, gw, 0xBEEF, 3, b"gw"), trio.current_time())
         (pkt,) = await guest.wait_for(1)
         assert (pkt.src, pkt.dst) == (gw, me)
         assert reply_fields(version, 0, guest) == (0xBEEF, 3, b"gw")
@@ -114,7 +114,9 @@ async def test_echo_to_gateway_answered_by_the_host(version: int) -> None:
 )
 async def test_bad_destinations_dropped(dst: IpAddress) -> None:
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(guest_of(dst.version), dst, 1, 1, b"x"))
+        flows.from_guest(
+            *echo_from_guest(guest_of(dst.version), dst, 1, 1, b"x"), trio.current_time()
+        )
         assert len(flows.table) == 0
         assert flows.drops["bad destination"] == 1
         assert guest.packets == []
@@ -124,14 +126,14 @@ async def test_only_echo_requests_are_taken() -> None:
     async with icmp_flows() as (flows, _guest):
         raw = build_icmp(GUEST4, gateway_of(4), 0, 0, echo_rest(1, 1), b"reply")
         ip = parse_ip(build_ip(GUEST4, gateway_of(4), IPPROTO_ICMP, raw))
-        flows.from_guest(ip, parse_icmp_untrusted(ip))
+        flows.from_guest(ip, parse_icmp_untrusted(ip), trio.current_time())
         assert len(flows.table) == 0
         assert flows.drops["not an echo request"] == 1
 
 
 async def test_idle_expiry_with_explicit_time() -> None:
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 5, 1, b"x"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 5, 1, b"x"), trio.current_time())
         await guest.wait_for(1)
         (flow,) = flows.table
         last = flow.last_activity
@@ -139,7 +141,7 @@ async def test_idle_expiry_with_explicit_time() -> None:
         assert len(flows.table) == 1
         flows.expire(last + 61.0)
         assert len(flows.table) == 0
-        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 5, 2, b"y"))
+        flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), 5, 2, b"y"), trio.current_time())
         await guest.wait_for(2)
         assert reply_fields(4, 1, guest) == (5, 2, b"y")
 
@@ -147,7 +149,9 @@ async def test_idle_expiry_with_explicit_time() -> None:
 async def test_flow_limit() -> None:
     async with icmp_flows(limit=2) as (flows, guest):
         for ident in (1, 2, 3):
-            flows.from_guest(*echo_from_guest(GUEST4, gateway_of(4), ident, 1, b"x"))
+            flows.from_guest(
+                *echo_from_guest(GUEST4, gateway_of(4), ident, 1, b"x"), trio.current_time()
+            )
         assert len(flows.table) == 2
         assert flows.drops["flow limit"] == 1
         await guest.wait_for(2)
@@ -178,7 +182,7 @@ async def test_echo_to_the_host_itself_is_refused(dst: str) -> None:
     target = ip_address(dst)
     me, gw = guest_of(target.version), gateway_of(target.version)
     async with icmp_flows() as (flows, guest):
-        flows.from_guest(*echo_from_guest(me, target, 1, 1, b"x"))
+        flows.from_guest(*echo_from_guest(me, target, 1, 1, b"x"), trio.current_time())
         (pkt,) = await guest.wait_for(1)
         assert (pkt.src, pkt.dst) == (gw, me)
         icmp = parse_icmp_untrusted(pkt)

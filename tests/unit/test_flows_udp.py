@@ -97,7 +97,9 @@ async def test_datagram_to_loopback_server_and_reply(version: int) -> None:
     srv = await server(version)
     lo, me, gw = loopback_of(version), guest_of(version), gateway_of(version)
     async with udp_flows() as (flows, guest):
-        flows.from_guest(*udp_from_guest(me, gw, 40000, port_of(srv), b"hello"))
+        flows.from_guest(
+            *udp_from_guest(me, gw, 40000, port_of(srv), b"hello"), trio.current_time()
+        )
         with trio.fail_after(10):
             data, addr = await srv.recvfrom(100)
         assert data == b"hello"
@@ -124,7 +126,10 @@ async def test_one_socket_per_guest_four_tuple() -> None:
     srv = await server(4)
     async with udp_flows() as (flows, _guest):
         for sport in (1000, 1000, 1001):
-            flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), sport, port_of(srv), b"x"))
+            flows.from_guest(
+                *udp_from_guest(GUEST4, gateway_of(4), sport, port_of(srv), b"x"),
+                trio.current_time(),
+            )
         sources = set()
         with trio.fail_after(10):
             for _ in range(3):
@@ -142,7 +147,10 @@ async def test_thousand_datagrams_all_accounted_for() -> None:
     async with udp_flows() as (flows, guest), trio.open_nursery() as nursery:
         nursery.start_soon(echo, srv, 1000)
         for i, payload in enumerate(payloads):
-            flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 5555, port_of(srv), payload))
+            flows.from_guest(
+                *udp_from_guest(GUEST4, gateway_of(4), 5555, port_of(srv), payload),
+                trio.current_time(),
+            )
             if i % 50 == 49:
                 await trio.lowlevel.checkpoint()
         packets = await guest.wait_for(1000)
@@ -160,7 +168,9 @@ async def test_gateway_is_mapped_to_the_host(version: int) -> None:
     srv = await server(version)
     gw, me = gateway_of(version), guest_of(version)
     async with udp_flows(map_gateway=True) as (flows, guest):
-        flows.from_guest(*udp_from_guest(me, gw, 4242, port_of(srv), b"to the gateway"))
+        flows.from_guest(
+            *udp_from_guest(me, gw, 4242, port_of(srv), b"to the gateway"), trio.current_time()
+        )
         with trio.fail_after(10):
             data, addr = await srv.recvfrom(100)
         assert data == b"to the gateway"
@@ -174,7 +184,7 @@ async def test_gateway_is_mapped_to_the_host(version: int) -> None:
 
 async def test_gateway_not_mapped_when_disabled() -> None:
     async with udp_flows(map_gateway=False) as (flows, _guest):
-        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 4242, 9, b"x"))
+        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 4242, 9, b"x"), trio.current_time())
         for flow in flows.table:
             assert flow.host_addr != loopback_of(4)
 
@@ -191,7 +201,7 @@ async def test_gateway_not_mapped_when_disabled() -> None:
 async def test_group_destinations_dropped(dst: IpAddress) -> None:
     src = GUEST4 if dst.version == 4 else guest_of(6)
     async with udp_flows() as (flows, _guest):
-        flows.from_guest(*udp_from_guest(src, dst, 5353, 5353, b"query"))
+        flows.from_guest(*udp_from_guest(src, dst, 5353, 5353, b"query"), trio.current_time())
         assert len(flows.table) == 0
         assert flows.drops["multicast"] == 1
 
@@ -203,7 +213,9 @@ async def test_closed_port_gives_the_guest_port_unreachable(version: int) -> Non
         s.bind((str(lo), 0))
         closed: int = s.getsockname()[1]
     async with udp_flows() as (flows, guest):
-        flows.from_guest(*udp_from_guest(me, gw, 33333, closed, b"anyone there?"))
+        flows.from_guest(
+            *udp_from_guest(me, gw, 33333, closed, b"anyone there?"), trio.current_time()
+        )
         (pkt,) = await guest.wait_for(1)
         assert (pkt.src, pkt.dst) == (gw, me)
         icmp = parse_icmp_untrusted(pkt)  # checks the checksum
@@ -226,7 +238,7 @@ async def test_closed_port_gives_the_guest_port_unreachable(version: int) -> Non
         assert (sport, dport, length) == (33333, closed, 8 + 13)
         # The flow survives the error and keeps working.
         assert len(flows.table) == 1
-        flows.from_guest(*udp_from_guest(me, gw, 33333, closed, b"again"))
+        flows.from_guest(*udp_from_guest(me, gw, 33333, closed, b"again"), trio.current_time())
         await guest.wait_for(2)
         assert flows.drops["port unreachable"] >= 2
 
@@ -237,7 +249,10 @@ async def test_unreachable_destination_is_counted_not_raised(
     # A link-local destination without a scope cannot be connected to.
     async with udp_flows() as (flows, _guest):
         with caplog.at_level(logging.WARNING):
-            flows.from_guest(*udp_from_guest(guest_of(6), IPv6Address("fe80::99"), 1, 2, b"x"))
+            flows.from_guest(
+                *udp_from_guest(guest_of(6), IPv6Address("fe80::99"), 1, 2, b"x"),
+                trio.current_time(),
+            )
         assert len(flows.table) == 0
         assert flows.drops["connect"] == 1
         assert "cannot reach" in caplog.text
@@ -250,7 +265,9 @@ async def test_unreachable_destination_is_counted_not_raised(
 async def test_idle_expiry_with_explicit_time() -> None:
     srv = await server(4)
     async with udp_flows() as (flows, _guest):
-        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1234, port_of(srv), b"x"))
+        flows.from_guest(
+            *udp_from_guest(GUEST4, gateway_of(4), 1234, port_of(srv), b"x"), trio.current_time()
+        )
         (flow,) = flows.table
         start = flow.last_activity
         flows.expire(start + 179.0)
@@ -259,7 +276,9 @@ async def test_idle_expiry_with_explicit_time() -> None:
         assert len(flows.table) == 0
         assert flows.snapshot() == []
         # A new datagram opens a new flow.
-        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1234, port_of(srv), b"y"))
+        flows.from_guest(
+            *udp_from_guest(GUEST4, gateway_of(4), 1234, port_of(srv), b"y"), trio.current_time()
+        )
         assert len(flows.table) == 1
         with trio.fail_after(10):
             assert (await srv.recvfrom(10))[0] == b"x"
@@ -272,12 +291,17 @@ async def test_flow_limit(caplog: pytest.LogCaptureFixture) -> None:
     async with udp_flows(limit=3) as (flows, _guest):
         with caplog.at_level(logging.WARNING):
             for sport in range(1, 6):
-                flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), sport, port_of(srv), b"x"))
+                flows.from_guest(
+                    *udp_from_guest(GUEST4, gateway_of(4), sport, port_of(srv), b"x"),
+                    trio.current_time(),
+                )
         assert len(flows.table) == 3
         assert flows.drops["flow limit"] == 2
         assert "flow table is full (3 flows)" in caplog.text
         # Existing flows still work.
-        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1, port_of(srv), b"x"))
+        flows.from_guest(
+            *udp_from_guest(GUEST4, gateway_of(4), 1, port_of(srv), b"x"), trio.current_time()
+        )
         assert flows.drops["flow limit"] == 2
     srv.close()
 
@@ -285,12 +309,16 @@ async def test_flow_limit(caplog: pytest.LogCaptureFixture) -> None:
 async def test_aclose_closes_everything() -> None:
     srv = await server(4)
     async with udp_flows() as (flows, _guest):
-        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 1, port_of(srv), b"x"))
+        flows.from_guest(
+            *udp_from_guest(GUEST4, gateway_of(4), 1, port_of(srv), b"x"), trio.current_time()
+        )
         await flows.add_forward(PortForward(loopback_of(4), 0, 7))
         await flows.aclose()
         assert len(flows.table) == 0
         assert flows.listeners() == []
-        flows.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 2, port_of(srv), b"x"))
+        flows.from_guest(
+            *udp_from_guest(GUEST4, gateway_of(4), 2, port_of(srv), b"x"), trio.current_time()
+        )
         assert len(flows.table) == 0
     srv.close()
 
@@ -317,7 +345,9 @@ async def test_forward_from_peer_to_guest_and_back(version: int) -> None:
         assert snap["state"] == "inbound"
         assert (snap["host_addr"], snap["host_port"]) == (str(lo), port)
 
-        flows.from_guest(*udp_from_guest(me, gw, 5000, port_of(peer), b"response"))
+        flows.from_guest(
+            *udp_from_guest(me, gw, 5000, port_of(peer), b"response"), trio.current_time()
+        )
         with trio.fail_after(10):
             data, src = await peer.recvfrom(100)
         assert data == b"response"
@@ -381,7 +411,9 @@ async def test_datagrams_to_the_host_itself_are_refused(dst: str) -> None:
     target = ip_address(dst)
     me, gw = guest_of(target.version), gateway_of(target.version)
     async with udp_flows() as (flows, guest):
-        flows.from_guest(*udp_from_guest(me, target, 5000, 6379, b"FLUSHALL\r\n"))
+        flows.from_guest(
+            *udp_from_guest(me, target, 5000, 6379, b"FLUSHALL\r\n"), trio.current_time()
+        )
         (pkt,) = await guest.wait_for(1)
         assert (pkt.src, pkt.dst) == (gw, me)
         icmp = parse_icmp_untrusted(pkt)

@@ -122,7 +122,7 @@ def test_dhcp_thousands_of_repeated_options_concatenate_in_linear_time() -> None
 class _Exploding:
     """A flow handler with a bug the guest can reach."""
 
-    def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None:
+    def from_guest(self, ip: IpPacket, udp: UdpDatagram, now: float) -> None:
         raise struct.error("a bug of ours")
 
 
@@ -163,7 +163,7 @@ def test_stack_lets_cancellation_through() -> None:
     """BaseException (trio.Cancelled, KeyboardInterrupt) is not the stack's to catch."""
 
     class _Interrupting:
-        def from_guest(self, ip: IpPacket, udp: UdpDatagram) -> None:
+        def from_guest(self, ip: IpPacket, udp: UdpDatagram, now: float) -> None:
             raise KeyboardInterrupt
 
     stack = Stack(LINK, _Frontend(), 0.0)
@@ -247,8 +247,8 @@ async def test_udp_bug_costs_one_flow() -> None:
     async with trio.open_nursery() as nursery:
         flows = UdpFlows(guest, FLOW_LINK, nursery, destinations=destinations())
         port = peer.getsockname()[1]
-        flows.from_guest(*udp_from_guest(GUEST4, GW4, 1111, port, b"a"))
-        flows.from_guest(*udp_from_guest(GUEST4, GW4, 2222, port, b"b"))
+        flows.from_guest(*udp_from_guest(GUEST4, GW4, 1111, port, b"a"), trio.current_time())
+        flows.from_guest(*udp_from_guest(GUEST4, GW4, 2222, port, b"b"), trio.current_time())
         first = flows.table.get(FlowKey(IPPROTO_UDP, GUEST4, 1111, GW4, port))
         assert first is not None and len(flows.table) == 2
 

@@ -60,7 +60,9 @@ async def test_a_whole_migration_in_memory() -> None:
         server.bind(("127.0.0.1", 0))
         port = server.getsockname()[1]
         async with controllers() as (src_host, src, dst_host, dst):
-            src_host.udp.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"))
+            src_host.udp.from_guest(
+                *udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"), trio.current_time()
+            )
             reader, writer = socket.socketpair()
             await dst.migrate_in(reader.detach())
             assert dst.role is Role.MIGRATING

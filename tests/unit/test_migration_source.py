@@ -60,7 +60,9 @@ async def test_migrate_out_streams_the_flows_and_commits() -> None:
         reader, writer = socket.socketpair()
         with reader:
             async with source() as (host, mig):
-                host.udp.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"))
+                host.udp.from_guest(
+                    *udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"), trio.current_time()
+                )
                 async with trio.open_nursery() as n:
                     received: list[bytes] = []
 

@@ -20,7 +20,7 @@ import trio
 from ferryd.flows.icmp import IcmpFlows
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import TcpFlows
-from ferryd.flows.tcp_conn import Endpoints
+from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
 from ferryd.flows.udp import UdpFlows
 from ferryd.migration.records import UdpFlowRecord
 from ferryd.migration.restore import Restorer
@@ -60,7 +60,9 @@ async def daemon() -> AsyncIterator[FakeDaemon]:
 def _adopt(d: FakeDaemon, restorer: Restorer, ends: Endpoints, sock: socket.socket) -> None:
     """What Restorer._batch does with a socket restored in repair mode."""
     sock.setblocking(False)
-    conn = d.tcp.adopt(ends, sock, 4, trio.current_time())
+    saved = TcpGuestState(State.ESTABLISHED, Flags(0), 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
+    now = trio.current_time()
+    conn = d.tcp.adopt(ends, sock, 4, saved, sock_timestamp=0, fin_received=False, now=now)
     restorer.in_repair[id(sock)] = sock
     restorer.restored[ends] = (conn, cast(Any, None), cast(Any, None))
 
@@ -97,7 +99,9 @@ async def test_discard_leaves_udp_usable() -> None:
             await restorer.discard()
             assert len(d.udp.table) == 0  # the restored flow went, its port freed
             # The source keeps its UdpFlows: a guest's datagram opens a flow again.
-            d.udp.from_guest(*udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"))
+            d.udp.from_guest(
+                *udp_from_guest(GUEST4, gateway_of(4), 40001, port, b"hi"), trio.current_time()
+            )
             assert len(d.udp.table) == 1
             with trio.fail_after(5):
                 data = await trio.socket.from_stdlib_socket(server).recv(100)

@@ -14,7 +14,6 @@ from typing import Any, cast
 import pytest
 import trio
 
-from ferryd.flows.tcp_conn import State
 from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
@@ -24,16 +23,13 @@ QUIET = 0.05
 
 
 def _quiet_conn() -> SimpleNamespace:
-    return SimpleNamespace(
-        state=State.ESTABLISHED,
-        flags=0,
-        flight=0,
-        ack_due=False,
-        restore_tail=None,
-        want_writable=False,
-        last_progress=trio.current_time() - 10 * QUIET,
-        closed=False,
-    )
+    """A connection quiet for long enough (TcpConn.settled) to be pre-copied."""
+
+    def settled(now: float, quiet: float) -> bool:
+        assert quiet == QUIET
+        return True
+
+    return SimpleNamespace(settled=settled, closed=False)
 
 
 async def test_precopy_without_a_helper_fails_and_runs_on() -> None:

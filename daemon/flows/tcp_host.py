@@ -1,0 +1,187 @@
+"""The ports the TCP core (:mod:`ferryd.flows.tcp_conn`) is driven through.
+
+The core is sans-IO: it owns no socket, reads no clock and draws no random
+number of its own. Three things still come from outside while it handles an
+event, because the answer is needed in the middle of it:
+
+- :class:`HostSocket`, the host socket's kernel: how much a non-blocking
+  send() took, what a peek past the bytes in flight finds, how full the
+  send buffer is. One synchronous call per kernel operation, nothing queued:
+  the adapter (:mod:`ferryd.flows.tcp`) gives each connection a
+  :class:`SocketHost` on its real socket; the tests give it an in-memory
+  kernel.
+- :class:`UnsentTail`, a migrated socket's bytes that must reach the socket
+  before any new byte of the guest's (the migration layer implements it:
+  the flows layer knows nothing of repair mode).
+- :class:`Entropy`, where initial sequence numbers and RTO jitter come from:
+  :data:`SYSTEM_ENTROPY` in the daemon, a seeded ``random.Random`` in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import random
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from ferryd.linux import SIOCOUTQ, SO_PEEK_OFF, TCP_TIMESTAMP
+
+_INT = struct.Struct("i")
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+class HostSocket(Protocol):
+    """What the TCP core asks of its host socket's kernel, one call per operation.
+
+    Errors are the kernel's: :class:`BlockingIOError` where a non-blocking
+    socket call would block, another :class:`OSError` when the socket failed
+    (reset by its peer, say).
+    """
+
+    def fileno(self) -> int:
+        """The descriptor the adapter waits on (-1 once closed)."""
+        ...
+
+    def send(self, data: memoryview) -> int:
+        """Non-blocking send: how many bytes of ``data`` the kernel took."""
+        ...
+
+    def peek(self, buf: memoryview, n: int) -> int:
+        """Copy up to ``n`` bytes from the peek offset into ``buf``, advancing it.
+
+        0 at end of file; :class:`BlockingIOError` when no byte is there.
+        """
+        ...
+
+    def discard(self, n: int) -> None:
+        """Drop ``n`` bytes from the head of the receive queue (acknowledged by the guest)."""
+        ...
+
+    def set_peek_offset(self, offset: int) -> None: ...
+
+    def set_rcvlowat(self, n: int) -> None: ...
+
+    def sndbuf(self) -> int:
+        """The send buffer's size (SO_SNDBUF)."""
+        ...
+
+    def outq(self) -> int:
+        """Bytes in the send queue, sent or not (SIOCOUTQ)."""
+        ...
+
+    def shutdown_write(self) -> None: ...
+
+    def connect_error(self) -> int:
+        """The outcome of a non-blocking connect() (SO_ERROR): 0 or an errno."""
+        ...
+
+    def timestamp(self) -> int:
+        """The socket's TCP timestamp clock (TCP_TIMESTAMP), in ms, mod 2**32."""
+        ...
+
+    def close(self, *, abort: bool) -> None:
+        """Close the socket; ``abort``: with a RST to the peer (SO_LINGER {1, 0})."""
+        ...
+
+
+class TailError(Exception):
+    """A migrated socket's unsent bytes could not be written; the message says where and why."""
+
+
+class UnsentTail(Protocol):
+    def send_more(self) -> bool:
+        """Write what the socket takes of the tail without blocking; True once all went.
+
+        Raises :class:`TailError` if the socket failed.
+        """
+        ...
+
+
+class Entropy(Protocol):
+    def getrandbits(self, k: int, /) -> int: ...
+
+    def random(self) -> float: ...
+
+
+class _SystemEntropy:
+    """Initial sequence numbers from the CSPRNG (RFC 6528: off-path guessing);
+    jitter, drawn on every ACK, from the fast PRNG."""
+
+    getrandbits = staticmethod(secrets.randbits)
+    random = staticmethod(random.random)
+
+
+SYSTEM_ENTROPY: Entropy = _SystemEntropy()
+
+
+class SocketHost:
+    """The real :class:`HostSocket`: a non-blocking TCP socket of the host.
+
+    ``scratch`` only satisfies recv_into() for discarding (MSG_TRUNC copies
+    nothing for TCP); ``before_close`` runs just before close(), so that the
+    adapter takes the descriptor out of its epoll while the number is still
+    this socket's (the kernel reuses it at once).
+    """
+
+    __slots__ = ("_fd", "_scratch", "before_close", "sock")
+
+    def __init__(self, sock: socket.socket, scratch: memoryview) -> None:
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._scratch = scratch
+        self.before_close: Callable[[], None] | None = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: memoryview) -> int:
+        return self.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+
+    def peek(self, buf: memoryview, n: int) -> int:
+        return self.sock.recv_into(buf, n, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+    def discard(self, n: int) -> None:
+        # For TCP, MSG_TRUNC discards instead of copying (tcp_recvmsg); the
+        # buffer is only there to satisfy the API (recv(n) would allocate n
+        # bytes per call, which for megabytes means an mmap and page faults).
+        # Discarding moves the peek offset back as much (sk_peek_offset_bwd).
+        buf = self._scratch
+        while n > 0:
+            got = self.sock.recv_into(buf, min(n, len(buf)), socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+            if got <= 0:
+                break
+            n -= got
+
+    def set_peek_offset(self, offset: int) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+
+    def set_rcvlowat(self, n: int) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+
+    def sndbuf(self) -> int:
+        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    def outq(self) -> int:
+        value: int = _INT.unpack(fcntl.ioctl(self._fd, SIOCOUTQ, b"\0\0\0\0"))[0]
+        return value
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def connect_error(self) -> int:
+        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+    def timestamp(self) -> int:
+        return self.sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+
+    def close(self, *, abort: bool) -> None:
+        if abort:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        if self.before_close is not None:
+            self.before_close()
+        self.sock.close()
