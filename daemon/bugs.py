@@ -1,7 +1,7 @@
 """Containing ferryd's own bugs so that the guest cannot turn one into an outage.
 
 The rule (issue 9): nothing a guest sends stops the daemon. Parsers of guest
-input raise :class:`~daemon.wire.errors.MalformedPacket` for what the guest
+input raise :class:`~ferryd.wire.errors.MalformedPacket` for what the guest
 got wrong; anything else escaping the handling of one frame, or of one
 flow's socket event, is a bug of ours that the guest happened to reach.
 Each such place catches ``Exception`` (never ``BaseException``: trio's

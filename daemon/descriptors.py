@@ -12,7 +12,7 @@ fail with EMFILE outside any handler and ferryd died; under a low limit
 
 So at start ferryd works out a budget, ``RLIMIT_NOFILE - RESERVE -
 listeners``, that every protocol's flow table draws from
-(:class:`~daemon.flows.table.FlowTable` asks :meth:`DescriptorBudget.check`
+(:class:`~ferryd.flows.table.FlowTable` asks :meth:`DescriptorBudget.check`
 before it adds a flow holding a socket). What is kept back:
 
 =====================================  =====

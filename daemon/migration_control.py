@@ -26,6 +26,7 @@ from typing import Any
 from ferryd.control import ControlError, ControlServer
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.errors import MigrationError
+from ferryd.migration.roles import Role
 
 _Handler = Callable[[dict[str, Any], list[int]], Awaitable[dict[str, Any]]]
 
@@ -54,7 +55,7 @@ def register(control: ControlServer, migration: MigrationController) -> None:
 
     async def migrate_out(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         same_netns = bool(req.get("same_netns", False))
-        if not fds and migration.role == "precopied":
+        if not fds and migration.role is Role.PRECOPIED:
             return await migration.migrate_out(None, same_netns)
         return await migration.migrate_out(_one_fd("migrate-out", fds), same_netns)
 

@@ -16,10 +16,10 @@ is the only exception they raise, and it is caught here, counted and logged
 at debug level. Any other exception raised while one frame is handled is a
 bug of ours the guest reached (issue 9: one DHCPv6 Solicit once killed the
 daemon): it is caught here too, the frame is dropped, counted as a
-``frame_errors`` and logged (rate-limited, see :mod:`daemon.bugs`). Nothing
+``frame_errors`` and logged (rate-limited, see :mod:`ferryd.bugs`). Nothing
 the guest sends can stop the daemon.
 
-The stack is also the flows' :class:`~daemon.guest.GuestPort`: it adds IP
+The stack is also the flows' :class:`~ferryd.guest.GuestPort`: it adds IP
 and Ethernet headers to what flows send and learns the guest's MAC and
 addresses from what the guest sends (the configured ones until then).
 """

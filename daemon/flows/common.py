@@ -5,7 +5,7 @@ conventions"):
 
 - Outbound, where a new flow goes (the gateway mapping of ``--map-gw``,
   and which destinations are refused) is decided in one place,
-  :mod:`daemon.flows.destinations`.
+  :mod:`ferryd.flows.destinations`.
 - Inbound, a peer that is the host itself (a loopback address, or the
   guest's own address, which is also the host's) is shown to the guest as
   its gateway: the guest would otherwise drop a packet from 127.0.0.1 or

@@ -1,6 +1,6 @@
 """What UDP flows and ICMP echo flows share: one socket per flow, one reader each.
 
-Both adapters keep a :class:`~daemon.flows.table.FlowTable` of handles that
+Both adapters keep a :class:`~ferryd.flows.table.FlowTable` of handles that
 own a datagram socket, read it from a task in the data path's nursery
 (None while a migration has it stopped), count what they drop by reason and
 close a flow by cancelling its reader and closing its socket. The receive

@@ -12,7 +12,7 @@ and body without the IP header; the kernel computes the checksum and
 and delivers only replies carrying that identifier.
 
 So each guest echo conversation, keyed by (guest address, echo identifier,
-destination) (a :class:`~daemon.flows.table.FlowKey` with the identifier as
+destination) (a :class:`~ferryd.flows.table.FlowKey` with the identifier as
 ``guest_port`` and ``remote_port`` 0), gets its own ping socket,
 ``connect()``-ed to the destination (the host's loopback for the gateway
 when gateway mapping is on, as for UDP). A reader task per socket drains
@@ -22,7 +22,7 @@ guest pinged. Only echo requests (type 8, RFC 792; type 128, RFC 4443 §4.1)
 travel this way; anything else the guest sends is ignored here. Echo
 requests to multicast or broadcast addresses, or to the guest's own
 address, are dropped; those to the host itself are answered with an ICMP
-administratively prohibited (:mod:`daemon.flows.destinations`).
+administratively prohibited (:mod:`ferryd.flows.destinations`).
 
 Invariants
 ----------

@@ -1,11 +1,11 @@
-"""TCP flows: the trio adapter around :class:`~daemon.flows.tcp_conn.TcpConn`.
+"""TCP flows: the trio adapter around :class:`~ferryd.flows.tcp_conn.TcpConn`.
 
 Theory of operation
 -------------------
 Outbound: a guest SYN for an unknown 4-tuple opens a non-blocking host
 socket and starts connect() to the destination (the gateway address maps
 to the host itself only with ``--map-gw``). A destination the policy
-refuses (the host itself, see :mod:`daemon.flows.destinations`) gets a RST
+refuses (the host itself, see :mod:`ferryd.flows.destinations`) gets a RST
 and no socket; one sent to a group address gets nothing. The guest gets its SYN-ACK only
 once the host side is connected, and a RST if connect() fails (refused,
 ICMP unreachable) or takes longer than ``CONNECT_TIMEOUT``, so the guest's
@@ -17,7 +17,7 @@ SYN, the peer's address preserved as the source the guest sees (a peer on
 the host's own loopback shows up as the gateway).
 
 One reactor task serves every connection. Each connection's socket sits in
-a private epoll (:class:`daemon.flows.reactor.Interest`) with the events
+a private epoll (:class:`ferryd.flows.reactor.Interest`) with the events
 that can move it on, derived from its state: EPOLLOUT while connecting
 (connect() completes as writability, failure included), EPOLLIN while new
 bytes may go to the guest (``TcpConn.reading()``: the guest's window has
@@ -52,12 +52,12 @@ connections are also handled in one wake-up instead of a task switch each.
 
 Segments for unknown 4-tuples (other than a SYN) get a RST (RFC 9293
 §3.10.7.1), as does a SYN when the table is full (``--max-flows``) or no
-descriptor is left for its socket (:mod:`daemon.descriptors`); logged,
+descriptor is left for its socket (:mod:`ferryd.descriptors`); logged,
 rate-limited. A forwarded port's peer is reset in those cases.
 
 A bug of ours reached while one connection handles a guest segment, a
 socket event or a timer costs that connection, not the daemon (issue 9):
-the exception is caught there (``Exception`` only, see :mod:`daemon.bugs`),
+the exception is caught there (``Exception`` only, see :mod:`ferryd.bugs`),
 the connection is reset both ways, counted in ``counters.flow_errors`` and logged,
 rate-limited.
 """

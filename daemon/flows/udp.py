@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 Every UDP conversation the guest takes part in is a flow in a
-:class:`~daemon.flows.table.FlowTable`, keyed by the guest-side 4-tuple
+:class:`~ferryd.flows.table.FlowTable`, keyed by the guest-side 4-tuple
 ``(guest addr, guest port, remote addr, remote port)`` as the guest sees it.
 
 Outbound (the guest sends first): the first datagram of a new 4-tuple opens
 a host UDP socket of the same family, non-blocking, ``connect()``-ed to the
 destination (the host itself for the guest's gateway when gateway mapping
 is on; a destination that is the host itself otherwise is refused with an
-ICMP administratively prohibited: :mod:`daemon.flows.destinations`). A
+ICMP administratively prohibited: :mod:`ferryd.flows.destinations`). A
 connected socket only receives from that destination, so the kernel
 demultiplexes replies for us, and it
 receives ICMP port unreachable as ECONNREFUSED (RFC 1122 §4.1.3.3: UDP

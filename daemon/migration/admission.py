@@ -5,7 +5,7 @@ compromised or the stream forged: restoring it blindly would give the
 guest what the target's own policy refuses, say a TCP connection to a
 service on the target's loopback (issue 9, item 10). So the target holds
 every record to the same destination rules a guest's new flow meets there
-(:class:`daemon.flows.destinations.DestinationPolicy`, built from the
+(:class:`ferryd.flows.destinations.DestinationPolicy`, built from the
 target's own options and addresses and the link the stream announced),
 before the record touches anything. A record that breaks them is a
 :class:`StreamError`: the target discards what it restored so far and

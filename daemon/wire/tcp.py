@@ -155,7 +155,7 @@ def build_tcp_header_partial(
     """A TCP header whose checksum field holds only the pseudo-header sum.
 
     This is the CHECKSUM_PARTIAL convention: whoever delivers the segment
-    (a device with checksum offload, or :meth:`daemon.stack.Stack.send_ip`)
+    (a device with checksum offload, or :meth:`ferryd.stack.Stack.send_ip`)
     completes it over header and payload, so the payload is never summed
     here.
     """
