@@ -39,7 +39,6 @@ from ferryd.flows.udp import UdpFlows
 from ferryd.frontends.base import Frontend
 from ferryd.link import LinkConfig
 from ferryd.stack import Stack
-from ferryd.wire.ip import IpAddress
 
 #: UDP and ICMP flows are looked at for expiry this often (seconds).
 EXPIRY_INTERVAL = 1.0
@@ -109,9 +108,6 @@ class DataPath:
     @property
     def policy(self) -> DestinationPolicy:
         return self.destinations.policy
-
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
-        self.stack.send_ip(src, dst, proto, l4)
 
     # --- the tasks ----------------------------------------------------------
 
