@@ -173,8 +173,8 @@ class DataPath:
         """Give the guest's frames up to the other ferryd (a source at its freeze).
 
         With ``drain`` (the data path just stopped), what the guest already
-        queued for us is handled first: giving the queue up drops it
-        (TapFrontend.drain), and for the guest that is data already sent.
+        queued for us is handled first (Frontend.drain): giving the queue up
+        drops it, and for the guest that is data already sent.
         Without (a target giving up a migration), what was queued is dropped:
         the source owns the guest's connections again.
         """
