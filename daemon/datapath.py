@@ -39,7 +39,6 @@ from ferryd.flows.udp import UdpFlows
 from ferryd.frontends.base import Frontend
 from ferryd.link import LinkConfig
 from ferryd.stack import Stack
-from ferryd.wire.ip import IpAddress
 
 #: UDP and ICMP flows are looked at for expiry this often (seconds).
 EXPIRY_INTERVAL = 1.0
@@ -110,9 +109,6 @@ class DataPath:
     def policy(self) -> DestinationPolicy:
         return self.destinations.policy
 
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
-        self.stack.send_ip(src, dst, proto, l4)
-
     # --- the tasks ----------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -177,8 +173,8 @@ class DataPath:
         """Give the guest's frames up to the other ferryd (a source at its freeze).
 
         With ``drain`` (the data path just stopped), what the guest already
-        queued for us is handled first: giving the queue up drops it
-        (TapFrontend.drain), and for the guest that is data already sent.
+        queued for us is handled first (Frontend.drain): giving the queue up
+        drops it, and for the guest that is data already sent.
         Without (a target giving up a migration), what was queued is dropped:
         the source owns the guest's connections again.
         """

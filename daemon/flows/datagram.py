@@ -167,6 +167,10 @@ class DatagramFlows(Generic[H]):
     def snapshot(self) -> list[dict[str, object]]:
         return self.table.snapshot()
 
+    def count(self) -> int:
+        """Flows in the table now."""
+        return len(self.table)
+
     def close(self) -> None:
         raise NotImplementedError
 

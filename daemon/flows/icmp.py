@@ -77,6 +77,15 @@ class _Echo:
     closed: bool = False
 
 
+@dataclass(frozen=True)
+class EchoEntry:
+    """One echo flow as a migration records it (IcmpFlows.entries)."""
+
+    key: FlowKey
+    idle: float
+    """Seconds since the flow last carried a message."""
+
+
 class IcmpFlows(DatagramFlows[_Echo]):
     """Echo flows of one guest, one ping socket each."""
 
@@ -260,6 +269,10 @@ class IcmpFlows(DatagramFlows[_Echo]):
             what,
             exc,
         )
+
+    def entries(self, now: float) -> list[EchoEntry]:
+        """Every echo flow, as a migration records it."""
+        return [EchoEntry(flow.key, max(0.0, now - flow.last_activity)) for flow in self.table]
 
     def expire(self, now: float) -> None:
         """Close flows idle for longer than ``idle_timeout``."""

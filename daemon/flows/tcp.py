@@ -572,7 +572,15 @@ class TcpFlows:
         fin_received: bool,
         now: float,
     ) -> TcpConn:
-        """A connection a migration restored (TcpConn.restored): in the table, armed at attach()."""
+        """A connection a migration restored (TcpConn.restored): in the table, armed at attach().
+
+        ``sock`` comes from the kernel's restore, blocking and untuned: it is
+        made non-blocking and given TCP_NODELAY here, as :func:`_tune` does
+        for a new one. (Not SO_PEEK_OFF: the restored TcpConn sets its own
+        offset past what the guest has not acknowledged.)
+        """
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host = SocketHost(sock, self._peek)
         conn = TcpConn.restored(
             ends,
@@ -588,6 +596,26 @@ class TcpFlows:
             now=now,
         )
         return self._enter(conn, host, now)
+
+    def connections(self) -> list[TcpConn]:
+        """Every connection in the table, closed ones included (a migration dumps them)."""
+        return [flow.handle for flow in self.table]
+
+    def count(self) -> int:
+        """Connections in the table now."""
+        return len(self.table)
+
+    def send_reset(self, ends: Endpoints, seq: int, ack: int) -> None:
+        """Reset the guest's side of ``ends``, a connection no socket stands for.
+
+        A migration restores a connection caught in its handshake this way
+        (documented: the guest's connect() fails and it tries again).
+        """
+        e = ends
+        l4 = build_tcp(
+            e.remote_addr, e.guest_addr, e.remote_port, e.guest_port, seq, ack, RST | ACK, 0
+        )
+        self._guest.send_ip(e.remote_addr, e.guest_addr, IPPROTO_TCP, l4)
 
     def close_listeners(self) -> None:
         for lst in self._listeners:

@@ -117,6 +117,21 @@ class _Inbound:
 
 
 _Handle = _Outbound | _Inbound
+
+
+@dataclass(frozen=True)
+class UdpEntry:
+    """One UDP flow as a migration records it (UdpFlows.entries)."""
+
+    key: FlowKey
+    idle: float
+    """Seconds since the flow last carried a datagram."""
+    listener_port: int | None
+    """Inbound: the port of the forwarding listener it arrived on."""
+    host_port: int | None
+    """Outbound: the host port its socket is bound to (kept by a restore)."""
+
+
 _ANY: dict[int, IpAddress] = {4: IPv4Address("0.0.0.0"), 6: IPv6Address("::")}
 
 
@@ -533,6 +548,22 @@ class UdpFlows(DatagramFlows[_Handle]):
 
     # ------------------------------------------------------------------
     # housekeeping
+
+    def entries(self, now: float) -> list[UdpEntry]:
+        """Every flow, as a migration records it."""
+        out = []
+        for flow in self.table:
+            handle = flow.handle
+            inbound = isinstance(handle, _Inbound)
+            out.append(
+                UdpEntry(
+                    flow.key,
+                    max(0.0, now - flow.last_activity),
+                    handle.listener.local_port if isinstance(handle, _Inbound) else None,
+                    None if inbound else flow.host_port,
+                )
+            )
+        return out
 
     def expire(self, now: float) -> None:
         """Close flows idle for longer than ``idle_timeout``."""

@@ -57,7 +57,7 @@ class FrontendCounters:
     frames_in: int = 0
     frames_out: int = 0
     dropped_out: int = 0
-    """Frames for the guest dropped: its queue was full, or the tap is down."""
+    """Frames for the guest dropped: its queue was full, or the frontend is down."""
 
 
 class Frontend(FrameSink, Protocol):

@@ -15,7 +15,7 @@ rewound: ``seq_to_guest`` stays what the source had sent and the peek offset
 is set to the bytes in flight (sent, not acknowledged), which are still at
 the head of the restored receive queue. Rewinding looks simpler but breaks:
 ACKs the guest sent just before the freeze may have died in the source's
-tap queue, so the guest can be further along than ``seq_ack_from_guest``;
+frontend queue, so the guest can be further along than ``seq_ack_from_guest``;
 segments numbered from there are then entirely old to it, and Linux drops
 an unacceptable segment — ACK field and all — with only a duplicate ACK in
 return (tcp_validate_incoming, RFC 9293 §3.10.7.4), so the guest would

@@ -10,14 +10,21 @@ What a migration needs, and why:
 
 - the guest's link (the stream's header) and, on a target, a fresh stack
   and empty tables for the link the header names (:meth:`rebuild`);
-- the flow tables themselves (ferryd.flows): their connections are what
-  is dumped and restored;
+- the flows (ferryd.flows), each through a small protocol of its own
+  (:class:`MigratingTcp`, :class:`MigratingUdp`, :class:`MigratingEchoes`):
+  what a dump reads, a pre-copy holds, a restore adds and a handover
+  closes; never their tables, tasks or sockets' tuning;
 - the freeze and the thaw (:meth:`stop`, :meth:`start`);
 - the handover of the guest's frames (:meth:`hand_over`, :meth:`take_over`),
   whatever the frontend does to move them;
 - the destination rules a target checks each record against
   (:attr:`policy`), and a place for sockets that could not be closed
   silently (:attr:`stranded`).
+
+A TCP connection itself is a :class:`~ferryd.flows.tcp_conn.TcpConn`, the
+sans-IO core: migration reads it through ``guest_state()`` and builds one
+with ``TcpFlows.adopt`` (``TcpConn.restored``), and reaches its socket with
+``ferryd.flows.tcp.socket_of`` to dump or hand it over.
 """
 
 from __future__ import annotations
@@ -26,11 +33,101 @@ import socket
 from typing import Protocol
 
 from ferryd.flows.destinations import DestinationPolicy
-from ferryd.flows.icmp import IcmpFlows
-from ferryd.flows.tcp import TcpFlows
-from ferryd.flows.udp import UdpFlows
+from ferryd.flows.icmp import EchoEntry
+from ferryd.flows.portspec import PortForward
+from ferryd.flows.table import FlowKey
+from ferryd.flows.tcp_conn import Endpoints, TcpConn, TcpGuestState
+from ferryd.flows.udp import UdpEntry
 from ferryd.link import LinkConfig
 from ferryd.wire.ip import IpAddress
+
+
+class MigratingTcp(Protocol):
+    """The TCP flows as a migration drives them: ferryd.flows.tcp.TcpFlows."""
+
+    def connections(self) -> list[TcpConn]:
+        """Every connection, closed ones included."""
+        ...
+
+    def count(self) -> int: ...
+
+    def hold(self, conns: list[TcpConn]) -> None:
+        """Leave ``conns`` alone (a pre-copy dumps them in repair mode) until release()."""
+        ...
+
+    def release(self, conns: list[TcpConn], now: float) -> None: ...
+
+    def forget(self, conn: TcpConn) -> None:
+        """Out of the table and the epoll, BEFORE its socket is closed or handed over."""
+        ...
+
+    def adopt(
+        self,
+        ends: Endpoints,
+        sock: socket.socket,
+        version: int,
+        saved: TcpGuestState,
+        *,
+        sock_timestamp: int,
+        fin_received: bool,
+        now: float,
+    ) -> TcpConn:
+        """A restored connection on ``sock`` (tuned here), in the table, armed when started."""
+        ...
+
+    def prearm(self, conns: list[TcpConn]) -> None:
+        """Arm restored connections while stopped (out of the downtime)."""
+        ...
+
+    def resume(self, conn: TcpConn, now: float) -> None:
+        """Resynchronise a restored connection with the guest, and re-arm it."""
+        ...
+
+    def flush(self, now: float) -> None: ...
+
+    def send_reset(self, ends: Endpoints, seq: int, ack: int) -> None:
+        """Reset the guest's side of a connection no socket stands for."""
+        ...
+
+    def listeners(self) -> list[tuple[PortForward, IpAddress, int]]: ...
+
+    def close_listeners(self) -> None: ...
+
+    async def add_forward(self, fwd: PortForward) -> None: ...
+
+
+class MigratingUdp(Protocol):
+    """The UDP flows as a migration drives them: ferryd.flows.udp.UdpFlows."""
+
+    def count(self) -> int: ...
+
+    def entries(self, now: float) -> list[UdpEntry]: ...
+
+    def listeners(self) -> list[tuple[PortForward, IpAddress, int]]: ...
+
+    async def add_forward(self, fwd: PortForward) -> None: ...
+
+    def restore_inbound(self, key: FlowKey, listener_port: int, now: float) -> None: ...
+
+    def restore_outbound(
+        self, key: FlowKey, host_addr: IpAddress | None, host_port: int | None, now: float
+    ) -> None: ...
+
+    def close_sockets_for_handover(self) -> None:
+        """Free every port for a target in this namespace; the flows stay usable."""
+        ...
+
+
+class MigratingEchoes(Protocol):
+    """The ICMP echo flows as a migration drives them: ferryd.flows.icmp.IcmpFlows."""
+
+    def count(self) -> int: ...
+
+    def entries(self, now: float) -> list[EchoEntry]: ...
+
+    def restore(self, key: FlowKey, now: float) -> None: ...
+
+    def close_sockets_for_handover(self) -> None: ...
 
 
 class MigrationHost(Protocol):
@@ -38,13 +135,13 @@ class MigrationHost(Protocol):
     def link(self) -> LinkConfig: ...
 
     @property
-    def tcp(self) -> TcpFlows: ...
+    def tcp(self) -> MigratingTcp: ...
 
     @property
-    def udp(self) -> UdpFlows: ...
+    def udp(self) -> MigratingUdp: ...
 
     @property
-    def icmp(self) -> IcmpFlows: ...
+    def icmp(self) -> MigratingEchoes: ...
 
     @property
     def guest_mac(self) -> bytes | None:
@@ -82,8 +179,4 @@ class MigrationHost(Protocol):
 
     def take_over(self) -> None:
         """Take the guest's frames from now on, held unread until :meth:`start`."""
-        ...
-
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
-        """Send one IP packet to the guest (a restored handshake's reset)."""
         ...

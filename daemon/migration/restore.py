@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Protocol
 
 import trio
 
@@ -45,11 +44,11 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
-from ferryd.migration import sockstate
-from ferryd.migration.errors import RepairUnavailable, StreamRejected
+from ferryd.migration.errors import StreamRejected
 from ferryd.migration.flowstate import RestoreTail, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.ports import LINUX, KernelRepair, RepairPort, RepairSupply
 from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
@@ -57,45 +56,12 @@ from ferryd.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from ferryd.migration.repair_client import RepairClient, RepairMode
-from ferryd.migration.repair_source import RepairSource
+from ferryd.migration.repair_client import RepairMode
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
-from ferryd.wire.tcp import ACK, RST, build_tcp
 
 log = logging.getLogger("ferryd.migration")
 
 BATCH = 253  # SCM_MAX_FD: one ferry-repair message
-
-
-class KernelRepair(Protocol):
-    """The kernel's side of restoring a TCP socket: ferryd.migration.sockstate.
-
-    A port, so that a test without CAP_NET_ADMIN (no socket ever enters
-    repair mode then) can drive the restorer with a double of it.
-    """
-
-    def new_socket_for(self, state: TcpKernelState) -> socket.socket: ...
-
-    def restore_in_repair(self, sock: socket.socket, state: TcpKernelState) -> None: ...
-
-    def finish_restore(self, sock: socket.socket, state: TcpKernelState) -> int: ...
-
-    def close_silently(self, sock: socket.socket) -> None: ...
-
-    def reuse_after_repair_off(self, socks: list[socket.socket]) -> None: ...
-
-
-class _Linux:
-    """KernelRepair as the kernel does it (ferryd.migration.sockstate)."""
-
-    new_socket_for = staticmethod(sockstate.new_socket_for)
-    restore_in_repair = staticmethod(sockstate.restore_in_repair)
-    finish_restore = staticmethod(sockstate.finish_restore)
-    close_silently = staticmethod(sockstate.close_silently)
-    reuse_after_repair_off = staticmethod(sockstate.reuse_after_repair_off)
-
-
-LINUX: KernelRepair = _Linux()
 
 
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
@@ -106,11 +72,12 @@ class Restorer:
     def __init__(
         self,
         host: MigrationHost,
-        repair: RepairClient | RepairSource | None,
+        repair: RepairSupply,
         kernel: KernelRepair = LINUX,
     ) -> None:
         self.d = host
         self._repair = repair
+        self._helper: RepairPort | None = None
         self.kernel = kernel
         self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord]] = []
         self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord]] = {}
@@ -133,12 +100,11 @@ class Restorer:
         self.counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
         self.repair_passes = 0
 
-    async def _client(self) -> RepairClient:
-        if isinstance(self._repair, RepairSource):
-            self._repair = await self._repair.get()
-        if self._repair is None:
-            raise RepairUnavailable("no repair helper for restoring TCP connections")
-        return self._repair
+    async def _client(self) -> RepairPort:
+        """The helper, asked for once: every batch of this restore goes to the same one."""
+        if self._helper is None:
+            self._helper = await self._repair.get()
+        return self._helper
 
     async def add(self, rec: FlowRecord, index: int = -1) -> None:
         if isinstance(rec, TcpFlowRecord):
@@ -230,7 +196,6 @@ class Restorer:
         now = trio.current_time()
         for sock, state, rec in batch:
             self.kernel.restore_in_repair(sock, state)
-            sock.setblocking(False)
             version = 6 if state.family == 6 else 4
             ends = ends_of(rec)
             # Peeks past what the guest was sent but has not acknowledged,
@@ -244,7 +209,6 @@ class Restorer:
                 fin_received=state.fin_received,
                 now=now,
             )
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.restored[ends] = (conn, state, rec)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
 
@@ -312,17 +276,7 @@ class Restorer:
                 continue
             self.d.tcp.resume(conn, now)  # ACK, window, what it lets go; re-armed
         for rec in self.resets:
-            l4 = build_tcp(
-                rec.remote_addr,
-                rec.guest_addr,
-                rec.remote_port,
-                rec.guest_port,
-                rec.seq_to_guest,
-                rec.seq_from_guest,
-                RST | ACK,
-                0,
-            )
-            self.d.send_ip(rec.remote_addr, rec.guest_addr, IPPROTO_TCP, l4)
+            self.d.tcp.send_reset(ends_of(rec), rec.seq_to_guest, rec.seq_from_guest)
         # Arm every connection now (the reactor would in its first round):
         # resumed means every connection is listened to again.
         self.d.tcp.flush(now)

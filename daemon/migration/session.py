@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import trio
 
 from ferryd.migration.host import MigrationHost
-from ferryd.migration.repair_source import RepairSource
+from ferryd.migration.ports import RepairSupply
 from ferryd.migration.roles import RoleMachine
 
 #: A connection is pre-copied only if nothing moved on it for this long (seconds).
@@ -43,7 +43,7 @@ class Session:
 
     host: MigrationHost
     roles: RoleMachine
-    repair: RepairSource
+    repair: RepairSupply
     nursery: trio.Nursery
     """Background tasks (a target's restore, watchdogs, linger, rollback retries)."""
     counters: MigrationCounters

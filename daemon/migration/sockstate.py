@@ -28,7 +28,7 @@ to whichever host holds the connection next. ferry-repair attaches that
 filter as it turns repair ON and detaches it at repair OFF
 (repair_helper/repair.py, "Freezing intake"; passt-repair does not), so
 ferryd holds no copy of the program. Tests and benchmarks that switch
-repair mode themselves freeze with tests/sockstate_tools.py.
+repair mode themselves freeze with testbed/sockstate_tools.py.
 
 dump_tcp() reads, with the socket in repair mode:
 

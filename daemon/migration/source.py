@@ -71,6 +71,7 @@ from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
 from ferryd.migration import restore
 from ferryd.migration.errors import MigrationAborted, MigrationFailed
 from ferryd.migration.flowstate import tcp_record
+from ferryd.migration.ports import LINUX, KernelDump, RepairPort
 from ferryd.migration.records import (
     FlowRecord,
     IcmpFlowRecord,
@@ -79,16 +80,10 @@ from ferryd.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from ferryd.migration.repair_client import RepairClient, RepairMode
+from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.roles import ROLLBACK_ROLES, Event, Role
 from ferryd.migration.session import Session
-from ferryd.migration.sockstate import (
-    SocketStateError,
-    close_silently,
-    dump_tcp,
-    reuse_after_repair_off,
-    segment_counts,
-)
+from ferryd.migration.sockstate import SocketStateError
 from ferryd.migration.stream import StreamEncoder
 from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
@@ -114,25 +109,14 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-#: What must not have changed on a pre-copied connection's guest side.
-_GuestMark = TcpGuestState
-
-
-def _guest_mark(conn: TcpConn) -> _GuestMark:
-    return conn.guest_state()
-
-
-def _precopy_candidate(conn: TcpConn, now: float, quiet: float) -> bool:
-    return conn.settled(now, quiet)
-
-
 class SourceMigration:
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, kernel: KernelDump = LINUX) -> None:
         self.s = session
+        self.kernel = kernel
         self.roles = session.roles
         self.host = session.host
         self.repair_source = session.repair
-        self.repair: RepairClient | None = None
+        self.repair: RepairPort | None = None
         self.same_netns = False
         self.conns: list[TcpConn] = []
         self.frozen: list[TcpConn] = []
@@ -145,8 +129,9 @@ class SourceMigration:
         self.stream: trio.lowlevel.FdStream | None = None
         self.enc = StreamEncoder()
         self.written = 0
-        self.precopied: dict[TcpConn, tuple[int, tuple[int, int], _GuestMark]] = {}
-        """Pre-copied connections: record index, segment counts and guest mark at the dump."""
+        self.precopied: dict[TcpConn, tuple[int, tuple[int, int], TcpGuestState]] = {}
+        """Pre-copied connections: record index, segment counts and guest side at the dump
+        (a connection whose socket and guest side did not move since is not dumped again)."""
         self.precopy_timings: dict[str, float] = {}
         self._work: trio.CancelScope | None = None
         """The pre-copy or freeze in progress (migrate-abort cancels it)."""
@@ -172,7 +157,7 @@ class SourceMigration:
 
     async def precopy(self, fd: int) -> dict[str, Any]:
         """Start the stream while the guest runs: header and the quiet TCP connections."""
-        d = self.host
+        d, kernel = self.host, self.kernel
         stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
         try:
             self.roles.step(Event.PRECOPY, "cannot pre-copy: this ferryd is {role}")
@@ -189,7 +174,7 @@ class SourceMigration:
                 out = bytearray(self.enc.header(self._header(precopy=True)))
                 now = trio.current_time()
                 wait = self.s.precopy_quiet
-                quiet = [f.handle for f in d.tcp.table if _precopy_candidate(f.handle, now, wait)]
+                quiet = [c for c in d.tcp.connections() if c.settled(now, wait)]
                 if quiet:
                     repair = self.repair = await self.repair_source.get()
                 for start in range(0, len(quiet), PRECOPY_BATCH):
@@ -203,24 +188,24 @@ class SourceMigration:
                     try:
                         for conn in batch:
                             try:
-                                segs = segment_counts(socket_of(conn))
-                                kernel = dump_tcp(socket_of(conn))
+                                segs = kernel.segment_counts(socket_of(conn))
+                                dumped = kernel.dump_tcp(socket_of(conn))
                             except (SocketStateError, OSError) as exc:
                                 log.info(
                                     "pre-copy: %s: %s; left for the freeze", conn.describe(), exc
                                 )
                                 continue
-                            out += self.enc.flow(tcp_record(conn, kernel))
+                            out += self.enc.flow(tcp_record(conn, dumped))
                             self.precopied[conn] = (
                                 self.enc.flow_count - 1,
                                 segs,
-                                _guest_mark(conn),
+                                conn.guest_state(),
                             )
                     finally:
                         # (Cancelled by migrate-abort, this raises again and
                         # leaves the batch held: the handler below undoes it.)
                         await repair.set_repair(socks, RepairMode.OFF_NO_WINDOW_PROBE)
-                        reuse_after_repair_off(socks)
+                        kernel.reuse_after_repair_off(socks)
                         d.tcp.release(batch, trio.current_time())
                         held = []
                     if len(out) >= CHUNK:
@@ -259,7 +244,7 @@ class SourceMigration:
         try:
             repair = await self.repair_source.get()
             await repair.set_repair([socket_of(c) for c in held], RepairMode.OFF_NO_WINDOW_PROBE)
-            reuse_after_repair_off([socket_of(c) for c in held])
+            self.kernel.reuse_after_repair_off([socket_of(c) for c in held])
         except Exception as exc:  # nothing better to do than say so
             log.error("pre-copy: cannot take %d sockets out of repair mode: %s", len(held), exc)
         d.tcp.release(held, trio.current_time())
@@ -280,7 +265,7 @@ class SourceMigration:
             ipv4=link.ipv4,
             ipv6=link.ipv6,
             guest_mac=d.guest_mac,
-            flow_count_hint=len(d.tcp.table) + len(d.udp.table) + len(d.icmp.table),
+            flow_count_hint=d.tcp.count() + d.udp.count() + d.icmp.count(),
             software_version=SOFTWARE_VERSION,
             frozen_at_ns=None if precopy else time.time_ns(),
             precopy=precopy,
@@ -324,7 +309,7 @@ class SourceMigration:
                 # during the downtime is lost.
                 d.hand_over(drain=True)
                 t_stopped = time.monotonic()
-                self.conns = [f.handle for f in d.tcp.table if not f.handle.closed]
+                self.conns = [c for c in d.tcp.connections() if not c.closed]
                 repairable = [c for c in self.conns if c.state is not State.CONNECTING]
                 if repairable:
                     self.repair = await self.repair_source.get()
@@ -368,7 +353,7 @@ class SourceMigration:
         }
 
     async def _stream(self, stream: trio.lowlevel.FdStream, counts: dict[str, int]) -> int:
-        d = self.host
+        d, kernel = self.host, self.kernel
         enc = self.enc
         out = bytearray()
         to_close: list[TcpConn] = []
@@ -380,7 +365,7 @@ class SourceMigration:
             # record (its connect() fails while this socket exists).
             for conn in to_close:
                 d.tcp.forget(conn)  # out of the reactor's epoll before the fd goes
-                close_silently(socket_of(conn))
+                kernel.close_silently(socket_of(conn))
             to_close.clear()
             if out:
                 await stream.send_all(bytes(out))
@@ -414,42 +399,38 @@ class SourceMigration:
             pre = precopied.pop(conn, None)
             if (
                 pre is not None
-                and pre[2] == _guest_mark(conn)
-                and pre[1] == segment_counts(socket_of(conn))
+                and pre[2] == conn.guest_state()
+                and pre[1] == kernel.segment_counts(socket_of(conn))
             ):
                 counts["tcp"] += 1  # the target has it already, exactly so
                 counts["unchanged"] += 1
                 continue
-            kernel = None if conn.state is State.CONNECTING else dump_tcp(socket_of(conn))
-            rec_tcp: TcpFlowRecord = tcp_record(conn, kernel)
+            dumped = None if conn.state is State.CONNECTING else kernel.dump_tcp(socket_of(conn))
+            rec_tcp: TcpFlowRecord = tcp_record(conn, dumped)
             await emit(enc.flow(rec_tcp), rec_tcp)
             counts["tcp" if not rec_tcp.handshake else "reset"] += 1
-            if self.same_netns and kernel is not None:
+            if self.same_netns and dumped is not None:
                 to_close.append(conn)
         if precopied:  # pre-copied, and closed since
             await emit(enc.tcp_gone(sorted(index for index, _, _ in precopied.values())))
             precopied.clear()
         now = trio.current_time()
-        for flow in d.udp.table:
-            handle: Any = flow.handle
-            listener = getattr(handle, "listener", None)
-            key = flow.key
+        for udp in d.udp.entries(now):
+            key = udp.key
             rec_udp = UdpFlowRecord(
                 guest_addr=key.guest_addr,
                 guest_port=key.guest_port,
                 remote_addr=key.remote_addr,
                 remote_port=key.remote_port,
-                idle=max(0.0, now - flow.last_activity),
-                listener_port=None if listener is None else listener.local_port,
-                host_port=None if listener is not None else flow.host_port,
+                idle=udp.idle,
+                listener_port=udp.listener_port,
+                host_port=udp.host_port,
             )
             await emit(enc.flow(rec_udp), rec_udp)
             counts["udp"] += 1
-        for echo in d.icmp.table:
+        for echo in d.icmp.entries(now):
             key = echo.key
-            rec_icmp = IcmpFlowRecord(
-                key.guest_addr, key.guest_port, key.remote_addr, max(0.0, now - echo.last_activity)
-            )
+            rec_icmp = IcmpFlowRecord(key.guest_addr, key.guest_port, key.remote_addr, echo.idle)
             await emit(enc.flow(rec_icmp), rec_icmp)
             counts["icmp"] += 1
         if self.same_netns:
@@ -496,7 +477,7 @@ class SourceMigration:
         for conn in self.frozen:
             if socket_of(conn).fileno() >= 0:
                 self.host.tcp.forget(conn)
-                close_silently(socket_of(conn))
+                self.kernel.close_silently(socket_of(conn))
         log.info("linger time over: exiting")
         self.s.handed_over()
 
@@ -601,18 +582,18 @@ class SourceMigration:
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([socket_of(c) for c in live], RepairMode.OFF)  # and thaws
                 # The twins restored below bind next to these on a forwarded port.
-                reuse_after_repair_off([socket_of(c) for c in live])
+                self.kernel.reuse_after_repair_off([socket_of(c) for c in live])
             self.handed_over += [c for c in self.frozen if socket_of(c).fileno() < 0]
             self.frozen.clear()
         d.take_over()
         if self.same_netns and self.records:
             # Same namespace: what was handed over is restored here from the
             # records, exactly as the target would have.
-            repair = self.repair = await self.repair_source.get()
-            restorer = restore.Restorer(d, repair)
+            self.repair = await self.repair_source.get()
+            # (The handed-over connections left the table when their sockets
+            # went: TcpFlows.forget, in _stream's flush.)
+            restorer = restore.Restorer(d, self.repair_source, self.kernel)
             closed = {c.ends for c in self.handed_over}
-            for conn in self.handed_over:
-                d.tcp.table.remove(conn.flow.key)
             try:
                 for rec in self.records:
                     if isinstance(rec, TcpFlowRecord):

@@ -11,9 +11,10 @@ restored (an address this host cannot bind, ...), discards
 everything restored so far — silently (sockets already out of repair mode
 are put back into it first) — and the daemon waits for a stream again.
 
-The guest's frames are taken over (MigrationHost.take_over: a tap attaches
-its queue) at ``migrate-in``, or, when the stream starts with a pre-copy,
-by ``migrate-wait-precopy`` once the pre-copied connections are restored,
+The guest's frames are taken over (MigrationHost.take_over: the frontend
+takes the guest's queue, whatever moves it) at ``migrate-in``, or, when the
+stream starts with a pre-copy, by ``migrate-wait-precopy`` once the
+pre-copied connections are restored,
 right before the source freezes: taken early, a share of the guest's
 frames would arrive here while the source still runs, and wait until
 resume. ``migrate-resume`` then turns repair

@@ -1,4 +1,5 @@
-"""An in-memory MigrationHost for driving the migration layer without root (no tests here).
+"""An in-memory MigrationHost, and doubles of the kernel's TCP repair and of the
+repair helper, for driving the migration layer without root (no tests here).
 
 Real flow tables (ferryd.flows) on recording guests (FakeGuest, TcpGuest), no
 frontend and no data-path tasks: :meth:`MemoryHost.stop`,
@@ -7,22 +8,32 @@ for, in order, in :attr:`MemoryHost.calls`. A fake is fine here: the
 migration source, target and controller are state machines over this
 interface (ferryd.migration.host), and what they write or read is checked
 byte for byte through a real stream.
+
+Without CAP_NET_ADMIN no socket ever enters repair mode, so the kernel's
+side (ferryd.migration.ports.KernelDump) and the repair helper
+(RepairPort) are doubles that record what they were asked, in order; the
+sockets under the connections are real loopback ones.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Any
 
 import trio
 
+from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.destinations import DestinationPolicy
 from ferryd.flows.icmp import IcmpFlows
 from ferryd.flows.tcp import TcpFlows
 from ferryd.flows.udp import UdpFlows
 from ferryd.link import LinkConfig
+from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.ports import RepairPort, RepairSupply
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role, RoleMachine
 from ferryd.migration.session import MigrationCounters, Session
@@ -47,6 +58,8 @@ class TcpGuest:
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
+        self.routes: list[tuple[IpAddress, IpAddress, int]] = []
+        """Source, destination and protocol of each segment, in the same order."""
 
     def send_ip(
         self,
@@ -58,6 +71,7 @@ class TcpGuest:
         csum_offset: int | None = None,
     ) -> None:
         seq, ack = struct.unpack_from("!II", l4, 4)
+        self.routes.append((src, dst, proto))
         self.segments.append(Segment(seq, ack, l4[13], bytes(l4[(l4[12] >> 4) * 4 :]) + payload))
 
     def guest_address(self, version: int) -> IpAddress | None:
@@ -76,7 +90,6 @@ class MemoryHost:
         self.running = False
         self.holds_guest = True
         """Whether the guest's frames come here (the frontend's queue)."""
-        self.sent: list[tuple[IpAddress, IpAddress, int, bytes]] = []
         self.exited = trio.Event()
         """Set when a committed source's linger is over (Session.handed_over)."""
         self._build(link)
@@ -117,9 +130,6 @@ class MemoryHost:
         self.calls.append("take_over")
         self.holds_guest = True
 
-    def send_ip(self, src: IpAddress, dst: IpAddress, proto: int, l4: bytes) -> None:
-        self.sent.append((src, dst, proto, l4))
-
     def exit(self) -> None:
         self.calls.append("exit")
         self.exited.set()
@@ -140,7 +150,7 @@ def session(
     nursery: trio.Nursery,
     role: Role,
     *,
-    repair: RepairSource | None = None,
+    repair: RepairSupply | None = None,
     linger: float = 0.0,
     precopy_quiet: float = 0.001,
 ) -> Session:
@@ -155,3 +165,74 @@ def session(
         handed_over=host.exit,
         precopy_quiet=precopy_quiet,
     )
+
+
+def kernel_state_of(sock: socket.socket, **changes: Any) -> TcpKernelState:
+    """A plausible dump of the connected ``sock`` (its addresses; the rest made up)."""
+    local, remote = sock.getsockname(), sock.getpeername()
+    fields: dict[str, Any] = dict(
+        local_addr=ip_address(local[0]), local_port=local[1],
+        remote_addr=ip_address(remote[0]), remote_port=remote[1],
+        tcp_state=1, mss=1460, snd_wscale=7, rcv_wscale=7, options=7,
+        timestamp=1, snd_wl1=1, snd_wnd=65535, max_window=65535, rcv_wnd=65535, rcv_wup=1,
+        send_seq=1, recv_seq=1,
+    )  # fmt: skip
+    fields.update(changes)
+    return TcpKernelState(**fields)
+
+
+class FakeKernel:
+    """ferryd.migration.ports.KernelDump: records each call as ``"what fd"``.
+
+    ``new_socket_for`` hands out the sockets given, in order; ``dump_tcp``
+    dumps :func:`kernel_state_of` the socket; ``segment_counts`` says
+    :attr:`segments` (a test changes it to make traffic happen).
+    """
+
+    def __init__(self, socks: list[socket.socket] | None = None) -> None:
+        self.socks = socks or []
+        self.calls: list[str] = []
+        self.segments = (1, 1)
+
+    def new_socket_for(self, state: TcpKernelState) -> socket.socket:
+        sock = self.socks.pop(0)
+        self.calls.append(f"new {sock.fileno()}")
+        return sock
+
+    def restore_in_repair(self, sock: socket.socket, state: TcpKernelState) -> None:
+        self.calls.append(f"restore {sock.fileno()}")
+
+    def finish_restore(self, sock: socket.socket, state: TcpKernelState) -> int:
+        self.calls.append(f"finish {sock.fileno()}")
+        return state.unsent
+
+    def close_silently(self, sock: socket.socket) -> None:
+        self.calls.append(f"close_silently {sock.fileno()}")
+        sock.close()
+
+    def reuse_after_repair_off(self, socks: list[socket.socket]) -> None:
+        self.calls.append("reuse " + ",".join(str(s.fileno()) for s in socks))
+
+    def dump_tcp(self, sock: socket.socket) -> TcpKernelState:
+        self.calls.append(f"dump {sock.fileno()}")
+        return kernel_state_of(sock)
+
+    def segment_counts(self, sock: socket.socket) -> tuple[int, int]:
+        self.calls.append(f"segments {sock.fileno()}")
+        return self.segments
+
+
+class FakeRepair:
+    """The repair helper (RepairPort and its RepairSupply): records each batch's mode and fds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[RepairMode, list[int]]] = []
+        self.reconnects = 0
+
+    async def set_repair(self, socks: Sequence[socket.socket], mode: RepairMode) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((mode, [s.fileno() for s in socks]))
+
+    async def get(self) -> RepairPort:
+        await trio.lowlevel.checkpoint()
+        return self

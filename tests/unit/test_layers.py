@@ -131,8 +131,19 @@ def test_nothing_imports_main() -> None:
 
 
 def test_migration_knows_neither_control_nor_a_frontend() -> None:
-    """Migration drives any frontend through the data path (ARCHITECTURE)."""
-    forbidden = ("ferryd.main", "ferryd.control", "ferryd.frontends", "ferryd.ctl")
+    """Migration drives any frontend through the data path (ARCHITECTURE), and the data
+    path only through its own narrow protocol (ferryd.migration.host), never the
+    DataPath, the stack, or the control handlers and the coordinator that drive it."""
+    forbidden = (
+        "ferryd.main",
+        "ferryd.control",
+        "ferryd.frontends",
+        "ferryd.ctl",
+        "ferryd.datapath",
+        "ferryd.stack",
+        "ferryd.migration_control",
+        "ferryd.coordinator",
+    )
     offenders = {
         f"{module} -> {target}"
         for module, targets in GRAPH.items()

@@ -5,7 +5,8 @@ records, and that restore fails (the helper went away): discard() undoes
 it, and the rollback is tried again later, restoring the same 4-tuples
 and the same UDP flows once more. No helper here: the restored TCP socket
 is adopted as the Restorer would, and discard() closes it plainly (it is
-not in repair mode) rather than silently.
+not in repair mode) rather than silently. The host is the migration
+layer's in-memory one (tests/unit/migration_host.py) over real flow tables.
 """
 
 from __future__ import annotations
@@ -17,49 +18,32 @@ from typing import Any, cast
 
 import trio
 
-from ferryd.flows.icmp import IcmpFlows
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp import TcpFlows
 from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
-from ferryd.flows.udp import UdpFlows
 from ferryd.migration.records import UdpFlowRecord
+from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.restore import Restorer
 from ferryd.wire.ip import IPPROTO_TCP
-from tests.unit.test_flows_helpers import (
-    GUEST4,
-    LINK,
-    FakeGuest,
-    destinations,
-    gateway_of,
-    udp_from_guest,
-)
+from tests.unit.migration_host import MemoryHost
+from tests.unit.test_flows_helpers import GUEST4, gateway_of, udp_from_guest
 
-
-class FakeDaemon:
-    def __init__(self, nursery: trio.Nursery) -> None:
-        guest = FakeGuest()
-        self.tcp = TcpFlows(cast(Any, guest), LINK, nursery, destinations=destinations())
-        self.udp = UdpFlows(guest, LINK, nursery, destinations=destinations())
-        self.icmp = IcmpFlows(guest, LINK, nursery, destinations=destinations())
-        self.stranded: list[socket.socket] = []
+NO_HELPER = RepairSource(None, None)
+"""No repair helper: none is needed, none of these sockets is in repair mode."""
 
 
 @asynccontextmanager
-async def daemon() -> AsyncIterator[FakeDaemon]:
+async def daemon() -> AsyncIterator[MemoryHost]:
     async with trio.open_nursery() as nursery:
-        d = FakeDaemon(nursery)
+        d = MemoryHost(nursery)
         try:
             yield d
         finally:
-            await d.udp.aclose()
-            await d.icmp.aclose()
-            d.tcp.close_listeners()
+            await d.aclose()
             nursery.cancel_scope.cancel()
 
 
-def _adopt(d: FakeDaemon, restorer: Restorer, ends: Endpoints, sock: socket.socket) -> None:
+def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: socket.socket) -> None:
     """What Restorer._batch does with a socket restored in repair mode."""
-    sock.setblocking(False)
     saved = TcpGuestState(State.ESTABLISHED, Flags(0), 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
     now = trio.current_time()
     conn = d.tcp.adopt(ends, sock, 4, saved, sock_timestamp=0, fin_received=False, now=now)
@@ -74,13 +58,13 @@ async def test_discard_forgets_restored_tcp_connections(
     ends = Endpoints(GUEST4, 40000, gateway_of(4), 80)
     key = FlowKey(IPPROTO_TCP, GUEST4, 40000, gateway_of(4), 80)
     async with daemon() as d:
-        restorer = Restorer(cast(Any, d), None)
+        restorer = Restorer(d, NO_HELPER)
         _adopt(d, restorer, ends, ours)
         await restorer.discard()
         assert ours.fileno() < 0
         assert d.tcp.table.get(key) is None
         # The rollback's next attempt restores the same connection again.
-        again = Restorer(cast(Any, d), None)
+        again = Restorer(d, NO_HELPER)
         with socket.socket() as sock:
             _adopt(d, again, ends, sock)
             assert d.tcp.table.get(key) is not None
@@ -92,7 +76,7 @@ async def test_discard_leaves_udp_usable() -> None:
         server.bind(("127.0.0.1", 0))
         port = server.getsockname()[1]
         async with daemon() as d:
-            restorer = Restorer(cast(Any, d), None)
+            restorer = Restorer(d, NO_HELPER)
             await restorer.add(UdpFlowRecord(GUEST4, 40000, gateway_of(4), port, 0.0))
             await restorer.finish()
             assert len(d.udp.table) == 1

@@ -1,0 +1,211 @@
+"""SourceMigration's TCP path without root: freeze, dump, roll back, pre-copy.
+
+The kernel's side (ferryd.migration.ports.KernelDump) and the repair helper
+are doubles that record what they were asked, in order
+(tests/unit/migration_host.py); the connection is real: a loopback TCP
+pair adopted into real TCP flows, as a restore or an accept would. What
+the stream carries is decoded and checked field by field, and so is what
+the guest hears after a rollback.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from ferry_repair.protocol import RepairCommand as RepairMode
+from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpConn, TcpGuestState
+from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.records import TcpFlowRecord
+from ferryd.migration.roles import Role
+from ferryd.migration.source import SourceMigration
+from ferryd.migration.stream import StreamDecoder
+from ferryd.migration.stream_events import FlowReceived, PrecopyEnded, StreamEvent
+from ferryd.wire.tcp import ACK
+from tests.unit.migration_host import (
+    FakeKernel,
+    FakeRepair,
+    MemoryHost,
+    kernel_state_of,
+    role_of,
+    session,
+)
+from tests.unit.test_flows_helpers import GUEST4, gateway_of
+
+ENDS = Endpoints(GUEST4, 40000, gateway_of(4), 80)
+SEQ_TO_GUEST = 7000
+SEQ_FROM_GUEST = 3000
+#: Established, nothing in flight either way: quiet (pre-copyable) at once with a quiet time of 0.
+SAVED = TcpGuestState(
+    State.ESTABLISHED, Flags(0), SEQ_TO_GUEST, SEQ_TO_GUEST, SEQ_FROM_GUEST, SEQ_FROM_GUEST,
+    SEQ_FROM_GUEST - 1, 65535, 0, 0, 1460,
+)  # fmt: skip
+
+
+@asynccontextmanager
+async def source(
+    kernel: FakeKernel,
+) -> AsyncIterator[tuple[MemoryHost, SourceMigration, FakeRepair]]:
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        repair = FakeRepair()
+        mig = SourceMigration(
+            session(host, nursery, Role.RUNNING, repair=repair, precopy_quiet=0.0), kernel
+        )
+        try:
+            yield host, mig, repair
+        finally:
+            for conn in host.tcp.connections():
+                host.tcp.forget(conn)
+            await host.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def _adopt(host: MemoryHost, sock: socket.socket) -> TcpConn:
+    now = trio.current_time()
+    return host.tcp.adopt(ENDS, sock, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    tsock = trio.socket.from_stdlib_socket(sock)
+    data = bytearray()
+    while chunk := await tsock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def _decode(data: bytes) -> list[StreamEvent]:
+    decoder = StreamDecoder()
+    events = decoder.feed_untrusted(data)
+    decoder.eof()  # raises unless the stream ended with its trailer
+    return events
+
+
+def _tcp_records(events: list[StreamEvent]) -> list[TcpFlowRecord]:
+    return [
+        e.flow for e in events if isinstance(e, FlowReceived) and isinstance(e.flow, TcpFlowRecord)
+    ]
+
+
+def _check_record(rec: TcpFlowRecord, dumped_from: socket.socket | TcpKernelState) -> None:
+    if isinstance(dumped_from, socket.socket):
+        dumped_from = kernel_state_of(dumped_from)
+    assert rec.kernel == dumped_from
+    assert (rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port) == (
+        ENDS.guest_addr, ENDS.guest_port, ENDS.remote_addr, ENDS.remote_port,
+    )  # fmt: skip
+    assert (rec.seq_to_guest, rec.seq_ack_from_guest) == (SEQ_TO_GUEST, SEQ_TO_GUEST)
+    assert (rec.seq_from_guest, rec.seq_ack_to_guest) == (SEQ_FROM_GUEST, SEQ_FROM_GUEST)
+    assert not rec.handshake
+
+
+async def test_freeze_dumps_the_connection_and_a_rollback_thaws_it(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    kernel = FakeKernel()
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(kernel) as (host, mig, repair):
+            conn = _adopt(host, ours)
+            answer = await mig.migrate_out(writer.detach(), same_netns=False)
+            assert role_of(mig) is Role.FROZEN
+            assert answer["flows"]["tcp"] == 1
+            # Repair ON (ferry-repair freezes the intake as it does), then the dump.
+            assert repair.calls == [(RepairMode.ON, [fd])]
+            assert kernel.calls == [f"dump {fd}"]
+            (rec,) = _tcp_records(_decode(await _read_all(reader)))
+            _check_record(rec, ours)
+            assert ours.fileno() == fd  # kept, frozen: the outcome is not known yet
+
+            assert await mig.abort() == {"role": "running", "note": "rolled back, nothing lost"}
+            assert role_of(mig) is Role.RUNNING
+            # Repair OFF thaws the same socket, which may then be bound next to.
+            assert repair.calls[1:] == [(RepairMode.OFF, [fd])]
+            assert kernel.calls[1:] == [f"reuse {fd}"]
+            assert host.calls == ["stop", "hand_over(drain)", "stop", "take_over", "start"]
+            assert host.tcp.connections() == [conn] and not conn.closed
+            assert mig.s.counters.out_rolled_back == 1
+
+
+async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """One host: the socket is closed silently once its record left; a rollback
+    restores the connection from that record, exactly as the target would."""
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        twin_peer = socket.create_connection(server.getsockname())
+        twin, _ = server.accept()
+    twin.setblocking(True)  # as the kernel's restore hands a socket over
+    kernel = FakeKernel([twin])
+    reader, writer = socket.socketpair()
+    with reader, twin_peer, twin:
+        async with source(kernel) as (host, mig, repair):
+            conn = _adopt(host, ours)
+            dump = kernel_state_of(ours)
+            await mig.migrate_out(writer.detach(), same_netns=True)
+            assert kernel.calls == [f"dump {fd}", f"close_silently {fd}"]
+            assert ours.fileno() < 0
+            assert host.tcp.connections() == []  # forgotten before the close
+            (rec,) = _tcp_records(_decode(await _read_all(reader)))
+            _check_record(rec, dump)
+
+            twin_fd = twin.fileno()
+            assert (await mig.abort())["note"] == "rolled back, nothing lost"
+            assert role_of(mig) is Role.RUNNING
+            assert kernel.calls[2:] == [
+                f"new {twin_fd}",
+                f"restore {twin_fd}",
+                f"finish {twin_fd}",
+            ]
+            # Nothing of the handed-over socket is touched again; the twin is
+            # restored in repair mode and thawed.
+            assert repair.calls[1:] == [(RepairMode.ON, [twin_fd]), (RepairMode.OFF, [twin_fd])]
+            (restored,) = host.tcp.connections()
+            assert restored is not conn and restored.ends == ENDS
+            assert not twin.getblocking()  # tuned by TcpFlows.adopt
+            assert twin.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            # The guest is resynchronised from where it was: an ACK, a fresh window.
+            first = host.tcp_guest.segments[0]
+            assert (first.seq, first.ack, first.flags & ACK) == (SEQ_TO_GUEST, SEQ_FROM_GUEST, ACK)
+
+
+@pytest.mark.parametrize("moved", [False, True])
+async def test_a_precopied_connection_is_dumped_again_only_if_it_moved(
+    host_pair: tuple[socket.socket, socket.socket], moved: bool
+) -> None:
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    kernel = FakeKernel()
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(kernel) as (host, mig, repair):
+            _adopt(host, ours)
+            assert (await mig.precopy(writer.detach()))["precopied"] == 1
+            assert role_of(mig) is Role.PRECOPIED
+            # Held in repair mode for the dump, then out of it without a window probe.
+            assert repair.calls == [
+                (RepairMode.ON, [fd]),
+                (RepairMode.OFF_NO_WINDOW_PROBE, [fd]),
+            ]
+            assert kernel.calls == [f"segments {fd}", f"dump {fd}", f"reuse {fd}"]
+            if moved:
+                kernel.segments = (2, 1)  # a segment came in since the dump
+            answer = await mig.migrate_out(None, same_netns=False)
+            assert answer["flows"]["tcp"] == 1
+            assert answer["flows"]["unchanged"] == (0 if moved else 1)
+            dumped_again = [f"dump {fd}"] if moved else []
+            assert kernel.calls[3:] == [f"segments {fd}", *dumped_again]
+            events = _decode(await _read_all(reader))
+            assert sum(isinstance(e, PrecopyEnded) for e in events) == 1
+            records = _tcp_records(events)
+            assert len(records) == (2 if moved else 1)
+            for rec in records:
+                _check_record(rec, ours)
