@@ -67,8 +67,3 @@ def test_unix_socket_refused() -> None:
         with pytest.raises(RequestRefused, match="descriptor 0 of the batch is not a TCP socket"):
             carry_out_untrusted(Request(RepairCommand.OFF, (a.fileno(),)), CallerRules(os.getuid()))
         assert is_open(a.fileno())
-
-
-@pytest.mark.skip(reason="a socket owned by another uid needs root (seteuid) to make")
-def test_socket_of_another_uid_refused() -> None:
-    """Covered with root by tests/integration/test_repair_port_takeover.py."""
