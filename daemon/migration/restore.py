@@ -46,7 +46,7 @@ from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
 from ferryd.migration import sockstate
-from ferryd.migration.errors import RepairUnavailable, StreamRejected
+from ferryd.migration.errors import StreamRejected
 from ferryd.migration.flowstate import RestoreTail, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
@@ -57,7 +57,7 @@ from ferryd.migration.records import (
     TcpFlowRecord,
     UdpFlowRecord,
 )
-from ferryd.migration.repair_client import RepairClient, RepairMode
+from ferryd.migration.repair_client import RepairClient, RepairMode, RepairUnavailable
 from ferryd.migration.repair_source import RepairSource
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 from ferryd.wire.tcp import ACK, RST, build_tcp
