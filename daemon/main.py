@@ -251,7 +251,7 @@ async def serve(
                     # Reset every TCP connection both ways: a guest or a peer
                     # left waiting on a connection nobody serves would hang.
                     # (A migrated source's frozen sockets close silently.)
-                    daemon.data.tcp.close()
+                    daemon.data.tcp.close(trio.current_time())
                 nursery.cancel_scope.cancel()
                 break
 

@@ -175,22 +175,18 @@ class TcpKernelState:
         return self.tcp_state in _FIN_RECEIVED
 
     @property
-    def state_name(self) -> str:
-        return TcpState.NAMES.get(self.tcp_state, f"state {self.tcp_state}")
-
-    @property
     def send_start(self) -> int:
         """Sequence number of the first byte of ``send_queue`` (snd_una)."""
         return (self.send_seq - len(self.send_queue) - int(self.fin_sent)) % _U32
 
     @property
-    def recv_start(self) -> int:
-        """Sequence number of the first byte of ``recv_queue`` (copied_seq)."""
-        return (self.recv_seq - len(self.recv_queue) - int(self.fin_received)) % _U32
-
-    @property
     def restored_recv_start(self) -> int:
-        """Where the restored receive queue starts: after a received FIN (sockstate's docstring)."""
+        """Where the restored receive queue starts: after a received FIN (sockstate's docstring).
+
+        The dumped queue itself starts one earlier when a FIN was received
+        (copied_seq; recv_seq counts the FIN): the restored socket's rcv_nxt
+        must include the FIN, or the peer would see old ACKs.
+        """
         return (self.recv_seq - len(self.recv_queue)) % _U32
 
     def describe(self) -> str:

@@ -184,7 +184,7 @@ class Restorer:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
         await self._batch()
         await self._off_early()
-        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()])
+        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()], trio.current_time())
         self.standing = set(self.restored)
         self.in_precopy = False
 

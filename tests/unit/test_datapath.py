@@ -8,9 +8,12 @@ answered, or not, by ferryd's own code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -164,3 +167,24 @@ async def test_rebuild_gives_a_fresh_stack_and_empty_tables() -> None:
         assert dp.stack.tcp is dp.tcp and dp.stack.udp is dp.udp and dp.stack.icmp is dp.icmp
         assert dp.stack.guest_mac is None
         assert len(dp.tcp.table) == len(dp.udp.table) == len(dp.icmp.table) == 0
+
+
+def _open_epolls() -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd) == "anon_inode:[eventpoll]"
+    return count
+
+
+async def test_rebuild_closes_the_old_tables_reactor() -> None:
+    """The replaced TCP table's epoll is closed, not left to the garbage collector."""
+    async with data_path() as (dp, _frontend):
+        await dp.start()  # the TCP reactor's epoll
+        await dp.stop()
+        old_tcp = dp.tcp  # kept alive: the garbage collector must not be what closes it
+        before = _open_epolls()
+        dp.rebuild(LINK, trio.current_time())
+        assert _open_epolls() == before - 1
+        assert dp.tcp is not old_tcp

@@ -99,7 +99,7 @@ async def tcp_flows() -> AsyncIterator[tuple[TcpFlows, Link]]:
         try:
             yield flows, link
         finally:
-            flows.close()
+            flows.close(trio.current_time())
             nursery.cancel_scope.cancel()
 
 
