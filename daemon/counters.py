@@ -3,8 +3,10 @@
 Components keep their own counters: a dataclass of int (or float) fields
 that they increment where the event happens (``self.counters.malformed +=
 1``), as cheap as an attribute can be on the data path. They never import
-this module. Whoever composes the daemon (main.py) registers each
-component's dataclass under a group name; :meth:`Registry.snapshot` reads
+this module. Whoever owns a component registers its dataclass under a group
+name (ferryd.datapath: the frontend's, the stack's, the refusals', the
+descriptors' and each protocol's flows'; ferryd.main: the migration's);
+:meth:`Registry.snapshot` reads
 every field at that moment. So a new counter is a new field, and shows up
 in ``ferryctl status`` and ``ferryctl counters`` with nothing else to
 change; the next step (metrics) reads the same snapshot.

@@ -100,15 +100,16 @@ def status_counters(snapshot: Snapshot) -> dict[str, Any]:
     Scripts and tests read these keys; the groups themselves follow them
     in ``status["counters"]`` (their names never clash with these).
     """
-    stack, refusals = snapshot["stack"], snapshot["refusals"]
+    stack, refusals, frontend = snapshot["stack"], snapshot["refusals"], snapshot["frontend"]
     return {
-        "frames_in": stack["frames_in"],
-        "frames_out": stack["frames_out"],
+        "frames_in": frontend["frames_in"],
+        # Every frame sent toward the guest, delivered or dropped.
+        "frames_out": frontend["frames_out"] + frontend["dropped_out"],
         "malformed": stack["malformed"],
         "frame_errors": stack["frame_errors"],
         "flow_errors": sum(snapshot[p]["flow_errors"] for p in ("tcp", "udp", "icmp")),
         "ignored": stack["ignored"],
-        "dropped_out": snapshot["frontend"]["dropped_out"],
+        "dropped_out": frontend["dropped_out"],
         "refused": {p: refusals[p] for p in ("tcp", "udp", "icmp")},
         "refusals_unanswered": refusals["unanswered"],
     }
@@ -217,11 +218,7 @@ class Daemon:
             "link": link_summary(data.link),
             "guest_mac": format_mac(data.stack.guest_mac) if data.stack.guest_mac else None,
             "counters": {**status_counters(counters), **counters},
-            "flows": {
-                "tcp": len(data.tcp.table),
-                "udp": len(data.udp.table),
-                "icmp": len(data.icmp.table),
-            },
+            "flows": {p: counters[p]["flows"] for p in ("tcp", "udp", "icmp")},
             "descriptors": data.budget.snapshot(),
             # A source's pending rollback and why (SourceMigration.status).
             "migration": self.migration.status(),

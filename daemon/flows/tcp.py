@@ -86,7 +86,7 @@ from ferryd.flows.common import (
 from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
-from ferryd.flows.table import FlowKey, FlowLimitReached, FlowTable
+from ferryd.flows.table import FlowCounters, FlowKey, FlowLimitReached, FlowTable
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost
 from ferryd.guest import GuestPort
@@ -142,7 +142,7 @@ class _Listener:
 
 
 @dataclass
-class TcpCounters:
+class TcpCounters(FlowCounters):
     """What the TCP flows count (read by ferryd's counters registry)."""
 
     resets_sent: int = 0
@@ -171,13 +171,13 @@ class TcpFlows:
         self._link = link
         self._nursery = nursery
         self._destinations = destinations
-        self.table: FlowTable[TcpConn] = FlowTable(limit, budget)
+        self.counters = TcpCounters()
+        self.table: FlowTable[TcpConn] = FlowTable(limit, budget, self.counters)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
         self._rcvlowat_cap = _rcvlowat_cap()
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
-        self.counters = TcpCounters()
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}

@@ -55,14 +55,17 @@ class MemoryFrontend:
 
     def send(self, frame: bytes) -> None:
         self.sent.append(bytes(frame))
+        self.counters.frames_out += 1
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
     ) -> None:
         self.sent.append(b"".join(parts))
+        self.counters.frames_out += 1
 
     def _deliver(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         while self.queue:
+            self.counters.frames_in += 1
             on_frame(memoryview(self.queue.pop(0)), False)
         on_burst_end()
 
@@ -123,7 +126,7 @@ async def test_frames_are_answered_only_while_started() -> None:
         await dp.start()
         await trio.testing.wait_all_tasks_blocked()
         assert [a.op for a in _arp_replies(frontend)] == [ARP_REPLY]
-        assert dp.stack.counters.frames_in == 1
+        assert frontend.counters.frames_in == 1
 
         await dp.stop()  # the freeze
         assert frontend.readers == 0
