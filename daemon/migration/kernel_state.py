@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
-from ferryd.linux import MAX_WSCALE
 from ferryd.wire.ip import IpAddress
+from ferryd.wire.tcp import MAX_WSCALE
 
 __all__ = [
     "SUPPORTED_STATES",
@@ -194,6 +194,13 @@ class TcpKernelState:
         return four_tuple(self.local_addr, self.local_port, self.remote_addr, self.remote_port)
 
 
+def wscale_problem(name: str, scale: int) -> str | None:
+    """Why ``scale`` (named ``name``) is no window scale, or None (RFC 7323 §2.3)."""
+    if 0 <= scale <= MAX_WSCALE:
+        return None
+    return f"{name} {scale} is not a window scale (0-{MAX_WSCALE})"
+
+
 def _problems(s: TcpKernelState) -> list[str]:
     """Everything that keeps ``s`` from being a restorable socket's state."""
     problems: list[str] = []
@@ -211,8 +218,8 @@ def _problems(s: TcpKernelState) -> list[str]:
     if not 0 <= s.mss <= 0xFFFF:
         problems.append(f"MSS {s.mss} is not in 0-65535")
     for name, scale in (("snd_wscale", s.snd_wscale), ("rcv_wscale", s.rcv_wscale)):
-        if not 0 <= scale <= MAX_WSCALE:
-            problems.append(f"{name} {scale} is not a window scale (0-{MAX_WSCALE})")
+        if (problem := wscale_problem(name, scale)) is not None:
+            problems.append(problem)
     if not 0 <= s.options <= 0xFF:
         problems.append(f"TCP options bits {s.options} do not fit tcp_info's byte")
     for name, value in (

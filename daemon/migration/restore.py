@@ -41,6 +41,7 @@ from typing import Protocol
 
 import trio
 
+from ferry_repair.protocol import SCM_MAX_FD
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
@@ -64,7 +65,7 @@ from ferryd.wire.tcp import ACK, RST, build_tcp
 
 log = logging.getLogger("ferryd.migration")
 
-BATCH = 253  # SCM_MAX_FD: one ferry-repair message
+BATCH = SCM_MAX_FD  # one ferry-repair message
 
 
 class KernelRepair(Protocol):
