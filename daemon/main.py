@@ -161,6 +161,7 @@ class Daemon:
             incoming=opts.incoming,
             linger=opts.linger,
             handed_over=self.exit_requested.set,
+            precopy_quiet=opts.precopy_quiet,
         )
         self.counters.add("migration", self.migration.counters)
         self.ready = False
