@@ -43,10 +43,10 @@ import trio
 from ferry_repair.dropall import SO_ATTACH_BPF, load_drop_all
 from ferry_repair.protocol import TCP_REPAIR
 from ferry_repair.repair import DROP_ALL_FPROG, SO_ATTACH_FILTER, SO_DETACH_FILTER
+from ferryd.linux import TCP_REPAIR_QUEUE
 from ferryd.migration.repair_client import RepairClient, RepairMode
 
 REPO = Path(__file__).resolve().parents[1]
-TCP_REPAIR_QUEUE = 20
 
 # The accepting side: listens, reports its port, accepts n, holds them until stdin closes.
 PEER = """

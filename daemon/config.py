@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ferryd.flows.portspec import PortForward, parse_port_spec
 from ferryd.link import Ip4Config, Ip6Config, LinkConfig
+from ferryd.migration.session import PRECOPY_QUIET
 from ferryd.wire.ethernet import format_mac, parse_mac
 from ferryd.wire.ip import IpAddress
 
@@ -69,6 +70,7 @@ class Options:
     repair_socket: str | None = None
     repair_listen: str | None = None
     linger: float = 30.0
+    precopy_quiet: float = PRECOPY_QUIET
     runas: str | None = None
     tap_fd: int | None = None
 
@@ -261,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reaches them, so the source never resets a connection the target now owns) "
         "this long, then exit 0 (default 30; SIGTERM ends it earlier)",
     )
+    # Hidden: how long a connection must have been quiet for a pre-copy to
+    # take it (ferryd.migration.session). Tests pass 0, so that they wait
+    # for a condition (connections established) rather than for time.
+    m.add_argument("--precopy-quiet", type=float, default=PRECOPY_QUIET, help=argparse.SUPPRESS)
     p.add_argument(
         "--runas",
         metavar="USER[:GROUP]",

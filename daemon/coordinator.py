@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferryd.control import ControlClientError, ControlRequestFailed, request
+from ferryd.migration.roles import Role
 
 __all__ = [
     "MIGRATE_TIMEOUT",
@@ -139,8 +140,8 @@ def migrate(
         dst_status = peers.ask("target", "status")
     except _StepFailed as exc:
         raise MigrationRefused(str(exc)) from None
-    _check_role("source", src_status, "running")
-    _check_role("target", dst_status, "incoming")
+    _check_role("source", src_status, Role.RUNNING)
+    _check_role("target", dst_status, Role.INCOMING)
     if dst_status.get("ready") is False:
         raise MigrationRefused(f"target at {peers.target} is not ready for a stream yet")
     src_ns, dst_ns = src_status.get("host_netns"), dst_status.get("host_netns")
@@ -160,9 +161,9 @@ def migrate(
     return migration_summary(out_resp, wait_resp, resume_resp, time.monotonic() - started)
 
 
-def _check_role(who: str, status: dict[str, Any], wanted: str) -> None:
+def _check_role(who: str, status: dict[str, Any], wanted: Role) -> None:
     role = status.get("role")
-    if role == wanted:
+    if role == wanted.status:
         return
     if role is None:
         raise MigrationRefused(f"{who} ferryd does not report a role: it cannot migrate (too old?)")
@@ -258,7 +259,7 @@ def _aborted(peers: _Peers, what: str, *, abort_source: bool = True) -> Migratio
             source_resumed=False,
         )
     role = _source_role(peers)
-    if role == "running":
+    if role == Role.RUNNING.status:
         done = (
             "migration aborted, the source resumed"
             if abort_source

@@ -73,10 +73,14 @@ class DataPath:
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._done.set()
-        self.rebuild(link, now)
+        self._build(link, now)
 
     def rebuild(self, link: LinkConfig, now: float) -> None:
-        """A stack and empty flow tables for ``link`` (no tasks yet)."""
+        """A stack and empty flow tables for ``link`` (no tasks yet; stopped)."""
+        self.tcp.close_reactor()
+        self._build(link, now)
+
+    def _build(self, link: LinkConfig, now: float) -> None:
         self.link = link
         self.stack = Stack(link, self.frontend, now)
         self.destinations.set_link(link)

@@ -2,7 +2,8 @@
 
 Each comes from the uapi header named beside it; they are ABI, so fixed
 numbers are safe. (ferry-repair keeps the few it needs itself: the helper
-imports nothing of ferryd's.)
+imports nothing of ferryd's. TCP's option kinds and largest window scale
+are the wire's, in ferryd.wire.tcp.)
 """
 
 from typing import Final
@@ -18,17 +19,10 @@ TCP_NO_QUEUE: Final = 0
 TCP_RECV_QUEUE: Final = 1
 TCP_SEND_QUEUE: Final = 2
 
-TCPOPT_MSS: Final = 2
-TCPOPT_WINDOW: Final = 3
-TCPOPT_SACK_PERM: Final = 4
-TCPOPT_TIMESTAMP: Final = 8
-
 #: tcpi_options bits (TCPI_OPT_*).
 OPT_TIMESTAMPS: Final = 1
 OPT_SACK: Final = 2
 OPT_WSCALE: Final = 4
-#: Largest window scale the kernel accepts (TCP_MAX_WSCALE).
-MAX_WSCALE: Final = 14
 
 SO_PEEK_OFF: Final = 42
 

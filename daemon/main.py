@@ -100,15 +100,16 @@ def status_counters(snapshot: Snapshot) -> dict[str, Any]:
     Scripts and tests read these keys; the groups themselves follow them
     in ``status["counters"]`` (their names never clash with these).
     """
-    stack, refusals = snapshot["stack"], snapshot["refusals"]
+    stack, refusals, frontend = snapshot["stack"], snapshot["refusals"], snapshot["frontend"]
     return {
-        "frames_in": stack["frames_in"],
-        "frames_out": stack["frames_out"],
+        "frames_in": frontend["frames_in"],
+        # Every frame sent toward the guest, delivered or dropped.
+        "frames_out": frontend["frames_out"] + frontend["dropped_out"],
         "malformed": stack["malformed"],
         "frame_errors": stack["frame_errors"],
         "flow_errors": sum(snapshot[p]["flow_errors"] for p in ("tcp", "udp", "icmp")),
         "ignored": stack["ignored"],
-        "dropped_out": snapshot["frontend"]["dropped_out"],
+        "dropped_out": frontend["dropped_out"],
         "refused": {p: refusals[p] for p in ("tcp", "udp", "icmp")},
         "refusals_unanswered": refusals["unanswered"],
     }
@@ -160,6 +161,7 @@ class Daemon:
             incoming=opts.incoming,
             linger=opts.linger,
             handed_over=self.exit_requested.set,
+            precopy_quiet=opts.precopy_quiet,
         )
         self.counters.add("migration", self.migration.counters)
         self.ready = False
@@ -217,11 +219,7 @@ class Daemon:
             "link": link_summary(data.link),
             "guest_mac": format_mac(data.stack.guest_mac) if data.stack.guest_mac else None,
             "counters": {**status_counters(counters), **counters},
-            "flows": {
-                "tcp": len(data.tcp.table),
-                "udp": len(data.udp.table),
-                "icmp": len(data.icmp.table),
-            },
+            "flows": {p: counters[p]["flows"] for p in ("tcp", "udp", "icmp")},
             "descriptors": data.budget.snapshot(),
             # A source's pending rollback and why (SourceMigration.status).
             "migration": self.migration.status(),
@@ -251,7 +249,7 @@ async def serve(
                     # Reset every TCP connection both ways: a guest or a peer
                     # left waiting on a connection nobody serves would hang.
                     # (A migrated source's frozen sockets close silently.)
-                    daemon.data.tcp.close()
+                    daemon.data.tcp.close(trio.current_time())
                 nursery.cancel_scope.cancel()
                 break
 

@@ -1,4 +1,4 @@
-"""The migration commands of the control socket (see daemon/ctl.py ``migrate``).
+"""The migration commands of the control socket (ferryd.coordinator drives them).
 
 Source: ``migrate-out`` (with the stream's write end), ``migrate-commit``,
 ``migrate-abort``. Target: ``migrate-in`` (with the read end),
@@ -26,7 +26,6 @@ from typing import Any
 from ferryd.control import ControlError, ControlServer
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.errors import MigrationError
-from ferryd.migration.roles import Role
 
 _Handler = Callable[[dict[str, Any], list[int]], Awaitable[dict[str, Any]]]
 
@@ -37,6 +36,14 @@ def _one_fd(cmd: str, fds: list[int]) -> int:
             f"{cmd!r} takes exactly one file descriptor (the stream), not {len(fds)}"
         )
     return fds.pop()
+
+
+def _one_fd_or_none(cmd: str, fds: list[int]) -> int | None:
+    if len(fds) > 1:
+        raise ControlError(
+            f"{cmd!r} takes one file descriptor (the stream) or none, not {len(fds)}"
+        )
+    return fds.pop() if fds else None
 
 
 def _translated(handler: _Handler) -> _Handler:
@@ -54,10 +61,10 @@ def register(control: ControlServer, migration: MigrationController) -> None:
         return await migration.precopy(_one_fd("migrate-precopy", fds))
 
     async def migrate_out(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        # Without a descriptor: on the pre-copy's stream, if there was one
+        # (the controller decides, by its role).
         same_netns = bool(req.get("same_netns", False))
-        if not fds and migration.role is Role.PRECOPIED:
-            return await migration.migrate_out(None, same_netns)
-        return await migration.migrate_out(_one_fd("migrate-out", fds), same_netns)
+        return await migration.migrate_out(_one_fd_or_none("migrate-out", fds), same_netns)
 
     async def migrate_in(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         fd = _one_fd("migrate-in", fds)

@@ -94,8 +94,8 @@ class TcpHandler(Protocol):
 
 @dataclass
 class StackCounters:
-    frames_in: int = 0
-    frames_out: int = 0
+    """What the stack counts; the frames themselves the frontend counts (FrontendCounters)."""
+
     malformed: int = 0
     frame_errors: int = 0
     """Frames whose handling raised an unexpected exception (a ferryd bug), dropped."""
@@ -138,7 +138,6 @@ class Stack:
         eth = ethernet_header(
             self.guest_mac or BROADCAST, self.link.mac, _ETHERTYPE_OF_VERSION[src.version]
         )
-        self.counters.frames_out += 1
         if csum_offset is None:
             self._send_frame(eth + hdr + l4 + payload)
             return
@@ -157,7 +156,6 @@ class Stack:
     def receive_frame(self, frame: memoryview, now: float, trusted: bool = False) -> None:
         """Dispatch one frame; ``trusted``: its L4 checksum is not to be verified
         (the guest's kernel left it to the device, see frontends/tap.py)."""
-        self.counters.frames_in += 1
         self._trusted = trusted
         try:
             self._dispatch_untrusted(frame, now)
@@ -275,5 +273,4 @@ class Stack:
             self._emit(frame)
 
     def _emit(self, frame: bytes) -> None:
-        self.counters.frames_out += 1
         self._send_frame(frame)

@@ -23,7 +23,13 @@ from testbed.paths import FERRYCTL, FERRYD
 from testbed.repair import HelperProcess, listening_helper, raise_fd_limit
 from testbed.topology import TwoHostTopology, build_topology, two_host_topology
 
-__all__ = ["MigrationBed", "default_routes", "one_host_bed", "two_host_bed"]
+__all__ = ["PRECOPY_NOW", "MigrationBed", "default_routes", "one_host_bed", "two_host_bed"]
+
+#: ferryd's hidden ``--precopy-quiet`` at 0: a pre-copy takes every connection
+#: idle at that moment, so a test waits for its connections to be established
+#: and idle (a condition) rather than for time to pass. (Not the default: the
+#: benchmarks measure ferryd as it is shipped.)
+PRECOPY_NOW = ("--precopy-quiet", "0")
 
 
 @dataclass

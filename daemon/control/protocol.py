@@ -59,6 +59,8 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from ferry_repair.protocol import SCM_MAX_FD
+
 __all__ = [
     "HEADER_SIZE",
     "MAX_FDS",
@@ -83,7 +85,7 @@ MAX_REQUEST = 64 * 1024
 #: Largest response payload a client accepts (a flow table can be large).
 MAX_RESPONSE = 64 * 1024 * 1024
 #: Most descriptors one request may carry (the kernel's SCM_MAX_FD).
-MAX_FDS = 253
+MAX_FDS = SCM_MAX_FD
 
 _HEADER = struct.Struct(">I")
 #: Bytes of a frame's length header.

@@ -29,7 +29,7 @@ from ferryd.bugs import describe_bug
 from ferryd.descriptors import DescriptorBudget, open_flow_socket
 from ferryd.flows.common import gateway_of
 from ferryd.flows.destinations import Destinations, Refusal
-from ferryd.flows.table import DescriptorsSpent, Flow, FlowLimitReached, FlowTable
+from ferryd.flows.table import DescriptorsSpent, Flow, FlowCounters, FlowLimitReached, FlowTable
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.logthrottle import LogThrottle
@@ -49,7 +49,7 @@ H = TypeVar("H")
 
 
 @dataclass
-class DatagramCounters:
+class DatagramCounters(FlowCounters):
     """What a datagram protocol's flows count (read by ferryd's counters registry)."""
 
     flow_errors: int = 0
@@ -77,14 +77,14 @@ class DatagramFlows(Generic[H]):
         self._nursery = nursery
         self._destinations = destinations
         self.idle_timeout = idle_timeout
-        self.table: FlowTable[H] = FlowTable(limit, budget)
+        self.counters = DatagramCounters()
+        self.table: FlowTable[H] = FlowTable(limit, budget, self.counters)
         self._budget = budget
         self.drops: Counter[str] = Counter()
         """Datagrams dropped or ignored, by reason (for status and tests)."""
         self._buf = bytearray(RECV_SIZE)
         self._throttle = LogThrottle(logger)
         self._closed = False
-        self.counters = DatagramCounters()
 
     def _drop(self, flow: Flow[H], reason: str) -> None:
         flow.dropped += 1

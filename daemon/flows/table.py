@@ -28,6 +28,11 @@ Invariants
 - A key is in the table at most once; adding an existing key is a bug of the
   caller (``KeyError``).
 - No payload is ever stored here: only counters and addresses.
+- ``counters.flows`` is the table's size; ``opened`` and ``closed`` count
+  every :meth:`FlowTable.add` and every :meth:`FlowTable.remove` that found
+  its flow (so ``flows == opened - closed``), read by ferryd's counters
+  registry through the protocol's counters, which extend
+  :class:`FlowCounters`.
 """
 
 from collections.abc import Iterator, Mapping
@@ -40,6 +45,7 @@ from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UD
 __all__ = [
     "DescriptorsSpent",
     "Flow",
+    "FlowCounters",
     "FlowKey",
     "FlowLimitReached",
     "FlowTable",
@@ -122,14 +128,29 @@ class Flow(Generic[H]):
         }
 
 
+@dataclass(kw_only=True)
+class FlowCounters:
+    """What a flow table counts; each protocol's counters extend it."""
+
+    flows: int = 0
+    """Flows in the table now."""
+    opened: int = 0
+    """Flows added to the table since it was made."""
+    closed: int = 0
+    """Flows removed from it since."""
+
+
 class FlowTable(Generic[H]):
     """Flows by :class:`FlowKey`, with a size limit and idle expiry."""
 
-    def __init__(self, limit: int, budget: Budget | None = None) -> None:
+    def __init__(
+        self, limit: int, budget: Budget | None = None, counters: FlowCounters | None = None
+    ) -> None:
         if limit < 1:
             raise ValueError(f"flow limit must be at least 1, not {limit}")
         self.limit = limit
         self._budget = budget
+        self.counters = counters if counters is not None else FlowCounters()
         self._flows: dict[FlowKey, Flow[H]] = {}
         self.descriptors = 0
         """Flows in the table that hold a descriptor of their own."""
@@ -166,6 +187,8 @@ class FlowTable(Generic[H]):
         flow.holds_descriptor = holds_descriptor
         self._flows[key] = flow
         self.descriptors += holds_descriptor
+        self.counters.flows += 1
+        self.counters.opened += 1
         return flow
 
     def check_room(self, holds_descriptor: bool = True) -> None:
@@ -182,6 +205,8 @@ class FlowTable(Generic[H]):
         flow = self._flows.pop(key, None)
         if flow is not None:
             self.descriptors -= flow.holds_descriptor
+            self.counters.flows -= 1
+            self.counters.closed += 1
         return flow
 
     def expired(self, now: float, timeout_by_proto: Mapping[int, float]) -> list[Flow[H]]:

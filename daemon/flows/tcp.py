@@ -86,7 +86,7 @@ from ferryd.flows.common import (
 from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
-from ferryd.flows.table import FlowKey, FlowLimitReached, FlowTable
+from ferryd.flows.table import FlowCounters, FlowKey, FlowLimitReached, FlowTable
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost
 from ferryd.guest import GuestPort
@@ -131,17 +131,18 @@ def reset_for(ip: IpPacket, seg: TcpSegment) -> bytes | None:
     return build_tcp(ip.dst, ip.src, seg.dport, seg.sport, seq, ack, flags, 0)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Listener:
-    def __init__(self, sock: socket.socket, fwd: PortForward, addr: IpAddress, port: int) -> None:
-        self.sock = sock
-        self.fwd = fwd
-        self.addr = addr
-        self.port = port
+    """A forwarded port's listening socket (compared by identity)."""
+
+    sock: socket.socket
+    fwd: PortForward
+    addr: IpAddress
+    port: int
 
 
 @dataclass
-class TcpCounters:
+class TcpCounters(FlowCounters):
     """What the TCP flows count (read by ferryd's counters registry)."""
 
     resets_sent: int = 0
@@ -170,13 +171,13 @@ class TcpFlows:
         self._link = link
         self._nursery = nursery
         self._destinations = destinations
-        self.table: FlowTable[TcpConn] = FlowTable(limit, budget)
+        self.counters = TcpCounters()
+        self.table: FlowTable[TcpConn] = FlowTable(limit, budget, self.counters)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
         self._rcvlowat_cap = _rcvlowat_cap()
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
-        self.counters = TcpCounters()
         self._interest: Interest[TcpConn] | None = None
         """Created at the first attach(): a TcpFlows never started holds no epoll."""
         self._dirty: dict[TcpConn, None] = {}
@@ -547,7 +548,7 @@ class TcpFlows:
         for lst in self._listeners:
             nursery.start_soon(self._accept_loop, lst)
 
-    def prearm(self, conns: list[TcpConn]) -> None:
+    def prearm(self, conns: list[TcpConn], now: float) -> None:
         """Arm restored connections now, while stopped (a migration target's pre-copy).
 
         Registering a thousand sockets and their deadlines costs ~9 ms; done
@@ -556,7 +557,6 @@ class TcpFlows:
         """
         if self._interest is None:
             self._interest = Interest()
-        now = trio.current_time()
         for conn in conns:
             self._arm(self._interest, conn, now)
             self._prearmed.add(conn)
@@ -724,15 +724,22 @@ class TcpFlows:
 
     # --- housekeeping -----------------------------------------------------
 
-    def expire(self, now: float) -> None:
-        """Connections keep their own deadlines; nothing to sweep here."""
-
     def snapshot(self) -> list[dict[str, object]]:
         return self.table.snapshot()
 
-    def close(self) -> None:
+    def close_reactor(self) -> None:
+        """Close the reactor's epoll: these tables are being replaced (DataPath.rebuild).
+
+        Stopped (no reactor task reads it), and its descriptor is not left
+        for the garbage collector.
+        """
+        assert self._nursery is None, "close_reactor() on a running TcpFlows"
+        if self._interest is not None:
+            self._interest.close()
+            self._interest = None
+
+    def close(self, now: float) -> None:
         """Reset every connection both ways and close the listeners."""
-        now = trio.current_time()
         for flow in self.table:
             flow.handle.abort(now, rst_guest=True, rst_peer=True)
         self.close_listeners()

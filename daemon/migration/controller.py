@@ -35,7 +35,7 @@ import trio
 from ferryd.migration.errors import MigrationError, NoMigration
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.repair_source import RepairSource
-from ferryd.migration.roles import Role, RoleMachine
+from ferryd.migration.roles import Event, Role, RoleMachine
 from ferryd.migration.session import PRECOPY_QUIET, MigrationCounters, Session
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.target import TargetMigration
@@ -113,17 +113,21 @@ class MigrationController:
     async def precopy(self, fd: int) -> dict[str, Any]:
         """Write the header and the quiet connections to ``fd`` (owned from here on)."""
         migration = SourceMigration(self._ready(fd))
-        if self.role is Role.RUNNING:
-            self.migration = migration
+        if self.roles.allows(Event.PRECOPY):
+            self.migration = migration  # else refused below, the last one kept
         return await migration.precopy(fd)
 
     async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
-        """Freeze and stream to ``fd``, or, after a pre-copy, on its stream (``fd`` None)."""
-        if fd is None and self.role is Role.PRECOPIED:
+        """Freeze and stream to ``fd``, or, after a pre-copy, on its stream (``fd`` None).
+
+        Which of the two a request means is decided here, by the role: a
+        caller passes the descriptor it was given, if any.
+        """
+        if fd is None and self.roles.allows(Event.FREEZE_PRECOPIED):
             return await self._current(SourceMigration).migrate_out(None, same_netns)
         migration = SourceMigration(self._ready(fd))
-        if self.role is Role.RUNNING:
-            self.migration = migration
+        if fd is not None and self.roles.allows(Event.FREEZE):
+            self.migration = migration  # else refused below, the last one kept
         return await migration.migrate_out(fd, same_netns)
 
     async def commit(self) -> dict[str, Any]:

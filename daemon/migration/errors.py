@@ -4,7 +4,9 @@ Whoever drives a migration translates them (ferryd.migration_control turns
 them into the control socket's ControlError; a QEMU frontend will turn them
 into a failed device-state transfer). Nothing here knows of either. A
 request that does not fit the role raises the subclass
-ferryd.migration.roles.IllegalTransition, defined next to the table.
+ferryd.migration.roles.IllegalTransition, defined next to the table; the
+repair helper's failures are the subclass
+ferryd.migration.repair_client.RepairError (RepairUnavailable: no helper).
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ class MigrationError(Exception):
 
 class NoMigration(MigrationError):
     """A request about the migration in progress, and there is none of that side."""
-
-
-class RepairUnavailable(MigrationError):
-    """The repair helper (ferry-repair) cannot be reached: configuration or the helper."""
 
 
 class StreamRejected(MigrationError):

@@ -75,7 +75,7 @@ class MigratingTcp(Protocol):
         """A restored connection on ``sock`` (tuned here), in the table, armed when started."""
         ...
 
-    def prearm(self, conns: list[TcpConn]) -> None:
+    def prearm(self, conns: list[TcpConn], now: float) -> None:
         """Arm restored connections while stopped (out of the downtime)."""
         ...
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
-from ferryd.linux import MAX_WSCALE
 from ferryd.wire.ip import IpAddress
+from ferryd.wire.tcp import MAX_WSCALE
 
 __all__ = [
     "SUPPORTED_STATES",
@@ -175,27 +175,30 @@ class TcpKernelState:
         return self.tcp_state in _FIN_RECEIVED
 
     @property
-    def state_name(self) -> str:
-        return TcpState.NAMES.get(self.tcp_state, f"state {self.tcp_state}")
-
-    @property
     def send_start(self) -> int:
         """Sequence number of the first byte of ``send_queue`` (snd_una)."""
         return (self.send_seq - len(self.send_queue) - int(self.fin_sent)) % _U32
 
     @property
-    def recv_start(self) -> int:
-        """Sequence number of the first byte of ``recv_queue`` (copied_seq)."""
-        return (self.recv_seq - len(self.recv_queue) - int(self.fin_received)) % _U32
-
-    @property
     def restored_recv_start(self) -> int:
-        """Where the restored receive queue starts: after a received FIN (sockstate's docstring)."""
+        """Where the restored receive queue starts: after a received FIN (sockstate's docstring).
+
+        The dumped queue itself starts one earlier when a FIN was received
+        (copied_seq; recv_seq counts the FIN): the restored socket's rcv_nxt
+        must include the FIN, or the peer would see old ACKs.
+        """
         return (self.recv_seq - len(self.recv_queue)) % _U32
 
     def describe(self) -> str:
         """The 4-tuple, as error messages name it."""
         return four_tuple(self.local_addr, self.local_port, self.remote_addr, self.remote_port)
+
+
+def wscale_problem(name: str, scale: int) -> str | None:
+    """Why ``scale`` (named ``name``) is no window scale, or None (RFC 7323 §2.3)."""
+    if 0 <= scale <= MAX_WSCALE:
+        return None
+    return f"{name} {scale} is not a window scale (0-{MAX_WSCALE})"
 
 
 def _problems(s: TcpKernelState) -> list[str]:
@@ -215,8 +218,8 @@ def _problems(s: TcpKernelState) -> list[str]:
     if not 0 <= s.mss <= 0xFFFF:
         problems.append(f"MSS {s.mss} is not in 0-65535")
     for name, scale in (("snd_wscale", s.snd_wscale), ("rcv_wscale", s.rcv_wscale)):
-        if not 0 <= scale <= MAX_WSCALE:
-            problems.append(f"{name} {scale} is not a window scale (0-{MAX_WSCALE})")
+        if (problem := wscale_problem(name, scale)) is not None:
+            problems.append(problem)
     if not 0 <= s.options <= 0xFF:
         problems.append(f"TCP options bits {s.options} do not fit tcp_info's byte")
     for name, value in (

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from ferryd.link import Ip4Config, Ip6Config
-from ferryd.linux import MAX_WSCALE
 from ferryd.migration import migration_pb2 as pb
-from ferryd.migration.kernel_state import TcpKernelState, TcpState
+from ferryd.migration.kernel_state import TcpKernelState, TcpState, wscale_problem
 from ferryd.wire.ip import IpAddress
 
 __all__ = [
@@ -94,8 +93,8 @@ def _check_version_match(what: str, a: IpAddress, b: IpAddress) -> None:
 
 
 def _check_wscale(name: str, value: int) -> None:
-    if not 0 <= value <= MAX_WSCALE:  # RFC 7323 §2.3
-        raise ValueError(f"{name} {value} is not a window scale (0-{MAX_WSCALE})")
+    if (problem := wscale_problem(name, value)) is not None:
+        raise ValueError(problem)
 
 
 def _check_idle(idle: float) -> None:

@@ -103,7 +103,9 @@ by one at most, larger first), and a client accepted by a
 batch no larger than the last one it sent (``steady_batches``); ferry-repair
 has no such limit and a connected client ignores it.
 
-Errors, all subclasses of :class:`RepairError`: :class:`RepairUnavailable`
+Errors, all subclasses of :class:`RepairError` (a
+ferryd.migration.errors.MigrationError, translated like the others by whoever
+drives the migration): :class:`RepairUnavailable`
 (no helper could be reached or accepted: bad config, or the helper is not
 running), :class:`RepairRefused` (the helper closed the connection instead of
 answering a batch: see its log for why; usually our bug or a socket that went
@@ -131,6 +133,7 @@ import trio
 
 from ferry_repair.protocol import SCM_MAX_FD
 from ferry_repair.protocol import RepairCommand as RepairMode
+from ferryd.migration.errors import MigrationError
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -172,7 +175,7 @@ class HasFileno(Protocol):
     def fileno(self) -> int: ...
 
 
-class RepairError(Exception):
+class RepairError(MigrationError):
     """Setting TCP_REPAIR through the helper failed."""
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from ferryd.migration.errors import RepairUnavailable
-from ferryd.migration.repair_client import RepairClient, RepairListener
+from ferryd.migration.repair_client import RepairClient, RepairListener, RepairUnavailable
 
 
 class RepairSource:

@@ -40,6 +40,7 @@ import socket
 
 import trio
 
+from ferry_repair.protocol import SCM_MAX_FD
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
@@ -61,7 +62,7 @@ from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UD
 
 log = logging.getLogger("ferryd.migration")
 
-BATCH = 253  # SCM_MAX_FD: one ferry-repair message
+BATCH = SCM_MAX_FD  # one ferry-repair message
 
 
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
@@ -150,7 +151,7 @@ class Restorer:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
         await self._batch()
         await self._off_early()
-        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()])
+        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()], trio.current_time())
         self.standing = set(self.restored)
         self.in_precopy = False
 

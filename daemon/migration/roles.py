@@ -4,16 +4,21 @@ A ferryd starts ``running`` (or ``incoming``, waiting for a migration's
 stream); each migration request or outcome is an :class:`Event`, and
 :data:`TRANSITIONS` lists every (role, event) pair that is allowed and the
 role it leads to (h2's ``_transitions`` table, STYLE.md). Anything else
-raises :class:`~ferryd.migration.errors.IllegalTransition`: a request that
-does not fit the role is refused before anything is touched.
+raises :class:`IllegalTransition` (defined below, next to the table): a
+request that does not fit the role is refused before anything is touched.
 
-Source: running → [precopying → precopied →] migrating → frozen →
+Source: running → [precopying → precopied →] migrating-out → frozen →
 migrated → (linger, exit); a failure or an abort rolls back to running, or
 to rollback-pending while the repair helper cannot be reached.
-Target: incoming → migrating → restored → running; a failure or an abort
-discards what was restored and goes back to incoming.
+Target: incoming → migrating-in → restored → running; a failure or an abort
+discards what was restored and goes back to incoming. A target that resumed
+is running, and may be a source next.
 
-The values are what ``ferryctl status`` shows as ``role``.
+``str(role)`` (:attr:`Role.status`) is what ``ferryctl status`` shows as
+``role``, and what ferryd.coordinator, the tests and the README read: both
+sides' migrating roles show as ``migrating``, yet they are two roles, so
+the table cannot confuse a source's with a target's. (Two members of a
+StrEnum with one value would be aliases, one role: hence the pairs.)
 """
 
 from __future__ import annotations
@@ -23,24 +28,40 @@ import enum
 from ferryd.migration.errors import MigrationError
 
 
-class Role(enum.StrEnum):
-    RUNNING = "running"
+class Role(enum.Enum):
+    """A role; its value is (status, side), the side telling apart equal statuses."""
+
+    status: str
+    """What ``ferryctl status`` shows as ``role``."""
+
+    def __init__(self, status: str, _side: str) -> None:
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.status
+
+    def __format__(self, spec: str) -> str:
+        return format(self.status, spec)
+
+    RUNNING = "running", ""
     """Serving the guest (a source-to-be, or a target that resumed)."""
-    INCOMING = "incoming"
+    INCOMING = "incoming", "target"
     """Waiting for a migration's stream (started with --incoming)."""
-    PRECOPYING = "precopying"
-    PRECOPIED = "precopied"
+    PRECOPYING = "precopying", "source"
+    PRECOPIED = "precopied", "source"
     """The quiet connections went ahead; the guest still runs here."""
-    MIGRATING = "migrating"
-    """Source: freezing and streaming. Target: reading and restoring."""
-    FROZEN = "frozen"
-    """Source: streamed, waiting for commit or abort."""
-    MIGRATED = "migrated"
-    """Source: committed; lingers, then exits."""
-    ROLLBACK_PENDING = "rollback-pending"
-    """Source: a rollback could not be completed yet (the helper is unreachable)."""
-    RESTORED = "restored"
-    """Target: everything restored, waiting for resume."""
+    MIGRATING_OUT = "migrating", "source"
+    """Freezing and streaming."""
+    FROZEN = "frozen", "source"
+    """Streamed, waiting for commit or abort."""
+    MIGRATED = "migrated", "source"
+    """Committed; lingers, then exits."""
+    ROLLBACK_PENDING = "rollback-pending", "source"
+    """A rollback could not be completed yet (the helper is unreachable)."""
+    MIGRATING_IN = "migrating", "target"
+    """Reading the stream and restoring."""
+    RESTORED = "restored", "target"
+    """Everything restored, waiting for resume."""
 
 
 class Event(enum.Enum):
@@ -63,7 +84,7 @@ class Event(enum.Enum):
 
 
 #: Roles in which a source's rollback has something to undo.
-_ROLLING_BACK = (Role.MIGRATING, Role.FROZEN, Role.MIGRATED, Role.ROLLBACK_PENDING)
+_ROLLING_BACK = (Role.MIGRATING_OUT, Role.FROZEN, Role.MIGRATED, Role.ROLLBACK_PENDING)
 
 TRANSITIONS: dict[tuple[Role, Event], Role] = {
     # source
@@ -71,23 +92,19 @@ TRANSITIONS: dict[tuple[Role, Event], Role] = {
     (Role.PRECOPYING, Event.PRECOPIED): Role.PRECOPIED,
     (Role.PRECOPYING, Event.PRECOPY_DROPPED): Role.RUNNING,
     (Role.PRECOPIED, Event.PRECOPY_DROPPED): Role.RUNNING,
-    (Role.RUNNING, Event.FREEZE): Role.MIGRATING,
-    (Role.PRECOPIED, Event.FREEZE_PRECOPIED): Role.MIGRATING,
-    (Role.MIGRATING, Event.STREAMED): Role.FROZEN,
+    (Role.RUNNING, Event.FREEZE): Role.MIGRATING_OUT,
+    (Role.PRECOPIED, Event.FREEZE_PRECOPIED): Role.MIGRATING_OUT,
+    (Role.MIGRATING_OUT, Event.STREAMED): Role.FROZEN,
     (Role.FROZEN, Event.COMMIT): Role.MIGRATED,
     **{(role, Event.ROLLED_BACK): Role.RUNNING for role in _ROLLING_BACK},
     **{(role, Event.ROLLBACK_FAILED): Role.ROLLBACK_PENDING for role in _ROLLING_BACK},
     # target
-    (Role.INCOMING, Event.MIGRATE_IN): Role.MIGRATING,
-    (Role.MIGRATING, Event.RESTORED): Role.RESTORED,
-    (Role.MIGRATING, Event.RESTORE_FAILED): Role.INCOMING,
+    (Role.INCOMING, Event.MIGRATE_IN): Role.MIGRATING_IN,
+    (Role.MIGRATING_IN, Event.RESTORED): Role.RESTORED,
+    (Role.MIGRATING_IN, Event.RESTORE_FAILED): Role.INCOMING,
     (Role.RESTORED, Event.DISCARD): Role.INCOMING,
     (Role.RESTORED, Event.RESUME): Role.RUNNING,
 }
-
-
-def allowed(role: Role, event: Event) -> bool:
-    return (role, event) in TRANSITIONS
 
 
 class IllegalTransition(MigrationError):
@@ -109,9 +126,13 @@ class RoleMachine:
     def __init__(self, role: Role) -> None:
         self.role = role
 
+    def allows(self, event: Event) -> bool:
+        """Whether the table has ``event`` from the current role (nothing changes)."""
+        return (self.role, event) in TRANSITIONS
+
     def check(self, event: Event, refusal: str | None = None) -> None:
         """Raise IllegalTransition unless ``event`` is allowed now (nothing changes)."""
-        if (self.role, event) not in TRANSITIONS:
+        if not self.allows(event):
             text = refusal or "{event} is not possible: this ferryd is {role}"
             raise IllegalTransition(
                 self.role, event, text.format(role=self.role, event=event.value)

@@ -182,10 +182,6 @@ from ferryd.linux import (
     TCP_REPAIR_WINDOW,
     TCP_SEND_QUEUE,
     TCP_TIMESTAMP,
-    TCPOPT_MSS,
-    TCPOPT_SACK_PERM,
-    TCPOPT_TIMESTAMP,
-    TCPOPT_WINDOW,
 )
 from ferryd.migration.kernel_state import (
     SUPPORTED_STATES,
@@ -193,6 +189,7 @@ from ferryd.migration.kernel_state import (
     TcpState,
     four_tuple,
 )
+from ferryd.wire.tcp import TCPOPT_MSS, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_WINDOW
 
 __all__ = [
     "SocketStateError",

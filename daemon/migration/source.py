@@ -60,6 +60,7 @@ this ferryd from the records it streamed, exactly as a target would.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from typing import Any
@@ -93,7 +94,8 @@ log = logging.getLogger("ferryd.migration")
 OUTCOME_TIMEOUT = 120.0
 #: Records are written to the stream in chunks of about this size.
 CHUNK = 256 * 1024
-SOFTWARE_VERSION = "ferry 0.1.0"
+#: Who wrote the stream (the header's software_version; logs only).
+SOFTWARE_VERSION = f"ferry {importlib.metadata.version('ferry')}"
 #: Connections held at once for a pre-copy dump (one ferry-repair message).
 PRECOPY_BATCH = 128
 #: A rollback that could not reach the helper is tried again after this many

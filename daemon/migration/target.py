@@ -37,6 +37,7 @@ from ferryd.migration.errors import MigrationAborted, MigrationFailed
 from ferryd.migration.restore import Restorer
 from ferryd.migration.roles import Event, Role
 from ferryd.migration.session import Session
+from ferryd.migration.sockstate import SocketStateError
 from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import (
     FlowReceived,
@@ -67,6 +68,11 @@ class TargetMigration:
         """How long the pre-copy took to restore; None until it was."""
         self.t_first: float | None = None
         """When the first bytes after the freeze arrived (the downtime's part here)."""
+        self._settling = trio.Lock()
+        """Held by resume and abort: control requests are served concurrently, and
+        the coordinator sends migrate-abort when a resume takes too long; an abort
+        must not discard what a resume is starting (it waits, then finds the
+        target running), nor a resume start what an abort is discarding."""
 
     async def migrate_in(self, fd: int, precopy: bool = False) -> dict[str, Any]:
         """Read and restore the stream on ``fd`` in the background.
@@ -181,13 +187,22 @@ class TargetMigration:
         return self.result
 
     async def resume(self) -> dict[str, Any]:
+        async with self._settling:
+            return await self._resume()
+
+    async def _resume(self) -> dict[str, Any]:
         roles = self.s.roles
         refusal = "nothing to resume: this ferryd is {role}"
         roles.check(Event.RESUME, refusal)
         if self.restorer is None:
             raise MigrationFailed(refusal.format(role=roles.role))
         t0 = time.monotonic()
-        t_off = await self.restorer.resume()
+        try:
+            t_off = await self.restorer.resume()
+        except SocketStateError as exc:
+            # A socket the kernel refused to finish restoring: the migration's
+            # failure to report, not a ferryd bug (RepairError already is one).
+            raise MigrationFailed(f"resume failed: {exc}") from exc
         roles.step(Event.RESUME)
         t_resumed = time.monotonic()
         counters = self.s.counters
@@ -201,8 +216,12 @@ class TargetMigration:
         }
 
     async def abort(self) -> dict[str, Any]:
+        async with self._settling:
+            return await self._abort()
+
+    async def _abort(self) -> dict[str, Any]:
         d, roles = self.d, self.s.roles
-        if roles.role is Role.MIGRATING and self._scope is not None:
+        if roles.role is Role.MIGRATING_IN and self._scope is not None:
             self._scope.cancel()
             await self.done.wait()
         elif roles.role is Role.RESTORED and self.restorer is not None:

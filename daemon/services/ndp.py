@@ -81,15 +81,16 @@ NA_FLAG_ROUTER = 0x80000000
 NA_FLAG_SOLICITED = 0x40000000
 NA_FLAG_OVERRIDE = 0x20000000
 
-ALL_NODES = IPv6Address("ff02::1")
-ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
-_UNSPECIFIED = IPv6Address(0)
-_SOLICITED_NODE = IPv6Network("ff02::1:ff00:0/104")
-
 
 def multicast_mac(group: IPv6Address) -> bytes:
     """The Ethernet group address of an IPv6 multicast group (RFC 2464 §7)."""
     return b"\x33\x33" + group.packed[12:]
+
+
+ALL_NODES = IPv6Address("ff02::1")
+ALL_NODES_MAC = multicast_mac(ALL_NODES)
+_UNSPECIFIED = IPv6Address(0)
+_SOLICITED_NODE = IPv6Network("ff02::1:ff00:0/104")
 
 
 def parse_ndp_options_untrusted(data: bytes | memoryview) -> list[tuple[int, bytes]]:

@@ -24,7 +24,17 @@ URG = 0x20
 
 TCP_HLEN = 20
 _TCP = struct.Struct("!HHIIBBHHH")
-_OPT_EOL, _OPT_NOP, _OPT_MSS, _OPT_WS, _OPT_SACKP, _OPT_TS = 0, 1, 2, 3, 4, 8
+
+# Option kinds (RFC 9293 §3.1, RFC 7323, RFC 2018); TCP_REPAIR_OPTIONS takes
+# the same numbers (the kernel's TCPOPT_*, include/net/tcp.h).
+TCPOPT_EOL = 0
+TCPOPT_NOP = 1
+TCPOPT_MSS = 2
+TCPOPT_WINDOW = 3
+TCPOPT_SACK_PERM = 4
+TCPOPT_TIMESTAMP = 8
+#: Largest window scale (RFC 7323 §2.3; the kernel's TCP_MAX_WSCALE).
+MAX_WSCALE = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +68,9 @@ def _parse_options_untrusted(data: memoryview) -> TcpOptions:
     i, end = 0, len(data)
     while i < end:
         kind = data[i]
-        if kind == _OPT_EOL:
+        if kind == TCPOPT_EOL:
             break
-        if kind == _OPT_NOP:
+        if kind == TCPOPT_NOP:
             i += 1
             continue
         if i + 1 >= end:
@@ -68,13 +78,13 @@ def _parse_options_untrusted(data: memoryview) -> TcpOptions:
         olen = data[i + 1]
         if olen < 2 or i + olen > end:
             raise MalformedPacket(f"TCP option {kind} has bad length {olen}")
-        if kind == _OPT_MSS and olen == 4:
+        if kind == TCPOPT_MSS and olen == 4:
             mss = (data[i + 2] << 8) | data[i + 3]
-        elif kind == _OPT_WS and olen == 3:
-            wscale = min(data[i + 2], 14)  # RFC 7323 §2.3: larger values mean 14
-        elif kind == _OPT_SACKP and olen == 2:
+        elif kind == TCPOPT_WINDOW and olen == 3:
+            wscale = min(data[i + 2], MAX_WSCALE)  # RFC 7323 §2.3: larger values mean 14
+        elif kind == TCPOPT_SACK_PERM and olen == 2:
             sack = True
-        elif kind == _OPT_TS and olen == 10:
+        elif kind == TCPOPT_TIMESTAMP and olen == 10:
             ts = struct.unpack_from("!II", data, i + 2)
         i += olen
     if mss is None and wscale is None and not sack and ts is None:
@@ -102,18 +112,20 @@ def encode_options(options: TcpOptions) -> bytes:
     """Options in Linux's order, NOP-padded to a multiple of four bytes."""
     out = bytearray()
     if options.mss is not None:
-        out += struct.pack("!BBH", _OPT_MSS, 4, options.mss)
+        out += struct.pack("!BBH", TCPOPT_MSS, 4, options.mss)
     if options.sack_permitted and options.timestamp is not None:
-        out += struct.pack("!BB", _OPT_SACKP, 2)
-        out += struct.pack("!BBII", _OPT_TS, 10, *options.timestamp)
+        out += struct.pack("!BB", TCPOPT_SACK_PERM, 2)
+        out += struct.pack("!BBII", TCPOPT_TIMESTAMP, 10, *options.timestamp)
     elif options.timestamp is not None:
-        out += struct.pack("!BBBBII", _OPT_NOP, _OPT_NOP, _OPT_TS, 10, *options.timestamp)
+        out += struct.pack(
+            "!BBBBII", TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10, *options.timestamp
+        )
     elif options.sack_permitted:
-        out += struct.pack("!BBBB", _OPT_NOP, _OPT_NOP, _OPT_SACKP, 2)
+        out += struct.pack("!BBBB", TCPOPT_NOP, TCPOPT_NOP, TCPOPT_SACK_PERM, 2)
     if options.wscale is not None:
-        out += struct.pack("!BBBB", _OPT_NOP, _OPT_WS, 3, options.wscale)
+        out += struct.pack("!BBBB", TCPOPT_NOP, TCPOPT_WINDOW, 3, options.wscale)
     while len(out) % 4:
-        out.append(_OPT_NOP)
+        out.append(TCPOPT_NOP)
     return bytes(out)
 
 

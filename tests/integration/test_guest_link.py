@@ -262,10 +262,10 @@ def test_garbage_from_the_guest_changes_nothing(
         assert topology.guest.ping(addr), f"ferryd stopped answering after garbage ({addr})"
     assert ferryd.proc.poll() is None
     # ferryctl counters: every component's counters, read in one snapshot
-    # (the tap hands each frame it counts to the stack, which counts it too).
+    # (the frames are counted once, by the frontend; status shows the same).
     counters = json.loads(ferryd.ctl("counters", "--json").stdout)
     assert counters["stack"]["malformed"] >= 300
-    assert counters["frontend"]["frames_in"] == counters["stack"]["frames_in"]
+    assert counters["frontend"]["frames_in"] > before + 300
     assert set(counters) >= {
         "frontend",
         "migration",

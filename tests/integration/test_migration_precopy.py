@@ -12,34 +12,51 @@ connection that is left must then echo checked bytes through the target.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 from ferryd.control import request
-from ferryd.migration.session import PRECOPY_QUIET
-from testbed.migrationbed import MigrationBed
+from testbed.ferryd_process import FerrydProcess
+from testbed.migrationbed import PRECOPY_NOW, MigrationBed
 from testbed.streams import Streams
 from testbed.tcptool_process import server, spawn
 from testbed.wait import wait_for
 
 COUNT = 300
-#: Idle for this long, a connection is one a pre-copy takes (with room for a slow runner).
-QUIET_ENOUGH = 6 * PRECOPY_QUIET
 POKED = 50
 CLOSED = 50
 
 
+def _wait_established(ferryd: FerrydProcess, count: int, guest_port: int | None = None) -> None:
+    """Until ``count`` TCP flows (to ``guest_port``, if given) are established in ``ferryd``.
+
+    With ``--precopy-quiet 0`` (PRECOPY_NOW) that is what makes an idle
+    connection one a pre-copy takes: no sleep for a quiet time.
+    """
+
+    def established() -> bool:
+        flows: list[dict[str, Any]] = request(ferryd.control, "flows")["flows"]
+        ready = [
+            f
+            for f in flows
+            if f["proto"] == "tcp"
+            and f["state"] == "established"
+            and guest_port in (None, f["guest_port"])
+        ]
+        return len(ready) >= count
+
+    wait_for(established, what=f"{count} established connections")
+
+
 def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
     bed = two_hosts
-    source = bed.start_source()
+    source = bed.start_source(*PRECOPY_NOW)
     target = bed.start_target()
     echo = server(bed.peer, "echo", "0.0.0.0", 9400)
     conns = spawn(bed.guest, "echoconns", bed.peer_v4, 9400, COUNT)
     try:
         assert conns.out.json(what="connected") == {"connected": COUNT}
-        # Time passing is the condition: quiet for longer than the source waits.
-        time.sleep(QUIET_ENOUGH)
+        _wait_established(source, COUNT)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             request(target.control, "migrate-in", fds=[rfd], precopy=True)
@@ -96,13 +113,13 @@ def test_abort_after_precopy_closes_silently(two_hosts: MigrationBed) -> None:
     """Aborted after the pre-copy: the target's restored sockets (out of repair mode by
     then) go back into it and close without a segment; the source goes on."""
     bed = two_hosts
-    source = bed.start_source()
+    source = bed.start_source(*PRECOPY_NOW)
     target = bed.start_target()
     echo = server(bed.peer, "echo", "0.0.0.0", 9401)
     conns = spawn(bed.guest, "echoconns", bed.peer_v4, 9401, 100)
     try:
         assert conns.out.json(what="connected") == {"connected": 100}
-        time.sleep(QUIET_ENOUGH)
+        _wait_established(source, 100)
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             request(target.control, "migrate-in", fds=[rfd], precopy=True)
@@ -137,12 +154,12 @@ def test_precopied_inbound_connections_and_their_listener(two_hosts: MigrationBe
     listener, restored at the freeze after every connection, must still bind next to
     them, and the connections go on through the target."""
     bed = two_hosts
-    source = bed.start_source("-t", "8080")
+    source = bed.start_source("-t", "8080", *PRECOPY_NOW)
     target = bed.start_target()
     inbound = Streams(bed.guest, bed.peer, "0.0.0.0", bed.host_v4, 8080, "busy:1", "idle:10")
     try:
         inbound.wait_flowing("busy", 1 << 20)
-        time.sleep(QUIET_ENOUGH)  # the idle ones: quiet for longer than the source waits
+        _wait_established(source, 11, guest_port=8080)  # the idle ones, and the busy one
         summary = bed.migrate_ok(source, target)
         print("summary:", summary)
         assert summary["flows"]["listeners"] >= 1

@@ -21,12 +21,8 @@ from pathlib import Path
 import pytest
 
 from ferry_repair.protocol import SCM_MAX_FD, TCP_REPAIR
+from ferryd.linux import TCP_NO_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE
 from testbed.repair import WAIT_SECONDS, raise_fd_limit
-
-TCP_REPAIR_QUEUE = 20
-TCP_QUEUE_SEQ = 21
-TCP_SEND_QUEUE = 2
-TCP_NO_QUEUE = 0
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="TCP_REPAIR needs root")
 

@@ -199,7 +199,8 @@ def test_half_closed_connections_move_between_hosts(hosts: TwoHostTopology) -> N
             wait_for(
                 closed,
                 timeout=30,
-                what=f"the close of a connection restored in {dumped.state_name} to complete",
+                what=f"the close of a connection restored in {TcpState.NAMES[dumped.tcp_state]}"
+                " to complete",
             )
     finally:
         close_all(sources + restored + [remote for _, remote in pairs])

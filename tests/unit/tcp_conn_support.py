@@ -1,41 +1,15 @@
-"""A TcpConn on a real host socket (SocketHost) with no adapter around it."""
+"""A guest link that records, decoded, every TCP segment ferryd sends the guest."""
 
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from ferryd.flows.table import Flow, FlowKey
-from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
-from ferryd.flows.tcp_host import SYSTEM_ENTROPY, SocketHost
-from ferryd.guest import GuestPort
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress
 from ferryd.wire.tcp import TcpOptions, _parse_options_untrusted
 
 GUEST = IPv4Address("10.0.2.15")
-REMOTE = IPv4Address("192.0.2.1")
-GUEST_PORT = 40000
-REMOTE_PORT = 80
-
-
-def bare_conn(sock: socket.socket, guest: GuestPort, state: State, link_mss: int) -> TcpConn:
-    """GUEST:40000 -> REMOTE:80 on ``sock``, in ``state``."""
-    buf = memoryview(bytearray(1 << 20))
-    conn = TcpConn(
-        Endpoints(GUEST, GUEST_PORT, REMOTE, REMOTE_PORT),
-        SocketHost(sock, buf),
-        guest,
-        state,
-        link_mss,
-        buf,
-        rcvlowat_cap=1 << 20,
-        entropy=SYSTEM_ENTROPY,
-    )
-    key = FlowKey(IPPROTO_TCP, GUEST, GUEST_PORT, REMOTE, REMOTE_PORT)
-    conn.flow = Flow(key, conn, state.value, 0.0, 0.0)
-    return conn
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from ferryd.config import (
     make_link_config,
     parse_options,
 )
+from ferryd.migration.session import PRECOPY_QUIET
 
 HOST = {
     AF_INET: HostRoute(ip_address("192.0.2.10"), 24, ip_address("192.0.2.1")),
@@ -100,3 +101,12 @@ def test_bad_option_values_exit_with_usage(capsys: pytest.CaptureFixture[str]) -
             parse_options(["--netns", "guest", *bad])
         assert exc.value.code == 2
         assert "error" in capsys.readouterr().err
+
+
+def test_precopy_quiet_is_a_hidden_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """Tests set it (0: pre-copy whatever is idle now); --help does not offer it."""
+    assert parse_options(["--netns", "guest"]).precopy_quiet == PRECOPY_QUIET
+    assert parse_options(["--netns", "guest", "--precopy-quiet", "0"]).precopy_quiet == 0.0
+    with pytest.raises(SystemExit):
+        parse_options(["--help"])
+    assert "precopy-quiet" not in capsys.readouterr().out

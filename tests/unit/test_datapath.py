@@ -8,9 +8,12 @@ answered, or not, by ferryd's own code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -52,14 +55,17 @@ class MemoryFrontend:
 
     def send(self, frame: bytes) -> None:
         self.sent.append(bytes(frame))
+        self.counters.frames_out += 1
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
     ) -> None:
         self.sent.append(b"".join(parts))
+        self.counters.frames_out += 1
 
     def _deliver(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         while self.queue:
+            self.counters.frames_in += 1
             on_frame(memoryview(self.queue.pop(0)), False)
         on_burst_end()
 
@@ -120,7 +126,7 @@ async def test_frames_are_answered_only_while_started() -> None:
         await dp.start()
         await trio.testing.wait_all_tasks_blocked()
         assert [a.op for a in _arp_replies(frontend)] == [ARP_REPLY]
-        assert dp.stack.counters.frames_in == 1
+        assert frontend.counters.frames_in == 1
 
         await dp.stop()  # the freeze
         assert frontend.readers == 0
@@ -164,3 +170,24 @@ async def test_rebuild_gives_a_fresh_stack_and_empty_tables() -> None:
         assert dp.stack.tcp is dp.tcp and dp.stack.udp is dp.udp and dp.stack.icmp is dp.icmp
         assert dp.stack.guest_mac is None
         assert len(dp.tcp.table) == len(dp.udp.table) == len(dp.icmp.table) == 0
+
+
+def _open_epolls() -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd) == "anon_inode:[eventpoll]"
+    return count
+
+
+async def test_rebuild_closes_the_old_tables_reactor() -> None:
+    """The replaced TCP table's epoll is closed, not left to the garbage collector."""
+    async with data_path() as (dp, _frontend):
+        await dp.start()  # the TCP reactor's epoll
+        await dp.stop()
+        old_tcp = dp.tcp  # kept alive: the garbage collector must not be what closes it
+        before = _open_epolls()
+        dp.rebuild(LINK, trio.current_time())
+        assert _open_epolls() == before - 1
+        assert dp.tcp is not old_tcp

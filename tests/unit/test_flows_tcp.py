@@ -99,7 +99,7 @@ async def tcp_flows() -> AsyncIterator[tuple[TcpFlows, Link]]:
         try:
             yield flows, link
         finally:
-            flows.close()
+            flows.close(trio.current_time())
             nursery.cancel_scope.cancel()
 
 
@@ -211,14 +211,15 @@ async def test_held_connection_drops_guest_segments_and_resets_at_release() -> N
         (data,) = guest.take()
         flows.from_guest(from_guest(GUEST4, GW4), data, trio.current_time())
         flows.flush(trio.current_time())
-        assert flows.counters == TcpCounters(resets_sent=0, held_drops=1)
+        assert flows.counters == TcpCounters(resets_sent=0, held_drops=1, flows=1, opened=1)
         assert not link.take()  # not acknowledged: the guest sends it again
         rst = TcpSegment(GUEST_PORT, port, guest.snd_nxt, 0, RST, 0, NO_OPTIONS, memoryview(b""))
         flows.from_guest(from_guest(GUEST4, GW4), rst, trio.current_time())
-        assert flows.counters == TcpCounters(resets_sent=0, held_drops=2)
+        assert flows.counters == TcpCounters(resets_sent=0, held_drops=2, flows=1, opened=1)
         assert len(flows.table) == 1  # carried out at release()
         flows.release([conn], trio.current_time())
         assert _no_flows(flows)
+        assert (flows.counters.flows, flows.counters.opened, flows.counters.closed) == (0, 1, 1)
         # Aborted (SO_LINGER {1, 0}): the peer sees a reset, not the held bytes.
         with trio.fail_after(TIMEOUT), pytest.raises(ConnectionResetError):
             await peer.recv(100)

@@ -215,7 +215,7 @@ async def test_tcp_bug_costs_one_connection() -> None:
             flows.from_guest(*_tcp_from_guest(port, 5000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
             await _until(lambda: sum(s.flags == SYN | ACK for s in guest.sent) == 2)
-            flows.close()
+            flows.close(trio.current_time())
             nursery.cancel_scope.cancel()
 
 
@@ -236,7 +236,7 @@ async def test_tcp_bug_in_a_handshake_start_costs_that_connection(
             flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
             assert flows.counters.flow_errors == 1 and len(flows.table) == 0
-            flows.close()
+            flows.close(trio.current_time())
             nursery.cancel_scope.cancel()
 
 

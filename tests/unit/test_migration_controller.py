@@ -20,8 +20,11 @@ import trio
 from ferryd import migration_control
 from ferryd.control import ControlError
 from ferryd.migration.controller import MigrationController
+from ferryd.migration.repair_client import RepairUnavailable
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
+from ferryd.migration.sockstate import SocketStateError
+from ferryd.migration.target import TargetMigration
 from tests.unit.migration_host import MemoryHost
 from tests.unit.test_flows_helpers import GUEST4, gateway_of, udp_from_guest
 
@@ -65,7 +68,7 @@ async def test_a_whole_migration_in_memory() -> None:
             )
             reader, writer = socket.socketpair()
             await dst.migrate_in(reader.detach())
-            assert dst.role is Role.MIGRATING
+            assert dst.role is Role.MIGRATING_IN
             out = await src.migrate_out(writer.detach(), same_netns=False)
             assert out["flows"]["udp"] == 1
             restored = await dst.wait()
@@ -107,8 +110,11 @@ async def test_control_commands_translate_migration_errors() -> None:
         no_target_here = r"no migration in progress here \(this ferryd is running\)"
         with pytest.raises(ControlError, match=no_target_here):
             await source("migrate-resume")
-        with pytest.raises(ControlError, match="exactly one file descriptor"):
+        with pytest.raises(ControlError, match=r"^migrate-out without a stream needs a pre-copy"):
             await source("migrate-out")
+        one, two = socket.socketpair()
+        with one, two, pytest.raises(ControlError, match=r"one file descriptor .* or none, not 2"):
+            await source("migrate-out", [one.fileno(), two.fileno()])
         reader, writer = socket.socketpair()
         with pytest.raises(ControlError, match="cannot take a migration: this ferryd is running"):
             await source("migrate-in", [reader.detach()])
@@ -118,3 +124,39 @@ async def test_control_commands_translate_migration_errors() -> None:
             "role": "running",
             "note": "no migration in progress: nothing to undo",
         }
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (RepairUnavailable("no repair helper connected"), r"^no repair helper connected$"),
+        (
+            SocketStateError("10.0.2.15:40001", "finish restore", "EINVAL"),
+            r"^resume failed: 10\.0\.2\.15:40001: finish restore: EINVAL$",
+        ),
+    ],
+)
+async def test_a_failed_resume_reaches_the_client_as_the_migrations_error(
+    error: Exception, message: str
+) -> None:
+    """Not as "internal error (a ferryd bug)": the helper or the kernel failed, and says so."""
+    async with controllers() as (_, src, _, dst):
+        target = Commands()
+        migration_control.register(cast(Any, target), dst)
+        reader, writer = socket.socketpair()
+        await target("migrate-in", [reader.detach()])
+        await src.migrate_out(writer.detach(), same_netns=False)
+        await target("migrate-wait")
+        assert isinstance(dst.migration, TargetMigration)
+        restorer = dst.migration.restorer
+        assert restorer is not None
+
+        async def failing_resume() -> float:
+            await trio.lowlevel.checkpoint()
+            raise error
+
+        restorer.resume = failing_resume  # type: ignore[method-assign]
+        with pytest.raises(ControlError, match=message):
+            await target("migrate-resume")
+        assert dst.role is Role.RESTORED  # nothing resumed: an abort can still discard
+        await src.abort()

@@ -130,7 +130,7 @@ async def test_migrate_out_refused_outside_running(role: Role) -> None:
     reader, writer = socket.socketpair()
     with reader:
         async with source(role) as (host, mig):
-            with pytest.raises(IllegalTransition, match=f"this ferryd is {role.value}"):
+            with pytest.raises(IllegalTransition, match=f"this ferryd is {role}"):
                 await mig.migrate_out(writer.detach(), same_netns=False)
             assert role_of(mig) is role
             assert host.calls == []

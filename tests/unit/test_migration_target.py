@@ -16,6 +16,7 @@ from ipaddress import IPv4Address
 
 import pytest
 import trio
+import trio.testing
 
 from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.records import StreamHeader, UdpFlowRecord
@@ -159,3 +160,50 @@ async def test_migrate_in_refused_unless_incoming() -> None:
             # The stream was closed: the writer's peer is gone.
             with pytest.raises(BrokenPipeError):
                 writer.send(b"x")
+
+
+async def test_an_abort_while_resume_starts_the_data_path_waits_for_it() -> None:
+    """migrate-abort (the coordinator's, on a resume timeout) arrives while resume awaits.
+
+    It must not discard what resume is starting: it waits, then finds the
+    target running and undoes nothing.
+    """
+    enc = StreamEncoder()
+    reader, writer = socket.socketpair()
+    async with target() as (host, mig):
+        await mig.migrate_in(reader.detach())
+        await _send(writer, enc.header(_header()) + enc.flow(_udp(5353)) + enc.trailer())
+        await mig.wait()
+        async with trio.open_nursery() as nursery:
+            starting, go = trio.Event(), trio.Event()
+            start = host.start
+
+            async def slow_start() -> None:
+                starting.set()
+                await go.wait()
+                await start()
+
+            host.start = slow_start  # type: ignore[method-assign]
+            resumed: list[object] = []
+
+            async def resume() -> None:
+                resumed.append(await mig.resume())
+
+            nursery.start_soon(resume)
+            await starting.wait()
+            aborted: list[object] = []
+
+            async def abort() -> None:
+                aborted.append(await mig.abort())
+
+            nursery.start_soon(abort)
+            await trio.testing.wait_all_tasks_blocked()
+            assert aborted == []  # still waiting for resume
+            go.set()
+        assert len(resumed) == 1
+        assert aborted == [{"role": "running"}]
+        assert role_of(mig) is Role.RUNNING
+        assert host.running and host.holds_guest
+        assert "hand_over" not in host.calls
+        assert len(host.udp.table) == 1
+        assert mig.s.counters.in_completed == 1 and mig.s.counters.in_failed == 0

@@ -3,11 +3,10 @@
 A SYN advertising MSS 1 once made ferryd send a peer's data one byte per
 frame. Linux raises any MSS below net.ipv4.tcp_min_snd_mss (48) to it;
 ferryd does the same, and never cuts segments larger than its link allows.
+The host socket is the in-memory kernel of tests/unit/tcp_memory.py.
 """
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 from hypothesis import given
@@ -20,8 +19,9 @@ from ferryd.flows.tcp_conn import (
     TcpConn,
     guest_mss_untrusted,
 )
+from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment, _parse_options_untrusted
-from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
+from tests.unit.tcp_memory import GUEST_PORT, REMOTE_PORT, MemoryHost, WireGuest, new_conn
 
 LINK_MSS = 65480
 
@@ -34,54 +34,56 @@ def test_guest_mss(advertised: int | None, used: int) -> None:
     assert guest_mss_untrusted(advertised) == used
 
 
-def _established(sock: socket.socket, guest: RecordingGuest, options: TcpOptions) -> TcpConn:
-    conn = bare_conn(sock, guest, State.CONNECTING, LINK_MSS)
-    syn = TcpSegment(40000, 80, 1000, 0, SYN, 65535, options, memoryview(b""))
+def _established(
+    host: MemoryHost, wire: WireGuest, options: TcpOptions, link_mss: int = LINK_MSS
+) -> TcpConn:
+    conn = new_conn(host, wire, State.CONNECTING, link_mss=link_mss)
+    syn = TcpSegment(GUEST_PORT, REMOTE_PORT, 1000, 0, SYN, 65535, options, memoryview(b""))
+    wire.irs = syn.seq
     conn.start_outbound(syn, 1.0)
     conn.on_connected(1.0)
     ts = None if options.timestamp is None else (1, 0)
     ack = TcpSegment(
-        40000,
-        80,
+        GUEST_PORT,
+        REMOTE_PORT,
         1001,
-        (conn.isn + 1) & 0xFFFFFFFF,
+        seq_add(conn.isn, 1),
         ACK,
         65535,
         TcpOptions(timestamp=ts),
         memoryview(b""),
     )
     conn.on_guest_segment(ack, 1.5)
+    assert conn.state is State.ESTABLISHED
     return conn
 
 
+def _data_lengths(conn: TcpConn, host: MemoryHost, wire: WireGuest, n: int) -> list[int]:
+    """The peer sends ``n`` bytes; the payload lengths of the segments they go out in."""
+    host.rcv += bytes(n)
+    assert conn.push(2.0) == n  # all of it at once: the window is open
+    return [len(s.payload) for s in wire.out if len(s.payload)]
+
+
 @pytest.mark.parametrize("timestamps", [False, True])
-def test_mss_1_gets_48_byte_segments(
-    host_pair: tuple[socket.socket, socket.socket], timestamps: bool
-) -> None:
-    ours, peer = host_pair
-    guest = RecordingGuest()
+def test_mss_1_gets_48_byte_segments(timestamps: bool) -> None:
+    host = MemoryHost()
+    wire = WireGuest(host)
     ts = (5, 0) if timestamps else None
-    conn = _established(ours, guest, TcpOptions(mss=1, timestamp=ts))
-    peer.sendall(bytes(4800))
-    sent = 0
-    while sent < 4800:
-        sent += conn.push(2.0)
-    lengths = [s.length for s in guest.sent if s.length]
+    conn = _established(host, wire, TcpOptions(mss=1, timestamp=ts))
+    lengths = _data_lengths(conn, host, wire, 4800)
     assert sum(lengths) == 4800
     assert max(lengths) == MIN_SND_MSS and len(lengths) == 100
 
 
-def test_floor_never_exceeds_the_link(host_pair: tuple[socket.socket, socket.socket]) -> None:
+def test_floor_never_exceeds_the_link() -> None:
     """With a 68-byte MTU (link MSS 28) the link wins over the floor."""
-    ours, peer = host_pair
-    guest = RecordingGuest()
-    conn = _established(ours, guest, TcpOptions(mss=1))
-    conn.link_mss = 28
-    peer.sendall(bytes(280))
-    sent = 0
-    while sent < 280:
-        sent += conn.push(2.0)
-    assert max(s.length for s in guest.sent if s.length) == 28
+    host = MemoryHost()
+    wire = WireGuest(host)
+    conn = _established(host, wire, TcpOptions(mss=1), link_mss=28)
+    lengths = _data_lengths(conn, host, wire, 280)
+    assert sum(lengths) == 280
+    assert max(lengths) == 28
 
 
 @given(st.integers(0, 255))

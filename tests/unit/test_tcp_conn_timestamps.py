@@ -1,32 +1,26 @@
 """TcpConn and RFC 7323 timestamps with the guest: agreed, carried, continued after a move.
 
-A real loopback TCP connection stands in for the host socket (its
-TCP_TIMESTAMP clock is what ferryd's TSval follows); the guest is a recorder
-that decodes the options of every segment ferryd sends it.
+The host socket is the in-memory kernel of tests/unit/tcp_memory.py (its
+TCP_TIMESTAMP clock, ``MemoryHost.clock``, is what ferryd's TSval follows);
+the guest link parses the options of every segment ferryd sends it.
 """
 
 from __future__ import annotations
 
-import socket
-
-from ferryd.flows.tcp_conn import (
-    TS_OPTION_LEN,
-    Flags,
-    State,
-    TcpConn,
-)
-from ferryd.linux import TCP_TIMESTAMP
+from ferryd.flows.tcp_conn import TS_OPTION_LEN, Flags, State, TcpConn
+from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
-from tests.unit.tcp_conn_support import RecordingGuest, bare_conn
+from tests.unit.tcp_memory import GUEST_PORT, REMOTE_PORT, MemoryHost, WireGuest, new_conn
 
 LINK_MSS = 65480
 GUEST_TSVAL = 123456
 
 
-def connecting(sock: socket.socket, guest: RecordingGuest, syn_options: TcpOptions) -> TcpConn:
+def connecting(host: MemoryHost, wire: WireGuest, syn_options: TcpOptions) -> TcpConn:
     """An outbound connection whose host connect() just finished."""
-    conn = bare_conn(sock, guest, State.CONNECTING, LINK_MSS)
-    syn = TcpSegment(40000, 80, 1000, 0, SYN, 65535, syn_options, memoryview(b""))
+    conn = new_conn(host, wire, State.CONNECTING, link_mss=LINK_MSS)
+    syn = TcpSegment(GUEST_PORT, REMOTE_PORT, 1000, 0, SYN, 65535, syn_options, memoryview(b""))
+    wire.irs = syn.seq
     conn.start_outbound(syn, 1.0)
     conn.on_connected(1.0)
     return conn
@@ -35,29 +29,28 @@ def connecting(sock: socket.socket, guest: RecordingGuest, syn_options: TcpOptio
 def established_by_guest(conn: TcpConn, tsval: int, now: float) -> None:
     opts = TcpOptions(timestamp=(tsval, 0))
     seg = TcpSegment(
-        40000, 80, 1001, (conn.isn + 1) & 0xFFFFFFFF, ACK, 65535, opts, memoryview(b"")
+        GUEST_PORT, REMOTE_PORT, 1001, seq_add(conn.isn, 1), ACK, 65535, opts, memoryview(b"")
     )
     conn.on_guest_segment(seg, now)
+    assert conn.state is State.ESTABLISHED
 
 
-def test_agreed_when_the_guest_offers_them(host_pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, peer = host_pair
-    guest = RecordingGuest()
-    sock_ts = ours.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP)
-    conn = connecting(ours, guest, TcpOptions(mss=1460, wscale=7, timestamp=(GUEST_TSVAL, 0)))
-    syn_ack = guest.sent[-1]
+def test_agreed_when_the_guest_offers_them() -> None:
+    host = MemoryHost()
+    wire = WireGuest(host)
+    syn_options = TcpOptions(mss=LINK_MSS, wscale=7, timestamp=(GUEST_TSVAL, 0))
+    conn = connecting(host, wire, syn_options)
+    syn_ack = wire.out[-1]
     assert syn_ack.flags == SYN | ACK
     assert syn_ack.options.timestamp is not None
     tsval, tsecr = syn_ack.options.timestamp
     assert tsecr == GUEST_TSVAL
-    assert 0 <= (tsval - sock_ts) & 0xFFFFFFFF < 1000  # the host socket's clock
+    assert tsval == host.clock  # the host socket's clock
 
     established_by_guest(conn, GUEST_TSVAL + 5, 1.5)
-    conn.guest_mss = LINK_MSS
-    peer.sendall(bytes(200_000))
-    while conn.push(1.5) == 0:
-        pass
-    data = [(s.options, s.length) for s in guest.sent if s.length]
+    host.rcv += bytes(200_000)  # the peer sends
+    assert conn.push(1.5) > 0
+    data = [(s.options, len(s.payload)) for s in wire.out if len(s.payload)]
     assert data
     for opts, n in data:
         assert opts.timestamp is not None
@@ -66,37 +59,33 @@ def test_agreed_when_the_guest_offers_them(host_pair: tuple[socket.socket, socke
         assert n <= LINK_MSS - TS_OPTION_LEN
 
 
-def test_not_without_the_guest(host_pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, peer = host_pair
-    guest = RecordingGuest()
-    conn = connecting(ours, guest, TcpOptions(mss=1460, wscale=7))
+def test_not_without_the_guest() -> None:
+    host = MemoryHost()
+    wire = WireGuest(host)
+    conn = connecting(host, wire, TcpOptions(mss=LINK_MSS, wscale=7))
     assert Flags.TIMESTAMPS not in conn.flags
     established_by_guest(conn, 0, 1.5)
-    conn.guest_mss = LINK_MSS
-    peer.sendall(bytes(200_000))
-    while conn.push(1.5) == 0:
-        pass
-    assert all(s.options.timestamp is None for s in guest.sent)
-    assert max(s.length for s in guest.sent) == LINK_MSS
+    host.rcv += bytes(200_000)
+    assert conn.push(1.5) > 0
+    assert all(s.options.timestamp is None for s in wire.out)
+    assert max(len(s.payload) for s in wire.out) == LINK_MSS
 
 
-def test_a_migration_target_goes_on_with_the_clock(
-    host_pair: tuple[socket.socket, socket.socket],
-) -> None:
+def test_a_migration_target_goes_on_with_the_clock() -> None:
     """After the move TSval continues from the dumped socket clock (never back: the
     guest's PAWS would drop our segments) and TSecr waits for the guest's next TSval."""
-    ours, _ = host_pair
-    guest = RecordingGuest()
-    conn = connecting(ours, guest, TcpOptions(mss=1460, timestamp=(GUEST_TSVAL, 0)))
+    host = MemoryHost()
+    wire = WireGuest(host)
+    conn = connecting(host, wire, TcpOptions(mss=1460, timestamp=(GUEST_TSVAL, 0)))
     established_by_guest(conn, GUEST_TSVAL, 1.0)
     dumped = 0xFFFFFFF0  # about to wrap
     conn.continue_timestamps(dumped, 5000.0)  # another host's clock
     conn.send_ack()
-    tsval, tsecr = guest.sent[-1].options.timestamp or (0, 0)
+    tsval, tsecr = wire.out[-1].options.timestamp or (0, 0)
     assert (tsval - dumped) & 0xFFFFFFFF == 1
     assert tsecr == 0
     established_by_guest(conn, GUEST_TSVAL + 100, 5000.25)
     conn.send_ack()
-    tsval, tsecr = guest.sent[-1].options.timestamp or (0, 0)
+    tsval, tsecr = wire.out[-1].options.timestamp or (0, 0)
     assert (tsval - dumped) & 0xFFFFFFFF == 251
     assert tsecr == GUEST_TSVAL + 100
