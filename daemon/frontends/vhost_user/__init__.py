@@ -1,0 +1,20 @@
+"""ferryd as a vhost-user-net back-end: QEMU's guest talks to ferryd through shared memory.
+
+With ``-netdev vhost-user`` QEMU hands the virtio-net device's queues to
+another process (QEMU's docs/interop/vhost-user.rst): a unix socket carries
+control messages and file descriptors (the guest's RAM, eventfds), and the
+frames themselves move through split virtqueues in the guest's memory,
+which ferryd maps. Sans-IO pieces, one job each:
+
+- :mod:`.messages`: the wire format, parsed (``*_untrusted``) and built.
+- :mod:`.session`: the control plane's state machine (features, owner,
+  memory table, rings, dirty log, device state), emitting :mod:`.actions`.
+- :mod:`.memory`: the mapped regions, address translation, the dirty log.
+- :mod:`.virtqueue`: split rings and the virtio-net header: frames out of
+  the transmit ring, into the receive ring (mergeable buffers).
+- :mod:`.features`: the feature bits offered; :mod:`.errors`: whose fault.
+
+The trio adapter (the socket, kick and call eventfds, the
+:class:`~ferryd.frontends.base.Frontend` implementation, the device state
+handed to the migration controller) builds on these.
+"""
