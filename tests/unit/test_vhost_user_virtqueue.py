@@ -113,7 +113,7 @@ def test_indexes_are_free_running_and_wrap_at_16_bits() -> None:
     for k in range(4):
         ring.ram.write(BUF + 64 * k, bytes([k]) * 20)
         ring.driver.post(ring.driver.chain([(BUF + 64 * k, 20, 0)]))
-    heads = []
+    heads: list[int] = []
     while (got := ring.vq.pop_readable(out)) is not None:
         assert bytes(out[:20]) == bytes([len(heads)]) * 20
         heads.append(got[0])

@@ -20,6 +20,8 @@ from ferryd.frontends.vhost_user.features import (
     OFFERED_PROTOCOL_FEATURES,
     RX_QUEUE,
     TX_QUEUE,
+    VHOST_F_LOG_ALL,
+    bit,
 )
 from ferryd.frontends.vhost_user.messages import (
     MemoryRegion,
@@ -217,8 +219,12 @@ class Qemu:
         return out
 
 
+#: What a Linux guest acks of ferryd's offer; QEMU adds LOG_ALL only while migrating.
+ACKED_FEATURES = OFFERED_FEATURES & ~bit(VHOST_F_LOG_ALL)
+
+
 def start_device(
-    session: VhostUserSession, ram: GuestRam, num: int = 256, features: int = OFFERED_FEATURES
+    session: VhostUserSession, ram: GuestRam, num: int = 256, features: int = ACKED_FEATURES
 ) -> tuple[Qemu, GuestDriver, GuestDriver]:
     """QEMU 10's order from connection to running rings; returns (qemu, rx, tx)."""
     qemu = Qemu(session)
