@@ -7,7 +7,7 @@ import os
 import pytest
 
 from ferryd.frontends.vhost_user.errors import GuestMemoryError, VhostUserProtocolError
-from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory, MmapMapper
+from ferryd.frontends.vhost_user.memory import ATOMIC_FETCH_OR, DirtyLog, GuestMemory, MmapMapper
 from ferryd.frontends.vhost_user.messages import MemoryRegion
 from tests.unit.vhost_guest import HIGH, LOW, FileMapper, GuestRam
 
@@ -125,3 +125,29 @@ def test_a_page_beyond_the_log_is_an_error_and_no_bit_is_written() -> None:
     assert bytes(log.view) == b"\x00"
     assert log.covers(7 * 4096, 4096)
     assert not log.covers(8 * 4096, 1)
+
+
+def test_dirty_log_sets_bits_atomically_through_the_real_mapping() -> None:
+    """MmapMapper gives the log's address; bits go through libatomic when installed."""
+    fd = os.memfd_create("vhost-log")
+    try:
+        os.ftruncate(fd, 4096)
+        os.pwrite(fd, b"\x80", 1)  # another writer's bit, kept
+        mapper = MmapMapper()
+        view = mapper.map(fd, 0, 4096)
+        log = DirtyLog(view, mapper.address(view))
+        log.mark(8 * 4096, 3 * 4096)  # pages 8, 9, 10
+        log.mark(4095 * 8 * 4096, 1)  # page 32760: byte 4095, bit 0
+        assert os.pread(fd, 2, 0) == b"\x00\x87"
+        assert os.pread(fd, 1, 4095) == b"\x01"
+        with pytest.raises(GuestMemoryError):
+            log.mark(4096 * 8 * 4096, 1)
+        del log
+        mapper.unmap(view)
+    finally:
+        os.close(fd)
+
+
+def test_libatomic_is_there() -> None:
+    """Debian's libatomic1 (a dependency of gcc's runtime): the atomic path is the one used."""
+    assert ATOMIC_FETCH_OR is not None

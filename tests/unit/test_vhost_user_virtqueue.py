@@ -347,3 +347,21 @@ def test_consecutive_merged_frames_take_consecutive_buffers() -> None:
         _, got, buffers = read_rx(ring, heads)
         assert got == frame and buffers == used
     assert ring.vq.last_avail == 4 + 1 + 6 == ring.driver.used_idx()
+
+
+def test_stopped_rings_are_left_alone_and_disabled_ones_take_no_rx() -> None:
+    """vhost-user.rst, "Ring states": stopped, nothing; started but disabled, tx only."""
+    ring = Ring()
+    post_rx(ring, 2, 2048)
+    ring.vq.started = False
+    before = ring.state()
+    assert ring.vq.push_frame([frame_of(60)]) == 0
+    assert ring.vq.pop_readable(memoryview(bytearray(4096))) is None
+    assert ring.state() == before
+    ring.vq.started, ring.vq.enabled = True, False
+    assert ring.vq.push_frame([frame_of(60)]) == 0
+    assert ring.state() == before
+    tx = Ring()
+    tx.vq.enabled = False
+    tx.driver.post(tx.driver.chain([(BUF, 100, 0)]))
+    assert tx.vq.pop_readable(memoryview(bytearray(4096))) is not None

@@ -66,6 +66,9 @@ class FileMapper:
     def unmap(self, view: memoryview) -> None:
         del self.live[id(view)]
 
+    def address(self, view: memoryview) -> int | None:
+        return None  # bytearrays: the dirty log's plain read-modify-write
+
 
 @dataclass(frozen=True)
 class RamRegion:

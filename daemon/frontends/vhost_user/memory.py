@@ -43,19 +43,24 @@ guest-physical address space (``log[page // 8] |= 1 << page % 8``).
 *before* ferryd writes the page (:meth:`DirtyLog.check`), so a write is
 never left unlogged. The spec asks for an atomic OR: QEMU clears the bits
 it has synced (atomic exchange) while back-ends set them, and other vhost
-back-ends of the same VM may share the bitmap. Python has no atomic OR on
-shared memory; the read-modify-write here can lose another writer's bit
-set in the same byte in between (never one of ferryd's own, and never one
-QEMU clears: that only costs a spurious resend). The mapper port is where
-a real atomic (libatomic's ``__atomic_fetch_or_1`` through ctypes) would go.
+back-ends of the same VM may share the bitmap (QEMU's vhost_log_get() shares
+one log per back-end type). Python has no atomic OR on shared memory; a
+read-modify-write could lose another writer's bit set in the same byte in
+between (QEMU's own clearing only costs a spurious resend). So
+ferryd gets a real one: :class:`MmapMapper` knows the mapping's address,
+and :class:`DirtyLog` then sets each bit with libatomic's
+``__atomic_fetch_or_1`` (through ctypes, loaded at import, before the
+sandbox), after the same bounds check. Without libatomic1, or over a
+bytearray (the tests), it falls back to the read-modify-write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ferryd.frontends.vhost_user.errors import GuestMemoryError, VhostUserProtocolError
@@ -64,6 +69,22 @@ from ferryd.frontends.vhost_user.messages import MemoryRegion
 LOG_PAGE_SHIFT = 12
 """VHOST_LOG_PAGE is 0x1000."""
 _MAX_ADDR = 1 << 64
+_SEQ_CST = 5  # __ATOMIC_SEQ_CST
+
+
+def _load_atomic_or() -> Callable[[int, int, int], int] | None:
+    """libatomic's ``uint8_t __atomic_fetch_or_1(void *, uint8_t, int)``, if installed."""
+    try:
+        lib = ctypes.CDLL("libatomic.so.1")
+    except OSError:
+        return None
+    fetch_or = getattr(lib, "__atomic_fetch_or_1")
+    fetch_or.argtypes = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int]
+    fetch_or.restype = ctypes.c_uint8
+    return fetch_or  # type: ignore[no-any-return]
+
+
+ATOMIC_FETCH_OR = _load_atomic_or()
 
 
 class MemoryMapper(Protocol):
@@ -77,12 +98,16 @@ class MemoryMapper(Protocol):
         """Release a view :meth:`map` returned."""
         ...
 
+    def address(self, view: memoryview) -> int | None:
+        """The view's address in ferryd's memory, for atomic operations (None: unknown)."""
+        ...
+
 
 class MmapMapper:
     """The real port: a shared read-write mmap(2) of QEMU's memory descriptor."""
 
     def __init__(self) -> None:
-        self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
+        self._maps: dict[int, tuple[mmap.mmap, memoryview, int]] = {}
 
     def map(self, fd: int, offset: int, length: int) -> memoryview:
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -95,11 +120,17 @@ class MmapMapper:
         )
         whole = memoryview(m)
         view = whole[offset - aligned :]
-        self._maps[id(view)] = (m, whole)
+        pointer = ctypes.c_char.from_buffer(m, offset - aligned)
+        address = ctypes.addressof(pointer)
+        del pointer  # releases its export; the mapping does not move until closed
+        self._maps[id(view)] = (m, whole, address)
         return view
 
+    def address(self, view: memoryview) -> int | None:
+        return self._maps[id(view)][2]
+
     def unmap(self, view: memoryview) -> None:
-        m, whole = self._maps.pop(id(view))
+        m, whole, _ = self._maps.pop(id(view))
         view.release()
         whole.release()
         # A slice still exported (a frame being handled): unmapped when it goes.
@@ -223,11 +254,13 @@ class GuestMemory:
 class DirtyLog:
     """The bitmap of guest pages ferryd wrote, shared with QEMU (see the module doc)."""
 
-    __slots__ = ("_bits", "_view")
+    __slots__ = ("_address", "_bits", "_view")
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, view: memoryview, address: int | None = None) -> None:
+        """``address``: where ``view`` is in ferryd's memory, to set bits atomically."""
         self._view = view
         self._bits = len(view) * 8
+        self._address = address if ATOMIC_FETCH_OR is not None else None
 
     @property
     def view(self) -> memoryview:
@@ -252,8 +285,15 @@ class DirtyLog:
         last = (gpa + length - 1) >> LOG_PAGE_SHIFT
         if last >= self._bits:
             self.check(gpa, length)
-        view = self._view
         page = gpa >> LOG_PAGE_SHIFT
+        address = self._address
+        if address is not None and ATOMIC_FETCH_OR is not None:
+            fetch_or = ATOMIC_FETCH_OR
+            while page <= last:
+                fetch_or(address + (page >> 3), 1 << (page & 7), _SEQ_CST)
+                page += 1
+            return
+        view = self._view
         while page <= last:
             view[page >> 3] |= 1 << (page & 7)
             page += 1

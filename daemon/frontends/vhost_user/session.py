@@ -393,7 +393,7 @@ class VhostUserSession:
             raise VhostUserProtocolError(f"SET_LOG_BASE: cannot map the log: {exc}") from None
         self._drop_log()
         self._log_view = view
-        self.log = DirtyLog(view)
+        self.log = DirtyLog(view, self._mapper.address(view))
         self._apply_log()
         return [CloseFds((area.fd,)), SendReply(reply_u64(Request.SET_LOG_BASE, 0))]
 

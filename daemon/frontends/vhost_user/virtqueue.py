@@ -286,9 +286,12 @@ class SplitVirtqueue:
 
         ``length`` is the chain's whole length; more than ``len(out)`` means the
         frame was too long and only ``len(out)`` bytes were copied (the caller
-        drops it). The head is taken; give it back with :meth:`push_used`.
+        drops it). The head is taken; give it back with :meth:`push_used`. A
+        stopped ring gives nothing (vhost-user.rst: "the back-end must not
+        process the ring at all"); a started, disabled one is read and its
+        frames discarded by the caller.
         """
-        if not self.pending():
+        if not self.started or not self.pending():
             return None
         memory = self._memory
         assert memory is not None
@@ -348,8 +351,12 @@ class SplitVirtqueue:
         ``csum``: (csum_start, csum_offset) of a partial L4 checksum
         (NEEDS_CSUM; only with VIRTIO_NET_F_GUEST_CSUM). Returns 0, having
         changed nothing, if the frame does not fit in the buffers available
-        now (one chain without MRG_RXBUF); the caller drops and counts it.
+        now (one chain without MRG_RXBUF), or if the ring is stopped or
+        disabled ("must not supply any new RX packets"); the caller drops and
+        counts it.
         """
+        if not (self.started and self.enabled):
+            return 0
         memory = self._memory
         assert memory is not None
         total = NET_HDR_SIZE
