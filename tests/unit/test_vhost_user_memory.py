@@ -30,7 +30,6 @@ def test_guest_and_qemu_addresses_reach_the_same_bytes() -> None:
     assert bytes(ram.mapper.files[HIGH.fd][0x3234:0x3239]) == b"ferry"
     memory.gpa_view(LOW.gpa + 10, 3)[:] = b"abc"
     assert ram.read(LOW.gpa + 10, 3) == b"abc"
-    assert memory.uva_to_gpa(HIGH.uva + 7) == HIGH.gpa + 7
     assert memory.end == HIGH.gpa + HIGH.size
 
 
@@ -78,6 +77,17 @@ def test_bad_tables_are_refused_and_nothing_stays_mapped(
     with pytest.raises(VhostUserProtocolError, match=says):
         GuestMemory.map_table(regions, list(range(len(regions))), mapper)
     assert mapper.live == {}
+
+
+def test_a_region_larger_than_its_file_is_refused() -> None:
+    fd = os.memfd_create("guest-ram")
+    try:
+        os.ftruncate(fd, 4096)
+        mapper = MmapMapper()
+        with pytest.raises(VhostUserProtocolError, match="cannot map guest memory"):
+            GuestMemory.map_table([MemoryRegion(0, 8192, 1 << 40, 0)], [fd], mapper)
+    finally:
+        os.close(fd)
 
 
 def test_a_region_that_cannot_be_mapped_unmaps_the_others() -> None:

@@ -13,6 +13,12 @@ description")::
     user_addr         where it starts in QEMU's own virtual address space
     mmap_offset       where it starts in the file
 
+A region's size must not exceed its file (Python's mmap refuses that; a
+page past the end of a file would raise SIGBUS on access). A front-end
+that shrinks the file afterwards can still crash ferryd that way, as it
+can crash any vhost-user back-end: QEMU is trusted not to, the guest
+cannot.
+
 Two address spaces point into them: the guest's physical addresses (every
 descriptor's ``addr``: the guest's driver wrote them) and QEMU's user
 addresses (SET_VRING_ADDR's ring addresses, since VIRTIO_F_ACCESS_PLATFORM
@@ -239,12 +245,6 @@ class GuestMemory:
                     )
                 return r.view, addr - r.uva
         raise GuestMemoryError(f"QEMU address {addr:#x} is in no memory region")
-
-    def uva_to_gpa(self, addr: int) -> int:
-        view_owner = next((r for r in self._regions if r.uva <= addr < r.uva_end), None)
-        if view_owner is None:
-            raise GuestMemoryError(f"QEMU address {addr:#x} is in no memory region")
-        return view_owner.gpa + addr - view_owner.uva
 
     def gpa_view(self, addr: int, length: int) -> memoryview:
         view, offset = self.gpa(addr, length)
