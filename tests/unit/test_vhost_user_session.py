@@ -466,14 +466,22 @@ def test_device_state_needs_its_protocol_feature() -> None:
         qemu.send(Request.SET_DEVICE_STATE_FD, pack_device_state(0, 0), (5,))
 
 
-def test_reset_device_forgets_rings_memory_and_log() -> None:
+def test_reset_device_unconfigures_the_rings_and_keeps_memory_and_calls() -> None:
     mapper, _, session, qemu = _device()
     _start_logging(mapper, session, qemu)
     actions = qemu.send(Request.RESET_DEVICE)
     assert RingChanged(0, False, False) in actions and SetKick(1, None) in actions
-    assert session.memory is None and session.log is None and session.features is None
-    assert mapper.live == {}
-    assert all(vq.num == 0 and not vq.attached for vq in session.queues)
+    assert not any(isinstance(a, SetCall) for a in actions)
+    assert session.features is None
+    assert all(vq.num == 0 and not vq.attached and vq.log is None for vq in session.queues)
+    assert session.memory is not None and session.log is not None
+    # QEMU starts the device again, as after any virtio reset
+    qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES))
+    qemu.set_mem_table([LOW, HIGH])
+    for driver in (qemu.rx, qemu.tx):  # type: ignore[attr-defined]
+        qemu.ring(driver)
+        qemu.send(Request.SET_VRING_ENABLE, pack_vring_state(driver.index, 1))
+    assert all(vq.ready for vq in session.queues)
 
 
 def test_close_unmaps_everything() -> None:

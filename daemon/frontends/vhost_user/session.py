@@ -338,11 +338,10 @@ class VhostUserSession:
             was_started, was_enabled = vq.started, vq.enabled
             if forget:
                 vq.reset()
-                actions += [SetKick(vq.index, None), SetCall(vq.index, None)]
             else:
                 vq.started = vq.enabled = False
-                if was_started:
-                    actions.append(SetKick(vq.index, None))
+            if was_started:
+                actions.append(SetKick(vq.index, None))
             if was_started or was_enabled:
                 actions.append(self._ring_changed(vq))
         return actions
@@ -352,12 +351,20 @@ class VhostUserSession:
         return self._stop_all(forget=False)
 
     def _reset_device(self, message: Message) -> list[Action]:
+        """Every ring back to unconfigured, the acked features forgotten.
+
+        QEMU sends it on every virtio reset (virtio_reset() calls
+        vhost_reset_device()), the guest's driver probing included, and starts
+        the device again with SET_FEATURES, SET_MEM_TABLE and each ring's
+        messages. The call eventfds, the memory table and the log are kept:
+        QEMU does not always send them again (a call fd comes with the guest's
+        interrupt vectors), and keeping them costs nothing.
+        """
         self._need_protocol("RESET_DEVICE", VHOST_USER_PROTOCOL_F_RESET_DEVICE)
         actions = self._stop_all(forget=True)
         self.features = None
         self._transfer = None
-        self._drop_memory()
-        self._drop_log()
+        self._apply_log()
         return actions
 
     # -- memory and log ---------------------------------------------------------
