@@ -15,7 +15,7 @@ from tests.unit.vhost_guest import HIGH, LOW, FileMapper, GuestRam
 def _mapped() -> tuple[FileMapper, GuestRam, GuestMemory]:
     mapper = FileMapper()
     ram = GuestRam(mapper, [LOW, HIGH])
-    memory = GuestMemory.map_table([LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd], mapper)
+    memory = GuestMemory.map_table_untrusted([LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd], mapper)
     return mapper, ram, memory
 
 
@@ -75,7 +75,7 @@ def test_bad_tables_are_refused_and_nothing_stays_mapped(
     for fd in range(len(regions)):
         mapper.add(fd, 1 << 16)
     with pytest.raises(VhostUserProtocolError, match=says):
-        GuestMemory.map_table(regions, list(range(len(regions))), mapper)
+        GuestMemory.map_table_untrusted(regions, list(range(len(regions))), mapper)
     assert mapper.live == {}
 
 
@@ -85,7 +85,7 @@ def test_a_region_larger_than_its_file_is_refused() -> None:
         os.ftruncate(fd, 4096)
         mapper = MmapMapper()
         with pytest.raises(VhostUserProtocolError, match="cannot map guest memory"):
-            GuestMemory.map_table([MemoryRegion(0, 8192, 1 << 40, 0)], [fd], mapper)
+            GuestMemory.map_table_untrusted([MemoryRegion(0, 8192, 1 << 40, 0)], [fd], mapper)
     finally:
         os.close(fd)
 
@@ -95,7 +95,7 @@ def test_a_region_that_cannot_be_mapped_unmaps_the_others() -> None:
     GuestRam(mapper, [LOW, HIGH])
     mapper.fail_fds.add(HIGH.fd)
     with pytest.raises(VhostUserProtocolError, match="cannot map guest memory"):
-        GuestMemory.map_table([LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd], mapper)
+        GuestMemory.map_table_untrusted([LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd], mapper)
     assert mapper.live == {}
 
 
@@ -106,7 +106,7 @@ def test_real_mmap_of_a_memfd_at_an_unaligned_offset() -> None:
         os.ftruncate(fd, 3 * 4096)
         mapper = MmapMapper()
         region = MemoryRegion(0x10_0000, 4096, 0x7F00_0000_0000, 4096 + 100)
-        memory = GuestMemory.map_table([region], [fd], mapper)
+        memory = GuestMemory.map_table_untrusted([region], [fd], mapper)
         memory.gpa_view(0x10_0000, 5)[:] = b"hello"
         assert os.pread(fd, 5, 4096 + 100) == b"hello"
         os.pwrite(fd, b"world", 4096 + 200)

@@ -141,7 +141,7 @@ def test_rings_start_on_kick_and_stop_on_get_vring_base() -> None:
     rx = qemu.rx  # type: ignore[attr-defined]
     for k in range(3):
         rx.post(rx.chain([(BUF + 2048 * k, 2048, 2)]))
-    assert session.queues[RX_QUEUE].push_frame([b"x" * 100]) == 1
+    assert session.queues[RX_QUEUE].push_frame_untrusted([b"x" * 100]) == 1
     actions = qemu.send(Request.GET_VRING_BASE, pack_vring_state(RX_QUEUE, 0))
     assert actions[:2] == [SetKick(RX_QUEUE, None), RingChanged(RX_QUEUE, False, True)]
     assert struct.unpack("=II", replies(actions)[0][2]) == (RX_QUEUE, 1)
@@ -150,7 +150,7 @@ def test_rings_start_on_kick_and_stop_on_get_vring_base() -> None:
     qemu.ring(rx, base=1)
     vq = session.queues[RX_QUEUE]
     assert (vq.last_avail, vq.used_idx, vq.started) == (1, 1, True)
-    assert vq.push_frame([b"y" * 100]) == 1
+    assert vq.push_frame_untrusted([b"y" * 100]) == 1
     assert [h for h, _ in rx.take_used()] == [0, 1]
     assert ram.read(BUF + 2048 + NET_HDR_SIZE, 100) == b"y" * 100
 
@@ -342,10 +342,10 @@ def test_a_new_memory_table_remaps_running_rings() -> None:
     ram.write(BUF, data)
     tx.post(tx.chain([(BUF, len(data), 0)]))
     out = memoryview(bytearray(100))
-    got = session.queues[TX_QUEUE].pop_readable(out)
+    got = session.queues[TX_QUEUE].pop_readable_untrusted(out)
     assert got is not None and bytes(out[: got[1]]) == data
     rx.post(rx.chain([(plugged.gpa + 4096, 2048, 2)]))
-    assert session.queues[RX_QUEUE].push_frame([b"into the new region"]) == 1
+    assert session.queues[RX_QUEUE].push_frame_untrusted([b"into the new region"]) == 1
     assert ram.read(plugged.gpa + 4096 + NET_HDR_SIZE, 19) == b"into the new region"
 
 
@@ -403,12 +403,12 @@ def test_dirty_logging_while_rings_run_marks_rx_buffers_and_used_rings() -> None
     assert all(vq.started for vq in session.queues)  # LOG_ALL came while running
     high_buffer = HIGH.gpa + 0x10000
     rx.post(rx.chain([(high_buffer, 4096, 2)]))
-    assert session.queues[RX_QUEUE].push_frame([b"z" * 1000]) == 1
+    assert session.queues[RX_QUEUE].push_frame_untrusted([b"z" * 1000]) == 1
     assert _bits(log) == {high_buffer >> 12, rx.used >> 12}
     log[:] = bytes(len(log))
     tx.post(tx.chain([(BUF, 60, 0)]))
     vq = session.queues[TX_QUEUE]
-    got = vq.pop_readable(memoryview(bytearray(100)))
+    got = vq.pop_readable_untrusted(memoryview(bytearray(100)))
     assert got is not None
     vq.push_used(got[0], 0)
     assert _bits(log) == {tx.used >> 12}  # tx writes only its used ring
@@ -416,7 +416,7 @@ def test_dirty_logging_while_rings_run_marks_rx_buffers_and_used_rings() -> None
     qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES), ack=True)
     log[:] = bytes(len(log))
     rx.post(rx.chain([(high_buffer, 4096, 2)]))
-    assert session.queues[RX_QUEUE].push_frame([b"z" * 1000]) == 1
+    assert session.queues[RX_QUEUE].push_frame_untrusted([b"z" * 1000]) == 1
     assert _bits(log) == set()
 
 
@@ -573,8 +573,8 @@ def test_any_message_sequence_only_ever_raises_the_protocol_error(
             if isinstance(a, SendReply):
                 assert struct.unpack_from("=III", a.data)[:2] == (request, 0x5)
         for vq in session.queues:  # the data path never trips over what was set up
-            assert vq.push_frame([b"x" * 60]) == 0  # no buffers posted
-            assert vq.pop_readable(memoryview(bytearray(100))) is None
+            assert vq.push_frame_untrusted([b"x" * 60]) == 0  # no buffers posted
+            assert vq.pop_readable_untrusted(memoryview(bytearray(100))) is None
         if session.phase is Phase.CHECKING:
             session.device_state_checked(True)
     session.close()

@@ -32,7 +32,8 @@ class Ring:
     def __init__(self, num: int = 16, mergeable: bool = True, log_pages: int | None = None):
         self.mapper = FileMapper()
         self.ram = GuestRam(self.mapper, [LOW, HIGH])
-        memory = GuestMemory.map_table([LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd], self.mapper)
+        specs, fds = [LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd]
+        memory = GuestMemory.map_table_untrusted(specs, fds, self.mapper)
         self.driver = GuestDriver(self.ram, 0, num, base=0x10000)
         self.vq = SplitVirtqueue(0)
         self.vq.set_num(num)
@@ -69,10 +70,10 @@ def test_tx_single_buffer_is_read_byte_exact() -> None:
     head = ring.driver.chain([(BUF, len(data), 0)])
     ring.driver.post(head)
     out = memoryview(bytearray(70000))
-    assert ring.vq.pop_readable(out) == (head, len(data))
+    assert ring.vq.pop_readable_untrusted(out) == (head, len(data))
     assert bytes(out[: len(data)]) == data
     assert parse_net_header(out).flags == VIRTIO_NET_HDR_F_NEEDS_CSUM
-    assert ring.vq.pop_readable(out) is None
+    assert ring.vq.pop_readable_untrusted(out) is None
     ring.vq.push_used(head, 0)
     assert ring.driver.take_used() == [(head, 0)]
 
@@ -90,7 +91,7 @@ def test_tx_chain_across_regions_with_a_split_header() -> None:
     head = ring.driver.chain(buffers)
     ring.driver.post(head)
     out = memoryview(bytearray(70000))
-    assert ring.vq.pop_readable(out) == (head, len(data))
+    assert ring.vq.pop_readable_untrusted(out) == (head, len(data))
     assert bytes(out[: len(data)]) == data
 
 
@@ -98,7 +99,7 @@ def test_tx_frame_longer_than_the_buffer_is_reported_too_long() -> None:
     ring = Ring()
     ring.driver.post(ring.driver.chain([(BUF, 3000, 0)]))
     out = memoryview(bytearray(1000))
-    result = ring.vq.pop_readable(out)
+    result = ring.vq.pop_readable_untrusted(out)
     assert result is not None and result[1] == 3000 > len(out)
 
 
@@ -114,7 +115,7 @@ def test_indexes_are_free_running_and_wrap_at_16_bits() -> None:
         ring.ram.write(BUF + 64 * k, bytes([k]) * 20)
         ring.driver.post(ring.driver.chain([(BUF + 64 * k, 20, 0)]))
     heads: list[int] = []
-    while (got := ring.vq.pop_readable(out)) is not None:
+    while (got := ring.vq.pop_readable_untrusted(out)) is not None:
         assert bytes(out[:20]) == bytes([len(heads)]) * 20
         heads.append(got[0])
         ring.vq.push_used(got[0], 0)
@@ -150,7 +151,7 @@ def test_rx_frames_scatter_across_mergeable_buffers(size: int) -> None:
     ring = Ring(num=64)
     heads = post_rx(ring, 60, 1536)
     frame = frame_of(size)
-    used = ring.vq.push_frame([frame[:100], frame[100:]])
+    used = ring.vq.push_frame_untrusted([frame[:100], frame[100:]])
     header, got, buffers = read_rx(ring, heads)
     assert got == frame
     assert buffers == used == -(-(size + NET_HDR_SIZE) // 1536)
@@ -160,7 +161,7 @@ def test_rx_frames_scatter_across_mergeable_buffers(size: int) -> None:
 def test_rx_partial_checksum_header() -> None:
     ring = Ring()
     heads = post_rx(ring, 4, 2048)
-    assert ring.vq.push_frame([frame_of(100)], csum=(34, 16)) == 1
+    assert ring.vq.push_frame_untrusted([frame_of(100)], csum=(34, 16)) == 1
     header, got, _ = read_rx(ring, heads)
     assert (header.flags, header.csum_start, header.csum_offset) == (
         VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -175,7 +176,7 @@ def test_rx_without_mergeable_uses_one_chain_of_many_buffers() -> None:
     head = ring.driver.chain([(BUF + k * 4096, 4096, W) for k in range(17)])
     ring.driver.post(head)
     frame = frame_of(65534)
-    assert ring.vq.push_frame([frame]) == 1
+    assert ring.vq.push_frame_untrusted([frame]) == 1
     ((got_head, length),) = ring.driver.take_used()
     assert got_head == head and length == len(frame) + NET_HDR_SIZE
     data = ring.ram.read(BUF, length)
@@ -187,19 +188,19 @@ def test_rx_frame_that_does_not_fit_changes_nothing() -> None:
     ring = Ring(mergeable=False)
     post_rx(ring, 3, 1536)
     before = ring.state()
-    assert ring.vq.push_frame([frame_of(2000)]) == 0
+    assert ring.vq.push_frame_untrusted([frame_of(2000)]) == 0
     assert ring.state() == before
     merged = Ring()
     post_rx(merged, 2, 1536)
     before = merged.state()
-    assert merged.vq.push_frame([frame_of(5000)]) == 0
+    assert merged.vq.push_frame_untrusted([frame_of(5000)]) == 0
     assert merged.state() == before
-    assert merged.vq.push_frame([frame_of(3000)]) == 2
+    assert merged.vq.push_frame_untrusted([frame_of(3000)]) == 2
 
 
 def test_rx_without_buffers_is_refused_quietly() -> None:
     ring = Ring()
-    assert ring.vq.push_frame([frame_of(60)]) == 0
+    assert ring.vq.push_frame_untrusted([frame_of(60)]) == 0
 
 
 def test_notification_follows_the_drivers_flag() -> None:
@@ -255,7 +256,7 @@ def test_hostile_tx_chain_is_an_error_and_changes_nothing(make: object) -> None:
     make(ring)  # type: ignore[operator]
     before = ring.state()
     with pytest.raises(GuestDriverError):
-        ring.vq.pop_readable(memoryview(bytearray(70000)))
+        ring.vq.pop_readable_untrusted(memoryview(bytearray(70000)))
     assert ring.state() == before
 
 
@@ -269,7 +270,7 @@ def test_hostile_rx_chain_is_an_error_and_changes_nothing(make: object) -> None:
         ring.driver.write_desc(k, addr, length, flags | W, nxt)
     before = ring.state()
     with pytest.raises(GuestDriverError):
-        ring.vq.push_frame([frame_of(60)])
+        ring.vq.push_frame_untrusted([frame_of(60)])
     assert ring.state() == before
 
 
@@ -278,13 +279,13 @@ def test_wrong_direction_buffers_are_refused() -> None:
     tx.driver.post(tx.driver.chain([(BUF, 100, 0), (BUF + 100, 100, W)]))
     before = tx.state()
     with pytest.raises(GuestDriverError, match="device-writable descriptor in a transmit"):
-        tx.vq.pop_readable(memoryview(bytearray(1000)))
+        tx.vq.pop_readable_untrusted(memoryview(bytearray(1000)))
     assert tx.state() == before
     rx = Ring()
     rx.driver.post(rx.driver.chain([(BUF, 100, 0)]))
     before = rx.state()
     with pytest.raises(GuestDriverError, match="device-readable descriptor in a receive"):
-        rx.vq.push_frame([frame_of(60)])
+        rx.vq.push_frame_untrusted([frame_of(60)])
     assert rx.state() == before
 
 
@@ -294,7 +295,7 @@ def test_a_chain_as_long_as_the_queue_is_fine() -> None:
     ring.ram.write(BUF, data)
     ring.driver.post(ring.driver.chain([(BUF + 10 * k, 10, 0) for k in range(4)]))
     out = memoryview(bytearray(100))
-    got = ring.vq.pop_readable(out)
+    got = ring.vq.pop_readable_untrusted(out)
     assert got is not None and bytes(out[: got[1]]) == data
 
 
@@ -310,13 +311,13 @@ def test_rx_marks_exactly_the_pages_written_and_the_used_ring() -> None:
     ring = Ring(log_pages=512)  # 2 MiB of LOW
     # an 8 KiB buffer per chain, page-aligned; 3000 bytes land in the first page
     heads = post_rx(ring, 2, 8192, start=BUF)
-    assert ring.vq.push_frame([frame_of(3000 - NET_HDR_SIZE)]) == 1
+    assert ring.vq.push_frame_untrusted([frame_of(3000 - NET_HDR_SIZE)]) == 1
     used_page = ring.driver.used >> 12
     assert _set_bits(ring.log) == {BUF >> 12, used_page}
     read_rx(ring, heads)
     # a frame across the page boundary of the second buffer
     ring.log.view[:] = bytes(len(ring.log.view))
-    assert ring.vq.push_frame([frame_of(4096)]) == 1
+    assert ring.vq.push_frame_untrusted([frame_of(4096)]) == 1
     second = BUF + 8192
     assert _set_bits(ring.log) == {second >> 12, (second >> 12) + 1, used_page}
 
@@ -325,7 +326,7 @@ def test_no_log_no_bits() -> None:
     ring = Ring(log_pages=512)
     ring.vq.log = None
     post_rx(ring, 2, 2048)
-    assert ring.vq.push_frame([frame_of(1000)]) == 1
+    assert ring.vq.push_frame_untrusted([frame_of(1000)]) == 1
     assert _set_bits(ring.log) == set()
 
 
@@ -334,7 +335,7 @@ def test_a_buffer_beyond_the_log_is_refused_before_anything_is_written() -> None
     post_rx(ring, 2, 2048, start=BUF + 0x10000 * 4)
     before = ring.state()
     with pytest.raises(GuestMemoryError, match="beyond the dirty log"):
-        ring.vq.push_frame([frame_of(1000)])
+        ring.vq.push_frame_untrusted([frame_of(1000)])
     assert ring.state() == before
 
 
@@ -343,7 +344,7 @@ def test_consecutive_merged_frames_take_consecutive_buffers() -> None:
     heads = post_rx(ring, 20, 1536)
     frames = [frame_of(5000), frame_of(60)[::-1], frame_of(9000)[::-1]]
     for frame in frames:
-        used = ring.vq.push_frame([frame])
+        used = ring.vq.push_frame_untrusted([frame])
         _, got, buffers = read_rx(ring, heads)
         assert got == frame and buffers == used
     assert ring.vq.last_avail == 4 + 1 + 6 == ring.driver.used_idx()
@@ -355,13 +356,13 @@ def test_stopped_rings_are_left_alone_and_disabled_ones_take_no_rx() -> None:
     post_rx(ring, 2, 2048)
     ring.vq.started = False
     before = ring.state()
-    assert ring.vq.push_frame([frame_of(60)]) == 0
-    assert ring.vq.pop_readable(memoryview(bytearray(4096))) is None
+    assert ring.vq.push_frame_untrusted([frame_of(60)]) == 0
+    assert ring.vq.pop_readable_untrusted(memoryview(bytearray(4096))) is None
     assert ring.state() == before
     ring.vq.started, ring.vq.enabled = True, False
-    assert ring.vq.push_frame([frame_of(60)]) == 0
+    assert ring.vq.push_frame_untrusted([frame_of(60)]) == 0
     assert ring.state() == before
     tx = Ring()
     tx.vq.enabled = False
     tx.driver.post(tx.driver.chain([(BUF, 100, 0)]))
-    assert tx.vq.pop_readable(memoryview(bytearray(4096))) is not None
+    assert tx.vq.pop_readable_untrusted(memoryview(bytearray(4096))) is not None

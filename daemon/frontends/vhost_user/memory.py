@@ -33,7 +33,7 @@ The mapping itself is behind :class:`MemoryMapper`, a port with two
 methods: the daemon's :class:`MmapMapper` maps the file (shared, read and
 write; the offset rounded down to a page as mmap(2) requires), the tests
 map bytearrays. A new table is mapped and checked whole before the old one
-is dropped (:meth:`GuestMemory.map_table`): a table that fails leaves the
+is dropped (:meth:`GuestMemory.map_table_untrusted`): a table that fails leaves the
 old one in place. The descriptors themselves stay the caller's; a mapping
 outlives the close of its descriptor (mmap(2)).
 
@@ -185,7 +185,7 @@ class GuestMemory:
         self._by_gpa = sorted(self._regions, key=lambda r: r.gpa)
 
     @classmethod
-    def map_table(
+    def map_table_untrusted(
         cls, regions: Sequence[MemoryRegion], fds: Sequence[int], mapper: MemoryMapper
     ) -> GuestMemory:
         """Check and map a whole table, or map nothing (raises VhostUserProtocolError)."""

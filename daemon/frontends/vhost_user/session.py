@@ -208,9 +208,9 @@ class VhostUserSession:
         On success every descriptor is in exactly one returned action; on
         :class:`VhostUserProtocolError` none was taken and nothing changed.
         """
-        return self.handle(parse_message_untrusted(data, fds))
+        return self.handle_untrusted(parse_message_untrusted(data, fds))
 
-    def handle(self, message: Message) -> list[Action]:
+    def handle_untrusted(self, message: Message) -> list[Action]:
         request = message.request
         if request not in ALLOWED[self.phase]:
             raise VhostUserProtocolError(
@@ -372,7 +372,7 @@ class VhostUserSession:
     def _set_mem_table(self, message: Message) -> list[Action]:
         table = message.payload
         assert isinstance(table, MemoryTable)
-        memory = GuestMemory.map_table(table.regions, table.fds, self._mapper)
+        memory = GuestMemory.map_table_untrusted(table.regions, table.fds, self._mapper)
         try:
             remapped = [
                 (vq, vq.address, vq.views_for(memory, vq.address))

@@ -53,13 +53,13 @@ always has ``num_buffers``)::
     csum_start u16, csum_offset u16
     num_buffers u16   receive only: how many buffers the frame spans
 
-Transmit (ring 1): :meth:`SplitVirtqueue.pop_readable` copies a chain's
+Transmit (ring 1): :meth:`SplitVirtqueue.pop_readable_untrusted` copies a chain's
 bytes (header and frame) into the caller's buffer. The copy is on purpose:
 the guest can rewrite its buffer while ferryd parses it, and one memcpy of
 at most 64 KiB into a preallocated buffer is what the tap frontend's
 ``readv`` costs too.
 
-Receive (ring 0): :meth:`SplitVirtqueue.push_frame` scatters a header and
+Receive (ring 0): :meth:`SplitVirtqueue.push_frame_untrusted` scatters a header and
 a frame into as many buffers as it needs when VIRTIO_NET_F_MRG_RXBUF is
 negotiated (Linux posts buffers of about a page; a 64 KiB frame takes
 ~17), writes ``num_buffers``, returns them in the used ring, and marks
@@ -245,7 +245,7 @@ class SplitVirtqueue:
 
     # -- data path ------------------------------------------------------------
 
-    def pending(self) -> int:
+    def pending_untrusted(self) -> int:
         """Heads the driver made available that ferryd has not taken."""
         n: int = (U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
         if n > self.num:
@@ -281,7 +281,7 @@ class SplitVirtqueue:
                 raise GuestDriverError(f"ring {self.index}: next descriptor {nxt} beyond the table")
             i = nxt
 
-    def pop_readable(self, out: memoryview) -> tuple[int, int] | None:
+    def pop_readable_untrusted(self, out: memoryview) -> tuple[int, int] | None:
         """Copy the next chain's bytes into ``out``: ``(head, length)``, or None if none.
 
         ``length`` is the chain's whole length; more than ``len(out)`` means the
@@ -291,7 +291,7 @@ class SplitVirtqueue:
         process the ring at all"); a started, disabled one is read and its
         frames discarded by the caller.
         """
-        if not self.started or not self.pending():
+        if not self.started or not self.pending_untrusted():
             return None
         memory = self._memory
         assert memory is not None
@@ -340,7 +340,7 @@ class SplitVirtqueue:
         """Signal the call eventfd? Yes unless the driver asked not to (no EVENT_IDX)."""
         return not U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def push_frame(
+    def push_frame_untrusted(
         self,
         parts: Sequence[bytes | memoryview],
         *,
@@ -362,7 +362,7 @@ class SplitVirtqueue:
         total = NET_HDR_SIZE
         for p in parts:
             total += len(p)
-        available = self.pending()
+        available = self.pending_untrusted()
         chains: list[tuple[int, list[tuple[memoryview, int, int, int]]]] = []
         capacity, position = 0, self.last_avail
         while capacity < total:
