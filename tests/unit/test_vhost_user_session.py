@@ -41,6 +41,7 @@ from ferryd.frontends.vhost_user.messages import (
     Request,
     TransferDirection,
     VringAddress,
+    build_reply,
     build_request,
     pack_device_state,
     pack_log_area,
@@ -73,8 +74,7 @@ def _device(num: int = 64) -> tuple[FileMapper, GuestRam, VhostUserSession, Qemu
     mapper = FileMapper()
     ram = GuestRam(mapper, [LOW, HIGH])
     session = VhostUserSession(mapper)
-    qemu, rx, tx = start_device(session, ram, num=num)
-    qemu.rx, qemu.tx = rx, tx  # type: ignore[attr-defined]
+    qemu, _, _ = start_device(session, ram, num=num)
     return mapper, ram, session, qemu
 
 
@@ -136,9 +136,32 @@ def test_every_descriptor_is_handed_on_exactly_once() -> None:
     assert got == sent
 
 
+def test_the_actions_of_one_rings_start_in_order() -> None:
+    """What the adapter executes for vhost_virtqueue_start() and the enable after it."""
+    mapper = FileMapper()
+    ram = GuestRam(mapper, [LOW, HIGH])
+    session = VhostUserSession(mapper)
+    qemu, _, _ = start_device(session, ram)
+    qemu.send(Request.GET_VRING_BASE, pack_vring_state(TX_QUEUE, 0))
+    qemu.send(Request.SET_VRING_ENABLE, pack_vring_state(TX_QUEUE, 0))
+    kick = qemu.fd() + 1  # qemu.ring() sends the next two: kick, then call
+    call = kick + 1
+    actions = qemu.ring(qemu.tx)
+    assert actions == [
+        SetKick(TX_QUEUE, kick),
+        RingChanged(TX_QUEUE, True, False),
+        SetCall(TX_QUEUE, call),
+    ]
+    actions = qemu.send(Request.SET_VRING_ENABLE, pack_vring_state(TX_QUEUE, 1), ack=True)
+    assert actions == [
+        RingChanged(TX_QUEUE, True, True),
+        SendReply(build_reply(Request.SET_VRING_ENABLE, pack_u64(0))),
+    ]
+
+
 def test_rings_start_on_kick_and_stop_on_get_vring_base() -> None:
     _, ram, session, qemu = _device()
-    rx = qemu.rx  # type: ignore[attr-defined]
+    rx = qemu.rx
     for k in range(3):
         rx.post(rx.chain([(BUF + 2048 * k, 2048, 2)]))
     assert session.queues[RX_QUEUE].push_frame_untrusted([b"x" * 100]) == 1
@@ -337,7 +360,7 @@ def test_a_new_memory_table_remaps_running_rings() -> None:
     assert CloseFds((200, HIGH.fd, plugged.fd)) in actions
     assert replies(actions) == [(Request.SET_MEM_TABLE, 0x5, pack_u64(0))]
     assert len(mapper.live) == 3  # the old mappings are gone
-    tx, rx = qemu.tx, qemu.rx  # type: ignore[attr-defined]
+    tx, rx = qemu.tx, qemu.rx
     data = NetHeader().pack() + b"after the remap"
     ram.write(BUF, data)
     tx.post(tx.chain([(BUF, len(data), 0)]))
@@ -378,7 +401,7 @@ def _start_logging(mapper: FileMapper, session: VhostUserSession, qemu: Qemu) ->
     assert replies(actions) == [(Request.SET_LOG_BASE, 0x5, pack_u64(0))]
     assert CloseFds((LOG_FD,)) in actions
     qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES | bit(VHOST_F_LOG_ALL)), ack=True)
-    for driver in (qemu.rx, qemu.tx):  # type: ignore[attr-defined]
+    for driver in (qemu.rx, qemu.tx):
         a = driver.address
         flagged = VringAddress(
             a.index,
@@ -398,7 +421,7 @@ def _bits(log: bytearray) -> set[int]:
 
 def test_dirty_logging_while_rings_run_marks_rx_buffers_and_used_rings() -> None:
     mapper, _, session, qemu = _device()
-    rx, tx = qemu.rx, qemu.tx  # type: ignore[attr-defined]
+    rx, tx = qemu.rx, qemu.tx
     log = _start_logging(mapper, session, qemu)
     assert all(vq.started for vq in session.queues)  # LOG_ALL came while running
     high_buffer = HIGH.gpa + 0x10000
@@ -442,7 +465,7 @@ def test_save_device_state_then_check() -> None:
     with pytest.raises(RuntimeError):
         session.device_state_checked(True)
     # QEMU restarts the source device (a failed migration): rings come back
-    qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)  # type: ignore[attr-defined]
+    qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)
     assert session.queues[RX_QUEUE].ready
 
 
@@ -478,7 +501,7 @@ def test_reset_device_unconfigures_the_rings_and_keeps_memory_and_calls() -> Non
     # QEMU starts the device again, as after any virtio reset
     qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES))
     qemu.set_mem_table([LOW, HIGH])
-    for driver in (qemu.rx, qemu.tx):  # type: ignore[attr-defined]
+    for driver in (qemu.rx, qemu.tx):
         qemu.ring(driver)
         qemu.send(Request.SET_VRING_ENABLE, pack_vring_state(driver.index, 1))
     assert all(vq.ready for vq in session.queues)

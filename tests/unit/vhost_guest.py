@@ -190,6 +190,10 @@ def u64_reply(actions: list[Action]) -> int:
 class Qemu:
     """Sends requests as QEMU does and hands out fake descriptor numbers."""
 
+    rx: GuestDriver
+    tx: GuestDriver
+    """The guest's drivers of the two rings, once :func:`start_device` made them."""
+
     def __init__(self, session: VhostUserSession) -> None:
         self.session = session
         self._fds = itertools.count(500)
@@ -241,8 +245,8 @@ def start_device(
         qemu.send(Request.SET_VRING_ERR, pack_vring_file(i, True), (qemu.fd(),))
     qemu.send(Request.SET_FEATURES, pack_u64(features))
     qemu.set_mem_table(ram.regions)
-    rx = GuestDriver(ram, RX_QUEUE, num, base=0x10000)
-    tx = GuestDriver(ram, TX_QUEUE, num, base=0x20000)
+    rx = qemu.rx = GuestDriver(ram, RX_QUEUE, num, base=0x10000)
+    tx = qemu.tx = GuestDriver(ram, TX_QUEUE, num, base=0x20000)
     for driver in (rx, tx):
         qemu.ring(driver)
     for i in (RX_QUEUE, TX_QUEUE):
