@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -18,7 +19,7 @@ from ferryd.frontends.vhost_user.actions import (
     SetKick,
     TransferDeviceState,
 )
-from ferryd.frontends.vhost_user.errors import VhostUserProtocolError
+from ferryd.frontends.vhost_user.errors import GuestDriverError, VhostUserProtocolError
 from ferryd.frontends.vhost_user.features import (
     OFFERED_FEATURES,
     OFFERED_PROTOCOL_FEATURES,
@@ -595,9 +596,14 @@ def test_any_message_sequence_only_ever_raises_the_protocol_error(
         for a in actions:
             if isinstance(a, SendReply):
                 assert struct.unpack_from("=III", a.data)[:2] == (request, 0x5)
-        for vq in session.queues:  # the data path never trips over what was set up
-            assert vq.push_frame_untrusted([b"x" * 60]) == 0  # no buffers posted
-            assert vq.pop_readable_untrusted(memoryview(bytearray(100))) is None
+        for vq in session.queues:
+            # The data path on whatever was set up: nothing to move (no buffers were
+            # posted), or the one error of the guest's (a base QEMU set ahead of the
+            # guest's available index looks like a driver running 65535 entries ahead).
+            with contextlib.suppress(GuestDriverError):
+                assert vq.push_frame_untrusted([b"x" * 60]) == 0
+            with contextlib.suppress(GuestDriverError):
+                assert vq.pop_readable_untrusted(memoryview(bytearray(100))) is None
         if session.phase is Phase.CHECKING:
             session.device_state_checked(True)
     session.close()
