@@ -12,9 +12,11 @@ which ferryd maps. Sans-IO pieces, one job each:
 - :mod:`.memory`: the mapped regions, address translation, the dirty log.
 - :mod:`.virtqueue`: split rings and the virtio-net header: frames out of
   the transmit ring, into the receive ring (mergeable buffers).
+- :mod:`.device`: the queue pair as frames, what a Frontend calls.
 - :mod:`.features`: the feature bits offered; :mod:`.errors`: whose fault.
 
-The trio adapter (the socket, kick and call eventfds, the
-:class:`~ferryd.frontends.base.Frontend` implementation, the device state
-handed to the migration controller) builds on these.
+Still to come: the trio adapter (the unix socket, the kick and call
+eventfds, the :class:`~ferryd.frontends.base.Frontend` over
+:class:`~.device.NetDevice`, the device state handed to the migration
+controller) and ``ferryd --vhost-user --socket PATH``.
 """
