@@ -13,6 +13,7 @@ from ferryd.frontends.vhost_user.actions import (
     Action,
     CheckDeviceState,
     CloseFds,
+    DeviceResumed,
     RingChanged,
     SendReply,
     SetCall,
@@ -465,9 +466,25 @@ def test_save_device_state_then_check() -> None:
     assert _phase(session) is Phase.OWNED
     with pytest.raises(RuntimeError):
         session.device_state_checked(True)
-    # QEMU restarts the source device (a failed migration): rings come back
-    qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)
+    # the controller said no: QEMU restarts the device, nothing to roll back here
+    actions = qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)
+    assert not any(isinstance(a, DeviceResumed) for a in actions)
     assert session.queues[RX_QUEUE].ready
+
+
+def test_rings_restarting_after_a_confirmed_save_mean_rollback() -> None:
+    """QEMU resumes the source VM (the target died after the device state was sent)."""
+    _, _, session, qemu = _device()
+    _suspend(qemu)
+    qemu.send(Request.SET_DEVICE_STATE_FD, pack_device_state(0, 0), (77,))
+    qemu.send(Request.CHECK_DEVICE_STATE)
+    assert u64_reply(session.device_state_checked(True)) == 0
+    qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES))
+    qemu.set_mem_table([LOW, HIGH])
+    actions = qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)
+    assert isinstance(actions[0], DeviceResumed) and isinstance(actions[1], SetKick)
+    actions = qemu.ring(qemu.tx, base=session.queues[TX_QUEUE].last_avail)
+    assert not any(isinstance(a, DeviceResumed) for a in actions)  # once
 
 
 def test_load_device_state_on_the_target() -> None:

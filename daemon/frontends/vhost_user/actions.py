@@ -72,6 +72,20 @@ class CheckDeviceState:
     direction: TransferDirection
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceResumed:
+    """A ring starts again after a successful SAVE: QEMU resumed this (source) VM, so the
+    migration failed after ferryd's part (target gone, cancelled) and ferryd rolls back,
+    thawing its sockets, before the guest's frames flow again."""
+
+
 Action = (
-    SendReply | CloseFds | SetKick | SetCall | RingChanged | TransferDeviceState | CheckDeviceState
+    SendReply
+    | CloseFds
+    | SetKick
+    | SetCall
+    | RingChanged
+    | TransferDeviceState
+    | CheckDeviceState
+    | DeviceResumed
 )

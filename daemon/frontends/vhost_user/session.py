@@ -47,6 +47,13 @@ other request gets a u64 0 once done; a failure is a disconnect, not a
 non-zero ack. CHECK_DEVICE_STATE's answer waits for the migration
 controller (:meth:`~VhostUserSession.device_state_checked`).
 
+Rollback: after a SAVE that CHECK_DEVICE_STATE confirmed, QEMU either
+quits (the target took over) or starts the rings again because the
+migration failed after ferryd's part (the target died after the device
+state was sent, a cancel): the first SET_VRING_KICK then comes with
+:class:`~.actions.DeviceResumed`, ahead of the ring's own actions, so the
+controller thaws its sockets before the guest's frames flow.
+
 Rings: started by SET_VRING_KICK (ferryd needs the eventfd; a "no fd"
 kick, i.e. polling, is refused), stopped by GET_VRING_BASE, which answers
 with the next available index to process; enabled by SET_VRING_ENABLE, or
@@ -73,6 +80,7 @@ from ferryd.frontends.vhost_user.actions import (
     Action,
     CheckDeviceState,
     CloseFds,
+    DeviceResumed,
     RingChanged,
     SendReply,
     SetCall,
@@ -175,6 +183,8 @@ class VhostUserSession:
         self.log: DirtyLog | None = None
         self._log_view: memoryview | None = None
         self._transfer: TransferDirection | None = None
+        self._saved = False
+        """A SAVE succeeded and no ring has started since (see DeviceResumed)."""
         self.queues = tuple(SplitVirtqueue(i) for i in range(NUM_QUEUES))
         self._handlers: dict[Request, Callable[[Message], list[Action]]] = {
             Request.GET_FEATURES: self._get_features,
@@ -226,6 +236,7 @@ class VhostUserSession:
         if self.phase is not Phase.CHECKING:
             raise RuntimeError("no CHECK_DEVICE_STATE is waiting for an answer")
         self.phase = Phase.OWNED
+        self._saved = ok and self._transfer is TransferDirection.SAVE
         self._transfer = None
         return [SendReply(reply_u64(Request.CHECK_DEVICE_STATE, 0 if ok else 1))]
 
@@ -488,7 +499,11 @@ class VhostUserSession:
                 f"SET_VRING_KICK: ring {vq.index} before its size and addresses"
             )
         vq.start()
-        return [SetKick(vq.index, fd), self._ring_changed(vq)]
+        actions: list[Action] = []
+        if self._saved:  # QEMU resumed the source VM: roll back before frames flow
+            self._saved = False
+            actions.append(DeviceResumed())
+        return [*actions, SetKick(vq.index, fd), self._ring_changed(vq)]
 
     def _set_vring_call(self, message: Message) -> list[Action]:
         vq, fd = self._vring_file(message)
@@ -524,6 +539,7 @@ class VhostUserSession:
         # A transfer QEMU gave up on (no CHECK_DEVICE_STATE) is superseded: the
         # controller drops it when it gets the new one.
         self._transfer = params.direction
+        self._saved = False
         return [
             TransferDeviceState(params.direction, params.fd),
             SendReply(reply_u64(Request.SET_DEVICE_STATE_FD, VRING_NOFD)),
