@@ -29,11 +29,12 @@ outside every region, or straddling a region's end. Nothing reads or writes
 guest memory except through a slice of a region's view, so a bad address is
 an exception, never an access outside the mapping.
 
-The mapping itself is behind :class:`MemoryMapper`, a port with two
-methods: the daemon's :class:`MmapMapper` maps the file (shared, read and
-write; the offset rounded down to a page as mmap(2) requires), the tests
-map bytearrays. A new table is mapped and checked whole before the old one
-is dropped (:meth:`GuestMemory.map_table_untrusted`): a table that fails leaves the
+The mapping itself is behind :class:`MemoryMapper`, a port (map, unmap,
+and the address of a mapping): the daemon's :class:`MmapMapper` maps the
+file (shared, read and write; the offset rounded down to a page as mmap(2)
+requires), the tests map bytearrays. A new table is mapped and checked
+whole before the old one is dropped
+(:meth:`GuestMemory.map_table_untrusted`): a table that fails leaves the
 old one in place. The descriptors themselves stay the caller's; a mapping
 outlives the close of its descriptor (mmap(2)).
 
@@ -50,14 +51,14 @@ guest-physical address space (``log[page // 8] |= 1 << page % 8``).
 never left unlogged. The spec asks for an atomic OR: QEMU clears the bits
 it has synced (atomic exchange) while back-ends set them, and other vhost
 back-ends of the same VM may share the bitmap (QEMU's vhost_log_get() shares
-one log per back-end type). Python has no atomic OR on shared memory; a
-read-modify-write could lose another writer's bit set in the same byte in
-between (QEMU's own clearing only costs a spurious resend). So
-ferryd gets a real one: :class:`MmapMapper` knows the mapping's address,
-and :class:`DirtyLog` then sets each bit with libatomic's
-``__atomic_fetch_or_1`` (through ctypes, loaded at import, before the
-sandbox), after the same bounds check. Without libatomic1, or over a
-bytearray (the tests), it falls back to the read-modify-write.
+one log per back-end type). A read-modify-write could lose another
+writer's bit set in the same byte in between (QEMU's own clearing only
+costs a spurious resend), and Python has no atomic OR on shared memory; so
+:class:`MmapMapper` gives the mapping's address, and :class:`DirtyLog`
+sets each bit with libatomic's ``__atomic_fetch_or_1`` (through ctypes,
+loaded at import, before the sandbox), after the same bounds check.
+Without libatomic1, or over a bytearray (the tests), it falls back to the
+read-modify-write.
 """
 
 from __future__ import annotations
