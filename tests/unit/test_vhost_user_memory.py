@@ -79,13 +79,20 @@ def test_bad_tables_are_refused_and_nothing_stays_mapped(
     assert mapper.live == {}
 
 
-def test_a_region_larger_than_its_file_is_refused() -> None:
+@pytest.mark.parametrize(
+    "region",
+    [
+        MemoryRegion(0, 8192, 1 << 40, 0),  # larger than the file
+        MemoryRegion(0, 1 << 63, 1 << 40, 0),  # larger than mmap can say
+        MemoryRegion(0, 4096, 1 << 40, (1 << 64) - 8192),  # an offset mmap cannot say
+    ],
+)
+def test_a_region_the_file_cannot_back_is_refused(region: MemoryRegion) -> None:
     fd = os.memfd_create("guest-ram")
     try:
         os.ftruncate(fd, 4096)
-        mapper = MmapMapper()
         with pytest.raises(VhostUserProtocolError, match="cannot map guest memory"):
-            GuestMemory.map_table_untrusted([MemoryRegion(0, 8192, 1 << 40, 0)], [fd], mapper)
+            GuestMemory.map_table_untrusted([region], [fd], MmapMapper())
     finally:
         os.close(fd)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 
 import pytest
@@ -36,6 +37,7 @@ from ferryd.frontends.vhost_user.features import (
     VIRTIO_NET_F_MRG_RXBUF,
     bit,
 )
+from ferryd.frontends.vhost_user.memory import MmapMapper
 from ferryd.frontends.vhost_user.messages import (
     VHOST_VRING_F_LOG,
     VRING_NOFD,
@@ -636,3 +638,20 @@ def test_feature_bits_are_what_the_issue_asks_for() -> None:
 
 def test_memory_regions_helper_is_consistent() -> None:
     assert MemoryRegion(LOW.gpa, LOW.size, LOW.uva, LOW.offset) == LOW.spec
+
+
+@pytest.mark.parametrize(("size", "offset"), [(8192, 0), (4096, 1 << 63), (0, 0)])
+def test_a_log_the_descriptor_cannot_back_is_refused(size: int, offset: int) -> None:
+    """With the daemon's real mapper and a memfd, as QEMU's vhost_log_alloc() makes."""
+    fd = os.memfd_create("vhost-log")
+    try:
+        os.ftruncate(fd, 4096)
+        session = VhostUserSession(MmapMapper())
+        qemu = Qemu(session)
+        qemu.send(Request.SET_PROTOCOL_FEATURES, pack_u64(OFFERED_PROTOCOL_FEATURES))
+        qemu.send(Request.SET_OWNER)
+        with pytest.raises(VhostUserProtocolError, match="SET_LOG_BASE"):
+            qemu.send(Request.SET_LOG_BASE, pack_log_area(size, offset), (fd,))
+        assert session.log is None
+    finally:
+        os.close(fd)

@@ -201,7 +201,7 @@ class GuestMemory:
                         f"memory region at {spec.guest_phys_addr:#x}: mapped {len(view)}"
                         f" bytes of {spec.size}"
                     )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             for _, view in mapped:
                 mapper.unmap(view)
             if isinstance(exc, VhostUserProtocolError):

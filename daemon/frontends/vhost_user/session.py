@@ -407,7 +407,7 @@ class VhostUserSession:
             raise VhostUserProtocolError(f"SET_LOG_BASE: a log of {area.size} bytes")
         try:
             view = self._mapper.map(area.fd, area.offset, area.size)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, OverflowError) as exc:
             raise VhostUserProtocolError(f"SET_LOG_BASE: cannot map the log: {exc}") from None
         self._drop_log()
         self._log_view = view
