@@ -25,6 +25,7 @@ The order QEMU follows (hw/virtio/vhost.c and vhost-user.c, QEMU 10)::
     migration starts          SET_LOG_BASE, SET_FEATURES + LOG_ALL, per ring
                               SET_VRING_ADDR + VHOST_VRING_F_LOG (rings running)
     vhost_dev_stop            GET_VRING_BASE per ring (stops it), SET_VRING_ENABLE 0
+    virtio reset              RESET_DEVICE (negotiated), then vhost_dev_start again
     device state (source)     SET_DEVICE_STATE_FD SAVE, CHECK_DEVICE_STATE
     device state (target)     SET_DEVICE_STATE_FD LOAD, CHECK_DEVICE_STATE
 
@@ -66,9 +67,11 @@ with LOG_ALL and SET_LOG_BASE.
 No clock: vhost-user has no timeouts (QEMU blocks on each reply), so
 nothing here depends on time.
 
-Not done here: inflight I/O tracking (INFLIGHT_SHMFD, for a back-end that
-crashes and reconnects; ferryd replays nothing), multiple queue pairs, the
-packed ring, postcopy, IOMMU.
+No buffer is ever in flight between two messages: a transmit chain goes
+back to the guest as soon as it is copied, a receive chain as soon as it is
+written, so GET_VRING_BASE's index is the whole state of a ring and
+inflight tracking (INFLIGHT_SHMFD) has nothing to add. Not done here:
+multiple queue pairs, the packed ring, postcopy, IOMMU.
 """
 
 from __future__ import annotations
