@@ -11,8 +11,10 @@ sequence against a session and returns the two drivers.
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from ferryd.frontends.vhost_user.actions import Action, SendReply
 from ferryd.frontends.vhost_user.features import (
@@ -122,10 +124,41 @@ LOW = RamRegion(fd=100, gpa=0, size=1 << 20, uva=0x7F00_0000_0000, offset=0)
 HIGH = RamRegion(fd=101, gpa=1 << 32, size=2 << 20, uva=0x7F00_1000_0000, offset=0x2000)
 
 
+class Ram(Protocol):
+    """What the guest's driver needs of guest RAM (GuestRam, or a real memfd's)."""
+
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+    def read(self, gpa: int, length: int) -> bytes: ...
+
+    def uva(self, gpa: int) -> int: ...
+
+
+class MemfdRam:
+    """One region of guest RAM in a real memfd, as QEMU's memory-backend-memfd makes."""
+
+    def __init__(self, region: RamRegion) -> None:
+        self.region = region
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, region.offset + region.size)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, self.region.offset + gpa - self.region.gpa)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return os.pread(self.fd, length, self.region.offset + gpa - self.region.gpa)
+
+    def uva(self, gpa: int) -> int:
+        return self.region.uva + gpa - self.region.gpa
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class GuestDriver:
     """The guest's virtio driver for one split ring at ``base`` (guest-physical)."""
 
-    def __init__(self, ram: GuestRam, index: int, num: int, base: int) -> None:
+    def __init__(self, ram: Ram, index: int, num: int, base: int) -> None:
         self.ram, self.index, self.num = ram, index, num
         desc_size, avail_size, _ = ring_sizes(num)
         self.desc = base

@@ -248,7 +248,7 @@ def request_name(code: int) -> str:
         return f"request {code}"
 
 
-def payload_size_untrusted(header: bytes | memoryview) -> int:
+def payload_size_untrusted(header: bytes | bytearray | memoryview) -> int:
     """The payload size a header announces; refused before any payload is read.
 
     Checks the version, that a request does not claim to be a reply, that
