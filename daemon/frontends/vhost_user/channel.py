@@ -1,0 +1,136 @@
+"""The vhost-user socket: whole messages and their descriptors in, replies out (trio).
+
+The thin I/O layer under :class:`~.session.VhostUserSession`. QEMU writes
+each message with one sendmsg(2), its descriptors in an SCM_RIGHTS control
+message on the header's first byte (hw/virtio/vhost-user.c,
+vhost_user_write() through qemu_chr_fe_set_msgfds()); a stream socket may
+still hand the bytes over in pieces. :func:`receive_message` reads the
+12-byte header with room for :data:`MAX_FDS` descriptors, asks
+:func:`~.messages.payload_size_untrusted` how much follows (refused before
+reading it if too much), and reads exactly that. Every descriptor that
+arrived is either returned or closed, whatever happens.
+
+:func:`serve_connection` runs one session over one connection: each message
+to the session, each action done or handed on, until QEMU closes the
+connection or sends something the session refuses (then the connection
+ends: QEMU reconnects and gets a fresh session).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ferryd.control.protocol import fds_from_ancdata
+from ferryd.frontends.vhost_user.actions import Action, CheckDeviceState, CloseFds, SendReply
+from ferryd.frontends.vhost_user.errors import VhostUserProtocolError
+from ferryd.frontends.vhost_user.messages import (
+    HEADER_SIZE,
+    MAX_REGIONS,
+    TransferDirection,
+    payload_size_untrusted,
+)
+from ferryd.frontends.vhost_user.session import VhostUserSession
+
+log = logging.getLogger("ferryd.vhost_user")
+
+MAX_FDS = MAX_REGIONS
+"""The most descriptors one message carries (SET_MEM_TABLE's eight regions)."""
+_ANC_BUFSIZE = socket.CMSG_SPACE(MAX_FDS * 4)
+
+
+def close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+async def receive_message(sock: trio.socket.SocketType) -> tuple[bytes, list[int]] | None:
+    """One whole message and its descriptors, or None if QEMU closed the connection.
+
+    Raises :class:`VhostUserProtocolError` (having closed every descriptor
+    received) for a header the session would refuse anyway, more descriptors
+    than a message can carry, or a connection closed mid-message.
+    """
+    fds: list[int] = []
+    try:
+        buffer = bytearray()
+        truncated = False
+        while len(buffer) < HEADER_SIZE:
+            data, ancdata, flags, _ = await sock.recvmsg(
+                HEADER_SIZE - len(buffer), _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
+            )
+            fds_from_ancdata(ancdata, fds)
+            truncated |= bool(flags & socket.MSG_CTRUNC)
+            if not data:
+                if not buffer and not fds:
+                    return None
+                raise VhostUserProtocolError("connection closed in the middle of a message")
+            buffer += data
+        if truncated or len(fds) > MAX_FDS:
+            raise VhostUserProtocolError(f"more than {MAX_FDS} file descriptors in a message")
+        size = payload_size_untrusted(buffer)
+        while len(buffer) < HEADER_SIZE + size:
+            data = await sock.recv(HEADER_SIZE + size - len(buffer))
+            if not data:
+                raise VhostUserProtocolError("connection closed in the middle of a message")
+            buffer += data
+        return bytes(buffer), fds
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+async def serve_connection(
+    sock: trio.socket.SocketType,
+    session: VhostUserSession,
+    apply: Callable[[Action], None],
+    check_device_state: Callable[[TransferDirection], Awaitable[bool]],
+) -> None:
+    """Run ``session`` over ``sock`` until QEMU disconnects or misbehaves.
+
+    Replies are sent and spare descriptors closed here; every other action
+    goes to ``apply`` (the adapter: eventfds, rings, the device state's
+    descriptor), in order. CHECK_DEVICE_STATE waits for
+    ``check_device_state`` (the migration controller's verdict), as QEMU
+    does. A refused message is logged and ends the connection; the session
+    is closed in every case.
+    """
+    try:
+        while True:
+            try:
+                received = await receive_message(sock)
+                if received is None:
+                    return
+                data, fds = received
+                try:
+                    actions = session.receive_untrusted(data, fds)
+                except VhostUserProtocolError:
+                    close_fds(fds)
+                    raise
+            except VhostUserProtocolError as exc:
+                log.warning("vhost-user: QEMU sent an invalid message, disconnecting: %s", exc)
+                return
+            while actions:
+                action, *actions = actions
+                if isinstance(action, SendReply):
+                    await send_all(sock, action.data)
+                elif isinstance(action, CloseFds):
+                    close_fds(action.fds)
+                elif isinstance(action, CheckDeviceState):
+                    ok = await check_device_state(action.direction)
+                    actions = session.device_state_checked(ok) + actions
+                else:
+                    apply(action)
+    finally:
+        session.close()

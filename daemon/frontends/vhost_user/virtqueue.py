@@ -1,0 +1,421 @@
+"""Split virtqueues and the virtio-net header: frames out of and into guest memory.
+
+Theory of operation
+-------------------
+
+A split virtqueue (virtio 1.x, 2.7) is three arrays in guest memory, all
+little-endian, for a queue of ``num`` entries (a power of two, at most
+32768)::
+
+    descriptor table   num × (addr u64, len u32, flags u16, next u16)   align 16
+    available ring     flags u16, idx u16, ring[num] u16                 align 2
+    used ring          flags u16, idx u16, ring[num] × (id u32, len u32) align 4
+
+The guest's driver chains descriptors (VIRTQ_DESC_F_NEXT), each naming a
+buffer by guest-physical address, device-readable or device-writable
+(VIRTQ_DESC_F_WRITE); it puts the chain's head in the available ring and
+bumps ``avail.idx``. ferryd takes heads from ``last_avail`` on (the "base"
+QEMU sets and asks back, SET/GET_VRING_BASE), and gives each chain back in
+the used ring with the bytes it wrote, bumping ``used.idx``. Both indexes
+are free-running 16-bit counters; ``slot = idx % num``.
+
+Everything in those arrays is written by the guest and read while it runs,
+so every value is read once (struct.unpack_from copies it) and checked
+before use: a head or ``next`` beyond the table, an available index more
+than ``num`` ahead, a chain longer than the queue (the only way a loop
+shows), an INDIRECT descriptor (VIRTIO_RING_F_INDIRECT_DESC is not
+negotiated), a device-writable buffer in a transmit chain or a readable
+one in a receive chain, a buffer outside guest memory or straddling a
+region's end (:mod:`.memory`): each raises :class:`GuestDriverError`
+before the ring's indexes or the used ring change. What the adapter does
+then (stop the ring until QEMU restarts it) is its business.
+
+Memory ordering: the guest's CPUs write these arrays while ferryd reads
+them. ferryd reads ``avail.idx`` before the ring entries and writes used
+entries before ``used.idx``, which x86-64's store and load ordering (TSO)
+keeps in order without fences; Python cannot issue one, so this module
+relies on running on x86-64.
+
+Notifications: VIRTIO_RING_F_EVENT_IDX is not negotiated, so ferryd
+signals the call eventfd after a batch unless the driver set
+VIRTQ_AVAIL_F_NO_INTERRUPT (:meth:`SplitVirtqueue.should_notify`).
+
+The virtio-net header
+---------------------
+
+Every frame in either direction follows a 12-byte ``struct
+virtio_net_hdr_mrg_rxbuf`` (virtio 1.x, 5.1.6; with VIRTIO_F_VERSION_1 it
+always has ``num_buffers``)::
+
+    flags u8   NEEDS_CSUM (1): the L4 checksum is partial, from csum_start,
+               stored at csum_start + csum_offset; DATA_VALID (2)
+    gso_type u8, hdr_len u16, gso_size u16   a segment larger than the MTU
+    csum_start u16, csum_offset u16
+    num_buffers u16   receive only: how many buffers the frame spans
+
+Transmit (ring 1): :meth:`SplitVirtqueue.pop_readable_untrusted` copies a chain's
+bytes (header and frame) into the caller's buffer. The copy is on purpose:
+the guest can rewrite its buffer while ferryd parses it, and one memcpy of
+at most 64 KiB into a preallocated buffer is what the tap frontend's
+``readv`` costs too.
+
+Receive (ring 0): :meth:`SplitVirtqueue.push_frame_untrusted` scatters a header and
+a frame into as many buffers as it needs when VIRTIO_NET_F_MRG_RXBUF is
+negotiated (Linux posts buffers of about a page; a 64 KiB frame takes
+~17), writes ``num_buffers``, returns them in the used ring, and marks
+every page written in the dirty log while QEMU migrates. It first plans the
+whole write (chains, their buffers, the log's coverage) and only then
+writes, so a frame that does not fit (no buffers yet) or a bad chain
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ferryd.frontends.vhost_user.errors import (
+    GuestDriverError,
+    GuestMemoryError,
+    VhostUserProtocolError,
+)
+from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory
+from ferryd.frontends.vhost_user.messages import VHOST_VRING_F_LOG, VringAddress
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+MAX_QUEUE_SIZE = 32768
+
+NET_HDR = struct.Struct("<BBHHHHH")
+NET_HDR_SIZE = NET_HDR.size
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+
+
+@dataclass(frozen=True, slots=True)
+class NetHeader:
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 1
+
+    def pack(self) -> bytes:
+        return NET_HDR.pack(
+            self.flags,
+            self.gso_type,
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        )
+
+
+def parse_net_header(data: bytes | memoryview) -> NetHeader:
+    """The header in front of a frame (the caller checked there are 12 bytes)."""
+    return NetHeader(*NET_HDR.unpack_from(data))
+
+
+def ring_sizes(num: int) -> tuple[int, int, int]:
+    """Bytes of the descriptor table, available ring and used ring (no event fields)."""
+    return 16 * num, 4 + 2 * num, 4 + 8 * num
+
+
+class SplitVirtqueue:
+    """One ring: its configuration (set by the session) and its data path."""
+
+    __slots__ = (
+        "_avail",
+        "_desc",
+        "_mask",
+        "_memory",
+        "_used",
+        "address",
+        "enabled",
+        "index",
+        "last_avail",
+        "log",
+        "log_used",
+        "mergeable",
+        "num",
+        "started",
+        "used_gpa",
+        "used_idx",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.reset()
+
+    def reset(self) -> None:
+        """The state of a ring QEMU has not configured yet: stopped, disabled, unmapped."""
+        self.num = 0
+        self._mask = 0
+        self.last_avail = 0
+        self.used_idx = 0
+        self.started = False
+        self.enabled = False
+        self.mergeable = False
+        self.address: VringAddress | None = None
+        self.log: DirtyLog | None = None
+        """The dirty log to mark, set while LOG_ALL is on and a log is mapped."""
+        self.log_used = False
+        self.used_gpa = 0
+        self._memory: GuestMemory | None = None
+        self._desc = self._avail = self._used = memoryview(b"")
+
+    # -- configuration (the session) ----------------------------------------
+
+    def set_num(self, num: int) -> None:
+        self.num = num
+        self._mask = num - 1
+        self.detach()
+
+    def detach(self) -> None:
+        self.address = None
+        self._memory = None
+        self._desc = self._avail = self._used = memoryview(b"")
+
+    def views_for(
+        self, memory: GuestMemory, address: VringAddress
+    ) -> tuple[memoryview, memoryview, memoryview]:
+        """The three arrays in ``memory`` (raises VhostUserProtocolError; changes nothing)."""
+        if self.num == 0:
+            raise VhostUserProtocolError(f"ring {self.index}: addresses before its size")
+        sizes = ring_sizes(self.num)
+        addrs = (address.desc_user_addr, address.avail_user_addr, address.used_user_addr)
+        views = []
+        for name, addr, size, align in zip(
+            ("descriptor table", "available ring", "used ring"),
+            addrs,
+            sizes,
+            (16, 2, 4),
+            strict=True,
+        ):
+            if addr % align:
+                raise VhostUserProtocolError(
+                    f"ring {self.index}: {name} at {addr:#x} is not {align}-byte aligned"
+                )
+            try:
+                view, offset = memory.uva(addr, size)
+            except GuestMemoryError as exc:
+                raise VhostUserProtocolError(f"ring {self.index}: {name}: {exc}") from None
+            views.append(view[offset : offset + size])
+        return views[0], views[1], views[2]
+
+    def attach(
+        self,
+        memory: GuestMemory,
+        address: VringAddress,
+        views: tuple[memoryview, memoryview, memoryview],
+    ) -> None:
+        self._memory = memory
+        self.address = address
+        self._desc, self._avail, self._used = views
+        self.log_used = bool(address.flags & VHOST_VRING_F_LOG)
+        self.used_gpa = address.log_guest_addr
+
+    @property
+    def attached(self) -> bool:
+        return self.address is not None
+
+    def start(self) -> None:
+        """Start processing: the next used index is the one in guest memory (vhost-user.rst,
+        SET_VRING_BASE: "the device is supposed to read the next index in the Used Ring")."""
+        self.used_idx = U16.unpack_from(self._used, 2)[0]
+        self.started = True
+
+    @property
+    def ready(self) -> bool:
+        """Started and enabled: frames may flow (a started, disabled ring is left alone)."""
+        return self.started and self.enabled
+
+    # -- data path ------------------------------------------------------------
+
+    def pending_untrusted(self) -> int:
+        """Heads the driver made available that ferryd has not taken."""
+        n: int = (U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise GuestDriverError(
+                f"ring {self.index}: available index {n} entries ahead of a queue of {self.num}"
+            )
+        return n
+
+    def _head(self, position: int) -> int:
+        head: int = U16.unpack_from(self._avail, 4 + 2 * (position & self._mask))[0]
+        if head >= self.num:
+            raise GuestDriverError(f"ring {self.index}: head {head} beyond a queue of {self.num}")
+        return head
+
+    def _walk(self, head: int) -> Iterator[tuple[int, int, int]]:
+        desc, num, i, count = self._desc, self.num, head, 0
+        while True:
+            addr, length, flags, nxt = DESC.unpack_from(desc, i << 4)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                raise GuestDriverError(
+                    f"ring {self.index}: indirect descriptor (INDIRECT_DESC not negotiated)"
+                )
+            yield addr, length, flags
+            count += 1
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            if count >= num:
+                raise GuestDriverError(
+                    f"ring {self.index}: descriptor chain from {head} longer than the queue"
+                    " (a loop)"
+                )
+            if nxt >= num:
+                raise GuestDriverError(f"ring {self.index}: next descriptor {nxt} beyond the table")
+            i = nxt
+
+    def pop_readable_untrusted(self, out: memoryview) -> tuple[int, int] | None:
+        """Copy the next chain's bytes into ``out``: ``(head, length)``, or None if none.
+
+        ``length`` is the chain's whole length; more than ``len(out)`` means the
+        frame was too long and only ``len(out)`` bytes were copied (the caller
+        drops it). The head is taken; give it back with :meth:`push_used`. A
+        stopped ring gives nothing (vhost-user.rst: "the back-end must not
+        process the ring at all"); a started, disabled one is read and its
+        frames discarded by the caller.
+        """
+        if not self.started or not self.pending_untrusted():
+            return None
+        memory = self._memory
+        assert memory is not None
+        head = self._head(self.last_avail)
+        total, capacity = 0, len(out)
+        for addr, length, flags in self._walk(head):
+            if flags & VIRTQ_DESC_F_WRITE:
+                raise GuestDriverError(
+                    f"ring {self.index}: device-writable descriptor in a transmit chain"
+                )
+            view, offset = memory.gpa(addr, length)
+            if total < capacity:
+                n = min(length, capacity - total)
+                out[total : total + n] = view[offset : offset + n]
+            total += length
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return head, total
+
+    def push_used(self, head: int, written: int) -> None:
+        """Give a chain back with the bytes written into it, and publish it."""
+        self.push_used_batch(((head, written),))
+
+    def push_used_batch(self, entries: Sequence[tuple[int, int]]) -> None:
+        """Give chains back: every entry first, then ``used.idx`` once.
+
+        Once: the driver may read the used ring while ferryd writes it, and a
+        merged frame whose later buffers it cannot see yet is one it drops
+        (Linux: "rx error: %d buffers out of %d missing").
+        """
+        log = self.log if self.log_used else None
+        base, mask, used, idx = self.used_gpa, self._mask, self._used, self.used_idx
+        if log is not None:
+            log.check(base, 4 + 8 * self.num)
+        for head, written in entries:
+            slot_offset = 4 + 8 * (idx & mask)
+            USED_ELEM.pack_into(used, slot_offset, head, written)
+            if log is not None:
+                log.mark(base + slot_offset, 8)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        U16.pack_into(used, 2, idx)
+        if log is not None:
+            log.mark(base + 2, 2)
+
+    def should_notify(self) -> bool:
+        """Signal the call eventfd? Yes unless the driver asked not to (no EVENT_IDX)."""
+        return not U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def push_frame_untrusted(
+        self,
+        parts: Sequence[bytes | memoryview],
+        *,
+        csum: tuple[int, int] | None = None,
+    ) -> int:
+        """Write a header and ``parts`` into the guest's next buffers; the buffers used.
+
+        ``csum``: (csum_start, csum_offset) of a partial L4 checksum
+        (NEEDS_CSUM; only with VIRTIO_NET_F_GUEST_CSUM). Returns 0, having
+        changed nothing, if the frame does not fit in the buffers available
+        now (one chain without MRG_RXBUF), or if the ring is stopped or
+        disabled ("must not supply any new RX packets"); the caller drops and
+        counts it.
+        """
+        if not (self.started and self.enabled):
+            return 0
+        memory = self._memory
+        assert memory is not None
+        total = NET_HDR_SIZE
+        for p in parts:
+            total += len(p)
+        available = self.pending_untrusted()
+        chains: list[tuple[int, list[tuple[memoryview, int, int, int]]]] = []
+        capacity, position = 0, self.last_avail
+        while capacity < total:
+            if len(chains) == available or (chains and not self.mergeable):
+                return 0
+            head = self._head(position)
+            buffers = []
+            for addr, length, flags in self._walk(head):
+                if not flags & VIRTQ_DESC_F_WRITE:
+                    raise GuestDriverError(
+                        f"ring {self.index}: device-readable descriptor in a receive chain"
+                    )
+                view, offset = memory.gpa(addr, length)
+                buffers.append((view, offset, length, addr))
+                capacity += length
+            chains.append((head, buffers))
+            position += 1
+        log = self.log
+        if log is not None:
+            for _, buffers in chains:
+                for _, _, length, addr in buffers:
+                    log.check(addr, length)
+            if self.log_used:  # before writing any buffer (push_used_batch checks again)
+                log.check(self.used_gpa, 4 + 8 * self.num)
+        count = len(chains)
+        if csum is None:
+            header = NET_HDR.pack(0, 0, 0, 0, 0, 0, count)
+        else:
+            header = NET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, csum[0], csum[1], count)
+        sources = [memoryview(header), *(memoryview(p).cast("B") for p in parts)]
+        source: memoryview | None = sources[0]
+        source_index, source_offset = 0, 0
+        used: list[tuple[int, int]] = []
+        for head, buffers in chains:
+            written = 0
+            for view, offset, length, addr in buffers:
+                room, at = length, offset
+                while room and source is not None:
+                    n = min(room, len(source) - source_offset)
+                    view[at : at + n] = source[source_offset : source_offset + n]
+                    at += n
+                    room -= n
+                    source_offset += n
+                    if source_offset == len(source):
+                        source_index += 1
+                        source_offset = 0
+                        source = sources[source_index] if source_index < len(sources) else None
+                if log is not None and room < length:
+                    log.mark(addr, length - room)
+                written += length - room
+                if source is None:
+                    break
+            used.append((head, written))
+        self.last_avail = (self.last_avail + len(chains)) & 0xFFFF
+        self.push_used_batch(used)
+        return len(chains)

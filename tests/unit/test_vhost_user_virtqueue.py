@@ -1,0 +1,368 @@
+"""Split virtqueues: the test plays the guest's driver over in-memory guest RAM."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ferryd.frontends.vhost_user.errors import GuestDriverError, GuestMemoryError
+from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory
+from ferryd.frontends.vhost_user.messages import VHOST_VRING_F_LOG
+from ferryd.frontends.vhost_user.virtqueue import (
+    NET_HDR_SIZE,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    NetHeader,
+    SplitVirtqueue,
+    parse_net_header,
+)
+from tests.unit.vhost_guest import HIGH, LOW, FileMapper, GuestDriver, GuestRam
+
+W = VIRTQ_DESC_F_WRITE
+BUF = 0x40000  # guest buffers in LOW start here
+
+
+class Ring:
+    """One ring attached to in-memory guest RAM, with its driver."""
+
+    def __init__(self, num: int = 16, mergeable: bool = True, log_pages: int | None = None):
+        self.mapper = FileMapper()
+        self.ram = GuestRam(self.mapper, [LOW, HIGH])
+        specs, fds = [LOW.spec, HIGH.spec], [LOW.fd, HIGH.fd]
+        memory = GuestMemory.map_table_untrusted(specs, fds, self.mapper)
+        self.driver = GuestDriver(self.ram, 0, num, base=0x10000)
+        self.vq = SplitVirtqueue(0)
+        self.vq.set_num(num)
+        address = self.driver.address
+        if log_pages is not None:
+            address = type(address)(0, VHOST_VRING_F_LOG, *_addresses(address))
+            self.log = DirtyLog(memoryview(bytearray((log_pages + 7) // 8)))
+            self.vq.log = self.log
+        self.vq.attach(memory, address, self.vq.views_for(memory, address))
+        self.vq.start()
+        self.vq.enabled = True
+        self.vq.mergeable = mergeable
+
+    def state(self) -> tuple[dict[int, bytes], int, int]:
+        return self.ram.snapshot(), self.vq.last_avail, self.vq.used_idx
+
+
+def _addresses(a: object) -> tuple[int, int, int, int]:
+    return a.desc_user_addr, a.used_user_addr, a.avail_user_addr, a.log_guest_addr  # type: ignore[attr-defined]
+
+
+def frame_of(n: int) -> bytes:
+    return bytes((i * 7 + i // 251) & 0xFF for i in range(n))
+
+
+# -- transmit -------------------------------------------------------------------
+
+
+def test_tx_single_buffer_is_read_byte_exact() -> None:
+    ring = Ring()
+    hdr = NetHeader(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=16).pack()
+    data = hdr + frame_of(1514)
+    ring.ram.write(BUF, data)
+    head = ring.driver.chain([(BUF, len(data), 0)])
+    ring.driver.post(head)
+    out = memoryview(bytearray(70000))
+    assert ring.vq.pop_readable_untrusted(out) == (head, len(data))
+    assert bytes(out[: len(data)]) == data
+    assert parse_net_header(out).flags == VIRTIO_NET_HDR_F_NEEDS_CSUM
+    assert ring.vq.pop_readable_untrusted(out) is None
+    ring.vq.push_used(head, 0)
+    assert ring.driver.take_used() == [(head, 0)]
+
+
+def test_tx_chain_across_regions_with_a_split_header() -> None:
+    ring = Ring()
+    data = NetHeader().pack() + frame_of(9000)
+    pieces = [(BUF, 5), (HIGH.gpa + 0x100, 7 + 1000), (LOW.gpa + 0x80000, 8000)]
+    buffers, at = [], 0
+    for gpa, length in pieces:
+        ring.ram.write(gpa, data[at : at + length])
+        buffers.append((gpa, length, 0))
+        at += length
+    assert at == len(data)
+    head = ring.driver.chain(buffers)
+    ring.driver.post(head)
+    out = memoryview(bytearray(70000))
+    assert ring.vq.pop_readable_untrusted(out) == (head, len(data))
+    assert bytes(out[: len(data)]) == data
+
+
+def test_tx_frame_longer_than_the_buffer_is_reported_too_long() -> None:
+    ring = Ring()
+    ring.driver.post(ring.driver.chain([(BUF, 3000, 0)]))
+    out = memoryview(bytearray(1000))
+    result = ring.vq.pop_readable_untrusted(out)
+    assert result is not None and result[1] == 3000 > len(out)
+
+
+def test_indexes_are_free_running_and_wrap_at_16_bits() -> None:
+    ring = Ring(num=4)
+    ring.driver.avail_idx = 0xFFFE
+    ring.driver.used_seen = 0xFFFE
+    ring.vq.last_avail = 0xFFFE
+    ring.ram.write(ring.driver.used + 2, struct.pack("<H", 0xFFFE))
+    ring.vq.start()
+    out = memoryview(bytearray(100))
+    for k in range(4):
+        ring.ram.write(BUF + 64 * k, bytes([k]) * 20)
+        ring.driver.post(ring.driver.chain([(BUF + 64 * k, 20, 0)]))
+    heads: list[int] = []
+    while (got := ring.vq.pop_readable_untrusted(out)) is not None:
+        assert bytes(out[:20]) == bytes([len(heads)]) * 20
+        heads.append(got[0])
+        ring.vq.push_used(got[0], 0)
+    assert len(heads) == 4 and ring.vq.last_avail == 2 and ring.driver.used_idx() == 2
+    assert [h for h, _ in ring.driver.take_used()] == heads
+
+
+# -- receive --------------------------------------------------------------------
+
+
+def post_rx(ring: Ring, count: int, size: int, start: int = BUF) -> dict[int, int]:
+    """``count`` single-buffer chains of ``size`` bytes; head -> buffer address."""
+    heads = {}
+    for k in range(count):
+        gpa = start + k * size
+        head = ring.driver.chain([(gpa, size, W)])
+        ring.driver.post(head)
+        heads[head] = gpa
+    return heads
+
+
+def read_rx(ring: Ring, heads: dict[int, int]) -> tuple[NetHeader, bytes, int]:
+    """What the guest's driver reassembles from the used ring: header, frame, buffers."""
+    used = ring.driver.take_used()
+    data = b"".join(ring.ram.read(heads[h], n) for h, n in used)
+    header = parse_net_header(data)
+    assert header.num_buffers == len(used)
+    return header, data[NET_HDR_SIZE:], len(used)
+
+
+@pytest.mark.parametrize("size", [60, 1514, 4096 - 12, 4096, 9014, 65535 + 14, 65550])
+def test_rx_frames_scatter_across_mergeable_buffers(size: int) -> None:
+    ring = Ring(num=64)
+    heads = post_rx(ring, 60, 1536)
+    frame = frame_of(size)
+    used = ring.vq.push_frame_untrusted([frame[:100], frame[100:]])
+    header, got, buffers = read_rx(ring, heads)
+    assert got == frame
+    assert buffers == used == -(-(size + NET_HDR_SIZE) // 1536)
+    assert header.flags == 0
+
+
+def test_rx_partial_checksum_header() -> None:
+    ring = Ring()
+    heads = post_rx(ring, 4, 2048)
+    assert ring.vq.push_frame_untrusted([frame_of(100)], csum=(34, 16)) == 1
+    header, got, _ = read_rx(ring, heads)
+    assert (header.flags, header.csum_start, header.csum_offset) == (
+        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        34,
+        16,
+    )
+    assert got == frame_of(100)
+
+
+def test_rx_without_mergeable_uses_one_chain_of_many_buffers() -> None:
+    ring = Ring(num=32, mergeable=False)
+    head = ring.driver.chain([(BUF + k * 4096, 4096, W) for k in range(17)])
+    ring.driver.post(head)
+    frame = frame_of(65534)
+    assert ring.vq.push_frame_untrusted([frame]) == 1
+    ((got_head, length),) = ring.driver.take_used()
+    assert got_head == head and length == len(frame) + NET_HDR_SIZE
+    data = ring.ram.read(BUF, length)
+    assert parse_net_header(data).num_buffers == 1
+    assert data[NET_HDR_SIZE:] == frame
+
+
+def test_rx_frame_that_does_not_fit_changes_nothing() -> None:
+    ring = Ring(mergeable=False)
+    post_rx(ring, 3, 1536)
+    before = ring.state()
+    assert ring.vq.push_frame_untrusted([frame_of(2000)]) == 0
+    assert ring.state() == before
+    merged = Ring()
+    post_rx(merged, 2, 1536)
+    before = merged.state()
+    assert merged.vq.push_frame_untrusted([frame_of(5000)]) == 0
+    assert merged.state() == before
+    assert merged.vq.push_frame_untrusted([frame_of(3000)]) == 2
+
+
+def test_rx_without_buffers_is_refused_quietly() -> None:
+    ring = Ring()
+    assert ring.vq.push_frame_untrusted([frame_of(60)]) == 0
+
+
+def test_notification_follows_the_drivers_flag() -> None:
+    ring = Ring()
+    assert ring.vq.should_notify()
+    ring.driver.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
+    assert not ring.vq.should_notify()
+
+
+# -- hostile drivers -------------------------------------------------------------
+
+
+def _loop(ring: Ring) -> None:
+    ring.driver.write_desc(0, BUF, 100, VIRTQ_DESC_F_NEXT, 1)
+    ring.driver.write_desc(1, BUF, 100, VIRTQ_DESC_F_NEXT, 0)
+    ring.driver.post(0)
+
+
+def _next_beyond(ring: Ring) -> None:
+    ring.driver.write_desc(0, BUF, 100, VIRTQ_DESC_F_NEXT, 16)
+    ring.driver.post(0)
+
+
+def _head_beyond(ring: Ring) -> None:
+    ring.driver.post(16)
+
+
+def _indirect(ring: Ring) -> None:
+    ring.driver.write_desc(0, BUF, 16, VIRTQ_DESC_F_INDIRECT)
+    ring.driver.post(0)
+
+
+def _outside(ring: Ring) -> None:
+    ring.driver.write_desc(0, LOW.size + 0x1000, 100, 0)
+    ring.driver.post(0)
+
+
+def _straddling(ring: Ring) -> None:
+    ring.driver.write_desc(0, LOW.size - 50, 100, 0)
+    ring.driver.post(0)
+
+
+def _too_far_ahead(ring: Ring) -> None:
+    ring.ram.write(ring.driver.avail + 2, struct.pack("<H", 17))
+
+
+HOSTILE = [_loop, _next_beyond, _head_beyond, _indirect, _outside, _straddling, _too_far_ahead]
+
+
+@pytest.mark.parametrize("make", HOSTILE)
+def test_hostile_tx_chain_is_an_error_and_changes_nothing(make: object) -> None:
+    ring = Ring()
+    make(ring)  # type: ignore[operator]
+    before = ring.state()
+    with pytest.raises(GuestDriverError):
+        ring.vq.pop_readable_untrusted(memoryview(bytearray(70000)))
+    assert ring.state() == before
+
+
+@pytest.mark.parametrize("make", HOSTILE)
+def test_hostile_rx_chain_is_an_error_and_changes_nothing(make: object) -> None:
+    ring = Ring()
+    make(ring)  # type: ignore[operator]
+    for k in range(2):  # make the test chains device-writable where they are plain
+        d = ring.driver.desc + 16 * k
+        addr, length, flags, nxt = struct.unpack("<QIHH", ring.ram.read(d, 16))
+        ring.driver.write_desc(k, addr, length, flags | W, nxt)
+    before = ring.state()
+    with pytest.raises(GuestDriverError):
+        ring.vq.push_frame_untrusted([frame_of(60)])
+    assert ring.state() == before
+
+
+def test_wrong_direction_buffers_are_refused() -> None:
+    tx = Ring()
+    tx.driver.post(tx.driver.chain([(BUF, 100, 0), (BUF + 100, 100, W)]))
+    before = tx.state()
+    with pytest.raises(GuestDriverError, match="device-writable descriptor in a transmit"):
+        tx.vq.pop_readable_untrusted(memoryview(bytearray(1000)))
+    assert tx.state() == before
+    rx = Ring()
+    rx.driver.post(rx.driver.chain([(BUF, 100, 0)]))
+    before = rx.state()
+    with pytest.raises(GuestDriverError, match="device-readable descriptor in a receive"):
+        rx.vq.push_frame_untrusted([frame_of(60)])
+    assert rx.state() == before
+
+
+def test_a_chain_as_long_as_the_queue_is_fine() -> None:
+    ring = Ring(num=4)
+    data = frame_of(40)
+    ring.ram.write(BUF, data)
+    ring.driver.post(ring.driver.chain([(BUF + 10 * k, 10, 0) for k in range(4)]))
+    out = memoryview(bytearray(100))
+    got = ring.vq.pop_readable_untrusted(out)
+    assert got is not None and bytes(out[: got[1]]) == data
+
+
+# -- dirty log -------------------------------------------------------------------
+
+
+def _set_bits(log: DirtyLog) -> set[int]:
+    bits = int.from_bytes(bytes(log.view), "little")
+    return {p for p in range(len(log.view) * 8) if bits >> p & 1}
+
+
+def test_rx_marks_exactly_the_pages_written_and_the_used_ring() -> None:
+    ring = Ring(log_pages=512)  # 2 MiB of LOW
+    # an 8 KiB buffer per chain, page-aligned; 3000 bytes land in the first page
+    heads = post_rx(ring, 2, 8192, start=BUF)
+    assert ring.vq.push_frame_untrusted([frame_of(3000 - NET_HDR_SIZE)]) == 1
+    used_page = ring.driver.used >> 12
+    assert _set_bits(ring.log) == {BUF >> 12, used_page}
+    read_rx(ring, heads)
+    # a frame across the page boundary of the second buffer
+    ring.log.view[:] = bytes(len(ring.log.view))
+    assert ring.vq.push_frame_untrusted([frame_of(4096)]) == 1
+    second = BUF + 8192
+    assert _set_bits(ring.log) == {second >> 12, (second >> 12) + 1, used_page}
+
+
+def test_no_log_no_bits() -> None:
+    ring = Ring(log_pages=512)
+    ring.vq.log = None
+    post_rx(ring, 2, 2048)
+    assert ring.vq.push_frame_untrusted([frame_of(1000)]) == 1
+    assert _set_bits(ring.log) == set()
+
+
+def test_a_buffer_beyond_the_log_is_refused_before_anything_is_written() -> None:
+    ring = Ring(log_pages=0x40)  # covers 256 KiB: not BUF + 64 KiB
+    post_rx(ring, 2, 2048, start=BUF + 0x10000 * 4)
+    before = ring.state()
+    with pytest.raises(GuestMemoryError, match="beyond the dirty log"):
+        ring.vq.push_frame_untrusted([frame_of(1000)])
+    assert ring.state() == before
+
+
+def test_consecutive_merged_frames_take_consecutive_buffers() -> None:
+    ring = Ring(num=32)
+    heads = post_rx(ring, 20, 1536)
+    frames = [frame_of(5000), frame_of(60)[::-1], frame_of(9000)[::-1]]
+    for frame in frames:
+        used = ring.vq.push_frame_untrusted([frame])
+        _, got, buffers = read_rx(ring, heads)
+        assert got == frame and buffers == used
+    assert ring.vq.last_avail == 4 + 1 + 6 == ring.driver.used_idx()
+
+
+def test_stopped_rings_are_left_alone_and_disabled_ones_take_no_rx() -> None:
+    """vhost-user.rst, "Ring states": stopped, nothing; started but disabled, tx only."""
+    ring = Ring()
+    post_rx(ring, 2, 2048)
+    ring.vq.started = False
+    before = ring.state()
+    assert ring.vq.push_frame_untrusted([frame_of(60)]) == 0
+    assert ring.vq.pop_readable_untrusted(memoryview(bytearray(4096))) is None
+    assert ring.state() == before
+    ring.vq.started, ring.vq.enabled = True, False
+    assert ring.vq.push_frame_untrusted([frame_of(60)]) == 0
+    assert ring.state() == before
+    tx = Ring()
+    tx.vq.enabled = False
+    tx.driver.post(tx.driver.chain([(BUF, 100, 0)]))
+    assert tx.vq.pop_readable_untrusted(memoryview(bytearray(4096))) is not None
