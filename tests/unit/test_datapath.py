@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 import trio.testing
@@ -82,6 +83,9 @@ class MemoryFrontend:
 
     def take_over(self) -> None:
         self.attached = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "memory"}
 
     def close(self) -> None:
         pass
