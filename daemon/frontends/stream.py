@@ -303,7 +303,10 @@ class StreamFrontend:
         """Write what is left of a partly written frame; True once none is."""
         try:
             sent = conn.send(self._unsent, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except OSError:
+        except BlockingIOError:
+            return False
+        except OSError:  # QEMU is gone (the reader will see the end): so is the frame
+            self._unsent = b""
             return False
         self._unsent = self._unsent[sent:]
         return not self._unsent
