@@ -15,6 +15,7 @@ the guest unless asked for with ``--map-gw``.
 
 import argparse
 import logging
+import textwrap
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
 from pathlib import Path
@@ -30,6 +31,19 @@ log = logging.getLogger("ferryd.config")
 DEFAULT_MAC = "9a:55:9a:55:9a:55"
 DEFAULT_MTU = 65520
 AF_INET, AF_INET6 = 2, 10
+
+
+#: What ``--help`` says of QEMU's stream mode (the README shows the same lines).
+STREAM_HELP = """\
+QEMU (stream): ferryd listens, QEMU connects; each frame travels behind its
+4-byte big-endian length (passt's default mode). For example:
+  ferryd --socket /run/ferry/vm.sock --control /run/ferry/vm.ctl
+  qemu-system-x86_64 ... -netdev stream,id=n0,server=off,addr.type=unix,\\
+      addr.path=/run/ferry/vm.sock,reconnect-ms=1000 \\
+      -device virtio-net-pci,netdev=n0
+One QEMU is served at a time; a QEMU that reconnects is served again.
+Migration works as in tap mode: the target ferryd (--incoming) gets its
+own --socket, for the target QEMU."""
 
 
 class ConfigError(Exception):
@@ -49,10 +63,13 @@ class HostRoute:
 class Options:
     """Parsed command line (argparse namespace, typed)."""
 
-    netns: str
+    netns: str | None
+    """Tap mode: the guest's namespace (None with --socket)."""
     tap: str
     control: str | None
     config_net: bool
+    socket: str | None = None
+    """QEMU's stream netdev: the Unix socket ferryd listens on (None in tap mode)."""
     addresses: list[str] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
     mtu: int = DEFAULT_MTU
@@ -95,14 +112,18 @@ def _port_spec(text: str) -> list[PortForward]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ferryd",
-        description=(
-            "User-mode networking for a guest (a network namespace's tap device, "
-            "later a VM): the guest's frames become ordinary host sockets. ARP, NDP, "
-            "DHCP and DHCPv6 are answered locally. By default the guest gets the "
-            "address, prefix and gateway of the host's default-route interface, "
-            "MTU 65520 and the host's DNS servers."
+        description=textwrap.fill(
+            "User-mode networking for a guest (a network namespace's tap device, or "
+            "a VM's QEMU on a Unix socket): the guest's frames become ordinary host "
+            "sockets. ARP, NDP, DHCP and DHCPv6 are answered locally. By default the "
+            "guest gets the address, prefix and gateway of the host's default-route "
+            "interface, MTU 65520 and the host's DNS servers. Two modes: --netns "
+            "(a tap in that namespace) or --socket (QEMU's stream netdev)."
         ),
-        epilog=(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=STREAM_HELP
+        + "\n\n"
+        + textwrap.fill(
             "Port specs (-t, -u): PORT, HOSTPORT:GUESTPORT, ranges A-B or A-B:C-D, "
             "comma-separated lists, an optional bind address ADDR/PORTS, or 'none'. "
             "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
@@ -113,16 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
             "error. Start-up failures are one line; -v adds the traceback."
         ),
     )
-    g = p.add_argument_group("guest attachment")
-    g.add_argument(
+    g = p.add_argument_group("guest attachment (one of --netns and --socket)")
+    mode = g.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
         "--netns",
-        required=True,
         metavar="PATH",
-        help="guest network namespace: a path such as /run/netns/NAME, or a name",
+        help="tap mode: the guest's network namespace, a path such as /run/netns/NAME, or a name",
+    )
+    mode.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="QEMU mode: listen on this Unix socket (mode 0600) for QEMU's "
+        "`-netdev stream` (see below); host sockets live in ferryd's own namespace",
     )
     g.add_argument(
         "--tap",
-        default="tap0",
         metavar="NAME",
         help="tap device in that namespace; created if missing (default: tap0)",
     )
@@ -285,7 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.socket is not None:
+        for given, name in (
+            (ns.tap, "--tap"),
+            (ns.tap_fd, "--tap-fd"),
+            (ns.config_net, "--config-net"),
+        ):
+            if given not in (None, False):
+                parser.error(f"argument {name}: tap mode only (--netns), not allowed with --socket")
+    if ns.tap is None:
+        ns.tap = "tap0"
     return Options(**vars(ns))
 
 

@@ -8,6 +8,7 @@ Start-up order matters, because privilege is only held during setup:
 3. create/attach the tap in the guest's namespace (privileged), or attach
    the /dev/net/tun descriptor we were given, opened in that namespace by
    our caller (--tap-fd, socket activation: no privilege needed at all);
+   or, with --socket, listen for QEMU's stream netdev (no privilege);
 4. bind forwarded ports and the control socket (ports < 1024 need
    CAP_NET_BIND_SERVICE); the control socket stays the starting user's
    (mode 0600), so the user ferryd becomes next cannot drive it;
@@ -48,6 +49,7 @@ from ferryd.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
 from ferryd.flows.destinations import DestinationPolicy, Destinations
 from ferryd.flows.portspec import ForwardError
 from ferryd.frontends.base import Frontend
+from ferryd.frontends.stream import StreamAddressInUse, StreamFrontend, StreamSetupError
 from ferryd.frontends.tap import TapFrontend, TapGone, TapSetupError
 from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
 from ferryd.host_addresses import AddressWatch
@@ -215,7 +217,7 @@ class Daemon:
             "ready": self.ready,
             "role": str(self.migration.role),
             "host_netns": self.host_netns,
-            "frontend": {"kind": "tap", "name": self.opts.tap, "netns": self.opts.netns},
+            "frontend": data.frontend.describe(),
             "link": link_summary(data.link),
             "guest_mac": format_mac(data.stack.guest_mac) if data.stack.guest_mac else None,
             "counters": {**status_counters(counters), **counters},
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             TapFdError: EXIT_USAGE,
             PrivilegeError: EXIT_USAGE,
             TapGone: EXIT_RUNTIME,
+            StreamAddressInUse: EXIT_USAGE,
+            StreamSetupError: EXIT_RUNTIME,
             ControlAddressInUse: EXIT_USAGE,
             ControlBindError: EXIT_RUNTIME,
             ForwardError: EXIT_RUNTIME,
@@ -289,6 +293,18 @@ def _run(opts: Options) -> None:
     raise_file_limit()
     if opts.repair_socket is not None:
         warn_if_nobody_listens(opts.repair_socket)
+    frontend = _frontend(opts, link)
+    try:
+        trio.run(serve, opts, link, frontend, runas)
+    finally:
+        frontend.close()
+
+
+def _frontend(opts: Options, link: LinkConfig) -> Frontend:
+    """The guest's link: QEMU's stream socket (--socket), or the tap (--netns)."""
+    if opts.socket is not None:
+        return StreamFrontend.listen(opts.socket, link.mtu, incoming=opts.incoming)
+    assert opts.netns is not None  # parse_options: one of the two
     given = inherited_tap_fd(os.environ, opts.tap_fd)
     if given is not None:
         if opts.config_net:
@@ -296,19 +312,14 @@ def _run(opts: Options) -> None:
                 "--config-net needs ferryd to configure the tap itself; with a tap descriptor"
                 " (--tap-fd or socket activation) whoever created the tap configures it"
             )
-        tap = TapFrontend.adopt(given, opts.tap, incoming=opts.incoming)
-    else:
-        tap = TapFrontend.open(
-            netns_path(opts.netns),
-            opts.tap,
-            link,
-            opts.config_net and not opts.incoming,
-            incoming=opts.incoming,
-        )
-    try:
-        trio.run(serve, opts, link, tap, runas)
-    finally:
-        tap.close()
+        return TapFrontend.adopt(given, opts.tap, incoming=opts.incoming, netns=opts.netns)
+    return TapFrontend.open(
+        netns_path(opts.netns),
+        opts.tap,
+        link,
+        opts.config_net and not opts.incoming,
+        incoming=opts.incoming,
+    )
 
 
 def warn_if_nobody_listens(path: str) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "RAWFRAMES",
     "REPO",
     "STREAMTOOL",
+    "STREAM_RELAY",
     "TCPTOOL",
     "UDPTOOL",
     "VENV_BIN",
@@ -39,5 +40,7 @@ TCPTOOL = str(_HERE / "tcptool.py")
 STREAMTOOL = str(_HERE / "streamtool.py")
 #: A UDP echo that reports the source address, and its checking client (testbed/udptool.py).
 UDPTOOL = str(_HERE / "udptool.py")
+#: QEMU's stream netdev played by a relay: a tap to ferryd's socket (testbed/stream_relay.py).
+STREAM_RELAY = str(_HERE / "stream_relay.py")
 #: Hand-made frames on the guest's tap, through AF_PACKET (testbed/rawframes.py).
 RAWFRAMES = str(_HERE / "rawframes.py")

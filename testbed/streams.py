@@ -32,8 +32,8 @@ WAIT_SECONDS = 60.0
 class Tool:
     """One streamtool process in a namespace, its JSON output lines collected."""
 
-    def __init__(self, ns: Netns, *args: str) -> None:
-        self.argv = [PY, STREAMTOOL, *args]
+    def __init__(self, ns: Netns, *args: str, script: str = STREAMTOOL) -> None:
+        self.argv = [PY, script, *args]
         self.lines: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._changed = threading.Condition()

@@ -1,11 +1,12 @@
 """What ferryd needs of a frontend: the guest's Ethernet frames in and out.
 
 A frontend is the guest's side of the link: a tap device in a network
-namespace today (ferryd.frontends.tap); a QEMU stream socket and a
-vhost-user backend next. Each one is an adapter (STYLE.md, "One adapter
-per transport"): the stack (ferryd.stack) only sends frames through a
-:class:`FrameSink`, and the data path (ferryd.datapath) only runs, drains
-and hands over a :class:`Frontend`. Nothing above the data path knows which
+namespace (ferryd.frontends.tap), QEMU's stream netdev on a Unix socket
+(ferryd.frontends.stream); a vhost-user backend next. Each one is an
+adapter (STYLE.md, "One adapter per transport"): the stack
+(ferryd.stack) only sends frames through a :class:`FrameSink`, and the
+data path (ferryd.datapath) only runs, drains and hands over a
+:class:`Frontend`. Nothing above the data path knows which
 frontend it runs on; migration (ferryd.migration) does not even see it.
 
 A new frontend implements :class:`Frontend` and is handed to
@@ -17,13 +18,15 @@ target :meth:`~Frontend.take_over` the guest before the source's freeze
 (frames then queue there, unread, until the target's data path starts), and
 the source :meth:`~Frontend.hand_over` at its freeze, right after a
 :meth:`~Frontend.drain` of what it had queued already. A tap does both with
-its multi-queue device (one queue per ferryd); a stream or vhost-user
-frontend will do it with QEMU's own hand-over of the device.
+its multi-queue device (one queue per ferryd). A stream frontend has
+nothing to move: each ferryd listens on its own socket for its own QEMU,
+and hand_over only stops reading and sending (ferryd.frontends.stream); a
+vhost-user frontend will do it with QEMU's own hand-over of the device.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 #: ``on_frame(frame, trusted)``: one frame from the guest, a view valid only
 #: for the call (ferryd keeps no payload); ``trusted``: its L4 checksum is not
@@ -63,7 +66,14 @@ class FrontendCounters:
 class Frontend(FrameSink, Protocol):
     """Frames in and out, and the handover of the guest: what the data path needs."""
 
-    counters: FrontendCounters
+    @property
+    def counters(self) -> FrontendCounters:
+        """What crossed it (a frontend may count more, in a subclass)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What ``ferryctl status`` shows of it: its ``kind`` ("tap", "stream") and where it is."""
+        ...
 
     async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         """Deliver every frame the guest sends, until cancelled."""

@@ -45,6 +45,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -217,13 +218,21 @@ class TapFrontend:
     tap's multi-queue: each ferryd holds one queue of the same device.
     """
 
-    def __init__(self, fd: int, *, attached: bool = True) -> None:
+    def __init__(
+        self, fd: int, *, attached: bool = True, name: str = "", netns: str | None = None
+    ) -> None:
         self.fd = fd
+        self.name = name
+        self.netns = netns
+        """The guest's namespace as named at start (None: the descriptor's opener knows)."""
         self.attached = attached
         """Whether this queue receives the guest's frames (not so for --incoming)."""
         self._buf = bytearray(_MAX_FRAME)
         self._view = memoryview(self._buf)
         self.counters = FrontendCounters()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "tap", "name": self.name, "netns": self.netns}
 
     def hand_over(self) -> None:
         """Stop receiving the guest's frames (a migration's source, at its freeze).
@@ -258,10 +267,12 @@ class TapFrontend:
             raise TapSetupError(f"cannot set up tap {name!r} in {netns}: {exc}{hint}") from exc
         except Exception as exc:  # pyroute2's NetlinkError and friends
             raise TapSetupError(f"cannot configure tap {name!r} in {netns}: {exc}") from exc
-        return cls(fd, attached=not incoming)
+        return cls(fd, attached=not incoming, name=name, netns=netns)
 
     @classmethod
-    def adopt(cls, fd: int, name: str, incoming: bool = False) -> "TapFrontend":
+    def adopt(
+        cls, fd: int, name: str, incoming: bool = False, netns: str | None = None
+    ) -> "TapFrontend":
         """A frontend on a /dev/net/tun descriptor opened in the guest's namespace by another.
 
         No setns and no netlink: the tap exists already, with its MTU and
@@ -283,7 +294,7 @@ class TapFrontend:
             elif exc.errno == errno.EINVAL:
                 hint = " (a tap made without multi_queue or vnet_hdr?)"
             raise TapSetupError(f"cannot attach to tap {name!r}: {exc.strerror}{hint}") from exc
-        return cls(fd, attached=not incoming)
+        return cls(fd, attached=not incoming, name=name, netns=netns)
 
     #: Frames may be sent with a partial L4 checksum (see the module doc).
     csum_offload = True

@@ -110,3 +110,30 @@ def test_precopy_quiet_is_a_hidden_option(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         parse_options(["--help"])
     assert "precopy-quiet" not in capsys.readouterr().out
+
+
+def test_the_two_modes() -> None:
+    tap = parse_options(["--netns", "guest"])
+    assert (tap.netns, tap.tap, tap.socket) == ("guest", "tap0", None)
+    stream = parse_options(["--socket", "/run/ferry/vm.sock", "-m", "1500"])
+    assert (stream.netns, stream.socket, stream.mtu) == (None, "/run/ferry/vm.sock", 1500)
+    assert make_link_config(stream, HOST, DNS).mtu == 1500  # addressing as in tap mode
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "one of the arguments --netns --socket is required"),
+        (["--netns", "g", "--socket", "s"], "--socket: not allowed with argument --netns"),
+        (["--socket", "s", "--tap", "tap1"], "--tap: tap mode only"),
+        (["--socket", "s", "--tap-fd", "3"], "--tap-fd: tap mode only"),
+        (["--socket", "s", "--config-net"], "--config-net: tap mode only"),
+    ],
+)
+def test_the_modes_do_not_mix(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_options(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

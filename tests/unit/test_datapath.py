@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -88,6 +89,9 @@ class MemoryFrontend:
 
     def take_over(self) -> None:
         self.attached = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "memory"}
 
     def close(self) -> None:
         pass

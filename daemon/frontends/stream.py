@@ -1,0 +1,504 @@
+"""Stream frontend: the guest is a VM whose QEMU connects to ferryd's Unix socket.
+
+``ferryd --socket PATH`` listens on PATH; QEMU connects to it with
+``-netdev stream,id=n0,server=off,addr.type=unix,addr.path=PATH`` and
+carries the guest's frames over that one connection, each behind its
+length (ferryd.frontends.stream_framing). This is passt's default mode.
+There is no namespace to enter and no device to create: ferryd needs no
+privilege at all, and its host sockets live in the namespace it runs in.
+
+The socket file. Made with mode 0600 before ``listen()`` (so no client ever
+connects through a wider umask-derived mode), owned by whoever started
+ferryd: QEMU must run as that user (or root). A socket file left by a
+ferryd that died is replaced; one that a live process answers on is not
+(:class:`StreamAddressInUse`), nor is a path that is not a socket.
+
+One QEMU at a time. The first connection is served until it ends; another
+that arrives meanwhile is accepted and closed at once (counted in
+``refused``, logged at most every 10 s), unless the one served has already
+hung up (POLLRDHUP): then the newcomer stays in the backlog and is served
+as soon as the reader has seen the end. So a QEMU that reconnects
+(``reconnect-ms``, or a restarted QEMU) is served again, and the guest's
+flows live on meanwhile: frames for it are dropped while nobody is
+connected, and TCP retransmits them.
+
+Reading. The connection is non-blocking; the reader waits for readability
+once and then reads into the framing parser's buffer until EAGAIN, many
+frames per read, in bursts (one ``on_burst_end`` each, then a checkpoint so
+a guest that never pauses cannot starve the host sockets). A frame handed
+to the stack is a view of that buffer, valid only for the call: ferryd
+keeps no payload. A length no frame can have breaks the stream for good
+(the boundaries are lost): ferryd logs it as QEMU's fault, drops that
+connection (counted in ``framing_errors``) and waits for the next. The
+longest frame allowed follows ferryd's MTU (``--mtu``, plus an Ethernet
+header and a VLAN tag); a migration target, whose link comes from the
+stream, allows the longest any link has.
+
+Writing never blocks the data path. A frame goes out in one ``sendmsg``
+with its length; when QEMU's side is full (it reads the socket only as
+fast as the guest takes frames) the frame is dropped and counted in
+``dropped_out``, as a full NIC queue would drop it. A write that takes only
+part of a frame cannot be undone, and the stream must never carry half a
+frame followed by another: the rest is kept (one frame at most) and
+finished as soon as the socket is writable, before any later frame; later
+frames are dropped until it is. Frames are complete: the stream has no
+checksum offload (``csum_offload`` is False, so the stack sums every
+segment itself), and the guest's frames are verified like any other.
+
+Migration. The handover needs nothing of QEMU's connection: each ferryd has
+its own socket, and each QEMU (the source's, the target's started with
+``-incoming``) connects to its own ferryd. :meth:`StreamFrontend.hand_over`
+(the source at its freeze, after a :meth:`~StreamFrontend.drain`) stops
+reading and sending, keeping the connection for a rollback. A target
+started with ``--incoming`` listens at once, but its data path starts only
+on resume: the target QEMU's connection waits in the listen backlog and
+its frames in the socket, unread, as a tap's queue would hold them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ferryd.descriptors import ACCEPT_BACKOFF, is_exhaustion
+from ferryd.exits import StartupError, ensure_parent_dir
+from ferryd.frontends.base import FrontendCounters, OnBurstEnd, OnFrame
+from ferryd.frontends.stream_framing import (
+    MAX_FRAME,
+    FrameReader,
+    StreamFramingError,
+    frame_parts,
+    max_frame_for_mtu,
+    unsent_tail,
+)
+from ferryd.logthrottle import LogThrottle
+from ferryd.wire.checksum import checksum
+
+__all__ = [
+    "StreamAddressInUse",
+    "StreamCounters",
+    "StreamFrontend",
+    "StreamSetupError",
+    "open_listener",
+]
+
+log = logging.getLogger("ferryd.stream")
+
+#: Reads per burst: each read may hold many frames (up to the parser's buffer).
+_BURST = 8
+#: Asked of SO_SNDBUF: the kernel caps it at net.core.wmem_max (doubled).
+_SNDBUF = 4 << 20
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: The peer hung up (unix_poll(): RCV_SHUTDOWN gives EPOLLRDHUP, both ways EPOLLHUP).
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP
+
+
+class StreamSetupError(Exception):
+    """The socket cannot be made at its path (the operator's to fix)."""
+
+
+class StreamAddressInUse(StreamSetupError):
+    """The path is a live process's socket, or not a socket at all (bad configuration)."""
+
+
+@dataclass
+class StreamCounters(FrontendCounters):
+    """The frontend's counters, and QEMU's connections."""
+
+    connections: int = 0
+    """Connections served (QEMU's first, and every reconnect)."""
+    refused: int = 0
+    """Connections closed at once: another QEMU was being served."""
+    framing_errors: int = 0
+    """Connections dropped because QEMU's side broke the framing."""
+
+
+class _Ended(Exception):
+    """The connection served is over (QEMU hung up, or broke the framing)."""
+
+    def __init__(self, reason: str, fault: bool = False) -> None:
+        super().__init__(reason)
+        self.fault = fault
+
+
+def open_listener(path: str) -> tuple[socket.socket, os.stat_result]:
+    """The listening socket at ``path`` (mode 0600) and what it is on disk.
+
+    Synchronous: bound before the privilege drop, with no worker thread
+    (capset(2) changes the calling thread only).
+    """
+    try:
+        ensure_parent_dir(path, "--socket")
+    except StartupError as exc:
+        raise StreamSetupError(str(exc)) from exc
+    _remove_stale(path)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            raw.bind(path)
+        except OSError as exc:
+            raise StreamSetupError(f"--socket {path}: {exc.strerror}") from exc
+        # Not listening yet, so nobody can connect before the mode is tight.
+        os.chmod(path, 0o600)
+        bound = os.lstat(path)
+        raw.listen(8)
+        raw.setblocking(False)
+    except BaseException:
+        raw.close()
+        raise
+    return raw, bound
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a socket file nobody answers on; refuse a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StreamAddressInUse(
+            f"--socket {path} exists and is not a socket; refusing to replace it"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # stale: the ferryd that made it is gone
+    except BlockingIOError:  # its backlog is full: very much alive
+        raise StreamAddressInUse(
+            f"--socket {path}: another process (a live ferryd?) already listens there"
+        ) from None
+    except OSError as exc:
+        raise StreamSetupError(f"--socket {path}: cannot tell whether it is in use: {exc}") from exc
+    else:
+        raise StreamAddressInUse(
+            f"--socket {path}: another process (a live ferryd?) already listens there"
+        )
+    finally:
+        probe.close()
+    log.info("removing the stale socket %s", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _peer_pid(conn: socket.socket) -> int | None:
+    try:
+        pid, _, _ = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+    except OSError:
+        return None
+    return int(pid)
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(conn.fileno(), _HUNG_UP)
+    return any(events & _HUNG_UP for _, events in poller.poll(0))
+
+
+class StreamFrontend:
+    """QEMU's stream netdev on a listening Unix socket (see the module docstring).
+
+    Implements :class:`ferryd.frontends.base.Frontend`.
+    """
+
+    #: The stream carries complete frames: no checksum left to the guest.
+    csum_offload = False
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        path: str,
+        *,
+        max_frame: int = MAX_FRAME,
+        serving: bool = True,
+        bound: os.stat_result | None = None,
+    ) -> None:
+        listener.setblocking(False)
+        self.path = path
+        self._listener: socket.socket | None = listener
+        self._bound = bound
+        self.serving = serving
+        """Whether frames go in and out (not between a hand_over and a take_over)."""
+        self.counters = StreamCounters()
+        self._reader = FrameReader(max_frame)
+        self._conn: socket.socket | None = None
+        self._peer: int | None = None
+        self._unsent = b""
+        """The rest of a frame a write took only part of (see the module docstring)."""
+        self._unsent_waiting = trio.Event()
+        self._throttle = LogThrottle(log)
+
+    @classmethod
+    def listen(cls, path: str, mtu: int, incoming: bool = False) -> StreamFrontend:
+        """Listen at ``path`` for a QEMU whose guest link has ``mtu``.
+
+        A migration target (``incoming``) allows the longest frame of any
+        link, since the link it will serve comes from the stream.
+        """
+        listener, bound = open_listener(path)
+        max_frame = MAX_FRAME if incoming else max_frame_for_mtu(mtu)
+        return cls(listener, path, max_frame=max_frame, serving=not incoming, bound=bound)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "stream",
+            "path": self.path,
+            "connected": self._conn is not None,
+            "peer_pid": self._peer,
+        }
+
+    # --- frames out ---------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Write one complete frame; drop it (and count it) if QEMU cannot take it now."""
+        self._write([frame])
+
+    def send_partial(
+        self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
+    ) -> None:
+        """Complete the L4 checksum (the stream has no offload) and write the frame.
+
+        The stack does this itself for a frontend without ``csum_offload``;
+        this is here so that the frame is right whoever calls it.
+        """
+        frame = bytearray().join(parts)
+        csum = checksum(memoryview(frame)[csum_start:])
+        at = csum_start + csum_offset
+        frame[at : at + 2] = csum.to_bytes(2, "big")
+        self._write([memoryview(frame)])
+
+    def _write(self, parts: list[bytes | memoryview]) -> None:
+        conn = self._conn
+        if conn is None or not self.serving or (self._unsent and not self._flush(conn)):
+            self.counters.dropped_out += 1
+            return
+        out, size = frame_parts(parts)
+        try:
+            sent = conn.sendmsg(out, (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError:
+            # EAGAIN: QEMU's side is full. EPIPE/ECONNRESET: QEMU is gone, and
+            # the reader will see the end. Either way the frame is lost.
+            self.counters.dropped_out += 1
+            return
+        self.counters.frames_out += 1
+        if sent < size:
+            self._unsent = unsent_tail(out, sent)
+            self._unsent_waiting.set()
+
+    def _flush(self, conn: socket.socket) -> bool:
+        """Write what is left of a partly written frame; True once none is."""
+        try:
+            sent = conn.send(self._unsent, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return False
+        except OSError:  # QEMU is gone (the reader will see the end): so is the frame
+            self._unsent = b""
+            return False
+        self._unsent = self._unsent[sent:]
+        return not self._unsent
+
+    async def _finish_unsent(self, conn: socket.socket) -> None:
+        """Finish a partly written frame as soon as QEMU's side has room."""
+        while True:
+            await self._unsent_waiting.wait()
+            self._unsent_waiting = trio.Event()
+            while self._unsent and not self._flush(conn):
+                await trio.lowlevel.wait_writable(conn)
+
+    # --- frames in ------------------------------------------------------------
+
+    async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
+        """Serve QEMU's connections one after the other, until cancelled."""
+        while True:
+            if self._conn is None:
+                await self._accept()
+            conn = self._conn
+            assert conn is not None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._refuse_others, conn)
+                nursery.start_soon(self._finish_unsent, conn)
+                if self._unsent:
+                    self._unsent_waiting.set()
+                end = await self._read(conn, on_frame, on_burst_end)
+                nursery.cancel_scope.cancel()
+            self._disconnect(end)
+
+    async def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None, "closed"
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if not is_exhaustion(exc):
+                    raise
+                # EMFILE: the listener stays readable, so retrying at once
+                # would spin; QEMU waits in the backlog.
+                self._throttle.warning(
+                    "accept", trio.current_time(), "cannot accept QEMU on %s: %s", self.path, exc
+                )
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            self._conn, self._peer = conn, _peer_pid(conn)
+            self._reader.reset()
+            self._unsent = b""
+            self.counters.connections += 1
+            log.info("QEMU connected on %s (pid %s)", self.path, self._peer)
+            return
+
+    async def _refuse_others(self, conn: socket.socket) -> None:
+        """Close every other connection while ``conn`` is served (see the module docstring)."""
+        listener = self._listener
+        assert listener is not None
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            if _hung_up(conn):
+                # The served QEMU is gone: the newcomer (its reconnect, most
+                # likely) waits in the backlog until the reader sees the end.
+                await trio.sleep_forever()
+            try:
+                extra, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if not is_exhaustion(exc):
+                    raise
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            pid = _peer_pid(extra)
+            extra.close()
+            self.counters.refused += 1
+            self._throttle.warning(
+                "refused",
+                trio.current_time(),
+                "refused a second connection on %s (pid %s): QEMU pid %s is being served",
+                self.path,
+                pid,
+                self._peer,
+            )
+
+    async def _read(
+        self, conn: socket.socket, on_frame: OnFrame, on_burst_end: OnBurstEnd
+    ) -> _Ended:
+        """Deliver QEMU's frames until the connection is over; why it is."""
+        while True:
+            await trio.lowlevel.wait_readable(conn)
+            try:
+                while self._burst(conn, on_frame, _BURST):  # a full burst: more may be queued
+                    on_burst_end()
+                    await trio.lowlevel.checkpoint()
+            except _Ended as end:
+                on_burst_end()  # for the frames before the end
+                return end
+            on_burst_end()
+
+    def _burst(self, conn: socket.socket, on_frame: OnFrame, reads: int) -> bool:
+        """Up to ``reads`` reads' worth of frames; True unless the socket ran dry."""
+        reader, counters = self._reader, self.counters
+        for _ in range(reads):
+            try:
+                n = conn.recv_into(reader.space())
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise _Ended(f"read failed: {exc.strerror}") from exc
+            if n == 0:
+                raise _Ended("QEMU closed the connection")
+            try:
+                frames = reader.received_untrusted(n)
+            except StreamFramingError as exc:
+                counters.framing_errors += 1
+                raise _Ended(f"QEMU broke the stream's framing: {exc}", fault=True) from exc
+            for frame in frames:
+                counters.frames_in += 1
+                on_frame(frame, False)
+        return True
+
+    def _disconnect(self, end: _Ended) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        peer, self._conn, self._peer = self._peer, None, None
+        self._reader.reset()
+        self._unsent = b""
+        if end.fault:
+            self._throttle.warning(
+                "framing",
+                trio.current_time(),
+                "%s (pid %s on %s); dropped the connection, waiting for QEMU to reconnect",
+                end,
+                peer,
+                self.path,
+            )
+        else:
+            log.info("%s (pid %s on %s); waiting for QEMU to reconnect", end, peer, self.path)
+
+    def drain(self, on_frame: OnFrame, on_burst_end: OnBurstEnd, budget: float = 0.002) -> None:
+        """Deliver, without waiting, the frames QEMU has sent already, for about ``budget`` s.
+
+        A migration's source calls it right before :meth:`hand_over`: what
+        is left in the socket then is never read (as a tap's queue, see
+        TapFrontend.drain), and the guest resends it.
+        """
+        conn = self._conn
+        if conn is not None and self.serving:
+            deadline = time.monotonic() + budget
+            try:
+                while self._burst(conn, on_frame, 1) and time.monotonic() < deadline:
+                    pass
+            except _Ended as end:
+                self._disconnect(end)
+        on_burst_end()
+
+    # --- the handover -----------------------------------------------------------
+
+    def hand_over(self) -> None:
+        """Stop reading and sending: the other ferryd's QEMU has the guest now.
+
+        The connection is kept: a rollback serves the same QEMU again.
+        """
+        self.serving = False
+
+    def take_over(self) -> None:
+        """Read and send from the next :meth:`run` on."""
+        self.serving = True
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self._unlink_if_ours()
+
+    def _unlink_if_ours(self) -> None:
+        """Remove the socket file unless another ferryd has made its own there since."""
+        if self._bound is None:
+            return
+        try:
+            now = os.lstat(self.path)
+            if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
+                os.unlink(self.path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
+                log.warning("cannot remove %s: %s", self.path, exc)
