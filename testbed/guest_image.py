@@ -93,6 +93,9 @@ for module in $(cat /etc/modules); do
     insmod "/lib/modules/$module.ko" || echo "ferry-guest: insmod $module failed"
 done
 ip link set lo up
+# Addresses usable at once (no duplicate address detection), as in the bed's
+# namespaces: SLAAC's address is there as soon as the router advertisement is.
+sysctl -q -w net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
 # virtio_net registers eth0 when the PCI device is probed, during insmod;
 # wait a little all the same rather than fail on a slow probe.
 tries=0

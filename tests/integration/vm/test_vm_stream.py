@@ -16,6 +16,7 @@ test compares the SHA-256 the guest computes with tcptool's own.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,16 @@ def test_guest_takes_its_address_by_dhcp_and_streams_both_ways(
         topology.gateway_v4,
     )
     assert f"{topology.host_v4}/{topology.prefix_v4}" in vm.addresses()
+    # IPv6 by SLAAC, from the back-end's router advertisement of the host's prefix.
+    host_net6 = ipaddress.ip_interface(f"{topology.host_v6}/{topology.prefix_v6}").network
+    wait_for(
+        lambda: any(
+            ipaddress.ip_interface(a).network == host_net6 for a in vm.addresses() if ":" in a
+        ),
+        timeout=30,
+        interval=0.5,
+        what=f"an address in {host_net6} by SLAAC",
+    )
 
     # Guest to peer: the sink reads to the guest's FIN, then answers with the
     # count and hash of what arrived and the address it came from. nc waits for
