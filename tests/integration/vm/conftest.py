@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import pytest
 
 from testbed.guest_image import GuestImage, build_guest_image
+from testbed.passt_process import PasstProcess, start_passt
+from testbed.topology import Topology
 from testbed.vm import Vm, qemu_unavailable
 from tests.integration.conftest import _test_failed
 
@@ -67,3 +69,31 @@ def start_vm(
             print(f"--- {vm.name}: QEMU exit {status}; command: {' '.join(vm.argv)} ---")
             print(f"--- {vm.name}: QEMU's log ---\n{vm.qemu_log()}")
             print(f"--- {vm.name}: the guest's console ---\n{vm.console()}")
+
+
+class StartPasst(Protocol):
+    def __call__(self) -> PasstProcess: ...
+
+
+@pytest.fixture
+def start_passt_backend(
+    request: pytest.FixtureRequest, topology: Topology, short_tmp: Path
+) -> Iterator[StartPasst]:
+    """A factory: ``start_passt_backend()`` -> passt listening in the host namespace.
+
+    Each passt gets its own socket; all are stopped at teardown (after the
+    VMs, which were started later), their logs printed when the test failed.
+    """
+    started: list[PasstProcess] = []
+
+    def start() -> PasstProcess:
+        passt = start_passt(topology.host, short_tmp / f"passt{len(started)}.log")
+        started.append(passt)
+        return passt
+
+    yield start
+
+    for passt in started:
+        status = passt.stop()
+        if _test_failed(request.node):
+            print(f"--- passt's log ({passt.socket_path}, exit {status}) ---\n{passt.log()}")

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from testbed.ferryd_process import FerrydProcess, describe_status, launch
-from testbed.passt_process import start_passt
 from testbed.paths import FERRYD
 from testbed.tcptool import expected
 from testbed.tcptool_process import server
@@ -33,7 +32,7 @@ from testbed.topology import Topology
 from testbed.vm import stream_netdev
 from testbed.wait import wait_for
 from tests.integration.conftest import _test_failed
-from tests.integration.vm.conftest import StartVm
+from tests.integration.vm.conftest import StartPasst, StartVm
 
 SINK_PORT = 5001
 SOURCE_PORT = 5002
@@ -55,17 +54,15 @@ class Backend:
 
 @pytest.fixture(params=["ferryd", "passt"])
 def backend(
-    request: pytest.FixtureRequest, topology: Topology, short_tmp: Path
+    request: pytest.FixtureRequest,
+    topology: Topology,
+    short_tmp: Path,
+    start_passt_backend: StartPasst,
 ) -> Iterator[Backend]:
     """``ferryd --socket`` or passt in the host namespace, serving one VM."""
     if request.param == "passt":
-        passt = start_passt(topology.host, short_tmp / "passt.log")
-        try:
-            yield Backend("passt", passt.socket_path, passt.log, closes_after_half_close=False)
-        finally:
-            status = passt.stop()
-            if _test_failed(request.node):
-                print(f"--- passt's log (exit {status}) ---\n{passt.log()}")
+        passt = start_passt_backend()
+        yield Backend("passt", passt.socket_path, passt.log, closes_after_half_close=False)
         return
     socket_path, control = short_tmp / "ferryd.sock", str(short_tmp / "ferryd.ctl")
     argv = [str(FERRYD), "--socket", str(socket_path), "--control", control]
