@@ -29,6 +29,43 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# QEMU >= 10 for the virtual-machine tests (tests/integration/vm, testbed/vm.py). Debian 12
+# has 7.2 in main and 10.0 in bookworm-backports: the backports suite is added
+# as a deb822 source of its own, and only qemu-system-x86 and what it needs
+# come from there (backports is never preferred on its own). Without QEMU >= 10
+# the VM tests skip and say why.
+qemu_version() {
+    dpkg-query -W -f='${db:Status-Abbrev}${Version}' qemu-system-x86 2>/dev/null \
+        | sed -n 's/^ii *//p'
+}
+qemu_is_recent() {
+    local version
+    version=$(qemu_version)
+    [ -n "$version" ] && dpkg --compare-versions "$version" ge 1:10
+}
+if [ "$(id -u)" -eq 0 ] && ! qemu_is_recent; then
+    if [ "$(. /etc/os-release && echo "$VERSION_CODENAME")" = bookworm ]; then
+        backports=/etc/apt/sources.list.d/bookworm-backports.sources
+        if ! grep -qs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/*; then
+            printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+                'Suites: bookworm-backports' 'Components: main' \
+                'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$backports"
+        fi
+        echo "bootstrap: installing qemu-system-x86 from bookworm-backports"
+        # apt's output (debconf's notes included) is shown only when it fails.
+        if ! out=$(apt-get update -qq 2>&1 && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+            qemu-system-x86 2>&1); then
+            echo "$out" >&2
+            echo "bootstrap: installing qemu-system-x86 from bookworm-backports failed" >&2
+        fi
+    fi
+    if ! qemu_is_recent; then
+        echo "bootstrap: warning: qemu-system-x86 is '$(qemu_version)', not >= 10;" \
+            "the VM tests will skip" >&2
+    fi
+fi
+
 # Debian's own interpreter, not one found first on PATH: ferryd drops to an
 # unprivileged user (nobody by default) after setup, and then still imports
 # modules lazily (the stdlib, the migration code); an interpreter under a

@@ -15,7 +15,11 @@ Layers, each importing only those above it:
   :mod:`testbed.repair` (a ferry-repair and its log), and
   :mod:`testbed.migrationbed` (both hosts of a migration with their ferryds);
 * :mod:`testbed.streams` drives ``streamtool`` processes and checks their
-  traffic end to end.
+  traffic end to end;
+* virtual machines: :mod:`testbed.guest_image` (the test guest, built from
+  Debian packages into a cache), :mod:`testbed.qmp` (a QMP client),
+  :mod:`testbed.vm` (QEMU running the guest, with a command channel into
+  it) and :mod:`testbed.passt_process` (passt, the reference back-end).
 
 The tools are stand-alone scripts run inside namespaces by path
 (:mod:`testbed.paths`), importing only the standard library and ``ferryd``:

@@ -1,0 +1,171 @@
+"""A small synchronous QMP client: the tests drive QEMU the way a management layer does.
+
+QMP (docs/interop/qmp-spec.rst) is JSON objects over a Unix socket, one per
+line. On connect QEMU sends a greeting ``{"QMP": {...}}``; the client must
+send ``qmp_capabilities`` before any other command. Each command
+``{"execute": NAME, "arguments": {...}, "id": ID}`` gets exactly one answer
+carrying the same id, ``{"return": ...}`` or ``{"error": {"class", "desc"}}``;
+asynchronous events ``{"event": NAME, ...}`` may arrive in between and are
+kept in :attr:`Qmp.events`.
+
+Everything waits with a deadline (the socket's timeout): a QEMU that went
+quiet fails the test with :class:`QmpError`, it never hangs it. What QEMU
+sends is parsed as untrusted input: a line that is not a JSON object is a
+:class:`QmpError` naming QEMU, and the connection is not used again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import socket
+from typing import Any
+
+__all__ = ["Qmp", "QmpCommandError", "QmpError"]
+
+#: QMP answers come within milliseconds; the deadline is for a stuck QEMU.
+DEFAULT_TIMEOUT = 30.0
+
+
+class QmpError(AssertionError):
+    """QEMU's QMP connection broke, went quiet or sent something that is not QMP.
+
+    An AssertionError, so that pytest reports a failed test, not an error in it.
+    """
+
+
+class QmpCommandError(QmpError):
+    """QEMU answered a command with an error (QMP's error class and description)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class Qmp:
+    """One QMP connection, ready for commands once constructed (capabilities negotiated)."""
+
+    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._buffer = bytearray()
+        self._ids = itertools.count(1)
+        self._broken = False
+        #: Events received so far, in order (``{"event": ..., "data": ..., "timestamp": ...}``).
+        self.events: list[dict[str, Any]] = []
+        try:
+            try:
+                self._sock.connect(path)
+            except OSError as e:
+                raise QmpError(f"cannot connect to QEMU's QMP socket {path}: {e}") from e
+            greeting = self._receive_untrusted()
+            if "QMP" not in greeting:
+                raise QmpError(f"QEMU's QMP greeting has no QMP member: {greeting!r}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run *command* and return its ``return`` value; QmpCommandError if QEMU refuses it."""
+        if self._broken:
+            raise QmpError("the QMP connection broke earlier; not sending " + command)
+        request_id = next(self._ids)
+        message: dict[str, Any] = {"execute": command, "id": request_id}
+        if arguments:
+            message["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+        except OSError as e:
+            self._broken = True
+            raise QmpError(f"QMP: sending {command} failed: {e}") from e
+        while True:
+            answer = self._receive_untrusted()
+            if "event" in answer:
+                self.events.append(answer)
+                continue
+            if answer.get("id") != request_id:
+                self._broken = True
+                raise QmpError(f"QMP answer for another command while running {command}: {answer}")
+            if "error" in answer:
+                error = answer["error"]
+                if not isinstance(error, dict):
+                    raise QmpError(f"QMP error that is not an object: {answer}")
+                raise QmpCommandError(
+                    command, str(error.get("class", "?")), str(error.get("desc", "?"))
+                )
+            if "return" not in answer:
+                self._broken = True
+                raise QmpError(f"QMP answer to {command} with neither return nor error: {answer}")
+            return answer["return"]
+
+    # The commands the tests use, typed.
+
+    def query_status(self) -> str:
+        """The VM's run state: ``running``, ``paused``, ``inmigrate``, ``postmigrate``..."""
+        return str(self.execute("query-status")["status"])
+
+    def stop(self) -> None:
+        self.execute("stop")
+
+    def cont(self) -> None:
+        self.execute("cont")
+
+    def migrate(self, uri: str) -> None:
+        """Start migrating to *uri* (``unix:PATH``, ``tcp:HOST:PORT``); returns at once."""
+        self.execute("migrate", uri=uri)
+
+    def query_migrate(self) -> dict[str, Any]:
+        """``status`` (active, completed, failed...), ``downtime`` and ``total-time`` in ms."""
+        return dict(self.execute("query-migrate"))
+
+    def migrate_cancel(self) -> None:
+        self.execute("migrate_cancel")
+
+    def set_downtime_limit(self, milliseconds: int) -> None:
+        """The most QEMU may pause the guest for the final pass (its default is 300 ms)."""
+        self.execute("migrate-set-parameters", **{"downtime-limit": milliseconds})
+
+    def quit(self) -> None:
+        """Ask QEMU to exit. It may close the socket before (or instead of) answering."""
+        with contextlib.suppress(QmpError):
+            self.execute("quit")
+
+    def _receive_untrusted(self) -> dict[str, Any]:
+        """The next JSON object from QEMU; QmpError for anything else or for silence."""
+        while b"\n" not in self._buffer:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError as e:
+                self._broken = True
+                raise QmpError("QEMU sent nothing on QMP before the deadline") from e
+            except OSError as e:
+                self._broken = True
+                raise QmpError(f"QMP connection failed: {e}") from e
+            if not data:
+                self._broken = True
+                raise QmpError("QEMU closed the QMP connection")
+            self._buffer += data
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        try:
+            message = json.loads(line)
+        except (UnicodeDecodeError, ValueError) as e:
+            self._broken = True
+            raise QmpError(f"QEMU sent a QMP line that is not JSON: {line[:200]!r}") from e
+        if not isinstance(message, dict):
+            self._broken = True
+            raise QmpError(f"QEMU sent a QMP message that is not an object: {line[:200]!r}")
+        return message
