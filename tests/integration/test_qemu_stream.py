@@ -86,7 +86,7 @@ def test_dhcp_ping_and_streams_both_ways(
     }
     frontend = status["counters"]["frontend"]
     assert frontend["connections"] == 1 and frontend["framing_errors"] == 0
-    assert frontend["frames_in"] == status["counters"]["stack"]["frames_in"]
+    assert frontend["frames_in"] == status["counters"]["frames_in"] > 0
 
 
 def test_qemu_reconnects_and_a_second_qemu_is_refused(
