@@ -22,6 +22,7 @@ from testbed.netns import Netns
 from testbed.paths import FERRYCTL, FERRYD
 from testbed.repair import HelperProcess, listening_helper, raise_fd_limit
 from testbed.topology import TwoHostTopology, build_topology, two_host_topology
+from testbed.wait import wait_for
 
 __all__ = ["PRECOPY_NOW", "MigrationBed", "default_routes", "one_host_bed", "two_host_bed"]
 
@@ -160,6 +161,38 @@ class MigrationBed:
     def stop_ferryds(self) -> list[int]:
         """Stop every ferryd started here (safe to call again); their exit statuses."""
         return [ferryd.stop() for ferryd in self.ferryds]
+
+
+def migrate_killing_target(
+    source: FerrydProcess, target: FerrydProcess, *ferryctl_args: str
+) -> str:
+    """``ferryctl migrate``, the target killed as soon as the source has begun.
+
+    Waits for ferryctl to fail (exit 1) and for the source to be running
+    again (rolled back); returns ferryctl's standard error.
+    """
+    ctl = subprocess.Popen(
+        [str(FERRYCTL), "migrate", "--source", source.control, "--target", target.control,
+         *ferryctl_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    wait_for(
+        lambda: source.request("status")["role"] != "running" or ctl.poll() is not None,
+        timeout=30,
+        interval=0.001,
+        what="the source to start migrating",
+    )
+    target.proc.kill()
+    _, err = ctl.communicate(timeout=120)
+    assert ctl.returncode == 1, err
+    wait_for(
+        lambda: source.request("status")["role"] == "running",
+        timeout=30,
+        what="the source to roll back",
+    )
+    return err
 
 
 def default_routes(host: Netns, gateway_v4: str, gateway_v6: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 from collections.abc import Callable
 
@@ -27,8 +26,7 @@ import pytest
 from ferryd.control import ControlRequestFailed
 from ferryd.migration import migration_pb2 as pb
 from testbed.ferryd_process import FerrydProcess
-from testbed.migrationbed import MigrationBed
-from testbed.paths import FERRYCTL
+from testbed.migrationbed import MigrationBed, migrate_killing_target
 from testbed.streams import Streams, UdpExchange
 from testbed.wait import wait_for
 
@@ -219,27 +217,7 @@ def test_target_killed_mid_stream(two_hosts: MigrationBed) -> None:
     streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9500, "busy:8", "idle:500")
     try:
         streams.wait_flowing("busy", 4 << 20)
-        ctl = subprocess.Popen(
-            [str(FERRYCTL), "migrate", "--source", source.control, "--target", target.control],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for(
-            lambda: source.request("status")["role"] != "running" or ctl.poll() is not None,
-            timeout=30,
-            interval=0.001,
-            what="the source to start migrating",
-        )
-        target.proc.kill()
-        _, err = ctl.communicate(timeout=120)
-        print("ferryctl:", err)
-        assert ctl.returncode == 1
-        wait_for(
-            lambda: source.request("status")["role"] == "running",
-            timeout=30,
-            what="the source to roll back",
-        )
+        print("ferryctl:", migrate_killing_target(source, target))
         _source_survives(source, target, streams)
     finally:
         streams.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from testbed.ferryd_process import FerrydProcess, describe_status
-from testbed.migrationbed import MigrationBed
+from testbed.migrationbed import MigrationBed, migrate_killing_target
 from testbed.netns import Netns
 from testbed.paths import FERRYCTL, FERRYD
 from testbed.qemu_stand_in import StreamRelay, dhcp, launch_stream_ferryd
@@ -197,28 +197,8 @@ def test_a_failed_migration_serves_the_same_qemu_again(
         dhcp(bed.guest, bed.tmp)
         streams = Streams(bed.peer, bed.guest, "0.0.0.0", bed.peer_v4, 9000, "busy:4", "idle:300")
         streams.wait_flowing("busy", 2 << 20)
-        argv = [str(FERRYCTL), "migrate", "--source", source.control, "--target", target.control]
-        ctl = subprocess.Popen(
-            argv if precopy else [*argv, "--no-precopy"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for(
-            lambda: source.request("status")["role"] != "running" or ctl.poll() is not None,
-            timeout=30,
-            interval=0.001,
-            what="the source to start migrating",
-        )
-        target.proc.kill()
-        _, err = ctl.communicate(timeout=120)
-        print("ferryctl:", err)
-        assert ctl.returncode == 1
-        wait_for(
-            lambda: source.request("status")["role"] == "running",
-            timeout=30,
-            what="the source to roll back",
-        )
+        extra = () if precopy else ("--no-precopy",)
+        print("ferryctl:", migrate_killing_target(source, target, *extra))
         mark = streams.report()["busy"]
         streams.wait_more("busy", mark, 4 << 20, "on the source after the failure")
         streams.finish()
