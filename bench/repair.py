@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from ferry_repair.protocol import TCP_REPAIR
 from ferry_repair.repair import DROP_ALL_FPROG, SO_ATTACH_FILTER, SO_DETACH_FILTER
 from ferryd.linux import TCP_REPAIR_QUEUE
 from ferryd.migration.repair_client import RepairClient, RepairMode
+from testbed.repair import raise_fd_limit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,11 +60,6 @@ held = [listener.accept()[0] for _ in range(n)]
 print("accepted", flush=True)
 sys.stdin.read()
 """
-
-
-def raise_fd_limit() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def connections(n: int) -> tuple[list[socket.socket], subprocess.Popen[str]]:

@@ -38,6 +38,8 @@ from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role, RoleMachine
 from ferryd.migration.session import MigrationCounters, Session
 from ferryd.migration.source import SourceMigration
+from ferryd.migration.stream import StreamDecoder
+from ferryd.migration.stream_events import StreamEvent
 from ferryd.migration.target import TargetMigration
 from ferryd.wire.ip import IpAddress
 from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations, guest_of
@@ -236,3 +238,20 @@ class FakeRepair:
     async def get(self) -> RepairPort:
         await trio.lowlevel.checkpoint()
         return self
+
+
+async def read_all(sock: socket.socket) -> bytes:
+    """Everything a migration wrote into ``sock``'s peer, until it closed."""
+    tsock = trio.socket.from_stdlib_socket(sock)
+    data = bytearray()
+    while chunk := await tsock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def decode_stream(data: bytes) -> list[StreamEvent]:
+    """A whole migration stream's events; raises unless it ended with its trailer."""
+    decoder = StreamDecoder()
+    events = decoder.feed_untrusted(data)
+    decoder.eof()
+    return events

@@ -19,9 +19,8 @@ from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.records import UdpFlowRecord
 from ferryd.migration.roles import IllegalTransition, Role
 from ferryd.migration.source import SourceMigration
-from ferryd.migration.stream import StreamDecoder
-from ferryd.migration.stream_events import FlowReceived, HeaderReceived, StreamEvent
-from tests.unit.migration_host import MemoryHost, role_of, session
+from ferryd.migration.stream_events import FlowReceived, HeaderReceived
+from tests.unit.migration_host import MemoryHost, decode_stream, read_all, role_of, session
 from tests.unit.test_flows_helpers import GUEST4, LINK, gateway_of, udp_from_guest
 
 
@@ -38,21 +37,6 @@ async def source(role: Role = Role.RUNNING) -> AsyncIterator[tuple[MemoryHost, S
             nursery.cancel_scope.cancel()
 
 
-async def _read_all(sock: socket.socket) -> bytes:
-    tsock = trio.socket.from_stdlib_socket(sock)
-    data = bytearray()
-    while chunk := await tsock.recv(65536):
-        data += chunk
-    return bytes(data)
-
-
-def _decode(data: bytes) -> list[StreamEvent]:
-    decoder = StreamDecoder()
-    events = decoder.feed_untrusted(data)
-    decoder.eof()  # raises unless the stream ended with its trailer
-    return events
-
-
 async def test_migrate_out_streams_the_flows_and_commits() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
         server.bind(("127.0.0.1", 0))
@@ -67,7 +51,7 @@ async def test_migrate_out_streams_the_flows_and_commits() -> None:
                     received: list[bytes] = []
 
                     async def read() -> None:
-                        received.append(await _read_all(reader))
+                        received.append(await read_all(reader))
 
                     n.start_soon(read)
                     answer = await mig.migrate_out(writer.detach(), same_netns=False)
@@ -76,7 +60,7 @@ async def test_migrate_out_streams_the_flows_and_commits() -> None:
                 assert not host.holds_guest
                 assert answer["flows"]["udp"] == 1
                 assert answer["stream_bytes"] == len(received[0])
-                events = _decode(received[0])
+                events = decode_stream(received[0])
                 assert isinstance(events[0], HeaderReceived)
                 assert events[0].header.ferry_mac == LINK.mac
                 assert events[0].header.guest_mac == b"\x02\x00\x00\x00\x00\x99"
@@ -115,7 +99,7 @@ async def test_abort_of_a_frozen_source_rolls_back() -> None:
     with reader:
         async with source() as (host, mig):
             async with trio.open_nursery() as n:
-                n.start_soon(_read_all, reader)
+                n.start_soon(read_all, reader)
                 await mig.migrate_out(writer.detach(), same_netns=False)
             assert await mig.abort() == {"role": "running", "note": "rolled back, nothing lost"}
             assert host.calls[-3:] == ["stop", "take_over", "start"]
@@ -134,7 +118,7 @@ async def test_migrate_out_refused_outside_running(role: Role) -> None:
                 await mig.migrate_out(writer.detach(), same_netns=False)
             assert role_of(mig) is role
             assert host.calls == []
-            assert await _read_all(reader) == b""
+            assert await read_all(reader) == b""
 
 
 async def test_migrate_out_without_a_stream_needs_a_precopy() -> None:
@@ -153,7 +137,7 @@ async def test_precopy_then_freeze_on_the_same_stream() -> None:
                 received: list[bytes] = []
 
                 async def read() -> None:
-                    received.append(await _read_all(reader))
+                    received.append(await read_all(reader))
 
                 n.start_soon(read)
                 pre = await mig.precopy(writer.detach())
@@ -162,5 +146,5 @@ async def test_precopy_then_freeze_on_the_same_stream() -> None:
                 assert host.calls == []  # the guest still runs here
                 await mig.migrate_out(None, same_netns=False)
             assert role_of(mig) is Role.FROZEN
-            events = _decode(received[0])
+            events = decode_stream(received[0])
             assert isinstance(events[0], HeaderReceived) and events[0].header.precopy

@@ -23,14 +23,15 @@ from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
-from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import FlowReceived, PrecopyEnded, StreamEvent
 from ferryd.wire.tcp import ACK
 from tests.unit.migration_host import (
     FakeKernel,
     FakeRepair,
     MemoryHost,
+    decode_stream,
     kernel_state_of,
+    read_all,
     role_of,
     session,
 )
@@ -70,21 +71,6 @@ def _adopt(host: MemoryHost, sock: socket.socket) -> TcpConn:
     return host.tcp.adopt(ENDS, sock, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
 
 
-async def _read_all(sock: socket.socket) -> bytes:
-    tsock = trio.socket.from_stdlib_socket(sock)
-    data = bytearray()
-    while chunk := await tsock.recv(65536):
-        data += chunk
-    return bytes(data)
-
-
-def _decode(data: bytes) -> list[StreamEvent]:
-    decoder = StreamDecoder()
-    events = decoder.feed_untrusted(data)
-    decoder.eof()  # raises unless the stream ended with its trailer
-    return events
-
-
 def _tcp_records(events: list[StreamEvent]) -> list[TcpFlowRecord]:
     return [
         e.flow for e in events if isinstance(e, FlowReceived) and isinstance(e.flow, TcpFlowRecord)
@@ -119,7 +105,7 @@ async def test_freeze_dumps_the_connection_and_a_rollback_thaws_it(
             # Repair ON (ferry-repair freezes the intake as it does), then the dump.
             assert repair.calls == [(RepairMode.ON, [fd])]
             assert kernel.calls == [f"dump {fd}"]
-            (rec,) = _tcp_records(_decode(await _read_all(reader)))
+            (rec,) = _tcp_records(decode_stream(await read_all(reader)))
             _check_record(rec, ours)
             assert ours.fileno() == fd  # kept, frozen: the outcome is not known yet
 
@@ -154,7 +140,7 @@ async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
             assert kernel.calls == [f"dump {fd}", f"close_silently {fd}"]
             assert ours.fileno() < 0
             assert host.tcp.connections() == []  # forgotten before the close
-            (rec,) = _tcp_records(_decode(await _read_all(reader)))
+            (rec,) = _tcp_records(decode_stream(await read_all(reader)))
             _check_record(rec, dump)
 
             twin_fd = twin.fileno()
@@ -203,7 +189,7 @@ async def test_a_precopied_connection_is_dumped_again_only_if_it_moved(
             assert answer["flows"]["unchanged"] == (0 if moved else 1)
             dumped_again = [f"dump {fd}"] if moved else []
             assert kernel.calls[3:] == [f"segments {fd}", *dumped_again]
-            events = _decode(await _read_all(reader))
+            events = decode_stream(await read_all(reader))
             assert sum(isinstance(e, PrecopyEnded) for e in events) == 1
             records = _tcp_records(events)
             assert len(records) == (2 if moved else 1)

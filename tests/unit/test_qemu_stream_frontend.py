@@ -27,12 +27,9 @@ from ferryd.frontends.stream import (
 )
 from ferryd.frontends.stream_framing import FrameReader, max_frame_for_mtu
 from ferryd.wire.checksum import complete_partial
+from tests.unit.test_qemu_stream_framing import framed
 
 WAIT = 10.0
-
-
-def framed(*frames: bytes) -> bytes:
-    return b"".join(struct.pack(">I", len(f)) + f for f in frames)
 
 
 def numbered(i: int, size: int = 100) -> bytes:
