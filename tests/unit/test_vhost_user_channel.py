@@ -269,3 +269,22 @@ async def test_a_header_in_pieces_keeps_its_descriptors(
         assert os.fstat(set_call.fd).st_ino == os.fstat(call).st_ino
     finally:
         os.close(call)
+
+
+@pytest.mark.parametrize("requests", [1, 50])
+async def test_qemu_dying_with_replies_unread_ends_the_connection_cleanly(
+    served: tuple[FakeQemu, Served], requests: int
+) -> None:
+    """QEMU killed mid-conversation: ECONNRESET or EPIPE ends the session, never ferryd.
+
+    Closing a unix socket with data unread resets the peer (ECONNRESET on its
+    next receive); a reply to a closed peer fails with EPIPE. Many requests
+    make both likely, whichever way the scheduling falls.
+    """
+    qemu, state = served
+    for _ in range(requests):
+        await qemu.send(Request.GET_FEATURES)
+    qemu.sock.close()
+    with trio.fail_after(10):
+        await state.done.wait()
+    assert state.session.memory is None

@@ -26,7 +26,15 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ferryd.control.protocol import fds_from_ancdata
-from ferryd.frontends.vhost_user.actions import Action, CheckDeviceState, CloseFds, SendReply
+from ferryd.frontends.vhost_user.actions import (
+    Action,
+    CheckDeviceState,
+    CloseFds,
+    SendReply,
+    SetCall,
+    SetKick,
+    TransferDeviceState,
+)
 from ferryd.frontends.vhost_user.errors import VhostUserProtocolError
 from ferryd.frontends.vhost_user.messages import (
     HEADER_SIZE,
@@ -121,10 +129,19 @@ async def serve_connection(
             except VhostUserProtocolError as exc:
                 log.warning("vhost-user: QEMU sent an invalid message, disconnecting: %s", exc)
                 return
+            except OSError as exc:
+                # ECONNRESET: QEMU died with our reply unread (unix_release_sock).
+                log.warning("vhost-user: QEMU's connection failed: %s", exc)
+                return
             while actions:
                 action, *actions = actions
                 if isinstance(action, SendReply):
-                    await send_all(sock, action.data)
+                    try:
+                        await send_all(sock, action.data)
+                    except OSError as exc:  # EPIPE: QEMU went away before its reply
+                        close_fds([fd for a in actions for fd in _descriptors(a)])
+                        log.warning("vhost-user: QEMU's connection failed: %s", exc)
+                        return
                 elif isinstance(action, CloseFds):
                     close_fds(action.fds)
                 elif isinstance(action, CheckDeviceState):
@@ -134,3 +151,14 @@ async def serve_connection(
                     apply(action)
     finally:
         session.close()
+
+
+def _descriptors(action: Action) -> tuple[int, ...]:
+    """The descriptors an action not yet carried out owns (closed if it never will be)."""
+    if isinstance(action, CloseFds):
+        return action.fds
+    if isinstance(action, (SetKick, SetCall)):
+        return () if action.fd is None else (action.fd,)
+    if isinstance(action, TransferDeviceState):
+        return (action.fd,)
+    return ()
