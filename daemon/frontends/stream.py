@@ -64,13 +64,13 @@ import os
 import select
 import socket
 import stat
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from ferry_repair.peer import peer_credentials
 from ferryd.descriptors import ACCEPT_BACKOFF, is_exhaustion
 from ferryd.exits import StartupError, ensure_parent_dir
 from ferryd.frontends.base import FrontendCounters, OnBurstEnd, OnFrame
@@ -83,7 +83,7 @@ from ferryd.frontends.stream_framing import (
     unsent_tail,
 )
 from ferryd.logthrottle import LogThrottle
-from ferryd.wire.checksum import checksum
+from ferryd.wire.checksum import complete_partial
 
 __all__ = [
     "StreamAddressInUse",
@@ -99,7 +99,6 @@ log = logging.getLogger("ferryd.stream")
 _BURST = 8
 #: Asked of SO_SNDBUF: the kernel caps it at net.core.wmem_max (doubled).
 _SNDBUF = 4 << 20
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 #: The peer hung up (unix_poll(): RCV_SHUTDOWN gives EPOLLRDHUP, both ways EPOLLHUP).
 _HUNG_UP = select.POLLHUP | select.POLLRDHUP
 
@@ -195,12 +194,9 @@ def _remove_stale(path: str) -> None:
 
 def _peer_pid(conn: socket.socket) -> int | None:
     try:
-        pid, _, _ = _PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
+        return peer_credentials(conn).pid
     except OSError:
         return None
-    return int(pid)
 
 
 def _hung_up(conn: socket.socket) -> bool:
@@ -275,11 +271,11 @@ class StreamFrontend:
         The stack does this itself for a frontend without ``csum_offload``;
         this is here so that the frame is right whoever calls it.
         """
-        frame = bytearray().join(parts)
-        csum = checksum(memoryview(frame)[csum_start:])
-        at = csum_start + csum_offset
-        frame[at : at + 2] = csum.to_bytes(2, "big")
-        self._write([memoryview(frame)])
+        head = bytes(parts[0])
+        rest = parts[1:]
+        payload = rest[0] if len(rest) == 1 else b"".join(rest)
+        l4 = complete_partial(head[csum_start:], csum_offset, payload)
+        self._write([head[:csum_start] + l4, *rest])
 
     def _write(self, parts: list[bytes | memoryview]) -> None:
         conn = self._conn
