@@ -71,7 +71,7 @@ class Closer:
     """Closes descriptors in a thread of its own, in the order they were handed over."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[tuple[int, ...], bool]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, ...]] = queue.SimpleQueue()
         # One writer each (the loop, the thread); reading an int needs no lock.
         self._queued = 0
         self._closed = 0
@@ -81,17 +81,15 @@ class Closer:
         """Start the thread: after dropping capabilities, before the seccomp filter."""
         self._thread.start()
 
-    def close_later(self, fds: Sequence[int], *, linger_off: bool = True) -> None:
+    def close_later(self, fds: Sequence[int]) -> None:
         """Hand over descriptors we own; the caller must not use them any more.
 
-        ``linger_off=False`` skips the SO_LINGER shortcut, a syscall per
-        descriptor, for sockets just put in repair mode: those close at once
-        (tcp_close → tcp_disconnect); and should one linger after all, only
-        this thread waits.
+        (A batch just put in repair mode is not handed here: the loop closes
+        it itself before replying, see ferry_repair.server.)
         """
         if fds:
             self._queued += len(fds)
-            self._queue.put((tuple(fds), linger_off))
+            self._queue.put(tuple(fds))
 
     @property
     def closed(self) -> int:
@@ -105,10 +103,9 @@ class Closer:
 
     def _run(self) -> None:
         while True:
-            fds, linger_off = self._queue.get()
+            fds = self._queue.get()
             try:
-                if linger_off:
-                    linger_off_all(fds)
+                linger_off_all(fds)
                 close_batch(fds)
             except Exception:  # a bug; the descriptors must still go, and the thread live
                 log.exception("internal error while closing descriptors")

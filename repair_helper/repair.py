@@ -9,7 +9,7 @@ us the address family for free), the fstat() of the owner check (not for a
 root caller), the filter and TCP_REPAIR setsockopt()s, and, for repair ON,
 the two getsockname() and the SO_REUSEADDR that keep a caller from binding
 over other users' ports (below). Our copies are closed afterwards by the
-closer thread (closer.py), not here.
+server (closer.py, or the loop for a repair-ON batch), not here.
 
 Checks, in two steps:
 
@@ -79,10 +79,11 @@ mode gives on its own sockets: queues and sequence numbers to read and set,
 a connect() without handshake from an address it could bind anyway.
 
 Closing without blocking (item 6). Nothing here closes a descriptor: the
-server hands every batch, carried out or refused, to the closer thread
-(closer.py). close() of a caller's descriptor can wait as long as the caller
-likes: a TCP socket with SO_LINGER on and unsent data waits up to the linger
-time (inet_release → tcp_close → sk_stream_wait_close), a Unix socket
+server hands every batch to the closer thread (closer.py), except one just
+put in repair mode, which it closes itself (server.py says why). close()
+of a caller's descriptor can wait as long as the caller likes: a TCP
+socket with SO_LINGER on and unsent data waits up to the linger time
+(inet_release → tcp_close → sk_stream_wait_close), a Unix socket
 releases what is queued on it (lingering sockets included), a file on a
 FUSE mount waits for the FUSE server's flush (filp_close → f_op->flush).
 Switching SO_LINGER off here first would not help either: the caller may

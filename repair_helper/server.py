@@ -31,9 +31,13 @@ descriptor a client handed over, nor a client's connection: close() of
 either may block for as long as the client likes (closer.py: a lingering TCP
 socket; the descriptors still queued on a connection, which the kernel
 releases when the connection goes; a file on the client's FUSE mount). A
-batch, carried out or refused, and a connection we are done with (after a
-shutdown(), so that the client can queue nothing more) go to the closer
-thread, which closes them one after the other. The same holds for a caller
+batch (carried out or refused; but see below for one put in repair mode)
+and a connection we are done with (after a shutdown(), so that the client
+can queue nothing more) go to the closer thread, which closes them one after
+the other. A batch switched to repair ON is the exception: the loop closes
+it itself before replying (in repair mode tcp_close() goes straight to
+tcp_disconnect(), no linger), so that a caller who closes its own copy next
+finds the socket gone. The same holds for a caller
 refused at accept, which may have queued batches before we accepted it.
 If the closer falls behind by more than :data:`~ferry_repair.closer.MAX_BACKLOG`
 descriptors (stuck in a close()), the loop stops accepting and reading
