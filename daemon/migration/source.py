@@ -130,7 +130,6 @@ class SourceMigration:
         self.sockets_closed = False
         self.stream: trio.lowlevel.FdStream | None = None
         self.enc = StreamEncoder()
-        self.written = 0
         self.precopied: dict[TcpConn, tuple[int, tuple[int, int], TcpGuestState]] = {}
         """Pre-copied connections: record index, segment counts and guest side at the dump
         (a connection whose socket and guest side did not move since is not dumped again)."""
@@ -212,11 +211,9 @@ class SourceMigration:
                         held = []
                     if len(out) >= CHUNK:
                         await stream.send_all(bytes(out))
-                        self.written += len(out)
                         out.clear()
                 out += self.enc.precopy_end()
                 await stream.send_all(bytes(out))
-                self.written += len(out)
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:  # as migrate_out: any failure undoes the pre-copy
@@ -236,7 +233,7 @@ class SourceMigration:
         log.info("migration: pre-copied %d TCP connections", len(self.precopied))
         return {
             "precopied": len(self.precopied),
-            "stream_bytes": self.written,
+            "stream_bytes": self.enc.bytes_written,
             "timings_ms": self.precopy_timings,
         }
 
@@ -359,10 +356,8 @@ class SourceMigration:
         enc = self.enc
         out = bytearray()
         to_close: list[TcpConn] = []
-        written = self.written
 
         async def flush() -> None:
-            nonlocal written
             # Same namespace: free each 4-tuple before the target can read its
             # record (its connect() fails while this socket exists).
             for conn in to_close:
@@ -371,7 +366,6 @@ class SourceMigration:
             to_close.clear()
             if out:
                 await stream.send_all(bytes(out))
-                written += len(out)
                 out.clear()
 
         async def emit(data: bytes, record: FlowRecord | None = None) -> None:
@@ -442,7 +436,7 @@ class SourceMigration:
         await emit(enc.trailer())
         await flush()
         await stream.aclose()
-        return written
+        return enc.bytes_written  # all of it sent: flushed above
 
     async def _outcome_watchdog(self) -> None:
         # Act only after leaving the scope: rollback() cancels self._watchdog,
