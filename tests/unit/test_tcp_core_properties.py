@@ -234,7 +234,16 @@ def _apply(pair: Pair, guest: RefGuest, ev: tuple[object, ...]) -> None:
         pair.connect_done = True
         pair.host_events()
     else:
-        pair.burst([_segment(pair, guest, ev)])
+        seg = _segment(pair, guest, ev)
+        known = pair.wire.irs
+        if pair.conn.state is State.SYN_SENT and seg.flags & SYN:
+            # A SYN-ACK the core accepts here names the guest's ISN, whatever the
+            # reference guest would have chosen (RFC 9293 §3.10.7.3): the bound
+            # on ferryd's ACKs follows it, unless the core refused it.
+            pair.wire.irs = seg.seq
+        pair.burst([seg])
+        if pair.conn.state is State.SYN_SENT:
+            pair.wire.irs = known
     pair.check()
 
 
