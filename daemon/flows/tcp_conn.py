@@ -794,13 +794,13 @@ class TcpConn:
             and Flags.FIN_FROM_GUEST not in self.flags
             and seq_add(seg.seq, len(payload)) == self.seq_from_guest
         ):
-            self.flags |= Flags.FIN_FROM_GUEST
-            self.seq_from_guest = seq_add(self.seq_from_guest, 1)
             try:
                 self.host.shutdown_write()
-            except OSError as exc:
+            except OSError as exc:  # the FIN is not taken: the RST must not ACK it
                 self._socket_error(exc, now)
                 return
+            self.flags |= Flags.FIN_FROM_GUEST
+            self.seq_from_guest = seq_add(self.seq_from_guest, 1)
         if not short:
             # Acknowledged once the stack has handled the whole burst of
             # frames the tap had queued: one ACK covers many segments.
