@@ -68,7 +68,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -90,6 +89,13 @@ from ferryd.control.protocol import (
 from ferryd.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
 from ferryd.exits import StartupError, ensure_parent_dir
 from ferryd.logthrottle import LogThrottle
+from ferryd.unix_listener import (
+    PathState,
+    bind_listener,
+    probe_path,
+    remove_stale,
+    unlink_if_ours,
+)
 
 __all__ = ["ControlAddressInUse", "ControlBindError", "ControlServer", "Handler"]
 
@@ -173,7 +179,7 @@ class ControlServer:
         bound. The socket file is removed when serving ends (if it is still
         ours).
         """
-        listener, bound = await self._bind()
+        listener, bound = self._bind()
         # At most MAX_CONTROL_CONNECTIONS at once (their descriptors are in
         # ferryd's reserve, ferryd.descriptors); more wait in the backlog.
         slots = trio.Semaphore(MAX_CONTROL_CONNECTIONS)
@@ -203,7 +209,7 @@ class ControlServer:
             if self._spare is not None:
                 os.close(self._spare)
                 self._spare = None
-            self._unlink_if_ours(bound)
+            unlink_if_ours(self.path, bound)
 
     async def _accept(self, listener: trio.socket.SocketType) -> trio.socket.SocketType:
         """Accept one client, even when the process is out of descriptors.
@@ -224,63 +230,35 @@ class ControlServer:
             conn, _ = await listener.accept()
         return conn
 
-    async def _bind(self) -> tuple[trio.socket.SocketType, os.stat_result]:
+    def _bind(self) -> tuple[trio.socket.SocketType, os.stat_result]:
+        """The listener (ferryd.unix_listener: bound synchronously, before the
+        privilege drop, with no worker thread left holding capabilities)."""
         try:
             ensure_parent_dir(self.path, "control socket")
         except StartupError as exc:
             raise ControlBindError(str(exc)) from exc
-        await self._remove_stale()
-        # Bound synchronously: trio binds a Unix socket path in a worker thread,
-        # and a thread left over from setup would keep its capabilities past
-        # the privilege drop (capset(2) changes the calling thread only).
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            try:
-                raw.bind(self.path)
-            except OSError as exc:
-                raise ControlBindError(f"control socket {self.path}: {exc.strerror}") from exc
-            # Not listening yet, so nobody can connect before the mode is tight.
-            os.chmod(self.path, 0o600)
-            bound = os.lstat(self.path)
-            raw.listen(64)
-        except BaseException:
-            raw.close()
-            raise
-        sock = trio.socket.from_stdlib_socket(raw)
-        log.debug("control: listening on %s", self.path)
-        return sock, bound
-
-    async def _remove_stale(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
+            state = probe_path(self.path)
+        except OSError as exc:
+            raise ControlBindError(
+                f"control socket {self.path}: cannot tell whether it is in use: {exc}"
+            ) from exc
+        if state is PathState.NOT_SOCKET:
             raise ControlAddressInUse(
                 f"control path {self.path} exists and is not a socket; refusing to replace it"
             )
-        probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        if state is PathState.LIVE:
+            raise ControlAddressInUse(
+                f"another daemon is already listening on control socket {self.path}"
+            )
+        if state is PathState.STALE:
+            remove_stale(self.path)
         try:
-            with trio.move_on_after(2):
-                await probe.connect(self.path)
-                raise ControlAddressInUse(
-                    f"another daemon is already listening on control socket {self.path}"
-                )
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # stale: nobody listens
-        finally:
-            probe.close()
-        log.info("control: removing stale socket %s", self.path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def _unlink_if_ours(self, bound: os.stat_result) -> None:
-        try:
-            now = os.lstat(self.path)
-            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-                os.unlink(self.path)
-        except OSError:
-            pass
+            raw, bound = bind_listener(self.path, 64)
+        except OSError as exc:
+            raise ControlBindError(f"control socket {self.path}: {exc.strerror}") from exc
+        log.debug("control: listening on %s", self.path)
+        return trio.socket.from_stdlib_socket(raw), bound
 
     async def _serve_connection(self, conn: trio.socket.SocketType, slots: trio.Semaphore) -> None:
         try:

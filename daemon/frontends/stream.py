@@ -58,12 +58,10 @@ its frames in the socket, unread, as a tap's queue would hold them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +81,13 @@ from ferryd.frontends.stream_framing import (
     unsent_tail,
 )
 from ferryd.logthrottle import LogThrottle
+from ferryd.unix_listener import (
+    PathState,
+    bind_listener,
+    probe_path,
+    remove_stale,
+    unlink_if_ours,
+)
 from ferryd.wire.checksum import complete_partial
 
 __all__ = [
@@ -132,64 +137,29 @@ class _Ended(Exception):
 
 
 def open_listener(path: str) -> tuple[socket.socket, os.stat_result]:
-    """The listening socket at ``path`` (mode 0600) and what it is on disk.
-
-    Synchronous: bound before the privilege drop, with no worker thread
-    (capset(2) changes the calling thread only).
-    """
+    """The listening socket at ``path`` (mode 0600) and what it is on disk
+    (ferryd.unix_listener: made before the privilege drop, no worker thread)."""
     try:
         ensure_parent_dir(path, "--socket")
     except StartupError as exc:
         raise StreamSetupError(str(exc)) from exc
-    _remove_stale(path)
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    in_use = f"--socket {path}: another process (a live ferryd?) already listens there"
     try:
-        try:
-            raw.bind(path)
-        except OSError as exc:
-            raise StreamSetupError(f"--socket {path}: {exc.strerror}") from exc
-        # Not listening yet, so nobody can connect before the mode is tight.
-        os.chmod(path, 0o600)
-        bound = os.lstat(path)
-        raw.listen(8)
-        raw.setblocking(False)
-    except BaseException:
-        raw.close()
-        raise
-    return raw, bound
-
-
-def _remove_stale(path: str) -> None:
-    """Remove a socket file nobody answers on; refuse a live one or a non-socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
+        state = probe_path(path)
+    except OSError as exc:
+        raise StreamSetupError(f"--socket {path}: cannot tell whether it is in use: {exc}") from exc
+    if state is PathState.NOT_SOCKET:
         raise StreamAddressInUse(
             f"--socket {path} exists and is not a socket; refusing to replace it"
         )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.setblocking(False)
+    if state is PathState.LIVE:
+        raise StreamAddressInUse(in_use)
+    if state is PathState.STALE:
+        remove_stale(path)
     try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        pass  # stale: the ferryd that made it is gone
-    except BlockingIOError:  # its backlog is full: very much alive
-        raise StreamAddressInUse(
-            f"--socket {path}: another process (a live ferryd?) already listens there"
-        ) from None
+        return bind_listener(path, 8)
     except OSError as exc:
-        raise StreamSetupError(f"--socket {path}: cannot tell whether it is in use: {exc}") from exc
-    else:
-        raise StreamAddressInUse(
-            f"--socket {path}: another process (a live ferryd?) already listens there"
-        )
-    finally:
-        probe.close()
-    log.info("removing the stale socket %s", path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        raise StreamSetupError(f"--socket {path}: {exc.strerror}") from exc
 
 
 def _peer_pid(conn: socket.socket) -> int | None:
@@ -489,12 +459,5 @@ class StreamFrontend:
 
     def _unlink_if_ours(self) -> None:
         """Remove the socket file unless another ferryd has made its own there since."""
-        if self._bound is None:
-            return
-        try:
-            now = os.lstat(self.path)
-            if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
-                os.unlink(self.path)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
-                log.warning("cannot remove %s: %s", self.path, exc)
+        if self._bound is not None:
+            unlink_if_ours(self.path, self._bound)

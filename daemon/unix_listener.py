@@ -1,0 +1,93 @@
+"""A Unix listening socket at a path: the control socket's and the stream frontend's.
+
+Both are made the same way, before the privilege drop and without a worker
+thread (capset(2) changes the calling thread only, and trio binds a Unix
+path in a thread): a socket file a dead process left is replaced, a live
+one (or anything that is not a socket) is never taken over, the file's
+mode is tightened before listen() so nobody connects earlier, and at exit
+the file is removed only if it is still ours. Callers word the errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import socket
+import stat
+
+__all__ = ["PathState", "bind_listener", "probe_path", "remove_stale", "unlink_if_ours"]
+
+log = logging.getLogger("ferryd.unix_listener")
+
+
+class PathState(enum.Enum):
+    ABSENT = "absent"
+    STALE = "stale"
+    """A socket file nobody listens on (its process is gone)."""
+    LIVE = "live"
+    NOT_SOCKET = "not a socket"
+
+
+def probe_path(path: str) -> PathState:
+    """What is at ``path``; raises OSError when that cannot be told.
+
+    The probe never waits: a non-blocking connect() to a listener whose
+    backlog is full fails with EAGAIN (unix_wait_for_peer), and that
+    listener is very much alive.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return PathState.ABSENT
+    if not stat.S_ISSOCK(st.st_mode):
+        return PathState.NOT_SOCKET
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return PathState.STALE
+    except BlockingIOError:
+        return PathState.LIVE
+    finally:
+        probe.close()
+    return PathState.LIVE
+
+
+def remove_stale(path: str) -> None:
+    log.info("removing the stale socket %s", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def bind_listener(path: str, backlog: int) -> tuple[socket.socket, os.stat_result]:
+    """A non-blocking listener at ``path`` (mode 0600) and what it is on disk.
+
+    Raises OSError (the socket closed) if it cannot be made.
+    """
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        raw.bind(path)
+        # Not listening yet, so nobody can connect before the mode is tight.
+        os.chmod(path, 0o600)
+        bound = os.lstat(path)
+        raw.listen(backlog)
+        raw.setblocking(False)
+    except BaseException:
+        raw.close()
+        raise
+    return raw, bound
+
+
+def unlink_if_ours(path: str, bound: os.stat_result) -> None:
+    """Remove the socket file unless another process has made its own there since."""
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+            os.unlink(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
+            log.warning("cannot remove %s: %s", path, exc)
