@@ -56,6 +56,7 @@ __all__ = [
     "qemu_unavailable",
     "qemu_version",
     "stream_netdev",
+    "vhost_user_netdev",
 ]
 
 QEMU = "qemu-system-x86_64"
@@ -147,6 +148,20 @@ def stream_netdev(path: str | Path, *, reconnect_ms: int | None = None) -> list[
     return ["-netdev", spec]
 
 
+def vhost_user_netdev(path: str | Path, *, reconnect_ms: int | None = None) -> list[str]:
+    """QEMU arguments for netdev ``net0``: a vhost-user back-end listening on *path*.
+
+    The back-end (``ferryd --vhost-user --socket PATH``, or passt
+    ``--vhost-user``) maps the guest's RAM, so the VM must be started with
+    ``shared_memory=True`` (QEMU refuses a vhost-user netdev otherwise). With
+    *reconnect_ms* QEMU connects again that long after losing the back-end.
+    """
+    spec = f"socket,id=vhost0,path={path}"
+    if reconnect_ms is not None:
+        spec += f",reconnect-ms={reconnect_ms}"
+    return ["-chardev", spec, "-netdev", "vhost-user,id=net0,chardev=vhost0"]
+
+
 class _Channel:
     """The host's end of the guest's command channel (protocol: testbed/guest_image.py)."""
 
@@ -216,7 +231,8 @@ class Vm:
 
     *netdev* is the QEMU arguments that define netdev ``net0`` (e.g.
     :func:`stream_netdev`); the guest sees it as a virtio-net device with
-    *mac*. *workdir* holds the VM's sockets and logs: its path must be short
+    *mac*; with *shared_memory* its RAM is a shared memfd (a vhost-user
+    back-end maps it). *workdir* holds the VM's sockets and logs: its path must be short
     (Unix socket paths fit in 108 bytes). With *incoming* (a QEMU migration
     URI such as ``unix:PATH`` or ``defer``) the VM waits for a migration.
     """
@@ -232,6 +248,7 @@ class Vm:
         memory_mb: int = 256,
         accel: str | None = None,
         incoming: str | None = None,
+        shared_memory: bool = False,
     ) -> None:
         self.name = name
         self.accel = accel or choose_accel()
@@ -247,6 +264,11 @@ class Vm:
             "-machine", "pc", "-accel", self.accel,
             *(["-cpu", "host"] if self.accel == "kvm" else []),
             "-m", str(memory_mb), "-smp", "1",
+            # vhost-user: the back-end maps the guest's RAM, which must be a shared memfd.
+            *([
+                "-object", f"memory-backend-memfd,id=mem0,size={memory_mb}M,share=on",
+                "-numa", "node,memdev=mem0",
+            ] if shared_memory else []),
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", image.cmdline,
             "-no-reboot",
