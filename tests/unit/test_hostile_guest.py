@@ -192,7 +192,7 @@ async def test_tcp_bug_costs_one_connection() -> None:
             flows.attach(nursery)
             flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
-            await until(lambda: any(s.flags == SYN | ACK for s in guest.sent), what="a SYN-ACK")
+            await until(lambda: any(s.flags == SYN | ACK for s in guest.segments), what="a SYN-ACK")
             (flow,) = list(flows.table)
             conn = flow.handle
 
@@ -204,12 +204,13 @@ async def test_tcp_bug_costs_one_connection() -> None:
             flows.from_guest(*_tcp_from_guest(port, 1001, ack, ACK), trio.current_time())
             flows.flush(trio.current_time())
             assert flows.counters.flow_errors == 1 and len(flows.table) == 0
-            assert guest.sent[-1].flags & RST
+            assert guest.segments[-1].flags & RST
             # The next connection is served as usual.
             flows.from_guest(*_tcp_from_guest(port, 5000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
             await until(
-                lambda: sum(s.flags == SYN | ACK for s in guest.sent) == 2, what="a second SYN-ACK"
+                lambda: sum(s.flags == SYN | ACK for s in guest.segments) == 2,
+                what="a second SYN-ACK",
             )
             flows.close(trio.current_time())
             nursery.cancel_scope.cancel()
