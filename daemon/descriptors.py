@@ -138,7 +138,8 @@ class DescriptorCounters:
 
 
 class DescriptorBudget:
-    """Descriptors the flow tables may hold between them, and what was refused."""
+    """Descriptors the flow tables may hold between them, and what was refused
+    (``counters``, registered as the ``descriptors`` group)."""
 
     def __init__(self, capacity: int, *, limit: int = 0, reserved: int = 0) -> None:
         self.capacity = max(0, capacity)
@@ -193,11 +194,14 @@ class DescriptorBudget:
             )
 
     def snapshot(self) -> dict[str, int]:
+        """The budget as it stands (``ferryctl status``'s ``descriptors``).
+
+        Not what it refused: those are counters, shown once, with the others
+        (``counters.descriptors``: the data path registers ``counters``).
+        """
         return {
             "limit": self.limit,
             "reserved": self.reserved,
             "for_flows": self.capacity,
             "in_use": self.in_use,
-            "refused": self.counters.refused,
-            "exhausted": self.counters.exhausted,
         }

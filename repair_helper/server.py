@@ -44,6 +44,15 @@ descriptors (stuck in a close()), the loop stops accepting and reading
 (replies wait too) and checks again every :data:`CLOSER_POLL_SECONDS`
 until the backlog is under the bound.
 
+When accept() fails for want of descriptors or memory (EMFILE, ENFILE,
+ENOBUFS, ENOMEM), the listener stays readable (the connection waits in the
+backlog: accept4 gets the descriptor before it dequeues one), so the loop
+pauses it instead of spinning, and tries again as soon as the closer has
+freed something, or else after a backoff that doubles from
+:data:`ACCEPT_RETRY_SECONDS` up to :data:`ACCEPT_RETRY_MAX_SECONDS`: with no
+connection open the closer may never free anything, while the shortage is
+another process's (ENFILE) or a limit that was raised again.
+
 No state survives a connection, and the helper keeps no descriptor it was
 handed beyond the batch that carried it (and the closer's queue).
 """
@@ -83,6 +92,11 @@ ACCEPTS_PER_WAKEUP = 16
 #: While the closer is behind (module docstring), or the listener paused for
 #: want of descriptors, how often the loop looks again.
 CLOSER_POLL_SECONDS = 0.05
+#: A listener paused for want of descriptors tries again after this long, then
+#: after twice as long each time it fails again, up to the maximum (module
+#: docstring); ferryd's own accept loops wait ACCEPT_BACKOFF (0.1 s) likewise.
+ACCEPT_RETRY_SECONDS = 0.1
+ACCEPT_RETRY_MAX_SECONDS = 2.0
 
 _RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
@@ -116,6 +130,8 @@ class Server:
         self._listener: socket.socket | None = None
         self._listener_paused = False
         self._closed_at_pause = 0  # the closer's count when the listener was paused
+        self._retry_at = 0.0  # when a paused listener tries again anyway
+        self._retry_after = ACCEPT_RETRY_SECONDS  # the next pause's length
         self._connections: dict[int, _Connection] = {}
         self.refusals = 0
         self._refused_callers = Throttle()
@@ -176,11 +192,12 @@ class Server:
         return True
 
     def _maybe_resume_listener(self) -> None:
-        """Accept again once the closer has freed a descriptor since accept() ran out."""
+        """Accept again once the closer has freed a descriptor since accept() ran
+        out, or the backoff is over (module docstring)."""
         if (
             self._listener_paused
             and self._listener is not None
-            and self._closer.closed > self._closed_at_pause
+            and (self._closer.closed > self._closed_at_pause or time.monotonic() >= self._retry_at)
         ):
             self._listener_paused = False
             self._selector.register(self._listener, selectors.EVENT_READ)
@@ -224,15 +241,25 @@ class Server:
                 return
             except OSError as exc:
                 if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-                    # Out of descriptors or memory: stop accepting until the
-                    # closer has closed something (a batch, a connection),
-                    # instead of spinning on a listener that stays readable.
-                    log.error("cannot accept clients for now: %s", exc.strerror)
-                    self._selector.unregister(self._listener)
-                    self._listener_paused = True
-                    self._closed_at_pause = closed
+                    self._pause_listener(exc, closed)
                 return
+            if self._retry_after > ACCEPT_RETRY_SECONDS:
+                log.warning("accepting clients again")
+                self._retry_after = ACCEPT_RETRY_SECONDS
             self._admit(sock)
+
+    def _pause_listener(self, exc: OSError, closed: int) -> None:
+        """Out of descriptors or memory: stop accepting until the closer has
+        closed something (a batch, a connection) or the backoff is over,
+        instead of spinning on a listener that stays readable."""
+        assert self._listener is not None
+        if self._retry_after == ACCEPT_RETRY_SECONDS:  # once per shortage, not per retry
+            log.error("cannot accept clients for now: %s", exc.strerror)
+        self._selector.unregister(self._listener)
+        self._listener_paused = True
+        self._closed_at_pause = closed
+        self._retry_at = time.monotonic() + self._retry_after
+        self._retry_after = min(2 * self._retry_after, ACCEPT_RETRY_MAX_SECONDS)
 
     def _admit(self, sock: socket.socket) -> None:
         try:

@@ -17,12 +17,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from testbed.netns import Netns
 from testbed.paths import STREAMTOOL
+from testbed.wait import WaitTimeout, wait_for
 
 PY = sys.executable
 #: Upper bound on any wait for a condition; never a timing assertion.
@@ -166,14 +166,7 @@ class Streams:
         keys = {"both": ("min_sent", "min_received"), "sent": ("min_sent",)}.get(
             way, ("min_received",)
         )
-        deadline = time.monotonic() + WAIT_SECONDS
-        while True:
-            entry = self.report()[kind]
-            if min(entry[k] for k in keys) >= at_least:
-                return entry
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{kind} connections not flowing {what}: {entry}")
-            time.sleep(0.05)
+        return self._wait_report(kind, lambda e: min(e[k] for k in keys) >= at_least, what)
 
     def wait_more(
         self, kind: str, before: dict[str, int], more: int, what: str = ""
@@ -181,16 +174,30 @@ class Streams:
         """Wait until every connection of *kind* moved *more* bytes each way since *before*
         (a report entry): each direction against its own mark, since the two need not
         run at the same rate."""
-        deadline = time.monotonic() + WAIT_SECONDS
-        while True:
-            entry = self.report()[kind]
-            if all(entry[k] >= before[k] + more for k in ("min_sent", "min_received")):
-                return entry
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{kind} connections not flowing {what}: {entry} (from {before})"
-                )
-            time.sleep(0.05)
+        return self._wait_report(
+            kind,
+            lambda e: all(e[k] >= before[k] + more for k in ("min_sent", "min_received")),
+            f"{what} (from {before})",
+        )
+
+    def _wait_report(
+        self, kind: str, done: Callable[[dict[str, int]], bool], what: str
+    ) -> dict[str, int]:
+        """Ask for reports until *kind*'s entry is *done*; the last one seen goes
+        into the failure."""
+        last: dict[str, int] = {}
+
+        def entry() -> dict[str, int] | None:
+            last.clear()
+            last.update(self.report()[kind])
+            return dict(last) if done(last) else None
+
+        try:
+            return wait_for(
+                entry, WAIT_SECONDS, interval=0.05, what=f"{kind} connections flowing {what}"
+            )
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}; the last report: {last}") from None
 
     def finish(self, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
         """Stop, wait for every connection to end, and check both ends byte for byte."""

@@ -1,4 +1,8 @@
-"""Waiting for a condition with a deadline, never for a fixed time."""
+"""Waiting for a condition with a deadline, never for a fixed time.
+
+:func:`wait_for` blocks (threads, subprocess-driven tests); :func:`until` is
+the same for trio code, polling a state that has no event to wait on.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["WaitTimeout", "wait_for"]
+import trio
+
+__all__ = ["UNTIL_SECONDS", "WaitTimeout", "until", "wait_for"]
 
 T = TypeVar("T")
 
@@ -36,3 +42,21 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+#: How long :func:`until` polls before it gives up: an upper bound, never a
+#: timing assertion (a caller wanting a shorter one wraps it in trio.fail_after).
+UNTIL_SECONDS = 10.0
+
+
+async def until(
+    predicate: Callable[[], T | None], *, what: str = "condition", interval: float = 0.002
+) -> T:
+    """:func:`wait_for` for trio code: the other tasks run while it polls."""
+    with trio.move_on_after(UNTIL_SECONDS):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            await trio.sleep(interval)
+    raise WaitTimeout(f"timed out after {UNTIL_SECONDS:g} s waiting for {what}")

@@ -35,12 +35,14 @@ anyway the server backs off (ACCEPT_BACKOFF) instead of spinning on a
 listener that stays readable, and says so in a rate-limited line. A client
 that has started a frame must finish it within :data:`_FRAME_TIMEOUT`.
 
-Descriptors received are close-on-exec (MSG_CMSG_CLOEXEC). They are handed to
-the handler as a list; the handler takes ownership of the ones it keeps by
-removing them from the list (``fd = fds.pop()``). Whatever is still in the
-list when the handler returns or raises, and every descriptor of a request
-that is rejected before reaching a handler, is closed by the server: no
-request, however malformed, leaks a descriptor into the daemon.
+Descriptors received are close-on-exec (MSG_CMSG_CLOEXEC). A command takes
+at most as many as it was registered with (``max_fds``; a request with more
+is refused before its handler runs). They are handed to the handler as a
+list; the handler takes ownership of the ones it keeps by removing them from
+the list (``fd = fds.pop()``). Whatever is still in the list when the
+handler returns or raises, and every descriptor of a request that is
+rejected before reaching a handler, is closed by the server: no request,
+however malformed, leaks a descriptor into the daemon.
 
 Errors
 ~~~~~~
@@ -153,17 +155,20 @@ class ControlServer:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, tuple[Handler, int]] = {}
         self._spare: int | None = None
         """A descriptor held back for accept() under EMFILE (see _accept)."""
 
-    def register(self, cmd: str, handler: Handler) -> None:
-        """Make *handler* answer requests whose ``cmd`` is *cmd*."""
+    def register(self, cmd: str, handler: Handler, *, max_fds: int = MAX_FDS) -> None:
+        """Make *handler* answer requests whose ``cmd`` is *cmd*, with at most
+        *max_fds* descriptors (more: refused, the client's fault, and closed)."""
         if not cmd:
             raise ValueError("control command name must not be empty")
         if cmd in self._handlers:
             raise ValueError(f"control command {cmd!r} is already registered")
-        self._handlers[cmd] = handler
+        if not 0 <= max_fds <= MAX_FDS:
+            raise ValueError(f"control command {cmd!r}: max_fds must be 0 to {MAX_FDS}")
+        self._handlers[cmd] = (handler, max_fds)
 
     @property
     def commands(self) -> list[str]:
@@ -306,10 +311,15 @@ class ControlServer:
         except ControlProtocolError as exc:
             return error_response(f"bad request: {exc}")
         cmd: str = req["cmd"]
-        handler = self._handlers.get(cmd)
-        if handler is None:
+        registered = self._handlers.get(cmd)
+        if registered is None:
             known = ", ".join(self.commands) or "none"
             return error_response(f"unknown command {cmd!r} (known: {known})")
+        handler, max_fds = registered
+        if len(fds) > max_fds:
+            takes = f"at most {max_fds}" if max_fds else "no"
+            noun = "file descriptor" if max_fds == 1 else "file descriptors"
+            return error_response(f"bad request: {cmd!r} takes {takes} {noun}, not {len(fds)}")
         try:
             result = await handler(req, fds)
             # Encoded here, so that an unencodable result is the handler's bug.

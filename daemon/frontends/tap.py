@@ -136,6 +136,16 @@ def _attach_given(fd: int, name: str, incoming: bool) -> None:
     _attached(fd, incoming)
 
 
+def _device_gone(fd: int) -> bool:
+    """Whether the device behind our attached queue was deleted (TUNGETIFF:
+    EBADFD once tun_detach_all() cleared the queue's device, __tun_chr_ioctl)."""
+    try:
+        fcntl.ioctl(fd, TUNGETIFF, bytes(18))
+    except OSError as exc:
+        return exc.errno == errno.EBADFD
+    return False
+
+
 def _attached(fd: int, incoming: bool) -> None:
     """The queue is ours: a migration target's waits detached (it takes over at
     resume); offloads on (see the module docstring)."""
@@ -241,7 +251,14 @@ class TapFrontend:
         remains (the target's): nothing the guest sends meanwhile is lost.
         """
         if self.attached:
-            _set_queue(self.fd, IFF_DETACH_QUEUE)
+            try:
+                _set_queue(self.fd, IFF_DETACH_QUEUE)
+            except OSError:
+                # EINVAL when the device was deleted: tun_detach_all() left our
+                # queue with no device (tun_set_queue). Nothing to give up then;
+                # the next run() reports the gone tap.
+                if not _device_gone(self.fd):
+                    raise
             self.attached = False
 
     def take_over(self) -> None:
@@ -369,10 +386,17 @@ class TapFrontend:
         keeps this out of the downtime's way: a guest sending at full speed
         keeps a thousand 64 KiB frames queued, half a second of work; what
         is left then is dropped, and resent by the guest (~200 ms, its RTO).
+
+        The freeze goes on if the device is gone (the stream frontend's
+        drain contains its failures too): there is nothing left to deliver,
+        and the next :meth:`run` reads the same EBADFD and reports it.
         """
         deadline = time.monotonic() + budget
-        while self._burst(on_frame, 4) and time.monotonic() < deadline:
-            pass
+        try:
+            while self._burst(on_frame, 4) and time.monotonic() < deadline:
+                pass
+        except TapGone as exc:
+            log.warning("%s; nothing to drain", exc)
         on_burst_end()
 
     def close(self) -> None:

@@ -118,7 +118,6 @@ failed locally (e.g. a closed descriptor: our bug).
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import logging
 import math
@@ -134,6 +133,13 @@ import trio
 from ferry_repair.protocol import SCM_MAX_FD
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.migration.errors import MigrationError
+from ferryd.unix_listener import (
+    PathState,
+    bind_listener,
+    probe_path,
+    remove_stale,
+    unlink_if_ours,
+)
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -524,6 +530,7 @@ class RepairListener:
         self,
         sock: trio.socket.SocketType,
         path: str,
+        bound: os.stat_result,
         *,
         reply_timeout: float,
         max_in_flight: int,
@@ -531,6 +538,7 @@ class RepairListener:
     ) -> None:
         self._sock = sock
         self.path = path
+        self._bound = bound
         self._timeout = reply_timeout
         self._max_in_flight = max_in_flight
         self._helper_uids = helper_uids
@@ -544,23 +552,33 @@ class RepairListener:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         helper_uids: Iterable[int] | None = None,
     ) -> RepairListener:
-        """Listen on ``path`` (mode 0600: only our uid and root may connect)."""
+        """Listen on ``path`` (mode 0600: only our uid and root may connect).
+
+        A socket file a dead process left there is replaced; a live
+        listener, or anything that is not a socket, is never taken over
+        (ferryd.unix_listener, bound synchronously: no worker thread).
+        """
         path = os.fspath(path)
-        # Bound synchronously, not in a trio worker thread (ferryd/control/server.py says why).
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        where = f"cannot listen for the repair helper on {path}"
         try:
-            raw.bind(path)
-            os.chmod(path, 0o600)
-            raw.listen(1)
+            state = probe_path(path)
         except OSError as exc:
-            raw.close()
-            raise RepairUnavailable(
-                f"cannot listen for the repair helper on {path}: {exc.strerror}"
-            ) from None
+            raise RepairUnavailable(f"{where}: cannot tell whether it is in use: {exc}") from None
+        if state is PathState.LIVE:
+            raise RepairUnavailable(f"{where}: another process (a live ferryd?) listens there")
+        if state is PathState.NOT_SOCKET:
+            raise RepairUnavailable(f"{where}: it exists and is not a socket; not replacing it")
+        if state is PathState.STALE:
+            remove_stale(path)
+        try:
+            raw, bound = bind_listener(path, 1)
+        except OSError as exc:
+            raise RepairUnavailable(f"{where}: {exc.strerror}") from None
         await trio.lowlevel.checkpoint()
         return cls(
             trio.socket.from_stdlib_socket(raw),
             path,
+            bound,
             reply_timeout=reply_timeout,
             max_in_flight=max_in_flight,
             helper_uids=_helper_uids(helper_uids),
@@ -573,11 +591,9 @@ class RepairListener:
         self.close()
 
     def close(self) -> None:
-        """Stop listening and remove the socket file."""
+        """Stop listening and remove the socket file, if it is still ours."""
         self._sock.close()
-        # After the privilege drop the directory may no longer be ours to write.
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        unlink_if_ours(self.path, self._bound)
 
     async def accept(self) -> RepairClient:
         """Wait for an allowed helper to connect (others are turned away and logged).

@@ -8,6 +8,7 @@ testbed/udptool.py.
 """
 
 import json
+import os
 import pickle
 import random
 import stat
@@ -15,6 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from ferryd.control import ControlRequestFailed
 from testbed.ferryd_process import FerrydProcess
 from testbed.paths import UDPTOOL
 from testbed.topology import Topology
@@ -178,6 +182,11 @@ def test_udp_exchange_ipv4(topology: Topology, start_ferryd: StartFerryd) -> Non
     flows = ferryd.request("flows")["flows"]
     udp = [f for f in flows if f["proto"] == "udp" and f["host_port"] != 0]
     assert len(udp) == 1 and udp[0]["bytes_from_guest"] >= 1000 * 512
+    # The control server's rule, as ferryd registers "flows": no descriptors.
+    r, w = os.pipe()
+    refused = "'flows' takes no file descriptors, not 1"
+    with os.fdopen(r, "rb"), os.fdopen(w, "wb"), pytest.raises(ControlRequestFailed, match=refused):
+        ferryd.request("flows", fds=[w])
 
 
 def test_udp_exchange_ipv6(topology: Topology, start_ferryd: StartFerryd) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -298,6 +299,30 @@ def test_refuses_truncated_control_data(tmp_path: Path) -> None:
                 assert recv_reply_or_eof(unix) == b""
             assert repair_states(conns.clients) == [False] * 200
         assert_no_leak(helper, before)
+
+
+def test_a_listener_out_of_descriptors_tries_again_by_itself(
+    helper: HelperProcess, socket_path: Path
+) -> None:
+    # The helper's descriptor table full (its soft limit lowered, from outside,
+    # to its lowest free descriptor) with no connection open: accept() fails
+    # with EMFILE and the listener pauses. The closer has nothing to free, so
+    # only the timed retry can resume it once the limit is raised again.
+    soft, hard = resource.prlimit(helper.pid, resource.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{helper.pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    resource.prlimit(helper.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+    with unix_client(socket_path) as unix:  # waits in the backlog
+        helper.wait_for_line("cannot accept clients for now: Too many open files")
+        resource.prlimit(helper.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        with TcpConnections(3) as conns:
+            send_batch(unix, b"\x01", [s.fileno() for s in conns.clients])
+            assert unix.recv(1) == b"\x01", "the paused listener never accepted again"
+            assert repair_states(conns.clients) == [True] * 3
+            clear_repair(conns.clients)
+    helper.wait_for_line("accepting clients again")
+    assert helper.count("cannot accept clients for now") == 1
+    assert_serves(socket_path)
 
 
 def test_refuses_listening_socket_kernel_says_no(

@@ -132,18 +132,18 @@ def make_server(path: str) -> Daemon:
 
     for name, handler in [
         ("status", status),
-        ("flows", flows),
         ("counters", counters),
         ("echo", echo),
         ("refuse", refuse),
         ("crash", crash),
         ("unencodable", unencodable),
-        ("write-to-fd", write_to_fd),
         ("block", block),
         ("release", release),
         ("hang", hang),
     ]:
         server.register(name, handler)
+    server.register("flows", flows, max_fds=0)  # as ferryd registers it
+    server.register("write-to-fd", write_to_fd, max_fds=1)
     return daemon
 
 

@@ -28,6 +28,7 @@ import pytest
 import trio
 
 from ferryd.control import ControlError, ControlServer
+from testbed.wait import until
 
 STREAM = bytes(range(256)) * 1024  # 256 KiB: more than a default pipe holds
 HOST_NS = 4026531840
@@ -193,9 +194,7 @@ def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlSe
         async def migrate_wait_precopy(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
             fakes.log.append((who, "migrate-wait-precopy"))
             await _misbehave(fakes, who, "migrate-wait-precopy")
-            with trio.fail_after(5):
-                while len(fakes.received) < len(STREAM) // 2:  # noqa: ASYNC110 (polls a buffer)
-                    await trio.sleep(0.001)
+            await until(lambda: len(fakes.received) >= len(STREAM) // 2, what="the pre-copy")
             return {"precopied": 2, "timings_ms": {"precopy": 9}}
 
         server.register("migrate-in", migrate_in)

@@ -1,13 +1,13 @@
 """An in-memory MigrationHost, and doubles of the kernel's TCP repair and of the
 repair helper, for driving the migration layer without root (no tests here).
 
-Real flow tables (ferryd.flows) on recording guests (FakeGuest, TcpGuest), no
-frontend and no data-path tasks: :meth:`MemoryHost.stop`,
-:meth:`~MemoryHost.start` and the handover only record what migration asked
-for, in order, in :attr:`MemoryHost.calls`. A fake is fine here: the
-migration source, target and controller are state machines over this
-interface (ferryd.migration.host), and what they write or read is checked
-byte for byte through a real stream.
+Real flow tables (ferryd.flows) on recording guests (FakeGuest, and
+tcp_conn_support's RecordingGuest for TCP), no frontend and no data-path
+tasks: :meth:`MemoryHost.stop`, :meth:`~MemoryHost.start` and the handover
+only record what migration asked for, in order, in :attr:`MemoryHost.calls`.
+A fake is fine here: the migration source, target and controller are state
+machines over this interface (ferryd.migration.host), and what they write or
+read is checked byte for byte through a real stream.
 
 Without CAP_NET_ADMIN no socket ever enters repair mode, so the kernel's
 side (ferryd.migration.ports.KernelDump) and the repair helper
@@ -18,9 +18,7 @@ sockets under the connections are real loopback ones.
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any
 
@@ -41,43 +39,8 @@ from ferryd.migration.source import SourceMigration
 from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import StreamEvent
 from ferryd.migration.target import TargetMigration
-from ferryd.wire.ip import IpAddress
-from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations, guest_of
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One TCP segment sent to the guest, as the guest reads it."""
-
-    seq: int
-    ack: int
-    flags: int
-    payload: bytes
-
-
-class TcpGuest:
-    """The TCP flows' GuestPort: records every segment."""
-
-    def __init__(self) -> None:
-        self.segments: list[Segment] = []
-        self.routes: list[tuple[IpAddress, IpAddress, int]] = []
-        """Source, destination and protocol of each segment, in the same order."""
-
-    def send_ip(
-        self,
-        src: IpAddress,
-        dst: IpAddress,
-        proto: int,
-        l4: bytes,
-        payload: bytes | memoryview = b"",
-        csum_offset: int | None = None,
-    ) -> None:
-        seq, ack = struct.unpack_from("!II", l4, 4)
-        self.routes.append((src, dst, proto))
-        self.segments.append(Segment(seq, ack, l4[13], bytes(l4[(l4[12] >> 4) * 4 :]) + payload))
-
-    def guest_address(self, version: int) -> IpAddress | None:
-        return guest_of(version)
+from tests.unit.tcp_conn_support import RecordingGuest
+from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations
 
 
 class MemoryHost:
@@ -99,7 +62,7 @@ class MemoryHost:
     def _build(self, link: LinkConfig) -> None:
         self.link = link
         self.guest = FakeGuest()
-        self.tcp_guest = TcpGuest()
+        self.tcp_guest = RecordingGuest()
         self.guest_mac: bytes | None = None
         kw: dict[str, Any] = {"destinations": self.destinations}
         self.tcp = TcpFlows(self.tcp_guest, link, self.nursery, **kw)

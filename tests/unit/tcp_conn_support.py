@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 
-from ferryd.wire.ip import IPPROTO_TCP, IpAddress
-from ferryd.wire.tcp import TcpOptions, _parse_options_untrusted
-
-GUEST = IPv4Address("10.0.2.15")
+from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
+from ferryd.wire.tcp import TcpOptions, parse_tcp_untrusted
+from tests.unit.test_flows_helpers import guest_of
 
 
 @dataclass(frozen=True)
 class Sent:
-    """One segment ferryd sent the guest, as the guest would read its header."""
+    """One segment ferryd sent the guest, as the guest reads it."""
 
     seq: int
+    ack: int
     flags: int
     options: TcpOptions
-    length: int
-    """Payload bytes."""
+    payload: bytes
 
 
 class RecordingGuest:
-    """A GuestPort that decodes the TCP header of every segment sent to the guest."""
+    """A GuestPort that records every TCP segment sent to the guest, as the guest
+    reads it: decoded by ferryd's own parser (its checksum may be partial)."""
 
     def __init__(self) -> None:
-        self.sent: list[Sent] = []
+        self.segments: list[Sent] = []
+        self.routes: list[tuple[IpAddress, IpAddress, int]] = []
+        """Source, destination and protocol of each segment, in the same order."""
 
     def send_ip(
         self,
@@ -39,14 +39,10 @@ class RecordingGuest:
         csum_offset: int | None = None,
     ) -> None:
         assert proto == IPPROTO_TCP
-        offset = (l4[12] >> 4) * 4
-        options = _parse_options_untrusted(memoryview(l4)[20:offset])
-        seq = struct.unpack_from("!I", l4, 4)[0]
-        self.sent.append(Sent(seq, l4[13], options, len(payload)))
+        packet = IpPacket(src.version, src, dst, proto, 64, memoryview(bytes(l4) + payload))
+        seg = parse_tcp_untrusted(packet, verify_checksum=False)
+        self.routes.append((src, dst, proto))
+        self.segments.append(Sent(seg.seq, seg.ack, seg.flags, seg.options, bytes(seg.payload)))
 
     def guest_address(self, version: int) -> IpAddress | None:
-        return GUEST
-
-    def data_at(self, seq: int) -> int:
-        """How many times a data segment starting at ``seq`` was sent."""
-        return sum(1 for s in self.sent if s.seq == seq and s.length)
+        return guest_of(version)

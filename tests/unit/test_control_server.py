@@ -230,6 +230,40 @@ async def test_fd_passing(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize(
+    ("cmd", "n", "refusal"),
+    [
+        ("flows", 1, "bad request: 'flows' takes no file descriptors, not 1"),
+        ("write-to-fd", 2, "bad request: 'write-to-fd' takes at most 1 file descriptor, not 2"),
+    ],
+)
+async def test_more_descriptors_than_a_command_takes_are_refused_and_closed(
+    daemon: Daemon, cmd: str, n: int, refusal: str
+) -> None:
+    # The server's per-command rule (register(..., max_fds=)): refused before
+    # the handler runs (write-to-fd's own check would word it otherwise).
+    pipes = [os.pipe() for _ in range(n)]
+    try:
+        with pytest.raises(ControlRequestFailed) as info:
+            await ask(daemon.path, cmd, fds=[w for _, w in pipes], data="x")
+        assert info.value.error == refusal
+        for r, w in pipes:
+            os.close(w)
+            assert is_closed_everywhere(r), "the refused request's descriptor leaked"
+    finally:
+        for r, _ in pipes:
+            os.close(r)
+    assert "flows" in await ask(daemon.path, "flows")  # without one it is served
+
+
+def test_a_rule_beyond_what_a_frame_carries_is_a_bug() -> None:
+    async def h(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(ValueError, match="max_fds must be 0 to 253"):
+        ControlServer("/nonexistent").register("a", h, max_fds=254)
+
+
+@pytest.mark.parametrize(
     "payload",
     [
         b"not json",  # rejected by the parser

@@ -11,6 +11,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 import trio
 
+from ferryd.counters import Registry
 from ferryd.descriptors import RESERVE, DescriptorBudget
 from ferryd.flows.icmp import IcmpFlows
 from ferryd.flows.table import DescriptorsSpent, FlowKey, FlowLimitReached, FlowTable
@@ -52,7 +53,22 @@ def test_tables_share_one_budget() -> None:
     b.add(key(3), None, 0.0, state="x", holds_descriptor=False)
     a.remove(key(1))
     b.add(key(2), None, 0.0, state="x")
-    assert budget.in_use == 3 and budget.snapshot()["refused"] == 1
+    assert budget.in_use == 3 and budget.counters.refused == 1
+
+
+def test_the_snapshot_is_the_budget_not_its_counters() -> None:
+    # `ferryctl status` shows the refusals once, under counters.descriptors
+    # (the registry reads budget.counters); the snapshot beside it is the budget.
+    budget = DescriptorBudget(1, limit=66, reserved=65)
+    table: FlowTable[None] = FlowTable(10, budget)
+    budget.track([table])
+    table.add(key(1), None, 0.0, state="x")
+    with pytest.raises(DescriptorsSpent):
+        table.add(key(2), None, 0.0, state="x")
+    assert budget.snapshot() == {"limit": 66, "reserved": 65, "for_flows": 1, "in_use": 1}
+    registry = Registry()
+    registry.add("descriptors", budget.counters)  # as the data path does
+    assert registry.snapshot()["descriptors"] == {"refused": 1, "exhausted": 0}
 
 
 def test_tracking_new_tables_forgets_the_old() -> None:

@@ -19,7 +19,7 @@ from ferryd.flows.tcp_conn import Endpoints
 from ferryd.flows.udp import UdpEntry, UdpFlows
 from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from ferryd.wire.tcp import ACK, RST
-from tests.unit.migration_host import TcpGuest
+from tests.unit.tcp_conn_support import RecordingGuest
 from tests.unit.test_flows_helpers import (
     GUEST4,
     LINK,
@@ -60,7 +60,7 @@ async def test_udp_entries_outbound_and_inbound() -> None:
 
 
 def test_send_reset_tells_the_guest_exactly_that() -> None:
-    guest = TcpGuest()
+    guest = RecordingGuest()
     flows = TcpFlows(guest, LINK, None, destinations=destinations())
     ends = Endpoints(GUEST4, 40000, gateway_of(4), 80)
     flows.send_reset(ends, 1000, 5000)

@@ -8,7 +8,6 @@ must contain any exception raised while one frame is handled.
 
 import socket
 import struct
-from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -29,6 +28,7 @@ from ferryd.wire.ethernet import BROADCAST
 from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
 from ferryd.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
 from ferryd.wire.udp import UdpDatagram
+from testbed.wait import until
 from tests.unit.tcp_conn_support import RecordingGuest
 from tests.unit.test_flows_helpers import (
     GUEST4,
@@ -183,12 +183,6 @@ def _tcp_from_guest(dport: int, seq: int, ack: int, flags: int) -> tuple[IpPacke
     return ip, parse_tcp_untrusted(ip)
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 (the guest recorder has no event)
-            await trio.sleep(0.001)
-
-
 async def test_tcp_bug_costs_one_connection() -> None:
     guest = RecordingGuest()
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -198,7 +192,7 @@ async def test_tcp_bug_costs_one_connection() -> None:
             flows.attach(nursery)
             flows.from_guest(*_tcp_from_guest(port, 1000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
-            await _until(lambda: any(s.flags == SYN | ACK for s in guest.sent))
+            await until(lambda: any(s.flags == SYN | ACK for s in guest.segments), what="a SYN-ACK")
             (flow,) = list(flows.table)
             conn = flow.handle
 
@@ -210,11 +204,14 @@ async def test_tcp_bug_costs_one_connection() -> None:
             flows.from_guest(*_tcp_from_guest(port, 1001, ack, ACK), trio.current_time())
             flows.flush(trio.current_time())
             assert flows.counters.flow_errors == 1 and len(flows.table) == 0
-            assert guest.sent[-1].flags & RST
+            assert guest.segments[-1].flags & RST
             # The next connection is served as usual.
             flows.from_guest(*_tcp_from_guest(port, 5000, 0, SYN), trio.current_time())
             flows.flush(trio.current_time())
-            await _until(lambda: sum(s.flags == SYN | ACK for s in guest.sent) == 2)
+            await until(
+                lambda: sum(s.flags == SYN | ACK for s in guest.segments) == 2,
+                what="a second SYN-ACK",
+            )
             flows.close(trio.current_time())
             nursery.cancel_scope.cancel()
 
@@ -258,7 +255,7 @@ async def test_udp_bug_costs_one_flow() -> None:
         flows._to_guest = bug  # type: ignore[method-assign]
         _data, src = peer.recvfrom(10)
         peer.sendto(b"reply", src)
-        await _until(lambda: flows.counters.flow_errors == 1)
+        await until(lambda: flows.counters.flow_errors == 1, what="the flow's error counted")
         assert len(flows.table) == 1  # that flow only; its reader ended quietly
         await flows.aclose()
     peer.close()

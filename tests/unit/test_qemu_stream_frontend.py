@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from ferryd.frontends.stream import (
 )
 from ferryd.frontends.stream_framing import FrameReader, max_frame_for_mtu
 from ferryd.wire.checksum import complete_partial
+from testbed.wait import until
 from tests.unit.test_qemu_stream_framing import framed
 
 WAIT = 10.0
@@ -34,14 +35,6 @@ WAIT = 10.0
 
 def numbered(i: int, size: int = 100) -> bytes:
     return i.to_bytes(4, "big") + bytes((i + k) % 251 for k in range(size - 4))
-
-
-async def until(pred: Callable[[], object], what: str) -> None:
-    """Poll a condition of the frontend's, which has no event of its own to wait on."""
-    with trio.fail_after(WAIT):
-        while not pred():  # noqa: ASYNC110
-            await trio.sleep(0.002)
-    assert pred(), what
 
 
 class Qemu:
@@ -170,7 +163,7 @@ async def test_frames_both_ways(tmp_path: Path) -> None:
         data = framed(*sent)
         for at in range(0, len(data), 777):  # pieces that cut frames anywhere
             await qemu.send(data[at : at + 777])
-        await until(lambda: len(guest.frames) == len(sent), "every frame delivered")
+        await until(lambda: len(guest.frames) == len(sent), what="every frame delivered")
         assert guest.frames == sent
         assert guest.trusted == [False] * len(sent)  # complete frames: verified by the stack
         assert guest.bursts >= 1
@@ -191,7 +184,7 @@ async def test_send_partial_completes_the_checksum(tmp_path: Path) -> None:
     """No offload on a stream: a partial checksum leaves ferryd summed."""
     async with served(tmp_path) as (frontend, _, path, _):
         qemu = await Qemu.connect(path)
-        await until(lambda: frontend.describe()["connected"], "QEMU accepted")
+        await until(lambda: frontend.describe()["connected"], what="QEMU accepted")
         head = bytes(range(34)) + bytes(20)  # eth+ip (34), a TCP header with a zero field
         payload = bytes(range(200))
         frontend.send_partial([head, memoryview(payload)], 34, 16)
@@ -205,18 +198,18 @@ async def test_one_qemu_at_a_time_then_the_next(tmp_path: Path) -> None:
     async with served(tmp_path) as (frontend, guest, path, _):
         first = await Qemu.connect(path)
         await first.send(framed(numbered(1)))
-        await until(lambda: guest.frames == [numbered(1)], "the first QEMU served")
+        await until(lambda: guest.frames == [numbered(1)], what="the first QEMU served")
         second = await Qemu.connect(path)
         assert await second.closed_by_ferryd()
         second.close()
         assert frontend.counters.refused == 1
         await first.send(framed(numbered(2)))  # the first one is still served
-        await until(lambda: len(guest.frames) == 2, "the first QEMU still served")
+        await until(lambda: len(guest.frames) == 2, what="the first QEMU still served")
 
         first.close()  # QEMU goes away and comes back (reconnect-ms)
         third = await Qemu.connect(path)
         await third.send(framed(numbered(3)))
-        await until(lambda: len(guest.frames) == 3, "the reconnected QEMU served")
+        await until(lambda: len(guest.frames) == 3, what="the reconnected QEMU served")
         assert guest.frames[2] == numbered(3)
         frontend.send(numbered(4))
         assert await third.frames(1) == [numbered(4)]
@@ -231,9 +224,9 @@ async def test_a_reconnect_racing_the_hangup_is_served(tmp_path: Path) -> None:
         for i in range(20):
             qemu = await Qemu.connect(path)  # right after the last one hung up
             await qemu.send(framed(numbered(i)))
-            await until(lambda: len(guest.frames) == i + 1, "served")  # noqa: B023
+            await until(lambda: len(guest.frames) == i + 1, what="served")  # noqa: B023
             qemu.close()
-        await until(lambda: len(guest.frames) == 20, "every reconnect served")
+        await until(lambda: len(guest.frames) == 20, what="every reconnect served")
         assert guest.frames == [numbered(i) for i in range(20)]
         assert frontend.counters.refused == 0
         assert frontend.counters.connections == 20
@@ -246,7 +239,7 @@ async def test_a_hostile_length_costs_qemu_its_connection_only(
     async with served(tmp_path, mtu=1500) as (frontend, guest, path, _):
         qemu = await Qemu.connect(path)
         await qemu.send(framed(numbered(1)))
-        await until(lambda: len(guest.frames) == 1, "a good frame first")
+        await until(lambda: len(guest.frames) == 1, what="a good frame first")
         await qemu.send(struct.pack(">I", length) + bytes(64))
         assert await qemu.closed_by_ferryd()
         qemu.close()
@@ -258,7 +251,7 @@ async def test_a_hostile_length_costs_qemu_its_connection_only(
 
         again = await Qemu.connect(path)  # ferryd serves the next one
         await again.send(framed(numbered(2)))
-        await until(lambda: len(guest.frames) == 2, "the next QEMU served")
+        await until(lambda: len(guest.frames) == 2, what="the next QEMU served")
         assert guest.frames == [numbered(1), numbered(2)]
         again.close()
 
@@ -272,7 +265,7 @@ async def test_a_full_qemu_costs_frames_never_half_a_frame(tmp_path: Path) -> No
     """
     async with served(tmp_path) as (frontend, _, path, _):
         qemu = await Qemu.connect(path)
-        await until(lambda: frontend.describe()["connected"], "QEMU accepted")
+        await until(lambda: frontend.describe()["connected"], what="QEMU accepted")
         size = max_frame_for_mtu(65520) - 4
         total = 200
         for i in range(total):
@@ -303,7 +296,7 @@ async def test_incoming_waits_unread_until_run(tmp_path: Path) -> None:
         assert guest.frames == []
         frontend.take_over()
         nursery.start_soon(frontend.run, guest.on_frame, guest.on_burst_end)
-        await until(lambda: len(guest.frames) == 2, "the frames held until resume")
+        await until(lambda: len(guest.frames) == 2, what="the frames held until resume")
         assert guest.frames == [numbered(1), numbered(2)]
         qemu.close()
 
@@ -314,7 +307,7 @@ async def test_hand_over_drains_then_stops_both_ways(tmp_path: Path) -> None:
         generation, stopped = trio.CancelScope(), trio.Event()  # one data path generation
         nursery.start_soon(_run_in, generation, stopped, frontend, guest)
         await qemu.send(framed(numbered(1)))
-        await until(lambda: len(guest.frames) == 1, "served")
+        await until(lambda: len(guest.frames) == 1, what="served")
         generation.cancel()  # the freeze: the data path stops
         await stopped.wait()
         await qemu.send(framed(numbered(2), numbered(3)))  # in ferryd's socket, unread
@@ -331,7 +324,7 @@ async def test_hand_over_drains_then_stops_both_ways(tmp_path: Path) -> None:
         # A rollback: the same QEMU is served again, from where it was.
         frontend.take_over()
         nursery.start_soon(frontend.run, guest.on_frame, guest.on_burst_end)
-        await until(lambda: len(guest.frames) == 2, "served again")
+        await until(lambda: len(guest.frames) == 2, what="served again")
         assert guest.frames[1] == numbered(5)
         qemu.close()
 
