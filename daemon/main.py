@@ -52,11 +52,13 @@ from ferryd.frontends.base import Frontend
 from ferryd.frontends.stream import StreamAddressInUse, StreamFrontend, StreamSetupError
 from ferryd.frontends.tap import TapFrontend, TapGone, TapSetupError
 from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
+from ferryd.frontends.vhost_user.frontend import VhostUserFrontend
 from ferryd.host_addresses import AddressWatch
 from ferryd.link import LinkConfig
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
+from ferryd.migration_device_state import DeviceStateMigration
 from ferryd.privileges import (
     Identity,
     PrivilegeError,
@@ -166,6 +168,10 @@ class Daemon:
             precopy_quiet=opts.precopy_quiet,
         )
         self.counters.add("migration", self.migration.counters)
+        # vhost-user: QEMU drives the migration through the device state.
+        self.vhost_user = frontend if isinstance(frontend, VhostUserFrontend) else None
+        if self.vhost_user is not None:
+            self.vhost_user.handler = DeviceStateMigration(self.migration)
         self.ready = False
         self.host_netns = os.stat("/proc/self/ns/net").st_ino
 
@@ -189,6 +195,9 @@ class Daemon:
                 migration_control.register(control, self.migration)
                 await outer.start(control.serve)
             await outer.start(self.migration.run)
+            if self.vhost_user is not None:
+                # QEMU's control connection outlives the data path's generations.
+                await outer.start(self.vhost_user.serve)
             forwards = self.opts.tcp_forwards + self.opts.udp_forwards
             drop_privileges(
                 self.runas,
@@ -301,7 +310,9 @@ def _run(opts: Options) -> None:
 
 
 def _frontend(opts: Options, link: LinkConfig) -> Frontend:
-    """The guest's link: QEMU's stream socket (--socket), or the tap (--netns)."""
+    """The guest's link: QEMU's vhost-user or stream socket (--socket), or the tap (--netns)."""
+    if opts.socket is not None and opts.vhost_user:
+        return VhostUserFrontend.listen(opts.socket)
     if opts.socket is not None:
         return StreamFrontend.listen(opts.socket, link.mtu, incoming=opts.incoming)
     assert opts.netns is not None  # parse_options: one of the two
