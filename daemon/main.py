@@ -8,7 +8,8 @@ Start-up order matters, because privilege is only held during setup:
 3. create/attach the tap in the guest's namespace (privileged), or attach
    the /dev/net/tun descriptor we were given, opened in that namespace by
    our caller (--tap-fd, socket activation: no privilege needed at all);
-   or, with --socket, listen for QEMU's stream netdev (no privilege);
+   or, with --socket, listen for QEMU's stream netdev or (--vhost-user) its
+   vhost-user device (no privilege);
 4. bind forwarded ports and the control socket (ports < 1024 need
    CAP_NET_BIND_SERVICE); the control socket stays the starting user's
    (mode 0600), so the user ferryd becomes next cannot drive it;
