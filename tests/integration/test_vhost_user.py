@@ -184,3 +184,14 @@ def test_a_broken_transmit_ring_stops_until_qemu_restarts_it(
         assert reply.op == ARP_REPLY
         assert ferryd.request("status")["frontend"]["connected"] is True
     assert "broke ring 1" in ferryd.log()
+
+
+def test_one_qemu_at_a_time(topology: Topology, vhost_ferryd: tuple[FerrydProcess, Path]) -> None:
+    ferryd, path = vhost_ferryd
+    with VhostUserQemu(path) as qemu:
+        _served(qemu, topology)
+        with VhostUserQemu(path) as second:
+            assert second.wait_closed(), "a second QEMU was served"
+        assert _arp_for_gateway(qemu, topology).op == ARP_REPLY  # the first one still is
+        counters = ferryd.request("status")["counters"]["frontend"]
+        assert (counters["connections"], counters["refused"]) == (1, 1)

@@ -68,7 +68,7 @@ import trio
 from ferry_repair.peer import peer_credentials
 from ferryd.descriptors import ACCEPT_BACKOFF, is_exhaustion
 from ferryd.frontends.base import OnBurstEnd, OnFrame
-from ferryd.frontends.stream import open_listener
+from ferryd.frontends.stream import _hung_up, open_listener
 from ferryd.frontends.vhost_user.actions import (
     Action,
     DeviceResumed,
@@ -192,7 +192,7 @@ class VhostUserFrontend:
             conn = await self._accept()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._refuse_others)
+                    nursery.start_soon(self._refuse_others, conn)
                     ended = await self._serve_one(conn)
                     nursery.cancel_scope.cancel()
             finally:
@@ -233,12 +233,16 @@ class VhostUserFrontend:
             log.info("QEMU connected on %s (pid %s)", self.path, self._peer)
             return conn
 
-    async def _refuse_others(self) -> None:
-        """Close every other connection while one QEMU is served."""
+    async def _refuse_others(self, conn: socket.socket) -> None:
+        """Close every other connection while one QEMU is served (as the stream frontend)."""
         listener = self._listener
         assert listener is not None
         while True:
             await trio.lowlevel.wait_readable(listener)
+            if _hung_up(conn):
+                # The served QEMU is gone: the newcomer (its reconnect, most likely)
+                # waits in the backlog until the session has seen the end.
+                await trio.sleep_forever()
             try:
                 extra, _ = listener.accept()
             except BlockingIOError:
