@@ -196,15 +196,16 @@ class Daemon:
                 migration_control.register(control, self.migration)
                 await outer.start(control.serve)
             await outer.start(self.migration.run)
-            if self.vhost_user is not None:
-                # QEMU's control connection outlives the data path's generations.
-                await outer.start(self.vhost_user.serve)
             forwards = self.opts.tcp_forwards + self.opts.udp_forwards
             drop_privileges(
                 self.runas,
                 keep_bind_service=needs_bind_service(f.host_port for s in forwards for f in s),
             )
             install_syscall_filter()
+            if self.vhost_user is not None:
+                # QEMU's control connection outlives the data path's generations;
+                # served only now, unprivileged and filtered (it maps QEMU's memory).
+                await outer.start(self.vhost_user.serve)
             if not self.opts.incoming:
                 await data.start()
             self.ready = True
