@@ -16,6 +16,7 @@ transmit ring costs that ring (counted), not the connection.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -134,6 +135,28 @@ def _memory_table_outside(qemu: VhostUserQemu) -> None:
     qemu.send(Request.SET_VRING_ADDR, pack_vring_address(beyond))
 
 
+def _call_is_a_pipe(qemu: VhostUserQemu) -> None:
+    qemu.negotiate()
+    r, w = os.pipe()  # blocking: a full one would block whoever writes it
+    try:
+        qemu.send(Request.SET_VRING_CALL, pack_vring_file(0, True), (w,))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _kick_is_a_file(qemu: VhostUserQemu) -> None:
+    qemu.negotiate()
+    qemu.send(Request.SET_FEATURES, pack_u64(0x1_0000_0000))
+    qemu.send(
+        Request.SET_MEM_TABLE, pack_memory_table([qemu.memory_region()]), (qemu.ram_fd,), ack=True
+    )
+    qemu.send(Request.SET_VRING_NUM, struct.pack("=II", 1, 256))
+    qemu.send(Request.SET_VRING_ADDR, pack_vring_address(qemu.tx.address()))
+    # the guest's RAM (a memfd) as the kick: epoll cannot wait on a regular file
+    qemu.send(Request.SET_VRING_KICK, pack_vring_file(1, True), (qemu.ram_fd,))
+
+
 HOSTILE = {
     "garbage header": lambda q: q.raw(b"\xde\xad\xbe\xef" * 3),
     "oversized payload": lambda q: q.raw(struct.pack("=III", Request.SET_MEM_TABLE, 1, 1 << 20)),
@@ -141,6 +164,8 @@ HOSTILE = {
         build_request(Request.SET_VRING_KICK, pack_vring_file(1, True)), (q.tx.kick,)
     ),
     "ring outside memory": _memory_table_outside,
+    "call not an eventfd": _call_is_a_pipe,
+    "kick not an eventfd": _kick_is_a_file,
 }
 
 

@@ -118,7 +118,10 @@ async def serve_connection(
     Replies are sent and spare descriptors closed here; every other action
     goes to ``apply`` (the adapter: eventfds, rings, the device state's
     descriptor), in order, each awaited before the next message is read
-    (a ring's start waits for the migration's rollback or resume).
+    (a ring's start waits for the migration's rollback or resume); an
+    ``apply`` that finds QEMU at fault (a descriptor of the wrong kind)
+    closes that action's descriptor and raises VhostUserProtocolError,
+    which ends the connection as a refused message does.
     CHECK_DEVICE_STATE waits for ``check_device_state`` (the migration
     controller's verdict), as QEMU does. A refused message ends the
     connection; the session is closed in every case.
@@ -156,6 +159,9 @@ async def serve_connection(
                 else:
                     try:
                         await apply(action)
+                    except VhostUserProtocolError as exc:  # e.g. a kick that is no eventfd
+                        close_fds([fd for a in actions for fd in _descriptors(a)])
+                        return Ended(f"QEMU sent an invalid message: {exc}", fault=True)
                     except BaseException:
                         close_fds([fd for a in actions for fd in _descriptors(a)])
                         raise

@@ -60,6 +60,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import time
 from typing import Any
 
@@ -80,7 +81,7 @@ from ferryd.frontends.vhost_user.actions import (
 from ferryd.frontends.vhost_user.channel import Ended, serve_connection
 from ferryd.frontends.vhost_user.device import NetDevice, VhostUserCounters
 from ferryd.frontends.vhost_user.device_state import DeviceStateHandler
-from ferryd.frontends.vhost_user.errors import GuestDriverError
+from ferryd.frontends.vhost_user.errors import GuestDriverError, VhostUserProtocolError
 from ferryd.frontends.vhost_user.features import NUM_QUEUES, RX_QUEUE, TX_QUEUE
 from ferryd.frontends.vhost_user.memory import MmapMapper
 from ferryd.frontends.vhost_user.messages import TransferDirection
@@ -319,9 +320,9 @@ class VhostUserFrontend:
         self._changed()
 
     def _set_kick(self, index: int, fd: int | None) -> None:
-        old, self._kick[index] = self._kick[index], fd
         if fd is not None:
-            os.set_blocking(fd, False)
+            _check_eventfd(fd, "SET_VRING_KICK", index)
+        old, self._kick[index] = self._kick[index], fd
         if old is not None:
             trio.lowlevel.notify_closing(old)
             os.close(old)
@@ -333,6 +334,8 @@ class VhostUserFrontend:
         self._changed()
 
     def _set_call(self, index: int, fd: int | None) -> None:
+        if fd is not None:
+            _check_eventfd(fd, "SET_VRING_CALL", index)
         old, self._call[index] = self._call[index], fd
         if old is not None:
             os.close(old)
@@ -431,6 +434,11 @@ class VhostUserFrontend:
                         await trio.sleep_forever()
             except trio.ClosedResourceError:
                 pass  # the kick was replaced or the ring stopped: look again
+            except OSError as exc:  # not expected of an eventfd; never the daemon's end
+                self._running[TX_QUEUE] = False
+                self._throttle.warning(
+                    "kick", trio.current_time(), "cannot wait on QEMU's kick eventfd: %s", exc
+                )
             finally:
                 self._wake = None
 
@@ -495,6 +503,26 @@ class VhostUserFrontend:
             self._listener = None
             if self._bound is not None:
                 unlink_if_ours(self.path, self._bound)
+
+
+def _check_eventfd(fd: int, request: str, index: int) -> None:
+    """Refuse (closing it) a descriptor that is not an eventfd, and make it non-blocking.
+
+    QEMU's descriptor is waited on and read (kick) or written (call) in the
+    data path: a regular file cannot be waited on (epoll refuses it), a
+    full blocking pipe would block the daemon. An eventfd is neither.
+    """
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+        ok = kind == "anon_inode:[eventfd]"
+    except OSError:  # no /proc: an anonymous inode at least (no file, pipe or socket)
+        kind = "?"
+        ok = stat.S_IFMT(os.fstat(fd).st_mode) == 0
+    if ok:
+        os.set_blocking(fd, False)
+        return
+    os.close(fd)
+    raise VhostUserProtocolError(f"{request}: ring {index}: {kind} is not an eventfd")
 
 
 def _peer_pid(conn: socket.socket) -> int | None:
