@@ -94,13 +94,20 @@ def _guest_ram_mapped(ferryd: FerrydProcess) -> bool:
     return "memfd:vhost-test-ram" in maps
 
 
+def _eventfds(ferryd: FerrydProcess) -> int:
+    fds = Path(f"/proc/{ferryd.pid}/fd")
+    return sum(os.readlink(fd) == "anon_inode:[eventfd]" for fd in fds.iterdir())
+
+
 def test_arp_and_a_large_echo_through_the_rings(
     topology: Topology, vhost_ferryd: tuple[FerrydProcess, Path]
 ) -> None:
     ferryd, path = vhost_ferryd
+    eventfds = _eventfds(ferryd)
     with VhostUserQemu(path) as qemu:
         _served(qemu, topology)
         assert _guest_ram_mapped(ferryd)
+        assert _eventfds(ferryd) == eventfds + 4  # a kick and a call per ring
         # 20000 bytes of echo: the reply (20042 bytes with its headers) spans
         # several 4 KiB receive buffers; the request is one 20 KiB transmit chain.
         body = bytes(range(256)) * 78 + b"end!"
@@ -121,6 +128,7 @@ def test_arp_and_a_large_echo_through_the_rings(
         assert qemu.transmitted() == 2  # both transmit chains given back
     wait_for(lambda: not _guest_ram_mapped(ferryd), timeout=5, what="ferryd to unmap the RAM")
     assert ferryd.request("status")["frontend"]["connected"] is False
+    assert _eventfds(ferryd) == eventfds  # every eventfd QEMU gave closed
 
 
 def _memory_table_outside(qemu: VhostUserQemu) -> None:
