@@ -35,10 +35,12 @@ from ferryd.frontends.vhost_user.features import (
 )
 from ferryd.frontends.vhost_user.messages import (
     HEADER_SIZE,
+    VHOST_VRING_F_LOG,
     MemoryRegion,
     Request,
     VringAddress,
     build_request,
+    pack_log_area,
     pack_memory_table,
     pack_u64,
     pack_vring_address,
@@ -197,6 +199,26 @@ class VhostUserQemu:
         self.send(Request.SET_VRING_ADDR, pack_vring_address(ring.address()))
         self.send(Request.SET_VRING_KICK, pack_vring_file(i, True), (ring.kick,))
         self.send(Request.SET_VRING_CALL, pack_vring_file(i, True), (ring.call,))
+
+    def start_dirty_log(self) -> mmap.mmap:
+        """What QEMU does when a migration starts: share a dirty log (one bit per 4 KiB
+        page of guest RAM), turn LOG_ALL on, and have each used ring logged. Returns the
+        log as QEMU sees it."""
+        size = RAM_SIZE // 4096 // 8
+        fd = os.memfd_create("vhost-test-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            log = mmap.mmap(fd, size)
+            self.send(Request.SET_LOG_BASE, pack_log_area(size, 0), (fd,))
+        finally:
+            os.close(fd)
+        assert self.reply() == (Request.SET_LOG_BASE, 0x5, pack_u64(0))
+        self.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES | bit(VHOST_F_LOG_ALL)), ack=True)
+        for ring in (self.rx, self.tx):
+            # QEMU waits for these (vhost_user_set_vring_addr: "wait_for_reply" with the log)
+            address = pack_vring_address(ring.address(VHOST_VRING_F_LOG))
+            self.send(Request.SET_VRING_ADDR, address, ack=True)
+        return log
 
     def stop_ring(self, ring: _Ring) -> int:
         """GET_VRING_BASE: the ring stops; the next available index the back-end would take."""

@@ -40,7 +40,13 @@ from ferryd.wire.ip import IPPROTO_ICMP, build_ip, parse_ipv4_untrusted
 from testbed.ferryd_process import FerrydProcess, describe_status, launch
 from testbed.paths import FERRYD
 from testbed.topology import Topology
-from testbed.vhost_user_driver import RAM_SIZE, UVA_BASE, VhostUserQemu
+from testbed.vhost_user_driver import (
+    RAM_SIZE,
+    RX_BUFFER_SIZE,
+    RX_BUFFERS,
+    UVA_BASE,
+    VhostUserQemu,
+)
 from testbed.wait import wait_for
 
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -228,3 +234,22 @@ def test_one_qemu_at_a_time(topology: Topology, vhost_ferryd: tuple[FerrydProces
         assert _arp_for_gateway(qemu, topology).op == ARP_REPLY  # the first one still is
         counters = ferryd.request("status")["counters"]["frontend"]
         assert (counters["connections"], counters["refused"]) == (1, 1)
+
+
+def test_every_page_ferryd_writes_is_marked_in_qemus_dirty_log(
+    topology: Topology, vhost_ferryd: tuple[FerrydProcess, Path]
+) -> None:
+    _, path = vhost_ferryd
+    with VhostUserQemu(path) as qemu:
+        _served(qemu, topology)  # the first receive buffer (head 0) holds that ARP reply
+        log = qemu.start_dirty_log()
+        assert not any(bytes(log))
+        assert _arp_for_gateway(qemu, topology).op == ARP_REPLY
+        marked = {page for page in range(len(log) * 8) if log[page // 8] & 1 << page % 8}
+        # the reply's buffer (head 1), and the used ring of each ring (nothing else:
+        # ferryd only reads the transmit buffers)
+        assert marked == {
+            (RX_BUFFERS + RX_BUFFER_SIZE) >> 12,
+            qemu.rx.used >> 12,
+            qemu.tx.used >> 12,
+        }
