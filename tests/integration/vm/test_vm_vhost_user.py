@@ -10,7 +10,9 @@ frames spread over several receive buffers to it, and partial checksums
 both ways; busybox checks them (dd from /dev/urandom, sha256sum, nc), as
 in test_vm_stream.py.
 
-Then QEMU is killed and a new one started on the same socket: ferryd,
+The guest then unloads and reloads virtio_net (QEMU resets the device and
+starts it again on the same connection) and pings the peer. Then QEMU is
+killed and a new one started on the same socket: ferryd,
 still listening, gives it a fresh session (the old mapping and eventfds
 released), and the new guest gets its lease and streams again.
 """
@@ -129,6 +131,22 @@ def test_dhcp_tcp_both_ways_and_a_new_qemu_on_the_same_socket(
     assert frontend["rings"] == {"rx": True, "tx": True}
     assert counters["connections"] == 1 and counters["protocol_errors"] == 0
     assert counters["ring_errors"] == 0
+
+    # The guest's driver goes away and comes back: QEMU stops and resets the
+    # device (RESET_DEVICE) and starts it again on the same connection.
+    vm.check(
+        "kill $(pidof udhcpc); rmmod virtio_net && insmod /lib/modules/virtio_net.ko"
+        f" && ip link set eth0 up && ip addr add {topology.host_v4}/{topology.prefix_v4} dev eth0"
+        f" && ip route add default via {topology.gateway_v4}"
+    )
+    wait_for(
+        lambda: vm.run(f"ping -c 1 -W 1 {peer}").status == 0,
+        timeout=30,
+        interval=0.5,
+        what="the peer to answer after the driver's reload",
+    )
+    counters = ferryd.request("status")["counters"]["frontend"]
+    assert (counters["connections"], counters["protocol_errors"]) == (1, 0)
 
     # QEMU dies; a new one connects to the same socket and gets a fresh session.
     assert vm.proc is not None
