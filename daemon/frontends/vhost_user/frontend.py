@@ -98,28 +98,6 @@ log = logging.getLogger("ferryd.vhost_user")
 BURST = 64
 
 
-class _NoHandler:
-    """Before ferryd.main hands one over: every device-state transfer is refused."""
-
-    def save(self, fd: int) -> None:
-        os.close(fd)
-
-    def load(self, fd: int) -> None:
-        os.close(fd)
-
-    async def check(self, direction: TransferDirection) -> bool:
-        return False
-
-    async def resumed(self) -> None:
-        return None
-
-    async def started(self) -> None:
-        return None
-
-    def disconnected(self) -> None:
-        return None
-
-
 class VhostUserFrontend:
     """QEMU's vhost-user-net device on a listening Unix socket (see the module docstring).
 
@@ -139,8 +117,8 @@ class VhostUserFrontend:
         self.path = path
         self._listener: socket.socket | None = listener
         self._bound = bound
-        self.handler: DeviceStateHandler = handler or _NoHandler()
-        """The migration's side of the device state (ferryd.main sets it)."""
+        self.handler = handler
+        """The migration's side of the device state (ferryd.main sets it before serve)."""
         self.counters = VhostUserCounters()
         self.csum_offload = False
         """VIRTIO_NET_F_GUEST_CSUM acked, read when a ring starts (features are fixed then)."""
@@ -161,6 +139,12 @@ class VhostUserFrontend:
         self._rx_signal_queued = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._throttle = LogThrottle(log)
+
+    @property
+    def _handler(self) -> DeviceStateHandler:
+        handler = self.handler
+        assert handler is not None
+        return handler
 
     @classmethod
     def listen(cls, path: str) -> VhostUserFrontend:
@@ -187,6 +171,7 @@ class VhostUserFrontend:
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve QEMU's connections one after the other, until cancelled."""
+        assert self.handler is not None, "a DeviceStateHandler first (ferryd.main)"
         self._token = trio.lowlevel.current_trio_token()
         task_status.started()
         while True:
@@ -271,7 +256,7 @@ class VhostUserFrontend:
         self._device = NetDevice(session, self.counters)
         self._conn = conn
         with trio.socket.from_stdlib_socket(conn) as sock:
-            return await serve_connection(sock, session, self._apply, self.handler.check)
+            return await serve_connection(sock, session, self._apply, self._handler.check)
 
     def _disconnect(self) -> None:
         """The connection is over (the session closed itself): drop what it owned."""
@@ -283,7 +268,7 @@ class VhostUserFrontend:
         self._conn = None  # closed by trio's socket wrapper
         self.csum_offload = False
         self._changed()
-        self.handler.disconnected()
+        self._handler.disconnected()
 
     async def _apply(self, action: Action) -> None:
         if isinstance(action, SetKick):
@@ -293,12 +278,12 @@ class VhostUserFrontend:
         elif isinstance(action, RingChanged):
             await self._ring_changed(action)
         elif isinstance(action, DeviceResumed):
-            await self.handler.resumed()
+            await self._handler.resumed()
         elif isinstance(action, TransferDeviceState):
             if action.direction is TransferDirection.SAVE:
-                self.handler.save(action.fd)
+                self._handler.save(action.fd)
             else:
-                self.handler.load(action.fd)
+                self._handler.load(action.fd)
         else:  # SendReply, CloseFds, CheckDeviceState: the channel's own
             raise AssertionError(f"unexpected action {action!r}")
 
@@ -309,7 +294,7 @@ class VhostUserFrontend:
             device = self._device
             assert device is not None
             self.csum_offload = device.csum_offload  # fixed while a ring runs
-            await self.handler.started()
+            await self._handler.started()
         session = self._session  # what QEMU did meanwhile counts, not what the action said
         self._running[index] = (
             session is not None
