@@ -45,6 +45,22 @@ One QEMU is served at a time; a QEMU that reconnects is served again.
 Migration works as in tap mode: the target ferryd (--incoming) gets its
 own --socket, for the target QEMU."""
 
+#: What ``--help`` says of QEMU's vhost-user mode (the README shows the same lines).
+VHOST_USER_HELP = """\
+QEMU (vhost-user): with --vhost-user, ferryd is QEMU's vhost-user-net
+back-end on --socket and reads and writes the guest's queues in its RAM,
+which QEMU must therefore share: a memfd memory backend with share=on.
+For example:
+  ferryd --vhost-user --socket /run/ferry/vm.sock --control /run/ferry/vm.ctl
+  qemu-system-x86_64 ... -m 1G \\
+      -object memory-backend-memfd,id=mem0,size=1G,share=on \\
+      -numa node,memdev=mem0 \\
+      -chardev socket,id=vhost0,path=/run/ferry/vm.sock,reconnect-ms=1000 \\
+      -netdev vhost-user,id=n0,chardev=vhost0 -device virtio-net-pci,netdev=n0
+One QEMU is served at a time; a QEMU that reconnects gets a fresh session.
+QEMU migrates ferryd's state itself (vhost-user device state): the target
+ferryd is started with the same command line, without --incoming."""
+
 
 class ConfigError(Exception):
     """The configuration asked for is impossible: the operator's to fix."""
@@ -70,6 +86,8 @@ class Options:
     config_net: bool
     socket: str | None = None
     """QEMU's stream netdev: the Unix socket ferryd listens on (None in tap mode)."""
+    vhost_user: bool = False
+    """With --socket: QEMU's vhost-user-net back-end instead of its stream netdev."""
     addresses: list[str] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
     mtu: int = DEFAULT_MTU
@@ -118,10 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
             "sockets. ARP, NDP, DHCP and DHCPv6 are answered locally. By default the "
             "guest gets the address, prefix and gateway of the host's default-route "
             "interface, MTU 65520 and the host's DNS servers. Two modes: --netns "
-            "(a tap in that namespace) or --socket (QEMU's stream netdev)."
+            "(a tap in that namespace) or --socket (QEMU's stream netdev, or with "
+            "--vhost-user its vhost-user-net device)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=STREAM_HELP
+        + "\n\n"
+        + VHOST_USER_HELP
         + "\n\n"
         + textwrap.fill(
             "Port specs (-t, -u): PORT, HOSTPORT:GUESTPORT, ranges A-B or A-B:C-D, "
@@ -146,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="QEMU mode: listen on this Unix socket (mode 0600) for QEMU's "
         "`-netdev stream` (see below); host sockets live in ferryd's own namespace",
+    )
+    g.add_argument(
+        "--vhost-user",
+        action="store_true",
+        help="with --socket: be QEMU's vhost-user-net back-end (`-netdev vhost-user`; "
+        "the guest's RAM must be a shared memfd, see below) rather than its stream netdev",
     )
     g.add_argument(
         "--tap",
@@ -321,6 +348,14 @@ def parse_options(argv: list[str] | None = None) -> Options:
         ):
             if given not in (None, False):
                 parser.error(f"argument {name}: tap mode only (--netns), not allowed with --socket")
+    if ns.vhost_user:
+        if ns.socket is None:
+            parser.error("argument --vhost-user: needs --socket PATH (QEMU's vhost-user socket)")
+        if ns.incoming:
+            parser.error(
+                "argument --incoming: not with --vhost-user (QEMU's device state makes"
+                " ferryd the target: start it with the same command line as the source)"
+            )
     if ns.tap is None:
         ns.tap = "tap0"
     return Options(**vars(ns))

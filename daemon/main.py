@@ -8,7 +8,8 @@ Start-up order matters, because privilege is only held during setup:
 3. create/attach the tap in the guest's namespace (privileged), or attach
    the /dev/net/tun descriptor we were given, opened in that namespace by
    our caller (--tap-fd, socket activation: no privilege needed at all);
-   or, with --socket, listen for QEMU's stream netdev (no privilege);
+   or, with --socket, listen for QEMU's stream netdev or (--vhost-user) its
+   vhost-user device (no privilege);
 4. bind forwarded ports and the control socket (ports < 1024 need
    CAP_NET_BIND_SERVICE); the control socket stays the starting user's
    (mode 0600), so the user ferryd becomes next cannot drive it;
@@ -52,11 +53,13 @@ from ferryd.frontends.base import Frontend
 from ferryd.frontends.stream import StreamAddressInUse, StreamFrontend, StreamSetupError
 from ferryd.frontends.tap import TapFrontend, TapGone, TapSetupError
 from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
+from ferryd.frontends.vhost_user.frontend import VhostUserFrontend
 from ferryd.host_addresses import AddressWatch
 from ferryd.link import LinkConfig
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
+from ferryd.migration_device_state import DeviceStateMigration
 from ferryd.privileges import (
     Identity,
     PrivilegeError,
@@ -166,6 +169,10 @@ class Daemon:
             precopy_quiet=opts.precopy_quiet,
         )
         self.counters.add("migration", self.migration.counters)
+        # vhost-user: QEMU drives the migration through the device state.
+        self.vhost_user = frontend if isinstance(frontend, VhostUserFrontend) else None
+        if self.vhost_user is not None:
+            self.vhost_user.handler = DeviceStateMigration(self.migration)
         self.ready = False
         self.host_netns = os.stat("/proc/self/ns/net").st_ino
 
@@ -195,6 +202,10 @@ class Daemon:
                 keep_bind_service=needs_bind_service(f.host_port for s in forwards for f in s),
             )
             install_syscall_filter()
+            if self.vhost_user is not None:
+                # QEMU's control connection outlives the data path's generations;
+                # served only now, unprivileged and filtered (it maps QEMU's memory).
+                await outer.start(self.vhost_user.serve)
             if not self.opts.incoming:
                 await data.start()
             self.ready = True
@@ -301,7 +312,9 @@ def _run(opts: Options) -> None:
 
 
 def _frontend(opts: Options, link: LinkConfig) -> Frontend:
-    """The guest's link: QEMU's stream socket (--socket), or the tap (--netns)."""
+    """The guest's link: QEMU's vhost-user or stream socket (--socket), or the tap (--netns)."""
+    if opts.socket is not None and opts.vhost_user:
+        return VhostUserFrontend.listen(opts.socket)
     if opts.socket is not None:
         return StreamFrontend.listen(opts.socket, link.mtu, incoming=opts.incoming)
     assert opts.netns is not None  # parse_options: one of the two

@@ -2,7 +2,8 @@
 
 A frontend is the guest's side of the link: a tap device in a network
 namespace (ferryd.frontends.tap), QEMU's stream netdev on a Unix socket
-(ferryd.frontends.stream); a vhost-user backend next. Each one is an
+(ferryd.frontends.stream), QEMU's vhost-user device
+(ferryd.frontends.vhost_user). Each one is an
 adapter (STYLE.md, "One adapter per transport"): the stack
 (ferryd.stack) only sends frames through a :class:`FrameSink`, and the
 data path (ferryd.datapath) only runs, drains and hands over a
@@ -21,7 +22,8 @@ the source :meth:`~Frontend.hand_over` at its freeze, right after a
 its multi-queue device (one queue per ferryd). A stream frontend has
 nothing to move: each ferryd listens on its own socket for its own QEMU,
 and hand_over only stops reading and sending (ferryd.frontends.stream); a
-vhost-user frontend will do it with QEMU's own hand-over of the device.
+vhost-user frontend leaves it to QEMU, which stops the device's rings on
+the source and starts them on the target.
 """
 
 from collections.abc import Callable

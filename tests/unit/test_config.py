@@ -118,6 +118,9 @@ def test_the_two_modes() -> None:
     stream = parse_options(["--socket", "/run/ferry/vm.sock", "-m", "1500"])
     assert (stream.netns, stream.socket, stream.mtu) == (None, "/run/ferry/vm.sock", 1500)
     assert make_link_config(stream, HOST, DNS).mtu == 1500  # addressing as in tap mode
+    assert not stream.vhost_user
+    vhost = parse_options(["--vhost-user", "--socket", "/run/ferry/vm.sock", "-t", "8080"])
+    assert (vhost.vhost_user, vhost.socket, vhost.netns) == (True, "/run/ferry/vm.sock", None)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +131,8 @@ def test_the_two_modes() -> None:
         (["--socket", "s", "--tap", "tap1"], "--tap: tap mode only"),
         (["--socket", "s", "--tap-fd", "3"], "--tap-fd: tap mode only"),
         (["--socket", "s", "--config-net"], "--config-net: tap mode only"),
+        (["--netns", "g", "--vhost-user"], "--vhost-user: needs --socket PATH"),
+        (["--socket", "s", "--vhost-user", "--incoming"], "--incoming: not with --vhost-user"),
     ],
 )
 def test_the_modes_do_not_mix(

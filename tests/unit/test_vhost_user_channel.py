@@ -17,7 +17,6 @@ import pytest
 import trio
 import trio.testing
 
-from ferryd.frontends.base import FrontendCounters
 from ferryd.frontends.vhost_user.actions import (
     Action,
     RingChanged,
@@ -26,7 +25,7 @@ from ferryd.frontends.vhost_user.actions import (
     TransferDeviceState,
 )
 from ferryd.frontends.vhost_user.channel import serve_connection
-from ferryd.frontends.vhost_user.device import NetDevice
+from ferryd.frontends.vhost_user.device import NetDevice, VhostUserCounters
 from ferryd.frontends.vhost_user.features import (
     OFFERED_FEATURES,
     OFFERED_PROTOCOL_FEATURES,
@@ -106,7 +105,7 @@ class Served:
         self.checks: list[TransferDirection] = []
         self.done = trio.Event()
 
-    def apply(self, action: Action) -> None:
+    async def apply(self, action: Action) -> None:
         self.applied.append(action)
 
     async def check(self, direction: TransferDirection) -> bool:
@@ -172,7 +171,7 @@ async def test_start_up_with_real_descriptors_then_frames_through_the_mapping(
         kicks = [a for a in state.applied if isinstance(a, SetKick)]
         assert len(kicks) == 2 and all(os.fstat(a.fd or -1) for a in kicks)
         # the guest sends a frame; ferryd reads it through its own mapping of the memfd
-        device = NetDevice(state.session, FrontendCounters())
+        device = NetDevice(state.session, VhostUserCounters())
         frame = NetHeader().pack() + b"through shared memory" * 50
         ram.write(0x100000, frame)
         tx = drivers[TX_QUEUE]

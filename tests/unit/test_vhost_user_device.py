@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ferryd.frontends.base import FrontendCounters
-from ferryd.frontends.vhost_user.device import MAX_TX_FRAME, NetDevice
+from ferryd.frontends.vhost_user.device import MAX_TX_FRAME, NetDevice, VhostUserCounters
 from ferryd.frontends.vhost_user.features import (
     TX_QUEUE,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -39,7 +38,7 @@ def _device(features: int = ACKED_FEATURES) -> tuple[GuestRam, Qemu, NetDevice]:
     ram = GuestRam(mapper, [LOW, HIGH])
     session = VhostUserSession(mapper)
     qemu, _, _ = start_device(session, ram, num=64, features=features)
-    return ram, qemu, NetDevice(session, FrontendCounters())
+    return ram, qemu, NetDevice(session, VhostUserCounters())
 
 
 def _put_tx(ram: GuestRam, qemu: Qemu, frames: list[tuple[int, bytes]]) -> None:
@@ -92,12 +91,12 @@ def test_too_long_empty_and_disabled_ring_frames_are_discarded_but_returned() ->
     _put_tx(ram, qemu, [(0, b"")])  # a header and no frame
     got: list[bytes] = []
     device.receive_burst(lambda f, t: got.append(bytes(f)), limit=64)
-    assert got == [] and device.device_counters.discarded_in == 2
+    assert got == [] and device.counters.discarded_in == 2
     assert len(qemu.tx.take_used()) == 2
     qemu.send(Request.SET_VRING_ENABLE, pack_vring_state(TX_QUEUE, 0))
     _put_tx(ram, qemu, [(0, b"x" * 60)])
     device.receive_burst(lambda f, t: got.append(bytes(f)), limit=64)
-    assert got == [] and device.device_counters.discarded_in == 3
+    assert got == [] and device.counters.discarded_in == 3
     assert len(qemu.tx.take_used()) == 1  # processed and discarded, as a disabled ring is
 
 

@@ -13,15 +13,17 @@ arrived is either returned or closed, whatever happens.
 :func:`serve_connection` runs one session over one connection: each message
 to the session, each action done or handed on, until QEMU closes the
 connection or sends something the session refuses (then the connection
-ends: QEMU reconnects and gets a fresh session).
+ends: QEMU reconnects and gets a fresh session). It says why the
+connection ended (:class:`Ended`) and leaves the logging to its caller,
+which throttles it: QEMU can end connections as fast as it likes.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -43,8 +45,6 @@ from ferryd.frontends.vhost_user.messages import (
     payload_size_untrusted,
 )
 from ferryd.frontends.vhost_user.session import VhostUserSession
-
-log = logging.getLogger("ferryd.vhost_user")
 
 MAX_FDS = MAX_REGIONS
 """The most descriptors one message carries (SET_MEM_TABLE's eight regions)."""
@@ -99,27 +99,39 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
         view = view[sent:]
 
 
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """Why a connection ended: ``fault`` if QEMU sent something the session refused."""
+
+    reason: str
+    fault: bool = False
+
+
 async def serve_connection(
     sock: trio.socket.SocketType,
     session: VhostUserSession,
-    apply: Callable[[Action], None],
+    apply: Callable[[Action], Awaitable[None]],
     check_device_state: Callable[[TransferDirection], Awaitable[bool]],
-) -> None:
-    """Run ``session`` over ``sock`` until QEMU disconnects or misbehaves.
+) -> Ended:
+    """Run ``session`` over ``sock`` until QEMU disconnects or misbehaves; why it ended.
 
     Replies are sent and spare descriptors closed here; every other action
     goes to ``apply`` (the adapter: eventfds, rings, the device state's
-    descriptor), in order. CHECK_DEVICE_STATE waits for
-    ``check_device_state`` (the migration controller's verdict), as QEMU
-    does. A refused message is logged and ends the connection; the session
-    is closed in every case.
+    descriptor), in order, each awaited before the next message is read
+    (a ring's start waits for the migration's rollback or resume); an
+    ``apply`` that finds QEMU at fault (a descriptor of the wrong kind)
+    closes that action's descriptor and raises VhostUserProtocolError,
+    which ends the connection as a refused message does.
+    CHECK_DEVICE_STATE waits for ``check_device_state`` (the migration
+    controller's verdict), as QEMU does. A refused message ends the
+    connection; the session is closed in every case.
     """
     try:
         while True:
             try:
                 received = await receive_message(sock)
                 if received is None:
-                    return
+                    return Ended("QEMU closed the connection")
                 data, fds = received
                 try:
                     actions = session.receive_untrusted(data, fds)
@@ -127,12 +139,10 @@ async def serve_connection(
                     close_fds(fds)
                     raise
             except VhostUserProtocolError as exc:
-                log.warning("vhost-user: QEMU sent an invalid message, disconnecting: %s", exc)
-                return
+                return Ended(f"QEMU sent an invalid message: {exc}", fault=True)
             except OSError as exc:
                 # ECONNRESET: QEMU died with our reply unread (unix_release_sock).
-                log.warning("vhost-user: QEMU's connection failed: %s", exc)
-                return
+                return Ended(f"QEMU's connection failed: {exc.strerror or exc}")
             while actions:
                 action, *actions = actions
                 if isinstance(action, SendReply):
@@ -140,15 +150,21 @@ async def serve_connection(
                         await send_all(sock, action.data)
                     except OSError as exc:  # EPIPE: QEMU went away before its reply
                         close_fds([fd for a in actions for fd in _descriptors(a)])
-                        log.warning("vhost-user: QEMU's connection failed: %s", exc)
-                        return
+                        return Ended(f"QEMU's connection failed: {exc.strerror or exc}")
                 elif isinstance(action, CloseFds):
                     close_fds(action.fds)
                 elif isinstance(action, CheckDeviceState):
                     ok = await check_device_state(action.direction)
                     actions = session.device_state_checked(ok) + actions
                 else:
-                    apply(action)
+                    try:
+                        await apply(action)
+                    except VhostUserProtocolError as exc:  # e.g. a kick that is no eventfd
+                        close_fds([fd for a in actions for fd in _descriptors(a)])
+                        return Ended(f"QEMU sent an invalid message: {exc}", fault=True)
+                    except BaseException:
+                        close_fds([fd for a in actions for fd in _descriptors(a)])
+                        raise
     finally:
         session.close()
 

@@ -44,22 +44,30 @@ _TRUST = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
 
 
 @dataclass
-class VhostUserCounters:
-    """What the rings did besides moving frames (FrontendCounters has the frames)."""
+class VhostUserCounters(FrontendCounters):
+    """The frames (FrontendCounters), and what the rings and QEMU's connections did besides."""
 
     discarded_in: int = 0
     """Guest frames not handed on: too long, shorter than a header, or a disabled ring."""
     notifications: int = 0
     """Interrupts asked for (call eventfd writes the adapter makes)."""
+    connections: int = 0
+    """QEMU's connections served (its first, and every reconnect)."""
+    refused: int = 0
+    """Connections closed at once: another QEMU was being served."""
+    protocol_errors: int = 0
+    """Connections ended because QEMU sent a message the session refused."""
+    ring_errors: int = 0
+    """Rings stopped because the guest's driver broke them (until QEMU restarts them)."""
 
 
 class NetDevice:
     """Frames in and out of one vhost-user session's queue pair (no I/O)."""
 
-    def __init__(self, session: VhostUserSession, counters: FrontendCounters) -> None:
+    def __init__(self, session: VhostUserSession, counters: VhostUserCounters) -> None:
         self.session = session
         self.counters = counters
-        self.device_counters = VhostUserCounters()
+        """Shared by every session of one frontend (a reconnect does not reset them)."""
         self._rx = session.queues[RX_QUEUE]
         self._tx = session.queues[TX_QUEUE]
         self._buffer = memoryview(bytearray(MAX_TX_FRAME))
@@ -94,7 +102,7 @@ class NetDevice:
         """Whether to write the receive ring's call eventfd now (and forget it)."""
         notify, self.notify_rx = self.notify_rx, False
         if notify:
-            self.device_counters.notifications += 1
+            self.counters.notifications += 1
         return notify
 
     def receive_burst(self, on_frame: OnFrame, limit: int) -> tuple[bool, bool]:
@@ -107,20 +115,25 @@ class NetDevice:
         """
         tx, buffer, counters = self._tx, self._buffer, self.counters
         capacity = len(buffer)
-        taken = 0
-        while taken < limit:
-            got = tx.pop_readable_untrusted(buffer)
-            if got is None:
-                break
-            head, length = got
-            taken += 1
-            tx.push_used(head, 0)  # the bytes are copied: the buffer goes back at once
-            if length > capacity or length <= NET_HDR_SIZE or not tx.enabled:
-                self.device_counters.discarded_in += 1
-                continue
-            counters.frames_in += 1
-            on_frame(buffer[NET_HDR_SIZE:length], bool(buffer[0] & _TRUST))
+        used: list[tuple[int, int]] = []
+        try:
+            while len(used) < limit:
+                got = tx.pop_readable_untrusted(buffer)
+                if got is None:
+                    break
+                head, length = got
+                used.append((head, 0))  # the bytes are copied: the buffer goes back
+                if length > capacity or length <= NET_HDR_SIZE or not tx.enabled:
+                    counters.discarded_in += 1
+                    continue
+                counters.frames_in += 1
+                on_frame(buffer[NET_HDR_SIZE:length], bool(buffer[0] & _TRUST))
+        finally:
+            # Once per burst (one used.idx store), and even when a later chain was broken.
+            if used and tx.started:
+                tx.push_used_batch(used)
+        taken = len(used)
         notify = taken > 0 and tx.should_notify()
         if notify:
-            self.device_counters.notifications += 1
+            counters.notifications += 1
         return taken == limit, notify

@@ -1,0 +1,517 @@
+"""``ferryd --vhost-user --socket PATH``: the trio adapter over the vhost-user session.
+
+Two lifetimes. QEMU's control connection must be served for as long as
+the daemon runs, whatever the data path does: during a migration the data
+path is stopped (its generation cancelled) while QEMU goes on talking
+(GET_VRING_BASE, SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE, and the rings'
+restart on a rollback). So :meth:`VhostUserFrontend.serve` (the listener,
+one :class:`~.session.VhostUserSession` per connection, the session's
+actions) is a task of the daemon's outer nursery, started once by
+ferryd.main; :meth:`VhostUserFrontend.run`, the reader of the transmit
+ring, is a task of each data-path generation, as for every frontend.
+
+The socket file is made like the stream frontend's (ferryd.unix_listener:
+mode 0600 before listen(), a stale file replaced, a live one never taken
+over, removed at exit only if still ours). One QEMU at a time: a second
+connection while one is served is accepted and closed at once (counted
+in ``refused``); QEMU's own reconnect (``reconnect-ms``, or a new QEMU)
+comes after the old connection ended and gets a fresh session: the old
+one's memory unmapped, its eventfds closed, its rings gone.
+
+Eventfds. The session hands over each ring's kick (QEMU: "the guest
+posted buffers") and call ("the device used buffers: interrupt the
+guest") descriptors through SetKick / SetCall; the adapter owns them from
+then on and closes the one each replaces (a kick being waited on is
+announced with trio.lowlevel.notify_closing first, as trio requires).
+:meth:`run` waits for the transmit ring's kick (its counter read, so it
+can fire again), hands the ring's frames over in bursts
+(:meth:`~.device.NetDevice.receive_burst`), and writes the call eventfd
+after a burst when the guest wants it. Frames to the guest
+(:meth:`send`) go straight into the receive ring; the call eventfd is
+written once per scheduler step however many frames went in (a callback
+queued with run_sync_soon), not once per frame. When the guest has no
+buffer (or the ring is not running) the frame is dropped and counted, as a
+full NIC queue drops it; TCP retransmits. The guest's kick on the receive
+ring (new buffers) needs nothing: ferryd keeps no frame to resend.
+
+A ring's start and the migration. QEMU resumes a source VM after a failed
+migration by starting its rings again (the session's DeviceResumed comes
+first), and starts a target's rings once it runs there: the handler
+(:class:`~.device_state.DeviceStateHandler`, the migration's side) is
+awaited on DeviceResumed and on every ring start before the adapter lets
+frames flow on that ring, so a rollback thaws and a target resumes before
+the guest's first frame is handled. The device-state descriptor goes to
+the handler (save / load); CHECK_DEVICE_STATE waits for its verdict; the
+end of a connection is reported to it (after a checked SAVE: the target
+took over).
+
+Whose fault. A message the session refuses (malformed, oversized, out of
+order, addresses outside the guest's memory) ends the connection, logged
+(rate-limited, QEMU can reconnect at any pace) and counted in
+``protocol_errors``; ferryd keeps listening. A ring the guest's driver
+broke (:class:`~.errors.GuestDriverError`) is stopped until QEMU starts it
+again, logged and counted in ``ring_errors``; the other ring and the
+daemon go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+from typing import Any
+
+import trio
+
+from ferry_repair.peer import peer_credentials
+from ferryd.descriptors import ACCEPT_BACKOFF, is_exhaustion
+from ferryd.frontends.base import OnBurstEnd, OnFrame
+from ferryd.frontends.stream import _hung_up, open_listener
+from ferryd.frontends.vhost_user.actions import (
+    Action,
+    DeviceResumed,
+    RingChanged,
+    SetCall,
+    SetKick,
+    TransferDeviceState,
+)
+from ferryd.frontends.vhost_user.channel import Ended, serve_connection
+from ferryd.frontends.vhost_user.device import NetDevice, VhostUserCounters
+from ferryd.frontends.vhost_user.device_state import DeviceStateHandler
+from ferryd.frontends.vhost_user.errors import GuestDriverError, VhostUserProtocolError
+from ferryd.frontends.vhost_user.features import NUM_QUEUES, RX_QUEUE, TX_QUEUE
+from ferryd.frontends.vhost_user.memory import MmapMapper
+from ferryd.frontends.vhost_user.messages import TransferDirection
+from ferryd.frontends.vhost_user.session import VhostUserSession
+from ferryd.logthrottle import LogThrottle
+from ferryd.unix_listener import unlink_if_ours
+from ferryd.wire.checksum import complete_partial
+
+__all__ = ["VhostUserFrontend"]
+
+log = logging.getLogger("ferryd.vhost_user")
+
+#: Frames taken from the transmit ring per burst (then on_burst_end and a checkpoint).
+BURST = 64
+
+
+class VhostUserFrontend:
+    """QEMU's vhost-user-net device on a listening Unix socket (see the module docstring).
+
+    Implements :class:`ferryd.frontends.base.Frontend`; :meth:`serve` must
+    run too (ferryd.main starts it in the daemon's outer nursery).
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        path: str,
+        *,
+        bound: os.stat_result | None = None,
+        handler: DeviceStateHandler | None = None,
+    ) -> None:
+        listener.setblocking(False)
+        self.path = path
+        self._listener: socket.socket | None = listener
+        self._bound = bound
+        self.handler = handler
+        """The migration's side of the device state (ferryd.main sets it before serve)."""
+        self.counters = VhostUserCounters()
+        self.csum_offload = False
+        """VIRTIO_NET_F_GUEST_CSUM acked, read when a ring starts (features are fixed then)."""
+        self._session: VhostUserSession | None = None
+        self._device: NetDevice | None = None
+        self._conn: socket.socket | None = None
+        self._peer: int | None = None
+        self._kick: list[int | None] = [None] * NUM_QUEUES
+        self._call: list[int | None] = [None] * NUM_QUEUES
+        self._running = [False] * NUM_QUEUES
+        """Ring started and its start applied (the handler heard of it); not broken."""
+        self._starting = [False] * NUM_QUEUES
+        """A kick came (the ring (re)starts): the handler hears of it before frames flow."""
+        self._broken = [False] * NUM_QUEUES
+        """The guest's driver broke the ring; it stays stopped until QEMU starts it again."""
+        self._wake: trio.CancelScope | None = None
+        """The reader's wait for a kick, cancelled when a ring changes."""
+        self._rx_signal_queued = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._throttle = LogThrottle(log)
+
+    @property
+    def _handler(self) -> DeviceStateHandler:
+        handler = self.handler
+        assert handler is not None
+        return handler
+
+    @classmethod
+    def listen(cls, path: str) -> VhostUserFrontend:
+        """Listen at ``path`` (raises StreamAddressInUse / StreamSetupError, as --socket does)."""
+        listener, bound = open_listener(path)
+        return cls(listener, path, bound=bound)
+
+    def describe(self) -> dict[str, Any]:
+        session = self._session
+        features = None if session is None else session.features
+        return {
+            "kind": "vhost-user",
+            "path": self.path,
+            "connected": self._conn is not None,
+            "peer_pid": self._peer,
+            "features": None if features is None else f"{features:#x}",
+            "protocol_features": None if session is None else f"{session.protocol_features:#x}",
+            "rings": {
+                name: self._running[index] for name, index in (("rx", RX_QUEUE), ("tx", TX_QUEUE))
+            },
+        }
+
+    # --- the control plane (the daemon's whole life) ---------------------------
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve QEMU's connections one after the other, until cancelled."""
+        assert self.handler is not None, "a DeviceStateHandler first (ferryd.main)"
+        self._token = trio.lowlevel.current_trio_token()
+        task_status.started()
+        while True:
+            conn = await self._accept()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._refuse_others, conn)
+                    ended = await self._serve_one(conn)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._disconnect()
+            if ended.fault:
+                self.counters.protocol_errors += 1
+                self._throttle.warning(
+                    "protocol",
+                    trio.current_time(),
+                    "%s (pid %s on %s); dropped the connection, waiting for QEMU to reconnect",
+                    ended.reason,
+                    self._peer,
+                    self.path,
+                )
+            else:
+                log.info("%s (pid %s on %s)", ended.reason, self._peer, self.path)
+            self._peer = None
+
+    async def _accept(self) -> socket.socket:
+        listener = self._listener
+        assert listener is not None, "closed"
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if not is_exhaustion(exc):
+                    raise
+                self._throttle.warning(
+                    "accept", trio.current_time(), "cannot accept QEMU on %s: %s", self.path, exc
+                )
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            self._peer = _peer_pid(conn)
+            self.counters.connections += 1
+            log.info("QEMU connected on %s (pid %s)", self.path, self._peer)
+            return conn
+
+    async def _refuse_others(self, conn: socket.socket) -> None:
+        """Close every other connection while one QEMU is served (as the stream frontend)."""
+        listener = self._listener
+        assert listener is not None
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            if _hung_up(conn):
+                # The served QEMU is gone: the newcomer (its reconnect, most likely)
+                # waits in the backlog until the session has seen the end.
+                await trio.sleep_forever()
+            try:
+                extra, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if not is_exhaustion(exc):
+                    raise
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            pid = _peer_pid(extra)
+            extra.close()
+            self.counters.refused += 1
+            self._throttle.warning(
+                "refused",
+                trio.current_time(),
+                "refused a second connection on %s (pid %s): QEMU pid %s is being served",
+                self.path,
+                pid,
+                self._peer,
+            )
+
+    async def _serve_one(self, conn: socket.socket) -> Ended:
+        session = VhostUserSession(MmapMapper())
+        self._session = session
+        self._device = NetDevice(session, self.counters)
+        self._conn = conn
+        with trio.socket.from_stdlib_socket(conn) as sock:
+            return await serve_connection(sock, session, self._apply, self._handler.check)
+
+    def _disconnect(self) -> None:
+        """The connection is over (the session closed itself): drop what it owned."""
+        for index in range(NUM_QUEUES):
+            self._running[index] = self._starting[index] = self._broken[index] = False
+            self._set_kick(index, None)
+            self._set_call(index, None)
+        self._session = self._device = None
+        self._conn = None  # closed by trio's socket wrapper
+        self.csum_offload = False
+        self._changed()
+        self._handler.disconnected()
+
+    async def _apply(self, action: Action) -> None:
+        if isinstance(action, SetKick):
+            self._set_kick(action.index, action.fd)
+        elif isinstance(action, SetCall):
+            self._set_call(action.index, action.fd)
+        elif isinstance(action, RingChanged):
+            await self._ring_changed(action)
+        elif isinstance(action, DeviceResumed):
+            await self._handler.resumed()
+        elif isinstance(action, TransferDeviceState):
+            if action.direction is TransferDirection.SAVE:
+                self._handler.save(action.fd)
+            else:
+                self._handler.load(action.fd)
+        else:  # SendReply, CloseFds, CheckDeviceState: the channel's own
+            raise AssertionError(f"unexpected action {action!r}")
+
+    async def _ring_changed(self, change: RingChanged) -> None:
+        index = change.index
+        if change.started and self._starting[index]:
+            self._starting[index] = False
+            device = self._device
+            assert device is not None
+            self.csum_offload = device.csum_offload  # fixed while a ring runs
+            await self._handler.started()
+        session = self._session  # what QEMU did meanwhile counts, not what the action said
+        self._running[index] = (
+            session is not None
+            and session.queues[index].started
+            and self._kick[index] is not None
+            and not self._broken[index]
+        )
+        self._changed()
+
+    def _set_kick(self, index: int, fd: int | None) -> None:
+        if fd is not None:
+            _check_eventfd(fd, "SET_VRING_KICK", index)
+        old, self._kick[index] = self._kick[index], fd
+        if old is not None:
+            trio.lowlevel.notify_closing(old)
+            os.close(old)
+        if fd is None:
+            self._running[index] = False
+        else:
+            self._starting[index] = True
+            self._broken[index] = False
+        self._changed()
+
+    def _set_call(self, index: int, fd: int | None) -> None:
+        if fd is not None:
+            _check_eventfd(fd, "SET_VRING_CALL", index)
+        old, self._call[index] = self._call[index], fd
+        if old is not None:
+            os.close(old)
+
+    def _changed(self) -> None:
+        if self._wake is not None:
+            self._wake.cancel()
+
+    def _ring_broken(self, index: int, exc: GuestDriverError) -> None:
+        """Stop using a ring the guest's driver broke, until QEMU starts it again."""
+        self._running[index] = False
+        self._broken[index] = True
+        self.counters.ring_errors += 1
+        self._throttle.warning(
+            "ring",
+            trio.current_time(),
+            "the guest's driver broke ring %d, stopped until QEMU restarts it: %s",
+            index,
+            exc,
+        )
+
+    def _signal(self, index: int) -> None:
+        fd = self._call[index]
+        if fd is not None:
+            with contextlib.suppress(OSError):  # EAGAIN: the counter is full, so it is signalled
+                os.eventfd_write(fd, 1)
+
+    # --- frames out -------------------------------------------------------------
+
+    def send(self, frame: bytes | memoryview) -> None:
+        """One frame into the guest's receive ring, or dropped and counted."""
+        device = self._device
+        if device is None or not self._running[RX_QUEUE]:
+            self.counters.dropped_out += 1
+            return
+        try:
+            device.send(frame)
+        except GuestDriverError as exc:
+            self.counters.dropped_out += 1
+            self._ring_broken(RX_QUEUE, exc)
+            return
+        self._queue_rx_signal(device)
+
+    def send_partial(
+        self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
+    ) -> None:
+        """A frame whose L4 checksum the guest may leave unsummed (GUEST_CSUM acked)."""
+        device = self._device
+        if device is None or not self._running[RX_QUEUE]:
+            self.counters.dropped_out += 1
+            return
+        try:
+            if self.csum_offload:
+                device.send_partial(parts, csum_start, csum_offset)
+            else:  # not for a caller that read csum_offload, but the frame stays right
+                head = bytes(parts[0])
+                payload = b"".join(parts[1:])
+                l4 = complete_partial(head[csum_start:], csum_offset, payload)
+                device.send(head[:csum_start] + l4 + payload)
+        except GuestDriverError as exc:
+            self.counters.dropped_out += 1
+            self._ring_broken(RX_QUEUE, exc)
+            return
+        self._queue_rx_signal(device)
+
+    def _queue_rx_signal(self, device: NetDevice) -> None:
+        """Interrupt the guest once for every frame sent in this scheduler step."""
+        if device.notify_rx and not self._rx_signal_queued and self._token is not None:
+            self._rx_signal_queued = True
+            self._token.run_sync_soon(self._flush_rx_signal)
+
+    def _flush_rx_signal(self) -> None:
+        self._rx_signal_queued = False
+        device = self._device
+        if device is not None and device.take_rx_notification():
+            self._signal(RX_QUEUE)
+
+    # --- frames in ----------------------------------------------------------------
+
+    async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
+        """Deliver the guest's frames from the transmit ring, until cancelled."""
+        while True:
+            kick = self._kick[TX_QUEUE]
+            if kick is not None and self._running[TX_QUEUE]:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.eventfd_read(kick)  # re-armed before the ring is read: no kick is lost
+                while self._burst(on_frame, BURST):
+                    on_burst_end()
+                    await trio.lowlevel.checkpoint()
+                on_burst_end()
+            try:
+                with trio.CancelScope() as self._wake:
+                    if kick is not None and self._running[TX_QUEUE]:
+                        await trio.lowlevel.wait_readable(kick)
+                    else:
+                        await trio.sleep_forever()
+            except trio.ClosedResourceError:
+                pass  # the kick was replaced or the ring stopped: look again
+            except OSError as exc:  # not expected of an eventfd; never the daemon's end
+                self._running[TX_QUEUE] = False
+                self._throttle.warning(
+                    "kick", trio.current_time(), "cannot wait on QEMU's kick eventfd: %s", exc
+                )
+            finally:
+                self._wake = None
+
+    def _burst(self, on_frame: OnFrame, limit: int) -> bool:
+        """Up to ``limit`` frames; True if the ring may hold more."""
+        device = self._device
+        if device is None or not self._running[TX_QUEUE]:
+            return False
+        try:
+            more, notify = device.receive_burst(on_frame, limit)
+        except GuestDriverError as exc:
+            self._ring_broken(TX_QUEUE, exc)
+            return False
+        if notify:
+            self._signal(TX_QUEUE)
+        return more
+
+    def drain(self, on_frame: OnFrame, on_burst_end: OnBurstEnd, budget: float = 0.002) -> None:
+        """Deliver, without waiting, what the guest queued already, for about ``budget`` s.
+
+        Never touches guest memory once the device is suspended (QEMU
+        stopped every ring before a device-state transfer): a stopped ring
+        is not running, and the burst reads nothing.
+        """
+        session = self._session
+        if session is not None and not session.suspended:
+            deadline = time.monotonic() + budget
+            while self._burst(on_frame, BURST) and time.monotonic() < deadline:
+                pass
+        on_burst_end()
+
+    # --- the handover ---------------------------------------------------------------
+
+    def hand_over(self) -> None:
+        """Nothing to do: QEMU hands the device over.
+
+        In vhost-user the guest's queues move with QEMU: the source QEMU
+        stops the rings (GET_VRING_BASE) before the device state is saved,
+        and the target QEMU starts them on its own back-end once the VM
+        runs there; nothing is left for ferryd to give up or take.
+        """
+
+    def take_over(self) -> None:
+        """Nothing to do: QEMU starts the rings on this ferryd when the VM runs here."""
+
+    def close(self) -> None:
+        for index in range(NUM_QUEUES):
+            for fd in (self._kick[index], self._call[index]):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._kick[index] = self._call[index] = None
+        if self._session is not None:
+            self._session.close()
+            self._session = self._device = None
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.close()
+            self._conn = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self._bound is not None:
+                unlink_if_ours(self.path, self._bound)
+
+
+def _check_eventfd(fd: int, request: str, index: int) -> None:
+    """Refuse (closing it) a descriptor that is not an eventfd, and make it non-blocking.
+
+    QEMU's descriptor is waited on and read (kick) or written (call) in the
+    data path: a regular file cannot be waited on (epoll refuses it), a
+    full blocking pipe would block the daemon. An eventfd is neither.
+    """
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+        ok = kind == "anon_inode:[eventfd]"
+    except OSError:  # no /proc: an anonymous inode at least (no file, pipe or socket)
+        kind = "?"
+        ok = stat.S_IFMT(os.fstat(fd).st_mode) == 0
+    if ok:
+        os.set_blocking(fd, False)
+        return
+    os.close(fd)
+    raise VhostUserProtocolError(f"{request}: ring {index}: {kind} is not an eventfd")
+
+
+def _peer_pid(conn: socket.socket) -> int | None:
+    try:
+        return peer_credentials(conn).pid
+    except OSError:
+        return None

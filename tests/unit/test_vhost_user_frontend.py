@@ -1,0 +1,184 @@
+"""VhostUserFrontend and its device-state handler: what the migration hears, and when.
+
+The frontend runs for real (its listening socket, trio, eventfds, the
+guest's RAM in a memfd mapped by MmapMapper); testbed/vhost_user_driver.py
+plays QEMU from a worker thread (blocking, as QEMU is towards its
+back-end). The handler records each call with whether a ring was running
+at that moment: a rollback (resumed) and a ring's start (started) must be
+heard before any frame can flow, and the device state's descriptor is
+QEMU's own pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import trio.lowlevel
+
+from ferryd.frontends.vhost_user.frontend import VhostUserFrontend
+from ferryd.frontends.vhost_user.messages import (
+    Request,
+    TransferDirection,
+    pack_device_state,
+    pack_u64,
+)
+from testbed.vhost_user_driver import VhostUserQemu
+
+T = TypeVar("T")
+
+
+class Recorder:
+    """A DeviceStateHandler that writes down what it is told (and what ran then)."""
+
+    def __init__(self) -> None:
+        self.frontend: VhostUserFrontend | None = None
+        self.calls: list[tuple[str, object]] = []
+        self.fds: list[int] = []
+        self.verdict = True
+        self.disconnected_event = trio.Event()
+
+    def _running(self) -> tuple[bool, ...]:
+        assert self.frontend is not None
+        return tuple(self.frontend.describe()["rings"].values())
+
+    def save(self, fd: int) -> None:
+        self.fds.append(fd)
+        self.calls.append(("save", None))
+
+    def load(self, fd: int) -> None:
+        self.fds.append(fd)
+        self.calls.append(("load", None))
+
+    async def check(self, direction: TransferDirection) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("check", direction))
+        return self.verdict
+
+    async def resumed(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("resumed", self._running()))
+
+    async def started(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("started", self._running()))
+
+    def disconnected(self) -> None:
+        self.calls.append(("disconnected", None))
+        self.disconnected_event.set()
+
+
+class Running:
+    def __init__(self, frontend: VhostUserFrontend, recorder: Recorder) -> None:
+        self.frontend = frontend
+        self.recorder = recorder
+        self.frames: list[bytes] = []
+        self.arrived = trio.Event()
+
+    def on_frame(self, frame: memoryview, trusted: bool) -> None:
+        self.frames.append(bytes(frame))
+        self.arrived.set()
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    frontend = VhostUserFrontend.listen(str(tmp_path / "vhost.sock"))
+    recorder = Recorder()
+    recorder.frontend = frontend
+    frontend.handler = recorder
+    state = Running(frontend, recorder)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(frontend.serve)
+            nursery.start_soon(frontend.run, state.on_frame, lambda: None)
+            yield state
+            nursery.cancel_scope.cancel()
+    finally:
+        frontend.close()
+        for fd in recorder.fds:
+            os.close(fd)
+    assert not (tmp_path / "vhost.sock").exists()  # removed: it was ours
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """QEMU's side, blocking, while the frontend serves it."""
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def test_save_check_then_a_restart_rolls_back_before_any_frame(running: Running) -> None:
+    frontend, recorder = running.frontend, running.recorder
+    qemu = VhostUserQemu(frontend.path)
+    try:
+        await _in_thread(qemu.start)
+        assert recorder.calls == [("started", (False, False)), ("started", (True, False))]
+        assert frontend.csum_offload  # the guest acked GUEST_CSUM
+        await _in_thread(qemu.transmit, b"before the migration" * 3)
+        await running.arrived.wait()
+        assert running.frames == [b"before the migration" * 3]
+
+        # QEMU's save: the rings stop, the pipe goes to the handler, the check waits for it.
+        for ring in (qemu.rx, qemu.tx):
+            await _in_thread(qemu.stop_ring, ring)
+        assert frontend.describe()["rings"] == {"rx": False, "tx": False}
+        r, w = os.pipe()
+        try:
+            await _in_thread(qemu.send, Request.SET_DEVICE_STATE_FD, pack_device_state(0, 0), (w,))
+            assert await _in_thread(qemu.reply) == (
+                Request.SET_DEVICE_STATE_FD,
+                0x5,
+                pack_u64(0x100),
+            )
+            assert await _in_thread(qemu.u64, Request.CHECK_DEVICE_STATE) == 0
+            (fd,) = recorder.fds
+            os.write(fd, b"ferry's stream")
+            assert os.read(r, 100) == b"ferry's stream"  # the handler got QEMU's pipe
+        finally:
+            os.close(r)
+            os.close(w)
+        assert recorder.calls[2:] == [("save", None), ("check", TransferDirection.SAVE)]
+
+        # The migration failed later: QEMU starts the rings again. The rollback
+        # comes first, with no ring running, then each start, and frames flow.
+        del recorder.calls[:]
+        running.arrived = trio.Event()
+        for ring in (qemu.rx, qemu.tx):
+            base = struct.unpack_from("<H", qemu.ram, ring.avail + 2)[0]
+            await _in_thread(qemu.start_ring, ring, base)
+        await _in_thread(qemu.transmit, b"after the rollback" * 3)
+        await running.arrived.wait()
+        assert running.frames[-1] == b"after the rollback" * 3
+        assert recorder.calls == [
+            ("resumed", (False, False)),
+            ("started", (False, False)),
+            ("started", (True, False)),
+        ]
+    finally:
+        qemu.close()
+    await running.recorder.disconnected_event.wait()
+    assert recorder.calls[-1] == ("disconnected", None)
+    assert frontend.describe()["connected"] is False
+
+
+async def test_a_failed_check_answers_qemu_with_failure(running: Running) -> None:
+    recorder = running.recorder
+    recorder.verdict = False
+    qemu = VhostUserQemu(running.frontend.path)
+    try:
+        await _in_thread(qemu.negotiate)
+        r, w = os.pipe()
+        try:
+            await _in_thread(qemu.send, Request.SET_DEVICE_STATE_FD, pack_device_state(1, 0), (r,))
+            await _in_thread(qemu.reply)
+            assert await _in_thread(qemu.u64, Request.CHECK_DEVICE_STATE) == 1
+        finally:
+            os.close(r)
+            os.close(w)
+        assert recorder.calls == [("load", None), ("check", TransferDirection.LOAD)]
+    finally:
+        qemu.close()
+    await recorder.disconnected_event.wait()
