@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ DOWNTIME_LIMIT_MS = 10
 #: How much the busy connection must carry before the migration and after it.
 BEFORE = 256 << 10
 AFTER = 256 << 10
+#: Both ferryds forward this host port to the guest's GUEST_PORT (the target's
+#: listener, bound at its start, gives way to the one the stream restores).
+FORWARD_PORT, GUEST_PORT = 2222, 22
 
 
 def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
@@ -62,7 +66,7 @@ def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
     socket_path, control = bed.tmp / f"{name}.vhost", str(bed.tmp / f"{name}.ctl")
     argv = [
         str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
-        "--repair-socket", bed.repair_socket,
+        "--repair-socket", bed.repair_socket, "-t", f"{FORWARD_PORT}:{GUEST_PORT}",
     ]  # fmt: skip
     return launch(host, argv, control, bed.tmp / f"ferryd-{name}.log", bed.ferryds), socket_path
 
@@ -84,6 +88,28 @@ def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -
     echo_idle(source, idle, "before")
     wait_echoed(source, BEFORE, f"the busy connection to echo {BEFORE} bytes")
     return source
+
+
+def _inbound(bed: MigrationBed, vm: Vm) -> None:
+    """A connection from the peer to the forwarded port reaches a listener in the guest."""
+    vm.check(f"nc -l -p {GUEST_PORT} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
+    hello = (
+        "import socket;"
+        f"s = socket.create_connection(({bed.host_v4!r}, {FORWARD_PORT}), timeout=30);"
+        "s.sendall(b'inbound\\n'); s.close()"
+    )
+    wait_for(
+        lambda: bed.peer.run([sys.executable, "-c", hello], check=False).returncode == 0,
+        timeout=30,
+        interval=0.2,
+        what="the peer to connect to the forwarded port",
+    )
+    wait_for(
+        lambda: vm.run("cat /tmp/inbound").output == "inbound\n",
+        timeout=30,
+        interval=0.2,
+        what="the guest's listener to get the peer's line",
+    )
 
 
 def _migrate(source: Vm, channel: str, *, return_path: bool = False) -> None:
@@ -145,7 +171,9 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     wait_for(lambda: _migration(ferryd_a)["out_completed"] == 1, what="the source to commit")
     assert _role(ferryd_a) == "migrated"
 
-    # On the target: the busy connection goes on, the idle ones answer.
+    # On the target: the forward reaches the guest, the busy connection goes
+    # on, the idle ones answer.
+    _inbound(bed, target)
     at_migration = size(target, "/tmp/sent")
     wait_echoed(
         target, at_migration + AFTER, f"the busy connection to echo {AFTER} more bytes after"
