@@ -431,3 +431,20 @@ async def test_a_device_state_before_the_controller_runs_is_refused() -> None:
         device.disconnected()
         assert controller.role is Role.RUNNING and host.calls == []
         await host.aclose()
+
+
+async def test_a_load_right_after_a_disconnect_waits_for_the_discard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconnecting QEMU's LOAD may come before the last one's discard ran: taken in order."""
+    async with bed(monkeypatch) as b:
+        data, _, _ = await _stream_with_forwards(b)
+        dst = b.dst
+        ok, _ = await load(dst, data)
+        assert ok and role(dst) is Role.RESTORED
+        dst.device.disconnected()
+        ok, _ = await load(dst, data)  # no wait in between
+        assert ok and role(dst) is Role.RESTORED
+        assert dst.controller.counters.in_failed == 1  # the first one discarded
+        await dst.device.started()
+        assert role(dst) is Role.RUNNING and dst.host.udp.count() == 1
