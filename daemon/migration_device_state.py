@@ -39,6 +39,11 @@ Target (QEMU's LOAD; the ferryd was started like any other, running)::
                    restored (silently: sockets closed in repair mode), and
                    wait for another LOAD
 
+A check's verdict belongs to its transfer; an outcome (resumed,
+started, disconnected) acts on the controller's role, so a transfer QEMU
+should not have asked for (a second SAVE while frozen: refused) changes
+nothing of the one in progress.
+
 The frontend's calls that answer at once (save, load, disconnected) leave
 their work to the controller's background tasks, run one after the other
 in the order QEMU asked (a reconnecting QEMU's LOAD waits for the discard
@@ -60,6 +65,7 @@ from ferryd.frontends.vhost_user.messages import TransferDirection
 from ferryd.logthrottle import LogThrottle
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.errors import MigrationError
+from ferryd.migration.roles import ROLLBACK_ROLES, Role
 
 log = logging.getLogger("ferryd.migration")
 
@@ -79,8 +85,6 @@ class _Transfer:
     """SAVE: set once the stream was written, or the save failed (and rolled back)."""
     ok: bool = False
     """SAVE: the whole stream went out; LOAD: everything was restored (check's verdict)."""
-    checked: bool = False
-    """CHECK_DEVICE_STATE answered: QEMU's next step decides the outcome."""
 
 
 class DeviceStateMigration:
@@ -89,9 +93,11 @@ class DeviceStateMigration:
     def __init__(self, controller: MigrationController) -> None:
         self.controller = controller
         self._transfer: _Transfer | None = None
-        """The last SET_DEVICE_STATE_FD whose outcome is not known yet."""
+        """The last SET_DEVICE_STATE_FD (what CHECK_DEVICE_STATE asks about)."""
         self._last: trio.Event | None = None
         """Set when the last background step ended (the next one waits for it)."""
+        self._resumable = False
+        """A LOAD was checked good: the first ring start resumes it."""
         self._outcome = trio.Lock()
         """One outcome at a time (every ring start calls started; only the first resumes)."""
         self._throttle = LogThrottle(log)
@@ -184,17 +190,15 @@ class DeviceStateMigration:
                     self._warn("restore", "QEMU's device state: %s", exc)
                 else:
                     transfer.ok = True
-        transfer.checked = True
+                    self._resumable = True
         return transfer.ok
 
     async def resumed(self) -> None:
         async with self._outcome:
-            transfer = self._transfer
-            if transfer is None or transfer.direction is not TransferDirection.SAVE:
-                return
-            self._transfer = None
-            if transfer.done.is_set() and not transfer.ok:
-                return  # the save failed or was refused: already undone, or nothing to undo
+            # Decided by the role, not by the last transfer: a second SAVE
+            # (refused: already frozen) must not hide the first one's outcome.
+            if self.controller.role not in ROLLBACK_ROLES:
+                return  # never frozen, or a failed save already rolled back
             # Whatever the save reached (one still streaming is stopped, and
             # rolls back): the source VM runs again, with every connection.
             try:
@@ -206,44 +210,28 @@ class DeviceStateMigration:
 
     async def started(self) -> None:
         async with self._outcome:
-            transfer = self._transfer
-            if transfer is None or transfer.direction is not TransferDirection.LOAD:
-                return
-            if not (transfer.checked and transfer.ok):
-                return  # nothing restored to resume (a failed LOAD is already undone)
-            self._transfer = None
+            if not self._resumable or self.controller.role is not Role.RESTORED:
+                return  # nothing checked to resume (a failed LOAD is already undone)
+            self._resumable = False
             try:
                 await self.controller.resume()
             except MigrationError as exc:
                 log.error("QEMU started the VM here, but its connections could not resume: %s", exc)
 
     def disconnected(self) -> None:
-        transfer, self._transfer = self._transfer, None
-        if transfer is None:
-            return
-        if transfer.direction is TransferDirection.SAVE:
+        self._transfer = None
+        self._resumable = False
 
-            async def commit() -> None:
-                await transfer.done.wait()
-                if not transfer.ok:
-                    return  # the save failed and rolled back: nothing handed over
-                try:
-                    await self.controller.commit()
-                except MigrationError as exc:
-                    self._warn("commit", "QEMU left after its device-state save: %s", exc)
+        async def settle() -> None:
+            # After every step asked for before (a save still streaming ends first).
+            role = self.controller.role
+            try:
+                if role is Role.FROZEN:
+                    await self.controller.commit()  # the target took over
+                elif role in (Role.MIGRATING_IN, Role.RESTORED):
+                    await self.controller.abort()  # the VM will not run here: discard
+            except MigrationError as exc:
+                self._warn("outcome", "QEMU left (this ferryd was %s): %s", role, exc)
 
-            work = commit
-        else:
-
-            async def discard() -> None:
-                await transfer.taken.wait()
-                if not transfer.accepted:
-                    return  # refused: the last migration was left as it was
-                try:
-                    await self.controller.abort()
-                except MigrationError as exc:
-                    self._warn("discard", "QEMU left before the VM ran here: %s", exc)
-
-            work = discard
         with contextlib.suppress(MigrationError):  # logged; still starting: nothing to undo
-            self._in_order(work)
+            self._in_order(settle)

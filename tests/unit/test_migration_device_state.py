@@ -277,6 +277,26 @@ async def test_save_into_a_pipe_nobody_reads_fails_and_rolls_back(
         assert role(src) is Role.RUNNING and counters.out_rolled_back == 1
 
 
+async def test_a_second_save_while_frozen_is_refused_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with bed(monkeypatch) as b:
+        src = b.src
+        ours, peer = _adopt_tcp(src.host)
+        with peer:
+            _, ok = await save(src)
+            assert ok
+            data, ok = await save(src)  # QEMU should not; refused, its fd closed
+            assert not ok and data == b""
+            assert role(src) is Role.FROZEN and src.controller.counters.out_failed == 0
+            await src.device.resumed()  # the first save's outcome still follows QEMU
+            assert role(src) is Role.RUNNING
+            assert b.repair.calls == [
+                (RepairMode.ON, [ours.fileno()]),
+                (RepairMode.OFF, [ours.fileno()]),
+            ]
+
+
 async def test_check_without_a_transfer_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     async with bed(monkeypatch) as b:
         assert not await b.src.device.check(SAVE)
