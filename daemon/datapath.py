@@ -76,7 +76,17 @@ class DataPath:
         self._build(link, now)
 
     def rebuild(self, link: LinkConfig, now: float) -> None:
-        """A stack and empty flow tables for ``link`` (no tasks yet; stopped)."""
+        """A stack and empty flow tables for ``link`` (no tasks yet; stopped).
+
+        The old tables' listeners and sockets are closed, not left behind: a
+        target started running (QEMU's LOAD, ferryd.migration.target) bound
+        its forwards, and the stream's listeners bind the same ports. A
+        connection still there is reset (nothing will serve it; a discarded
+        restore took its own out of the table first, silently).
+        """
+        self.tcp.close(now)
+        self.udp.close()
+        self.icmp.close()
         self.tcp.close_reactor()
         self._build(link, now)
 

@@ -1,51 +1,237 @@
-"""QEMU's device-state transfer (vhost-user) handed to the migration controller.
+"""QEMU drives the migration: vhost-user's device state over the migration controller.
 
-Placeholder: the vhost-user frontend works, but the transfer of ferry's
-migration stream through QEMU is not wired to the controller yet. Every
-SET_DEVICE_STATE_FD is refused (the descriptor closed at once, so QEMU sees
-EOF) and CHECK_DEVICE_STATE answers "failed": QEMU then fails the
-migration and the source VM runs on, its connections untouched (nothing
-was frozen). The real adapter replaces this module with the same class.
+The vhost-user frontend (ferryd.frontends.vhost_user) turns QEMU's
+messages into calls of :class:`~ferryd.frontends.vhost_user.device_state.DeviceStateHandler`;
+this adapter turns those into the migration controller's entry points, as
+ferryd.migration_control does for ferryctl's requests. It sits above both,
+so that neither knows the other.
+
+Source (QEMU's SAVE, rings stopped)::
+
+    save(fd)       freeze and stream into QEMU's pipe, in the background
+                   (MigrationController.migrate_out; closing the fd at the
+                   end is what lets QEMU read to EOF)
+    check(SAVE)    True once the whole stream was written and the fd closed
+    resumed()      QEMU restarted a ring after it: its migration failed
+                   after ferryd's part (the target died, a cancel): roll back
+                   (thaw, data path restarted) before any frame flows
+    disconnected() QEMU is gone: the target took over, commit (linger, exit)
+
+Between a checked SAVE and its outcome the source keeps everything a
+rollback needs (the repair helper's connection, its listeners, the frozen
+sockets: migrate_out across namespaces closes none of them), and it has
+no outcome watchdog (``outcome_timeout=None``): QEMU is the authority.
+A watchdog rolling back behind QEMU's back would thaw the sockets of
+connections that the target, running the guest, now owns; QEMU always
+tells instead: it restarts the rings (resumed) or closes the connection
+(disconnected, also when it dies: a source whose QEMU is gone has no guest
+to roll back to). A postmigrate QEMU that never quits keeps this ferryd
+frozen, which costs only the sockets it holds.
+
+Target (QEMU's LOAD; the ferryd was started like any other, running)::
+
+    load(fd)       take the stream in (MigrationController.load: the data
+                   path is stopped, rebuilt from the stream's header)
+    check(LOAD)    wait for the restore (MigrationController.wait): its verdict
+    started()      the first ring start after a good LOAD: the VM runs here,
+                   resume (the data path starts, frames flow)
+    disconnected() before that: the VM will not run here; discard what was
+                   restored (silently: sockets closed in repair mode), and
+                   wait for another LOAD
+
+A check's verdict belongs to its transfer; an outcome (resumed,
+started, disconnected) acts on the controller's role, so a transfer QEMU
+should not have asked for (a second SAVE while frozen: refused) changes
+nothing of the one in progress.
+
+The frontend's calls that answer at once (save, load, disconnected) leave
+their work to the controller's background tasks, run one after the other
+in the order QEMU asked (a reconnecting QEMU's LOAD waits for the discard
+of the last one's). Every MigrationError becomes a False verdict or a
+logged refusal, one line each; none reaches the frontend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
 
 from ferryd.frontends.vhost_user.messages import TransferDirection
+from ferryd.logthrottle import LogThrottle
 from ferryd.migration.controller import MigrationController
+from ferryd.migration.errors import MigrationError
+from ferryd.migration.roles import ROLLBACK_ROLES, Role
 
 log = logging.getLogger("ferryd.migration")
 
+__all__ = ["DeviceStateMigration"]
+
+
+@dataclass
+class _Transfer:
+    """One SET_DEVICE_STATE_FD: its direction and, once known, its outcome."""
+
+    direction: TransferDirection
+    taken: trio.Event = field(default_factory=trio.Event)
+    """LOAD: set once the controller took the stream or refused it."""
+    accepted: bool = False
+    """LOAD: the controller took it (a refused one left the last migration as it was)."""
+    done: trio.Event = field(default_factory=trio.Event)
+    """SAVE: set once the stream was written, or the save failed (and rolled back)."""
+    ok: bool = False
+    """SAVE: the whole stream went out; LOAD: everything was restored (check's verdict)."""
+
 
 class DeviceStateMigration:
-    """A :class:`~ferryd.frontends.vhost_user.device_state.DeviceStateHandler` refusing all."""
+    """ferryd.frontends.vhost_user.device_state.DeviceStateHandler over a MigrationController."""
 
     def __init__(self, controller: MigrationController) -> None:
         self.controller = controller
+        self._transfer: _Transfer | None = None
+        """The last SET_DEVICE_STATE_FD (what CHECK_DEVICE_STATE asks about)."""
+        self._last: trio.Event | None = None
+        """Set when the last background step ended (the next one waits for it)."""
+        self._resumable = False
+        """A LOAD was checked good: the first ring start resumes it."""
+        self._outcome = trio.Lock()
+        """One outcome at a time (every ring start calls started; only the first resumes)."""
+        self._throttle = LogThrottle(log)
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        # QEMU triggers these: rate-limited (ferryd.logthrottle).
+        self._throttle.warning(kind, trio.current_time(), message, *args)
+
+    def _in_order(self, work: Callable[[], Awaitable[None]], fd: int | None = None) -> None:
+        """Run ``work`` after the background steps asked for before it.
+
+        ``work`` handles its own MigrationError. If the controller cannot
+        take it yet (still starting), ``fd`` is closed and ``work`` never runs.
+        """
+        before, done = self._last, trio.Event()
+        self._last = done
+
+        async def step() -> None:
+            try:
+                if before is not None:
+                    await before.wait()
+                await work()
+            finally:
+                done.set()
+
+        try:
+            self.controller.in_background(step)
+        except MigrationError as exc:
+            self._warn("refused", "QEMU's device state refused: %s", exc)
+            if fd is not None:
+                os.close(fd)
+            done.set()
+            raise
+
+    # --- DeviceStateHandler -----------------------------------------------
 
     def save(self, fd: int) -> None:
-        self._refuse(fd, TransferDirection.SAVE)
+        transfer = self._transfer = _Transfer(TransferDirection.SAVE)
+
+        async def stream_out() -> None:
+            try:
+                await self.controller.migrate_out(fd, same_netns=False, outcome_timeout=None)
+            except MigrationError as exc:
+                self._warn("save", "QEMU's device-state save failed: %s", exc)
+            else:
+                transfer.ok = True
+            finally:
+                transfer.done.set()
+
+        try:
+            self._in_order(stream_out, fd)
+        except MigrationError:
+            transfer.done.set()
 
     def load(self, fd: int) -> None:
-        self._refuse(fd, TransferDirection.LOAD)
+        transfer = self._transfer = _Transfer(TransferDirection.LOAD)
 
-    def _refuse(self, fd: int, direction: TransferDirection) -> None:
-        os.close(fd)
-        log.warning(
-            "QEMU asked for a device state %s: migration through QEMU is not wired yet",
-            direction.name,
-        )
+        async def take_in() -> None:
+            try:
+                await self.controller.load(fd)
+            except MigrationError as exc:
+                self._warn("load", "QEMU's device-state load refused: %s", exc)
+            else:
+                transfer.accepted = True
+            finally:
+                transfer.taken.set()
+
+        try:
+            self._in_order(take_in, fd)
+        except MigrationError:
+            transfer.taken.set()
 
     async def check(self, direction: TransferDirection) -> bool:
-        return False
+        transfer = self._transfer
+        if transfer is None or transfer.direction is not direction:
+            self._warn(
+                "check",
+                "CHECK_DEVICE_STATE (%s) without a transfer in that direction: failed",
+                direction.name,
+            )
+            return False
+        if direction is TransferDirection.SAVE:
+            await transfer.done.wait()
+        else:
+            await transfer.taken.wait()
+            if transfer.accepted:
+                try:
+                    await self.controller.wait()
+                except MigrationError as exc:
+                    self._warn("restore", "QEMU's device state: %s", exc)
+                else:
+                    transfer.ok = True
+                    self._resumable = True
+        return transfer.ok
 
     async def resumed(self) -> None:
-        return None
+        async with self._outcome:
+            # Decided by the role, not by the last transfer: a second SAVE
+            # (refused: already frozen) must not hide the first one's outcome.
+            if self.controller.role not in ROLLBACK_ROLES:
+                return  # never frozen, or a failed save already rolled back
+            # Whatever the save reached (one still streaming is stopped, and
+            # rolls back): the source VM runs again, with every connection.
+            try:
+                outcome = await self.controller.abort()
+            except MigrationError as exc:
+                log.error("QEMU resumed the source VM; %s", exc)
+                return
+            log.info("QEMU resumed the source VM after its migration failed: %s", outcome["note"])
 
     async def started(self) -> None:
-        return None
+        async with self._outcome:
+            if not self._resumable or self.controller.role is not Role.RESTORED:
+                return  # nothing checked to resume (a failed LOAD is already undone)
+            self._resumable = False
+            try:
+                await self.controller.resume()
+            except MigrationError as exc:
+                log.error("QEMU started the VM here, but its connections could not resume: %s", exc)
 
     def disconnected(self) -> None:
-        return None
+        self._transfer = None
+        self._resumable = False
+
+        async def settle() -> None:
+            # After every step asked for before (a save still streaming ends first).
+            role = self.controller.role
+            try:
+                if role is Role.FROZEN:
+                    await self.controller.commit()  # the target took over
+                elif role in (Role.MIGRATING_IN, Role.RESTORED):
+                    await self.controller.abort()  # the VM will not run here: discard
+            except MigrationError as exc:
+                self._warn("outcome", "QEMU left (this ferryd was %s): %s", role, exc)
+
+        with contextlib.suppress(MigrationError):  # logged; still starting: nothing to undo
+            self._in_order(settle)

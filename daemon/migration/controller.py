@@ -18,7 +18,8 @@ drive the same controller. The order ferryctl uses:
 - source: [:meth:`precopy` (fd) →] :meth:`migrate_out` (fd, or None after a
   pre-copy: same stream) → :meth:`commit`; or :meth:`abort` at any point;
 - target: :meth:`migrate_in` (fd) [→ :meth:`wait_precopy`] → :meth:`wait`
-  → :meth:`resume`; or :meth:`abort`.
+  → :meth:`resume`; or :meth:`abort`. QEMU's LOAD uses :meth:`load`
+  instead of :meth:`migrate_in` (its target is started running).
 
 Failures are :class:`~ferryd.migration.errors.MigrationError`; the answers
 are plain dicts (timings, counts) that the caller may show or ignore.
@@ -27,7 +28,7 @@ are plain dicts (timings, counts) that the caller may show or ignore.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -37,7 +38,7 @@ from ferryd.migration.host import MigrationHost
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Event, Role, RoleMachine
 from ferryd.migration.session import PRECOPY_QUIET, MigrationCounters, Session
-from ferryd.migration.source import SourceMigration
+from ferryd.migration.source import OUTCOME_TIMEOUT, SourceMigration
 from ferryd.migration.target import TargetMigration
 
 __all__ = ["MigrationController", "MigrationCounters"]
@@ -117,18 +118,22 @@ class MigrationController:
             self.migration = migration  # else refused below, the last one kept
         return await migration.precopy(fd)
 
-    async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
+    async def migrate_out(
+        self, fd: int | None, same_netns: bool, outcome_timeout: float | None = OUTCOME_TIMEOUT
+    ) -> dict[str, Any]:
         """Freeze and stream to ``fd``, or, after a pre-copy, on its stream (``fd`` None).
 
         Which of the two a request means is decided here, by the role: a
         caller passes the descriptor it was given, if any.
+        ``outcome_timeout``: see SourceMigration.migrate_out.
         """
         if fd is None and self.roles.allows(Event.FREEZE_PRECOPIED):
-            return await self._current(SourceMigration).migrate_out(None, same_netns)
+            current = self._current(SourceMigration)
+            return await current.migrate_out(None, same_netns, outcome_timeout)
         migration = SourceMigration(self._ready(fd))
         if fd is not None and self.roles.allows(Event.FREEZE):
             self.migration = migration  # else refused below, the last one kept
-        return await migration.migrate_out(fd, same_netns)
+        return await migration.migrate_out(fd, same_netns, outcome_timeout)
 
     async def commit(self) -> dict[str, Any]:
         return await self._current(SourceMigration).commit()
@@ -142,6 +147,13 @@ class MigrationController:
         self.migration = migration
         return result
 
+    async def load(self, fd: int) -> dict[str, Any]:
+        """QEMU's LOAD: :meth:`migrate_in`, also from running (TargetMigration.load)."""
+        migration = TargetMigration(self._ready(fd))
+        result = await migration.load(fd)
+        self.migration = migration
+        return result
+
     async def wait_precopy(self) -> dict[str, Any]:
         return await self._current(TargetMigration).wait_precopy()
 
@@ -152,6 +164,15 @@ class MigrationController:
         return await self._current(TargetMigration).resume()
 
     # --- either side ----------------------------------------------------------
+
+    def in_background(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` with the migrations' background tasks.
+
+        For a driver whose requests answer at once while the migration goes
+        on (QEMU's SET_DEVICE_STATE_FD: ferryd.migration_device_state).
+        ``work`` must not raise; MigrationError if this ferryd is still starting.
+        """
+        self._ready().nursery.start_soon(work)
 
     async def abort(self) -> dict[str, Any]:
         """Undo whatever the migration did here, in every state (SourceMigration.abort).

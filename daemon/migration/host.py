@@ -162,7 +162,8 @@ class MigrationHost(Protocol):
         ...
 
     def rebuild(self, link: LinkConfig, now: float) -> None:
-        """A fresh stack and empty flow tables for ``link`` (stopped)."""
+        """A fresh stack and empty flow tables for ``link`` (stopped); the old tables'
+        listeners and sockets closed (the stream's listeners bind the same ports)."""
         ...
 
     async def start(self) -> None:

@@ -11,8 +11,9 @@ Source: running → [precopying → precopied →] migrating-out → frozen →
 migrated → (linger, exit); a failure or an abort rolls back to running, or
 to rollback-pending while the repair helper cannot be reached.
 Target: incoming → migrating-in → restored → running; a failure or an abort
-discards what was restored and goes back to incoming. A target that resumed
-is running, and may be a source next.
+discards what was restored and goes back to incoming. QEMU's device-state
+LOAD also starts from running (a ferryd whose guest never ran). A target
+that resumed is running, and may be a source next.
 
 ``str(role)`` (:attr:`Role.status`) is what ``ferryctl status`` shows as
 ``role``, and what ferryd.coordinator, the tests and the README read: both
@@ -77,6 +78,7 @@ class Event(enum.Enum):
     ROLLED_BACK = "rolled back"
     ROLLBACK_FAILED = "rollback failed"
     MIGRATE_IN = "migrate in"
+    LOAD = "QEMU's device-state load"
     RESTORED = "restored"
     RESTORE_FAILED = "restore failed"
     DISCARD = "discard"
@@ -100,6 +102,13 @@ TRANSITIONS: dict[tuple[Role, Event], Role] = {
     **{(role, Event.ROLLBACK_FAILED): Role.ROLLBACK_PENDING for role in _ROLLING_BACK},
     # target
     (Role.INCOMING, Event.MIGRATE_IN): Role.MIGRATING_IN,
+    # QEMU's LOAD (vhost-user SET_DEVICE_STATE_FD) makes a target of a ferryd
+    # started like any other: QEMU sends it only to an incoming VM whose guest
+    # never ran, so a running ferryd has nothing of it to lose (the target
+    # refuses one that serves flows, ferryd.migration.target). ferryctl's
+    # migrate-in still needs --incoming: its ferryd may serve a guest.
+    (Role.RUNNING, Event.LOAD): Role.MIGRATING_IN,
+    (Role.INCOMING, Event.LOAD): Role.MIGRATING_IN,
     (Role.MIGRATING_IN, Event.RESTORED): Role.RESTORED,
     (Role.MIGRATING_IN, Event.RESTORE_FAILED): Role.INCOMING,
     (Role.RESTORED, Event.DISCARD): Role.INCOMING,

@@ -270,8 +270,16 @@ class SourceMigration:
             precopy=precopy,
         )
 
-    async def migrate_out(self, fd: int | None, same_netns: bool) -> dict[str, Any]:
-        """Freeze and stream: on ``fd``, or on the pre-copy's stream if ``fd`` is None."""
+    async def migrate_out(
+        self, fd: int | None, same_netns: bool, outcome_timeout: float | None = OUTCOME_TIMEOUT
+    ) -> dict[str, Any]:
+        """Freeze and stream: on ``fd``, or on the pre-copy's stream if ``fd`` is None.
+
+        Streamed, the source waits for commit or abort, and rolls back by
+        itself after ``outcome_timeout`` seconds without either (ferryctl's
+        coordinator may die). None: no such watchdog, for a driver that
+        always tells (QEMU: ferryd.migration_device_state).
+        """
         d, roles = self.host, self.roles
         if fd is not None:
             stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
@@ -335,7 +343,8 @@ class SourceMigration:
             self._work = None
             self._work_done.set()
         roles.step(Event.STREAMED)
-        self.s.nursery.start_soon(self._outcome_watchdog)
+        if outcome_timeout is not None:
+            self.s.nursery.start_soon(self._outcome_watchdog, outcome_timeout)
         self.s.counters.last_downtime_ms = (t_dumped - t_freeze) * 1e3
         self.s.counters.last_connections = counts["tcp"]
         self.timings = {
@@ -438,21 +447,21 @@ class SourceMigration:
         await stream.aclose()
         return enc.bytes_written  # all of it sent: flushed above
 
-    async def _outcome_watchdog(self) -> None:
+    async def _outcome_watchdog(self, patience: float = OUTCOME_TIMEOUT) -> None:
         # Act only after leaving the scope: rollback() cancels self._watchdog,
         # which inside it would cancel the rollback itself.
         with trio.CancelScope() as scope:
             self._watchdog = scope
-            await trio.sleep(OUTCOME_TIMEOUT)
+            await trio.sleep(patience)
         if self._watchdog is scope:
             self._watchdog = None
         if scope.cancelled_caught:
             return
         if self.roles.role is Role.PRECOPIED:
-            log.warning("migration: no migrate-out in %.0f s: pre-copy dropped", OUTCOME_TIMEOUT)
+            log.warning("migration: no migrate-out in %.0f s: pre-copy dropped", patience)
             await self._drop_precopy()
         elif self.roles.role is Role.FROZEN:
-            log.warning("migration: no commit or abort in %.0f s: rolling back", OUTCOME_TIMEOUT)
+            log.warning("migration: no commit or abort in %.0f s: rolling back", patience)
             await self.rollback()
 
     async def commit(self) -> dict[str, Any]:

@@ -97,6 +97,37 @@ class TargetMigration:
         await trio.lowlevel.checkpoint()
         return {}
 
+    async def load(self, fd: int) -> dict[str, Any]:
+        """QEMU's device-state LOAD: :meth:`migrate_in`, on a ferryd that may be running.
+
+        QEMU sends LOAD only to an incoming VM whose guest never ran, and a
+        target ferryd is started like any other: running, its data path
+        started and its forwards bound. That data path serves nothing yet,
+        so it is stopped here, and the stream's header rebuilds it
+        (MigrationHost.rebuild closes the old tables' listeners: the
+        stream's own bind the same ports). A ferryd with flows refuses:
+        its guest ran, and the stream would replace what it serves.
+        """
+        d, roles = self.d, self.s.roles
+        refusal = "cannot load QEMU's device state: this ferryd is {role}"
+        try:
+            roles.check(Event.LOAD, refusal)
+            flows = d.tcp.count() + d.udp.count() + d.icmp.count()
+            if flows:
+                raise MigrationFailed(
+                    f"cannot load QEMU's device state: this ferryd serves {flows} flows"
+                    " (its guest ran here; QEMU loads only into a VM that never ran)"
+                )
+            roles.step(Event.LOAD, refusal)  # (no checkpoint since the count)
+        except BaseException:
+            os.close(fd)
+            raise
+        await d.stop()
+        d.take_over()
+        self.s.nursery.start_soon(self._restore, fd)
+        await trio.lowlevel.checkpoint()
+        return {}
+
     async def _restore(self, fd: int) -> None:
         d = self.d
         stream = trio.lowlevel.FdStream(fd)

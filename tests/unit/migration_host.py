@@ -75,6 +75,9 @@ class MemoryHost:
 
     def rebuild(self, link: LinkConfig, now: float) -> None:
         self.calls.append("rebuild")
+        self.tcp.close(now)  # as DataPath.rebuild: nothing of the old tables stays open
+        self.udp.close()
+        self.icmp.close()
         self._build(link)
 
     async def start(self) -> None:

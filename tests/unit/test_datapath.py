@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import trio.testing
 from ferryd.counters import Registry
 from ferryd.datapath import DataPath
 from ferryd.descriptors import DescriptorBudget
+from ferryd.flows.portspec import PortForward
 from ferryd.frontends.base import Frontend, FrontendCounters, OnBurstEnd, OnFrame
 from ferryd.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp, parse_arp_untrusted
 from ferryd.wire.ethernet import BROADCAST, ETH_P_ARP, build_ethernet, parse_ethernet_untrusted
@@ -195,3 +198,19 @@ async def test_rebuild_closes_the_old_tables_reactor() -> None:
         dp.rebuild(LINK, trio.current_time())
         assert _open_epolls() == before - 1
         assert dp.tcp is not old_tcp
+
+
+async def test_rebuild_closes_the_old_tables_listeners() -> None:
+    """A target started running bound its forwards; the stream's bind the same ports."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with data_path() as (dp, _frontend):
+        await dp.tcp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 22))
+        await dp.udp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 53))
+        dp.rebuild(LINK, trio.current_time())
+        await dp.tcp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 22))
+        await dp.udp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 53))
+        assert [f.host_port for f, _, _ in dp.tcp.listeners()] == [port]
+        dp.tcp.close_listeners()
+        dp.udp.close()

@@ -18,7 +18,10 @@ from typing import Any, Protocol
 import pytest
 
 from testbed.guest_image import GuestImage, build_guest_image
+from testbed.guest_traffic import ECHO_PORT
+from testbed.migrationbed import MigrationBed
 from testbed.passt_process import PasstProcess, start_passt
+from testbed.tcptool_process import Tool, server
 from testbed.topology import Topology
 from testbed.vm import Vm, qemu_unavailable
 from tests.integration.conftest import _test_failed
@@ -97,3 +100,14 @@ def start_passt_backend(
         status = passt.stop()
         if _test_failed(request.node):
             print(f"--- passt's log ({passt.socket_path}, exit {status}) ---\n{passt.log()}")
+
+
+@pytest.fixture
+def echo(two_hosts: MigrationBed) -> Iterator[Tool]:
+    """tcptool's echo server on the two-host bed's peer (stopped by PID at the end)."""
+    tool = server(two_hosts.peer, "echo", two_hosts.peer_v4, ECHO_PORT)
+    try:
+        yield tool
+    finally:
+        tool.proc.kill()
+        tool.proc.wait()

@@ -45,82 +45,24 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from testbed.guest_traffic import echo_idle, finish, open_connections, size, wait_echoed
 from testbed.migrationbed import MigrationBed
 from testbed.qemu_stand_in import launch_stream_ferryd
-from testbed.tcptool_process import Tool, server
+from testbed.tcptool_process import Tool
 from testbed.vm import Vm, stream_netdev
 from testbed.wait import wait_for
 from tests.integration.vm.conftest import StartVm
 
-ECHO_PORT = 7000
 #: QEMU's limit for the final pass (its default, 300 ms, lets the final RAM
 #: pass dominate; the issue's bench sets the same low limit).
 DOWNTIME_LIMIT_MS = 10
-#: The busy connection's writer: 16 KiB of random data, then a 20 ms pause
-#: (bounded: everything sent and echoed is kept in the guest's tmpfs).
-BLOCK = 16 << 10
 #: How much the busy connection must carry before the migration and after it.
 BEFORE = 256 << 10
 AFTER = 256 << 10
-
-
-@pytest.fixture
-def echo(two_hosts: MigrationBed) -> Iterator[Tool]:
-    """tcptool's echo server on the peer (stopped by PID at the end)."""
-    tool = server(two_hosts.peer, "echo", two_hosts.peer_v4, ECHO_PORT)
-    try:
-        yield tool
-    finally:
-        tool.proc.kill()
-        tool.proc.wait()
-
-
-def _size(vm: Vm, path: str) -> int:
-    output = vm.check(f"wc -c <{path}").strip()
-    return int(output)
-
-
-def _open_connections(vm: Vm, peer: str, idle: int) -> None:
-    """The busy connection (data both ways until /tmp/stop exists) and *idle* idle ones."""
-    vm.check(
-        "rm -f /tmp/stop; (while [ ! -e /tmp/stop ]; do"
-        f" dd if=/dev/urandom bs={BLOCK} count=1 2>/dev/null; usleep 20000; done)"
-        f" | tee /tmp/sent | nc {peer} {ECHO_PORT} >/tmp/echoed 2>/tmp/busy.err &"
-        " echo $! >/tmp/busy.pid"
-    )
-    # Each idle nc reads a FIFO whose writer (a sleep) stays open: no EOF until it is killed.
-    vm.check(
-        f"for i in $(seq {idle}); do mkfifo /tmp/in$i;"
-        " sleep 600 >/tmp/in$i & echo $! >/tmp/hold$i;"
-        f" nc {peer} {ECHO_PORT} </tmp/in$i >/tmp/out$i 2>&1 & echo $! >/tmp/idle$i.pid;"
-        " done"
-    )
-
-
-def _echo_idle(vm: Vm, idle: int, word: str) -> None:
-    """Each idle connection sends one line; wait until each got back all it sent so far."""
-    vm.check(f"for i in $(seq {idle}); do echo {word}-$i >/tmp/in$i; done")
-    words = ("before", word) if word != "before" else ("before",)
-    want = "".join(f"{w}-{i}\n" for i in range(1, idle + 1) for w in words)
-    wait_for(
-        lambda: vm.run(f"for i in $(seq {idle}); do cat /tmp/out$i; done").output == want,
-        timeout=30,
-        interval=0.2,
-        what=f"the idle connections to echo {word}",
-    )
-
-
-def _idle_still_running(vm: Vm, idle: int) -> str:
-    """The idle connections whose nc has not ended, as a list of numbers."""
-    return vm.check(
-        f"for i in $(seq {idle}); do kill -0 $(cat /tmp/idle$i.pid) 2>/dev/null && echo $i; done;"
-        " true"
-    )
 
 
 def _migrate_qemu_until_switchover(source: Vm, channel: str) -> None:
@@ -169,14 +111,9 @@ def test_vm_migrates_with_busy_and_idle_connections_byte_exact(
     source = start_vm(stream_netdev(path_a), name="source")
     source.wait_ready()
     assert source.wait_lease()["ip"] == bed.host_v4
-    _open_connections(source, bed.peer_v4, idle)
-    _echo_idle(source, idle, "before")
-    wait_for(
-        lambda: _size(source, "/tmp/echoed") >= BEFORE,
-        timeout=60,
-        interval=0.2,
-        what=f"the busy connection to echo {BEFORE} bytes",
-    )
+    open_connections(source, bed.peer_v4, idle)
+    echo_idle(source, idle, "before")
+    wait_echoed(source, BEFORE, f"the busy connection to echo {BEFORE} bytes")
 
     channel = bed.tmp / "qemu-migration.sock"
     target = start_vm(stream_netdev(path_b), name="target", incoming=f"unix:{channel}")
@@ -203,33 +140,13 @@ def test_vm_migrates_with_busy_and_idle_connections_byte_exact(
     wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running")
 
     # On the target: the busy connection goes on, the idle ones answer.
-    at_migration = _size(target, "/tmp/sent")
-    wait_for(
-        lambda: _size(target, "/tmp/echoed") >= at_migration + AFTER,
-        timeout=60,
-        interval=0.2,
-        what=f"the busy connection to echo {AFTER} more bytes after the migration",
+    at_migration = size(target, "/tmp/sent")
+    wait_echoed(
+        target,
+        at_migration + AFTER,
+        f"the busy connection to echo {AFTER} more bytes after the migration",
     )
-    _echo_idle(target, idle, "after")
-    assert target.check("cat /tmp/busy.err") == ""
-
-    # The end: the writer stops, nc half-closes, the echo server closes.
-    target.check("touch /tmp/stop")
-    wait_for(
-        lambda: target.run("kill -0 $(cat /tmp/busy.pid)").status != 0,
-        timeout=30,
-        interval=0.2,
-        what="the busy nc to end on the echo server's close",
-    )
-    sent = target.check("wc -c </tmp/sent; sha256sum </tmp/sent").split()
-    echoed = target.check("wc -c </tmp/echoed; sha256sum </tmp/echoed").split()
-    assert sent[:2] == echoed[:2], f"sent {sent[:2]}, echoed {echoed[:2]}"
-    assert int(sent[0]) >= at_migration + AFTER
-    target.check(f"for i in $(seq {idle}); do kill $(cat /tmp/hold$i); done")
-    wait_for(
-        lambda: _idle_still_running(target, idle) == "",
-        timeout=30,
-        interval=0.2,
-        what="every idle nc to end after its half-close",
-    )
-    print(f"busy connection: {sent[0]} bytes each way; test time {time.monotonic() - began:.1f} s")
+    echo_idle(target, idle, "after")
+    sent = finish(target, idle)
+    assert sent >= at_migration + AFTER
+    print(f"busy connection: {sent} bytes each way; test time {time.monotonic() - began:.1f} s")

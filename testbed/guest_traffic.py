@@ -1,0 +1,116 @@
+"""Checked TCP traffic inside a test VM (busybox only), against tcptool's echo server.
+
+What the VM migration tests share (tests/integration/vm: the stream
+netdev driven by ferryctl, vhost-user driven by QEMU): one *busy*
+connection carrying data both ways for the whole test (a loop writes
+random 16 KiB blocks, recorded by ``tee``, into ``nc``; what comes back is
+written to a file) and *idle* ones (``nc`` reading a FIFO whose writer
+stays open), each of which echoes a line when asked. :func:`finish`
+ends them all and checks that every byte crossed both ways, in order
+(the byte count and SHA-256 of what the busy connection sent and of what
+came back are equal) and that each idle connection ends cleanly on its
+half-close.
+"""
+
+from __future__ import annotations
+
+from testbed.vm import Vm
+from testbed.wait import wait_for
+
+__all__ = [
+    "BLOCK",
+    "ECHO_PORT",
+    "echo_idle",
+    "finish",
+    "idle_still_running",
+    "open_connections",
+    "size",
+    "wait_echoed",
+]
+
+#: Where the tests' echo server (tcptool ``echo``) listens on the peer.
+ECHO_PORT = 7000
+#: The busy connection's writer: 16 KiB of random data, then a 20 ms pause
+#: (bounded: everything sent and echoed is kept in the guest's tmpfs).
+BLOCK = 16 << 10
+
+
+def size(vm: Vm, path: str) -> int:
+    """The size of a file in the guest."""
+    output = vm.check(f"wc -c <{path}").strip()
+    return int(output)
+
+
+def open_connections(vm: Vm, peer: str, idle: int, port: int = ECHO_PORT) -> None:
+    """The busy connection (data both ways until /tmp/stop exists) and *idle* idle ones."""
+    vm.check(
+        "rm -f /tmp/stop; (while [ ! -e /tmp/stop ]; do"
+        f" dd if=/dev/urandom bs={BLOCK} count=1 2>/dev/null; usleep 20000; done)"
+        f" | tee /tmp/sent | nc {peer} {port} >/tmp/echoed 2>/tmp/busy.err &"
+        " echo $! >/tmp/busy.pid"
+    )
+    # Each idle nc reads a FIFO whose writer (a sleep) stays open: no EOF until it is killed.
+    vm.check(
+        f"for i in $(seq {idle}); do mkfifo /tmp/in$i;"
+        " sleep 600 >/tmp/in$i & echo $! >/tmp/hold$i;"
+        f" nc {peer} {port} </tmp/in$i >/tmp/out$i 2>&1 & echo $! >/tmp/idle$i.pid;"
+        " done"
+    )
+
+
+def wait_echoed(vm: Vm, at_least: int, what: str, timeout: float = 60) -> None:
+    """Until the busy connection got back at least *at_least* bytes in all."""
+    wait_for(
+        lambda: size(vm, "/tmp/echoed") >= at_least,
+        timeout=timeout,
+        interval=0.2,
+        what=what,
+    )
+
+
+def echo_idle(vm: Vm, idle: int, word: str) -> None:
+    """Each idle connection sends one line; wait until each got back all it sent so far."""
+    vm.check(f"for i in $(seq {idle}); do echo {word}-$i >/tmp/in$i; done")
+    words = ("before", word) if word != "before" else ("before",)
+    want = "".join(f"{w}-{i}\n" for i in range(1, idle + 1) for w in words)
+    wait_for(
+        lambda: vm.run(f"for i in $(seq {idle}); do cat /tmp/out$i; done").output == want,
+        timeout=30,
+        interval=0.2,
+        what=f"the idle connections to echo {word}",
+    )
+
+
+def idle_still_running(vm: Vm, idle: int) -> str:
+    """The idle connections whose nc has not ended, as a list of numbers."""
+    return vm.check(
+        f"for i in $(seq {idle}); do kill -0 $(cat /tmp/idle$i.pid) 2>/dev/null && echo $i; done;"
+        " true"
+    )
+
+
+def finish(vm: Vm, idle: int) -> int:
+    """End every connection and check them (see the module docstring); the bytes sent each way.
+
+    The writer stops, the busy nc half-closes, the echo server closes; then
+    the idle connections' FIFO writers go and each nc must end.
+    """
+    assert vm.check("cat /tmp/busy.err") == ""
+    vm.check("touch /tmp/stop")
+    wait_for(
+        lambda: vm.run("kill -0 $(cat /tmp/busy.pid)").status != 0,
+        timeout=30,
+        interval=0.2,
+        what="the busy nc to end on the echo server's close",
+    )
+    sent = vm.check("wc -c </tmp/sent; sha256sum </tmp/sent").split()
+    echoed = vm.check("wc -c </tmp/echoed; sha256sum </tmp/echoed").split()
+    assert sent[:2] == echoed[:2], f"sent {sent[:2]}, echoed {echoed[:2]}"
+    vm.check(f"for i in $(seq {idle}); do kill $(cat /tmp/hold$i); done")
+    wait_for(
+        lambda: idle_still_running(vm, idle) == "",
+        timeout=30,
+        interval=0.2,
+        what="every idle nc to end after its half-close",
+    )
+    return int(sent[0])

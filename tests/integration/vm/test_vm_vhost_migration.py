@@ -1,0 +1,236 @@
+"""A real VM live-migrates on ``ferryd --vhost-user``, QEMU driving ferryd through the device state.
+
+The two-host bed (testbed/migrationbed.py): host A and host B have the
+same address, the peer sits on a fabric that moves from A to B once the
+migration succeeded. Both ferryds are started with the same command line
+(``--vhost-user --socket``, no ``--incoming``), each with the bed's
+ferry-repair; the QEMUs run in the root namespace (a vhost-user socket is
+a path), each with its RAM in a shared memfd: the source QEMU on ferryd A,
+the target QEMU, started with ``-incoming``, on ferryd B. No ferryctl:
+QEMU's migration (QMP ``migrate``) stops the source's rings, asks ferryd A
+for its device state (SET_DEVICE_STATE_FD SAVE: ferryd freezes and writes
+its migration stream into QEMU's pipe, CHECK_DEVICE_STATE), carries it
+to the target QEMU, which hands it to ferryd B (LOAD: restored, checked)
+and starts the rings there (ferryd B resumes); the source QEMU quitting
+is ferryd A's commit.
+
+The traffic (testbed/guest_traffic.py, as in test_vm_migration.py): a
+busy connection carrying data both ways the whole time, and idle ones that
+echo a line before and after; at the end the byte count and SHA-256 of
+what the busy connection sent and got back must be equal, and every idle
+connection must end cleanly.
+
+The late failure: QEMU's ``return-path`` capability makes the source wait
+for the target's word before it completes. Ferryd B is stopped (SIGSTOP)
+before the migration, so that the target QEMU blocks on its device state;
+once ferryd A has streamed its state (role ``frozen``), the target QEMU is
+killed and ferryd B continued. The source QEMU's migration fails and it
+runs the VM again, restarting the rings: ferryd A rolls back (thaws every
+socket) and the source VM's connections carry on, byte-exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.ferryd_process import FerrydProcess, launch
+from testbed.guest_traffic import echo_idle, finish, open_connections, size, wait_echoed
+from testbed.migrationbed import MigrationBed
+from testbed.paths import FERRYD
+from testbed.tcptool_process import Tool
+from testbed.vm import Vm, vhost_user_netdev
+from testbed.wait import wait_for
+from tests.integration.vm.conftest import StartVm
+
+#: QEMU's limit for the final pass (its default, 300 ms, lets the final RAM
+#: pass dominate; the issue's bench sets the same low limit).
+DOWNTIME_LIMIT_MS = 10
+#: How much the busy connection must carry before the migration and after it.
+BEFORE = 256 << 10
+AFTER = 256 << 10
+#: Both ferryds forward this host port to the guest's GUEST_PORT (the target's
+#: listener, bound at its start, gives way to the one the stream restores).
+FORWARD_PORT, GUEST_PORT = 2222, 22
+
+
+def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
+    """``ferryd --vhost-user --socket TMP/NAME.vhost`` in host NAME, ready; the socket's path."""
+    host = bed.host_a if name == "a" else bed.host_b
+    socket_path, control = bed.tmp / f"{name}.vhost", str(bed.tmp / f"{name}.ctl")
+    argv = [
+        str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
+        "--repair-socket", bed.repair_socket, "-t", f"{FORWARD_PORT}:{GUEST_PORT}",
+    ]  # fmt: skip
+    return launch(host, argv, control, bed.tmp / f"ferryd-{name}.log", bed.ferryds), socket_path
+
+
+def _migration(ferryd: FerrydProcess) -> dict[str, Any]:
+    counters: dict[str, Any] = ferryd.request("status")["counters"]["migration"]
+    return counters
+
+
+def _role(ferryd: FerrydProcess) -> str:
+    return str(ferryd.request("status")["role"])
+
+
+def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -> Vm:
+    source = start_vm(vhost_user_netdev(path), name="source", shared_memory=True)
+    source.wait_ready()
+    assert source.wait_lease()["ip"] == bed.host_v4
+    open_connections(source, bed.peer_v4, idle)
+    echo_idle(source, idle, "before")
+    wait_echoed(source, BEFORE, f"the busy connection to echo {BEFORE} bytes")
+    return source
+
+
+def _inbound(bed: MigrationBed, vm: Vm) -> None:
+    """A connection from the peer to the forwarded port reaches a listener in the guest."""
+    vm.check(f"nc -l -p {GUEST_PORT} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
+    hello = (
+        "import socket;"
+        f"s = socket.create_connection(({bed.host_v4!r}, {FORWARD_PORT}), timeout=30);"
+        "s.sendall(b'inbound\\n'); s.close()"
+    )
+    wait_for(
+        lambda: bed.peer.run([sys.executable, "-c", hello], check=False).returncode == 0,
+        timeout=30,
+        interval=0.2,
+        what="the peer to connect to the forwarded port",
+    )
+    wait_for(
+        lambda: vm.run("cat /tmp/inbound").output == "inbound\n",
+        timeout=30,
+        interval=0.2,
+        what="the guest's listener to get the peer's line",
+    )
+
+
+def _migrate(source: Vm, channel: str, *, return_path: bool = False) -> None:
+    assert source.qmp is not None
+    if return_path:
+        source.qmp.execute(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "return-path", "state": True}],
+        )
+    source.qmp.set_downtime_limit(DOWNTIME_LIMIT_MS)
+    source.qmp.migrate(channel)
+
+
+def _migration_ended(source: Vm) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        assert source.qmp is not None
+        info = source.qmp.query_migrate()
+        return info if info.get("status") in ("completed", "failed", "cancelled") else None
+
+    return wait_for(ended, timeout=120, interval=0.01, what="QEMU's migration to end")
+
+
+@pytest.mark.parametrize("idle", [0, 99], ids=["1conn", "100conns"])
+def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
+    two_hosts: MigrationBed, echo: Tool, start_vm: StartVm, idle: int
+) -> None:
+    began = time.monotonic()
+    bed = two_hosts
+    ferryd_a, path_a = _vhost_ferryd(bed, "a")
+    ferryd_b, path_b = _vhost_ferryd(bed, "b")  # the same command line: QEMU's LOAD decides
+    source = _start_source(bed, start_vm, path_a, idle)
+
+    channel = bed.tmp / "qemu-migration.sock"
+    target = start_vm(
+        vhost_user_netdev(path_b), name="target", incoming=f"unix:{channel}", shared_memory=True
+    )
+    assert target.qmp is not None and target.qmp.query_status() == "inmigrate"
+
+    _migrate(source, f"unix:{channel}")
+    info = _migration_ended(source)
+    assert info["status"] == "completed", info
+    bed.switch_fabric()
+    wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running")
+    wait_for(lambda: _role(ferryd_b) == "running", what="the target ferryd to resume")
+    assert _role(ferryd_a) == "frozen"  # until its QEMU quits: QEMU is the authority
+    out, into = _migration(ferryd_a), _migration(ferryd_b)
+    print(
+        f"QEMU: downtime {info['downtime']} ms, total {info['total-time']} ms;"
+        f" ferryd: source {out['last_downtime_ms']:.1f} ms (freeze to stream end),"
+        f" target {into['last_downtime_ms']:.1f} ms (first byte to resume);"
+        f" {into['last_connections']} TCP connections"
+    )
+    assert into["last_connections"] == 1 + idle and into["in_completed"] == 1
+    assert out["last_connections"] == 1 + idle
+
+    # The source QEMU quits: ferryd A commits (lingers, then exits).
+    assert source.qmp is not None and source.qmp.query_status() == "postmigrate"
+    source.stop()
+    wait_for(lambda: _migration(ferryd_a)["out_completed"] == 1, what="the source to commit")
+    assert _role(ferryd_a) == "migrated"
+
+    # On the target: the forward reaches the guest, the busy connection goes
+    # on, the idle ones answer.
+    _inbound(bed, target)
+    at_migration = size(target, "/tmp/sent")
+    wait_echoed(
+        target, at_migration + AFTER, f"the busy connection to echo {AFTER} more bytes after"
+    )
+    echo_idle(target, idle, "after")
+    sent = finish(target, idle)
+    assert sent >= at_migration + AFTER
+    print(f"busy connection: {sent} bytes each way; test time {time.monotonic() - began:.1f} s")
+
+
+def test_a_migration_failing_after_the_device_state_rolls_the_source_back(
+    two_hosts: MigrationBed, echo: Tool, start_vm: StartVm
+) -> None:
+    idle = 99  # 100 connections, as passt's row in the issue (0 of 100 moved again)
+    bed = two_hosts
+    ferryd_a, path_a = _vhost_ferryd(bed, "a")
+    ferryd_b, path_b = _vhost_ferryd(bed, "b")
+    source = _start_source(bed, start_vm, path_a, idle)
+    channel = bed.tmp / "qemu-migration.sock"
+    target = start_vm(
+        vhost_user_netdev(path_b), name="target", incoming=f"unix:{channel}", shared_memory=True
+    )
+    assert target.qmp is not None and target.qmp.query_status() == "inmigrate"
+    assert target.proc is not None
+
+    os.kill(ferryd_b.proc.pid, signal.SIGSTOP)  # the target QEMU will block on its device state
+    try:
+        _migrate(source, f"unix:{channel}", return_path=True)
+        wait_for(
+            lambda: _role(ferryd_a) == "frozen",
+            timeout=120,
+            interval=0.01,
+            what="the source ferryd to stream its device state",
+        )
+        target.proc.kill()  # the target dies after the device state was sent
+        target.proc.wait()
+    finally:
+        os.kill(ferryd_b.proc.pid, signal.SIGCONT)
+    info = _migration_ended(source)
+    assert info["status"] == "failed", info
+    wait_for(lambda: source.qmp is not None and source.qmp.query_status() == "running")
+    wait_for(lambda: _role(ferryd_a) == "running", what="the source ferryd to roll back")
+    counters = _migration(ferryd_a)
+    assert (counters["out_rolled_back"], counters["out_completed"]) == (1, 0)
+    # Rolled back because QEMU restarted the rings (not a failed save, no watchdog).
+    assert "QEMU resumed the source VM after its migration failed" in ferryd_a.log()
+    print(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
+
+    # The source VM's connections carry on, and its forward still reaches it.
+    _inbound(bed, source)
+    at_failure = size(source, "/tmp/sent")
+    wait_echoed(source, at_failure + AFTER, f"the busy connection to echo {AFTER} more bytes")
+    echo_idle(source, idle, "after")
+    sent = finish(source, idle)
+    assert sent >= at_failure + AFTER
+    # Whatever the target ferryd had loaded was discarded.
+    wait_for(
+        lambda: ferryd_b.request("status")["flows"]["tcp"] == 0,
+        what="the target ferryd to discard what it loaded",
+    )
