@@ -43,6 +43,7 @@ from ferryd.link import Ip4Config, Ip6Config
 from ferryd.migration import migration_pb2 as pb
 from ferryd.migration.kernel_state import TcpKernelState, TcpState, wscale_problem
 from ferryd.wire.ip import IpAddress
+from ferryd.wire.tcp import MAX_WSCALE
 
 __all__ = [
     "FlowRecord",
@@ -178,6 +179,28 @@ class TcpFlowRecord:
     """Still in the handshake: the target resets the flow instead of restoring it."""
 
     def __post_init__(self) -> None:
+        # One expression for the usual, valid record (a migration builds one
+        # per connection in its downtime); the checks below name what is wrong.
+        kind = type(self.guest_addr)
+        if (
+            (kind is IPv4Address or kind is IPv6Address)
+            and type(self.remote_addr) is kind
+            and 0 < self.guest_port <= 0xFFFF
+            and 0 < self.remote_port <= 0xFFFF
+            and (self.kernel is not None or self.handshake)
+            and 0 <= self.seq_to_guest < _U32
+            and 0 <= self.seq_ack_from_guest < _U32
+            and 0 <= self.seq_from_guest < _U32
+            and 0 <= self.seq_ack_to_guest < _U32
+            and 0 <= self.seq_init_from_guest < _U32
+            and 0 <= self.flags < _U32
+            and 0 <= self.state < _U32
+            and 0 <= self.guest_window <= 0xFFFF
+            and 0 <= self.guest_wscale <= MAX_WSCALE
+            and 0 <= self.our_wscale <= MAX_WSCALE
+            and 0 <= self.guest_mss <= 0xFFFF
+        ):
+            return
         _check_version_match("TCP flow, guest side", self.guest_addr, self.remote_addr)
         _check_port("guest port", self.guest_port)
         _check_port("remote port", self.remote_port)

@@ -94,6 +94,11 @@ log = logging.getLogger("ferryd.migration")
 OUTCOME_TIMEOUT = 120.0
 #: Records are written to the stream in chunks of about this size.
 CHUNK = 256 * 1024
+#: ... or of this many flow records, whichever comes first: the target
+#: restores while the source still dumps (its batches are this size too,
+#: restore.BATCH), so a thousand idle connections (~80 KB) must not wait
+#: for one chunk at the end.
+FLUSH_RECORDS = 64
 #: Who wrote the stream (the header's software_version; logs only).
 SOFTWARE_VERSION = f"ferry {importlib.metadata.version('ferry')}"
 #: Connections held at once for a pre-copy dump (one ferry-repair message).
@@ -368,11 +373,16 @@ class SourceMigration:
                 await stream.send_all(bytes(out))
                 out.clear()
 
+        unflushed = 0
+
         async def emit(data: bytes, record: FlowRecord | None = None) -> None:
+            nonlocal unflushed
             out.extend(data)
+            unflushed += 1
             if record is not None and self.same_netns:
                 self.records.append(record)
-            if len(out) >= CHUNK:
+            if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS:
+                unflushed = 0
                 await flush()
 
         if enc.bytes_written == 0:  # else the pre-copy wrote it
