@@ -27,7 +27,8 @@ silently: closed any other way it would send the peer a FIN or RST for a
 connection the source still owns. A connection that stood unchanged
 through the freeze has nothing to resynchronise: no unsent tail, nothing
 in flight, and the guest already holds its latest ACK and window, so
-:meth:`Restorer.resume` only arms it.
+:meth:`Restorer.resume` only arms it; so does a connection of the plain
+(post-freeze) part that was at rest when dumped (flowstate.at_rest).
 
 If anything fails before resume, :meth:`Restorer.discard` closes every
 socket silently and leaves nothing behind.
@@ -45,7 +46,7 @@ from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
 from ferryd.migration.errors import StreamRejected
-from ferryd.migration.flowstate import RestoreTail, guest_state
+from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import LINUX, KernelRepair, RepairPort, RepairSupply
@@ -261,9 +262,9 @@ class Restorer:
         t_off = (trio.current_time() - t0) * 1e3
         self.in_repair.clear()
         standing = self.standing
-        for ends, (conn, state, _) in self.restored.items():
-            if ends in standing:
-                continue  # unchanged through the freeze: nothing to finish
+        for ends, (conn, state, rec) in self.restored.items():
+            if ends in standing or at_rest(rec):
+                continue  # unchanged through the freeze, or idle: nothing to finish
             sock = socket_of(conn)
             sent = self.kernel.finish_restore(sock, state)
             if sent < state.unsent:
@@ -271,8 +272,8 @@ class Restorer:
         await self.d.start()
         now = trio.current_time()
         for ends, (conn, _, rec) in self.restored.items():
-            if ends in standing:
-                continue  # the guest has its ACK and window; the data path armed it
+            if ends in standing or at_rest(rec):
+                continue  # the guest has its ACK and window; attach() arms it
             if conn.closed:
                 # Ended by the data path already: start() lets its
                 # tasks run, and the guest's first frames may close a flow.
