@@ -254,26 +254,36 @@ class Restorer:
 
     async def resume(self) -> float:
         """Repair OFF, start the data path, resync the guest. Returns ms spent in repair OFF."""
-        socks = list(self.in_repair.values())  # pre-copied ones went out of it already
+        standing = self.standing
+        # Unchanged through the freeze, or at rest: nothing to finish or resynchronise.
+        moving = [
+            (conn, state, rec)
+            for ends, (conn, state, rec) in self.restored.items()
+            if not at_rest(rec) and not (standing and ends in standing)
+        ]
+        # (Pre-copied ones went out of repair mode already.) One at rest has
+        # nothing in flight and no timer running: out of repair mode without
+        # the kernel's window probe, as a pre-copied one, so it says nothing.
+        moving_socks = {id(socket_of(conn)) for conn, _, _ in moving}
+        quiet = [sock for key, sock in self.in_repair.items() if key not in moving_socks]
+        socks = [sock for key, sock in self.in_repair.items() if key in moving_socks]
         t0 = trio.current_time()
-        if socks:
+        if quiet or socks:
             repair = await self._client()
-            await repair.set_repair(socks, RepairMode.OFF)
+            if quiet:
+                await repair.set_repair(quiet, RepairMode.OFF_NO_WINDOW_PROBE)
+            if socks:
+                await repair.set_repair(socks, RepairMode.OFF)
         t_off = (trio.current_time() - t0) * 1e3
         self.in_repair.clear()
-        standing = self.standing
-        for ends, (conn, state, rec) in self.restored.items():
-            if ends in standing or at_rest(rec):
-                continue  # unchanged through the freeze, or idle: nothing to finish
+        for conn, state, _ in moving:
             sock = socket_of(conn)
             sent = self.kernel.finish_restore(sock, state)
             if sent < state.unsent:
                 conn.resume_tail(RestoreTail(sock, state, sent))
         await self.d.start()
         now = trio.current_time()
-        for ends, (conn, _, rec) in self.restored.items():
-            if ends in standing or at_rest(rec):
-                continue  # the guest has its ACK and window; attach() arms it
+        for conn, _, rec in moving:  # the others: the guest has its ACK and window
             if conn.closed:
                 # Ended by the data path already: start() lets its
                 # tasks run, and the guest's first frames may close a flow.

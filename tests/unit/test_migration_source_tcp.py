@@ -206,7 +206,11 @@ async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
             assert kernel.calls[2:] == [f"new {twin_fd}", f"restore {twin_fd}"]
             # Nothing of the handed-over socket is touched again; the twin is
             # restored in repair mode and thawed.
-            assert repair.calls[1:] == [(RepairMode.ON, [twin_fd]), (RepairMode.OFF, [twin_fd])]
+            # (At rest: out of repair mode without the window probe.)
+            assert repair.calls[1:] == [
+                (RepairMode.ON, [twin_fd]),
+                (RepairMode.OFF_NO_WINDOW_PROBE, [twin_fd]),
+            ]
             (restored,) = host.tcp.connections()
             assert restored is not conn and restored.ends == ENDS
             assert not twin.getblocking()  # tuned by TcpFlows.adopt
