@@ -34,6 +34,7 @@ documented in the .proto; this module is their one implementation.
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 from dataclasses import dataclass
@@ -423,11 +424,21 @@ def flow_to_proto(flow: FlowRecord, header: StreamHeader) -> FlowMessage:
 
 
 def _address(what: str, data: bytes) -> IpAddress:
+    addr = _packed_address(data)
+    if addr is None:
+        raise ValueError(f"{what} of {len(data)} bytes (needs 4 or 16)")
+    return addr
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed_address(data: bytes) -> IpAddress | None:
+    """The address ``data`` packs, or None; cached: a stream names the same few peers
+    and host addresses once per connection (bounded: a hostile stream only churns it)."""
     if len(data) == 4:
         return IPv4Address(data)
     if len(data) == 16:
         return IPv6Address(data)
-    raise ValueError(f"{what} of {len(data)} bytes (needs 4 or 16)")
+    return None
 
 
 def _optional_address(what: str, data: bytes) -> IpAddress | None:
