@@ -201,6 +201,7 @@ class Restorer:
         for sock in socks:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
+        quiet: list[TcpConn] = []
         for sock, state, rec in batch:
             self.kernel.restore_in_repair(sock, state)
             version = 6 if state.family == 6 else 4
@@ -218,6 +219,14 @@ class Restorer:
             )
             self.restored[ends] = (conn, state, rec)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
+            if not self.in_precopy and at_rest(rec):
+                quiet.append(conn)
+        if quiet:
+            # resume() has nothing to do for these (at rest): armed now, while
+            # the stream still arrives, not in the downtime's tail (attach()
+            # leaves prearmed connections be). The pre-copy part is armed at
+            # its end (precopy_end).
+            self.d.tcp.prearm(quiet, now)
 
     async def finish(self) -> None:
         """The stream ended: restore the last batch, the forwarding listeners, the datagram flows.
