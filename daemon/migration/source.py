@@ -10,6 +10,9 @@ Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
    ferry-repair.
 3. Stream: the header (the guest's link), the forwarding listeners, one
    record per flow, dumped as it is written (no staging area), a trailer.
+   Steps 2 and 3 overlap: each connection is dumped as soon as the helper
+   answered for its batch, and the stream is flushed every
+   :data:`FLUSH_RECORDS` records, so the target restores meanwhile.
 4. Keep the frozen sockets until told the outcome (the guest's frames
    were handed over at the freeze, so the target's frontend collects what the
    guest sends meanwhile). Commit: keep the sockets (silently dropping whatever still
