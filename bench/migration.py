@@ -12,8 +12,10 @@ connections from the guest to the peer (``--busy`` of them streaming both
 ways at full speed, the rest idle; testbed/streamtool.py), runs
 ``ferryctl migrate --json`` and switches the fabric. It prints, per N, the
 freeze-to-resume downtime, its split as the daemons report it
-(``timings_ms``: the source's stop, freeze + repair ON and dump/stream; the
-target's restore, repair OFF and resume), and the stream's size per
+(``timings_ms``: the source's stop, freeze + repair ON and dump/stream --
+repair ON runs under the dump, so the first is only getting the helper; the
+target's restore, from the stream's first byte, overlapping the source's
+dump, repair OFF and resume), and the stream's size per
 connection. The traffic is then checked byte for byte as in the tests
 (a benchmark that moved connections wrongly would measure nothing).
 Nothing is asserted about the times.

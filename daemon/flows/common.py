@@ -12,6 +12,7 @@ conventions"):
   from its own address as a martian.
 """
 
+import functools
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -42,8 +43,14 @@ def sockaddr(addr: IpAddress, port: int) -> tuple[str, int] | tuple[str, int, in
     return (str(addr), port, 0, 0)
 
 
+@functools.lru_cache(maxsize=1024)
 def strip_scope(text: str) -> IpAddress:
-    """An address from a socket address string, without any ``%scope``."""
+    """An address from a socket address string, without any ``%scope``.
+
+    Cached: the host's few addresses come back for every connection (a
+    migration target adopts a thousand in its downtime), and parsing one
+    costs microseconds; the addresses are immutable values.
+    """
     return ip_address(text.partition("%")[0])
 
 

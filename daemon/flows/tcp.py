@@ -579,7 +579,8 @@ class TcpFlows:
         for a new one. (Not SO_PEEK_OFF: the restored TcpConn sets its own
         offset past what the guest has not acknowledged.)
         """
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # sockstate makes them non-blocking: no syscall then
+            sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host = SocketHost(sock, self._peek)
         conn = TcpConn.restored(

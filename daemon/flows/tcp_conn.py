@@ -226,7 +226,10 @@ class TcpConn:
         peek_buffer: memoryview,
         rcvlowat_cap: int,
         entropy: Entropy,
+        *,
+        isn: int | None = None,
     ) -> None:
+        """``isn``: our initial sequence number towards the guest; None: a fresh random one."""
         self.ends = ends
         self.host = host
         self.guest = guest
@@ -240,7 +243,7 @@ class TcpConn:
         self.push_due = False
         self._rcvlowat_cap = rcvlowat_cap
         self.flags = Flags(0)
-        self.isn = entropy.getrandbits(32)
+        self.isn = entropy.getrandbits(32) if isn is None else isn
         self.seq_to_guest = self.isn
         self.seq_ack_from_guest = self.isn
         self.seq_max_to_guest = self.isn
@@ -328,7 +331,15 @@ class TcpConn:
         handshake is reset by the target (the caller aborts it).
         """
         conn = cls(
-            ends, host, guest, State.ESTABLISHED, link_mss, peek_buffer, rcvlowat_cap, entropy
+            ends,
+            host,
+            guest,
+            State.ESTABLISHED,
+            link_mss,
+            peek_buffer,
+            rcvlowat_cap,
+            entropy,
+            isn=saved.seq_ack_from_guest,  # past the handshake: no ISN to draw
         )
         conn.seq_ack_from_guest = saved.seq_ack_from_guest
         # Not rewound (flowstate's module doc): the flight is still queued.

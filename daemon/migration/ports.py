@@ -15,7 +15,7 @@ source's port is both.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ferryd.migration import sockstate
@@ -65,7 +65,15 @@ LINUX: KernelDump = _Linux()
 class RepairPort(Protocol):
     """A connection to the repair helper (ferry-repair): TCP_REPAIR on batches of sockets."""
 
-    async def set_repair(self, socks: Sequence[socket.socket], mode: RepairMode) -> None: ...
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """TCP_REPAIR to ``mode`` on ``socks``; ``progress(n)``: ``socks[:n]`` are done."""
+        ...
 
     @property
     def reconnects(self) -> int:

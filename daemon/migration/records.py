@@ -34,6 +34,7 @@ documented in the .proto; this module is their one implementation.
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from ferryd.link import Ip4Config, Ip6Config
 from ferryd.migration import migration_pb2 as pb
 from ferryd.migration.kernel_state import TcpKernelState, TcpState, wscale_problem
 from ferryd.wire.ip import IpAddress
+from ferryd.wire.tcp import MAX_WSCALE
 
 __all__ = [
     "FlowRecord",
@@ -178,6 +180,28 @@ class TcpFlowRecord:
     """Still in the handshake: the target resets the flow instead of restoring it."""
 
     def __post_init__(self) -> None:
+        # One expression for the usual, valid record (a migration builds one
+        # per connection in its downtime); the checks below name what is wrong.
+        kind = type(self.guest_addr)
+        if (
+            (kind is IPv4Address or kind is IPv6Address)
+            and type(self.remote_addr) is kind
+            and 0 < self.guest_port <= 0xFFFF
+            and 0 < self.remote_port <= 0xFFFF
+            and (self.kernel is not None or self.handshake)
+            and 0 <= self.seq_to_guest < _U32
+            and 0 <= self.seq_ack_from_guest < _U32
+            and 0 <= self.seq_from_guest < _U32
+            and 0 <= self.seq_ack_to_guest < _U32
+            and 0 <= self.seq_init_from_guest < _U32
+            and 0 <= self.flags < _U32
+            and 0 <= self.state < _U32
+            and 0 <= self.guest_window <= 0xFFFF
+            and 0 <= self.guest_wscale <= MAX_WSCALE
+            and 0 <= self.our_wscale <= MAX_WSCALE
+            and 0 <= self.guest_mss <= 0xFFFF
+        ):
+            return
         _check_version_match("TCP flow, guest side", self.guest_addr, self.remote_addr)
         _check_port("guest port", self.guest_port)
         _check_port("remote port", self.remote_port)
@@ -400,11 +424,21 @@ def flow_to_proto(flow: FlowRecord, header: StreamHeader) -> FlowMessage:
 
 
 def _address(what: str, data: bytes) -> IpAddress:
+    addr = _packed_address(data)
+    if addr is None:
+        raise ValueError(f"{what} of {len(data)} bytes (needs 4 or 16)")
+    return addr
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed_address(data: bytes) -> IpAddress | None:
+    """The address ``data`` packs, or None; cached: a stream names the same few peers
+    and host addresses once per connection (bounded: a hostile stream only churns it)."""
     if len(data) == 4:
         return IPv4Address(data)
     if len(data) == 16:
         return IPv6Address(data)
-    raise ValueError(f"{what} of {len(data)} bytes (needs 4 or 16)")
+    return None
 
 
 def _optional_address(what: str, data: bytes) -> IpAddress | None:

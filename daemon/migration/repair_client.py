@@ -80,7 +80,8 @@ API::
                           max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                           helper_uids: Iterable[int] | None = None) -> RepairClient
         async def set_repair(self, socks: Sequence[int | HasFileno],
-                             mode: RepairMode) -> None
+                             mode: RepairMode, *,
+                             progress: Callable[[int], None] | None = None) -> None
         async def aclose(self) -> None             # also: async with client: ...
         reconnects: int                            # connections made after the first
     class RepairListener:
@@ -357,11 +358,19 @@ class RepairClient:
         self.reconnects += 1
         return sock
 
-    async def set_repair(self, socks: Sequence[int | HasFileno], mode: RepairMode) -> None:
+    async def set_repair(
+        self,
+        socks: Sequence[int | HasFileno],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Set TCP_REPAIR to ``mode`` on every socket of ``socks``; see the module docstring.
 
         The caller must keep the sockets open until this returns. Calls on one
-        client are served one after the other.
+        client are served one after the other. ``progress(n)`` is called as
+        answers arrive: ``socks[:n]`` are switched (a migration source dumps
+        those while the helper works on the rest).
         """
         mode = RepairMode(mode)
         fds = [s if isinstance(s, int) else s.fileno() for s in socks]
@@ -371,7 +380,7 @@ class RepairClient:
         async with self._lock:
             sock, reused = await self._connection()
             try:
-                await self._exchange(sock, fds, mode)
+                await self._exchange(sock, fds, mode, progress)
             except RepairRefused as exc:
                 if not (reused and exc.batch == 0 and self._redial is not None):
                     raise
@@ -379,15 +388,21 @@ class RepairClient:
                 # an earlier call: the helper went away meanwhile. Once more, anew.
                 log.warning("%s; the helper went away since the last request: reconnecting", exc)
                 try:
-                    await self._exchange(await self._new_connection(), fds, mode)
+                    await self._exchange(await self._new_connection(), fds, mode, progress)
                 except RepairError as then:
                     # Maybe it had refused the batch after all: say both.
                     raise _after(exc, then) from exc
 
     async def _exchange(
-        self, sock: trio.socket.SocketType, fds: list[int], mode: RepairMode
+        self,
+        sock: trio.socket.SocketType,
+        fds: list[int],
+        mode: RepairMode,
+        progress: Callable[[int], None] | None,
     ) -> None:
-        exchange = _Exchange(sock, fds, mode, self._timeout, self._max_in_flight, self._batch_limit)
+        exchange = _Exchange(
+            sock, fds, mode, self._timeout, self._max_in_flight, self._batch_limit, progress
+        )
         try:
             await exchange.run()
         except BaseException:
@@ -436,9 +451,11 @@ class _Exchange:
         timeout: float,
         max_in_flight: int,
         batch_limit: int,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self._sock = sock
         self._fds = fds
+        self._progress = progress
         self._byte = mode.to_byte()
         self._timeout = timeout
         self._bounds = split_batches(len(fds), batch_limit)
@@ -520,6 +537,8 @@ class _Exchange:
                     )
                 self._answered += 1
                 self._window.release()
+            if self._progress is not None:
+                self._progress(self._bounds[self._answered - 1].stop)
             deadline.deadline = trio.current_time() + self._timeout
 
 

@@ -27,7 +27,8 @@ silently: closed any other way it would send the peer a FIN or RST for a
 connection the source still owns. A connection that stood unchanged
 through the freeze has nothing to resynchronise: no unsent tail, nothing
 in flight, and the guest already holds its latest ACK and window, so
-:meth:`Restorer.resume` only arms it.
+:meth:`Restorer.resume` only arms it; so does a connection of the plain
+(post-freeze) part that was at rest when dumped (flowstate.at_rest).
 
 If anything fails before resume, :meth:`Restorer.discard` closes every
 socket silently and leaves nothing behind.
@@ -40,13 +41,12 @@ import socket
 
 import trio
 
-from ferry_repair.protocol import SCM_MAX_FD
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
 from ferryd.migration.errors import StreamRejected
-from ferryd.migration.flowstate import RestoreTail, guest_state
+from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import LINUX, KernelRepair, RepairPort, RepairSupply
@@ -62,7 +62,13 @@ from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UD
 
 log = logging.getLogger("ferryd.migration")
 
-BATCH = SCM_MAX_FD  # one ferry-repair message
+#: Sockets per repair ON pass (one ferry-repair message, at most SCM_MAX_FD).
+#: Small, so that the first batch is restored while the source still dumps
+#: (it flushes the stream every source.FLUSH_RECORDS records) and the last
+#: one, after the stream ended, is short; 1,000 connections take 16 helper
+#: messages instead of 4. Constant: a passt-repair connection must never see
+#: a batch larger than the one before (repair_client's module doc).
+BATCH = 64
 
 
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
@@ -195,6 +201,7 @@ class Restorer:
         for sock in socks:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
+        quiet: list[TcpConn] = []
         for sock, state, rec in batch:
             self.kernel.restore_in_repair(sock, state)
             version = 6 if state.family == 6 else 4
@@ -212,6 +219,14 @@ class Restorer:
             )
             self.restored[ends] = (conn, state, rec)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
+            if not self.in_precopy and at_rest(rec):
+                quiet.append(conn)
+        if quiet:
+            # resume() has nothing to do for these (at rest): armed now, while
+            # the stream still arrives, not in the downtime's tail (attach()
+            # leaves prearmed connections be). The pre-copy part is armed at
+            # its end (precopy_end).
+            self.d.tcp.prearm(quiet, now)
 
     async def finish(self) -> None:
         """The stream ended: restore the last batch, the forwarding listeners, the datagram flows.
@@ -248,26 +263,36 @@ class Restorer:
 
     async def resume(self) -> float:
         """Repair OFF, start the data path, resync the guest. Returns ms spent in repair OFF."""
-        socks = list(self.in_repair.values())  # pre-copied ones went out of it already
+        standing = self.standing
+        # Unchanged through the freeze, or at rest: nothing to finish or resynchronise.
+        moving = [
+            (conn, state, rec)
+            for ends, (conn, state, rec) in self.restored.items()
+            if not at_rest(rec) and not (standing and ends in standing)
+        ]
+        # (Pre-copied ones went out of repair mode already.) One at rest has
+        # nothing in flight and no timer running: out of repair mode without
+        # the kernel's window probe, as a pre-copied one, so it says nothing.
+        moving_socks = {id(socket_of(conn)) for conn, _, _ in moving}
+        quiet = [sock for key, sock in self.in_repair.items() if key not in moving_socks]
+        socks = [sock for key, sock in self.in_repair.items() if key in moving_socks]
         t0 = trio.current_time()
-        if socks:
+        if quiet or socks:
             repair = await self._client()
-            await repair.set_repair(socks, RepairMode.OFF)
+            if quiet:
+                await repair.set_repair(quiet, RepairMode.OFF_NO_WINDOW_PROBE)
+            if socks:
+                await repair.set_repair(socks, RepairMode.OFF)
         t_off = (trio.current_time() - t0) * 1e3
         self.in_repair.clear()
-        standing = self.standing
-        for ends, (conn, state, _) in self.restored.items():
-            if ends in standing:
-                continue  # unchanged through the freeze: nothing to finish
+        for conn, state, _ in moving:
             sock = socket_of(conn)
             sent = self.kernel.finish_restore(sock, state)
             if sent < state.unsent:
                 conn.resume_tail(RestoreTail(sock, state, sent))
         await self.d.start()
         now = trio.current_time()
-        for ends, (conn, _, rec) in self.restored.items():
-            if ends in standing:
-                continue  # the guest has its ACK and window; the data path armed it
+        for conn, _, rec in moving:  # the others: the guest has its ACK and window
             if conn.closed:
                 # Ended by the data path already: start() lets its
                 # tasks run, and the guest's first frames may close a flow.

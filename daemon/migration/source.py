@@ -10,6 +10,9 @@ Theory of operation (DESIGN.md, "Migration"; REFERENCE.md, TCP_REPAIR):
    ferry-repair.
 3. Stream: the header (the guest's link), the forwarding listeners, one
    record per flow, dumped as it is written (no staging area), a trailer.
+   Steps 2 and 3 overlap: each connection is dumped as soon as the helper
+   answered for its batch, and the stream is flushed every
+   :data:`FLUSH_RECORDS` records, so the target restores meanwhile.
 4. Keep the frozen sockets until told the outcome (the guest's frames
    were handed over at the freeze, so the target's frontend collects what the
    guest sends meanwhile). Commit: keep the sockets (silently dropping whatever still
@@ -63,6 +66,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -94,6 +98,11 @@ log = logging.getLogger("ferryd.migration")
 OUTCOME_TIMEOUT = 120.0
 #: Records are written to the stream in chunks of about this size.
 CHUNK = 256 * 1024
+#: ... or of this many flow records, whichever comes first: the target
+#: restores while the source still dumps (its batches are this size too,
+#: restore.BATCH), so a thousand idle connections (~80 KB) must not wait
+#: for one chunk at the end.
+FLUSH_RECORDS = 64
 #: Who wrote the stream (the header's software_version; logs only).
 SOFTWARE_VERSION = f"ferry {importlib.metadata.version('ferry')}"
 #: Connections held at once for a pre-copy dump (one ferry-repair message).
@@ -320,12 +329,10 @@ class SourceMigration:
                 repairable = [c for c in self.conns if c.state is not State.CONNECTING]
                 if repairable:
                     self.repair = await self.repair_source.get()
-                    # ferry-repair freezes each socket's intake (a drop-all
-                    # filter) as it turns repair on: see repair_helper/repair.py.
                     self.frozen.extend(repairable)
-                    await self.repair.set_repair([socket_of(c) for c in repairable], RepairMode.ON)
                 t_repaired = time.monotonic()
-                written = await self._stream(stream, counts)
+                # Repair ON runs under the dump (_stream).
+                written = await self._stream(stream, counts, repairable)
                 t_dumped = time.monotonic()
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
@@ -360,7 +367,67 @@ class SourceMigration:
             "timings_ms": {**self.precopy_timings, **self.timings},
         }
 
-    async def _stream(self, stream: trio.lowlevel.FdStream, counts: dict[str, int]) -> int:
+    async def _stream(
+        self, stream: trio.lowlevel.FdStream, counts: dict[str, int], repairable: list[TcpConn]
+    ) -> int:
+        """Freeze ``repairable`` and put them in repair mode, and stream every record.
+
+        ferry-repair freezes each socket's intake (a drop-all filter) as it
+        turns repair on (repair_helper/repair.py), batch after batch; each
+        connection is dumped as soon as its batch is answered, so the dump
+        runs while the helper works on the next batches, and the stream
+        (flushed every FLUSH_RECORDS) reaches the target meanwhile.
+        """
+        ready = 0
+        """repairable[:ready] are frozen and in repair mode."""
+        more = trio.Event()
+        failed: Exception | None = None
+
+        def progress(n: int) -> None:
+            nonlocal ready
+            ready = n
+            more.set()
+
+        async def repair_on() -> None:
+            nonlocal failed
+            assert self.repair is not None
+            try:
+                socks = [socket_of(c) for c in repairable]
+                await self.repair.set_repair(socks, RepairMode.ON, progress=progress)
+            except Exception as exc:  # raised by the dump's wait, as a plain exception
+                failed = exc
+                more.set()
+
+        async def frozen(index: int) -> None:
+            """Until repairable[index] is frozen and in repair mode."""
+            nonlocal more
+            while ready <= index:
+                if failed is not None:
+                    raise failed
+                more = trio.Event()
+                await more.wait()
+
+        error: Exception | None = None
+        written = 0
+        async with trio.open_nursery() as nursery:
+            if repairable:
+                nursery.start_soon(repair_on)
+            try:
+                written = await self._write_records(stream, counts, repairable, frozen)
+            except Exception as exc:  # raised bare below, not in an exception group
+                error = exc
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return written
+
+    async def _write_records(
+        self,
+        stream: trio.lowlevel.FdStream,
+        counts: dict[str, int],
+        repairable: list[TcpConn],
+        frozen: Callable[[int], Awaitable[None]],
+    ) -> int:
         d, kernel = self.host, self.kernel
         enc = self.enc
         out = bytearray()
@@ -377,11 +444,16 @@ class SourceMigration:
                 await stream.send_all(bytes(out))
                 out.clear()
 
+        unflushed = 0
+
         async def emit(data: bytes, record: FlowRecord | None = None) -> None:
+            nonlocal unflushed
             out.extend(data)
+            unflushed += 1
             if record is not None and self.same_netns:
                 self.records.append(record)
-            if len(out) >= CHUNK:
+            if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS:
+                unflushed = 0
                 await flush()
 
         if enc.bytes_written == 0:  # else the pre-copy wrote it
@@ -400,7 +472,11 @@ class SourceMigration:
             d.tcp.close_listeners()
             self.listeners_closed = True
         precopied = self.precopied
+        next_frozen = 0
         for conn in self.conns:
+            if next_frozen < len(repairable) and repairable[next_frozen] is conn:
+                await frozen(next_frozen)
+                next_frozen += 1
             pre = precopied.pop(conn, None)
             if (
                 pre is not None

@@ -18,7 +18,7 @@ sockets under the connections are real loopback ones.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 from typing import Any
 
@@ -197,9 +197,17 @@ class FakeRepair:
         self.calls: list[tuple[RepairMode, list[int]]] = []
         self.reconnects = 0
 
-    async def set_repair(self, socks: Sequence[socket.socket], mode: RepairMode) -> None:
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         await trio.lowlevel.checkpoint()
         self.calls.append((mode, [s.fileno() for s in socks]))
+        if progress is not None:
+            progress(len(socks))
 
     async def get(self) -> RepairPort:
         await trio.lowlevel.checkpoint()

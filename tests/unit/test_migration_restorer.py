@@ -25,6 +25,7 @@ from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.restore import Restorer
 from ferryd.wire.ip import IPPROTO_TCP
 from ferryd.wire.tcp import ACK, RST
+from testbed.wait import until
 from tests.unit.migration_host import FakeKernel, FakeRepair, MemoryHost, kernel_state_of
 from tests.unit.test_flows_helpers import GUEST4, gateway_of
 
@@ -33,9 +34,11 @@ SEQ_TO_GUEST = 1000
 SEQ_FROM_GUEST = 5000
 
 
-def _record(ours: socket.socket, *, handshake: bool = False) -> TcpFlowRecord:
+def _record(
+    ours: socket.socket, *, handshake: bool = False, recv_queue: bytes = b""
+) -> TcpFlowRecord:
     remote = ours.getpeername()
-    kernel = kernel_state_of(ours)
+    kernel = kernel_state_of(ours, recv_queue=recv_queue, recv_seq=1 + len(recv_queue))
     return TcpFlowRecord(
         guest_addr=GUEST4, guest_port=50000, remote_addr=LOOPBACK, remote_port=remote[1],
         kernel=None if handshake else kernel, seq_to_guest=SEQ_TO_GUEST,
@@ -68,9 +71,11 @@ async def test_restore_then_resume_resyncs_the_guest(
     host_pair: tuple[socket.socket, socket.socket],
 ) -> None:
     ours, peer = host_pair
-    ours.setblocking(True)  # as a restored socket comes (the restorer makes it non-blocking)
-    rec = _record(ours)
-    peer.sendall(b"hello")  # waiting in the restored receive queue
+    ours.setblocking(True)  # as a restored socket may come (the restorer makes it non-blocking)
+    # The restored receive queue (the fake kernel restores nothing: the
+    # loopback socket holds it).
+    rec = _record(ours, recv_queue=b"hello")
+    peer.sendall(b"hello")
     async with restoring([ours]) as (host, restorer, kernel, repair):
         await restorer.add(rec)
         assert repair.calls == []  # batched: nothing until the batch is full or the end
@@ -97,6 +102,34 @@ async def test_restore_then_resume_resyncs_the_guest(
         data = [s for s in segments if s.payload]
         assert data and data[0].seq == SEQ_TO_GUEST
         assert b"".join(s.payload for s in data) == b"hello"
+
+
+async def test_resume_leaves_a_connection_at_rest_to_the_data_path(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Idle when dumped (flowstate.at_rest): the guest holds our ACK and window already.
+
+    resume() says nothing to the guest and finishes nothing, but the
+    connection is armed: what the peer sends afterwards reaches the guest.
+    """
+    ours, peer = host_pair
+    rec = _record(ours)
+    async with restoring([ours]) as (host, restorer, kernel, repair):
+        await restorer.add(rec)
+        await restorer.finish()
+        fd = ours.fileno()
+        await restorer.resume()
+        # Out of repair mode without the window probe: it says nothing to the peer either.
+        assert repair.calls[-1] == (RepairMode.OFF_NO_WINDOW_PROBE, [fd])
+        assert f"finish {fd}" not in kernel.calls
+        assert host.tcp_guest.segments == []
+        host.tcp.attach(host.nursery)  # what the data path's start() does (MemoryHost's not)
+        peer.sendall(b"later")
+        segments = host.tcp_guest.segments
+        await until(lambda: any(s.payload for s in segments), what="the peer's bytes at the guest")
+        data = [s for s in segments if s.payload]
+        assert (data[0].seq, data[0].ack) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
+        assert b"".join(s.payload for s in data) == b"later"
 
 
 async def test_discard_closes_silently_and_forgets(

@@ -10,8 +10,9 @@ the guest hears after a rollback.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -24,7 +25,7 @@ from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.stream_events import FlowReceived, PrecopyEnded, StreamEvent
-from ferryd.wire.tcp import ACK
+from testbed.wait import until
 from tests.unit.migration_host import (
     FakeKernel,
     FakeRepair,
@@ -49,11 +50,11 @@ SAVED = TcpGuestState(
 
 @asynccontextmanager
 async def source(
-    kernel: FakeKernel,
+    kernel: FakeKernel, repair: FakeRepair | None = None
 ) -> AsyncIterator[tuple[MemoryHost, SourceMigration, FakeRepair]]:
     async with trio.open_nursery() as nursery:
         host = MemoryHost(nursery)
-        repair = FakeRepair()
+        repair = repair or FakeRepair()
         mig = SourceMigration(
             session(host, nursery, Role.RUNNING, repair=repair, precopy_quiet=0.0), kernel
         )
@@ -119,6 +120,61 @@ async def test_freeze_dumps_the_connection_and_a_rollback_thaws_it(
             assert mig.s.counters.out_rolled_back == 1
 
 
+class _OneByOne(FakeRepair):
+    """Answers repair ON one socket at a time, noting each answer in ``log``; the
+    second answer only once the first socket was dumped (``log`` is the kernel's)."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if mode is not RepairMode.ON:
+            await super().set_repair(socks, mode, progress=progress)
+            return
+        self.calls.append((mode, [s.fileno() for s in socks]))
+        first = socks[0].fileno()
+        for n, sock in enumerate(socks, 1):
+            self.log.append(f"answered {sock.fileno()}")
+            if progress is not None:
+                progress(n)
+            if n < len(socks):
+                await until(lambda: f"dump {first}" in self.log, what="the first dump")
+        await trio.lowlevel.checkpoint()
+
+
+async def test_each_connection_is_dumped_once_its_batch_is_frozen() -> None:
+    """The dump runs under repair ON: a connection is dumped as soon as the helper
+    answered for it, while it works on the next batches (a source that dumped only
+    after the last answer would wait here for ever)."""
+    kernel = FakeKernel()
+    repair = _OneByOne(kernel.calls)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        pairs = []
+        for _ in range(2):
+            client = socket.create_connection(server.getsockname())
+            pairs.append((client, server.accept()[0]))
+    reader, writer = socket.socketpair()
+    with reader, pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]:
+        async with source(kernel, repair) as (host, mig, _):
+            now = trio.current_time()
+            for i, (ours, _peer) in enumerate(pairs):
+                ends = dataclasses.replace(ENDS, guest_port=ENDS.guest_port + i)
+                host.tcp.adopt(ends, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
+            a, b = (ours.fileno() for ours, _ in pairs)
+            answer = await mig.migrate_out(writer.detach(), same_netns=False)
+            assert answer["flows"]["tcp"] == 2
+            assert kernel.calls == [f"answered {a}", f"dump {a}", f"answered {b}", f"dump {b}"]
+            assert len(_tcp_records(decode_stream(await read_all(reader)))) == 2
+            assert (await mig.abort())["note"] == "rolled back, nothing lost"
+
+
 async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
     host_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -146,21 +202,21 @@ async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
             twin_fd = twin.fileno()
             assert (await mig.abort())["note"] == "rolled back, nothing lost"
             assert role_of(mig) is Role.RUNNING
-            assert kernel.calls[2:] == [
-                f"new {twin_fd}",
-                f"restore {twin_fd}",
-                f"finish {twin_fd}",
-            ]
+            # At rest when dumped (flowstate.at_rest): nothing to finish.
+            assert kernel.calls[2:] == [f"new {twin_fd}", f"restore {twin_fd}"]
             # Nothing of the handed-over socket is touched again; the twin is
             # restored in repair mode and thawed.
-            assert repair.calls[1:] == [(RepairMode.ON, [twin_fd]), (RepairMode.OFF, [twin_fd])]
+            # (At rest: out of repair mode without the window probe.)
+            assert repair.calls[1:] == [
+                (RepairMode.ON, [twin_fd]),
+                (RepairMode.OFF_NO_WINDOW_PROBE, [twin_fd]),
+            ]
             (restored,) = host.tcp.connections()
             assert restored is not conn and restored.ends == ENDS
             assert not twin.getblocking()  # tuned by TcpFlows.adopt
             assert twin.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            # The guest is resynchronised from where it was: an ACK, a fresh window.
-            first = host.tcp_guest.segments[0]
-            assert (first.seq, first.ack, first.flags & ACK) == (SEQ_TO_GUEST, SEQ_FROM_GUEST, ACK)
+            # ... and nothing to tell the guest: it holds our ACK and window already.
+            assert host.tcp_guest.segments == []
 
 
 @pytest.mark.parametrize("moved", [False, True])

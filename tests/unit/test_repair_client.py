@@ -101,6 +101,32 @@ async def test_batches_are_pipelined(
     assert not client.closed
 
 
+async def test_progress_says_how_many_are_switched_as_answers_arrive(
+    client_and_helper: tuple[RepairClient, Helper], fds: list[int]
+) -> None:
+    """``progress(n)`` after each answer: a migration source dumps ``socks[:n]`` meanwhile."""
+    client, helper = client_and_helper
+    seen: list[int] = []
+    answered = trio.Event()
+
+    async def answer_one_by_one() -> None:
+        commands = await helper.receive(3)
+        await helper.sock.send(commands[:1])
+        await answered.wait()  # the client reported the first batch before the others came
+        await helper.sock.send(commands[1:])
+
+    def progress(n: int) -> None:
+        seen.append(n)
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_one_by_one)
+        await client.set_repair(fds, RepairMode.ON, progress=progress)
+    assert seen[0] == 200
+    assert seen[-1] == 600
+    assert seen == sorted(seen)
+
+
 async def test_empty_is_a_no_op(client_and_helper: tuple[RepairClient, Helper]) -> None:
     """No descriptors: nothing goes to the helper and no reply is awaited.
 
