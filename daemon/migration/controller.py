@@ -170,9 +170,15 @@ class MigrationController:
 
         For a driver whose requests answer at once while the migration goes
         on (QEMU's SET_DEVICE_STATE_FD: ferryd.migration_device_state).
-        ``work`` must not raise; MigrationError if this ferryd is still starting.
+        ``work`` must not raise; MigrationError if this ferryd is still starting, or
+        already shutting down (its background tasks' nursery is closed: trio refuses
+        new arrivals with RuntimeError).
         """
-        self._ready().nursery.start_soon(work)
+        nursery = self._ready().nursery
+        try:
+            nursery.start_soon(work)
+        except RuntimeError:
+            raise MigrationError("this ferryd is shutting down: no migration now") from None
 
     async def abort(self) -> dict[str, Any]:
         """Undo whatever the migration did here, in every state (SourceMigration.abort).

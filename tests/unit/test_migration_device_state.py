@@ -468,3 +468,26 @@ async def test_a_load_right_after_a_disconnect_waits_for_the_discard(
         assert dst.controller.counters.in_failed == 1  # the first one discarded
         await dst.device.started()
         assert role(dst) is Role.RUNNING and dst.host.udp.count() == 1
+
+
+async def test_qemu_leaving_while_ferryd_shuts_down_is_no_error() -> None:
+    """At SIGTERM the controller's tasks may end before the frontend sees QEMU go:
+    the disconnect then finds the background nursery closed, and must not crash ferryd."""
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        controller = MigrationController(
+            host, RepairSource(None, None), incoming=False, linger=0.0, handed_over=host.exit
+        )
+        async with trio.open_nursery() as controller_tasks:
+            await controller_tasks.start(controller.run)
+            controller_tasks.cancel_scope.cancel()
+        device = DeviceStateMigration(controller)
+        device.disconnected()  # raised RuntimeError (nursery closed) before
+        reader, writer = os.pipe()
+        device.load(reader)  # refused: its descriptor closed
+        with pytest.raises(BrokenPipeError):
+            os.write(writer, b"x")
+        os.close(writer)
+        assert not await device.check(LOAD)
+        assert controller.role is Role.RUNNING and host.calls == []
+        await host.aclose()

@@ -176,13 +176,18 @@ class VhostUserFrontend:
         task_status.started()
         while True:
             conn = await self._accept()
+            ended: Ended | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._refuse_others, conn)
                     ended = await self._serve_one(conn)
                     nursery.cancel_scope.cancel()
             finally:
-                self._disconnect()
+                # Only QEMU ending the connection tells the migration anything
+                # (after a checked SAVE: the target took over); ferryd shutting
+                # down (this task cancelled) tells it nothing.
+                self._disconnect(qemu_left=ended is not None)
+            assert ended is not None
             if ended.fault:
                 self.counters.protocol_errors += 1
                 self._throttle.warning(
@@ -258,8 +263,9 @@ class VhostUserFrontend:
         with trio.socket.from_stdlib_socket(conn) as sock:
             return await serve_connection(sock, session, self._apply, self._handler.check)
 
-    def _disconnect(self) -> None:
-        """The connection is over (the session closed itself): drop what it owned."""
+    def _disconnect(self, *, qemu_left: bool) -> None:
+        """The connection is over (the session closed itself): drop what it owned, and
+        tell the handler if QEMU ended it."""
         for index in range(NUM_QUEUES):
             self._running[index] = self._starting[index] = self._broken[index] = False
             self._set_kick(index, None)
@@ -268,7 +274,8 @@ class VhostUserFrontend:
         self._conn = None  # closed by trio's socket wrapper
         self.csum_offload = False
         self._changed()
-        self._handler.disconnected()
+        if qemu_left:
+            self._handler.disconnected()
 
     async def _apply(self, action: Action) -> None:
         if isinstance(action, SetKick):
