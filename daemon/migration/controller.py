@@ -19,7 +19,9 @@ drive the same controller. The order ferryctl uses:
   pre-copy: same stream) → :meth:`commit`; or :meth:`abort` at any point;
 - target: :meth:`migrate_in` (fd) [→ :meth:`wait_precopy`] → :meth:`wait`
   → :meth:`resume`; or :meth:`abort`. QEMU's LOAD uses :meth:`load`
-  instead of :meth:`migrate_in` (its target is started running).
+  instead of :meth:`migrate_in` (its target is started running), and
+  :meth:`reopen` puts such a target back to running when, its LOAD given
+  up, a new QEMU boots a guest on it.
 
 Failures are :class:`~ferryd.migration.errors.MigrationError`; the answers
 are plain dicts (timings, counts) that the caller may show or ignore.
@@ -60,6 +62,8 @@ class MigrationController:
         self.host = host
         self.repair = repair
         self.roles = RoleMachine(Role.INCOMING if incoming else Role.RUNNING)
+        self.started_incoming = incoming
+        """Started with --incoming: waiting for a stream is how it started (see reopen)."""
         self.counters = MigrationCounters()
         self.migration: SourceMigration | TargetMigration | None = None
         """The migration in progress (or the last one), if any."""
@@ -162,6 +166,25 @@ class MigrationController:
 
     async def resume(self) -> dict[str, Any]:
         return await self._current(TargetMigration).resume()
+
+    async def reopen(self) -> dict[str, Any]:
+        """Serve a new guest, as this ferryd started: after its LOAD was given up.
+
+        A ferryd made a target by QEMU's LOAD (started running) whose
+        restore failed or was discarded is left incoming, its data path
+        stopped and rebuilt for the stream's link, its forwards closed. A
+        new QEMU that boots its guest here instead (no LOAD) needs the
+        ferryd it started as (MigrationHost.reset): running, forwards bound.
+        A ferryd started with --incoming refuses: it waits for a stream.
+        """
+        self._ready()
+        if self.started_incoming:
+            raise MigrationError("this ferryd was started --incoming: it waits for a migration")
+        self.roles.step(Event.REOPEN, "cannot serve a new guest: this ferryd is {role}")
+        await self.host.reset(trio.current_time())
+        self.host.take_over()
+        await self.host.start()
+        return {"role": str(self.role)}
 
     # --- either side ----------------------------------------------------------
 

@@ -376,9 +376,7 @@ async def test_a_truncated_stream_fails_the_check_and_leaves_nothing(
         assert _port_is_free(tcp_port, socket.SOCK_STREAM)
         assert _port_is_free(udp_port, socket.SOCK_DGRAM)
         assert dst.controller.counters.in_failed == 1
-        await dst.device.started()  # QEMU would quit; were a ring started, nothing resumes
-        assert role(dst) is Role.INCOMING
-        # And the next LOAD, whole, works.
+        # The next LOAD, whole, works (a ring started instead: the next tests).
         ok, _ = await load(dst, data)
         assert ok and role(dst) is Role.RESTORED
 
@@ -468,3 +466,53 @@ async def test_a_load_right_after_a_disconnect_waits_for_the_discard(
         assert dst.controller.counters.in_failed == 1  # the first one discarded
         await dst.device.started()
         assert role(dst) is Role.RUNNING and dst.host.udp.count() == 1
+
+
+@pytest.mark.parametrize("given_up", ["failed", "discarded"])
+async def test_a_new_guest_after_a_given_up_load_gets_the_ferryd_as_started(
+    monkeypatch: pytest.MonkeyPatch, given_up: str
+) -> None:
+    """The target QEMU died; a new one boots its guest here (no LOAD): running, forwards bound."""
+    async with bed(monkeypatch) as b:
+        data, tcp_port, udp_port = await _stream_with_forwards(b)
+        dst = b.dst
+        dst.host.forwards = [
+            ("tcp", PortForward(IPv4Address("0.0.0.0"), tcp_port, 22)),
+            ("udp", PortForward(IPv4Address("0.0.0.0"), udp_port, 53)),
+        ]
+        await _bind_forwards_at_start(dst.host, tcp_port, udp_port)
+        ok, _ = await load(dst, data[:-40] if given_up == "failed" else data)
+        assert ok is (given_up == "discarded")
+        dst.device.disconnected()  # the target QEMU died
+        await dst.device.started()  # a new QEMU's first ring, no wait in between
+        assert role(dst) is Role.RUNNING
+        assert dst.host.calls[-3:] == ["reset", "take_over", "start"]
+        assert dst.host.running and dst.host.holds_guest
+        assert (dst.host.tcp.count(), dst.host.udp.count()) == (0, 0)  # nothing of the stream
+        assert {(f.host_port, f.guest_port) for f, _, _ in dst.host.tcp.listeners()} == {
+            (tcp_port, 22)
+        }
+        assert {(f.host_port, f.guest_port) for f, _, _ in dst.host.udp.listeners()} == {
+            (udp_port, 53)
+        }
+        assert not _port_is_free(tcp_port, socket.SOCK_STREAM)
+        assert not _port_is_free(udp_port, socket.SOCK_DGRAM)
+        counters = dst.controller.counters
+        assert (counters.in_failed, counters.in_completed) == (1, 0)
+        await dst.device.started()  # the second ring: nothing more
+        assert dst.host.calls.count("reset") == 1 and role(dst) is Role.RUNNING
+
+
+async def test_a_ferryd_started_incoming_stays_incoming_on_a_ring_start() -> None:
+    """Waiting for a stream is how it started: a ring start without LOAD changes nothing."""
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        controller = MigrationController(
+            host, RepairSource(None, None), incoming=True, linger=0.0, handed_over=host.exit
+        )
+        await nursery.start(controller.run)
+        device = DeviceStateMigration(controller)
+        await device.started()
+        assert controller.role is Role.INCOMING and host.calls == []
+        await host.aclose()
+        nursery.cancel_scope.cancel()
