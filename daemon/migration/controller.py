@@ -71,6 +71,7 @@ class MigrationController:
         self._handed_over = handed_over
         self._precopy_quiet = precopy_quiet
         self._session: Session | None = None
+        self._stopped = False
 
     @property
     def role(self) -> Role:
@@ -78,27 +79,42 @@ class MigrationController:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Get ready (bind --repair-listen: before privileges are dropped) and host
-        the migrations' background tasks until cancelled."""
-        await self.repair.setup()
-        async with trio.open_nursery() as nursery:
-            self._session = Session(
-                host=self.host,
-                roles=self.roles,
-                repair=self.repair,
-                nursery=nursery,
-                counters=self.counters,
-                linger=self._linger,
-                handed_over=self._handed_over,
-                precopy_quiet=self._precopy_quiet,
-            )
-            task_status.started()
-            await trio.sleep_forever()
+        the migrations' background tasks until cancelled; then release
+        --repair-listen's socket."""
+        try:
+            await self.repair.setup()
+            async with trio.open_nursery() as nursery:
+                self._session = Session(
+                    host=self.host,
+                    roles=self.roles,
+                    repair=self.repair,
+                    nursery=nursery,
+                    counters=self.counters,
+                    linger=self._linger,
+                    handed_over=self._handed_over,
+                    precopy_quiet=self._precopy_quiet,
+                )
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    # Whatever asks for a migration from now on (a QEMU
+                    # disconnecting as ferryd exits) is refused: the nursery,
+                    # once its tasks are cancelled, takes no more, and other
+                    # tasks run before this one leaves it.
+                    self._stopped = True
+        finally:
+            self._stopped = True
+            self._session = None
+            self.repair.close()  # --repair-listen's socket file goes with us
 
     def _ready(self, fd: int | None = None) -> Session:
         """The session; if not started yet, refuse (closing ``fd``, which the caller gave us)."""
-        if self._session is None:
+        if self._session is None or self._stopped:
             if fd is not None:
                 os.close(fd)
+            if self._stopped:
+                raise MigrationError("this ferryd is exiting: no migration any more")
             raise MigrationError("this ferryd is still starting: no migration yet")
         return self._session
 

@@ -33,6 +33,7 @@ from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
 from ferryd.frontends.vhost_user.messages import TransferDirection
 from ferryd.migration.controller import MigrationController
+from ferryd.migration.errors import MigrationError
 from ferryd.migration.records import UdpFlowRecord
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
@@ -54,6 +55,9 @@ class Helper(FakeRepair):
 
     async def setup(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -516,3 +520,21 @@ async def test_a_ferryd_started_incoming_stays_incoming_on_a_ring_start() -> Non
         assert controller.role is Role.INCOMING and host.calls == []
         await host.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_qemu_leaving_while_ferryd_exits_is_refused_quietly() -> None:
+    """SIGTERM cancels the controller first; QEMU's connection closing after asks nothing of it."""
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        controller = MigrationController(
+            host, RepairSource(None, None), incoming=False, linger=0.0, handed_over=host.exit
+        )
+        async with trio.open_nursery() as daemon:
+            await daemon.start(controller.run)
+            daemon.cancel_scope.cancel()  # SIGTERM
+        device = DeviceStateMigration(controller)
+        device.disconnected()  # no RuntimeError from a closed nursery
+        with pytest.raises(MigrationError, match="exiting"):
+            controller.in_background(trio.lowlevel.checkpoint)
+        assert controller.role is Role.RUNNING and host.calls == []
+        await host.aclose()
