@@ -193,9 +193,9 @@ class Daemon:
                 await data.bind_forwards()
             if self.opts.control:
                 control = ControlServer(self.opts.control)
-                control.register("status", self._status)
+                control.register("status", self._status, max_fds=0)
                 control.register("flows", self._flows, max_fds=0)
-                control.register("counters", self._counters)
+                control.register("counters", self._counters, max_fds=0)
                 migration_control.register(control, self.migration)
                 await outer.start(control.serve)
             await outer.start(self.migration.run)
