@@ -25,7 +25,9 @@ daemon does.
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -34,11 +36,14 @@ from ferryd.counters import Registry
 from ferryd.descriptors import DescriptorBudget
 from ferryd.flows.destinations import DestinationPolicy, Destinations
 from ferryd.flows.icmp import IcmpFlows
+from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.tcp import TcpFlows
 from ferryd.flows.udp import UdpFlows
 from ferryd.frontends.base import Frontend
 from ferryd.link import LinkConfig
 from ferryd.stack import Stack
+
+log = logging.getLogger("ferryd")
 
 #: UDP and ICMP flows are looked at for expiry this often (seconds).
 EXPIRY_INTERVAL = 1.0
@@ -56,8 +61,15 @@ class DataPath:
         max_flows: int,
         now: float,
         counters: Registry,
+        *,
+        tcp_forwards: Sequence[PortForward] = (),
+        udp_forwards: Sequence[PortForward] = (),
     ) -> None:
         self.frontend = frontend
+        self.configured_link = link
+        """The link this ferryd was started with (a migration's stream may bring another)."""
+        self.tcp_forwards, self.udp_forwards = tuple(tcp_forwards), tuple(udp_forwards)
+        """The forwards of the command line (bound by :meth:`bind_forwards`)."""
         self.counters = counters
         """Where this data path's components are counted (``ferryctl status``)."""
         counters.add("frontend", frontend.counters)
@@ -89,6 +101,28 @@ class DataPath:
         self.icmp.close()
         self.tcp.close_reactor()
         self._build(link, now)
+
+    async def bind_forwards(self) -> None:
+        """Bind the command line's forwards; ForwardError names the first that fails."""
+        for fwd in self.udp_forwards:
+            await self.udp.add_forward(fwd)
+        for fwd in self.tcp_forwards:
+            await self.tcp.add_forward(fwd)
+
+    async def reset(self, now: float) -> None:
+        """The stack and tables this ferryd started with (stopped), its forwards bound
+        again (ferryd.migration.host.MigrationHost.reset).
+
+        A forward whose port was taken meanwhile is left out, logged: the
+        guest is served without it rather than not at all.
+        """
+        self.rebuild(self.configured_link, now)
+        for flows, forwards in ((self.udp, self.udp_forwards), (self.tcp, self.tcp_forwards)):
+            for fwd in forwards:
+                try:
+                    await flows.add_forward(fwd)
+                except ForwardError as exc:
+                    log.error("serving a new guest without a forward: %s", exc)
 
     def _build(self, link: LinkConfig, now: float) -> None:
         self.link = link

@@ -157,7 +157,15 @@ class Daemon:
         self.counters = Registry()
         """Everything ferryd counts, by component (``ferryctl status``, ``counters``)."""
         self.data = DataPath(
-            frontend, link, destinations, budget, opts.max_flows, trio.current_time(), self.counters
+            frontend,
+            link,
+            destinations,
+            budget,
+            opts.max_flows,
+            trio.current_time(),
+            self.counters,
+            tcp_forwards=[fwd for spec in opts.tcp_forwards for fwd in spec],
+            udp_forwards=[fwd for spec in opts.udp_forwards for fwd in spec],
         )
         self.exit_requested = trio.Event()
         self.migration = MigrationController(
@@ -182,17 +190,12 @@ class Daemon:
             outer.start_soon(self._watch_addresses)
             await outer.start(data.run)
             if not self.opts.incoming:
-                for spec in self.opts.udp_forwards:
-                    for fwd in spec:
-                        await data.udp.add_forward(fwd)
-                for spec in self.opts.tcp_forwards:
-                    for fwd in spec:
-                        await data.tcp.add_forward(fwd)
+                await data.bind_forwards()
             if self.opts.control:
                 control = ControlServer(self.opts.control)
-                control.register("status", self._status)
+                control.register("status", self._status, max_fds=0)
                 control.register("flows", self._flows, max_fds=0)
-                control.register("counters", self._counters)
+                control.register("counters", self._counters, max_fds=0)
                 migration_control.register(control, self.migration)
                 await outer.start(control.serve)
             await outer.start(self.migration.run)

@@ -38,6 +38,11 @@ Target (QEMU's LOAD; the ferryd was started like any other, running)::
     disconnected() before that: the VM will not run here; discard what was
                    restored (silently: sockets closed in repair mode), and
                    wait for another LOAD
+    started()      a ring start with no checked LOAD on a target that gave
+                   one up (failed, or discarded): a new QEMU boots a guest
+                   here; back to running as started, forwards bound again
+                   (MigrationController.reopen); a ferryd started
+                   --incoming stays incoming
 
 A check's verdict belongs to its transfer; an outcome (resumed,
 started, disconnected) acts on the controller's role, so a transfer QEMU
@@ -100,6 +105,8 @@ class DeviceStateMigration:
         """A LOAD was checked good: the first ring start resumes it."""
         self._outcome = trio.Lock()
         """One outcome at a time (every ring start calls started; only the first resumes)."""
+        self._settling: trio.Event | None = None
+        """Set when the outcome of the last disconnect (commit, discard) was settled."""
         self._throttle = LogThrottle(log)
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
@@ -210,6 +217,13 @@ class DeviceStateMigration:
 
     async def started(self) -> None:
         async with self._outcome:
+            if self._settling is not None:
+                # The last QEMU's outcome (a discard) comes first. Only that:
+                # a save still streaming waits for QEMU, which waits for us.
+                await self._settling.wait()
+            if self.controller.role is Role.INCOMING and not self.controller.started_incoming:
+                await self._reopen()
+                return
             if not self._resumable or self.controller.role is not Role.RESTORED:
                 return  # nothing checked to resume (a failed LOAD is already undone)
             self._resumable = False
@@ -217,6 +231,30 @@ class DeviceStateMigration:
                 await self.controller.resume()
             except MigrationError as exc:
                 log.error("QEMU started the VM here, but its connections could not resume: %s", exc)
+
+    async def _reopen(self) -> None:
+        """A ring starts without a checked LOAD on a target that gave one up: a new guest.
+
+        Taken in order with the background steps, so that a LOAD QEMU sends
+        next waits until the ferryd runs again.
+        """
+        done = trio.Event()
+
+        async def reopen() -> None:
+            try:
+                await self.controller.reopen()
+            except MigrationError as exc:
+                self._warn("reopen", "QEMU started a new guest here, but: %s", exc)
+            else:
+                log.info("QEMU started a new guest here (no device state): running as started")
+            finally:
+                done.set()
+
+        try:
+            self._in_order(reopen)
+        except MigrationError:
+            return
+        await done.wait()
 
     def disconnected(self) -> None:
         self._transfer = None
@@ -235,3 +273,4 @@ class DeviceStateMigration:
 
         with contextlib.suppress(MigrationError):  # logged; still starting: nothing to undo
             self._in_order(settle)
+            self._settling = self._last

@@ -5,7 +5,10 @@ thread (capset(2) changes the calling thread only, and trio binds a Unix
 path in a thread): a socket file a dead process left is replaced, a live
 one (or anything that is not a socket) is never taken over, the file's
 mode is tightened before listen() so nobody connects earlier, and at exit
-the file is removed only if it is still ours. Callers word the errors.
+the file is removed only if it is still ours. :func:`listen_at` does it
+all in that order; its callers (the control socket, the stream and
+vhost-user frontends' ``--socket``, ``--repair-listen``) word the errors,
+each with its own option and exception, from :class:`ListenError`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ import os
 import socket
 import stat
 
-__all__ = ["PathState", "bind_listener", "probe_path", "remove_stale", "unlink_if_ours"]
+__all__ = [
+    "ListenError",
+    "ListenFailure",
+    "PathState",
+    "bind_listener",
+    "listen_at",
+    "probe_path",
+    "remove_stale",
+    "unlink_if_ours",
+]
 
 log = logging.getLogger("ferryd.unix_listener")
 
@@ -80,6 +92,45 @@ def bind_listener(path: str, backlog: int) -> tuple[socket.socket, os.stat_resul
         raw.close()
         raise
     return raw, bound
+
+
+class ListenFailure(enum.Enum):
+    """Why :func:`listen_at` made no listener."""
+
+    LIVE = "another process listens there"
+    NOT_SOCKET = "it exists and is not a socket"
+    PROBE = "cannot tell whether it is in use"
+    BIND = "cannot bind"
+
+
+class ListenError(Exception):
+    """No listener at ``path``: :attr:`failure` says why, :attr:`error` the OSError if any."""
+
+    def __init__(self, path: str, failure: ListenFailure, error: OSError | None = None) -> None:
+        super().__init__(f"{path}: {failure.value}" + (f": {error}" if error else ""))
+        self.path = path
+        self.failure = failure
+        self.error = error
+
+
+def listen_at(path: str, backlog: int) -> tuple[socket.socket, os.stat_result]:
+    """:func:`bind_listener` at ``path`` after :func:`probe_path`: a stale socket
+    file is replaced (:func:`remove_stale`), a live one or anything not a
+    socket never is. Raises :class:`ListenError` (nothing bound)."""
+    try:
+        state = probe_path(path)
+    except OSError as exc:
+        raise ListenError(path, ListenFailure.PROBE, exc) from exc
+    if state is PathState.LIVE:
+        raise ListenError(path, ListenFailure.LIVE)
+    if state is PathState.NOT_SOCKET:
+        raise ListenError(path, ListenFailure.NOT_SOCKET)
+    if state is PathState.STALE:
+        remove_stale(path)
+    try:
+        return bind_listener(path, backlog)
+    except OSError as exc:
+        raise ListenError(path, ListenFailure.BIND, exc) from exc
 
 
 def unlink_if_ours(path: str, bound: os.stat_result) -> None:

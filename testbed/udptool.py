@@ -11,12 +11,27 @@ not come back within a second (UDP may drop; a lost *answer* is not a
 failure of the test's subject unless it keeps happening). It prints one JSON
 line with what it saw and exits 1 if any payload went missing or came back
 different.
+
+``tftp ADDR PORT`` is a TFTP server (RFC 1350) for the one client a VM
+test has: a guest with busybox only, whose ``tftp`` client is its one tool
+that holds a UDP socket and reads answers on it. The file it serves is
+endless: block after block, each sent once the last was acknowledged (a
+lock-step UDP exchange between one guest socket and this one, both ways,
+going on across a migration), until a line ``finish`` on stdin; then the
+next block is the last (short), and once acknowledged the server prints
+one JSON line with the blocks, bytes and SHA-256 of what it sent. A block
+not acknowledged within a second is sent again (the guest may be paused).
 """
 
+import hashlib
 import json
 import os
+import select
 import socket
+import struct
 import sys
+import threading
+import time
 
 
 def server(addr: str, port: int) -> None:
@@ -61,6 +76,65 @@ def client(addr: str, port: int, count: int, size: int) -> int:
     return 0
 
 
+TFTP_RRQ, TFTP_DATA, TFTP_ACK = 1, 3, 4
+TFTP_BLOCK = 512
+#: Between an acknowledgement and the next block (the exchange need not be fast).
+TFTP_PACE = 0.05
+#: How long a block may go unacknowledged before the transfer is given up.
+TFTP_GIVE_UP = 180.0
+
+
+def tftp(addr: str, port: int) -> int:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((addr, port))
+    finishing = threading.Event()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            if line.strip() == "finish":
+                finishing.set()
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    print("listening", flush=True)
+    while True:
+        request, client = sock.recvfrom(65535)
+        if struct.unpack_from("!H", request)[0] == TFTP_RRQ:
+            break
+    # Options (RFC 2347: busybox asks for tsize) are ignored: DATA 1 answers.
+    sock.connect(client)
+    digest, sent, block = hashlib.sha256(), 0, 0
+    while True:
+        block += 1
+        last = finishing.is_set()
+        payload = (b"%08d" % block) * (8 if last else TFTP_BLOCK // 8)
+        packet = struct.pack("!HH", TFTP_DATA, block & 0xFFFF) + payload
+        deadline = time.monotonic() + TFTP_GIVE_UP
+        acked = False
+        while not acked:
+            if time.monotonic() > deadline:
+                print(json.dumps({"error": f"block {block} never acknowledged"}), flush=True)
+                return 1
+            sock.send(packet)
+            ends = time.monotonic() + 1.0
+            while (left := ends - time.monotonic()) > 0 and not acked:
+                if not select.select([sock], [], [], left)[0]:
+                    break
+                try:
+                    answer = sock.recv(65535)
+                except ConnectionRefusedError:
+                    continue  # ICMP unreachable while the guest's host moves: send again
+                if answer[:4] == struct.pack("!HH", TFTP_ACK, block & 0xFFFF):
+                    acked = True
+        digest.update(payload)
+        sent += len(payload)
+        if last:
+            result = {"blocks": block, "bytes": sent, "sha256": digest.hexdigest()}
+            print(json.dumps(result), flush=True)
+            return 0
+        time.sleep(TFTP_PACE)
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "server":
@@ -68,5 +142,7 @@ if __name__ == "__main__":
     elif cmd == "client":
         size = int(sys.argv[5]) if len(sys.argv) > 5 else 64
         sys.exit(client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), size))
+    elif cmd == "tftp":
+        sys.exit(tftp(sys.argv[2], int(sys.argv[3])))
     else:
         sys.exit(f"unknown command {cmd!r}")

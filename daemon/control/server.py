@@ -91,13 +91,7 @@ from ferryd.control.protocol import (
 from ferryd.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
 from ferryd.exits import StartupError, ensure_parent_dir
 from ferryd.logthrottle import LogThrottle
-from ferryd.unix_listener import (
-    PathState,
-    bind_listener,
-    probe_path,
-    remove_stale,
-    unlink_if_ours,
-)
+from ferryd.unix_listener import ListenError, ListenFailure, listen_at, unlink_if_ours
 
 __all__ = ["ControlAddressInUse", "ControlBindError", "ControlServer", "Handler"]
 
@@ -243,25 +237,22 @@ class ControlServer:
         except StartupError as exc:
             raise ControlBindError(str(exc)) from exc
         try:
-            state = probe_path(self.path)
-        except OSError as exc:
-            raise ControlBindError(
-                f"control socket {self.path}: cannot tell whether it is in use: {exc}"
-            ) from exc
-        if state is PathState.NOT_SOCKET:
-            raise ControlAddressInUse(
-                f"control path {self.path} exists and is not a socket; refusing to replace it"
-            )
-        if state is PathState.LIVE:
-            raise ControlAddressInUse(
-                f"another daemon is already listening on control socket {self.path}"
-            )
-        if state is PathState.STALE:
-            remove_stale(self.path)
-        try:
-            raw, bound = bind_listener(self.path, 64)
-        except OSError as exc:
-            raise ControlBindError(f"control socket {self.path}: {exc.strerror}") from exc
+            raw, bound = listen_at(self.path, 64)
+        except ListenError as exc:
+            if exc.failure is ListenFailure.LIVE:
+                raise ControlAddressInUse(
+                    f"another daemon is already listening on control socket {self.path}"
+                ) from exc
+            if exc.failure is ListenFailure.NOT_SOCKET:
+                raise ControlAddressInUse(
+                    f"control path {self.path} exists and is not a socket; refusing to replace it"
+                ) from exc
+            if exc.failure is ListenFailure.PROBE:
+                raise ControlBindError(
+                    f"control socket {self.path}: cannot tell whether it is in use: {exc.error}"
+                ) from exc
+            assert exc.error is not None
+            raise ControlBindError(f"control socket {self.path}: {exc.error.strerror}") from exc
         log.debug("control: listening on %s", self.path)
         return trio.socket.from_stdlib_socket(raw), bound
 

@@ -81,13 +81,7 @@ from ferryd.frontends.stream_framing import (
     unsent_tail,
 )
 from ferryd.logthrottle import LogThrottle
-from ferryd.unix_listener import (
-    PathState,
-    bind_listener,
-    probe_path,
-    remove_stale,
-    unlink_if_ours,
-)
+from ferryd.unix_listener import ListenError, ListenFailure, listen_at, unlink_if_ours
 from ferryd.wire.checksum import complete_partial
 
 __all__ = [
@@ -143,23 +137,23 @@ def open_listener(path: str) -> tuple[socket.socket, os.stat_result]:
         ensure_parent_dir(path, "--socket")
     except StartupError as exc:
         raise StreamSetupError(str(exc)) from exc
-    in_use = f"--socket {path}: another process (a live ferryd?) already listens there"
     try:
-        state = probe_path(path)
-    except OSError as exc:
-        raise StreamSetupError(f"--socket {path}: cannot tell whether it is in use: {exc}") from exc
-    if state is PathState.NOT_SOCKET:
-        raise StreamAddressInUse(
-            f"--socket {path} exists and is not a socket; refusing to replace it"
-        )
-    if state is PathState.LIVE:
-        raise StreamAddressInUse(in_use)
-    if state is PathState.STALE:
-        remove_stale(path)
-    try:
-        return bind_listener(path, 8)
-    except OSError as exc:
-        raise StreamSetupError(f"--socket {path}: {exc.strerror}") from exc
+        return listen_at(path, 8)
+    except ListenError as exc:
+        if exc.failure is ListenFailure.LIVE:
+            raise StreamAddressInUse(
+                f"--socket {path}: another process (a live ferryd?) already listens there"
+            ) from exc
+        if exc.failure is ListenFailure.NOT_SOCKET:
+            raise StreamAddressInUse(
+                f"--socket {path} exists and is not a socket; refusing to replace it"
+            ) from exc
+        if exc.failure is ListenFailure.PROBE:
+            raise StreamSetupError(
+                f"--socket {path}: cannot tell whether it is in use: {exc.error}"
+            ) from exc
+        assert exc.error is not None
+        raise StreamSetupError(f"--socket {path}: {exc.error.strerror}") from exc
 
 
 def _peer_pid(conn: socket.socket) -> int | None:

@@ -19,7 +19,9 @@ drive the same controller. The order ferryctl uses:
   pre-copy: same stream) → :meth:`commit`; or :meth:`abort` at any point;
 - target: :meth:`migrate_in` (fd) [→ :meth:`wait_precopy`] → :meth:`wait`
   → :meth:`resume`; or :meth:`abort`. QEMU's LOAD uses :meth:`load`
-  instead of :meth:`migrate_in` (its target is started running).
+  instead of :meth:`migrate_in` (its target is started running), and
+  :meth:`reopen` puts such a target back to running when, its LOAD given
+  up, a new QEMU boots a guest on it.
 
 Failures are :class:`~ferryd.migration.errors.MigrationError`; the answers
 are plain dicts (timings, counts) that the caller may show or ignore.
@@ -60,6 +62,8 @@ class MigrationController:
         self.host = host
         self.repair = repair
         self.roles = RoleMachine(Role.INCOMING if incoming else Role.RUNNING)
+        self.started_incoming = incoming
+        """Started with --incoming: waiting for a stream is how it started (see reopen)."""
         self.counters = MigrationCounters()
         self.migration: SourceMigration | TargetMigration | None = None
         """The migration in progress (or the last one), if any."""
@@ -67,6 +71,7 @@ class MigrationController:
         self._handed_over = handed_over
         self._precopy_quiet = precopy_quiet
         self._session: Session | None = None
+        self._stopped = False
 
     @property
     def role(self) -> Role:
@@ -74,27 +79,42 @@ class MigrationController:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Get ready (bind --repair-listen: before privileges are dropped) and host
-        the migrations' background tasks until cancelled."""
-        await self.repair.setup()
-        async with trio.open_nursery() as nursery:
-            self._session = Session(
-                host=self.host,
-                roles=self.roles,
-                repair=self.repair,
-                nursery=nursery,
-                counters=self.counters,
-                linger=self._linger,
-                handed_over=self._handed_over,
-                precopy_quiet=self._precopy_quiet,
-            )
-            task_status.started()
-            await trio.sleep_forever()
+        the migrations' background tasks until cancelled; then release
+        --repair-listen's socket."""
+        try:
+            await self.repair.setup()
+            async with trio.open_nursery() as nursery:
+                self._session = Session(
+                    host=self.host,
+                    roles=self.roles,
+                    repair=self.repair,
+                    nursery=nursery,
+                    counters=self.counters,
+                    linger=self._linger,
+                    handed_over=self._handed_over,
+                    precopy_quiet=self._precopy_quiet,
+                )
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    # Whatever asks for a migration from now on (a QEMU
+                    # disconnecting as ferryd exits) is refused: the nursery,
+                    # once its tasks are cancelled, takes no more, and other
+                    # tasks run before this one leaves it.
+                    self._stopped = True
+        finally:
+            self._stopped = True
+            self._session = None
+            self.repair.close()  # --repair-listen's socket file goes with us
 
     def _ready(self, fd: int | None = None) -> Session:
         """The session; if not started yet, refuse (closing ``fd``, which the caller gave us)."""
-        if self._session is None:
+        if self._session is None or self._stopped:
             if fd is not None:
                 os.close(fd)
+            if self._stopped:
+                raise MigrationError("this ferryd is exiting: no migration any more")
             raise MigrationError("this ferryd is still starting: no migration yet")
         return self._session
 
@@ -163,6 +183,25 @@ class MigrationController:
     async def resume(self) -> dict[str, Any]:
         return await self._current(TargetMigration).resume()
 
+    async def reopen(self) -> dict[str, Any]:
+        """Serve a new guest, as this ferryd started: after its LOAD was given up.
+
+        A ferryd made a target by QEMU's LOAD (started running) whose
+        restore failed or was discarded is left incoming, its data path
+        stopped and rebuilt for the stream's link, its forwards closed. A
+        new QEMU that boots its guest here instead (no LOAD) needs the
+        ferryd it started as (MigrationHost.reset): running, forwards bound.
+        A ferryd started with --incoming refuses: it waits for a stream.
+        """
+        self._ready()
+        if self.started_incoming:
+            raise MigrationError("this ferryd was started --incoming: it waits for a migration")
+        self.roles.step(Event.REOPEN, "cannot serve a new guest: this ferryd is {role}")
+        await self.host.reset(trio.current_time())
+        self.host.take_over()
+        await self.host.start()
+        return {"role": str(self.role)}
+
     # --- either side ----------------------------------------------------------
 
     def in_background(self, work: Callable[[], Awaitable[None]]) -> None:
@@ -170,15 +209,10 @@ class MigrationController:
 
         For a driver whose requests answer at once while the migration goes
         on (QEMU's SET_DEVICE_STATE_FD: ferryd.migration_device_state).
-        ``work`` must not raise; MigrationError if this ferryd is still starting, or
-        already shutting down (its background tasks' nursery is closed: trio refuses
-        new arrivals with RuntimeError).
+        ``work`` must not raise; MigrationError if this ferryd is still starting or
+        already exiting (:meth:`_ready`).
         """
-        nursery = self._ready().nursery
-        try:
-            nursery.start_soon(work)
-        except RuntimeError:
-            raise MigrationError("this ferryd is shutting down: no migration now") from None
+        self._ready().nursery.start_soon(work)
 
     async def abort(self) -> dict[str, Any]:
         """Undo whatever the migration did here, in every state (SourceMigration.abort).

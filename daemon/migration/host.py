@@ -166,6 +166,17 @@ class MigrationHost(Protocol):
         listeners and sockets closed (the stream's listeners bind the same ports)."""
         ...
 
+    async def reset(self, now: float) -> None:
+        """The data path as this ferryd started (stopped): a fresh stack for its
+        configured link, empty tables, its configured forwards bound again.
+
+        For a target whose migration was given up and whose next guest is a
+        new one (MigrationController.reopen): :meth:`rebuild` left the
+        stream's link and closed the forwards. A forward that cannot be
+        bound again (its port taken meanwhile) is logged and left out.
+        """
+        ...
+
     async def start(self) -> None:
         """Handle frames and socket events (again): a rollback's or a resume's last step."""
         ...

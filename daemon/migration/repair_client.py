@@ -134,13 +134,7 @@ import trio
 from ferry_repair.protocol import SCM_MAX_FD
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.migration.errors import MigrationError
-from ferryd.unix_listener import (
-    PathState,
-    bind_listener,
-    probe_path,
-    remove_stale,
-    unlink_if_ours,
-)
+from ferryd.unix_listener import ListenError, ListenFailure, listen_at, unlink_if_ours
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
@@ -580,19 +574,22 @@ class RepairListener:
         path = os.fspath(path)
         where = f"cannot listen for the repair helper on {path}"
         try:
-            state = probe_path(path)
-        except OSError as exc:
-            raise RepairUnavailable(f"{where}: cannot tell whether it is in use: {exc}") from None
-        if state is PathState.LIVE:
-            raise RepairUnavailable(f"{where}: another process (a live ferryd?) listens there")
-        if state is PathState.NOT_SOCKET:
-            raise RepairUnavailable(f"{where}: it exists and is not a socket; not replacing it")
-        if state is PathState.STALE:
-            remove_stale(path)
-        try:
-            raw, bound = bind_listener(path, 1)
-        except OSError as exc:
-            raise RepairUnavailable(f"{where}: {exc.strerror}") from None
+            raw, bound = listen_at(path, 1)
+        except ListenError as exc:
+            if exc.failure is ListenFailure.LIVE:
+                raise RepairUnavailable(
+                    f"{where}: another process (a live ferryd?) listens there"
+                ) from None
+            if exc.failure is ListenFailure.NOT_SOCKET:
+                raise RepairUnavailable(
+                    f"{where}: it exists and is not a socket; not replacing it"
+                ) from None
+            if exc.failure is ListenFailure.PROBE:
+                raise RepairUnavailable(
+                    f"{where}: cannot tell whether it is in use: {exc.error}"
+                ) from None
+            assert exc.error is not None
+            raise RepairUnavailable(f"{where}: {exc.error.strerror}") from None
         await trio.lowlevel.checkpoint()
         return cls(
             trio.socket.from_stdlib_socket(raw),

@@ -20,6 +20,15 @@ class RepairSource:
         if self.listen_path:
             self._listener = await RepairListener.bind(self.listen_path)
 
+    def close(self) -> None:
+        """Stop listening for the helper; its socket file is removed while still ours.
+
+        The helper's connection, if any, is left to the process's exit.
+        """
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
     async def get(self) -> RepairClient:
         if self._client is not None and not self._client.closed:
             return self._client

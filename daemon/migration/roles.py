@@ -12,7 +12,9 @@ migrated → (linger, exit); a failure or an abort rolls back to running, or
 to rollback-pending while the repair helper cannot be reached.
 Target: incoming → migrating-in → restored → running; a failure or an abort
 discards what was restored and goes back to incoming. QEMU's device-state
-LOAD also starts from running (a ferryd whose guest never ran). A target
+LOAD also starts from running (a ferryd whose guest never ran), and a
+ferryd so made a target goes back to running when, its LOAD given up, a
+new QEMU boots a guest on it. A target
 that resumed is running, and may be a source next.
 
 ``str(role)`` (:attr:`Role.status`) is what ``ferryctl status`` shows as
@@ -83,6 +85,7 @@ class Event(enum.Enum):
     RESTORE_FAILED = "restore failed"
     DISCARD = "discard"
     RESUME = "resume"
+    REOPEN = "a new guest without a load"
 
 
 #: Roles in which a source's rollback has something to undo.
@@ -113,6 +116,13 @@ TRANSITIONS: dict[tuple[Role, Event], Role] = {
     (Role.MIGRATING_IN, Event.RESTORE_FAILED): Role.INCOMING,
     (Role.RESTORED, Event.DISCARD): Role.INCOMING,
     (Role.RESTORED, Event.RESUME): Role.RUNNING,
+    # A target whose LOAD was given up (the target QEMU died: its restore
+    # failed or was discarded) is incoming, its data path stopped and its
+    # start-time forwards closed by the rebuild; a new QEMU that boots its
+    # guest here (a ring start, no LOAD) gets the ferryd as it started:
+    # running, its forwards bound again. Only for a ferryd started running
+    # (MigrationController.reopen): one started --incoming waits for a stream.
+    (Role.INCOMING, Event.REOPEN): Role.RUNNING,
 }
 
 

@@ -182,11 +182,13 @@ def test_udp_exchange_ipv4(topology: Topology, start_ferryd: StartFerryd) -> Non
     flows = ferryd.request("flows")["flows"]
     udp = [f for f in flows if f["proto"] == "udp" and f["host_port"] != 0]
     assert len(udp) == 1 and udp[0]["bytes_from_guest"] >= 1000 * 512
-    # The control server's rule, as ferryd registers "flows": no descriptors.
+    # The control server's rule, as ferryd registers its read-only commands: no descriptors.
     r, w = os.pipe()
-    refused = "'flows' takes no file descriptors, not 1"
-    with os.fdopen(r, "rb"), os.fdopen(w, "wb"), pytest.raises(ControlRequestFailed, match=refused):
-        ferryd.request("flows", fds=[w])
+    with os.fdopen(r, "rb"), os.fdopen(w, "wb"):
+        for command in ("status", "counters", "flows"):
+            refused = f"'{command}' takes no file descriptors, not 1"
+            with pytest.raises(ControlRequestFailed, match=refused):
+                ferryd.request(command, fds=[w])
 
 
 def test_udp_exchange_ipv6(topology: Topology, start_ferryd: StartFerryd) -> None:

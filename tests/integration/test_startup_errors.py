@@ -8,6 +8,7 @@ status ``--help`` documents (2 usage or configuration, 1 runtime).
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from testbed.paths import FERRYCTL, FERRYD, VENV_BIN
 from testbed.wait import wait_for
 
 HELPER = VENV_BIN / "ferry-repair"
+#: Who ferryd runs as after its privilege drop (run as root, no --runas).
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -141,3 +144,31 @@ def test_repair_helper_makes_its_directory(short_tmp: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_repair_listen_socket_is_removed_at_exit(guest: Netns, short_tmp: Path) -> None:
+    """--repair-listen's socket file lives as long as ferryd: gone after SIGTERM.
+
+    In a directory the unprivileged ferryd (nobody, after the drop) may
+    remove files from, as a service's runtime directory is.
+    """
+    short_tmp.chmod(0o711)  # nobody may reach run/, not read short_tmp
+    run_dir = short_tmp / "run"
+    run_dir.mkdir(mode=0o700)
+    os.chown(run_dir, NOBODY, NOBODY)
+    control, listen = run_dir / "g.sock", run_dir / "repair.sock"
+    proc = subprocess.Popen(
+        [FERRYD, "--netns", guest.path, "--tap", "tap0", "--control", control,
+         "--repair-listen", listen],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        status = run(FERRYCTL, "--control", control, "status", "--wait", "15")
+        assert status.returncode == 0, status.stderr
+        assert stat.S_ISSOCK(listen.lstat().st_mode)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert not listen.exists() and not control.exists(), err

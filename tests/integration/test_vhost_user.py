@@ -16,8 +16,10 @@ transmit ring costs that ring (counted), not the connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -37,10 +39,12 @@ from ferryd.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp, parse_
 from ferryd.wire.ethernet import build_ethernet, parse_ethernet_untrusted
 from ferryd.wire.icmp import build_icmp, echo_rest, parse_icmp_untrusted
 from ferryd.wire.ip import IPPROTO_ICMP, build_ip, parse_ipv4_untrusted
+from ferryd.wire.tcp import SYN, parse_tcp_untrusted
 from testbed.ferryd_process import FerrydProcess, describe_status, launch
 from testbed.paths import FERRYD
 from testbed.topology import Topology
 from testbed.vhost_user_driver import (
+    ACKED_FEATURES,
     RAM_SIZE,
     RX_BUFFER_SIZE,
     RX_BUFFERS,
@@ -253,3 +257,71 @@ def test_every_page_ferryd_writes_is_marked_in_qemus_dirty_log(
             qemu.rx.used >> 12,
             qemu.tx.used >> 12,
         }
+
+
+FORWARD_PORT = 2222
+
+
+def _failed_load(qemu: VhostUserQemu) -> None:
+    """A target QEMU's LOAD of a stream that is not one; its CHECK fails."""
+    qemu.negotiate()
+    qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES), ack=True)
+    reader, writer = os.pipe()
+    try:
+        qemu.send(Request.SET_DEVICE_STATE_FD, struct.pack("=II", 1, 0), (reader,))
+    finally:
+        os.close(reader)
+    assert qemu.reply()[0] == Request.SET_DEVICE_STATE_FD
+    with contextlib.suppress(BrokenPipeError):  # ferryd may stop reading at once
+        os.write(writer, b"\xff" * 4096)
+    os.close(writer)
+    assert qemu.u64(Request.CHECK_DEVICE_STATE) != 0
+
+
+def test_a_new_qemu_after_a_failed_load_gets_the_ferryd_as_started(
+    topology: Topology, short_tmp: Path
+) -> None:
+    """The target QEMU died after a LOAD that failed: the next QEMU boots its guest here.
+
+    ferryd was made a target by the LOAD (its data path stopped, its
+    forward closed by the rebuild); the new QEMU's ring start, with no
+    LOAD, puts it back to running as it started: ARP answered, and a
+    connection to its forwarded port reaches the guest as a SYN.
+    """
+    socket_path, control = short_tmp / "ferryd.sock", str(short_tmp / "ferryd.ctl")
+    argv = [
+        str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
+        "-t", f"{FORWARD_PORT}:22",
+    ]  # fmt: skip
+    started: list[FerrydProcess] = []
+    try:
+        ferryd = launch(topology.host, argv, control, short_tmp / "ferryd.log", started)
+        with VhostUserQemu(socket_path) as qemu:
+            _failed_load(qemu)
+        assert ferryd.request("status")["role"] == "incoming"
+        with VhostUserQemu(socket_path) as qemu:
+            _served(qemu, topology)
+            assert ferryd.request("status")["role"] == "running"
+            hello = (
+                "import socket;"
+                f"socket.create_connection(({topology.host_v4!r}, {FORWARD_PORT}), timeout=30)"
+            )
+            client = topology.peer.popen([sys.executable, "-c", hello])
+            try:
+                (frame,) = qemu.receive(1)
+                ip = parse_ipv4_untrusted(parse_ethernet_untrusted(frame).payload)
+                syn = parse_tcp_untrusted(ip, verify_checksum=False)  # offloaded: partial
+                assert (ip.dst, syn.dport, syn.flags & SYN) == (
+                    IPv4Address(topology.host_v4),
+                    22,
+                    SYN,
+                )
+            finally:
+                client.kill()
+                client.wait()
+        assert "QEMU started a new guest here" in ferryd.log()
+    finally:
+        for process in started:
+            status = process.stop()
+            print(f"--- ferryd log (exit {describe_status(status)}) ---\n{process.log()}")
+            assert status in process.ok_exit, f"ferryd ended with {describe_status(status)}"

@@ -27,6 +27,7 @@ import trio
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.destinations import DestinationPolicy
 from ferryd.flows.icmp import IcmpFlows
+from ferryd.flows.portspec import PortForward
 from ferryd.flows.tcp import TcpFlows
 from ferryd.flows.udp import UdpFlows
 from ferryd.link import LinkConfig
@@ -46,8 +47,16 @@ from tests.unit.test_flows_helpers import LINK, FakeGuest, destinations
 class MemoryHost:
     """ferryd.migration.host.MigrationHost over real flow tables, in memory."""
 
-    def __init__(self, nursery: trio.Nursery, link: LinkConfig = LINK) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        link: LinkConfig = LINK,
+        forwards: Sequence[tuple[str, PortForward]] = (),
+    ) -> None:
         self.nursery = nursery
+        self.configured_link = link
+        self.forwards = list(forwards)
+        """The command line's forwards, ("tcp" or "udp", forward), bound again by reset."""
         self.destinations = destinations()
         self.stranded: list[socket.socket] = []
         self.calls: list[str] = []
@@ -79,6 +88,12 @@ class MemoryHost:
         self.udp.close()
         self.icmp.close()
         self._build(link)
+
+    async def reset(self, now: float) -> None:
+        self.rebuild(self.configured_link, now)
+        self.calls[-1] = "reset"
+        for kind, fwd in self.forwards:
+            await (self.tcp if kind == "tcp" else self.udp).add_forward(fwd)
 
     async def start(self) -> None:
         await trio.lowlevel.checkpoint()

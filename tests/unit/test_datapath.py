@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -110,11 +111,20 @@ def _arp_replies(frontend: MemoryFrontend) -> list[ArpPacket]:
 
 
 @asynccontextmanager
-async def data_path() -> AsyncIterator[tuple[DataPath, MemoryFrontend]]:
+async def data_path(
+    **forwards: list[PortForward],
+) -> AsyncIterator[tuple[DataPath, MemoryFrontend]]:
     frontend = MemoryFrontend()
     conforms: Frontend = frontend  # the interface a new frontend implements
     dp = DataPath(
-        conforms, LINK, destinations(), DescriptorBudget(100), 10, trio.current_time(), Registry()
+        conforms,
+        LINK,
+        destinations(),
+        DescriptorBudget(100),
+        10,
+        trio.current_time(),
+        Registry(),
+        **forwards,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(dp.run)
@@ -214,3 +224,37 @@ async def test_rebuild_closes_the_old_tables_listeners() -> None:
         assert [f.host_port for f, _, _ in dp.tcp.listeners()] == [port]
         dp.tcp.close_listeners()
         dp.udp.close()
+
+
+async def test_reset_is_the_data_path_as_started_forwards_bound_again() -> None:
+    """A target that gave its migration up serves a new guest: its link, its forwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tcp_fwd = PortForward(IPv4Address("127.0.0.1"), port, 22)
+    udp_fwd = PortForward(IPv4Address("127.0.0.1"), port, 53)
+    async with data_path(tcp_forwards=[tcp_fwd], udp_forwards=[udp_fwd]) as (dp, _frontend):
+        await dp.bind_forwards()
+        dp.rebuild(dataclasses.replace(LINK, mtu=1400), trio.current_time())  # a stream's link
+        assert dp.tcp.listeners() == [] and dp.udp.listeners() == []
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))  # the port is free: the rebuild closed it
+        await dp.reset(trio.current_time())
+        assert dp.link == LINK
+        assert [f for f, _, _ in dp.tcp.listeners()] == [tcp_fwd]
+        assert [f for f, _, _ in dp.udp.listeners()] == [udp_fwd]
+        with socket.socket() as again, pytest.raises(OSError, match="in use"):
+            again.bind(("127.0.0.1", port))
+        dp.tcp.close_listeners()
+        dp.udp.close()
+
+
+async def test_reset_leaves_out_a_forward_whose_port_was_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        tcp_fwd = PortForward(IPv4Address("127.0.0.1"), port, 22)
+        async with data_path(tcp_forwards=[tcp_fwd]) as (dp, _frontend):
+            await dp.reset(trio.current_time())  # logged, not raised
+            assert dp.tcp.listeners() == [] and dp.link == LINK

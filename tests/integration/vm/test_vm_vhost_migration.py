@@ -20,6 +20,13 @@ echo a line before and after; at the end the byte count and SHA-256 of
 what the busy connection sent and got back must be equal, and every idle
 connection must end cleanly.
 
+The 1-connection case also carries a UDP exchange: busybox's ``tftp``
+client (the guest's one tool that keeps a UDP socket and reads answers on
+it) fetches an endless file from udptool's TFTP server on the peer, block
+by block, each acknowledged, before, during and after the migration, on
+one guest socket; the target ferryd must have restored its flow, and what
+the guest got must be, byte for byte, what the server sent.
+
 The late failure: QEMU's ``return-path`` capability makes the source wait
 for the target's word before it completes. Ferryd B is stopped (SIGSTOP)
 before the migration, so that the target QEMU blocks on its device state;
@@ -32,7 +39,9 @@ socket) and the source VM's connections carry on, byte-exact.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,8 +52,8 @@ import pytest
 from testbed.ferryd_process import FerrydProcess, launch
 from testbed.guest_traffic import echo_idle, finish, open_connections, size, wait_echoed
 from testbed.migrationbed import MigrationBed
-from testbed.paths import FERRYD
-from testbed.tcptool_process import Tool
+from testbed.paths import FERRYD, UDPTOOL
+from testbed.tcptool_process import Lines, Tool
 from testbed.vm import Vm, vhost_user_netdev
 from testbed.wait import wait_for
 from tests.integration.vm.conftest import StartVm
@@ -58,6 +67,8 @@ AFTER = 256 << 10
 #: Both ferryds forward this host port to the guest's GUEST_PORT (the target's
 #: listener, bound at its start, gives way to the one the stream restores).
 FORWARD_PORT, GUEST_PORT = 2222, 22
+#: udptool's TFTP server on the peer; how many blocks the guest must get before and after.
+TFTP_PORT, TFTP_BLOCK, UDP_BLOCKS = 6969, 512, 8
 
 
 def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
@@ -112,6 +123,45 @@ def _inbound(bed: MigrationBed, vm: Vm) -> None:
     )
 
 
+def _start_udp(bed: MigrationBed, vm: Vm) -> Tool:
+    """udptool's TFTP server on the peer and the guest's tftp client fetching its endless file."""
+    proc = bed.peer.popen(
+        [sys.executable, UDPTOOL, "tftp", bed.peer_v4, str(TFTP_PORT)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    server = Tool(proc, Lines(proc.stdout))
+    assert server.out.next(what="the TFTP server to listen") == b"listening\n"
+    vm.check(
+        f"(tftp -g -r endless -l /tmp/udp.out {bed.peer_v4} {TFTP_PORT} 2>/tmp/udp.err;"
+        " echo $? >/tmp/udp.rc) &"
+    )
+    return server
+
+
+def _wait_udp(vm: Vm, at_least: int, what: str) -> None:
+    wait_for(lambda: size(vm, "/tmp/udp.out") >= at_least, timeout=60, interval=0.2, what=what)
+
+
+def _finish_udp(vm: Vm, server: Tool) -> dict[str, Any]:
+    """The server sends its last block; the guest's copy must be what it sent, byte for byte."""
+    server.tell("finish")
+    sent = server.out.json(timeout=60, what="the TFTP server's last block to be acknowledged")
+    assert "error" not in sent, sent
+    wait_for(
+        lambda: vm.run("cat /tmp/udp.rc").output.strip() == "0",
+        timeout=30,
+        interval=0.2,
+        what="the guest's tftp to end with status 0",
+    )
+    assert vm.check("cat /tmp/udp.err") == ""
+    got = vm.check("wc -c </tmp/udp.out; sha256sum </tmp/udp.out").split()
+    assert (int(got[0]), got[1]) == (sent["bytes"], sent["sha256"])
+    assert server.finish() == 0
+    return sent
+
+
 def _migrate(source: Vm, channel: str, *, return_path: bool = False) -> None:
     assert source.qmp is not None
     if return_path:
@@ -141,6 +191,9 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     ferryd_a, path_a = _vhost_ferryd(bed, "a")
     ferryd_b, path_b = _vhost_ferryd(bed, "b")  # the same command line: QEMU's LOAD decides
     source = _start_source(bed, start_vm, path_a, idle)
+    udp = _start_udp(bed, source) if idle == 0 else None
+    if udp is not None:
+        _wait_udp(source, UDP_BLOCKS * TFTP_BLOCK, "the guest's tftp to get its first blocks")
 
     channel = bed.tmp / "qemu-migration.sock"
     target = start_vm(
@@ -164,6 +217,10 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     )
     assert into["last_connections"] == 1 + idle and into["in_completed"] == 1
     assert out["last_connections"] == 1 + idle
+    if udp is not None:
+        # The guest's UDP socket's flow came in the stream (not made anew by its next datagram).
+        restored = re.search(r"migration: restored .*'udp': (\d+)", ferryd_b.log())
+        assert restored is not None and int(restored[1]) >= 1, ferryd_b.log()
 
     # The source QEMU quits: ferryd A commits (lingers, then exits).
     assert source.qmp is not None and source.qmp.query_status() == "postmigrate"
@@ -181,6 +238,11 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     echo_idle(target, idle, "after")
     sent = finish(target, idle)
     assert sent >= at_migration + AFTER
+    if udp is not None:
+        # The same guest socket goes on exchanging datagrams with the peer.
+        got = size(target, "/tmp/udp.out")
+        _wait_udp(target, got + UDP_BLOCKS * TFTP_BLOCK, "the guest's tftp to go on after")
+        print(f"UDP (tftp) exchange: {_finish_udp(target, udp)}")
     print(f"busy connection: {sent} bytes each way; test time {time.monotonic() - began:.1f} s")
 
 
