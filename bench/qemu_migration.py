@@ -1,0 +1,681 @@
+"""QEMU live migration with a vhost-user back-end: ferryd against passt, in the same run.
+
+Run as root: ``python -m bench.qemu_migration [--backend passt|ferryd|both]
+[--sizes 1 100 1000] [--runs 3] [--seconds 5]``.
+
+Two back-ends serve the guest's virtio-net device over vhost-user, and
+QEMU alone drives the migration (QMP; no ferryctl):
+
+* **passt** + **passt-repair**, the reference: Debian's newest passt source
+  package built into the cache (bench/passt_build.py), ``passt
+  --vhost-user --socket PATH --foreground``; passt listens on
+  ``PATH.repair`` and a passt-repair (root) connects there, one per side;
+* **ferryd**: ``ferryd --socket PATH --vhost-user --control CTL
+  --repair-socket R`` (testbed/qemu_stand_in.py, launch_stream_ferryd),
+  served by the bed's ferry-repair. The target is started with the same
+  command line; QEMU's LOAD of the device state makes it the target. A
+  ferryd without ``--vhost-user`` is reported as not measured.
+
+The bed is the integration tests' two-host bed (testbed/migrationbed.py):
+host A and host B with the same address and MAC, the peer on a fabric.
+Both QEMUs run in the root namespace (a vhost-user socket is a path);
+the source back-end runs in host A, the target's in host B.
+
+**Migration rows**, per back-end, per N (``--sizes``), ``--runs`` times,
+back-ends alternating so that they share the machine's moods: the source
+VM boots (shared-memory RAM, vhost-user netdev) and takes its lease by
+DHCP; in the guest ``guest_conns`` (testbed/guest_conns.c) opens N
+connections to an echo server on the peer, each echoes a first checked
+chunk, and ``--busy`` of them keep streaming both ways (``--busy-rate``
+bytes/s in all). The target back-end and the target QEMU (``-incoming``)
+start. QEMU migrates with ``pause-before-switchover`` and a downtime limit
+of ``--downtime-limit`` ms (10: with QEMU's default 300 ms the final RAM
+pass dominates the figure). When the source waits in ``pre-switchover``
+(the guest stopped, the back-end not yet asked for its state) host A
+leaves the fabric, so that nothing reaches the source after its back-end
+froze its sockets (passt's repair-mode sockets would ACK and lose it);
+then ``migrate-continue``; when QEMU reports ``completed`` host B joins the
+fabric. In the guest, now on the target, every connection sends another
+checked chunk, waits for the echo of everything it ever sent, half-closes
+and waits for the server's EOF: a connection survives if every byte came
+back in order. Reported: QEMU's ``downtime`` and ``total-time``
+(query-migrate on the source), the bench's own pause in
+``pre-switchover`` (part of QEMU's downtime, the same for both
+back-ends), and the connections that survived.
+
+**Throughput rows**, per back-end: a fresh VM; ``iperf3 -c`` in the guest
+against ``iperf3 -s`` on the peer, ``--seconds`` long, guest→peer and
+peer→guest (``-R``), ``--runs`` times each. Gbit/s is iperf3's goodput
+at the receiver; CPU s/GB is the back-end process's utime+stime
+(/proc/PID/stat) during the run divided by the GB delivered.
+
+Guests run under TCG unless the host has usable VMX/SVM (testbed/vm.py,
+choose_accel); the report says which. Under TCG the guest's CPU, not the
+back-end, bounds throughput; compare the ratios printed for the same run.
+Nothing is asserted: failures are rows, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench.common import cpu_seconds, wait_listening
+from bench.passt_build import PasstBinaries, PasstBuildError, build_passt
+from testbed.ferryd_process import FerrydFailed, FerrydProcess
+from testbed.guest_image import GuestImage, GuestImageError, build_guest_image
+from testbed.migrationbed import MigrationBed, two_host_bed
+from testbed.netns import Netns
+from testbed.paths import FERRYD, TCPTOOL
+from testbed.qemu_stand_in import launch_stream_ferryd
+from testbed.repair import raise_fd_limit
+from testbed.vm import Vm, VmError, choose_accel, qemu_unavailable, vhost_user_netdev
+from testbed.wait import WaitTimeout, wait_for
+
+SIZES = (1, 100, 1000)
+BACKENDS = ("passt", "ferryd")
+ECHO_PORT = 7000
+IPERF_PORT = 5201
+#: How long the guest's connections may take, after the migration, to finish their check.
+CHECK_TIMEOUT = 120
+
+
+class BackendUnavailable(Exception):
+    """A back-end cannot run here: the message says why (a row, not a crash)."""
+
+
+class Running(Protocol):
+    """A started back-end: its socket for QEMU, its PID (CPU accounting), its log."""
+
+    socket_path: Path
+
+    @property
+    def pid(self) -> int: ...
+
+    def log(self) -> str: ...
+    def stop(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def check(self) -> None:
+        """Raise BackendUnavailable if this back-end cannot run here."""
+
+    def start(self, bed: MigrationBed, host: Netns, name: str) -> Running:
+        """Start it in *host* for QEMU; return once its socket is there."""
+
+
+# -- passt
+
+
+@dataclass
+class _PasstRunning:
+    socket_path: Path
+    proc: subprocess.Popen[bytes]
+    repair: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        for proc in (self.repair, self.proc):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+
+
+class PasstBackend:
+    """passt --vhost-user and passt-repair, built from Debian's source (bench/passt_build.py)."""
+
+    name = "passt"
+
+    def __init__(self) -> None:
+        self.binaries: PasstBinaries | None = None
+
+    def check(self) -> None:
+        try:
+            self.binaries = build_passt()
+        except PasstBuildError as e:
+            raise BackendUnavailable(str(e)) from None
+        result = subprocess.run(
+            [str(self.binaries.passt), "--help"], capture_output=True, text=True, check=False
+        )
+        if "--vhost-user" not in result.stdout + result.stderr:
+            raise BackendUnavailable(f"{self.binaries.passt} has no --vhost-user")
+
+    def start(self, bed: MigrationBed, host: Netns, name: str) -> Running:
+        assert self.binaries is not None
+        # passt started as root drops to nobody before it binds: a directory nobody may write.
+        socket_dir = Path(tempfile.mkdtemp(prefix=f"passt-{name}-", dir=bed.tmp))
+        os.chown(socket_dir, bed_uid("nobody"), -1)
+        socket_dir.chmod(0o755)
+        socket_path = socket_dir / "s"
+        log_path = bed.tmp / f"passt-{name}.log"
+        argv = [str(self.binaries.passt), "--vhost-user", "--socket", str(socket_path),
+                "--foreground"]  # fmt: skip
+        with log_path.open("wb") as log:
+            proc = host.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        repair_path = Path(f"{socket_path}.repair")
+        try:
+            wait_for(
+                lambda: (
+                    (socket_path.is_socket() and repair_path.is_socket()) or proc.poll() is not None
+                ),
+                timeout=15,
+                what="passt's sockets",
+            )
+        except WaitTimeout:
+            proc.kill()
+            proc.wait()
+            raise BackendUnavailable(
+                f"passt made no sockets in 15 s:\n{log_path.read_text()}"
+            ) from None
+        if proc.poll() is not None:
+            raise BackendUnavailable(
+                f"passt exited with status {proc.returncode}:\n{log_path.read_text()}"
+            )
+        with (bed.tmp / f"passt-repair-{name}.log").open("wb") as log:
+            repair = host.popen(
+                [str(self.binaries.passt_repair), str(repair_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        return _PasstRunning(socket_path, proc, repair, log_path)
+
+
+def bed_uid(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
+# -- ferryd
+
+
+@dataclass
+class _FerrydRunning:
+    ferryd: FerrydProcess
+    socket_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.ferryd.pid
+
+    def log(self) -> str:
+        return self.ferryd.log()[-4000:]
+
+    def stop(self) -> None:
+        self.ferryd.stop()
+
+
+class FerrydBackend:
+    """``ferryd --vhost-user --socket PATH`` with the bed's ferry-repair."""
+
+    name = "ferryd"
+
+    def check(self) -> None:
+        if not FERRYD.exists():
+            raise BackendUnavailable(f"{FERRYD} is missing (run scripts/bootstrap.sh)")
+        result = subprocess.run(
+            [str(FERRYD), "--help"], capture_output=True, text=True, timeout=60, check=False
+        )
+        if "--vhost-user" not in result.stdout:
+            raise BackendUnavailable("this ferryd has no --vhost-user (ferryd --help)")
+
+    def start(self, bed: MigrationBed, host: Netns, name: str) -> Running:
+        try:
+            ferryd, path = launch_stream_ferryd(
+                host, bed.tmp, name, "--vhost-user", "--repair-socket", bed.repair_socket,
+                started=bed.ferryds,
+            )  # fmt: skip
+        except FerrydFailed as e:
+            raise BackendUnavailable(str(e)[-3000:]) from None
+        return _FerrydRunning(ferryd, Path(path))
+
+
+def make_backend(name: str) -> Backend:
+    return PasstBackend() if name == "passt" else FerrydBackend()
+
+
+# -- one migration
+
+
+@dataclass
+class MigrationRun:
+    backend: str
+    n: int
+    downtime_ms: float | None = None
+    total_ms: float | None = None
+    pause_ms: float | None = None
+    ok: int = 0
+    failed: int = 0
+    error: str | None = None
+    details: list[str] = field(default_factory=list)
+
+
+#: ``--keep``: leave each bed's directory (logs, consoles) behind and say where.
+KEEP = False
+
+
+@contextlib.contextmanager
+def _bed() -> Iterator[MigrationBed]:
+    tmp = Path(tempfile.mkdtemp(prefix="fq-"))
+    try:
+        with two_host_bed(tmp) as bed:
+            yield bed
+    finally:
+        if KEEP:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _started(backend: Backend, bed: MigrationBed, host: Netns, name: str) -> Iterator[Running]:
+    running = backend.start(bed, host, name)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@contextlib.contextmanager
+def _vm(image: GuestImage, tmp: Path, socket: Path, **kwargs: Any) -> Iterator[Vm]:
+    vm = Vm(image, tmp, vhost_user_netdev(socket), shared_memory=True, **kwargs)
+    try:
+        yield vm.start()
+    finally:
+        vm.stop()
+
+
+def _echo_server(peer: Netns, address: str) -> None:
+    peer.popen(
+        [sys.executable, TCPTOOL, "echo", address, str(ECHO_PORT)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_listening(peer, ECHO_PORT)
+
+
+def _guest_file(vm: Vm, path: str) -> str:
+    return vm.run(f"cat {path} 2>/dev/null").output
+
+
+def _wait_qemu(vm: Vm, done: Sequence[str], what: str, timeout: float) -> dict[str, Any]:
+    def state() -> dict[str, Any] | None:
+        assert vm.qmp is not None
+        info = vm.qmp.query_migrate()
+        return info if info.get("status") in done else None
+
+    return wait_for(state, timeout=timeout, interval=0.001, what=what)
+
+
+def migrate_once(
+    backend: Backend, image: GuestImage, n: int, args: argparse.Namespace
+) -> MigrationRun:
+    """One migration of a VM holding *n* connections; never raises for the back-end's faults."""
+    row = MigrationRun(backend.name, n)
+    try:
+        _migrate(backend, image, n, args, row)
+    except (BackendUnavailable, VmError, WaitTimeout, AssertionError) as e:
+        row.error = f"{type(e).__name__}: {str(e).strip()[:1500]}"
+    return row
+
+
+def _migrate(
+    backend: Backend, image: GuestImage, n: int, args: argparse.Namespace, row: MigrationRun
+) -> None:
+    busy = min(args.busy, n)
+    with contextlib.ExitStack() as stack:
+        bed = stack.enter_context(_bed())
+        assert bed.fabric is not None
+        _echo_server(bed.peer, bed.peer_v4)
+        source_backend = stack.enter_context(_started(backend, bed, bed.host_a, "a"))
+        source = stack.enter_context(
+            _vm(image, bed.tmp, source_backend.socket_path, name="src", memory_mb=args.memory)
+        )
+        source.wait_ready()
+        source.wait_lease()
+        source.check(
+            f"guest_conns {bed.peer_v4} {ECHO_PORT} {n} {busy} {args.busy_rate:.0f} "
+            f"{CHECK_TIMEOUT} >/tmp/conns.out 2>/tmp/conns.err & echo $! >/tmp/conns.pid"
+        )
+
+        def ready() -> bool:
+            out = _guest_file(source, "/tmp/conns.out")
+            if "done" in out or source.run("kill -0 $(cat /tmp/conns.pid)").status != 0:
+                raise AssertionError(
+                    f"guest_conns ended before the migration: {out} "
+                    f"{_guest_file(source, '/tmp/conns.err')}"
+                )
+            return "ready" in out
+
+        wait_for(ready, timeout=120 + n * 0.2, interval=0.2, what=f"{n} connections to open")
+
+        target_backend = stack.enter_context(_started(backend, bed, bed.host_b, "b"))
+        channel = bed.tmp / "mig.sock"
+        target = stack.enter_context(
+            _vm(image, bed.tmp, target_backend.socket_path, name="dst",
+                memory_mb=args.memory, incoming=f"unix:{channel}")
+        )  # fmt: skip
+        assert source.qmp is not None and target.qmp is not None
+        source.qmp.execute(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "pause-before-switchover", "state": True}],
+        )
+        source.qmp.set_downtime_limit(args.downtime_limit)
+        source.qmp.migrate(f"unix:{channel}")
+        info = _wait_qemu(
+            source, ("pre-switchover", "failed", "cancelled"), "pre-switchover", timeout=300
+        )
+        if info["status"] != "pre-switchover":
+            raise AssertionError(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
+        paused = time.monotonic()
+        bed.fabric.detach_a()  # nothing reaches the source once its back-end has frozen
+        source.qmp.execute("migrate-continue", state="pre-switchover")
+        row.pause_ms = (time.monotonic() - paused) * 1000
+        info = _wait_qemu(
+            source, ("completed", "failed", "cancelled"), "the migration's end", timeout=300
+        )
+        if info["status"] != "completed":
+            raise AssertionError(
+                f"QEMU's migration {info['status']}: {info.get('error-desc')}\n"
+                f"--- source back-end ---\n{source_backend.log()}\n"
+                f"--- target back-end ---\n{target_backend.log()}"
+            )
+        bed.fabric.attach_b()
+        row.downtime_ms = float(info["downtime"])
+        row.total_ms = float(info["total-time"])
+        wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running",
+                 timeout=60, what="the target VM to run")  # fmt: skip
+        target.check("kill -USR1 $(cat /tmp/conns.pid)")
+        wait_for(
+            lambda: "done" in _guest_file(target, "/tmp/conns.out"),
+            timeout=CHECK_TIMEOUT + 60,
+            interval=0.5,
+            what="guest_conns to finish its check",
+        )
+        out = _guest_file(target, "/tmp/conns.out")
+        match = re.search(r"done ok=(\d+) failed=(\d+)", out)
+        if match is None:
+            raise AssertionError(f"guest_conns said {out!r}")
+        row.ok, row.failed = int(match[1]), int(match[2])
+        if row.failed:
+            row.details = _guest_file(target, "/tmp/conns.err").splitlines()[:5]
+
+
+# -- throughput
+
+
+@dataclass
+class ThroughputRun:
+    backend: str
+    direction: str
+    gbps: float | None = None
+    cpu_s_per_gb: float | None = None
+    error: str | None = None
+
+
+def throughput(
+    backend: Backend, image: GuestImage, args: argparse.Namespace
+) -> list[ThroughputRun]:
+    """iperf3 both ways, ``--runs`` times each, through one VM on *backend*."""
+    rows: list[ThroughputRun] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            bed = stack.enter_context(_bed())
+            bed.peer.popen(
+                ["iperf3", "-s", "-p", str(IPERF_PORT), "-B", bed.peer_v4],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            wait_listening(bed.peer, IPERF_PORT)
+            running = stack.enter_context(_started(backend, bed, bed.host_a, "a"))
+            vm = stack.enter_context(
+                _vm(image, bed.tmp, running.socket_path, name="tp", memory_mb=args.memory)
+            )
+            vm.wait_ready()
+            vm.wait_lease()
+            for _ in range(args.runs):
+                for direction, flag in (("guest→peer", ""), ("peer→guest", " -R")):
+                    rows.append(_iperf3(vm, running, bed.peer_v4, flag, direction, args))
+    except (BackendUnavailable, VmError, WaitTimeout, AssertionError) as e:
+        rows.append(ThroughputRun(backend.name, "both", error=f"{type(e).__name__}: {e}"[:1500]))
+    for row in rows:
+        row.backend = backend.name
+    return rows
+
+
+def _iperf3(
+    vm: Vm, running: Running, peer: str, flag: str, direction: str, args: argparse.Namespace
+) -> ThroughputRun:
+    before = cpu_seconds(running.pid)
+    result = vm.run(
+        f"iperf3 -c {peer} -p {IPERF_PORT} -t {args.seconds:g} --json{flag}",
+        timeout=args.seconds + 60,
+    )
+    spent = cpu_seconds(running.pid) - before
+    try:
+        report = json.loads(result.output)
+        received = report["end"]["sum_received"]
+    except (ValueError, KeyError):
+        tail = result.output.strip().splitlines()[-3:]
+        return ThroughputRun("", direction, error=f"iperf3 exit {result.status}: {tail}")
+    gb = received["bytes"] / 1e9
+    return ThroughputRun(
+        "",
+        direction,
+        gbps=received["bits_per_second"] / 1e9,
+        cpu_s_per_gb=spent / gb if gb else None,
+    )
+
+
+# -- the report
+
+
+def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    if not values:
+        return "-"
+    median = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return median
+    return f"{median} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def format_migrations(
+    rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]
+) -> str:
+    header = ("back-end", "N", "runs", "QEMU downtime ms", "total ms", "pause ms", "survived")
+    lines: list[tuple[str, ...]] = [header]
+    notes: list[str] = []
+    for name in backends:
+        for n in sizes:
+            mine = [r for r in rows if r.backend == name and r.n == n]
+            done = [r for r in mine if r.error is None]
+            survived = " ".join(f"{r.ok}/{n}" for r in done) or "-"
+            lines.append((
+                name, str(n), f"{len(done)}/{len(mine)}",
+                _spread([r.downtime_ms for r in done if r.downtime_ms is not None]),
+                _spread([r.total_ms for r in done if r.total_ms is not None]),
+                _spread([r.pause_ms for r in done if r.pause_ms is not None], "{:.1f}"),
+                survived,
+            ))  # fmt: skip
+            for r in mine:
+                if r.error:
+                    notes.append(f"  {name} N={n}: failed: {r.error}")
+                for d in r.details:
+                    notes.append(f"  {name} N={n}: {d}")
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    table = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(table + notes) + "\n"
+
+
+def format_throughput(rows: list[ThroughputRun], backends: Sequence[str]) -> str:
+    header = ("back-end", "direction", "runs", "Gbit/s", "CPU s/GB")
+    lines: list[tuple[str, ...]] = [header]
+    notes: list[str] = []
+    for name in backends:
+        for direction in ("guest→peer", "peer→guest"):
+            mine = [r for r in rows if r.backend == name and r.direction == direction]
+            done = [r for r in mine if r.gbps is not None]
+            lines.append((
+                name, direction, f"{len(done)}/{len(mine)}",
+                _spread([r.gbps for r in done if r.gbps is not None], "{:.2f}"),
+                _spread([r.cpu_s_per_gb for r in done if r.cpu_s_per_gb is not None], "{:.2f}"),
+            ))  # fmt: skip
+        for r in rows:
+            if r.backend == name and r.error:
+                notes.append(f"  {name} {r.direction}: failed: {r.error}")
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    table = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(table + notes) + "\n"
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def format_ratios(
+    migrations: list[MigrationRun], tput: list[ThroughputRun], sizes: Sequence[int]
+) -> str:
+    """ferryd/passt in this run, against the issue's targets."""
+    out = ["ferryd / passt (medians, this run):"]
+    for n in sizes:
+        values = {
+            b: _median([r.downtime_ms for r in migrations if r.backend == b and r.n == n])
+            for b in BACKENDS
+        }
+        target = " (target ≤ 1.0)" if n >= 100 else ""
+        out.append(f"  QEMU downtime, N={n}: {_ratio(values['ferryd'], values['passt'])}{target}")
+    for direction in ("guest→peer", "peer→guest"):
+        values = {
+            b: _median([r.gbps for r in tput if r.backend == b and r.direction == direction])
+            for b in BACKENDS
+        }
+        out.append(
+            f"  throughput {direction}: {_ratio(values['ferryd'], values['passt'])} (target ≥ 0.8)"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "not measured"
+    return f"{a / b:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.qemu_migration", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--backend", choices=("passt", "ferryd", "both"), default="both")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--runs", type=int, default=3, help="migrations per size, iperf3 runs")
+    parser.add_argument("--busy", type=int, default=4, help="connections streaming both ways")
+    parser.add_argument("--busy-rate", type=float, default=1e6,
+                        help="the busy connections' rate together, bytes/s (0: no limit)")  # fmt: skip
+    parser.add_argument("--downtime-limit", type=int, default=10, metavar="MS")
+    parser.add_argument("--seconds", type=float, default=5, help="each iperf3 run")
+    parser.add_argument("--memory", type=int, default=256, help="guest RAM, MiB")
+    parser.add_argument("--no-migration", action="store_true", help="throughput rows only")
+    parser.add_argument("--no-throughput", action="store_true", help="migration rows only")
+    parser.add_argument("--keep", action="store_true", help="keep each bed's logs")
+    args = parser.parse_args(argv)
+    global KEEP
+    KEEP = args.keep
+    if os.geteuid() != 0:
+        print("bench.qemu_migration needs root (namespaces, passt-repair)", file=sys.stderr)
+        return 2
+    if (why := qemu_unavailable()) is not None:
+        print(f"bench.qemu_migration: {why}", file=sys.stderr)
+        return 2
+    try:
+        image = build_guest_image()
+    except GuestImageError as e:
+        print(f"bench.qemu_migration: the guest could not be built: {e}", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    names = BACKENDS if args.backend == "both" else (args.backend,)
+    backends: list[Backend] = []
+    unavailable: list[str] = []
+    for name in names:
+        backend = make_backend(name)
+        try:
+            backend.check()
+            backends.append(backend)
+        except BackendUnavailable as e:
+            unavailable.append(f"{name}: not measured ({e})")
+    for line in unavailable:
+        print(line, file=sys.stderr)
+    migrations: list[MigrationRun] = []
+    tput: list[ThroughputRun] = []
+    try:
+        if not args.no_migration:
+            for n in args.sizes:
+                for run in range(args.runs):
+                    for backend in backends:
+                        row = migrate_once(backend, image, n, args)
+                        migrations.append(row)
+                        print(f"{backend.name} N={n} run {run + 1}: downtime {row.downtime_ms} ms,"
+                              f" survived {row.ok}/{n}" + (f"; {row.error[:300]}" if row.error else ""),
+                              file=sys.stderr, flush=True)  # fmt: skip
+        if not args.no_throughput:
+            for backend in backends:
+                tput += throughput(backend, image, args)
+                print(f"{backend.name}: throughput done", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; what was measured:", file=sys.stderr)
+    accel = choose_accel()
+    measured = [b.name for b in backends]
+    print(
+        f"QEMU {'.'.join(map(str, qemu_version_or_zero()))}, guests under "
+        f"{'TCG (no usable KVM here: emulated CPU, slow guest)' if accel == 'tcg' else accel}, "
+        f"{os.cpu_count()} host CPUs; downtime limit {args.downtime_limit} ms; "
+        f"{args.busy} busy connections at {args.busy_rate / 1e6:g} MB/s in all"
+    )
+    for line in unavailable:
+        print(line)
+    if migrations:
+        print("\nmigration (median (min–max) over runs; survived: per run, byte-exact both ways)")
+        sys.stdout.write(format_migrations(migrations, measured, args.sizes))
+    if tput:
+        print(f"\nguest iperf3, one stream, {args.seconds:g} s (median (min–max) over runs)")
+        sys.stdout.write(format_throughput(tput, measured))
+    print()
+    sys.stdout.write(format_ratios(migrations, tput, args.sizes))
+    return 0
+
+
+def qemu_version_or_zero() -> tuple[int, ...]:
+    from testbed.vm import qemu_version
+
+    return qemu_version() or (0,)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
