@@ -11,7 +11,7 @@ QEMU alone drives the migration (QMP; no ferryctl):
   --vhost-user --socket PATH --foreground``; passt listens on
   ``PATH.repair`` and a passt-repair (root) connects there, one per side;
 * **ferryd**: ``ferryd --socket PATH --vhost-user --control CTL
-  --repair-socket R`` (testbed/qemu_stand_in.py, launch_stream_ferryd),
+  --repair-socket R`` (the control socket only tells when it is ready),
   served by the bed's ferry-repair. The target is started with the same
   command line; QEMU's LOAD of the device state makes it the target. A
   ferryd without ``--vhost-user`` is reported as not measured.
@@ -43,9 +43,9 @@ back in order. Reported: QEMU's ``downtime`` and ``total-time``
 ``pre-switchover`` (part of QEMU's downtime, the same for both
 back-ends), and the connections that survived.
 
-**Throughput rows**, per back-end: a fresh VM; ``iperf3 -c`` in the guest
-against ``iperf3 -s`` on the peer, ``--seconds`` long, guest→peer and
-peer→guest (``-R``), ``--runs`` times each. Gbit/s is iperf3's goodput
+**Throughput rows**, ``--runs`` rounds, each back-end once per round: a
+fresh VM; ``iperf3 -c`` in the guest against ``iperf3 -s`` on the peer,
+``--seconds`` long, guest→peer and peer→guest (``-R``). Gbit/s is iperf3's goodput
 at the receiver; CPU s/GB is the back-end process's utime+stime
 (/proc/PID/stat) during the run divided by the GB delivered.
 
@@ -69,19 +69,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pyroute2 import NetNS
+
 from bench.common import cpu_seconds, wait_listening
 from bench.passt_build import PasstBinaries, PasstBuildError, build_passt
-from testbed.ferryd_process import FerrydFailed, FerrydProcess
+from testbed.ferryd_process import FerrydFailed, FerrydProcess, launch
 from testbed.guest_image import GuestImage, GuestImageError, build_guest_image
 from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
 from testbed.paths import FERRYD, TCPTOOL
-from testbed.qemu_stand_in import launch_stream_ferryd
 from testbed.repair import raise_fd_limit
 from testbed.vm import Vm, VmError, choose_accel, qemu_unavailable, vhost_user_netdev
 from testbed.wait import WaitTimeout, wait_for
@@ -91,7 +93,7 @@ BACKENDS = ("passt", "ferryd")
 ECHO_PORT = 7000
 IPERF_PORT = 5201
 #: How long the guest's connections may take, after the migration, to finish their check.
-CHECK_TIMEOUT = 120
+CHECK_TIMEOUT = 60
 
 
 class BackendUnavailable(Exception):
@@ -236,32 +238,41 @@ class _FerrydRunning:
 
 
 class FerrydBackend:
-    """``ferryd --vhost-user --socket PATH`` with the bed's ferry-repair."""
+    """``ferryd --socket PATH --vhost-user`` with the bed's ferry-repair.
+
+    *binary* is this checkout's ferryd by default; ``--ferryd PATH`` measures
+    another build (another branch's venv) with the same bench.
+    """
 
     name = "ferryd"
 
+    def __init__(self, binary: Path = FERRYD) -> None:
+        self.binary = binary
+
     def check(self) -> None:
-        if not FERRYD.exists():
-            raise BackendUnavailable(f"{FERRYD} is missing (run scripts/bootstrap.sh)")
+        if not self.binary.exists():
+            raise BackendUnavailable(f"{self.binary} is missing (run scripts/bootstrap.sh)")
         result = subprocess.run(
-            [str(FERRYD), "--help"], capture_output=True, text=True, timeout=60, check=False
+            [str(self.binary), "--help"], capture_output=True, text=True, timeout=60, check=False
         )
         if "--vhost-user" not in result.stdout:
-            raise BackendUnavailable("this ferryd has no --vhost-user (ferryd --help)")
+            raise BackendUnavailable(f"this ferryd has no --vhost-user ({self.binary} --help)")
 
     def start(self, bed: MigrationBed, host: Netns, name: str) -> Running:
+        socket_path = bed.tmp / f"{name}.qemu"
+        control = str(bed.tmp / f"{name}.ctl")
+        # The target's command line is the source's: QEMU's LOAD makes it the target.
+        argv = [str(self.binary), "--socket", str(socket_path), "--vhost-user",
+                "--control", control, "--repair-socket", bed.repair_socket]  # fmt: skip
         try:
-            ferryd, path = launch_stream_ferryd(
-                host, bed.tmp, name, "--vhost-user", "--repair-socket", bed.repair_socket,
-                started=bed.ferryds,
-            )  # fmt: skip
+            ferryd = launch(host, argv, control, bed.tmp / f"ferryd-{name}.log", bed.ferryds)
         except FerrydFailed as e:
             raise BackendUnavailable(str(e)[-3000:]) from None
-        return _FerrydRunning(ferryd, Path(path))
+        return _FerrydRunning(ferryd, socket_path)
 
 
-def make_backend(name: str) -> Backend:
-    return PasstBackend() if name == "passt" else FerrydBackend()
+def make_backend(name: str, ferryd: Path = FERRYD) -> Backend:
+    return PasstBackend() if name == "passt" else FerrydBackend(ferryd)
 
 
 # -- one migration
@@ -321,6 +332,23 @@ def _echo_server(peer: Netns, address: str) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     wait_listening(peer, ECHO_PORT)
+
+
+@contextlib.contextmanager
+def _unplugger(host: Netns, ifname: str) -> Iterator[Callable[[], None]]:
+    """A function that sets *ifname* down in *host* at once: one netlink request.
+
+    The pause in ``pre-switchover`` is part of QEMU's downtime: an ``ip``
+    command costs tens of milliseconds (and deleting a veth about 20 ms in
+    the kernel), a netlink socket opened beforehand about half of one.
+    Down is enough: no frame crosses a veth without carrier either way.
+    """
+    ns = NetNS(host.name)
+    try:
+        index = ns.link_lookup(ifname=ifname)[0]
+        yield lambda: ns.link("set", index=index, state="down")
+    finally:
+        ns.close()
 
 
 def _guest_file(vm: Vm, path: str) -> str:
@@ -385,6 +413,7 @@ def _migrate(
                 memory_mb=args.memory, incoming=f"unix:{channel}")
         )  # fmt: skip
         assert source.qmp is not None and target.qmp is not None
+        unplug = stack.enter_context(_unplugger(bed.host_a, bed.fabric.uplink))
         source.qmp.execute(
             "migrate-set-capabilities",
             capabilities=[{"capability": "pause-before-switchover", "state": True}],
@@ -397,7 +426,7 @@ def _migrate(
         if info["status"] != "pre-switchover":
             raise AssertionError(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
         paused = time.monotonic()
-        bed.fabric.detach_a()  # nothing reaches the source once its back-end has frozen
+        unplug()  # nothing reaches the source once its back-end has frozen
         source.qmp.execute("migrate-continue", state="pre-switchover")
         row.pause_ms = (time.monotonic() - paused) * 1000
         info = _wait_qemu(
@@ -409,7 +438,7 @@ def _migrate(
                 f"--- source back-end ---\n{source_backend.log()}\n"
                 f"--- target back-end ---\n{target_backend.log()}"
             )
-        bed.fabric.attach_b()
+        bed.fabric.switch_to_b()
         row.downtime_ms = float(info["downtime"])
         row.total_ms = float(info["total-time"])
         wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running",
@@ -428,6 +457,24 @@ def _migrate(
         row.ok, row.failed = int(match[1]), int(match[2])
         if row.failed:
             row.details = _guest_file(target, "/tmp/conns.err").splitlines()[:5]
+            row.details += [
+                f"TCP states on port {ECHO_PORT}: peer {_tcp_states(bed.peer)}, "
+                f"target host {_tcp_states(bed.host_b)}, guest {_guest_tcp_states(target)}"
+            ]
+
+
+def _tcp_states(ns: Netns) -> str:
+    """How many connections to or from the echo port are in each TCP state (``ss``)."""
+    out = ns.run(["ss", "-Htan", f"( sport = :{ECHO_PORT} or dport = :{ECHO_PORT} )"]).stdout
+    states = Counter(line.split()[0] for line in out.splitlines() if line.strip())
+    return ", ".join(f"{count} {state}" for state, count in sorted(states.items())) or "none"
+
+
+def _guest_tcp_states(vm: Vm) -> str:
+    """The same in the guest (busybox netstat: the state is the last column)."""
+    out = vm.run(f"netstat -tn 2>/dev/null | grep ':{ECHO_PORT} '").output
+    states = Counter(line.split()[-1] for line in out.splitlines() if line.strip())
+    return ", ".join(f"{count} {state}" for state, count in sorted(states.items())) or "none"
 
 
 # -- throughput
@@ -445,7 +492,7 @@ class ThroughputRun:
 def throughput(
     backend: Backend, image: GuestImage, args: argparse.Namespace
 ) -> list[ThroughputRun]:
-    """iperf3 both ways, ``--runs`` times each, through one VM on *backend*."""
+    """iperf3 once each way through a fresh VM on *backend*."""
     rows: list[ThroughputRun] = []
     try:
         with contextlib.ExitStack() as stack:
@@ -461,9 +508,8 @@ def throughput(
             )
             vm.wait_ready()
             vm.wait_lease()
-            for _ in range(args.runs):
-                for direction, flag in (("guest→peer", ""), ("peer→guest", " -R")):
-                    rows.append(_iperf3(vm, running, bed.peer_v4, flag, direction, args))
+            for direction, flag in (("guest→peer", ""), ("peer→guest", " -R")):
+                rows.append(_iperf3(vm, running, bed.peer_v4, flag, direction, args))
     except (BackendUnavailable, VmError, WaitTimeout, AssertionError) as e:
         rows.append(ThroughputRun(backend.name, "both", error=f"{type(e).__name__}: {e}"[:1500]))
     for row in rows:
@@ -566,14 +612,14 @@ def format_ratios(
 ) -> str:
     """ferryd/passt in this run, against the issue's targets."""
     out = ["ferryd / passt (medians, this run):"]
-    for n in sizes:
+    for n in sizes if migrations else ():
         values = {
             b: _median([r.downtime_ms for r in migrations if r.backend == b and r.n == n])
             for b in BACKENDS
         }
         target = " (target ≤ 1.0)" if n >= 100 else ""
         out.append(f"  QEMU downtime, N={n}: {_ratio(values['ferryd'], values['passt'])}{target}")
-    for direction in ("guest→peer", "peer→guest"):
+    for direction in ("guest→peer", "peer→guest") if tput else ():
         values = {
             b: _median([r.gbps for r in tput if r.backend == b and r.direction == direction])
             for b in BACKENDS
@@ -605,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-migration", action="store_true", help="throughput rows only")
     parser.add_argument("--no-throughput", action="store_true", help="migration rows only")
     parser.add_argument("--keep", action="store_true", help="keep each bed's logs")
+    parser.add_argument("--ferryd", type=Path, default=FERRYD,
+                        help=f"the ferryd to measure (default {FERRYD})")  # fmt: skip
     args = parser.parse_args(argv)
     global KEEP
     KEEP = args.keep
@@ -624,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     backends: list[Backend] = []
     unavailable: list[str] = []
     for name in names:
-        backend = make_backend(name)
+        backend = make_backend(name, args.ferryd)
         try:
             backend.check()
             backends.append(backend)
@@ -645,9 +693,11 @@ def main(argv: list[str] | None = None) -> int:
                               f" survived {row.ok}/{n}" + (f"; {row.error[:300]}" if row.error else ""),
                               file=sys.stderr, flush=True)  # fmt: skip
         if not args.no_throughput:
-            for backend in backends:
-                tput += throughput(backend, image, args)
-                print(f"{backend.name}: throughput done", file=sys.stderr, flush=True)
+            for run in range(args.runs):
+                for backend in backends:
+                    tput += throughput(backend, image, args)
+                    print(f"{backend.name}: throughput run {run + 1} done",
+                          file=sys.stderr, flush=True)  # fmt: skip
     except KeyboardInterrupt:
         print("interrupted; what was measured:", file=sys.stderr)
     accel = choose_accel()

@@ -158,25 +158,9 @@ class TwoHostTopology:
 
     def switch_to_b(self) -> None:
         """Move the fabric from host A to host B (two ``ip`` commands; safe to call once)."""
-        self.detach_a()
-        self.attach_b()
-
-    def detach_a(self) -> None:
-        """The first half of :meth:`switch_to_b`: host A leaves the fabric, B is not on it yet.
-
-        In between nothing reaches either host: what the peer sends is lost
-        and retransmitted later. A migration whose source freezes late (QEMU's
-        vhost-user device state is saved after the guest stopped) detaches
-        the source first, so that nothing arrives there after the freeze.
-        """
         if self.switched:
             raise NetnsError("the fabric was already switched to host B")
         self.host_a.run(["ip", "link", "del", self.uplink])
-
-    def attach_b(self) -> None:
-        """The second half of :meth:`switch_to_b`: host B joins the fabric."""
-        if self.switched:
-            raise NetnsError("the fabric was already switched to host B")
         self.peer.run(["ip", "link", "set", self.port_b, "master", self.bridge, "up"])
         self.switched = True
 
