@@ -636,15 +636,26 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.qemu_migration", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.qemu_migration",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--backend", choices=("passt", "ferryd", "both"), default="both")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--runs", type=int, default=3, help="migrations per size, iperf3 runs")
     parser.add_argument("--busy", type=int, default=4, help="connections streaming both ways")
-    parser.add_argument("--busy-rate", type=float, default=1e6,
-                        help="the busy connections' rate together, bytes/s (0: no limit)")  # fmt: skip
+    parser.add_argument(
+        "--busy-rate",
+        type=float,
+        default=1e6,
+        help="the busy connections' rate together, bytes/s (0: no limit)",
+    )
     parser.add_argument("--downtime-limit", type=int, default=10, metavar="MS")
     parser.add_argument("--seconds", type=float, default=5, help="each iperf3 run")
     parser.add_argument("--memory", type=int, default=256, help="guest RAM, MiB")
@@ -689,15 +700,14 @@ def main(argv: list[str] | None = None) -> int:
                     for backend in backends:
                         row = migrate_once(backend, image, n, args)
                         migrations.append(row)
-                        print(f"{backend.name} N={n} run {run + 1}: downtime {row.downtime_ms} ms,"
-                              f" survived {row.ok}/{n}" + (f"; {row.error[:300]}" if row.error else ""),
-                              file=sys.stderr, flush=True)  # fmt: skip
+                        failure = f"; {row.error[:300]}" if row.error else ""
+                        result = f"downtime {row.downtime_ms} ms, survived {row.ok}/{n}{failure}"
+                        _progress(f"{backend.name} N={n} run {run + 1}: {result}")
         if not args.no_throughput:
             for run in range(args.runs):
                 for backend in backends:
                     tput += throughput(backend, image, args)
-                    print(f"{backend.name}: throughput run {run + 1} done",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    _progress(f"{backend.name}: throughput run {run + 1} done")
     except KeyboardInterrupt:
         print("interrupted; what was measured:", file=sys.stderr)
     accel = choose_accel()
