@@ -24,7 +24,9 @@
  * another CHUNK bytes, waits for the echo of everything it sent, shuts
  * down its writing side and waits for the server's EOF. At the end (all
  * finished, or TIMEOUT seconds after SIGUSR1) it prints
- * "done ok=N failed=M sent=BYTES" and, on stderr, why each failed one
+ * "done ok=N failed=M echoed=E sent=BYTES" (E: the connections that got
+ * every byte back checked, whether or not their close then completed;
+ * BYTES: sent in all) and, on stderr, why each failed one
  * failed (at most 20 lines); it exits 0 only if every connection is ok.
  * Exit 2: it could not start (bad arguments, a connection refused).
  */
@@ -57,6 +59,7 @@ struct conn {
 	uint64_t sent;   /* bytes written so far */
 	uint64_t echoed; /* bytes read back and checked so far */
 	uint64_t target; /* bytes to send in this phase (UINT64_MAX: stream) */
+	int echoed_all;  /* phase 2: everything sent came back checked (before the close) */
 	char why[96];
 };
 
@@ -293,6 +296,7 @@ int main(int argc, char **argv)
 			}
 			if (phase == 2 && k->state == RUNNING && k->sent == k->target &&
 			    k->echoed == k->sent) {
+				k->echoed_all = 1;
 				if (shutdown(k->fd, SHUT_WR) < 0)
 					fail(k, "shutdown after %lld bytes: errno %lld", (long long)k->sent, errno);
 				else
@@ -301,10 +305,11 @@ int main(int argc, char **argv)
 		}
 	}
 
-	long ok = 0, failed = 0, shown = 0;
+	long ok = 0, failed = 0, shown = 0, echoed_all = 0;
 	unsigned long long total = 0;
 	for (long i = 0; i < count; i++) {
 		total += c[i].sent;
+		echoed_all += c[i].echoed_all;
 		if (c[i].state == OK) {
 			ok++;
 			continue;
@@ -316,7 +321,7 @@ int main(int argc, char **argv)
 		if (shown++ < 20)
 			fprintf(stderr, "connection %ld: %s\n", i, c[i].why);
 	}
-	printf("done ok=%ld failed=%ld sent=%llu\n", ok, failed, total);
+	printf("done ok=%ld failed=%ld echoed=%ld sent=%llu\n", ok, failed, echoed_all, total);
 	fflush(stdout);
 	return failed ? 1 : 0;
 }
