@@ -45,6 +45,14 @@ Reported: QEMU's ``downtime`` and ``total-time``
 ``pre-switchover`` (part of QEMU's downtime, the same for both
 back-ends), and the connections that survived.
 
+**Late-failure rows** (``--late-failure-sizes``, default 100): the same
+up to ``completed``, without touching the fabric; then the target QEMU is
+killed before it runs and the source resumed with ``cont``, as a manager
+does when the target dies: the source back-end, which saved its state
+(froze its sockets), must carry on, and the connections are checked on
+the source. passt does not (it leaves its sockets in repair mode); the
+issue requires ferryd to.
+
 **Throughput rows**, ``--runs`` rounds, each back-end once per round: a
 fresh VM; ``iperf3 -c`` in the guest against ``iperf3 -s`` on the peer,
 ``--seconds`` long, guest→peer and peer→guest (``-R``). Gbit/s is iperf3's goodput
@@ -321,10 +329,16 @@ def make_backend(name: str, ferryd: Path = FERRYD) -> Backend:
 # -- one migration
 
 
+#: The scenarios: a migration that succeeds, and one that fails after the device state was sent.
+MIGRATE = "migrate"
+LATE_FAILURE = "late failure"
+
+
 @dataclass
 class MigrationRun:
     backend: str
     n: int
+    scenario: str = MIGRATE
     downtime_ms: float | None = None
     total_ms: float | None = None
     pause_ms: float | None = None
@@ -411,10 +425,10 @@ def _wait_qemu(vm: Vm, done: Sequence[str], what: str, timeout: float) -> dict[s
 
 
 def migrate_once(
-    backend: Backend, image: GuestImage, n: int, args: argparse.Namespace
+    backend: Backend, image: GuestImage, n: int, args: argparse.Namespace, scenario: str = MIGRATE
 ) -> MigrationRun:
     """One migration of a VM holding *n* connections; never raises for the back-end's faults."""
-    row = MigrationRun(backend.name, n)
+    row = MigrationRun(backend.name, n, scenario)
     try:
         _migrate(backend, image, n, args, row)
     except (BackendUnavailable, VmError, WaitTimeout, AssertionError) as e:
@@ -471,8 +485,10 @@ def _migrate(
         )
         if info["status"] != "pre-switchover":
             raise AssertionError(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
+        late_failure = row.scenario == LATE_FAILURE
         paused = time.monotonic()
-        unplug()  # nothing reaches the source once its back-end has frozen
+        if not late_failure:
+            unplug()  # nothing reaches the source once its back-end has frozen
         source.qmp.execute("migrate-continue", state="pre-switchover")
         row.pause_ms = (time.monotonic() - paused) * 1000
         info = _wait_qemu(
@@ -484,28 +500,38 @@ def _migrate(
                 f"--- source back-end ---\n{source_backend.log()}\n"
                 f"--- target back-end ---\n{target_backend.log()}"
             )
-        bed.fabric.switch_to_b()
         row.downtime_ms = float(info["downtime"])
         row.total_ms = float(info["total-time"])
-        wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running",
-                 timeout=60, what="the target VM to run")  # fmt: skip
-        target.check("kill -USR1 $(cat /tmp/conns.pid)")
+        if late_failure:
+            # The target dies before it runs: a manager resumes the source, whose
+            # back-end has saved its state (frozen its sockets) and must carry on.
+            assert target.proc is not None
+            target.proc.kill()
+            target.proc.wait()
+            source.qmp.cont()
+            guest, host = source, bed.host_a
+        else:
+            bed.fabric.switch_to_b()
+            guest, host = target, bed.host_b
+        wait_for(lambda: guest.qmp is not None and guest.qmp.query_status() == "running",
+                 timeout=60, what=f"the {guest.name} VM to run")  # fmt: skip
+        guest.check("kill -USR1 $(cat /tmp/conns.pid)")
         wait_for(
-            lambda: "done" in _guest_file(target, "/tmp/conns.out"),
+            lambda: "done" in _guest_file(guest, "/tmp/conns.out"),
             timeout=CHECK_TIMEOUT + 60,
             interval=0.5,
             what="guest_conns to finish its check",
         )
-        out = _guest_file(target, "/tmp/conns.out")
+        out = _guest_file(guest, "/tmp/conns.out")
         match = re.search(r"done ok=(\d+) failed=(\d+) echoed=(\d+)", out)
         if match is None:
             raise AssertionError(f"guest_conns said {out!r}")
         row.ok, row.failed, row.echoed = int(match[1]), int(match[2]), int(match[3])
         if row.failed:
-            row.details = _guest_file(target, "/tmp/conns.err").splitlines()[:5]
+            row.details = _guest_file(guest, "/tmp/conns.err").splitlines()[:5]
             row.details += [
                 f"TCP states on port {ECHO_PORT}: peer {_tcp_states(bed.peer)}, "
-                f"target host {_tcp_states(bed.host_b)}, guest {_guest_tcp_states(target)}"
+                f"{host.name} {_tcp_states(host)}, guest {_guest_tcp_states(guest)}"
             ]
 
 
@@ -600,7 +626,7 @@ def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def format_migrations(
-    rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]
+    rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int], scenario: str
 ) -> str:
     header = ("back-end", "N", "runs", "QEMU downtime ms", "total ms", "pause ms", "survived",
               "data echoed")  # fmt: skip
@@ -608,7 +634,9 @@ def format_migrations(
     notes: list[str] = []
     for name in backends:
         for n in sizes:
-            mine = [r for r in rows if r.backend == name and r.n == n]
+            mine = [r for r in rows if r.backend == name and r.n == n and r.scenario == scenario]
+            if not mine:
+                continue
             done = [r for r in mine if r.error is None]
             survived = " ".join(f"{r.ok}/{n}" for r in done) or "-"
             echoed = " ".join(f"{r.echoed}/{n}" for r in done) or "-"
@@ -662,7 +690,13 @@ def format_ratios(
     out = ["ferryd / passt (medians, this run):"]
     for n in sizes if migrations else ():
         values = {
-            b: _median([r.downtime_ms for r in migrations if r.backend == b and r.n == n])
+            b: _median(
+                [
+                    r.downtime_ms
+                    for r in migrations
+                    if r.backend == b and r.n == n and r.scenario == MIGRATE
+                ]
+            )
             for b in BACKENDS
         }
         target = " (target ≤ 1.0)" if n >= 100 else ""
@@ -696,6 +730,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", choices=("passt", "ferryd", "both"), default="both")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument(
+        "--late-failure-sizes",
+        type=int,
+        nargs="*",
+        default=[100],
+        metavar="N",
+        help="late-failure rows (default 100; none: no such rows)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="migrations per size, iperf3 runs")
     parser.add_argument("--busy", type=int, default=4, help="connections streaming both ways")
     parser.add_argument(
@@ -742,15 +784,18 @@ def main(argv: list[str] | None = None) -> int:
     migrations: list[MigrationRun] = []
     tput: list[ThroughputRun] = []
     try:
-        if not args.no_migration:
-            for n in args.sizes:
-                for run in range(args.runs):
-                    for backend in backends:
-                        row = migrate_once(backend, image, n, args)
-                        migrations.append(row)
-                        failure = f"; {row.error[:300]}" if row.error else ""
-                        result = f"downtime {row.downtime_ms} ms, survived {row.ok}/{n}{failure}"
-                        _progress(f"{backend.name} N={n} run {run + 1}: {result}")
+        plan = [] if args.no_migration else [
+            *((MIGRATE, n) for n in args.sizes),
+            *((LATE_FAILURE, n) for n in args.late_failure_sizes),
+        ]  # fmt: skip
+        for scenario, n in plan:
+            for run in range(args.runs):
+                for backend in backends:
+                    row = migrate_once(backend, image, n, args, scenario)
+                    migrations.append(row)
+                    failure = f"; {row.error[:300]}" if row.error else ""
+                    result = f"downtime {row.downtime_ms} ms, survived {row.ok}/{n}{failure}"
+                    _progress(f"{backend.name} {scenario} N={n} run {run + 1}: {result}")
         if not args.no_throughput:
             for run in range(args.runs):
                 for backend in backends:
@@ -770,7 +815,14 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if migrations:
         print("\nmigration (median (min–max) over runs; survived: per run, byte-exact both ways)")
-        sys.stdout.write(format_migrations(migrations, measured, args.sizes))
+        sys.stdout.write(format_migrations(migrations, measured, args.sizes, MIGRATE))
+    if any(r.scenario == LATE_FAILURE for r in migrations):
+        print(
+            "\nlate failure: the target QEMU killed once the migration completed, the source"
+            " resumed (cont);\nsurvived: on the source, byte-exact both ways"
+        )
+        sizes = args.late_failure_sizes
+        sys.stdout.write(format_migrations(migrations, measured, sizes, LATE_FAILURE))
     if tput:
         print(f"\nguest iperf3, one stream, {args.seconds:g} s (median (min–max) over runs)")
         sys.stdout.write(format_throughput(tput, measured))
