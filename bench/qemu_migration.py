@@ -729,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--backend", choices=("passt", "ferryd", "both"), default="both")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES), metavar="N")
     parser.add_argument(
         "--late-failure-sizes",
         type=int,
