@@ -96,7 +96,14 @@ from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
 from testbed.paths import FERRYD, TCPTOOL
 from testbed.repair import raise_fd_limit
-from testbed.vm import Vm, VmError, choose_accel, qemu_unavailable, vhost_user_netdev
+from testbed.vm import (
+    Vm,
+    VmError,
+    choose_accel,
+    qemu_unavailable,
+    qemu_version,
+    vhost_user_netdev,
+)
 from testbed.wait import WaitTimeout, wait_for
 
 SIZES = (1, 100, 1000)
@@ -718,6 +725,11 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP end the bench as Ctrl-C does: every ``with`` cleans up."""
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -769,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.qemu_migration: the guest could not be built: {e}", file=sys.stderr)
         return 2
     raise_fd_limit()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
     names = BACKENDS if args.backend == "both" else (args.backend,)
     backends: list[Backend] = []
     unavailable: list[str] = []
@@ -783,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr)
     migrations: list[MigrationRun] = []
     tput: list[ThroughputRun] = []
+    interrupted = False
     try:
         plan = [] if args.no_migration else [
             *((MIGRATE, n) for n in args.sizes),
@@ -802,11 +817,12 @@ def main(argv: list[str] | None = None) -> int:
                     tput += throughput(backend, image, args)
                     _progress(f"{backend.name}: throughput run {run + 1} done")
     except KeyboardInterrupt:
+        interrupted = True
         print("interrupted; what was measured:", file=sys.stderr)
     accel = choose_accel()
     measured = [b.name for b in backends]
     print(
-        f"QEMU {'.'.join(map(str, qemu_version_or_zero()))}, guests under "
+        f"QEMU {'.'.join(map(str, qemu_version() or ('?',)))}, guests under "
         f"{'TCG (no usable KVM here: emulated CPU, slow guest)' if accel == 'tcg' else accel}, "
         f"{os.cpu_count()} host CPUs; downtime limit {args.downtime_limit} ms; "
         f"{args.busy} busy connections at {args.busy_rate / 1e6:g} MB/s in all"
@@ -828,13 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(format_throughput(tput, measured))
     print()
     sys.stdout.write(format_ratios(migrations, tput, args.sizes))
-    return 0
-
-
-def qemu_version_or_zero() -> tuple[int, ...]:
-    from testbed.vm import qemu_version
-
-    return qemu_version() or (0,)
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
