@@ -842,8 +842,9 @@ def main(argv: list[str] | None = None) -> int:
     if tput:
         print(f"\nguest iperf3, one stream, {args.seconds:g} s (median (min–max) over runs)")
         sys.stdout.write(format_throughput(tput, measured))
-    print()
-    sys.stdout.write(format_ratios(migrations, tput, args.sizes))
+    if migrations or tput:
+        print()
+        sys.stdout.write(format_ratios(migrations, tput, args.sizes))
     return 130 if interrupted else 0
 
 
