@@ -112,6 +112,8 @@ ECHO_PORT = 7000
 IPERF_PORT = 5201
 #: How long the guest's connections may take, after the migration, to finish their check.
 CHECK_TIMEOUT = 60
+#: After ``migrate-continue`` only device states are left; seconds, not minutes.
+SWITCHOVER_TIMEOUT = 60
 
 
 class BackendUnavailable(Exception):
@@ -431,6 +433,16 @@ def _wait_qemu(vm: Vm, done: Sequence[str], what: str, timeout: float) -> dict[s
     return wait_for(state, timeout=timeout, interval=0.001, what=what)
 
 
+def _ram_figures(info: dict[str, Any]) -> str:
+    """What query-migrate says about RAM: why a migration does not converge."""
+    ram = info.get("ram", {})
+    keys = ("transferred", "remaining", "dirty-pages-rate", "dirty-sync-count", "mbps")
+    figures = {k: ram[k] for k in keys if k in ram}
+    if "expected-downtime" in info:
+        figures["expected-downtime"] = info["expected-downtime"]
+    return json.dumps(figures)
+
+
 def migrate_once(
     backend: Backend, image: GuestImage, n: int, args: argparse.Namespace, scenario: str = MIGRATE
 ) -> MigrationRun:
@@ -487,9 +499,19 @@ def _migrate(
         )
         source.qmp.set_downtime_limit(args.downtime_limit)
         source.qmp.migrate(f"unix:{channel}")
-        info = _wait_qemu(
-            source, ("pre-switchover", "failed", "cancelled"), "pre-switchover", timeout=300
-        )
+        try:
+            info = _wait_qemu(
+                source, ("pre-switchover", "failed", "cancelled"), "pre-switchover",
+                timeout=args.converge_timeout,
+            )  # fmt: skip
+        except WaitTimeout:
+            info = source.qmp.query_migrate()
+            source.qmp.migrate_cancel()
+            raise AssertionError(
+                f"QEMU's migration did not converge in {args.converge_timeout:g} s "
+                f"(status {info.get('status')}, ram {_ram_figures(info)}); cancelled\n"
+                f"--- source back-end ---\n{source_backend.log()}"
+            ) from None
         if info["status"] != "pre-switchover":
             raise AssertionError(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
         late_failure = row.scenario == LATE_FAILURE
@@ -498,9 +520,17 @@ def _migrate(
             unplug()  # nothing reaches the source once its back-end has frozen
         source.qmp.execute("migrate-continue", state="pre-switchover")
         row.pause_ms = (time.monotonic() - paused) * 1000
-        info = _wait_qemu(
-            source, ("completed", "failed", "cancelled"), "the migration's end", timeout=300
-        )
+        try:
+            info = _wait_qemu(
+                source, ("completed", "failed", "cancelled"), "the migration's end",
+                timeout=SWITCHOVER_TIMEOUT,
+            )  # fmt: skip
+        except WaitTimeout:
+            # The guest is stopped: only the device states (the back-end's among them) are left.
+            info = source.qmp.query_migrate()
+            info["error-desc"] = (
+                f"still {info.get('status')} {SWITCHOVER_TIMEOUT:g} s after pre-switchover"
+            )
         if info["status"] != "completed":
             raise AssertionError(
                 f"QEMU's migration {info['status']}: {info.get('error-desc')}\n"
@@ -759,6 +789,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the busy connections' rate together, bytes/s (0: no limit)",
     )
     parser.add_argument("--downtime-limit", type=int, default=10, metavar="MS")
+    parser.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=120,
+        metavar="S",
+        help="cancel a migration not in pre-switchover by then (a back-end dirtying"
+        " guest pages faster than they move), with QEMU's RAM figures",
+    )
     parser.add_argument("--seconds", type=float, default=5, help="each iperf3 run")
     parser.add_argument("--memory", type=int, default=256, help="guest RAM, MiB")
     parser.add_argument("--no-migration", action="store_true", help="throughput rows only")
