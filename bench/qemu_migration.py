@@ -75,7 +75,9 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -86,10 +88,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pyroute2 import NetNS
-
 from bench.common import cpu_seconds, wait_listening
 from bench.passt_build import PasstBinaries, PasstBuildError, build_passt
+from ferryd.netns import run_in_netns
 from testbed.ferryd_process import FerrydFailed, FerrydProcess, launch
 from testbed.guest_image import GuestImage, GuestImageError, build_guest_image
 from testbed.migrationbed import MigrationBed, two_host_bed
@@ -110,6 +111,8 @@ SIZES = (1, 100, 1000)
 BACKENDS = ("passt", "ferryd")
 ECHO_PORT = 7000
 IPERF_PORT = 5201
+#: rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/if.h).
+RTM_NEWLINK, NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR, IFF_UP = 16, 1, 4, 2, 1
 #: How long the guest's connections may take, after the migration, to finish their check.
 CHECK_TIMEOUT = 60
 #: After ``migrate-continue`` only device states are left; seconds, not minutes.
@@ -409,15 +412,32 @@ def _unplugger(host: Netns, ifname: str) -> Iterator[Callable[[], None]]:
 
     The pause in ``pre-switchover`` is part of QEMU's downtime: an ``ip``
     command costs tens of milliseconds (and deleting a veth about 20 ms in
-    the kernel), a netlink socket opened beforehand about half of one.
-    Down is enough: no frame crosses a veth without carrier either way.
+    the kernel), a netlink request on a socket opened beforehand in the
+    namespace (ferryd.netns.run_in_netns) well under one. Down is enough: no
+    frame crosses a veth without carrier either way.
     """
-    ns = NetNS(host.name)
+
+    def open_there() -> tuple[socket.socket, int]:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        return sock, socket.if_nametoindex(ifname)
+
+    sock, index = run_in_netns(host.path, open_there)
+    sock.settimeout(5)
+    # struct nlmsghdr + struct ifinfomsg (linux/rtnetlink.h): clear IFF_UP.
+    request = struct.pack("=IHHII", 32, RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+    request += struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, IFF_UP)
+
+    def down() -> None:
+        sock.send(request)
+        reply = sock.recv(4096)
+        kind, error = struct.unpack_from("=H", reply, 4)[0], struct.unpack_from("=i", reply, 16)[0]
+        if kind != NLMSG_ERROR or error != 0:
+            raise AssertionError(f"setting {ifname} down in {host.name}: netlink error {error}")
+
     try:
-        index = ns.link_lookup(ifname=ifname)[0]
-        yield lambda: ns.link("set", index=index, state="down")
+        yield down
     finally:
-        ns.close()
+        sock.close()
 
 
 def _guest_file(vm: Vm, path: str) -> str:
