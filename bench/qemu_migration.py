@@ -82,10 +82,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 from bench.common import cpu_seconds, wait_listening
@@ -117,6 +119,8 @@ RTM_NEWLINK, NLM_F_REQUEST, NLM_F_ACK, NLMSG_ERROR, IFF_UP = 16, 1, 4, 2, 1
 CHECK_TIMEOUT = 60
 #: After ``migrate-continue`` only device states are left; seconds, not minutes.
 SWITCHOVER_TIMEOUT = 60
+#: The most one row may take, all its own deadlines included (see _row_deadline).
+ROW_TIMEOUT = 900.0
 
 
 class BackendUnavailable(Exception):
@@ -463,13 +467,40 @@ def _ram_figures(info: dict[str, Any]) -> str:
     return json.dumps(figures)
 
 
+class RowTimeout(AssertionError):
+    """A row took longer than ROW_TIMEOUT: where it was stuck, as a row's error."""
+
+
+@contextlib.contextmanager
+def _row_deadline(seconds: float = 0) -> Iterator[None]:
+    """A last resort against a wait without a deadline: SIGALRM ends the row, cleanly.
+
+    Every wait here has its own deadline; should one be missed, the row
+    fails with the place it was stuck, its ``with`` blocks clean up, and
+    the bench goes on.
+    """
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        where = "".join(traceback.format_stack(frame, limit=4)) if frame else "?"
+        raise RowTimeout(f"the row took more than {seconds or ROW_TIMEOUT:g} s; stuck at\n{where}")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds or ROW_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def migrate_once(
     backend: Backend, image: GuestImage, n: int, args: argparse.Namespace, scenario: str = MIGRATE
 ) -> MigrationRun:
     """One migration of a VM holding *n* connections; never raises for the back-end's faults."""
     row = MigrationRun(backend.name, n, scenario)
     try:
-        _migrate(backend, image, n, args, row)
+        with _row_deadline():
+            _migrate(backend, image, n, args, row)
     except (BackendUnavailable, VmError, WaitTimeout, AssertionError) as e:
         row.error = f"{type(e).__name__}: {str(e).strip()[:1500]}"
     return row
@@ -624,7 +655,7 @@ def throughput(
     """iperf3 once each way through a fresh VM on *backend*."""
     rows: list[ThroughputRun] = []
     try:
-        with contextlib.ExitStack() as stack:
+        with _row_deadline(), contextlib.ExitStack() as stack:
             bed = stack.enter_context(_bed())
             bed.peer.popen(
                 ["iperf3", "-s", "-p", str(IPERF_PORT), "-B", bed.peer_v4],

@@ -6,14 +6,20 @@ prints from its rows, and which cached passt it picks, are checked here.
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
+
+import pytest
 
 from bench.passt_build import cached
 from bench.qemu_migration import (
     LATE_FAILURE,
     MIGRATE,
     MigrationRun,
+    RowTimeout,
     ThroughputRun,
+    _row_deadline,
     format_migrations,
     format_ratios,
 )
@@ -78,3 +84,15 @@ def test_the_cache_gives_the_newest_complete_build(tmp_path: Path) -> None:
     assert found is not None
     assert found.version == "0.0~git20260728.f8df3f1"
     assert found.passt_repair == tmp_path / found.version / "passt-repair"
+
+
+def test_a_row_past_its_deadline_fails_with_where_it_was_stuck() -> None:
+    cleaned = []
+    stuck = r"(?s)more than 0.05 s; stuck at.*time\.sleep"
+    with pytest.raises(RowTimeout, match=stuck), _row_deadline(0.05):
+        try:
+            time.sleep(30)
+        finally:
+            cleaned.append(True)
+    assert cleaned == [True]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
