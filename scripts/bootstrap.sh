@@ -3,12 +3,14 @@
 # Debian packages: the build needs libcap-dev and gcc (python-prctl builds from
 # source); the tests need real clients and peers (udhcpc, dhclient, socat,
 # iperf3, curl) and the references the benchmarks measure against (pasta,
-# slirp4netns). Python packages go into ./.venv.
+# slirp4netns); libc6-dev's static libc for the VM guest's own program
+# (testbed/guest_conns.c, gcc -static) and make for the passt the VM benchmark
+# builds. Python packages go into ./.venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-    iproute2 procps kmod libcap-dev gcc python3-dev python3-venv
+    iproute2 procps kmod libcap-dev gcc libc6-dev make python3-dev python3-venv
     busybox udhcpc isc-dhcp-client socat iperf3 curl
     passt slirp4netns systemd
 )

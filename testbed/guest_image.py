@@ -12,7 +12,13 @@ would boot for a minute under TCG. This guest is two files:
   virtio-net needs with their dependencies (Debian builds virtio, virtio_pci
   and virtio_net as modules; whatever ``modules.builtin`` lists is skipped),
   and three shell scripts: :data:`INIT`, :data:`DHCP_HOOK` and
-  :data:`CHANNEL`.
+  :data:`CHANNEL`;
+* for the benchmarks (bench/qemu_migration.py): Debian's ``iperf3`` with
+  its shared libraries and the loader (found by their ELF ``NEEDED``
+  entries in the unpacked packages of :data:`IPERF3_PACKAGES`), and
+  ``/bin/guest_conns``, our own testbed/guest_conns.c compiled statically
+  here with the host's ``gcc -static`` (many checked connections in one
+  process: a thousand busybox ``nc`` are too slow under TCG).
 
 The guest's ``/init`` mounts proc, sys, devtmpfs and a tmpfs, loads the
 modules in dependency order, brings eth0 up, keeps busybox ``udhcpc``
@@ -33,9 +39,10 @@ Packages come from Debian's archive through a private apt configuration
 (its own source list, package lists and cache under the cache directory):
 the system's apt setup is not touched and its package lists may be stale.
 Downloaded packages are kept; the image itself lives in a directory named
-after a hash of this file, the recipe, so that changing any script or list
-here rebuilds it and nothing else does. Builds are serialised by a lock
-file, so that concurrent test runs build it once.
+after a hash of this file and of guest_conns.c, the recipe, so that
+changing any script, list or that program rebuilds it and nothing else does.
+Builds are serialised by a lock file, so that concurrent test runs build it
+once.
 """
 
 from __future__ import annotations
@@ -77,6 +84,14 @@ KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 #: What eth0 needs, as module names; their dependencies are found with modinfo.
 MODULES = ("virtio_pci", "virtio_net")
+#: iperf3 and the packages holding the libraries it needs (the guest gets the
+#: binary, the libraries its ELF ``NEEDED`` entries name, and the loader).
+IPERF3_PACKAGES = ("iperf3", "libiperf0", "libssl3", "libsctp1", "libc6")
+#: The guest's checked-connections program (our own; compiled with gcc -static).
+GUEST_CONNS_SOURCE = Path(__file__).resolve().parent / "guest_conns.c"
+#: Where an x86-64 Debian package puts shared libraries, and the loader's path.
+LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
+LOADER = "lib64/ld-linux-x86-64.so.2"
 
 #: The guest's /init (PID 1: it must never exit, or the kernel panics).
 INIT = r"""#!/bin/busybox sh
@@ -168,8 +183,9 @@ class GuestImage:
 
 
 def recipe_key() -> str:
-    """A hash of this file: the scripts, packages and module list the image is made of."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """A hash of this file and guest_conns.c: what the image is made of."""
+    recipe = Path(__file__).read_bytes() + GUEST_CONNS_SOURCE.read_bytes()
+    return hashlib.sha256(recipe).hexdigest()[:16]
 
 
 def build_guest_image(cache: Path = CACHE) -> GuestImage:
@@ -218,6 +234,7 @@ def _build(cache: Path, image_dir: Path) -> None:
         entries: list[_Entry] = [
             _Entry.directory(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc")
         ]
+        entries += _bench_tools(debs, work)
         entries += [
             # The kernel opens /dev/console for /init before devtmpfs is mounted.
             _Entry.char_device("dev/console", 5, 1),
@@ -238,6 +255,7 @@ def _build(cache: Path, image_dir: Path) -> None:
             "busybox_package": debs["busybox"].name,
             "kernel_release": modules_dir.name,
             "modules": [m.name for m in modules],
+            "iperf3_packages": [debs[p].name for p in IPERF3_PACKAGES],
         }
         (built / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(image_dir, ignore_errors=True)
@@ -275,9 +293,11 @@ def _download(cache: Path) -> dict[str, Path]:
     if not kernels:
         raise GuestImageError(f"{KERNEL_METAPACKAGE} depends on no kernel package:\n{depends}")
     kernel_package = kernels[0]
-    _run(["apt-get", *opts, "download", kernel_package, BUSYBOX_PACKAGE], cwd=debs_dir)
+    wanted = (kernel_package, BUSYBOX_PACKAGE, *IPERF3_PACKAGES)
+    _run(["apt-get", *opts, "download", *wanted], cwd=debs_dir)
     found: dict[str, Path] = {}
-    for role, package in (("kernel", kernel_package), ("busybox", BUSYBOX_PACKAGE)):
+    roles = [("kernel", kernel_package), ("busybox", BUSYBOX_PACKAGE)]
+    for role, package in [*roles, *((p, p) for p in IPERF3_PACKAGES)]:
         candidates = sorted(debs_dir.glob(f"{package}_*.deb"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise GuestImageError(f"apt-get download {package} left no .deb in {debs_dir}")
@@ -300,6 +320,63 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
             f"{result.stdout}{result.stderr}"
         )
     return result.stdout
+
+
+# ---------------------------------------------------------------------------
+# The benchmarks' tools: iperf3 with its libraries, guest_conns
+
+
+def _bench_tools(debs: dict[str, Path], work: Path) -> list[_Entry]:
+    """iperf3, the libraries it needs, the loader, and a static guest_conns, as entries."""
+    root = work / "iperf3"
+    for package in IPERF3_PACKAGES:
+        _run(["dpkg-deb", "-x", str(debs[package]), str(root)])
+    iperf3 = root / "usr" / "bin" / "iperf3"
+    if not iperf3.is_file():
+        raise GuestImageError(f"{debs['iperf3'].name} holds no usr/bin/iperf3")
+    libraries: dict[str, Path] = {}
+    pending = [iperf3]
+    while pending:
+        for name in _elf_needed(pending.pop()):
+            if name in libraries:
+                continue
+            found = [root / d / name for d in LIB_DIRS if (root / d / name).exists()]
+            if not found:
+                raise GuestImageError(
+                    f"iperf3 needs {name}, which none of {', '.join(IPERF3_PACKAGES)} holds"
+                )
+            libraries[name] = _resolve_in(root, found[0])
+            pending.append(libraries[name])
+    loader = _resolve_in(root, root / LOADER)
+    conns = work / "guest_conns"
+    _run(["gcc", "-static", "-O2", "-Wall", "-o", str(conns), str(GUEST_CONNS_SOURCE)])
+    return [
+        _Entry.directory("lib/x86_64-linux-gnu"),
+        _Entry.directory("lib64"),
+        _Entry.file("bin/iperf3", iperf3.read_bytes(), 0o755),
+        _Entry.file(LOADER, loader.read_bytes(), 0o755),
+        *(
+            _Entry.file(f"lib/x86_64-linux-gnu/{name}", path.read_bytes(), 0o644)
+            for name, path in sorted(libraries.items())
+        ),
+        _Entry.file("bin/guest_conns", conns.read_bytes(), 0o755),
+    ]
+
+
+def _elf_needed(path: Path) -> list[str]:
+    """The shared libraries an ELF file names in its dynamic section (``readelf -d``)."""
+    dynamic = _run(["readelf", "-d", str(path)])
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+
+
+def _resolve_in(root: Path, path: Path) -> Path:
+    """*path* with its symlinks followed inside *root* (an absolute target means root's)."""
+    for _ in range(16):
+        if not path.is_symlink():
+            return path
+        target = Path(path.readlink())
+        path = root / target.relative_to("/") if target.is_absolute() else path.parent / target
+    raise GuestImageError(f"symlink loop at {path}")
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""bench.qemu_migration's report and bench.passt_build's cache lookup: the pure parts.
+
+The bench itself needs QEMU, root and minutes (bench/README.md); what it
+prints from its rows, and which cached passt it picks, are checked here.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.passt_build import cached
+from bench.qemu_migration import (
+    LATE_FAILURE,
+    MIGRATE,
+    MigrationRun,
+    RowTimeout,
+    ThroughputRun,
+    _row_deadline,
+    format_migrations,
+    format_ratios,
+)
+
+
+def _run(backend: str, n: int, downtime: float, ok: int, **kw: object) -> MigrationRun:
+    return MigrationRun(backend, n, downtime_ms=downtime, total_ms=900, pause_ms=1.5, ok=ok,
+                        echoed=n, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_ratios_are_ferryd_over_passt_medians_of_the_same_run() -> None:
+    rows = [
+        _run("passt", 100, 10, 100),
+        _run("passt", 100, 12, 100),
+        _run("passt", 100, 30, 100),
+        _run("ferryd", 100, 6, 100),
+        _run("ferryd", 100, 9, 100),
+        _run("ferryd", 100, 60, 100),
+        # A late-failure row never enters the downtime ratio.
+        _run("ferryd", 100, 500, 100, scenario=LATE_FAILURE),
+    ]
+    tput = [
+        ThroughputRun("passt", "guest→peer", gbps=2.0),
+        ThroughputRun("ferryd", "guest→peer", gbps=1.0),
+        ThroughputRun("passt", "peer→guest", gbps=2.0),
+    ]
+    report = format_ratios(rows, tput, [100, 1000])
+    assert "QEMU downtime, N=100: 0.75 (target ≤ 1.0)" in report  # 9 / 12
+    assert "QEMU downtime, N=1000: not measured" in report
+    assert "throughput guest→peer: 0.50 (target ≥ 0.8)" in report
+    assert "throughput peer→guest: not measured" in report
+
+
+def test_migration_table_shows_each_run_and_why_one_failed() -> None:
+    rows = [
+        _run("passt", 1000, 30, 1000),
+        _run("passt", 1000, 40, 685, details=["connection 7: timeout: 2000 sent, 2000 echoed"]),
+        MigrationRun("passt", 1000, error="AssertionError: QEMU's migration failed"),
+        _run("passt", 100, 9, 0, scenario=LATE_FAILURE),
+    ]
+    table = format_migrations(rows, ["passt", "ferryd"], [1000], MIGRATE)
+    line = next(row for row in table.splitlines() if row.split()[:2] == ["passt", "1000"])
+    assert "2/3" in line and "35 (30–40)" in line and "1000/1000 685/1000" in line
+    assert "connection 7: timeout" in table
+    assert "failed: AssertionError: QEMU's migration failed" in table
+    assert "ferryd" not in table  # no rows: no line
+    late = format_migrations(rows, ["passt"], [100], LATE_FAILURE)
+    assert "0/100" in late and "1000" not in late
+
+
+def test_the_cache_gives_the_newest_complete_build(tmp_path: Path) -> None:
+    assert cached(tmp_path / "missing") is None
+    for version, files in (
+        ("0.0~git20250503.587980c", ("passt", "passt-repair")),
+        ("0.0~git20260728.f8df3f1", ("passt", "passt-repair")),
+        ("0.0~git20270101.0000000", ("passt",)),  # a build that did not finish
+    ):
+        (tmp_path / version).mkdir()
+        for name in files:
+            (tmp_path / version / name).write_bytes(b"")
+    found = cached(tmp_path)
+    assert found is not None
+    assert found.version == "0.0~git20260728.f8df3f1"
+    assert found.passt_repair == tmp_path / found.version / "passt-repair"
+
+
+def test_a_row_past_its_deadline_fails_with_where_it_was_stuck() -> None:
+    cleaned = []
+    stuck = r"(?s)more than 0.05 s; stuck at.*time\.sleep"
+    with pytest.raises(RowTimeout, match=stuck), _row_deadline(0.05):
+        try:
+            time.sleep(30)
+        finally:
+            cleaned.append(True)
+    assert cleaned == [True]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
