@@ -71,6 +71,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,7 +86,6 @@ from ferryd.frontends.vhost_user.messages import VHOST_VRING_F_LOG, VringAddress
 
 DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -358,15 +358,21 @@ class SplitVirtqueue:
         (Linux: "rx error: %d buffers out of %d missing").
         """
         log = self.log if self.log_used else None
-        base, mask, used, idx = self.used_gpa, self._mask, self._used, self.used_idx
+        base, num, used, idx = self.used_gpa, self.num, self._used, self.used_idx
         if log is not None:
-            log.check(base, 4 + 8 * self.num)
-        for head, written in entries:
-            slot_offset = 4 + 8 * (idx & mask)
-            USED_ELEM.pack_into(used, slot_offset, head, written)
+            log.check(base, 4 + 8 * num)
+        # One struct call per run of consecutive slots (two when the ring wraps).
+        values = list(itertools.chain.from_iterable(entries))
+        done, count = 0, len(entries)
+        while done < count:
+            slot = (idx + done) & self._mask
+            run = min(count - done, num - slot)
+            run_values = values[2 * done : 2 * (done + run)]
+            struct.pack_into(f"<{2 * run}I", used, 4 + 8 * slot, *run_values)
             if log is not None:
-                log.mark(base + slot_offset, 8)
-            idx = (idx + 1) & 0xFFFF
+                log.mark(base + 4 + 8 * slot, 8 * run)
+            done += run
+        idx = (idx + count) & 0xFFFF
         self.used_idx = idx
         U16.pack_into(used, 2, idx)
         if log is not None:
