@@ -243,11 +243,25 @@ def _straddling(ring: Ring) -> None:
     ring.driver.post(0)
 
 
+def _contiguous_past_the_end(ring: Ring) -> None:
+    """Two buffers that follow each other, the second beyond the region (not merged)."""
+    ring.driver.post(ring.driver.chain([(LOW.size - 100, 100, 0), (LOW.size, 100, 0)]))
+
+
 def _too_far_ahead(ring: Ring) -> None:
     ring.ram.write(ring.driver.avail + 2, struct.pack("<H", 17))
 
 
-HOSTILE = [_loop, _next_beyond, _head_beyond, _indirect, _outside, _straddling, _too_far_ahead]
+HOSTILE = [
+    _loop,
+    _next_beyond,
+    _head_beyond,
+    _indirect,
+    _outside,
+    _straddling,
+    _contiguous_past_the_end,
+    _too_far_ahead,
+]
 
 
 @pytest.mark.parametrize("make", HOSTILE)

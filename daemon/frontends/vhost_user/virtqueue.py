@@ -268,8 +268,11 @@ class SplitVirtqueue:
         Walks at least one chain and at most ``limit``, stopping once they hold
         ``need`` bytes; appends each head and its bytes to ``heads`` and
         ``sizes``, and ``(region view, offset, length, guest address)`` per
-        buffer to ``buffers``. ``write`` is VIRTQ_DESC_F_WRITE for receive
-        chains, 0 for transmit ones: every buffer must have exactly that.
+        buffer to ``buffers``, one entry for buffers that follow each other in
+        guest memory (Linux carves its ~4 KiB receive buffers in order out of
+        32 KiB pages, add_recvbuf_mergeable(): a 64 KiB frame is then ~3 copies,
+        not ~17). ``write`` is VIRTQ_DESC_F_WRITE for receive chains, 0 for
+        transmit ones: every buffer must have exactly that.
 
         One plain loop with the ring and the last region in locals, not a
         generator per chain and a lookup per buffer: a 64 KiB frame to the guest
@@ -280,6 +283,7 @@ class SplitVirtqueue:
         assert memory is not None
         unpack_desc, unpack_u16, append = DESC.unpack_from, U16.unpack_from, buffers.append
         view, start, end = memoryview(b""), 0, 0  # the region of the last buffer
+        follows = -1  # the guest address right after the last buffer, in that region
         position, capacity = self.last_avail, 0
         addr: int
         length: int
@@ -300,9 +304,16 @@ class SplitVirtqueue:
                         if write == 0
                         else f"ring {index}: device-readable descriptor in a receive chain"
                     )
-                if not (start <= addr < end and addr + length <= end):
+                if start <= addr < end and addr + length <= end:
+                    if addr == follows:  # right after the last buffer: one copy for both
+                        last_view, last_offset, last_length, last_addr = buffers[-1]
+                        buffers[-1] = (last_view, last_offset, last_length + length, last_addr)
+                    else:
+                        append((view, addr - start, length, addr))
+                else:
                     view, start, end = memory.gpa_region(addr, length)
-                append((view, addr - start, length, addr))
+                    append((view, addr - start, length, addr))
+                follows = addr + length
                 size += length
                 count += 1
                 if not flags & VIRTQ_DESC_F_NEXT:
