@@ -243,11 +243,25 @@ def _straddling(ring: Ring) -> None:
     ring.driver.post(0)
 
 
+def _contiguous_past_the_end(ring: Ring) -> None:
+    """Two buffers that follow each other, the second beyond the region (not merged)."""
+    ring.driver.post(ring.driver.chain([(LOW.size - 100, 100, 0), (LOW.size, 100, 0)]))
+
+
 def _too_far_ahead(ring: Ring) -> None:
     ring.ram.write(ring.driver.avail + 2, struct.pack("<H", 17))
 
 
-HOSTILE = [_loop, _next_beyond, _head_beyond, _indirect, _outside, _straddling, _too_far_ahead]
+HOSTILE = [
+    _loop,
+    _next_beyond,
+    _head_beyond,
+    _indirect,
+    _outside,
+    _straddling,
+    _contiguous_past_the_end,
+    _too_far_ahead,
+]
 
 
 @pytest.mark.parametrize("make", HOSTILE)
@@ -348,6 +362,23 @@ def test_consecutive_merged_frames_take_consecutive_buffers() -> None:
         _, got, buffers = read_rx(ring, heads)
         assert got == frame and buffers == used
     assert ring.vq.last_avail == 4 + 1 + 6 == ring.driver.used_idx()
+
+
+def test_a_merged_frame_wraps_around_the_used_ring() -> None:
+    """Its used entries straddle the ring's end: slots 6, 7, 0, 1 of eight."""
+    ring = Ring(num=8, log_pages=512)
+    heads = post_rx(ring, 6, 1536)
+    for _ in range(6):
+        assert ring.vq.push_frame_untrusted([frame_of(100)]) == 1
+    assert len(ring.driver.take_used()) == 6
+    heads = post_rx(ring, 4, 1536, start=BUF + 0x10000)
+    ring.log.view[:] = bytes(len(ring.log.view))
+    frame = frame_of(5000)
+    assert ring.vq.push_frame_untrusted([frame[:54], frame[54:]]) == 4
+    _, got, buffers = read_rx(ring, heads)
+    assert got == frame and buffers == 4 and ring.driver.used_idx() == 10
+    pages = {(BUF + 0x10000 + k) >> 12 for k in range(0, 5000 + NET_HDR_SIZE)}
+    assert _set_bits(ring.log) == pages | {ring.driver.used >> 12}
 
 
 def test_stopped_rings_are_left_alone_and_disabled_ones_take_no_rx() -> None:

@@ -226,6 +226,13 @@ class GuestMemory:
 
     def gpa(self, addr: int, length: int) -> tuple[memoryview, int]:
         """The region view and offset holding guest-physical ``[addr, addr + length)``."""
+        view, start, _ = self.gpa_region(addr, length)
+        return view, addr - start
+
+    def gpa_region(self, addr: int, length: int) -> tuple[memoryview, int, int]:
+        """The view and guest-physical ``[start, end)`` of the region holding ``[addr,
+        addr + length)``: a caller translating many buffers checks the next against
+        these bounds first, as this does, and asks again only when it falls outside."""
         for r in self._by_gpa:
             if r.gpa <= addr < r.gpa_end:
                 if addr + length > r.gpa_end:
@@ -233,7 +240,7 @@ class GuestMemory:
                         f"{length} bytes at guest address {addr:#x} run past the end of"
                         f" their memory region ({r.gpa_end:#x})"
                     )
-                return r.view, addr - r.gpa
+                return r.view, r.gpa, r.gpa_end
         raise GuestMemoryError(f"guest address {addr:#x} is in no memory region")
 
     def uva(self, addr: int, length: int) -> tuple[memoryview, int]:
