@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import time
 from dataclasses import dataclass
@@ -68,10 +67,9 @@ from typing import Any
 
 import trio
 
-from ferry_repair.peer import peer_credentials
-from ferryd.descriptors import ACCEPT_BACKOFF, is_exhaustion
 from ferryd.exits import StartupError, ensure_parent_dir
 from ferryd.frontends.base import FrontendCounters, OnBurstEnd, OnFrame
+from ferryd.frontends.one_qemu import OneQemu
 from ferryd.frontends.stream_framing import (
     MAX_FRAME,
     FrameReader,
@@ -98,8 +96,6 @@ log = logging.getLogger("ferryd.stream")
 _BURST = 8
 #: Asked of SO_SNDBUF: the kernel caps it at net.core.wmem_max (doubled).
 _SNDBUF = 4 << 20
-#: The peer hung up (unix_poll(): RCV_SHUTDOWN gives EPOLLRDHUP, both ways EPOLLHUP).
-_HUNG_UP = select.POLLHUP | select.POLLRDHUP
 
 
 class StreamSetupError(Exception):
@@ -156,19 +152,6 @@ def open_listener(path: str) -> tuple[socket.socket, os.stat_result]:
         raise StreamSetupError(f"--socket {path}: {exc.error.strerror}") from exc
 
 
-def _peer_pid(conn: socket.socket) -> int | None:
-    try:
-        return peer_credentials(conn).pid
-    except OSError:
-        return None
-
-
-def _hung_up(conn: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(conn.fileno(), _HUNG_UP)
-    return any(events & _HUNG_UP for _, events in poller.poll(0))
-
-
 class StreamFrontend:
     """QEMU's stream netdev on a listening Unix socket (see the module docstring).
 
@@ -196,11 +179,11 @@ class StreamFrontend:
         self.counters = StreamCounters()
         self._reader = FrameReader(max_frame)
         self._conn: socket.socket | None = None
-        self._peer: int | None = None
         self._unsent = b""
         """The rest of a frame a write took only part of (see the module docstring)."""
         self._unsent_waiting = trio.Event()
         self._throttle = LogThrottle(log)
+        self._qemu = OneQemu(listener, path, self.counters, self._throttle)
 
     @classmethod
     def listen(cls, path: str, mtu: int, incoming: bool = False) -> StreamFrontend:
@@ -218,7 +201,7 @@ class StreamFrontend:
             "kind": "stream",
             "path": self.path,
             "connected": self._conn is not None,
-            "peer_pid": self._peer,
+            "peer_pid": self._qemu.peer,
         }
 
     # --- frames out ---------------------------------------------------------
@@ -289,7 +272,7 @@ class StreamFrontend:
             conn = self._conn
             assert conn is not None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._refuse_others, conn)
+                nursery.start_soon(self._qemu.refuse_others, conn)
                 nursery.start_soon(self._finish_unsent, conn)
                 if self._unsent:
                     self._unsent_waiting.set()
@@ -298,64 +281,13 @@ class StreamFrontend:
             self._disconnect(end)
 
     async def _accept(self) -> None:
-        listener = self._listener
-        assert listener is not None, "closed"
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if not is_exhaustion(exc):
-                    raise
-                # EMFILE: the listener stays readable, so retrying at once
-                # would spin; QEMU waits in the backlog.
-                self._throttle.warning(
-                    "accept", trio.current_time(), "cannot accept QEMU on %s: %s", self.path, exc
-                )
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
-            self._conn, self._peer = conn, _peer_pid(conn)
-            self._reader.reset()
-            self._unsent = b""
-            self.counters.connections += 1
-            log.info("QEMU connected on %s (pid %s)", self.path, self._peer)
-            return
-
-    async def _refuse_others(self, conn: socket.socket) -> None:
-        """Close every other connection while ``conn`` is served (see the module docstring)."""
-        listener = self._listener
-        assert listener is not None
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            if _hung_up(conn):
-                # The served QEMU is gone: the newcomer (its reconnect, most
-                # likely) waits in the backlog until the reader sees the end.
-                await trio.sleep_forever()
-            try:
-                extra, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if not is_exhaustion(exc):
-                    raise
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            pid = _peer_pid(extra)
-            extra.close()
-            self.counters.refused += 1
-            self._throttle.warning(
-                "refused",
-                trio.current_time(),
-                "refused a second connection on %s (pid %s): QEMU pid %s is being served",
-                self.path,
-                pid,
-                self._peer,
-            )
+        conn = await self._qemu.accept()
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        self._conn = conn
+        self._reader.reset()
+        self._unsent = b""
+        log.info("QEMU connected on %s (pid %s)", self.path, self._qemu.peer)
 
     async def _read(
         self, conn: socket.socket, on_frame: OnFrame, on_burst_end: OnBurstEnd
@@ -397,7 +329,7 @@ class StreamFrontend:
     def _disconnect(self, end: _Ended) -> None:
         if self._conn is not None:
             self._conn.close()
-        peer, self._conn, self._peer = self._peer, None, None
+        peer, self._conn, self._qemu.peer = self._qemu.peer, None, None
         self._reader.reset()
         self._unsent = b""
         if end.fault:

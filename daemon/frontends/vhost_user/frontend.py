@@ -12,7 +12,8 @@ ring, is a task of each data-path generation, as for every frontend.
 
 The socket file is made like the stream frontend's (ferryd.unix_listener:
 mode 0600 before listen(), a stale file replaced, a live one never taken
-over, removed at exit only if still ours). One QEMU at a time: a second
+over, removed at exit only if still ours). One QEMU at a time
+(ferryd.frontends.one_qemu, shared with the stream frontend): a second
 connection while one is served is accepted and closed at once (counted
 in ``refused``); QEMU's own reconnect (``reconnect-ms``, or a new QEMU)
 comes after the old connection ended and gets a fresh session: the old
@@ -66,10 +67,9 @@ from typing import Any
 
 import trio
 
-from ferry_repair.peer import peer_credentials
-from ferryd.descriptors import ACCEPT_BACKOFF, is_exhaustion
 from ferryd.frontends.base import OnBurstEnd, OnFrame
-from ferryd.frontends.stream import _hung_up, open_listener
+from ferryd.frontends.one_qemu import OneQemu
+from ferryd.frontends.stream import open_listener
 from ferryd.frontends.vhost_user.actions import (
     Action,
     DeviceResumed,
@@ -125,7 +125,6 @@ class VhostUserFrontend:
         self._session: VhostUserSession | None = None
         self._device: NetDevice | None = None
         self._conn: socket.socket | None = None
-        self._peer: int | None = None
         self._kick: list[int | None] = [None] * NUM_QUEUES
         self._call: list[int | None] = [None] * NUM_QUEUES
         self._running = [False] * NUM_QUEUES
@@ -139,6 +138,7 @@ class VhostUserFrontend:
         self._rx_signal_queued = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._throttle = LogThrottle(log)
+        self._qemu = OneQemu(listener, path, self.counters, self._throttle)
 
     @property
     def _handler(self) -> DeviceStateHandler:
@@ -159,7 +159,7 @@ class VhostUserFrontend:
             "kind": "vhost-user",
             "path": self.path,
             "connected": self._conn is not None,
-            "peer_pid": self._peer,
+            "peer_pid": self._qemu.peer,
             "features": None if features is None else f"{features:#x}",
             "protocol_features": None if session is None else f"{session.protocol_features:#x}",
             "rings": {
@@ -175,11 +175,12 @@ class VhostUserFrontend:
         self._token = trio.lowlevel.current_trio_token()
         task_status.started()
         while True:
-            conn = await self._accept()
+            conn = await self._qemu.accept()
+            log.info("QEMU connected on %s (pid %s)", self.path, self._qemu.peer)
             ended: Ended | None = None
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._refuse_others, conn)
+                    nursery.start_soon(self._qemu.refuse_others, conn)
                     ended = await self._serve_one(conn)
                     nursery.cancel_scope.cancel()
             finally:
@@ -195,65 +196,12 @@ class VhostUserFrontend:
                     trio.current_time(),
                     "%s (pid %s on %s); dropped the connection, waiting for QEMU to reconnect",
                     ended.reason,
-                    self._peer,
+                    self._qemu.peer,
                     self.path,
                 )
             else:
-                log.info("%s (pid %s on %s)", ended.reason, self._peer, self.path)
-            self._peer = None
-
-    async def _accept(self) -> socket.socket:
-        listener = self._listener
-        assert listener is not None, "closed"
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if not is_exhaustion(exc):
-                    raise
-                self._throttle.warning(
-                    "accept", trio.current_time(), "cannot accept QEMU on %s: %s", self.path, exc
-                )
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            self._peer = _peer_pid(conn)
-            self.counters.connections += 1
-            log.info("QEMU connected on %s (pid %s)", self.path, self._peer)
-            return conn
-
-    async def _refuse_others(self, conn: socket.socket) -> None:
-        """Close every other connection while one QEMU is served (as the stream frontend)."""
-        listener = self._listener
-        assert listener is not None
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            if _hung_up(conn):
-                # The served QEMU is gone: the newcomer (its reconnect, most likely)
-                # waits in the backlog until the session has seen the end.
-                await trio.sleep_forever()
-            try:
-                extra, _ = listener.accept()
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if not is_exhaustion(exc):
-                    raise
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            pid = _peer_pid(extra)
-            extra.close()
-            self.counters.refused += 1
-            self._throttle.warning(
-                "refused",
-                trio.current_time(),
-                "refused a second connection on %s (pid %s): QEMU pid %s is being served",
-                self.path,
-                pid,
-                self._peer,
-            )
+                log.info("%s (pid %s on %s)", ended.reason, self._qemu.peer, self.path)
+            self._qemu.peer = None
 
     async def _serve_one(self, conn: socket.socket) -> Ended:
         session = VhostUserSession(MmapMapper())
@@ -515,10 +463,3 @@ def _check_eventfd(fd: int, request: str, index: int) -> None:
         return
     os.close(fd)
     raise VhostUserProtocolError(f"{request}: ring {index}: {kind} is not an eventfd")
-
-
-def _peer_pid(conn: socket.socket) -> int | None:
-    try:
-        return peer_credentials(conn).pid
-    except OSError:
-        return None
