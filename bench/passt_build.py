@@ -25,16 +25,14 @@ not the verdict, the tarball is.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.apt_cache import KEYRING, locked, private_apt
 from testbed.paths import REPO
 
 __all__ = ["CACHE", "PasstBinaries", "PasstBuildError", "build_passt"]
@@ -43,7 +41,6 @@ __all__ = ["CACHE", "PasstBinaries", "PasstBuildError", "build_passt"]
 CACHE = REPO / ".venv" / "cache" / "passt"
 ARCHIVE = "http://deb.debian.org/debian"
 SUITE = "trixie-backports"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SOURCE_PACKAGE = "passt"
 
 
@@ -80,7 +77,7 @@ def cached(cache: Path = CACHE) -> PasstBinaries | None:
 def build_passt(cache: Path = CACHE) -> PasstBinaries:
     """passt and passt-repair from the cache, or fetched and built into it first."""
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".lock"):
+    with locked(cache / ".lock"):
         binaries = cached(cache)
         if binaries is not None:
             return binaries
@@ -111,19 +108,7 @@ def build_passt(cache: Path = CACHE) -> PasstBinaries:
 
 def _fetch_orig(work: Path) -> Path:
     """``apt-get source --download-only passt`` from trixie-backports; the .orig tarball."""
-    apt = work / "apt"
-    for d in (apt / "lists" / "partial", apt / "archives" / "partial"):
-        d.mkdir(parents=True)
-    (apt / "sources.list").write_text(f"deb-src [signed-by={KEYRING}] {ARCHIVE} {SUITE} main\n")
-    opts = [
-        "-o", f"Dir::Etc::SourceList={apt / 'sources.list'}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", f"Dir::State::Lists={apt / 'lists'}",
-        "-o", f"Dir::Cache={apt}",
-        "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
-        "-o", "APT::Sandbox::User=root",
-        "-q",
-    ]  # fmt: skip
+    opts = private_apt(work / "apt", f"deb-src [signed-by={KEYRING}] {ARCHIVE} {SUITE} main\n")
     _run(["apt-get", *opts, "update"], f"apt-get update ({SUITE} sources)")
     result = _run(
         ["apt-get", *opts, "source", "--download-only", SOURCE_PACKAGE],
@@ -155,17 +140,6 @@ def _run(
             f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
         )
     return result
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on *path*: two benches building at once build it once."""
-    with path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main() -> None:

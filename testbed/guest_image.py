@@ -47,8 +47,6 @@ once.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -57,10 +55,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.apt_cache import KEYRING, locked, private_apt
 from testbed.paths import REPO
 
 __all__ = [
@@ -192,7 +191,7 @@ def build_guest_image(cache: Path = CACHE) -> GuestImage:
     """Return the guest for the current recipe, building it first if the cache lacks it."""
     cache.mkdir(parents=True, exist_ok=True)
     image_dir = cache / f"image-{recipe_key()}"
-    with _locked(cache / ".lock"):
+    with locked(cache / ".lock"):
         if not (image_dir / "manifest.json").exists():
             _build(cache, image_dir)
             for stale in cache.glob("image-*"):
@@ -205,17 +204,6 @@ def build_guest_image(cache: Path = CACHE) -> GuestImage:
         cmdline=KERNEL_CMDLINE,
         manifest=manifest,
     )
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on *path* (another test run building waits for it)."""
-    with path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build(cache: Path, image_dir: Path) -> None:
@@ -268,25 +256,13 @@ def _build(cache: Path, image_dir: Path) -> None:
 
 def _download(cache: Path) -> dict[str, Path]:
     """Fetch the kernel and busybox packages into cache/debs; return their paths."""
-    apt_dir = cache / "apt"
     debs_dir = cache / "debs"
-    for d in (apt_dir / "lists" / "partial", apt_dir / "archives" / "partial", debs_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
-    (apt_dir / "sources.list").write_text(
-        f"deb [signed-by={keyring}] {ARCHIVE} {SUITE} main\n"
-        f"deb [signed-by={keyring}] {SECURITY_ARCHIVE} {SUITE}-security main\n"
+    debs_dir.mkdir(parents=True, exist_ok=True)
+    sources = (
+        f"deb [signed-by={KEYRING}] {ARCHIVE} {SUITE} main\n"
+        f"deb [signed-by={KEYRING}] {SECURITY_ARCHIVE} {SUITE}-security main\n"
     )
-    opts = [
-        "-o", f"Dir::Etc::SourceList={apt_dir / 'sources.list'}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", f"Dir::State::Lists={apt_dir / 'lists'}",
-        "-o", f"Dir::Cache={apt_dir}",
-        "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
-        "-o", "APT::Sandbox::User=root",
-        "-o", "APT::Architecture=amd64",
-        "-q",
-    ]  # fmt: skip
+    opts = [*private_apt(cache / "apt", sources), "-o", "APT::Architecture=amd64"]
     _run(["apt-get", *opts, "update"])
     depends = _run(["apt-cache", *opts, "depends", "--no-recommends", KERNEL_METAPACKAGE])
     kernels = re.findall(r"^\s*Depends: (linux-image-\S+-amd64)$", depends, re.MULTILINE)
