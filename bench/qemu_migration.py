@@ -448,15 +448,6 @@ def _guest_file(vm: Vm, path: str) -> str:
     return vm.run(f"cat {path} 2>/dev/null").output
 
 
-def _wait_qemu(vm: Vm, done: Sequence[str], what: str, timeout: float) -> dict[str, Any]:
-    def state() -> dict[str, Any] | None:
-        assert vm.qmp is not None
-        info = vm.qmp.query_migrate()
-        return info if info.get("status") in done else None
-
-    return wait_for(state, timeout=timeout, interval=0.001, what=what)
-
-
 def _ram_figures(info: dict[str, Any]) -> str:
     """What query-migrate says about RAM: why a migration does not converge."""
     ram = info.get("ram", {})
@@ -551,10 +542,12 @@ def _migrate(
         source.qmp.set_downtime_limit(args.downtime_limit)
         source.qmp.migrate(f"unix:{channel}")
         try:
-            info = _wait_qemu(
-                source, ("pre-switchover", "failed", "cancelled"), "pre-switchover",
+            info = source.wait_migration(
+                ("pre-switchover", "failed", "cancelled"),
                 timeout=args.converge_timeout,
-            )  # fmt: skip
+                interval=0.001,
+                what="pre-switchover",
+            )
         except WaitTimeout:
             info = source.qmp.query_migrate()
             source.qmp.migrate_cancel()
@@ -572,10 +565,9 @@ def _migrate(
         source.qmp.execute("migrate-continue", state="pre-switchover")
         row.pause_ms = (time.monotonic() - paused) * 1000
         try:
-            info = _wait_qemu(
-                source, ("completed", "failed", "cancelled"), "the migration's end",
-                timeout=SWITCHOVER_TIMEOUT,
-            )  # fmt: skip
+            info = source.wait_migration(
+                timeout=SWITCHOVER_TIMEOUT, interval=0.001, what="the migration's end"
+            )
         except WaitTimeout:
             # The guest is stopped: only the device states (the back-end's among them) are left.
             info = source.qmp.query_migrate()

@@ -41,12 +41,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.guest_image import GuestImage
 from testbed.qmp import Qmp, QmpError
 from testbed.wait import WaitTimeout, wait_for
 
 __all__ = [
+    "MIGRATION_ENDED",
     "QEMU",
     "QEMU_MIN_VERSION",
     "GuestResult",
@@ -68,6 +70,8 @@ BOOT_TIMEOUT = 120.0
 #: QEMU creates its sockets before it runs anything.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+#: query-migrate's statuses once a migration is over, one way or the other.
+MIGRATION_ENDED = ("completed", "failed", "cancelled")
 #: The longest request line: the guest reads it through a tty (4 KiB line buffer).
 MAX_COMMAND = 2000
 
@@ -381,6 +385,24 @@ class Vm:
                 self._report(f"guest command {command!r} exited {result.status}:\n{result.output}")
             )
         return result.output
+
+    def wait_migration(
+        self,
+        statuses: Sequence[str] = MIGRATION_ENDED,
+        *,
+        timeout: float = 60.0,
+        interval: float = 0.01,
+        what: str = "QEMU's migration to end",
+    ) -> dict[str, Any]:
+        """Poll query-migrate (this VM is the source) until its status is one of *statuses*;
+        its last answer (``status``, ``downtime``, ``total-time``...)."""
+
+        def reached() -> dict[str, Any] | None:
+            assert self.qmp is not None
+            info = self.qmp.query_migrate()
+            return info if info.get("status") in statuses else None
+
+        return wait_for(reached, timeout=timeout, interval=interval, what=what)
 
     def lease(self) -> dict[str, str] | None:
         """The DHCP lease the guest applied (its /run/dhcp), or None before it has one."""

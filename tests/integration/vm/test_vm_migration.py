@@ -87,13 +87,7 @@ def _migrate_qemu_until_switchover(source: Vm, channel: str) -> None:
 def _finish_qemu(source: Vm) -> dict[str, Any]:
     assert source.qmp is not None
     source.qmp.execute("migrate-continue", state="pre-switchover")
-
-    def finished() -> dict[str, Any] | None:
-        assert source.qmp is not None
-        info = source.qmp.query_migrate()
-        return info if info.get("status") in ("completed", "failed", "cancelled") else None
-
-    return wait_for(finished, timeout=60, interval=0.01, what="QEMU's migration to finish")
+    return source.wait_migration()
 
 
 @pytest.mark.parametrize("idle", [4, 100], ids=["1busy+4idle", "1busy+100idle"])

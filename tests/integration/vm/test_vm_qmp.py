@@ -13,7 +13,6 @@ command channel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from testbed.vm import stream_netdev
 from testbed.wait import wait_for
@@ -40,12 +39,7 @@ def test_qmp_migrates_the_guest_to_an_incoming_qemu(
     source.qmp.set_downtime_limit(DOWNTIME_LIMIT_MS)
     source.qmp.migrate(f"unix:{channel}")
 
-    def finished() -> dict[str, Any] | None:
-        assert source.qmp is not None
-        info = source.qmp.query_migrate()
-        return info if info.get("status") in ("completed", "failed", "cancelled") else None
-
-    info = wait_for(finished, timeout=120, interval=0.2, what="the migration to finish")
+    info = source.wait_migration(timeout=120, interval=0.2)
     assert info["status"] == "completed", info
     print(f"migration: downtime {info['downtime']} ms, total {info['total-time']} ms")
     assert isinstance(info["downtime"], int) and info["downtime"] >= 0

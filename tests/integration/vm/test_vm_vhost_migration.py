@@ -173,15 +173,6 @@ def _migrate(source: Vm, channel: str, *, return_path: bool = False) -> None:
     source.qmp.migrate(channel)
 
 
-def _migration_ended(source: Vm) -> dict[str, Any]:
-    def ended() -> dict[str, Any] | None:
-        assert source.qmp is not None
-        info = source.qmp.query_migrate()
-        return info if info.get("status") in ("completed", "failed", "cancelled") else None
-
-    return wait_for(ended, timeout=120, interval=0.01, what="QEMU's migration to end")
-
-
 @pytest.mark.parametrize("idle", [0, 99], ids=["1conn", "100conns"])
 def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     two_hosts: MigrationBed, echo: Tool, start_vm: StartVm, idle: int
@@ -202,7 +193,7 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     assert target.qmp is not None and target.qmp.query_status() == "inmigrate"
 
     _migrate(source, f"unix:{channel}")
-    info = _migration_ended(source)
+    info = source.wait_migration(timeout=120)
     assert info["status"] == "completed", info
     bed.switch_fabric()
     wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running")
@@ -274,7 +265,7 @@ def test_a_migration_failing_after_the_device_state_rolls_the_source_back(
         target.proc.wait()
     finally:
         os.kill(ferryd_b.proc.pid, signal.SIGCONT)
-    info = _migration_ended(source)
+    info = source.wait_migration(timeout=120)
     assert info["status"] == "failed", info
     wait_for(lambda: source.qmp is not None and source.qmp.query_status() == "running")
     wait_for(lambda: _role(ferryd_a) == "running", what="the source ferryd to roll back")
