@@ -49,10 +49,17 @@ from typing import Any
 
 import pytest
 
-from testbed.ferryd_process import FerrydProcess, launch
-from testbed.guest_traffic import echo_idle, finish, open_connections, size, wait_echoed
+from testbed.ferryd_process import FerrydProcess
+from testbed.guest_traffic import (
+    echo_idle,
+    finish,
+    inbound,
+    open_connections,
+    size,
+    wait_echoed,
+)
 from testbed.migrationbed import MigrationBed
-from testbed.paths import FERRYD, UDPTOOL
+from testbed.paths import UDPTOOL
 from testbed.tcptool_process import Lines, Tool
 from testbed.vm import Vm, vhost_user_netdev
 from testbed.wait import wait_for
@@ -72,14 +79,9 @@ TFTP_PORT, TFTP_BLOCK, UDP_BLOCKS = 6969, 512, 8
 
 
 def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
-    """``ferryd --vhost-user --socket TMP/NAME.vhost`` in host NAME, ready; the socket's path."""
+    """ferryd --vhost-user in host NAME, forwarding FORWARD_PORT to the guest's GUEST_PORT."""
     host = bed.host_a if name == "a" else bed.host_b
-    socket_path, control = bed.tmp / f"{name}.vhost", str(bed.tmp / f"{name}.ctl")
-    argv = [
-        str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
-        "--repair-socket", bed.repair_socket, "-t", f"{FORWARD_PORT}:{GUEST_PORT}",
-    ]  # fmt: skip
-    return launch(host, argv, control, bed.tmp / f"ferryd-{name}.log", bed.ferryds), socket_path
+    return bed.start_vhost_user(host, name, "-t", f"{FORWARD_PORT}:{GUEST_PORT}")
 
 
 def _migration(ferryd: FerrydProcess) -> dict[str, Any]:
@@ -103,24 +105,7 @@ def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -
 
 def _inbound(bed: MigrationBed, vm: Vm) -> None:
     """A connection from the peer to the forwarded port reaches a listener in the guest."""
-    vm.check(f"nc -l -p {GUEST_PORT} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
-    hello = (
-        "import socket;"
-        f"s = socket.create_connection(({bed.host_v4!r}, {FORWARD_PORT}), timeout=30);"
-        "s.sendall(b'inbound\\n'); s.close()"
-    )
-    wait_for(
-        lambda: bed.peer.run([sys.executable, "-c", hello], check=False).returncode == 0,
-        timeout=30,
-        interval=0.2,
-        what="the peer to connect to the forwarded port",
-    )
-    wait_for(
-        lambda: vm.run("cat /tmp/inbound").output == "inbound\n",
-        timeout=30,
-        interval=0.2,
-        what="the guest's listener to get the peer's line",
-    )
+    inbound(bed.peer, vm, bed.host_v4, FORWARD_PORT, GUEST_PORT)
 
 
 def _start_udp(bed: MigrationBed, vm: Vm) -> Tool:
