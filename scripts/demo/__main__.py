@@ -55,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     started = time.monotonic()
     mode = vm if args.vm else namespace
-    bed: MigrationBed | None = None
     try:
         # A short directory: the sockets' paths must fit in 108 bytes.
         with tempfile.TemporaryDirectory(prefix="fdemo-") as tmp, two_host_bed(Path(tmp)) as bed:
@@ -65,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"sockets and logs in {tmp}")
             try:
                 summary = mode.run(bed, args.connections, args.busy)
+            except KeyboardInterrupt:
+                raise
             except BaseException:
                 _print_logs(bed)
                 raise
     except KeyboardInterrupt as e:
         print(
-            f"\ndemo interrupted ({e or 'Ctrl-C'}); everything it made is removed", file=sys.stderr
+            f"\ndemo interrupted ({str(e) or 'Ctrl-C'}); everything it made is removed",
+            file=sys.stderr,
         )
         return 130
     except (DemoFailed, FerrydFailed, GuestImageError, NetnsError, AssertionError, OSError,

@@ -122,7 +122,8 @@ def _dhcp(guest: Netns, tmp: Path) -> dict[str, str]:
         timeout=30,
     )
     if result.returncode != 0 or not out.exists():
-        raise DemoFailed(f"the guest got no DHCP lease from ferryd: {result.stderr.strip()}")
+        why = result.stderr.strip() or f"exit status {result.returncode}"
+        raise DemoFailed(f"the guest's DHCP client (busybox udhcpc) got no lease: {why}")
     lines = out.read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if "=" in line)
 

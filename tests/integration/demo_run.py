@@ -15,11 +15,12 @@ from testbed.netns import ip
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start(*args: str) -> subprocess.Popen[str]:
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """The demo with *args*, its stdout a pipe (progress lines as they come), stderr merged."""
     return subprocess.Popen(
         [sys.executable, "-m", "scripts.demo", *args],
         cwd=REPO,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -4,11 +4,13 @@ With fewer connections than the default (20, 2 of them busy) so that it
 is quick; everything else is the demo as shipped. It must exit 0, show
 every connection surviving byte-exact in its summary table and its final
 line, and leave nothing behind: not the namespaces, processes and
-directory it named in its progress lines, and not after Ctrl-C either.
+directory it named in its progress lines, and not after Ctrl-C or a
+failure either (a guest without its DHCP client: busybox off PATH).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -48,4 +50,14 @@ def test_ctrl_c_in_the_middle_removes_everything() -> None:
     output = "".join(lines) + rest
     assert demo.returncode == 130, output
     assert "demo interrupted" in output
+    assert_left_nothing(output)
+
+
+def test_a_failure_exits_1_with_the_reason_and_removes_everything() -> None:
+    # ip and sysctl stay (/usr/sbin); busybox (/usr/bin), the guest's DHCP client, is gone.
+    demo = start("-n", "4", "--busy", "1", env=dict(os.environ, PATH="/usr/sbin:/sbin"))
+    output, _ = demo.communicate(timeout=300)
+    assert demo.returncode == 1, output
+    assert "demo failed: the guest's DHCP client (busybox udhcpc) got no lease: " in output
+    assert "demo finished" not in output
     assert_left_nothing(output)
