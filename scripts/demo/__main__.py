@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from scripts import demo
 from scripts.demo import namespace, vm
 from scripts.demo.report import DemoFailed, final_line, format_table, progress, step
 from testbed.ferryd_process import FerrydFailed
@@ -30,7 +31,11 @@ def _interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.demo",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--vm", action="store_true", help="the guest is a QEMU VM (vhost-user)")
     parser.add_argument("-n", "--connections", type=int, metavar="N",
                         help="TCP connections (default 200, with --vm 100)")  # fmt: skip

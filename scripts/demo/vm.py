@@ -2,9 +2,10 @@
 
 As the VM tests do (tests/integration/vm/test_vm_vhost_migration.py):
 ferryd A runs in host A and ferryd B in host B with the same command line
-(``--vhost-user --socket``); the QEMUs run in the root namespace (a
-vhost-user socket is a path), their RAM in a shared memfd (ferryd maps
-it), under TCG unless the host has usable VMX/SVM (testbed/vm.py). The
+(``--vhost-user --socket``); each QEMU runs next to its ferryd (the tests
+run them in the root namespace: a vhost-user socket is a path), its RAM
+in a shared memfd (ferryd maps it), under TCG unless the host has usable
+VMX/SVM (testbed/vm.py). The
 guest (testbed/guest_image.py, built once into .venv/cache/vm) takes its
 address by DHCP from ferryd A; its ``guest_conns`` (testbed/guest_conns.c)
 opens the connections to an echo server on the peer, BUSY of them
@@ -33,6 +34,7 @@ from testbed.guest_traffic import (
     wait_conns_ready,
 )
 from testbed.migrationbed import MigrationBed
+from testbed.netns import Netns
 from testbed.tcptool_process import server
 from testbed.vm import Vm, choose_accel, qemu_unavailable, vhost_user_netdev
 from testbed.wait import wait_for
@@ -72,8 +74,9 @@ def run(bed: MigrationBed, count: int, busy: int) -> Summary:
 
 
 def _run(bed: MigrationBed, image: GuestImage, vms: list[Vm], count: int, busy: int) -> Summary:
-    def start_vm(name: str, socket: Path, **kwargs: Any) -> Vm:
-        vm = Vm(image, bed.tmp, vhost_user_netdev(socket), name=name, shared_memory=True, **kwargs)
+    def start_vm(name: str, host: Netns, socket: Path, **kwargs: Any) -> Vm:
+        netdev = vhost_user_netdev(socket)
+        vm = Vm(image, bed.tmp, netdev, name=name, shared_memory=True, netns=host, **kwargs)
         vms.append(vm)
         return vm.start()
 
@@ -81,9 +84,9 @@ def _run(bed: MigrationBed, image: GuestImage, vms: list[Vm], count: int, busy: 
     step("host A: ferryd --vhost-user, and QEMU on it")
     source_ferryd, source_socket = bed.start_vhost_user(bed.host_a, "a", *forward)
     progress(f"ferryd A ready (pid {source_ferryd.pid}), forwarding host port {FORWARD_PORT}")
-    source = start_vm("source", source_socket)
+    source = start_vm("source", bed.host_a, source_socket)
     assert source.proc is not None
-    progress(f"QEMU (pid {source.proc.pid}, {source.accel.upper()}): guest booting...")
+    progress(f"QEMU in host A (pid {source.proc.pid}, {source.accel.upper()}): guest booting...")
     progress(f"guest up after {source.wait_ready():.1f} s")
     lease = source.wait_lease()
     progress(f"DHCP lease {lease.get('ip')}, router {lease.get('router')}")
@@ -99,8 +102,11 @@ def _run(bed: MigrationBed, image: GuestImage, vms: list[Vm], count: int, busy: 
     step("host B: ferryd --vhost-user (the same command line), QEMU -incoming on it")
     target_ferryd, target_socket = bed.start_vhost_user(bed.host_b, "b", *forward)
     channel = bed.tmp / "migration.sock"
-    target = start_vm("target", target_socket, incoming=f"unix:{channel}")
-    progress(f"ferryd B ready (pid {target_ferryd.pid}), the target QEMU waits")
+    target = start_vm("target", bed.host_b, target_socket, incoming=f"unix:{channel}")
+    assert target.proc is not None
+    progress(
+        f"ferryd B ready (pid {target_ferryd.pid}); QEMU in host B (pid {target.proc.pid}) waits"
+    )
 
     step("live migration through QMP, the streams still running")
     assert source.qmp is not None
