@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from ferryd.control import ControlClientError
 from scripts import demo
 from scripts.demo import namespace, vm
 from scripts.demo.report import DemoFailed, final_line, format_table, progress, step
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except (DemoFailed, FerrydFailed, GuestImageError, NetnsError, AssertionError, OSError,
-            subprocess.SubprocessError) as e:  # fmt: skip
+    except (DemoFailed, FerrydFailed, GuestImageError, NetnsError, ControlClientError,
+            AssertionError, OSError, subprocess.SubprocessError) as e:  # fmt: skip
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1
     summary.seconds = time.monotonic() - started

@@ -74,8 +74,8 @@ def run(bed: MigrationBed, count: int, busy: int) -> Summary:
             f" ferryctl migrate took {summary['ferryctl_ms']:.0f} ms"
         )
         progress("fabric: the peer's link now goes to host B")
-        moved_out = _moved(source.request("status"))
-        moved_in = _moved(target.request("status"))
+        moved_out = int(source.migration_counters()["last_connections"])
+        moved_in = int(target.migration_counters()["last_connections"])
         progress(f"ferryd A streamed out {moved_out} TCP connections, ferryd B restored {moved_in}")
         after = streams.wait_more("busy", streams.report()["busy"], FLOWING, "through host B")
         progress(f"data flowing through host B: {_flowing(after)}")
@@ -126,12 +126,6 @@ def _dhcp(guest: Netns, tmp: Path) -> dict[str, str]:
         raise DemoFailed(f"the guest's DHCP client (busybox udhcpc) got no lease: {why}")
     lines = out.read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if "=" in line)
-
-
-def _moved(status: dict[str, object]) -> int:
-    counters = status["counters"]
-    assert isinstance(counters, dict)
-    return int(counters["migration"]["last_connections"])
 
 
 def _flowing(entry: dict[str, int]) -> str:

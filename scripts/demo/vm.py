@@ -5,11 +5,11 @@ ferryd A runs in host A and ferryd B in host B with the same command line
 (``--vhost-user --socket``); each QEMU runs next to its ferryd (the tests
 run them in the root namespace: a vhost-user socket is a path), its RAM
 in a shared memfd (ferryd maps it), under TCG unless the host has usable
-VMX/SVM (testbed/vm.py). The
-guest (testbed/guest_image.py, built once into .venv/cache/vm) takes its
-address by DHCP from ferryd A; its ``guest_conns`` (testbed/guest_conns.c)
-opens the connections to an echo server on the peer, BUSY of them
-streaming both ways, each byte checked as it comes back. The target QEMU
+VMX/SVM (testbed/vm.py). The guest (testbed/guest_image.py, built once
+into .venv/cache/vm) takes its address by DHCP from ferryd A; its
+``guest_conns`` (testbed/guest_conns.c) opens the connections to an echo
+server on the peer, BUSY of them streaming both ways, each byte checked as
+it comes back. The target QEMU
 waits with ``-incoming``; QMP ``migrate`` moves the VM and, through the
 vhost-user device state, ferryd A's connections to ferryd B; then the
 fabric moves to host B, the source QEMU quits (ferryd A commits), a
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from scripts.demo.report import DemoFailed, Summary, progress, step
-from testbed.ferryd_process import FerrydProcess
 from testbed.guest_image import CACHE, GuestImage, build_guest_image, recipe_key
 from testbed.guest_traffic import (
     ECHO_PORT,
@@ -36,7 +35,7 @@ from testbed.guest_traffic import (
 from testbed.migrationbed import MigrationBed
 from testbed.netns import Netns
 from testbed.tcptool_process import server
-from testbed.vm import Vm, choose_accel, qemu_unavailable, vhost_user_netdev
+from testbed.vm import Vm, qemu_unavailable, vhost_user_netdev
 from testbed.wait import wait_for
 
 __all__ = ["run"]
@@ -127,11 +126,15 @@ def _run(bed: MigrationBed, image: GuestImage, vms: list[Vm], count: int, busy: 
         lambda: target.qmp is not None and target.qmp.query_status() == "running",
         what="the target VM to run",
     )
-    wait_for(lambda: _role(target_ferryd) == "running", what="ferryd B to resume")
-    moved_out, moved_in = _moved(source_ferryd), _moved(target_ferryd)
+    wait_for(lambda: target_ferryd.role() == "running", what="ferryd B to resume")
+    moved_out = int(source_ferryd.migration_counters()["last_connections"])
+    moved_in = int(target_ferryd.migration_counters()["last_connections"])
     progress(f"ferryd A streamed out {moved_out} TCP connections, ferryd B restored {moved_in}")
     source.stop()  # the source QEMU quits: ferryd A commits
-    wait_for(lambda: _migration(source_ferryd)["out_completed"] == 1, what="ferryd A to commit")
+    wait_for(
+        lambda: source_ferryd.migration_counters()["out_completed"] == 1,
+        what="ferryd A to commit",
+    )
     progress("the source QEMU quit; ferryd A committed")
 
     step(f"peer → host port {FORWARD_PORT} → guest port {GUEST_PORT}, through host B")
@@ -147,7 +150,7 @@ def _run(bed: MigrationBed, image: GuestImage, vms: list[Vm], count: int, busy: 
             + "\n".join(result.errors[:10])
         )
     return Summary(
-        guest=f"QEMU VM ({choose_accel().upper()}), virtio-net on ferryd --vhost-user",
+        guest=f"QEMU VM ({source.accel.upper()}), virtio-net on ferryd --vhost-user",
         opened=count,
         kinds=f"{busy} streaming both ways, {count - busy} echoing a chunk before and after",
         survived=result.ok,
@@ -159,16 +162,3 @@ def _run(bed: MigrationBed, image: GuestImage, vms: list[Vm], count: int, busy: 
         moved_in=moved_in,
         forwarded=f"host {FORWARD_PORT} → guest {GUEST_PORT}: ok",
     )
-
-
-def _migration(ferryd: FerrydProcess) -> dict[str, Any]:
-    counters: dict[str, Any] = ferryd.request("status")["counters"]["migration"]
-    return counters
-
-
-def _moved(ferryd: FerrydProcess) -> int:
-    return int(_migration(ferryd)["last_connections"])
-
-
-def _role(ferryd: FerrydProcess) -> str:
-    return str(ferryd.request("status")["role"])

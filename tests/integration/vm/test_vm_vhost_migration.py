@@ -84,15 +84,6 @@ def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
     return bed.start_vhost_user(host, name, "-t", f"{FORWARD_PORT}:{GUEST_PORT}")
 
 
-def _migration(ferryd: FerrydProcess) -> dict[str, Any]:
-    counters: dict[str, Any] = ferryd.request("status")["counters"]["migration"]
-    return counters
-
-
-def _role(ferryd: FerrydProcess) -> str:
-    return str(ferryd.request("status")["role"])
-
-
 def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -> Vm:
     source = start_vm(vhost_user_netdev(path), name="source", shared_memory=True)
     source.wait_ready()
@@ -182,9 +173,9 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     assert info["status"] == "completed", info
     bed.switch_fabric()
     wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running")
-    wait_for(lambda: _role(ferryd_b) == "running", what="the target ferryd to resume")
-    assert _role(ferryd_a) == "frozen"  # until its QEMU quits: QEMU is the authority
-    out, into = _migration(ferryd_a), _migration(ferryd_b)
+    wait_for(lambda: ferryd_b.role() == "running", what="the target ferryd to resume")
+    assert ferryd_a.role() == "frozen"  # until its QEMU quits: QEMU is the authority
+    out, into = ferryd_a.migration_counters(), ferryd_b.migration_counters()
     print(
         f"QEMU: downtime {info['downtime']} ms, total {info['total-time']} ms;"
         f" ferryd: source {out['last_downtime_ms']:.1f} ms (freeze to stream end),"
@@ -201,8 +192,10 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     # The source QEMU quits: ferryd A commits (lingers, then exits).
     assert source.qmp is not None and source.qmp.query_status() == "postmigrate"
     source.stop()
-    wait_for(lambda: _migration(ferryd_a)["out_completed"] == 1, what="the source to commit")
-    assert _role(ferryd_a) == "migrated"
+    wait_for(
+        lambda: ferryd_a.migration_counters()["out_completed"] == 1, what="the source to commit"
+    )
+    assert ferryd_a.role() == "migrated"
 
     # On the target: the forward reaches the guest, the busy connection goes
     # on, the idle ones answer.
@@ -241,7 +234,7 @@ def test_a_migration_failing_after_the_device_state_rolls_the_source_back(
     try:
         _migrate(source, f"unix:{channel}", return_path=True)
         wait_for(
-            lambda: _role(ferryd_a) == "frozen",
+            lambda: ferryd_a.role() == "frozen",
             timeout=120,
             interval=0.01,
             what="the source ferryd to stream its device state",
@@ -253,8 +246,8 @@ def test_a_migration_failing_after_the_device_state_rolls_the_source_back(
     info = source.wait_migration(timeout=120)
     assert info["status"] == "failed", info
     wait_for(lambda: source.qmp is not None and source.qmp.query_status() == "running")
-    wait_for(lambda: _role(ferryd_a) == "running", what="the source ferryd to roll back")
-    counters = _migration(ferryd_a)
+    wait_for(lambda: ferryd_a.role() == "running", what="the source ferryd to roll back")
+    counters = ferryd_a.migration_counters()
     assert (counters["out_rolled_back"], counters["out_completed"]) == (1, 0)
     # Rolled back because QEMU restarted the rings (not a failed save, no watchdog).
     assert "QEMU resumed the source VM after its migration failed" in ferryd_a.log()
