@@ -4,8 +4,9 @@
 setup:
 	./scripts/bootstrap.sh
 
+# make demo VM=1: the guest is a QEMU VM instead of a network namespace.
 demo: setup
-	.venv/bin/python -m scripts.demo
+	.venv/bin/python -m scripts.demo $(if $(filter-out 0,$(VM)),--vm)
 
 lint: setup
 	.venv/bin/ruff check .

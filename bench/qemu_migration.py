@@ -72,7 +72,6 @@ import contextlib
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -95,6 +94,7 @@ from bench.passt_build import PasstBinaries, PasstBuildError, build_passt
 from ferryd.netns import run_in_netns
 from testbed.ferryd_process import FerrydFailed, FerrydProcess, launch
 from testbed.guest_image import GuestImage, GuestImageError, build_guest_image
+from testbed.guest_traffic import finish_conns, start_conns, wait_conns_ready
 from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
 from testbed.paths import FERRYD, TCPTOOL
@@ -444,10 +444,6 @@ def _unplugger(host: Netns, ifname: str) -> Iterator[Callable[[], None]]:
         sock.close()
 
 
-def _guest_file(vm: Vm, path: str) -> str:
-    return vm.run(f"cat {path} 2>/dev/null").output
-
-
 def _ram_figures(info: dict[str, Any]) -> str:
     """What query-migrate says about RAM: why a migration does not converge."""
     ram = info.get("ram", {})
@@ -511,21 +507,8 @@ def _migrate(
         )
         source.wait_ready()
         source.wait_lease()
-        source.check(
-            f"guest_conns {bed.peer_v4} {ECHO_PORT} {n} {busy} {args.busy_rate:.0f} "
-            f"{CHECK_TIMEOUT} >/tmp/conns.out 2>/tmp/conns.err & echo $! >/tmp/conns.pid"
-        )
-
-        def ready() -> bool:
-            out = _guest_file(source, "/tmp/conns.out")
-            if "done" in out or source.run("kill -0 $(cat /tmp/conns.pid)").status != 0:
-                raise AssertionError(
-                    f"guest_conns ended before the migration: {out} "
-                    f"{_guest_file(source, '/tmp/conns.err')}"
-                )
-            return "ready" in out
-
-        wait_for(ready, timeout=120 + n * 0.2, interval=0.2, what=f"{n} connections to open")
+        start_conns(source, bed.peer_v4, n, busy, args.busy_rate, CHECK_TIMEOUT, ECHO_PORT)
+        wait_conns_ready(source, n, timeout=120 + n * 0.2)
 
         target_backend = stack.enter_context(_started(backend, bed, bed.host_b, "b"))
         channel = bed.tmp / "mig.sock"
@@ -595,20 +578,10 @@ def _migrate(
             guest, host = target, bed.host_b
         wait_for(lambda: guest.qmp is not None and guest.qmp.query_status() == "running",
                  timeout=60, what=f"the {guest.name} VM to run")  # fmt: skip
-        guest.check("kill -USR1 $(cat /tmp/conns.pid)")
-        wait_for(
-            lambda: "done" in _guest_file(guest, "/tmp/conns.out"),
-            timeout=CHECK_TIMEOUT + 60,
-            interval=0.5,
-            what="guest_conns to finish its check",
-        )
-        out = _guest_file(guest, "/tmp/conns.out")
-        match = re.search(r"done ok=(\d+) failed=(\d+) echoed=(\d+)", out)
-        if match is None:
-            raise AssertionError(f"guest_conns said {out!r}")
-        row.ok, row.failed, row.echoed = int(match[1]), int(match[2]), int(match[3])
+        result = finish_conns(guest, timeout=CHECK_TIMEOUT + 60)
+        row.ok, row.failed, row.echoed = result.ok, result.failed, result.echoed
         if row.failed:
-            row.details = _guest_file(guest, "/tmp/conns.err").splitlines()[:5]
+            row.details = result.errors[:5]
             row.details += [
                 f"TCP states on port {ECHO_PORT}: peer {_tcp_states(bed.peer)}, "
                 f"{host.name} {_tcp_states(host)}, guest {_guest_tcp_states(guest)}"

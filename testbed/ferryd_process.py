@@ -78,6 +78,15 @@ class FerrydProcess:
         """One control request (ferryd.control.request) to this ferryd."""
         return request(self.control, cmd, **args)
 
+    def role(self) -> str:
+        """Its migration role now (``running``, ``frozen``, ``migrated``...)."""
+        return str(self.request("status")["role"])
+
+    def migration_counters(self) -> dict[str, Any]:
+        """Its migration counters now (ferryd.migration.session.MigrationCounters)."""
+        counters: dict[str, Any] = self.request("status")["counters"]["migration"]
+        return counters
+
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``ferryctl --control SOCK ARGS`` (the real CLI) and return its output."""
         result = subprocess.run(

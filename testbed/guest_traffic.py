@@ -10,21 +10,40 @@ ends them all and checks that every byte crossed both ways, in order
 (the byte count and SHA-256 of what the busy connection sent and of what
 came back are equal) and that each idle connection ends cleanly on its
 half-close.
+
+Many connections at once (the bench, ``make demo VM=1``): the guest's
+``/bin/guest_conns`` (testbed/guest_conns.c, one process, every byte
+checked as it comes back) is started by :func:`start_conns`, waited for
+by :func:`wait_conns_ready` and, after the migration, told to finish and
+read by :func:`finish_conns`.
+
+:func:`inbound` checks the other direction: a connection from the peer
+through a port the back-end forwards reaches a listener in the guest.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+from dataclasses import dataclass
+
+from testbed.netns import Netns
 from testbed.vm import Vm
 from testbed.wait import wait_for
 
 __all__ = [
     "BLOCK",
     "ECHO_PORT",
+    "ConnsResult",
     "echo_idle",
     "finish",
+    "finish_conns",
     "idle_still_running",
+    "inbound",
     "open_connections",
     "size",
+    "start_conns",
+    "wait_conns_ready",
     "wait_echoed",
 ]
 
@@ -114,3 +133,96 @@ def finish(vm: Vm, idle: int) -> int:
         what="every idle nc to end after its half-close",
     )
     return int(sent[0])
+
+
+def inbound(peer: Netns, vm: Vm, address: str, port: int, guest_port: int) -> None:
+    """A connection from *peer* to *address*:*port* (forwarded by the back-end to the
+    guest's *guest_port*) reaches a listener in the guest: its line arrives there."""
+    vm.check(f"nc -l -p {guest_port} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
+    hello = (
+        "import socket;"
+        f"s = socket.create_connection(({address!r}, {port}), timeout=30);"
+        "s.sendall(b'inbound\\n'); s.close()"
+    )
+    wait_for(
+        lambda: peer.run([sys.executable, "-c", hello], check=False).returncode == 0,
+        timeout=30,
+        interval=0.2,
+        what="the peer to connect to the forwarded port",
+    )
+    wait_for(
+        lambda: vm.run("cat /tmp/inbound").output == "inbound\n",
+        timeout=30,
+        interval=0.2,
+        what="the guest's listener to get the peer's line",
+    )
+
+
+# guest_conns: many checked connections in one guest process
+
+
+@dataclass(frozen=True)
+class ConnsResult:
+    """guest_conns' last line (``done ok=N failed=M echoed=E sent=BYTES``) and its stderr.
+
+    ``ok``: every byte came back in order and the close completed both ways;
+    ``echoed``: every byte came back (whatever the close did); ``sent``: the
+    bytes sent in all, which, when every connection is ok, is also what came
+    back; ``errors``: why each failed connection failed (at most 20 lines).
+    """
+
+    ok: int
+    failed: int
+    echoed: int
+    sent: int
+    errors: list[str]
+
+
+def _guest_file(vm: Vm, path: str) -> str:
+    return vm.run(f"cat {path} 2>/dev/null").output
+
+
+def start_conns(
+    vm: Vm, peer: str, count: int, busy: int, rate: float, timeout: float, port: int = ECHO_PORT
+) -> None:
+    """Start guest_conns in the background: *count* connections to the echo server at
+    *peer*, *busy* of them streaming both ways at *rate* bytes/s in all (0: no limit);
+    *timeout*: how long its final check may take (testbed/guest_conns.c)."""
+    vm.check(
+        f"guest_conns {peer} {port} {count} {busy} {rate:.0f} {timeout:.0f}"
+        " >/tmp/conns.out 2>/tmp/conns.err & echo $! >/tmp/conns.pid"
+    )
+
+
+def wait_conns_ready(vm: Vm, count: int, timeout: float) -> None:
+    """Until every connection has had its first chunk echoed (``ready``); fails at once,
+    with its output, if guest_conns ended first (a connection refused, ...)."""
+
+    def ready() -> bool:
+        out = _guest_file(vm, "/tmp/conns.out")
+        if "done" in out or vm.run("kill -0 $(cat /tmp/conns.pid)").status != 0:
+            raise AssertionError(
+                f"guest_conns ended before the migration: {out} {_guest_file(vm, '/tmp/conns.err')}"
+            )
+        return "ready" in out
+
+    wait_for(ready, timeout=timeout, interval=0.2, what=f"{count} connections to open")
+
+
+def finish_conns(vm: Vm, timeout: float) -> ConnsResult:
+    """Start guest_conns' final check (SIGUSR1: another chunk each, the echo of
+    everything, a half-close each way) and return its result once it has one."""
+    vm.check("kill -USR1 $(cat /tmp/conns.pid)")
+    wait_for(
+        lambda: "done" in _guest_file(vm, "/tmp/conns.out"),
+        timeout=timeout,
+        interval=0.5,
+        what="guest_conns to finish its check",
+    )
+    out = _guest_file(vm, "/tmp/conns.out")
+    match = re.search(r"done ok=(\d+) failed=(\d+) echoed=(\d+) sent=(\d+)", out)
+    if match is None:
+        raise AssertionError(f"guest_conns said {out!r}")
+    ok, failed, echoed, sent = (int(g) for g in match.groups())
+    errors = _guest_file(vm, "/tmp/conns.err").splitlines()
+    return ConnsResult(ok, failed, echoed, sent, errors)

@@ -100,6 +100,21 @@ class MigrationBed:
         ]
         return launch(host, argv, control, self.tmp / f"ferryd-m{n}.log", self.ferryds)
 
+    def start_vhost_user(self, host: Netns, name: str, *args: str) -> tuple[FerrydProcess, Path]:
+        """``ferryd --vhost-user --socket TMP/NAME.vhost`` in *host*, ready; the socket's path.
+
+        For a VM (testbed/vm.py, vhost_user_netdev): source and target get
+        the same command line, QEMU's LOAD of the device state makes one the
+        target. *args*: more of ferryd's options (``-t``, ...).
+        """
+        socket_path, control = self.tmp / f"{name}.vhost", str(self.tmp / f"{name}.ctl")
+        argv = [
+            str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
+            "--repair-socket", self.repair_socket, *args,
+        ]  # fmt: skip
+        log_path = self.tmp / f"ferryd-{name}.log"
+        return launch(host, argv, control, log_path, self.ferryds), socket_path
+
     def start_source(self, *args: str, host: Netns | None = None) -> FerrydProcess:
         """A running ferryd that configures the guest (``--config-net``)."""
         return self.start_ferryd(host or self.host_a, *args, config_net=True)

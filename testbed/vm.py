@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.guest_image import GuestImage
+from testbed.netns import Netns
 from testbed.qmp import Qmp, QmpError
 from testbed.wait import WaitTimeout, wait_for
 
@@ -239,6 +240,8 @@ class Vm:
     back-end maps it). *workdir* holds the VM's sockets and logs: its path must be short
     (Unix socket paths fit in 108 bytes). With *incoming* (a QEMU migration
     URI such as ``unix:PATH`` or ``defer``) the VM waits for a migration.
+    With *netns* QEMU runs in that namespace (a "host" of the demo; the
+    tests run it in the root namespace: its sockets are paths either way).
     """
 
     def __init__(
@@ -253,8 +256,10 @@ class Vm:
         accel: str | None = None,
         incoming: str | None = None,
         shared_memory: bool = False,
+        netns: Netns | None = None,
     ) -> None:
         self.name = name
+        self._prefix = netns.exec_prefix() if netns is not None else []
         self.accel = accel or choose_accel()
         self.qmp_path = workdir / f"{name}-qmp.sock"
         self.channel_path = workdir / f"{name}-cmd.sock"
@@ -296,7 +301,10 @@ class Vm:
         """Start QEMU, connect QMP and the channel, and let the guest run (unless incoming)."""
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                [*self._prefix, *self.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         try:
             self.qmp = wait_for(self._connect_qmp, START_TIMEOUT, what=f"{self.name}'s QMP socket")

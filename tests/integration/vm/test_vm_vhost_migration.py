@@ -49,10 +49,17 @@ from typing import Any
 
 import pytest
 
-from testbed.ferryd_process import FerrydProcess, launch
-from testbed.guest_traffic import echo_idle, finish, open_connections, size, wait_echoed
+from testbed.ferryd_process import FerrydProcess
+from testbed.guest_traffic import (
+    echo_idle,
+    finish,
+    inbound,
+    open_connections,
+    size,
+    wait_echoed,
+)
 from testbed.migrationbed import MigrationBed
-from testbed.paths import FERRYD, UDPTOOL
+from testbed.paths import UDPTOOL
 from testbed.tcptool_process import Lines, Tool
 from testbed.vm import Vm, vhost_user_netdev
 from testbed.wait import wait_for
@@ -72,23 +79,9 @@ TFTP_PORT, TFTP_BLOCK, UDP_BLOCKS = 6969, 512, 8
 
 
 def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
-    """``ferryd --vhost-user --socket TMP/NAME.vhost`` in host NAME, ready; the socket's path."""
+    """ferryd --vhost-user in host NAME, forwarding FORWARD_PORT to the guest's GUEST_PORT."""
     host = bed.host_a if name == "a" else bed.host_b
-    socket_path, control = bed.tmp / f"{name}.vhost", str(bed.tmp / f"{name}.ctl")
-    argv = [
-        str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
-        "--repair-socket", bed.repair_socket, "-t", f"{FORWARD_PORT}:{GUEST_PORT}",
-    ]  # fmt: skip
-    return launch(host, argv, control, bed.tmp / f"ferryd-{name}.log", bed.ferryds), socket_path
-
-
-def _migration(ferryd: FerrydProcess) -> dict[str, Any]:
-    counters: dict[str, Any] = ferryd.request("status")["counters"]["migration"]
-    return counters
-
-
-def _role(ferryd: FerrydProcess) -> str:
-    return str(ferryd.request("status")["role"])
+    return bed.start_vhost_user(host, name, "-t", f"{FORWARD_PORT}:{GUEST_PORT}")
 
 
 def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -> Vm:
@@ -103,24 +96,7 @@ def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -
 
 def _inbound(bed: MigrationBed, vm: Vm) -> None:
     """A connection from the peer to the forwarded port reaches a listener in the guest."""
-    vm.check(f"nc -l -p {GUEST_PORT} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
-    hello = (
-        "import socket;"
-        f"s = socket.create_connection(({bed.host_v4!r}, {FORWARD_PORT}), timeout=30);"
-        "s.sendall(b'inbound\\n'); s.close()"
-    )
-    wait_for(
-        lambda: bed.peer.run([sys.executable, "-c", hello], check=False).returncode == 0,
-        timeout=30,
-        interval=0.2,
-        what="the peer to connect to the forwarded port",
-    )
-    wait_for(
-        lambda: vm.run("cat /tmp/inbound").output == "inbound\n",
-        timeout=30,
-        interval=0.2,
-        what="the guest's listener to get the peer's line",
-    )
+    inbound(bed.peer, vm, bed.host_v4, FORWARD_PORT, GUEST_PORT)
 
 
 def _start_udp(bed: MigrationBed, vm: Vm) -> Tool:
@@ -197,9 +173,9 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     assert info["status"] == "completed", info
     bed.switch_fabric()
     wait_for(lambda: target.qmp is not None and target.qmp.query_status() == "running")
-    wait_for(lambda: _role(ferryd_b) == "running", what="the target ferryd to resume")
-    assert _role(ferryd_a) == "frozen"  # until its QEMU quits: QEMU is the authority
-    out, into = _migration(ferryd_a), _migration(ferryd_b)
+    wait_for(lambda: ferryd_b.role() == "running", what="the target ferryd to resume")
+    assert ferryd_a.role() == "frozen"  # until its QEMU quits: QEMU is the authority
+    out, into = ferryd_a.migration_counters(), ferryd_b.migration_counters()
     print(
         f"QEMU: downtime {info['downtime']} ms, total {info['total-time']} ms;"
         f" ferryd: source {out['last_downtime_ms']:.1f} ms (freeze to stream end),"
@@ -216,8 +192,10 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     # The source QEMU quits: ferryd A commits (lingers, then exits).
     assert source.qmp is not None and source.qmp.query_status() == "postmigrate"
     source.stop()
-    wait_for(lambda: _migration(ferryd_a)["out_completed"] == 1, what="the source to commit")
-    assert _role(ferryd_a) == "migrated"
+    wait_for(
+        lambda: ferryd_a.migration_counters()["out_completed"] == 1, what="the source to commit"
+    )
+    assert ferryd_a.role() == "migrated"
 
     # On the target: the forward reaches the guest, the busy connection goes
     # on, the idle ones answer.
@@ -256,7 +234,7 @@ def test_a_migration_failing_after_the_device_state_rolls_the_source_back(
     try:
         _migrate(source, f"unix:{channel}", return_path=True)
         wait_for(
-            lambda: _role(ferryd_a) == "frozen",
+            lambda: ferryd_a.role() == "frozen",
             timeout=120,
             interval=0.01,
             what="the source ferryd to stream its device state",
@@ -268,8 +246,8 @@ def test_a_migration_failing_after_the_device_state_rolls_the_source_back(
     info = source.wait_migration(timeout=120)
     assert info["status"] == "failed", info
     wait_for(lambda: source.qmp is not None and source.qmp.query_status() == "running")
-    wait_for(lambda: _role(ferryd_a) == "running", what="the source ferryd to roll back")
-    counters = _migration(ferryd_a)
+    wait_for(lambda: ferryd_a.role() == "running", what="the source ferryd to roll back")
+    counters = ferryd_a.migration_counters()
     assert (counters["out_rolled_back"], counters["out_completed"]) == (1, 0)
     # Rolled back because QEMU restarted the rings (not a failed save, no watchdog).
     assert "QEMU resumed the source VM after its migration failed" in ferryd_a.log()
