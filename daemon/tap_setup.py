@@ -50,6 +50,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ferryd.frontends.tap import TAP_FLAGS, TUNSETIFF
 from ferryd.netns import run_in_netns
+from ferryd.sd_notify import notify_address
 
 TUNSETPERSIST = 0x400454CB
 TUNSETGROUP = 0x400454CE
@@ -93,9 +94,8 @@ def open_tun() -> int:
 
 def store_fd(notify_socket: str, fd: int, name: str) -> None:
     """Give ``fd`` to systemd's descriptor store and wait until it has it (sd_notify(3))."""
-    address = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
+        sock.connect(notify_address(notify_socket))
         message = f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0\n".encode()
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
         sock.sendmsg([message], rights)

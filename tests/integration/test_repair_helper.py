@@ -373,9 +373,12 @@ def test_refuses_unprivileged_caller(
         assert run_unprivileged_client(socket_path) == "closed"
 
 
-@pytest.mark.parametrize("option", ["--allow-uid", "--allow-gid"])
-def test_allowed_unprivileged_caller(public_dir: Path, option: str) -> None:
-    with listening_helper(public_dir / "s", option, "65534") as helper:
+@pytest.mark.parametrize(
+    ("option", "who"),
+    [("--allow-uid", "65534"), ("--allow-gid", "65534"), ("--allow-gid", "nogroup")],
+)
+def test_allowed_unprivileged_caller(public_dir: Path, option: str, who: str) -> None:
+    with listening_helper(public_dir / "s", option, who) as helper:
         assert run_unprivileged_client(public_dir / "s") == "01"
         helper.wait_for_line("uid=65534 gid=65534 connected")
 
