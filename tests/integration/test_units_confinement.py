@@ -37,6 +37,8 @@ from tests.integration.test_tap_fd import LAUNCHER, RUNAS_GID, dhcp
 UNITS = REPO / "systemd"
 FILTER = [sys.executable, "-m", "tests.integration.unit_syscall_filter"]
 CAP_NET_BIND_SERVICE = 1 << 10
+CAP_NET_ADMIN = 1 << 12
+CAP_BPF = 1 << 39
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None or shutil.which("setpriv") is None,
@@ -108,7 +110,16 @@ def test_repair_helper_loads_its_ebpf_filter_under_its_unit(tmp_path: Path) -> N
     ]  # fmt: skip
     with listening_helper(tmp_path / "repair.sock", prefix=prefix) as helper:
         serving = helper.wait_for_line("serving")
+        status = helper.status()
     assert "intake freeze: eBPF program" in serving, serving
+    # Serving, it holds CAP_NET_ADMIN alone: CAP_BPF went once the program was
+    # loaded. (The bounding set stays the unit's: shrinking it needs
+    # CAP_SETPCAP, and no_new_privs keeps anything from coming back from it.)
+    for caps in ("CapPrm", "CapEff"):
+        assert int(status[caps], 16) == CAP_NET_ADMIN, caps
+    assert int(status["CapBnd"], 16) == CAP_NET_ADMIN | CAP_BPF
+    assert int(status["CapInh"], 16) == int(status["CapAmb"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
 
 
 #: In a private mount namespace: the unit's ProtectProc=invisible and
