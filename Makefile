@@ -1,5 +1,5 @@
 # One command for the demo, one for the tests; both install what they need.
-.PHONY: setup demo test lint unit integration bench clean install uninstall
+.PHONY: setup demo test lint unit integration bench clean install uninstall deb
 
 setup:
 	./scripts/bootstrap.sh
@@ -39,3 +39,7 @@ install:
 
 uninstall:
 	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) ./scripts/install.sh uninstall
+
+# The same tree as a Debian package, PREFIX=/usr: build/ferry_VERSION_ARCH.deb.
+deb:
+	./scripts/install.sh deb

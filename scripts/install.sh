@@ -3,7 +3,10 @@
 #
 # Usage: scripts/install.sh install|uninstall|deb, with PREFIX (default
 # /usr/local) and DESTDIR (a staging directory; empty: this machine) in the
-# environment, as the Makefile passes them. What goes where:
+# environment, as the Makefile passes them. deb stages with PREFIX=/usr and
+# packs that tree (dpkg-deb) into build/ferry_VERSION_ARCH.deb, whose
+# maintainer scripts do on the host what install and uninstall do without
+# DESTDIR (/etc's files are its conffiles). What goes where:
 #
 #   $PREFIX/lib/ferry/venv/               the Python code: a private virtualenv
 #                                         of Debian's /usr/bin/python3 holding
@@ -143,11 +146,15 @@ setup_host() {
     say "installed under $PREFIX; libvirtd reads /etc/libvirt/hooks at start: restart it"
 }
 
-uninstall() {
+stop_services() {
     if systemd_runs; then
         systemctl disable --now ferry-repair.socket || true
         systemctl stop ferry-repair.service 'ferryd@*.service' 'ferryd-netns@*.service' || true
     fi
+}
+
+uninstall() {
+    stop_services
     rm -rf "$DEST$VENV"
     local program unit file
     for program in "${PROGRAMS[@]}"; do
@@ -182,6 +189,50 @@ uninstall() {
     fi
 }
 
+# The maintainer scripts run what make install and uninstall run on the host
+# (these functions, copied in by declare -f); dpkg removes the files itself.
+maintainer_script() {
+    printf '#!/bin/bash\n# ferry %s, written by scripts/install.sh deb.\nset -e\n' "$1"
+    printf 'DEST=""\nPREFIX=/usr\n'
+    declare -f say systemd_runs setup_host stop_services
+    printf '%s\n' "$2"
+}
+
+deb() {
+    local version arch root package
+    version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n 1)
+    arch=$(dpkg --print-architecture)
+    root=$REPO/build/deb/ferry
+    package=$REPO/build/ferry_${version}_${arch}.deb
+    rm -rf "$root"
+    PREFIX=/usr DESTDIR=$root "$0" install
+    install -d -m 0755 "$root/DEBIAN"
+    cat >"$root/DEBIAN/control" <<CONTROL
+Package: ferry
+Version: $version
+Architecture: $arch
+Maintainer: ferry developers <ferry@localhost>
+Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
+Depends: python3 (>= 3.11~), python3 (<< 3.12), libcap2, libseccomp2, systemd
+Recommends: libvirt-daemon-system
+Section: net
+Priority: optional
+Description: user-mode networking for VMs whose TCP connections survive live migration
+ ferryd serves a VM (vhost-user) or a network namespace (tap) with host
+ sockets; ferry-repair moves its TCP connections on live migration.
+ Units ferryd@.service (per libvirt domain), ferryd-netns@.service and
+ ferry-repair.socket; libvirt hook /etc/libvirt/hooks/qemu.d/ferry.
+CONTROL
+    (cd "$root" && find etc -type f | sed 's|^|/|') >"$root/DEBIAN/conffiles"
+    maintainer_script postinst 'if [ "$1" = configure ]; then setup_host; fi' >"$root/DEBIAN/postinst"
+    maintainer_script prerm 'if [ "$1" = remove ]; then stop_services; fi' >"$root/DEBIAN/prerm"
+    maintainer_script postrm \
+        'if [ "$1" = remove ] && systemd_runs; then systemctl daemon-reload; fi' >"$root/DEBIAN/postrm"
+    chmod 0755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"
+    quietly dpkg-deb --root-owner-group --build "$root" "$package"
+    say "built $package"
+}
+
 case "$action" in
     install)
         install_venv
@@ -191,8 +242,9 @@ case "$action" in
         fi
         ;;
     uninstall) uninstall ;;
+    deb) deb ;;
     *)
-        echo "usage: $0 install|uninstall" >&2
+        echo "usage: $0 install|uninstall|deb" >&2
         exit 2
         ;;
 esac

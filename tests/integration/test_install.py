@@ -6,7 +6,9 @@ without touching this machine: the staged $PREFIX is bind-mounted on
 /usr/local, where the symlinks, the venv's #! lines and the units point.
 There the installed units verify clean, and ferryd runs as an unprivileged
 user (what ferryd@.service's DynamicUser= gets). make uninstall must then
-leave nothing.
+leave nothing. make deb's package installs, runs and purges in a chroot
+onto an overlay of this machine's root (dpkg, groupadd and all write to the
+overlay's upper layer, a tmpfs, gone with the mount namespace).
 """
 
 from __future__ import annotations
@@ -142,3 +144,75 @@ def test_uninstall_leaves_nothing(tmp_path: Path) -> None:
     _make("install", destdir)
     _make("uninstall", destdir)
     assert list(destdir.rglob("*")) == []
+
+
+#: In a private mount namespace: an overlay of / (writes to a tmpfs), with
+#: /dev, a /proc, /tmp and /run (no /run/systemd/system: no systemd runs
+#: there, as here), then the package's whole life under chroot.
+_IN_OVERLAY = """
+set -e
+work=$0
+mount -t tmpfs tmpfs "$work"
+mkdir "$work/upper" "$work/work" "$work/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$work/upper,workdir=$work/work" "$work/root"
+mount --rbind /dev "$work/root/dev"
+mount -t proc proc "$work/root/proc"
+mount -t tmpfs tmpfs "$work/root/tmp"
+mount -t tmpfs tmpfs "$work/root/run"
+cp "$1" "$work/root/tmp/ferry.deb"
+exec chroot "$work/root" sh -c "$2"
+"""
+
+_PACKAGE_LIFE = """
+set -e
+dpkg -i /tmp/ferry.deb
+echo "group: $(getent group ferry)"
+setpriv --reuid 65534 --regid 65534 --clear-groups ferryd --help | head -n 1
+readlink /usr/bin/ferryd
+dpkg -r ferry
+echo "removed: $(ls /usr/lib/ferry /usr/bin/ferryd /etc/ferry 2>&1 | tr '\\n' ' ')"
+dpkg -P ferry
+echo "purged: $(ls /etc/ferry /etc/default/ferry-repair 2>&1 | tr '\\n' ' ')"
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("dpkg-deb") is None or "overlay" not in Path("/proc/filesystems").read_text(),
+    reason="needs dpkg-deb and overlayfs",
+)
+def test_deb_installs_runs_and_purges(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["make", "-s", "deb"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (package,) = (REPO / "build").glob("ferry_*.deb")
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(package), "Package", "Depends"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert fields.startswith("Package: ferry\nDepends: python3 (>= 3.11~)"), fields
+    (tmp_path / "overlay").mkdir()
+    life = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private",
+         "sh", "-c", _IN_OVERLAY, str(tmp_path / "overlay"), str(package), _PACKAGE_LIFE],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    out = life.stdout + life.stderr
+    assert life.returncode == 0, out
+    lines = life.stdout.splitlines()
+    # postinst: the group, with libvirt's QEMU user in it where libvirt is installed.
+    (group,) = [line for line in lines if line.startswith("group: ")]
+    members = group.split(":")[-1].split(",")
+    assert group.startswith("group: ferry:x:"), group
+    assert members == (["libvirt-qemu"] if _exists_user("libvirt-qemu") else [""]), group
+    assert any(line.startswith("usage: ferryd") for line in lines), out
+    assert "../lib/ferry/venv/bin/ferryd" in lines, out
+    # Removed: the programs and code go, the conffiles stay until purged.
+    (removed,) = [line for line in lines if line.startswith("removed: ")]
+    assert "/usr/lib/ferry': No such file" in removed and "guest.conf.example" in removed, removed
+    (purged,) = [line for line in lines if line.startswith("purged: ")]
+    assert purged.count("No such file") == 2, purged
+
+
+def _exists_user(name: str) -> bool:
+    return subprocess.run(["id", name], capture_output=True, check=False).returncode == 0
