@@ -149,7 +149,7 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
         os.setresuid(identity.uid, identity.uid, identity.uid)
         prctl.set_keepcaps(False)
     # Holding nothing already (started with no capability, as the ferryd units
-    # does it), capset() is not called at all: their filter denies it
+    # start it), capset() is not called at all: their filter denies it
     # (@privileged), and it would change nothing.
     if _holds_capabilities():
         limit_capabilities(kept)
