@@ -139,9 +139,9 @@ def test_installed_units_verify_clean(staged: Path, tmp_path: Path) -> None:
     assert out == ""
 
 
-def test_uninstall_leaves_nothing(tmp_path: Path) -> None:
+def test_uninstall_leaves_nothing(staged: Path, tmp_path: Path) -> None:
     destdir = tmp_path / "stage"
-    _make("install", destdir)
+    shutil.copytree(staged, destdir, symlinks=True)  # what make install staged, once
     _make("uninstall", destdir)
     assert list(destdir.rglob("*")) == []
 
