@@ -90,7 +90,7 @@ install_venv() {
     find "$DEST$VENV" -name __pycache__ -type d -prune -exec rm -rf {} +
     if [ -n "$DEST" ]; then
         local file
-        grep -rlF "$DEST$VENV" "$DEST$VENV/bin" "$DEST$VENV/pyvenv.cfg" | while read -r file; do
+        { grep -rlF "$DEST$VENV" "$DEST$VENV/bin" "$DEST$VENV/pyvenv.cfg" || true; } | while read -r file; do
             sed -i "s|$DEST$VENV|$VENV|g" "$file"
         done
         quietly "$PYTHON" -m compileall -q -s "$DEST" -p / "$DEST$VENV/lib"
