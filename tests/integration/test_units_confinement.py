@@ -312,6 +312,9 @@ def test_vm_unit_ferryd_holds_nothing_and_serves_qemu_through_its_group(
     unit = UNITS / "ferryd@.service"
     assert (_setting(unit, "Type"), _setting(unit, "DynamicUser")) == ("notify", "yes")
     assert _setting(unit, "RuntimeDirectory") == "ferry/%i"
+    # What _UNIT_MOUNTS reproduces:
+    assert (_setting(unit, "ProcSubset"), _setting(unit, "ProtectProc")) == ("pid", "invisible")
+    assert _setting(unit, "PrivateDevices") == "yes"
     uid, gid, qemu_uid = _free_ids(3)
     short_tmp.chmod(0o755)
     runtime = short_tmp / "run"
