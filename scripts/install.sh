@@ -83,7 +83,11 @@ install_venv() {
     quietly "$PYTHON" -m venv "$DEST$VENV"
     # Non-editable: pip builds this tree's wheel, then installs it and its
     # dependencies (pyproject.toml's [project] dependencies) from PyPI.
+    # setuptools builds in build/lib and build/bdist.*, and would pack a
+    # module deleted since the last build from there: none is left behind.
+    rm -rf build/lib build/bdist.*
     quietly "$DEST$VENV/bin/pip" install --no-compile --no-warn-script-location "$REPO"
+    rm -rf build/lib build/bdist.*
     # What only installing needed goes (ferry imports neither), and with it
     # the bytecode written with the staging paths while pip ran.
     quietly "$DEST$VENV/bin/python" -m pip uninstall -y pip setuptools
