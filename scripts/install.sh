@@ -208,7 +208,7 @@ deb() {
     arch=$(dpkg --print-architecture)
     root=$REPO/build/deb/ferry
     package=$REPO/build/ferry_${version}_${arch}.deb
-    rm -rf "$root"
+    rm -rf "$root" "$REPO"/build/ferry_*.deb
     PREFIX=/usr DESTDIR=$root "$0" install
     install -d -m 0755 "$root/DEBIAN"
     cat >"$root/DEBIAN/control" <<CONTROL
