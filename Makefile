@@ -1,5 +1,5 @@
 # One command for the demo, one for the tests; both install what they need.
-.PHONY: setup demo test lint unit integration bench clean
+.PHONY: setup demo test lint unit integration bench clean install uninstall deb
 
 setup:
 	./scripts/bootstrap.sh
@@ -29,3 +29,18 @@ bench: setup
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# ferry on this host (scripts/install.sh says what goes where): PREFIX
+# (default /usr/local), DESTDIR to stage instead.
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+install:
+	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) ./scripts/install.sh install
+
+uninstall:
+	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) ./scripts/install.sh uninstall
+
+# The same tree as a Debian package, PREFIX=/usr: build/ferry_VERSION_ARCH.deb.
+deb:
+	./scripts/install.sh deb

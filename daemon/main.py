@@ -22,7 +22,8 @@ Start-up order matters, because privilege is only held during setup:
 
 Readiness is reported through the control socket: ``status`` answers
 ``ready: true`` once the frontend is up and the addresses are known, which is
-what ``ferryctl status --wait`` polls for.
+what ``ferryctl status --wait`` polls for; under a ``Type=notify`` unit
+systemd hears it too (``READY=1``, ferryd.sd_notify).
 """
 
 import logging
@@ -67,6 +68,7 @@ from ferryd.privileges import (
     needs_bind_service,
     resolve_runas,
 )
+from ferryd.sd_notify import Notifier
 from ferryd.syscall_filter import install_syscall_filter
 from ferryd.wire.ethernet import format_mac
 
@@ -253,9 +255,11 @@ async def serve(
     opts: Options, link: LinkConfig, frontend: Frontend, runas: Identity | None = None
 ) -> None:
     daemon = Daemon(opts, link, frontend, runas)
+    systemd = Notifier.from_environ()  # Type=notify units: ferryd@, ferryd-netns@
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
+            systemd.ready(f"serving the guest ({daemon.migration.role})")
             nursery.start_soon(_exit_on_request, daemon, nursery.cancel_scope)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
@@ -266,6 +270,7 @@ async def serve(
                     daemon.data.tcp.close(trio.current_time())
                 nursery.cancel_scope.cancel()
                 break
+        systemd.stopping("shutting down")
 
 
 async def _exit_on_request(daemon: Daemon, scope: trio.CancelScope) -> None:

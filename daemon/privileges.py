@@ -148,8 +148,8 @@ def drop_privileges(identity: Identity | None, *, keep_bind_service: bool) -> No
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
         prctl.set_keepcaps(False)
-    # Holding nothing already (started with no capability, as ferryd@.service
-    # does it), capset() is not called at all: that unit's filter denies it
+    # Holding nothing already (started with no capability, as the ferryd units
+    # start it), capset() is not called at all: their filter denies it
     # (@privileged), and it would change nothing.
     if _holds_capabilities():
         limit_capabilities(kept)

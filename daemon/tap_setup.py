@@ -1,6 +1,6 @@
-"""ferry-tap-setup: root's half of ferryd@.service, run as ``ExecStartPre=+``.
+"""ferry-tap-setup: root's half of ferryd-netns@.service, run as ``ExecStartPre=+``.
 
-ferryd@.service starts ferryd with no capability at all, so everything that
+ferryd-netns@.service starts ferryd with no capability at all, so everything that
 needs one happens here, as root, before it starts:
 
 1. in the guest's namespace, create the persistent multi-queue tap if it is
@@ -50,6 +50,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ferryd.frontends.tap import TAP_FLAGS, TUNSETIFF
 from ferryd.netns import run_in_netns
+from ferryd.sd_notify import notify_address
 
 TUNSETPERSIST = 0x400454CB
 TUNSETGROUP = 0x400454CE
@@ -93,9 +94,8 @@ def open_tun() -> int:
 
 def store_fd(notify_socket: str, fd: int, name: str) -> None:
     """Give ``fd`` to systemd's descriptor store and wait until it has it (sd_notify(3))."""
-    address = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
+        sock.connect(notify_address(notify_socket))
         message = f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0\n".encode()
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
         sock.sendmsg([message], rights)
@@ -121,7 +121,7 @@ def store_fd(notify_socket: str, fd: int, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="ferry-tap-setup",
-        description="As root, before ferryd@.service's ferryd: create the guest's persistent "
+        description="As root, before ferryd-netns@.service's ferryd: create the guest's persistent "
         "tap and store a /dev/net/tun descriptor opened in its namespace with systemd "
         "(NotifyAccess=exec, FileDescriptorStoreMax=1).",
     )
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         notify = os.environ.get("NOTIFY_SOCKET")
         if not notify:
             raise SetupError(
-                "NOTIFY_SOCKET is not set: run from ferryd@.service (NotifyAccess=exec)"
+                "NOTIFY_SOCKET is not set: run from ferryd-netns@.service (NotifyAccess=exec)"
             )
 
         def in_guest() -> int:

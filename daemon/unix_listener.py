@@ -26,6 +26,7 @@ __all__ = [
     "ListenFailure",
     "PathState",
     "bind_listener",
+    "group_mode",
     "listen_at",
     "probe_path",
     "remove_stale",
@@ -75,8 +76,10 @@ def remove_stale(path: str) -> None:
         os.unlink(path)
 
 
-def bind_listener(path: str, backlog: int) -> tuple[socket.socket, os.stat_result]:
-    """A non-blocking listener at ``path`` (mode 0600) and what it is on disk.
+def bind_listener(
+    path: str, backlog: int, mode: int = 0o600
+) -> tuple[socket.socket, os.stat_result]:
+    """A non-blocking listener at ``path`` (``mode``) and what it is on disk.
 
     Raises OSError (the socket closed) if it cannot be made.
     """
@@ -84,7 +87,7 @@ def bind_listener(path: str, backlog: int) -> tuple[socket.socket, os.stat_resul
     try:
         raw.bind(path)
         # Not listening yet, so nobody can connect before the mode is tight.
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
         bound = os.lstat(path)
         raw.listen(backlog)
         raw.setblocking(False)
@@ -113,7 +116,7 @@ class ListenError(Exception):
         self.error = error
 
 
-def listen_at(path: str, backlog: int) -> tuple[socket.socket, os.stat_result]:
+def listen_at(path: str, backlog: int, mode: int = 0o600) -> tuple[socket.socket, os.stat_result]:
     """:func:`bind_listener` at ``path`` after :func:`probe_path`: a stale socket
     file is replaced (:func:`remove_stale`), a live one or anything not a
     socket never is. Raises :class:`ListenError` (nothing bound)."""
@@ -128,9 +131,26 @@ def listen_at(path: str, backlog: int) -> tuple[socket.socket, os.stat_result]:
     if state is PathState.STALE:
         remove_stale(path)
     try:
-        return bind_listener(path, backlog)
+        return bind_listener(path, backlog, mode)
     except OSError as exc:
         raise ListenError(path, ListenFailure.BIND, exc) from exc
+
+
+def group_mode() -> int:
+    """0660 less this process's umask: a socket its group may connect to when the umask allows.
+
+    For the socket another user's process must reach (QEMU's vhost-user
+    socket, under ferryd@.service: UMask=0007, and QEMU's user in ferryd's
+    group). Started by hand with the usual umask 022 the result, 0640,
+    lets only the owner connect (connect() needs write access, unix(7)),
+    as 0600 does. Read from /proc (Linux >= 4.7), because umask(2) can
+    only read it by changing it.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return 0o660 & ~int(line.split()[1], 8)
+    raise OSError(errno.ENOENT, "no Umask: line in /proc/self/status")
 
 
 def unlink_if_ours(path: str, bound: os.stat_result) -> None:

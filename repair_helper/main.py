@@ -19,6 +19,7 @@ connection and exits, as passt-repair does: 0 when the daemon closes it,
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import os
 import resource
@@ -34,6 +35,17 @@ from ferry_repair.sandbox import SandboxError, drop_capabilities, install_seccom
 from ferry_repair.server import Server
 
 log = logging.getLogger("ferry-repair")
+
+
+def _gid(spec: str) -> int:
+    """A gid, or a group's name (``--allow-gid ferry``: /etc/default/ferry-repair
+    need not know the gid groupadd chose)."""
+    if spec.isdigit():
+        return int(spec)
+    try:
+        return grp.getgrnam(spec).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {spec!r}") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,8 +75,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also serve callers with this uid (root and our own uid always are)",
     )  # fmt: skip
     parser.add_argument(
-        "--allow-gid", metavar="GID", type=int, action="append", default=[],
-        help="also serve callers with this primary gid",
+        "--allow-gid", metavar="GROUP", type=_gid, action="append", default=[],
+        help="also serve callers with this primary gid (a number or a group's name)",
     )  # fmt: skip
     parser.add_argument(
         "--allow-forced-reuse",

@@ -126,15 +126,15 @@ class _Ended(Exception):
         self.fault = fault
 
 
-def open_listener(path: str) -> tuple[socket.socket, os.stat_result]:
-    """The listening socket at ``path`` (mode 0600) and what it is on disk
+def open_listener(path: str, mode: int = 0o600) -> tuple[socket.socket, os.stat_result]:
+    """The listening socket at ``path`` (``mode``) and what it is on disk
     (ferryd.unix_listener: made before the privilege drop, no worker thread)."""
     try:
         ensure_parent_dir(path, "--socket")
     except StartupError as exc:
         raise StreamSetupError(str(exc)) from exc
     try:
-        return listen_at(path, 8)
+        return listen_at(path, 8, mode)
     except ListenError as exc:
         if exc.failure is ListenFailure.LIVE:
             raise StreamAddressInUse(

@@ -1,4 +1,4 @@
-"""The part of systemd that ferryd@.service's ExecStartPre= talks to: the notify socket.
+"""The part of systemd that ferryd-netns@.service's ExecStartPre= talks to: the notify socket.
 
 A datagram socket that takes sd_notify(3) messages as PID 1 does for a unit
 with NotifyAccess=exec and FileDescriptorStoreMax=1: ``FDSTORE=1`` keeps

@@ -339,7 +339,8 @@ def test_refuses_listening_socket_kernel_says_no(
 
 UNPRIVILEGED_CLIENT = """
 import os, socket, sys, array
-os.setgroups([]); os.setgid(65534); os.setuid(65534)
+uid, gid, *groups = [int(a) for a in sys.argv[2:]] or [65534, 65534]
+os.setgroups(groups); os.setgid(gid); os.setuid(uid)
 listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen()
 conn = socket.socket(); conn.connect(listener.getsockname())
 unix = socket.socket(socket.AF_UNIX)
@@ -355,9 +356,10 @@ print(reply.hex() or "closed")
 """
 
 
-def run_unprivileged_client(path: Path) -> str:
+def run_unprivileged_client(path: Path, *ids: int) -> str:
+    """The client as nobody, or as ``uid, gid, *supplementary groups``."""
     out = subprocess.run(
-        [sys.executable, "-c", UNPRIVILEGED_CLIENT, str(path)],
+        [sys.executable, "-c", UNPRIVILEGED_CLIENT, str(path), *map(str, ids)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -373,11 +375,25 @@ def test_refuses_unprivileged_caller(
         assert run_unprivileged_client(socket_path) == "closed"
 
 
-@pytest.mark.parametrize("option", ["--allow-uid", "--allow-gid"])
-def test_allowed_unprivileged_caller(public_dir: Path, option: str) -> None:
-    with listening_helper(public_dir / "s", option, "65534") as helper:
+@pytest.mark.parametrize(
+    ("option", "who"),
+    [("--allow-uid", "65534"), ("--allow-gid", "65534"), ("--allow-gid", "nogroup")],
+)
+def test_allowed_unprivileged_caller(public_dir: Path, option: str, who: str) -> None:
+    with listening_helper(public_dir / "s", option, who) as helper:
         assert run_unprivileged_client(public_dir / "s") == "01"
         helper.wait_for_line("uid=65534 gid=65534 connected")
+
+
+def test_allowed_group_as_a_supplementary_one_is_refused(public_dir: Path) -> None:
+    """--allow-gid looks at the caller's primary gid only (SO_PEERCRED's).
+
+    ferryd@.service makes QEMU a supplementary member of ferryd's group, so
+    that it reaches ferryd's socket; QEMU must not reach ferry-repair that way.
+    """
+    with listening_helper(public_dir / "s", "--allow-gid", "65534") as helper:
+        assert run_unprivileged_client(public_dir / "s", 64999, 64999, 65534) == "closed"
+        helper.wait_for_line("uid=64999 gid=64999: uid and gid not allowed")
 
 
 def test_works_with_only_net_admin_as_nobody(public_dir: Path) -> None:

@@ -2,7 +2,7 @@
 
 The tap is a persistent one that root made beforehand in the guest's
 namespace, owned by nobody's group (``ip tuntap add ... group G``), as
-ferryd@.service's ExecStartPre= does. A launcher opens /dev/net/tun inside
+ferryd-netns@.service's ExecStartPre= does. A launcher opens /dev/net/tun inside
 the guest's namespace and execs ferryd in the host's with it as descriptor 3
 (tests/integration/tap_fd_launcher.py), by socket activation (LISTEN_FDS=1)
 or ``--tap-fd 3``. ferryd attaches to the tap itself (TUNSETIFF) with no
@@ -32,7 +32,7 @@ from tests.integration.test_privileges import _confinement, _expected
 TAP = "tap0"
 #: nobody's group: ferryd drops to nobody and attaches as a member of it.
 RUNAS_GID = pwd.getpwuid(RUNAS_UID).pw_gid
-#: nobody with no capability at all, as ferryd@.service starts ferryd.
+#: nobody with no capability at all, as ferryd-netns@.service starts ferryd.
 AS_NOBODY = ["setpriv", "--reuid", str(RUNAS_UID), "--regid", str(RUNAS_GID), "--clear-groups",
              "--inh-caps", "-all", "--bounding-set", "-all", "--no-new-privs"]  # fmt: skip
 
@@ -45,7 +45,7 @@ def launcher(netns: Netns, *, explicit: bool = False) -> list[str]:
 
 
 def persistent_tap(guest: Netns, group: int = RUNAS_GID) -> None:
-    """What ferryd@.service's ExecStartPre= does, as root."""
+    """What ferryd-netns@.service's ExecStartPre= does, as root."""
     guest.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "multi_queue", "vnet_hdr",
                "group", str(group)])  # fmt: skip
     guest.run(["ip", "link", "set", TAP, "mtu", "65520", "up"])
@@ -135,7 +135,7 @@ def test_config_net_is_refused_with_a_descriptor(topology: Topology, short_tmp: 
 def test_tap_of_another_group_is_refused(topology: Topology, short_tmp: Path) -> None:
     """tun_not_capable(): neither owner nor group is ours, and we hold no CAP_NET_ADMIN.
 
-    ferryd starts as nobody with no capability (as under ferryd@.service);
+    ferryd starts as nobody with no capability (as under ferryd-netns@.service);
     started as root it would attach before dropping, as root may.
     """
     persistent_tap(topology.guest, group=RUNAS_GID + 1)

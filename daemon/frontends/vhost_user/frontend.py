@@ -11,8 +11,10 @@ ferryd.main; :meth:`VhostUserFrontend.run`, the reader of the transmit
 ring, is a task of each data-path generation, as for every frontend.
 
 The socket file is made like the stream frontend's (ferryd.unix_listener:
-mode 0600 before listen(), a stale file replaced, a live one never taken
-over, removed at exit only if still ours). One QEMU at a time
+its mode set before listen(), a stale file replaced, a live one never taken
+over, removed at exit only if still ours), but with mode 0660 less the
+umask (ferryd.unix_listener.group_mode): under ferryd@.service QEMU runs as
+libvirt's user, which reaches the socket through ferryd's group. One QEMU at a time
 (ferryd.frontends.one_qemu, shared with the stream frontend): a second
 connection while one is served is accepted and closed at once (counted
 in ``refused``); QEMU's own reconnect (``reconnect-ms``, or a new QEMU)
@@ -87,7 +89,7 @@ from ferryd.frontends.vhost_user.memory import MmapMapper
 from ferryd.frontends.vhost_user.messages import TransferDirection
 from ferryd.frontends.vhost_user.session import VhostUserSession
 from ferryd.logthrottle import LogThrottle
-from ferryd.unix_listener import unlink_if_ours
+from ferryd.unix_listener import group_mode, unlink_if_ours
 from ferryd.wire.checksum import complete_partial
 
 __all__ = ["VhostUserFrontend"]
@@ -149,7 +151,7 @@ class VhostUserFrontend:
     @classmethod
     def listen(cls, path: str) -> VhostUserFrontend:
         """Listen at ``path`` (raises StreamAddressInUse / StreamSetupError, as --socket does)."""
-        listener, bound = open_listener(path)
+        listener, bound = open_listener(path, group_mode())
         return cls(listener, path, bound=bound)
 
     def describe(self) -> dict[str, Any]:
