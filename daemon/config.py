@@ -526,8 +526,9 @@ def make_link_config(
         else:
             ipv6 = _ip6(explicit.get(6), gateways.get(6), routes.get(AF_INET6), dns, mac)
     if ipv4 is None and ipv6 is None:
+        where = "the host" if opts.interface is None else f"--interface {opts.interface}"
         raise ConfigError(
-            "no guest address: the host has no default route with an address, "
+            f"no guest address: {where} has no default route with an address, "
             "and none was given with -a"
         )
     return LinkConfig(mac=mac, mtu=opts.mtu, ipv4=ipv4, ipv6=ipv6)

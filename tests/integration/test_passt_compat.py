@@ -29,7 +29,7 @@ import pytest
 
 from testbed.paths import VENV_BIN
 from testbed.qemu_stand_in import StreamRelay, dhcp
-from testbed.topology import Topology
+from testbed.topology import Topology, veth
 
 FERRY_PASST = VENV_BIN / "ferry-passt"
 NOBODY = 65534
@@ -163,3 +163,35 @@ def test_an_option_ferry_cannot_honour_is_refused_before_anything_starts(
         "ferry-passt: error: --no-dhcp: not supported: ferryd cannot switch DHCP off\n"
     )
     assert list(state_dir.iterdir()) == []
+
+
+def test_interface_gives_that_interfaces_address_and_gateway(
+    topology: Topology, state_dir: Path, daemons: list[int]
+) -> None:
+    """libvirt's ``<source dev=.../>``: passt's ``--interface``, not the first default route."""
+    host = topology.host
+    veth(host, "second", topology.guest, "second")  # a second uplink
+    host.add_addr("second", "10.88.0.5/16")
+    host.run(
+        ["ip", "route", "add", "default", "via", "10.88.0.1", "dev", "second", "metric", "500"]
+    )
+    sock, pid_file, log = state_dir / "vm.socket", state_dir / "vm.pid", state_dir / "vm.log"
+    started, _ = start(
+        topology, "--socket", str(sock), "--pid", str(pid_file), "--log-file", str(log),
+        "--interface", "second", "-4",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    pid = int(pid_file.read_text())
+    daemons.append(pid)
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid)
+    ready = [line for line in log.read_text().splitlines() if "ready (running)" in line]
+    assert len(ready) == 1 and "'10.88.0.5/16'" in ready[0] and "'10.88.0.1'" in ready[0]
+
+    for interface, message in (
+        ("nosuch", "--interface nosuch: no such interface on this host"),
+        ("lo", "no guest address: --interface lo has no default route with an address"),
+    ):
+        started, _ = start(topology, "--socket", str(sock), "--interface", interface)
+        assert started.returncode == 2
+        assert started.stderr.splitlines()[-1].startswith(f"ferryd: error: {message}")
