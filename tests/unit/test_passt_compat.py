@@ -1,10 +1,12 @@
 """ferry-passt: the argv libvirt 11.3 builds for passt, as ferryd's; everything else refused.
 
 The libvirt command lines are written down from qemu_passt.c's logic
-(ferryd.passt_compat's docstring) for a few domain XMLs: the state
-directory /run/libvirt/qemu/passt, the domain's short name ``ID-NAME``,
-the interface's alias. Each translation must also be one ferryd itself
-accepts (its own parser, the same one ``ferryd`` runs).
+(ferryd.passt_compat's docstring) for a few domain XMLs, two of them as
+captured from a real libvirt 11.3 (a ``passt`` first on libvirtd's PATH
+that recorded its argv): the state directory /run/libvirt/qemu/passt,
+the domain's short name ``ID-NAME``, the interface's alias. Each
+translation must also be one ferryd itself accepts (its own parser, the
+same one ``ferryd`` runs).
 """
 
 from __future__ import annotations
@@ -44,28 +46,50 @@ def test_a_bare_passt_backend() -> None:
     ]  # fmt: skip
 
 
-def test_vhost_user_with_mtu_log_addresses_and_forwards() -> None:
-    """<interface type='vhostuser'> with <backend type='passt' logFile='/var/log/p.log'/>,
-    <mtu size='1500'/>, <ip address='10.0.2.15' prefix='24'/>, <ip family='ipv6'
-    address='fd00::15'/>, <portForward proto='tcp'><range start='2022' to='22'/>
-    </portForward>, <portForward proto='udp' address='127.0.0.1'><range start='5000'
-    end='5010' to='6000'/><range start='5005' exclude='yes'/></portForward>."""
-    argv = libvirt(
-        "--mtu", "1500", "--log-file", "/var/log/p.log",
-        "--address", "10.0.2.15", "--netmask", "24", "--address", "fd00::15",
-        "--tcp-ports", "2022:22", "--udp-ports", "127.0.0.1/5000-5010:6000-6010,~5005",
-        vhost_user=True,
-    )  # fmt: skip
+def test_vhost_user_with_mtu_source_log_addresses_and_forwards() -> None:
+    """Captured from libvirt 11.3 (a ``passt`` on its PATH recording its argv) for::
+
+    <interface type='vhostuser'>
+      <backend type='passt' logFile='/var/log/p.log'/>
+      <source dev='up0'/> <mtu size='1500'/>
+      <ip address='10.77.0.1' prefix='24'/> <ip family='ipv6' address='fd00:77::1'/>
+      <portForward proto='tcp'><range start='2022' to='22'/></portForward>
+      <portForward proto='udp' address='10.77.0.1'>
+        <range start='5000' end='5010' to='6000'/><range start='5005' exclude='yes'/>
+      </portForward>
+      <model type='virtio'/>
+    </interface>
+    """
+    argv = [
+        "--vhost-user", "--one-off", "--socket", SOCKET, "--pid", PID, "--mtu", "1500",
+        "--interface", "up0", "--log-file", "/var/log/p.log", "--address", "10.77.0.1",
+        "--netmask", "24", "--address", "fd00:77::1", "--tcp-ports", "2022:22",
+        "--udp-ports", "10.77.0.1/5000-5010:6000-6010,~5005",
+    ]  # fmt: skip
     assert ferryd_args(argv) == [
         "--socket", SOCKET, "--vhost-user", "--one-off", "--pid", PID, "--daemonize",
-        "--log-file", "/var/log/p.log", "-m", "1500", "-a", "10.0.2.15/24", "-a", "fd00::15/64",
-        "--map-gw", "-t", "2022:22", "-u", "127.0.0.1/5000-5010:6000-6010,~5005",
-        "--repair-listen", f"{SOCKET}.repair",
+        "--log-file", "/var/log/p.log", "-m", "1500", "--interface", "up0",
+        "-a", "10.77.0.1/24", "-a", "fd00:77::1/64", "--map-gw", "-t", "2022:22",
+        "-u", "10.77.0.1/5000-5010:6000-6010,~5005", "--repair-listen", f"{SOCKET}.repair",
     ]  # fmt: skip
     (udp,) = parse_options(ferryd_args(argv)).udp_forwards
     assert [(str(f.bind), f.host_port, f.guest_port) for f in udp] == [
-        ("127.0.0.1", port, port + 1000) for port in range(5000, 5011) if port != 5005
+        ("10.77.0.1", port, port + 1000) for port in range(5000, 5011) if port != 5005
     ]
+
+
+def test_user_with_an_address_without_prefix() -> None:
+    """Captured from libvirt 11.3 for ``<interface type='user'><backend type='passt'/>
+    <ip address='10.77.0.1'/><model type='virtio'/></interface>`` (domain 2, vmu):
+    no prefix, so passt's class A /8."""
+    argv = [
+        "--one-off", "--socket", f"{STATE}/2-vmu-net0.socket",
+        "--pid", f"{STATE}/2-vmu-net0-passt.pid", "--address", "10.77.0.1",
+    ]  # fmt: skip
+    assert ferryd_args(argv) == [
+        "--socket", f"{STATE}/2-vmu-net0.socket", "--one-off",
+        "--pid", f"{STATE}/2-vmu-net0-passt.pid", "--daemonize", "-a", "10.77.0.1/8", "--map-gw",
+    ]  # fmt: skip
 
 
 def test_source_dev_and_a_classful_address() -> None:
