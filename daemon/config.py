@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
             "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
             "net.ipv4.ping_group_range. Readiness: `ferryctl --control PATH status "
             "--wait 10`. Exit status: 0 stopped by SIGTERM/SIGINT or at the end of a "
-            "migrated source's linger; 1 a runtime failure (a socket or directory that "
-            "cannot be made, a port that cannot be bound); 2 a usage or configuration "
+            "migrated source's linger, or (--one-off) once QEMU quit; 1 a runtime "
+            "failure (a socket or directory that cannot be made, a port that cannot be "
+            "bound); 2 a usage or configuration "
             "error. Start-up failures are one line; -v adds the traceback."
         ),
     )
