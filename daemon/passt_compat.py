@@ -293,9 +293,7 @@ def _read(seen: _Seen, name: str, value: str) -> str | None:
         case "--runas":
             seen.runas = value
         case "--mtu":
-            if value.strip() in ("0", "0x0", "00"):
-                raise PasstArgvError("--mtu 0: ferryd always advertises the link's MTU")
-            seen.mtu = value
+            seen.mtu = _mtu(value)
         case "--address":
             _address(seen, value)
         case "--netmask":
@@ -353,7 +351,20 @@ def _address(seen: _Seen, value: str) -> None:
         if not prefix_text.isdigit() or int(prefix_text) > limit:
             raise PasstArgvError(f"--address {value}: the prefix length must be 0-{limit}")
         prefix = int(prefix_text)
+    if address.is_loopback or address.is_multicast or address.is_unspecified:
+        raise PasstArgvError(f"--address {value}: not a unicast address (as passt says)")
     seen.addresses[address.version] = (address, prefix)
+
+
+def _mtu(value: str) -> str:
+    """passt reads the MTU with strtoul's base 0 (decimal, 0x hex, 0 octal); ferryd: decimal."""
+    try:
+        number = int(value, 8) if value.isdigit() and value.startswith("0") else int(value, 0)
+    except ValueError:
+        raise PasstArgvError(f"--mtu {value}: not a number") from None
+    if number == 0:
+        raise PasstArgvError(f"--mtu {value}: ferryd always advertises the link's MTU")
+    return str(number)
 
 
 def _netmask(value: str) -> int:

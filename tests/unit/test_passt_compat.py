@@ -157,6 +157,10 @@ def test_libvirt_forwards_ferry_cannot_do_are_refused(
         (["--netns", "/run/netns/x"], "--netns"),
         (["-T", "80"], "--tcp-ns"),
         (["--mtu", "0"], "--mtu 0"),
+        (["--mtu", "0x0"], "--mtu 0x0"),
+        (["--mtu", "15OO"], "--mtu 15OO: not a number"),
+        (["--address", "127.0.0.1"], "--address 127.0.0.1: not a unicast address"),
+        (["--address", "ff02::1"], "--address ff02::1: not a unicast address"),
         (["--netmask", "24"], "--netmask"),  # no IPv4 --address
         (["--address", "10.0.2.15/24", "--netmask", "24"], "--netmask"),
         (["--netmask", "255.0.255.0", "--address", "10.0.2.15"], "--netmask 255.0.255.0"),
@@ -208,6 +212,8 @@ def test_getopt_forms_as_passt_reads_them() -> None:
         (["--trace"], ["-vv"]),
         (["-d", "-q"], ["-q"]),
         (["--runas", "65534:65534"], ["--runas", "65534:65534"]),
+        (["-m", "0x5dc"], ["-m", "1500"]),  # passt reads it with strtoul's base 0
+        (["-m", "02734"], ["-m", "1500"]),
         (["--address", "10.0.2.15", "--netmask", "255.255.255.192"], ["-a", "10.0.2.15/26"]),
         (["-e", "--chroot-fallback", "--search", "none", "--no-dhcp-search"], []),
     ],
