@@ -67,7 +67,7 @@ class Background:
     ) -> None:
         self._pid_file = pid_file
         self._pid_fd = pid_fd
-        self._pid_inode = None if pid_fd is None else os.fstat(pid_fd).st_ino
+        self._pid_inode = None if pid_fd is None else _inode(os.fstat(pid_fd))
         self._notify_fd = notify_fd
         self._devnull_fd = devnull_fd
         self._keep_stderr = keep_stderr
@@ -129,10 +129,14 @@ class Background:
         if self._pid_file is None or self._pid_inode is None:
             return
         try:
-            if os.stat(self._pid_file).st_ino == self._pid_inode:
+            if _inode(os.stat(self._pid_file)) == self._pid_inode:
                 os.unlink(self._pid_file)
         except OSError as exc:
             log.debug("--pid %s: not removed: %s", self._pid_file, exc.strerror or exc)
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _open(path: str, what: str, mode: int, flags: int) -> int:
