@@ -20,6 +20,11 @@ Start-up order matters, because privilege is only held during setup:
 6. install the seccomp allow-list (ferryd.syscall_filter);
 7. run the data path until SIGTERM/SIGINT, then exit 0.
 
+With ``--daemonize`` (passt's way, for libvirt: ferryd.background) the
+process forks before step 1, and the starting process exits once step 7
+is reached (or with the child's status if it fails first); ``--pid``
+is written then.
+
 Readiness is reported through the control socket: ``status`` answers
 ``ready: true`` once the frontend is up and the addresses are known, which is
 what ``ferryctl status --wait`` polls for.

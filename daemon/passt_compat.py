@@ -17,10 +17,13 @@ option per ``<portForward>``: ``[ADDR][%DEV]/`` when it has an address or
 a device, then ``all`` when it lists no range, else its ranges joined by
 commas, each ``[~]START[-END][:TO[-TO_END]]``.) It waits for that process
 to exit (0: set up, QEMU may connect), then reads the pid file to put the
-daemon into the VM's cgroup and to kill it when the VM stops; ``--one-off``
-makes passt exit when QEMU closes the connection. Older libvirt also sent
+daemon into the VM's cgroup and, for a ``type='user'`` interface, to kill
+it when the VM stops (SIGTERM); ``--one-off`` makes passt exit when QEMU
+closes the connection, which is what ends a ``type='vhostuser'`` one's
+(a real libvirt 11.3 was seen doing both). Older libvirt also sent
 ``--mac-addr`` with the *guest's* MAC, which passt reads as its own (see
-below); newer libvirt adds ``--hostname`` and ``--fqdn``.
+below); libvirt after 11.3 (its development tree) adds ``--hostname`` and
+``--fqdn``.
 
 How it is read. As passt reads it (getopt_long with the option string
 ``+dqfel:hs:...``): short options may be bundled and take their value
