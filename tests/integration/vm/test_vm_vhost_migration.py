@@ -78,10 +78,10 @@ FORWARD_PORT, GUEST_PORT = 2222, 22
 TFTP_PORT, TFTP_BLOCK, UDP_BLOCKS = 6969, 512, 8
 
 
-def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
+def _vhost_ferryd(bed: MigrationBed, name: str, *extra: str) -> tuple[FerrydProcess, Path]:
     """ferryd --vhost-user in host NAME, forwarding FORWARD_PORT to the guest's GUEST_PORT."""
     host = bed.host_a if name == "a" else bed.host_b
-    return bed.start_vhost_user(host, name, "-t", f"{FORWARD_PORT}:{GUEST_PORT}")
+    return bed.start_vhost_user(host, name, "-t", f"{FORWARD_PORT}:{GUEST_PORT}", *extra)
 
 
 def _start_source(bed: MigrationBed, start_vm: StartVm, path: Path, idle: int) -> Vm:
@@ -155,8 +155,10 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
 ) -> None:
     began = time.monotonic()
     bed = two_hosts
-    ferryd_a, path_a = _vhost_ferryd(bed, "a")
-    ferryd_b, path_b = _vhost_ferryd(bed, "b")  # the same command line: QEMU's LOAD decides
+    # --one-off, as libvirt starts passt on both hosts: the source QEMU quitting
+    # after the migration must not end ferryd A before its commit and linger.
+    ferryd_a, path_a = _vhost_ferryd(bed, "a", "--one-off")
+    ferryd_b, path_b = _vhost_ferryd(bed, "b", "--one-off")  # the same: QEMU's LOAD decides
     source = _start_source(bed, start_vm, path_a, idle)
     udp = _start_udp(bed, source) if idle == 0 else None
     if udp is not None:
