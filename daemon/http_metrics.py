@@ -59,6 +59,8 @@ log = logging.getLogger("ferryd.metrics")
 MAX_HEAD = 8192
 #: Seconds a client has to send its request head and take the answer.
 TIMEOUT = 5.0
+#: Bytes of a request read and dropped after the answer (see _lingering_close).
+LINGER_BYTES = 64 * 1024
 #: The only path served.
 PATH = "/metrics"
 
@@ -156,6 +158,8 @@ class MetricsServer:
         self.render = render
         self._listener: socket.socket | None = None
         self._bound: os.stat_result | None = None
+        self.sockname: object = None
+        """Where it listens once bound (getsockname(): a port given as 0 is chosen then)."""
 
     def bind(self) -> None:
         """Listen now; StartupError naming ``--metrics`` if that cannot be."""
@@ -164,6 +168,7 @@ class MetricsServer:
             ensure_parent_dir(addr.path, "--metrics socket")
             try:
                 self._listener, self._bound = listen_at(addr.path, 16)
+                self.sockname = addr.path
             except ListenError as exc:
                 why = exc.error.strerror if exc.error is not None else exc.failure.value
                 raise StartupError(f"--metrics {addr.path}: cannot listen there: {why}") from exc
@@ -182,6 +187,7 @@ class MetricsServer:
             ) from exc
         sock.setblocking(False)
         self._listener = sock
+        self.sockname = sock.getsockname()
 
     def close(self) -> None:
         if self._listener is not None:
@@ -226,6 +232,7 @@ class MetricsServer:
                 while view:
                     sent = await conn.send(view)
                     view = view[sent:]
+                await _lingering_close(conn)
             if scope.cancelled_caught:
                 log.debug("metrics: a client took longer than %g s: closed", TIMEOUT)
         except OSError as exc:
@@ -254,3 +261,20 @@ class MetricsServer:
             body = f"{exc}\n".encode("ascii", "replace")
             return response(exc.status, exc.reason, body, "text/plain; charset=utf-8", False)
         return response(200, "OK", self.render(), CONTENT_TYPE, method == "HEAD")
+
+
+async def _lingering_close(conn: trio.socket.SocketType) -> None:
+    """Send FIN, then read and drop what the client still sends, up to LINGER_BYTES.
+
+    Closing a socket with unread bytes makes the kernel send a RST
+    (RFC 1122 §4.2.2.13), which can destroy the answer before the client
+    read it (an oversized head answered 431); the caller's timeout bounds
+    the wait.
+    """
+    conn.shutdown(socket.SHUT_WR)
+    dropped = 0
+    while dropped < LINGER_BYTES:
+        chunk = await conn.recv(MAX_HEAD)
+        if not chunk:
+            return
+        dropped += len(chunk)
