@@ -203,7 +203,8 @@ class MetricsServer:
         listener = trio.socket.from_stdlib_socket(self._listener)
         slots = trio.Semaphore(MAX_METRICS_CONNECTIONS)
         throttle = LogThrottle(log)
-        log.info("metrics: serving http://%s%s", self.address, PATH)
+        where = f"Unix socket {self.address}" if self.address.path else f"http://{self.address}"
+        log.info("metrics: serving %s on %s", PATH, where)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()

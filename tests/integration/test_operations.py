@@ -1,0 +1,293 @@
+"""Operations on real ferryds: log lines, ``--pcap``, metrics and ferryctl's two outputs.
+
+- ``--pcap``: a guest namespace takes its address by DHCP, resolves the
+  peer by ARP and exchanges a TCP stream both ways with it; tshark reads
+  the file ferryd wrote and must find the DHCP ACK, ferryd's ARP answer,
+  and each direction's payload, reassembled, with the hash of the bytes
+  the programs sent.
+- log lines: ``LEVEL name: message`` on a plain stderr, ``<N>name:
+  message`` when stderr is the stream JOURNAL_STREAM names.
+- metrics after a real migration (the two-host bed): both ferryds show the
+  migration in ``ferryctl metrics`` (parsed with prometheus_client's
+  parser) and over ``--metrics`` HTTP, with outcome, flows moved and
+  downtime, and every counter equal to ``ferryctl counters --json``;
+  ``ferryctl`` status, flows, counters and history read the same in their
+  human form and as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from testbed.ferryd_process import FerrydProcess, launch
+from testbed.migrationbed import MigrationBed
+from testbed.paths import FERRYD
+from testbed.streams import Streams
+from testbed.topology import Topology
+from tests.integration.conftest import StartFerryd
+
+UP, DOWN = 300_000, 700_000
+"""Bytes the guest sends, and the peer answers, in the --pcap test."""
+PORT = 9400
+
+# Payloads from a seed, the same in the test and in the two programs.
+PAYLOAD = "import random, sys; data = random.Random(int(sys.argv[1])).randbytes(int(sys.argv[2]))"
+SERVER = (
+    PAYLOAD
+    + """
+import socket
+srv = socket.create_server(("0.0.0.0", int(sys.argv[3])))
+print("listening", flush=True)
+conn, _ = srv.accept()
+got = b""
+while chunk := conn.recv(65536):
+    got += chunk
+conn.sendall(data)
+conn.close()
+print(len(got), flush=True)
+"""
+)
+CLIENT = (
+    PAYLOAD
+    + """
+import socket
+conn = socket.create_connection((sys.argv[3], int(sys.argv[4])), timeout=30)
+conn.sendall(data)
+conn.shutdown(socket.SHUT_WR)
+got = b""
+while chunk := conn.recv(65536):
+    got += chunk
+print(len(got), flush=True)
+"""
+)
+# udhcpc's script: apply the address only (the stock one would rewrite the
+# host's resolv.conf, which `ip netns exec` shares).
+DHCP_SCRIPT = """#!/bin/sh
+case "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface" ;; esac
+exit 0
+"""
+
+
+def _payload(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _tshark(pcap: Path, *args: str) -> str:
+    return subprocess.run(
+        ["tshark", "-r", str(pcap), *args], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+
+
+def _follow(pcap: Path) -> tuple[bytes, bytes]:
+    """The TCP stream's bytes each way (client to server, server to client), per tshark."""
+    out = _tshark(pcap, "-q", "-z", "follow,tcp,raw,0")
+    sides: list[bytearray] = [bytearray(), bytearray()]
+    body = out.split("Node 1:", 1)[1].split("\n", 1)[1]
+    for line in body.splitlines():
+        if line.startswith("===="):
+            break
+        if line.strip():
+            sides[line.startswith("\t")] += bytes.fromhex(line.strip())
+    return bytes(sides[0]), bytes(sides[1])
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark (scripts/bootstrap.sh)")
+def test_pcap_holds_dhcp_arp_and_both_directions(
+    topology: Topology, start_ferryd: StartFerryd, short_tmp: Path
+) -> None:
+    pcap = short_tmp / "guest.pcap"
+    ferryd = start_ferryd(topology, "--pcap", str(pcap))
+    assert (pcap.stat().st_mode & 0o777) == 0o600
+    script = short_tmp / "dhcp.sh"
+    script.write_text(DHCP_SCRIPT)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    udhcpc = ["busybox", "udhcpc", "-i", "tap0", "-f", "-q", "-n", "-t", "5", "-T", "1"]
+    topology.guest.run([*udhcpc, "-s", str(script)], timeout=30)
+    peer = topology.peers_v4[-1]
+    server = topology.peer.popen(
+        [sys.executable, "-c", SERVER, "2", str(DOWN), str(PORT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    assert server.stdout.readline() == "listening\n"
+    client = topology.guest.run(
+        [sys.executable, "-c", CLIENT, "1", str(UP), peer, str(PORT)], timeout=60
+    )
+    assert client.stdout == f"{DOWN}\n"
+    assert server.communicate(timeout=30)[0] == f"{UP}\n"
+    frames = ferryd.request("counters")["counters"]["pcap"]["frames"]
+    ferryd.stop()  # every record is on disk already (one write each); now nothing is added
+
+    # DHCP: ferryd's ACK with the address the guest took (the host's, as passt does).
+    acks = _tshark(pcap, "-Y", "dhcp.option.dhcp == 5", "-T", "fields", "-e", "dhcp.ip.your")
+    assert acks.split() == [topology.host_v4]
+    # ARP: the guest asked for the peer and ferryd answered.
+    arp = _tshark(
+        pcap,
+        "-Y",
+        f"arp.opcode == 2 && arp.src.proto_ipv4 == {peer}",
+        "-T",
+        "fields",
+        "-e",
+        "arp.dst.proto_ipv4",
+    )
+    assert topology.host_v4 in arp.split()
+    # TCP: each direction reassembled by tshark is exactly what was sent.
+    up, down = _follow(pcap)
+    assert hashlib.sha256(up).hexdigest() == hashlib.sha256(_payload(1, UP)).hexdigest()
+    assert hashlib.sha256(down).hexdigest() == hashlib.sha256(_payload(2, DOWN)).hexdigest()
+    assert int(_tshark(pcap, "-T", "fields", "-e", "frame.number").split()[-1]) == frames
+
+
+def test_log_lines_plain_and_on_the_journal(topology: Topology, short_tmp: Path) -> None:
+    """One line per event, its level first; journald's <N> when stderr is the journal."""
+    started: list[FerrydProcess] = []
+    try:
+        for journal in (False, True):
+            log = short_tmp / f"journal-{journal}.log"
+            log.touch()  # launch truncates it: the inode JOURNAL_STREAM names stays
+            st = os.stat(log if journal else short_tmp)
+            control = str(short_tmp / f"log{int(journal)}.sock")
+            argv = [
+                "env",
+                f"JOURNAL_STREAM={st.st_dev}:{st.st_ino}",
+                str(FERRYD),
+                "--netns",
+                topology.guest.path,
+                "--tap",
+                f"tap{int(journal)}",
+                "--control",
+                control,
+                "--repair-socket",
+                str(short_tmp / "nobody-listens.sock"),
+            ]
+            ferryd = launch(topology.host, argv, control, log, started)
+            ferryd.stop()
+            lines = ferryd.log().splitlines()
+            prefix = ("<4>", "<6>") if journal else ("WARNING ", "INFO ")
+            assert any(line.startswith(f"{prefix[0]}ferryd: --repair-socket ") for line in lines)
+            assert any(line.startswith(f"{prefix[1]}ferryd: ready (running)") for line in lines)
+            assert all(line.startswith(("<", "WARNING ", "INFO ")) for line in lines), lines
+            assert all(line.startswith("<") == journal for line in lines), lines
+    finally:
+        for ferryd in started:
+            ferryd.stop()
+
+
+# ---------------------------------------------------------------------------
+# metrics after a real migration
+
+
+def _families(text: str) -> dict[str, list[Any]]:
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def _sample(families: dict[str, list[Any]], name: str, **labels: str) -> float:
+    found = [
+        s.value for s in families[name] if all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, (name, labels, families.get(name))
+    return float(found[0])
+
+
+def _scrape(path: str) -> str:
+    """GET /metrics over ferryd's --metrics Unix socket (as curl --unix-socket would)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: ferry\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    return body.decode()
+
+
+def _counters_match(families: dict[str, list[Any]], counters: dict[str, dict[str, float]]) -> None:
+    """Every counter of ``ferryctl counters --json`` is in the metrics, with its value."""
+    for group, values in counters.items():
+        for name, value in values.items():
+            metric = f"ferry_{group}_{name}"
+            samples = families.get(metric) or families.get(f"{metric}_total")
+            assert samples is not None, f"{metric} missing"
+            assert samples[0].value == value, (metric, samples[0].value, value)
+
+
+def test_metrics_after_a_migration(two_hosts: MigrationBed) -> None:
+    bed = two_hosts
+    metrics_a, metrics_b = str(bed.tmp / "a-metrics.sock"), str(bed.tmp / "b-metrics.sock")
+    source = bed.start_source("--metrics", metrics_a)
+    target = bed.start_target("--metrics", metrics_b)
+    streams = Streams(bed.peer, bed.guest, "0.0.0.0", bed.peer_v4, 9300, "busy:2", "idle:3")
+    try:
+        streams.wait_flowing("busy", 1 << 20)
+        summary = bed.migrate_ok(source, target)
+        moved = summary["flows"]["tcp"]
+        assert moved == 5
+        streams.wait_more("busy", streams.report()["busy"], 1 << 20, "after the move")
+        streams.finish()
+    finally:
+        streams.close()
+    # Quiet now: each daemon's counters stand still, so every reading agrees.
+    for ferryd, path, direction, role in (
+        (source, metrics_a, "out", "migrated"),
+        (target, metrics_b, "in", "running"),
+    ):
+        text = ferryd.ctl("metrics").stdout
+        families = _families(text)
+        labels = {"seq": "1", "direction": direction, "outcome": "completed"}
+        assert _sample(families, "ferry_migration_flows_moved", kind="tcp", **labels) == moved
+        assert _sample(families, "ferry_migration_downtime_seconds", **labels) > 0
+        assert _sample(families, "ferry_role", ferry_role=role) == 1
+        counters = json.loads(ferryd.ctl("counters", "--json").stdout)
+        _counters_match(families, counters)
+        completed = "out_completed" if direction == "out" else "in_completed"
+        assert _sample(families, f"ferry_migration_{completed}") == 1
+        # The same over HTTP (--metrics): the same families, the same values.
+        assert _families(_scrape(path)) == families
+        # ferryctl history: the record in words and in JSON.
+        (record,) = json.loads(ferryd.ctl("history", "--json").stdout)
+        assert (record["direction"], record["outcome"], record["flows"]["tcp"]) == (
+            direction,
+            "completed",
+            moved,
+        )
+        assert record["downtime_ms"] == pytest.approx(
+            1e3 * _sample(families, "ferry_migration_downtime_seconds", **labels)
+        )
+        table = ferryd.ctl("history").stdout.splitlines()
+        assert table[0].split()[:4] == ["SEQ", "FINISHED", "DIR", "OUTCOME"]
+        assert table[1].split()[3:5] == [direction, "completed"]  # after SEQ, date, time
+        assert f"{moved} TCP, 0 UDP" in table[1]
+
+    # ferryctl's human and JSON forms of the target, after the traffic.
+    status = json.loads(target.ctl("status", "--json").stdout)
+    human = target.ctl("status").stdout
+    assert human.splitlines()[0].split() == ["role:", "running", "(ready)"]
+    assert f"MTU {status['link']['mtu']}" in human
+    assert f"{status['flows']['tcp']} TCP, {status['flows']['udp']} UDP" in human
+    counters = json.loads(target.ctl("counters", "--json").stdout)
+    rows = {
+        tuple(line.split()[:2]): line.split()[2]
+        for line in target.ctl("counters").stdout.splitlines()[1:]
+    }
+    assert rows[("frontend", "frames_in")] == str(counters["frontend"]["frames_in"])
+    assert rows[("migration", "in_completed")] == "1"
+    flows = json.loads(target.ctl("flows", "--json").stdout)
+    table = target.ctl("flows").stdout.splitlines()
+    assert len(table) == 1 + len(flows)
