@@ -446,7 +446,7 @@ _COMMANDS: dict[str, _Command] = {
         "move the guest's network state (every connection) from a running ferryd "
         "to one started with --incoming",
         _run_migrate,
-        lambda summary: format_migration_summary(summary),
+        format_migration_summary,
         _add_migrate,
     ),
     "migrate-abort": _Command(

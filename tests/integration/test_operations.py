@@ -23,9 +23,9 @@ import os
 import random
 import shutil
 import socket
-import stat
 import subprocess
 import sys
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from testbed.ferryd_process import FerrydProcess, launch
 from testbed.migrationbed import MigrationBed
 from testbed.paths import FERRYD
+from testbed.qemu_stand_in import StreamRelay, dhcp, launch_stream_ferryd
 from testbed.streams import Streams
 from testbed.topology import Topology
 from tests.integration.conftest import StartFerryd
@@ -73,12 +74,6 @@ while chunk := conn.recv(65536):
 print(len(got), flush=True)
 """
 )
-# udhcpc's script: apply the address only (the stock one would rewrite the
-# host's resolv.conf, which `ip netns exec` shares).
-DHCP_SCRIPT = """#!/bin/sh
-case "$1" in bound|renew) ip addr add "$ip/$mask" dev "$interface" ;; esac
-exit 0
-"""
 
 
 def _payload(seed: int, size: int) -> bytes:
@@ -105,17 +100,85 @@ def _follow(pcap: Path) -> tuple[bytes, bytes]:
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark (scripts/bootstrap.sh)")
+@pytest.mark.parametrize("frontend", ["tap", "stream"])
 def test_pcap_holds_dhcp_arp_and_both_directions(
-    topology: Topology, start_ferryd: StartFerryd, short_tmp: Path
+    topology: Topology, start_ferryd: StartFerryd, short_tmp: Path, frontend: str
 ) -> None:
+    """The same guest traffic through a tap, or QEMU's stream netdev (played by a relay)."""
     pcap = short_tmp / "guest.pcap"
-    ferryd = start_ferryd(topology, "--pcap", str(pcap))
+    started: list[FerrydProcess] = []
+    relay: StreamRelay | None = None
+    try:
+        if frontend == "tap":
+            ferryd = start_ferryd(topology, "--pcap", str(pcap))
+        else:
+            short_tmp.chmod(0o755)
+            ferryd, path = launch_stream_ferryd(
+                topology.host, short_tmp, "vm", "--pcap", str(pcap), started=started
+            )
+            relay = StreamRelay(topology.guest, path)
+            relay.wait_connections(1)
+        _check_capture(topology, ferryd, pcap, short_tmp)
+    finally:
+        if relay is not None:
+            relay.stop()
+        for ferryd in started:
+            assert ferryd.stop() in ferryd.ok_exit, ferryd.log()
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark (scripts/bootstrap.sh)")
+def test_pcap_through_vhost_user(topology: Topology, short_tmp: Path) -> None:
+    """vhost-user (QEMU and the guest's driver played from Python: testbed/vhost_user_driver.py):
+    an ARP exchange and a 20 KB echo whose reply spans several receive buffers."""
+    from ferryd.wire.arp import ARP_REQUEST, ArpPacket, build_arp
+    from ferryd.wire.ethernet import build_ethernet
+    from ferryd.wire.icmp import build_icmp, echo_rest
+    from ferryd.wire.ip import IPPROTO_ICMP, build_ip
+    from testbed.vhost_user_driver import VhostUserQemu
+
+    guest_mac, ferry_mac = bytes.fromhex("525400123456"), bytes.fromhex("9a559a559a55")
+    pcap = short_tmp / "vhost.pcap"
+    socket_path, control = short_tmp / "ferryd.sock", str(short_tmp / "ferryd.ctl")
+    argv = [str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control]
+    started: list[FerrydProcess] = []
+    guest, peer = IPv4Address(topology.host_v4), IPv4Address(topology.peers_v4[1])
+    body = bytes(range(256)) * 78 + b"end!"
+    try:
+        ferryd = launch(
+            topology.host, [*argv, "--pcap", str(pcap)], control, short_tmp / "f.log", started
+        )
+        with VhostUserQemu(socket_path) as qemu:
+            qemu.start()
+            qemu.post_rx()
+            ask = ArpPacket(
+                ARP_REQUEST, guest_mac, guest, bytes(6), IPv4Address(topology.gateway_v4)
+            )
+            qemu.transmit(build_ethernet(b"\xff" * 6, guest_mac, 0x0806, build_arp(ask)))
+            qemu.receive(1)
+            icmp = build_icmp(guest, peer, 8, 0, echo_rest(0x4242, 1), body)
+            ip = build_ip(guest, peer, IPPROTO_ICMP, icmp)
+            qemu.transmit(build_ethernet(ferry_mac, guest_mac, 0x0800, ip))
+            qemu.receive(1)
+        ferryd.stop()
+    finally:
+        for ferryd in started:
+            assert ferryd.stop() in ferryd.ok_exit, ferryd.log()
+    # (ferryd's own router advertisements aside: IPv6 is on too.)
+    fields = ["-Y", "arp || icmp", "-T", "fields", "-e", "eth.src", "-e", "arp.opcode"]
+    fields += ["-e", "icmp.type"]
+    assert _tshark(pcap, *fields).splitlines() == [
+        "52:54:00:12:34:56\t1\t",
+        "9a:55:9a:55:9a:55\t2\t",
+        "52:54:00:12:34:56\t\t8",
+        "9a:55:9a:55:9a:55\t\t0",
+    ]
+    reply = _tshark(pcap, "-Y", "icmp.type == 0", "-T", "fields", "-e", "data.data")
+    assert bytes.fromhex(reply.strip().replace(":", "")) == body
+
+
+def _check_capture(topology: Topology, ferryd: FerrydProcess, pcap: Path, tmp: Path) -> None:
     assert (pcap.stat().st_mode & 0o777) == 0o600
-    script = short_tmp / "dhcp.sh"
-    script.write_text(DHCP_SCRIPT)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    udhcpc = ["busybox", "udhcpc", "-i", "tap0", "-f", "-q", "-n", "-t", "5", "-T", "1"]
-    topology.guest.run([*udhcpc, "-s", str(script)], timeout=30)
+    dhcp(topology.guest, tmp)
     peer = topology.peers_v4[-1]
     server = topology.peer.popen(
         [sys.executable, "-c", SERVER, "2", str(DOWN), str(PORT)],
@@ -137,14 +200,9 @@ def test_pcap_holds_dhcp_arp_and_both_directions(
     assert acks.split() == [topology.host_v4]
     # ARP: the guest asked for the peer and ferryd answered.
     arp = _tshark(
-        pcap,
-        "-Y",
-        f"arp.opcode == 2 && arp.src.proto_ipv4 == {peer}",
-        "-T",
-        "fields",
-        "-e",
-        "arp.dst.proto_ipv4",
-    )
+        pcap, "-Y", f"arp.opcode == 2 && arp.src.proto_ipv4 == {peer}", "-T", "fields",
+        "-e", "arp.dst.proto_ipv4",
+    )  # fmt: skip
     assert topology.host_v4 in arp.split()
     # TCP: each direction reassembled by tshark is exactly what was sent.
     up, down = _follow(pcap)
