@@ -16,7 +16,7 @@ checksum left to the guest's kernel (``send_partial``: vhost-user's
 checksum offload) is written as sent, with that checksum unfilled.
 
 ferryd holds no payload (DESIGN.md), and the capture keeps that meaning:
-each frame is written with one write() to the file as it passes, never
+each frame is written with one writev() to the file as it passes, never
 queued in ferryd, so a capture holds no memory however slow the disk.
 The price is that the write happens on the data path: into the page cache
 it costs a copy and a system call per frame (README, "Operations", gives
@@ -54,8 +54,12 @@ MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
 #: The longest part of a frame recorded (longer frames are cut, their length kept).
 SNAPLEN = 262144
-#: A write taking longer than this (seconds) ends the capture (see the module docstring).
-STALL_LIMIT = 0.05
+#: A write taking longer than this (seconds) ends the capture (see the module docstring):
+#: far above a write into the page cache (microseconds) or a preemption on a busy host,
+#: what the kernel's dirty-page throttling costs when the disk falls behind.
+STALL_LIMIT = 0.2
+#: A write taking longer than this (seconds) is counted (``slow_writes``).
+SLOW_WRITE = 0.01
 
 _FILE_HEADER = struct.Struct("=IHHiIII")
 _RECORD_HEADER = struct.Struct("=IIII")
@@ -66,12 +70,17 @@ def file_header(snaplen: int = SNAPLEN, linktype: int = LINKTYPE_ETHERNET) -> by
     return _FILE_HEADER.pack(MAGIC, 2, 4, 0, 0, snaplen, linktype)
 
 
-def record(frame: bytes | memoryview, time_ns: int, snaplen: int = SNAPLEN) -> bytes:
-    """One frame's record: its header (time, captured and real length), then its bytes."""
+def record_header(length: int, time_ns: int, snaplen: int = SNAPLEN) -> tuple[bytes, int]:
+    """A frame's record header (time, captured and real length), and how much of it to write."""
     seconds, rest = divmod(time_ns, 1_000_000_000)
-    length = len(frame)
     captured = min(length, snaplen)
-    return _RECORD_HEADER.pack(seconds, rest // 1000, captured, length) + bytes(frame[:captured])
+    return _RECORD_HEADER.pack(seconds, rest // 1000, captured, length), captured
+
+
+def record(frame: bytes | memoryview, time_ns: int, snaplen: int = SNAPLEN) -> bytes:
+    """One frame's record: its header, then its bytes (up to ``snaplen``)."""
+    header, captured = record_header(len(frame), time_ns, snaplen)
+    return header + bytes(frame[:captured])
 
 
 @dataclass
@@ -81,6 +90,8 @@ class CaptureCounters:
     frames: int = 0
     bytes: int = 0
     """Bytes written to the file, headers included."""
+    slow_writes: int = 0
+    """Writes that took longer than SLOW_WRITE: the disk begins to hold the guest up."""
     capture_stopped: int = 0
     """1 once the capture ended (a slow or full disk); the file is closed then."""
 
@@ -101,7 +112,8 @@ class PcapFile:
         self.counters = CaptureCounters()
         self._clock_ns = clock_ns
         self._timer = timer
-        self._write(file_header())
+        header = file_header()
+        self._write([header], len(header))
 
     @classmethod
     def create(cls, path: str) -> PcapFile:
@@ -110,27 +122,35 @@ class PcapFile:
         return cls(fd, path)
 
     def write_frame(self, frame: bytes | memoryview) -> None:
-        if self.fd is not None and self._write(record(frame, self._clock_ns())):
-            self.counters.frames += 1
+        self.write_parts([frame])
 
     def write_parts(self, parts: list[bytes | memoryview]) -> None:
-        if self.fd is not None and self._write(record(b"".join(parts), self._clock_ns())):
+        """One frame given in parts (header and payload): written with one writev(), no copy."""
+        if self.fd is None:
+            return
+        length = sum(len(part) for part in parts)
+        header, captured = record_header(length, self._clock_ns())
+        if captured < length:  # beyond the snap length: cut (never, for ferryd's frames)
+            parts = [b"".join(parts)[:captured]]
+        if self._write([header, *parts], 16 + captured):
             self.counters.frames += 1
 
-    def _write(self, data: bytes) -> bool:
-        """Write ``data`` whole; False (and the capture stopped) if that failed."""
+    def _write(self, buffers: list[bytes | memoryview], size: int) -> bool:
+        """Write ``buffers`` (``size`` bytes) whole; False (and the capture stopped) if not."""
         assert self.fd is not None
         t0 = self._timer()
         try:
-            written = os.write(self.fd, data)
+            written = os.writev(self.fd, buffers)
         except OSError as exc:
             self._stop(f"cannot write: {exc.strerror or exc}")
             return False
         took = self._timer() - t0
-        if written != len(data):
-            self._stop(f"short write ({written} of {len(data)} bytes): the disk is full?")
+        if written != size:
+            self._stop(f"short write ({written} of {size} bytes): the disk is full?")
             return False
         self.counters.bytes += written
+        if took > SLOW_WRITE:
+            self.counters.slow_writes += 1
         if took > STALL_LIMIT:
             self._stop(
                 f"a write took {took * 1e3:.0f} ms (limit {STALL_LIMIT * 1e3:.0f} ms): the disk"

@@ -139,7 +139,7 @@ def test_a_slow_write_ends_the_capture_not_the_traffic(
     assert pcap.fd is None and pcap.counters.capture_stopped == 1
     assert "capture stopped: a write took 500 ms" in caplog.text
     pcap.write_frame(ARP)  # nothing more, no error
-    assert pcap.counters.frames == 1
+    assert pcap.counters.frames == 1 and pcap.counters.slow_writes == 1
     assert len(_records(path)) == 1
 
 
