@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ferryd.exits import ensure_parent_dir
 from ferryd.frontends.base import Frontend, FrontendCounters, OnBurstEnd, OnFrame
 
 __all__ = ["SNAPLEN", "CaptureCounters", "CapturingFrontend", "PcapFile", "file_header", "record"]
@@ -117,7 +118,11 @@ class PcapFile:
 
     @classmethod
     def create(cls, path: str) -> PcapFile:
-        """Create (or truncate) ``path``, mode 0600; OSError as open(2) raises it."""
+        """Create (or truncate) ``path``, mode 0600; OSError as open(2) raises it.
+
+        Its directory is made if missing, as the control socket's is (StartupError).
+        """
+        ensure_parent_dir(path, "--pcap file")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         return cls(fd, path)
 
