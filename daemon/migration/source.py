@@ -596,7 +596,8 @@ class SourceMigration:
             await self._drop_precopy()
             return {"role": str(roles.role), "note": "pre-copy dropped"}
         if roles.role in ROLLBACK_ROLES:
-            self.failure = self.failure or "aborted by migrate-abort"
+            # (migrate-abort, or QEMU running the source VM again)
+            self.failure = self.failure or "aborted"
             if not await self.rollback():
                 raise MigrationFailed(self.rollback_outcome("migrate-abort", False))
             return {"role": str(roles.role), "note": "rolled back, nothing lost"}
@@ -647,7 +648,8 @@ class SourceMigration:
                         exc,
                     )
                 if first:
-                    self._record(Outcome.ROLLBACK_PENDING, error=f"{self.failure}; {exc}")
+                    why = f"{self.failure}; " if self.failure else ""
+                    self._record(Outcome.ROLLBACK_PENDING, error=f"{why}rollback incomplete: {exc}")
                 self._retry_in_background()
                 return False
             self.rollback_error = None
