@@ -91,7 +91,9 @@ def format_status(status: dict[str, Any]) -> str:
     )
     ready = status.get("ready")
     where = ", ".join(
-        f"{key} {value}" for key, value in frontend.items() if key != "kind" and value is not None
+        f"{key} {_words(value)}"
+        for key, value in frontend.items()
+        if key != "kind" and value is not None
     )
     rows = [
         ("role", f"{status.get('role', '?')} ({'ready' if ready else 'not ready'})"),
@@ -110,6 +112,15 @@ def format_status(status: dict[str, Any]) -> str:
     if isinstance(migration, dict) and migration.get("rollback_error"):
         rows.append(("rollback", f"pending: {migration['rollback_error']}"))
     return _labelled(rows) + "(ferryctl counters: what it counted; history: its migrations)\n"
+
+
+def _words(value: object) -> str:
+    """A status value in words: a mapping as ``key=value ...``, a list comma-separated."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_words(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(_words(v) for v in value)
+    return str(value)
 
 
 def _mapping(answer: dict[str, Any], key: str) -> dict[str, Any]:

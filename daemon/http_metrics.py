@@ -261,7 +261,12 @@ class MetricsServer:
         except HttpRequestError as exc:
             body = f"{exc}\n".encode("ascii", "replace")
             return response(exc.status, exc.reason, body, "text/plain; charset=utf-8", False)
-        return response(200, "OK", self.render(), CONTENT_TYPE, method == "HEAD")
+        try:
+            body = self.render()
+        except Exception:  # a ferryd bug: the scrape fails, the daemon goes on
+            log.exception("metrics: rendering failed")
+            return response(500, "Internal Server Error", b"", "text/plain", False)
+        return response(200, "OK", body, CONTENT_TYPE, method == "HEAD")
 
 
 async def _lingering_close(conn: trio.socket.SocketType) -> None:

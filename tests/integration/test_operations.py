@@ -246,6 +246,24 @@ def test_log_lines_plain_and_on_the_journal(topology: Topology, short_tmp: Path)
             ferryd.stop()
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:9650", "[::1]:9650"])
+def test_metrics_over_tcp(topology: Topology, start_ferryd: StartFerryd, address: str) -> None:
+    """--metrics on a TCP address, served by a ferryd running as nobody under seccomp."""
+    ferryd = start_ferryd(topology, "--metrics", address)
+    url = f"http://{address}/metrics"
+    scrape = topology.host.run(["curl", "-sS", "-g", "--max-time", "10", url]).stdout
+    families = _families(scrape)
+    assert _sample(families, "ferry_ready") == 1
+    assert _sample(families, "ferry_role", ferry_role="running") == 1
+    assert not families["ferry_migration_flows_moved"]  # no migration yet
+    refused = topology.host.run(
+        ["curl", "-sS", "-g", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+         "-X", "POST", url]
+    ).stdout  # fmt: skip
+    assert refused == "405"
+    assert ferryd.request("status")["ready"] is True  # and ferryd serves on
+
+
 # ---------------------------------------------------------------------------
 # metrics after a real migration
 

@@ -49,7 +49,7 @@ def test_format_status_of_a_daemon() -> None:
     status = {
         "ready": False,
         "role": "incoming",
-        "frontend": {"kind": "tap", "name": "tap0", "netns": "/run/netns/g"},
+        "frontend": {"kind": "tap", "name": "tap0", "rings": {"rx": True}, "f": ["a", "b"]},
         "link": {
             "mac": "9a:55:9a:55:9a:55",
             "mtu": 1500,
@@ -62,7 +62,7 @@ def test_format_status_of_a_daemon() -> None:
     }
     assert ctl.format_status(status).splitlines() == [
         "role:         incoming (not ready)",
-        "frontend:     tap: name tap0, netns /run/netns/g",
+        "frontend:     tap: name tap0, rings rx=True, f a,b",
         "link:         MAC 9a:55:9a:55:9a:55, MTU 1500",
         "guest MAC:    not seen yet",
         "IPv4:         10.0.0.2/24 via 10.0.0.1, DNS 10.0.0.53",

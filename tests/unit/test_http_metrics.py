@@ -180,3 +180,27 @@ def test_address_in_use_is_a_startup_error() -> None:
         srv = MetricsServer(MetricsAddress(host="127.0.0.1", port=port), lambda: BODY)
         with pytest.raises(StartupError, match=rf"--metrics 127.0.0.1:{port}: cannot listen"):
             srv.bind()
+
+
+async def test_a_render_that_raises_is_a_500_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    def render() -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return BODY
+
+    srv = MetricsServer(MetricsAddress(host="127.0.0.1", port=0), render)
+    srv.bind()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.serve)
+        address = srv.sockname
+        assert isinstance(address, tuple)
+        first = await _exchange(address, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 500 ")
+        assert (await _exchange(address, b"GET /metrics HTTP/1.1\r\n\r\n")).endswith(BODY)
+        nursery.cancel_scope.cancel()
+    assert "metrics: rendering failed" in caplog.text
