@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_interface
 from pathlib import Path
 
 from ferryd.flows.portspec import PortForward, parse_port_spec
+from ferryd.http_metrics import MetricsAddress, parse_address
 from ferryd.link import Ip4Config, Ip6Config, LinkConfig
 from ferryd.migration.session import PRECOPY_QUIET
 from ferryd.wire.ethernet import format_mac, parse_mac
@@ -116,6 +117,10 @@ class Options:
     pid_file: str | None = None
     daemonize: bool = False
     log_file: str | None = None
+    metrics: MetricsAddress | None = None
+    """--metrics: serve the Prometheus metrics over HTTP there (ferryd.http_metrics)."""
+    pcap: str | None = None
+    """--pcap: write the guest's frames to this file (ferryd.pcap)."""
 
 
 def _mtu(text: str) -> int:
@@ -133,6 +138,32 @@ def _port_spec(text: str) -> list[PortForward]:
         return parse_port_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _metrics_address(text: str) -> MetricsAddress:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_operations(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("operations")
+    o.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="ADDR",
+        help="serve the Prometheus metrics (what `ferryctl metrics` prints) over HTTP at "
+        "http://ADDR/metrics; ADDR is HOST:PORT (127.0.0.1:9650), [IPV6]:PORT or an "
+        "absolute Unix socket path (mode 0600)",
+    )
+    o.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="write every frame the guest sends and receives to FILE (created, mode 0600) "
+        "in pcap format, for Wireshark or tshark; a debugging aid: one write() per frame, "
+        "and a disk that cannot keep up ends the capture, not the traffic",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="append the log to FILE (created with mode 0600) instead of standard error",
     )
+    _add_operations(p)
     p.add_argument(
         "-v",
         "--verbose",

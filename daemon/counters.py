@@ -9,7 +9,10 @@ tables, destination refusals and descriptor budget; the daemon
 (ferryd.main) the migration controller's; :meth:`Registry.snapshot` reads
 every field at that moment. So a new counter is a new field, and shows up
 in ``ferryctl status`` and ``ferryctl counters`` with nothing else to
-change; the next step (metrics) reads the same snapshot.
+change; the metrics (ferryd.metrics) read the same snapshot. A field
+that is a level rather than a running total (a table's ``flows``) says so
+in its metadata, ``field(default=0, metadata={"gauge": True})``
+(:meth:`Registry.gauges`), so the metrics type it as a gauge.
 
 A group registered again is replaced: a migration target rebuilds its stack
 and flow tables from the stream's link, and registers the new components
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["Registry", "Snapshot"]
+__all__ = ["GAUGE", "Registry", "Snapshot"]
+
+#: The field metadata key marking a level, not a running total.
+GAUGE = "gauge"
 
 #: Group name -> counter name -> value.
 Snapshot = dict[str, dict[str, int | float]]
@@ -57,3 +63,12 @@ class Registry:
                     values[f.name] = value
             out[group] = values
         return out
+
+    def gauges(self) -> frozenset[tuple[str, str]]:
+        """(group, name) of every field marked as a level (metadata ``gauge``)."""
+        return frozenset(
+            (group, f.name)
+            for group, counters in self._groups.items()
+            for f in dataclasses.fields(counters)  # type: ignore[arg-type]
+            if f.metadata.get(GAUGE)
+        )

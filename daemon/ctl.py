@@ -10,7 +10,12 @@ for bad usage (argparse). Errors are one line on stderr, prefixed with
 ``ferryctl:``, saying whether the daemon is missing or what it answered.
 
 Subcommands are a table (:data:`_COMMANDS`): each has a function adding its
-arguments and one running it, so a new subcommand is one entry.
+arguments, one asking the daemon (it returns what the daemon answered,
+JSON-shaped) and one formatting that for a human, so a new subcommand is
+one entry. ``--json`` is the same option on every subcommand (one parent
+parser, :func:`_json_option`): it prints what the asking returned,
+instead of the human form. ``metrics`` is its own format (Prometheus'
+text) and has no ``--json``.
 """
 
 from __future__ import annotations
@@ -64,10 +69,68 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _run_status(args: argparse.Namespace, out: TextIO) -> None:
+def _run_status(args: argparse.Namespace) -> dict[str, Any]:
     path: str = args.control
-    status = _request(path, "status") if args.wait is None else _wait_ready(path, args.wait)
-    _print_json(status, out)
+    return _request(path, "status") if args.wait is None else _wait_ready(path, args.wait)
+
+
+def _address(family: object) -> str:
+    if not isinstance(family, dict):
+        return "off"
+    dns = ", ".join(str(d) for d in family.get("dns") or []) or "none"
+    return f"{family.get('address', '?')} via {family.get('gateway', '?')}, DNS {dns}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status in a few labelled lines; ``--json`` has every field.
+
+    Missing fields show as '?' (an older or newer daemon's answer still prints).
+    """
+    link, frontend, flows, budget = (
+        _mapping(status, key) for key in ("link", "frontend", "flows", "descriptors")
+    )
+    ready = status.get("ready")
+    where = ", ".join(
+        f"{key} {_words(value)}"
+        for key, value in frontend.items()
+        if key != "kind" and value is not None
+    )
+    rows = [
+        ("role", f"{status.get('role', '?')} ({'ready' if ready else 'not ready'})"),
+        ("frontend", f"{frontend.get('kind', '?')}" + (f": {where}" if where else "")),
+        ("link", f"MAC {link.get('mac', '?')}, MTU {link.get('mtu', '?')}"),
+        ("guest MAC", str(status.get("guest_mac") or "not seen yet")),
+        ("IPv4", _address(link.get("ipv4"))),
+        ("IPv6", _address(link.get("ipv6"))),
+        ("flows", ", ".join(f"{flows.get(p, '?')} {p.upper()}" for p in ("tcp", "udp", "icmp"))),
+        (
+            "descriptors",
+            f"{budget.get('in_use', '?')} in use of {budget.get('for_flows', '?')} for flows",
+        ),
+    ]
+    migration = status.get("migration")
+    if isinstance(migration, dict) and migration.get("rollback_error"):
+        rows.append(("rollback", f"pending: {migration['rollback_error']}"))
+    return _labelled(rows) + "(ferryctl counters: what it counted; history: its migrations)\n"
+
+
+def _words(value: object) -> str:
+    """A status value in words: a mapping as ``key=value ...``, a list comma-separated."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_words(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(_words(v) for v in value)
+    return str(value)
+
+
+def _mapping(answer: dict[str, Any], key: str) -> dict[str, Any]:
+    value = answer.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _labelled(rows: Sequence[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows) + 1
+    return "".join(f"{(label + ':').ljust(width)}  {value}\n" for label, value in rows)
 
 
 def _wait_ready(path: str, wait: float) -> dict[str, Any]:
@@ -127,34 +190,29 @@ def format_flow_table(flows: Sequence[dict[str, Any]]) -> str:
     Missing fields show as '?' rather than failing, so an older or newer
     daemon's answer still prints.
     """
-    rows = [[column.header for column in _FLOW_COLUMNS]]
-    rows += [[column.cell(flow) for column in _FLOW_COLUMNS] for flow in flows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_FLOW_COLUMNS))]
+    return _table(_FLOW_COLUMNS, flows)
+
+
+def _table(columns: Sequence[_Column], items: Sequence[dict[str, Any]]) -> str:
+    rows = [[column.header for column in columns]]
+    rows += [[column.cell(item) for column in columns] for item in items]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for row in rows:
         cells = [
             text.rjust(width) if column.right else text.ljust(width)
-            for text, width, column in zip(row, widths, _FLOW_COLUMNS, strict=True)
+            for text, width, column in zip(row, widths, columns, strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
 
 
-def _add_flows(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true", help="print the flow list as JSON instead of a table"
-    )
-
-
-def _run_flows(args: argparse.Namespace, out: TextIO) -> None:
+def _run_flows(args: argparse.Namespace) -> list[dict[str, Any]]:
     response = _request(args.control, "flows")
     flows = response.get("flows")
     if not isinstance(flows, list) or not all(isinstance(f, dict) for f in flows):
         raise _Failure(f'ferryd at {args.control} answered "flows" without a list of flows')
-    if args.json:
-        _print_json(flows, out)
-    else:
-        out.write(format_flow_table(flows))
+    return flows
 
 
 # ---------------------------------------------------------------------------
@@ -181,18 +239,63 @@ def format_counters(groups: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _add_counters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the counters as JSON")
-
-
-def _run_counters(args: argparse.Namespace, out: TextIO) -> None:
+def _run_counters(args: argparse.Namespace) -> dict[str, Any]:
     counters = _request(args.control, "counters").get("counters")
     if not isinstance(counters, dict):
         raise _Failure(f'ferryd at {args.control} answered "counters" without counters')
-    if args.json:
-        _print_json(counters, out)
-    else:
-        out.write(format_counters(counters))
+    return counters
+
+
+# ---------------------------------------------------------------------------
+# metrics (Prometheus' text format, made by ferryd: ferryd.metrics)
+
+
+def _run_metrics(args: argparse.Namespace) -> str:
+    text = _request(args.control, "metrics").get("text")
+    if not isinstance(text, str):
+        raise _Failure(f'ferryd at {args.control} answered "metrics" without the text')
+    return text
+
+
+# ---------------------------------------------------------------------------
+# history (the daemon's last migrations: ferryd.migration.history)
+
+
+def _run_history(args: argparse.Namespace) -> list[dict[str, Any]]:
+    history = _request(args.control, "history").get("history")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise _Failure(f'ferryd at {args.control} answered "history" without a list')
+    return history
+
+
+def _finished(record: dict[str, Any]) -> str:
+    when = record.get("finished_at")
+    if not isinstance(when, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def _downtime(record: dict[str, Any]) -> str:
+    downtime = record.get("downtime_ms")
+    return f"{downtime:.1f}" if isinstance(downtime, (int, float)) else "-"
+
+
+_HISTORY_COLUMNS = (
+    _Column("SEQ", lambda r: str(r.get("seq", "?")), right=True),
+    _Column("FINISHED", _finished),
+    _Column("DIR", lambda r: str(r.get("direction", "?"))),
+    _Column("OUTCOME", lambda r: str(r.get("outcome", "?"))),
+    _Column("DOWNTIME_MS", _downtime, right=True),
+    _Column("FLOWS", lambda r: _counts(r.get("flows"))),
+    _Column("ERROR", lambda r: str(r.get("error") or "")),
+)
+
+
+def format_history(history: Sequence[dict[str, Any]]) -> str:
+    """The migrations, oldest first, one per line; downtime is this side's part."""
+    if not history:
+        return "no migration yet\n"
+    return _table(_HISTORY_COLUMNS, history)
 
 
 # ---------------------------------------------------------------------------
@@ -226,21 +329,16 @@ def _add_migrate(parser: argparse.ArgumentParser) -> None:
         " while the guest runs (pre-copy is also skipped when both daemons share a network"
         " namespace)",
     )
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def _run_migrate(args: argparse.Namespace, out: TextIO) -> None:
+def _run_migrate(args: argparse.Namespace) -> dict[str, Any]:
     source: str | None = args.source or args.control
     if not source:
         raise _Failure("migrate: no source: pass --source PATH (or --control PATH)")
     try:
-        summary = migrate(source, args.target, timeout=args.timeout, precopy=not args.no_precopy)
+        return migrate(source, args.target, timeout=args.timeout, precopy=not args.no_precopy)
     except MigrationError as exc:
         raise _Failure(str(exc)) from None
-    if args.json:
-        _print_json(summary, out)
-    else:
-        out.write(format_migration_summary(summary))
 
 
 _FLOW_KINDS = (("tcp", "TCP"), ("udp", "UDP"), ("icmp", "ICMP"), ("listeners", "listeners"))
@@ -296,53 +394,79 @@ def _add_abort(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_abort(args: argparse.Namespace, out: TextIO) -> None:
-    """Undo the daemon's migration, whatever state it is in; print the role reached."""
+def _run_abort(args: argparse.Namespace) -> dict[str, Any]:
+    """Undo the daemon's migration, whatever state it is in; answer the role reached."""
     try:
-        answer = request(args.control, "migrate-abort", timeout=args.timeout)
+        return request(args.control, "migrate-abort", timeout=args.timeout)
     except ControlClientError as exc:
         raise _Failure(str(exc)) from None
-    _print_json(answer, out)
+
+
+def format_abort(answer: dict[str, Any]) -> str:
+    note = answer.get("note")
+    return f"role: {answer.get('role', '?')}" + (f" ({note})" if note else "") + "\n"
 
 
 # ---------------------------------------------------------------------------
 # plumbing
 
-_COMMANDS: dict[
-    str,
-    tuple[
-        str,
-        Callable[[argparse.ArgumentParser], None],
-        Callable[[argparse.Namespace, TextIO], None],
-    ],
-] = {
-    "status": (
-        "print the daemon's status as JSON (exit 0 if it answered)",
-        _add_status,
+
+@dataclass(frozen=True)
+class _Command:
+    help: str
+    run: Callable[[argparse.Namespace], Any]
+    """Ask the daemon(s); the answer, JSON-shaped (what --json prints)."""
+    human: Callable[[Any], str]
+    """The answer for a human (the default output)."""
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    json: bool = True
+    """Whether --json is offered (not for metrics: a format of its own)."""
+
+
+_COMMANDS: dict[str, _Command] = {
+    "status": _Command(
+        "print the daemon's role, link, addresses, flows and descriptors (exit 0 if it"
+        " answered; --json: every field)",
         _run_status,
+        format_status,
+        _add_status,
     ),
-    "flows": (
+    "flows": _Command(
         "list the daemon's flows (connections), one per line",
-        _add_flows,
         _run_flows,
+        format_flow_table,
     ),
-    "counters": (
+    "counters": _Command(
         "print what the daemon counted (frames, drops, refusals, errors), by component",
-        _add_counters,
         _run_counters,
+        format_counters,
     ),
-    "migrate": (
+    "history": _Command(
+        "list the daemon's last migrations, in or out: outcome, downtime, flows moved",
+        _run_history,
+        format_history,
+    ),
+    "metrics": _Command(
+        "print the counters, flow gauges and migration history in Prometheus' text format"
+        " (what ferryd --metrics serves over HTTP)",
+        _run_metrics,
+        str,
+        json=False,
+    ),
+    "migrate": _Command(
         "move the guest's network state (every connection) from a running ferryd "
         "to one started with --incoming",
-        _add_migrate,
         _run_migrate,
+        format_migration_summary,
+        _add_migrate,
     ),
-    "migrate-abort": (
+    "migrate-abort": _Command(
         "undo a migration on this daemon in whatever state it is: stop a pre-copy or a "
         "freeze in progress, roll back a frozen source (retrying a rollback that could not "
         "reach the repair helper), reset a target; exit 1 if it could not be done",
-        _add_abort,
         _run_abort,
+        format_abort,
+        _add_abort,
     ),
 }
 
@@ -362,6 +486,17 @@ def _print_json(obj: object, out: TextIO) -> None:
     out.write("\n")
 
 
+def _json_option() -> argparse.ArgumentParser:
+    """The parent parser of every subcommand that offers ``--json``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--json",
+        action="store_true",
+        help="print the daemon's answer as JSON (for scripts) instead of the human form",
+    )
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ferryctl (public for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -377,9 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ferryd's control socket (the --control given to ferryd; default: ${CONTROL_ENV})",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, add_arguments, _) in _COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    json_option = _json_option()
+    for name, command in _COMMANDS.items():
+        parents = [json_option] if command.json else []
+        command.add_arguments(
+            sub.add_parser(name, help=command.help, description=command.help, parents=parents)
+        )
     return parser
+
+
+def _output(command: _Command, args: argparse.Namespace, out: TextIO) -> None:
+    answer = command.run(args)
+    if getattr(args, "json", False):
+        _print_json(answer, out)
+    else:
+        out.write(command.human(answer))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,9 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.control and args.command not in _OWN_SOCKETS:
         parser.error(f"no control socket: pass --control PATH or set ${CONTROL_ENV}")
-    _, _, run = _COMMANDS[args.command]
     try:
-        run(args, sys.stdout)
+        _output(_COMMANDS[args.command], args, sys.stdout)
         sys.stdout.flush()
     except _Failure as exc:
         print(f"ferryctl: {exc}", file=sys.stderr)

@@ -26,7 +26,9 @@ the control socket and its clients     1 + :data:`MAX_CONTROL_CONNECTIONS`
  (each may pass a descriptor or two)   + 16
 a migration: its pipe, the helper      4
  connection, a socket being set up
-slack (logging, /proc reads, netlink)  17
+--metrics: its listener and clients    1 + :data:`MAX_METRICS_CONNECTIONS`
+--pcap: the capture file               1
+slack (logging, /proc reads, netlink)  11
 =====================================  =====
 
 That is :data:`RESERVE` (64). Forwarding listeners are counted from the
@@ -58,6 +60,7 @@ from typing import Protocol
 __all__ = [
     "ACCEPT_BACKOFF",
     "MAX_CONTROL_CONNECTIONS",
+    "MAX_METRICS_CONNECTIONS",
     "RESERVE",
     "DescriptorBudget",
     "DescriptorsSpent",
@@ -70,6 +73,8 @@ log = logging.getLogger("ferryd.descriptors")
 
 #: Control connections served at once; more wait in the listen backlog.
 MAX_CONTROL_CONNECTIONS = 16
+#: --metrics HTTP connections served at once (ferryd.http_metrics).
+MAX_METRICS_CONNECTIONS = 4
 #: Descriptors kept back from flows (see the table in the module docstring).
 RESERVE = 64
 #: How long an accept loop waits after EMFILE/ENFILE before trying again

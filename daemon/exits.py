@@ -13,6 +13,8 @@ or path and the cause, and the process exits with a documented status:
 
 Anything else is a bug in ferry: its traceback is printed, followed by a
 line that says so. ``-v`` shows the traceback of expected failures too.
+When stderr is the journal (ferryd.logformat) these lines carry the
+error priority ``<3>``, as ferryd's log lines carry theirs.
 Exceptions raised inside trio arrive in (nested) exception groups; the
 group is flattened and judged leaf by leaf: one unexpected leaf makes the
 whole failure a bug.
@@ -23,6 +25,8 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from typing import NoReturn
+
+from ferryd.logformat import stderr_is_journal
 
 __all__ = [
     "EXIT_RUNTIME",
@@ -90,15 +94,17 @@ def exit_on_failure(
         if any(isinstance(e, KeyboardInterrupt) for e in found):
             sys.exit(130)
         statuses = [_status_of(e, expected) for e in found]
+        err = "<3>" if stderr_is_journal(os.environ) else ""
         if all(s is not None for s in statuses):
             if verbose:
                 traceback.print_exception(exc)
             for e in found:
-                print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+                print(f"{err}{prog}: error: {_one_line(e)}", file=sys.stderr)
             sys.exit(max(s for s in statuses if s is not None))
         traceback.print_exception(exc)
         print(
-            f"{prog}: internal error (a bug in ferry; please report it with the traceback above)",
+            f"{err}{prog}: internal error (a bug in ferry; please report it with the traceback"
+            " above)",
             file=sys.stderr,
         )
         sys.exit(EXIT_RUNTIME)

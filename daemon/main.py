@@ -62,11 +62,15 @@ from ferryd.frontends.tap import TapFrontend, TapGone, TapSetupError
 from ferryd.frontends.tap_fd import TapFdError, inherited_tap_fd
 from ferryd.frontends.vhost_user.frontend import VhostUserFrontend
 from ferryd.host_addresses import AddressWatch
+from ferryd.http_metrics import MetricsServer
 from ferryd.link import LinkConfig
+from ferryd.logformat import configure as configure_logging
+from ferryd.metrics import MetricsView, render
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
 from ferryd.migration_device_state import DeviceStateMigration
+from ferryd.pcap import CapturingFrontend, PcapFile
 from ferryd.privileges import (
     Identity,
     PrivilegeError,
@@ -164,8 +168,12 @@ class Daemon:
         destinations = Destinations(policy.with_host_addresses(self.host_addresses.addresses))
         self.counters = Registry()
         """Everything ferryd counts, by component (``ferryctl status``, ``counters``)."""
+        # --pcap: opened now, before the privilege drop (ferryd.pcap).
+        self.pcap = _open_capture(opts.pcap)
+        if self.pcap is not None:
+            self.counters.add("pcap", self.pcap.counters)
         self.data = DataPath(
-            frontend,
+            frontend if self.pcap is None else CapturingFrontend(frontend, self.pcap),
             link,
             destinations,
             budget,
@@ -191,6 +199,11 @@ class Daemon:
             self.vhost_user.handler = DeviceStateMigration(self.migration)
         self.ready = False
         self.host_netns = os.stat("/proc/self/ns/net").st_ino
+        # --metrics: bound now, before the privilege drop and the seccomp filter.
+        self.metrics_server: MetricsServer | None = None
+        if opts.metrics is not None:
+            self.metrics_server = MetricsServer(opts.metrics, self.metrics_text)
+            self.metrics_server.bind()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         data = self.data
@@ -204,9 +217,13 @@ class Daemon:
                 control.register("status", self._status, max_fds=0)
                 control.register("flows", self._flows, max_fds=0)
                 control.register("counters", self._counters, max_fds=0)
+                control.register("metrics", self._metrics, max_fds=0)
+                control.register("history", self._history, max_fds=0)
                 migration_control.register(control, self.migration)
                 await outer.start(control.serve)
             await outer.start(self.migration.run)
+            if self.metrics_server is not None:
+                await outer.start(self.metrics_server.serve)
             forwards = self.opts.tcp_forwards + self.opts.udp_forwards
             drop_privileges(
                 self.runas,
@@ -251,6 +268,25 @@ class Daemon:
 
     async def _counters(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return {"counters": self.counters.snapshot()}
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of everything counted now (ferryd.metrics)."""
+        return render(
+            MetricsView(
+                counters=self.counters.snapshot(),
+                gauges=self.counters.gauges(),
+                role=str(self.migration.role),
+                ready=self.ready,
+                descriptors=self.data.budget.snapshot(),
+                history=self.migration.history.records(),
+            )
+        )
+
+    async def _metrics(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"text": self.metrics_text().decode()}
+
+    async def _history(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"history": [r.as_dict() for r in self.migration.history.records()]}
 
     async def _flows(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         data = self.data
@@ -320,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     level = logging.WARNING - 10 * min(opts.verbose + 1, 2)
     if opts.quiet:
         level = logging.WARNING
-    logging.basicConfig(level=level, format="ferryd[%(process)d] %(name)s: %(message)s")
+    configure_logging(level)
     exit_on_failure(
         "ferryd",
         lambda: _run(opts),
@@ -381,6 +417,15 @@ def _frontend(opts: Options, link: LinkConfig) -> Frontend:
         opts.config_net and not opts.incoming,
         incoming=opts.incoming,
     )
+
+
+def _open_capture(path: str | None) -> PcapFile | None:
+    if path is None:
+        return None
+    try:
+        return PcapFile.create(path)
+    except OSError as exc:
+        raise StartupError(f"--pcap {path}: cannot create it: {exc.strerror or exc}") from exc
 
 
 def warn_if_nobody_listens(path: str) -> None:

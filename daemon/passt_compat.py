@@ -59,6 +59,7 @@ passt                           ferryd
 ``-d``, ``--debug``             ``-v``
 ``--trace``                     ``-vv``
 ``-q``, ``--quiet``             ``-q``
+``-p``, ``--pcap FILE``         ``--pcap FILE``
 ``-e``, ``--stderr``            accepted, no effect (deprecated no-op in passt)
 ``--runas USER[:GROUP]``        ``--runas`` (same meaning; nobody by default
                                 when root)
@@ -108,7 +109,7 @@ the host)                       (the guest must not reach the host's
 ==============================  ==============================================
 
 Refused, exit status 2 and a line naming the option and why: ``-F``/
-``--fd`` (ferryd listens, it takes no connected socket), ``-p``/``--pcap``,
+``--fd`` (ferryd listens, it takes no connected socket),
 ``-o``/``--outbound``, ``--outbound-if4``/``--outbound-if6`` (ferryd does
 not bind its outbound sockets), ``--dns-forward``, ``--dns-host`` (no DNS
 address mapping), ``-S LIST``, ``-H``/``--hostname``, ``--fqdn`` (DHCP
@@ -174,7 +175,6 @@ _SHORT_NAMES = {
 #: Refused options and why (the message's second half).
 _REFUSED = {
     "--fd": "ferryd listens on --socket; it takes no connected socket from its caller",
-    "--pcap": "ferryd writes no packet capture",
     "--outbound": "ferryd does not bind its outbound sockets to an address",
     "--outbound-if4": "ferryd does not bind its outbound sockets to an interface",
     "--outbound-if6": "ferryd does not bind its outbound sockets to an interface",
@@ -227,6 +227,7 @@ class _Seen:
     pid: str | None = None
     foreground: bool = False
     log_file: str | None = None
+    pcap: str | None = None
     verbosity: str | None = None  # "-v", "-vv", "-q"
     runas: str | None = None
     mtu: str | None = None
@@ -285,6 +286,8 @@ def _read(seen: _Seen, name: str, value: str) -> str | None:
             seen.foreground = True
         case "--log-file":
             seen.log_file = value
+        case "--pcap":
+            seen.pcap = value
         case "--debug":
             seen.verbosity = "-v"
         case "--trace":
@@ -417,6 +420,8 @@ def _ferryd_args(seen: _Seen) -> list[str]:
         args.append("--daemonize")
     if seen.log_file is not None:
         args += ["--log-file", seen.log_file]
+    if seen.pcap is not None:
+        args += ["--pcap", seen.pcap]
     if seen.verbosity is not None:
         args.append(seen.verbosity)
     if seen.runas is not None:
@@ -483,7 +488,7 @@ Usage: {PROG} [passt's options]
 ferry's ferryd behind passt's command line, for libvirt's and KubeVirt's
 <backend type='passt'/>: install it as a `passt` found first on libvirt's PATH.
 Accepted and mapped: --socket/-s, --vhost-user, --one-off/-1, --pid/-P,
---foreground/-f, --log-file/-l, --debug/-d, --trace, --quiet/-q, --runas,
+--foreground/-f, --log-file/-l, --pcap/-p, --debug/-d, --trace, --quiet/-q, --runas,
 --mtu/-m, --address/-a, --netmask/-n, --gateway/-g, --mac-addr/-M (ferryd's
 own MAC), --interface/-i, --dns/-D, --no-dhcp-dns, --ipv4-only/-4,
 --ipv6-only/-6, --no-map-gw, --map-host-loopback none, --map-guest-addr none,

@@ -13,6 +13,7 @@ APT_PACKAGES=(
     iproute2 procps kmod libcap-dev gcc libc6-dev make python3-dev python3-venv
     busybox udhcpc isc-dhcp-client socat iperf3 curl
     passt slirp4netns systemd
+    tshark
 )
 
 missing=()

@@ -36,7 +36,7 @@ Invariants
 """
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from ferryd.descriptors import DescriptorsSpent, FlowLimitReached
@@ -132,8 +132,8 @@ class Flow(Generic[H]):
 class FlowCounters:
     """What a flow table counts; each protocol's counters extend it."""
 
-    flows: int = 0
-    """Flows in the table now."""
+    flows: int = field(default=0, metadata={"gauge": True})
+    """Flows in the table now (a level: ferryd.counters)."""
     opened: int = 0
     """Flows added to the table since it was made."""
     closed: int = 0

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import trio
 
 from ferryd.migration.errors import MigrationError, NoMigration
+from ferryd.migration.history import MigrationHistory
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Event, Role, RoleMachine
@@ -65,6 +66,8 @@ class MigrationController:
         self.started_incoming = incoming
         """Started with --incoming: waiting for a stream is how it started (see reopen)."""
         self.counters = MigrationCounters()
+        self.history = MigrationHistory()
+        """The last migrations' ends, in or out (``ferryctl history``, metrics)."""
         self.migration: SourceMigration | TargetMigration | None = None
         """The migration in progress (or the last one), if any."""
         self._linger = linger
@@ -93,6 +96,7 @@ class MigrationController:
                     linger=self._linger,
                     handed_over=self._handed_over,
                     precopy_quiet=self._precopy_quiet,
+                    history=self.history,
                 )
                 task_status.started()
                 try:

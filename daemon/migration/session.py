@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
+from ferryd.migration.history import MigrationHistory
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.ports import RepairSupply
 from ferryd.migration.roles import RoleMachine
@@ -29,11 +30,11 @@ class MigrationCounters:
     """Target: resumed."""
     in_failed: int = 0
     """Target: restores that failed or were aborted (everything discarded)."""
-    last_downtime_ms: float = 0.0
+    last_downtime_ms: float = field(default=0.0, metadata={"gauge": True})
     """This side's part of the last downtime: source, freeze to stream end; target,
     the first byte after the freeze to resume (the whole downtime spans both hosts,
     ferryctl migrate measures it)."""
-    last_connections: int = 0
+    last_connections: int = field(default=0, metadata={"gauge": True})
     """TCP connections in the last migration streamed out or restored here."""
 
 
@@ -52,3 +53,5 @@ class Session:
     handed_over: Callable[[], None]
     """Called once a committed source's linger time is over: the daemon exits."""
     precopy_quiet: float = PRECOPY_QUIET
+    history: MigrationHistory = field(default_factory=MigrationHistory)
+    """Each migration's end (outcome, downtime, flows), the last few."""

@@ -76,6 +76,7 @@ from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
 from ferryd.migration import restore
 from ferryd.migration.errors import MigrationAborted, MigrationFailed
 from ferryd.migration.flowstate import tcp_record
+from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.ports import LINUX, KernelDump, RepairPort
 from ferryd.migration.records import (
     FlowRecord,
@@ -155,6 +156,12 @@ class SourceMigration:
         """Why the last rollback attempt could not complete; None once one did."""
         self.rollback_attempts = 0
         self._linger_scope: trio.CancelScope | None = None
+        self.t_freeze: float | None = None
+        """When the guest's network stopped here (monotonic; None before the freeze)."""
+        self.streamed: dict[str, int] = {}
+        """The flows streamed at the freeze, by kind (the history's flows moved)."""
+        self.failure: str | None = None
+        """Why this migration is being undone (the history's error)."""
 
     def status(self) -> dict[str, Any]:
         """This migration in ``ferryctl status``: a pending rollback is visible there."""
@@ -228,6 +235,7 @@ class SourceMigration:
         except Exception as exc:  # as migrate_out: any failure undoes the pre-copy
             log.warning("pre-copy failed: %s", _why(exc))
             self.s.counters.out_failed += 1
+            self._record(Outcome.FAILED, error=f"pre-copy failed: {_why(exc)}")
             with trio.CancelScope(shield=True):
                 if held:
                     await self._unhold(held)
@@ -311,7 +319,7 @@ class SourceMigration:
                 self._watchdog = None
             roles.step(Event.FREEZE_PRECOPIED)
         self.same_netns = same_netns
-        t_freeze = time.monotonic()
+        t_freeze = self.t_freeze = time.monotonic()
         counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
         self._work_done = trio.Event()
         try:
@@ -339,6 +347,7 @@ class SourceMigration:
         except Exception as exc:
             log.warning("migration failed: %s; rolling back", _why(exc))
             self.s.counters.out_failed += 1
+            self.failure = f"migration failed: {_why(exc)}"
             await trio.lowlevel.checkpoint()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -354,6 +363,7 @@ class SourceMigration:
             self.s.nursery.start_soon(self._outcome_watchdog, outcome_timeout)
         self.s.counters.last_downtime_ms = (t_dumped - t_freeze) * 1e3
         self.s.counters.last_connections = counts["tcp"]
+        self.streamed = counts
         self.timings = {
             "stop": (t_stopped - t_freeze) * 1e3,
             "freeze_repair_on": (t_repaired - t_stopped) * 1e3,
@@ -538,6 +548,7 @@ class SourceMigration:
             await self._drop_precopy()
         elif self.roles.role is Role.FROZEN:
             log.warning("migration: no commit or abort in %.0f s: rolling back", patience)
+            self.failure = f"no commit or abort in {patience:.0f} s"
             await self.rollback()
 
     async def commit(self) -> dict[str, Any]:
@@ -545,6 +556,9 @@ class SourceMigration:
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.s.counters.out_completed += 1
+        self._record(
+            Outcome.COMPLETED, downtime_ms=self.s.counters.last_downtime_ms, flows=self.streamed
+        )
         self._linger_scope = trio.CancelScope()
         self.s.nursery.start_soon(self._linger, self._linger_scope)
         log.info("migration committed: guest handed over; lingering %.0f s", self.s.linger)
@@ -582,6 +596,8 @@ class SourceMigration:
             await self._drop_precopy()
             return {"role": str(roles.role), "note": "pre-copy dropped"}
         if roles.role in ROLLBACK_ROLES:
+            # (migrate-abort, or QEMU running the source VM again)
+            self.failure = self.failure or "aborted"
             if not await self.rollback():
                 raise MigrationFailed(self.rollback_outcome("migrate-abort", False))
             return {"role": str(roles.role), "note": "rolled back, nothing lost"}
@@ -631,12 +647,36 @@ class SourceMigration:
                         " frozen until it succeeds (retrying)",
                         exc,
                     )
+                if first:
+                    why = f"{self.failure}; " if self.failure else ""
+                    self._record(Outcome.ROLLBACK_PENDING, error=f"{why}rollback incomplete: {exc}")
                 self._retry_in_background()
                 return False
             self.rollback_error = None
             self.s.counters.out_rolled_back += 1
+            self._record(Outcome.ROLLED_BACK, error=self.failure)
             log.info("migration rolled back: running again with every connection")
             return True
+
+    def _record(
+        self,
+        outcome: Outcome,
+        *,
+        downtime_ms: float | None = None,
+        flows: dict[str, int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """This migration's end in the history; a rollback's downtime runs from the freeze."""
+        if downtime_ms is None and outcome is not Outcome.FAILED and self.t_freeze is not None:
+            downtime_ms = (time.monotonic() - self.t_freeze) * 1e3
+        self.s.history.add(
+            Direction.OUT,
+            outcome,
+            finished_at=time.time(),
+            downtime_ms=downtime_ms,
+            flows=flows,
+            error=error,
+        )
 
     def _retry_in_background(self) -> None:
         if self._retrying:

@@ -34,6 +34,7 @@ import trio
 from ferryd.link import LinkConfig
 from ferryd.migration.admission import check_record
 from ferryd.migration.errors import MigrationAborted, MigrationFailed
+from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.restore import Restorer
 from ferryd.migration.roles import Event, Role
 from ferryd.migration.session import Session
@@ -182,6 +183,7 @@ class TargetMigration:
             self.s.roles.step(Event.RESTORE_FAILED)
             self.s.counters.in_failed += 1
             self.error = f"restore failed: {exc}"
+            self._record(Outcome.FAILED, error=self.error)
         else:
             self.s.roles.step(Event.RESTORED)
             self.t_first = t_first
@@ -240,11 +242,33 @@ class TargetMigration:
         counters.in_completed += 1
         counters.last_connections = self.restorer.counts["tcp"]
         counters.last_downtime_ms = (t_resumed - (self.t_first or t0)) * 1e3
+        self._record(
+            Outcome.COMPLETED,
+            downtime_ms=counters.last_downtime_ms,
+            flows=self.restorer.counts,
+        )
         log.info("migration: resumed in %.1f ms", (t_resumed - t0) * 1e3)
         return {
             "t_resumed": t_resumed,
             "timings_ms": {"repair_off": t_off, "resume": (t_resumed - t0) * 1e3},
         }
+
+    def _record(
+        self,
+        outcome: Outcome,
+        *,
+        downtime_ms: float | None = None,
+        flows: dict[str, int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.s.history.add(
+            Direction.IN,
+            outcome,
+            finished_at=time.time(),
+            downtime_ms=downtime_ms,
+            flows=flows,
+            error=error,
+        )
 
     async def abort(self) -> dict[str, Any]:
         async with self._settling:
@@ -261,4 +285,5 @@ class TargetMigration:
             d.rebuild(d.link, trio.current_time())
             roles.step(Event.DISCARD)
             self.s.counters.in_failed += 1
+            self._record(Outcome.FAILED, error="aborted after the restore: discarded")
         return {"role": str(roles.role)}

@@ -88,7 +88,7 @@ def test_guest_flows_beyond_the_descriptor_budget_are_refused(
     # port unreachables, ECONNREFUSED, come on top, rate-limited by its kernel).
     assert 0 < udp_errors["kinds"].get("EHOSTUNREACH", 0) <= 40, udp_errors
     # What `ferryctl status` shows: the budget, full, and what it refused.
-    status = json.loads(ferryd.ctl("status").stdout)
+    status = json.loads(ferryd.ctl("status", "--json").stdout)
     budget = status["descriptors"]
     assert budget["limit"] == NOFILE and budget["for_flows"] == FOR_FLOWS
     assert budget["in_use"] == FOR_FLOWS and "refused" not in budget  # shown once:
@@ -149,5 +149,5 @@ def test_control_connection_flood_under_a_low_limit(
     flood.stdin.write("\n")
     flood.stdin.flush()
     flood.wait(timeout=30)
-    assert json.loads(ferryd.ctl("status").stdout)["ready"] is True
+    assert json.loads(ferryd.ctl("status", "--json").stdout)["ready"] is True
     assert ferryd.proc.poll() is None

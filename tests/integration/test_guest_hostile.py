@@ -73,7 +73,7 @@ def test_solicit_with_thousands_of_ia_na_leaves_ferryd_serving(
     # Still serving: both families, and the control socket.
     for addr in (topology.peers_v4[1], topology.peers_v6[1]):
         assert topology.guest.ping(addr), f"ferryd stopped forwarding to {addr}"
-    status = json.loads(ferryd.ctl("status").stdout)
+    status = json.loads(ferryd.ctl("status", "--json").stdout)
     counters = status["counters"]
     assert counters["frames_in"] > before["frames_in"]
     assert counters["frame_errors"] == 0 and counters["malformed"] == before["malformed"]

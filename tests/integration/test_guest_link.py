@@ -185,7 +185,7 @@ def test_udp_exchange_ipv4(topology: Topology, start_ferryd: StartFerryd) -> Non
     # The control server's rule, as ferryd registers its read-only commands: no descriptors.
     r, w = os.pipe()
     with os.fdopen(r, "rb"), os.fdopen(w, "wb"):
-        for command in ("status", "counters", "flows"):
+        for command in ("status", "counters", "flows", "metrics", "history"):
             refused = f"'{command}' takes no file descriptors, not 1"
             with pytest.raises(ControlRequestFailed, match=refused):
                 ferryd.request(command, fds=[w])

@@ -286,6 +286,14 @@ def test_helper_refuses_mid_freeze(two_hosts: MigrationBed, helper: Helper) -> N
         assert again.returncode == 0, again.stderr
         assert _role(source) == "running"
         _still_flowing(streams, "after the rollback finished")
+        # The history has the pending rollback, then its completion (ferryd.migration.history).
+        history = source.request("history")["history"]
+        assert [(h["direction"], h["outcome"]) for h in history] == [
+            ("out", "rollback-pending"),
+            ("out", "rolled-back"),
+        ]
+        assert "closed the connection instead of answering" in history[0]["error"]
+        assert history[1]["downtime_ms"] > history[0]["downtime_ms"] > 0
         streams.finish()
     finally:
         streams.close()

@@ -238,7 +238,7 @@ def test_socket_in_use_or_impossible_is_one_line(short_tmp: Path) -> None:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            ready = _run(FERRYCTL, "--control", control, "status", "--wait", "15")
+            ready = _run(FERRYCTL, "--control", control, "status", "--wait", "15", "--json")
             assert ready.returncode == 0, ready.stderr
             assert json.loads(ready.stdout)["frontend"]["kind"] == "stream"
             busy = _run(FERRYD, "--socket", path, "-a", "10.1.0.2/24", "-g", "10.1.0.1", "-4")

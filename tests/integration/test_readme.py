@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 #: The README's usage sections (level-2 headings) whose sh blocks are run.
-SECTIONS = ("Running ferryd", "Migration")
+SECTIONS = ("Running ferryd", "Migration", "Operations")
 #: Time one section's examples may take, background programs excluded.
 SECTION_TIMEOUT = 120.0
 

@@ -45,7 +45,7 @@ def test_control_directory_is_created(guest: Netns, short_tmp: Path) -> None:
         text=True,
     )
     try:
-        status = run(FERRYCTL, "--control", control, "status", "--wait", "15")
+        status = run(FERRYCTL, "--control", control, "status", "--wait", "15", "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["ready"] is True
         assert stat.S_IMODE((short_tmp / "new" / "dir").stat().st_mode) == 0o755

@@ -206,7 +206,7 @@ def test_start_ferryd_ready_and_stopped(topology: Topology, start_ferryd: StartF
     host_inode = topology.host.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout
     assert status["netns_inode"] == int(host_inode), "ferryd does not run in the host namespace"
     assert ferryd.pid in topology.host.pids()
-    assert '"ready": true' in ferryd.ctl("status").stdout
+    assert '"ready": true' in ferryd.ctl("status", "--json").stdout
     assert "fake ferryd starting" in ferryd.log()
     assert ferryd.stop() in ferryd.ok_exit
     assert not alive(ferryd.pid)

@@ -6,6 +6,7 @@ script; the server is control_support.py's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import threading
@@ -28,10 +29,49 @@ async def run_ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, 
 
 
 async def test_ctl_status(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = await run_ctl(capsys, "--control", daemon.path, "status")
+    rc, out, err = await run_ctl(capsys, "--control", daemon.path, "status", "--json")
     assert (rc, err) == (0, "")
     assert json.loads(out) == {"ok": True, "ready": True, "version": "test"}
     assert out.startswith("{\n  "), "status JSON should be pretty-printed"
+
+
+async def test_ctl_status_human(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    """Labelled lines; what this (old or new) daemon did not answer shows as '?'."""
+    rc, out, err = await run_ctl(capsys, "--control", daemon.path, "status")
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["role:", "?", "(ready)"]
+    assert lines[1].split() == ["frontend:", "?"]
+    assert "IPv4:         off" in out
+
+
+def test_format_status_of_a_daemon() -> None:
+    status = {
+        "ready": False,
+        "role": "incoming",
+        "frontend": {"kind": "tap", "name": "tap0", "rings": {"rx": True}, "f": ["a", "b"]},
+        "link": {
+            "mac": "9a:55:9a:55:9a:55",
+            "mtu": 1500,
+            "ipv4": {"address": "10.0.0.2/24", "gateway": "10.0.0.1", "dns": ["10.0.0.53"]},
+        },
+        "guest_mac": None,
+        "flows": {"tcp": 3, "udp": 1, "icmp": 0},
+        "descriptors": {"in_use": 4, "for_flows": 900},
+        "migration": {"rollback_error": "helper gone"},
+    }
+    assert ctl.format_status(status).splitlines() == [
+        "role:         incoming (not ready)",
+        "frontend:     tap: name tap0, rings rx=True, f a,b",
+        "link:         MAC 9a:55:9a:55:9a:55, MTU 1500",
+        "guest MAC:    not seen yet",
+        "IPv4:         10.0.0.2/24 via 10.0.0.1, DNS 10.0.0.53",
+        "IPv6:         off",
+        "flows:        3 TCP, 1 UDP, 0 ICMP",
+        "descriptors:  4 in use of 900 for flows",
+        "rollback:     pending: helper gone",
+        "(ferryctl counters: what it counted; history: its migrations)",
+    ]
 
 
 async def test_ctl_status_not_running(sock_path: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,7 +85,7 @@ async def test_ctl_status_wait_until_ready(
     daemon: Daemon, capsys: pytest.CaptureFixture[str]
 ) -> None:
     daemon.ready_after = 3
-    rc, out, _ = await run_ctl(capsys, "--control", daemon.path, "status", "--wait", "10")
+    rc, out, _ = await run_ctl(capsys, "--control", daemon.path, "status", "--wait", "10", "--json")
     assert rc == 0
     assert json.loads(out)["ready"] is True
     assert daemon.status_calls == 4
@@ -71,7 +111,8 @@ async def test_ctl_status_wait_for_socket(
         result: list[tuple[int, str, str]] = []
 
         async def ctl_task() -> None:
-            result.append(await run_ctl(capsys, "--control", sock_path, "status", "--wait", "10"))
+            argv = ("--control", sock_path, "status", "--wait", "10", "--json")
+            result.append(await run_ctl(capsys, *argv))
             ctl_done.set()
 
         nursery.start_soon(ctl_task)
@@ -176,7 +217,7 @@ async def test_ctl_console_script(daemon: Daemon) -> None:
     if not script.exists():
         pytest.skip(f"ferryctl console script not installed next to {sys.executable}")
     result = await trio.run_process(
-        [str(script), "--control", daemon.path, "status", "--wait", "5"],
+        [str(script), "--control", daemon.path, "status", "--wait", "5", "--json"],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -197,3 +238,83 @@ def test_ctl_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_format_flow_table_tolerates_missing_fields() -> None:
     text = ctl.format_flow_table([{"proto": "icmp", "guest_addr": "10.0.0.1"}])
     assert text.splitlines()[1].split() == ["icmp", "10.0.0.1", "?", "?", "?", "?", "?"]
+
+
+HISTORY = [
+    {
+        "seq": 1,
+        "direction": "out",
+        "outcome": "rolled-back",
+        "finished_at": 1.7e9,
+        "downtime_ms": 12.5,
+        "flows": {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0},
+        "error": "migration failed: target gone",
+    },
+    {
+        "seq": 2,
+        "direction": "out",
+        "outcome": "completed",
+        "finished_at": 1.7e9 + 60,
+        "downtime_ms": 3.25,
+        "flows": {"tcp": 7, "udp": 1, "icmp": 0, "listeners": 2},
+        "error": None,
+    },
+]
+
+
+@pytest.fixture
+async def ops_daemon(sock_path: str) -> Any:
+    """A control server answering history and metrics as ferryd does (max_fds=0)."""
+    server = ControlServer(sock_path)
+
+    async def history(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"history": HISTORY}
+
+    async def metrics(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return {"text": "# HELP ferry_ready x\n# TYPE ferry_ready gauge\nferry_ready 1.0\n"}
+
+    server.register("history", history, max_fds=0)
+    server.register("metrics", metrics, max_fds=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield sock_path
+        nursery.cancel_scope.cancel()
+
+
+async def test_ctl_history(ops_daemon: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = await run_ctl(capsys, "--control", ops_daemon, "history")
+    assert (rc, err) == (0, "")
+    header, first, second = out.splitlines()
+    assert header.split() == ["SEQ", "FINISHED", "DIR", "OUTCOME", "DOWNTIME_MS", "FLOWS", "ERROR"]
+    assert " out  rolled-back " in first and first.endswith("migration failed: target gone")
+    assert " completed " in second and "3.2" in second
+    assert "7 TCP, 1 UDP, 0 ICMP, 2 listeners" in second
+    rc, out, err = await run_ctl(capsys, "--control", ops_daemon, "history", "--json")
+    assert (rc, err, json.loads(out)) == (0, "", HISTORY)
+
+
+def test_format_history_empty() -> None:
+    assert ctl.format_history([]) == "no migration yet\n"
+
+
+async def test_ctl_metrics_is_the_text(ops_daemon: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The exposition as ferryd made it, and no --json (a format of its own)."""
+    rc, out, err = await run_ctl(capsys, "--control", ops_daemon, "metrics")
+    assert (rc, err) == (0, "")
+    assert out == "# HELP ferry_ready x\n# TYPE ferry_ready gauge\nferry_ready 1.0\n"
+    with pytest.raises(SystemExit) as info:
+        ctl.main(["--control", ops_daemon, "metrics", "--json"])
+    assert info.value.code == 2
+
+
+def test_every_command_but_metrics_offers_json() -> None:
+    """One option, from one parent parser: each subcommand's help lists it."""
+    parser = ctl.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    offered = {
+        name
+        for name, command in sub.choices.items()
+        if any("--json" in a.option_strings for a in command._actions)
+    }
+    assert offered == set(sub.choices) - {"metrics"}
+    assert set(sub.choices) >= {"status", "flows", "counters", "history", "migrate"}

@@ -100,17 +100,23 @@ def test_same_socket_twice(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_migrate_abort_command(fakes: Fakes, capsys: pytest.CaptureFixture[str]) -> None:
-    """``ferryctl migrate-abort``: the daemon's answer as JSON, exit 1 when it failed."""
+    """``ferryctl migrate-abort``: the role reached (JSON with --json), exit 1 when it failed."""
     argv = ["--control", fakes.source_path, "migrate-abort"]
-    rc = await trio.to_thread.run_sync(ctl.main, argv)
+    rc = await trio.to_thread.run_sync(ctl.main, [*argv, "--json"])
     out, _ = capsys.readouterr()
     assert (rc, json.loads(out)) == (0, {"ok": True})
+    assert ctl.format_abort({"role": "running", "note": "rolled back, nothing lost"}) == (
+        "role: running (rolled back, nothing lost)\n"
+    )
     fakes.fail["source migrate-abort"] = "stuck"
     rc = await trio.to_thread.run_sync(ctl.main, argv)
     out, err = capsys.readouterr()
     assert (rc, out) == (1, "")
     assert "migrate-abort failed; rollback incomplete: the repair helper is gone" in err
     assert fakes.commands("source") == ["migrate-abort", "migrate-abort"]
+    rc = await trio.to_thread.run_sync(ctl.main, argv)
+    out, _ = capsys.readouterr()
+    assert (rc, out) == (1, "")
 
 
 def test_summary_text_without_comparable_clocks() -> None:

@@ -20,6 +20,8 @@ import trio
 from ferryd import migration_control
 from ferryd.control import ControlError
 from ferryd.migration.controller import MigrationController
+from ferryd.migration.errors import MigrationError
+from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.repair_client import RepairUnavailable
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
@@ -85,6 +87,50 @@ async def test_a_whole_migration_in_memory() -> None:
             assert src.counters.out_completed == 1
             assert src.counters.last_connections == 0
             assert dst.counters.in_completed == 1
+            # Each side's history: one completed migration, its flows and downtime.
+            (out_record,) = src.history.records()
+            (in_record,) = dst.history.records()
+            assert (out_record.seq, out_record.direction, out_record.outcome) == (
+                1,
+                Direction.OUT,
+                Outcome.COMPLETED,
+            )
+            assert (in_record.direction, in_record.outcome) == (Direction.IN, Outcome.COMPLETED)
+            assert (
+                out_record.flows
+                == in_record.flows
+                == {
+                    "tcp": 0,
+                    "udp": 1,
+                    "icmp": 0,
+                    "listeners": 0,
+                }
+            )
+            assert out_record.downtime_ms is not None and out_record.downtime_ms > 0
+            assert in_record.downtime_ms is not None and in_record.downtime_ms > 0
+            assert out_record.error is None and in_record.error is None
+
+
+async def test_failed_migrations_are_in_the_history() -> None:
+    """A source whose target went away rolls back; a target aborted discards: both recorded."""
+    async with controllers() as (_, src, _, dst):
+        reader, writer = socket.socketpair()
+        reader.close()
+        with pytest.raises(MigrationError, match="rolled back, nothing lost"):
+            await src.migrate_out(writer.detach(), same_netns=False)
+        (record,) = src.history.records()
+        assert (record.direction, record.outcome) == (Direction.OUT, Outcome.ROLLED_BACK)
+        assert record.error is not None and "migration failed" in record.error
+        assert record.flows == {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0}
+        assert record.downtime_ms is not None and record.downtime_ms >= 0
+        reader, writer = socket.socketpair()
+        await dst.migrate_in(reader.detach())
+        writer.close()  # the stream ends before its header: the restore fails
+        with pytest.raises(MigrationError, match="restore failed"):
+            await dst.wait()
+        (record,) = dst.history.records()
+        assert (record.direction, record.outcome) == (Direction.IN, Outcome.FAILED)
+        assert record.downtime_ms is None and record.error is not None
 
 
 class Commands:

@@ -34,6 +34,7 @@ from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
 from ferryd.frontends.vhost_user.messages import TransferDirection
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.errors import MigrationError
+from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.records import UdpFlowRecord
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
@@ -215,6 +216,9 @@ async def test_save_then_qemu_leaves_commits(monkeypatch: pytest.MonkeyPatch) ->
         assert src.host.calls == ["stop", "hand_over(drain)", "exit"]
         counters = src.controller.counters
         assert (counters.out_completed, counters.out_rolled_back, counters.out_failed) == (1, 0, 0)
+        (record,) = src.controller.history.records()
+        assert (record.direction, record.outcome) == (Direction.OUT, Outcome.COMPLETED)
+        assert record.flows["udp"] == 1
 
 
 async def test_save_then_qemu_resumes_rolls_back_with_every_connection(
@@ -242,6 +246,8 @@ async def test_save_then_qemu_resumes_rolls_back_with_every_connection(
             assert src.host.udp.count() == 1
             counters = src.controller.counters
             assert (counters.out_rolled_back, counters.out_completed) == (1, 0)
+            (record,) = src.controller.history.records()
+            assert (record.outcome, record.error) == (Outcome.ROLLED_BACK, "aborted")
             # QEMU quitting later changes nothing: the outcome is known.
             src.device.disconnected()
             await trio.testing.wait_all_tasks_blocked()
@@ -359,6 +365,12 @@ async def test_load_check_started_runs_the_guest_here(monkeypatch: pytest.Monkey
         assert dst.host.calls == ["stop", "take_over", "rebuild", "start"]
         counters = dst.controller.counters
         assert (counters.in_completed, counters.in_failed) == (1, 0)
+        (record,) = dst.controller.history.records()
+        assert (record.direction, record.outcome, record.flows["udp"]) == (
+            Direction.IN,
+            Outcome.COMPLETED,
+            1,
+        )
         dst.device.disconnected()  # running: QEMU leaving later undoes nothing
         await trio.testing.wait_all_tasks_blocked()
         assert role(dst) is Role.RUNNING and dst.host.udp.count() == 1

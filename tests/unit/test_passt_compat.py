@@ -137,8 +137,6 @@ def test_libvirt_forwards_ferry_cannot_do_are_refused(
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--pcap", "/tmp/x.pcap"], "--pcap"),
-        (["-p", "/tmp/x.pcap"], "--pcap"),
         (["--fd", "3"], "--fd"),
         (["-F3"], "--fd"),
         (["--outbound", "192.0.2.9"], "--outbound"),
@@ -209,6 +207,8 @@ def test_getopt_forms_as_passt_reads_them() -> None:
         (["-4"], ["-4"]),
         (["-4", "-6"], ["-6"]),  # the last one wins, as in passt
         (["-d"], ["-v"]),
+        (["-p", "/tmp/x.pcap"], ["--pcap", "/tmp/x.pcap"]),
+        (["--pcap=/tmp/x.pcap"], ["--pcap", "/tmp/x.pcap"]),
         (["--trace"], ["-vv"]),
         (["-d", "-q"], ["-q"]),
         (["--runas", "65534:65534"], ["--runas", "65534:65534"]),
