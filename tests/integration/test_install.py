@@ -119,7 +119,9 @@ def _as_installed(staged: Path, *argv: str, cwd: Path | None = None) -> str:
 
 def test_installed_programs_run(staged: Path) -> None:
     for script in SCRIPTS:
-        assert "usage:" in _as_installed(staged, f"/usr/local/bin/{script}", "--help"), script
+        assert "usage:" in _as_installed(staged, f"/usr/local/bin/{script}", "--help").lower(), (
+            script
+        )
     # As a user with no home and no write access anywhere, as under the units.
     nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
     out = _as_installed(staged, *nobody, "/usr/local/bin/ferryd", "--help")
