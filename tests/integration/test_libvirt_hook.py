@@ -1,0 +1,160 @@
+"""ferry-libvirt-hook's processes, called as libvirt calls it, on a host without systemd.
+
+The hook runs as libvirt runs it (``HOOK DOMAIN OPERATION SUBOPERATION
+EXTRA``, the domain's XML on stdin: libvirt 11.3's own, from
+tests/unit/fixtures/libvirt_hook/) in the host namespace, in a mount
+namespace whose /run is empty (testbed.libvirt.without_systemd): no
+``/run/systemd/system``, so it starts and stops ferryd itself, as on a host
+whose init is not systemd (the machine the tests run on may have systemd).
+Its runtime and configuration directories are the test's
+(``FERRY_RUNTIME_DIR``, ``FERRY_CONFIG_DIR``). What is checked is what an
+operator sees: the real ferryd answering on its control socket with the
+domain's options, the pid file, the process and sockets gone after
+release, one line on stderr when ferryd cannot start, and a pid that is
+not this domain's ferryd left alone. tests/integration/vm/test_vm_libvirt.py
+runs the same hook under a real libvirt with a real guest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ferryd.control import request
+from ferryd.libvirt_hook import CONFIG_DIR_ENV, RUNTIME_DIR_ENV, DomainPaths, is_ferryd_of
+from testbed.libvirt import without_systemd
+from testbed.paths import VENV_BIN
+from testbed.topology import Topology
+from testbed.wait import wait_for
+
+HOOK = VENV_BIN / "ferry-libvirt-hook"
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "libvirt_hook"
+
+
+@dataclass
+class Host:
+    """The hook's world: the host namespace and the test's ferry directories."""
+
+    topology: Topology
+    paths: DomainPaths
+
+    def xml(self, fixture: str) -> bytes:
+        """A captured domain XML, naming this test's runtime directory."""
+        text = (FIXTURES / fixture).read_bytes()
+        return text.replace(b"/run/ferry/", os.fsencode(self.paths.runtime) + b"/")
+
+    def hook(self, args: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
+        env = {
+            **os.environ,
+            RUNTIME_DIR_ENV: str(self.paths.runtime),
+            CONFIG_DIR_ENV: str(self.paths.config),
+        }
+        return subprocess.run(
+            [*self.topology.host.exec_prefix(), *without_systemd([str(HOOK), *args.split()])],
+            input=xml,
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+
+    def pid(self) -> int:
+        return int(self.paths.pid_file.read_text())
+
+    def prepare(self) -> int:
+        xml = self.xml("vm1_prepare_begin.xml")
+        result = self.hook("vm1 prepare begin -", xml)
+        assert (result.returncode, result.stdout) == (0, xml), result.stderr.decode()
+        return self.pid()
+
+    def release(self, reason: str = "destroyed") -> subprocess.CompletedProcess[bytes]:
+        xml = self.xml("vm1_release_end.xml")
+        result = self.hook(f"vm1 release end {reason}", xml)
+        assert (result.returncode, result.stdout) == (0, xml), result.stderr.decode()
+        return result
+
+
+@pytest.fixture
+def host(topology: Topology, short_tmp: Path) -> Iterator[Host]:
+    paths = DomainPaths("vm1", short_tmp / "run", short_tmp / "etc")
+    paths.config.mkdir()
+    bed = Host(topology, paths)
+    try:
+        yield bed
+    finally:
+        # Whatever a failed test left: the hook's own stop, then the netns's kill.
+        bed.hook("vm1 release end destroyed", bed.xml("vm1_release_end.xml"))
+        if paths.log.exists():
+            print(f"--- ferryd's log ---\n{paths.log.read_text()}")
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def test_prepare_starts_the_domains_ferryd_and_release_stops_it(host: Host) -> None:
+    paths = host.paths
+    paths.conf.write_text('FERRYD_ARGS="-a 10.99.0.7/24 -g 10.99.0.1 -D none"\n')
+    pid = host.prepare()
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert is_ferryd_of([os.fsdecode(w) for w in cmdline], paths)
+    status = request(str(paths.control), "status")
+    assert status["ready"] and status["frontend"]["kind"] == "vhost-user"
+    assert status["link"]["ipv4"]["address"] == "10.99.0.7/24"  # the domain's options
+    assert paths.socket.is_socket()
+    # Ready when the hook returns: QEMU may connect at once.
+    assert "QEMU" not in paths.log.read_text()
+
+    host.release()
+    assert not alive(pid)
+    for gone in (paths.pid_file, paths.socket, paths.control):
+        assert not gone.exists()
+
+
+def test_a_ferryd_that_cannot_start_fails_the_domains_start_with_one_line(host: Host) -> None:
+    host.paths.conf.write_text("FERRYD_ARGS=--mtu 5\n")
+    xml = host.xml("vm1_prepare_begin.xml")
+    result = host.hook("vm1 prepare begin -", xml)
+    err = result.stderr.decode()
+    assert (result.returncode, result.stdout) == (1, xml)
+    assert err.count("\n") == 1, err
+    assert err.startswith("ferry: domain vm1: ferryd exited with status 2: ")
+    assert "--mtu" in err and str(host.paths.log) in err
+    assert not host.paths.pid_file.exists()
+
+
+def test_a_pid_file_naming_another_process_never_gets_it_killed(host: Host) -> None:
+    host.paths.directory.mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        host.paths.pid_file.write_text(f"{other.pid}\n")
+        result = host.release()
+        assert other.poll() is None
+        assert f"names pid {other.pid}, which is not ferryd" in result.stderr.decode()
+        assert not host.paths.pid_file.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_migrated_source_is_left_to_linger_and_a_new_start_replaces_it(host: Host) -> None:
+    """release after an outgoing migration leaves ferryd to end by itself
+    (--linger); if the domain starts here again first, prepare replaces it."""
+    first = host.prepare()
+    host.release("migrated")
+    assert alive(first) and host.pid() == first
+    second = host.prepare()
+    assert second != first and not alive(first)
+    assert request(str(host.paths.control), "status")["ready"]
+    host.release()
+    wait_for(lambda: not alive(second), 10, what="the second ferryd to end")
