@@ -153,7 +153,8 @@ def domain_xml(
     ET.SubElement(domain, "on_reboot").text = "destroy"
     devices = ET.SubElement(domain, "devices")
     ET.SubElement(devices, "emulator").text = shutil.which(QEMU) or f"/usr/bin/{QEMU}"
-    devices.append(ET.fromstring(interface))
+    if interface:
+        devices.append(ET.fromstring(interface))
     serial = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial, "source", path=str(console))
     ET.SubElement(serial, "target", port="0")
@@ -304,24 +305,41 @@ class LibvirtDaemon:
             )
         return result
 
-    def create(self, name: str, image: GuestImage, interface: str) -> LibvirtGuest:
-        """Start a transient domain booting the test guest; return once it runs."""
-        console = self.workdir / f"{name}-console.log"
-        channel = self.workdir / f"{name}-cmd.sock"
-        xml_path = self.workdir / f"{name}.xml"
-        xml_path.write_text(domain_xml(name, image, interface, console=console, channel=channel))
-        guest = LibvirtGuest(self, name, console, channel)
+    def write_domain(self, name: str, image: GuestImage, interface: str) -> Path:
+        """The domain's XML (:func:`domain_xml`) in a file of the work directory."""
+        path = self.workdir / f"{name}.xml"
+        path.write_text(
+            domain_xml(
+                name,
+                image,
+                interface,
+                console=self.workdir / f"{name}-console.log",
+                channel=self.workdir / f"{name}-cmd.sock",
+            )
+        )
+        return path
+
+    def create(
+        self, name: str, image: GuestImage, interface: str, *, resume: bool = True
+    ) -> LibvirtGuest:
+        """Start a transient domain booting the test guest, paused, connect its
+        command channel, and (with *resume*) let it run."""
+        xml_path = self.write_domain(name, image, interface)
+        guest = LibvirtGuest(
+            self, name, self.workdir / f"{name}-console.log", self.workdir / f"{name}-cmd.sock"
+        )
         self.guests.append(guest)
         self.virsh("create", str(xml_path), "--paused")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(channel))
+            sock.connect(str(guest.channel_path))
         except OSError as e:
             sock.close()
             raise VmError(guest._report(f"cannot connect to the command channel: {e}")) from e
         guest._channel = GuestChannel(sock)
-        guest.started_at = time.monotonic()
-        self.virsh("resume", name)
+        if resume:
+            guest.started_at = time.monotonic()
+            self.virsh("resume", name)
         return guest
 
     # Reports
