@@ -12,6 +12,10 @@ synchronously (libvirt's docs/hooks.rst). What it does:
     after. A failure exits 1 with one line on stderr, which libvirt puts in
     its error: the domain does not start, which is what an operator wants
     rather than a guest without network.
+``start begin``
+    libvirt has chosen QEMU's user (the domain's DAC ``<seclabel>``): make
+    it the owner of ferryd's socket (mode 0600), which QEMU must connect to
+    and libvirt does not relabel (:func:`admit_qemu`).
 ``release end``
     the last call after a domain stopped: stop its ferryd. Not when the
     shutoff reason (EXTRA, libvirt >= 10.5) is ``migrated``: that ferryd
@@ -19,7 +23,7 @@ synchronously (libvirt's docs/hooks.rst). What it does:
     for ``--linger`` seconds so that nothing the peer still sends here is
     answered by a reset; it exits by itself (ferryd.migration_device_state).
 everything else
-    nothing (``start``, ``started``, ``stopped``, ``reconnect``, ``attach``,
+    nothing (``started``, ``stopped``, ``reconnect``, ``attach``,
     ``migrate`` and ``restore``, and any operation a later libvirt adds).
 
 Whatever the operation, the XML read from stdin is written back to stdout
@@ -64,15 +68,18 @@ QEMU sends it the device state (vhost-user LOAD).
 from __future__ import annotations
 
 import enum
+import grp
 import itertools
 import os
+import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -85,19 +92,21 @@ __all__ = [
     "RUNTIME_DIR",
     "Action",
     "DomainPaths",
+    "DomainXml",
     "DomainXmlError",
     "HookCall",
     "HookError",
     "Misconfigured",
     "VhostUserSource",
     "action_for",
+    "domain_xml_untrusted",
     "ferryd_argv",
     "is_ferryd_of",
     "main",
     "opted_in",
     "parse_arguments",
+    "qemu_identity",
     "read_ferryd_args",
-    "vhostuser_sources_untrusted",
 ]
 
 #: ferry's runtime directory: each domain's sockets, and ferry-repair's socket.
@@ -146,6 +155,8 @@ class UsageError(Exception):
 
 class Action(enum.Enum):
     START = "start"
+    #: Give QEMU's user the socket (ferryd's user made it, mode 0600).
+    ADMIT_QEMU = "admit-qemu"
     STOP = "stop"
     NOTHING = "nothing"
 
@@ -154,6 +165,7 @@ class Action(enum.Enum):
 #: other pair is NOTHING (libvirt's docs/hooks.rst lists them).
 ACTIONS = {
     ("prepare", "begin"): Action.START,
+    ("start", "begin"): Action.ADMIT_QEMU,
     ("release", "end"): Action.STOP,
 }
 #: release's EXTRA when the domain left by migration (libvirt >= 10.5).
@@ -201,34 +213,69 @@ class VhostUserSource:
     mode: str | None
 
 
+@dataclass(frozen=True)
+class DomainXml:
+    """What the hook needs of a domain's XML."""
+
+    #: The sources of its vhost-user interfaces, in document order.
+    sources: tuple[VhostUserSource, ...]
+    #: Its DAC label (``<seclabel model='dac'><label>``): the ``user:group``
+    #: QEMU runs as, ``+UID:+GID`` once libvirt assigned it (``start begin``).
+    qemu_label: str | None
+
+
 #: Where the sources sit: /domain/devices/interface[@type='vhostuser']/source.
 _SOURCE_PATH = ("domain", "devices", "interface", "source")
+#: Where QEMU's identity sits: /domain/seclabel[@model='dac']/label.
+_LABEL_PATH = ("domain", "seclabel", "label")
+#: A label longer than this is no user:group (LOGIN_NAME_MAX is 256).
+_MAX_LABEL = 1024
 
 
-def vhostuser_sources_untrusted(xml: bytes) -> tuple[VhostUserSource, ...]:
-    """The sources of the domain's vhost-user interfaces, in document order.
+def domain_xml_untrusted(xml: bytes) -> DomainXml:
+    """Read the vhost-user sources and the DAC label of a domain's XML.
 
     The XML comes from libvirt, but anyone who may define a domain wrote
     it, so it is parsed as hostile: expat without a DTD (one is refused,
     as are entity declarations: no expansion, no external fetch), keeping
-    only the attributes needed. Raises DomainXmlError and nothing else.
+    only what is needed. Raises DomainXmlError and nothing else.
     """
     found: list[VhostUserSource] = []
     stack: list[str] = []
-    # The type of each open <interface>, to know a vhostuser one's <source>.
+    # The type of each open <interface>, to know a vhostuser one's <source>;
+    # the model of each open <seclabel>, to know the DAC one's <label>.
     interface_type: list[str | None] = []
+    seclabel_model: list[str | None] = []
+    label: list[str] = []
+    labels: list[str] = []
 
     # Only the first four levels are compared (a length check first): work
     # per element stays constant however deep a hostile document nests.
     def start(tag: str, attrs: dict[str, str]) -> None:
         stack.append(tag)
-        if len(stack) == 3 and tuple(stack) == _SOURCE_PATH[:3]:
+        if len(stack) == 2 and tuple(stack) == _LABEL_PATH[:2]:
+            seclabel_model.append(attrs.get("model"))
+        elif len(stack) == 3 and tuple(stack) == _SOURCE_PATH[:3]:
             interface_type.append(attrs.get("type"))
         elif len(stack) == 4 and tuple(stack) == _SOURCE_PATH and interface_type[-1] == "vhostuser":
             found.append(VhostUserSource(attrs.get("type"), attrs.get("path"), attrs.get("mode")))
 
+    def in_dac_label() -> bool:
+        return len(stack) == 3 and tuple(stack) == _LABEL_PATH and seclabel_model[-1] == "dac"
+
+    def text(data: str) -> None:
+        if in_dac_label():
+            label.append(data)
+            if sum(map(len, label)) > _MAX_LABEL:
+                raise DomainXmlError("the domain's DAC label is too long to be user:group")
+
     def end(tag: str) -> None:
-        if len(stack) == 3 and tuple(stack) == _SOURCE_PATH[:3]:
+        if in_dac_label():
+            labels.append("".join(label).strip())
+            label.clear()
+        elif len(stack) == 2 and tuple(stack) == _LABEL_PATH[:2]:
+            seclabel_model.pop()
+        elif len(stack) == 3 and tuple(stack) == _SOURCE_PATH[:3]:
             interface_type.pop()
         stack.pop()
 
@@ -238,6 +285,7 @@ def vhostuser_sources_untrusted(xml: bytes) -> tuple[VhostUserSource, ...]:
     parser = expat.ParserCreate()
     parser.StartElementHandler = start
     parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
     parser.StartDoctypeDeclHandler = refuse_dtd
     parser.EntityDeclHandler = refuse_dtd
     try:
@@ -246,7 +294,35 @@ def vhostuser_sources_untrusted(xml: bytes) -> tuple[VhostUserSource, ...]:
         raise DomainXmlError(f"the domain XML is not well-formed: {e}") from None
     except (RecursionError, MemoryError, ValueError) as e:
         raise DomainXmlError(f"the domain XML cannot be read: {e}") from None
-    return tuple(found)
+    if len(labels) > 1:
+        raise DomainXmlError(f"the domain XML has {len(labels)} DAC labels")
+    return DomainXml(tuple(found), labels[0] if labels else None)
+
+
+def qemu_identity(label: str) -> tuple[int, int]:
+    """A DAC label's ``(uid, gid)``: ``+UID:+GID`` as libvirt writes it, or names
+    (a static ``<seclabel>`` may use them). HookError if it names no one."""
+    user, sep, group = label.partition(":")
+    if not sep:
+        raise HookError(f"QEMU's DAC label {label!r} is not user:group")
+    try:
+        uid = _id_of(user, lambda name: pwd.getpwnam(name).pw_uid)
+        gid = _id_of(group, lambda name: grp.getgrnam(name).gr_gid)
+    except (KeyError, ValueError):
+        raise HookError(f"QEMU's DAC label {label!r} names no user:group here") from None
+    if not (0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1):
+        raise HookError(f"QEMU's DAC label {label!r} is out of range")
+    return uid, gid
+
+
+def _id_of(word: str, by_name: Callable[[str], int]) -> int:
+    """``+N`` is the number N (libvirt's form), anything else a name to look up."""
+    number = re.fullmatch(r"\+([0-9]{1,10})", word)
+    if number is not None:
+        return int(number.group(1))
+    if word.startswith("+") or not word:
+        raise ValueError(word)
+    return by_name(word)
 
 
 # ---------------------------------------------------------------------------
@@ -574,19 +650,49 @@ def _last_line(text: str) -> str:
 # The hook
 
 
+def admit_qemu(paths: DomainPaths, label: str | None) -> None:
+    """Make QEMU's user (the DAC *label*) the owner of ferryd's socket, mode 0600.
+
+    ferryd creates its socket mode 0600 as its own user, and libvirt does
+    not relabel a vhost-user socket that QEMU connects to (it does for the
+    files QEMU opens): QEMU, running as libvirt-qemu, would be refused.
+    At ``start begin`` libvirt has chosen QEMU's identity and written it in
+    the XML. The socket is opened without following a link and must be a
+    socket: where ferryd's user owns the directory (the systemd unit's
+    RuntimeDirectory=), a link put there cannot make root give away a file.
+    No label: QEMU runs as libvirt's own user, nothing to do.
+    """
+    if label is None:
+        return
+    uid, gid = qemu_identity(label)
+    try:
+        fd = os.open(paths.socket, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise HookError(f"ferryd's socket {paths.socket}: {e.strerror}") from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise HookError(f"{paths.socket} is not a socket")
+        # fchown() refuses O_PATH descriptors; the /proc link reaches the same inode.
+        os.chown(f"/proc/self/fd/{fd}", uid, gid)
+    except OSError as e:
+        raise HookError(f"cannot give {paths.socket} to QEMU ({label}): {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def run(call: HookCall, xml: bytes) -> None:
     """Act on *call* for the domain described by *xml* (module docstring); HookError on failure."""
     action = action_for(call)
     if action is Action.NOTHING:
         return
     try:
-        sources = vhostuser_sources_untrusted(xml)
+        domain = domain_xml_untrusted(xml)
     except DomainXmlError as e:
         print(f"ferry: domain {call.domain}: {e}; not ferry's, left alone", file=sys.stderr)
         return
     paths = DomainPaths(call.domain, runtime_dir(), config_dir())
     try:
-        if not opted_in(sources, paths):
+        if not opted_in(domain.sources, paths):
             return
     except Misconfigured:
         if action is Action.START:
@@ -598,6 +704,8 @@ def run(call: HookCall, xml: bytes) -> None:
         else:
             argv = ferryd_argv(ferryd_program(), paths, read_ferryd_args(paths.conf))
             start_direct(paths, argv)
+    elif action is Action.ADMIT_QEMU:
+        admit_qemu(paths, domain.qemu_label)
     elif systemd_running():
         _systemctl("stop", paths)
     else:

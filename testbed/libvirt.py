@@ -15,11 +15,14 @@ test talks to it through a socket in the work directory
 (``qemu:///system?socket=...``); everything in the work directory is
 visible from outside, the mounts are gone with the daemon.
 
-The daemon's QEMU runs as root with no security driver, no cgroups and no
-private /dev (``qemu.conf`` below): ferryd's socket is root's, mode 0600,
-and the test cannot set up what a distribution's libvirt would (users,
-AppArmor) in a scratch namespace. Production needs QEMU's user (libvirt-qemu
-on Debian) able to connect to the socket (README, "libvirt").
+The daemon's QEMU runs as ``libvirt-qemu``, as Debian's libvirt runs it,
+with no security driver, no cgroups and no private /dev (``qemu.conf``
+below); libvirt relabels nothing (``dynamic_ownership = 0``): the guest's
+kernel and initramfs are world-readable, and the directory where QEMU writes
+the console and makes the command channel's socket is QEMU's user's. The
+work directory must be traversable by that user (mode 0755). ferryd's socket
+is QEMU's because ferry's hook gives it to QEMU's user at ``start begin``,
+as it must in production (README, "libvirt").
 
 :func:`domain_xml` writes a domain that boots the test guest
 (testbed/guest_image.py) under TCG with the given ``<interface>``
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -58,6 +62,7 @@ from testbed.wait import WaitTimeout, wait_for
 
 __all__ = [
     "LIBVIRTD",
+    "QEMU_USER",
     "VIRSH",
     "LibvirtDaemon",
     "LibvirtGuest",
@@ -85,10 +90,13 @@ _MOUNTS = {
     "run": "/run",
 }
 
+#: Who QEMU runs as: Debian's default (libvirt-daemon-driver-qemu creates the user).
+QEMU_USER = "libvirt-qemu"
+
 _QEMU_CONF = """\
-# ferry's test libvirt (testbed/libvirt.py): QEMU as root, nothing confined.
-user = "root"
-group = "root"
+# ferry's test libvirt (testbed/libvirt.py): QEMU as {user}, nothing relabelled.
+user = "{user}"
+group = "{user}"
 dynamic_ownership = 0
 remember_owner = 0
 security_driver = "none"
@@ -105,6 +113,10 @@ def libvirt_unavailable() -> str | None:
         for program in (LIBVIRTD, VIRSH, "unshare", "mount")
         if shutil.which(program) is None
     ]
+    try:
+        pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        missing.append(f"the user {QEMU_USER}")
     if missing:
         return (
             f"libvirt is not installed ({', '.join(missing)} missing; scripts/bootstrap.sh"
@@ -203,8 +215,12 @@ class LibvirtDaemon:
     so a wrapper sets what the program needs); None installs no hook.
     """
 
-    def __init__(self, workdir: Path, host: Netns, hook: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, host: Netns, hook: str | None = None, qemu_user: str = QEMU_USER
+    ) -> None:
         self.workdir = workdir
+        self.qemu_user = qemu_user
+        self.guest_dir = workdir / "guests"
         self.host = host
         self.hook = hook
         self.dirs = {key: workdir / key for key in _MOUNTS}
@@ -228,7 +244,10 @@ class LibvirtDaemon:
             f'log_outputs = "3:file:{self.log_path}"\n'
             f'host_uuid = "{self.host_uuid}"\n'
         )
-        (etc / "qemu.conf").write_text(_QEMU_CONF)
+        (etc / "qemu.conf").write_text(_QEMU_CONF.format(user=self.qemu_user))
+        # QEMU writes the console and makes the channel's socket there.
+        self.guest_dir.mkdir(mode=0o700)
+        shutil.chown(self.guest_dir, self.qemu_user, self.qemu_user)
         if self.hook is not None:
             hooks = etc / "hooks" / "qemu.d"
             hooks.mkdir(parents=True)
@@ -237,6 +256,14 @@ class LibvirtDaemon:
         binds = " && ".join(
             f"mount --bind {self.dirs[key]} {target}" for key, target in _MOUNTS.items()
         )
+        if choose_accel() == "tcg" and os.path.exists("/dev/kvm"):
+            # A /dev/kvm that QEMU's user may open but that cannot run the
+            # guest (testbed/vm.py: a PVM one) makes libvirt throw its QEMU
+            # capabilities away and probe again on every lookup (seconds
+            # each, many per start): under TCG, QEMU's user sees none.
+            no_kvm = self.workdir / "no-kvm"
+            no_kvm.touch(mode=0o000)
+            binds += f" && mount --bind {no_kvm} /dev/kvm"
         script = f"{binds} && exec {LIBVIRTD} --pid-file {self.workdir / 'libvirtd.pid'}"
         with (self.workdir / "libvirtd.out").open("wb") as out:
             self.proc = self.host.popen(
@@ -313,8 +340,8 @@ class LibvirtDaemon:
                 name,
                 image,
                 interface,
-                console=self.workdir / f"{name}-console.log",
-                channel=self.workdir / f"{name}-cmd.sock",
+                console=self.guest_dir / f"{name}-console.log",
+                channel=self.guest_dir / f"{name}-cmd.sock",
             )
         )
         return path
@@ -326,7 +353,7 @@ class LibvirtDaemon:
         command channel, and (with *resume*) let it run."""
         xml_path = self.write_domain(name, image, interface)
         guest = LibvirtGuest(
-            self, name, self.workdir / f"{name}-console.log", self.workdir / f"{name}-cmd.sock"
+            self, name, self.guest_dir / f"{name}-console.log", self.guest_dir / f"{name}-cmd.sock"
         )
         self.guests.append(guest)
         self.virsh("create", str(xml_path), "--paused")

@@ -33,6 +33,8 @@ from testbed.topology import Topology
 from testbed.wait import wait_for
 
 HOOK = VENV_BIN / "ferry-libvirt-hook"
+#: Debian's interpreter, which any uid may run (the test's may sit in root's home).
+PYTHON = "/usr/bin/python3"
 FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "libvirt_hook"
 
 
@@ -82,6 +84,7 @@ class Host:
 @pytest.fixture
 def host(topology: Topology, short_tmp: Path) -> Iterator[Host]:
     paths = DomainPaths("vm1", short_tmp / "run", short_tmp / "etc")
+    short_tmp.chmod(0o755)  # a QEMU of another uid reaches the socket
     paths.config.mkdir()
     bed = Host(topology, paths)
     try:
@@ -158,3 +161,64 @@ def test_a_migrated_source_is_left_to_linger_and_a_new_start_replaces_it(host: H
     assert request(str(host.paths.control), "status")["ready"]
     host.release()
     wait_for(lambda: not alive(second), 10, what="the second ferryd to end")
+
+
+#: QEMU's identity in the test: no user needs to exist for a numeric DAC label.
+QEMU_UID = 4242
+
+
+def connects_as(uid: int, path: Path) -> bool:
+    """Whether a process of *uid* (no groups) can connect to the Unix socket *path*."""
+    probe = (
+        "import socket,sys; s=socket.socket(socket.AF_UNIX)\n"
+        "try: s.connect(sys.argv[1])\nexcept PermissionError: sys.exit(3)"
+    )
+    result = subprocess.run(
+        [
+            *("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"),
+            PYTHON,
+            "-c",
+            probe,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode in (0, 3), result.stderr
+    return result.returncode == 0
+
+
+def start_begin(host: Host, label: str) -> subprocess.CompletedProcess[bytes]:
+    xml = host.xml("vm1_start_begin.xml").replace(b"+0:+0</label>", label.encode() + b"</label>")
+    assert label.encode() in xml
+    result = host.hook("vm1 start begin -", xml)
+    assert result.stdout == xml
+    return result
+
+
+def test_start_gives_ferryds_socket_to_qemus_user_and_only_to_it(host: Host) -> None:
+    host.prepare()
+    assert not connects_as(QEMU_UID, host.paths.socket)  # ferryd's own, mode 0600
+    result = start_begin(host, f"+{QEMU_UID}:+{QEMU_UID}")
+    assert (result.returncode, result.stderr) == (0, b"")
+    owner = host.paths.socket.stat()
+    assert (owner.st_uid, owner.st_gid, owner.st_mode & 0o777) == (QEMU_UID, QEMU_UID, 0o600)
+    assert connects_as(QEMU_UID, host.paths.socket)
+    assert not connects_as(QEMU_UID + 1, host.paths.socket)
+    # ferryd served the QEMU-to-be (a different uid from its own).
+    wait_for(lambda: "QEMU connected" in host.paths.log.read_text(), 10, what="ferryd to see it")
+
+
+def test_start_never_gives_away_what_a_link_in_the_socket_place_points_to(host: Host) -> None:
+    host.prepare()
+    victim = host.paths.runtime / "victim"
+    victim.write_text("root's\n")
+    host.paths.socket.unlink()
+    host.paths.socket.symlink_to(victim)
+    result = start_begin(host, f"+{QEMU_UID}:+{QEMU_UID}")
+    assert result.returncode == 1
+    assert result.stderr.decode() == f"ferry: domain vm1: {host.paths.socket} is not a socket\n"
+    assert victim.stat().st_uid == 0
+    host.paths.socket.unlink()

@@ -35,19 +35,20 @@ from ferryd.libvirt_hook import (
     Misconfigured,
     VhostUserSource,
     action_for,
+    domain_xml_untrusted,
     ferryd_argv,
     is_ferryd_of,
     opted_in,
     parse_arguments,
+    qemu_identity,
     read_ferryd_args,
-    vhostuser_sources_untrusted,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "libvirt_hook"
 #: libvirt's calls for one domain's start and destroy, with the XML each got.
 CAPTURED = [
     ("vm1 prepare begin -", "vm1_prepare_begin.xml", Action.START),
-    ("vm1 start begin -", "vm1_start_begin.xml", Action.NOTHING),
+    ("vm1 start begin -", "vm1_start_begin.xml", Action.ADMIT_QEMU),
     ("vm1 started begin -", "vm1_started_begin.xml", Action.NOTHING),
     ("vm1 stopped end -", "vm1_stopped_end.xml", Action.NOTHING),
     ("vm1 release end destroyed", "vm1_release_end.xml", Action.STOP),
@@ -92,7 +93,7 @@ def test_each_libvirt_call_and_what_it_does_to_an_opted_in_domain(
     call = parse_arguments(args.split())
     assert call.domain == "vm1"
     assert action_for(call) is action
-    sources = vhostuser_sources_untrusted(fixture(xml))
+    sources = domain_xml_untrusted(fixture(xml)).sources
     assert sources == (VhostUserSource("unix", SOCKET, "client"),)
     assert opted_in(sources, RUN)
 
@@ -124,12 +125,12 @@ def test_the_fixtures_are_libvirts_and_name_the_production_socket() -> None:
 )
 def test_a_domain_that_does_not_name_ferrys_directory_is_not_ferrys(interface: str) -> None:
     xml = with_interface(fixture("vm1_prepare_begin.xml"), interface)
-    assert not opted_in(vhostuser_sources_untrusted(xml), RUN)
+    assert not opted_in(domain_xml_untrusted(xml).sources, RUN)
 
 
 def test_a_domain_without_interfaces_is_not_ferrys() -> None:
     xml = with_interface(fixture("vm1_prepare_begin.xml"), "")
-    assert vhostuser_sources_untrusted(xml) == ()
+    assert domain_xml_untrusted(xml).sources == ()
     assert not opted_in((), RUN)
 
 
@@ -149,14 +150,14 @@ def test_a_domain_naming_ferrys_directory_wrongly_is_refused_with_the_reason(
     interface = f"<interface type='vhostuser'><source {source}/></interface>"
     xml = with_interface(fixture("vm1_prepare_begin.xml"), interface)
     with pytest.raises(Misconfigured, match=re.escape(why)):
-        opted_in(vhostuser_sources_untrusted(xml), RUN)
+        opted_in(domain_xml_untrusted(xml).sources, RUN)
 
 
 def test_two_interfaces_on_ferrys_directory_are_refused() -> None:
     one = f"<interface type='vhostuser'><source type='unix' path='{SOCKET}' mode='client'/>"
     xml = with_interface(fixture("vm1_prepare_begin.xml"), f"{one}</interface>{one}</interface>")
     with pytest.raises(Misconfigured, match="one ferryd serves one interface"):
-        opted_in(vhostuser_sources_untrusted(xml), RUN)
+        opted_in(domain_xml_untrusted(xml).sources, RUN)
 
 
 @pytest.mark.parametrize("name", ["-vm", ".vm", "vm 1", "vm\n1", "vm$1", "é", "v" * 200])
@@ -181,7 +182,7 @@ def test_only_vhostuser_interfaces_sources_are_read() -> None:
       <interface type='vhostuser'><source type='unix' path='/a' mode='client'/></interface>
       <channel type='unix'><source mode='bind' path='/run/ferry/vm1/x'/></channel>
     </devices></domain>"""
-    assert vhostuser_sources_untrusted(xml) == (VhostUserSource("unix", "/a", "client"),)
+    assert domain_xml_untrusted(xml).sources == (VhostUserSource("unix", "/a", "client"),)
 
 
 @pytest.mark.parametrize(
@@ -198,26 +199,76 @@ def test_only_vhostuser_interfaces_sources_are_read() -> None:
 )
 def test_hostile_xml_raises_only_the_declared_error(xml: bytes) -> None:
     with pytest.raises(DomainXmlError):
-        vhostuser_sources_untrusted(xml)
+        domain_xml_untrusted(xml)
 
 
 def test_deep_nesting_is_read_without_recursion() -> None:
     """No recursion, and constant work per element (not per element times depth)."""
     xml = b"<domain>" + b"<a>" * 200_000 + b"</a>" * 200_000 + b"</domain>"
-    assert vhostuser_sources_untrusted(xml) == ()
+    assert domain_xml_untrusted(xml).sources == ()
 
 
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_raise_only_the_declared_error(data: bytes) -> None:
     with contextlib.suppress(DomainXmlError):
-        vhostuser_sources_untrusted(data)
+        domain_xml_untrusted(data)
 
 
 @given(st.integers(0, 2100), st.integers(0, 40), st.binary(max_size=40))
 def test_damaged_real_xml_raises_only_the_declared_error(at: int, cut: int, junk: bytes) -> None:
     real = fixture("vm1_prepare_begin.xml")
     with contextlib.suppress(DomainXmlError):
-        vhostuser_sources_untrusted(real[:at] + junk + real[at + cut :])
+        domain_xml_untrusted(real[:at] + junk + real[at + cut :])
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("vm1_prepare_begin.xml", None),  # before libvirt chose QEMU's user
+        ("vm1_start_begin.xml", "+0:+0"),  # the test's libvirt runs QEMU as root
+        ("vm1_started_begin.xml", "+0:+0"),
+        ("vm1_release_end.xml", None),  # the dynamic label is gone again
+    ],
+)
+def test_qemus_dac_label_is_read_when_libvirt_has_written_it(name: str, label: str | None) -> None:
+    assert domain_xml_untrusted(fixture(name)).qemu_label == label
+
+
+def test_only_the_dac_seclabel_names_qemus_user() -> None:
+    xml = b"""<domain><seclabel type='dynamic' model='selinux'><label>system_u:svirt_t</label>
+      </seclabel><seclabel type='dynamic' model='dac'><label> +64055:+108 </label>
+      <imagelabel>+1:+1</imagelabel></seclabel><devices><seclabel model='dac'><label>x</label>
+      </seclabel></devices></domain>"""
+    assert domain_xml_untrusted(xml).qemu_label == "+64055:+108"
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        b"<domain><seclabel model='dac'><label>+1:+1</label><label>+0:+0</label></seclabel>"
+        b"</domain>",
+        b"<domain><seclabel model='dac'><label>" + b"+1" * 1000 + b"</label></seclabel></domain>",
+    ],
+)
+def test_a_doubtful_dac_label_is_refused(xml: bytes) -> None:
+    with pytest.raises(DomainXmlError, match="DAC label"):
+        domain_xml_untrusted(xml)
+
+
+def test_a_dac_label_is_a_uid_and_gid() -> None:
+    assert qemu_identity("+64055:+108") == (64055, 108)
+    assert qemu_identity("root:root") == (0, 0)
+    for label in (
+        "+64055",
+        "+x:+1",
+        "+-1:+0",
+        "+ 1:+0",
+        "+4294967295:+0",
+        "no-such-user-ferry:root",
+        ":",
+    ):
+        with pytest.raises(libvirt_hook.HookError, match="DAC label"):
+            qemu_identity(label)
 
 
 def test_libvirts_arguments_are_four() -> None:

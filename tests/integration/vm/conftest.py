@@ -122,6 +122,8 @@ def libvirt(
     Tests using it skip, with the reason, where libvirt is not installed.
     """
     started: list[LibvirtDaemon] = []
+    # QEMU runs as libvirt-qemu: it must reach its files under the test's directory.
+    short_tmp.chmod(0o755)
 
     def start(hook: str | None, /) -> LibvirtDaemon:
         daemon = LibvirtDaemon(short_tmp / f"libvirt{len(started)}", topology.host, hook)

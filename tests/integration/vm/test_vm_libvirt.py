@@ -6,9 +6,11 @@ the host namespace with ferry-libvirt-hook installed as
 ``hooks/qemu.d/ferry``. The domain opts in the way the README's "libvirt"
 section says: an ``<interface type='vhostuser'>`` whose source is
 ``RUNTIME/NAME/vhost-user.sock`` in mode client; its RAM is a shared memfd
-(``<memoryBacking>``), it boots the test guest under TCG. ``virsh create``
-makes libvirt call ``prepare begin``, the hook starts ferryd and returns
-once it is ready, QEMU connects; the guest takes its lease from ferryd by
+(``<memoryBacking>``), it boots the test guest under TCG, QEMU running as
+``libvirt-qemu`` as Debian's libvirt runs it. ``virsh create`` makes
+libvirt call ``prepare begin``: the hook starts ferryd and returns once it
+is ready; then ``start begin``: the hook gives ferryd's socket (mode 0600)
+to QEMU's user, and QEMU connects; the guest takes its lease from ferryd by
 DHCP and exchanges checked streams (SHA-256 both ways) with a peer. Then
 ``virsh destroy`` makes libvirt call ``release end``, and ferryd's process,
 its pid file and its sockets are gone.
@@ -21,13 +23,21 @@ hook's reason in libvirt's error.
 
 from __future__ import annotations
 
+import grp
+import pwd
 import time
 from pathlib import Path
 
 from ferryd.control import request
 from ferryd.libvirt_hook import DomainPaths, is_ferryd_of
 from testbed.guest_image import GuestImage
-from testbed.libvirt import LibvirtDaemon, LibvirtGuest, hook_wrapper, vhostuser_interface
+from testbed.libvirt import (
+    QEMU_USER,
+    LibvirtDaemon,
+    LibvirtGuest,
+    hook_wrapper,
+    vhostuser_interface,
+)
 from testbed.tcptool import expected
 from testbed.tcptool_process import server
 from testbed.topology import Topology
@@ -90,6 +100,10 @@ def test_libvirt_starts_the_domains_ferryd_the_guest_gets_dhcp_and_a_peer_and_de
     status = request(str(paths.control), "status")
     assert status["ready"] and status["frontend"]["kind"] == "vhost-user"
     assert status["frontend"]["connected"]
+    qemu = pwd.getpwnam(QEMU_USER)
+    owner = paths.socket.stat()
+    group = grp.getgrnam(QEMU_USER).gr_gid  # qemu.conf: group = user
+    assert (owner.st_uid, owner.st_gid, owner.st_mode & 0o777) == (qemu.pw_uid, group, 0o600)
 
     guest.wait_ready()
     lease = guest.wait_lease()
