@@ -89,6 +89,8 @@ class Options:
     vhost_user: bool = False
     """With --socket: QEMU's vhost-user-net back-end instead of its stream netdev."""
     addresses: list[str] = field(default_factory=list)
+    interface: str | None = None
+    """Take the host defaults from this interface rather than the default route's."""
     gateways: list[str] = field(default_factory=list)
     mtu: int = DEFAULT_MTU
     mac: str = DEFAULT_MAC
@@ -101,6 +103,7 @@ class Options:
     tcp_forwards: list[list[PortForward]] = field(default_factory=list)
     max_flows: int = 16384
     verbose: int = 0
+    quiet: bool = False
     incoming: bool = False
     repair_socket: str | None = None
     repair_listen: str | None = None
@@ -108,6 +111,11 @@ class Options:
     precopy_quiet: float = PRECOPY_QUIET
     runas: str | None = None
     tap_fd: int | None = None
+    one_off: bool = False
+    """With --socket: exit 0 once the first QEMU's connection has ended."""
+    pid_file: str | None = None
+    daemonize: bool = False
+    log_file: str | None = None
 
 
 def _mtu(text: str) -> int:
@@ -150,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
             "ICMP echo uses unprivileged ping sockets: the daemon's group must be in "
             "net.ipv4.ping_group_range. Readiness: `ferryctl --control PATH status "
             "--wait 10`. Exit status: 0 stopped by SIGTERM/SIGINT or at the end of a "
-            "migrated source's linger; 1 a runtime failure (a socket or directory that "
-            "cannot be made, a port that cannot be bound); 2 a usage or configuration "
+            "migrated source's linger, or (--one-off) once QEMU quit; 1 a runtime "
+            "failure (a socket or directory that cannot be made, a port that cannot be "
+            "bound); 2 a usage or configuration "
             "error. Start-up failures are one line; -v adds the traceback."
         ),
     )
@@ -217,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="guest gateway, once per family "
         "(IPv6: a link-local address; default: the host's if link-local, "
         "else derived from ferryd's MAC)",
+    )
+    a.add_argument(
+        "--interface",
+        metavar="NAME",
+        help="take the default address, prefix and gateway from host interface NAME (its "
+        "global address and the default route through it) rather than from the interface "
+        "carrying the host's default route (passt's --interface)",
     )
     a.add_argument(
         "-m", "--mtu", type=_mtu, default=DEFAULT_MTU, help=f"link MTU (default {DEFAULT_MTU})"
@@ -327,6 +343,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nobody); a non-root caller can only name itself. ferry-repair "
         "must allow that uid (--allow-uid) for migration",
     )
+    r = p.add_argument_group("process (passt's conventions, for supervisors such as libvirt)")
+    r.add_argument(
+        "--one-off",
+        action="store_true",
+        help="with --socket: exit 0 once the first QEMU's connection has ended (QEMU quit), "
+        "rather than wait for it to reconnect; not while a migration source hands over "
+        "(its linger decides)",
+    )
+    r.add_argument(
+        "--pid",
+        dest="pid_file",
+        metavar="FILE",
+        help="write ferryd's pid to FILE (created or truncated when ferryd starts) once it "
+        "is ready; removed at exit",
+    )
+    r.add_argument(
+        "--daemonize",
+        action="store_true",
+        help="go to the background once ready: the starting process exits 0 when ferryd "
+        "serves (the --pid file written), or with ferryd's own status if it fails to start; "
+        "standard input and output then become /dev/null, and standard error too unless "
+        "--log-file is given",
+    )
+    r.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="append the log to FILE (created with mode 0600) instead of standard error",
+    )
     p.add_argument(
         "-v",
         "--verbose",
@@ -334,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="more logging (-vv for per-frame debugging)",
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     return p
 
 
@@ -356,6 +401,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
                 "argument --incoming: not with --vhost-user (QEMU's device state makes"
                 " ferryd the target: start it with the same command line as the source)"
             )
+    if ns.one_off and ns.socket is None:
+        parser.error("argument --one-off: needs --socket PATH (QEMU's connection ends it)")
     if ns.tap is None:
         ns.tap = "tap0"
     return Options(**vars(ns))
@@ -365,20 +412,27 @@ def netns_path(name_or_path: str) -> str:
     return name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
 
 
-def host_default_routes() -> dict[int, HostRoute]:
+def host_default_routes(interface: str | None = None) -> dict[int, HostRoute]:
     """The host's default route per family, with the source interface address.
 
     Read through rtnetlink (pyroute2). A family without a default route, or
-    whose interface has no global address, is absent from the result.
+    whose interface has no global address, is absent from the result. With
+    ``interface``, only default routes through that interface count.
     """
     from pyroute2 import IPRoute
 
     found: dict[int, HostRoute] = {}
     with IPRoute() as ipr:
+        only: int | None = None
+        if interface is not None:
+            indexes = ipr.link_lookup(ifname=interface)
+            if not indexes:
+                raise ConfigError(f"--interface {interface}: no such interface on this host")
+            only = indexes[0]
         for family in (AF_INET, AF_INET6):
             for route in ipr.get_default_routes(family=family):
                 gateway, oif = route.get("RTA_GATEWAY"), route.get("RTA_OIF")
-                if gateway is None or oif is None:
+                if gateway is None or oif is None or only not in (None, oif):
                     continue
                 for addr in ipr.get_addr(family=family, index=oif):
                     if addr["scope"] != 0:  # RT_SCOPE_UNIVERSE only
@@ -428,7 +482,7 @@ def make_link_config(
         raise ConfigError(f"-M: {exc}") from None
     if mac[0] & 1:
         raise ConfigError(f"-M: {format_mac(mac)} is a multicast address")
-    routes = host_default_routes() if routes is None else routes
+    routes = host_default_routes(opts.interface) if routes is None else routes
     host_dns = resolv_conf_dns() if host_dns is None else host_dns
 
     explicit: dict[int, tuple[IpAddress, int | None]] = {}
@@ -473,8 +527,9 @@ def make_link_config(
         else:
             ipv6 = _ip6(explicit.get(6), gateways.get(6), routes.get(AF_INET6), dns, mac)
     if ipv4 is None and ipv6 is None:
+        where = "the host" if opts.interface is None else f"--interface {opts.interface}"
         raise ConfigError(
-            "no guest address: the host has no default route with an address, "
+            f"no guest address: {where} has no default route with an address, "
             "and none was given with -a"
         )
     return LinkConfig(mac=mac, mtu=opts.mtu, ipv4=ipv4, ipv6=ipv6)

@@ -20,6 +20,11 @@ Start-up order matters, because privilege is only held during setup:
 6. install the seccomp allow-list (ferryd.syscall_filter);
 7. run the data path until SIGTERM/SIGINT, then exit 0.
 
+With ``--daemonize`` (passt's way, for libvirt: ferryd.background) the
+process forks before step 1, and the starting process exits once step 7
+is reached (or with the child's status if it fails first); ``--pid``
+is written then.
+
 Readiness is reported through the control socket: ``status`` answers
 ``ready: true`` once the frontend is up and the addresses are known, which is
 what ``ferryctl status --wait`` polls for.
@@ -35,6 +40,7 @@ from typing import Any
 import trio
 
 from ferryd import migration_control
+from ferryd.background import Background
 from ferryd.config import (
     ConfigError,
     Options,
@@ -250,12 +256,21 @@ class Daemon:
 
 
 async def serve(
-    opts: Options, link: LinkConfig, frontend: Frontend, runas: Identity | None = None
+    opts: Options,
+    link: LinkConfig,
+    frontend: Frontend,
+    runas: Identity | None = None,
+    background: Background | None = None,
 ) -> None:
     daemon = Daemon(opts, link, frontend, runas)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
+            if background is not None:
+                background.ready()  # --pid, --daemonize
+            if opts.one_off:
+                assert isinstance(frontend, StreamFrontend | VhostUserFrontend)  # parse_options
+                nursery.start_soon(_exit_when_qemu_left, daemon, frontend, nursery.cancel_scope)
             nursery.start_soon(_exit_on_request, daemon, nursery.cancel_scope)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
@@ -274,10 +289,32 @@ async def _exit_on_request(daemon: Daemon, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+async def _exit_when_qemu_left(
+    daemon: Daemon, frontend: StreamFrontend | VhostUserFrontend, scope: trio.CancelScope
+) -> None:
+    """``--one-off``: the first QEMU's connection ended, so the VM is gone: exit 0 (passt's
+    tap_sock_reset()). A guest that ran here has its TCP connections reset both ways, as
+    at SIGTERM; a target whose VM never ran here (its restored sockets still in repair
+    mode) closes them silently. A migration source that is handing over or has handed
+    over stays: passt's --one-off has no effect after a migration either, and the
+    source's linger ends it (exiting now would reset connections the target owns)."""
+    await frontend.first_qemu_ended.wait()
+    role = daemon.migration.role
+    if role is Role.RUNNING:
+        daemon.data.tcp.close(trio.current_time())
+    elif role not in (Role.INCOMING, Role.MIGRATING_IN, Role.RESTORED):
+        log.info("QEMU left while this ferryd was %s: --one-off defers to the migration", role)
+        return
+    log.info("QEMU left (ferryd was %s): exiting (--one-off)", role)
+    scope.cancel()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``ferryd``; exit statuses as ``--help`` documents them."""
     opts = parse_options(argv)
     level = logging.WARNING - 10 * min(opts.verbose + 1, 2)
+    if opts.quiet:
+        level = logging.WARNING
     logging.basicConfig(level=level, format="ferryd[%(process)d] %(name)s: %(message)s")
     exit_on_failure(
         "ferryd",
@@ -300,16 +337,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(opts: Options) -> None:
-    link = make_link_config(opts)
-    runas = resolve_runas(opts.runas)
-    raise_file_limit()
-    if opts.repair_socket is not None:
-        warn_if_nobody_listens(opts.repair_socket)
-    frontend = _frontend(opts, link)
+    # First: with --daemonize the caller's process waits here for the fork's readiness.
+    background = Background.start(opts.pid_file, opts.daemonize, opts.log_file)
     try:
-        trio.run(serve, opts, link, frontend, runas)
+        link = make_link_config(opts)
+        runas = resolve_runas(opts.runas)
+        raise_file_limit()
+        if opts.repair_socket is not None:
+            warn_if_nobody_listens(opts.repair_socket)
+        frontend = _frontend(opts, link)
+        try:
+            trio.run(serve, opts, link, frontend, runas, background)
+        finally:
+            frontend.close()
     finally:
-        frontend.close()
+        background.close()
 
 
 def _frontend(opts: Options, link: LinkConfig) -> Frontend:

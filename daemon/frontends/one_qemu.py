@@ -52,6 +52,12 @@ class OneQemu:
         self._throttle = throttle
         self.peer: int | None = None
         """The served QEMU's pid (SO_PEERCRED), None between connections or if unknown."""
+        self.first_ended = trio.Event()
+        """Set once the first QEMU's connection has ended (``--one-off``)."""
+
+    def ended(self) -> None:
+        """The frontend saw the served connection end (QEMU hung up, or was dropped)."""
+        self.first_ended.set()
 
     async def accept(self) -> socket.socket:
         """The next QEMU's connection, non-blocking; :attr:`peer` is its pid."""

@@ -196,6 +196,11 @@ class StreamFrontend:
         max_frame = MAX_FRAME if incoming else max_frame_for_mtu(mtu)
         return cls(listener, path, max_frame=max_frame, serving=not incoming, bound=bound)
 
+    @property
+    def first_qemu_ended(self) -> trio.Event:
+        """Set once the first QEMU's connection has ended (``ferryd --one-off``)."""
+        return self._qemu.first_ended
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "stream",
@@ -330,6 +335,7 @@ class StreamFrontend:
         if self._conn is not None:
             self._conn.close()
         peer, self._conn, self._qemu.peer = self._qemu.peer, None, None
+        self._qemu.ended()
         self._reader.reset()
         self._unsent = b""
         if end.fault:

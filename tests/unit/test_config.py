@@ -133,6 +133,7 @@ def test_the_two_modes() -> None:
         (["--socket", "s", "--config-net"], "--config-net: tap mode only"),
         (["--netns", "g", "--vhost-user"], "--vhost-user: needs --socket PATH"),
         (["--socket", "s", "--vhost-user", "--incoming"], "--incoming: not with --vhost-user"),
+        (["--netns", "g", "--one-off"], "--one-off: needs --socket PATH"),
     ],
 )
 def test_the_modes_do_not_mix(

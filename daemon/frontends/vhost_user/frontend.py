@@ -152,6 +152,11 @@ class VhostUserFrontend:
         listener, bound = open_listener(path)
         return cls(listener, path, bound=bound)
 
+    @property
+    def first_qemu_ended(self) -> trio.Event:
+        """Set once the first QEMU's connection has ended (``ferryd --one-off``)."""
+        return self._qemu.first_ended
+
     def describe(self) -> dict[str, Any]:
         session = self._session
         features = None if session is None else session.features
@@ -202,6 +207,7 @@ class VhostUserFrontend:
             else:
                 log.info("%s (pid %s on %s)", ended.reason, self._qemu.peer, self.path)
             self._qemu.peer = None
+            self._qemu.ended()
 
     async def _serve_one(self, conn: socket.socket) -> Ended:
         session = VhostUserSession(MmapMapper())

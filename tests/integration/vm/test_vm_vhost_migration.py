@@ -71,13 +71,13 @@ FORWARD_PORT, GUEST_PORT = 2222, 22
 TFTP_PORT, TFTP_BLOCK, UDP_BLOCKS = 6969, 512, 8
 
 
-def _vhost_ferryd(bed: MigrationBed, name: str) -> tuple[FerrydProcess, Path]:
+def _vhost_ferryd(bed: MigrationBed, name: str, *extra: str) -> tuple[FerrydProcess, Path]:
     """``ferryd --vhost-user --socket TMP/NAME.vhost`` in host NAME, ready; the socket's path."""
     host = bed.host_a if name == "a" else bed.host_b
     socket_path, control = bed.tmp / f"{name}.vhost", str(bed.tmp / f"{name}.ctl")
     argv = [
         str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
-        "--repair-socket", bed.repair_socket, "-t", f"{FORWARD_PORT}:{GUEST_PORT}",
+        "--repair-socket", bed.repair_socket, "-t", f"{FORWARD_PORT}:{GUEST_PORT}", *extra,
     ]  # fmt: skip
     return launch(host, argv, control, bed.tmp / f"ferryd-{name}.log", bed.ferryds), socket_path
 
@@ -179,8 +179,10 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
 ) -> None:
     began = time.monotonic()
     bed = two_hosts
-    ferryd_a, path_a = _vhost_ferryd(bed, "a")
-    ferryd_b, path_b = _vhost_ferryd(bed, "b")  # the same command line: QEMU's LOAD decides
+    # --one-off, as libvirt starts passt on both hosts: the source QEMU quitting
+    # after the migration must not end ferryd A before its commit and linger.
+    ferryd_a, path_a = _vhost_ferryd(bed, "a", "--one-off")
+    ferryd_b, path_b = _vhost_ferryd(bed, "b", "--one-off")  # the same: QEMU's LOAD decides
     source = _start_source(bed, start_vm, path_a, idle)
     udp = _start_udp(bed, source) if idle == 0 else None
     if udp is not None:
