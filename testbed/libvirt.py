@@ -69,6 +69,8 @@ __all__ = [
     "domain_xml",
     "hook_wrapper",
     "libvirt_unavailable",
+    "passt_directory",
+    "passt_vhostuser_interface",
     "vhostuser_interface",
     "without_systemd",
 ]
@@ -123,6 +125,17 @@ def libvirt_unavailable() -> str | None:
             " installs libvirt-daemon-driver-qemu and libvirt-clients as root)"
         )
     return None
+
+
+def passt_vhostuser_interface(mac: str = "52:54:00:12:34:56") -> str:
+    """``<interface type='vhostuser'>`` with ``<backend type='passt'/>``: libvirt starts
+    ``passt --vhost-user`` (the first on its PATH) and QEMU connects to its socket."""
+    interface = ET.Element("interface", type="vhostuser")
+    ET.SubElement(interface, "mac", address=mac)
+    ET.SubElement(interface, "backend", type="passt")
+    ET.SubElement(interface, "model", type="virtio")
+    ET.SubElement(interface, "rom", enabled="no")
+    return ET.tostring(interface, encoding="unicode")
 
 
 def vhostuser_interface(socket_path: str | Path, mac: str = "52:54:00:12:34:56") -> str:
@@ -213,12 +226,20 @@ class LibvirtDaemon:
     *hook* is the program installed as ``/etc/libvirt/hooks/qemu.d/ferry``
     (a shell script: libvirt passes hooks no environment of its own choice,
     so a wrapper sets what the program needs); None installs no hook.
+    QEMU runs as *qemu_user*. *path_first* goes first on the daemon's PATH
+    (where libvirt looks for ``passt``: :func:`passt_directory`).
     """
 
     def __init__(
-        self, workdir: Path, host: Netns, hook: str | None = None, qemu_user: str = QEMU_USER
+        self,
+        workdir: Path,
+        host: Netns,
+        hook: str | None = None,
+        qemu_user: str = QEMU_USER,
+        path_first: Path | None = None,
     ) -> None:
         self.workdir = workdir
+        self.path_first = path_first
         self.qemu_user = qemu_user
         self.guest_dir = workdir / "guests"
         self.host = host
@@ -266,8 +287,12 @@ class LibvirtDaemon:
             binds += f" && mount --bind {no_kvm} /dev/kvm"
         script = f"{binds} && exec {LIBVIRTD} --pid-file {self.workdir / 'libvirtd.pid'}"
         with (self.workdir / "libvirtd.out").open("wb") as out:
+            env = dict(os.environ)
+            if self.path_first is not None:
+                env["PATH"] = f"{self.path_first}:{env.get('PATH', os.defpath)}"
             self.proc = self.host.popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -379,6 +404,14 @@ class LibvirtDaemon:
             f"--- libvirtd's output ---\n{_read(self.workdir / 'libvirtd.out')}"
             f"--- libvirtd's log ---\n{_read(self.log_path)}"
         )
+
+
+def passt_directory(directory: Path) -> Path:
+    """*directory* holding ``passt``, a link to the venv's ``ferry-passt``: first on
+    libvirt's PATH, it runs ferryd for ``<backend type='passt'/>`` (README)."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    (directory / "passt").symlink_to(VENV_BIN / "ferry-passt")
+    return directory
 
 
 def without_systemd(argv: Sequence[str]) -> list[str]:

@@ -105,14 +105,15 @@ def start_passt_backend(
 
 
 class StartLibvirt(Protocol):
-    def __call__(self, hook: str | None, /) -> LibvirtDaemon: ...
+    def __call__(self, hook: str | None, /, path_first: Path | None = None) -> LibvirtDaemon: ...
 
 
 @pytest.fixture
 def libvirt(
     request: pytest.FixtureRequest, topology: Topology, short_tmp: Path
 ) -> Iterator[StartLibvirt]:
-    """A factory: ``libvirt(hook_script)`` -> a private libvirtd in the host namespace.
+    """A factory: ``libvirt(hook_script, path_first=None)`` -> a private libvirtd in the
+    host namespace (*path_first* first on its PATH).
 
     testbed/libvirt.py: its own /etc/libvirt (the hook installed as
     hooks/qemu.d/ferry), state and socket under the test's directory. At
@@ -125,8 +126,9 @@ def libvirt(
     # QEMU runs as libvirt-qemu: it must reach its files under the test's directory.
     short_tmp.chmod(0o755)
 
-    def start(hook: str | None, /) -> LibvirtDaemon:
-        daemon = LibvirtDaemon(short_tmp / f"libvirt{len(started)}", topology.host, hook)
+    def start(hook: str | None, /, path_first: Path | None = None) -> LibvirtDaemon:
+        workdir = short_tmp / f"libvirt{len(started)}"
+        daemon = LibvirtDaemon(workdir, topology.host, hook, path_first=path_first)
         started.append(daemon)
         return daemon.start()
 
