@@ -14,7 +14,7 @@ half-close.
 
 from __future__ import annotations
 
-from testbed.vm import Vm
+from testbed.vm import Guest
 from testbed.wait import wait_for
 
 __all__ = [
@@ -35,13 +35,13 @@ ECHO_PORT = 7000
 BLOCK = 16 << 10
 
 
-def size(vm: Vm, path: str) -> int:
+def size(vm: Guest, path: str) -> int:
     """The size of a file in the guest."""
     output = vm.check(f"wc -c <{path}").strip()
     return int(output)
 
 
-def open_connections(vm: Vm, peer: str, idle: int, port: int = ECHO_PORT) -> None:
+def open_connections(vm: Guest, peer: str, idle: int, port: int = ECHO_PORT) -> None:
     """The busy connection (data both ways until /tmp/stop exists) and *idle* idle ones."""
     vm.check(
         "rm -f /tmp/stop; (while [ ! -e /tmp/stop ]; do"
@@ -58,7 +58,7 @@ def open_connections(vm: Vm, peer: str, idle: int, port: int = ECHO_PORT) -> Non
     )
 
 
-def wait_echoed(vm: Vm, at_least: int, what: str, timeout: float = 60) -> None:
+def wait_echoed(vm: Guest, at_least: int, what: str, timeout: float = 60) -> None:
     """Until the busy connection got back at least *at_least* bytes in all."""
     wait_for(
         lambda: size(vm, "/tmp/echoed") >= at_least,
@@ -68,7 +68,7 @@ def wait_echoed(vm: Vm, at_least: int, what: str, timeout: float = 60) -> None:
     )
 
 
-def echo_idle(vm: Vm, idle: int, word: str) -> None:
+def echo_idle(vm: Guest, idle: int, word: str) -> None:
     """Each idle connection sends one line; wait until each got back all it sent so far."""
     vm.check(f"for i in $(seq {idle}); do echo {word}-$i >/tmp/in$i; done")
     words = ("before", word) if word != "before" else ("before",)
@@ -81,7 +81,7 @@ def echo_idle(vm: Vm, idle: int, word: str) -> None:
     )
 
 
-def idle_still_running(vm: Vm, idle: int) -> str:
+def idle_still_running(vm: Guest, idle: int) -> str:
     """The idle connections whose nc has not ended, as a list of numbers."""
     return vm.check(
         f"for i in $(seq {idle}); do kill -0 $(cat /tmp/idle$i.pid) 2>/dev/null && echo $i; done;"
@@ -89,7 +89,7 @@ def idle_still_running(vm: Vm, idle: int) -> str:
     )
 
 
-def finish(vm: Vm, idle: int) -> int:
+def finish(vm: Guest, idle: int) -> int:
     """End every connection and check them (see the module docstring); the bytes sent each way.
 
     The writer stops, the busy nc half-closes, the echo server closes; then

@@ -328,7 +328,7 @@ class LibvirtDaemon:
                 self.proc.wait()
         for pid_file in (
             *(self.dirs["run"] / "libvirt" / "qemu").glob("*.pid"),
-            *self.workdir.glob("ferry/*/ferryd.pid"),
+            *(self.dirs["run"] / "ferry").glob("*/ferryd.pid"),
         ):
             _kill_pid_file(pid_file, self.workdir)
         return None if self.proc is None else self.proc.returncode
@@ -377,11 +377,20 @@ class LibvirtDaemon:
         """Start a transient domain booting the test guest, paused, connect its
         command channel, and (with *resume*) let it run."""
         xml_path = self.write_domain(name, image, interface)
+        self.virsh("create", str(xml_path), "--paused")
+        guest = self.attach(name)
+        if resume:
+            guest.started_at = time.monotonic()
+            self.virsh("resume", name)
+        return guest
+
+    def attach(self, name: str) -> LibvirtGuest:
+        """Connect to the command channel of domain *name*, running here (created, or
+        migrated in with this daemon's paths: :meth:`migratable_xml`)."""
         guest = LibvirtGuest(
             self, name, self.guest_dir / f"{name}-console.log", self.guest_dir / f"{name}-cmd.sock"
         )
         self.guests.append(guest)
-        self.virsh("create", str(xml_path), "--paused")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(guest.channel_path))
@@ -389,10 +398,15 @@ class LibvirtDaemon:
             sock.close()
             raise VmError(guest._report(f"cannot connect to the command channel: {e}")) from e
         guest._channel = GuestChannel(sock)
-        if resume:
-            guest.started_at = time.monotonic()
-            self.virsh("resume", name)
         return guest
+
+    def migratable_xml(self, name: str, target: LibvirtDaemon) -> Path:
+        """Domain *name*'s migratable XML with *target*'s console and channel paths,
+        in a file of *target*'s (``virsh migrate --xml``)."""
+        xml = self.virsh("dumpxml", "--migratable", name).stdout
+        path = target.workdir / f"{name}-incoming.xml"
+        path.write_text(xml.replace(str(self.guest_dir), str(target.guest_dir)))
+        return path
 
     # Reports
 
@@ -421,23 +435,25 @@ def without_systemd(argv: Sequence[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
-def hook_wrapper(runtime: Path, config: Path) -> str:
-    """The hook script the test installs: ferry's hook with its directories moved."""
+def hook_wrapper(config: Path, runtime: Path | None = None) -> str:
+    """The hook script the test installs: ferry's hook with its configuration
+    directory moved, and its runtime directory (default: /run/ferry, which is
+    the daemon's own, private: module docstring)."""
+    moved = f"FERRY_RUNTIME_DIR={runtime} " if runtime is not None else ""
     return (
-        "#!/bin/sh\n"
-        f"FERRY_RUNTIME_DIR={runtime} FERRY_CONFIG_DIR={config}"
-        f' exec {VENV_BIN / "ferry-libvirt-hook"} "$@"\n'
+        f'#!/bin/sh\n{moved}FERRY_CONFIG_DIR={config} exec {VENV_BIN / "ferry-libvirt-hook"} "$@"\n'
     )
 
 
 def _kill_pid_file(pid_file: Path, workdir: Path) -> None:
-    """SIGKILL the pid in *pid_file* if its command line names *workdir* (ours), and wait."""
+    """SIGKILL the pid in *pid_file* if its command line names *workdir* or the
+    private /run (ours), and wait."""
     try:
         pid = int(pid_file.read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return
-    if os.fsencode(workdir) not in cmdline:
+    if os.fsencode(workdir) not in cmdline and b"\0/run/ferry/" not in cmdline:
         return
     try:
         os.kill(pid, signal.SIGKILL)

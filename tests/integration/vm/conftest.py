@@ -21,6 +21,7 @@ from testbed.guest_image import GuestImage, build_guest_image
 from testbed.guest_traffic import ECHO_PORT
 from testbed.libvirt import LibvirtDaemon, libvirt_unavailable
 from testbed.migrationbed import MigrationBed
+from testbed.netns import Netns
 from testbed.passt_process import PasstProcess, start_passt
 from testbed.tcptool_process import Tool, server
 from testbed.topology import Topology
@@ -105,30 +106,36 @@ def start_passt_backend(
 
 
 class StartLibvirt(Protocol):
-    def __call__(self, hook: str | None, /, path_first: Path | None = None) -> LibvirtDaemon: ...
+    def __call__(
+        self, hook: str | None, /, path_first: Path | None = None, host: Netns | None = None
+    ) -> LibvirtDaemon: ...
 
 
 @pytest.fixture
-def libvirt(
-    request: pytest.FixtureRequest, topology: Topology, short_tmp: Path
-) -> Iterator[StartLibvirt]:
-    """A factory: ``libvirt(hook_script, path_first=None)`` -> a private libvirtd in the
-    host namespace (*path_first* first on its PATH).
+def libvirt(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[StartLibvirt]:
+    """A factory: ``libvirt(hook_script, path_first=None, host=None)`` -> a private
+    libvirtd in *host* (default: the ``topology`` fixture's host namespace).
 
     testbed/libvirt.py: its own /etc/libvirt (the hook installed as
-    hooks/qemu.d/ferry), state and socket under the test's directory. At
-    teardown every domain is destroyed through libvirt (the hooks run), the
-    daemon is stopped by PID and leftovers killed; when the test failed,
-    libvirtd's log, each domain's QEMU log and console are printed.
-    Tests using it skip, with the reason, where libvirt is not installed.
+    hooks/qemu.d/ferry), /run, state and socket under the test's directory,
+    *path_first* first on its PATH. At teardown every domain is destroyed
+    through libvirt (the hooks run), the daemon is stopped by PID and
+    leftovers killed; when the test failed, libvirtd's log, each domain's
+    QEMU log and console are printed. Tests using it skip, with the reason,
+    where libvirt is not installed.
     """
     started: list[LibvirtDaemon] = []
     # QEMU runs as libvirt-qemu: it must reach its files under the test's directory.
     short_tmp.chmod(0o755)
 
-    def start(hook: str | None, /, path_first: Path | None = None) -> LibvirtDaemon:
+    def start(
+        hook: str | None, /, path_first: Path | None = None, host: Netns | None = None
+    ) -> LibvirtDaemon:
+        if host is None:
+            topology: Topology = request.getfixturevalue("topology")
+            host = topology.host
         workdir = short_tmp / f"libvirt{len(started)}"
-        daemon = LibvirtDaemon(workdir, topology.host, hook, path_first=path_first)
+        daemon = LibvirtDaemon(workdir, host, hook, path_first=path_first)
         started.append(daemon)
         return daemon.start()
 

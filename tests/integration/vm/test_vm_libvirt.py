@@ -71,7 +71,7 @@ def exchange(guest: LibvirtGuest, peer: str, seed: int) -> None:
 
 def daemon_with_hook(libvirt: StartLibvirt, short_tmp: Path) -> tuple[LibvirtDaemon, Path]:
     runtime = short_tmp / "ferry"
-    return libvirt(hook_wrapper(runtime, short_tmp / "etc-ferry")), runtime
+    return libvirt(hook_wrapper(short_tmp / "etc-ferry", runtime)), runtime
 
 
 def ferryd_alive(pid: int) -> bool:
