@@ -13,7 +13,13 @@ so ferry's hook starts ferryd itself, as on a host without systemd) and no
 other libvirt; the machine's own libvirt and /etc are not touched. The
 test talks to it through a socket in the work directory
 (``qemu:///system?socket=...``); everything in the work directory is
-visible from outside, the mounts are gone with the daemon.
+visible from outside (the daemon's /run is its ``run`` directory), the
+mounts are gone with the daemon. Because each daemon has its own /run, ferry's hook
+can run at its production paths (/run/ferry) in two daemons at once, as on
+two hosts (:func:`hook_wrapper`). Under TCG the daemon's /dev/kvm is hidden:
+one that QEMU's user may open but that cannot run the guest (a PVM one,
+testbed/vm.py) makes libvirt throw its QEMU capabilities away on every
+lookup (~50 s per domain start).
 
 The daemon's QEMU runs as ``libvirt-qemu``, as Debian's libvirt runs it,
 with no security driver, no cgroups and no private /dev (``qemu.conf``
@@ -32,7 +38,12 @@ maps it), the console (ttyS0) in a file, and the guest's command channel
 on. :meth:`LibvirtDaemon.create` starts it paused (``virsh create
 --paused``), connects the channel and resumes it, so that the guest's
 ``@@ferry-ready`` always has a listener; the :class:`LibvirtGuest` it
-returns runs commands in the guest like testbed/vm.py's Vm.
+returns runs commands in the guest like testbed/vm.py's Vm;
+:meth:`LibvirtDaemon.attach` connects to a domain that migrated in
+(``virsh migrate --xml`` with :meth:`LibvirtDaemon.migratable_xml`: the
+target's own console and channel paths). :func:`passt_directory` and
+:func:`passt_vhostuser_interface` are for libvirt's passt backend, with
+``ferry-passt`` as the ``passt`` first on the daemon's PATH.
 
 Stopping (:meth:`LibvirtDaemon.stop`) destroys every domain through libvirt
 (so the hooks run), then ends libvirtd by PID, then kills by PID whatever a
