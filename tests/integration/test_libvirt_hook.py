@@ -11,7 +11,10 @@ Its runtime and configuration directories are the test's
 operator sees: the real ferryd answering on its control socket with the
 domain's options, the pid file, the process and sockets gone after
 release, one line on stderr when ferryd cannot start, and a pid that is
-not this domain's ferryd left alone. tests/integration/vm/test_vm_libvirt.py
+not this domain's ferryd left alone. Where systemd is the init system the
+hook only asks systemctl (``restart``/``stop ferryd@NAME.service``): two
+tests give it a ``/run/systemd/system`` and a recording ``systemctl`` on
+its PATH (systemd is not PID 1 here). tests/integration/vm/test_vm_libvirt.py
 runs the same hook under a real libvirt with a real guest.
 """
 
@@ -50,14 +53,29 @@ class Host:
         text = (FIXTURES / fixture).read_bytes()
         return text.replace(b"/run/ferry/", os.fsencode(self.paths.runtime) + b"/")
 
-    def hook(self, args: str, xml: bytes) -> subprocess.CompletedProcess[bytes]:
+    def hook(
+        self, args: str, xml: bytes, systemd: Path | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the hook as libvirt does; with *systemd* (a directory holding a
+        ``systemctl``), on a host whose init is systemd, that being its systemctl."""
         env = {
             **os.environ,
             RUNTIME_DIR_ENV: str(self.paths.runtime),
             CONFIG_DIR_ENV: str(self.paths.config),
         }
+        argv = [str(HOOK), *args.split()]
+        if systemd is None:
+            argv = without_systemd(argv)
+        else:
+            env["PATH"] = f"{systemd}:{env['PATH']}"
+            script = (
+                "mount -t tmpfs -o mode=0755 ferry-test /run && mkdir -p /run/systemd/system"
+                ' && exec "$@"'
+            )
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+            argv += [str(HOOK), *args.split()]
         return subprocess.run(
-            [*self.topology.host.exec_prefix(), *without_systemd([str(HOOK), *args.split()])],
+            [*self.topology.host.exec_prefix(), *argv],
             input=xml,
             capture_output=True,
             env=env,
@@ -222,3 +240,50 @@ def test_start_never_gives_away_what_a_link_in_the_socket_place_points_to(host: 
     assert result.stderr.decode() == f"ferry: domain vm1: {host.paths.socket} is not a socket\n"
     assert victim.stat().st_uid == 0
     host.paths.socket.unlink()
+
+
+def fake_systemctl(directory: Path, status: int, error: str = "") -> Path:
+    """A ``systemctl`` that records its arguments in ``calls`` and exits *status*
+    after printing *error*: what the hook asks of systemd, without systemd here."""
+    directory.mkdir()
+    (directory / "systemctl").write_text(
+        f'#!/bin/sh\necho "$*" >>{directory / "calls"}\n'
+        + (f"echo '{error}' >&2\n" if error else "")
+        + f"exit {status}\n"
+    )
+    (directory / "systemctl").chmod(0o755)
+    return directory
+
+
+def test_with_systemd_the_hook_restarts_and_stops_the_domains_unit(
+    host: Host, short_tmp: Path
+) -> None:
+    """sd_booted(3): /run/systemd/system exists; ferryd@NAME does the work
+    (its Type=notify start returns once ferryd is ready)."""
+    systemd = fake_systemctl(short_tmp / "bin", 0)
+    for args, fixture in [
+        ("vm1 prepare begin -", "vm1_prepare_begin.xml"),
+        ("vm1 started begin -", "vm1_started_begin.xml"),
+        ("vm1 release end migrated", "vm1_release_end.xml"),
+        ("vm1 release end destroyed", "vm1_release_end.xml"),
+    ]:
+        xml = host.xml(fixture)
+        result = host.hook(args, xml, systemd)
+        assert (result.returncode, result.stdout, result.stderr) == (0, xml, b"")
+    calls = (systemd / "calls").read_text().splitlines()
+    assert calls == ["restart ferryd@vm1.service", "stop ferryd@vm1.service"]
+    assert not host.paths.directory.exists()  # the unit's RuntimeDirectory=, not the hook's
+
+
+def test_with_systemd_a_unit_that_fails_fails_the_domains_start_with_one_line(
+    host: Host, short_tmp: Path
+) -> None:
+    error = "Job for ferryd@vm1.service failed because the control process exited with error"
+    systemd = fake_systemctl(short_tmp / "bin", 1, error)
+    xml = host.xml("vm1_prepare_begin.xml")
+    result = host.hook("vm1 prepare begin -", xml, systemd)
+    assert (result.returncode, result.stdout) == (1, xml)
+    assert result.stderr.decode() == (
+        f"ferry: domain vm1: systemctl restart ferryd@vm1.service failed: {error}"
+        " (journalctl -u ferryd@vm1.service)\n"
+    )
