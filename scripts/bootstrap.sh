@@ -32,11 +32,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# QEMU >= 10 for the virtual-machine tests (tests/integration/vm, testbed/vm.py). Debian 12
-# has 7.2 in main and 10.0 in bookworm-backports: the backports suite is added
-# as a deb822 source of its own, and only qemu-system-x86 and what it needs
-# come from there (backports is never preferred on its own). Without QEMU >= 10
-# the VM tests skip and say why.
+# QEMU >= 10 for the virtual-machine tests (tests/integration/vm, testbed/vm.py)
+# and libvirt 11.3 for the libvirt hook's real-libvirt test
+# (tests/integration/vm/test_vm_libvirt.py, testbed/libvirt.py). Debian 12
+# has QEMU 7.2 and libvirt 9.0 in main, QEMU 10.0 and libvirt 11.3 in
+# bookworm-backports: the backports suite is added as a deb822 source of its
+# own, and only these packages and what they need come from there (backports
+# is never preferred on its own). Without them the VM tests (or the libvirt
+# ones) skip and say why.
+BACKPORTS_PACKAGES=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 qemu_version() {
     dpkg-query -W -f='${db:Status-Abbrev}${Version}' qemu-system-x86 2>/dev/null \
         | sed -n 's/^ii *//p'
@@ -46,7 +50,13 @@ qemu_is_recent() {
     version=$(qemu_version)
     [ -n "$version" ] && dpkg --compare-versions "$version" ge 1:10
 }
-if [ "$(id -u)" -eq 0 ] && ! qemu_is_recent; then
+libvirt_is_installed() {
+    local pkg
+    for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients; do
+        dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null | grep -q '^ii' || return 1
+    done
+}
+if [ "$(id -u)" -eq 0 ] && { ! qemu_is_recent || ! libvirt_is_installed; }; then
     if [ "$(. /etc/os-release && echo "$VERSION_CODENAME")" = bookworm ]; then
         backports=/etc/apt/sources.list.d/bookworm-backports.sources
         if ! grep -qs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/*; then
@@ -54,18 +64,21 @@ if [ "$(id -u)" -eq 0 ] && ! qemu_is_recent; then
                 'Suites: bookworm-backports' 'Components: main' \
                 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$backports"
         fi
-        echo "bootstrap: installing qemu-system-x86 from bookworm-backports"
+        echo "bootstrap: installing ${BACKPORTS_PACKAGES[*]} from bookworm-backports"
         # apt's output (debconf's notes included) is shown only when it fails.
         if ! out=$(apt-get update -qq 2>&1 && DEBIAN_FRONTEND=noninteractive \
             apt-get install -y -qq --no-install-recommends -t bookworm-backports \
-            qemu-system-x86 2>&1); then
+            "${BACKPORTS_PACKAGES[@]}" 2>&1); then
             echo "$out" >&2
-            echo "bootstrap: installing qemu-system-x86 from bookworm-backports failed" >&2
+            echo "bootstrap: installing ${BACKPORTS_PACKAGES[*]} from bookworm-backports failed" >&2
         fi
     fi
     if ! qemu_is_recent; then
         echo "bootstrap: warning: qemu-system-x86 is '$(qemu_version)', not >= 10;" \
             "the VM tests will skip" >&2
+    fi
+    if ! libvirt_is_installed; then
+        echo "bootstrap: warning: libvirt is not installed; the libvirt VM tests will skip" >&2
     fi
 fi
 

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from testbed.netns import Netns
-from testbed.vm import Vm
+from testbed.vm import Guest
 from testbed.wait import wait_for
 
 __all__ = [
@@ -54,13 +54,13 @@ ECHO_PORT = 7000
 BLOCK = 16 << 10
 
 
-def size(vm: Vm, path: str) -> int:
+def size(vm: Guest, path: str) -> int:
     """The size of a file in the guest."""
     output = vm.check(f"wc -c <{path}").strip()
     return int(output)
 
 
-def open_connections(vm: Vm, peer: str, idle: int, port: int = ECHO_PORT) -> None:
+def open_connections(vm: Guest, peer: str, idle: int, port: int = ECHO_PORT) -> None:
     """The busy connection (data both ways until /tmp/stop exists) and *idle* idle ones."""
     vm.check(
         "rm -f /tmp/stop; (while [ ! -e /tmp/stop ]; do"
@@ -77,7 +77,7 @@ def open_connections(vm: Vm, peer: str, idle: int, port: int = ECHO_PORT) -> Non
     )
 
 
-def wait_echoed(vm: Vm, at_least: int, what: str, timeout: float = 60) -> None:
+def wait_echoed(vm: Guest, at_least: int, what: str, timeout: float = 60) -> None:
     """Until the busy connection got back at least *at_least* bytes in all."""
     wait_for(
         lambda: size(vm, "/tmp/echoed") >= at_least,
@@ -87,7 +87,7 @@ def wait_echoed(vm: Vm, at_least: int, what: str, timeout: float = 60) -> None:
     )
 
 
-def echo_idle(vm: Vm, idle: int, word: str) -> None:
+def echo_idle(vm: Guest, idle: int, word: str) -> None:
     """Each idle connection sends one line; wait until each got back all it sent so far."""
     vm.check(f"for i in $(seq {idle}); do echo {word}-$i >/tmp/in$i; done")
     words = ("before", word) if word != "before" else ("before",)
@@ -100,7 +100,7 @@ def echo_idle(vm: Vm, idle: int, word: str) -> None:
     )
 
 
-def idle_still_running(vm: Vm, idle: int) -> str:
+def idle_still_running(vm: Guest, idle: int) -> str:
     """The idle connections whose nc has not ended, as a list of numbers."""
     return vm.check(
         f"for i in $(seq {idle}); do kill -0 $(cat /tmp/idle$i.pid) 2>/dev/null && echo $i; done;"
@@ -108,7 +108,7 @@ def idle_still_running(vm: Vm, idle: int) -> str:
     )
 
 
-def finish(vm: Vm, idle: int) -> int:
+def finish(vm: Guest, idle: int) -> int:
     """End every connection and check them (see the module docstring); the bytes sent each way.
 
     The writer stops, the busy nc half-closes, the echo server closes; then
@@ -135,7 +135,7 @@ def finish(vm: Vm, idle: int) -> int:
     return int(sent[0])
 
 
-def inbound(peer: Netns, vm: Vm, address: str, port: int, guest_port: int) -> None:
+def inbound(peer: Netns, vm: Guest, address: str, port: int, guest_port: int) -> None:
     """A connection from *peer* to *address*:*port* (forwarded by the back-end to the
     guest's *guest_port*) reaches a listener in the guest: its line arrives there."""
     vm.check(f"nc -l -p {guest_port} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
@@ -178,12 +178,12 @@ class ConnsResult:
     errors: list[str]
 
 
-def _guest_file(vm: Vm, path: str) -> str:
+def _guest_file(vm: Guest, path: str) -> str:
     return vm.run(f"cat {path} 2>/dev/null").output
 
 
 def start_conns(
-    vm: Vm, peer: str, count: int, busy: int, rate: float, timeout: float, port: int = ECHO_PORT
+    vm: Guest, peer: str, count: int, busy: int, rate: float, timeout: float, port: int = ECHO_PORT
 ) -> None:
     """Start guest_conns in the background: *count* connections to the echo server at
     *peer*, *busy* of them streaming both ways at *rate* bytes/s in all (0: no limit);
@@ -194,7 +194,7 @@ def start_conns(
     )
 
 
-def wait_conns_ready(vm: Vm, count: int, timeout: float) -> None:
+def wait_conns_ready(vm: Guest, count: int, timeout: float) -> None:
     """Until every connection has had its first chunk echoed (``ready``); fails at once,
     with its output, if guest_conns ended first (a connection refused, ...)."""
 
@@ -209,7 +209,7 @@ def wait_conns_ready(vm: Vm, count: int, timeout: float) -> None:
     wait_for(ready, timeout=timeout, interval=0.2, what=f"{count} connections to open")
 
 
-def finish_conns(vm: Vm, timeout: float) -> ConnsResult:
+def finish_conns(vm: Guest, timeout: float) -> ConnsResult:
     """Start guest_conns' final check (SIGUSR1: another chunk each, the echo of
     everything, a half-close each way) and return its result once it has one."""
     vm.check("kill -USR1 $(cat /tmp/conns.pid)")

@@ -52,6 +52,8 @@ __all__ = [
     "MIGRATION_ENDED",
     "QEMU",
     "QEMU_MIN_VERSION",
+    "Guest",
+    "GuestChannel",
     "GuestResult",
     "Vm",
     "VmError",
@@ -167,7 +169,7 @@ def vhost_user_netdev(path: str | Path, *, reconnect_ms: int | None = None) -> l
     return ["-chardev", spec, "-netdev", "vhost-user,id=net0,chardev=vhost0"]
 
 
-class _Channel:
+class GuestChannel:
     """The host's end of the guest's command channel (protocol: testbed/guest_image.py)."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -231,7 +233,75 @@ class _Channel:
             # The answer to an earlier request that timed out: skip it.
 
 
-class Vm:
+class Guest:
+    """The guest's side of a running VM: its command channel, and what runs through it.
+
+    Whoever started QEMU (:class:`Vm` by hand, or libvirt in
+    testbed/libvirt.py) connects the channel's Unix socket and hands it over
+    as :attr:`_channel`; :meth:`_report` says what went wrong with the VM.
+    """
+
+    name: str
+    #: When the guest was let run (monotonic), for :meth:`wait_ready`'s answer.
+    started_at: float
+    _channel: GuestChannel | None
+
+    def _report(self, what: str) -> str:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """Wait until the guest's command channel is up; return the seconds since ``cont``."""
+        try:
+            self._require_channel().wait_ready(time.monotonic() + timeout)
+        except (TimeoutError, ConnectionError) as e:
+            raise VmError(
+                self._report(f"the guest did not come up within {timeout:g} s ({e})")
+            ) from None
+        return time.monotonic() - self.started_at
+
+    def run(self, command: str, timeout: float = 60.0) -> GuestResult:
+        """Run one line of shell in the guest (busybox sh -c) and return its status and output.
+
+        Commands run one at a time; one that should outlive the request
+        must redirect its output and go to the background (``... >/tmp/x 2>&1 &``).
+        """
+        try:
+            return self._require_channel().run(command, time.monotonic() + timeout)
+        except (TimeoutError, ConnectionError) as e:
+            raise VmError(self._report(f"guest command {command!r} failed: {e}")) from None
+
+    def check(self, command: str, timeout: float = 60.0) -> str:
+        """:meth:`run`, failing unless the command exits 0; returns its output."""
+        result = self.run(command, timeout)
+        if result.status != 0:
+            raise VmError(
+                self._report(f"guest command {command!r} exited {result.status}:\n{result.output}")
+            )
+        return result.output
+
+    def lease(self) -> dict[str, str] | None:
+        """The DHCP lease the guest applied (its /run/dhcp), or None before it has one."""
+        result = self.run("cat /run/dhcp")
+        if result.status != 0:
+            return None
+        fields = (item.partition("=") for item in result.output.split())
+        return {key: value for key, _, value in fields}
+
+    def wait_lease(self, timeout: float = 60.0) -> dict[str, str]:
+        return wait_for(self.lease, timeout, interval=0.2, what=f"{self.name}'s DHCP lease")
+
+    def addresses(self, ifname: str = "eth0") -> list[str]:
+        """The guest's addresses on *ifname*, as ``address/prefix``."""
+        output = self.check(f"ip -o addr show dev {ifname}")
+        return re.findall(r"\binet6? (\S+)", output)
+
+    def _require_channel(self) -> GuestChannel:
+        if self._channel is None:
+            raise VmError(f"{self.name} is not running")
+        return self._channel
+
+
+class Vm(Guest):
     """One QEMU running the test guest (see the module docstring).
 
     *netdev* is the QEMU arguments that define netdev ``net0`` (e.g.
@@ -292,7 +362,7 @@ class Vm:
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: Qmp | None = None
-        self._channel: _Channel | None = None
+        self._channel: GuestChannel | None = None
         self.started_at = 0.0
 
     # Life cycle
@@ -314,7 +384,7 @@ class Vm:
             except OSError as e:
                 sock.close()
                 raise VmError(self._report(f"cannot connect to the command channel: {e}")) from e
-            self._channel = _Channel(sock)
+            self._channel = GuestChannel(sock)
             self.started_at = time.monotonic()
             if self.incoming is None:
                 self.qmp.cont()
@@ -336,16 +406,6 @@ class Vm:
             return Qmp(str(self.qmp_path))
         except QmpError:
             return None
-
-    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """Wait until the guest's command channel is up; return the seconds since ``cont``."""
-        try:
-            self._require_channel().wait_ready(time.monotonic() + timeout)
-        except (TimeoutError, ConnectionError) as e:
-            raise VmError(
-                self._report(f"the guest did not come up within {timeout:g} s ({e})")
-            ) from None
-        return time.monotonic() - self.started_at
 
     def stop(self) -> int | None:
         """``quit`` through QMP, then SIGKILL by PID; return QEMU's exit status. Idempotent."""
@@ -372,28 +432,6 @@ class Vm:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # The guest
-
-    def run(self, command: str, timeout: float = 60.0) -> GuestResult:
-        """Run one line of shell in the guest (busybox sh -c) and return its status and output.
-
-        Commands run one at a time; one that should outlive the request
-        must redirect its output and go to the background (``... >/tmp/x 2>&1 &``).
-        """
-        try:
-            return self._require_channel().run(command, time.monotonic() + timeout)
-        except (TimeoutError, ConnectionError) as e:
-            raise VmError(self._report(f"guest command {command!r} failed: {e}")) from None
-
-    def check(self, command: str, timeout: float = 60.0) -> str:
-        """:meth:`run`, failing unless the command exits 0; returns its output."""
-        result = self.run(command, timeout)
-        if result.status != 0:
-            raise VmError(
-                self._report(f"guest command {command!r} exited {result.status}:\n{result.output}")
-            )
-        return result.output
-
     def wait_migration(
         self,
         statuses: Sequence[str] = MIGRATION_ENDED,
@@ -411,22 +449,6 @@ class Vm:
             return info if info.get("status") in statuses else None
 
         return wait_for(reached, timeout=timeout, interval=interval, what=what)
-
-    def lease(self) -> dict[str, str] | None:
-        """The DHCP lease the guest applied (its /run/dhcp), or None before it has one."""
-        result = self.run("cat /run/dhcp")
-        if result.status != 0:
-            return None
-        fields = (item.partition("=") for item in result.output.split())
-        return {key: value for key, _, value in fields}
-
-    def wait_lease(self, timeout: float = 60.0) -> dict[str, str]:
-        return wait_for(self.lease, timeout, interval=0.2, what=f"{self.name}'s DHCP lease")
-
-    def addresses(self, ifname: str = "eth0") -> list[str]:
-        """The guest's addresses on *ifname*, as ``address/prefix``."""
-        output = self.check(f"ip -o addr show dev {ifname}")
-        return re.findall(r"\binet6? (\S+)", output)
 
     # Reports
 
@@ -450,8 +472,3 @@ class Vm:
             f"--- the guest's console (last 60 lines) ---\n"
             + "\n".join(self.console().splitlines()[-60:])
         )
-
-    def _require_channel(self) -> _Channel:
-        if self._channel is None:
-            raise VmError(f"{self.name} is not running")
-        return self._channel

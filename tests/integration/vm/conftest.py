@@ -19,7 +19,9 @@ import pytest
 
 from testbed.guest_image import GuestImage, build_guest_image
 from testbed.guest_traffic import ECHO_PORT
+from testbed.libvirt import LibvirtDaemon, libvirt_unavailable
 from testbed.migrationbed import MigrationBed
+from testbed.netns import Netns
 from testbed.passt_process import PasstProcess, start_passt
 from testbed.tcptool_process import Tool, server
 from testbed.topology import Topology
@@ -37,8 +39,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = qemu_unavailable()
     for item in mine:
         item.add_marker(pytest.mark.vm)
-        if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        why = reason or ("libvirt" in getattr(item, "fixturenames", ()) and libvirt_unavailable())
+        if why:
+            item.add_marker(pytest.mark.skip(reason=why))
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +103,51 @@ def start_passt_backend(
         status = passt.stop()
         if _test_failed(request.node):
             print(f"--- passt's log ({passt.socket_path}, exit {status}) ---\n{passt.log()}")
+
+
+class StartLibvirt(Protocol):
+    def __call__(
+        self, hook: str | None, /, path_first: Path | None = None, host: Netns | None = None
+    ) -> LibvirtDaemon: ...
+
+
+@pytest.fixture
+def libvirt(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[StartLibvirt]:
+    """A factory: ``libvirt(hook_script, path_first=None, host=None)`` -> a private
+    libvirtd in *host* (default: the ``topology`` fixture's host namespace).
+
+    testbed/libvirt.py: its own /etc/libvirt (the hook installed as
+    hooks/qemu.d/ferry), /run, state and socket under the test's directory,
+    *path_first* first on its PATH. At teardown every domain is destroyed
+    through libvirt (the hooks run), the daemon is stopped by PID and
+    leftovers killed; when the test failed, libvirtd's log, each domain's
+    QEMU log and console are printed. Tests using it skip, with the reason,
+    where libvirt is not installed.
+    """
+    started: list[LibvirtDaemon] = []
+    # QEMU runs as libvirt-qemu: it must reach its files under the test's directory.
+    short_tmp.chmod(0o755)
+
+    def start(
+        hook: str | None, /, path_first: Path | None = None, host: Netns | None = None
+    ) -> LibvirtDaemon:
+        if host is None:
+            topology: Topology = request.getfixturevalue("topology")
+            host = topology.host
+        workdir = short_tmp / f"libvirt{len(started)}"
+        daemon = LibvirtDaemon(workdir, host, hook, path_first=path_first)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+
+    for daemon in started:
+        daemon.stop()
+        if _test_failed(request.node):
+            print(daemon.logs())
+            for guest in daemon.guests:
+                print(f"--- {guest.name}: QEMU's log ---\n{daemon.qemu_log(guest.name)}")
+                print(f"--- {guest.name}: the guest's console ---\n{guest.console()}")
 
 
 @pytest.fixture
