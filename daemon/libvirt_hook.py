@@ -712,14 +712,29 @@ def run(call: HookCall, xml: bytes) -> None:
         stop_direct(paths)
 
 
+USAGE = f"""\
+usage: ferry-libvirt-hook DOMAIN OPERATION SUBOPERATION EXTRA < DOMAIN_XML
+
+libvirt's qemu hook for ferry, installed as /etc/libvirt/hooks/qemu.d/ferry.
+A domain opts in with a vhost-user interface on {RUNTIME_DIR}/NAME/vhost-user.sock
+(QEMU the client); for it, 'prepare begin' starts ferryd (ferryd@NAME under
+systemd) and waits until it is ready, 'start begin' gives the socket to QEMU's
+user, 'release end' stops ferryd. Every call writes the XML back unchanged.
+Options for NAME's ferryd: FERRYD_ARGS in {CONFIG_DIR}/NAME.conf."""
+
+
 def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
     """Read the XML, write it back, act; 0, or 1 with one line on stderr, 2 for misuse."""
+    args = sys.argv[1:] if argv is None else argv
+    if list(args) in (["-h"], ["--help"]):  # an operator, not libvirt: no XML to wait for
+        print(USAGE)
+        return 0
     xml = (stdin or sys.stdin.buffer).read()
     # libvirt takes the output as the XML in every case: pass it through first.
     sys.stdout.buffer.write(xml)
     sys.stdout.flush()
     try:
-        call = parse_arguments(sys.argv[1:] if argv is None else argv)
+        call = parse_arguments(args)
     except UsageError as e:
         print(f"ferry-libvirt-hook: {e}", file=sys.stderr)
         return 2

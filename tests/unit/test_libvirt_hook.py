@@ -340,6 +340,15 @@ def test_a_call_libvirt_never_makes_is_a_usage_error(
     assert "DOMAIN OPERATION SUBOPERATION EXTRA" in err
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_reads_no_xml(flag: str, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """An operator asking for help gets it at once, not a hook waiting on its stdin."""
+    status, out, err = run_main(flag, b"<domain/>", capsysbinary)
+    assert status == 0 and err == ""
+    assert out.startswith(b"usage: ferry-libvirt-hook DOMAIN OPERATION SUBOPERATION EXTRA")
+    assert b"<domain/>" not in out
+
+
 # ---------------------------------------------------------------------------
 # ferryd's command line and the pid check
 
