@@ -55,8 +55,12 @@ BLOCK = 16 << 10
 
 
 def size(vm: Guest, path: str) -> int:
-    """The size of a file in the guest."""
-    output = vm.check(f"wc -c <{path}").strip()
+    """The size of a file in the guest; 0 while it does not exist.
+
+    A program started in the guest's background (``cmd &``) may not have
+    created its output yet when the command channel answers.
+    """
+    output = vm.check(f"if [ -e {path} ]; then wc -c <{path}; else echo 0; fi").strip()
     return int(output)
 
 
