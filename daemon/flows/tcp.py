@@ -88,7 +88,7 @@ from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from ferryd.flows.table import FlowCounters, FlowKey, FlowLimitReached, FlowTable
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
-from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost
+from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost, bound_queues
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.linux import SO_PEEK_OFF
@@ -190,6 +190,8 @@ class TcpFlows:
         """A burst of guest frames (or a reactor round) is under way: re-arm at its end."""
         self._wait: trio.CancelScope | None = None
         """The reactor's wait, while it waits."""
+        self._queue_bound: int | None = None
+        """Every socket's buffers capped at this many bytes each way (bound_queues)."""
 
     # --- from the guest ---------------------------------------------------
 
@@ -326,7 +328,19 @@ class TcpFlows:
         conn.flow = self.table.add(
             key, conn, now, state=state.value, host_addr=strip_scope(local[0]), host_port=local[1]
         )
+        if self._queue_bound is not None:
+            bound_queues(host.sock, self._queue_bound)
         return conn
+
+    def bound_queues(self, limit: int | None) -> None:
+        """Cap every socket's kernel queues at ``limit`` bytes each way, new ones too;
+        None: back to the kernel's autotuning (ferryd.flows.tcp_host.bound_queues)."""
+        self._queue_bound = limit
+        for flow in self.table:
+            sock = socket_of(flow.handle)
+            if sock.fileno() >= 0:
+                with contextlib.suppress(OSError):  # a socket that failed: its flow ends anyway
+                    bound_queues(sock, limit)
 
     def flush(self, now: float) -> None:
         """The frontend's queue ran dry: send the ACKs deferred meanwhile,
