@@ -28,13 +28,16 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,17 +184,45 @@ class Holder:
         self.proc.wait(timeout=30)
 
 
+#: ``--trace``: ferryd under tracemalloc; each SIGUSR1 writes a snapshot to
+#: the next of PATH.0, PATH.1, ... (opened at start: ferryd's syscall filter
+#: forbids opening a file for writing later). For finding the biggest
+#: per-flow allocations, not for the figures: tracing costs memory of its own.
+_TRACED_FERRYD = """
+import pickle, signal, sys, tracemalloc
+path = sys.argv.pop(1)
+files = [open(f"{path}.{i}", "wb") for i in range(8)]
+def dump(*_):
+    out = files.pop(0)
+    pickle.dump(tracemalloc.take_snapshot(), out, pickle.HIGHEST_PROTOCOL)
+    out.close()
+tracemalloc.start(4)
+signal.signal(signal.SIGUSR1, dump)
+sys.argv[0] = "ferryd"
+from ferryd.main import main
+sys.exit(main())
+"""
+
+
 @contextlib.contextmanager
-def _ferryd(topo: Topology, workdir: Path, max_flows: int) -> Iterator[tuple[int, str]]:
+def _ferryd(
+    topo: Topology, workdir: Path, max_flows: int, trace: bool
+) -> Iterator[tuple[int, str]]:
     control = str(workdir / "ferryd.sock")
+    traced = [sys.executable, "-c", _TRACED_FERRYD, str(workdir / "snapshot")]
     argv = [
-        str(FERRYD), "--netns", topo.guest.path, "--tap", "tap0", "--config-net",
+        *(traced if trace else [str(FERRYD)]),
+        "--netns", topo.guest.path, "--tap", "tap0", "--config-net",
         "--control", control, "--max-flows", str(max_flows),
     ]  # fmt: skip
     with (workdir / "ferryd.log").open("wb") as log:
         proc = topo.host.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        wait_for(lambda: proc.poll() is not None or Path(control).exists(), what="ferryd's control")
+        wait_for(
+            lambda: proc.poll() is not None or Path(control).exists(),
+            timeout=120,  # (slow to start under --trace)
+            what="ferryd's control",
+        )
         if proc.poll() is not None:
             raise RuntimeError(f"ferryd exited: {(workdir / 'ferryd.log').read_text()[-500:]}")
         wait_for(lambda: _tcp_flows(control) >= 0, what="ferryd to answer")
@@ -209,13 +240,14 @@ def _tcp_flows(control: str) -> int:
     return int(status["flows"]["tcp"])
 
 
-def measure(counts: Sequence[int], warmup: int) -> list[dict[str, Any]]:
+def measure(counts: Sequence[int], warmup: int, trace: bool = False) -> list[dict[str, Any]]:
     """Memory of one ferryd after warmup, then after each count of idle connections."""
     rows: list[dict[str, Any]] = []
+    snapshots: list[tracemalloc.Snapshot] = []
     with (
-        tempfile.TemporaryDirectory(prefix="fm-") as tmp,
+        tempfile.TemporaryDirectory(prefix="ferry-memory-") as tmp,
         build_topology() as topo,
-        _ferryd(topo, Path(tmp), max(counts) + 100) as (pid, control),
+        _ferryd(topo, Path(tmp), max(counts) + 100, trace) as (pid, control),
     ):
         addrs = list(topo.peers_v4)
         server = Holder(topo.peer, "serve", addrs)
@@ -233,10 +265,34 @@ def measure(counts: Sequence[int], warmup: int) -> list[dict[str, Any]]:
                     what=f"ferryd to count {count} TCP flows",
                 )
                 rows.append({"flows": _tcp_flows(control), **smaps_rollup(pid)})
+                if trace:
+                    path = Path(tmp) / f"snapshot.{len(snapshots)}"
+                    snapshots.append(_snapshot(pid, path))
         finally:
             client.stop()
             server.stop()
+    if trace:
+        added = rows[-1]["flows"] - rows[0]["flows"]
+        print(f"biggest allocations per flow (tracemalloc, {added} flows added):")
+        for stat in snapshots[-1].compare_to(snapshots[0], "lineno")[:25]:
+            per_flow = f"{stat.size_diff / added:8.0f} B {stat.count_diff / added:5.2f}"
+            print(f"  {per_flow}  {stat.traceback}")
     return rows
+
+
+def _snapshot(pid: int, path: Path) -> tracemalloc.Snapshot:
+    os.kill(pid, signal.SIGUSR1)
+    found: list[tracemalloc.Snapshot] = []
+
+    def written() -> bool:
+        try:
+            found.append(tracemalloc.Snapshot.load(str(path)))
+        except (EOFError, pickle.UnpicklingError):  # (still being written)
+            return False
+        return True
+
+    wait_for(written, timeout=120, what="ferryd's snapshot")
+    return found[0]
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -267,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="also print the raw figures")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="run ferryd under tracemalloc and print the biggest allocations per flow",
+    )
     parser.add_argument("--serve", metavar="ADDRS", help=argparse.SUPPRESS)
     parser.add_argument("--connect", metavar="ADDRS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -281,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _raise_nofile()  # ferryd inherits it: its budget covers the largest count
     try:
-        rows = measure(sorted(args.counts), args.warmup)
+        rows = measure(sorted(args.counts), args.warmup, args.trace)
     except (RuntimeError, AssertionError) as exc:
         print(f"bench.memory failed: {exc}", file=sys.stderr)
         return 1
