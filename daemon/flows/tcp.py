@@ -164,6 +164,7 @@ class TcpFlows:
         limit: int = 4096,
         budget: DescriptorBudget | None = None,
         entropy: Entropy = SYSTEM_ENTROPY,
+        max_queue: int | None = None,
     ) -> None:
         self._guest = guest
         self._entropy = entropy
@@ -190,8 +191,10 @@ class TcpFlows:
         """A burst of guest frames (or a reactor round) is under way: re-arm at its end."""
         self._wait: trio.CancelScope | None = None
         """The reactor's wait, while it waits."""
-        self._queue_bound: int | None = None
-        """Every socket's buffers capped at this many bytes each way (bound_queues)."""
+        self._max_queue = max_queue
+        """--max-queue: the cap every socket has always (None: autotuning)."""
+        self._queue_bound = max_queue
+        """The cap now: --max-queue's, or a migration's smaller one (bound_queues)."""
 
     # --- from the guest ---------------------------------------------------
 
@@ -333,8 +336,11 @@ class TcpFlows:
         return conn
 
     def bound_queues(self, limit: int | None) -> None:
-        """Cap every socket's kernel queues at ``limit`` bytes each way, new ones too;
-        None: back to the kernel's autotuning (ferryd.flows.tcp_host.bound_queues)."""
+        """Cap every socket's kernel queues at ``limit`` bytes each way, new ones too
+        (--max-queue's cap, if smaller, stays); None: back to --max-queue's cap or
+        the kernel's autotuning (ferryd.flows.tcp_host.bound_queues)."""
+        if limit is None or (self._max_queue is not None and self._max_queue < limit):
+            limit = self._max_queue
         self._queue_bound = limit
         for flow in self.table:
             sock = socket_of(flow.handle)

@@ -122,3 +122,39 @@ def test_precopy_bounds_queues_rollback_and_target_restore(two_hosts: MigrationB
         streams.finish()  # byte for byte, both ways, every connection
     finally:
         streams.close()
+
+
+CAP = 64 * 1024
+
+
+def test_max_queue_bounds_what_a_plain_migration_carries(two_hosts: MigrationBed) -> None:
+    """--max-queue caps every socket always, on the source and on the target, so a
+    migration without a pre-copy (QEMU's kind) carries little of a busy connection."""
+    bed = two_hosts
+    source = bed.start_source("--max-queue", str(CAP))
+    target = bed.start_target("--max-queue", str(CAP))
+    streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, PORT, "busy:1", "idle:5")
+    try:
+        streams.wait_flowing("busy", 4 << 20)
+        capped = _one(bed.host_a, PORT)
+        assert capped.rcvbuf <= CAP and capped.sndbuf <= CAP, capped
+        wait_for(
+            lambda: (v := _one(bed.host_a, PORT)).recv_q <= CAP and v.send_q <= CAP,
+            what="the busy connection's queues within the cap",
+        )
+        assert _one(bed.guest, PORT).snd_wnd <= CAP
+
+        summary = bed.migrate_ok(source, target, "--no-precopy")
+        print("summary:", summary)
+        assert summary["flows"]["tcp"] == 6, summary
+        # Both queues of the busy connection and six records: tens of kilobytes,
+        # where autotuning's buffers held megabytes (the test above).
+        assert summary["stream_bytes"] <= 8 * CAP, summary
+
+        before = streams.report()["busy"]
+        streams.wait_more("busy", before, 4 << 20, "after the move")
+        moved = _one(bed.host_b, PORT)
+        assert moved.rcvbuf <= CAP and moved.sndbuf <= CAP, moved
+        streams.finish()  # byte for byte, both ways, every connection
+    finally:
+        streams.close()
