@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from ferryd.control import request
 from ferryd.migration.source import QUEUE_BOUND
+from testbed.ferryd_process import FerrydProcess, describe_status, launch
 from testbed.migrationbed import PRECOPY_NOW, MigrationBed
 from testbed.netns import Netns
+from testbed.paths import FERRYD
 from testbed.streams import Streams
+from testbed.topology import Topology
+from testbed.vhost_user_driver import VhostUserQemu
 from testbed.wait import wait_for
 
 PORT = 9470
@@ -158,3 +165,57 @@ def test_max_queue_bounds_what_a_plain_migration_carries(two_hosts: MigrationBed
         streams.finish()  # byte for byte, both ways, every connection
     finally:
         streams.close()
+
+
+def _accepted(ns: Netns, port: int) -> SockView | None:
+    """The one established socket in ``ns`` on local ``port`` (ferryd's accepted one)."""
+    out = ns.run(["ss", "-Htmni", "state", "established", f"sport = :{port}"]).stdout
+    found = re.findall(r"skmem:\(r\d+,rb(\d+),t\d+,tb(\d+)", out)
+    if len(found) != 1:
+        return None
+    return SockView(0, 0, int(found[0][0]), int(found[0][1]), 0, 0)
+
+
+def test_qemus_log_all_caps_the_queues(topology: Topology, short_tmp: Path) -> None:
+    """vhost-user has no pre-copy of ferryd's own: QEMU turning LOG_ALL on (its RAM
+    pre-copy starts) is the sign, and ferryd caps its sockets' buffers then."""
+    socket_path, control = short_tmp / "vhost.sock", str(short_tmp / "ferryd.ctl")
+    argv = [
+        str(FERRYD), "--vhost-user", "--socket", str(socket_path), "--control", control,
+        "-t", str(PORT),
+    ]  # fmt: skip
+    started: list[FerrydProcess] = []
+    peer: subprocess.Popen[bytes] | None = None
+    try:
+        launch(topology.host, argv, control, short_tmp / "ferryd.log", started)
+        with VhostUserQemu(socket_path) as qemu:
+            qemu.start()
+            # A peer's connection to the forwarded port: ferryd's accepted socket
+            # is a flow (its SYN to the guest goes unanswered: no matter here).
+            connect = (
+                "import socket, sys, time;"
+                f"s = socket.create_connection(({topology.host_v4!r}, {PORT}));"
+                "print('connected', flush=True); time.sleep(120)"
+            )
+            peer = topology.peer.popen([sys.executable, "-c", connect], stdout=subprocess.PIPE)
+            before = wait_for(lambda: _accepted(topology.host, PORT), what="ferryd's socket")
+            assert before.sndbuf > QUEUE_BOUND, before  # else the cap could not be told
+            log = qemu.start_dirty_log()
+            log.close()
+            capped = wait_for(
+                lambda: (
+                    (v := _accepted(topology.host, PORT))
+                    and v.sndbuf <= QUEUE_BOUND
+                    and v.rcvbuf <= QUEUE_BOUND
+                    and v
+                ),
+                what="ferryd's socket capped after LOG_ALL",
+            )
+            print("before:", before, "capped:", capped)
+    finally:
+        if peer is not None:
+            peer.kill()
+            peer.wait()
+        for ferryd in started:
+            status = ferryd.stop()
+            print(f"--- ferryd log (exit {describe_status(status)}) ---\n{ferryd.log()}")
