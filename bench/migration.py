@@ -1,7 +1,7 @@
 """Migration downtime through real ferryds, by number of connections.
 
 Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]
-[--modes precopy plain]``.
+[--modes precopy plain] [--max-queue BYTES] [--no-reference]``.
 
 For each N it builds the two-host bed of the integration tests
 (testbed/migrationbed.py: two_host_bed: host A and host B with the same
@@ -26,6 +26,13 @@ only confirms them) and ``plain`` (``--no-precopy``: everything is dumped
 after the freeze), the reference the pre-copy is measured against. The
 ``precopy`` column is the source's pre-copy time, outside the downtime;
 ``unchanged`` counts the connections the freeze only had to confirm.
+
+With ``--busy``, each N and mode also runs with every connection idle (the
+reference; ``--no-reference`` skips it), and a ``targets`` section prints
+each busy row against it: issue 12's "1,000 with 4 at full speed both
+ways: ≤ 60 ms, byte-exact". ``--max-queue BYTES`` starts both ferryds with
+that option (every socket's buffers capped always: what a migration without
+a pre-copy carries is bounded too).
 """
 
 from __future__ import annotations
@@ -64,19 +71,23 @@ def _bed() -> Iterator[MigrationBed]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start(bed: MigrationBed, host: Netns, n: int, incoming: bool) -> FerrydProcess:
-    limit = ["--max-flows", str(n + 100)]
+def _start(
+    bed: MigrationBed, host: Netns, n: int, incoming: bool, max_queue: int = 0
+) -> FerrydProcess:
+    limit = ["--max-flows", str(n + 100), *(["--max-queue", str(max_queue)] if max_queue else [])]
     if incoming:
         return bed.start_ferryd(host, *limit, incoming=True)
     return bed.start_ferryd(host, *limit, config_net=True)
 
 
-def measure(n: int, busy: int, mode: str = "precopy", rate: float = 0) -> dict[str, Any]:
+def measure(
+    n: int, busy: int, mode: str = "precopy", rate: float = 0, max_queue: int = 0
+) -> dict[str, Any]:
     """One migration of n connections; the ferryctl summary plus the traffic check."""
     busy = min(busy, n)
     with _bed() as bed:
-        source = _start(bed, bed.host_a, n, incoming=False)
-        target = _start(bed, bed.host_b, n, incoming=True)
+        source = _start(bed, bed.host_a, n, False, max_queue)
+        target = _start(bed, bed.host_b, n, True, max_queue)
         busy_spec = f"busy:{busy}" + (f":{UNLIMITED}:{UNLIMITED}:{rate * 1e6:.0f}" if rate else "")
         specs = [busy_spec] + ([f"idle:{n - busy}"] if n > busy else [])
         streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9800, *specs)
@@ -90,7 +101,7 @@ def measure(n: int, busy: int, mode: str = "precopy", rate: float = 0) -> dict[s
                 capture_output=True, text=True, timeout=300, check=False,
             )  # fmt: skip
             if result.returncode != 0:
-                return {"n": n, "mode": mode, "error": result.stderr.strip()}
+                return {"n": n, "mode": mode, "busy": busy, "error": result.stderr.strip()}
             bed.switch_fabric()
             summary: dict[str, Any] = json.loads(result.stdout)
             try:
@@ -100,6 +111,7 @@ def measure(n: int, busy: int, mode: str = "precopy", rate: float = 0) -> dict[s
                 summary["checked"] = f"FAILED: {str(exc)[-1500:]}"
             summary["n"] = n
             summary["mode"] = mode
+            summary["busy"] = busy
             return summary
         finally:
             streams.close()
@@ -112,13 +124,16 @@ def _ms(timings: dict[str, Any], key: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "N", "mode", "downtime", "precopy", "unchanged", "src stop", "freeze+rep",
+        "N", "busy", "mode", "downtime", "precopy", "unchanged", "src stop", "freeze+rep",
         "dump/stream", "tgt restore", "repair off", "resume", "B/conn", "check",
     )  # fmt: skip
     lines = [header]
     for row in rows:
         if "error" in row:
-            lines.append((str(row["n"]), row["mode"], "error: " + row["error"][:80], *[""] * 10))
+            lines.append(
+                (str(row["n"]), str(row["busy"]), row["mode"], "error: " + row["error"][:80])
+                + ("",) * 10
+            )
             continue
         src, tgt = row["source_timings_ms"], row["target_timings_ms"]
         downtime = row.get("downtime_ms")
@@ -126,6 +141,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             (
                 str(row["n"]),
+                str(row["busy"]),
                 row["mode"],
                 f"{downtime:.1f}" if isinstance(downtime, (int, float)) else "-",
                 _ms(src, "precopy"),
@@ -145,6 +161,33 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "times in ms (timings_ms reported by the daemons)\n" + "\n".join(out) + "\n"
 
 
+#: Issue 12's row: 1,000 connections, 4 of them at full speed both ways.
+BUSY_TARGET_MS = 60.0
+
+
+def targets(rows: list[dict[str, Any]]) -> str:
+    """Each busy row against the idle row of the same N and mode (same run)."""
+    idle = {(r["n"], r["mode"]): r for r in rows if r["busy"] == 0 and "error" not in r}
+    lines = []
+    for row in rows:
+        if row["busy"] == 0 or "error" in row:
+            continue
+        ref = idle.get((row["n"], row["mode"]))
+        downtime = row.get("downtime_ms") or 0.0
+        against = (
+            f"idle {ref['downtime_ms']:.1f} ms, x{downtime / ref['downtime_ms']:.2f}"
+            if ref and ref.get("downtime_ms")
+            else "no idle reference in this run"
+        )
+        verdict = "met" if downtime <= BUSY_TARGET_MS and row.get("checked") == "ok" else "not met"
+        lines.append(
+            f"  {row['n']:,} with {row['busy']} at full speed both ways, {row['mode']}:"
+            f" {downtime:.1f} ms ({against}), {row.get('checked')};"
+            f" target <= {BUSY_TARGET_MS:.0f} ms, byte-exact: {verdict}"
+        )
+    return ("targets:\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.migration", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
@@ -159,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", nargs="+", choices=("precopy", "plain"), default=["precopy", "plain"]
     )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="start both ferryds with --max-queue BYTES (default 0: off)",
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="with --busy, skip the idle run of each N and mode the busy one is compared to",
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw summaries")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -166,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     rows = []
+    busies = [args.busy] + ([0] if args.busy and not args.no_reference else [])
     for n in args.sizes:
         for mode in args.modes:
-            rows.append(measure(n, args.busy, mode, args.busy_rate))
-            print(f"N={n} {mode}: done", file=sys.stderr, flush=True)
+            for busy in busies:
+                rows.append(measure(n, busy, mode, args.busy_rate, args.max_queue))
+                print(f"N={n} busy={busy} {mode}: done", file=sys.stderr, flush=True)
     sys.stdout.write(format_table(rows))
+    sys.stdout.write(targets(rows))
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0

@@ -103,6 +103,7 @@ class Options:
     udp_forwards: list[list[PortForward]] = field(default_factory=list)
     tcp_forwards: list[list[PortForward]] = field(default_factory=list)
     max_flows: int = 16384
+    max_queue: int = 0
     verbose: int = 0
     quiet: bool = False
     incoming: bool = False
@@ -129,6 +130,15 @@ def _mtu(text: str) -> int:
     if not text.isdigit() or not 68 <= int(text) <= 65520:
         raise argparse.ArgumentTypeError(
             f"{text!r}: the MTU must be a number from 68 (RFC 791) to 65520 (the tap maximum)"
+        )
+    return int(text)
+
+
+def _max_queue(text: str) -> int:
+    # SO_RCVBUF/SO_SNDBUF take an int that the kernel doubles (socket(7)).
+    if not text.isdigit() or not (int(text) == 0 or 4096 <= int(text) <= 1 << 30):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: --max-queue must be 0 (off) or a byte count from 4096 to 2^30"
         )
     return int(text)
 
@@ -333,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="flows per protocol before new ones are refused, with a log line "
         "(default 16384); all protocols together are also held to what RLIMIT_NOFILE "
         "allows, less a reserve (ferryctl status: descriptors)",
+    )
+    f.add_argument(
+        "--max-queue",
+        type=_max_queue,
+        default=0,
+        metavar="BYTES",
+        help="cap every TCP socket's receive and send buffers at BYTES each, always "
+        "(and the window offered to the guest with them), so that what a busy "
+        "connection carries across a migration's freeze is bounded even without a "
+        "pre-copy (QEMU's migrations have none); 0, the default: the kernel's "
+        "autotuning, capped only from a pre-copy's start",
     )
     m = p.add_argument_group("migration")
     m.add_argument(

@@ -64,6 +64,7 @@ class DataPath:
         *,
         tcp_forwards: Sequence[PortForward] = (),
         udp_forwards: Sequence[PortForward] = (),
+        max_queue: int = 0,
     ) -> None:
         self.frontend = frontend
         self.configured_link = link
@@ -79,6 +80,8 @@ class DataPath:
         """Where the guest may send (all protocols), and the refusals' counters."""
         self.budget = budget
         self.max_flows = max_flows
+        self.max_queue = max_queue
+        """--max-queue: every TCP socket's buffers capped at this (0: autotuning)."""
         self.stranded: list[socket.socket] = []
         """Sockets a failed migration could not close silently: kept open, unused."""
         self._home: trio.Nursery | None = None
@@ -135,7 +138,7 @@ class DataPath:
         }
         self.udp = UdpFlows(self.stack, link, None, **kw)
         self.icmp = IcmpFlows(self.stack, link, None, **kw)
-        self.tcp = TcpFlows(self.stack, link, None, **kw)
+        self.tcp = TcpFlows(self.stack, link, None, max_queue=self.max_queue or None, **kw)
         self.budget.track(f.table for f in (self.tcp, self.udp, self.icmp))
         self.stack.udp, self.stack.icmp, self.stack.tcp = self.udp, self.icmp, self.tcp
         # Registered again: the counts start over with the new components.

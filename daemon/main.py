@@ -182,6 +182,7 @@ class Daemon:
             self.counters,
             tcp_forwards=[fwd for spec in opts.tcp_forwards for fwd in spec],
             udp_forwards=[fwd for spec in opts.udp_forwards for fwd in spec],
+            max_queue=opts.max_queue,
         )
         self.exit_requested = trio.Event()
         self.migration = MigrationController(

@@ -109,6 +109,9 @@ class DeviceStateMigration:
         """Set when the outcome of the last disconnect (commit, discard) was settled."""
         self._throttle = LogThrottle(log)
 
+    def dirty_logging(self, on: bool) -> None:
+        self.controller.bound_queues(on)
+
     def _warn(self, kind: str, message: str, *args: object) -> None:
         # QEMU triggers these: rate-limited (ferryd.logthrottle).
         self._throttle.warning(kind, trio.current_time(), message, *args)

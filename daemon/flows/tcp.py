@@ -88,7 +88,7 @@ from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from ferryd.flows.table import FlowCounters, FlowKey, FlowLimitReached, FlowTable
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
-from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost
+from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost, bound_queues
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.linux import SO_PEEK_OFF
@@ -164,6 +164,7 @@ class TcpFlows:
         limit: int = 4096,
         budget: DescriptorBudget | None = None,
         entropy: Entropy = SYSTEM_ENTROPY,
+        max_queue: int | None = None,
     ) -> None:
         self._guest = guest
         self._entropy = entropy
@@ -190,6 +191,10 @@ class TcpFlows:
         """A burst of guest frames (or a reactor round) is under way: re-arm at its end."""
         self._wait: trio.CancelScope | None = None
         """The reactor's wait, while it waits."""
+        self._max_queue = max_queue
+        """--max-queue: the cap every socket has always (None: autotuning)."""
+        self._queue_bound = max_queue
+        """The cap now: --max-queue's, or a migration's smaller one (bound_queues)."""
 
     # --- from the guest ---------------------------------------------------
 
@@ -326,7 +331,22 @@ class TcpFlows:
         conn.flow = self.table.add(
             key, conn, now, state=state.value, host_addr=strip_scope(local[0]), host_port=local[1]
         )
+        if self._queue_bound is not None:
+            bound_queues(host.sock, self._queue_bound)
         return conn
+
+    def bound_queues(self, limit: int | None) -> None:
+        """Cap every socket's kernel queues at ``limit`` bytes each way, new ones too
+        (--max-queue's cap, if smaller, stays); None: back to --max-queue's cap or
+        the kernel's autotuning (ferryd.flows.tcp_host.bound_queues)."""
+        if limit is None or (self._max_queue is not None and self._max_queue < limit):
+            limit = self._max_queue
+        self._queue_bound = limit
+        for flow in self.table:
+            sock = socket_of(flow.handle)
+            if sock.fileno() >= 0:
+                with contextlib.suppress(OSError):  # a socket that failed: its flow ends anyway
+                    bound_queues(sock, limit)
 
     def flush(self, now: float) -> None:
         """The frontend's queue ran dry: send the ACKs deferred meanwhile,

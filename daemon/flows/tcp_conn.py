@@ -216,6 +216,53 @@ class TcpGuestState:
 class TcpConn:
     """State of one spliced connection; driven by the adapter's events."""
 
+    # One per connection, up to --max-flows (16,384): with ~40 attributes an
+    # instance __dict__ is a full dict of its own (past CPython's 30 shared
+    # keys), ~1.6 KB; slots make it ~0.4 KB (bench.memory). A new attribute
+    # must be named here.
+    __slots__ = (
+        "_buf",
+        "_entropy",
+        "_hole_acked",
+        "_now_ms",
+        "_rcvlowat",
+        "_rcvlowat_cap",
+        "_starved",
+        "_tail",
+        "_ts_offered",
+        "ack_due",
+        "dupacks",
+        "ends",
+        "fin_seq",
+        "flags",
+        "flow",
+        "guest",
+        "guest_mss",
+        "guest_wnd",
+        "guest_ws",
+        "host",
+        "isn",
+        "last_progress",
+        "link_mss",
+        "our_ws",
+        "push_due",
+        "recover",
+        "retries",
+        "rto",
+        "seq_ack_from_guest",
+        "seq_ack_to_guest",
+        "seq_from_guest",
+        "seq_init_from_guest",
+        "seq_max_to_guest",
+        "seq_to_guest",
+        "state",
+        "timer",
+        "ts_offset",
+        "ts_recent",
+        "want_writable",
+        "wnd_to_guest",
+    )
+
     def __init__(
         self,
         ends: Endpoints,

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from ferryd.linux import SIOCOUTQ, SO_PEEK_OFF, TCP_TIMESTAMP
+from ferryd.linux import SIOCOUTQ, SO_BUF_LOCK, SO_PEEK_OFF, TCP_TIMESTAMP
 
 _INT = struct.Struct("i")
 _LINGER_ABORT = struct.pack("ii", 1, 0)
@@ -185,3 +185,27 @@ class SocketHost:
         if self.before_close is not None:
             self.before_close()
         self.sock.close()
+
+
+def bound_queues(sock: socket.socket, limit: int | None) -> None:
+    """Cap ``sock``'s receive and send buffers at ``limit`` bytes each, or (None) undo it.
+
+    Why: what a busy connection holds in its kernel queues crosses in a
+    migration's downtime. Smaller buffers make the peer's window (receive)
+    and the one ferryd offers the guest (free send space, TcpConn) close, so
+    the queues drain to what the limit allows while the guest still runs.
+    socket(7): SO_RCVBUF and SO_SNDBUF double the value they are given
+    (bookkeeping overhead): ``limit // 2`` gives sk_rcvbuf and sk_sndbuf of
+    ``limit``; they also lock the sizes (no autotuning). A buffer made
+    smaller than what is queued drops nothing: the excess drains and must
+    still migrate byte-exact. Undone with SO_BUF_LOCK 0 (Linux 5.14): the
+    kernel's autotuning grows the buffers again as traffic needs
+    (tcp_rcv_space_adjust, tcp_sndbuf_expand); ferryd never locks them
+    otherwise, and the sizes they had may exceed what SO_RCVBUF may set
+    without CAP_NET_ADMIN (net.core.rmem_max).
+    """
+    if limit is None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, 0)
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit // 2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, limit // 2)

@@ -41,7 +41,7 @@ from ferryd.migration.host import MigrationHost
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Event, Role, RoleMachine
 from ferryd.migration.session import PRECOPY_QUIET, MigrationCounters, Session
-from ferryd.migration.source import OUTCOME_TIMEOUT, SourceMigration
+from ferryd.migration.source import OUTCOME_TIMEOUT, QUEUE_BOUND, SourceMigration
 from ferryd.migration.target import TargetMigration
 
 __all__ = ["MigrationController", "MigrationCounters"]
@@ -207,6 +207,16 @@ class MigrationController:
         return {"role": str(self.role)}
 
     # --- either side ----------------------------------------------------------
+
+    def bound_queues(self, on: bool) -> None:
+        """A migration is coming (``on``; QEMU's LOG_ALL) or was given up: cap every TCP
+        socket's kernel queues at QUEUE_BOUND, or give them back their usual buffers.
+
+        Only while this ferryd runs its guest: a freeze, a rollback and a
+        target's restore set their sockets' buffers themselves.
+        """
+        if self.role is Role.RUNNING:
+            self.host.tcp.bound_queues(QUEUE_BOUND if on else None)
 
     def in_background(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` with the migrations' background tasks.

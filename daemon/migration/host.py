@@ -57,6 +57,11 @@ class MigratingTcp(Protocol):
 
     def release(self, conns: list[TcpConn], now: float) -> None: ...
 
+    def bound_queues(self, limit: int | None) -> None:
+        """Cap every connection's kernel queues at ``limit`` bytes each way (None: undo),
+        so that what busy connections must carry across the freeze is bounded."""
+        ...
+
     def forget(self, conn: TcpConn) -> None:
         """Out of the table and the epoll, BEFORE its socket is closed or handed over."""
         ...

@@ -237,8 +237,9 @@ class Watch:
             assert seq_diff(conn.seq_max_to_guest, conn.seq_to_guest) >= 0
         held = [
             name
-            for name, value in vars(conn).items()
-            if isinstance(value, bytes | bytearray | memoryview) and name != "_buf"
+            for name in TcpConn.__slots__
+            if isinstance(getattr(conn, name, None), bytes | bytearray | memoryview)
+            and name != "_buf"
         ]
         assert not held, f"the connection holds payload in {held}"
 

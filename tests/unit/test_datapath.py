@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -112,7 +112,9 @@ def _arp_replies(frontend: MemoryFrontend) -> list[ArpPacket]:
 
 @asynccontextmanager
 async def data_path(
-    **forwards: list[PortForward],
+    *,
+    tcp_forwards: Sequence[PortForward] = (),
+    udp_forwards: Sequence[PortForward] = (),
 ) -> AsyncIterator[tuple[DataPath, MemoryFrontend]]:
     frontend = MemoryFrontend()
     conforms: Frontend = frontend  # the interface a new frontend implements
@@ -124,7 +126,8 @@ async def data_path(
         10,
         trio.current_time(),
         Registry(),
-        **forwards,
+        tcp_forwards=tcp_forwards,
+        udp_forwards=udp_forwards,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(dp.run)

@@ -28,7 +28,7 @@ from ferryd.frontends.vhost_user.messages import (
     pack_device_state,
     pack_u64,
 )
-from testbed.vhost_user_driver import VhostUserQemu
+from testbed.vhost_user_driver import ACKED_FEATURES, VhostUserQemu
 
 T = TypeVar("T")
 
@@ -67,6 +67,9 @@ class Recorder:
     async def started(self) -> None:
         await trio.lowlevel.checkpoint()
         self.calls.append(("started", self._running()))
+
+    def dirty_logging(self, on: bool) -> None:
+        self.calls.append(("dirty_logging", on))
 
     def disconnected(self) -> None:
         self.calls.append(("disconnected", None))
@@ -179,6 +182,28 @@ async def test_a_failed_check_answers_qemu_with_failure(running: Running) -> Non
             os.close(r)
             os.close(w)
         assert recorder.calls == [("load", None), ("check", TransferDirection.LOAD)]
+    finally:
+        qemu.close()
+    await recorder.disconnected_event.wait()
+
+
+async def test_log_all_tells_the_handler_a_migration_starts_and_ends(running: Running) -> None:
+    """QEMU's LOG_ALL reaches the handler (ferryd caps its queues then), and its end too."""
+    recorder = running.recorder
+    qemu = VhostUserQemu(running.frontend.path)
+    try:
+        await _in_thread(qemu.start)
+        log = await _in_thread(qemu.start_dirty_log)  # acknowledged: applied by then
+        log.close()
+        assert ("dirty_logging", True) in recorder.calls
+        await _in_thread(
+            lambda: qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES), ack=True)
+        )
+        assert recorder.calls[-1] == ("dirty_logging", False)
+        assert [c for c in recorder.calls if c[0] == "dirty_logging"] == [
+            ("dirty_logging", True),
+            ("dirty_logging", False),
+        ]
     finally:
         qemu.close()
     await recorder.disconnected_event.wait()

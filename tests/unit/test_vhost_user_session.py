@@ -15,6 +15,7 @@ from ferryd.frontends.vhost_user.actions import (
     CheckDeviceState,
     CloseFds,
     DeviceResumed,
+    DirtyLogging,
     RingChanged,
     SendReply,
     SetCall,
@@ -445,6 +446,21 @@ def test_dirty_logging_while_rings_run_marks_rx_buffers_and_used_rings() -> None
     rx.post(rx.chain([(high_buffer, 4096, 2)]))
     assert session.queues[RX_QUEUE].push_frame_untrusted([b"z" * 1000]) == 1
     assert _bits(log) == set()
+
+
+def test_log_all_on_and_off_are_told_once_each() -> None:
+    """LOG_ALL is QEMU's first sign of a migration (its RAM pre-copy starts): the
+    adapter hears of it (ferryd caps its queues then) and of its end, once each."""
+    _mapper, _, _session, qemu = _device()
+
+    def told(features: int) -> list[DirtyLogging]:
+        actions = qemu.send(Request.SET_FEATURES, pack_u64(features), ack=True)
+        return [a for a in actions if isinstance(a, DirtyLogging)]
+
+    assert told(ACKED_FEATURES | bit(VHOST_F_LOG_ALL)) == [DirtyLogging(True)]
+    assert told(ACKED_FEATURES | bit(VHOST_F_LOG_ALL)) == []
+    assert told(ACKED_FEATURES) == [DirtyLogging(False)]
+    assert told(ACKED_FEATURES) == []
 
 
 def _suspend(qemu: Qemu) -> None:

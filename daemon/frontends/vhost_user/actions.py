@@ -55,6 +55,14 @@ class RingChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class DirtyLogging:
+    """QEMU turned VHOST_F_LOG_ALL on (``on``: a migration of this VM started, its RAM
+    pre-copy) or off again (cancelled, or over); said once per change."""
+
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TransferDeviceState:
     """SET_DEVICE_STATE_FD: write (SAVE) or read (LOAD) ferry's migration stream on ``fd``,
     then close it; the migration controller's job. The device is suspended (every ring
@@ -88,4 +96,5 @@ Action = (
     | TransferDeviceState
     | CheckDeviceState
     | DeviceResumed
+    | DirtyLogging
 )

@@ -47,6 +47,12 @@ class DeviceStateHandler(Protocol):
         resume the restored flows before any frame flows; otherwise nothing."""
         ...
 
+    def dirty_logging(self, on: bool) -> None:
+        """QEMU turned LOG_ALL on (a migration of the VM started: its RAM pre-copy) or off
+        (it ended or was cancelled): cap the flows' kernel queues meanwhile, so that what
+        crosses in the stopped phase is bounded (ferryd.migration.source.QUEUE_BOUND)."""
+        ...
+
     def disconnected(self) -> None:
         """QEMU's connection ended: after a checked SAVE the target took over (commit); after
         a LOAD not yet resumed the VM will not run here (discard); otherwise nothing."""

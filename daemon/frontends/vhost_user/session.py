@@ -84,6 +84,7 @@ from ferryd.frontends.vhost_user.actions import (
     CheckDeviceState,
     CloseFds,
     DeviceResumed,
+    DirtyLogging,
     RingChanged,
     SendReply,
     SetCall,
@@ -311,11 +312,17 @@ class VhostUserSession:
                 raise VhostUserProtocolError(
                     f"SET_FEATURES changes {changed:#x} while rings run (only LOG_ALL may)"
                 )
+        was_logging = self.features is not None and bool(self.features & bit(VHOST_F_LOG_ALL))
         self.features = value
         for vq in self.queues:
             vq.mergeable = bool(value & bit(VIRTIO_NET_F_MRG_RXBUF))
         self._apply_log()
         actions: list[Action] = []
+        logging = bool(value & bit(VHOST_F_LOG_ALL))
+        if logging != was_logging:
+            # QEMU's first sign of a migration (vhost_dev_log_start, as its
+            # RAM pre-copy begins): ferryd caps its queues meanwhile.
+            actions.append(DirtyLogging(logging))
         if not value & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             for vq in self.queues:  # vhost-user.rst, "Ring states"
                 if not vq.enabled:
