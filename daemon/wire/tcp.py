@@ -49,7 +49,10 @@ class TcpOptions:
 NO_OPTIONS = TcpOptions()
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+# Not frozen: built for every frame, and a frozen dataclass's __init__ sets
+# each field through object.__setattr__ in Python (three times slower).
+# Nothing assigns to a parsed frame; eq=False keeps hashing by identity.
+@dataclass(slots=True, eq=False)
 class TcpSegment:
     sport: int
     dport: int
