@@ -121,6 +121,8 @@ class Stack:
         self.icmp: IcmpHandler | None = None
         self.tcp: TcpHandler | None = None
         self.counters = StackCounters()
+        self._eth_header: tuple[bytes, int, bytes] = (b"", 0, b"")
+        """(guest MAC, IP version, the Ethernet header to the guest) last built."""
         self._learned: dict[int, IpAddress] = {}
         """The guest's source address last seen per IP version, checked usable."""
         self._trusted = False
@@ -138,9 +140,16 @@ class Stack:
         csum_offset: int | None = None,
     ) -> None:
         hdr = ip_header(src, dst, proto, len(l4) + len(payload))
-        eth = ethernet_header(
-            self.guest_mac or BROADCAST, self.link.mac, _ETHERTYPE_OF_VERSION[src.version]
-        )
+        mac, version = self.guest_mac or BROADCAST, src.version
+        cached = self._eth_header
+        if cached[1] != version or cached[0] != mac:
+            # Built once per guest MAC and family, not per frame.
+            cached = self._eth_header = (
+                mac,
+                version,
+                ethernet_header(mac, self.link.mac, _ETHERTYPE_OF_VERSION[version]),
+            )
+        eth = cached[2]
         if csum_offset is None:
             self._send_frame(eth + hdr + l4 + payload)
             return
