@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -71,6 +72,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from bench.common import (
     IperfResult,
@@ -93,6 +95,9 @@ IPERF_PORT = 5201
 ECHO_PORT = 7777
 MTU = 65520
 READY_TIMEOUT = 15.0
+BUSY_TIMEOUT = 20.0
+BUSY_POLL = 0.2
+R = TypeVar("R")
 
 NEWEST_PASTA = "pasta-new"
 G2P = "guest→peer"
@@ -349,7 +354,12 @@ def _measure_attached(
         cpu = 0.0
         for _ in range(repeat):
             before = cpu_seconds(pid) if pid is not None else 0.0
-            result = iperf3(guest, PEER, seconds=seconds, reverse=direction == P2G, port=IPERF_PORT)
+            result = _when_free(
+                functools.partial(
+                    iperf3, guest, PEER, seconds=seconds, reverse=direction == P2G, port=IPERF_PORT
+                ),
+                lambda r: r.error,
+            )
             if pid is not None:
                 cpu += cpu_seconds(pid) - before
             runs.append(result)
@@ -365,9 +375,33 @@ def _measure_attached(
         if pid is not None:
             outcome.cpu_per_gb[direction] = cpu / (sum(r.bytes for r in runs) / 1e9)
     if outcome.variant.directions == BOTH:
-        outcome.bidir = iperf3_bidir(guest, PEER, seconds=seconds, port=IPERF_PORT)
+        outcome.bidir = _when_free(
+            functools.partial(iperf3_bidir, guest, PEER, seconds=seconds, port=IPERF_PORT),
+            _bidir_error,
+        )
     if outcome.variant.latency:
         outcome.latency = rr_probe(guest, PEER, ECHO_PORT, count=requests)
+
+
+def _bidir_error(result: tuple[float, float] | str) -> str | None:
+    return result if isinstance(result, str) else None
+
+
+def _when_free(run: Callable[[], R], error: Callable[[R], str | None]) -> R:
+    """``run()`` again while iperf3's server still serves the previous test.
+
+    ``iperf3 -s`` takes one test at a time and may still be closing the last
+    one when the next client arrives ("the server is busy running a test");
+    that is no measurement of the forwarder, so it is polled until free, for
+    up to ``BUSY_TIMEOUT`` seconds.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        result = run()
+        why = error(result)
+        if why is None or "busy" not in why or time.monotonic() >= deadline:
+            return result
+        time.sleep(BUSY_POLL)
 
 
 # -- reporting
