@@ -76,6 +76,7 @@ from ferryd.wire.udp import UdpDatagram, parse_udp_untrusted
 log = logging.getLogger("ferryd.stack")
 
 _ETHERTYPE_OF_VERSION = {4: ETH_P_IP, 6: ETH_P_IPV6}
+_BROADCAST4 = IPv4Address("255.255.255.255")
 
 
 class UdpHandler(Protocol):
@@ -120,6 +121,10 @@ class Stack:
         self.icmp: IcmpHandler | None = None
         self.tcp: TcpHandler | None = None
         self.counters = StackCounters()
+        self._eth_header: tuple[bytes, int, bytes] = (b"", 0, b"")
+        """(guest MAC, IP version, the Ethernet header to the guest) last built."""
+        self._learned: dict[int, IpAddress] = {}
+        """The guest's source address last seen per IP version, checked usable."""
         self._trusted = False
         self._throttle = LogThrottle(log)
 
@@ -135,9 +140,16 @@ class Stack:
         csum_offset: int | None = None,
     ) -> None:
         hdr = ip_header(src, dst, proto, len(l4) + len(payload))
-        eth = ethernet_header(
-            self.guest_mac or BROADCAST, self.link.mac, _ETHERTYPE_OF_VERSION[src.version]
-        )
+        mac, version = self.guest_mac or BROADCAST, src.version
+        cached = self._eth_header
+        if cached[1] != version or cached[0] != mac:
+            # Built once per guest MAC and family, not per frame.
+            cached = self._eth_header = (
+                mac,
+                version,
+                ethernet_header(mac, self.link.mac, _ETHERTYPE_OF_VERSION[version]),
+            )
+        eth = cached[2]
         if csum_offset is None:
             self._send_frame(eth + hdr + l4 + payload)
             return
@@ -241,13 +253,18 @@ class Stack:
         address of a flow on the host side.
         """
         src = ip.src
+        if src == self._learned.get(ip.version):
+            # The common case, every frame of every flow: the properties
+            # below cost microseconds each (ipaddress builds and searches
+            # networks in Python), and this address passed them already.
+            return True
         if src.is_unspecified or src.is_multicast or src.is_loopback:
             return False
         if isinstance(src, IPv6Address) and src.is_link_local:
             return False
-        if isinstance(src, IPv4Address) and src == IPv4Address("255.255.255.255"):
+        if isinstance(src, IPv4Address) and src == _BROADCAST4:
             return False
-        self._guest_addr[ip.version] = src
+        self._guest_addr[ip.version] = self._learned[ip.version] = src
         return True
 
     def flush(self, now: float) -> None:

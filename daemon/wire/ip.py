@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from ferryd.wire.checksum import checksum
+from ferryd.wire.checksum import checksum, fold, raw_sum
 from ferryd.wire.errors import MalformedPacket
 
 IPPROTO_ICMP = 1
@@ -40,7 +40,10 @@ _V6 = struct.Struct("!IHBB16s16s")
 IpAddress = IPv4Address | IPv6Address
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+# Not frozen: built for every frame, and a frozen dataclass's __init__ sets
+# each field through object.__setattr__ in Python (three times slower).
+# Nothing assigns to a parsed frame; eq=False keeps hashing by identity.
+@dataclass(slots=True, eq=False)
 class IpPacket:
     version: int
     src: IpAddress
@@ -111,17 +114,42 @@ def parse_ipv6_untrusted(data: bytes | bytearray | memoryview) -> IpPacket:
     return IpPacket(6, IPv6Address(src), IPv6Address(dst), nxt, hlim, view[off:end], fragment)
 
 
+class _V4Template:
+    """What an IPv4 header between two addresses keeps from one packet to the next.
+
+    The header of every segment a flow sends differs only in its length, and
+    the checksum is a sum of 16-bit words (RFC 1071): the sum of the other
+    words is kept, the length added, and ``fold`` (this module's checksum
+    arithmetic, ferryd.wire.checksum) finishes it. The addresses are compared
+    by identity: a flow sends from and to the same address objects, so the
+    check costs nothing, and a different flow simply builds its own.
+    """
+
+    __slots__ = ("addrs", "dst", "proto", "src", "sum", "ttl")
+
+    def __init__(self, src: IPv4Address, dst: IPv4Address, proto: int, ttl: int) -> None:
+        self.src, self.dst, self.proto, self.ttl = src, dst, proto, ttl
+        self.addrs = src.packed + dst.packed
+        self.sum = raw_sum(_V4.pack(0x45, 0, 0, 0, 0x4000, ttl, proto, 0, src.packed, dst.packed))
+
+
+_v4_last = _V4Template(IPv4Address(0), IPv4Address(0), 0, 0)
+_V4_HEAD = struct.Struct("!BBHHHBBH8s")
+
+
 def ipv4_header(
     src: IPv4Address, dst: IPv4Address, proto: int, payload_len: int, ttl: int = 64, ident: int = 0
 ) -> bytes:
     """A 20-byte IPv4 header with DF set and its checksum."""
-    hdr = bytearray(
-        _V4.pack(
-            0x45, 0, IPV4_HLEN + payload_len, ident, 0x4000, ttl, proto, 0, src.packed, dst.packed
-        )
-    )
-    struct.pack_into("!H", hdr, 10, checksum(hdr))
-    return bytes(hdr)
+    global _v4_last
+    t = _v4_last
+    if t.src is not src or t.dst is not dst or t.proto != proto or t.ttl != ttl:
+        t = _v4_last = _V4Template(src, dst, proto, ttl)
+    total = IPV4_HLEN + payload_len
+    # Every field sits on a 16-bit boundary: adding it to the raw sum adds
+    # its word (0x10000 ≡ 1 mod 0xFFFF, ferryd.wire.checksum).
+    csum = ~fold(t.sum + total + ident) & 0xFFFF
+    return _V4_HEAD.pack(0x45, 0, total, ident, 0x4000, ttl, proto, csum, t.addrs)
 
 
 def ipv6_header(

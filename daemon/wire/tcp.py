@@ -10,6 +10,7 @@ but a length that runs past the header makes the segment malformed.
 
 import struct
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from ferryd.wire.checksum import complete_partial, fold, pseudo_header_sum, verify
 from ferryd.wire.errors import MalformedPacket
@@ -49,7 +50,10 @@ class TcpOptions:
 NO_OPTIONS = TcpOptions()
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+# Not frozen: built for every frame, and a frozen dataclass's __init__ sets
+# each field through object.__setattr__ in Python (three times slower).
+# Nothing assigns to a parsed frame; eq=False keeps hashing by identity.
+@dataclass(slots=True, eq=False)
 class TcpSegment:
     sport: int
     dport: int
@@ -148,6 +152,9 @@ def build_tcp(
     return complete_partial(hdr, TCP_CSUM_OFFSET, payload) + payload
 
 
+_TS_OPTS = struct.Struct("!BBBBII")  # NOP NOP (or SACK-permitted) and the timestamps
+_pair_last: tuple[IpAddress, IpAddress, int] = (IPv4Address(0), IPv4Address(0), 0)
+
 #: Offset of the checksum field in the TCP header.
 TCP_CSUM_OFFSET = 16
 
@@ -171,9 +178,25 @@ def build_tcp_header_partial(
     completes it over header and payload, so the payload is never summed
     here.
     """
-    opts = encode_options(options) if options is not NO_OPTIONS else b""
+    if options is NO_OPTIONS:
+        opts = b""
+    elif options.timestamp is not None and options.mss is options.wscale is None:
+        # Every segment of a connection with timestamps (RFC 7323 §3): built
+        # directly, as encode_options would, without its general case.
+        if options.sack_permitted:
+            opts = _TS_OPTS.pack(TCPOPT_SACK_PERM, 2, TCPOPT_TIMESTAMP, 10, *options.timestamp)
+        else:
+            opts = _TS_OPTS.pack(TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10, *options.timestamp)
+    else:
+        opts = encode_options(options)
     hlen = TCP_HLEN + len(opts)
-    partial = fold(pseudo_header_sum(src, dst, IPPROTO_TCP, hlen + payload_len))
+    global _pair_last
+    pair = _pair_last
+    if pair[0] is not src or pair[1] is not dst:
+        # A flow sends between the same address objects: their pseudo-header
+        # part is summed once (ipaddress's int() runs in Python).
+        pair = _pair_last = (src, dst, pseudo_header_sum(src, dst, IPPROTO_TCP, 0))
+    partial = fold(pair[2] + hlen + payload_len)
     return (
         _TCP.pack(
             sport,

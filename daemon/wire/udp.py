@@ -16,7 +16,10 @@ UDP_HLEN = 8
 _UDP = struct.Struct("!HHHH")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+# Not frozen: built for every frame, and a frozen dataclass's __init__ sets
+# each field through object.__setattr__ in Python (three times slower).
+# Nothing assigns to a parsed frame; eq=False keeps hashing by identity.
+@dataclass(slots=True, eq=False)
 class UdpDatagram:
     sport: int
     dport: int

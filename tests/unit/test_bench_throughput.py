@@ -1,0 +1,66 @@
+"""bench.throughput's targets (issue 12): each row is ferryd's figure over its reference.
+
+The bench needs root, namespaces and minutes; the ratios it prints from
+measured outcomes are a pure function, checked here.
+"""
+
+from __future__ import annotations
+
+from bench.common import IperfResult, RrResult
+from bench.throughput import G2P, NEWEST_PASTA, P2G, VARIANTS, Outcome, targets
+
+
+def _outcome(name: str, **kw: object) -> Outcome:
+    variant = next(v for v in VARIANTS if v.name == name)
+    return Outcome(variant, **kw)  # type: ignore[arg-type]
+
+
+def _measured() -> list[Outcome]:
+    return [
+        _outcome(
+            NEWEST_PASTA,
+            throughput={P2G: IperfResult(gbps=6.0), G2P: IperfResult(gbps=1.0)},
+            cpu_per_gb={P2G: 0.8},
+        ),
+        _outcome(
+            "slirp4netns",
+            throughput={P2G: IperfResult(gbps=4.0), G2P: IperfResult(gbps=2.0)},
+            latency=RrResult(mean_us=80.0),
+            bidir=(1.0, 3.0),
+        ),
+        _outcome(
+            "ferryd",
+            throughput={P2G: IperfResult(gbps=5.4), G2P: IperfResult(gbps=3.2)},
+            cpu_per_gb={P2G: 1.2},
+            latency=RrResult(mean_us=240.0),
+            bidir=(1.0, 4.0),
+        ),
+    ]
+
+
+def test_every_issue_12_row_prints_its_ratio_and_verdict() -> None:
+    lines = targets(_measured())
+    assert lines == [
+        "  1-byte RR mean vs slirp4netns, target ≤ 1.0×: 3.00× not met (240.00 vs 80.00)",
+        "  peer→guest bulk vs pasta-new, target ≥ 1.0×: 0.90× not met (5.40 vs 6.00)",
+        "  guest→peer bulk vs slirp4netns, target ≥ 1.5×: 1.60× met (3.20 vs 2.00)",
+        "  CPU s/GB peer→guest vs pasta-new, target ≤ 1.0×: 1.50× not met (1.20 vs 0.80)",
+        "  --bidir smaller direction vs the larger, target ≥ 0.5×: 0.25× not met (1.00 vs 4.00)",
+        "  --bidir total vs slirp4netns, target ≥ 1.5×: 1.25× not met (5.00 vs 4.00)",
+    ]
+
+
+def test_a_missing_reference_is_not_measured_rather_than_a_ratio() -> None:
+    outcomes = [o for o in _measured() if o.variant.name != NEWEST_PASTA]
+    outcomes[0].bidir = "iperf3 --bidir timed out"
+    lines = targets(outcomes)
+    assert lines[1].endswith("not measured (no pasta-new result)")
+    assert lines[3].endswith("not measured (no pasta-new result)")
+    assert lines[5].endswith("not measured (slirp4netns's --bidir iperf3 --bidir timed out)")
+    assert "3.00× not met" in lines[0]
+
+
+def test_without_ferryd_nothing_is_measured() -> None:
+    lines = targets(_measured()[:2])
+    assert all(line.endswith("not measured (ferryd not run)") for line in lines)
+    assert len(lines) == 6
