@@ -48,6 +48,7 @@ import logging
 import os
 import pwd
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def _check(identity: Identity | None, kept: tuple[int, ...]) -> None:
             )
 
 
-def _check_other_threads() -> None:
+def _check_other_threads(grace: float = 1.0) -> None:
     """No other thread kept a capability.
 
     capset(2) and PR_SET_KEEPCAPS act on the calling thread only, and a
@@ -203,8 +204,30 @@ def _check_other_threads() -> None:
     a user switch the others hold none; this checks it rather than trusting it
     (and catches a non-root start with capabilities and a second thread). The
     seccomp filter, synchronised to every thread, then sets their no_new_privs.
+
+    glibc's setxid broadcast skips a thread that is already exiting (nptl's
+    __nptl_setxid: such a thread runs no more user code), which keeps its old
+    credentials for the moment it takes to go: a thread that still holds
+    capabilities gets *grace* seconds to disappear before it is an error
+    (seen as a start-up failure 2 times in 30 on a loaded machine).
     """
     me = threading.get_native_id()
+    deadline = time.monotonic() + grace
+    while True:
+        holding = _threads_holding_capabilities(me)
+        if not holding:
+            return
+        if time.monotonic() >= deadline:
+            tid, status = holding[0]
+            raise PrivilegeError(
+                f"thread {tid} ({status['Name']}) still holds capabilities"
+                f" (CapPrm {status['CapPrm']}) after the drop (our bug)"
+            )
+        time.sleep(0.01)
+
+
+def _threads_holding_capabilities(me: int) -> list[tuple[str, dict[str, str]]]:
+    holding = []
     for tid in os.listdir("/proc/self/task"):
         if int(tid) == me:
             continue
@@ -213,7 +236,5 @@ def _check_other_threads() -> None:
         except FileNotFoundError:
             continue  # ended meanwhile
         if int(status["CapEff"], 16) or int(status["CapPrm"], 16):
-            raise PrivilegeError(
-                f"thread {tid} ({status['Name']}) still holds capabilities"
-                f" (CapPrm {status['CapPrm']}) after the drop (our bug)"
-            )
+            holding.append((tid, status))
+    return holding

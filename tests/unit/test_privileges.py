@@ -1,4 +1,5 @@
-"""--runas parsing: names, numbers and groups resolve as passt's option does.
+"""--runas parsing: names, numbers and groups resolve as passt's option does;
+and the check that no other thread kept a capability.
 
 Runs as whoever runs the tests; the root-only default (nobody) is checked
 only when that is root.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +51,41 @@ def test_unknown_names_are_the_operators_error(spec: str) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the default applies when started as root")
 def test_root_defaults_to_nobody() -> None:
     assert resolve_runas(None) == Identity(NOBODY.pw_uid, NOBODY.pw_gid, "nobody")
+
+
+_THREAD_CHECK = """
+import sys, threading, time
+import prctl
+from ferryd.privileges import PrivilegeError, _check_other_threads
+worker = threading.Thread(target=time.sleep, args=(float(sys.argv[1]),))
+worker.start()
+prctl.cap_effective.limit()  # this thread alone drops everything (capset is per thread)
+prctl.cap_inheritable.limit()
+prctl.cap_permitted.limit()
+try:
+    _check_other_threads(grace=float(sys.argv[2]))
+except PrivilegeError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs capabilities to drop")
+@pytest.mark.parametrize(
+    ("lives", "grace", "status"),
+    [(0.2, 2.0, 0), (5.0, 0.3, 3)],
+    ids=["a-thread-on-its-way-out", "a-thread-that-stays"],
+)
+def test_another_thread_with_capabilities_gets_a_grace_to_go(
+    lives: float, grace: float, status: int
+) -> None:
+    """A thread exiting during the drop is waited for; one that stays is our bug."""
+    run = subprocess.run(
+        [sys.executable, "-c", _THREAD_CHECK, str(lives), str(grace)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == status, run.stderr
+    if status:
+        assert "still holds capabilities" in run.stdout and "(our bug)" in run.stdout
