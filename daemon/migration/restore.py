@@ -86,8 +86,10 @@ class Restorer:
         self._repair = repair
         self._helper: RepairPort | None = None
         self.kernel = kernel
-        self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord]] = []
-        self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord]] = {}
+        self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord, Endpoints]] = []
+        self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord, bool]] = {}
+        """By 4-tuple: the connection, its socket's state, its record, and whether it was
+        at rest (flowstate.at_rest) in the plain part: resume() only arms those."""
         self.in_repair: dict[int, socket.socket] = {}
         """Sockets in repair mode, by id(): closed silently by discard()."""
         self.in_precopy = False
@@ -129,7 +131,7 @@ class Restorer:
             if self.in_precopy:
                 self.precopied[index] = ends
             state = rec.kernel
-            self.pending.append((self.kernel.new_socket_for(state), state, rec))
+            self.pending.append((self.kernel.new_socket_for(state), state, rec, ends))
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
@@ -144,7 +146,7 @@ class Restorer:
         _batch() (before a replacement connects the same 4-tuple); False if it was not one."""
         if ends not in self.standing:
             return False
-        conn, _, _ = self.restored.pop(ends)
+        conn = self.restored.pop(ends)[0]
         self.standing.discard(ends)
         self.d.tcp.forget(conn)  # before the close: the fd number is reused at once
         handle = id(socket_of(conn))
@@ -157,7 +159,7 @@ class Restorer:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
         await self._batch()
         await self._off_early()
-        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()], trio.current_time())
+        self.d.tcp.prearm([entry[0] for entry in self.restored.values()], trio.current_time())
         self.standing = set(self.restored)
         self.in_precopy = False
 
@@ -187,7 +189,7 @@ class Restorer:
         if not batch and not closing:
             return
         repair = await self._client()
-        socks = [sock for sock, _, _ in batch]
+        socks = [entry[0] for entry in batch]
         try:
             await repair.set_repair(closing + socks, RepairMode.ON)
         except BaseException:
@@ -202,24 +204,26 @@ class Restorer:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
         quiet: list[TcpConn] = []
-        for sock, state, rec in batch:
-            self.kernel.restore_in_repair(sock, state)
-            version = 6 if state.family == 6 else 4
-            ends = ends_of(rec)
+        restore_in_repair, adopt = self.kernel.restore_in_repair, self.d.tcp.adopt
+        plain = not self.in_precopy
+        for sock, state, rec, ends in batch:
+            restore_in_repair(sock, state)
             # Peeks past what the guest was sent but has not acknowledged,
             # which heads the restored receive queue (flowstate's module doc).
-            conn = self.d.tcp.adopt(
+            conn = adopt(
                 ends,
                 sock,
-                version,
+                state.family,
                 guest_state(rec),
                 sock_timestamp=state.timestamp,
                 fin_received=state.fin_received,
                 now=now,
+                local=(state.local_addr, state.local_port),
             )
-            self.restored[ends] = (conn, state, rec)
+            rest = plain and at_rest(rec)
+            self.restored[ends] = (conn, state, rec, rest)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
-            if not self.in_precopy and at_rest(rec):
+            if rest:
                 quiet.append(conn)
         if quiet:
             # resume() has nothing to do for these (at rest): armed now, while
@@ -267,8 +271,8 @@ class Restorer:
         # Unchanged through the freeze, or at rest: nothing to finish or resynchronise.
         moving = [
             (conn, state, rec)
-            for ends, (conn, state, rec) in self.restored.items()
-            if not at_rest(rec) and not (standing and ends in standing)
+            for ends, (conn, state, rec, rest) in self.restored.items()
+            if not rest and not (standing and ends in standing)
         ]
         # (Pre-copied ones went out of repair mode already.) One at rest has
         # nothing in flight and no timer running: out of repair mode without
@@ -312,11 +316,11 @@ class Restorer:
 
     async def discard(self) -> None:
         """Undo everything: no socket survives, and none says a word to a peer."""
-        for conn, _, _ in self.restored.values():
+        for conn, *_ in self.restored.values():
             # Out of the flow table (and the epoll) before the socket goes: a
             # rollback on the source adopts the same 4-tuple again.
             self.d.tcp.forget(conn)
-        for sock, _, _ in self.pending:
+        for sock, *_ in self.pending:
             sock.close()
         self.pending.clear()
         live = [*self.live.values(), *self.to_close]

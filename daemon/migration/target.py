@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from ferryd.link import LinkConfig
-from ferryd.migration.admission import check_record
+from ferryd.migration.admission import Admission
 from ferryd.migration.errors import MigrationAborted, MigrationFailed
 from ferryd.migration.restore import Restorer
 from ferryd.migration.roles import Event, Role
@@ -133,6 +133,7 @@ class TargetMigration:
         stream = trio.lowlevel.FdStream(fd)
         restorer = self.restorer = Restorer(d, self.repair)
         decoder = StreamDecoder()
+        admission = Admission()
         t0 = time.monotonic()
         t_first: float | None = None
         try:
@@ -157,7 +158,7 @@ class TargetMigration:
                         elif isinstance(event, FlowReceived):
                             # This ferryd's destination rules, before the record
                             # touches anything (migration/admission.py).
-                            check_record(d.policy, event.flow)
+                            admission.check(d.policy, event.flow)
                             await restorer.add(event.flow, event.index)
                         elif isinstance(event, PrecopyEnded):
                             await restorer.precopy_end()
