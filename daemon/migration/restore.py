@@ -45,7 +45,7 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
-from ferryd.migration.errors import StreamRejected
+from ferryd.migration.errors import MigrationAborted, StreamRejected
 from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
@@ -71,6 +71,24 @@ log = logging.getLogger("ferryd.migration")
 BATCH = 64
 
 
+_Pending = tuple[socket.socket, TcpKernelState, TcpFlowRecord, Endpoints]
+"""A connection's socket (bound, unconnected), its state, its record, its 4-tuple."""
+
+
+class _Flight:
+    """A batch whose repair ON was sent to the helper: restored by Restorer._settle."""
+
+    __slots__ = ("batch", "closing", "done", "error", "in_precopy")
+
+    def __init__(self, batch: list[_Pending], closing: list[socket.socket], in_precopy: bool):
+        self.batch = batch
+        self.closing = closing
+        """Pre-copied sockets replaced by this batch's: closed silently before it connects."""
+        self.in_precopy = in_precopy
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
     return Endpoints(rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port)
 
@@ -81,12 +99,19 @@ class Restorer:
         host: MigrationHost,
         repair: RepairSupply,
         kernel: KernelRepair = LINUX,
+        *,
+        nursery: trio.Nursery | None = None,
     ) -> None:
+        """``nursery``: where the helper's repair ON runs while the next batch is
+        restored (see _batch); None: one batch after the other."""
         self.d = host
+        self._nursery = nursery
+        self._flights: list[_Flight] = []
+        """Batches whose repair ON was sent, oldest first, not restored yet."""
         self._repair = repair
         self._helper: RepairPort | None = None
         self.kernel = kernel
-        self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord, Endpoints]] = []
+        self.pending: list[_Pending] = []
         self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord, bool]] = {}
         """By 4-tuple: the connection, its socket's state, its record, and whether it was
         at rest (flowstate.at_rest) in the plain part: resume() only arms those."""
@@ -157,7 +182,7 @@ class Restorer:
 
     async def precopy_end(self) -> None:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
-        await self._batch()
+        await self._drain()
         await self._off_early()
         self.d.tcp.prearm([entry[0] for entry in self.restored.values()], trio.current_time())
         self.standing = set(self.restored)
@@ -184,28 +209,76 @@ class Restorer:
             self.live[id(sock)] = sock
 
     async def _batch(self) -> None:
+        """Repair ON for the pending sockets; restore them (and the batch before) once it is on.
+
+        With a nursery the helper turns a batch's repair on in the background
+        while this restores the batch before it and the stream's next records
+        are decoded and bound: ferry-repair's ~6 µs a socket, in its own
+        process, no longer waits on ferryd's own work nor ferryd on it. At
+        most one batch is in flight besides the one being restored
+        (RepairClient serves calls one after the other anyway).
+        """
         batch, self.pending = self.pending, []
         closing, self.to_close = self.to_close, []
-        if not batch and not closing:
-            return
-        repair = await self._client()
-        socks = [entry[0] for entry in batch]
+        if batch or closing:
+            repair = await self._client()
+            flight = _Flight(batch, closing, self.in_precopy)
+            if self._nursery is None:
+                await self._turn_on(repair, flight, None)
+            else:
+                after = self._flights[-1] if self._flights else None
+                self._nursery.start_soon(self._turn_on, repair, flight, after)
+            self._flights.append(flight)
+        while len(self._flights) > (0 if self._nursery is None else 1):
+            await self._settle(self._flights.pop(0))
+
+    async def _drain(self) -> None:
+        """Restore every batch: the pending one, and those whose repair ON is in flight."""
+        await self._batch()
+        while self._flights:
+            await self._settle(self._flights.pop(0))
+
+    @staticmethod
+    async def _turn_on(repair: RepairPort, flight: _Flight, after: _Flight | None) -> None:
+        """Repair ON for ``flight``, once the batch ``after`` had its answer: in stream
+        order, whatever order trio starts the tasks in (a passt-repair connection must
+        never see a batch larger than the one before: repair_client's module doc)."""
         try:
-            await repair.set_repair(closing + socks, RepairMode.ON)
+            if after is not None:
+                await after.done.wait()
+                if after.error is not None:
+                    raise MigrationAborted("repair ON not asked: an earlier batch failed")
+            await repair.set_repair(
+                flight.closing + [entry[0] for entry in flight.batch], RepairMode.ON
+            )
+        except Exception as exc:
+            flight.error = exc  # _settle() raises it, or discard() cleans up after it
         except BaseException:
-            for sock in socks:
-                sock.close()  # unconnected: closing sends nothing
-            self.to_close = closing  # discard() tries again
+            # Cancelled with ferryd's nursery: nothing restores this batch now.
+            flight.error = MigrationAborted("repair ON of a batch cancelled")
             raise
+        finally:
+            flight.done.set()
+
+    async def _settle(self, flight: _Flight) -> None:
+        """Restore a batch whose repair ON was sent: close its replaced sockets, then
+        restore and adopt its connections (its error, if the helper refused)."""
+        await flight.done.wait()
+        batch, closing = flight.batch, flight.closing
+        if flight.error is not None:
+            for sock, *_ in batch:
+                sock.close()  # unconnected: closing sends nothing
+            self.to_close = closing + self.to_close  # discard() tries again
+            raise flight.error
         for sock in closing:
             self.kernel.close_silently(sock)
         self.repair_passes += 1
-        for sock in socks:
+        for sock, *_ in batch:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
         quiet: list[TcpConn] = []
         restore_in_repair, adopt = self.kernel.restore_in_repair, self.d.tcp.adopt
-        plain = not self.in_precopy
+        plain = not flight.in_precopy
         for sock, state, rec, ends in batch:
             restore_in_repair(sock, state)
             # Peeks past what the guest was sent but has not acknowledged,
@@ -242,7 +315,7 @@ class Restorer:
         that reuse the address (in repair mode, or pre-copied ones that
         _off_early gave SO_REUSEADDR back).
         """
-        await self._batch()
+        await self._drain()
         for listener in self.listeners:
             fwd = PortForward(listener.bind_addr, listener.host_port, listener.guest_port)
             flows = self.d.tcp if listener.proto == IPPROTO_TCP else self.d.udp
@@ -320,8 +393,15 @@ class Restorer:
             # Out of the flow table (and the epoll) before the socket goes: a
             # rollback on the source adopts the same 4-tuple again.
             self.d.tcp.forget(conn)
+        flights, self._flights = self._flights, []
+        for flight in flights:
+            # Its repair ON ends (answered, refused or timed out) before its
+            # sockets go: those replaced are closed silently with the rest.
+            await flight.done.wait()
+            self.pending.extend(flight.batch)
+            self.to_close.extend(flight.closing)
         for sock, *_ in self.pending:
-            sock.close()
+            sock.close()  # unconnected: closing sends nothing
         self.pending.clear()
         live = [*self.live.values(), *self.to_close]
         self.live.clear()

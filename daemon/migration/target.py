@@ -131,7 +131,7 @@ class TargetMigration:
     async def _restore(self, fd: int) -> None:
         d = self.d
         stream = trio.lowlevel.FdStream(fd)
-        restorer = self.restorer = Restorer(d, self.repair)
+        restorer = self.restorer = Restorer(d, self.repair, nursery=self.s.nursery)
         decoder = StreamDecoder()
         admission = Admission()
         t0 = time.monotonic()
@@ -152,7 +152,9 @@ class TargetMigration:
                                 LinkConfig(mac=h.ferry_mac, mtu=h.mtu, ipv4=h.ipv4, ipv6=h.ipv6),
                                 trio.current_time(),
                             )
-                            restorer = self.restorer = Restorer(d, self.repair)
+                            restorer = self.restorer = Restorer(
+                                d, self.repair, nursery=self.s.nursery
+                            )
                             restorer.in_precopy = h.precopy
                             d.guest_mac = h.guest_mac
                         elif isinstance(event, FlowReceived):
