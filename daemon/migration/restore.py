@@ -1,9 +1,11 @@
 """Restoring flows from migration records: the target's job, and a rollback's.
 
 :class:`Restorer` takes records as the stream delivers them. TCP sockets are
-created as their records arrive and restored in batches of up to 253 (one
+created as their records arrive and restored in batches of BATCH (one
 ferry-repair message turns repair ON for a whole batch; REFERENCE.md gives
-the per-socket order), so the target's work overlaps the source's dump.
+the per-socket order), so the target's work overlaps the source's dump;
+given a nursery, the helper turns a batch's repair ON while ferryd restores
+the batch before it (Restorer._batch).
 Every restored socket stays in repair mode — invisible to the peer, and
 closable without a FIN or RST — until :meth:`Restorer.resume`: then repair
 goes OFF in batches, migrated unsent bytes are sent, the data path starts
