@@ -320,16 +320,25 @@ class TcpFlows:
         )
         return self._enter(conn, host, now)
 
-    def _enter(self, conn: TcpConn, host: SocketHost, now: float) -> TcpConn:
+    def _enter(
+        self,
+        conn: TcpConn,
+        host: SocketHost,
+        now: float,
+        local: tuple[IpAddress, int] | None = None,
+    ) -> TcpConn:
+        """Into the table; ``local``: the socket's own address, if the caller knows it
+        (else getsockname())."""
         # TcpConn.close() closes the socket: out of the epoll first, while
         # the descriptor's number is still this socket's (reused at once).
         host.before_close = lambda: self.forget(conn)
-        local = host.sock.getsockname()
-        ends, state = conn.ends, conn.state
-        e = ends
+        if local is None:
+            name = host.sock.getsockname()
+            local = strip_scope(name[0]), name[1]
+        e = conn.ends
         key = FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port)
         conn.flow = self.table.add(
-            key, conn, now, state=state.value, host_addr=strip_scope(local[0]), host_port=local[1]
+            key, conn, now, state=conn.state.value, host_addr=local[0], host_port=local[1]
         )
         if self._queue_bound is not None:
             bound_queues(host.sock, self._queue_bound)
@@ -591,13 +600,17 @@ class TcpFlows:
         sock_timestamp: int,
         fin_received: bool,
         now: float,
+        local: tuple[IpAddress, int] | None = None,
     ) -> TcpConn:
         """A connection a migration restored (TcpConn.restored): in the table, armed at attach().
 
         ``sock`` comes from the kernel's restore, blocking and untuned: it is
         made non-blocking and given TCP_NODELAY here, as :func:`_tune` does
         for a new one. (Not SO_PEEK_OFF: the restored TcpConn sets its own
-        offset past what the guest has not acknowledged.)
+        offset past what the guest has not acknowledged.) ``local``: the
+        socket's own address and port, which the restorer bound it to (one
+        getsockname() less per connection in a migration's downtime); None:
+        asked of the socket.
         """
         if sock.gettimeout() != 0.0:  # sockstate makes them non-blocking: no syscall then
             sock.setblocking(False)
@@ -616,7 +629,7 @@ class TcpFlows:
             fin_received=fin_received,
             now=now,
         )
-        return self._enter(conn, host, now)
+        return self._enter(conn, host, now, local)
 
     def connections(self) -> list[TcpConn]:
         """Every connection in the table, closed ones included (a migration dumps them)."""

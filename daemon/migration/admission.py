@@ -47,7 +47,7 @@ from ferryd.migration.records import (
 )
 from ferryd.wire.ip import IpAddress
 
-__all__ = ["check_record"]
+__all__ = ["Admission", "check_record"]
 
 
 def _check_remote(
@@ -95,3 +95,29 @@ def check_record(policy: DestinationPolicy, rec: FlowRecord) -> None:
                 f"the stream opens a listener on {endpoint_text(addr, rec.host_port)}, which is "
                 "not an address of this host: migration refused"
             )
+
+
+class Admission:
+    """:func:`check_record` over one stream, skipping the TCP flows it already admitted.
+
+    A TCP flow's verdict depends only on the policy, the remote the guest
+    sees and the remote its socket is connected to; a stream of a thousand
+    connections names the same few, and the decoder hands out one address
+    object per distinct address (records' address cache). So the last
+    admitted triple is remembered by identity: the same objects give the
+    same verdict, and a record with anything else is checked in full.
+    """
+
+    def __init__(self) -> None:
+        self._admitted: tuple[DestinationPolicy, IpAddress, IpAddress] | None = None
+
+    def check(self, policy: DestinationPolicy, rec: FlowRecord) -> None:
+        """Raise :class:`StreamError` if restoring ``rec`` would break ``policy``."""
+        if type(rec) is not TcpFlowRecord or rec.kernel is None:
+            check_record(policy, rec)
+            return
+        last, remote, connected = self._admitted, rec.remote_addr, rec.kernel.remote_addr
+        if last is not None and last[0] is policy and last[1] is remote and last[2] is connected:
+            return
+        check_record(policy, rec)
+        self._admitted = (policy, remote, connected)

@@ -77,6 +77,11 @@ def guest_state(rec: TcpFlowRecord) -> TcpGuestState:
     )
 
 
+#: Flags.CLOSING as a plain int: ``int & IntFlag`` goes through the enum machinery
+#: (~1 µs), once per connection of a migration's downtime.
+_CLOSING_BITS = int(CLOSING)
+
+
 def at_rest(rec: TcpFlowRecord) -> bool:
     """Nothing to resynchronise when the connection resumes on the target.
 
@@ -98,7 +103,7 @@ def at_rest(rec: TcpFlowRecord) -> bool:
         and not k.recv_queue
         and rec.seq_to_guest == rec.seq_ack_from_guest
         and rec.seq_ack_to_guest == rec.seq_from_guest
-        and not Flags(rec.flags) & CLOSING
+        and not rec.flags & _CLOSING_BITS
     )
 
 

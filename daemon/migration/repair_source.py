@@ -15,6 +15,9 @@ class RepairSource:
         self.listen_path = listen
         self._listener: RepairListener | None = None
         self._client: RepairClient | None = None
+        self._getting = trio.Lock()
+        """One connection at a time: a target reaches the helper early, in the background,
+        while its restore may ask for it too (TargetMigration._reach_helper)."""
 
     async def setup(self) -> None:
         if self.listen_path:
@@ -32,6 +35,12 @@ class RepairSource:
     async def get(self) -> RepairClient:
         if self._client is not None and not self._client.closed:
             return self._client
+        async with self._getting:
+            return await self._get()
+
+    async def _get(self) -> RepairClient:
+        if self._client is not None and not self._client.closed:
+            return self._client  # reached meanwhile, by the call this one waited for
         if self.connect_path:
             self._client = await RepairClient.connect(self.connect_path)
         elif self._listener is not None:

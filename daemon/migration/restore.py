@@ -1,9 +1,11 @@
 """Restoring flows from migration records: the target's job, and a rollback's.
 
 :class:`Restorer` takes records as the stream delivers them. TCP sockets are
-created as their records arrive and restored in batches of up to 253 (one
+created as their records arrive and restored in batches of BATCH (one
 ferry-repair message turns repair ON for a whole batch; REFERENCE.md gives
-the per-socket order), so the target's work overlaps the source's dump.
+the per-socket order), so the target's work overlaps the source's dump;
+given a nursery, the helper turns a batch's repair ON while ferryd restores
+the batch before it (Restorer._batch).
 Every restored socket stays in repair mode — invisible to the peer, and
 closable without a FIN or RST — until :meth:`Restorer.resume`: then repair
 goes OFF in batches, migrated unsent bytes are sent, the data path starts
@@ -45,7 +47,7 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
-from ferryd.migration.errors import StreamRejected
+from ferryd.migration.errors import MigrationAborted, StreamRejected
 from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
@@ -71,6 +73,24 @@ log = logging.getLogger("ferryd.migration")
 BATCH = 64
 
 
+_Pending = tuple[socket.socket, TcpKernelState, TcpFlowRecord, Endpoints]
+"""A connection's socket (bound, unconnected), its state, its record, its 4-tuple."""
+
+
+class _Flight:
+    """A batch whose repair ON was sent to the helper: restored by Restorer._settle."""
+
+    __slots__ = ("batch", "closing", "done", "error", "in_precopy")
+
+    def __init__(self, batch: list[_Pending], closing: list[socket.socket], in_precopy: bool):
+        self.batch = batch
+        self.closing = closing
+        """Pre-copied sockets replaced by this batch's: closed silently before it connects."""
+        self.in_precopy = in_precopy
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 def ends_of(rec: TcpFlowRecord) -> Endpoints:
     return Endpoints(rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port)
 
@@ -81,13 +101,22 @@ class Restorer:
         host: MigrationHost,
         repair: RepairSupply,
         kernel: KernelRepair = LINUX,
+        *,
+        nursery: trio.Nursery | None = None,
     ) -> None:
+        """``nursery``: where the helper's repair ON runs while the next batch is
+        restored (see _batch); None: one batch after the other."""
         self.d = host
+        self._nursery = nursery
+        self._flights: list[_Flight] = []
+        """Batches whose repair ON was sent, oldest first, not restored yet."""
         self._repair = repair
         self._helper: RepairPort | None = None
         self.kernel = kernel
-        self.pending: list[tuple[socket.socket, TcpKernelState, TcpFlowRecord]] = []
-        self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord]] = {}
+        self.pending: list[_Pending] = []
+        self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord, bool]] = {}
+        """By 4-tuple: the connection, its socket's state, its record, and whether it was
+        at rest (flowstate.at_rest) in the plain part: resume() only arms those."""
         self.in_repair: dict[int, socket.socket] = {}
         """Sockets in repair mode, by id(): closed silently by discard()."""
         self.in_precopy = False
@@ -129,7 +158,7 @@ class Restorer:
             if self.in_precopy:
                 self.precopied[index] = ends
             state = rec.kernel
-            self.pending.append((self.kernel.new_socket_for(state), state, rec))
+            self.pending.append((self.kernel.new_socket_for(state), state, rec, ends))
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
@@ -144,7 +173,7 @@ class Restorer:
         _batch() (before a replacement connects the same 4-tuple); False if it was not one."""
         if ends not in self.standing:
             return False
-        conn, _, _ = self.restored.pop(ends)
+        conn = self.restored.pop(ends)[0]
         self.standing.discard(ends)
         self.d.tcp.forget(conn)  # before the close: the fd number is reused at once
         handle = id(socket_of(conn))
@@ -155,9 +184,9 @@ class Restorer:
 
     async def precopy_end(self) -> None:
         """The pre-copy part ended: restore its last batch; what follows may replace it."""
-        await self._batch()
+        await self._drain()
         await self._off_early()
-        self.d.tcp.prearm([conn for conn, _, _ in self.restored.values()], trio.current_time())
+        self.d.tcp.prearm([entry[0] for entry in self.restored.values()], trio.current_time())
         self.standing = set(self.restored)
         self.in_precopy = False
 
@@ -182,44 +211,94 @@ class Restorer:
             self.live[id(sock)] = sock
 
     async def _batch(self) -> None:
+        """Repair ON for the pending sockets; restore them (and the batch before) once it is on.
+
+        With a nursery the helper turns a batch's repair on in the background
+        while this restores the batch before it and the stream's next records
+        are decoded and bound: ferry-repair's ~6 µs a socket, in its own
+        process, no longer waits on ferryd's own work nor ferryd on it. At
+        most one batch is in flight besides the one being restored
+        (RepairClient serves calls one after the other anyway).
+        """
         batch, self.pending = self.pending, []
         closing, self.to_close = self.to_close, []
-        if not batch and not closing:
-            return
-        repair = await self._client()
-        socks = [sock for sock, _, _ in batch]
+        if batch or closing:
+            repair = await self._client()
+            flight = _Flight(batch, closing, self.in_precopy)
+            if self._nursery is None:
+                await self._turn_on(repair, flight, None)
+            else:
+                after = self._flights[-1] if self._flights else None
+                self._nursery.start_soon(self._turn_on, repair, flight, after)
+            self._flights.append(flight)
+        while len(self._flights) > (0 if self._nursery is None else 1):
+            await self._settle(self._flights.pop(0))
+
+    async def _drain(self) -> None:
+        """Restore every batch: the pending one, and those whose repair ON is in flight."""
+        await self._batch()
+        while self._flights:
+            await self._settle(self._flights.pop(0))
+
+    @staticmethod
+    async def _turn_on(repair: RepairPort, flight: _Flight, after: _Flight | None) -> None:
+        """Repair ON for ``flight``, once the batch ``after`` had its answer: in stream
+        order, whatever order trio starts the tasks in (a passt-repair connection must
+        never see a batch larger than the one before: repair_client's module doc)."""
         try:
-            await repair.set_repair(closing + socks, RepairMode.ON)
+            if after is not None:
+                await after.done.wait()
+                if after.error is not None:
+                    raise MigrationAborted("repair ON not asked: an earlier batch failed")
+            await repair.set_repair(
+                flight.closing + [entry[0] for entry in flight.batch], RepairMode.ON
+            )
+        except Exception as exc:
+            flight.error = exc  # _settle() raises it, or discard() cleans up after it
         except BaseException:
-            for sock in socks:
-                sock.close()  # unconnected: closing sends nothing
-            self.to_close = closing  # discard() tries again
+            # Cancelled with ferryd's nursery: nothing restores this batch now.
+            flight.error = MigrationAborted("repair ON of a batch cancelled")
             raise
+        finally:
+            flight.done.set()
+
+    async def _settle(self, flight: _Flight) -> None:
+        """Restore a batch whose repair ON was sent: close its replaced sockets, then
+        restore and adopt its connections (its error, if the helper refused)."""
+        await flight.done.wait()
+        batch, closing = flight.batch, flight.closing
+        if flight.error is not None:
+            for sock, *_ in batch:
+                sock.close()  # unconnected: closing sends nothing
+            self.to_close = closing + self.to_close  # discard() tries again
+            raise flight.error
         for sock in closing:
             self.kernel.close_silently(sock)
         self.repair_passes += 1
-        for sock in socks:
+        for sock, *_ in batch:
             self.in_repair[id(sock)] = sock
         now = trio.current_time()
         quiet: list[TcpConn] = []
-        for sock, state, rec in batch:
-            self.kernel.restore_in_repair(sock, state)
-            version = 6 if state.family == 6 else 4
-            ends = ends_of(rec)
+        restore_in_repair, adopt = self.kernel.restore_in_repair, self.d.tcp.adopt
+        plain = not flight.in_precopy
+        for sock, state, rec, ends in batch:
+            restore_in_repair(sock, state)
             # Peeks past what the guest was sent but has not acknowledged,
             # which heads the restored receive queue (flowstate's module doc).
-            conn = self.d.tcp.adopt(
+            conn = adopt(
                 ends,
                 sock,
-                version,
+                state.family,
                 guest_state(rec),
                 sock_timestamp=state.timestamp,
                 fin_received=state.fin_received,
                 now=now,
+                local=(state.local_addr, state.local_port),
             )
-            self.restored[ends] = (conn, state, rec)
+            rest = plain and at_rest(rec)
+            self.restored[ends] = (conn, state, rec, rest)
             self.counts["tcp" if not rec.handshake else "reset"] += 1
-            if not self.in_precopy and at_rest(rec):
+            if rest:
                 quiet.append(conn)
         if quiet:
             # resume() has nothing to do for these (at rest): armed now, while
@@ -238,7 +317,7 @@ class Restorer:
         that reuse the address (in repair mode, or pre-copied ones that
         _off_early gave SO_REUSEADDR back).
         """
-        await self._batch()
+        await self._drain()
         for listener in self.listeners:
             fwd = PortForward(listener.bind_addr, listener.host_port, listener.guest_port)
             flows = self.d.tcp if listener.proto == IPPROTO_TCP else self.d.udp
@@ -267,8 +346,8 @@ class Restorer:
         # Unchanged through the freeze, or at rest: nothing to finish or resynchronise.
         moving = [
             (conn, state, rec)
-            for ends, (conn, state, rec) in self.restored.items()
-            if not at_rest(rec) and not (standing and ends in standing)
+            for ends, (conn, state, rec, rest) in self.restored.items()
+            if not rest and not (standing and ends in standing)
         ]
         # (Pre-copied ones went out of repair mode already.) One at rest has
         # nothing in flight and no timer running: out of repair mode without
@@ -312,12 +391,19 @@ class Restorer:
 
     async def discard(self) -> None:
         """Undo everything: no socket survives, and none says a word to a peer."""
-        for conn, _, _ in self.restored.values():
+        for conn, *_ in self.restored.values():
             # Out of the flow table (and the epoll) before the socket goes: a
             # rollback on the source adopts the same 4-tuple again.
             self.d.tcp.forget(conn)
-        for sock, _, _ in self.pending:
-            sock.close()
+        flights, self._flights = self._flights, []
+        for flight in flights:
+            # Its repair ON ends (answered, refused or timed out) before its
+            # sockets go: those replaced are closed silently with the rest.
+            await flight.done.wait()
+            self.pending.extend(flight.batch)
+            self.to_close.extend(flight.closing)
+        for sock, *_ in self.pending:
+            sock.close()  # unconnected: closing sends nothing
         self.pending.clear()
         live = [*self.live.values(), *self.to_close]
         self.live.clear()

@@ -266,12 +266,18 @@ def parse_tcp_info(data: bytes) -> TcpInfoHead:
 
 def repair_options(state: TcpKernelState) -> bytes:
     """The TCP_REPAIR_OPTIONS argument: struct tcp_repair_opt pairs in the checked order."""
-    pairs = [(TCPOPT_MSS, state.mss)]
-    if state.options & OPT_WSCALE:
-        pairs.append((TCPOPT_WINDOW, state.snd_wscale | state.rcv_wscale << 16))
-    if state.options & OPT_SACK:
+    return _repair_options(state.mss, state.options, state.snd_wscale, state.rcv_wscale)
+
+
+@functools.lru_cache(maxsize=256)
+def _repair_options(mss: int, options: int, snd_wscale: int, rcv_wscale: int) -> bytes:
+    """Cached: the connections of one migration share a few MSS and option sets."""
+    pairs = [(TCPOPT_MSS, mss)]
+    if options & OPT_WSCALE:
+        pairs.append((TCPOPT_WINDOW, snd_wscale | rcv_wscale << 16))
+    if options & OPT_SACK:
         pairs.append((TCPOPT_SACK_PERM, 0))
-    if state.options & OPT_TIMESTAMPS:
+    if options & OPT_TIMESTAMPS:
         pairs.append((TCPOPT_TIMESTAMP, 0))
     return b"".join(_REPAIR_OPT.pack(code, value) for code, value in pairs)
 
@@ -294,6 +300,13 @@ def _where(sock: socket.socket) -> str:
         return four_tuple(local[0], local[1], remote[0], remote[1])
     except OSError:
         return f"TCP socket fd {sock.fileno()}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _text(addr: IpAddress) -> str:
+    """An address as bind()/connect() take it, written once: a restore names the same
+    few (the host's, the peers') a thousand times, and str() of an IPv6 one costs ~3 µs."""
+    return str(addr)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -503,7 +516,7 @@ def new_socket_for(state: TcpKernelState) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         step = "bind"
-        sock.bind((str(state.local_addr), state.local_port))
+        sock.bind((_text(state.local_addr), state.local_port))
     except OSError as exc:
         sock.close()
         raise SocketStateError(state.describe(), step, exc.strerror or str(exc)) from exc
@@ -532,7 +545,7 @@ def restore_in_repair(sock: socket.socket, state: TcpKernelState) -> None:
         step = "TCP_MAXSEG (for the initial send buffer)"
         sock.setsockopt(tcp, socket.TCP_MAXSEG, min(state.mss, MAX_USER_MSS))
         step = "connect"
-        sock.connect((str(state.remote_addr), state.remote_port))
+        sock.connect((_text(state.remote_addr), state.remote_port))
         step = "TCP_REPAIR_OPTIONS"
         sock.setsockopt(tcp, TCP_REPAIR_OPTIONS, repair_options(state))
         step = "TCP_MAXSEG (clear)"

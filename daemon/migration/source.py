@@ -105,7 +105,7 @@ OUTCOME_TIMEOUT = 120.0
 QUEUE_BOUND = 128 * 1024
 #: Records are written to the stream in chunks of about this size.
 CHUNK = 256 * 1024
-#: ... or of this many flow records, whichever comes first: the target
+#: ... or of this many TCP flow records, whichever comes first: the target
 #: restores while the source still dumps (its batches are this size too,
 #: restore.BATCH), so a thousand idle connections (~80 KB) must not wait
 #: for one chunk at the end.
@@ -469,7 +469,10 @@ class SourceMigration:
         async def emit(data: bytes, record: FlowRecord | None = None) -> None:
             nonlocal unflushed
             out.extend(data)
-            unflushed += 1
+            # Only TCP flows count: the target restores them in batches of
+            # FLUSH_RECORDS (restore.BATCH), so each flush completes one there;
+            # counting the header too, every batch waited for the next flush.
+            unflushed += type(record) is TcpFlowRecord
             if record is not None and self.same_netns:
                 self.records.append(record)
             if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS:

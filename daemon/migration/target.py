@@ -24,6 +24,7 @@ connection armed before it answers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -32,8 +33,8 @@ from typing import Any
 import trio
 
 from ferryd.link import LinkConfig
-from ferryd.migration.admission import check_record
-from ferryd.migration.errors import MigrationAborted, MigrationFailed
+from ferryd.migration.admission import Admission
+from ferryd.migration.errors import MigrationAborted, MigrationError, MigrationFailed
 from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.restore import Restorer
 from ferryd.migration.roles import Event, Role
@@ -129,11 +130,24 @@ class TargetMigration:
         await trio.lowlevel.checkpoint()
         return {}
 
+    async def _reach_helper(self) -> None:
+        """Connect to the repair helper while the stream's first records arrive.
+
+        The restore asks for it at its first batch of TCP connections; reached
+        here, the connect and the helper's accept (a process of its own, ~1 ms
+        on a busy host) are off that batch's path, which the whole restore
+        waits behind. A failure is left for the restore to meet and report.
+        """
+        with contextlib.suppress(MigrationError):
+            await self.repair.get()
+
     async def _restore(self, fd: int) -> None:
         d = self.d
+        self.s.nursery.start_soon(self._reach_helper)
         stream = trio.lowlevel.FdStream(fd)
-        restorer = self.restorer = Restorer(d, self.repair)
+        restorer = self.restorer = Restorer(d, self.repair, nursery=self.s.nursery)
         decoder = StreamDecoder()
+        admission = Admission()
         t0 = time.monotonic()
         t_first: float | None = None
         try:
@@ -152,13 +166,15 @@ class TargetMigration:
                                 LinkConfig(mac=h.ferry_mac, mtu=h.mtu, ipv4=h.ipv4, ipv6=h.ipv6),
                                 trio.current_time(),
                             )
-                            restorer = self.restorer = Restorer(d, self.repair)
+                            restorer = self.restorer = Restorer(
+                                d, self.repair, nursery=self.s.nursery
+                            )
                             restorer.in_precopy = h.precopy
                             d.guest_mac = h.guest_mac
                         elif isinstance(event, FlowReceived):
                             # This ferryd's destination rules, before the record
                             # touches anything (migration/admission.py).
-                            check_record(d.policy, event.flow)
+                            admission.check(d.policy, event.flow)
                             await restorer.add(event.flow, event.index)
                         elif isinstance(event, PrecopyEnded):
                             await restorer.precopy_end()

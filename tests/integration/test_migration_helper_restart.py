@@ -38,15 +38,15 @@ from testbed.wait import wait_for
 #: A stand-in helper that refuses: it reads one batch (closing the descriptors
 #: it got) and closes the connection without a reply, on every connection.
 REFUSER = r"""
-import array, os, socket, sys
+import array, os, socket, sys, threading
 path = sys.argv[1]
 lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 lst.bind(path)
 os.chmod(path, 0o666)  # ferryd connects as its runas user, as to ferry-repair
 lst.listen(16)
 print("refuser serving", file=sys.stderr, flush=True)
-while True:
-    conn, _ = lst.accept()
+
+def refuse(conn):
     data, anc, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(253 * 4))
     for _, _, payload in anc:
         fds = array.array("i")
@@ -55,6 +55,12 @@ while True:
             socket.close(fd)
     print(f"refused a batch of {data!r}", file=sys.stderr, flush=True)
     conn.close()
+
+# Each connection on its own, as ferry-repair serves them: a target ferryd
+# connects as its restore starts, and asks nothing until it has a batch.
+while True:
+    conn, _ = lst.accept()
+    threading.Thread(target=refuse, args=(conn,), daemon=True).start()
 """
 
 

@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 
 from ferryd.flows.destinations import DestinationPolicy, Destinations, RateLimit, Refusal
-from ferryd.migration.admission import check_record
+from ferryd.migration.admission import Admission, check_record
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import (
     IcmpFlowRecord,
@@ -219,6 +219,32 @@ def test_target_refuses_what_its_rules_refuse(rec: object, words: str) -> None:
     with pytest.raises(StreamError, match="refused") as refused:
         check_record(POLICY, rec)  # type: ignore[arg-type]
     assert words in str(refused.value)
+
+
+def test_admission_remembers_only_what_it_admitted() -> None:
+    """A stream's admission skips a TCP flow whose remotes (the same objects) it just
+    admitted under the same policy, and checks everything else in full: a refused
+    record after admitted ones, another policy, another socket remote, UDP."""
+    admission = Admission()
+    for port in (443, 444):  # the same addresses: admitted again
+        admission.check(POLICY, _tcp(PEER4, port))
+    refusals: list[tuple[TcpFlowRecord | UdpFlowRecord, DestinationPolicy, str]] = [
+        (_tcp(LOCAL4, 6379), POLICY, "127.0.0.1:6379"),
+        (_tcp(PEER4, 443, socket_remote=LOCAL4), POLICY, "socket connected to 127.0.0.1:443"),
+        (_tcp(GW4, 45000, socket_remote=LOCAL4), POLICY, "would not connect"),
+        (UdpFlowRecord(GUEST4, 5353, LOCAL4, 53, idle=1.0), POLICY, "UDP flow"),
+    ]
+    for rec, policy, words in refusals:
+        with pytest.raises(StreamError, match="refused") as refused:
+            admission.check(policy, rec)
+        assert words in str(refused.value)
+    shown_as_gateway = _tcp(GW4, 45000, socket_remote=LOCAL4)
+    admission.check(MAPPED, shown_as_gateway)  # admitted under --map-gw ...
+    with pytest.raises(StreamError, match="would not connect"):
+        admission.check(POLICY, shown_as_gateway)  # ... not by another policy
+    admission.check(MAPPED, shown_as_gateway)
+    with pytest.raises(StreamError, match="would not connect"):
+        admission.check(POLICY, replace(shown_as_gateway, remote_port=80))
 
 
 def test_link_local_flows_refused_by_a_target_that_refuses_them() -> None:

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.table import FlowKey
+from ferryd.migration import restore
 from ferryd.migration.errors import StreamRejected
 from ferryd.migration.records import TcpFlowRecord
+from ferryd.migration.repair_client import RepairError
 from ferryd.migration.restore import Restorer
 from ferryd.wire.ip import IPPROTO_TCP
 from ferryd.wire.tcp import ACK, RST
@@ -178,3 +181,129 @@ async def test_the_same_connection_twice_is_refused(
             with pytest.raises(StreamRejected, match="twice"):
                 await restorer.add(dataclasses.replace(rec))
             await restorer.discard()
+
+
+class GatedRepair(FakeRepair):
+    """The helper, answering each call only when the test lets it; call ``fail`` is refused."""
+
+    def __init__(self, fail: int = 0) -> None:
+        super().__init__()
+        self.sent: list[tuple[RepairMode, list[int]]] = []
+        self.answers = trio.Semaphore(0)
+        self._fail = fail
+
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.sent.append((mode, [s.fileno() for s in socks]))
+        call = len(self.sent)
+        await self.answers.acquire()
+        if call == self._fail:
+            raise RepairError(f"call {call} refused")
+        await super().set_repair(socks, mode, progress=progress)
+
+
+def _spread(rec: TcpFlowRecord, n: int) -> list[TcpFlowRecord]:
+    """``n`` connections like ``rec``, each its own guest port."""
+    return [dataclasses.replace(rec, guest_port=50000 + i) for i in range(n)]
+
+
+async def test_a_batch_is_restored_while_the_next_ones_repair_on_is_under_way(
+    host_pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a nursery the helper's repair ON of a batch overlaps the restore of the one
+    before and the stream's next records; the helper gets the batches in stream order,
+    and no socket is restored before its own batch's repair ON was answered."""
+    monkeypatch.setattr(restore, "BATCH", 2)
+    ours, _peer = host_pair
+    recs = _spread(_record(ours), 5)
+    socks = [socket.socket() for _ in recs]
+    fds = [s.fileno() for s in socks]
+    repair = GatedRepair()
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        kernel = FakeKernel(list(socks))
+        restorer = Restorer(host, repair, kernel, nursery=nursery)
+        for rec in recs[:2]:
+            await restorer.add(rec)  # the first batch: sent, not waited for
+        await trio.testing.wait_all_tasks_blocked()
+        assert repair.sent == [(RepairMode.ON, fds[:2])]
+        assert not any(call.startswith("restore") for call in kernel.calls)
+        await restorer.add(recs[2])
+        async with trio.open_nursery() as adding:
+            adding.start_soon(restorer.add, recs[3])  # the second batch: waits for the first
+            await trio.testing.wait_all_tasks_blocked()
+            assert repair.sent == [(RepairMode.ON, fds[:2])]  # the second queued behind it
+            assert not any(call.startswith("restore") for call in kernel.calls)
+            repair.answers.release()
+        await trio.testing.wait_all_tasks_blocked()
+        # The first batch restored; the helper has the second, unanswered, meanwhile.
+        assert [c for c in kernel.calls if c.startswith("restore")] == [
+            f"restore {fd}" for fd in fds[:2]
+        ]
+        assert repair.sent == [(RepairMode.ON, fds[:2]), (RepairMode.ON, fds[2:4])]
+        assert repair.calls == [(RepairMode.ON, fds[:2])]
+        await restorer.add(recs[4])
+        async with trio.open_nursery() as finishing:
+            finishing.start_soon(restorer.finish)
+            for _ in range(2):
+                repair.answers.release()
+        assert [c for c in kernel.calls if c.startswith("restore")] == [
+            f"restore {fd}" for fd in fds
+        ]
+        assert repair.calls == [(RepairMode.ON, fds[i : i + 2]) for i in (0, 2, 4)]
+        assert restorer.counts["tcp"] == 5 and set(restorer.in_repair.values()) == set(socks)
+        assert all(host.tcp.table.get(_key(rec)) is not None for rec in recs)
+        await restorer.discard()
+        assert all(s.fileno() < 0 for s in socks)
+        await host.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_batch_in_flight_fails_the_restore_and_discard_leaves_nothing(
+    host_pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper refuses the second batch while the first is restored: the restore
+    raises the helper's error, the third batch is never sent, and discard() closes every
+    socket (the restored ones silently). A discard while a batch's repair ON is still
+    under way waits for its answer, then closes its sockets too."""
+    monkeypatch.setattr(restore, "BATCH", 2)
+    ours, _peer = host_pair
+    recs = _spread(_record(ours), 6)
+    socks = [socket.socket() for _ in recs]
+    fds = [s.fileno() for s in socks]
+    repair = GatedRepair(fail=2)
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        kernel = FakeKernel(list(socks))
+        restorer = Restorer(host, repair, kernel, nursery=nursery)
+        repair.answers.release()
+        repair.answers.release()  # the first batch answered, the second refused
+        with pytest.raises(RepairError, match="call 2 refused"):
+            for rec in recs:
+                await restorer.add(rec)
+            await restorer.finish()
+        await restorer.discard()
+        assert repair.sent == [(RepairMode.ON, fds[:2]), (RepairMode.ON, fds[2:4])]
+        assert all(s.fileno() < 0 for s in socks)
+        assert [c for c in kernel.calls if c.startswith("close_silently")] == [
+            f"close_silently {fd}" for fd in fds[:2]
+        ]
+        assert not any(host.tcp.table.get(_key(rec)) for rec in recs)
+
+        socks = [socket.socket() for _ in range(2)]
+        restorer = Restorer(host, repair, FakeKernel(list(socks)), nursery=nursery)
+        for rec in recs[:2]:
+            await restorer.add(rec)  # sent, unanswered
+        async with trio.open_nursery() as discarding:
+            discarding.start_soon(restorer.discard)
+            await trio.testing.wait_all_tasks_blocked()
+            assert all(s.fileno() >= 0 for s in socks)  # not while the helper holds them
+            repair.answers.release()
+        assert all(s.fileno() < 0 for s in socks)
+        await host.aclose()
+        nursery.cancel_scope.cancel()

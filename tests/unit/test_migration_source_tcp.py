@@ -10,6 +10,7 @@ the guest hears after a rollback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -20,10 +21,12 @@ import trio
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpConn, TcpGuestState
+from ferryd.migration import source as source_module
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
+from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import FlowReceived, PrecopyEnded, StreamEvent
 from testbed.wait import until
 from tests.unit.migration_host import (
@@ -172,6 +175,68 @@ async def test_each_connection_is_dumped_once_its_batch_is_frozen() -> None:
             assert answer["flows"]["tcp"] == 2
             assert kernel.calls == [f"answered {a}", f"dump {a}", f"answered {b}", f"dump {b}"]
             assert len(_tcp_records(decode_stream(await read_all(reader)))) == 2
+            assert (await mig.abort())["note"] == "rolled back, nothing lost"
+
+
+class _HoldLast(FakeRepair):
+    """Answers repair ON for all sockets but the last, and for that one only once
+    ``released()`` says so."""
+
+    def __init__(self, released: Callable[[], bool]) -> None:
+        super().__init__()
+        self.released = released
+
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if mode is RepairMode.ON and progress is not None:
+            progress(len(socks) - 1)
+            await until(self.released, what="the target's batch")
+        await super().set_repair(socks, mode, progress=progress)
+
+
+async def test_a_batch_of_tcp_flows_reaches_the_target_as_soon_as_it_is_dumped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream is flushed every FLUSH_RECORDS TCP flows (the target's batch size,
+    restore.BATCH), the header not counted: the target gets its first batch whole
+    while the source still waits for the next connection's freeze (here, until the
+    target has that batch)."""
+    monkeypatch.setattr(source_module, "FLUSH_RECORDS", 2)
+    kernel = FakeKernel()
+    decoder = StreamDecoder()
+    tcp_seen: list[TcpFlowRecord] = []
+    repair = _HoldLast(lambda: len(tcp_seen) >= 2)
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+
+    async def read() -> None:
+        tsock = trio.socket.from_stdlib_socket(reader)
+        while chunk := await tsock.recv(65536):
+            tcp_seen.extend(_tcp_records(decoder.feed_untrusted(chunk)))
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        pairs = []
+        for _ in range(3):
+            client = socket.create_connection(server.getsockname())
+            pairs.append((client, server.accept()[0]))
+    with reader, contextlib.ExitStack() as stack:
+        for pair in pairs:
+            stack.enter_context(pair[0])
+            stack.enter_context(pair[1])
+        async with source(kernel, repair) as (host, mig, _):
+            now = trio.current_time()
+            for i, (ours, _peer) in enumerate(pairs):
+                ends = dataclasses.replace(ENDS, guest_port=ENDS.guest_port + i)
+                host.tcp.adopt(ends, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                answer = await mig.migrate_out(writer.detach(), same_netns=False)
+            assert answer["flows"]["tcp"] == 3 and len(tcp_seen) == 3
             assert (await mig.abort())["note"] == "rolled back, nothing lost"
 
 

@@ -8,11 +8,13 @@ restorer's TCP part has its own test (test_migration_restorer.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,6 +22,8 @@ import trio.testing
 
 from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.records import StreamHeader, UdpFlowRecord
+from ferryd.migration.repair_client import RepairClient, RepairUnavailable
+from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import IllegalTransition, Role
 from ferryd.migration.stream import StreamEncoder
 from ferryd.migration.target import TargetMigration
@@ -207,3 +211,62 @@ async def test_an_abort_while_resume_starts_the_data_path_waits_for_it() -> None
         assert "hand_over" not in host.calls
         assert len(host.udp.table) == 1
         assert mig.s.counters.in_completed == 1 and mig.s.counters.in_failed == 0
+
+
+class NoHelper:
+    """A RepairSupply with no helper to give, counting the requests."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def get(self) -> RepairClient:
+        self.requests += 1
+        await trio.lowlevel.checkpoint()
+        raise RepairUnavailable("no helper here")
+
+
+async def test_the_helper_is_reached_before_the_streams_first_record() -> None:
+    """The target asks for its repair helper as the restore starts, not at its first
+    batch of TCP connections; one it cannot reach fails only a restore that needs it."""
+    repair = NoHelper()
+    reader, writer = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        host.holds_guest = False
+        mig = TargetMigration(session(host, nursery, Role.INCOMING, repair=repair))
+        await mig.migrate_in(reader.detach())
+        await trio.testing.wait_all_tasks_blocked()
+        assert repair.requests == 1  # not a byte of the stream yet
+        enc = StreamEncoder()
+        await _send(writer, enc.header(_header()) + enc.flow(_udp(5353)) + enc.trailer())
+        result = await mig.wait()
+        assert result["restored"]["udp"] == 1
+        await host.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_helper_is_connected_to_once_however_many_ask(tmp_path: Path) -> None:
+    """RepairSource.get() from the early reach and from the restore at once: one connection."""
+    path = str(tmp_path / "helper.sock")
+    source = RepairSource(path, None)
+    clients: list[RepairClient] = []
+
+    async def get() -> None:
+        clients.append(await source.get())
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        listener.setblocking(False)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(get)
+        accepted = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                accepted.append(listener.accept()[0])  # what connected (queued, not served)
+        assert len(accepted) == 1
+        assert clients[0] is clients[1] is clients[2]
+        for conn in accepted:
+            conn.close()
+        await clients[0].aclose()

@@ -48,7 +48,7 @@ def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: socket.sock
     now = trio.current_time()
     conn = d.tcp.adopt(ends, sock, 4, saved, sock_timestamp=0, fin_received=False, now=now)
     restorer.in_repair[id(sock)] = sock
-    restorer.restored[ends] = (conn, cast(Any, None), cast(Any, None))
+    restorer.restored[ends] = (conn, cast(Any, None), cast(Any, None), False)
 
 
 async def test_discard_forgets_restored_tcp_connections(
