@@ -34,7 +34,9 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,66 +45,110 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from testbed.ferryd_process import FerrydProcess
+from testbed.ferryd_process import RUNAS_UID
 from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
 from testbed.paths import FERRYCTL
-from testbed.repair import raise_fd_limit
+from testbed.repair import listening_helper, raise_fd_limit
 from testbed.streams import Streams
 from testbed.streamtool import UNLIMITED
 
 SIZES = (1, 100, 1000, 5000)
+#: How many migrations a KubeVirt node runs at once (issue 12, item 5).
+PARALLEL_DEFAULT = 4
+#: A parallel migration's downtime against its solo one (issue 12's target).
+PARALLEL_TARGET = 1.5
+#: A guest's connections to the peer land on PORT_BASE + its index.
+PORT_BASE = 9800
 
 
 @contextlib.contextmanager
-def _bed() -> Iterator[MigrationBed]:
+def _bed(guests: int = 1) -> Iterator[tuple[MigrationBed, list[Netns], str]]:
+    """The two-host bed with *guests* guest namespaces; the target host's helper socket.
+
+    One ferry-repair per host serves all of that host's ferryds, as on a node
+    with one socket-activated ferry-repair: the bed's own for host A (the
+    sources), a second one for host B (the targets).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="fb-"))
     try:
-        with two_host_bed(tmp) as bed:
-            yield bed
+        with two_host_bed(tmp) as bed, contextlib.ExitStack() as stack:
+            try:
+                extra = [stack.enter_context(Netns("guest")) for _ in range(guests - 1)]
+                repair_b = tmp / "repair-b.sock"
+                stack.enter_context(listening_helper(repair_b, "--allow-uid", str(RUNAS_UID)))
+                yield bed, [bed.guest, *extra], str(repair_b)
+            finally:
+                bed.stop_ferryds()  # before the extra guests and host B's helper go
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start(bed: MigrationBed, host: Netns, n: int, incoming: bool) -> FerrydProcess:
-    limit = ["--max-flows", str(n + 100)]
-    if incoming:
-        return bed.start_ferryd(host, *limit, incoming=True)
-    return bed.start_ferryd(host, *limit, config_net=True)
+def measure(
+    n: int, busy: int, mode: str = "precopy", rate: float = 0, parallel: int = 1
+) -> list[dict[str, Any]]:
+    """*parallel* migrations of n connections each, started at the same moment.
 
-
-def measure(n: int, busy: int, mode: str = "precopy", rate: float = 0) -> dict[str, Any]:
-    """One migration of n connections; the ferryctl summary plus the traffic check."""
+    One ferryctl summary per migration, plus the traffic check of its guest.
+    """
     busy = min(busy, n)
-    with _bed() as bed:
-        source = _start(bed, bed.host_a, n, incoming=False)
-        target = _start(bed, bed.host_b, n, incoming=True)
-        busy_spec = f"busy:{busy}" + (f":{UNLIMITED}:{UNLIMITED}:{rate * 1e6:.0f}" if rate else "")
-        specs = [busy_spec] + ([f"idle:{n - busy}"] if n > busy else [])
-        streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9800, *specs)
-        try:
-            if busy:
-                streams.wait_flowing("busy", 1 << 20)
-                time.sleep(0.5)  # the busy streams' queues at their steady size
-            result = subprocess.run(
-                [str(FERRYCTL), "migrate", "--source", source.control, "--target",
-                 target.control, "--json", *(["--no-precopy"] if mode == "plain" else [])],
-                capture_output=True, text=True, timeout=300, check=False,
-            )  # fmt: skip
-            if result.returncode != 0:
-                return {"n": n, "mode": mode, "error": result.stderr.strip()}
-            bed.switch_fabric()
-            summary: dict[str, Any] = json.loads(result.stdout)
+    busy_spec = f"busy:{busy}" + (f":{UNLIMITED}:{UNLIMITED}:{rate * 1e6:.0f}" if rate else "")
+    specs = [busy_spec] + ([f"idle:{n - busy}"] if n > busy else [])
+    limit = ("--max-flows", str(n + 100))
+    with _bed(parallel) as (bed, guests, repair_b), contextlib.ExitStack() as stack:
+        pairs = [
+            (
+                bed.start_ferryd(bed.host_a, *limit, config_net=True, guest=guest),
+                bed.start_ferryd(
+                    bed.host_b, *limit, "--repair-socket", repair_b, incoming=True, guest=guest
+                ),
+            )
+            for guest in guests
+        ]
+        streams = []
+        for i, guest in enumerate(guests):
+            one = Streams(bed.peer, guest, "::", bed.peer_v4, PORT_BASE + i, *specs)
+            stack.callback(one.close)
+            streams.append(one)
+        if busy:
+            for one in streams:
+                one.wait_flowing("busy", 1 << 20)
+            time.sleep(0.5)  # the busy streams' queues at their steady size
+        no_precopy = ["--no-precopy"] if mode == "plain" else []
+        ctls = [
+            subprocess.Popen(
+                [
+                    str(FERRYCTL),
+                    "migrate",
+                    "--source",
+                    source.control,
+                    "--target",
+                    target.control,
+                    "--json",
+                    *no_precopy,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for source, target in pairs
+        ]
+        results = [(*ctl.communicate(timeout=300), ctl.returncode) for ctl in ctls]
+        bed.switch_fabric()
+        summaries: list[dict[str, Any]] = []
+        for (out, err, rc), one in zip(results, streams, strict=True):
+            if rc != 0:
+                summaries.append({"n": n, "mode": mode, "error": err.strip()})
+                continue
+            summary: dict[str, Any] = json.loads(out)
             try:
-                streams.finish(timeout=300)
+                one.finish(timeout=300)
                 summary["checked"] = "ok"
             except AssertionError as exc:
                 summary["checked"] = f"FAILED: {str(exc)[-1500:]}"
-            summary["n"] = n
-            summary["mode"] = mode
-            return summary
-        finally:
-            streams.close()
+            summary.update(n=n, mode=mode)
+            summaries.append(summary)
+        return summaries
 
 
 def _ms(timings: dict[str, Any], key: str) -> str:
@@ -112,21 +158,23 @@ def _ms(timings: dict[str, Any], key: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "N", "mode", "downtime", "precopy", "unchanged", "src stop", "freeze+rep",
-        "dump/stream", "tgt restore", "repair off", "resume", "B/conn", "check",
+        "run", "N", "mode", "K", "#", "downtime", "precopy", "unchanged", "src stop",
+        "freeze+rep", "dump/stream", "tgt restore", "repair off", "resume", "B/conn", "check",
     )  # fmt: skip
     lines = [header]
     for row in rows:
+        where = (str(row.get("run", 1)), str(row["n"]), row["mode"])
+        index = (str(row.get("parallel", 1)), str(row.get("index", 0)))
         if "error" in row:
-            lines.append((str(row["n"]), row["mode"], "error: " + row["error"][:80], *[""] * 10))
+            lines.append((*where, *index, "error: " + row["error"][:80], *[""] * 10))
             continue
         src, tgt = row["source_timings_ms"], row["target_timings_ms"]
         downtime = row.get("downtime_ms")
         per_conn = (row.get("stream_bytes") or 0) / max(1, row["n"])
         lines.append(
             (
-                str(row["n"]),
-                row["mode"],
+                *where,
+                *index,
                 f"{downtime:.1f}" if isinstance(downtime, (int, float)) else "-",
                 _ms(src, "precopy"),
                 str(row.get("flows", {}).get("unchanged", 0)),
@@ -142,7 +190,101 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    return "times in ms (timings_ms reported by the daemons)\n" + "\n".join(out) + "\n"
+    return (
+        "times in ms (timings_ms reported by the daemons); K: migrations at once, #: which\n"
+        + "\n".join(out)
+        + "\n"
+    )
+
+
+def target_of(n: int, mode: str, busy: int, rate: float) -> tuple[str, float] | None:
+    """Issue 12's downtime target for this row, in ms, if it has one."""
+    if n == 1000 and mode == "plain" and busy == 0:
+        return "plain migration, 1,000 idle", 50.0
+    if n == 1000 and mode == "precopy" and busy == 4 and rate == 10:
+        return "pre-copy migration, 1,000 (4 at 10 MB/s)", 15.0
+    if n == 1000 and busy == 4 and rate == 0:
+        return f"{mode} migration, 1,000 with 4 at full speed both ways", 60.0
+    if n == 16384 and mode == "precopy":
+        return "16,384 connections, pre-copy", 150.0
+    return None
+
+
+def _downtime(row: dict[str, Any]) -> float | None:
+    value = row.get("downtime_ms")
+    if isinstance(value, (int, float)) and row.get("checked") == "ok":
+        return float(value)
+    return None
+
+
+def _spread(values: list[float], unit: str = "") -> str:
+    if not values:
+        return "not measured"
+    text = f"median {statistics.median(values):.1f}{unit}"
+    if len(values) > 1:
+        text += f" (runs {min(values):.1f}-{max(values):.1f}{unit}, {len(values)} values)"
+    return text
+
+
+def format_targets(rows: list[dict[str, Any]], busy: int, rate: float) -> str:
+    """Each measured row against its target: medians and spread over the runs.
+
+    A parallel row's ratio is each migration's downtime over the solo one of
+    the same run (same N, mode and traffic, alone on its hosts).
+    """
+    out = ["targets (issue 12):"]
+    keys = sorted({(r["n"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for n, mode in keys:
+        solo = [r for r in rows if (r["n"], r["mode"]) == (n, mode) and r["parallel"] == 1]
+        times = [t for t in map(_downtime, solo) if t is not None]
+        target = target_of(n, mode, min(busy, n), rate)
+        name = target[0] if target else f"{mode}, {n:,} connections"
+        verdict = ""
+        if target and times:
+            verdict = " met" if statistics.median(times) <= target[1] else " not met"
+        limit = f"target <= {target[1]:.0f} ms:" if target else "no target:"
+        out.append(f"  {name}: {_spread(times, ' ms')}; {limit}{verdict}")
+        group = [r for r in rows if (r["n"], r["mode"]) == (n, mode) and r["parallel"] > 1]
+        if not group:
+            continue
+        ratios, worst = [], []
+        for run in sorted({r["run"] for r in group}):
+            base = [_downtime(r) for r in solo if r["run"] == run]
+            if not base or base[0] is None:
+                continue
+            mine = [_downtime(r) for r in group if r["run"] == run]
+            if any(t is None for t in mine):
+                continue  # a failed or unchecked migration: no ratio
+            run_ratios = [t / base[0] for t in mine if t is not None]
+            ratios.extend(run_ratios)
+            worst.append(max(run_ratios))
+            out.append(
+                f"    run {run}: solo {base[0]:.1f} ms; {len(mine)} at once: "
+                + ", ".join(
+                    f"{t:.1f} ms ({q:.2f} x)" for t, q in zip(mine, run_ratios, strict=True)
+                )
+            )
+        k = max(r["parallel"] for r in group)
+        verdict = ""
+        if worst:
+            verdict = " met" if statistics.median(worst) <= PARALLEL_TARGET else " not met"
+        out.append(
+            f"  {k} parallel migrations x {n:,} ({mode}): each/solo {_spread(ratios, ' x')};"
+            f" worst per run {_spread(worst, ' x')}; target each <= {PARALLEL_TARGET} x solo:"
+            f"{verdict}"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _raise_fd_limit(n: int) -> None:
+    """Enough descriptors for n connections in every process (root may raise the hard limit)."""
+    raise_fd_limit()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * n + 4096  # a target holds a flow's socket and, briefly, its restored twin
+    if want > hard:
+        with open("/proc/sys/fs/nr_open") as f:
+            want = min(want, int(f.read()))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,18 +301,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", nargs="+", choices=("precopy", "plain"), default=["precopy", "plain"]
     )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also migrate K guests at once (each N connections, one ferry-repair per host)"
+        " and compare each with a solo migration of the same run",
+    )
+    parser.add_argument("--runs", type=int, default=1, help="repeat every row (medians, spread)")
     parser.add_argument("--json", action="store_true", help="also print the raw summaries")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.migration needs root (network namespaces, taps)", file=sys.stderr)
         return 2
-    raise_fd_limit()
+    _raise_fd_limit(max(args.sizes))
     rows = []
-    for n in args.sizes:
-        for mode in args.modes:
-            rows.append(measure(n, args.busy, mode, args.busy_rate))
-            print(f"N={n} {mode}: done", file=sys.stderr, flush=True)
+    for run in range(1, args.runs + 1):
+        for n in args.sizes:
+            for mode in args.modes:
+                ks = [1] + ([args.parallel] if args.parallel > 1 else [])
+                if run % 2 == 0:
+                    ks.reverse()  # alternate which goes first
+                for k in ks:
+                    for i, row in enumerate(measure(n, args.busy, mode, args.busy_rate, k)):
+                        row.update(run=run, parallel=k, index=i)
+                        rows.append(row)
+                    print(f"run {run} N={n} {mode} x{k}: done", file=sys.stderr, flush=True)
     sys.stdout.write(format_table(rows))
+    sys.stdout.write(format_targets(rows, args.busy, args.busy_rate))
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
