@@ -50,7 +50,7 @@ from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
 from testbed.paths import FERRYCTL
 from testbed.repair import listening_helper, raise_fd_limit
-from testbed.streams import Streams
+from testbed.streams import Streams, Tool
 from testbed.streamtool import UNLIMITED
 
 SIZES = (1, 100, 1000, 5000)
@@ -58,8 +58,8 @@ SIZES = (1, 100, 1000, 5000)
 PARALLEL_DEFAULT = 4
 #: A parallel migration's downtime against its solo one (issue 12's target).
 PARALLEL_TARGET = 1.5
-#: A guest's connections to the peer land on PORT_BASE + its index.
-PORT_BASE = 9800
+#: The peer's port, shared by every guest's connections.
+PORT = 9800
 
 
 @contextlib.contextmanager
@@ -105,9 +105,18 @@ def measure(
             )
             for guest in guests
         ]
+        # One server, one port for every guest: the sources (one host namespace)
+        # then get distinct local ports from connect(), as on distinct nodes.
+        # With a port per guest, connect() gives two ferryds the same local
+        # port toward different peers, and a target's restore can collide with
+        # its sibling's socket between repair OFF and SO_REUSEADDR (EADDRINUSE).
+        server = Tool(bed.peer, "server", "::", str(PORT))
+        stack.callback(server.stop)
+        server.wait_line(lambda line: "listening" in line, "listening")
         streams = []
         for i, guest in enumerate(guests):
-            one = Streams(bed.peer, guest, "::", bed.peer_v4, PORT_BASE + i, *specs)
+            seeds = f"seeds:{i * n}"
+            one = Streams(bed.peer, guest, "::", bed.peer_v4, PORT, seeds, *specs, server=server)
             stack.callback(one.close)
             streams.append(one)
         if busy:
