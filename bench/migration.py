@@ -45,11 +45,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.common import cpu_seconds
 from testbed.ferryd_process import RUNAS_UID
 from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
 from testbed.paths import FERRYCTL
-from testbed.repair import listening_helper, raise_fd_limit
+from testbed.repair import HelperProcess, listening_helper, raise_fd_limit
 from testbed.streams import Streams, Tool
 from testbed.streamtool import UNLIMITED
 
@@ -63,7 +64,7 @@ PORT = 9800
 
 
 @contextlib.contextmanager
-def _bed(guests: int = 1) -> Iterator[tuple[MigrationBed, list[Netns], str]]:
+def _bed(guests: int = 1) -> Iterator[tuple[MigrationBed, list[Netns], HelperProcess]]:
     """The two-host bed with *guests* guest namespaces; the target host's helper socket.
 
     One ferry-repair per host serves all of that host's ferryds, as on a node
@@ -76,8 +77,8 @@ def _bed(guests: int = 1) -> Iterator[tuple[MigrationBed, list[Netns], str]]:
             try:
                 extra = [stack.enter_context(Netns("guest")) for _ in range(guests - 1)]
                 repair_b = tmp / "repair-b.sock"
-                stack.enter_context(listening_helper(repair_b, "--allow-uid", str(RUNAS_UID)))
-                yield bed, [bed.guest, *extra], str(repair_b)
+                helper_b = listening_helper(repair_b, "--allow-uid", str(RUNAS_UID))
+                yield bed, [bed.guest, *extra], stack.enter_context(helper_b)
             finally:
                 bed.stop_ferryds()  # before the extra guests and host B's helper go
     finally:
@@ -95,7 +96,8 @@ def measure(
     busy_spec = f"busy:{busy}" + (f":{UNLIMITED}:{UNLIMITED}:{rate * 1e6:.0f}" if rate else "")
     specs = [busy_spec] + ([f"idle:{n - busy}"] if n > busy else [])
     limit = ("--max-flows", str(n + 100))
-    with _bed(parallel) as (bed, guests, repair_b), contextlib.ExitStack() as stack:
+    with _bed(parallel) as (bed, guests, helper_b), contextlib.ExitStack() as stack:
+        repair_b = helper_b.argv[helper_b.argv.index("--listen") + 1]
         pairs = [
             (
                 bed.start_ferryd(bed.host_a, *limit, config_net=True, guest=guest),
@@ -124,6 +126,12 @@ def measure(
                 one.wait_flowing("busy", 1 << 20)
             time.sleep(0.5)  # the busy streams' queues at their steady size
         no_precopy = ["--no-precopy"] if mode == "plain" else []
+        pids = {
+            "helper A": [bed.helper.pid],
+            "helper B": [helper_b.pid],
+            "ferryds": [f.pid for pair in pairs for f in pair],
+        }
+        cpu_before = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
         ctls = [
             subprocess.Popen(
                 [
@@ -143,6 +151,8 @@ def measure(
             for source, target in pairs
         ]
         results = [(*ctl.communicate(timeout=300), ctl.returncode) for ctl in ctls]
+        # CPU time over the whole migrations (pre-copy included), all of them.
+        cpu_ms = {k: 1e3 * (sum(map(cpu_seconds, v)) - cpu_before[k]) for k, v in pids.items()}
         bed.switch_fabric()
         summaries: list[dict[str, Any]] = []
         for (out, err, rc), one in zip(results, streams, strict=True):
@@ -155,7 +165,7 @@ def measure(
                 summary["checked"] = "ok"
             except AssertionError as exc:
                 summary["checked"] = f"FAILED: {str(exc)[-1500:]}"
-            summary.update(n=n, mode=mode)
+            summary.update(n=n, mode=mode, cpu_ms=cpu_ms)
             summaries.append(summary)
         return summaries
 
@@ -267,6 +277,17 @@ def format_targets(rows: list[dict[str, Any]], busy: int, rate: float) -> str:
             run_ratios = [t / base[0] for t in mine if t is not None]
             ratios.extend(run_ratios)
             worst.append(max(run_ratios))
+            cpu = [
+                " ".join(
+                    f"{who} {ms:.0f}"
+                    for who, ms in next(r for r in rs if r["run"] == run)["cpu_ms"].items()
+                )
+                for rs in (solo, group)
+            ]
+            out.append(
+                f"    run {run}: CPU ms, whole migrations (pre-copy included): solo: {cpu[0]};"
+                f" {len(mine)} at once: {cpu[1]}"
+            )
             out.append(
                 f"    run {run}: solo {base[0]:.1f} ms; {len(mine)} at once: "
                 + ", ".join(
