@@ -42,7 +42,7 @@ IDLE = 18  # per guest
 PORT = 9600
 
 
-@pytest.mark.slow  # 8 ferryds, 4 guests' streams: about a minute on a busy 2-CPU machine
+@pytest.mark.slow  # 8 ferryds, 4 guests' streams: ~30 s, a minute on a busy 2-CPU machine
 def test_parallel_migrations_each_byte_exact(two_hosts: MigrationBed, short_tmp: Path) -> None:
     """GUESTS migrations started together, one helper per host: each moves all its
     connections, and every byte of every guest's streams arrives, in order."""
