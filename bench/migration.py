@@ -26,6 +26,12 @@ only confirms them) and ``plain`` (``--no-precopy``: everything is dumped
 after the freeze), the reference the pre-copy is measured against. The
 ``precopy`` column is the source's pre-copy time, outside the downtime;
 ``unchanged`` counts the connections the freeze only had to confirm.
+
+``--parallel K`` also migrates K guests at once (each its own namespace,
+source in A, target in B, N connections; one ferry-repair per host serves
+all of that host's ferryds) next to a solo migration in the same run, and
+prints each one's downtime over the solo one. ``--runs R`` repeats every
+row; the report ends with issue 12's targets (medians and spread).
 """
 
 from __future__ import annotations
