@@ -75,11 +75,13 @@ class MigrationBed:
         config_net: bool = False,
         incoming: bool = False,
         prefix: Sequence[str] = (),
+        guest: Netns | None = None,
     ) -> FerrydProcess:
         """Start ferryd in *host* for the shared guest; return it once ready.
 
         ``prefix``: a launcher that execs ferryd (test_tap_fd.py passes it a
-        /dev/net/tun descriptor).
+        /dev/net/tun descriptor). ``guest``: another guest namespace than the
+        bed's (several migrations at once through the same hosts and helper).
         """
         n = len(self.ferryds)
         control = str(self.tmp / f"m{n}.sock")
@@ -87,7 +89,7 @@ class MigrationBed:
             *prefix,
             str(FERRYD),
             "--netns",
-            self.guest.path,
+            (guest or self.guest).path,
             "--tap",
             "tap0",
             "--control",

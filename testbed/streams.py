@@ -120,7 +120,7 @@ class Tool:
 
 
 def connection_count(specs: tuple[str, ...]) -> int:
-    return sum(int(spec.split(":")[1]) for spec in specs)
+    return sum(int(spec.split(":")[1]) for spec in specs if not spec.startswith("seeds:"))
 
 
 class Streams:
@@ -139,10 +139,21 @@ class Streams:
         connect: str,
         port: int,
         *specs: str,
+        server: Tool | None = None,
     ) -> None:
+        """*server*: a server already listening on *port* that other clients share
+        (it is not stopped here); give each client distinct seeds (``seeds:BASE``)."""
         self.count = connection_count(specs)
-        self.server = Tool(server_ns, "server", bind, str(port))
-        self.server.wait_line(lambda line: "listening" in line, "listening")
+        self.seeds = range(0, self.count)
+        for spec in specs:
+            if spec.startswith("seeds:"):
+                base = int(spec.split(":")[1])
+                self.seeds = range(base, base + self.count)
+        self._own_server = server is None
+        if server is None:
+            server = Tool(server_ns, "server", bind, str(port))
+            server.wait_line(lambda line: "listening" in line, "listening")
+        self.server = server
         self.client = Tool(client_ns, "client", connect, str(port), *specs)
         self._reports = 0
         self.client.wait_line(lambda line: "connected" in line, "connections", timeout=180)
@@ -204,7 +215,7 @@ class Streams:
         self.client.command("stop")
         final = self.client.wait_line(lambda line: "done" in line, "final result", timeout)
         results = self.server.wait_lines(
-            lambda line: "seed" in line, self.count, "server results", timeout
+            lambda line: line.get("seed") in self.seeds, self.count, "server results", timeout
         )
         problems: list[str] = []
         if not final["ok"]:
@@ -227,7 +238,8 @@ class Streams:
 
     def close(self) -> None:
         self.client.stop()
-        self.server.stop()
+        if self._own_server:
+            self.server.stop()
 
 
 class UdpExchange:

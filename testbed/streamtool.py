@@ -37,6 +37,9 @@ Connection kinds (client ``SPEC`` = ``KIND:COUNT[:UP:DOWN:RATE]``):
 ``peerfirst``  the peer sends DOWN bytes and half-closes at once; the guest
                sends UP bytes at RATE bytes/s, then closes.
 
+A ``seeds:BASE`` spec numbers the connections from BASE instead of 0, so
+that several clients can share one server (each checks its own seeds).
+
 Client commands, one per line on stdin (answers are JSON lines on stdout):
 ``report`` (totals so far, per kind), ``stop`` (busy streams end, idle ones
 send; when every connection is finished the client prints the final result
@@ -332,15 +335,19 @@ _DEFAULTS = {
 
 def parse_specs(specs: list[str]) -> list[ClientConn]:
     conns: list[ClientConn] = []
+    base = 0
     for spec in specs:
         kind, count, *params = spec.split(":")
+        if kind == "seeds":
+            base = int(count)
+            continue
         if kind not in _DEFAULTS:
             raise SystemExit(f"unknown connection kind {kind!r}")
         up_total, down_total, rate = _DEFAULTS[kind]
         if params:
             up_total, down_total, rate = int(params[0]), int(params[1]), float(params[2])
         for _ in range(int(count)):
-            seed = len(conns)
+            seed = base + len(conns)
             flags = FLAG_DOWN_AFTER_UP if kind in ("idle", "guestfirst") else 0
             if kind == "busy" and rate:  # the server paces what it sends
                 flags |= max(1, min(127, round(rate / 1e6))) << RATE_SHIFT

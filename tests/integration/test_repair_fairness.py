@@ -17,6 +17,9 @@ the other client within the bound.
 from __future__ import annotations
 
 import contextlib
+import json
+import select
+import signal
 import socket
 import struct
 import subprocess
@@ -32,9 +35,11 @@ from ferry_repair.closer import MAX_BACKLOG
 from ferry_repair.protocol import SCM_MAX_FD
 from ferryd.migration.repair_client import RepairClient, RepairMode
 from testbed.repair import WAIT_SECONDS, HelperProcess, listening_helper
+from testbed.wait import wait_for
 from tests.integration.test_repair_support import (
     TcpConnections,
     clear_repair,
+    in_repair,
     public_tmp_dir,
     recv_exactly,
     recv_reply_or_eof,
@@ -47,6 +52,11 @@ from tests.integration.test_repair_support import (
 pytestmark = [pytest.mark.integration, requires_root]
 
 LINGER_SECONDS = int(2 * WAIT_SECONDS)
+CLIENT = str(Path(__file__).with_name("repair_batch_client.py"))
+#: Client A's batches in the two-process test: as many as both ends of its
+#: connections leave room for under the open-file limit here (20,000, which
+#: root cannot raise in this container).
+A_BATCHES = 32
 
 
 @pytest.fixture
@@ -301,3 +311,82 @@ def test_hostile_client_does_not_delay_others(
                     assert recv_exactly(good, 1) == command
             assert helper.proc.poll() is None
         clear_repair(target.clients)
+
+
+def _client(path: Path, command: int, socks: list[socket.socket]) -> subprocess.Popen[str]:
+    """A client process (repair_batch_client.py) that pipelines *command* on *socks*."""
+    fds = [sock.fileno() for sock in socks]
+    proc = subprocess.Popen(
+        [sys.executable, CLIENT, str(path), str(command)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=fds,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(fds) + "\n")
+    proc.stdin.flush()
+    return proc
+
+
+def _client_line(proc: subprocess.Popen[str]) -> dict[str, object]:
+    assert proc.stdout is not None
+    poller = select.poll()  # select() cannot take descriptors above 1023
+    poller.register(proc.stdout, select.POLLIN)
+    assert poller.poll(WAIT_SECONDS * 1000), f"client {proc.pid} said nothing"
+    line: dict[str, object] = json.loads(proc.stdout.readline())
+    return line
+
+
+def test_one_clients_long_run_does_not_stall_anothers_batch(
+    helper_path: tuple[HelperProcess, Path],
+) -> None:
+    """Two real client processes: A pipelines 32 batches (8,096 descriptors: half
+    the freeze of a 16,384-connection ferryd), then B one batch, both queued while the
+    helper is stopped (SIGSTOP: nothing is served before both are in). Once it runs
+    again, it takes one batch per client per turn (server.py, DESCRIPTORS_PER_TURN),
+    so B's batch is carried out before A's last one is: B's freeze does not wait for
+    A's whole run. Every socket ends in the state its own client asked for, ON then OFF.
+
+    The order is the assertion, not a time: A's last socket is looked at as soon as
+    B's last socket is seen in repair mode, while a fair helper still has ~30 of
+    A's batches to go (a helper that drained A first would have done them all).
+    """
+    helper, path = helper_path
+    with TcpConnections(A_BATCHES * SCM_MAX_FD) as a, TcpConnections(SCM_MAX_FD) as b:
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            helper.proc.send_signal(signal.SIGSTOP)
+            try:
+                procs.append(_client(path, 1, a.clients))
+                assert _client_line(procs[0]) == {"sent": A_BATCHES}
+                procs.append(_client(path, 1, b.clients))
+                assert _client_line(procs[1]) == {"sent": 1}
+            finally:
+                helper.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: in_repair(b.clients[-1]), WAIT_SECONDS, interval=0, what="B's batch")
+            assert not in_repair(a.clients[-1]), "B's one batch waited for all of A's"
+            assert _client_line(procs[0]) == {"replies": "01" * A_BATCHES}
+            assert _client_line(procs[1]) == {"replies": "01"}
+            assert all(repair_states(a.clients)) and all(repair_states(b.clients))
+            for proc in procs:
+                assert proc.wait(timeout=WAIT_SECONDS) == 0
+            # Both at once again, OFF: each gets its own sockets back out of repair mode.
+            procs += [_client(path, 0, a.clients), _client(path, 0, b.clients)]
+            off = procs[2:]
+            assert _client_line(off[0]) == {"sent": A_BATCHES}
+            assert _client_line(off[1]) == {"sent": 1}
+            assert _client_line(off[0]) == {"replies": "00" * A_BATCHES}
+            assert _client_line(off[1]) == {"replies": "00"}
+            assert not any(repair_states(a.clients)) and not any(repair_states(b.clients))
+        finally:
+            helper.proc.send_signal(signal.SIGCONT)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        pipe.close()
+            clear_repair(a.clients + b.clients)
+    assert helper.count("refused") == 0
