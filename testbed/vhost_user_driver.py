@@ -73,7 +73,7 @@ class _Ring:
         self.index = index
         self.desc = base
         self.avail = base + 16 * NUM
-        self.used = (self.avail + 6 + 2 * NUM + 3) & ~3  # used_event after the ring
+        self.used = (self.avail + 4 + 2 * NUM + 3) & ~3
         self.avail_idx = 0
         self.used_seen = 0
         self.kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -299,11 +299,6 @@ class VhostUserQemu:
             left = deadline - time.monotonic()
             if len(frames) >= until or left <= 0:
                 return frames
-            # As Linux's virtqueue_enable_cb_prepare(): interrupt me for the next entry
-            # (EVENT_IDX), then look once more before waiting.
-            struct.pack_into("<H", self.ram, self.rx.avail + 4 + 2 * NUM, self.rx.used_seen)
-            if struct.unpack_from("<H", self.ram, self.rx.used + 2)[0] != self.rx.used_seen:
-                continue
             if poller.poll(min(left, 0.1) * 1000):
                 os.eventfd_read(self.rx.call)
 

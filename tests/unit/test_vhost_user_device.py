@@ -8,7 +8,6 @@ from ferryd.frontends.vhost_user.device import MAX_TX_FRAME, NetDevice, VhostUse
 from ferryd.frontends.vhost_user.features import (
     TX_QUEUE,
     VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_RING_F_EVENT_IDX,
     bit,
 )
 from ferryd.frontends.vhost_user.messages import Request, pack_vring_state
@@ -32,8 +31,6 @@ from tests.unit.vhost_guest import (
 )
 
 W = 2
-#: A guest that did not ack EVENT_IDX: notifications follow the rings' flags.
-FLAG_FEATURES = ACKED_FEATURES & ~bit(VIRTIO_RING_F_EVENT_IDX)
 
 
 def _device(features: int = ACKED_FEATURES) -> tuple[GuestRam, Qemu, NetDevice]:
@@ -69,7 +66,7 @@ def test_guest_frames_reach_on_frame_byte_exact_with_their_trust() -> None:
 
 
 def test_bursts_stop_at_the_limit_and_say_more_is_queued() -> None:
-    ram, qemu, device = _device(FLAG_FEATURES)
+    ram, qemu, device = _device()
     _put_tx(ram, qemu, [(0, bytes([k]) * 100) for k in range(5)])
     got: list[bytes] = []
     assert device.receive_burst(lambda f, t: got.append(bytes(f)), limit=3) == (True, True)
@@ -127,7 +124,7 @@ def test_send_delivers_into_guest_buffers_and_counts_drops() -> None:
 
 
 def test_no_interrupt_when_the_guest_asks_for_none() -> None:
-    _, qemu, device = _device(FLAG_FEATURES)
+    _, qemu, device = _device()
     qemu.rx.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     qemu.rx.post(qemu.rx.chain([(HIGH.gpa, 4096, W)]))
     device.send(b"quiet")
@@ -141,67 +138,3 @@ def test_no_interrupt_when_the_guest_asks_for_none() -> None:
 def test_checksum_offload_follows_guest_csum(features: int, offload: bool) -> None:
     _, _, device = _device(features)
     assert device.csum_offload is offload
-
-
-# -- VIRTIO_RING_F_EVENT_IDX ------------------------------------------------------------
-
-
-def test_event_idx_is_offered_and_acked_like_linux() -> None:
-    assert ACKED_FEATURES & bit(VIRTIO_RING_F_EVENT_IDX)
-    _, _, device = _device()
-    assert device.session.queues[0].event_idx and device.session.queues[1].event_idx
-    _, _, flags = _device(FLAG_FEATURES)
-    assert not flags.session.queues[0].event_idx
-
-
-def test_event_idx_interrupts_only_past_the_drivers_used_event() -> None:
-    ram, qemu, device = _device()
-    _put_tx(ram, qemu, [(0, bytes([k]) * 100) for k in range(6)])
-    got: list[bytes] = []
-    # The first check after a start always interrupts (QEMU: signalled_used_valid).
-    assert device.receive_burst(lambda f, t: got.append(bytes(f)), limit=2) == (True, True)
-    # used_event 0 (Linux's value while it polls): the used index 4 did not pass it.
-    assert device.receive_burst(lambda f, t: got.append(bytes(f)), limit=2) == (True, False)
-    qemu.tx.set_used_event(4)  # virtqueue_enable_cb_prepare(): "after entry 4"
-    assert device.receive_burst(lambda f, t: got.append(bytes(f)), limit=3) == (False, True)
-    assert got == [bytes([k]) * 100 for k in range(6)]
-    assert device.counters.notifications == 2
-
-
-def test_event_idx_rx_interrupt_follows_used_event() -> None:
-    _, qemu, device = _device()
-    for k in range(3):
-        qemu.rx.post(qemu.rx.chain([(HIGH.gpa + k * 4096, 4096, W)]))
-    qemu.rx.set_used_event(5)  # NO_INTERRUPT is ignored with EVENT_IDX; this counts
-    qemu.rx.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
-    device.send(b"first")  # the first check after a start
-    assert device.take_rx_notification()
-    device.send(b"second")  # used index 2: not past 5
-    assert not device.take_rx_notification()
-    qemu.rx.set_used_event(2)
-    device.send(b"third")  # used index 3 passed 2
-    assert device.take_rx_notification()
-    assert device.counters.frames_out == 3
-
-
-def test_event_idx_asks_for_a_kick_at_the_next_entry_once_the_ring_is_empty() -> None:
-    ram, qemu, device = _device()
-    _put_tx(ram, qemu, [(0, b"\x01" * 60), (0, b"\x02" * 60), (0, b"\x03" * 60)])
-    got: list[bytes] = []
-    assert device.receive_burst(lambda f, t: got.append(bytes(f)), limit=2)[0]
-    assert qemu.tx.avail_event() == 0  # not while frames remain: no kick wanted yet
-    assert device.receive_burst(lambda f, t: got.append(bytes(f)), limit=2)[0] is False
-    assert qemu.tx.avail_event() == 3  # kick me when you post entry 3
-    assert len(got) == 3
-
-
-def test_event_idx_an_entry_posted_before_the_kick_was_asked_for_is_not_lost() -> None:
-    """What the driver posts while ferryd writes avail_event may come without a kick:
-    enable_kicks looks again and says so."""
-    ram, qemu, device = _device()
-    tx = device.session.queues[1]
-    _put_tx(ram, qemu, [(0, b"\x01" * 60)])
-    assert tx.enable_kicks()  # one entry pending: the reader must go on
-    assert qemu.tx.avail_event() == 0
-    assert device.receive_burst(lambda f, t: None, limit=4)[0] is False
-    assert not tx.enable_kicks() and qemu.tx.avail_event() == 1

@@ -336,25 +336,6 @@ def test_rx_marks_exactly_the_pages_written_and_the_used_ring() -> None:
     assert _set_bits(ring.log) == {second >> 12, (second >> 12) + 1, used_page}
 
 
-def test_event_idx_avail_event_is_written_and_logged() -> None:
-    """ferryd's avail_event is a guest page it writes: marked like the used ring."""
-    ring = Ring(log_pages=512)
-    ring.vq.event_idx = True
-    ring.driver.post(ring.driver.chain([(BUF, 100, 0)]))
-    assert ring.vq.enable_kicks()  # one entry already there
-    ring.vq.pop_readable_untrusted(memoryview(bytearray(200)))
-    assert not ring.vq.enable_kicks()
-    assert ring.driver.avail_event() == 1
-    field = ring.driver.used + 4 + 8 * ring.driver.num
-    assert _set_bits(ring.log) == {field >> 12}
-
-
-def test_without_event_idx_kicks_are_left_alone() -> None:
-    ring = Ring(log_pages=512)
-    assert not ring.vq.enable_kicks()
-    assert ring.driver.avail_event() == 0 and _set_bits(ring.log) == set()
-
-
 def test_no_log_no_bits() -> None:
     ring = Ring(log_pages=512)
     ring.vq.log = None

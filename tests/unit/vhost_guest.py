@@ -197,14 +197,6 @@ class GuestDriver:
     def set_avail_flags(self, flags: int) -> None:
         self.ram.write(self.avail, struct.pack("<H", flags))
 
-    def set_used_event(self, idx: int) -> None:
-        """EVENT_IDX: interrupt me once the used index passes ``idx`` (after the avail ring)."""
-        self.ram.write(self.avail + 4 + 2 * self.num, struct.pack("<H", idx))
-
-    def avail_event(self) -> int:
-        """EVENT_IDX: the index at which the device wants the next kick (after the used ring)."""
-        return int(struct.unpack("<H", self.ram.read(self.used + 4 + 8 * self.num, 2))[0])
-
     def used_idx(self) -> int:
         return int(struct.unpack("<H", self.ram.read(self.used + 2, 2))[0])
 

@@ -138,7 +138,4 @@ class NetDevice:
         notify = taken > 0 and tx.should_notify()
         if notify:
             counters.notifications += 1
-        # Empty: the driver is asked to kick again (EVENT_IDX), and what it
-        # posted meanwhile is taken now rather than left without a kick.
-        more = taken == limit or (tx.started and tx.enable_kicks())
-        return more, notify
+        return taken == limit, notify

@@ -102,7 +102,6 @@ from ferryd.frontends.vhost_user.features import (
     VHOST_USER_PROTOCOL_F_LOG_SHMFD,
     VHOST_USER_PROTOCOL_F_RESET_DEVICE,
     VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_RING_F_EVENT_IDX,
     bit,
 )
 from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory, MemoryMapper
@@ -315,7 +314,6 @@ class VhostUserSession:
         self.features = value
         for vq in self.queues:
             vq.mergeable = bool(value & bit(VIRTIO_NET_F_MRG_RXBUF))
-            vq.event_idx = bool(value & bit(VIRTIO_RING_F_EVENT_IDX))
         self._apply_log()
         actions: list[Action] = []
         if not value & bit(VHOST_USER_F_PROTOCOL_FEATURES):

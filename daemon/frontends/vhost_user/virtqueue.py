@@ -36,28 +36,9 @@ entries before ``used.idx``, which x86-64's store and load ordering (TSO)
 keeps in order without fences; Python cannot issue one, so this module
 relies on running on x86-64.
 
-Notifications. Without VIRTIO_RING_F_EVENT_IDX ferryd signals the call
-eventfd after a batch unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT, and
-the driver kicks for every batch it posts. With it (virtio 1.x, 2.7.7.2 and
-2.7.10.1) each side publishes the index at which it wants to hear again:
-the driver's ``used_event`` (after the available ring) and ferryd's
-``avail_event`` (after the used ring). :meth:`SplitVirtqueue.should_notify`
-signals only when the used index went past ``used_event`` since the last
-signal (vring_need_event(), as QEMU's virtio_should_notify() and the
-kernel's vhost do); :meth:`SplitVirtqueue.enable_kicks` asks for a kick at
-the next entry once ferryd has taken all there was. Linux then interrupts
-far less on its transmit ring (virtqueue_enable_cb_delayed() asks at 3/4
-of what is outstanding) and kicks once per batch it posts while ferryd is
-busy rather than once per frame. The receive ring's ``avail_event`` is
-never written: ferryd never waits for new receive buffers (a frame without
-one is dropped, as a full NIC queue drops it), so the guest's kicks there
-would only cost it an exit each.
-
-Both checks read what the other side wrote after writing what it reads (a
-store, then a load of another location): TSO lets a load pass an earlier
-store, and each side could then miss the other's update and wait for a
-notification that never comes. The driver has its virtio_mb(); ferryd takes
-:func:`full_fence` (a locked instruction) between its store and its load.
+Notifications: VIRTIO_RING_F_EVENT_IDX is not negotiated, so ferryd
+signals the call eventfd after a batch unless the driver set
+VIRTQ_AVAIL_F_NO_INTERRUPT (:meth:`SplitVirtqueue.should_notify`).
 
 The virtio-net header
 ---------------------
@@ -92,7 +73,6 @@ from __future__ import annotations
 
 import itertools
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -150,28 +130,8 @@ def parse_net_header(data: bytes | memoryview) -> NetHeader:
 
 
 def ring_sizes(num: int) -> tuple[int, int, int]:
-    """Bytes of the descriptor table, available ring and used ring, event fields included.
-
-    Included whatever the features: QEMU and Linux always lay the rings out
-    with them (vring_size()), and the rings' views must not change when
-    SET_FEATURES acks EVENT_IDX after SET_VRING_ADDR.
-    """
-    return 16 * num, 6 + 2 * num, 6 + 8 * num
-
-
-_FENCE = threading.Lock()
-
-
-def full_fence() -> None:
-    """A full memory barrier between a store to guest memory and a later load.
-
-    Python has no fence; acquiring and releasing a lock is a locked
-    read-modify-write in glibc (sem_trywait's and sem_post's atomics), and on
-    x86-64 a locked instruction orders every earlier store before every later
-    load (Intel SDM vol. 3A, 9.2.2 "locked instructions have a total order").
-    """
-    _FENCE.acquire()
-    _FENCE.release()
+    """Bytes of the descriptor table, available ring and used ring (no event fields)."""
+    return 16 * num, 4 + 2 * num, 4 + 8 * num
 
 
 class SplitVirtqueue:
@@ -182,11 +142,9 @@ class SplitVirtqueue:
         "_desc",
         "_mask",
         "_memory",
-        "_signalled",
         "_used",
         "address",
         "enabled",
-        "event_idx",
         "index",
         "last_avail",
         "log",
@@ -211,10 +169,6 @@ class SplitVirtqueue:
         self.started = False
         self.enabled = False
         self.mergeable = False
-        self.event_idx = False
-        """VIRTIO_RING_F_EVENT_IDX acked: notifications follow the event fields."""
-        self._signalled: int | None = None
-        """The used index at the last notification check (None: none since the start)."""
         self.address: VringAddress | None = None
         self.log: DirtyLog | None = None
         """The dirty log to mark, set while LOG_ALL is on and a log is mapped."""
@@ -282,7 +236,6 @@ class SplitVirtqueue:
         """Start processing: the next used index is the one in guest memory (vhost-user.rst,
         SET_VRING_BASE: "the device is supposed to read the next index in the Used Ring")."""
         self.used_idx = U16.unpack_from(self._used, 2)[0]
-        self._signalled = None
         self.started = True
 
     @property
@@ -437,42 +390,8 @@ class SplitVirtqueue:
             log.mark(base + 2, 2)
 
     def should_notify(self) -> bool:
-        """Signal the call eventfd for the entries used since the last check?
-
-        Without EVENT_IDX: yes unless the driver set NO_INTERRUPT. With it:
-        yes if the used index went past the driver's ``used_event`` since the
-        last check (vring_need_event(); the first check after a start always
-        says yes, as QEMU's signalled_used_valid).
-        """
-        if not self.event_idx:
-            return not U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
-        full_fence()  # used.idx stored before used_event is read (module docstring)
-        event: int = U16.unpack_from(self._avail, 4 + 2 * self.num)[0]
-        new, old = self.used_idx, self._signalled
-        self._signalled = new
-        return old is None or (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-    def enable_kicks(self) -> bool:
-        """Ask the driver to kick for the next entry; True if entries came meanwhile.
-
-        For a ring ferryd took everything from and will wait on. With
-        EVENT_IDX ``avail_event`` becomes ``last_avail`` (virtio 1.x,
-        2.7.10.1: the driver kicks when its index passes it), then the ring
-        is looked at again: an entry posted before the driver could see the
-        new value may have gone without a kick. Without EVENT_IDX the driver
-        kicks every time (ferryd never sets VIRTQ_USED_F_NO_NOTIFY): False.
-        """
-        if not self.event_idx:
-            return False
-        at = 4 + 8 * self.num
-        log = self.log if self.log_used else None
-        if log is not None:
-            log.check(self.used_gpa + at, 2)
-        U16.pack_into(self._used, at, self.last_avail)
-        if log is not None:
-            log.mark(self.used_gpa + at, 2)
-        full_fence()  # avail_event stored before avail.idx is read again
-        return self.pending_untrusted() > 0
+        """Signal the call eventfd? Yes unless the driver asked not to (no EVENT_IDX)."""
+        return not U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def push_frame_untrusted(
         self,
