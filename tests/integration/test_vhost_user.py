@@ -135,6 +135,7 @@ def test_arp_and_a_large_echo_through_the_rings(
         assert status["frontend"]["connected"] is True
         counters = status["counters"]["frontend"]
         assert counters["frames_in"] == 2 and counters["frames_out"] == 2
+        assert counters["kicks"] == 2  # one per transmit (the stand-in always kicks)
         assert qemu.transmitted() == 2  # both transmit chains given back
     wait_for(lambda: not _guest_ram_mapped(ferryd), timeout=5, what="ferryd to unmap the RAM")
     assert ferryd.request("status")["frontend"]["connected"] is False

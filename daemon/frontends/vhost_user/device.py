@@ -51,6 +51,8 @@ class VhostUserCounters(FrontendCounters):
     """Guest frames not handed on: too long, shorter than a header, or a disabled ring."""
     notifications: int = 0
     """Interrupts asked for (call eventfd writes the adapter makes)."""
+    kicks: int = 0
+    """The guest's notifications on the transmit ring ("frames posted"), each an exit."""
     connections: int = 0
     """QEMU's connections served (its first, and every reconnect)."""
     refused: int = 0

@@ -372,7 +372,9 @@ class VhostUserFrontend:
             kick = self._kick[TX_QUEUE]
             if kick is not None and self._running[TX_QUEUE]:
                 with contextlib.suppress(BlockingIOError, OSError):
-                    os.eventfd_read(kick)  # re-armed before the ring is read: no kick is lost
+                    # Re-armed before the ring is read: no kick is lost. The
+                    # counter adds up the guest's kicks since the last read.
+                    self.counters.kicks += os.eventfd_read(kick)
                 while self._burst(on_frame, BURST):
                     on_burst_end()
                     await trio.lowlevel.checkpoint()
