@@ -25,12 +25,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from testbed.netns import Netns
 from testbed.paths import REPO
@@ -335,3 +337,18 @@ def _main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def end_on_signals() -> None:
+    """SIGTERM and SIGHUP end a bench as Ctrl-C does, so that every ``with`` cleans up.
+
+    SIGINT too when the bench was started with it ignored (a background job
+    of a script): namespaces and processes are removed on every exit path.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import end_on_signals
 from ferryd.control import request
 from testbed.netns import Netns
 from testbed.paths import FERRYD
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.memory needs root (network namespaces, taps)", file=sys.stderr)
         return 2
     _raise_nofile()  # ferryd inherits it: its budget covers the largest count
+    end_on_signals()
     try:
         rows = measure(sorted(args.counts), args.warmup, args.trace)
     except (RuntimeError, AssertionError) as exc:

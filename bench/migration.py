@@ -56,7 +56,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, end_on_signals
 from testbed.ferryd_process import RUNAS_UID
 from testbed.migrationbed import MigrationBed, two_host_bed
 from testbed.netns import Netns
@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.migration needs root (network namespaces, taps)", file=sys.stderr)
         return 2
     _raise_fd_limit(max(args.sizes))
+    end_on_signals()
     rows = []
     busies = [args.busy] + ([0] if args.busy and not args.no_reference else [])
     for run in range(1, args.runs + 1):

@@ -89,7 +89,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from bench.common import cpu_seconds, wait_listening
+from bench.common import cpu_seconds, end_on_signals, wait_listening
 from bench.passt_build import PasstBinaries, PasstBuildError, build_passt
 from ferryd.netns import run_in_netns
 from testbed.ferryd_process import FerrydFailed, FerrydProcess, launch
@@ -771,11 +771,6 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM and SIGHUP end the bench as Ctrl-C does: every ``with`` cleans up."""
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -835,8 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.qemu_migration: the guest could not be built: {e}", file=sys.stderr)
         return 2
     raise_fd_limit()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    end_on_signals()
     names = BACKENDS if args.backend == "both" else (args.backend,)
     backends: list[Backend] = []
     unavailable: list[str] = []

@@ -63,7 +63,6 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,13 +70,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 from bench.common import (
     IperfResult,
     RrResult,
     cpu_seconds,
+    end_on_signals,
     iperf3,
     iperf3_bidir,
     rr_probe,
@@ -617,10 +616,6 @@ def _pasta_version(first_line: Callable[[list[str]], str]) -> str:
     return f"pasta (passt {package})" if package else own
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 def _parse_only(values: Sequence[str]) -> list[Variant]:
     names = [name for value in values for name in value.split(",") if name]
     known = {v.name: v for v in VARIANTS}
@@ -670,10 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.seconds <= 0 or args.requests < 1:
         parser.error("--repeat, --seconds and --requests must be positive")
     variants = _parse_only(args.only) if args.only else list(VARIANTS)
-    # Also when started with SIGINT ignored (a background job of a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    end_on_signals()
 
     print(_versions(), flush=True)
     outcomes: list[Outcome] = []
