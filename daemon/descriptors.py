@@ -53,9 +53,13 @@ import errno
 import logging
 import resource
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+import trio
+
+from ferryd.logthrottle import LogThrottle
 
 __all__ = [
     "ACCEPT_BACKOFF",
@@ -67,6 +71,7 @@ __all__ = [
     "FlowLimitReached",
     "is_exhaustion",
     "open_flow_socket",
+    "serve_accepted",
 ]
 
 log = logging.getLogger("ferryd.descriptors")
@@ -210,3 +215,41 @@ class DescriptorBudget:
             "for_flows": self.capacity,
             "in_use": self.in_use,
         }
+
+
+Conn = TypeVar("Conn")
+
+
+async def serve_accepted(
+    accept: Callable[[], Awaitable[Conn]],
+    serve: Callable[[Conn, trio.Semaphore], Awaitable[None]],
+    limit: int,
+    what: str,
+    throttle: LogThrottle,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept until cancelled, at most *limit* connections served at once.
+
+    Each connection is served in its own task with the semaphore, which
+    *serve* releases when done; more clients wait in the backlog (their
+    descriptors are in ferryd's reserve). EMFILE and the like, or a client
+    that aborted (ECONNABORTED, accept(2)), back off for ACCEPT_BACKOFF: the
+    listener stays readable, so retrying at once would spin. Any other
+    error ends the loop.
+    """
+    slots = trio.Semaphore(limit)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            await slots.acquire()
+            try:
+                conn = await accept()
+            except OSError as exc:
+                slots.release()
+                if not is_exhaustion(exc) and exc.errno != errno.ECONNABORTED:
+                    raise
+                throttle.warning("accept", trio.current_time(), "%s: cannot accept: %s", what, exc)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            nursery.start_soon(serve, conn, slots)

@@ -27,7 +27,6 @@ Prometheus' exporter allocation range that no registered exporter uses
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import os
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ferryd.descriptors import ACCEPT_BACKOFF, MAX_METRICS_CONNECTIONS, is_exhaustion
+from ferryd.descriptors import MAX_METRICS_CONNECTIONS, serve_accepted
 from ferryd.exits import StartupError, ensure_parent_dir
 from ferryd.logthrottle import LogThrottle
 from ferryd.metrics import CONTENT_TYPE
@@ -201,27 +200,22 @@ class MetricsServer:
         """Accept and answer until cancelled; the listener is closed at the end."""
         assert self._listener is not None, "bind() first"
         listener = trio.socket.from_stdlib_socket(self._listener)
-        slots = trio.Semaphore(MAX_METRICS_CONNECTIONS)
-        throttle = LogThrottle(log)
         where = f"Unix socket {self.address}" if self.address.path else f"http://{self.address}"
         log.info("metrics: serving %s on %s", PATH, where)
+
+        async def accept() -> trio.socket.SocketType:
+            conn, _ = await listener.accept()
+            return conn
+
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while True:
-                    await slots.acquire()
-                    try:
-                        conn, _ = await listener.accept()
-                    except OSError as exc:
-                        slots.release()
-                        if not is_exhaustion(exc) and exc.errno != errno.ECONNABORTED:
-                            raise
-                        throttle.warning(
-                            "accept", trio.current_time(), "metrics: cannot accept: %s", exc
-                        )
-                        await trio.sleep(ACCEPT_BACKOFF)
-                        continue
-                    nursery.start_soon(self._answer, conn, slots)
+            await serve_accepted(
+                accept,
+                self._answer,
+                MAX_METRICS_CONNECTIONS,
+                "metrics",
+                LogThrottle(log),
+                task_status=task_status,
+            )
         finally:
             self.close()
 

@@ -88,7 +88,7 @@ from ferryd.control.protocol import (
     parse_length_untrusted,
     parse_request_untrusted,
 )
-from ferryd.descriptors import ACCEPT_BACKOFF, MAX_CONTROL_CONNECTIONS, is_exhaustion
+from ferryd.descriptors import MAX_CONTROL_CONNECTIONS, serve_accepted
 from ferryd.exits import StartupError, ensure_parent_dir
 from ferryd.logthrottle import LogThrottle
 from ferryd.unix_listener import ListenError, ListenFailure, listen_at, unlink_if_ours
@@ -181,28 +181,16 @@ class ControlServer:
         listener, bound = self._bind()
         # At most MAX_CONTROL_CONNECTIONS at once (their descriptors are in
         # ferryd's reserve, ferryd.descriptors); more wait in the backlog.
-        slots = trio.Semaphore(MAX_CONTROL_CONNECTIONS)
-        throttle = LogThrottle(log)
         self._spare = _open_spare()
         try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                while True:
-                    await slots.acquire()
-                    try:
-                        conn = await self._accept(listener)
-                    except OSError as exc:
-                        slots.release()
-                        if not is_exhaustion(exc):
-                            raise
-                        # EMFILE: the listener stays readable, so retrying at
-                        # once would spin; the clients wait in the backlog.
-                        throttle.warning(
-                            "accept", trio.current_time(), "control: cannot accept: %s", exc
-                        )
-                        await trio.sleep(ACCEPT_BACKOFF)
-                        continue
-                    nursery.start_soon(self._serve_connection, conn, slots)
+            await serve_accepted(
+                lambda: self._accept(listener),
+                self._serve_connection,
+                MAX_CONTROL_CONNECTIONS,
+                "control",
+                LogThrottle(log),
+                task_status=task_status,
+            )
         finally:
             listener.close()
             if self._spare is not None:
