@@ -167,6 +167,7 @@ from ipaddress import ip_address
 from typing import Final
 
 from ferry_repair.protocol import TCP_REPAIR
+from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.linux import (
     OPT_SACK,
     OPT_TIMESTAMPS,
@@ -283,9 +284,27 @@ def _repair_options(mss: int, options: int, snd_wscale: int, rcv_wscale: int) ->
 
 
 def repair_window(state: TcpKernelState) -> bytes:
-    """The TCP_REPAIR_WINDOW argument: the dumped values (rcv_nxt is restored exactly)."""
+    """The TCP_REPAIR_WINDOW argument: the dumped values, snd_wl1 held inside the receive window.
+
+    rcv_nxt is restored exactly (state.recv_seq). tcp_repair_set_window()
+    refuses with EINVAL an snd_wl1 after rcv_nxt + rcv_wnd, yet a live
+    socket reaches that state: when a segment cannot be queued for lack of
+    receive memory (ferryd shrinks a busy socket's SO_RCVBUF before a
+    migration, flows/tcp_host.bound_queues), tcp_data_queue() drops it
+    after tcp_ack() has already taken its sequence number as snd_wl1
+    (tcp_ack_update_window()), and sets ICSK_ACK_NOMEM, which makes
+    tcp_select_window() advertise a zero window with rcv_wup = rcv_nxt.
+    Seen: snd_wl1 1,571,504 bytes past rcv_nxt, rcv_wnd 129,024. snd_wl1
+    only guards the send window against reordered old segments
+    (tcp_may_update_window(), RFC 9293 §3.10.7.4 SND.WL1); the peer
+    retransmits the dropped bytes, and the highest value the kernel takes
+    keeps that guard as close as it can be. The other two checks
+    (max_window >= snd_wnd, rcv_wup not after rcv_nxt) hold for any dump.
+    """
+    right_edge = seq_add(state.recv_seq, state.rcv_wnd)
+    snd_wl1 = right_edge if seq_diff(state.snd_wl1, right_edge) > 0 else state.snd_wl1
     return _REPAIR_WINDOW.pack(
-        state.snd_wl1, state.snd_wnd, state.max_window, state.rcv_wnd, state.rcv_wup
+        snd_wl1, state.snd_wnd, state.max_window, state.rcv_wnd, state.rcv_wup
     )
 
 
@@ -565,9 +584,24 @@ def restore_in_repair(sock: socket.socket, state: TcpKernelState) -> None:
         step = "TCP_REPAIR_WINDOW"
         sock.setsockopt(tcp, TCP_REPAIR_WINDOW, repair_window(state))
     except OSError as exc:
-        raise SocketStateError(
-            state.describe(), f"restore: {step}", exc.strerror or str(exc)
-        ) from exc
+        detail = exc.strerror or str(exc)
+        if step == "TCP_REPAIR_WINDOW" and exc.errno == errno.EINVAL:
+            detail += f" ({_window_values(sock, state)})"
+        raise SocketStateError(state.describe(), f"restore: {step}", detail) from exc
+
+
+def _window_values(sock: socket.socket, state: TcpKernelState) -> str:
+    """What tcp_repair_set_window() compared, for an EINVAL: the dumped window and rcv_nxt."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        rcv_nxt = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    except OSError:
+        rcv_nxt = -1
+    return (
+        f"snd_wl1 {state.snd_wl1} snd_wnd {state.snd_wnd} max_window {state.max_window}"
+        f" rcv_wnd {state.rcv_wnd} rcv_wup {state.rcv_wup} dumped recv_seq {state.recv_seq}"
+        f" restored rcv_nxt {rcv_nxt} recv queue {len(state.recv_queue)}"
+    )
 
 
 def _write_queue(sock: socket.socket, data: memoryview, *, grow_sndbuf: bool = False) -> None:

@@ -44,7 +44,11 @@ connections (established, nothing in flight either way for
 controller) are dumped in batches: each batch is held (the data
 path leaves those connections alone and drops the guest's segments for
 them, which the guest retransmits), repair ON, dump, repair OFF without a
-window probe, released — a few milliseconds per batch. The records go
+window probe, released — a few milliseconds per batch. Only a connection
+at rest in the kernel too (flowstate.at_rest: no byte in either socket
+queue) is taken: one the data path merely has nothing to do for can still
+hold sent and unsent bytes, which the target, keeping a pre-copied
+connection as restored, would never send. The records go
 ahead of the freeze, ended by a PrecopyEnd record, and the target restores
 them while the guest still runs. At the freeze every socket is frozen and
 put in repair mode as before, but a pre-copied connection whose socket
@@ -75,7 +79,7 @@ from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
 from ferryd.migration import restore
 from ferryd.migration.errors import MigrationAborted, MigrationFailed
-from ferryd.migration.flowstate import tcp_record
+from ferryd.migration.flowstate import at_rest, tcp_record
 from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.ports import LINUX, KernelDump, RepairPort
 from ferryd.migration.records import (
@@ -221,7 +225,14 @@ class SourceMigration:
                                     "pre-copy: %s: %s; left for the freeze", conn.describe(), exc
                                 )
                                 continue
-                            out += self.enc.flow(tcp_record(conn, dumped))
+                            record = tcp_record(conn, dumped)
+                            if not at_rest(record):
+                                # Bytes queued in the kernel (a busy connection that
+                                # merely paused): the target keeps a pre-copied one
+                                # as restored, without its unsent tail or a resync
+                                # (restore.py), so only a connection at rest may go.
+                                continue
+                            out += self.enc.flow(record)
                             self.precopied[conn] = (
                                 self.enc.flow_count - 1,
                                 segs,

@@ -11,11 +11,17 @@ connection that is left must then echo checked bytes through the target.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ferryd.control import request
+from ferryd.netns import run_in_netns
 from testbed.ferryd_process import FerrydProcess
 from testbed.migrationbed import PRECOPY_NOW, MigrationBed
 from testbed.streams import Streams
@@ -169,3 +175,82 @@ def test_precopied_inbound_connections_and_their_listener(two_hosts: MigrationBe
         inbound.finish()
     finally:
         inbound.close()
+
+
+def test_a_paused_upload_is_left_for_the_freeze(two_hosts: MigrationBed) -> None:
+    """A connection ferryd has nothing to do for may still hold bytes in its kernel queues.
+
+    The guest uploads 48 KiB to a peer that does not read and offers a few
+    KiB of window: ferryd takes it all (its host socket has room), ACKs it,
+    and the bytes wait in the socket's send queue, most of them unsent. From
+    the data path's side the connection is at rest, so a pre-copy with no
+    quiet time considers it; but the target keeps a pre-copied connection
+    that stood unchanged as it was restored, without sending its unsent tail
+    (restore.py), so such a connection must be left for the freeze. Every
+    byte, and 1 MiB more, then reaches the peer through the target in order.
+    """
+    bed = two_hosts
+    source = bed.start_source(*PRECOPY_NOW)
+    target = bed.start_target()
+    first = 48 << 10
+    payload = random.Random(7).randbytes(first + (1 << 20))
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accept()
+        sock.bind(("0.0.0.0", 9481))
+        sock.listen()
+        return sock
+
+    listener = run_in_netns(bed.peer.path, listen)
+    client = run_in_netns(
+        bed.guest.path, lambda: socket.create_connection((bed.peer_v4, 9481), timeout=10)
+    )
+    with listener, client:
+        server, _ = listener.accept()
+        with server:
+            client.sendall(payload[:first])
+            _wait_established(source, 1)
+            wait_for(_upload_stalled(source, first), what="ferryd to take the upload")
+
+            rfd, wfd = os.pipe2(os.O_CLOEXEC)
+            try:
+                request(target.control, "migrate-in", fds=[rfd], precopy=True)
+                pre = request(source.control, "migrate-precopy", fds=[wfd], timeout=30)
+            finally:
+                os.close(rfd)
+                os.close(wfd)
+            assert pre["precopied"] == 0, "a connection with queued bytes was pre-copied"
+            request(target.control, "migrate-wait-precopy", timeout=30)
+            out = request(source.control, "migrate-out", timeout=30)
+            request(target.control, "migrate-wait", timeout=30)
+            request(source.control, "migrate-commit")
+            request(target.control, "migrate-resume", timeout=30)
+            bed.switch_fabric()
+            assert out["flows"]["tcp"] == 1
+            assert out["flows"]["unchanged"] == 0
+
+            rest = threading.Thread(target=client.sendall, args=(payload[first:],), daemon=True)
+            rest.start()
+            server.settimeout(60)
+            received = bytearray()
+            while len(received) < len(payload):
+                part = server.recv(1 << 20)
+                assert part, f"end of stream after {len(received)} of {len(payload)} bytes"
+                received += part
+            rest.join(60)
+            assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def _upload_stalled(ferryd: FerrydProcess, total: int) -> Callable[[], bool]:
+    """A check: the one TCP flow took ``total`` bytes from the guest, and nothing moved in
+    the last 200 ms (so nothing is in flight to the guest either)."""
+    seen: list[tuple[int, int]] = []
+
+    def stalled() -> bool:
+        time.sleep(0.2)
+        [flow] = request(ferryd.control, "flows")["flows"]
+        seen.append((flow["bytes_from_guest"], flow["bytes_to_guest"]))
+        return len(seen) >= 2 and seen[-1] == seen[-2] and seen[-1][0] == total
+
+    return stalled

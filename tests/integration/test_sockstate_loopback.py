@@ -10,16 +10,26 @@ running while the local ends move.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import functools
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from ferryd.linux import SO_PEEK_OFF
-from ferryd.migration.kernel_state import TcpState
+from ferry_repair.repair import SO_ATTACH_FILTER, SO_DETACH_FILTER
+from ferryd.linux import (
+    SO_PEEK_OFF,
+    TCP_NO_QUEUE,
+    TCP_QUEUE_SEQ,
+    TCP_RECV_QUEUE,
+    TCP_REPAIR_QUEUE,
+)
+from ferryd.migration.kernel_state import TcpKernelState, TcpState
 from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.sockstate import (
     SocketStateError,
@@ -318,3 +328,142 @@ def test_close_wait_restored_socket_acknowledges_the_peers_fin(netns: Netns) -> 
         assert new.recv(1000) == b"unread" * 100
     finally:
         close_all([*restored, server])
+
+
+def test_a_window_closed_for_lack_of_receive_memory(netns: Netns) -> None:
+    """A segment dropped for lack of receive memory can leave snd_wl1 past rcv_nxt + rcv_wnd.
+
+    What ferryd's queue bound may do to a busy socket before a migration
+    (SO_RCVBUF shrunk under a wide-open window, flows/tcp_host.bound_queues):
+    segments past a hole go to the out-of-order queue and tcp_ack() takes
+    their sequence numbers as snd_wl1; once the buffer is shrunk, the
+    retransmission that fills the hole is dropped by tcp_data_queue()
+    (ICSK_ACK_NOMEM) and the advertised window closes to 0 at rcv_nxt.
+    tcp_repair_set_window() refuses such an snd_wl1 with EINVAL; the restore
+    must still succeed and every byte arrive in order. The hole is made by a
+    classic BPF filter dropping one range of sequence numbers. The kernel
+    reached the state at the first attempt in each of 8 runs here; an attempt
+    that does not is started over on a fresh connection.
+    """
+    for _ in range(5):
+        state = _dump_after_a_nomem_drop(netns)
+        if state is not None:
+            break
+    else:
+        pytest.fail("5 attempts never left snd_wl1 past rcv_nxt + rcv_wnd (kernel changed?)")
+    local, remote, dumped, sender, expected = state
+    restored: list[socket.socket] = []
+    try:
+        restored = restore_all([dumped], Timing(), netns=netns.path, close_sources=[local])
+        [new] = restored
+        assert finish_restore(new, dumped) == 0
+        new.setblocking(True)
+        new.settimeout(WAIT_SECONDS)
+        received = bytearray()  # the restored receive queue comes first
+        while len(received) < expected:
+            part = new.recv(expected - len(received))
+            assert part, f"end of stream after {len(received)} of {expected} bytes"
+            received += part
+        sender.join(WAIT_SECONDS)
+        assert not sender.is_alive()
+        assert received == _nomem_stream()[-expected:]
+    finally:
+        close_all([*restored, local, remote])
+
+
+_NOMEM_TOTAL = 24 << 20
+_NOMEM_READ_FIRST = 8 << 20  # at full speed: receive autotuning opens the window wide
+
+
+@functools.cache
+def _nomem_stream() -> bytes:
+    return b"".join(pattern(1, offset, CHUNK) for offset in range(0, _NOMEM_TOTAL, CHUNK))
+
+
+def _dump_after_a_nomem_drop(
+    netns: Netns,
+) -> tuple[socket.socket, socket.socket, TcpKernelState, threading.Thread, int] | None:
+    """One attempt: (local, remote, dump, sender thread, bytes still to read) or None."""
+    [(local, remote)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    stream = memoryview(_nomem_stream())
+    go_on = threading.Event()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # closed under it when the attempt is given up
+            remote.sendall(stream[:_NOMEM_READ_FIRST])
+            if go_on.wait(WAIT_SECONDS):
+                remote.sendall(stream[_NOMEM_READ_FIRST:])
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    local.settimeout(WAIT_SECONDS)
+    read = 0
+    while read < _NOMEM_READ_FIRST:
+        read += len(local.recv(_NOMEM_READ_FIRST - read))
+    # Nothing in flight now: the hole starts 64 KiB into what comes next, and is wide
+    # enough that some segment starts inside it whatever the segment sizes.
+    hole = (_rcv_nxt(local) + 65536) & 0xFFFFFFFF
+    program = _drop_sequence_range(hole, min(hole + 262144, 0xFFFFFFFF))
+    local.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program.fprog)
+    go_on.set()
+    wait_for(lambda: _tcpi_rcv_ooopack(local) > 0, what="segments past the hole")
+    time.sleep(0.1)  # the rest of the open window arrives, out of order
+    local.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    local.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    wait_for(lambda: _tcpi_rcv_wnd(local) == 0, what="the receive window to close")
+    [dumped] = freeze_and_dump([local], Timing())
+    right_edge = (dumped.recv_seq + dumped.rcv_wnd) & 0xFFFFFFFF
+    if 0 < (dumped.snd_wl1 - right_edge) & 0xFFFFFFFF < 1 << 31:
+        return local, remote, dumped, sender, _NOMEM_TOTAL - read
+    close_all([local, remote])
+    sender.join(WAIT_SECONDS)
+    return None
+
+
+def _rcv_nxt(sock: socket.socket) -> int:
+    """rcv_nxt of a live socket: TCP_QUEUE_SEQ of its receive queue, briefly in repair mode."""
+    tcp = socket.IPPROTO_TCP
+    set_repair_direct([sock], RepairMode.ON)
+    try:
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        value = sock.getsockopt(tcp, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    finally:
+        set_repair_direct([sock], RepairMode.OFF)
+    return value
+
+
+def _tcpi_rcv_wnd(sock: socket.socket) -> int:
+    """tcpi_rcv_wnd (struct tcp_info, Linux 6.2): the receive window last advertised."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 236)
+    value: int = struct.unpack_from("=I", info, 232)[0]
+    return value
+
+
+def _tcpi_rcv_ooopack(sock: socket.socket) -> int:
+    """tcpi_rcv_ooopack (struct tcp_info, Linux 5.4): segments queued out of order."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 228)
+    value: int = struct.unpack_from("=I", info, 224)[0]
+    return value
+
+
+@dataclasses.dataclass
+class _Filter:
+    """A classic BPF socket filter; ``fprog`` points into ``insns``, so keep both alive."""
+
+    insns: ctypes.Array[ctypes.c_char]
+    fprog: bytes
+
+
+def _drop_sequence_range(low: int, high: int) -> _Filter:
+    """Drop TCP segments with low <= seq < high; tcp_filter() runs it with skb->data at the
+    TCP header, so the sequence number is the 32-bit word at offset 4."""
+    code = [
+        (0x20, 0, 0, 4),  # ld [4]
+        (0x35, 0, 2, low),  # jge low: next, else accept
+        (0x35, 1, 0, high),  # jge high: accept, else drop
+        (0x06, 0, 0, 0),  # ret 0: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret all: accept
+    ]
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *i) for i in code))
+    return _Filter(insns, struct.pack("@HP", len(code), ctypes.addressof(insns)))

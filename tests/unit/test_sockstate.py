@@ -104,6 +104,25 @@ def test_repair_window_is_the_dumped_one_also_after_peer_fin() -> None:
 
 
 @pytest.mark.parametrize(
+    ("recv_seq", "snd_wl1", "expected"),
+    [
+        (5000, 5000 + 64000, 5000 + 64000),  # at the right edge: kept
+        (5000, 5000 + 64001, 5000 + 64000),  # past it (a segment dropped for memory): the edge
+        (5000, 5000 + 1_571_504, 5000 + 64000),
+        (0xFFFFFF00, 0xFFFFFF00 + 64000 - (1 << 32), 0xFFFFFF00 + 64000 - (1 << 32)),  # wraps
+        (0xFFFFFF00, 0xFFFFFF00 + 70000 - (1 << 32), 0xFFFFFF00 + 64000 - (1 << 32)),
+        (5000, 1000, 1000),  # before rcv_nxt, as usual: kept
+    ],
+)
+def test_repair_window_holds_snd_wl1_inside_the_receive_window(
+    recv_seq: int, snd_wl1: int, expected: int
+) -> None:
+    """tcp_repair_set_window() refuses snd_wl1 after rcv_nxt + rcv_wnd (sockstate.repair_window)."""
+    state = dataclasses.replace(BASE, recv_seq=recv_seq, snd_wl1=snd_wl1, rcv_wup=recv_seq)
+    assert struct.unpack("=5I", repair_window(state)) == (expected, 65535, 65535, 64000, recv_seq)
+
+
+@pytest.mark.parametrize(
     ("state", "fin_sent", "fin_acked", "fin_received"),
     [
         (TcpState.ESTABLISHED, False, False, False),
