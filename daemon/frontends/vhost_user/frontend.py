@@ -381,6 +381,10 @@ class VhostUserFrontend:
                 on_burst_end()
             try:
                 with trio.CancelScope() as self._wake:
+                    # Read again: QEMU may have replaced the kick (and closed the
+                    # old one) during a burst's checkpoint, when no wait was there
+                    # to cancel.
+                    kick = self._kick[TX_QUEUE]
                     if kick is not None and self._running[TX_QUEUE]:
                         await trio.lowlevel.wait_readable(kick)
                     else:
