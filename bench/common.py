@@ -70,6 +70,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def sleeps(pid: int) -> int:
+    """How often process *pid* went to sleep: voluntary context switches, all threads.
+
+    Per request/response round trip this counts the forwarder's wake-ups
+    per exchange (it blocks, then an event wakes it); a preemption is an
+    involuntary switch and is not counted (proc(5), /proc/PID/task/TID/status).
+    """
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     """The nearest-rank percentile of an already sorted, non-empty list."""
     rank = max(1, math.ceil(fraction * len(sorted_values)))

@@ -44,7 +44,9 @@ receiver saw it; where both directions work, one ``iperf3 --bidir`` run
 round trips over one TCP connection (bench/common.py: rr_client), mean and
 p99. For the forwarding process (pasta, slirp4netns, ferryd) the CPU it
 used during each iperf3 run (utime+stime from /proc/PID/stat, all threads)
-is divided by the gigabytes delivered.
+is divided by the gigabytes delivered, and during the round trips by their
+number (CPU µs/rt), as are its voluntary context switches (sleeps/rt: how
+many times per exchange it blocked and had to be woken).
 
 The report ends with issue 12's targets, each as ferryd's ratio to its
 reference next to the bound, met, not met or not measured: 1-byte RR mean
@@ -80,6 +82,7 @@ from bench.common import (
     iperf3,
     iperf3_bidir,
     rr_probe,
+    sleeps,
     start_echo_server,
     wait_listening,
 )
@@ -96,6 +99,8 @@ MTU = 65520
 READY_TIMEOUT = 15.0
 BUSY_TIMEOUT = 20.0
 BUSY_POLL = 0.2
+#: Round trips before the timed ones (rr_probe's warm-up), counted in CPU µs/rt.
+RR_WARMUP = 200
 R = TypeVar("R")
 
 NEWEST_PASTA = "pasta-new"
@@ -131,6 +136,10 @@ class Outcome:
     #: Every run's Gbit/s per direction (the row shows the median).
     runs: dict[str, list[float]] = field(default_factory=dict)
     latency: RrResult | None = None
+    rr_cpu_us: float | None = None
+    """The forwarder's CPU per round trip (warm-up included), µs."""
+    rr_sleeps: float | None = None
+    """The forwarder's voluntary context switches per round trip: its wake-ups per exchange."""
     bidir: tuple[float, float] | str | None = None
     """iperf3 --bidir: (up, down) Gbit/s, or why not."""
 
@@ -379,7 +388,13 @@ def _measure_attached(
             _bidir_error,
         )
     if outcome.variant.latency:
-        outcome.latency = rr_probe(guest, PEER, ECHO_PORT, count=requests)
+        before_cpu = cpu_seconds(pid) if pid is not None else 0.0
+        before_sleeps = sleeps(pid) if pid is not None else 0
+        outcome.latency = rr_probe(guest, PEER, ECHO_PORT, count=requests, warmup=RR_WARMUP)
+        if pid is not None:
+            trips = requests + RR_WARMUP
+            outcome.rr_cpu_us = (cpu_seconds(pid) - before_cpu) / trips * 1e6
+            outcome.rr_sleeps = (sleeps(pid) - before_sleeps) / trips
 
 
 def _bidir_error(result: tuple[float, float] | str) -> str | None:
@@ -410,6 +425,10 @@ def _ratio(value: float | None, reference: float | None) -> str:
     if value is None or not reference:
         return "-"
     return f"{value / reference:.2f}×"
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _spread(runs: Sequence[float]) -> str:
@@ -474,7 +493,8 @@ def report(outcomes: Sequence[Outcome], seconds: float, repeat: int, requests: i
         "",
         f"request/response, 1 byte each way, {requests} round trips on one TCP connection",
         "",
-        f"{'variant':<12} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8} {'mean ×veth':>11}",
+        f"{'variant':<12} {'mean µs':>8} {'p50 µs':>8} {'p99 µs':>8} {'mean ×veth':>11}"
+        f" {'CPU µs/rt':>10} {'sleeps/rt':>10}",
     ]
     veth = _find(outcomes, "veth")
     veth_mean = veth.latency.mean_us if veth is not None and veth.latency is not None else None
@@ -492,6 +512,7 @@ def report(outcomes: Sequence[Outcome], seconds: float, repeat: int, requests: i
             lines.append(
                 f"{name:<12} {lat.mean_us:>8.1f} {lat.p50_us:>8.1f} {lat.p99_us:>8.1f}"
                 f" {_ratio(lat.mean_us, veth_mean):>11}"
+                f" {_figure(outcome.rr_cpu_us, '.1f'):>10} {_figure(outcome.rr_sleeps, '.2f'):>10}"
             )
     lines += ["", "targets:", *targets(outcomes)]
     return "\n".join(lines)

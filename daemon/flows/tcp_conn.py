@@ -496,10 +496,14 @@ class TcpConn:
     def prepare_wait(self) -> None:
         """Only bytes beyond the flight make the socket readable.
 
-        Called whenever the flight changes (bytes sent to the guest, bytes
-        acknowledged and dropped), not just before waiting: a wait that began
-        with a larger flight would otherwise miss new data once the guest's
-        ACK shrinks the queue below the old mark.
+        The adapter calls it whenever it arms reading (TcpFlows._arm), at the
+        end of every burst of frames or reactor round that touched this
+        connection, so a wait never keeps the mark of a larger, older flight
+        (the guest's ACK shrank the queue below it): setting a lower mark on
+        a socket holding that much signals readability at once
+        (tcp_set_rcvlowat calls tcp_data_ready). Not called per ACK or per
+        push: a request/response exchange moves the flight down and up again
+        within one burst, and would pay two setsockopt calls for nothing.
         """
         want = min(self.data_flight + 1, self._rcvlowat_cap)
         if want != self._rcvlowat:
@@ -768,7 +772,6 @@ class TcpConn:
             self.rto = RTO_INITIAL
             self._starved = False
             self.timer = now + self.rto_jittered() if self.flight else float("inf")
-            self.prepare_wait()
         elif (
             acked == 0
             and self.flight
@@ -970,7 +973,6 @@ class TcpConn:
         if total:
             self.flow.to_guest(total, now)
             self.last_progress = now
-            self.prepare_wait()
         if self.flight and self.timer == float("inf"):
             self.timer = now + self.rto_jittered()
         elif not self.flight and self.guest_wnd == 0 and not total:

@@ -6,8 +6,13 @@ measured outcomes are a pure function, checked here.
 
 from __future__ import annotations
 
-from bench.common import IperfResult, RrResult
-from bench.throughput import G2P, NEWEST_PASTA, P2G, VARIANTS, Outcome, targets
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import IperfResult, RrResult, sleeps
+from bench.throughput import G2P, NEWEST_PASTA, P2G, VARIANTS, Outcome, report, targets
+from testbed.wait import wait_for
 
 
 def _outcome(name: str, **kw: object) -> Outcome:
@@ -32,8 +37,10 @@ def _measured() -> list[Outcome]:
             "ferryd",
             throughput={P2G: IperfResult(gbps=5.4), G2P: IperfResult(gbps=3.2)},
             cpu_per_gb={P2G: 1.2},
-            latency=RrResult(mean_us=240.0),
+            latency=RrResult(mean_us=240.0, p50_us=230.0, p99_us=400.0),
             bidir=(1.0, 4.0),
+            rr_cpu_us=150.0,
+            rr_sleeps=1.07,
         ),
     ]
 
@@ -64,3 +71,41 @@ def test_without_ferryd_nothing_is_measured() -> None:
     lines = targets(_measured()[:2])
     assert all(line.endswith("not measured (ferryd not run)") for line in lines)
     assert len(lines) == 6
+
+
+def test_the_rr_row_shows_the_forwarders_cpu_and_sleeps_per_round_trip() -> None:
+    lines = report(_measured(), seconds=5, repeat=1, requests=5000).splitlines()
+    ferryd = [line for line in lines if line.startswith("ferryd ") and "240.0" in line]
+    assert ferryd == ["ferryd          240.0    230.0    400.0           -      150.0       1.07"]
+    slirp = [line for line in lines if line.startswith("slirp4netns ") and "80.0" in line]
+    assert slirp[0].endswith("-          -")
+
+
+def test_sleeps_counts_each_time_a_process_blocked_for_an_event() -> None:
+    """A child echoing bytes one at a time, each sent once it blocks on the pipe:
+    one sleep per byte (a byte sent before it blocks would not make it sleep)."""
+    echo = "import os\nwhile b := os.read(0, 1):\n    os.write(1, b)\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", echo], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+    )
+    assert child.stdin is not None and child.stdout is not None
+
+    def blocked() -> bool:
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] == "S"
+
+    try:
+        child.stdin.write(b"x")
+        assert child.stdout.read(1) == b"x"  # started
+        wait_for(blocked, what="the child blocked reading")
+        before = sleeps(child.pid)
+        for _ in range(20):
+            wait_for(blocked, what="the child blocked reading")
+            child.stdin.write(b"x")
+            assert child.stdout.read(1) == b"x"
+        wait_for(blocked, what="the child blocked reading")
+        assert sleeps(child.pid) - before >= 20
+    finally:
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()
