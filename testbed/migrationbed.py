@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferryd.control import request
 from testbed.ferryd_process import RUNAS_UID, FerrydFailed, FerrydProcess, launch
 from testbed.netns import Netns
 from testbed.paths import FERRYCTL, FERRYD
@@ -210,6 +212,24 @@ def migrate_killing_target(
         what="the source to roll back",
     )
     return err
+
+
+def start_precopy(
+    source: FerrydProcess, target: FerrydProcess, timeout: float = 30
+) -> dict[str, Any]:
+    """Start a pre-copy step by step over the control sockets (what ``ferryctl migrate``
+    begins with), the stream over a pipe; returns the source's migrate-precopy answer.
+    Next: migrate-wait-precopy on the target, migrate-out on the source, and so on."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        request(target.control, "migrate-in", fds=[rfd], precopy=True)
+        answer: dict[str, Any] = request(
+            source.control, "migrate-precopy", fds=[wfd], timeout=timeout
+        )
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    return answer
 
 
 def default_routes(host: Netns, gateway_v4: str, gateway_v6: str) -> None:

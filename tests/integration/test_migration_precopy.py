@@ -12,7 +12,6 @@ connection that is left must then echo checked bytes through the target.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import socket
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 from ferryd.control import request
 from ferryd.netns import run_in_netns
 from testbed.ferryd_process import FerrydProcess
-from testbed.migrationbed import PRECOPY_NOW, MigrationBed
+from testbed.migrationbed import PRECOPY_NOW, MigrationBed, start_precopy
 from testbed.streams import Streams
 from testbed.tcptool_process import server, spawn
 from testbed.wait import wait_for
@@ -63,13 +62,7 @@ def test_precopy_replaced_gone_and_unchanged(two_hosts: MigrationBed) -> None:
     try:
         assert conns.out.json(what="connected") == {"connected": COUNT}
         _wait_established(source, COUNT)
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        try:
-            request(target.control, "migrate-in", fds=[rfd], precopy=True)
-            pre = request(source.control, "migrate-precopy", fds=[wfd], timeout=30)
-        finally:
-            os.close(rfd)
-            os.close(wfd)
+        pre = start_precopy(source, target)
         assert pre["precopied"] == COUNT
         assert request(source.control, "status")["role"] == "precopied"
 
@@ -126,13 +119,7 @@ def test_abort_after_precopy_closes_silently(two_hosts: MigrationBed) -> None:
     try:
         assert conns.out.json(what="connected") == {"connected": 100}
         _wait_established(source, 100)
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        try:
-            request(target.control, "migrate-in", fds=[rfd], precopy=True)
-            assert request(source.control, "migrate-precopy", fds=[wfd])["precopied"] == 100
-        finally:
-            os.close(rfd)
-            os.close(wfd)
+        assert start_precopy(source, target)["precopied"] == 100
         request(target.control, "migrate-wait-precopy", timeout=30)
         assert len(request(target.control, "flows")["flows"]) == 100
         sent_before = _tcp_out_segments(bed.host_b.run)
@@ -213,13 +200,7 @@ def test_a_paused_upload_is_left_for_the_freeze(two_hosts: MigrationBed) -> None
             _wait_established(source, 1)
             wait_for(_upload_stalled(source, first), what="ferryd to take the upload")
 
-            rfd, wfd = os.pipe2(os.O_CLOEXEC)
-            try:
-                request(target.control, "migrate-in", fds=[rfd], precopy=True)
-                pre = request(source.control, "migrate-precopy", fds=[wfd], timeout=30)
-            finally:
-                os.close(rfd)
-                os.close(wfd)
+            pre = start_precopy(source, target)
             assert pre["precopied"] == 0, "a connection with queued bytes was pre-copied"
             request(target.control, "migrate-wait-precopy", timeout=30)
             out = request(source.control, "migrate-out", timeout=30)

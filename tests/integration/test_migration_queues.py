@@ -12,7 +12,6 @@ speed throughout, checked byte for byte at the end.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from ferryd.control import request
 from ferryd.migration.source import QUEUE_BOUND
 from testbed.ferryd_process import FerrydProcess, describe_status, launch
-from testbed.migrationbed import PRECOPY_NOW, MigrationBed
+from testbed.migrationbed import PRECOPY_NOW, MigrationBed, start_precopy
 from testbed.netns import Netns
 from testbed.paths import FERRYD
 from testbed.streams import Streams
@@ -82,13 +81,7 @@ def test_precopy_bounds_queues_rollback_and_target_restore(two_hosts: MigrationB
             what="the busy socket's receive buffer to grow past the cap",
         )
 
-        rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        try:
-            request(target.control, "migrate-in", fds=[rfd], precopy=True)
-            pre = request(source.control, "migrate-precopy", fds=[wfd], timeout=60)
-        finally:
-            os.close(rfd)
-            os.close(wfd)
+        pre = start_precopy(source, target, timeout=60)
         assert pre["precopied"] >= 5  # the idle ones
         capped = _one(bed.host_a, PORT)
         assert capped.rcvbuf <= QUEUE_BOUND and capped.sndbuf <= QUEUE_BOUND, capped
