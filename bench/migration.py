@@ -58,9 +58,8 @@ from typing import Any
 
 from bench.common import cpu_seconds, end_on_signals
 from testbed.ferryd_process import RUNAS_UID
-from testbed.migrationbed import MigrationBed, two_host_bed
+from testbed.migrationbed import MigrationBed, migrate_argv, two_host_bed
 from testbed.netns import Netns
-from testbed.paths import FERRYCTL
 from testbed.repair import HelperProcess, listening_helper, raise_fd_limit
 from testbed.streams import Streams, Tool
 from testbed.streamtool import UNLIMITED
@@ -150,16 +149,7 @@ def measure(
         cpu_before = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
         ctls = [
             subprocess.Popen(
-                [
-                    str(FERRYCTL),
-                    "migrate",
-                    "--source",
-                    source.control,
-                    "--target",
-                    target.control,
-                    "--json",
-                    *no_precopy,
-                ],
+                migrate_argv(source, target, *no_precopy),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -132,16 +132,7 @@ class MigrationBed:
     ) -> subprocess.CompletedProcess[str]:
         """Run ``ferryctl migrate --json`` (the real CLI) and return what it did."""
         return subprocess.run(
-            [
-                str(FERRYCTL),
-                "migrate",
-                "--source",
-                source.control,
-                "--target",
-                target.control,
-                "--json",
-                *args,
-            ],
+            migrate_argv(source, target, *args),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -180,6 +171,20 @@ class MigrationBed:
     def stop_ferryds(self) -> list[int]:
         """Stop every ferryd started here (safe to call again); their exit statuses."""
         return [ferryd.stop() for ferryd in self.ferryds]
+
+
+def migrate_argv(source: FerrydProcess, target: FerrydProcess, *args: str) -> list[str]:
+    """``ferryctl migrate --json`` from ``source`` to ``target``, with ``args`` added."""
+    return [
+        str(FERRYCTL),
+        "migrate",
+        "--source",
+        source.control,
+        "--target",
+        target.control,
+        "--json",
+        *args,
+    ]
 
 
 def migrate_killing_target(

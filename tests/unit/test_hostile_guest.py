@@ -29,6 +29,7 @@ from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IpPacket, build_ip
 from ferryd.wire.tcp import ACK, RST, SYN, TcpSegment, build_tcp, parse_tcp_untrusted
 from ferryd.wire.udp import UdpDatagram
 from testbed.wait import until
+from tests.unit.frames_sink import RecordingFrontend
 from tests.unit.tcp_conn_support import RecordingGuest
 from tests.unit.test_flows_helpers import (
     GUEST4,
@@ -126,21 +127,8 @@ class _Exploding:
         raise struct.error("a bug of ours")
 
 
-class _Frontend:
-    csum_offload = False
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, frame: bytes) -> None:
-        self.sent.append(frame)
-
-    def send_partial(self, parts: list[bytes | memoryview], start: int, offset: int) -> None:
-        raise AssertionError("not used")
-
-
 def test_stack_contains_a_bug_reached_by_one_frame() -> None:
-    frontend = _Frontend()
+    frontend = RecordingFrontend()
     stack = Stack(LINK, frontend, 0.0)
     stack.udp = _Exploding()
     peer = IPv6Address("2001:db8:99::1")
@@ -166,7 +154,7 @@ def test_stack_lets_cancellation_through() -> None:
         def from_guest(self, ip: IpPacket, udp: UdpDatagram, now: float) -> None:
             raise KeyboardInterrupt
 
-    stack = Stack(LINK, _Frontend(), 0.0)
+    stack = Stack(LINK, RecordingFrontend(), 0.0)
     stack.udp = _Interrupting()
     peer = IPv6Address("2001:db8:99::1")
     frame = udp_frame(GUEST_MAC, FERRY_MAC, IPv6Address("2001:db8:77::5"), peer, 5000, 53, b"x")
@@ -272,7 +260,7 @@ async def test_udp_bug_costs_one_flow() -> None:
 )
 def test_random_frames_reach_no_bug(ethertype: bytes, body: bytes) -> None:
     """Whatever the guest sends is answered, ignored or malformed: never a bug."""
-    stack = Stack(LINK, _Frontend(), 0.0)
+    stack = Stack(LINK, RecordingFrontend(), 0.0)
     stack.receive_frame(memoryview(FERRY_MAC + GUEST_MAC + ethertype + body), 0.0)
     assert stack.counters.frame_errors == 0
 
@@ -280,7 +268,7 @@ def test_random_frames_reach_no_bug(ethertype: bytes, body: bytes) -> None:
 @fuzz
 @given(st.binary(max_size=400), st.booleans(), st.booleans())
 def test_random_dhcp_payloads_reach_no_bug(payload: bytes, v6: bool, cookie: bool) -> None:
-    stack = Stack(LINK, _Frontend(), 0.0)
+    stack = Stack(LINK, RecordingFrontend(), 0.0)
     if v6:
         frame = udp_frame(GUEST_MAC, FERRY_MAC, GUEST_LL, ALL_DHCP, 546, 547, payload)
     else:

@@ -16,6 +16,7 @@ from ferryd.wire.checksum import checksum, fold, pseudo_header_sum
 from ferryd.wire.ethernet import BROADCAST, ETH_P_IP, ETH_P_IPV6
 from ferryd.wire.ip import IPPROTO_TCP, ipv4_header
 from ferryd.wire.tcp import TcpOptions, build_tcp_header_partial, encode_options
+from tests.unit.frames_sink import RecordingFrontend
 from tests.unit.test_flows_helpers import LINK
 
 v4 = st.integers(0, 2**32 - 1).map(IPv4Address)
@@ -78,22 +79,9 @@ def test_tcp_header_matches_the_general_encoding(
         assert struct.unpack_from("!H", hdr, 16)[0] == partial
 
 
-class _Frontend:
-    csum_offload = False
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, frame: bytes) -> None:
-        self.sent.append(frame)
-
-    def send_partial(self, parts: list[bytes | memoryview], start: int, offset: int) -> None:
-        raise AssertionError("not used without csum_offload")
-
-
 def test_the_stack_addresses_each_frame_to_the_guest_mac_of_the_moment() -> None:
     """The Ethernet header the stack keeps follows the guest's MAC and the family."""
-    frontend = _Frontend()
+    frontend = RecordingFrontend()
     stack = Stack(LINK, frontend, 0.0)
     src, dst = IPv4Address("10.0.0.1"), IPv4Address("10.0.0.2")
     src6, dst6 = IPv6Address("2001:db8::1"), IPv6Address("2001:db8::2")
