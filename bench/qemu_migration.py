@@ -43,7 +43,13 @@ counts those whose bytes all came back, whatever their close did).
 Reported: QEMU's ``downtime`` and ``total-time``
 (query-migrate on the source), the bench's own pause in
 ``pre-switchover`` (part of QEMU's downtime, the same for both
-back-ends), and the connections that survived.
+back-ends), the connections that survived, and from QEMU's own trace
+events (``vmstate_downtime_save``/``_load``, microseconds per device) the
+virtio-net device's save on the source, which is the back-end's part of
+QEMU's downtime (SET_DEVICE_STATE_FD, the stream read to EOF,
+CHECK_DEVICE_STATE), and its load on the target, which QEMU does not
+count (no return path: the source's downtime ends when it sent
+everything) but which the guest waits for before it runs there.
 
 **Late-failure rows** (``--late-failure-sizes``, default 100): the same
 up to ``completed``, without touching the fabric; then the target QEMU is
@@ -72,6 +78,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -358,6 +365,9 @@ class MigrationRun:
     downtime_ms: float | None = None
     total_ms: float | None = None
     pause_ms: float | None = None
+    #: The virtio-net device's save (source) and load (target), from QEMU's trace events.
+    save_ms: float | None = None
+    load_ms: float | None = None
     #: Connections that survived: every byte echoed in order, then a clean close both ways.
     ok: int = 0
     failed: int = 0
@@ -393,9 +403,26 @@ def _started(backend: Backend, bed: MigrationBed, host: Netns, name: str) -> Ite
         running.stop()
 
 
+#: QEMU's trace events with each device's save and load time (trace-events in
+#: QEMU's migration/: "downtime=" in microseconds), written to its log.
+DEVICE_TRACES = ("-trace", "enable=vmstate_downtime_save", "-trace", "enable=vmstate_downtime_load")
+_NET_DEVICE_TIME = re.compile(
+    r"vmstate_downtime_(save|load) type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+)"
+)
+
+
+def net_device_ms(qemu_log: str, what: str) -> float | None:
+    """The virtio-net device's last ``save`` or ``load`` time in ms, from QEMU's log."""
+    times = [int(us) for kind, us in _NET_DEVICE_TIME.findall(qemu_log) if kind == what]
+    return times[-1] / 1000 if times else None
+
+
 @contextlib.contextmanager
 def _vm(image: GuestImage, tmp: Path, socket: Path, **kwargs: Any) -> Iterator[Vm]:
-    vm = Vm(image, tmp, vhost_user_netdev(socket), shared_memory=True, **kwargs)
+    vm = Vm(
+        image, tmp, vhost_user_netdev(socket), shared_memory=True, qemu_args=DEVICE_TRACES,
+        **kwargs,
+    )  # fmt: skip
     try:
         yield vm.start()
     finally:
@@ -565,6 +592,7 @@ def _migrate(
             )
         row.downtime_ms = float(info["downtime"])
         row.total_ms = float(info["total-time"])
+        row.save_ms = net_device_ms(source.qemu_log(), "save")
         if late_failure:
             # The target dies before it runs: a manager resumes the source, whose
             # back-end has saved its state (frozen its sockets) and must carry on.
@@ -578,6 +606,8 @@ def _migrate(
             guest, host = target, bed.host_b
         wait_for(lambda: guest.qmp is not None and guest.qmp.query_status() == "running",
                  timeout=60, what=f"the {guest.name} VM to run")  # fmt: skip
+        if not late_failure:
+            row.load_ms = net_device_ms(target.qemu_log(), "load")
         result = finish_conns(guest, timeout=CHECK_TIMEOUT + 60)
         row.ok, row.failed, row.echoed = result.ok, result.failed, result.echoed
         if row.failed:
@@ -681,8 +711,8 @@ def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
 def format_migrations(
     rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int], scenario: str
 ) -> str:
-    header = ("back-end", "N", "runs", "QEMU downtime ms", "total ms", "pause ms", "survived",
-              "data echoed")  # fmt: skip
+    header = ("back-end", "N", "runs", "QEMU downtime ms", "total ms", "pause ms",
+              "net save ms", "net load ms", "survived", "data echoed")  # fmt: skip
     lines: list[tuple[str, ...]] = [header]
     notes: list[str] = []
     for name in backends:
@@ -698,6 +728,8 @@ def format_migrations(
                 _spread([r.downtime_ms for r in done if r.downtime_ms is not None]),
                 _spread([r.total_ms for r in done if r.total_ms is not None]),
                 _spread([r.pause_ms for r in done if r.pause_ms is not None], "{:.1f}"),
+                _spread([r.save_ms for r in done if r.save_ms is not None], "{:.1f}"),
+                _spread([r.load_ms for r in done if r.load_ms is not None], "{:.1f}"),
                 survived, echoed,
             ))  # fmt: skip
             for r in mine:

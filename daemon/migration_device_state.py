@@ -108,9 +108,47 @@ class DeviceStateMigration:
         self._settling: trio.Event | None = None
         """Set when the outcome of the last disconnect (commit, discard) was settled."""
         self._throttle = LogThrottle(log)
+        self._logging = False
+        """QEMU's dirty logging is on: its migration of this VM is under way."""
 
     def dirty_logging(self, on: bool) -> None:
+        """QEMU's migration of this VM starts (``on``: LOG_ALL) or was given up.
+
+        A start begins a pre-copy kept here (SourceMigration.precopy): the quiet
+        connections are dumped while the guest still runs, and SAVE then only
+        checks that they did not move (QEMU's downtime was the dump of every
+        connection). Given up before the SAVE, the pre-copy is dropped.
+        """
         self.controller.bound_queues(on)
+        self._logging = on
+        with contextlib.suppress(MigrationError):  # starting or exiting: no migration
+            self.controller.in_background(self._precopy if on else self._drop_precopy)
+
+    def _migrating(self) -> bool:
+        # (A method: read after an await, never narrowed by an earlier test.)
+        return self._logging
+
+    async def _precopy(self) -> None:
+        if not self._migrating() or self.controller.role is not Role.RUNNING:
+            return  # (given up already; or a target, or a migration in progress)
+        try:
+            result = await self.controller.precopy(None)
+        except MigrationError as exc:
+            self._warn("precopy", "pre-copy for QEMU's migration: %s", exc)
+            return
+        log.info(
+            "QEMU's migration started: %d connections pre-copied in %.1f ms",
+            result["precopied"],
+            result["timings_ms"]["precopy"],
+        )
+        if not self._migrating():  # given up while it ran (its drop found nothing yet)
+            await self._drop_precopy()
+
+    async def _drop_precopy(self) -> None:
+        try:
+            await self.controller.drop_kept_precopy()
+        except MigrationError as exc:
+            self._warn("precopy", "dropping the pre-copy: %s", exc)
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
         # QEMU triggers these: rate-limited (ferryd.logthrottle).
@@ -260,6 +298,7 @@ class DeviceStateMigration:
         await done.wait()
 
     def disconnected(self) -> None:
+        self._logging = False
         self._transfer = None
         self._resumable = False
 
@@ -269,6 +308,8 @@ class DeviceStateMigration:
             try:
                 if role is Role.FROZEN:
                     await self.controller.commit()  # the target took over
+                elif role in (Role.PRECOPYING, Role.PRECOPIED):
+                    await self.controller.drop_kept_precopy()  # no SAVE came
                 elif role in (Role.MIGRATING_IN, Role.RESTORED):
                     await self.controller.abort()  # the VM will not run here: discard
             except MigrationError as exc:

@@ -312,6 +312,7 @@ class Vm(Guest):
     URI such as ``unix:PATH`` or ``defer``) the VM waits for a migration.
     With *netns* QEMU runs in that namespace (a "host" of the demo; the
     tests run it in the root namespace: its sockets are paths either way).
+    *qemu_args* go last on QEMU's command line (a benchmark's trace events).
     """
 
     def __init__(
@@ -327,6 +328,7 @@ class Vm(Guest):
         incoming: str | None = None,
         shared_memory: bool = False,
         netns: Netns | None = None,
+        qemu_args: Sequence[str] = (),
     ) -> None:
         self.name = name
         self._prefix = netns.exec_prefix() if netns is not None else []
@@ -359,6 +361,7 @@ class Vm(Guest):
             # No option ROM: the guest boots by -kernel, never from the network.
             "-device", f"virtio-net-pci,netdev=net0,mac={mac},romfile=",
             *(["-incoming", incoming] if incoming else ["-S"]),
+            *qemu_args,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: Qmp | None = None

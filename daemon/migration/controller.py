@@ -135,12 +135,24 @@ class MigrationController:
 
     # --- source -------------------------------------------------------------
 
-    async def precopy(self, fd: int) -> dict[str, Any]:
-        """Write the header and the quiet connections to ``fd`` (owned from here on)."""
+    async def precopy(self, fd: int | None) -> dict[str, Any]:
+        """Write the header and the quiet connections to ``fd`` (owned from here on),
+        or, ``fd`` None, keep them here for the stream of the freeze (QEMU's SAVE:
+        SourceMigration.precopy)."""
         migration = SourceMigration(self._ready(fd))
         if self.roles.allows(Event.PRECOPY):
             self.migration = migration  # else refused below, the last one kept
         return await migration.precopy(fd)
+
+    async def drop_kept_precopy(self) -> None:
+        """QEMU gave its migration up before the freeze: drop a pre-copy kept here, if any."""
+        current = self.migration
+        if (
+            isinstance(current, SourceMigration)
+            and current.keeping
+            and self.role in (Role.PRECOPYING, Role.PRECOPIED)
+        ):
+            await current.abort()
 
     async def migrate_out(
         self, fd: int | None, same_netns: bool, outcome_timeout: float | None = OUTCOME_TIMEOUT
@@ -154,6 +166,13 @@ class MigrationController:
         if fd is None and self.roles.allows(Event.FREEZE_PRECOPIED):
             current = self._current(SourceMigration)
             return await current.migrate_out(None, same_netns, outcome_timeout)
+        last = self.migration
+        if fd is not None and isinstance(last, SourceMigration) and last.keeping:
+            # A pre-copy kept here goes first on fd; one still dumping ends
+            # after its batch (the guest is stopped: no waiting for the rest).
+            await last.cut_precopy()
+            if self.roles.allows(Event.FREEZE_PRECOPIED):  # else it failed: a plain freeze
+                return await last.migrate_out(fd, same_netns, outcome_timeout)
         migration = SourceMigration(self._ready(fd))
         if fd is not None and self.roles.allows(Event.FREEZE):
             self.migration = migration  # else refused below, the last one kept

@@ -154,6 +154,13 @@ class SourceMigration:
         """Pre-copied connections: record index, segment counts and guest side at the dump
         (a connection whose socket and guest side did not move since is not dumped again)."""
         self.precopy_timings: dict[str, float] = {}
+        self.kept: bytes | None = None
+        """A pre-copy kept here (no stream yet: QEMU's, see :meth:`precopy`): the bytes
+        that go first on the stream the freeze is given; None otherwise."""
+        self.keeping = False
+        """This migration's pre-copy is (or was) kept here: started without a stream."""
+        self._cut = False
+        """Set by :meth:`cut_precopy`: the pre-copy in progress ends after its batch."""
         self._work: trio.CancelScope | None = None
         """The pre-copy or freeze in progress (migrate-abort cancels it)."""
         self._work_done = trio.Event()
@@ -182,16 +189,26 @@ class SourceMigration:
             "helper_reconnects": 0 if self.repair is None else self.repair.reconnects,
         }
 
-    async def precopy(self, fd: int) -> dict[str, Any]:
-        """Start the stream while the guest runs: header and the quiet TCP connections."""
+    async def precopy(self, fd: int | None) -> dict[str, Any]:
+        """Start the stream while the guest runs: header and the quiet TCP connections.
+
+        With ``fd`` None there is no stream yet: QEMU opens one only once the
+        guest stopped (SET_DEVICE_STATE_FD), yet tells when its migration
+        starts (LOG_ALL, ferryd.migration_device_state). The pre-copy is then
+        kept here, encoded (:attr:`kept`, ~80 bytes a connection), and goes
+        first on the stream the freeze is given: what QEMU counts as downtime
+        is then the freeze's check of each pre-copied connection, not its dump.
+        """
         d, kernel = self.host, self.kernel
-        stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
+        stream = None if fd is None else trio.lowlevel.FdStream(fd)  # owns fd from here on
         try:
             self.roles.step(Event.PRECOPY, "cannot pre-copy: this ferryd is {role}")
         except BaseException:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
             raise
         self.stream = stream
+        self.keeping = stream is None
         t0 = time.monotonic()
         held: list[TcpConn] = []
         self._work_done = trio.Event()
@@ -208,6 +225,8 @@ class SourceMigration:
                 if quiet:
                     repair = self.repair = await self.repair_source.get()
                 for start in range(0, len(quiet), PRECOPY_BATCH):
+                    if self._cut:
+                        break  # the freeze is waiting: what was dumped goes ahead
                     batch = [c for c in quiet[start : start + PRECOPY_BATCH] if not c.closed]
                     if not batch:
                         continue
@@ -245,11 +264,14 @@ class SourceMigration:
                         kernel.reuse_after_repair_off(socks)
                         d.tcp.release(batch, trio.current_time())
                         held = []
-                    if len(out) >= CHUNK:
+                    if stream is not None and len(out) >= CHUNK:
                         await stream.send_all(bytes(out))
                         out.clear()
                 out += self.enc.precopy_end()
-                await stream.send_all(bytes(out))
+                if stream is not None:
+                    await stream.send_all(bytes(out))
+                else:
+                    self.kept = bytes(out)
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:  # as migrate_out: any failure undoes the pre-copy
@@ -265,7 +287,10 @@ class SourceMigration:
             self._work = None
             self._work_done.set()
         self.roles.step(Event.PRECOPIED)
-        self.s.nursery.start_soon(self._outcome_watchdog)
+        if stream is not None:
+            # (A kept pre-copy has no watchdog: QEMU tells when its migration
+            # ends, by LOG_ALL off or by disconnecting.)
+            self.s.nursery.start_soon(self._outcome_watchdog)
         self.precopy_timings = {"precopy": (time.monotonic() - t0) * 1e3}
         log.info("migration: pre-copied %d TCP connections", len(self.precopied))
         return {
@@ -273,6 +298,15 @@ class SourceMigration:
             "stream_bytes": self.enc.bytes_written,
             "timings_ms": self.precopy_timings,
         }
+
+    async def cut_precopy(self) -> None:
+        """Until the pre-copy in progress, if any, has ended: after the batch it is dumping.
+
+        For a freeze that cannot wait (QEMU's SAVE: the guest is stopped);
+        the connections not reached yet are dumped by the freeze.
+        """
+        self._cut = True
+        await self._work_done.wait()
 
     async def _unhold(self, held: list[TcpConn]) -> None:
         """A pre-copy batch failed half-way: repair OFF again (fresh helper), release."""
@@ -290,6 +324,7 @@ class SourceMigration:
         if self.stream is not None:
             await self.stream.aclose()
             self.stream = None
+        self.kept = None
         self.precopied.clear()
         self.roles.step(Event.PRECOPY_DROPPED)
 
@@ -313,13 +348,23 @@ class SourceMigration:
     ) -> dict[str, Any]:
         """Freeze and stream: on ``fd``, or on the pre-copy's stream if ``fd`` is None.
 
+        After a pre-copy kept here (:attr:`kept`), ``fd`` is its stream.
+
         Streamed, the source waits for commit or abort, and rolls back by
         itself after ``outcome_timeout`` seconds without either (ferryctl's
         coordinator may die). None: no such watchdog, for a driver that
         always tells (QEMU: ferryd.migration_device_state).
         """
         d, roles = self.host, self.roles
-        if fd is not None:
+        kept = self.kept if fd is not None else None
+        if fd is not None and kept is not None:
+            stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
+            self.kept = None
+            if same_netns:
+                await self._drop_precopy()
+                raise MigrationFailed("no pre-copy in the target's network namespace")
+            roles.step(Event.FREEZE_PRECOPIED)  # (kept only while precopied; no watchdog)
+        elif fd is not None:
             stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
             try:
                 roles.step(Event.FREEZE, "cannot migrate out: this ferryd is {role}")
@@ -361,7 +406,7 @@ class SourceMigration:
                     self.frozen.extend(repairable)
                 t_repaired = time.monotonic()
                 # Repair ON runs under the dump (_stream).
-                written = await self._stream(stream, counts, repairable)
+                written = await self._stream(stream, counts, repairable, kept or b"")
                 t_dumped = time.monotonic()
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
@@ -390,7 +435,14 @@ class SourceMigration:
             "freeze_repair_on": (t_repaired - t_stopped) * 1e3,
             "dump_stream": (t_dumped - t_repaired) * 1e3,
         }
-        log.info("migration: streamed %s in %d bytes", counts, written)
+        log.info(
+            "migration: streamed %s in %d bytes, %.1f ms (stop %.1f, dump and stream %.1f)",
+            counts,
+            written,
+            (t_dumped - t_freeze) * 1e3,
+            self.timings["stop"],
+            self.timings["dump_stream"],
+        )
         return {
             "flows": counts,
             "stream_bytes": written,
@@ -399,9 +451,15 @@ class SourceMigration:
         }
 
     async def _stream(
-        self, stream: trio.lowlevel.FdStream, counts: dict[str, int], repairable: list[TcpConn]
+        self,
+        stream: trio.lowlevel.FdStream,
+        counts: dict[str, int],
+        repairable: list[TcpConn],
+        kept: bytes,
     ) -> int:
-        """Freeze ``repairable`` and put them in repair mode, and stream every record.
+        """Freeze ``repairable`` and put them in repair mode, and stream every record
+        after ``kept`` (a pre-copy kept here: sent at once, so the target restores it
+        while the pre-copied connections are checked here).
 
         ferry-repair freezes each socket's intake (a drop-all filter) as it
         turns repair on (repair_helper/repair.py), batch after batch; each
@@ -444,6 +502,8 @@ class SourceMigration:
             if repairable:
                 nursery.start_soon(repair_on)
             try:
+                if kept:
+                    await stream.send_all(kept)
                 written = await self._write_records(stream, counts, repairable, frozen)
             except Exception as exc:  # raised bare below, not in an exception group
                 error = exc

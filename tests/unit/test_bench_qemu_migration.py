@@ -22,6 +22,7 @@ from bench.qemu_migration import (
     _row_deadline,
     format_migrations,
     format_ratios,
+    net_device_ms,
 )
 
 
@@ -68,6 +69,22 @@ def test_migration_table_shows_each_run_and_why_one_failed() -> None:
     assert "ferryd" not in table  # no rows: no line
     late = format_migrations(rows, ["passt"], [100], LATE_FAILURE)
     assert "0/100" in late and "1000" not in late
+
+
+def test_the_net_devices_save_and_load_come_from_qemus_trace_events() -> None:
+    # Lines as QEMU 10.0's log backend writes them (captured with -msg timestamp=on).
+    log = "\n".join([
+        "18751@1796204292.248074:vmstate_downtime_checkpoint src-downtime-start",
+        "18751@1796204292.252693:vmstate_downtime_save type=non-iterable"
+        " idstr=0000:00:01.1/ide instance_id=0 downtime=61",
+        "18751@1796204292.260574:vmstate_downtime_save type=non-iterable"
+        " idstr=0000:00:02.0/virtio-net instance_id=0 downtime=6662",
+        "vmstate_downtime_load type=non-iterable idstr=0000:00:02.0/virtio-net"
+        " instance_id=0 downtime=43070",
+    ])  # fmt: skip
+    assert net_device_ms(log, "save") == 6.662
+    assert net_device_ms(log, "load") == 43.07
+    assert net_device_ms("qemu-system-x86_64: terminating on signal 15", "save") is None
 
 
 def test_the_cache_gives_the_newest_complete_build(tmp_path: Path) -> None:

@@ -17,11 +17,11 @@ import contextlib
 import errno
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import trio
@@ -32,14 +32,16 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
 from ferryd.frontends.vhost_user.messages import TransferDirection
+from ferryd.migration import source as source_module
 from ferryd.migration.controller import MigrationController
 from ferryd.migration.errors import MigrationError
 from ferryd.migration.history import Direction, Outcome
-from ferryd.migration.records import UdpFlowRecord
+from ferryd.migration.records import TcpFlowRecord, UdpFlowRecord
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
+from ferryd.migration.session import PRECOPY_QUIET
 from ferryd.migration.source import OUTCOME_TIMEOUT, SourceMigration
-from ferryd.migration.stream_events import FlowReceived
+from ferryd.migration.stream_events import FlowReceived, HeaderReceived, PrecopyEnded
 from ferryd.migration_device_state import DeviceStateMigration
 from tests.unit.migration_host import FakeKernel, FakeRepair, MemoryHost, decode_stream
 from tests.unit.test_flows_helpers import GUEST4, gateway_of, udp_from_guest
@@ -177,14 +179,14 @@ def _open_files() -> set[str]:
     return out
 
 
-def _adopt_tcp(host: MemoryHost) -> tuple[socket.socket, socket.socket]:
-    """A real loopback TCP connection, adopted into the host's TCP flows."""
+def _adopt_tcp(host: MemoryHost, ends: Endpoints = ENDS) -> tuple[socket.socket, socket.socket]:
+    """A real loopback TCP connection, adopted into the host's TCP flows as ``ends``."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         peer = socket.create_connection(server.getsockname())
         ours, _ = server.accept()
     ours.setblocking(False)
     now = trio.current_time()
-    host.tcp.adopt(ENDS, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
+    host.tcp.adopt(ends, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
     return ours, peer
 
 
@@ -316,6 +318,130 @@ async def test_check_without_a_transfer_fails(monkeypatch: pytest.MonkeyPatch) -
         assert not await b.src.device.check(LOAD)  # not the direction of the transfer
         assert role(b.src) is Role.FROZEN
         assert b.dst.host.calls == [] and role(b.dst) is Role.RUNNING
+
+
+# --- source: QEMU's migration starts (LOG_ALL), a pre-copy kept here -------
+
+
+def _ends(port: int) -> Endpoints:
+    return Endpoints(GUEST4, port, gateway_of(4), 80)
+
+
+def _tcp_ports(events: Sequence[object]) -> list[int]:
+    """The guest ports of the TCP records in a decoded stream, in order."""
+    return [
+        e.flow.guest_port
+        for e in events
+        if isinstance(e, FlowReceived) and isinstance(e.flow, TcpFlowRecord)
+    ]
+
+
+async def test_qemus_migration_start_precopies_and_save_sends_only_what_moved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LOG_ALL: the quiet connections are dumped while the guest runs; SAVE
+    dumps again only the one whose socket moved since (QEMU's downtime)."""
+    async with bed(monkeypatch) as b:
+        src = b.src
+        pairs = [_adopt_tcp(src.host, _ends(port)) for port in (40010, 40011)]
+        (still, _), (moved, _) = pairs
+        await trio.sleep(PRECOPY_QUIET * 1.5)  # both quiet long enough
+        src.device.dirty_logging(True)  # QEMU's migration of the VM starts
+        await trio.testing.wait_all_tasks_blocked()
+        assert role(src) is Role.PRECOPIED
+        fds = [still.fileno(), moved.fileno()]
+        assert b.repair.calls == [(RepairMode.ON, fds), (RepairMode.OFF_NO_WINDOW_PROBE, fds)]
+        assert src.host.calls == []  # the data path was not stopped
+        # The guest still runs: one connection's socket moves meanwhile.
+        monkeypatch.setattr(
+            b.kernel, "segment_counts", lambda sock: (2, 2) if sock is moved else (1, 1)
+        )
+        b.kernel.calls.clear()
+        data, ok = await save(src)
+        assert ok and role(src) is Role.FROZEN
+        events = decode_stream(data)
+        header = events[0]
+        assert isinstance(header, HeaderReceived) and header.header.precopy
+        end = next(i for i, e in enumerate(events) if isinstance(e, PrecopyEnded))
+        assert _tcp_ports(events[:end]) == [40010, 40011]  # the pre-copy, first
+        assert _tcp_ports(events[end:]) == [40011]  # then only what moved
+        assert [c for c in b.kernel.calls if c.startswith("dump")] == [f"dump {moved.fileno()}"]
+        assert b.repair.calls[2:] == [(RepairMode.ON, fds)]  # the freeze: all of them
+        migration = src.controller.migration
+        assert isinstance(migration, SourceMigration)
+        assert migration.streamed["tcp"] == 2 and migration.streamed["unchanged"] == 1
+        # A late failure still rolls back with every connection.
+        await src.device.resumed()
+        assert role(src) is Role.RUNNING
+        assert b.repair.calls[3:] == [(RepairMode.OFF, fds)]
+        for ours, peer in pairs:
+            peer.sendall(b"still here")
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(ours)
+            assert ours.recv(100) == b"still here"
+            peer.close()
+
+
+@pytest.mark.parametrize("how", ["log-all-off", "qemu-left"])
+async def test_a_migration_given_up_before_save_drops_the_precopy(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    async with bed(monkeypatch) as b:
+        src = b.src
+        ours, peer = _adopt_tcp(src.host)
+        with peer:
+            await trio.sleep(PRECOPY_QUIET * 1.5)
+            src.device.dirty_logging(True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert role(src) is Role.PRECOPIED
+            if how == "log-all-off":
+                src.device.dirty_logging(False)  # QEMU cancelled its migration
+            else:
+                src.device.disconnected()  # QEMU died mid-migration
+            await trio.testing.wait_all_tasks_blocked()
+            assert role(src) is Role.RUNNING
+            assert src.host.calls == []  # the guest was served all along
+            # The next migration starts from scratch: a plain freeze, every connection dumped.
+            b.kernel.calls.clear()
+            data, ok = await save(src)
+            assert ok
+            events = decode_stream(data)
+            header = events[0]
+            assert isinstance(header, HeaderReceived) and not header.header.precopy
+            assert _tcp_ports(events) == [ENDS.guest_port]
+            assert b.kernel.calls == [f"dump {ours.fileno()}"]
+
+
+async def test_a_save_during_the_precopy_cuts_it_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest is stopped: the SAVE waits for the batch being dumped, not for the rest."""
+    monkeypatch.setattr(source_module, "PRECOPY_BATCH", 1)
+    async with bed(monkeypatch) as b:
+        src = b.src
+        pairs = [_adopt_tcp(src.host, _ends(port)) for port in (40020, 40021, 40022)]
+        set_repair = b.repair.set_repair
+        first_batch = trio.Event()
+
+        async def slow_helper(socks: Any, mode: RepairMode, **kw: Any) -> None:
+            await trio.sleep(0.05)
+            await set_repair(socks, mode, **kw)
+            first_batch.set()
+
+        monkeypatch.setattr(b.repair, "set_repair", slow_helper)
+        await trio.sleep(PRECOPY_QUIET * 1.5)
+        src.device.dirty_logging(True)
+        with trio.fail_after(5):
+            await first_batch.wait()  # the first batch is in repair mode
+        data, ok = await save(src)
+        assert ok and role(src) is Role.FROZEN
+        events = decode_stream(data)
+        end = next(i for i, e in enumerate(events) if isinstance(e, PrecopyEnded))
+        assert _tcp_ports(events[:end]) == [40020]  # the batch it was dumping
+        assert _tcp_ports(events[end:]) == [40021, 40022]  # the rest, by the freeze
+        migration = src.controller.migration
+        assert isinstance(migration, SourceMigration)
+        assert migration.streamed["tcp"] == 3 and migration.streamed["unchanged"] == 1
+        for _, peer in pairs:
+            peer.close()
 
 
 # --- target -----------------------------------------------------------------

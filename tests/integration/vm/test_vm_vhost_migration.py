@@ -186,6 +186,12 @@ def test_qemu_migrates_the_vm_and_ferryd_with_it_byte_exact(
     )
     assert into["last_connections"] == 1 + idle and into["in_completed"] == 1
     assert out["last_connections"] == 1 + idle
+    # QEMU's LOG_ALL started a pre-copy: the idle connections were dumped while
+    # the guest ran, and the SAVE (QEMU's downtime) only checked they had not moved.
+    streamed = re.search(r"migration: streamed .*'unchanged': (\d+)", ferryd_a.log())
+    assert streamed is not None, ferryd_a.log()
+    print(f"pre-copied and unchanged at the SAVE: {streamed[1]} of {1 + idle}")
+    assert int(streamed[1]) >= idle // 2, ferryd_a.log()
     if udp is not None:
         # The guest's UDP socket's flow came in the stream (not made anew by its next datagram).
         restored = re.search(r"migration: restored .*'udp': (\d+)", ferryd_b.log())
