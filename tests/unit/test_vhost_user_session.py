@@ -635,10 +635,12 @@ def test_any_message_sequence_only_ever_raises_the_protocol_error(
             # The data path on whatever was set up: nothing to move (no buffers were
             # posted), or the one error of the guest's (a base QEMU set ahead of the
             # guest's available index looks like a driver running 65535 entries ahead).
+            # A base just behind it (0xffff against the zeroed index 0) makes zeroed
+            # entries look posted: they read as descriptor 0, empty, and nothing else.
             with contextlib.suppress(GuestDriverError):
                 assert vq.push_frame_untrusted([b"x" * 60]) == 0
             with contextlib.suppress(GuestDriverError):
-                assert vq.pop_readable_untrusted(memoryview(bytearray(100))) is None
+                assert vq.pop_readable_untrusted(memoryview(bytearray(100))) in (None, (0, 0))
         if session.phase is Phase.CHECKING:
             session.device_state_checked(True)
     session.close()
