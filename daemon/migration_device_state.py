@@ -6,15 +6,24 @@ this adapter turns those into the migration controller's entry points, as
 ferryd.migration_control does for ferryctl's requests. It sits above both,
 so that neither knows the other.
 
-Source (QEMU's SAVE, rings stopped)::
+Source (LOG_ALL while the guest runs; then QEMU stops the VM, then SAVE)::
 
-    save(fd)       freeze and stream into QEMU's pipe, in the background
-                   (MigrationController.migrate_out; closing the fd at the
-                   end is what lets QEMU read to EOF)
+    dirty_logging(on)  QEMU's migration starts: cap the queues, and pre-copy
+                   the quiet connections, keeping the records here
+                   (MigrationController.precopy(None)); off before a SAVE
+                   (cancelled): drop it
+    suspended()    the last ring stopped while logging: QEMU stopped the VM,
+                   and SAVE follows after RAM's last pass; freeze already
+                   (MigrationController.freeze_early: repair ON, pre-copied
+                   connections confirmed, nothing dumped yet)
+    save(fd)       freeze (unless frozen early) and stream into QEMU's pipe,
+                   in the background (MigrationController.migrate_out;
+                   closing the fd at the end is what lets QEMU read to EOF)
     check(SAVE)    True once the whole stream was written and the fd closed
-    resumed()      QEMU restarted a ring after it: its migration failed
-                   after ferryd's part (the target died, a cancel): roll back
-                   (thaw, data path restarted) before any frame flows
+    resumed()      QEMU restarted a ring after it (or after suspended()
+                   with no SAVE): its migration failed (the target died, a
+                   cancel): roll back (thaw, data path restarted) before any
+                   frame flows
     disconnected() QEMU is gone: the target took over, commit (linger, exit)
 
 Between a checked SAVE and its outcome the source keeps everything a
@@ -74,6 +83,9 @@ from ferryd.migration.roles import ROLLBACK_ROLES, Role
 
 log = logging.getLogger("ferryd.migration")
 
+#: Roles a source freezes early from (QEMU stopped the VM: ``suspended``).
+_PRE_FREEZE = (Role.RUNNING, Role.PRECOPYING, Role.PRECOPIED)
+
 __all__ = ["DeviceStateMigration"]
 
 
@@ -110,6 +122,8 @@ class DeviceStateMigration:
         self._throttle = LogThrottle(log)
         self._logging = False
         """QEMU's dirty logging is on: its migration of this VM is under way."""
+        self._stopped = False
+        """QEMU stopped the VM while migrating it, and has not started a ring since."""
 
     def dirty_logging(self, on: bool) -> None:
         """QEMU's migration of this VM starts (``on``: LOG_ALL) or was given up.
@@ -143,6 +157,26 @@ class DeviceStateMigration:
         )
         if not self._migrating():  # given up while it ran (its drop found nothing yet)
             await self._drop_precopy()
+
+    def suspended(self) -> None:
+        """QEMU stopped the VM to end its migration: freeze now, stream at SAVE.
+
+        In order with the background steps: the SAVE's stream_out, asked
+        for next, waits for the freeze it completes (MigrationController.migrate_out).
+        """
+        if not self._migrating() or self.controller.role not in _PRE_FREEZE:
+            return
+        self._stopped = True
+
+        async def freeze_early() -> None:
+            try:
+                await self.controller.freeze_early(lambda: self._stopped)
+            except MigrationError as exc:
+                # Rolled back: the SAVE, if it comes, freezes from the start.
+                self._warn("freeze", "early freeze for QEMU's SAVE: %s", exc)
+
+        with contextlib.suppress(MigrationError):  # refused: logged; the SAVE freezes
+            self._in_order(freeze_early)
 
     async def _drop_precopy(self) -> None:
         try:
@@ -242,6 +276,7 @@ class DeviceStateMigration:
         return transfer.ok
 
     async def resumed(self) -> None:
+        self._stopped = False
         async with self._outcome:
             # Decided by the role, not by the last transfer: a second SAVE
             # (refused: already frozen) must not hide the first one's outcome.
@@ -257,6 +292,7 @@ class DeviceStateMigration:
             log.info("QEMU resumed the source VM after its migration failed: %s", outcome["note"])
 
     async def started(self) -> None:
+        self._stopped = False
         async with self._outcome:
             if self._settling is not None:
                 # The last QEMU's outcome (a discard) comes first. Only that:
@@ -298,7 +334,7 @@ class DeviceStateMigration:
         await done.wait()
 
     def disconnected(self) -> None:
-        self._logging = False
+        self._logging = self._stopped = False
         self._transfer = None
         self._resumable = False
 
@@ -310,6 +346,8 @@ class DeviceStateMigration:
                     await self.controller.commit()  # the target took over
                 elif role in (Role.PRECOPYING, Role.PRECOPIED):
                     await self.controller.drop_kept_precopy()  # no SAVE came
+                elif role is Role.MIGRATING_OUT:
+                    await self.controller.abort()  # frozen early, and no SAVE came
                 elif role in (Role.MIGRATING_IN, Role.RESTORED):
                     await self.controller.abort()  # the VM will not run here: discard
             except MigrationError as exc:

@@ -167,6 +167,8 @@ class MigrationController:
             current = self._current(SourceMigration)
             return await current.migrate_out(None, same_netns, outcome_timeout)
         last = self.migration
+        if fd is not None and isinstance(last, SourceMigration) and last.early is not None:
+            return await last.migrate_out(fd, same_netns, outcome_timeout)
         if fd is not None and isinstance(last, SourceMigration) and last.keeping:
             # A pre-copy kept here goes first on fd; one still dumping ends
             # after its batch (the guest is stopped: no waiting for the rest).
@@ -177,6 +179,26 @@ class MigrationController:
         if fd is not None and self.roles.allows(Event.FREEZE):
             self.migration = migration  # else refused below, the last one kept
         return await migration.migrate_out(fd, same_netns, outcome_timeout)
+
+    async def freeze_early(self, still_stopped: Callable[[], bool]) -> None:
+        """Freeze ahead of the stream (SourceMigration.freeze_early): QEMU stopped the VM
+        to end its migration, and its SAVE will call :meth:`migrate_out`.
+
+        ``still_stopped`` says whether the VM is still stopped: asked once a
+        pre-copy still dumping has ended, right before freezing (QEMU may have
+        resumed it meanwhile, and the freeze must not catch a running guest).
+        """
+        last = self.migration
+        if isinstance(last, SourceMigration) and last.keeping:
+            await last.cut_precopy()
+            if self.roles.allows(Event.FREEZE_PRECOPIED) and last.kept is not None:
+                if still_stopped():
+                    await last.freeze_early()
+                return
+        migration = SourceMigration(self._ready())
+        if still_stopped() and self.roles.allows(Event.FREEZE):
+            self.migration = migration
+            await migration.freeze_early()
 
     async def commit(self) -> dict[str, Any]:
         return await self._current(SourceMigration).commit()

@@ -58,6 +58,13 @@ getsockopt and no stream bytes. The others are dumped in full and replace
 their pre-copied record; pre-copied connections that ended meanwhile are
 listed in one TcpGone record.
 
+QEMU (vhost-user, ferryd.migration_device_state) opens the stream only
+once its guest is stopped, so there the pre-copy starts when QEMU's
+migration does (LOG_ALL) and is kept here, encoded (:meth:`precopy`
+without a stream), and the freeze starts when QEMU stops the VM
+(:meth:`freeze_early`), a few milliseconds before it asks for the stream:
+:meth:`migrate_out` then writes the kept pre-copy and dumps the rest.
+
 Same network namespace as the target (REFERENCE.md, "Same host"): the
 target cannot connect a 4-tuple while this socket exists, so each socket is
 closed silently (repair mode: no FIN, no RST) right after its record left,
@@ -124,6 +131,11 @@ ROLLBACK_RETRY_FIRST = 0.25
 ROLLBACK_RETRY_MAX = 5.0
 
 
+def _no_flows() -> dict[str, int]:
+    """A migration's flow counts, by kind (the history's flows moved; ferryctl's answer)."""
+    return {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
+
+
 def _why(exc: BaseException) -> str:
     """A failure in words; trio's stream errors carry none."""
     if isinstance(exc, trio.BrokenResourceError):
@@ -159,6 +171,9 @@ class SourceMigration:
         that go first on the stream the freeze is given; None otherwise."""
         self.keeping = False
         """This migration's pre-copy is (or was) kept here: started without a stream."""
+        self.early: tuple[bytes, dict[str, int]] | None = None
+        """After :meth:`freeze_early`, until the stream comes: what goes first on it
+        (a kept pre-copy) and the flows confirmed so far, by kind."""
         self._cut = False
         """Set by :meth:`cut_precopy`: the pre-copy in progress ends after its batch."""
         self._work: trio.CancelScope | None = None
@@ -355,7 +370,9 @@ class SourceMigration:
         coordinator may die). None: no such watchdog, for a driver that
         always tells (QEMU: ferryd.migration_device_state).
         """
-        d, roles = self.host, self.roles
+        roles = self.roles
+        if fd is not None and self.early is not None:
+            return await self._stream_frozen(fd, same_netns, outcome_timeout, *self.early)
         kept = self.kept if fd is not None else None
         if fd is not None and kept is not None:
             stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
@@ -386,21 +403,13 @@ class SourceMigration:
             roles.step(Event.FREEZE_PRECOPIED)
         self.same_netns = same_netns
         t_freeze = self.t_freeze = time.monotonic()
-        counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0, "unchanged": 0}
+        counts = _no_flows()
         self._work_done = trio.Event()
         try:
             with trio.CancelScope() as work:
                 self._work = work
-                await d.stop()
-                # What the guest already queued for us is handled now: handing
-                # over drops it. From the handover on the guest's frames go to
-                # the target (taken over at its migrate-in or wait-precopy),
-                # which holds them until it resumes: nothing the guest sends
-                # during the downtime is lost.
-                d.hand_over(drain=True)
+                repairable = await self._stop()
                 t_stopped = time.monotonic()
-                self.conns = [c for c in d.tcp.connections() if not c.closed]
-                repairable = [c for c in self.conns if c.state is not State.CONNECTING]
                 if repairable:
                     self.repair = await self.repair_source.get()
                     self.frozen.extend(repairable)
@@ -411,30 +420,34 @@ class SourceMigration:
             if work.cancelled_caught:
                 raise MigrationAborted("aborted by migrate-abort")
         except Exception as exc:
-            log.warning("migration failed: %s; rolling back", _why(exc))
             self.s.counters.out_failed += 1
-            self.failure = f"migration failed: {_why(exc)}"
-            await trio.lowlevel.checkpoint()
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-                rolled_back = await self.rollback()
-            raise MigrationFailed(
-                self.rollback_outcome(f"migration failed ({_why(exc)})", rolled_back)
-            ) from exc
+            raise await self._undo("migration failed", exc, stream) from exc
         finally:
             self._work = None
             self._work_done.set()
-        roles.step(Event.STREAMED)
-        if outcome_timeout is not None:
-            self.s.nursery.start_soon(self._outcome_watchdog, outcome_timeout)
-        self.s.counters.last_downtime_ms = (t_dumped - t_freeze) * 1e3
-        self.s.counters.last_connections = counts["tcp"]
-        self.streamed = counts
         self.timings = {
             "stop": (t_stopped - t_freeze) * 1e3,
             "freeze_repair_on": (t_repaired - t_stopped) * 1e3,
             "dump_stream": (t_dumped - t_repaired) * 1e3,
         }
+        return self._streamed(counts, written, outcome_timeout, t_dumped)
+
+    def _streamed(
+        self,
+        counts: dict[str, int],
+        written: int,
+        outcome_timeout: float | None,
+        t_dumped: float,
+    ) -> dict[str, Any]:
+        """The stream is written: wait for the outcome (see migrate_out); the answer."""
+        assert self.t_freeze is not None
+        t_freeze = self.t_freeze
+        self.roles.step(Event.STREAMED)
+        if outcome_timeout is not None:
+            self.s.nursery.start_soon(self._outcome_watchdog, outcome_timeout)
+        self.s.counters.last_downtime_ms = (t_dumped - t_freeze) * 1e3
+        self.s.counters.last_connections = counts["tcp"]
+        self.streamed = counts
         log.info(
             "migration: streamed %s in %d bytes, %.1f ms (stop %.1f, dump and stream %.1f)",
             counts,
@@ -449,6 +462,133 @@ class SourceMigration:
             "t_freeze": t_freeze,
             "timings_ms": {**self.precopy_timings, **self.timings},
         }
+
+    async def _undo(
+        self, what: str, exc: Exception, stream: trio.lowlevel.FdStream | None
+    ) -> MigrationFailed:
+        """A freeze failed (``what``, because of ``exc``): close the stream, roll back.
+
+        Answers the error to raise: what happened, rolled back or not.
+        """
+        log.warning("%s: %s; rolling back", what, _why(exc))
+        self.failure = f"{what}: {_why(exc)}"
+        await trio.lowlevel.checkpoint()
+        with trio.CancelScope(shield=True):
+            if stream is not None:
+                await stream.aclose()
+            rolled_back = await self.rollback()
+        return MigrationFailed(self.rollback_outcome(f"{what} ({_why(exc)})", rolled_back))
+
+    def _confirmed(self, conn: TcpConn) -> bool:
+        """Whether ``conn`` (frozen) is pre-copied and did not move since: the target has it
+        already, exactly so. Either way it leaves :attr:`precopied` (what is left there
+        at the end closed meanwhile: TcpGone); if not, its dump replaces the pre-copy."""
+        pre = self.precopied.pop(conn, None)
+        return (
+            pre is not None
+            and pre[2] == conn.guest_state()
+            and pre[1] == self.kernel.segment_counts(socket_of(conn))
+        )
+
+    async def _stop(self) -> list[TcpConn]:
+        """Stop the data path and hand the guest over; the TCP connections to freeze.
+
+        What the guest already queued for us is handled now: handing over
+        drops it. From the handover on the guest's frames go to the target
+        (taken over at its migrate-in or wait-precopy), which holds them
+        until it resumes: nothing the guest sends during the downtime is lost.
+        """
+        d = self.host
+        await d.stop()
+        d.hand_over(drain=True)
+        self.conns = [c for c in d.tcp.connections() if not c.closed]
+        return [c for c in self.conns if c.state is not State.CONNECTING]
+
+    async def freeze_early(self) -> None:
+        """Freeze before the stream exists: QEMU stopped the VM to end its migration.
+
+        QEMU suspends the device (every ring stopped) as it stops the VM,
+        then sends RAM's last pass and the other devices, and only then asks
+        for the stream (SAVE): a few milliseconds ferryd would otherwise
+        wait through. So the freeze starts here: the data path stops, every
+        TCP socket is frozen and put in repair mode, and each pre-copied
+        connection that did not move (as in :meth:`_write_records`) is
+        confirmed. No dump is made yet (no payload is read out of a kernel
+        queue before there is a stream to write it to): :meth:`migrate_out`,
+        given the stream, writes the kept pre-copy and dumps the rest. QEMU
+        restarting the VM instead (its migration failed or was cancelled
+        before SAVE) means an abort: a rollback, as after a SAVE.
+        """
+        roles = self.roles
+        kept = self.kept or b""
+        if self.kept is not None:
+            roles.step(Event.FREEZE_PRECOPIED)  # (kept only while precopied; no watchdog)
+            self.kept = None
+        else:
+            roles.step(Event.FREEZE, "cannot freeze: this ferryd is {role}")
+        self.t_freeze = time.monotonic()
+        counts = _no_flows()
+        self._work_done = trio.Event()
+        try:
+            with trio.CancelScope() as work:
+                self._work = work
+                repairable = await self._stop()
+                t_stopped = time.monotonic()
+                if repairable:
+                    repair = self.repair = await self.repair_source.get()
+                    self.frozen.extend(repairable)
+                    await repair.set_repair([socket_of(c) for c in repairable], RepairMode.ON)
+                t_repaired = time.monotonic()
+                rest = []
+                for conn in self.conns:
+                    if self._confirmed(conn):
+                        counts["tcp"] += 1
+                        counts["unchanged"] += 1
+                    else:
+                        rest.append(conn)
+                self.conns = rest
+            if work.cancelled_caught:
+                raise MigrationAborted("aborted: QEMU resumed the VM")
+        except Exception as exc:
+            raise await self._undo("early freeze failed", exc, None) from exc
+        finally:
+            self._work = None
+            self._work_done.set()
+        self.early = (kept, counts)
+        self.timings = {
+            "stop": (t_stopped - self.t_freeze) * 1e3,
+            "freeze_repair_on": (t_repaired - t_stopped) * 1e3,
+        }
+
+    async def _stream_frozen(
+        self,
+        fd: int,
+        same_netns: bool,
+        outcome_timeout: float | None,
+        kept: bytes,
+        counts: dict[str, int],
+    ) -> dict[str, Any]:
+        """:meth:`migrate_out` after :meth:`freeze_early`: only the stream is left to write."""
+        stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
+        self.early = None
+        self.same_netns = same_netns  # (QEMU's: never the same namespace)
+        t_saved = time.monotonic()
+        self._work_done = trio.Event()
+        try:
+            with trio.CancelScope() as work:
+                self._work = work
+                written = await self._stream(stream, counts, [], kept)
+            if work.cancelled_caught:
+                raise MigrationAborted("aborted by migrate-abort")
+        except Exception as exc:
+            self.s.counters.out_failed += 1
+            raise await self._undo("migration failed", exc, stream) from exc
+        finally:
+            self._work = None
+            self._work_done.set()
+        t_dumped = time.monotonic()
+        self.timings["dump_stream"] = (t_dumped - t_saved) * 1e3
+        return self._streamed(counts, written, outcome_timeout, t_dumped)
 
     async def _stream(
         self,
@@ -565,19 +705,13 @@ class SourceMigration:
         if self.same_netns:
             d.tcp.close_listeners()
             self.listeners_closed = True
-        precopied = self.precopied
         next_frozen = 0
         for conn in self.conns:
             if next_frozen < len(repairable) and repairable[next_frozen] is conn:
                 await frozen(next_frozen)
                 next_frozen += 1
-            pre = precopied.pop(conn, None)
-            if (
-                pre is not None
-                and pre[2] == conn.guest_state()
-                and pre[1] == kernel.segment_counts(socket_of(conn))
-            ):
-                counts["tcp"] += 1  # the target has it already, exactly so
+            if self._confirmed(conn):
+                counts["tcp"] += 1
                 counts["unchanged"] += 1
                 continue
             dumped = None if conn.state is State.CONNECTING else kernel.dump_tcp(socket_of(conn))
@@ -586,7 +720,7 @@ class SourceMigration:
             counts["tcp" if not rec_tcp.handshake else "reset"] += 1
             if self.same_netns and dumped is not None:
                 to_close.append(conn)
-        if precopied:  # pre-copied, and closed since
+        if precopied := self.precopied:  # pre-copied, and closed since
             await emit(enc.tcp_gone(sorted(index for index, _, _ in precopied.values())))
             precopied.clear()
         now = trio.current_time()
@@ -718,6 +852,7 @@ class SourceMigration:
                 self._watchdog.cancel()
             if self._linger_scope is not None:
                 self._linger_scope.cancel()
+            self.early = None  # (frozen early, no stream came: nothing left to write)
             self.rollback_attempts += 1
             try:
                 await self._rollback_steps()

@@ -444,6 +444,135 @@ async def test_a_save_during_the_precopy_cuts_it_short(monkeypatch: pytest.Monke
             peer.close()
 
 
+# --- source: QEMU stops the VM to end its migration (freeze before SAVE) ----
+
+
+async def _precopied_pairs(b: Bed, *ports: int) -> list[tuple[socket.socket, socket.socket]]:
+    """Quiet connections, pre-copied at LOG_ALL (QEMU's migration started)."""
+    pairs = [_adopt_tcp(b.src.host, _ends(port)) for port in ports]
+    await trio.sleep(PRECOPY_QUIET * 1.5)
+    b.src.device.dirty_logging(True)
+    await trio.testing.wait_all_tasks_blocked()
+    assert role(b.src) is Role.PRECOPIED
+    return pairs
+
+
+async def _echoes(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    """Each connection still carries bytes (its socket thawed), then its peer closes."""
+    for ours, peer in pairs:
+        peer.sendall(b"still here")
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(ours)
+        assert ours.recv(100) == b"still here"
+        peer.close()
+
+
+async def test_the_vm_stopped_while_migrating_is_frozen_before_save(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SAVE comes only after RAM's last pass: by then every socket is frozen and
+    the pre-copied ones confirmed; SAVE dumps only what moved, and no payload
+    was read out of a kernel queue before there was a stream for it."""
+    async with bed(monkeypatch) as b:
+        src = b.src
+        pairs = await _precopied_pairs(b, 40030, 40031)
+        (still, _), (moved, _) = pairs
+        monkeypatch.setattr(
+            b.kernel, "segment_counts", lambda sock: (2, 2) if sock is moved else (1, 1)
+        )
+        b.kernel.calls.clear()
+        src.device.suspended()  # the last ring stopped, LOG_ALL on
+        await trio.testing.wait_all_tasks_blocked()
+        assert role(src) is Role.MIGRATING_OUT
+        assert src.host.calls == ["stop", "hand_over(drain)"]
+        fds = [still.fileno(), moved.fileno()]
+        assert b.repair.calls[-1] == (RepairMode.ON, fds)
+        assert not any(c.startswith("dump") for c in b.kernel.calls)
+        data, ok = await save(src)
+        assert ok and role(src) is Role.FROZEN
+        events = decode_stream(data)
+        end = next(i for i, e in enumerate(events) if isinstance(e, PrecopyEnded))
+        assert _tcp_ports(events[:end]) == [40030, 40031]
+        assert _tcp_ports(events[end:]) == [40031]
+        assert [c for c in b.kernel.calls if c.startswith("dump")] == [f"dump {moved.fileno()}"]
+        assert b.repair.calls[2:] == [(RepairMode.ON, fds)]  # frozen once
+        migration = src.controller.migration
+        assert isinstance(migration, SourceMigration)
+        assert migration.streamed["tcp"] == 2 and migration.streamed["unchanged"] == 1
+        src.device.disconnected()  # the target took over
+        with trio.fail_after(5):
+            await src.host.exited.wait()
+        for _, peer in pairs:
+            peer.close()
+
+
+@pytest.mark.parametrize("how", ["vm-resumed", "qemu-left"])
+async def test_an_early_freeze_without_save_rolls_back(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """QEMU restarts the VM (its migration failed before SAVE), or dies: thawed."""
+    async with bed(monkeypatch) as b:
+        src = b.src
+        pairs = await _precopied_pairs(b, 40040, 40041)
+        fds = [ours.fileno() for ours, _ in pairs]
+        src.device.suspended()
+        await trio.testing.wait_all_tasks_blocked()
+        assert role(src) is Role.MIGRATING_OUT
+        if how == "vm-resumed":
+            await src.device.resumed()  # before the ring's own start: frames wait for it
+        else:
+            src.device.disconnected()
+            await trio.testing.wait_all_tasks_blocked()
+        assert role(src) is Role.RUNNING
+        assert b.repair.calls[-1] == (RepairMode.OFF, fds)
+        assert src.host.calls[-2:] == ["take_over", "start"]
+        await _echoes(pairs)
+        # The next migration's SAVE freezes from scratch.
+        _, ok = await save(src)
+        assert ok and role(src) is Role.FROZEN
+
+
+async def test_a_vm_resumed_while_the_early_freeze_runs_is_thawed_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with bed(monkeypatch) as b:
+        src = b.src
+        pairs = await _precopied_pairs(b, 40050)
+        set_repair = b.repair.set_repair
+        freezing = trio.Event()
+
+        async def slow_helper(socks: Any, mode: RepairMode, **kw: Any) -> None:
+            if mode is RepairMode.ON:
+                freezing.set()
+                await trio.sleep(0.2)
+            await set_repair(socks, mode, **kw)
+
+        monkeypatch.setattr(b.repair, "set_repair", slow_helper)
+        src.device.suspended()
+        with trio.fail_after(5):
+            await freezing.wait()
+        await src.device.resumed()  # QEMU runs the VM again meanwhile
+        assert role(src) is Role.RUNNING
+        fd = pairs[0][0].fileno()
+        assert b.repair.calls[-1] == (RepairMode.OFF, [fd])  # thawed, whatever was reached
+        await _echoes(pairs)
+
+
+async def test_a_vm_stopped_while_not_migrating_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without LOG_ALL a stop is a paused VM (the session says nothing then; and
+    were it told, the adapter freezes only a migrating VM)."""
+    async with bed(monkeypatch) as b:
+        src = b.src
+        _, peer = _adopt_tcp(src.host)
+        with peer:
+            src.device.suspended()
+            await trio.testing.wait_all_tasks_blocked()
+            assert role(src) is Role.RUNNING
+            assert b.repair.calls == [] and src.host.calls == []
+
+
 # --- target -----------------------------------------------------------------
 
 

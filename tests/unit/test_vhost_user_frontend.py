@@ -71,6 +71,9 @@ class Recorder:
     def dirty_logging(self, on: bool) -> None:
         self.calls.append(("dirty_logging", on))
 
+    def suspended(self) -> None:
+        self.calls.append(("suspended", self._running()))
+
     def disconnected(self) -> None:
         self.calls.append(("disconnected", None))
         self.disconnected_event.set()
@@ -204,6 +207,44 @@ async def test_log_all_tells_the_handler_a_migration_starts_and_ends(running: Ru
             ("dirty_logging", True),
             ("dirty_logging", False),
         ]
+    finally:
+        qemu.close()
+    await recorder.disconnected_event.wait()
+
+
+async def test_stopping_the_vm_while_migrating_tells_the_handler(running: Running) -> None:
+    """With LOG_ALL on, the last ring's stop is QEMU stopping the VM to end its
+    migration (the handler may freeze then); starting the rings again without a
+    SAVE means a failed migration: the rollback comes before any frame."""
+    frontend, recorder = running.frontend, running.recorder
+    qemu = VhostUserQemu(frontend.path)
+    try:
+        await _in_thread(qemu.start)
+        log = await _in_thread(qemu.start_dirty_log)
+        log.close()
+        await _in_thread(qemu.stop_ring, qemu.rx)
+        assert not any(c[0] == "suspended" for c in recorder.calls)  # tx still runs
+        await _in_thread(qemu.stop_ring, qemu.tx)
+        assert recorder.calls[-1] == ("suspended", (False, False))
+        del recorder.calls[:]
+        for ring in (qemu.rx, qemu.tx):
+            base = struct.unpack_from("<H", qemu.ram, ring.avail + 2)[0]
+            await _in_thread(qemu.start_ring, ring, base)
+        await _in_thread(qemu.transmit, b"after the rollback" * 3)
+        await running.arrived.wait()
+        assert recorder.calls == [
+            ("resumed", (False, False)),
+            ("started", (False, False)),
+            ("started", (True, False)),
+        ]
+        # Without LOG_ALL a stop is only a stop (a paused VM): nothing to tell.
+        await _in_thread(
+            lambda: qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES), ack=True)
+        )
+        del recorder.calls[:]
+        for ring in (qemu.rx, qemu.tx):
+            await _in_thread(qemu.stop_ring, ring)
+        assert recorder.calls == []
     finally:
         qemu.close()
     await recorder.disconnected_event.wait()

@@ -15,6 +15,7 @@ from ferryd.frontends.vhost_user.actions import (
     CheckDeviceState,
     CloseFds,
     DeviceResumed,
+    DeviceSuspended,
     DirtyLogging,
     RingChanged,
     SendReply,
@@ -503,6 +504,28 @@ def test_rings_restarting_after_a_confirmed_save_mean_rollback() -> None:
     assert isinstance(actions[0], DeviceResumed) and isinstance(actions[1], SetKick)
     actions = qemu.ring(qemu.tx, base=session.queues[TX_QUEUE].last_avail)
     assert not any(isinstance(a, DeviceResumed) for a in actions)  # once
+
+
+def test_the_vm_stopped_while_migrating_is_told_once_and_its_restart_means_rollback() -> None:
+    """vm_stop with LOG_ALL on: QEMU ends its migration (SAVE follows). Restarted
+    with no SAVE instead, the migration failed: roll back before frames flow."""
+    _, _, session, qemu = _device()
+    qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES | bit(VHOST_F_LOG_ALL)), ack=True)
+    first = qemu.send(Request.GET_VRING_BASE, pack_vring_state(RX_QUEUE, 0))
+    assert not any(isinstance(a, DeviceSuspended) for a in first)  # tx still runs
+    last = qemu.send(Request.GET_VRING_BASE, pack_vring_state(TX_QUEUE, 0))
+    assert [a for a in last if isinstance(a, DeviceSuspended)] == [DeviceSuspended()]
+    again = qemu.send(Request.GET_VRING_BASE, pack_vring_state(TX_QUEUE, 0))
+    assert not any(isinstance(a, DeviceSuspended) for a in again)  # already stopped
+    actions = qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)
+    assert isinstance(actions[0], DeviceResumed) and isinstance(actions[1], SetKick)
+    actions = qemu.ring(qemu.tx, base=session.queues[TX_QUEUE].last_avail)
+    assert not any(isinstance(a, DeviceResumed) for a in actions)  # once
+    # Not migrating: a stop and a start are only that.
+    qemu.send(Request.SET_FEATURES, pack_u64(ACKED_FEATURES), ack=True)
+    _suspend(qemu)
+    actions = qemu.ring(qemu.rx, base=session.queues[RX_QUEUE].last_avail)
+    assert not any(isinstance(a, (DeviceSuspended, DeviceResumed)) for a in actions)
 
 
 def test_load_device_state_on_the_target() -> None:

@@ -81,10 +81,18 @@ class CheckDeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceSuspended:
+    """The last running ring stopped while LOG_ALL is on: QEMU stopped the VM to end its
+    migration, and its SAVE follows once RAM's last pass is sent (a few milliseconds
+    in which ferryd may freeze already)."""
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceResumed:
-    """A ring starts again after a successful SAVE: QEMU resumed this (source) VM, so the
-    migration failed after ferryd's part (target gone, cancelled) and ferryd rolls back,
-    thawing its sockets, before the guest's frames flow again."""
+    """A ring starts again after the device was suspended during a migration (after a
+    successful SAVE, or before any): QEMU resumed this (source) VM, so its migration
+    failed or was cancelled, and ferryd rolls back whatever it froze, thawing its
+    sockets, before the guest's frames flow again."""
 
 
 Action = (
@@ -95,6 +103,7 @@ Action = (
     | RingChanged
     | TransferDeviceState
     | CheckDeviceState
+    | DeviceSuspended
     | DeviceResumed
     | DirtyLogging
 )

@@ -37,9 +37,15 @@ class DeviceStateHandler(Protocol):
         """CHECK_DEVICE_STATE: wait for the transfer QEMU asks about; True if it succeeded."""
         ...
 
+    def suspended(self) -> None:
+        """QEMU stopped the VM while migrating it (the session's DeviceSuspended): its SAVE
+        follows; freeze already, in the background, if that helps; returns at once."""
+        ...
+
     async def resumed(self) -> None:
-        """QEMU restarts a ring after a good SAVE (the session's DeviceResumed): roll back
-        (thaw every socket, restart the data path) before any frame flows."""
+        """QEMU restarts a ring after a good SAVE, or after a suspension while migrating
+        (the session's DeviceResumed): roll back whatever was frozen (thaw every socket,
+        restart the data path) before any frame flows."""
         ...
 
     async def started(self) -> None:

@@ -75,6 +75,7 @@ from ferryd.frontends.stream import open_listener
 from ferryd.frontends.vhost_user.actions import (
     Action,
     DeviceResumed,
+    DeviceSuspended,
     DirtyLogging,
     RingChanged,
     SetCall,
@@ -243,6 +244,8 @@ class VhostUserFrontend:
             await self._ring_changed(action)
         elif isinstance(action, DeviceResumed):
             await self._handler.resumed()
+        elif isinstance(action, DeviceSuspended):
+            self._handler.suspended()
         elif isinstance(action, DirtyLogging):
             self._handler.dirty_logging(action.on)
         elif isinstance(action, TransferDeviceState):

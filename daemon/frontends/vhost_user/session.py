@@ -48,10 +48,17 @@ other request gets a u64 0 once done; a failure is a disconnect, not a
 non-zero ack. CHECK_DEVICE_STATE's answer waits for the migration
 controller (:meth:`~VhostUserSession.device_state_checked`).
 
+Early freeze: the device suspended (its last ring stopped) while LOG_ALL
+is on means QEMU stopped the VM to end its migration; SAVE follows once
+RAM's last pass is sent. :class:`~.actions.DeviceSuspended` tells the
+adapter then, so that it may freeze before SAVE comes.
+
 Rollback: after a SAVE that CHECK_DEVICE_STATE confirmed, QEMU either
 quits (the target took over) or starts the rings again because the
 migration failed after ferryd's part (the target died after the device
-state was sent, a cancel): the first SET_VRING_KICK then comes with
+state was sent, a cancel); after a suspension while migrating with no
+SAVE yet, it starts them again if its migration failed or was cancelled
+before the SAVE. Either way the first SET_VRING_KICK then comes with
 :class:`~.actions.DeviceResumed`, ahead of the ring's own actions, so the
 controller thaws its sockets before the guest's frames flow.
 
@@ -84,6 +91,7 @@ from ferryd.frontends.vhost_user.actions import (
     CheckDeviceState,
     CloseFds,
     DeviceResumed,
+    DeviceSuspended,
     DirtyLogging,
     RingChanged,
     SendReply,
@@ -189,6 +197,8 @@ class VhostUserSession:
         self._transfer: TransferDirection | None = None
         self._saved = False
         """A SAVE succeeded and no ring has started since (see DeviceResumed)."""
+        self._stopped_migrating = False
+        """The device was suspended with LOG_ALL on and no ring has started since."""
         self.queues = tuple(SplitVirtqueue(i) for i in range(NUM_QUEUES))
         self._handlers: dict[Request, Callable[[Message], list[Action]]] = {
             Request.GET_FEATURES: self._get_features,
@@ -281,8 +291,13 @@ class VhostUserSession:
             self._log_view = None
         self._apply_log()
 
+    @property
+    def _logging(self) -> bool:
+        """LOG_ALL is on: QEMU is migrating the VM."""
+        return self.features is not None and bool(self.features & bit(VHOST_F_LOG_ALL))
+
     def _apply_log(self) -> None:
-        logging = self.features is not None and bool(self.features & bit(VHOST_F_LOG_ALL))
+        logging = self._logging
         for vq in self.queues:
             vq.log = self.log if logging else None
 
@@ -488,6 +503,11 @@ class VhostUserSession:
         if vq.started:
             vq.started = False
             actions += [SetKick(vq.index, None), self._ring_changed(vq)]
+            if self.suspended and self._logging:
+                # vm_stop → vhost_dev_stop while migrating: QEMU ends its
+                # migration, and SAVE comes after RAM's last pass.
+                self._stopped_migrating = True
+                actions.append(DeviceSuspended())
         actions.append(
             SendReply(reply_vring_state(Request.GET_VRING_BASE, vq.index, vq.last_avail))
         )
@@ -510,8 +530,9 @@ class VhostUserSession:
             )
         vq.start()
         actions: list[Action] = []
-        if self._saved:  # QEMU resumed the source VM: roll back before frames flow
-            self._saved = False
+        if self._saved or self._stopped_migrating:
+            # QEMU resumed the source VM: roll back before frames flow.
+            self._saved = self._stopped_migrating = False
             actions.append(DeviceResumed())
         return [*actions, SetKick(vq.index, fd), self._ring_changed(vq)]
 
