@@ -218,8 +218,8 @@ class VhostUserFrontend:
         self._session = session
         self._device = NetDevice(session, self.counters)
         self._conn = conn
-        with trio.socket.from_stdlib_socket(conn) as sock:
-            return await serve_connection(sock, session, self._apply, self._handler.check)
+        with conn:
+            return await serve_connection(conn, session, self._apply, self._handler.check)
 
     def _disconnect(self, *, qemu_left: bool) -> None:
         """The connection is over (the session closed itself): drop what it owned, and
@@ -229,7 +229,7 @@ class VhostUserFrontend:
             self._set_kick(index, None)
             self._set_call(index, None)
         self._session = self._device = None
-        self._conn = None  # closed by trio's socket wrapper
+        self._conn = None  # closed by _serve_one's with
         self.csum_offload = False
         self._changed()
         if qemu_left:
