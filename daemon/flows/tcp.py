@@ -80,6 +80,8 @@ from ferryd.descriptors import ACCEPT_BACKOFF, DescriptorBudget, is_exhaustion, 
 from ferryd.flows.common import (
     family_of,
     peer_as_seen_by_guest,
+    shared_address,
+    shared_port,
     sockaddr,
     strip_scope,
 )
@@ -195,6 +197,8 @@ class TcpFlows:
         """--max-queue: the cap every socket has always (None: autotuning)."""
         self._queue_bound = max_queue
         """The cap now: --max-queue's, or a migration's smaller one (bound_queues)."""
+        self._forget = self.forget
+        """One bound method for every socket's before_close (each access makes a new one)."""
 
     # --- from the guest ---------------------------------------------------
 
@@ -264,7 +268,9 @@ class TcpFlows:
             )
             self._reset(ip, seg)
             return
-        ends = Endpoints(ip.src, seg.sport, ip.dst, seg.dport)
+        ends = Endpoints(
+            shared_address(ip.src), seg.sport, shared_address(ip.dst), shared_port(seg.dport)
+        )
         conn = self._start(
             ends, sock, State.CONNECTING, ip.version, now, lambda c: c.start_outbound(seg, now)
         )
@@ -307,7 +313,7 @@ class TcpFlows:
         self, ends: Endpoints, sock: socket.socket, state: State, version: int, now: float
     ) -> TcpConn:
         """A new connection on ``sock``, entered in the flow table."""
-        host = SocketHost(sock, self._peek)
+        host: SocketHost[TcpConn] = SocketHost(sock, self._peek)
         conn = TcpConn(
             ends,
             host,
@@ -323,7 +329,7 @@ class TcpFlows:
     def _enter(
         self,
         conn: TcpConn,
-        host: SocketHost,
+        host: SocketHost[TcpConn],
         now: float,
         local: tuple[IpAddress, int] | None = None,
     ) -> TcpConn:
@@ -331,7 +337,7 @@ class TcpFlows:
         (else getsockname())."""
         # TcpConn.close() closes the socket: out of the epoll first, while
         # the descriptor's number is still this socket's (reused at once).
-        host.before_close = lambda: self.forget(conn)
+        host.before_close, host.owner = self._forget, conn
         if local is None:
             name = host.sock.getsockname()
             local = strip_scope(name[0]), name[1]
@@ -615,7 +621,7 @@ class TcpFlows:
         if sock.gettimeout() != 0.0:  # sockstate makes them non-blocking: no syscall then
             sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        host = SocketHost(sock, self._peek)
+        host: SocketHost[TcpConn] = SocketHost(sock, self._peek)
         conn = TcpConn.restored(
             ends,
             host,

@@ -99,6 +99,9 @@ from ferryd.wire.tcp import (
 
 log = logging.getLogger("ferryd.tcp")
 
+#: "No deadline". One float for every connection: float("inf") makes a new
+#: 24-byte object each time, and an idle connection would keep one.
+INF = float("inf")
 #: Window scale ferryd offers the guest: windows up to 16 MiB.
 OUR_WSCALE = 8
 #: RFC 6298 §2: an initial RTO of 1 s; doubled on each expiry, at most 60 s.
@@ -313,7 +316,7 @@ class TcpConn:
         beyond it (RFC 6582 §3.2 "recover"; None: no resend outstanding)."""
         self.retries = 0
         self.rto = RTO_INITIAL
-        self.timer: float = float("inf")
+        self.timer: float = INF
         self.last_progress = 0.0
         self._rcvlowat = 1
         self._starved = False
@@ -694,7 +697,7 @@ class TcpConn:
             self.state = State.ESTABLISHED
             self.flow.state = self.state.value
             self.seq_ack_from_guest = seg.ack
-            self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+            self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
         elif state is not State.ESTABLISHED:
             return
         elif flags & SYN:
@@ -741,7 +744,7 @@ class TcpConn:
         self.seq_ack_from_guest = seg.ack
         self.state = State.ESTABLISHED
         self.flow.state = self.state.value
-        self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+        self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
         self.send_ack()
         self.push(now)
 
@@ -771,7 +774,7 @@ class TcpConn:
             self.retries = 0
             self.rto = RTO_INITIAL
             self._starved = False
-            self.timer = now + self.rto_jittered() if self.flight else float("inf")
+            self.timer = now + self.rto_jittered() if self.flight else INF
         elif (
             acked == 0
             and self.flight
@@ -973,7 +976,7 @@ class TcpConn:
         if total:
             self.flow.to_guest(total, now)
             self.last_progress = now
-        if self.flight and self.timer == float("inf"):
+        if self.flight and self.timer == INF:
             self.timer = now + self.rto_jittered()
         elif not self.flight and self.guest_wnd == 0 and not total:
             # Zero window with data waiting: probe it (RFC 9293 §3.8.6.1).
@@ -1027,7 +1030,7 @@ class TcpConn:
                 # with its current window (RFC 9293 §3.8.6.1).
                 self._send(ACK, seq_add(self.seq_to_guest, -1))
             else:
-                self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+                self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
 
     def _maybe_finish(self, now: float) -> None:
         """Both FINs exchanged and ours acknowledged: close the socket."""
