@@ -27,11 +27,13 @@ space to offer the guest a larger window (``want_writable``). Nothing else
 is registered: with an empty mask the socket leaves the epoll, because
 EPOLLERR and EPOLLHUP are reported whatever the mask (epoll_ctl(2)) and a
 level-triggered registration would report a hung-up socket on every round.
-Every connection's deadline (retransmission, handshake, window probe, idle)
+Every connection's deadline (retransmission, handshake, window probe)
 sits in one timer heap. The reactor waits until the epoll is readable or
 the earliest deadline passes, then, synchronously: hands each ready socket's
 events to its connection, fires the due timers, and re-arms (mask and
-deadline) every connection that changed.
+deadline) every connection that changed. The two-hour idle limit is not a
+deadline: an idle connection would hold a heap entry all that time, so a
+scan of the table once a minute (:meth:`TcpFlows.expire`) finds them.
 
 Segments from the guest are handled synchronously as the stack dispatches
 them: acknowledging, writing to the socket and sending more to the guest
@@ -105,6 +107,9 @@ log = logging.getLogger("ferryd.tcp")
 #: invariant: what is peeked is written to the guest at once).
 PEEK_BUFFER = 1 << 20
 LISTEN_BACKLOG = 1024
+#: How often expire() looks for connections past their idle limit
+#: (TcpConn.idle_expired, two hours): a reset comes at most this late.
+IDLE_SCAN_INTERVAL = 60.0
 
 
 def _rcvlowat_cap() -> int:
@@ -172,6 +177,8 @@ class TcpFlows:
         self._entropy = entropy
         self._budget = budget
         self._link = link
+        self._link_mss = {4: link.mtu - 40, 6: link.mtu - 60}
+        """The MSS the link allows, per IP version: one int each, not one per connection."""
         self._nursery = nursery
         self._destinations = destinations
         self.counters = TcpCounters()
@@ -198,6 +205,7 @@ class TcpFlows:
         self._queue_bound = max_queue
         """The cap now: --max-queue's, or a migration's smaller one (bound_queues)."""
         self._forget = self.forget
+        self._next_idle_scan = 0.0
         """One bound method for every socket's before_close (each access makes a new one)."""
 
     # --- from the guest ---------------------------------------------------
@@ -238,7 +246,7 @@ class TcpFlows:
             self._guest.send_ip(ip.dst, ip.src, IPPROTO_TCP, rst)
 
     def _mss(self, version: int) -> int:
-        return self._link.mtu - (40 if version == 4 else 60)
+        return self._link_mss[version]
 
     def _outbound(self, ip: IpPacket, seg: TcpSegment, key: FlowKey, now: float) -> None:
         dst = self._destinations.policy.route(ip.dst)
@@ -430,6 +438,31 @@ class TcpFlows:
         flow = self.table.get(key)
         if flow is not None and flow.handle is conn:
             self.table.remove(key)
+
+    def expire(self, now: float) -> None:
+        """Reset the connections idle for too long (TcpConn.idle_expired); the data
+        path calls it every second, the table is read once a IDLE_SCAN_INTERVAL.
+
+        A scan of the table rather than a timer per connection: an idle
+        connection then has no entry in the reactor's heap (TcpConn.deadline),
+        and a scan of 16,384 connections costs ~2 ms a minute.
+        """
+        if now < self._next_idle_scan:
+            return
+        self._next_idle_scan = now + IDLE_SCAN_INTERVAL
+        self._deferring = True
+        for flow in self.table:
+            conn = flow.handle
+            if conn in self._held or not conn.idle_expired(now):
+                continue
+            self._dirty[conn] = None
+            try:
+                conn.on_timer(now)
+            except OSError as exc:
+                self._failed(conn, exc, now)
+            except Exception as exc:
+                self._bug(conn, exc, now)
+        self._settle(now)
 
     def _settle(self, now: float) -> None:
         """Re-arm every connection changed since the last call."""
