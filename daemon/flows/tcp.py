@@ -453,10 +453,12 @@ class TcpFlows:
         self._deferring = True
         for flow in self.table:
             conn = flow.handle
-            if conn in self._held or not conn.idle_expired(now):
+            if conn in self._held:
                 continue
-            self._dirty[conn] = None
             try:
+                if not conn.idle_expired(now):
+                    continue
+                self._dirty[conn] = None
                 conn.on_timer(now)
             except OSError as exc:
                 self._failed(conn, exc, now)
