@@ -21,7 +21,7 @@ import trio
 
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp import IDLE_SCAN_INTERVAL, TcpCounters, TcpFlows, socket_of
+from ferryd.flows.tcp import IDLE_SCAN_BATCH, IDLE_SCAN_INTERVAL, TcpCounters, TcpFlows, socket_of
 from ferryd.flows.tcp_conn import IDLE_TIMEOUT, INF, State, TcpConn
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, NO_OPTIONS, RST, SYN, TcpSegment, parse_tcp_untrusted
@@ -249,6 +249,28 @@ async def test_an_idle_connection_is_reset_by_the_idle_scan_not_a_timer() -> Non
             await peer.recv(100)
         peer.close()
     listener.close()
+
+
+def test_the_idle_scan_looks_at_a_batch_of_connections_a_call() -> None:
+    flows = TcpFlows(Link(), LINK, None, destinations=destinations())
+    looked: list[float] = []
+
+    class Idle:
+        def idle_expired(self, now: float) -> bool:
+            looked.append(now)
+            return False
+
+    for port in range(IDLE_SCAN_BATCH + 10):
+        key = FlowKey(IPPROTO_TCP, GUEST4, port, GW4, 80)
+        flows.table.add(key, Idle(), 0.0, state="established")  # type: ignore[arg-type]
+    flows.expire(1.0)
+    assert len(looked) == IDLE_SCAN_BATCH
+    flows.expire(2.0)
+    assert len(looked) == IDLE_SCAN_BATCH + 10
+    flows.expire(3.0)  # the next scan waits for its interval
+    assert len(looked) == IDLE_SCAN_BATCH + 10
+    flows.expire(1.0 + IDLE_SCAN_INTERVAL)
+    assert len(looked) == 2 * IDLE_SCAN_BATCH + 10
 
 
 async def test_connect_refused_resets_the_guest() -> None:
