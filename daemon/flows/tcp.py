@@ -354,8 +354,7 @@ class TcpFlows:
         if local is None:
             name = host.sock.getsockname()
             local = strip_scope(name[0]), name[1]
-        e = conn.ends
-        key = FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port)
+        key = conn.ends  # (a FlowKey: one object for both)
         conn.flow = self.table.add(
             key, conn, now, state=conn.state.value, host_addr=local[0], host_port=local[1]
         )
@@ -438,8 +437,7 @@ class TcpFlows:
             self._interest.forget(conn)
         self._dirty.pop(conn, None)
         self._prearmed.discard(conn)
-        e = conn.ends
-        key = FlowKey(IPPROTO_TCP, e.guest_addr, e.guest_port, e.remote_addr, e.remote_port)
+        key = conn.ends
         flow = self.table.get(key)
         if flow is not None and flow.handle is conn:
             self.table.remove(key)
