@@ -36,8 +36,8 @@ handle's real deadline later and schedules it again. Entries of forgotten
 or superseded schedules stay in the heap until popped (skipped then), or
 until the heap holds more than twice as many entries as live schedules, when
 it is rebuilt from the live ones (a connection that alternates between
-short retransmission timers and its idle limit would otherwise leave one
-dead entry per burst).
+a short retransmission timer and none would otherwise leave one dead
+entry per burst).
 """
 
 from __future__ import annotations
