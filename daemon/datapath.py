@@ -45,7 +45,8 @@ from ferryd.stack import Stack
 
 log = logging.getLogger("ferryd")
 
-#: UDP and ICMP flows are looked at for expiry this often (seconds).
+#: UDP and ICMP flows are looked at for expiry this often (seconds); TCP
+#: connections' idle limit less often (TcpFlows.expire).
 EXPIRY_INTERVAL = 1.0
 
 
@@ -210,6 +211,7 @@ class DataPath:
             if now >= next_expiry:
                 self.udp.expire(now)
                 self.icmp.expire(now)
+                self.tcp.expire(now)
                 next_expiry = now + EXPIRY_INTERVAL
             self.stack.handle_timer(now)
             deadline = next_expiry

@@ -25,6 +25,8 @@ __all__ = [
     "family_of",
     "gateway_of",
     "peer_as_seen_by_guest",
+    "shared_address",
+    "shared_port",
     "sockaddr",
     "strip_scope",
 ]
@@ -52,6 +54,26 @@ def strip_scope(text: str) -> IpAddress:
     costs microseconds; the addresses are immutable values.
     """
     return ip_address(text.partition("%")[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def shared_address(addr: IpAddress) -> IpAddress:
+    """The one object kept for ``addr``, for a new flow's endpoints.
+
+    Each guest frame parses its addresses into new objects, and a flow keeps
+    those of its first frame for as long as it lives (its key and endpoints):
+    80 bytes per address per flow, for values nearly every flow shares (the
+    guest's address, a few remote ones). Bounded: past 1,024 distinct
+    addresses the least recent ones stop being shared, nothing worse.
+    """
+    return addr
+
+
+@functools.lru_cache(maxsize=1024)
+def shared_port(port: int) -> int:
+    """The one int object kept for a remote port (one of a few: 80, 443...),
+    as :func:`shared_address` for addresses; ports above 256 are 32-byte objects."""
+    return port
 
 
 def gateway_of(link: LinkConfig, version: int) -> IpAddress | None:

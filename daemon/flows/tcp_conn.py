@@ -77,10 +77,11 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 from dataclasses import dataclass
 
-from ferryd.flows.table import Flow
+from ferryd.flows.table import Flow, FlowKey
 from ferryd.flows.tcp_host import Entropy, HostSocket, TailError, UnsentTail
 from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.guest import GuestPort
@@ -99,6 +100,9 @@ from ferryd.wire.tcp import (
 
 log = logging.getLogger("ferryd.tcp")
 
+#: "No deadline". One float for every connection: float("inf") makes a new
+#: 24-byte object each time, and an idle connection would keep one.
+INF = float("inf")
 #: Window scale ferryd offers the guest: windows up to 16 MiB.
 OUR_WSCALE = 8
 #: RFC 6298 §2: an initial RTO of 1 s; doubled on each expiry, at most 60 s.
@@ -122,12 +126,15 @@ DEFAULT_MSS = 536
 MIN_SND_MSS = 48
 
 
+@functools.lru_cache(maxsize=256)
 def guest_mss_untrusted(advertised: int | None) -> int:
     """The MSS to use for a guest that advertised ``advertised`` in its SYN.
 
     An absent or zero option means the default (tcp_parse_options ignores a
     zero MSS); anything below :data:`MIN_SND_MSS` is raised to it. The upper
     end is the link's, applied when segments are cut (:meth:`TcpConn.push`).
+    Cached (called per SYN, not per segment): every connection then keeps
+    one shared int for the few values guests advertise, not 32 bytes of its own.
     """
     if not advertised:
         return DEFAULT_MSS
@@ -175,14 +182,21 @@ CLOSING = Flags.FIN_FROM_GUEST | Flags.SOCK_EOF | Flags.FIN_TO_GUEST | Flags.FIN
 TS_OPTION_LEN = 12
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoints:
-    """The connection's addresses as the guest sees them."""
+class Endpoints(FlowKey):
+    """The connection's addresses as the guest sees them: its key in the flow table.
 
-    guest_addr: IpAddress
-    guest_port: int
-    remote_addr: IpAddress
-    remote_port: int
+    A :class:`FlowKey` whose protocol is TCP, so that one object is both
+    (an endpoints object and a key were 152 bytes a flow, bench.memory);
+    equal to, and hashed as, the FlowKey a guest frame of the connection
+    builds for its lookup.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, guest_addr: IpAddress, guest_port: int, remote_addr: IpAddress, remote_port: int
+    ) -> Endpoints:
+        return tuple.__new__(cls, (IPPROTO_TCP, guest_addr, guest_port, remote_addr, remote_port))
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +327,7 @@ class TcpConn:
         beyond it (RFC 6582 §3.2 "recover"; None: no resend outstanding)."""
         self.retries = 0
         self.rto = RTO_INITIAL
-        self.timer: float = float("inf")
+        self.timer: float = INF
         self.last_progress = 0.0
         self._rcvlowat = 1
         self._starved = False
@@ -487,11 +501,19 @@ class TcpConn:
         return self.rto * (1.0 + self._entropy.random() / 4)
 
     def deadline(self) -> float:
-        """When the adapter must call on_timer(): retransmission, handshake,
-        window probe or, for an established connection, the idle limit."""
-        if self.state is State.ESTABLISHED:
-            return min(self.timer, self.last_progress + IDLE_TIMEOUT)
+        """When the adapter must call on_timer(): retransmission, handshake or
+        window probe (inf: none).
+
+        Not the idle limit: with it, every idle connection kept an entry of
+        its own in the adapter's timer heap for two hours (~200 bytes a flow
+        with the adapter's tables, bench.memory). The adapter looks for idle
+        ones now and then instead (:meth:`idle_expired`) and calls on_timer().
+        """
         return self.timer
+
+    def idle_expired(self, now: float) -> bool:
+        """Established with no traffic either way for IDLE_TIMEOUT: on_timer() resets it."""
+        return self.state is State.ESTABLISHED and now >= self.last_progress + IDLE_TIMEOUT
 
     def prepare_wait(self) -> None:
         """Only bytes beyond the flight make the socket readable.
@@ -694,7 +716,7 @@ class TcpConn:
             self.state = State.ESTABLISHED
             self.flow.state = self.state.value
             self.seq_ack_from_guest = seg.ack
-            self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+            self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
         elif state is not State.ESTABLISHED:
             return
         elif flags & SYN:
@@ -741,7 +763,7 @@ class TcpConn:
         self.seq_ack_from_guest = seg.ack
         self.state = State.ESTABLISHED
         self.flow.state = self.state.value
-        self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+        self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
         self.send_ack()
         self.push(now)
 
@@ -771,7 +793,7 @@ class TcpConn:
             self.retries = 0
             self.rto = RTO_INITIAL
             self._starved = False
-            self.timer = now + self.rto_jittered() if self.flight else float("inf")
+            self.timer = now + self.rto_jittered() if self.flight else INF
         elif (
             acked == 0
             and self.flight
@@ -973,7 +995,7 @@ class TcpConn:
         if total:
             self.flow.to_guest(total, now)
             self.last_progress = now
-        if self.flight and self.timer == float("inf"):
+        if self.flight and self.timer == INF:
             self.timer = now + self.rto_jittered()
         elif not self.flight and self.guest_wnd == 0 and not total:
             # Zero window with data waiting: probe it (RFC 9293 §3.8.6.1).
@@ -997,7 +1019,7 @@ class TcpConn:
             log.debug("connect to %s:%d timed out", self.ends.remote_addr, self.ends.remote_port)
             self.abort(now, rst_guest=True, rst_peer=False)
             return
-        if state is State.ESTABLISHED and now >= self.last_progress + IDLE_TIMEOUT:
+        if self.idle_expired(now):
             log.info("%s: idle for %.0f s: reset", self.describe(), IDLE_TIMEOUT)
             self.abort(now, rst_guest=True, rst_peer=True)
             return
@@ -1027,7 +1049,7 @@ class TcpConn:
                 # with its current window (RFC 9293 §3.8.6.1).
                 self._send(ACK, seq_add(self.seq_to_guest, -1))
             else:
-                self.retries, self.rto, self.timer = 0, RTO_INITIAL, float("inf")
+                self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
 
     def _maybe_finish(self, now: float) -> None:
         """Both FINs exchanged and ours acknowledged: close the socket."""

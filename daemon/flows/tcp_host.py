@@ -26,7 +26,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from ferryd.linux import SIOCOUTQ, SO_BUF_LOCK, SO_PEEK_OFF, TCP_TIMESTAMP
 
@@ -124,25 +124,35 @@ class _SystemEntropy:
 SYSTEM_ENTROPY: Entropy = _SystemEntropy()
 
 
-class SocketHost:
+Owner = TypeVar("Owner")
+
+
+class SocketHost(Generic[Owner]):
     """The real :class:`HostSocket`: a non-blocking TCP socket of the host.
 
     ``scratch`` only satisfies recv_into() for discarding (MSG_TRUNC copies
-    nothing for TCP); ``before_close`` runs just before close(), so that the
-    adapter takes the descriptor out of its epoll while the number is still
-    this socket's (the kernel reuses it at once).
+    nothing for TCP); ``before_close(owner)`` runs just before close(), so
+    that the adapter takes the descriptor out of its epoll while the number
+    is still this socket's (the kernel reuses it at once). One callable
+    shared by every connection and the owner it is called with, rather than
+    a closure per connection: a closure and its two cells cost ~270 bytes a
+    flow, a tenth of an idle flow's memory (bench.memory).
     """
 
-    __slots__ = ("_fd", "_scratch", "before_close", "sock")
+    __slots__ = ("_fd", "_scratch", "before_close", "owner", "sock")
 
     def __init__(self, sock: socket.socket, scratch: memoryview) -> None:
         self.sock = sock
         self._fd = sock.fileno()
         self._scratch = scratch
-        self.before_close: Callable[[], None] | None = None
+        self.before_close: Callable[[Owner], None] | None = None
+        self.owner: Owner | None = None
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        # The int kept at creation while the descriptor is open: the caller
+        # (the reactor's tables) then holds no int object of its own per flow.
+        fd = self.sock.fileno()
+        return self._fd if fd == self._fd else fd
 
     def send(self, data: memoryview) -> int:
         return self.sock.send(data, _SEND_FLAGS)
@@ -188,8 +198,8 @@ class SocketHost:
         if abort:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-        if self.before_close is not None:
-            self.before_close()
+        if self.before_close is not None and self.owner is not None:
+            self.before_close(self.owner)
         self.sock.close()
 
 

@@ -163,6 +163,19 @@ def test_forget_drops_the_deadline(interest: Interest[Handle]) -> None:
     assert interest.due(5.0) == [k]
 
 
+def test_forgotten_and_scheduled_again_for_the_same_deadline_comes_once(
+    interest: Interest[Handle],
+) -> None:
+    h = Handle("h")
+    interest.set_deadline(h, 4.0)
+    interest.forget(h)  # its entry stays in the heap, with the same deadline as the next
+    interest.set_deadline(h, 4.0)
+    assert interest.next_deadline() == 4.0
+    assert interest.due(5.0) == [h]
+    assert interest.next_deadline() == INF
+    assert interest.due(6.0) == []
+
+
 def test_dead_entries_do_not_pile_up(interest: Interest[Handle]) -> None:
     handles = [Handle(str(i)) for i in range(10)]
     now = 0.0
@@ -194,5 +207,40 @@ def test_due_matches_the_earliest_deadline_asked_for(
         assert set(due) == {h for h, when in earliest.items() if when <= now}
         rest = [when for h, when in earliest.items() if when > now]
         assert interest.next_deadline() == min(rest, default=INF)
+    finally:
+        interest.close()
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from([None, 1.0, 2.0, 3.0, 50.0])), max_size=80
+    ),
+    st.lists(st.sampled_from([0.5, 1.0, 2.5, 3.0, 60.0]), min_size=1, max_size=4),
+)
+def test_schedules_forgets_and_due_rounds_match_a_model(
+    calls: list[tuple[int, float | None]], rounds: list[float]
+) -> None:
+    """Deadlines on few values, so that stale entries often equal live ones."""
+    interest: Interest[Handle] = Interest()
+    try:
+        handles = [Handle(str(i)) for i in range(4)]
+        model: dict[Handle, float] = {}
+        step = max(1, len(calls) // len(rounds))
+        for i, (index, when) in enumerate(calls):
+            h = handles[index]
+            if when is None:
+                interest.forget(h)
+                model.pop(h, None)
+            else:
+                interest.set_deadline(h, when)
+                model[h] = min(model.get(h, INF), when)
+            if i % step == step - 1:
+                now = rounds[(i // step) % len(rounds)]
+                due = interest.due(now)
+                assert len(due) == len(set(due))
+                assert set(due) == {h for h, w in model.items() if w <= now}
+                for h in due:
+                    del model[h]
+            assert interest.next_deadline() == min(model.values(), default=INF)
     finally:
         interest.close()

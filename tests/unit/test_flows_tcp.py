@@ -21,8 +21,8 @@ import trio
 
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp import TcpCounters, TcpFlows, socket_of
-from ferryd.flows.tcp_conn import State, TcpConn
+from ferryd.flows.tcp import IDLE_SCAN_BATCH, IDLE_SCAN_INTERVAL, TcpCounters, TcpFlows, socket_of
+from ferryd.flows.tcp_conn import IDLE_TIMEOUT, INF, State, TcpConn
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, NO_OPTIONS, RST, SYN, TcpSegment, parse_tcp_untrusted
 from tests.unit.tcp_ref_guest import GState, RefGuest
@@ -226,6 +226,51 @@ async def test_held_connection_drops_guest_segments_and_resets_at_release() -> N
         assert socket_of(conn).fileno() < 0
         peer.close()
     listener.close()
+
+
+async def test_an_idle_connection_is_reset_by_the_idle_scan_not_a_timer() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    async with tcp_flows() as (flows, link):
+        guest = RefGuest(13, b"", ports=(GUEST_PORT, port), close=False)
+        conn, peer = await _established(flows, link, listener, guest)
+        assert conn.deadline() == INF  # no timer of its own while idle
+        limit = conn.last_progress + IDLE_TIMEOUT
+        link.take()
+        flows.expire(limit - 1.0)  # scans: not yet idle for long enough
+        flows.expire(limit)  # within the scan interval: no scan
+        assert len(flows.table) == 1 and not link.take()
+        flows.expire(limit - 1.0 + IDLE_SCAN_INTERVAL)
+        assert _no_flows(flows)
+        assert [seg.flags & RST for _src, seg in link.take()] == [RST]
+        with trio.fail_after(TIMEOUT), pytest.raises(ConnectionResetError):
+            await peer.recv(100)
+        peer.close()
+    listener.close()
+
+
+def test_the_idle_scan_looks_at_a_batch_of_connections_a_call() -> None:
+    flows = TcpFlows(Link(), LINK, None, destinations=destinations())
+    looked: list[float] = []
+
+    class Idle:
+        def idle_expired(self, now: float) -> bool:
+            looked.append(now)
+            return False
+
+    for port in range(IDLE_SCAN_BATCH + 10):
+        key = FlowKey(IPPROTO_TCP, GUEST4, port, GW4, 80)
+        flows.table.add(key, Idle(), 0.0, state="established")  # type: ignore[arg-type]
+    flows.expire(1.0)
+    assert len(looked) == IDLE_SCAN_BATCH
+    flows.expire(2.0)
+    assert len(looked) == IDLE_SCAN_BATCH + 10
+    flows.expire(3.0)  # the next scan waits for its interval
+    assert len(looked) == IDLE_SCAN_BATCH + 10
+    flows.expire(1.0 + IDLE_SCAN_INTERVAL)
+    assert len(looked) == 2 * IDLE_SCAN_BATCH + 10
 
 
 async def test_connect_refused_resets_the_guest() -> None:

@@ -11,7 +11,6 @@ the guest hears after a rollback.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -168,7 +167,7 @@ async def test_each_connection_is_dumped_once_its_batch_is_frozen() -> None:
         async with source(kernel, repair) as (host, mig, _):
             now = trio.current_time()
             for i, (ours, _peer) in enumerate(pairs):
-                ends = dataclasses.replace(ENDS, guest_port=ENDS.guest_port + i)
+                ends = ENDS._replace(guest_port=ENDS.guest_port + i)
                 host.tcp.adopt(ends, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
             a, b = (ours.fileno() for ours, _ in pairs)
             answer = await mig.migrate_out(writer.detach(), same_netns=False)
@@ -231,7 +230,7 @@ async def test_a_batch_of_tcp_flows_reaches_the_target_as_soon_as_it_is_dumped(
         async with source(kernel, repair) as (host, mig, _):
             now = trio.current_time()
             for i, (ours, _peer) in enumerate(pairs):
-                ends = dataclasses.replace(ENDS, guest_port=ENDS.guest_port + i)
+                ends = ENDS._replace(guest_port=ENDS.guest_port + i)
                 host.tcp.adopt(ends, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read)
