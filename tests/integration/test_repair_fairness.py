@@ -51,6 +51,8 @@ from tests.integration.test_repair_support import (
 
 pytestmark = [pytest.mark.integration, requires_root]
 
+#: How long the stuck socket's send buffer must stay full (no byte taken).
+FULL_FOR = 0.3
 LINGER_SECONDS = int(2 * WAIT_SECONDS)
 CLIENT = str(Path(__file__).with_name("repair_batch_client.py"))
 #: Client A's batches in the two-process test: as many as both ends of its
@@ -67,15 +69,24 @@ def helper_path(tmp_path: Path) -> Iterator[tuple[HelperProcess, Path]]:
 
 
 def stuck_lingering_socket(conns: TcpConnections) -> socket.socket:
-    """A connection with unsent data its peer will not take, and SO_LINGER {1, 60 s}."""
+    """A connection with unsent data its peer will not take, and SO_LINGER {1, 60 s}.
+
+    Filled until the send buffer stays full for a while, not merely until the
+    first EAGAIN: both sides' buffers autotune upwards (tcp_rmem, tcp_wmem), so
+    on a slow machine the peer's window could still take everything queued at
+    that moment, and the lingering close() would then return at once.
+    """
     sock = conns.clients[0]
     sock.setblocking(False)
     chunk = b"x" * 65536
-    try:
-        while True:  # the peer never reads: its window and our buffer fill up
-            sock.send(chunk)
-    except BlockingIOError:
-        pass
+    full_since = None
+    while full_since is None or time.monotonic() - full_since < FULL_FOR:
+        try:
+            sock.send(chunk)  # the peer never reads: its window and our buffer fill up
+            full_since = None
+        except BlockingIOError:
+            full_since = full_since or time.monotonic()
+            time.sleep(0.01)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER_SECONDS))
     return sock
 
@@ -199,7 +210,7 @@ def test_refused_callers_lingering_socket_does_not_stall_others(nesting: str) ->
     """
     with public_tmp_dir() as public, listening_helper(public / "s") as helper:
         path = public / "s"
-        for _ in range(5):
+        for _ in range(20):  # (a race the caller usually wins; on a loaded machine, not always)
             with TcpConnections(1) as stuck, TcpConnections(5) as others:
                 sock = stuck_lingering_socket(stuck)
                 if nesting == "inside-unix-socket":
