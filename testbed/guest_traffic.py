@@ -143,6 +143,15 @@ def inbound(peer: Netns, vm: Guest, address: str, port: int, guest_port: int) ->
     """A connection from *peer* to *address*:*port* (forwarded by the back-end to the
     guest's *guest_port*) reaches a listener in the guest: its line arrives there."""
     vm.check(f"nc -l -p {guest_port} >/tmp/inbound 2>&1 & echo $! >/tmp/listener.pid")
+    # Listening before the peer connects: the back-end accepts on the host at
+    # once, and a SYN it forwards before nc listens is answered by a reset,
+    # which the peer, its line already sent, never hears of.
+    wait_for(
+        lambda: f":{guest_port} " in vm.run("netstat -ltn 2>/dev/null").output,
+        timeout=30,
+        interval=0.1,
+        what=f"the guest's nc to listen on port {guest_port}",
+    )
     hello = (
         "import socket;"
         f"s = socket.create_connection(({address!r}, {port}), timeout=30);"

@@ -208,10 +208,10 @@ class TcpFlows:
         self._queue_bound = max_queue
         """The cap now: --max-queue's, or a migration's smaller one (bound_queues)."""
         self._forget = self.forget
+        """One bound method for every socket's before_close (each access makes a new one)."""
         self._next_idle_scan = 0.0
         self._idle_scan: list[TcpConn] = []
         """Connections the idle scan under way has still to look at (expire)."""
-        """One bound method for every socket's before_close (each access makes a new one)."""
 
     # --- from the guest ---------------------------------------------------
 
