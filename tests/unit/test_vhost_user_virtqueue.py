@@ -445,8 +445,10 @@ while not control[stop]:
         struct.pack_into("<II", control, counters, changing, zeros)
 """
 
-#: Copies the watcher must have made while ferryd wrote.
+#: Copies the watcher must have made while ferryd wrote (without the fix: hundreds of
+#: zeros by then), and a bound on ferryd's writes (~1 minute) should it never get a CPU.
 OVERLAP = 2_000
+MAX_PUSHES = 20_000_000
 
 
 def test_a_polling_guest_never_reads_a_used_index_ferryd_did_not_write() -> None:
@@ -455,8 +457,8 @@ def test_a_polling_guest_never_reads_a_used_index_ferryd_did_not_write() -> None
     struct.pack_into clears its target before writing it; a used index stored
     that way reads as 0 for an instant, which a Linux guest polling the ring
     takes for ~65,000 new entries: it consumes stale ones, "output.0:id N is
-    not a head!", and the ring is dead (seen under QEMU in about one sequence
-    of ten iperf3 runs in two). A real memfd and a second process, because the
+    not a head!", and the ring is dead (under QEMU, in about half the
+    sequences of ten 3-second iperf3 -R runs). A real memfd and a second process, because the
     window is a few nanoseconds inside one C call that no Python thread can
     interrupt; ferryd writes until the watcher has seen it write OVERLAP times.
     """
@@ -478,14 +480,14 @@ def test_a_polling_guest_never_reads_a_used_index_ferryd_did_not_write() -> None
         watcher = subprocess.Popen(
             [sys.executable, "-c", _WATCHER, *argv], pass_fds=(ram.fd,), stderr=subprocess.PIPE
         )
+
+        def sampled() -> tuple[int, int]:
+            changing, zeros = struct.unpack("<II", ram.read(counters, 8))
+            return changing, zeros
+
+        pushes = 0
         try:
-
-            def sampled() -> tuple[int, int]:
-                changing, zeros = struct.unpack("<II", ram.read(counters, 8))
-                return changing, zeros
-
-            pushes = 0
-            while sampled()[0] < OVERLAP and watcher.poll() is None:
+            while sampled()[0] < OVERLAP and pushes < MAX_PUSHES and watcher.poll() is None:
                 for n in range(1_000):
                     vq.push_used(n & 0xFF, 0)
                 pushes += 1_000
@@ -498,7 +500,7 @@ def test_a_polling_guest_never_reads_a_used_index_ferryd_did_not_write() -> None
         assert watcher.returncode == 0, err
         changing, zeros = sampled()
         assert zeros == 0, f"the guest read a used index of 0 {zeros} times ({pushes} pushes)"
-        assert changing >= OVERLAP
+        assert changing >= OVERLAP, f"the watcher never ran beside ferryd ({pushes} pushes)"
     finally:
         vq.detach()
         memory.unmap(mapper)
