@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
 from ferryd.frontends.vhost_user.errors import GuestDriverError, GuestMemoryError
-from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory
+from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory, MmapMapper
 from ferryd.frontends.vhost_user.messages import VHOST_VRING_F_LOG
 from ferryd.frontends.vhost_user.virtqueue import (
     NET_HDR_SIZE,
@@ -20,7 +23,15 @@ from ferryd.frontends.vhost_user.virtqueue import (
     SplitVirtqueue,
     parse_net_header,
 )
-from tests.unit.vhost_guest import HIGH, LOW, FileMapper, GuestDriver, GuestRam
+from tests.unit.vhost_guest import (
+    HIGH,
+    LOW,
+    FileMapper,
+    GuestDriver,
+    GuestRam,
+    MemfdRam,
+    RamRegion,
+)
 
 W = VIRTQ_DESC_F_WRITE
 BUF = 0x40000  # guest buffers in LOW start here
@@ -397,3 +408,100 @@ def test_stopped_rings_are_left_alone_and_disabled_ones_take_no_rx() -> None:
     tx.vq.enabled = False
     tx.driver.post(tx.driver.chain([(BUF, 100, 0)]))
     assert tx.vq.pop_readable_untrusted(memoryview(bytearray(4096))) is not None
+
+
+# -- what the guest's CPU sees while ferryd writes ----------------------------------
+
+#: Another process, as a guest's vCPU is, polls ``used.idx`` through its own
+#: mappings of the memfd. To read the word every few nanoseconds from Python it
+#: maps the page holding it COPIES times in a row and copies the word out of every
+#: copy in one strided memoryview copy (C speed). It counts the samples that read
+#: 0 (the test keeps the real index above 0), and the copies that saw the index
+#: change (proof that ferryd wrote while it read: on a busy machine the two may
+#: only take turns on one CPU). At offsets of the file: STOP (the test sets it),
+#: then CHANGING and ZEROS (u32 each).
+_WATCHER = """
+import array, ctypes, mmap, struct, sys
+fd, used, stop, counters = (int(a) for a in sys.argv[1:])
+COPIES, PAGE = 512, mmap.PAGESIZE  # few enough pages for the TLB
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+base = libc.mmap(None, COPIES * PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | 0x20, -1, 0)
+for i in range(COPIES):  # MAP_FIXED (0x10) over the reservation: one file page, COPIES times
+    got = libc.mmap(base + i * PAGE, PAGE, mmap.PROT_READ, mmap.MAP_SHARED | 0x10, fd,
+                    used - used % PAGE)
+    assert got == base + i * PAGE, ctypes.get_errno()
+words = memoryview((ctypes.c_char * (COPIES * PAGE)).from_address(base)).cast("B").cast("H")
+samples = words[(used % PAGE) // 2 :: PAGE // 2]
+control = mmap.mmap(fd, 0)
+changing = zeros = 0
+while not control[stop]:
+    seen = array.array("H", samples.tobytes())
+    if seen[0] != seen[-1]:
+        changing += 1
+        zeros += seen.count(0)
+        struct.pack_into("<II", control, counters, changing, zeros)
+"""
+
+#: Copies the watcher must have made while ferryd wrote (without the fix: hundreds of
+#: zeros by then), and a bound on ferryd's writes (~1 minute) should it never get a CPU.
+OVERLAP = 2_000
+MAX_PUSHES = 20_000_000
+
+
+def test_a_polling_guest_never_reads_a_used_index_ferryd_did_not_write() -> None:
+    """One store per ``used.idx`` update: never a transient value in between.
+
+    struct.pack_into clears its target before writing it; a used index stored
+    that way reads as 0 for an instant, which a Linux guest polling the ring
+    takes for ~65,000 new entries: it consumes stale ones, "output.0:id N is
+    not a head!", and the ring is dead (under QEMU, in about half the
+    sequences of ten 3-second iperf3 -R runs). A real memfd and a second process, because the
+    window is a few nanoseconds inside one C call that no Python thread can
+    interrupt; ferryd writes until the watcher has seen it write OVERLAP times.
+    """
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the watcher must run beside ferryd: one CPU is not enough")
+    region = RamRegion(0, 0, 1 << 20, 0x7F00_0000_0000, 0)
+    ram = MemfdRam(region)
+    mapper = MmapMapper()
+    memory = GuestMemory.map_table_untrusted([region.spec], [ram.fd], mapper)
+    stop, counters = 0x80000, 0x80008
+    try:
+        driver = GuestDriver(ram, 0, 256, base=0x10000)
+        vq = SplitVirtqueue(0)
+        vq.set_num(256)
+        vq.attach(memory, driver.address, vq.views_for(memory, driver.address))
+        vq.start()
+        vq.push_used(0, 0)  # 1 from here on: a 0 is never ferryd's index
+        argv = [str(a) for a in (ram.fd, driver.used + 2, stop, counters)]
+        watcher = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, *argv], pass_fds=(ram.fd,), stderr=subprocess.PIPE
+        )
+
+        def sampled() -> tuple[int, int]:
+            changing, zeros = struct.unpack("<II", ram.read(counters, 8))
+            return changing, zeros
+
+        pushes = 0
+        try:
+            while sampled()[0] < OVERLAP and pushes < MAX_PUSHES and watcher.poll() is None:
+                for n in range(1_000):
+                    vq.push_used(n & 0xFF, 0)
+                pushes += 1_000
+                if vq.used_idx > 0xF000:  # back to 1 before it wraps to a real 0
+                    vq.used_idx = 0
+                    vq.push_used(0, 0)
+        finally:
+            ram.write(stop, b"\1")
+            _, err = watcher.communicate(timeout=30)
+        assert watcher.returncode == 0, err
+        changing, zeros = sampled()
+        assert zeros == 0, f"the guest read a used index of 0 {zeros} times ({pushes} pushes)"
+        assert changing >= OVERLAP, f"the watcher never ran beside ferryd ({pushes} pushes)"
+    finally:
+        vq.detach()
+        memory.unmap(mapper)
+        ram.close()

@@ -36,6 +36,16 @@ entries before ``used.idx``, which x86-64's store and load ordering (TSO)
 keeps in order without fences; Python cannot issue one, so this module
 relies on running on x86-64.
 
+One store per published value: ``used.idx`` is written through a
+memoryview cast to ``H`` (CPython's memoryview item assignment is one
+2-byte memcpy, a single x86 store), never with ``struct.pack_into``, which
+clears its whole target first (``memset`` in _struct.c's
+s_pack_internal) and then writes it: the guest's driver, polling
+``used.idx``, could read that transient 0 as "65,000 more used entries"
+and consume stale ones (Linux: "output.0:id N is not a head!", the ring
+then dead). ``struct`` stays fine for the used entries themselves: the
+driver reads none of them before the index that publishes them.
+
 Notifications: VIRTIO_RING_F_EVENT_IDX is not negotiated, so ferryd
 signals the call eventfd after a batch unless the driver set
 VIRTQ_AVAIL_F_NO_INTERRUPT (:meth:`SplitVirtqueue.should_notify`).
@@ -143,6 +153,7 @@ class SplitVirtqueue:
         "_mask",
         "_memory",
         "_used",
+        "_used_index",
         "address",
         "enabled",
         "index",
@@ -176,6 +187,8 @@ class SplitVirtqueue:
         self.used_gpa = 0
         self._memory: GuestMemory | None = None
         self._desc = self._avail = self._used = memoryview(b"")
+        self._used_index = memoryview(b"").cast("H")
+        """``used.idx`` as one ``H`` item: its only writer (see the module docstring)."""
 
     # -- configuration (the session) ----------------------------------------
 
@@ -188,6 +201,7 @@ class SplitVirtqueue:
         self.address = None
         self._memory = None
         self._desc = self._avail = self._used = memoryview(b"")
+        self._used_index = memoryview(b"").cast("H")
 
     def views_for(
         self, memory: GuestMemory, address: VringAddress
@@ -225,6 +239,7 @@ class SplitVirtqueue:
         self._memory = memory
         self.address = address
         self._desc, self._avail, self._used = views
+        self._used_index = self._used[2:4].cast("H")
         self.log_used = bool(address.flags & VHOST_VRING_F_LOG)
         self.used_gpa = address.log_guest_addr
 
@@ -385,7 +400,7 @@ class SplitVirtqueue:
             done += run
         idx = (idx + count) & 0xFFFF
         self.used_idx = idx
-        U16.pack_into(used, 2, idx)
+        self._used_index[0] = idx  # one store: not U16.pack_into (see the module docstring)
         if log is not None:
             log.mark(base + 2, 2)
 
