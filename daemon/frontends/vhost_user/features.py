@@ -65,7 +65,10 @@ one frame across mergeable buffers), EVENT_IDX (notifications are
 suppressed only by the ring's flags; an implementation cut a Linux guest's
 transmit kicks from 1 to 0.15 per frame but no throughput or CPU change
 showed under TCG, and one bench run in nine lost the guest's transmit
-ring: not offered until that is understood), INDIRECT_DESC (refused in a chain),
+ring: not offered until that is understood; the lost ring was probably
+the used-index store fixed since, see virtqueue.py, which happened without
+EVENT_IDX too; its avail_event would need the same one-store write),
+INDIRECT_DESC (refused in a chain),
 MQ (one queue pair), RING_PACKED and ACCESS_PLATFORM (split rings in
 QEMU's address space only).
 """
