@@ -408,11 +408,7 @@ class SourceMigration:
         try:
             with trio.CancelScope() as work:
                 self._work = work
-                repairable = await self._stop()
-                t_stopped = time.monotonic()
-                if repairable:
-                    self.repair = await self.repair_source.get()
-                    self.frozen.extend(repairable)
+                repairable, t_stopped = await self._freeze()
                 t_repaired = time.monotonic()
                 # Repair ON runs under the dump (_stream).
                 written = await self._stream(stream, counts, repairable, kept or b"")
@@ -490,8 +486,9 @@ class SourceMigration:
             and pre[1] == self.kernel.segment_counts(socket_of(conn))
         )
 
-    async def _stop(self) -> list[TcpConn]:
-        """Stop the data path and hand the guest over; the TCP connections to freeze.
+    async def _freeze(self) -> tuple[list[TcpConn], float]:
+        """Stop the data path and hand the guest over; the TCP connections to put in
+        repair mode (counted as frozen, the helper reached) and when the data path stopped.
 
         What the guest already queued for us is handled now: handing over
         drops it. From the handover on the guest's frames go to the target
@@ -501,8 +498,13 @@ class SourceMigration:
         d = self.host
         await d.stop()
         d.hand_over(drain=True)
+        t_stopped = time.monotonic()
         self.conns = [c for c in d.tcp.connections() if not c.closed]
-        return [c for c in self.conns if c.state is not State.CONNECTING]
+        repairable = [c for c in self.conns if c.state is not State.CONNECTING]
+        if repairable:
+            self.repair = await self.repair_source.get()
+            self.frozen.extend(repairable)
+        return repairable, t_stopped
 
     async def freeze_early(self) -> None:
         """Freeze before the stream exists: QEMU stopped the VM to end its migration.
@@ -532,12 +534,11 @@ class SourceMigration:
         try:
             with trio.CancelScope() as work:
                 self._work = work
-                repairable = await self._stop()
-                t_stopped = time.monotonic()
+                repairable, t_stopped = await self._freeze()
                 if repairable:
-                    repair = self.repair = await self.repair_source.get()
-                    self.frozen.extend(repairable)
-                    await repair.set_repair([socket_of(c) for c in repairable], RepairMode.ON)
+                    assert self.repair is not None  # (reached by _freeze)
+                    socks = [socket_of(c) for c in repairable]
+                    await self.repair.set_repair(socks, RepairMode.ON)
                 t_repaired = time.monotonic()
                 rest = []
                 for conn in self.conns:

@@ -126,12 +126,17 @@ def _no_flows(flows: TcpFlows) -> bool:
     return len(flows.table) == 0
 
 
-async def test_outbound_connection_carries_both_directions() -> None:
-    up, down = random.Random(1).randbytes(600_000), random.Random(2).randbytes(900_000)
+async def _loopback_listener() -> tuple[trio.socket.SocketType, int]:
+    """A listening socket on 127.0.0.1 (the peer's side; the test closes it) and its port."""
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen()
-    port = listener.getsockname()[1]
+    return listener, listener.getsockname()[1]
+
+
+async def test_outbound_connection_carries_both_directions() -> None:
+    up, down = random.Random(1).randbytes(600_000), random.Random(2).randbytes(900_000)
+    listener, port = await _loopback_listener()
     got = bytearray()
     async with tcp_flows() as (flows, link):
         guest = RefGuest(7, up, ports=(GUEST_PORT, port))
@@ -197,10 +202,7 @@ async def _established(
 
 
 async def test_held_connection_drops_guest_segments_and_resets_at_release() -> None:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
+    listener, port = await _loopback_listener()
     async with tcp_flows() as (flows, link):
         guest = RefGuest(11, b"", ports=(GUEST_PORT, port), close=False)
         conn, peer = await _established(flows, link, listener, guest)
@@ -229,10 +231,7 @@ async def test_held_connection_drops_guest_segments_and_resets_at_release() -> N
 
 
 async def test_an_idle_connection_is_reset_by_the_idle_scan_not_a_timer() -> None:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
+    listener, port = await _loopback_listener()
     async with tcp_flows() as (flows, link):
         guest = RefGuest(13, b"", ports=(GUEST_PORT, port), close=False)
         conn, peer = await _established(flows, link, listener, guest)
@@ -288,10 +287,7 @@ async def test_connect_refused_resets_the_guest() -> None:
 
 
 async def test_a_burst_of_guest_segments_gets_one_ack_at_its_end() -> None:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
+    listener, port = await _loopback_listener()
     async with tcp_flows() as (flows, link):
         guest = RefGuest(21, b"", ports=(GUEST_PORT, port), close=False, mss=1000)
         _conn, peer = await _established(flows, link, listener, guest)

@@ -374,12 +374,7 @@ async def test_qemus_migration_start_precopies_and_save_sends_only_what_moved(
         await src.device.resumed()
         assert role(src) is Role.RUNNING
         assert b.repair.calls[3:] == [(RepairMode.OFF, fds)]
-        for ours, peer in pairs:
-            peer.sendall(b"still here")
-            with trio.fail_after(5):
-                await trio.lowlevel.wait_readable(ours)
-            assert ours.recv(100) == b"still here"
-            peer.close()
+        await _echoes(pairs)
 
 
 @pytest.mark.parametrize("how", ["log-all-off", "qemu-left"])
