@@ -52,7 +52,7 @@ from ferryd.config import (
 from ferryd.control import ControlAddressInUse, ControlBindError, ControlServer
 from ferryd.counters import Registry, Snapshot
 from ferryd.datapath import DataPath
-from ferryd.descriptors import DescriptorBudget
+from ferryd.descriptors import DescriptorBudget, presize_fd_table
 from ferryd.exits import EXIT_RUNTIME, EXIT_USAGE, StartupError, exit_on_failure
 from ferryd.flows.destinations import DestinationPolicy, Destinations
 from ferryd.flows.portspec import ForwardError
@@ -385,6 +385,9 @@ def _run(opts: Options) -> None:
         link = make_link_config(opts)
         runas = resolve_runas(opts.runas)
         raise_file_limit()
+        # Before any thread starts (ferryd.descriptors): a target's restore
+        # must not wait for the kernel to grow the table in the downtime.
+        presize_fd_table(opts.max_flows)
         if opts.repair_socket is not None:
             warn_if_nobody_listens(opts.repair_socket)
         frontend = _frontend(opts, link)

@@ -201,3 +201,16 @@ def test_failed_same_host_migration_keeps_port_80(one_host: MigrationBed) -> Non
         inbound.close()
         if later is not None:
             later.close()
+
+
+def test_ferryd_grows_its_descriptor_table_at_start(
+    topology: Topology, start_ferryd: StartFerryd
+) -> None:
+    """Grown before any thread exists (ferryd.descriptors.presize_fd_table): a
+    target's restore never waits for an RCU grace period per doubling."""
+    ferryd = start_ferryd(topology)
+    status = Path(f"/proc/{ferryd.pid}/status").read_text()
+    fd_size = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("FDSize")))
+    limits = Path(f"/proc/{ferryd.pid}/limits").read_text()
+    soft = int(next(line.split()[3] for line in limits.splitlines() if "open files" in line))
+    assert fd_size >= min(16384, soft)  # --max-flows' default

@@ -104,6 +104,16 @@ def test_capabilities_only_net_admin(helper: HelperProcess) -> None:
     assert_serves_with(helper)
 
 
+def test_descriptor_table_grown_before_the_closer_starts(helper: HelperProcess) -> None:
+    # A table shared by two threads grows only after an RCU grace period
+    # (fs/file.c, expand_fdtable): ~10 ms per doubling in a freeze's first
+    # batches unless it was grown at start (main.py, _presize_fd_table).
+    from ferry_repair.main import FD_TABLE
+
+    assert int(helper.status()["FDSize"]) >= FD_TABLE
+    assert_serves_with(helper)
+
+
 def assert_serves_with(helper: HelperProcess) -> None:
     path = Path(helper.argv[helper.argv.index("--listen") + 1])
     assert_serves(path)

@@ -6,6 +6,8 @@ sockets on loopback (a guest datagram or echo request refused gets an ICMP
 """
 
 import resource
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -137,3 +139,30 @@ async def test_udp_and_icmp_refuse_with_icmp_when_the_budget_is_spent() -> None:
         finally:
             await udp.aclose()
             await icmp.aclose()
+
+
+PRESIZE = """
+import os, resource, sys, threading
+from ferryd.descriptors import presize_fd_table
+
+def fd_size():
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("FDSize:")))
+
+before = fd_size()
+asked = presize_fd_table(int(sys.argv[1]))
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+low = os.open(os.devnull, os.O_RDONLY)
+print(before, asked, fd_size(), low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("size", [4096, 10**9])
+def test_presize_fd_table_grows_the_table_and_frees_the_descriptor(size: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PRESIZE, str(size)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    before, asked, after, low, limit = map(int, out)
+    assert asked == min(size, limit)
+    assert before < asked <= after  # the kernel rounds up to a power of two
+    assert low < 16  # the descriptor used to grow it is closed again
