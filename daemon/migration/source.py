@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -141,6 +142,42 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, trio.BrokenResourceError):
         return "the stream's reader went away (the target stopped reading)"
     return str(exc) or type(exc).__name__
+
+
+class _RepairOn:
+    """Repair ON for ``conns`` in ``nursery``, through ``repair``, batch after batch;
+    :meth:`wait` until one of them is frozen and in repair mode (its batch answered),
+    so that each is dumped or checked while the helper works on the next batches."""
+
+    def __init__(
+        self, repair: RepairPort | None, conns: list[TcpConn], nursery: trio.Nursery
+    ) -> None:
+        self.ready = 0
+        """conns[:ready] are frozen and in repair mode."""
+        self._more = trio.Event()
+        self._failed: Exception | None = None
+        if conns:
+            assert repair is not None  # (reached by SourceMigration._freeze)
+            nursery.start_soon(self._run, repair, [socket_of(c) for c in conns])
+
+    def _progress(self, n: int) -> None:
+        self.ready = n
+        self._more.set()
+
+    async def _run(self, repair: RepairPort, socks: list[socket.socket]) -> None:
+        try:
+            await repair.set_repair(socks, RepairMode.ON, progress=self._progress)
+        except Exception as exc:  # raised by wait(), as a plain exception
+            self._failed = exc
+            self._more.set()
+
+    async def wait(self, index: int) -> None:
+        """Until conns[index] is frozen and in repair mode (no checkpoint if it is)."""
+        while self.ready <= index:
+            if self._failed is not None:
+                raise self._failed
+            self._more = trio.Event()
+            await self._more.wait()
 
 
 class SourceMigration:
@@ -535,19 +572,22 @@ class SourceMigration:
             with trio.CancelScope() as work:
                 self._work = work
                 repairable, t_stopped = await self._freeze()
-                if repairable:
-                    assert self.repair is not None  # (reached by _freeze)
-                    socks = [socket_of(c) for c in repairable]
-                    await self.repair.set_repair(socks, RepairMode.ON)
-                t_repaired = time.monotonic()
                 rest = []
-                for conn in self.conns:
-                    if self._confirmed(conn):
-                        counts["tcp"] += 1
-                        counts["unchanged"] += 1
-                    else:
-                        rest.append(conn)
+                async with trio.open_nursery() as nursery:
+                    # Each batch is checked while the helper works on the next.
+                    frozen = _RepairOn(self.repair, repairable, nursery)
+                    next_frozen = 0
+                    for conn in self.conns:
+                        if next_frozen < len(repairable) and repairable[next_frozen] is conn:
+                            await frozen.wait(next_frozen)
+                            next_frozen += 1
+                        if self._confirmed(conn):
+                            counts["tcp"] += 1
+                            counts["unchanged"] += 1
+                        else:
+                            rest.append(conn)
                 self.conns = rest
+                t_repaired = time.monotonic()
             if work.cancelled_caught:
                 raise MigrationAborted("aborted: QEMU resumed the VM")
         except Exception as exc:
@@ -608,44 +648,14 @@ class SourceMigration:
         runs while the helper works on the next batches, and the stream
         (flushed every FLUSH_RECORDS) reaches the target meanwhile.
         """
-        ready = 0
-        """repairable[:ready] are frozen and in repair mode."""
-        more = trio.Event()
-        failed: Exception | None = None
-
-        def progress(n: int) -> None:
-            nonlocal ready
-            ready = n
-            more.set()
-
-        async def repair_on() -> None:
-            nonlocal failed
-            assert self.repair is not None
-            try:
-                socks = [socket_of(c) for c in repairable]
-                await self.repair.set_repair(socks, RepairMode.ON, progress=progress)
-            except Exception as exc:  # raised by the dump's wait, as a plain exception
-                failed = exc
-                more.set()
-
-        async def frozen(index: int) -> None:
-            """Until repairable[index] is frozen and in repair mode."""
-            nonlocal more
-            while ready <= index:
-                if failed is not None:
-                    raise failed
-                more = trio.Event()
-                await more.wait()
-
         error: Exception | None = None
         written = 0
         async with trio.open_nursery() as nursery:
-            if repairable:
-                nursery.start_soon(repair_on)
+            frozen = _RepairOn(self.repair, repairable, nursery)
             try:
                 if kept:
                     await stream.send_all(kept)
-                written = await self._write_records(stream, counts, repairable, frozen)
+                written = await self._write_records(stream, counts, repairable, frozen.wait)
             except Exception as exc:  # raised bare below, not in an exception group
                 error = exc
                 nursery.cancel_scope.cancel()

@@ -37,6 +37,7 @@ from ferryd.migration.controller import MigrationController
 from ferryd.migration.errors import MigrationError
 from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.records import TcpFlowRecord, UdpFlowRecord
+from ferryd.migration.repair_client import RepairRefused
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role
 from ferryd.migration.session import PRECOPY_QUIET
@@ -551,6 +552,36 @@ async def test_a_vm_resumed_while_the_early_freeze_runs_is_thawed_at_once(
         fd = pairs[0][0].fileno()
         assert b.repair.calls[-1] == (RepairMode.OFF, [fd])  # thawed, whatever was reached
         await _echoes(pairs)
+
+
+async def test_a_helper_refusing_the_early_freeze_rolls_back_and_save_freezes_anew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The early freeze checks each batch while the helper works on the next: a
+    refused batch ends it, every socket is thawed, and the SAVE starts over."""
+    async with bed(monkeypatch) as b:
+        src = b.src
+        pairs = await _precopied_pairs(b, 40060, 40061)
+        fds = [ours.fileno() for ours, _ in pairs]
+        set_repair = b.repair.set_repair
+        refused: list[Any] = []
+
+        async def refusing_once(socks: Any, mode: RepairMode, **kw: Any) -> None:
+            if mode is RepairMode.ON and not refused:
+                refused.append(socks)
+                raise RepairRefused("refused", batch=0, batches=1, sockets=range(len(socks)))
+            await set_repair(socks, mode, **kw)
+
+        monkeypatch.setattr(b.repair, "set_repair", refusing_once)
+        src.device.suspended()
+        await trio.testing.wait_all_tasks_blocked()
+        assert refused and role(src) is Role.RUNNING
+        assert b.repair.calls[-1] == (RepairMode.OFF, fds)
+        await _echoes(pairs)
+        data, ok = await save(src)
+        assert ok and role(src) is Role.FROZEN
+        assert _tcp_ports(decode_stream(data)) == [40060, 40061]
+        assert b.repair.calls[-1] == (RepairMode.ON, fds)
 
 
 async def test_a_vm_stopped_while_not_migrating_is_left_alone(
