@@ -234,8 +234,30 @@ class Traffic:
         deadline = time.monotonic() + timeout
         while not self.call(predicate):
             if time.monotonic() > deadline:
-                raise TrafficError(f"timed out after {timeout:g} s waiting for {what}")
+                stuck = self.call(self._unfinished)
+                raise TrafficError(f"timed out after {timeout:g} s waiting for {what}; {stuck}")
             time.sleep(0.01)
+
+    def _unfinished(self) -> str:
+        """The connections not done yet, how far each stream got (a timeout's diagnosis)."""
+        left = [(i, c) for i, c in enumerate(self.conns) if not c.done]
+
+        def stream(d: Direction) -> str:
+            return f"{d.sent}/{d.received}/{d.total}{' eof' if d.eof else ''}"
+
+        def state(sock: socket.socket) -> str:
+            try:
+                return str(tcp_state(sock))
+            except OSError as exc:
+                return exc.strerror or "?"
+
+        shown = "; ".join(
+            f"#{i} up {stream(c.up)} down {stream(c.down)} (sent/received/total)"
+            f"{' finishing' if c.finishing else ''} tcp state local {state(c.local)}"
+            f" remote {state(c.remote)}"
+            for i, c in left[:5]
+        )
+        return f"{len(left)} of {len(self.conns)} unfinished: {shown}"
 
     def set(self, **flags: bool) -> None:
         """Set ``read_local``, ``read_remote`` or ``local_paused`` between two rounds."""
