@@ -146,14 +146,17 @@ def _why(exc: BaseException) -> str:
 
 class _RepairOn:
     """Repair ON for ``conns`` in ``nursery``, through ``repair``, batch after batch;
-    :meth:`wait` until one of them is frozen and in repair mode (its batch answered),
-    so that each is dumped or checked while the helper works on the next batches."""
+    :meth:`reached` waits until a connection is frozen and in repair mode (its batch
+    answered), so that each is dumped or checked while the helper works on the next."""
 
     def __init__(
         self, repair: RepairPort | None, conns: list[TcpConn], nursery: trio.Nursery
     ) -> None:
-        self.ready = 0
-        """conns[:ready] are frozen and in repair mode."""
+        self._conns = conns
+        self._next = 0
+        """conns[:_next] were reached (the callers go through them in order)."""
+        self._ready = 0
+        """conns[:_ready] are frozen and in repair mode."""
         self._more = trio.Event()
         self._failed: Exception | None = None
         if conns:
@@ -161,19 +164,24 @@ class _RepairOn:
             nursery.start_soon(self._run, repair, [socket_of(c) for c in conns])
 
     def _progress(self, n: int) -> None:
-        self.ready = n
+        self._ready = n
         self._more.set()
 
     async def _run(self, repair: RepairPort, socks: list[socket.socket]) -> None:
         try:
             await repair.set_repair(socks, RepairMode.ON, progress=self._progress)
-        except Exception as exc:  # raised by wait(), as a plain exception
+        except Exception as exc:  # raised by reached(), as a plain exception
             self._failed = exc
             self._more.set()
 
-    async def wait(self, index: int) -> None:
-        """Until conns[index] is frozen and in repair mode (no checkpoint if it is)."""
-        while self.ready <= index:
+    async def reached(self, conn: TcpConn) -> None:
+        """Until ``conn`` is frozen and in repair mode, if it is the next of ``conns``
+        (others, e.g. still connecting, pass at once; no checkpoint if it is ready)."""
+        index = self._next
+        if index >= len(self._conns) or self._conns[index] is not conn:
+            return
+        self._next += 1
+        while self._ready <= index:
             if self._failed is not None:
                 raise self._failed
             self._more = trio.Event()
@@ -576,11 +584,8 @@ class SourceMigration:
                 async with trio.open_nursery() as nursery:
                     # Each batch is checked while the helper works on the next.
                     frozen = _RepairOn(self.repair, repairable, nursery)
-                    next_frozen = 0
                     for conn in self.conns:
-                        if next_frozen < len(repairable) and repairable[next_frozen] is conn:
-                            await frozen.wait(next_frozen)
-                            next_frozen += 1
+                        await frozen.reached(conn)
                         if self._confirmed(conn):
                             counts["tcp"] += 1
                             counts["unchanged"] += 1
@@ -655,7 +660,7 @@ class SourceMigration:
             try:
                 if kept:
                     await stream.send_all(kept)
-                written = await self._write_records(stream, counts, repairable, frozen.wait)
+                written = await self._write_records(stream, counts, frozen.reached)
             except Exception as exc:  # raised bare below, not in an exception group
                 error = exc
                 nursery.cancel_scope.cancel()
@@ -667,8 +672,7 @@ class SourceMigration:
         self,
         stream: trio.lowlevel.FdStream,
         counts: dict[str, int],
-        repairable: list[TcpConn],
-        frozen: Callable[[int], Awaitable[None]],
+        frozen: Callable[[TcpConn], Awaitable[None]],
     ) -> int:
         d, kernel = self.host, self.kernel
         enc = self.enc
@@ -716,11 +720,8 @@ class SourceMigration:
         if self.same_netns:
             d.tcp.close_listeners()
             self.listeners_closed = True
-        next_frozen = 0
         for conn in self.conns:
-            if next_frozen < len(repairable) and repairable[next_frozen] is conn:
-                await frozen(next_frozen)
-                next_frozen += 1
+            await frozen(conn)
             if self._confirmed(conn):
                 counts["tcp"] += 1
                 counts["unchanged"] += 1
