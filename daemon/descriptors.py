@@ -50,6 +50,7 @@ escape (the accept loops back off for :data:`ACCEPT_BACKOFF`).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -270,15 +271,18 @@ def presize_fd_table(descriptors: int) -> int:
     went through four doublings, ~40 ms of the restore. Grown here, before
     any thread starts, the table costs nothing later; it never shrinks (8
     bytes of kernel memory per slot: 128 KiB for the default 16,384 flows).
-    Capped by RLIMIT_NOFILE (a dup2() past it fails with EBADF).
+    Capped by RLIMIT_NOFILE. F_DUPFD, not dup2(): it takes the lowest free
+    number from there on, so a descriptor ferryd was handed at that number
+    (``--tap-fd``, socket activation) stays open; the table is as large anyway.
     """
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     size = min(descriptors, soft)
     spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if spare < size - 1:
-            os.dup2(spare, size - 1, inheritable=False)
-            os.close(size - 1)
+            os.close(fcntl.fcntl(spare, fcntl.F_DUPFD_CLOEXEC, size - 1))
+    except OSError:
+        pass  # EMFILE: every number from there on is taken, so the table is that large
     finally:
         os.close(spare)
     return size

@@ -19,6 +19,7 @@ connection and exits, as passt-repair does: 0 when the daemon closes it,
 from __future__ import annotations
 
 import argparse
+import fcntl
 import grp
 import logging
 import os
@@ -177,8 +178,8 @@ def _presize_fd_table() -> None:
     size = min(FD_TABLE, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     if spare < size - 1:
-        os.dup2(spare, size - 1, inheritable=False)
-        os.close(size - 1)
+        # The lowest free number from there on: never closes the activated listener.
+        os.close(fcntl.fcntl(spare, fcntl.F_DUPFD_CLOEXEC, size - 1))
     os.close(spare)
 
 

@@ -166,3 +166,22 @@ def test_presize_fd_table_grows_the_table_and_frees_the_descriptor(size: int) ->
     assert asked == min(size, limit)
     assert before < asked <= after  # the kernel rounds up to a power of two
     assert low < 16  # the descriptor used to grow it is closed again
+
+
+HANDED_OVER = """
+import os, sys
+from ferryd.descriptors import presize_fd_table
+
+reader, writer = os.pipe()
+os.dup2(reader, 4095)  # as a --tap-fd 4095 would be
+presize_fd_table(4096)
+os.write(writer, b"still here")
+print(os.read(4095, 64).decode())
+"""
+
+
+def test_presize_fd_table_leaves_a_descriptor_at_that_number_open() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", HANDED_OVER], check=True, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "still here"
