@@ -42,6 +42,10 @@ class KernelDump(KernelRepair, Protocol):
 
     def dump_tcp(self, sock: socket.socket) -> TcpKernelState: ...
 
+    def reopen_send_window(self, sock: socket.socket, snd_wnd: int) -> None:
+        """Undo the dump's held send window: the socket goes back into service."""
+        ...
+
     def segment_counts(self, sock: socket.socket) -> tuple[int, int]:
         """Segments in and out so far: unchanged means a pre-copied dump still holds."""
         ...
@@ -56,6 +60,7 @@ class _Linux:
     close_silently = staticmethod(sockstate.close_silently)
     reuse_after_repair_off = staticmethod(sockstate.reuse_after_repair_off)
     dump_tcp = staticmethod(sockstate.dump_tcp)
+    reopen_send_window = staticmethod(sockstate.reopen_send_window)
     segment_counts = staticmethod(sockstate.segment_counts)
 
 

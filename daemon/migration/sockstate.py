@@ -16,7 +16,8 @@ Source (per socket)::
                                the socket's intake as it turns repair on)
     state = dump_tcp(sock)
     ... keep sock open until the outcome is known, then
-    close_silently(sock)       (or, on rollback: repair OFF, which thaws it)
+    close_silently(sock)       (or, on rollback: reopen_send_window(sock,
+                               state.snd_wnd), then repair OFF, which thaws it)
 
 Why the freeze: a socket in repair mode still receives, queues and ACKs
 whatever the peer sends (checked). Bytes that arrive after the dump would be
@@ -29,6 +30,30 @@ filter as it turns repair ON and detaches it at repair OFF
 (repair_helper/repair.py, "Freezing intake"; passt-repair does not), so
 ferryd holds no copy of the program. Tests and benchmarks that switch
 repair mode themselves freeze with testbed/sockstate_tools.py.
+
+Nothing new after the dump. The freeze stops what comes in, not what goes
+out: a socket in repair mode still transmits unless its send queue is
+selected (tcp_write_xmit() checks nothing else, tcp_write_wakeup() nothing
+at all). With the peer's ACKs dropped, the tail loss probe
+(tcp_send_loss_probe(), about two RTTs after the last send) sends the next
+new segment when the window allows one (checked: one 1,448-byte segment
+within 0.5 s, every time, 14 KB in flight and 64 KB unsent); the persist
+timer sends what fits a small window. A byte sent after the dump reached
+the peer, but the dump called it unsent: the restored socket's snd_nxt is
+behind the peer's rcv_nxt, and every segment of the peer then carries an
+ACK of unsent data, which tcp_ack() discards together with the segment
+(RFC 9293 §3.10.7.4: such an ACK is dropped). Unless the restored socket
+happens to send past that point the connection stalls both ways (seen: 1
+or 2 of 100 busy connections moved between hosts, in FIN_WAIT1 with
+~350 KB unacknowledged). So dump_tcp() holds the send window at what is in
+flight (TCP_REPAIR_WINDOW, snd_wnd = snd_nxt − snd_una) before it reads
+snd_nxt, whenever an unsent byte or FIN would fit in it: tcp_snd_wnd_test(),
+the loss probe and tcp_write_wakeup() then send nothing beyond snd_nxt,
+while everything in flight may still be retransmitted (a window of 0
+instead would make the retransmit timer treat the peer as having shrunk
+it, tcp_rtx_probe0_timed_out(), and give up after 240 s without an answer).
+The dumped state keeps the window as it was; a socket put back into
+service gets it back with reopen_send_window() before repair OFF.
 
 dump_tcp() reads, with the socket in repair mode:
 
@@ -146,6 +171,7 @@ nothing again.
 API (every socket is a stdlib ``socket.socket``, as ferryd's are)::
 
     dump_tcp(sock) -> TcpKernelState                    # frozen, repair ON
+    reopen_send_window(sock, state.snd_wnd)             # rollback: before repair OFF
     segment_counts(sock) -> (out, in)                   # any time
     close_silently(sock)                                # repair ON, else refused
     new_socket_for(state) -> socket.socket              # bound; then repair ON
@@ -199,8 +225,10 @@ __all__ = [
     "close_silently",
     "dump_tcp",
     "finish_restore",
+    "may_hold_window",
     "new_socket_for",
     "parse_tcp_info",
+    "reopen_send_window",
     "restore_in_repair",
     "reuse_after_repair_off",
     "segment_counts",
@@ -301,11 +329,19 @@ def repair_window(state: TcpKernelState) -> bytes:
     keeps that guard as close as it can be. The other two checks
     (max_window >= snd_wnd, rcv_wup not after rcv_nxt) hold for any dump.
     """
-    right_edge = seq_add(state.recv_seq, state.rcv_wnd)
-    snd_wl1 = right_edge if seq_diff(state.snd_wl1, right_edge) > 0 else state.snd_wl1
-    return _REPAIR_WINDOW.pack(
-        snd_wl1, state.snd_wnd, state.max_window, state.rcv_wnd, state.rcv_wup
+    return _window_arg(
+        state.recv_seq, state.snd_wl1, state.snd_wnd, state.max_window, state.rcv_wnd, state.rcv_wup
     )
+
+
+def _window_arg(
+    rcv_nxt: int, snd_wl1: int, snd_wnd: int, max_window: int, rcv_wnd: int, rcv_wup: int
+) -> bytes:
+    """TCP_REPAIR_WINDOW's argument, snd_wl1 held inside the receive window (repair_window)."""
+    right_edge = seq_add(rcv_nxt, rcv_wnd)
+    if seq_diff(snd_wl1, right_edge) > 0:
+        snd_wl1 = right_edge
+    return _REPAIR_WINDOW.pack(snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup)
 
 
 def _where(sock: socket.socket) -> str:
@@ -383,7 +419,13 @@ def close_silently(sock: socket.socket) -> None:
 
 
 def dump_tcp(sock: socket.socket) -> TcpKernelState:
-    """Read a frozen socket in repair mode; see the module docstring. The socket is unchanged."""
+    """Read a frozen socket in repair mode; see the module docstring.
+
+    The socket is left as it was but for its send window, held at what is
+    in flight when an unsent byte would fit in it, so that nothing the dump
+    calls unsent ever leaves (module docstring, "Nothing new after the
+    dump"); :func:`reopen_send_window` gives the window back.
+    """
     step = "start"
     try:
         step = "getsockname/getpeername"
@@ -408,15 +450,15 @@ def dump_tcp(sock: socket.socket) -> TcpKernelState:
             sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size)
         )
         fd = sock.fileno()
-        step = "SIOCOUTQ/SIOCOUTQNSD/SIOCINQ"
+        step = "SIOCOUTQ/SIOCINQ"
+        # (SIOCOUTQ, write_seq - snd_una, cannot change while the intake is
+        # frozen: only an ACK moves snd_una. snd_nxt can: read last, below.)
         outq = _ioctl_int(fd, SIOCOUTQ)
-        outq_unsent = _ioctl_int(fd, SIOCOUTQNSD)
         inq = _ioctl_int(fd, SIOCINQ)
         # Our FIN queued and not yet acknowledged (FIN_WAIT2: acknowledged).
         fin_pending = info.state in (TcpState.FIN_WAIT1, TcpState.CLOSING, TcpState.LAST_ACK)
         # An unacked FIN is the last "byte" of SIOCOUTQ, and of SIOCOUTQNSD while unsent.
         data_len = outq - int(fin_pending)
-        unsent = outq_unsent - int(fin_pending and outq_unsent > 0)
 
         step = "select send queue"
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
@@ -432,6 +474,15 @@ def dump_tcp(sock: socket.socket) -> TcpKernelState:
         recv_queue = _peek_recv_queue(sock, inq) if inq else b""
         step = "deselect queue"
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        step = "SIOCOUTQNSD"
+        outq_unsent = _ioctl_int(fd, SIOCOUTQNSD)
+        if outq_unsent and window[1] > outq - outq_unsent:
+            step = "hold the send window (TCP_REPAIR_WINDOW)"
+            held = _window_arg(recv_seq, window[0], outq - outq_unsent, *window[2:])
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, held)
+            step = "SIOCOUTQNSD (window held)"
+            outq_unsent = _ioctl_int(fd, SIOCOUTQNSD)
+        unsent = outq_unsent - int(fin_pending and outq_unsent > 0)
     except OSError as exc:
         raise SocketStateError(_where(sock), f"dump: {step}", exc.strerror or str(exc)) from exc
     where = four_tuple(local[0], local[1], remote[0], remote[1])
@@ -466,6 +517,44 @@ def dump_tcp(sock: socket.socket) -> TcpKernelState:
         )
     except ValueError as exc:  # KernelStateError: a kernel answer we do not expect
         raise SocketStateError(where, "dump", str(exc)) from exc
+
+
+def may_hold_window(state: TcpKernelState) -> bool:
+    """Whether dump_tcp() may have held the send window of the socket it read ``state`` from.
+
+    It did if an unsent byte or our FIN fitted the window; from the state
+    alone an unacknowledged FIN may be sent or not, so this errs towards yes.
+    """
+    return state.unsent > 0 or (state.fin_sent and not state.fin_acked)
+
+
+def reopen_send_window(sock: socket.socket, snd_wnd: int) -> None:
+    """Give a dumped socket its send window back (``snd_wnd``, the dump's), in repair mode.
+
+    For a socket that goes back into service after :func:`dump_tcp` (a
+    rollback, a pre-copy dump not kept), before repair goes OFF: with the
+    window held the socket would send nothing new until the peer's next
+    window update, and a peer that waits for our data sends none. (Repair
+    OFF's window probe would bring one, but tcp_send_window_probe() sends
+    it in ESTABLISHED only, and a source thaws without it.) Nothing is
+    written if the window is already ``snd_wnd``. The other values are the
+    socket's own; intake is frozen, so nothing moved them since the dump.
+    """
+    step = "TCP_REPAIR_WINDOW"
+    try:
+        window = _REPAIR_WINDOW.unpack(
+            sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size)
+        )
+        if window[1] == snd_wnd:
+            return
+        step = "reopen the send window (TCP_REPAIR_WINDOW)"
+        sock.setsockopt(
+            socket.IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            _REPAIR_WINDOW.pack(window[0], snd_wnd, max(window[2], snd_wnd), *window[3:]),
+        )
+    except OSError as exc:
+        raise SocketStateError(_where(sock), step, exc.strerror or str(exc)) from exc
 
 
 def segment_counts(sock: socket.socket) -> tuple[int, int]:

@@ -101,7 +101,7 @@ from ferryd.migration.records import (
 from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.roles import ROLLBACK_ROLES, Event, Role
 from ferryd.migration.session import Session
-from ferryd.migration.sockstate import SocketStateError
+from ferryd.migration.sockstate import SocketStateError, may_hold_window
 from ferryd.migration.stream import StreamEncoder
 from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
@@ -199,6 +199,9 @@ class SourceMigration:
         self.same_netns = False
         self.conns: list[TcpConn] = []
         self.frozen: list[TcpConn] = []
+        self.held_windows: dict[TcpConn, int] = {}
+        """Frozen connections whose dump may have held the send window (sockstate,
+        "Nothing new after the dump"): the window to give back if they thaw here."""
         self.records: list[FlowRecord] = []
         """Same-namespace only: what was streamed, for a rollback."""
         self.timings: dict[str, float] = {}
@@ -310,6 +313,8 @@ class SourceMigration:
                                 # merely paused): the target keeps a pre-copied one
                                 # as restored, without its unsent tail or a resync
                                 # (restore.py), so only a connection at rest may go.
+                                # It goes back into service with its window.
+                                kernel.reopen_send_window(socket_of(conn), dumped.snd_wnd)
                                 continue
                             out += self.enc.flow(record)
                             self.precopied[conn] = (
@@ -727,6 +732,8 @@ class SourceMigration:
                 counts["unchanged"] += 1
                 continue
             dumped = None if conn.state is State.CONNECTING else kernel.dump_tcp(socket_of(conn))
+            if dumped is not None and may_hold_window(dumped):
+                self.held_windows[conn] = dumped.snd_wnd
             rec_tcp: TcpFlowRecord = tcp_record(conn, dumped)
             await emit(enc.flow(rec_tcp), rec_tcp)
             counts["tcp" if not rec_tcp.handshake else "reset"] += 1
@@ -931,12 +938,16 @@ class SourceMigration:
         if self.frozen:
             live = [c for c in self.frozen if socket_of(c).fileno() >= 0]
             if live:
+                for conn in live:
+                    if (snd_wnd := self.held_windows.get(conn)) is not None:
+                        self.kernel.reopen_send_window(socket_of(conn), snd_wnd)
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([socket_of(c) for c in live], RepairMode.OFF)  # and thaws
                 # The twins restored below bind next to these on a forwarded port.
                 self.kernel.reuse_after_repair_off([socket_of(c) for c in live])
             self.handed_over += [c for c in self.frozen if socket_of(c).fileno() < 0]
             self.frozen.clear()
+            self.held_windows.clear()
         d.tcp.bound_queues(None)  # (a pre-copy's cap; restored ones below are fresh)
         d.take_over()
         if self.same_netns and self.records:

@@ -37,6 +37,7 @@ from ferryd.migration.sockstate import (
     dump_tcp,
     finish_restore,
     new_socket_for,
+    reopen_send_window,
     restore_in_repair,
 )
 from ferryd.netns import run_in_netns
@@ -243,6 +244,8 @@ def test_rollback_after_dump(netns: Netns) -> None:
             sources = [c.local for c in conns]
             states = freeze_and_dump(sources, timing)
             assert all(s.tcp_state == TcpState.ESTABLISHED for s in states)
+            for sock, state in zip(sources, states, strict=True):
+                reopen_send_window(sock, state.snd_wnd)  # as ferryd's rollback does
             set_repair_direct(sources, RepairMode.OFF)
             for sock in sources:
                 thaw_intake(sock)
@@ -257,6 +260,61 @@ def test_rollback_after_dump(netns: Netns) -> None:
             traffic.wait(lambda: all(c.done for c in conns), "every stream to complete")
     finally:
         close_all([s for pair in pairs for s in pair])
+
+
+def _snd_nxt(state: TcpKernelState) -> int:
+    """Where the dumped socket's next new byte goes (write_seq - unsent, FIN included)."""
+    return (state.send_seq - state.unsent - int(state.fin_sent and state.unsent > 0)) % (1 << 32)
+
+
+def _segs_out(sock: socket.socket) -> int:
+    """tcpi_segs_out: segments the socket transmitted, retransmissions included."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 140)
+    return int.from_bytes(info[136:140], "little")
+
+
+def test_a_dumped_socket_sends_nothing_new_until_its_window_is_reopened(netns: Netns) -> None:
+    """Between the dump and the outcome a frozen source sends no byte the dump calls unsent.
+
+    lo is slowed to 2 Mbit/s so that the first flight (ten 1,448-byte
+    segments) is still queued when the intake freezes: its ACKs are then
+    dropped, and the tail loss probe would send the next unsent segment to
+    the peer ~2 RTTs later (sockstate's docstring, "Nothing new after the
+    dump"). Rolled back (window reopened, repair OFF, thawed), every byte
+    arrives in order.
+    """
+    netns.run(["ip", "link", "set", "lo", "mtu", "1500"])
+    netns.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "2mbit",
+               "burst", "3000", "latency", "2s"])  # fmt: skip
+    [(client, server)] = connect_pairs(netns.path, netns.path, "127.0.0.1", 1)
+    with client, server:
+        client.setblocking(False)
+        data = pattern(0, 0, CHUNK).tobytes() * 3
+        written = client.send(data)
+        freeze_intake(client)
+        set_repair_direct([client], RepairMode.ON)
+        state = dump_tcp(client)
+        assert 0 < state.unsent < written == len(state.send_queue)
+        segments = _segs_out(client)
+        # Whatever the socket transmits now (the first flight's ACKs are lost):
+        # retransmissions, and nothing new.
+        wait_for(lambda: _segs_out(client) > segments, what="the frozen socket to retransmit")
+        time.sleep(0.3)
+        again = dump_tcp(client)
+        assert _snd_nxt(again) == _snd_nxt(state)
+        assert again.snd_wnd == len(state.send_queue) - state.unsent < state.snd_wnd
+        assert again.send_queue == state.send_queue
+
+        reopen_send_window(client, state.snd_wnd)
+        assert dump_tcp(client).snd_wnd == state.snd_wnd
+        set_repair_direct([client], RepairMode.OFF_NO_WINDOW_PROBE)
+        thaw_intake(client)
+        client.shutdown(socket.SHUT_WR)  # unsent queued data, then a FIN
+        server.settimeout(WAIT_SECONDS)
+        received = bytearray()
+        while chunk := server.recv(CHUNK):
+            received += chunk
+        assert received == data[:written]
 
 
 def _ack_and_data_age_ms(sock: socket.socket) -> tuple[int, int]:

@@ -200,6 +200,9 @@ class FakeKernel:
         self.calls.append(f"dump {sock.fileno()}")
         return kernel_state_of(sock)
 
+    def reopen_send_window(self, sock: socket.socket, snd_wnd: int) -> None:
+        self.calls.append(f"reopen {sock.fileno()} {snd_wnd}")
+
     def segment_counts(self, sock: socket.socket) -> tuple[int, int]:
         self.calls.append(f"segments {sock.fileno()}")
         return self.segments

@@ -122,6 +122,68 @@ async def test_freeze_dumps_the_connection_and_a_rollback_thaws_it(
             assert mig.s.counters.out_rolled_back == 1
 
 
+class _Unsent(FakeKernel):
+    """Dumps the socket with 40 of its 100 queued bytes unsent (dump_tcp held its window)."""
+
+    def dump_tcp(self, sock: socket.socket) -> TcpKernelState:
+        self.calls.append(f"dump {sock.fileno()}")
+        return kernel_state_of(sock, send_queue=b"x" * 100, unsent=40, snd_wnd=5000)
+
+
+class _NotingOff(FakeRepair):
+    """Notes, at each repair OFF, what the kernel had been asked so far."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.kernel_calls_at_off: list[list[str]] = []
+
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if mode is not RepairMode.ON:
+            self.kernel_calls_at_off.append(list(self.kernel.calls))
+        await super().set_repair(socks, mode, progress=progress)
+
+
+async def test_a_rollback_reopens_the_send_window_the_dump_held_before_repair_off(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    kernel = _Unsent()
+    repair = _NotingOff(kernel)
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(kernel, repair) as (host, mig, _):
+            _adopt(host, ours)
+            await mig.migrate_out(writer.detach(), same_netns=False)
+            assert await mig.abort() == {"role": "running", "note": "rolled back, nothing lost"}
+            assert repair.kernel_calls_at_off == [[f"dump {fd}", f"reopen {fd} 5000"]]
+            assert mig.held_windows == {}
+
+
+async def test_a_precopy_dump_not_kept_gets_its_send_window_back_before_repair_off(
+    host_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    kernel = _Unsent()
+    repair = _NotingOff(kernel)
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        async with source(kernel, repair) as (host, mig, _):
+            _adopt(host, ours)
+            assert (await mig.precopy(writer.detach()))["precopied"] == 0  # bytes queued
+            assert repair.kernel_calls_at_off == [
+                [f"segments {fd}", f"dump {fd}", f"reopen {fd} 5000"]
+            ]
+
+
 class _OneByOne(FakeRepair):
     """Answers repair ON one socket at a time, noting each answer in ``log``; the
     second answer only once the first socket was dumped (``log`` is the kernel's)."""
