@@ -56,11 +56,6 @@ def _pairs(topo: TwoHostTopology, count: int) -> list[tuple[socket.socket, socke
     )
 
 
-# A known stall (README, known issues): in two CI runs of 2026-12-02 one or two
-# of the 100 restored connections made no progress either way for 60 s (local
-# socket FIN_WAIT1 with ~350 KB unacknowledged, ~4 MB of the peer's unread);
-# it passed 30 of 30 locally, under CPU load too. It must fail three times running.
-@pytest.mark.flaky(reruns=2)
 def test_busy_connections_move_between_hosts(hosts: TwoHostTopology) -> None:
     """100 connections with MBs in their queues move from A to B while the peer keeps going."""
     pairs = _pairs(hosts, 100)
