@@ -568,14 +568,15 @@ class TcpConn:
         self._update_window()
         self._send(ACK, self.seq_to_guest)
 
-    def flush_ack(self, now: float) -> None:
+    def flush_ack(self, now: float, limit: int | None = None) -> None:
         """The burst of guest frames ended: send what its segments let go (one push for
-        all their ACKs), then the ACK deferred by _data_from_guest unless data carried it."""
+        all their ACKs, at most ``limit`` bytes: see push), then the ACK deferred by
+        _data_from_guest unless data carried it."""
         self.ack_due = False
         if self.push_due:
             self.push_due = False
             if self.state is State.ESTABLISHED:
-                self.push(now)
+                self.push(now, limit)
                 self._maybe_finish(now)
         if self.state is State.ESTABLISHED and self.seq_ack_to_guest != self.seq_from_guest:
             self.send_ack()
@@ -924,10 +925,11 @@ class TcpConn:
             if self.wnd_to_guest != before:
                 self._send(ACK, self.seq_to_guest)
 
-    def on_readable(self, now: float) -> None:
+    def on_readable(self, now: float, limit: int | None = None) -> None:
+        """New bytes in the socket: push them (at most ``limit``: see push)."""
         if self.state is not State.ESTABLISHED:
             return
-        sent = self.push(now)
+        sent = self.push(now, limit)
         if not sent and self.data_flight and Flags.SOCK_EOF not in self.flags:
             # Readable but nothing beyond the flight: the receive queue is
             # full of unacknowledged bytes (tcp_epollin_ready reports
@@ -936,11 +938,16 @@ class TcpConn:
             self._starved = True
         self._maybe_finish(now)
 
-    def push(self, now: float) -> int:
-        """Send the guest what its window allows; returns payload bytes sent."""
+    def push(self, now: float, limit: int | None = None) -> int:
+        """Send the guest what its window allows, at most ``limit`` payload bytes
+        (None: no limit; the adapter's share for one turn, flows/tcp.py,
+        PUSH_SHARE); returns the payload bytes sent. What is left keeps the
+        socket readable."""
         if self.state is not State.ESTABLISHED or Flags.FIN_TO_GUEST in self.flags:
             return 0
         left = min(self.guest_wnd, self._rcvlowat_cap) - self.flight
+        if limit is not None and limit < left:
+            left = limit
         buf, total = self._buf, 0
         mss = min(self.guest_mss, self.link_mss)
         if Flags.TIMESTAMPS in self.flags:

@@ -247,11 +247,20 @@ class Watch:
 class Pair:
     """The adapter around one connection (what TcpFlows does), with explicit time."""
 
-    def __init__(self, conn: TcpConn, host: MemoryHost, wire: WireGuest, now: float) -> None:
+    def __init__(
+        self,
+        conn: TcpConn,
+        host: MemoryHost,
+        wire: WireGuest,
+        now: float,
+        share: int | None = None,
+    ) -> None:
         self.conn = conn
         self.host = host
         self.wire = wire
         self.now = now
+        self.share = share
+        """The most one push may send (TcpFlows' PUSH_SHARE while the guest is busy)."""
         self.watch = Watch()
         self.connect_done = False
 
@@ -265,7 +274,7 @@ class Pair:
             conn.on_guest_segment(seg, self.now)
             self.check()
         if conn.ack_due:
-            conn.flush_ack(self.now)
+            conn.flush_ack(self.now, self.share)
             self.check()
 
     def host_events(self) -> bool:
@@ -280,7 +289,7 @@ class Pair:
                 return True
             return False
         if conn.reading() and host.readable():
-            conn.on_readable(self.now)
+            conn.on_readable(self.now, self.share)
             self.check()
             did = True
         if not conn.closed and conn.want_writable and host.writable():

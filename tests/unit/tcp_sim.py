@@ -89,7 +89,7 @@ def migrate(pair: Pair, seed: int) -> Pair:
     )
     moved.flow = conn.flow
     assert moved.guest_state() == saved or fin_received
-    new = Pair(moved, host, pair.wire, pair.now)
+    new = Pair(moved, host, pair.wire, pair.now, pair.share)
     new.watch = pair.watch  # the bookkeeping goes on from where it was
     moved.resume(pair.now)
     new.check()
@@ -129,6 +129,7 @@ def run(
     max_steps: int = 200_000,
     migrate_at: tuple[float, ...] = (),
     migrate_after_peer_fin: bool = False,
+    share: int | None = None,
 ) -> Outcome:
     """Open, move ``up`` and ``down``, close both ways (FINs); returns what arrived where.
 
@@ -137,6 +138,7 @@ def run(
     and the socket's queues go to a new host, where TcpConn.restored() and
     resume() take over, as a migration does; with
     ``migrate_after_peer_fin`` it moves once more, right after the peer's FIN.
+    ``share`` limits every push as TcpFlows does while the guest sends bulk data.
     """
     rng = random.Random(seed)
     to_guest = Net(rng, drop, dup, reorder)
@@ -147,12 +149,12 @@ def run(
     now = 100.0
     if inbound:
         conn = new_conn(host, wire, State.SYN_SENT, seed)
-        pair = Pair(conn, host, wire, now)
+        pair = Pair(conn, host, wire, now, share)
         wire.irs = guest.isn
         conn.start_inbound(now)
     else:
         conn = new_conn(host, wire, State.CONNECTING, seed)
-        pair = Pair(conn, host, wire, now)
+        pair = Pair(conn, host, wire, now, share)
         wire.irs = guest.isn
         conn.start_outbound(guest.connect(now), now)
         pair.connect_done = True  # the host's connect() succeeds at once

@@ -47,6 +47,29 @@ def test_both_directions_end_to_end(inbound: bool, timestamps: bool) -> None:
     assert out.guest.fin_received  # the socket's EOF became a FIN to the guest
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.05], ids=["clean", "lossy"])
+def test_pushes_limited_to_a_share_still_deliver_everything(drop: float) -> None:
+    """With every push held to 3,000 bytes (TcpFlows.PUSH_SHARE, while the guest
+    uploads) the rest goes in later rounds; both streams arrive whole, in order."""
+    up, down = _payload(200_000, 3), _payload(400_000, 4)
+    out = run(up, down, share=3000, drop=drop, seed=7)
+    assert out.at_peer == up
+    assert out.at_guest == down
+    assert out.conn.state is State.CLOSED
+
+
+def test_a_push_sends_at_most_its_limit_and_leaves_the_rest_readable() -> None:
+    pair, _guest = _established()
+    conn, host = pair.conn, pair.host
+    host.rcv += bytes(range(256)) * 40  # 10,240 bytes
+    assert conn.push(2.0, 4000) == 4000
+    assert conn.reading() and host.readable()  # bytes beyond the flight: a next round
+    assert conn.push(2.0, 4000) == 4000
+    assert conn.push(2.0) == 2240  # no limit: the rest
+    sent = b"".join(bytes(s.payload) for s in pair.wire.out if len(s.payload))
+    assert sent == bytes(range(256)) * 40
+
+
 def test_empty_streams_still_close_cleanly() -> None:
     out = run(b"", b"")
     assert out.at_peer == b"" and out.at_guest == b""
