@@ -302,6 +302,10 @@ class SourceMigration:
                             try:
                                 segs = kernel.segment_counts(socket_of(conn))
                                 dumped = kernel.dump_tcp(socket_of(conn))
+                                if may_hold_window(dumped):
+                                    # Unsent bytes: not at rest, so not kept (below).
+                                    # Its window back first, whatever happens next.
+                                    kernel.reopen_send_window(socket_of(conn), dumped.snd_wnd)
                             except (SocketStateError, OSError) as exc:
                                 log.info(
                                     "pre-copy: %s: %s; left for the freeze", conn.describe(), exc
@@ -313,8 +317,6 @@ class SourceMigration:
                                 # merely paused): the target keeps a pre-copied one
                                 # as restored, without its unsent tail or a resync
                                 # (restore.py), so only a connection at rest may go.
-                                # It goes back into service with its window.
-                                kernel.reopen_send_window(socket_of(conn), dumped.snd_wnd)
                                 continue
                             out += self.enc.flow(record)
                             self.precopied[conn] = (
