@@ -213,7 +213,10 @@ class Streams:
     def finish(self, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
         """Stop, wait for every connection to end, and check both ends byte for byte."""
         self.client.command("stop")
-        final = self.client.wait_line(lambda line: "done" in line, "final result", timeout)
+        try:
+            final = self.client.wait_line(lambda line: "done" in line, "final result", timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {self._unfinished()}") from None
         results = self.server.wait_lines(
             lambda line: line.get("seed") in self.seeds, self.count, "server results", timeout
         )
@@ -235,6 +238,18 @@ class Streams:
                 )
         assert not problems, "; ".join(problems[:10]) + f" ({len(problems)} problems)"
         return final
+
+    def _unfinished(self) -> str:
+        """How far the connections got when the client never finished (a failure's diagnosis):
+        the client's counts per kind, and how many the server saw end."""
+        ended = len([line for line in self.server.lines if line.get("seed") in self.seeds])
+        try:
+            counts: object = self.report()
+        except AssertionError as exc:  # the client does not answer either
+            counts = f"no report ({exc})"
+        return (
+            f"the server saw {ended} of {self.count} connections end; the client's counts {counts}"
+        )
 
     def close(self) -> None:
         self.client.stop()
