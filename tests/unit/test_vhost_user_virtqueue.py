@@ -195,6 +195,29 @@ def test_rx_without_mergeable_uses_one_chain_of_many_buffers() -> None:
     assert data[NET_HDR_SIZE:] == frame
 
 
+def test_a_merged_frame_over_lone_buffers_and_a_chain_of_two_is_whole() -> None:
+    """Lone buffers are walked by the quick path, which gives up at the chain of two:
+    the general walk takes the frame from its first buffer again."""
+    ring = Ring(num=16)
+    lone = post_rx(ring, 2, 1536)
+    chain = ring.driver.chain([(BUF + 0x8000, 1000, W), (BUF + 0x9000, 536, W)])
+    ring.driver.post(chain)
+    lone.update(post_rx(ring, 1, 1536, start=BUF + 0xA000))
+    frame = frame_of(5000)
+    assert ring.vq.push_frame_untrusted([frame[:54], frame[54:]]) == 4
+    used = ring.driver.take_used()
+    assert [h for h, _ in used] == [*list(lone)[:2], chain, list(lone)[2]]
+    assert [n for _, n in used] == [1536, 1536, 1536, 5000 + NET_HDR_SIZE - 3 * 1536]
+    data = b"".join(
+        ring.ram.read(BUF + 0x8000, 1000) + ring.ram.read(BUF + 0x9000, 536)
+        if h == chain
+        else ring.ram.read(lone[h], n)
+        for h, n in used
+    )
+    assert parse_net_header(data).num_buffers == 4
+    assert data[NET_HDR_SIZE:] == frame
+
+
 def test_rx_frame_that_does_not_fit_changes_nothing() -> None:
     ring = Ring(mergeable=False)
     post_rx(ring, 3, 1536)

@@ -20,9 +20,10 @@ the used ring with the bytes it wrote, bumping ``used.idx``. Both indexes
 are free-running 16-bit counters; ``slot = idx % num``.
 
 Everything in those arrays is written by the guest and read while it runs,
-so every value is read once (struct.unpack_from copies it) and checked
-before use: a head or ``next`` beyond the table, an available index more
-than ``num`` ahead, a chain longer than the queue (the only way a loop
+so every value is read once (an item of a memoryview cast to ``H`` or
+``Q``: one load, copied into a Python int) and checked before use: a
+head or ``next`` beyond the table, an available index more than ``num``
+ahead, a chain longer than the queue (the only way a loop
 shows), an INDIRECT descriptor (VIRTIO_RING_F_INDIRECT_DESC is not
 negotiated), a device-writable buffer in a transmit chain or a readable
 one in a receive chain, a buffer outside guest memory or straddling a
@@ -47,8 +48,9 @@ then dead). ``struct`` stays fine for the used entries themselves: the
 driver reads none of them before the index that publishes them.
 
 Notifications: VIRTIO_RING_F_EVENT_IDX is not negotiated, so ferryd
-signals the call eventfd after a batch unless the driver set
-VIRTQ_AVAIL_F_NO_INTERRUPT (:meth:`SplitVirtqueue.should_notify`).
+signals the call eventfd after a frame to the guest or a batch of its
+frames unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT
+(:meth:`SplitVirtqueue.should_notify`).
 
 The virtio-net header
 ---------------------
@@ -81,10 +83,12 @@ changes nothing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ferryd.frontends.vhost_user.errors import (
     GuestDriverError,
@@ -94,7 +98,6 @@ from ferryd.frontends.vhost_user.errors import (
 from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory
 from ferryd.frontends.vhost_user.messages import VHOST_VRING_F_LOG, VringAddress
 
-DESC = struct.Struct("<QIHH")
 U16 = struct.Struct("<H")
 
 VIRTQ_DESC_F_NEXT = 1
@@ -149,7 +152,9 @@ class SplitVirtqueue:
 
     __slots__ = (
         "_avail",
+        "_avail_h",
         "_desc",
+        "_desc_q",
         "_mask",
         "_memory",
         "_used",
@@ -187,7 +192,7 @@ class SplitVirtqueue:
         self.used_gpa = 0
         self._memory: GuestMemory | None = None
         self._desc = self._avail = self._used = memoryview(b"")
-        self._used_index = memoryview(b"").cast("H")
+        self._desc_q = self._avail_h = self._used_index = memoryview(b"").cast("H")
         """``used.idx`` as one ``H`` item: its only writer (see the module docstring)."""
 
     # -- configuration (the session) ----------------------------------------
@@ -201,7 +206,7 @@ class SplitVirtqueue:
         self.address = None
         self._memory = None
         self._desc = self._avail = self._used = memoryview(b"")
-        self._used_index = memoryview(b"").cast("H")
+        self._desc_q = self._avail_h = self._used_index = memoryview(b"").cast("H")
 
     def views_for(
         self, memory: GuestMemory, address: VringAddress
@@ -240,6 +245,9 @@ class SplitVirtqueue:
         self.address = address
         self._desc, self._avail, self._used = views
         self._used_index = self._used[2:4].cast("H")
+        # Item views for the data path: one load per value, no tuple per descriptor.
+        self._desc_q = self._desc.cast("Q")  # [2i]: addr; [2i + 1]: len | flags << 32 | next << 48
+        self._avail_h = self._avail.cast("H")  # [0]: flags, [1]: idx, [2 + slot]: head
         self.log_used = bool(address.flags & VHOST_VRING_F_LOG)
         self.used_gpa = address.log_guest_addr
 
@@ -262,7 +270,7 @@ class SplitVirtqueue:
 
     def pending_untrusted(self) -> int:
         """Heads the driver made available that ferryd has not taken."""
-        n: int = (U16.unpack_from(self._avail, 2)[0] - self.last_avail) & 0xFFFF
+        n: int = (self._avail_h[1] - self.last_avail) & 0xFFFF
         if n > self.num:
             raise GuestDriverError(
                 f"ring {self.index}: available index {n} entries ahead of a queue of {self.num}"
@@ -276,44 +284,52 @@ class SplitVirtqueue:
         limit: int,
         heads: list[int],
         sizes: list[int],
-        buffers: list[tuple[memoryview, int, int, int]],
+        buffers: list[Any],
     ) -> int:
         """Check and translate chains from ``last_avail`` on (not taken yet): their bytes.
 
         Walks at least one chain and at most ``limit``, stopping once they hold
         ``need`` bytes; appends each head and its bytes to ``heads`` and
-        ``sizes``, and ``(region view, offset, length, guest address)`` per
-        buffer to ``buffers``, one entry for buffers that follow each other in
-        guest memory (Linux carves its ~4 KiB receive buffers in order out of
-        32 KiB pages, add_recvbuf_mergeable(): a 64 KiB frame is then ~3 copies,
-        not ~17). ``write`` is VIRTQ_DESC_F_WRITE for receive chains, 0 for
-        transmit ones: every buffer must have exactly that.
+        ``sizes``, and four items per buffer to the flat list ``buffers``:
+        region view, offset in it, guest address, length. Buffers that follow
+        each other in guest memory are one entry (Linux carves its ~4 KiB
+        receive buffers in order out of 32 KiB pages, add_recvbuf_mergeable():
+        a 64 KiB frame is then ~3 copies, not ~17). ``write`` is
+        VIRTQ_DESC_F_WRITE for receive chains, 0 for transmit ones: every
+        buffer must have exactly that.
 
-        One plain loop with the ring and the last region in locals, not a
-        generator per chain and a lookup per buffer: a 64 KiB frame to the guest
-        takes ~17 chains of one ~4 KiB buffer each, and this ran for each.
+        This runs for every ~4 KiB of a frame to the guest, so it is written
+        for the interpreter: the rings are read through item views (one load
+        and no tuple per value, see :meth:`attach`), the ring and the last
+        region are locals, one test sends every descriptor but a lone buffer
+        of the right direction to the checks, and the flat list grows by
+        four items or extends its last length. Receive chains of one buffer
+        take :meth:`_take_lone_untrusted` first.
         """
-        num, mask, desc, avail, index = self.num, self._mask, self._desc, self._avail, self.index
+        num, mask, index = self.num, self._mask, self.index
+        desc, avail = self._desc_q, self._avail_h
         memory = self._memory
         assert memory is not None
-        unpack_desc, unpack_u16, append = DESC.unpack_from, U16.unpack_from, buffers.append
+        append = buffers.append
         view, start, end = memoryview(b""), 0, 0  # the region of the last buffer
         follows = -1  # the guest address right after the last buffer, in that region
-        position, capacity = self.last_avail, 0
-        addr: int
-        length: int
+        position, capacity, taken = self.last_avail, 0, 0
+        wrong = VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE
         while True:
-            head: int = unpack_u16(avail, 4 + 2 * (position & mask))[0]
+            head: int = avail[2 + (position & mask)]
             if head >= num:
                 raise GuestDriverError(f"ring {index}: head {head} beyond a queue of {num}")
             i, count, size = head, 0, 0
             while True:
-                addr, length, flags, nxt = unpack_desc(desc, i << 4)
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    raise GuestDriverError(
-                        f"ring {index}: indirect descriptor (INDIRECT_DESC not negotiated)"
-                    )
-                if flags & VIRTQ_DESC_F_WRITE != write:
+                addr: int = desc[i << 1]
+                word: int = desc[(i << 1) | 1]  # len u32, flags u16, next u16
+                length = word & 0xFFFFFFFF
+                flags = (word >> 32) & 0xFFFF
+                if flags & wrong != write:
+                    if flags & VIRTQ_DESC_F_INDIRECT:
+                        raise GuestDriverError(
+                            f"ring {index}: indirect descriptor (INDIRECT_DESC not negotiated)"
+                        )
                     raise GuestDriverError(
                         f"ring {index}: device-writable descriptor in a transmit chain"
                         if write == 0
@@ -321,31 +337,99 @@ class SplitVirtqueue:
                     )
                 if start <= addr < end and addr + length <= end:
                     if addr == follows:  # right after the last buffer: one copy for both
-                        last_view, last_offset, last_length, last_addr = buffers[-1]
-                        buffers[-1] = (last_view, last_offset, last_length + length, last_addr)
+                        buffers[-1] += length
                     else:
-                        append((view, addr - start, length, addr))
+                        append(view)
+                        append(addr - start)
+                        append(addr)
+                        append(length)
                 else:
                     view, start, end = memory.gpa_region(addr, length)
-                    append((view, addr - start, length, addr))
+                    append(view)
+                    append(addr - start)
+                    append(addr)
+                    append(length)
                 follows = addr + length
                 size += length
-                count += 1
                 if not flags & VIRTQ_DESC_F_NEXT:
                     break
+                count += 1
                 if count >= num:
                     raise GuestDriverError(
                         f"ring {index}: descriptor chain from {head} longer than the queue (a loop)"
                     )
-                if nxt >= num:
-                    raise GuestDriverError(f"ring {index}: next descriptor {nxt} beyond the table")
-                i = nxt
+                i = word >> 48
+                if i >= num:
+                    raise GuestDriverError(f"ring {index}: next descriptor {i} beyond the table")
             heads.append(head)
             sizes.append(size)
             capacity += size
             position += 1
-            if capacity >= need or len(heads) >= limit:
+            taken += 1
+            if capacity >= need or taken >= limit:
                 return capacity
+
+    def _take_lone_untrusted(
+        self, need: int, limit: int, heads: list[int], sizes: list[int], buffers: list[Any]
+    ) -> int:
+        """:meth:`_take_untrusted` for receive chains of one buffer each, or -1.
+
+        Linux's driver posts exactly those with MRG_RXBUF (~17 per 64 KiB
+        frame), and this walks them with about half the interpreter's work:
+        the heads come in one slice of the available ring, a head beyond the
+        table is the descriptor view's own IndexError, each descriptor costs
+        two loads and one test, and the length of a run of buffers that
+        follow each other stays in a local until the run ends. At the first
+        head beyond the table or descriptor that is not a lone
+        device-writable buffer it returns -1, with the lists half filled: the
+        caller clears them and walks again with :meth:`_take_untrusted`,
+        which takes any chain and says what is wrong with a bad one.
+        """
+        num, mask, desc, avail = self.num, self._mask, self._desc_q, self._avail_h
+        memory = self._memory
+        assert memory is not None
+        append, size = buffers.append, sizes.append
+        view, start, end = memoryview(b""), 0, 0  # the region of the last buffer
+        after = -1  # the guest address right after the last buffer
+        run = 0  # the bytes of the last buffer and those merged into it (not appended yet)
+        position, capacity = self.last_avail, 0
+        checked = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE
+        try:
+            while True:
+                slot = position & mask
+                count = min(limit - len(heads), num - slot)  # to the ring's end, then again
+                batch: list[int] = avail[2 + slot : 2 + slot + count].tolist()
+                for head in batch:
+                    word: int = desc[(head << 1) | 1]  # len u32, flags u16, next u16
+                    if (word >> 32) & checked != VIRTQ_DESC_F_WRITE:
+                        return -1
+                    addr: int = desc[head << 1]
+                    length = word & 0xFFFFFFFF
+                    if addr == after < end and addr + length <= end:
+                        run += length  # right after the last buffer: one copy for both
+                    else:
+                        if not (start <= addr < end and addr + length <= end):
+                            view, start, end = memory.gpa_region(addr, length)
+                        if after >= 0:
+                            append(run)
+                        append(view)
+                        append(addr - start)
+                        append(addr)
+                        run = length
+                    after = addr + length
+                    size(length)
+                    capacity += length
+                    if capacity >= need:
+                        heads.extend(batch[: len(sizes) - len(heads)])
+                        append(run)
+                        return capacity
+                heads.extend(batch)
+                position += count
+                if len(heads) >= limit:
+                    append(run)
+                    return capacity
+        except IndexError:  # a head beyond the table (2 items per descriptor)
+            return -1
 
     def pop_readable_untrusted(self, out: memoryview) -> tuple[int, int] | None:
         """Copy the next chain's bytes into ``out``: ``(head, length)``, or None if none.
@@ -360,12 +444,13 @@ class SplitVirtqueue:
         if not self.started or not self.pending_untrusted():
             return None
         heads: list[int] = []
-        buffers: list[tuple[memoryview, int, int, int]] = []
+        buffers: list[Any] = []
         total = self._take_untrusted(0, 0, 1, heads, [], buffers)
         at, capacity = 0, len(out)
-        for view, offset, length, _ in buffers:
+        for k in range(0, len(buffers), 4):
             if at >= capacity:
                 break
+            view, offset, length = buffers[k], buffers[k + 1], buffers[k + 3]
             n = min(length, capacity - at)
             out[at : at + n] = view[offset : offset + n]
             at += n
@@ -374,7 +459,7 @@ class SplitVirtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Give a chain back with the bytes written into it, and publish it."""
-        self.push_used_batch(((head, written),))
+        self._publish_used([head, written])
 
     def push_used_batch(self, entries: Sequence[tuple[int, int]]) -> None:
         """Give chains back: every entry first, then ``used.idx`` once.
@@ -383,18 +468,20 @@ class SplitVirtqueue:
         merged frame whose later buffers it cannot see yet is one it drops
         (Linux: "rx error: %d buffers out of %d missing").
         """
+        self._publish_used(list(itertools.chain.from_iterable(entries)))
+
+    def _publish_used(self, values: list[int]) -> None:
+        """:meth:`push_used_batch` of the flat ``[head, written, head, written, ...]``."""
         log = self.log if self.log_used else None
         base, num, used, idx = self.used_gpa, self.num, self._used, self.used_idx
         if log is not None:
             log.check(base, 4 + 8 * num)
         # One struct call per run of consecutive slots (two when the ring wraps).
-        values = list(itertools.chain.from_iterable(entries))
-        done, count = 0, len(entries)
+        done, count = 0, len(values) >> 1
         while done < count:
             slot = (idx + done) & self._mask
             run = min(count - done, num - slot)
-            run_values = values[2 * done : 2 * (done + run)]
-            struct.pack_into(f"<{2 * run}I", used, 4 + 8 * slot, *run_values)
+            _used_entries(run).pack_into(used, 4 + 8 * slot, *values[2 * done : 2 * (done + run)])
             if log is not None:
                 log.mark(base + 4 + 8 * slot, 8 * run)
             done += run
@@ -406,7 +493,7 @@ class SplitVirtqueue:
 
     def should_notify(self) -> bool:
         """Signal the call eventfd? Yes unless the driver asked not to (no EVENT_IDX)."""
-        return not U16.unpack_from(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not self._avail_h[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def push_frame_untrusted(
         self,
@@ -433,15 +520,21 @@ class SplitVirtqueue:
             return 0
         heads: list[int] = []
         sizes: list[int] = []
-        buffers: list[tuple[memoryview, int, int, int]] = []
+        buffers: list[Any] = []  # view, offset, guest address, length; per buffer
         limit = available if self.mergeable else 1
-        if self._take_untrusted(VIRTQ_DESC_F_WRITE, total, limit, heads, sizes, buffers) < total:
+        capacity = self._take_lone_untrusted(total, limit, heads, sizes, buffers)
+        if capacity < 0:  # a chain of another kind (or a bad one): the general walk
+            heads.clear()
+            sizes.clear()
+            buffers.clear()
+            capacity = self._take_untrusted(VIRTQ_DESC_F_WRITE, total, limit, heads, sizes, buffers)
+        if capacity < total:
             return 0
         log = self.log
         if log is not None:
-            for _, _, length, addr in buffers:
-                log.check(addr, length)
-            if self.log_used:  # before writing any buffer (push_used_batch checks again)
+            for k in range(0, len(buffers), 4):
+                log.check(buffers[k + 2], buffers[k + 3])
+            if self.log_used:  # before writing any buffer (_publish_used checks again)
                 log.check(self.used_gpa, 4 + 8 * self.num)
         count = len(heads)
         if csum is None:
@@ -451,16 +544,16 @@ class SplitVirtqueue:
         # The copy: each source in turn over the buffers, which fill in order.
         # Every buffer before the last one touched is full, so what each chain
         # and each page got follows from ``total`` alone (below).
-        index = 0
-        view, at, room, _ = buffers[0]
+        k = 0
+        view, at, room = buffers[0], buffers[1], buffers[3]
         for part in (header, *parts):
             source = memoryview(part).cast("B")
             end = len(source)
             pos = 0
             while pos < end:
                 if not room:
-                    index += 1
-                    view, at, room, _ = buffers[index]
+                    k += 4
+                    view, at, room = buffers[k], buffers[k + 1], buffers[k + 3]
                     continue
                 n = end - pos
                 if room < n:
@@ -471,16 +564,23 @@ class SplitVirtqueue:
                 pos += n
         if log is not None:
             left = total
-            for _, _, length, addr in buffers:
+            for k in range(0, len(buffers), 4):
+                length = buffers[k + 3]
                 n = length if length < left else left
-                log.mark(addr, n)
+                log.mark(buffers[k + 2], n)
                 left -= n
-        used: list[tuple[int, int]] = []
-        left = total
-        for head, size in zip(heads, sizes, strict=True):
-            n = size if size < left else left
-            used.append((head, n))
-            left -= n
+        # The walk stopped at the first chain that made the room enough: every
+        # chain before it is full, and it holds the rest.
+        sizes[-1] -= capacity - total
+        values = [0] * (2 * count)
+        values[0::2] = heads
+        values[1::2] = sizes
         self.last_avail = (self.last_avail + count) & 0xFFFF
-        self.push_used_batch(used)
+        self._publish_used(values)
         return count
+
+
+@functools.lru_cache(maxsize=64)
+def _used_entries(run: int) -> struct.Struct:
+    """The used ring's ``run`` consecutive (id u32, len u32) entries, for one pack_into."""
+    return struct.Struct(f"<{2 * run}I")
