@@ -254,6 +254,11 @@ class VhostUserQemu:
             ring.used_seen = (ring.used_seen + 1) & 0xFFFF
         return out
 
+    def rx_interrupts(self, on: bool) -> None:
+        """The receive ring's VIRTQ_AVAIL_F_NO_INTERRUPT cleared (``on``) or set, as
+        Linux's NAPI does around its poll (virtqueue_disable_cb / enable_cb)."""
+        self._words[self.rx.avail // 2] = 0 if on else 1
+
     def post_rx(self, count: int = NUM) -> None:
         """``count`` receive buffers of a page, one descriptor each."""
         for _ in range(count):

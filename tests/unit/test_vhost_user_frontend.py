@@ -248,3 +248,31 @@ async def test_stopping_the_vm_while_migrating_tells_the_handler(running: Runnin
     finally:
         qemu.close()
     await recorder.disconnected_event.wait()
+
+
+async def test_a_frame_to_the_guest_interrupts_it_at_once_unless_it_asked_not_to(
+    running: Running,
+) -> None:
+    """The call eventfd is written with the frame, not at the end of the scheduler
+    step: a guest that drained its ring starts on the first frame of a long burst
+    while the rest goes in (its NAPI poll sets NO_INTERRUPT and picks them up)."""
+    frontend = running.frontend
+    qemu = VhostUserQemu(frontend.path)
+    try:
+        await _in_thread(qemu.start)
+        qemu.post_rx(8)
+        assert frontend.describe()["rings"]["rx"]
+        frame = b"\x02" * 12 + b"\x08\x00" + b"to the guest" * 5
+        frontend.send(frame)  # no checkpoint until the eventfd is read
+        assert os.eventfd_read(qemu.rx.call) == 1
+        qemu.rx_interrupts(False)
+        frontend.send(frame)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(qemu.rx.call)
+        qemu.rx_interrupts(True)
+        frontend.send(frame)
+        assert os.eventfd_read(qemu.rx.call) == 1
+        assert await _in_thread(qemu.receive, 3) == [frame] * 3
+    finally:
+        qemu.close()
+    await running.recorder.disconnected_event.wait()

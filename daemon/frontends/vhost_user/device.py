@@ -5,8 +5,9 @@ calls the data path makes on a frontend (ferryd.frontends.base): ``send`` /
 ``send_partial`` put a frame in the guest's receive ring, :meth:`NetDevice.
 receive_burst` hands the frames of the transmit ring to ``on_frame``. It
 owns no descriptor: whether the guest wants an interrupt is returned
-(:attr:`NetDevice.notify_rx` / the burst's result), and the trio adapter
-writes the call eventfd, once per burst.
+(by each send, and by the burst), and the trio adapter writes the call
+eventfd: for each frame to the guest that wants one, once per burst of
+its frames.
 
 Transmit frames are copied (see :mod:`.virtqueue`) into one preallocated
 buffer and handed on as a view valid for the call, the tap frontend's
@@ -73,8 +74,6 @@ class NetDevice:
         self._rx = session.queues[RX_QUEUE]
         self._tx = session.queues[TX_QUEUE]
         self._buffer = memoryview(bytearray(MAX_TX_FRAME))
-        self.notify_rx = False
-        """A frame went into the receive ring and the guest wants to hear of it."""
 
     @property
     def csum_offload(self) -> bool:
@@ -82,30 +81,29 @@ class NetDevice:
         features = self.session.features
         return features is not None and bool(features & bit(VIRTIO_NET_F_GUEST_CSUM))
 
-    def send(self, frame: bytes | memoryview) -> None:
-        """One frame to the guest, or dropped and counted if it has no buffer for it now."""
-        self._deliver(self._rx.push_frame_untrusted((frame,)))
+    def send(self, frame: bytes | memoryview) -> bool:
+        """One frame to the guest, or dropped and counted if it has no buffer for it now.
+
+        True if it went in and the guest wants an interrupt for it (counted).
+        """
+        return self._deliver(self._rx.push_frame_untrusted((frame,)))
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         """A frame whose L4 checksum the guest may leave unsummed (csum_offload only)."""
-        self._deliver(self._rx.push_frame_untrusted(parts, csum=(csum_start, csum_offset)))
+        return self._deliver(self._rx.push_frame_untrusted(parts, csum=(csum_start, csum_offset)))
 
-    def _deliver(self, buffers: int) -> None:
-        if buffers:
-            self.counters.frames_out += 1
-            if not self.notify_rx and self._rx.should_notify():
-                self.notify_rx = True
-        else:
-            self.counters.dropped_out += 1
-
-    def take_rx_notification(self) -> bool:
-        """Whether to write the receive ring's call eventfd now (and forget it)."""
-        notify, self.notify_rx = self.notify_rx, False
-        if notify:
-            self.counters.notifications += 1
-        return notify
+    def _deliver(self, buffers: int) -> bool:
+        counters = self.counters
+        if not buffers:
+            counters.dropped_out += 1
+            return False
+        counters.frames_out += 1
+        if self._rx.should_notify():
+            counters.notifications += 1
+            return True
+        return False
 
     def receive_burst(self, on_frame: OnFrame, limit: int) -> tuple[bool, bool]:
         """Hand up to ``limit`` of the guest's frames to ``on_frame``.
