@@ -499,7 +499,14 @@ class VhostUserSession:
             raise VhostUserProtocolError(
                 f"GET_VRING_BASE: ring {state.index} with reserved num {state.num}"
             )
-        actions: list[Action] = []
+        # The reply first: QEMU's VM is stopped and waits for it (this is its
+        # downtime), and the ring is stopped by now (``started`` is what the
+        # data path checks before touching it), so what the adapter does to
+        # follow (its kick closed, the migration told) can run while QEMU
+        # goes on to the next ring.
+        actions: list[Action] = [
+            SendReply(reply_vring_state(Request.GET_VRING_BASE, vq.index, vq.last_avail))
+        ]
         if vq.started:
             vq.started = False
             actions += [SetKick(vq.index, None), self._ring_changed(vq)]
@@ -508,9 +515,6 @@ class VhostUserSession:
                 # migration, and SAVE comes after RAM's last pass.
                 self._stopped_migrating = True
                 actions.append(DeviceSuspended())
-        actions.append(
-            SendReply(reply_vring_state(Request.GET_VRING_BASE, vq.index, vq.last_avail))
-        )
         return actions
 
     def _vring_file(self, message: Message) -> tuple[SplitVirtqueue, int | None]:
@@ -571,9 +575,11 @@ class VhostUserSession:
         # controller drops it when it gets the new one.
         self._transfer = params.direction
         self._saved = False
+        # The reply first, as for GET_VRING_BASE: QEMU waits for it with the VM
+        # stopped, and handing the descriptor over starts work, not waits for it.
         return [
-            TransferDeviceState(params.direction, params.fd),
             SendReply(reply_u64(Request.SET_DEVICE_STATE_FD, VRING_NOFD)),
+            TransferDeviceState(params.direction, params.fd),
         ]
 
     def _check_device_state(self, message: Message) -> list[Action]:
