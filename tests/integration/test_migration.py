@@ -83,6 +83,7 @@ def test_udp_exchange_continues(two_hosts: MigrationBed) -> None:
 
 
 @pytest.mark.parametrize("family", ["v4", "v6"])
+@pytest.mark.flaky(reruns=2)  # one connection stalls in ~1 run of 30: README, known issues
 def test_half_closed_both_ways(two_hosts: MigrationBed, family: str) -> None:
     """Guest shut its write side (FIN_WAIT2) / the peer did (CLOSE_WAIT); data goes on after."""
     bed = two_hosts
