@@ -13,6 +13,7 @@ from ferryd.frontends.vhost_user.errors import GuestDriverError, GuestMemoryErro
 from ferryd.frontends.vhost_user.memory import DirtyLog, GuestMemory, MmapMapper
 from ferryd.frontends.vhost_user.messages import VHOST_VRING_F_LOG
 from ferryd.frontends.vhost_user.virtqueue import (
+    LONE_BATCH,
     NET_HDR_SIZE,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -193,6 +194,19 @@ def test_rx_without_mergeable_uses_one_chain_of_many_buffers() -> None:
     data = ring.ram.read(BUF, length)
     assert parse_net_header(data).num_buffers == 1
     assert data[NET_HDR_SIZE:] == frame
+
+
+def test_a_merged_frame_over_more_lone_buffers_than_one_batch_is_whole() -> None:
+    """The quick walk reads the available ring LONE_BATCH heads at a time: a frame
+    taking more buffers than that goes on into the next batch."""
+    ring = Ring(num=128)
+    heads = post_rx(ring, 120, 700)
+    frame = frame_of(65000)
+    needed = -(-(len(frame) + NET_HDR_SIZE) // 700)
+    assert needed > LONE_BATCH
+    assert ring.vq.push_frame_untrusted([frame]) == needed
+    _, got, buffers = read_rx(ring, heads)
+    assert got == frame and buffers == needed
 
 
 def test_a_merged_frame_over_lone_buffers_and_a_chain_of_two_is_whole() -> None:
