@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 :class:`Interest` keeps, for each handle (a TCP connection, say), the file
-descriptor it waits on and the epoll event mask registered for it, and a
-deadline. It owns no task and reads no clock: the adapter asks it for the
+descriptor it waits on and the epoll event mask registered for it (in two
+attributes of the handle itself, :class:`Watched`, and a list by descriptor
+number), and a deadline. It owns no task and reads no clock: the adapter asks it for the
 ready handles (:meth:`Interest.ready`, a non-blocking ``epoll_wait``) and
 the due ones (:meth:`Interest.due`, given ``now``), and tells it after every
 change what each handle waits for now (:meth:`Interest.set_mask`,
@@ -47,9 +48,7 @@ import heapq
 import itertools
 import select
 from collections.abc import Hashable
-from typing import Generic, TypeVar
-
-H = TypeVar("H", bound=Hashable)
+from typing import Generic, Protocol, TypeVar
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -59,10 +58,27 @@ EPOLLHUP = select.EPOLLHUP
 #: Events taken from the kernel per round; more stay reported (level-triggered).
 MAX_EVENTS = 1024
 _INF = float("inf")
-#: File descriptor bits of a registration (Interest._reg).
-_FD_BITS = 0xFFFFFFFF
 #: The heap is rebuilt when it holds this many more entries than twice the live ones.
 _HEAP_SLACK = 64
+
+
+class Watched(Hashable, Protocol):
+    """What :class:`Interest` keeps in a handle: its registration (one Interest at a time).
+
+    In the handle, not in a table of the Interest: two dict entries and an
+    int a connection were ~180 bytes of an idle flow's ~1.5 KB (bench.memory);
+    two slots and one list item are 24. ``reactor_fd`` holds the int the
+    caller passed (a connection's SocketHost keeps that one), so no int
+    object is made per registration either.
+    """
+
+    reactor_fd: int
+    """The descriptor registered for the handle (-1: none)."""
+    reactor_mask: int
+    """The events registered (0: not registered; never an empty registration)."""
+
+
+H = TypeVar("H", bound=Watched)
 
 
 class Interest(Generic[H]):
@@ -70,10 +86,9 @@ class Interest(Generic[H]):
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._reg: dict[H, int] = {}
-        """Registered handles only: ``mask << 32 | fd``, never an empty mask. One int
-        in one table, not two: a dict entry costs ~76 bytes a connection (bench.memory)."""
-        self._by_fd: dict[int, H] = {}
+        self._by_fd: list[H | None] = []
+        """The registered handle of each descriptor number (descriptors are small, dense
+        ints: a list item is 8 bytes where a dict entry is ~70)."""
         self._heap: list[tuple[float, int, H]] = []
         self._scheduled: dict[H, float] = {}
         """The deadline of each scheduled handle (its live heap entry has it)."""
@@ -85,7 +100,10 @@ class Interest(Generic[H]):
 
     def close(self) -> None:
         self._epoll.close()
-        self._reg.clear()
+        for handle in self._by_fd:
+            if handle is not None:
+                # Its registration was this epoll's: another Interest starts afresh.
+                handle.reactor_fd, handle.reactor_mask = -1, 0
         self._by_fd.clear()
         self._heap.clear()
         self._scheduled.clear()
@@ -94,37 +112,40 @@ class Interest(Generic[H]):
 
     def mask(self, handle: H) -> int:
         """The events registered for ``handle`` (0: not registered)."""
-        return self._reg.get(handle, 0) >> 32
+        return handle.reactor_mask
 
     def set_mask(self, handle: H, fd: int, mask: int) -> None:
         """Wait for ``mask`` on ``fd`` from now on; 0 unregisters."""
-        reg = self._reg.get(handle, 0)
-        old = reg >> 32
+        old = handle.reactor_mask
         if mask == old:
             return
         if not mask:
             self._unregister(handle)
         elif not old:
-            stale = self._by_fd.get(fd)
+            by_fd = self._by_fd
+            if fd >= len(by_fd):
+                by_fd.extend([None] * max(fd + 1 - len(by_fd), len(by_fd)))
+            stale = by_fd[fd]
             if stale is not None:
                 # Its socket was closed without forget(): the kernel already
                 # dropped that registration, and the number is this socket's.
-                self._reg.pop(stale, None)
+                stale.reactor_fd, stale.reactor_mask = -1, 0
             self._epoll.register(fd, mask)
-            self._reg[handle] = mask << 32 | fd
-            self._by_fd[fd] = handle
+            handle.reactor_fd, handle.reactor_mask = fd, mask
+            by_fd[fd] = handle
         else:
             self._epoll.modify(fd, mask)
-            self._reg[handle] = mask << 32 | (reg & _FD_BITS)
+            handle.reactor_mask = mask
 
     def _unregister(self, handle: H) -> None:
-        reg = self._reg.pop(handle, None)
-        if reg is None:
+        if not handle.reactor_mask:
             return  # never registered
-        fd = reg & _FD_BITS
-        if self._by_fd.get(fd) is not handle:
+        fd = handle.reactor_fd
+        handle.reactor_fd, handle.reactor_mask = -1, 0
+        by_fd = self._by_fd
+        if fd >= len(by_fd) or by_fd[fd] is not handle:
             return  # its number now belongs to another socket
-        del self._by_fd[fd]
+        by_fd[fd] = None
         try:
             self._epoll.unregister(fd)
         except OSError as exc:
@@ -136,7 +157,12 @@ class Interest(Generic[H]):
     def ready(self, max_events: int = MAX_EVENTS) -> list[tuple[H, int]]:
         """Registered handles with events now (never blocks)."""
         by_fd = self._by_fd
-        return [(by_fd[fd], ev) for fd, ev in self._epoll.poll(0, max_events) if fd in by_fd]
+        out = []
+        for fd, ev in self._epoll.poll(0, max_events):
+            handle = by_fd[fd] if fd < len(by_fd) else None
+            if handle is not None:
+                out.append((handle, ev))
+        return out
 
     # --- timers -----------------------------------------------------------
 
@@ -191,4 +217,5 @@ class Interest(Generic[H]):
 
     def handles(self) -> set[H]:
         """Every handle registered or scheduled."""
-        return set(self._reg) | set(self._scheduled)
+        registered = {handle for handle in self._by_fd if handle is not None}
+        return registered | set(self._scheduled)

@@ -93,7 +93,6 @@ class Flow(Generic[H]):
     handle: H
     """Whatever the protocol adapter keeps for this flow (its socket, ...)."""
     state: str
-    created: float
     last_activity: float
     host_addr: IpAddress | None = None
     """Local address of the host socket carrying the flow, if any."""
@@ -188,7 +187,7 @@ class FlowTable(Generic[H]):
         if key in self._flows:
             raise KeyError(f"flow {key} already exists")
         self.check_room(holds_descriptor)
-        flow = Flow(key, handle, state, now, now, host_addr, host_port)
+        flow = Flow(key, handle, state, now, host_addr, host_port)
         flow.holds_descriptor = holds_descriptor
         self._flows[key] = flow
         self.descriptors += holds_descriptor

@@ -260,6 +260,8 @@ class TcpConn:
         "link_mss",
         "our_ws",
         "push_due",
+        "reactor_fd",
+        "reactor_mask",
         "recover",
         "retries",
         "rto",
@@ -295,6 +297,9 @@ class TcpConn:
         self.host = host
         self.guest = guest
         self.flow: Flow[TcpConn]  # set by the adapter once the table holds it
+        self.reactor_fd = -1
+        self.reactor_mask = 0
+        """The adapter's epoll registration (flows.reactor.Watched)."""
         self.state = state
         self.link_mss = link_mss
         self._buf = peek_buffer
@@ -716,7 +721,7 @@ class TcpConn:
                 return
             self.state = State.ESTABLISHED
             self.flow.state = self.state.value
-            self.seq_ack_from_guest = seg.ack
+            self._handshake_done()
             self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
         elif state is not State.ESTABLISHED:
             return
@@ -761,12 +766,24 @@ class TcpConn:
             self.flags &= ~Flags.TIMESTAMPS  # RFC 7323 §3.2: only if both SYNs carry it
         else:
             self.ts_recent = opts.timestamp[0]
-        self.seq_ack_from_guest = seg.ack
         self.state = State.ESTABLISHED
         self.flow.state = self.state.value
+        self._handshake_done()
         self.retries, self.rto, self.timer = 0, RTO_INITIAL, INF
         self.send_ack()
         self.push(now)
+
+    def _handshake_done(self) -> None:
+        """The guest acknowledged our SYN (its ACK is ISN + 1, checked): ESTABLISHED.
+
+        What it acknowledged is ``seq_to_guest`` (nothing was sent after the
+        SYN), kept as that int rather than the segment's; and the ISN is
+        never read again (only the handshake's SYNs and checks use it). One
+        int object each for the life of the connection, 64 of an idle flow's
+        bytes (bench.memory).
+        """
+        self.seq_ack_from_guest = self.seq_to_guest
+        self.isn = 0
 
     def _ack_from_guest(self, seg: TcpSegment, now: float) -> None:
         acked = seq_diff(seg.ack, self.seq_ack_from_guest)

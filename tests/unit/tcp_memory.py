@@ -199,7 +199,7 @@ def new_conn(
         entropy=FixedEntropy(seed),
     )
     key = FlowKey(IPPROTO_TCP, GUEST, GUEST_PORT, REMOTE, REMOTE_PORT)
-    conn.flow = Flow(key, conn, state.value, 0.0, 0.0)
+    conn.flow = Flow(key, conn, state.value, 0.0)
     return conn
 
 

@@ -19,6 +19,8 @@ class Handle:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.reactor_fd = -1
+        self.reactor_mask = 0
 
     def __repr__(self) -> str:
         return self.name

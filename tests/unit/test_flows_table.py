@@ -25,7 +25,7 @@ def test_add_get_remove() -> None:
     assert key in table
     assert len(table) == 1
     assert flow.handle == "sock"
-    assert flow.created == flow.last_activity == 5.0
+    assert flow.last_activity == 5.0
     assert table.remove(key) is flow
     assert table.get(key) is None
     assert table.remove(key) is None
@@ -69,7 +69,6 @@ def test_counters_and_activity() -> None:
     assert (flow.bytes_from_guest, flow.packets_from_guest) == (100, 1)
     assert (flow.bytes_to_guest, flow.packets_to_guest) == (50, 2)
     assert flow.last_activity == 4.0
-    assert flow.created == 1.0
 
 
 def test_expired_by_protocol() -> None:
