@@ -56,6 +56,27 @@ def test_ready_reports_the_registered_events(
     assert interest.mask(h) == EPOLLIN | EPOLLOUT
 
 
+def test_a_handle_of_a_closed_interest_registers_in_the_next(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The registration is kept in the handle: closing its Interest must clear it, or
+    the next Interest (a rebuilt data path) would take the same mask as done."""
+    a, b = pair
+    h = Handle("a")
+    first: Interest[Handle] = Interest()
+    first.set_mask(h, a.fileno(), EPOLLIN)
+    first.close()
+    assert (h.reactor_fd, h.reactor_mask) == (-1, 0)
+    second: Interest[Handle] = Interest()
+    try:
+        second.set_mask(h, a.fileno(), EPOLLIN)
+        b.send(b"x")
+        assert second.ready() == [(h, EPOLLIN)]
+        assert second.handles() == {h}
+    finally:
+        second.close()
+
+
 def test_an_empty_mask_unregisters_so_a_hang_up_is_not_reported(
     interest: Interest[Handle], pair: tuple[socket.socket, socket.socket]
 ) -> None:
