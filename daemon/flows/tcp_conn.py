@@ -89,6 +89,7 @@ from ferryd.wire.ip import IPPROTO_TCP, IpAddress
 from ferryd.wire.tcp import (
     ACK,
     FIN,
+    NO_OPTIONS,
     PSH,
     RST,
     SYN,
@@ -564,7 +565,7 @@ class TcpConn:
             ack,
             flags,
             window,
-            options if options is not None else _NO_OPTIONS,
+            options if options is not None else NO_OPTIONS,
             len(payload),
         )
         self.guest.send_ip(e.remote_addr, e.guest_addr, IPPROTO_TCP, hdr, payload, TCP_CSUM_OFFSET)
@@ -974,6 +975,13 @@ class TcpConn:
         # smaller than the floor (MTU 68) still bounds it.
         mss = min(max(mss, MIN_SND_MSS), self.link_mss)
         self._now_ms = int(now * 1000)
+        # Every segment of this push carries the same timestamps: one options
+        # object for all of them, not one per segment (_send's default).
+        options = (
+            TcpOptions(timestamp=(self._tsval(), self.ts_recent))
+            if Flags.TIMESTAMPS in self.flags
+            else NO_OPTIONS
+        )
         drained = False
         while left > 0:
             want = min(left, len(buf))
@@ -998,7 +1006,7 @@ class TcpConn:
             for off in range(0, n, mss):
                 end = min(off + mss, n)
                 flags = ACK | PSH if end == n else ACK
-                self._send(flags, seq_add(self.seq_to_guest, off), buf[off:end])
+                self._send(flags, seq_add(self.seq_to_guest, off), buf[off:end], options)
             self.seq_to_guest = seq_add(self.seq_to_guest, n)
             if seq_diff(self.seq_to_guest, self.seq_max_to_guest) > 0:
                 self.seq_max_to_guest = self.seq_to_guest
@@ -1109,6 +1117,3 @@ class TcpConn:
     def describe(self) -> str:
         e = self.ends
         return f"tcp {e.guest_addr}:{e.guest_port} -> {e.remote_addr}:{e.remote_port}"
-
-
-_NO_OPTIONS = TcpOptions()

@@ -250,6 +250,13 @@ def test_every_page_ferryd_writes_is_marked_in_qemus_dirty_log(
         log = qemu.start_dirty_log()
         assert not any(bytes(log))
         assert _arp_for_gateway(qemu, topology).op == ARP_REPLY
+        # The reply is published while the request's chain is still ferryd's: it is
+        # given back (and its used ring logged) at the end of the burst.
+        wait_for(
+            lambda: struct.unpack_from("<H", qemu.ram, qemu.tx.used + 2)[0] == qemu.sent,
+            timeout=5,
+            what="the request's transmit chain given back",
+        )
         marked = {page for page in range(len(log) * 8) if log[page // 8] & 1 << page % 8}
         # the reply's buffer (head 1), and the used ring of each ring (nothing else:
         # ferryd only reads the transmit buffers)
