@@ -163,8 +163,14 @@ STATE_NUMBERS = {
 }
 
 
-class Flags(enum.IntFlag):
-    """Closing progress; carried opaquely by the migration stream."""
+class Flags:
+    """Closing progress and agreed options: bits of ``TcpConn.flags``, an int carried
+    opaquely by the migration stream.
+
+    Plain ints, not an enum.IntFlag: the enum's ``in`` and ``|`` run in Python
+    (~1.3 and ~2.1 µs here against ~0.08 for an int's ``&``), and a
+    connection tests these bits several times per segment.
+    """
 
     FIN_FROM_GUEST = 1
     """The guest's FIN was accepted and the socket shut down for writing."""
@@ -210,7 +216,7 @@ class TcpGuestState:
     """
 
     state: State
-    flags: Flags
+    flags: int
     seq_to_guest: int
     """Next sequence number to the guest (SND.NXT, not rewound by a migration)."""
     seq_ack_from_guest: int
@@ -309,7 +315,7 @@ class TcpConn:
         """Segments of the current burst wait for flush_ack() (the adapter queues it)."""
         self.push_due = False
         self._rcvlowat_cap = rcvlowat_cap
-        self.flags = Flags(0)
+        self.flags = 0
         self.isn = entropy.getrandbits(32) if isn is None else isn
         self.seq_to_guest = self.isn
         self.seq_ack_from_guest = self.isn
@@ -419,9 +425,9 @@ class TcpConn:
         conn.guest_wnd = saved.guest_wnd
         conn.guest_mss = guest_mss_untrusted(saved.guest_mss)
         flags = saved.flags
-        if Flags.FIN_TO_GUEST in flags:
+        if flags & Flags.FIN_TO_GUEST:
             conn.fin_seq = seq_add(saved.seq_to_guest, -1)
-        if Flags.TIMESTAMPS in flags:
+        if flags & Flags.TIMESTAMPS:
             conn.continue_timestamps(sock_timestamp, now)
         if fin_received:
             # A restored socket never reports the peer's earlier FIN as EOF
@@ -485,14 +491,14 @@ class TcpConn:
     @property
     def data_flight(self) -> int:
         """Payload bytes in flight: what sits peeked in the receive queue."""
-        fin = Flags.FIN_TO_GUEST in self.flags and Flags.FIN_TO_GUEST_ACKED not in self.flags
+        fin = self.flags & Flags.FIN_TO_GUEST and not self.flags & Flags.FIN_TO_GUEST_ACKED
         return self.flight - (1 if fin else 0)
 
     def reading(self) -> bool:
         """Whether the adapter should wait for new data on the socket."""
         return (
             self.state is State.ESTABLISHED
-            and Flags.SOCK_EOF not in self.flags
+            and not self.flags & Flags.SOCK_EOF
             and not self._starved
             and self.flight < min(self.guest_wnd, self._rcvlowat_cap)
         )
@@ -554,7 +560,7 @@ class TcpConn:
             window = min(self.wnd_to_guest >> self.our_ws, 0xFFFF)
         ack = self.seq_from_guest if flags & ACK else 0
         self.seq_ack_to_guest = ack
-        if options is None and Flags.TIMESTAMPS in self.flags:
+        if options is None and self.flags & Flags.TIMESTAMPS:
             options = TcpOptions(timestamp=(self._tsval(), self.ts_recent))
         hdr = build_tcp_header_partial(
             e.remote_addr,
@@ -592,7 +598,7 @@ class TcpConn:
         self.ack_due = True
 
     def _syn_options(self, offer_wscale: bool) -> TcpOptions:
-        ts = (self._tsval(), self.ts_recent) if Flags.TIMESTAMPS in self.flags else None
+        ts = (self._tsval(), self.ts_recent) if self.flags & Flags.TIMESTAMPS else None
         return TcpOptions(
             mss=self.link_mss, wscale=OUR_WSCALE if offer_wscale else None, timestamp=ts
         )
@@ -632,7 +638,7 @@ class TcpConn:
 
     def _update_window(self) -> None:
         """Window for the guest: the socket's free send space (see module doc)."""
-        if Flags.FIN_FROM_GUEST in self.flags:
+        if self.flags & Flags.FIN_FROM_GUEST:
             self.wnd_to_guest = 0xFFFF << self.our_ws  # nothing more may come
             return
         sndbuf = self.host.sndbuf()
@@ -699,7 +705,7 @@ class TcpConn:
         # segment that advanced the left edge; the newest errs on the short side).
         if (
             ts is not None
-            and Flags.TIMESTAMPS in self.flags
+            and self.flags & Flags.TIMESTAMPS
             and (not self.ts_recent or seq_diff(ts[0], self.ts_recent) > 0)
         ):
             self.ts_recent = ts[0]
@@ -849,7 +855,7 @@ class TcpConn:
                 self._send(ACK, self.seq_to_guest)
                 self._send(ACK, self.seq_to_guest)
             return
-        fin_again = bool(seg.flags & FIN) and Flags.FIN_FROM_GUEST in self.flags
+        fin_again = bool(seg.flags & FIN and self.flags & Flags.FIN_FROM_GUEST)
         if (payload and off >= len(payload)) or fin_again:
             # Entirely old: our ACK for it was lost or is late. Answer at
             # once, even if we believe we already sent this ACK (RFC 9293
@@ -857,7 +863,7 @@ class TcpConn:
             self.send_ack()
             return
         short = False
-        if off < len(payload) and Flags.FIN_FROM_GUEST not in self.flags:
+        if off < len(payload) and not self.flags & Flags.FIN_FROM_GUEST:
             data = payload[off:]
             try:
                 if self._tail is not None and not self._finish_tail():
@@ -879,7 +885,7 @@ class TcpConn:
         if (
             seg.flags & FIN
             and not short
-            and Flags.FIN_FROM_GUEST not in self.flags
+            and not self.flags & Flags.FIN_FROM_GUEST
             and seq_add(seg.seq, len(payload)) == self.seq_from_guest
         ):
             try:
@@ -893,7 +899,7 @@ class TcpConn:
         if (
             seg.flags & FIN
             and not short
-            and Flags.FIN_FROM_GUEST not in self.flags
+            and not self.flags & Flags.FIN_FROM_GUEST
             and seq_add(seg.seq, len(payload)) == self.seq_from_guest
         ):
             try:
@@ -948,7 +954,7 @@ class TcpConn:
         if self.state is not State.ESTABLISHED:
             return
         sent = self.push(now, limit)
-        if not sent and self.data_flight and Flags.SOCK_EOF not in self.flags:
+        if not sent and self.data_flight and not self.flags & Flags.SOCK_EOF:
             # Readable but nothing beyond the flight: the receive queue is
             # full of unacknowledged bytes (tcp_epollin_ready reports
             # readability when the receive window is nearly closed). Wait
@@ -961,14 +967,14 @@ class TcpConn:
         (None: no limit; the adapter's share for one turn, flows/tcp.py,
         PUSH_SHARE); returns the payload bytes sent. What is left keeps the
         socket readable."""
-        if self.state is not State.ESTABLISHED or Flags.FIN_TO_GUEST in self.flags:
+        if self.state is not State.ESTABLISHED or self.flags & Flags.FIN_TO_GUEST:
             return 0
         left = min(self.guest_wnd, self._rcvlowat_cap) - self.flight
         if limit is not None and limit < left:
             left = limit
         buf, total = self._buf, 0
         mss = min(self.guest_mss, self.link_mss)
-        if Flags.TIMESTAMPS in self.flags:
+        if self.flags & Flags.TIMESTAMPS:
             mss -= TS_OPTION_LEN  # the MSS leaves options out (RFC 9293 §3.7.1)
         # guest_mss is floored already (guest_mss_untrusted); the option's
         # bytes must not take a segment below the floor either, but a link
@@ -979,7 +985,7 @@ class TcpConn:
         # object for all of them, not one per segment (_send's default).
         options = (
             TcpOptions(timestamp=(self._tsval(), self.ts_recent))
-            if Flags.TIMESTAMPS in self.flags
+            if self.flags & Flags.TIMESTAMPS
             else NO_OPTIONS
         )
         drained = False
@@ -1017,7 +1023,7 @@ class TcpConn:
                 break
         # The FIN follows the last byte, so only once the queue was drained
         # (a migrated socket knows its EOF from the flags, not from recv()).
-        if drained and Flags.SOCK_EOF in self.flags and Flags.FIN_TO_GUEST not in self.flags:
+        if drained and self.flags & Flags.SOCK_EOF and not self.flags & Flags.FIN_TO_GUEST:
             self._send(FIN | ACK, self.seq_to_guest)
             self.fin_seq = self.seq_to_guest
             self.seq_to_guest = seq_add(self.seq_to_guest, 1)

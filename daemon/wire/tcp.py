@@ -11,6 +11,7 @@ but a length that runs past the header makes the segment malformed.
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from ferryd.wire.checksum import complete_partial, fold, pseudo_header_sum, verify
 from ferryd.wire.errors import MalformedPacket
@@ -38,8 +39,12 @@ TCPOPT_TIMESTAMP = 8
 MAX_WSCALE = 14
 
 
-@dataclass(frozen=True, slots=True)
-class TcpOptions:
+class TcpOptions(NamedTuple):
+    """A segment's options. A named tuple rather than a frozen dataclass: built for
+    every guest segment with timestamps and every ACK ferryd sends with them, and
+    a frozen dataclass's __init__ sets each field through object.__setattr__ in
+    Python (as FlowKey's docstring measured)."""
+
     mss: int | None = None
     wscale: int | None = None
     sack_permitted: bool = False

@@ -30,7 +30,7 @@ import trio.testing
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.tcp import socket_of
-from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpGuestState
 from ferryd.frontends.vhost_user.messages import TransferDirection
 from ferryd.migration import source as source_module
 from ferryd.migration.controller import MigrationController
@@ -50,7 +50,7 @@ from tests.unit.test_flows_helpers import GUEST4, gateway_of, udp_from_guest
 SAVE, LOAD = TransferDirection.SAVE, TransferDirection.LOAD
 ENDS = Endpoints(GUEST4, 40000, gateway_of(4), 80)
 SAVED = TcpGuestState(
-    State.ESTABLISHED, Flags(0), 7000, 7000, 3000, 3000, 2999, 65535, 0, 0, 1460,
+    State.ESTABLISHED, 0, 7000, 7000, 3000, 3000, 2999, 65535, 0, 0, 1460,
 )  # fmt: skip
 
 

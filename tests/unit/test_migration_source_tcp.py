@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from ferry_repair.protocol import RepairCommand as RepairMode
-from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.migration import source as source_module
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.records import TcpFlowRecord
@@ -45,7 +45,7 @@ SEQ_TO_GUEST = 7000
 SEQ_FROM_GUEST = 3000
 #: Established, nothing in flight either way: quiet (pre-copyable) at once with a quiet time of 0.
 SAVED = TcpGuestState(
-    State.ESTABLISHED, Flags(0), SEQ_TO_GUEST, SEQ_TO_GUEST, SEQ_FROM_GUEST, SEQ_FROM_GUEST,
+    State.ESTABLISHED, 0, SEQ_TO_GUEST, SEQ_TO_GUEST, SEQ_FROM_GUEST, SEQ_FROM_GUEST,
     SEQ_FROM_GUEST - 1, 65535, 0, 0, 1460,
 )  # fmt: skip
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 import trio
 
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpGuestState
 from ferryd.migration.records import UdpFlowRecord
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.restore import Restorer
@@ -44,7 +44,7 @@ async def daemon() -> AsyncIterator[MemoryHost]:
 
 def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: socket.socket) -> None:
     """What Restorer._batch does with a socket restored in repair mode."""
-    saved = TcpGuestState(State.ESTABLISHED, Flags(0), 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
+    saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
     now = trio.current_time()
     conn = d.tcp.adopt(ends, sock, 4, saved, sock_timestamp=0, fin_received=False, now=now)
     restorer.in_repair[id(sock)] = sock

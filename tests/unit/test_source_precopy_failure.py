@@ -13,7 +13,7 @@ import socket
 import pytest
 import trio
 
-from ferryd.flows.tcp_conn import Endpoints, Flags, State, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpGuestState
 from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
@@ -30,7 +30,7 @@ async def test_precopy_without_a_helper_fails_and_runs_on(
         async with trio.open_nursery() as nursery:
             host = MemoryHost(nursery)
             # Established with nothing in flight: quiet at once with a quiet time of 0.
-            saved = TcpGuestState(State.ESTABLISHED, Flags(0), 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
+            saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
             ends = Endpoints(GUEST4, 40000, gateway_of(4), 80)
             now = trio.current_time()
             conn = host.tcp.adopt(
