@@ -49,7 +49,11 @@ virtio-net device's save on the source, which is the back-end's part of
 QEMU's downtime (SET_DEVICE_STATE_FD, the stream read to EOF,
 CHECK_DEVICE_STATE), and its load on the target, which QEMU does not
 count (no return path: the source's downtime ends when it sent
-everything) but which the guest waits for before it runs there.
+everything) but which the guest waits for before it runs there. A second
+table cuts the source's downtime at QEMU's own checkpoints
+(:func:`downtime_phases`): the VM's stop (each ring's GET_VRING_BASE),
+the pause and RAM's last pass, the other devices, the virtio-net device,
+the end; so a difference between back-ends shows where it arises.
 
 **Late-failure rows** (``--late-failure-sizes``, default 100): the same
 up to ``completed``, without touching the fabric; then the target QEMU is
@@ -368,6 +372,8 @@ class MigrationRun:
     #: The virtio-net device's save (source) and load (target), from QEMU's trace events.
     save_ms: float | None = None
     load_ms: float | None = None
+    #: The source's downtime phase by phase (downtime_phases), ms.
+    phases: dict[str, float] | None = None
     #: Connections that survived: every byte echoed in order, then a clean close both ways.
     ok: int = 0
     failed: int = 0
@@ -404,17 +410,68 @@ def _started(backend: Backend, bed: MigrationBed, host: Netns, name: str) -> Ite
 
 
 #: QEMU's trace events with each device's save and load time (trace-events in
-#: QEMU's migration/: "downtime=" in microseconds), written to its log.
-DEVICE_TRACES = ("-trace", "enable=vmstate_downtime_save", "-trace", "enable=vmstate_downtime_load")
+#: QEMU's migration/: "downtime=" in microseconds) and the downtime's
+#: checkpoints, written to its log, each line stamped ``PID@SECONDS:`` (-msg
+#: timestamp=on; the stamp is taken when the event is logged).
+DEVICE_TRACES = (
+    "-trace", "enable=vmstate_downtime_save", "-trace", "enable=vmstate_downtime_load",
+    "-trace", "enable=vmstate_downtime_checkpoint", "-msg", "timestamp=on",
+)  # fmt: skip
 _NET_DEVICE_TIME = re.compile(
     r"vmstate_downtime_(save|load) type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+)"
 )
+_STAMPED = re.compile(
+    r"^\d+@(\d+\.\d+):vmstate_downtime_(?:checkpoint (\S+)"
+    r"|save type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+))",
+    re.MULTILINE,
+)
+
+#: Where the source's downtime went, in order (:func:`downtime_phases`).
+PHASES = ("stop", "RAM", "devices", "net", "end")
 
 
 def net_device_ms(qemu_log: str, what: str) -> float | None:
     """The virtio-net device's last ``save`` or ``load`` time in ms, from QEMU's log."""
     times = [int(us) for kind, us in _NET_DEVICE_TIME.findall(qemu_log) if kind == what]
     return times[-1] / 1000 if times else None
+
+
+def downtime_phases(qemu_log: str) -> dict[str, float] | None:
+    """The source QEMU's last downtime cut at its checkpoints (ms), or None.
+
+    QEMU 10's migration_completion_precopy() logs src-downtime-start, stops
+    the VM (vhost_dev_stop: the back-end answers GET_VRING_BASE for each
+    ring) and logs src-vm-stopped, waits in pre-switchover (the bench's
+    pause) and sends RAM's last pass (src-iterable-saved), then saves every
+    other device, the virtio-net device among them (SET_DEVICE_STATE_FD,
+    the back-end's stream read to EOF, CHECK_DEVICE_STATE: its own trace
+    event, logged when its save ends), and logs src-non-iterable-saved and
+    src-downtime-end. So: ``stop`` (start to vm-stopped), ``RAM`` (to
+    iterable-saved, the pause included), ``devices`` (the other devices),
+    ``net`` (the virtio-net device), ``end`` (from the device states to
+    downtime-end). Only the first and the fourth wait for the back-end;
+    the others are QEMU's, but they share the machine with what the
+    back-end does meanwhile (ferryd's early freeze runs during ``RAM``).
+    """
+    marks: dict[str, float] = {}
+    net: tuple[float, float] | None = None
+    for stamp, checkpoint, net_us in _STAMPED.findall(qemu_log):
+        if checkpoint == "src-downtime-start":  # the last migration's, if there were several
+            marks, net = {}, None
+        if checkpoint:
+            marks[checkpoint] = float(stamp)
+        elif marks:
+            net = (float(stamp), int(net_us) / 1e6)
+    points = ("src-downtime-start", "src-vm-stopped", "src-iterable-saved", "src-downtime-end")
+    if net is None or any(p not in marks for p in points):
+        return None
+    start, stopped, ram, end = (marks[p] for p in points)
+    net_end, net_s = net
+    bounds = (start, stopped, ram, net_end - net_s, net_end, end)
+    return {
+        phase: max(0.0, (b - a) * 1e3)
+        for phase, a, b in zip(PHASES, bounds, bounds[1:], strict=False)
+    }
 
 
 @contextlib.contextmanager
@@ -593,6 +650,7 @@ def _migrate(
         row.downtime_ms = float(info["downtime"])
         row.total_ms = float(info["total-time"])
         row.save_ms = net_device_ms(source.qemu_log(), "save")
+        row.phases = downtime_phases(source.qemu_log())
         if late_failure:
             # The target dies before it runs: a manager resumes the source, whose
             # back-end has saved its state (frozen its sockets) and must carry on.
@@ -740,6 +798,29 @@ def format_migrations(
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     table = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(table + notes) + "\n"
+
+
+def format_phases(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]) -> str:
+    """Medians of each downtime phase (downtime_phases) per back-end and N, migrations only."""
+    header = ("back-end", "N", "runs", *PHASES)
+    lines: list[tuple[str, ...]] = [header]
+    for name in backends:
+        for n in sizes:
+            mine = [
+                r.phases
+                for r in rows
+                if r.backend == name and r.n == n and r.scenario == MIGRATE and r.phases
+            ]
+            if mine:
+                lines.append((
+                    name, str(n), str(len(mine)),
+                    *(f"{statistics.median(p[phase] for p in mine):.1f}" for phase in PHASES),
+                ))  # fmt: skip
+    if len(lines) == 1:
+        return ""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    table = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(table) + "\n"
 
 
 def format_throughput(rows: list[ThroughputRun], backends: Sequence[str]) -> str:
@@ -912,6 +993,14 @@ def main(argv: list[str] | None = None) -> int:
     if migrations:
         print("\nmigration (median (min–max) over runs; survived: per run, byte-exact both ways)")
         sys.stdout.write(format_migrations(migrations, measured, args.sizes, MIGRATE))
+        if phases := format_phases(migrations, measured, args.sizes):
+            print(
+                "\nwhere the source's downtime went (medians, ms, from QEMU's checkpoints): stop ="
+                " the VM stopped, each ring's\nGET_VRING_BASE answered; RAM = the pause and RAM's"
+                " last pass; devices = the other devices;\nnet = the virtio-net device's save"
+                " (the back-end's stream); end = to QEMU's end of downtime"
+            )
+            sys.stdout.write(phases)
     if any(r.scenario == LATE_FAILURE for r in migrations):
         print(
             "\nlate failure: the target QEMU killed once the migration completed, the source"

@@ -16,11 +16,14 @@ from bench.passt_build import cached
 from bench.qemu_migration import (
     LATE_FAILURE,
     MIGRATE,
+    PHASES,
     MigrationRun,
     RowTimeout,
     ThroughputRun,
     _row_deadline,
+    downtime_phases,
     format_migrations,
+    format_phases,
     format_ratios,
     net_device_ms,
 )
@@ -85,6 +88,50 @@ def test_the_net_devices_save_and_load_come_from_qemus_trace_events() -> None:
     assert net_device_ms(log, "save") == 6.662
     assert net_device_ms(log, "load") == 43.07
     assert net_device_ms("qemu-system-x86_64: terminating on signal 15", "save") is None
+
+
+#: A source QEMU's log around its downtime (QEMU 10.0.2, -msg timestamp=on, a ferryd
+#: migration of 100 connections; most device lines left out). An earlier, cancelled
+#: migration's start comes first: only the last downtime counts.
+_SOURCE_LOG = """\
+590@1796283440.100000:vmstate_downtime_checkpoint src-downtime-start
+590@1796283445.000000:vmstate_downtime_checkpoint src-downtime-start
+590@1796283445.000149:vhost_dev_stop 0x5586e9a49f10:virtio-net vrings:0
+590@1796283445.000827:vmstate_downtime_checkpoint src-vm-stopped
+590@1796283445.004161:vmstate_downtime_save type=iterable idstr=ram instance_id=0 downtime=606
+590@1796283445.004186:vmstate_downtime_checkpoint src-iterable-saved
+590@1796283445.005239:vmstate_downtime_save type=non-iterable idstr=0000:00:01.3/piix4_pm \
+instance_id=0 downtime=655
+590@1796283445.008087:vmstate_downtime_save type=non-iterable idstr=0000:00:02.0/virtio-net \
+instance_id=0 downtime=2602
+590@1796283445.008147:vmstate_downtime_checkpoint src-non-iterable-saved
+590@1796283445.008158:vmstate_downtime_checkpoint src-downtime-end
+"""
+
+
+def test_the_downtime_is_cut_at_qemus_checkpoints() -> None:
+    phases = downtime_phases(_SOURCE_LOG)
+    assert phases is not None
+    expected = {"stop": 0.827, "RAM": 3.359, "devices": 1.299, "net": 2.602, "end": 0.071}
+    assert phases == pytest.approx(expected, abs=1e-3)
+    assert sum(phases.values()) == pytest.approx(8.158, abs=1e-3)
+    # No timestamps (QEMU without -msg timestamp=on), or a downtime that never ended: none.
+    assert downtime_phases(_SOURCE_LOG.replace("590@1796283445.", "")) is None
+    assert downtime_phases(_SOURCE_LOG.rsplit("590@", 1)[0]) is None
+
+
+def test_the_phase_table_has_a_median_per_back_end_and_size() -> None:
+    rows = [
+        _run("ferryd", 100, 9, 100, phases=dict.fromkeys(PHASES, 1.0)),
+        _run("ferryd", 100, 10, 100, phases=dict.fromkeys(PHASES, 3.0)),
+        _run("ferryd", 100, 10, 100, phases=dict.fromkeys(PHASES, 2.0)),
+        _run("passt", 100, 7, 100, phases=None),
+        _run("ferryd", 100, 9, 100, scenario=LATE_FAILURE, phases=dict.fromkeys(PHASES, 9.0)),
+    ]
+    table = format_phases(rows, ["passt", "ferryd"], [1, 100])
+    assert table.splitlines()[1].split() == ["ferryd", "100", "3", *["2.0"] * len(PHASES)]
+    assert len(table.splitlines()) == 2  # passt had no phases; N=1 no rows
+    assert format_phases(rows[3:], ["passt", "ferryd"], [100]) == ""
 
 
 def test_the_cache_gives_the_newest_complete_build(tmp_path: Path) -> None:
