@@ -246,6 +246,53 @@ async def test_closed_descriptor_is_our_bug(fds: list[int]) -> None:
     assert "cannot send it to the repair helper" in str(error)
 
 
+async def _close_unanswered(helper: Helper) -> None:
+    await helper.receive(1)
+    helper.sock.close()
+
+
+async def _answer_wrong(helper: Helper) -> None:
+    await helper.receive(1)
+    await helper.sock.send(b"\x00")
+    await trio.sleep_forever()
+
+
+async def _answer_nothing(helper: Helper) -> None:
+    await helper.receive(1)
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    ("script", "kind", "message"),
+    [
+        (_close_unanswered, RepairRefused, "closed the connection instead of answering"),
+        (_answer_wrong, RepairProtocolError, "answered 0x00, not 0x01"),
+        (_answer_nothing, RepairTimeout, "did not answer within 0.05 s"),
+    ],
+)
+async def test_one_batch_fails_as_several_do(
+    fds: list[int],
+    script: Callable[[Helper], Awaitable[None]],
+    kind: type[RepairBatchError],
+    message: str,
+) -> None:
+    # One batch is sent and answered without a sender task: the same errors.
+    error = await failing(fds[:100], script, reply_timeout=0.05)
+    assert type(error) is kind
+    assert (error.batch, error.batches, error.sockets) == (0, 1, range(100))
+    assert message in str(error)
+
+
+async def test_one_batch_with_a_closed_descriptor_is_our_bug(fds: list[int]) -> None:
+    bad = fds[:10]
+    bad[3] = 1_000_000  # never open: EBADF
+
+    error = await failing(bad, _answer_nothing)
+    assert type(error) is RepairBatchError
+    assert (error.batch, error.batches) == (0, 1)
+    assert "cannot send it to the repair helper" in str(error)
+
+
 async def test_window_bounds_batches_in_flight(fds: list[int]) -> None:
     client, helper = pair(max_in_flight=1)
     seen: list[int] = []
