@@ -22,7 +22,9 @@ from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.migration import source as source_module
 from ferryd.migration.kernel_state import TcpKernelState
+from ferryd.migration.ports import RepairPort
 from ferryd.migration.records import TcpFlowRecord
+from ferryd.migration.repair_client import RepairUnavailable
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.stream import StreamDecoder
@@ -377,3 +379,46 @@ async def test_a_precopied_connection_is_dumped_again_only_if_it_moved(
             assert len(records) == (2 if moved else 1)
             for rec in records:
                 _check_record(rec, ours)
+
+
+class _Counting(FakeRepair):
+    """Counts get(); ``reachable`` False: get() raises RepairUnavailable, as with no helper."""
+
+    def __init__(self, reachable: bool = True) -> None:
+        super().__init__()
+        self.gets = 0
+        self.reachable = reachable
+
+    async def get(self) -> RepairPort:
+        self.gets += 1
+        await trio.lowlevel.checkpoint()
+        if not self.reachable:
+            raise RepairUnavailable("no helper here")
+        return self
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+async def test_qemus_precopy_reaches_the_helper_with_nothing_quiet_to_copy(
+    host_pair: tuple[socket.socket, socket.socket], reachable: bool
+) -> None:
+    """The freeze that follows QEMU's pre-copy comes with the VM stopped: the helper is
+    reached while the guest runs, even when no connection is quiet enough to pre-copy
+    (which would have reached it); one that cannot be reached fails nothing yet."""
+    ours, _peer = host_pair
+    repair = _Counting(reachable)
+    async with trio.open_nursery() as nursery:
+        host = MemoryHost(nursery)
+        # Nothing is quiet for an hour: no connection is pre-copied.
+        mig = SourceMigration(
+            session(host, nursery, Role.RUNNING, repair=repair, precopy_quiet=3600.0),
+            FakeKernel(),
+        )
+        conn = _adopt(host, ours)
+        answer = await mig.precopy(None)
+        assert answer["precopied"] == 0
+        await until(lambda: repair.gets == 1, what="the helper reached")
+        assert role_of(mig) is Role.PRECOPIED and repair.calls == []
+        assert await mig.abort() == {"role": "running", "note": "pre-copy dropped"}
+        host.tcp.forget(conn)
+        await host.aclose()
+        nursery.cancel_scope.cancel()
