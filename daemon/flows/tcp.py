@@ -91,7 +91,7 @@ from ferryd.flows.destinations import Destinations, Refusal
 from ferryd.flows.portspec import ForwardError, PortForward
 from ferryd.flows.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Interest
 from ferryd.flows.table import FlowCounters, FlowKey, FlowLimitReached, FlowTable
-from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState, TcpShared
 from ferryd.flows.tcp_host import SYSTEM_ENTROPY, Entropy, SocketHost, bound_queues
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
@@ -190,17 +190,19 @@ class TcpFlows:
         max_queue: int | None = None,
     ) -> None:
         self._guest = guest
-        self._entropy = entropy
         self._budget = budget
         self._link = link
-        self._link_mss = {4: link.mtu - 40, 6: link.mtu - 60}
-        """The MSS the link allows, per IP version: one int each, not one per connection."""
         self._nursery = nursery
         self._destinations = destinations
         self.counters = TcpCounters()
         self.table: FlowTable[TcpConn] = FlowTable(limit, budget, self.counters)
         self._peek = memoryview(bytearray(PEEK_BUFFER))
-        self._rcvlowat_cap = _rcvlowat_cap()
+        cap = _rcvlowat_cap()
+        self._shared = {
+            version: TcpShared(guest, link.mtu - header, self._peek, cap, entropy)
+            for version, header in ((4, 40), (6, 60))
+        }
+        """What the connections of each IP version share (the link's MSS differs)."""
         self._burst_payload = 0
         """Payload bytes the guest sent in the burst of frames so far (see PUSH_SHARE)."""
         self._share: int | None = None
@@ -267,9 +269,6 @@ class TcpFlows:
         if rst is not None:
             self.counters.resets_sent += 1
             self._guest.send_ip(ip.dst, ip.src, IPPROTO_TCP, rst)
-
-    def _mss(self, version: int) -> int:
-        return self._link_mss[version]
 
     def _outbound(self, ip: IpPacket, seg: TcpSegment, key: FlowKey, now: float) -> None:
         dst = self._destinations.policy.route(ip.dst)
@@ -345,16 +344,7 @@ class TcpFlows:
     ) -> TcpConn:
         """A new connection on ``sock``, entered in the flow table."""
         host: SocketHost[TcpConn] = SocketHost(sock, self._peek)
-        conn = TcpConn(
-            ends,
-            host,
-            self._guest,
-            state,
-            self._mss(version),
-            self._peek,
-            self._rcvlowat_cap,
-            self._entropy,
-        )
+        conn = TcpConn(ends, host, self._shared[version], state)
         return self._enter(conn, host, now)
 
     def _enter(
@@ -691,11 +681,7 @@ class TcpFlows:
         conn = TcpConn.restored(
             ends,
             host,
-            self._guest,
-            self._mss(version),
-            self._peek,
-            self._rcvlowat_cap,
-            self._entropy,
+            self._shared[version],
             saved,
             sock_timestamp=sock_timestamp,
             fin_received=fin_received,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from ferryd.flows.table import Flow, FlowKey
-from ferryd.flows.tcp_conn import Endpoints, State, TcpConn
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpShared
 from ferryd.flows.tcp_seq import seq_add, seq_diff
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, TcpSegment, parse_tcp_untrusted
@@ -188,16 +188,10 @@ class FixedEntropy(random.Random):
 def new_conn(
     host: MemoryHost, wire: WireGuest, state: State, seed: int = 1, link_mss: int = LINK_MSS
 ) -> TcpConn:
-    conn = TcpConn(
-        ENDS,
-        host,
-        wire,
-        state,
-        link_mss,
-        memoryview(bytearray(PEEK_BUFFER)),
-        rcvlowat_cap=PEEK_BUFFER,
-        entropy=FixedEntropy(seed),
+    shared = TcpShared(
+        wire, link_mss, memoryview(bytearray(PEEK_BUFFER)), PEEK_BUFFER, FixedEntropy(seed)
     )
+    conn = TcpConn(ENDS, host, shared, state)
     key = FlowKey(IPPROTO_TCP, GUEST, GUEST_PORT, REMOTE, REMOTE_PORT)
     conn.flow = Flow(key, conn, state.value, 0.0)
     return conn

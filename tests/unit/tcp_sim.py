@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ferryd.flows.tcp_conn import State, TcpConn
+from ferryd.flows.tcp_conn import State, TcpConn, TcpShared
 from ferryd.wire.tcp import TcpSegment
 from tests.unit.tcp_memory import (
     ENDS,
@@ -74,14 +74,17 @@ def migrate(pair: Pair, seed: int) -> Pair:
     fin_received = old.eof
     old.closed = True  # handed over: the source closes it silently
     pair.wire.host = host
-    moved = TcpConn.restored(
-        ENDS,
-        host,
+    shared = TcpShared(
         pair.wire,
         LINK_MSS,
         memoryview(bytearray(PEEK_BUFFER)),
         PEEK_BUFFER,
         random.Random(seed + 1),
+    )
+    moved = TcpConn.restored(
+        ENDS,
+        host,
+        shared,
         saved,
         sock_timestamp=host.clock,
         fin_received=fin_received,

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from ferryd.flows.tcp_conn import Flags, State, TcpConn
+from ferryd.flows.tcp_conn import Flags, State, TcpConn, TcpShared
 from ferryd.wire.tcp import ACK, NO_OPTIONS, RST, TcpSegment
 from tests.unit.tcp_memory import (
     ENDS,
@@ -200,11 +200,9 @@ def test_a_migrated_tail_goes_before_the_guests_next_bytes() -> None:
     conn = TcpConn.restored(
         ENDS,
         host,
-        wire,
-        LINK_MSS,
-        memoryview(bytearray(PEEK_BUFFER)),
-        PEEK_BUFFER,
-        random.Random(3),
+        TcpShared(
+            wire, LINK_MSS, memoryview(bytearray(PEEK_BUFFER)), PEEK_BUFFER, random.Random(3)
+        ),
         saved,
         sock_timestamp=0,
         fin_received=False,
