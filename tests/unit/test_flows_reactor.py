@@ -177,6 +177,21 @@ def test_a_later_deadline_is_not_pushed_an_earlier_one_supersedes(
     assert interest.next_deadline() == INF
 
 
+def test_no_deadline_unschedules_at_once(interest: Interest[Handle]) -> None:
+    # An established connection's handshake timer ends: nothing of it stays
+    # scheduled until the old deadline would have popped.
+    handles = [Handle(str(i)) for i in range(100)]
+    for h in handles:
+        interest.set_deadline(h, 5.0)
+    for h in handles[1:]:
+        interest.set_deadline(h, INF)
+    assert interest.handles() == {handles[0]}
+    assert interest.next_deadline() == 5.0
+    assert interest.due(6.0) == [handles[0]]
+    assert interest.next_deadline() == INF
+    assert interest._heap == []  # the stale entries went with the last live one
+
+
 def test_forget_drops_the_deadline(interest: Interest[Handle]) -> None:
     h, k = Handle("h"), Handle("k")
     interest.set_deadline(h, 1.0)
