@@ -10,7 +10,7 @@ from __future__ import annotations
 from ferryd.flows.tcp_conn import TS_OPTION_LEN, Flags, State, TcpConn
 from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
-from tests.unit.tcp_memory import GUEST_PORT, REMOTE_PORT, MemoryHost, WireGuest, new_conn
+from tests.unit.tcp_memory import ENDS, GUEST_PORT, REMOTE_PORT, MemoryHost, WireGuest, new_conn
 
 LINK_MSS = 65480
 GUEST_TSVAL = 123456
@@ -89,3 +89,30 @@ def test_a_migration_target_goes_on_with_the_clock() -> None:
     tsval, tsecr = wire.out[-1].options.timestamp or (0, 0)
     assert (tsval - dumped) & 0xFFFFFFFF == 251
     assert tsecr == GUEST_TSVAL + 100
+
+
+def test_a_shared_clock_never_takes_a_connections_tsval_back() -> None:
+    """Connections of one IP version share their clock (TcpShared): an event another
+    one handled at a later time, then one of this connection's with an older ``now``,
+    must not send a TSval below what it sent meanwhile (the guest's PAWS check)."""
+    host = MemoryHost()
+    wire = WireGuest(host)
+    conn = connecting(host, wire, TcpOptions(mss=LINK_MSS, wscale=7, timestamp=(GUEST_TSVAL, 0)))
+    established_by_guest(conn, GUEST_TSVAL, 3.0)
+    other = TcpConn(ENDS, MemoryHost(), conn.shared, State.ESTABLISHED)
+
+    def last_tsval() -> int:
+        opts = wire.out[-1].options.timestamp
+        assert opts is not None
+        return opts[0]
+
+    host.rcv += bytes(1000)
+    assert conn.push(3.0) > 0
+    sent = [last_tsval()]
+    other.on_timer(5.0)  # nothing due there; the shared clock moves to 5 s
+    conn.send_ack()
+    sent.append(last_tsval())
+    host.rcv += bytes(1000)
+    assert conn.push(4.0) > 0  # a now taken before the other connection's event
+    sent.append(last_tsval())
+    assert [(t - sent[0]) & 0xFFFFFFFF for t in sent] == [0, 2000, 2000]
