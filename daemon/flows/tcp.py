@@ -347,25 +347,20 @@ class TcpFlows:
         conn = TcpConn(ends, host, self._shared[version], state)
         return self._enter(conn, host, now)
 
-    def _enter(
-        self,
-        conn: TcpConn,
-        host: SocketHost[TcpConn],
-        now: float,
-        local: tuple[IpAddress, int] | None = None,
-    ) -> TcpConn:
-        """Into the table; ``local``: the socket's own address, if the caller knows it
-        (else getsockname())."""
+    def _enter(self, conn: TcpConn, host: SocketHost[TcpConn], now: float) -> TcpConn:
+        """Into the table.
+
+        Without the host socket's own address and port: those are asked of
+        the socket when the flows are listed (:meth:`snapshot`). Kept, the
+        port was an int object of every connection's, for the one reader
+        that is rare (bench.memory), and the getsockname() a syscall of
+        every new or restored connection's.
+        """
         # TcpConn.close() closes the socket: out of the epoll first, while
         # the descriptor's number is still this socket's (reused at once).
         host.before_close, host.owner = self._forget, conn
-        if local is None:
-            name = host.sock.getsockname()
-            local = strip_scope(name[0]), name[1]
         key = conn.ends  # (a FlowKey: one object for both)
-        conn.flow = self.table.add(
-            key, conn, now, state=conn.state.value, host_addr=local[0], host_port=local[1]
-        )
+        conn.flow = self.table.add(key, conn, now, state=conn.state.value)
         if self._queue_bound is not None:
             bound_queues(host.sock, self._queue_bound)
         return conn
@@ -662,17 +657,13 @@ class TcpFlows:
         sock_timestamp: int,
         fin_received: bool,
         now: float,
-        local: tuple[IpAddress, int] | None = None,
     ) -> TcpConn:
         """A connection a migration restored (TcpConn.restored): in the table, armed at attach().
 
         ``sock`` comes from the kernel's restore, blocking and untuned: it is
         made non-blocking and given TCP_NODELAY here, as :func:`_tune` does
         for a new one. (Not SO_PEEK_OFF: the restored TcpConn sets its own
-        offset past what the guest has not acknowledged.) ``local``: the
-        socket's own address and port, which the restorer bound it to (one
-        getsockname() less per connection in a migration's downtime); None:
-        asked of the socket.
+        offset past what the guest has not acknowledged.)
         """
         if sock.gettimeout() != 0.0:  # sockstate makes them non-blocking: no syscall then
             sock.setblocking(False)
@@ -687,7 +678,7 @@ class TcpFlows:
             fin_received=fin_received,
             now=now,
         )
-        return self._enter(conn, host, now, local)
+        return self._enter(conn, host, now)
 
     def connections(self) -> list[TcpConn]:
         """Every connection in the table, closed ones included (a migration dumps them)."""
@@ -817,7 +808,18 @@ class TcpFlows:
     # --- housekeeping -----------------------------------------------------
 
     def snapshot(self) -> list[dict[str, object]]:
-        return self.table.snapshot()
+        """The table's flows, each with its host socket's address (None once closed)."""
+        out = []
+        for flow in self.table:
+            entry = flow.snapshot()
+            try:
+                name = socket_of(flow.handle).getsockname()
+            except OSError:  # closed
+                pass
+            else:
+                entry["host_addr"], entry["host_port"] = str(strip_scope(name[0])), name[1]
+            out.append(entry)
+        return out
 
     def close_reactor(self) -> None:
         """Close the reactor's epoll: these tables are being replaced (DataPath.rebuild).

@@ -185,6 +185,8 @@ class Flags:
 
 #: The bits of Flags that say how far closing went.
 CLOSING = Flags.FIN_FROM_GUEST | Flags.SOCK_EOF | Flags.FIN_TO_GUEST | Flags.FIN_TO_GUEST_ACKED
+#: How many window values TcpShared.share() keeps.
+_SHARED_VALUES = 1024
 #: What the timestamps option adds to each segment (10 bytes, 2 NOPs: RFC 7323 §3.2).
 TS_OPTION_LEN = 12
 
@@ -251,7 +253,15 @@ class TcpShared:
     (RFC 7323 §5, tcp_paws_check) would punish by dropping the segment.
     """
 
-    __slots__ = ("entropy", "guest", "link_mss", "now_ms", "peek_buffer", "rcvlowat_cap")
+    __slots__ = (
+        "_values",
+        "entropy",
+        "guest",
+        "link_mss",
+        "now_ms",
+        "peek_buffer",
+        "rcvlowat_cap",
+    )
 
     def __init__(
         self,
@@ -267,11 +277,29 @@ class TcpShared:
         self.rcvlowat_cap = rcvlowat_cap
         self.entropy = entropy
         self.now_ms = 0
+        self._values: dict[int, int] = {}
 
     def tick(self, now: float) -> None:
         ms = int(now * 1000)
         if ms > self.now_ms:
             self.now_ms = ms
+
+    def share(self, value: int) -> int:
+        """The one int object kept for ``value``, for the windows connections hold.
+
+        An int above 256 is an object of its own (28-32 bytes); every idle
+        connection keeps two windows (the guest's, scaled, and ours), and
+        those of idle connections are nearly all the same few values (the
+        same buffer sizes and scales). Bounded: past 1,024 values (bulk
+        transfers' windows vary) the cache starts again, nothing worse.
+        """
+        values = self._values
+        kept = values.get(value)
+        if kept is None:
+            if len(values) >= _SHARED_VALUES:
+                values.clear()
+            values[value] = kept = value
+        return kept
 
 
 class TcpConn:
@@ -298,7 +326,6 @@ class TcpConn:
         "guest_ws",
         "host",
         "isn",
-        "last_progress",
         "our_ws",
         "push_due",
         "reactor_fd",
@@ -367,7 +394,6 @@ class TcpConn:
         self.retries = 0
         self.rto = RTO_INITIAL
         self.timer: float = INF
-        self.last_progress = 0.0
         self._rcvlowat = 1
         self._starved = False
         self.want_writable = False
@@ -440,7 +466,7 @@ class TcpConn:
         conn.seq_init_from_guest = saved.seq_init_from_guest
         conn.guest_ws = saved.guest_ws
         conn.our_ws = saved.our_ws
-        conn.guest_wnd = saved.guest_wnd
+        conn.guest_wnd = shared.share(saved.guest_wnd)
         conn.guest_mss = guest_mss_untrusted(saved.guest_mss)
         flags = saved.flags
         if flags & Flags.FIN_TO_GUEST:
@@ -453,7 +479,6 @@ class TcpConn:
             # it, but the kernel's state stays ESTABLISHED).
             flags |= Flags.SOCK_EOF
         conn.flags = flags
-        conn.last_progress = now
         # What the guest was sent but has not acknowledged heads the
         # restored receive queue: peek past it.
         host.set_peek_offset(conn.data_flight)
@@ -492,7 +517,7 @@ class TcpConn:
             and not self.ack_due
             and self._tail is None
             and not self.want_writable
-            and now - self.last_progress >= quiet
+            and now - self.flow.last_activity >= quiet
         )
 
     # --- derived state ----------------------------------------------------
@@ -543,7 +568,7 @@ class TcpConn:
 
     def idle_expired(self, now: float) -> bool:
         """Established with no traffic either way for IDLE_TIMEOUT: on_timer() resets it."""
-        return self.state is State.ESTABLISHED and now >= self.last_progress + IDLE_TIMEOUT
+        return self.state is State.ESTABLISHED and now >= self.flow.last_activity + IDLE_TIMEOUT
 
     def prepare_wait(self) -> None:
         """Only bytes beyond the flight make the socket readable.
@@ -661,13 +686,15 @@ class TcpConn:
     def _update_window(self) -> None:
         """Window for the guest: the socket's free send space (see module doc)."""
         if self.flags & Flags.FIN_FROM_GUEST:
-            self.wnd_to_guest = 0xFFFF << self.our_ws  # nothing more may come
-            return
-        sndbuf = self.host.sndbuf()
-        free = max(0, sndbuf * 3 // 4 - self.host.outq())
-        self.wnd_to_guest = min(free, 0xFFFF << self.our_ws)
-        if free < sndbuf // 4:
-            self.want_writable = True
+            wnd = 0xFFFF << self.our_ws  # nothing more may come
+        else:
+            sndbuf = self.host.sndbuf()
+            free = max(0, sndbuf * 3 // 4 - self.host.outq())
+            wnd = min(free, 0xFFFF << self.our_ws)
+            if free < sndbuf // 4:
+                self.want_writable = True
+        if wnd != self.wnd_to_guest:
+            self.wnd_to_guest = self.shared.share(wnd)
 
     # --- events from the adapter ------------------------------------------
 
@@ -684,7 +711,6 @@ class TcpConn:
             self.ts_recent = opts.timestamp[0]
             self._ts_offered = True
         self.timer = now + CONNECT_TIMEOUT
-        self.last_progress = now
 
     def on_connected(self, now: float) -> None:
         """The host connect() finished (writable): success or failure."""
@@ -717,7 +743,6 @@ class TcpConn:
         self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
         self._send(SYN, self.isn, options=self._syn_options(True))
         self.timer = now + self.rto_jittered()
-        self.last_progress = now
 
     def on_guest_segment(self, seg: TcpSegment, now: float) -> None:
         flags = seg.flags
@@ -757,7 +782,10 @@ class TcpConn:
         elif flags & SYN:
             self.send_ack()  # RFC 9293 §3.10.7.4: a SYN in a synchronized state
             return
-        self.last_progress = now
+        # The connection's progress clock (idle_expired, settled) is its
+        # flow's: a slot and a float object less per connection than a
+        # clock of its own (bench.memory).
+        self.flow.last_activity = now
         if flags & ACK:
             self._ack_from_guest(seg, now)
             if self.state is State.CLOSED:
@@ -861,7 +889,8 @@ class TcpConn:
             # connections' ACKs were lost for 8 retransmissions).
             if self.dupacks == DUPACK_THRESHOLD and self.recover is None:
                 self._rewind()
-        self.guest_wnd = new_wnd
+        if new_wnd != self.guest_wnd:
+            self.guest_wnd = self.shared.share(new_wnd)
 
     def _data_from_guest(self, seg: TcpSegment, now: float) -> None:
         payload = seg.payload
@@ -1056,7 +1085,6 @@ class TcpConn:
             self.flags |= Flags.FIN_TO_GUEST
         if total:
             self.flow.to_guest(total, now)
-            self.last_progress = now
         if self.flight and self.timer == INF:
             self.timer = now + self.rto_jittered()
         elif not self.flight and self.guest_wnd == 0 and not total:

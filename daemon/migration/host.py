@@ -76,10 +76,8 @@ class MigratingTcp(Protocol):
         sock_timestamp: int,
         fin_received: bool,
         now: float,
-        local: tuple[IpAddress, int] | None = None,
     ) -> TcpConn:
-        """A restored connection on ``sock`` (tuned here), in the table, armed when started;
-        ``local``: the address and port ``sock`` is bound to, if known."""
+        """A restored connection on ``sock`` (tuned here), in the table, armed when started."""
         ...
 
     def prearm(self, conns: list[TcpConn], now: float) -> None:

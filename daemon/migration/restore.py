@@ -293,7 +293,6 @@ class Restorer:
                 sock_timestamp=state.timestamp,
                 fin_received=state.fin_received,
                 now=now,
-                local=(state.local_addr, state.local_port),
             )
             rest = plain and at_rest(rec)
             self.restored[ends] = (conn, state, rec, rest)

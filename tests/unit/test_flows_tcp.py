@@ -236,7 +236,7 @@ async def test_an_idle_connection_is_reset_by_the_idle_scan_not_a_timer() -> Non
         guest = RefGuest(13, b"", ports=(GUEST_PORT, port), close=False)
         conn, peer = await _established(flows, link, listener, guest)
         assert conn.deadline() == INF  # no timer of its own while idle
-        limit = conn.last_progress + IDLE_TIMEOUT
+        limit = conn.flow.last_activity + IDLE_TIMEOUT
         link.take()
         flows.expire(limit - 1.0)  # scans: not yet idle for long enough
         flows.expire(limit)  # within the scan interval: no scan

@@ -7,6 +7,7 @@ the guest link parses the options of every segment ferryd sends it.
 
 from __future__ import annotations
 
+from ferryd.flows.table import Flow
 from ferryd.flows.tcp_conn import TS_OPTION_LEN, Flags, State, TcpConn
 from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
@@ -100,6 +101,7 @@ def test_a_shared_clock_never_takes_a_connections_tsval_back() -> None:
     conn = connecting(host, wire, TcpOptions(mss=LINK_MSS, wscale=7, timestamp=(GUEST_TSVAL, 0)))
     established_by_guest(conn, GUEST_TSVAL, 3.0)
     other = TcpConn(ENDS, MemoryHost(), conn.shared, State.ESTABLISHED)
+    other.flow = Flow(ENDS, other, State.ESTABLISHED.value, 3.0)
 
     def last_tsval() -> int:
         opts = wire.out[-1].options.timestamp
