@@ -228,6 +228,25 @@ def test_dead_entries_do_not_pile_up(interest: Interest[Handle]) -> None:
     assert len(interest._heap) <= 2 * len(handles) + 64 + 1
 
 
+def test_dead_entries_behind_a_live_one_go_without_a_new_deadline(
+    interest: Interest[Handle],
+) -> None:
+    # A burst of handshakes ends (no deadline each) while one earlier handle
+    # keeps its timer: nothing pops the dead entries behind it, and nothing
+    # new is pushed, so they must go when they die.
+    first = Handle("first")
+    interest.set_deadline(first, 1.0)
+    handles = [Handle(str(i)) for i in range(1000)]
+    for h in handles:
+        interest.set_deadline(h, 2.0)
+    for h in handles:
+        interest.set_deadline(h, INF)
+    assert interest.handles() == {first}
+    assert len(interest._heap) <= 2 * 1 + 64 + 1
+    assert interest.next_deadline() == 1.0
+    assert interest.due(3.0) == [first]
+
+
 @given(st.lists(st.tuples(st.integers(0, 4), st.floats(0, 100)), max_size=60), st.floats(0, 100))
 def test_due_matches_the_earliest_deadline_asked_for(
     calls: list[tuple[int, float]], now: float
