@@ -85,7 +85,7 @@ def one_round(n: int, queued: int) -> dict[str, float]:
     targets: list[socket.socket] = []
 
     def create() -> None:
-        targets.extend(new_socket_for(state) for state in states)
+        targets.extend(new_socket_for(state, socket.socket) for state in states)
         set_repair_direct(targets, RepairMode.ON)
 
     timed("create+repair on", times, create)

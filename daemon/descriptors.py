@@ -116,17 +116,21 @@ def is_exhaustion(exc: OSError) -> bool:
     return exc.errno in _EXHAUSTION
 
 
+#: The class of socket open_flow_socket() makes (TCP's own, for its connections).
+S = TypeVar("S", bound=socket.socket)
+
+
 def open_flow_socket(
-    budget: DescriptorBudget | None, family: int, kind: int, proto: int = 0
-) -> socket.socket:
-    """A non-blocking, close-on-exec socket for a new flow.
+    cls: type[S], budget: DescriptorBudget | None, family: int, kind: int, proto: int = 0
+) -> S:
+    """A non-blocking, close-on-exec socket of class ``cls`` for a new flow.
 
     Out of descriptors (EMFILE, ENFILE...) raises :class:`DescriptorsSpent`,
     counted in ``budget.counters.exhausted``, so the caller refuses the flow as when
     the budget is spent; any other error is raised as it is.
     """
     try:
-        return socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+        return cls(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
     except OSError as exc:
         if not is_exhaustion(exc):
             raise

@@ -140,7 +140,7 @@ class DatagramFlows(Generic[H]):
 
     def _new_socket(self, family: int, proto: int = 0) -> socket.socket:
         """A datagram socket for a new flow (see :func:`open_flow_socket`)."""
-        return open_flow_socket(self._budget, family, socket.SOCK_DGRAM, proto)
+        return open_flow_socket(socket.socket, self._budget, family, socket.SOCK_DGRAM, proto)
 
     def _refuse(self, ip: IpPacket, exc: FlowLimitReached, now: float) -> None:
         """No room for the guest's new flow: tell it as a router would (ICMP)."""

@@ -68,8 +68,7 @@ class Watched(Hashable, Protocol):
     In the handle, not in a table of the Interest: two dict entries and an
     int a connection were ~180 bytes of an idle flow's ~1.5 KB (bench.memory);
     two slots and one list item are 24. ``reactor_fd`` holds the int the
-    caller passed (a connection's SocketHost keeps that one), so no int
-    object is made per registration either.
+    caller passed, the only one kept for the registration.
     """
 
     reactor_fd: int

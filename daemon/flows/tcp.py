@@ -279,7 +279,9 @@ class TcpFlows:
             return
         try:
             self.table.check_room()
-            sock = open_flow_socket(self._budget, family_of(ip.version), socket.SOCK_STREAM)
+            sock: SocketHost[TcpConn] = open_flow_socket(
+                SocketHost, self._budget, family_of(ip.version), socket.SOCK_STREAM
+            )
         except (FlowLimitReached, OSError) as exc:  # table full, no descriptor left...
             self._throttle.warning(
                 "limit", now, "refusing TCP connection to %s:%d: %s", ip.dst, seg.dport, exc
@@ -310,7 +312,7 @@ class TcpFlows:
     def _start(
         self,
         ends: Endpoints,
-        sock: socket.socket,
+        sock: SocketHost[TcpConn],
         state: State,
         version: int,
         now: float,
@@ -340,10 +342,9 @@ class TcpFlows:
         return conn
 
     def _register(
-        self, ends: Endpoints, sock: socket.socket, state: State, version: int, now: float
+        self, ends: Endpoints, host: SocketHost[TcpConn], state: State, version: int, now: float
     ) -> TcpConn:
-        """A new connection on ``sock``, entered in the flow table."""
-        host: SocketHost[TcpConn] = SocketHost(sock, self._peek)
+        """A new connection on ``host``, entered in the flow table."""
         conn = TcpConn(ends, host, self._shared[version], state)
         return self._enter(conn, host, now)
 
@@ -362,7 +363,7 @@ class TcpFlows:
         key = conn.ends  # (a FlowKey: one object for both)
         conn.flow = self.table.add(key, conn, now, state=conn.state.value)
         if self._queue_bound is not None:
-            bound_queues(host.sock, self._queue_bound)
+            bound_queues(host, self._queue_bound)
         return conn
 
     def bound_queues(self, limit: int | None) -> None:
@@ -650,7 +651,7 @@ class TcpFlows:
     def adopt(
         self,
         ends: Endpoints,
-        sock: socket.socket,
+        sock: SocketHost[TcpConn],
         version: int,
         saved: TcpGuestState,
         *,
@@ -668,17 +669,16 @@ class TcpFlows:
         if sock.gettimeout() != 0.0:  # sockstate makes them non-blocking: no syscall then
             sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        host: SocketHost[TcpConn] = SocketHost(sock, self._peek)
         conn = TcpConn.restored(
             ends,
-            host,
+            sock,
             self._shared[version],
             saved,
             sock_timestamp=sock_timestamp,
             fin_received=fin_received,
             now=now,
         )
-        return self._enter(conn, host, now)
+        return self._enter(conn, sock, now)
 
     def connections(self) -> list[TcpConn]:
         """Every connection in the table, closed ones included (a migration dumps them)."""
@@ -775,8 +775,9 @@ class TcpFlows:
             if backoff:
                 await trio.sleep(ACCEPT_BACKOFF)
 
-    def _inbound(self, sock: socket.socket, peer: tuple[str, int], lst: _Listener) -> None:
+    def _inbound(self, accepted: socket.socket, peer: tuple[str, int], lst: _Listener) -> None:
         now = trio.current_time()
+        sock: SocketHost[TcpConn] = SocketHost.taking(accepted)
         peer_addr = strip_scope(peer[0])
         guest_addr = self._guest.guest_address(peer_addr.version)
         shown = (
@@ -843,7 +844,7 @@ def socket_of(conn: TcpConn) -> socket.socket:
     """The host socket under ``conn``, for a migration to dump, restore or hand over."""
     host = conn.host
     assert isinstance(host, SocketHost), "TcpFlows builds every connection on a SocketHost"
-    return host.sock
+    return host
 
 
 def _tune(sock: socket.socket) -> None:

@@ -919,7 +919,7 @@ class TcpConn:
             try:
                 if self._tail is not None and not self._finish_tail():
                     raise BlockingIOError  # the migrated unsent bytes go first
-                n = self.host.send(data)
+                n = self.host.write(data)
             except BlockingIOError:
                 n = 0
             except OSError as exc:
@@ -1170,7 +1170,7 @@ class TcpConn:
         self.state = State.CLOSED
         self.flow.state = self.state.value
         self.timer = float("-inf")
-        self.host.close(abort=abort)
+        self.host.hang_up(abort=abort)
 
     def describe(self) -> str:
         e = self.ends

@@ -37,6 +37,7 @@ from ferryd.flows.icmp import EchoEntry
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp_conn import Endpoints, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.flows.udp import UdpEntry
 from ferryd.link import LinkConfig
 from ferryd.wire.ip import IpAddress
@@ -69,7 +70,7 @@ class MigratingTcp(Protocol):
     def adopt(
         self,
         ends: Endpoints,
-        sock: socket.socket,
+        sock: SocketHost[TcpConn],
         version: int,
         saved: TcpGuestState,
         *,

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ferryd.migration import sockstate
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.repair_client import RepairMode
 
+S = TypeVar("S", bound=socket.socket)
+
 
 class KernelRepair(Protocol):
     """The kernel's side of restoring a TCP socket (REFERENCE.md gives the order)."""
 
-    def new_socket_for(self, state: TcpKernelState) -> socket.socket: ...
+    def new_socket_for(self, state: TcpKernelState, cls: type[S]) -> S: ...
 
     def restore_in_repair(self, sock: socket.socket, state: TcpKernelState) -> None: ...
 

@@ -47,6 +47,7 @@ from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration.errors import MigrationAborted, StreamRejected
 from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
 from ferryd.migration.host import MigrationHost
@@ -73,7 +74,7 @@ log = logging.getLogger("ferryd.migration")
 BATCH = 64
 
 
-_Pending = tuple[socket.socket, TcpKernelState, TcpFlowRecord, Endpoints]
+_Pending = tuple[SocketHost[TcpConn], TcpKernelState, TcpFlowRecord, Endpoints]
 """A connection's socket (bound, unconnected), its state, its record, its 4-tuple."""
 
 
@@ -158,7 +159,7 @@ class Restorer:
             if self.in_precopy:
                 self.precopied[index] = ends
             state = rec.kernel
-            self.pending.append((self.kernel.new_socket_for(state), state, rec, ends))
+            self.pending.append((self.kernel.new_socket_for(state, SocketHost), state, rec, ends))
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
@@ -267,6 +268,7 @@ class Restorer:
         restore and adopt its connections (its error, if the helper refused)."""
         await flight.done.wait()
         batch, closing = flight.batch, flight.closing
+        sock: socket.socket
         if flight.error is not None:
             for sock, *_ in batch:
                 sock.close()  # unconnected: closing sends nothing
@@ -401,6 +403,7 @@ class Restorer:
             await flight.done.wait()
             self.pending.extend(flight.batch)
             self.to_close.extend(flight.closing)
+        sock: socket.socket
         for sock, *_ in self.pending:
             sock.close()  # unconnected: closing sends nothing
         self.pending.clear()

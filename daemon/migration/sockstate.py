@@ -190,7 +190,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Final
+from typing import Final, TypeVar
 
 from ferry_repair.protocol import TCP_REPAIR
 from ferryd.flows.tcp_seq import seq_add, seq_diff
@@ -219,6 +219,9 @@ from ferryd.migration.kernel_state import (
 )
 from ferryd.wire.ip import IpAddress
 from ferryd.wire.tcp import TCPOPT_MSS, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPOPT_WINDOW
+
+#: The class of socket new_socket_for() makes (the data path's, TcpFlows.adopt).
+S = TypeVar("S", bound=socket.socket)
 
 __all__ = [
     "SocketStateError",
@@ -601,8 +604,9 @@ def _peek_recv_queue(sock: socket.socket, length: int) -> bytes:
 # -- restore
 
 
-def new_socket_for(state: TcpKernelState) -> socket.socket:
-    """A socket of the right family with SO_REUSEADDR, bound to the local address; next: repair ON.
+def new_socket_for(state: TcpKernelState, cls: type[S]) -> S:
+    """A socket (of class ``cls``: the data path's own) of the right family with
+    SO_REUSEADDR, bound to the local address; next: repair ON.
 
     Bound here, out of repair mode, under the usual rules: ferry-repair turns
     repair ON only for a bound socket (it would otherwise let a caller bind
@@ -617,7 +621,7 @@ def new_socket_for(state: TcpKernelState) -> socket.socket:
         # repair mode connect() completes at once (tcp_connect() calls
         # tcp_finish_connect()), so it never says EINPROGRESS, and every
         # send here passes MSG_DONTWAIT anyway.
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock = cls(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as exc:
         raise SocketStateError(state.describe(), "socket()", exc.strerror or str(exc)) from exc
     step = "SO_REUSEADDR"

@@ -201,7 +201,7 @@ def test_a_sent_part_larger_than_the_send_buffer(netns: Netns, sent_mb: int) -> 
         real, send_queue=queue, unsent=0, send_seq=(real.send_seq + len(queue)) & 0xFFFFFFFF
     )
     close_silently(client)
-    [new] = run_in_netns(netns.path, lambda: [new_socket_for(state)])
+    [new] = run_in_netns(netns.path, lambda: [new_socket_for(state, socket.socket)])
     with server, new:
         set_repair_direct([new], RepairMode.ON)
         if sent_mb == 3:

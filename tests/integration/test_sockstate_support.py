@@ -519,7 +519,7 @@ def restore_all(
     start = time.perf_counter()
 
     def create() -> list[socket.socket]:
-        return [new_socket_for(state) for state in states]
+        return [new_socket_for(state, socket.socket) for state in states]
 
     socks = create() if netns is None else run_in_netns(netns, create)
     set_repair_direct(socks, RepairMode.ON)

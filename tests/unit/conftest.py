@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from ferryd.flows.tcp_conn import TcpConn
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.linux import SO_PEEK_OFF
 from tests.unit.control_support import (  # noqa: F401 (fixtures: a served ControlServer)
     daemon,
@@ -19,11 +21,11 @@ from tests.unit.migration_fakes import (  # noqa: F401 (fixtures: a fake source 
 
 
 @pytest.fixture
-def host_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+def host_pair() -> Iterator[tuple[SocketHost[TcpConn], socket.socket]]:
     """(ferryd's host socket, the peer's socket) over loopback, set up as TcpFlows does."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         peer = socket.create_connection(server.getsockname())
-        ours, _ = server.accept()
+        ours: SocketHost[TcpConn] = SocketHost.taking(server.accept()[0])
     ours.setblocking(False)
     ours.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
     try:

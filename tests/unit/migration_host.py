@@ -20,7 +20,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -164,6 +164,9 @@ def kernel_state_of(sock: socket.socket, **changes: Any) -> TcpKernelState:
     return TcpKernelState(**fields)
 
 
+S = TypeVar("S", bound=socket.socket)
+
+
 class FakeKernel:
     """ferryd.migration.ports.KernelDump: records each call as ``"what fd"``.
 
@@ -177,8 +180,9 @@ class FakeKernel:
         self.calls: list[str] = []
         self.segments = (1, 1)
 
-    def new_socket_for(self, state: TcpKernelState) -> socket.socket:
+    def new_socket_for(self, state: TcpKernelState, cls: type[S]) -> S:
         sock = self.socks.pop(0)
+        assert isinstance(sock, cls), f"a test gave {sock!r} where the restorer wants {cls}"
         self.calls.append(f"new {sock.fileno()}")
         return sock
 

@@ -67,7 +67,7 @@ class MemoryHost:
         if self.error is not None:
             raise self.error
 
-    def send(self, data: memoryview) -> int:
+    def write(self, data: memoryview) -> int:
         self._check()
         if self.shut_wr:
             raise BrokenPipeError(errno.EPIPE, "send after shutdown")
@@ -123,7 +123,7 @@ class MemoryHost:
     def timestamp(self) -> int:
         return self.clock
 
-    def close(self, *, abort: bool) -> None:
+    def hang_up(self, *, abort: bool) -> None:
         assert not self.closed, "closed twice"
         self.closed = True
         self.aborted = abort

@@ -30,7 +30,8 @@ import trio.testing
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.tcp import socket_of
-from ferryd.flows.tcp_conn import Endpoints, State, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.frontends.vhost_user.messages import TransferDirection
 from ferryd.migration import source as source_module
 from ferryd.migration.controller import MigrationController
@@ -184,7 +185,7 @@ def _adopt_tcp(host: MemoryHost, ends: Endpoints = ENDS) -> tuple[socket.socket,
     """A real loopback TCP connection, adopted into the host's TCP flows as ``ends``."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         peer = socket.create_connection(server.getsockname())
-        ours, _ = server.accept()
+        ours: SocketHost[TcpConn] = SocketHost.taking(server.accept()[0])
     ours.setblocking(False)
     now = trio.current_time()
     host.tcp.adopt(ends, ours, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)

@@ -21,6 +21,8 @@ import trio.testing
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.table import FlowKey
+from ferryd.flows.tcp_conn import TcpConn
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import restore
 from ferryd.migration.errors import StreamRejected
 from ferryd.migration.records import TcpFlowRecord
@@ -71,7 +73,7 @@ async def restoring(
 
 
 async def test_restore_then_resume_resyncs_the_guest(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, peer = host_pair
     ours.setblocking(True)  # as a restored socket may come (the restorer makes it non-blocking)
@@ -108,7 +110,7 @@ async def test_restore_then_resume_resyncs_the_guest(
 
 
 async def test_resume_leaves_a_connection_at_rest_to_the_data_path(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     """Idle when dumped (flowstate.at_rest): the guest holds our ACK and window already.
 
@@ -136,7 +138,7 @@ async def test_resume_leaves_a_connection_at_rest_to_the_data_path(
 
 
 async def test_discard_closes_silently_and_forgets(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     rec = _record(ours)
@@ -153,7 +155,7 @@ async def test_discard_closes_silently_and_forgets(
 
 
 async def test_a_connection_in_its_handshake_is_reset_at_resume(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     rec = _record(ours, handshake=True)
@@ -170,7 +172,7 @@ async def test_a_connection_in_its_handshake_is_reset_at_resume(
 
 
 async def test_the_same_connection_twice_is_refused(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     rec = _record(ours)
@@ -213,7 +215,7 @@ def _spread(rec: TcpFlowRecord, n: int) -> list[TcpFlowRecord]:
 
 
 async def test_a_batch_is_restored_while_the_next_ones_repair_on_is_under_way(
-    host_pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a nursery the helper's repair ON of a batch overlaps the restore of the one
     before and the stream's next records; the helper gets the batches in stream order,
@@ -221,7 +223,7 @@ async def test_a_batch_is_restored_while_the_next_ones_repair_on_is_under_way(
     monkeypatch.setattr(restore, "BATCH", 2)
     ours, _peer = host_pair
     recs = _spread(_record(ours), 5)
-    socks = [socket.socket() for _ in recs]
+    socks: list[SocketHost[TcpConn]] = [SocketHost() for _ in recs]
     fds = [s.fileno() for s in socks]
     repair = GatedRepair()
     async with trio.open_nursery() as nursery:
@@ -265,7 +267,7 @@ async def test_a_batch_is_restored_while_the_next_ones_repair_on_is_under_way(
 
 
 async def test_a_refused_batch_in_flight_fails_the_restore_and_discard_leaves_nothing(
-    host_pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The helper refuses the second batch while the first is restored: the restore
     raises the helper's error, the third batch is never sent, and discard() closes every
@@ -274,7 +276,7 @@ async def test_a_refused_batch_in_flight_fails_the_restore_and_discard_leaves_no
     monkeypatch.setattr(restore, "BATCH", 2)
     ours, _peer = host_pair
     recs = _spread(_record(ours), 6)
-    socks = [socket.socket() for _ in recs]
+    socks: list[SocketHost[TcpConn]] = [SocketHost() for _ in recs]
     fds = [s.fileno() for s in socks]
     repair = GatedRepair(fail=2)
     async with trio.open_nursery() as nursery:
@@ -295,7 +297,7 @@ async def test_a_refused_batch_in_flight_fails_the_restore_and_discard_leaves_no
         ]
         assert not any(host.tcp.table.get(_key(rec)) for rec in recs)
 
-        socks = [socket.socket() for _ in range(2)]
+        socks = [SocketHost() for _ in range(2)]
         restorer = Restorer(host, repair, FakeKernel(list(socks)), nursery=nursery)
         for rec in recs[:2]:
             await restorer.add(rec)  # sent, unanswered

@@ -20,6 +20,7 @@ import trio
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import source as source_module
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import RepairPort
@@ -71,7 +72,7 @@ async def source(
             nursery.cancel_scope.cancel()
 
 
-def _adopt(host: MemoryHost, sock: socket.socket) -> TcpConn:
+def _adopt(host: MemoryHost, sock: SocketHost[TcpConn]) -> TcpConn:
     now = trio.current_time()
     return host.tcp.adopt(ENDS, sock, 4, SAVED, sock_timestamp=0, fin_received=False, now=now)
 
@@ -95,7 +96,7 @@ def _check_record(rec: TcpFlowRecord, dumped_from: socket.socket | TcpKernelStat
 
 
 async def test_freeze_dumps_the_connection_and_a_rollback_thaws_it(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     fd = ours.fileno()
@@ -153,7 +154,7 @@ class _NotingOff(FakeRepair):
 
 
 async def test_a_rollback_reopens_the_send_window_the_dump_held_before_repair_off(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     fd = ours.fileno()
@@ -170,7 +171,7 @@ async def test_a_rollback_reopens_the_send_window_the_dump_held_before_repair_of
 
 
 async def test_a_precopy_dump_not_kept_gets_its_send_window_back_before_repair_off(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     fd = ours.fileno()
@@ -222,10 +223,10 @@ async def test_each_connection_is_dumped_once_its_batch_is_frozen() -> None:
     kernel = FakeKernel()
     repair = _OneByOne(kernel.calls)
     with socket.create_server(("127.0.0.1", 0)) as server:
-        pairs = []
+        pairs: list[tuple[SocketHost[TcpConn], socket.socket]] = []
         for _ in range(2):
             client = socket.create_connection(server.getsockname())
-            pairs.append((client, server.accept()[0]))
+            pairs.append((SocketHost.taking(client), server.accept()[0]))
     reader, writer = socket.socketpair()
     with reader, pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]:
         async with source(kernel, repair) as (host, mig, _):
@@ -283,10 +284,10 @@ async def test_a_batch_of_tcp_flows_reaches_the_target_as_soon_as_it_is_dumped(
             tcp_seen.extend(_tcp_records(decoder.feed_untrusted(chunk)))
 
     with socket.create_server(("127.0.0.1", 0)) as server:
-        pairs = []
+        pairs: list[tuple[SocketHost[TcpConn], socket.socket]] = []
         for _ in range(3):
             client = socket.create_connection(server.getsockname())
-            pairs.append((client, server.accept()[0]))
+            pairs.append((SocketHost.taking(client), server.accept()[0]))
     with reader, contextlib.ExitStack() as stack:
         for pair in pairs:
             stack.enter_context(pair[0])
@@ -304,7 +305,7 @@ async def test_a_batch_of_tcp_flows_reaches_the_target_as_soon_as_it_is_dumped(
 
 
 async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     """One host: the socket is closed silently once its record left; a rollback
     restores the connection from that record, exactly as the target would."""
@@ -312,7 +313,7 @@ async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
     fd = ours.fileno()
     with socket.create_server(("127.0.0.1", 0)) as server:
         twin_peer = socket.create_connection(server.getsockname())
-        twin, _ = server.accept()
+        twin: SocketHost[TcpConn] = SocketHost.taking(server.accept()[0])
     twin.setblocking(True)  # as the kernel's restore hands a socket over
     kernel = FakeKernel([twin])
     reader, writer = socket.socketpair()
@@ -349,7 +350,7 @@ async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
 
 @pytest.mark.parametrize("moved", [False, True])
 async def test_a_precopied_connection_is_dumped_again_only_if_it_moved(
-    host_pair: tuple[socket.socket, socket.socket], moved: bool
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], moved: bool
 ) -> None:
     ours, _peer = host_pair
     fd = ours.fileno()
@@ -399,7 +400,7 @@ class _Counting(FakeRepair):
 
 @pytest.mark.parametrize("reachable", [True, False])
 async def test_qemus_precopy_reaches_the_helper_with_nothing_quiet_to_copy(
-    host_pair: tuple[socket.socket, socket.socket], reachable: bool
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], reachable: bool
 ) -> None:
     """The freeze that follows QEMU's pre-copy comes with the VM stopped: the helper is
     reached while the guest runs, even when no connection is quiet enough to pre-copy

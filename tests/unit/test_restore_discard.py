@@ -19,7 +19,8 @@ from typing import Any, cast
 import trio
 
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp_conn import Endpoints, State, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration.records import UdpFlowRecord
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.restore import Restorer
@@ -42,7 +43,7 @@ async def daemon() -> AsyncIterator[MemoryHost]:
             nursery.cancel_scope.cancel()
 
 
-def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: socket.socket) -> None:
+def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: SocketHost[TcpConn]) -> None:
     """What Restorer._batch does with a socket restored in repair mode."""
     saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
     now = trio.current_time()
@@ -52,7 +53,7 @@ def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: socket.sock
 
 
 async def test_discard_forgets_restored_tcp_connections(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     ends = Endpoints(GUEST4, 40000, gateway_of(4), 80)
@@ -65,7 +66,7 @@ async def test_discard_forgets_restored_tcp_connections(
         assert d.tcp.table.get(key) is None
         # The rollback's next attempt restores the same connection again.
         again = Restorer(d, NO_HELPER)
-        with socket.socket() as sock:
+        with SocketHost[TcpConn]() as sock:
             _adopt(d, again, ends, sock)
             assert d.tcp.table.get(key) is not None
             d.tcp.forget(again.restored[ends][0])

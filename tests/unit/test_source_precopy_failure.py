@@ -13,7 +13,8 @@ import socket
 import pytest
 import trio
 
-from ferryd.flows.tcp_conn import Endpoints, State, TcpGuestState
+from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
+from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
@@ -22,7 +23,7 @@ from tests.unit.test_flows_helpers import GUEST4, gateway_of
 
 
 async def test_precopy_without_a_helper_fails_and_runs_on(
-    host_pair: tuple[socket.socket, socket.socket],
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
     ours, _peer = host_pair
     read_end, write_end = os.pipe()

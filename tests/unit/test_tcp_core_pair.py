@@ -184,7 +184,7 @@ class _Tail:
 
     def send_more(self) -> bool:
         try:
-            n = self.host.send(memoryview(self.left))
+            n = self.host.write(memoryview(self.left))
         except BlockingIOError:
             return False
         self.left = self.left[n:]
