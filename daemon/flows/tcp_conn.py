@@ -181,6 +181,8 @@ class Flags:
     FIN_TO_GUEST_ACKED = 8
     TIMESTAMPS = 16
     """RFC 7323 timestamps were agreed with the guest (see TcpConn.ts_offset)."""
+    TS_OFFERED = 32
+    """The guest's SYN offered timestamps: agreed once the host socket connected."""
 
 
 #: The bits of Flags that say how far closing went.
@@ -314,7 +316,6 @@ class TcpConn:
         "_rcvlowat",
         "_starved",
         "_tail",
-        "_ts_offered",
         "ack_due",
         "dupacks",
         "ends",
@@ -325,7 +326,6 @@ class TcpConn:
         "guest_wnd",
         "guest_ws",
         "host",
-        "isn",
         "our_ws",
         "push_due",
         "reactor_fd",
@@ -370,10 +370,12 @@ class TcpConn:
         """Segments of the current burst wait for flush_ack() (the adapter queues it)."""
         self.push_due = False
         self.flags = 0
-        self.isn = shared.entropy.getrandbits(32) if isn is None else isn
-        self.seq_to_guest = self.isn
-        self.seq_ack_from_guest = self.isn
-        self.seq_max_to_guest = self.isn
+        if isn is None:
+            isn = shared.entropy.getrandbits(32)
+        self.seq_to_guest = isn
+        self.seq_ack_from_guest = isn
+        """The guest's latest ACK (SND.UNA); our ISN until it acknowledged the SYN."""
+        self.seq_max_to_guest = isn
         """The highest sequence number sent to the guest (SND.NXT before any rewind)."""
         self.fin_seq: int | None = None
         """Sequence number of the FIN sent to the guest, once sent."""
@@ -408,7 +410,6 @@ class TcpConn:
         §5) never sees our TSval go back."""
         self.ts_recent = 0
         """The guest's latest TSval, echoed as TSecr (0 until one was seen)."""
-        self._ts_offered = False
         self._tail: UnsentTail | None = None
         """A migrated socket's unsent bytes still to write, before any of the guest's."""
 
@@ -530,6 +531,15 @@ class TcpConn:
     def flight(self) -> int:
         """Bytes sent to the guest and not yet acknowledged (FIN included)."""
         return seq_diff(self.seq_to_guest, self.seq_ack_from_guest)
+
+    @property
+    def isn(self) -> int:
+        """Our initial sequence number, for the handshake's SYNs and checks.
+
+        SND.UNA until the guest acknowledges the SYN (nothing else is sent
+        before), and only read until then: a slot less per connection.
+        """
+        return self.seq_ack_from_guest
 
     @property
     def data_flight(self) -> int:
@@ -709,7 +719,7 @@ class TcpConn:
         self.guest_wnd = syn.window
         if opts.timestamp is not None:  # agreed once connected (_start_timestamps)
             self.ts_recent = opts.timestamp[0]
-            self._ts_offered = True
+            self.flags |= Flags.TS_OFFERED
         self.timer = now + CONNECT_TIMEOUT
 
     def on_connected(self, now: float) -> None:
@@ -726,7 +736,8 @@ class TcpConn:
             return
         self.state = State.SYN_ACK_SENT
         self.flow.state = self.state.value
-        if self._ts_offered:
+        if self.flags & Flags.TS_OFFERED:
+            self.flags &= ~Flags.TS_OFFERED
             self._start_timestamps(now)
         self._update_window()
         self.seq_to_guest = self.seq_max_to_guest = seq_add(self.isn, 1)
@@ -834,13 +845,10 @@ class TcpConn:
         """The guest acknowledged our SYN (its ACK is ISN + 1, checked): ESTABLISHED.
 
         What it acknowledged is ``seq_to_guest`` (nothing was sent after the
-        SYN), kept as that int rather than the segment's; and the ISN is
-        never read again (only the handshake's SYNs and checks use it). One
-        int object each for the life of the connection, 64 of an idle flow's
-        bytes (bench.memory).
+        SYN), kept as that int rather than the segment's: one int object for
+        the life of the connection, 32 of an idle flow's bytes (bench.memory).
         """
         self.seq_ack_from_guest = self.seq_to_guest
-        self.isn = 0
 
     def _ack_from_guest(self, seg: TcpSegment, now: float) -> None:
         acked = seq_diff(seg.ack, self.seq_ack_from_guest)
