@@ -229,8 +229,6 @@ class TcpGuestState:
     """Next sequence number expected from the guest (RCV.NXT)."""
     seq_ack_to_guest: int
     """The ACK last sent to the guest."""
-    seq_init_from_guest: int
-    """The guest's ISN (IRS)."""
     guest_wnd: int
     """The guest's receive window in bytes (already scaled)."""
     guest_ws: int
@@ -336,7 +334,6 @@ class TcpConn:
         "seq_ack_from_guest",
         "seq_ack_to_guest",
         "seq_from_guest",
-        "seq_init_from_guest",
         "seq_max_to_guest",
         "seq_to_guest",
         "shared",
@@ -380,7 +377,6 @@ class TcpConn:
         self.fin_seq: int | None = None
         """Sequence number of the FIN sent to the guest, once sent."""
         self.seq_from_guest = 0
-        self.seq_init_from_guest = 0
         self.seq_ack_to_guest = 0
         self.guest_wnd = 0
         """The guest's receive window in bytes (already scaled)."""
@@ -424,7 +420,6 @@ class TcpConn:
             seq_ack_from_guest=self.seq_ack_from_guest,
             seq_from_guest=self.seq_from_guest,
             seq_ack_to_guest=self.seq_ack_to_guest,
-            seq_init_from_guest=self.seq_init_from_guest,
             guest_wnd=self.guest_wnd,
             guest_ws=self.guest_ws,
             our_ws=self.our_ws,
@@ -464,7 +459,6 @@ class TcpConn:
         conn.seq_to_guest = conn.seq_max_to_guest = saved.seq_to_guest
         conn.seq_from_guest = saved.seq_from_guest
         conn.seq_ack_to_guest = saved.seq_ack_to_guest
-        conn.seq_init_from_guest = saved.seq_init_from_guest
         conn.guest_ws = saved.guest_ws
         conn.our_ws = saved.our_ws
         conn.guest_wnd = shared.share(saved.guest_wnd)
@@ -711,7 +705,6 @@ class TcpConn:
     def start_outbound(self, syn: TcpSegment, now: float) -> None:
         """Guest SYN for a new connection; the adapter started connect()."""
         opts = syn.options
-        self.seq_init_from_guest = syn.seq
         self.seq_from_guest = seq_add(syn.seq, 1)
         if opts.wscale is not None:
             self.guest_ws, self.our_ws = opts.wscale, OUR_WSCALE
@@ -822,7 +815,6 @@ class TcpConn:
         if seg.flags & (SYN | ACK) != SYN | ACK or seg.ack != seq_add(self.isn, 1):
             return
         opts = seg.options
-        self.seq_init_from_guest = seg.seq
         self.seq_from_guest = seq_add(seg.seq, 1)
         if opts.wscale is not None:
             self.guest_ws = opts.wscale

@@ -67,7 +67,7 @@ class GuestIp(_message.Message):
     def __init__(self, address: _Optional[bytes] = ..., prefix_len: _Optional[int] = ..., gateway: _Optional[bytes] = ..., dns: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TcpFlow(_message.Message):
-    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "socket", "seq_ack_from_guest", "seq_to_guest_delta", "seq_from_guest", "seq_ack_to_guest_delta", "seq_init_from_guest_delta", "guest_window", "guest_wscales", "guest_mss", "flags", "state", "handshake")
+    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "socket", "seq_ack_from_guest", "seq_to_guest_delta", "seq_from_guest", "seq_ack_to_guest_delta", "guest_window", "guest_wscales", "guest_mss", "flags", "state", "handshake")
     GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
     GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -77,7 +77,6 @@ class TcpFlow(_message.Message):
     SEQ_TO_GUEST_DELTA_FIELD_NUMBER: _ClassVar[int]
     SEQ_FROM_GUEST_FIELD_NUMBER: _ClassVar[int]
     SEQ_ACK_TO_GUEST_DELTA_FIELD_NUMBER: _ClassVar[int]
-    SEQ_INIT_FROM_GUEST_DELTA_FIELD_NUMBER: _ClassVar[int]
     GUEST_WINDOW_FIELD_NUMBER: _ClassVar[int]
     GUEST_WSCALES_FIELD_NUMBER: _ClassVar[int]
     GUEST_MSS_FIELD_NUMBER: _ClassVar[int]
@@ -93,14 +92,13 @@ class TcpFlow(_message.Message):
     seq_to_guest_delta: int
     seq_from_guest: int
     seq_ack_to_guest_delta: int
-    seq_init_from_guest_delta: int
     guest_window: int
     guest_wscales: int
     guest_mss: int
     flags: int
     state: int
     handshake: bool
-    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., socket: _Optional[_Union[TcpSocket, _Mapping]] = ..., seq_ack_from_guest: _Optional[int] = ..., seq_to_guest_delta: _Optional[int] = ..., seq_from_guest: _Optional[int] = ..., seq_ack_to_guest_delta: _Optional[int] = ..., seq_init_from_guest_delta: _Optional[int] = ..., guest_window: _Optional[int] = ..., guest_wscales: _Optional[int] = ..., guest_mss: _Optional[int] = ..., flags: _Optional[int] = ..., state: _Optional[int] = ..., handshake: _Optional[bool] = ...) -> None: ...
+    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., socket: _Optional[_Union[TcpSocket, _Mapping]] = ..., seq_ack_from_guest: _Optional[int] = ..., seq_to_guest_delta: _Optional[int] = ..., seq_from_guest: _Optional[int] = ..., seq_ack_to_guest_delta: _Optional[int] = ..., guest_window: _Optional[int] = ..., guest_wscales: _Optional[int] = ..., guest_mss: _Optional[int] = ..., flags: _Optional[int] = ..., state: _Optional[int] = ..., handshake: _Optional[bool] = ...) -> None: ...
 
 class TcpSocket(_message.Message):
     __slots__ = ("local_addr", "local_port", "remote_addr", "remote_port", "tcp_state", "mss", "wscales", "options", "timestamp", "send_seq", "recv_seq", "snd_wnd", "rcv_wnd", "rcv_wup_delta", "snd_wl1_delta", "max_window_delta", "send_queue", "unsent", "recv_queue")

@@ -166,7 +166,6 @@ class TcpFlowRecord:
     seq_ack_from_guest: int
     seq_from_guest: int
     seq_ack_to_guest: int
-    seq_init_from_guest: int
     guest_window: int
     """The guest's advertised window, raw from its TCP header (unscaled)."""
     guest_wscale: int
@@ -193,7 +192,6 @@ class TcpFlowRecord:
             and 0 <= self.seq_ack_from_guest < _U32
             and 0 <= self.seq_from_guest < _U32
             and 0 <= self.seq_ack_to_guest < _U32
-            and 0 <= self.seq_init_from_guest < _U32
             and 0 <= self.flags < _U32
             and 0 <= self.state < _U32
             and 0 <= self.guest_window <= 0xFFFF
@@ -212,7 +210,6 @@ class TcpFlowRecord:
             "seq_ack_from_guest",
             "seq_from_guest",
             "seq_ack_to_guest",
-            "seq_init_from_guest",
             "flags",
             "state",
         ):
@@ -350,7 +347,6 @@ def _tcp_to_proto(flow: TcpFlowRecord, header: StreamHeader) -> pb.TcpFlow:
         seq_to_guest_delta=(flow.seq_to_guest - flow.seq_ack_from_guest) % _U32,
         seq_from_guest=flow.seq_from_guest,
         seq_ack_to_guest_delta=(flow.seq_from_guest - flow.seq_ack_to_guest) % _U32,
-        seq_init_from_guest_delta=(flow.seq_from_guest - flow.seq_init_from_guest) % _U32,
         guest_window=flow.guest_window,
         guest_wscales=flow.guest_wscale | flow.our_wscale << 4,
         guest_mss=flow.guest_mss,
@@ -556,7 +552,6 @@ def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
         seq_ack_from_guest=msg.seq_ack_from_guest,
         seq_from_guest=msg.seq_from_guest,
         seq_ack_to_guest=(msg.seq_from_guest - msg.seq_ack_to_guest_delta) % _U32,
-        seq_init_from_guest=(msg.seq_from_guest - msg.seq_init_from_guest_delta) % _U32,
         guest_window=msg.guest_window,
         guest_wscale=msg.guest_wscales & 0xF,
         our_wscale=msg.guest_wscales >> 4,

@@ -169,7 +169,7 @@ def _tcp(remote: IpAddress, port: int, socket_remote: IpAddress | None = None) -
     return TcpFlowRecord(
         guest_addr=guest, guest_port=50000, remote_addr=remote, remote_port=port,
         kernel=_kernel(guest, socket_remote or remote, port), seq_to_guest=1,
-        seq_ack_from_guest=1, seq_from_guest=1, seq_ack_to_guest=1, seq_init_from_guest=0,
+        seq_ack_from_guest=1, seq_from_guest=1, seq_ack_to_guest=1,
         guest_window=65535, guest_wscale=7, our_wscale=7, guest_mss=1460, flags=0, state=0,
     )  # fmt: skip
 

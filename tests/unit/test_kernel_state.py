@@ -220,7 +220,6 @@ def _flow(state: TcpKernelState, *, as_guest_sees_it: bool) -> TcpFlowRecord:
         seq_ack_from_guest=1,
         seq_from_guest=2,
         seq_ack_to_guest=2,
-        seq_init_from_guest=0,
         guest_window=1000,
         guest_wscale=7,
         guest_mss=1460,

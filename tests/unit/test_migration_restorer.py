@@ -48,7 +48,7 @@ def _record(
         guest_addr=GUEST4, guest_port=50000, remote_addr=LOOPBACK, remote_port=remote[1],
         kernel=None if handshake else kernel, seq_to_guest=SEQ_TO_GUEST,
         seq_ack_from_guest=SEQ_TO_GUEST, seq_from_guest=SEQ_FROM_GUEST,
-        seq_ack_to_guest=SEQ_FROM_GUEST, seq_init_from_guest=SEQ_FROM_GUEST - 1,
+        seq_ack_to_guest=SEQ_FROM_GUEST,
         guest_window=65535, guest_wscale=7, our_wscale=7, guest_mss=1460, flags=0, state=4,
         handshake=handshake,
     )  # fmt: skip

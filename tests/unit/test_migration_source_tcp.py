@@ -49,7 +49,7 @@ SEQ_FROM_GUEST = 3000
 #: Established, nothing in flight either way: quiet (pre-copyable) at once with a quiet time of 0.
 SAVED = TcpGuestState(
     State.ESTABLISHED, 0, SEQ_TO_GUEST, SEQ_TO_GUEST, SEQ_FROM_GUEST, SEQ_FROM_GUEST,
-    SEQ_FROM_GUEST - 1, 65535, 0, 0, 1460,
+    65535, 0, 0, 1460,
 )  # fmt: skip
 
 

@@ -45,7 +45,7 @@ async def daemon() -> AsyncIterator[MemoryHost]:
 
 def _adopt(d: MemoryHost, restorer: Restorer, ends: Endpoints, sock: SocketHost[TcpConn]) -> None:
     """What Restorer._batch does with a socket restored in repair mode."""
-    saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
+    saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 65535, 0, 0, 1460)
     now = trio.current_time()
     conn = d.tcp.adopt(ends, sock, 4, saved, sock_timestamp=0, fin_received=False, now=now)
     restorer.in_repair[id(sock)] = sock

@@ -31,7 +31,7 @@ async def test_precopy_without_a_helper_fails_and_runs_on(
         async with trio.open_nursery() as nursery:
             host = MemoryHost(nursery)
             # Established with nothing in flight: quiet at once with a quiet time of 0.
-            saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 0, 65535, 0, 0, 1460)
+            saved = TcpGuestState(State.ESTABLISHED, 0, 1, 1, 1, 1, 65535, 0, 0, 1460)
             ends = Endpoints(GUEST4, 40000, gateway_of(4), 80)
             now = trio.current_time()
             conn = host.tcp.adopt(

@@ -207,7 +207,7 @@ def _apply(pair: Pair, guest: RefGuest, ev: tuple[object, ...]) -> None:
     host, conn = pair.host, pair.conn
     kind = ev[0]
     if conn.state is State.ESTABLISHED:
-        pair.wire.irs = seq_add(conn.seq_init_from_guest, 0)
+        pair.wire.irs = guest.isn
     if kind == "peer_data":
         assert isinstance(ev[1], int)
         if not host.eof:
