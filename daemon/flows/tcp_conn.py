@@ -79,7 +79,7 @@ import enum
 import errno
 import functools
 import logging
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ferryd.flows.table import Flow, FlowKey
 from ferryd.flows.tcp_host import Entropy, HostSocket, TailError, UnsentTail
@@ -210,9 +210,14 @@ class Endpoints(FlowKey):
         return tuple.__new__(cls, (IPPROTO_TCP, guest_addr, guest_port, remote_addr, remote_port))
 
 
-@dataclass(frozen=True, slots=True)
-class TcpGuestState:
+class TcpGuestState(NamedTuple):
     """A connection's guest-side bookkeeping: what a migration carries besides the socket.
+
+    A named tuple rather than a frozen dataclass, as FlowKey: a migration's
+    freeze builds one for every pre-copied connection and compares it with
+    the one its pre-copy kept, and the dataclass's __init__ (each field set
+    through object.__setattr__ in Python) and __eq__ (two tuples built)
+    made that 3.7 µs a connection against ~1 here.
 
     Everything else a connection has (timers, duplicate-ACK counts, what it
     waits for) is rebuilt on the target; the bytes themselves are in the
@@ -412,18 +417,25 @@ class TcpConn:
     # --- migration: snapshot and restore ----------------------------------
 
     def guest_state(self) -> TcpGuestState:
-        """The guest-side bookkeeping a migration carries (see TcpGuestState)."""
-        return TcpGuestState(
-            state=self.state,
-            flags=self.flags,
-            seq_to_guest=self.seq_to_guest,
-            seq_ack_from_guest=self.seq_ack_from_guest,
-            seq_from_guest=self.seq_from_guest,
-            seq_ack_to_guest=self.seq_ack_to_guest,
-            guest_wnd=self.guest_wnd,
-            guest_ws=self.guest_ws,
-            our_ws=self.our_ws,
-            guest_mss=self.guest_mss,
+        """The guest-side bookkeeping a migration carries (see TcpGuestState).
+
+        Built with tuple.__new__, in the fields' order, as Endpoints is: the
+        named tuple's own __new__ takes its arguments in Python.
+        """
+        return tuple.__new__(
+            TcpGuestState,
+            (
+                self.state,
+                self.flags,
+                self.seq_to_guest,
+                self.seq_ack_from_guest,
+                self.seq_from_guest,
+                self.seq_ack_to_guest,
+                self.guest_wnd,
+                self.guest_ws,
+                self.our_ws,
+                self.guest_mss,
+            ),
         )
 
     @classmethod

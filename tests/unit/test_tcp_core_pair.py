@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from ferryd.flows.tcp_conn import Flags, State, TcpConn, TcpShared
+from ferryd.flows.tcp_conn import Flags, State, TcpConn, TcpGuestState, TcpShared
 from ferryd.wire.tcp import ACK, NO_OPTIONS, RST, TcpSegment
 from tests.unit.tcp_memory import (
     ENDS,
@@ -237,3 +237,16 @@ def test_a_migrated_tail_goes_before_the_guests_next_bytes() -> None:
     conn.on_guest_segment(data, 2.2)
     assert bytes(host.snd) == b"ILnext"
     assert conn.seq_from_guest == (saved.seq_from_guest + 4) & 0xFFFFFFFF
+
+
+def test_guest_state_names_each_value_as_the_connection_does() -> None:
+    """guest_state() builds its tuple by position: every field must hold the
+    connection's attribute of that name (a swapped pair would migrate wrong)."""
+    host = MemoryHost()
+    conn = new_conn(host, WireGuest(host), State.ESTABLISHED)
+    for i, name in enumerate(TcpGuestState._fields):
+        if name not in ("state",):
+            setattr(conn, name, 1000 + i)  # all different
+    conn.guest_ws, conn.our_ws = 3, 5
+    state = conn.guest_state()
+    assert state._asdict() == {name: getattr(conn, name) for name in TcpGuestState._fields}
