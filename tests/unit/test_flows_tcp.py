@@ -308,3 +308,18 @@ async def test_a_burst_of_guest_segments_gets_one_ack_at_its_end() -> None:
         assert got == bytes(3000)
         peer.close()
     listener.close()
+
+
+async def test_the_flow_list_shows_the_host_sockets_own_address() -> None:
+    # Not kept per flow: asked of the socket when listed, and what the peer sees.
+    listener, port = await _loopback_listener()
+    async with tcp_flows() as (flows, link):
+        guest = RefGuest(17, b"", ports=(GUEST_PORT, port), close=False)
+        conn, peer = await _established(flows, link, listener, guest)
+        seen_by_peer = peer.getpeername()
+        (entry,) = flows.snapshot()
+        assert (entry["host_addr"], entry["host_port"]) == (seen_by_peer[0], seen_by_peer[1])
+        assert entry["state"] == "established" and entry["guest_port"] == GUEST_PORT
+        assert conn.state is State.ESTABLISHED
+        peer.close()
+    listener.close()
