@@ -28,10 +28,10 @@ follow from ``tcp_state`` (properties ``fin_sent``, ``fin_acked``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
+from ferryd.migration.value import value_class
 from ferryd.wire.ip import IpAddress
 from ferryd.wire.tcp import MAX_WSCALE
 
@@ -109,7 +109,7 @@ def four_tuple(local_addr: object, local_port: int, remote_addr: object, remote_
     return f"TCP {local_addr}:{local_port} -> {remote_addr}:{remote_port}"
 
 
-@dataclass(frozen=True, slots=True)
+@value_class  # (frozen to mypy; a plain dataclass at run time, 3 µs less a value: value.py)
 class TcpKernelState:
     """Everything the kernel holds for one TCP connection (REFERENCE.md, "Dump, per socket").
 

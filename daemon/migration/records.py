@@ -43,6 +43,7 @@ from ipaddress import IPv4Address, IPv6Address
 from ferryd.link import Ip4Config, Ip6Config
 from ferryd.migration import migration_pb2 as pb
 from ferryd.migration.kernel_state import TcpKernelState, TcpState, wscale_problem
+from ferryd.migration.value import value_class
 from ferryd.wire.ip import IpAddress
 from ferryd.wire.tcp import MAX_WSCALE
 
@@ -151,7 +152,7 @@ def _check_ip_config(
         raise ValueError(f"{name} prefix length {config.prefixlen} is not in 0-{bits}")
 
 
-@dataclass(frozen=True, slots=True)
+@value_class  # (frozen to mypy; a plain dataclass at run time: value.py)
 class TcpFlowRecord:
     """A TCP connection: the guest's side of it and the host socket's kernel state."""
 
