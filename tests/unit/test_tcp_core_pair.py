@@ -250,3 +250,16 @@ def test_guest_state_names_each_value_as_the_connection_does() -> None:
     conn.guest_ws, conn.our_ws = 3, 5
     state = conn.guest_state()
     assert state._asdict() == {name: getattr(conn, name) for name in TcpGuestState._fields}
+
+
+def test_shared_windows_stay_bounded_whatever_windows_the_guest_sends() -> None:
+    """The guest chooses its windows: any number of distinct values keeps the
+    shared cache at its bound, and each value comes back equal (one object per
+    value while it is kept)."""
+    host = MemoryHost()
+    shared = new_conn(host, WireGuest(host), State.ESTABLISHED).shared
+    for value in range(70_000, 70_000 + 5 * 1024):
+        assert shared.share(value) == value
+        assert len(shared._values) <= 1024
+    kept = shared.share(10**6)
+    assert shared.share(int("1000000")) is kept
