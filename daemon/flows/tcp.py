@@ -292,6 +292,15 @@ class TcpFlows:
             return
         try:
             _tune(sock)
+            # Shared with ferry's other sockets on the port connect() picks:
+            # connect() gives one local port to connections towards different
+            # peers, and a migration restoring a connection binds its port
+            # (SO_REUSEADDR, sockstate.new_socket_for) before connecting. With
+            # ferryds of several VMs in one namespace (vhost-user, libvirt),
+            # a restore whose port one of ours holds without the option fails
+            # (EADDRINUSE: inet_bind_conflict lets two sockets share a port
+            # only if both reuse it), and the whole migration rolls back.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             err = sock.connect_ex(sockaddr(dst, seg.dport))
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, errno.errorcode.get(err, str(err)))

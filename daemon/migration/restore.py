@@ -388,7 +388,25 @@ class Restorer:
         self.d.tcp.flush(now)
         self.restored.clear()
         self.live.clear()
+        if quiet or socks:
+            # Repair OFF took their SO_REUSEADDR (sockstate.reuse_after_repair_off):
+            # given back after the resume, out of the downtime, so that the next
+            # migration into this namespace (another VM's ferryd, or this one's
+            # own way back) can bind its connections' ports next to these.
+            if self._nursery is None:
+                self._reuse([*quiet, *socks])
+            else:
+                self._nursery.start_soon(self._reuse_soon, [*quiet, *socks])
         return t_off
+
+    def _reuse(self, socks: list[socket.socket]) -> None:
+        # (Closed meanwhile: the data path runs, and a peer may have reset one.)
+        self.kernel.reuse_after_repair_off([sock for sock in socks if sock.fileno() >= 0])
+
+    async def _reuse_soon(self, socks: list[socket.socket]) -> None:
+        for start in range(0, len(socks), BATCH):
+            await trio.lowlevel.checkpoint()
+            self._reuse(socks[start : start + BATCH])
 
     async def discard(self) -> None:
         """Undo everything: no socket survives, and none says a word to a peer."""

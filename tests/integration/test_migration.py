@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from ferryd.control import ControlRequestFailed
 from ferryd.migration import migration_pb2 as pb
 from testbed.ferryd_process import FerrydProcess
 from testbed.migrationbed import MigrationBed, migrate_killing_target
+from testbed.netns import Netns
 from testbed.streams import Streams, UdpExchange
 from testbed.wait import wait_for
 
@@ -114,6 +116,66 @@ def test_half_closed_both_ways(two_hosts: MigrationBed, family: str) -> None:
         final = streams.finish(timeout=30)
         assert final["report"]["guestfirst"]["received"] == 2 * (64 << 20)
         assert final["report"]["peerfirst"]["sent"] == 2 * (64 << 20)
+    finally:
+        streams.close()
+
+
+#: What a migration target does with a connection's port before it connects
+#: (sockstate.new_socket_for): a socket with SO_REUSEADDR bound to it.
+_BIND_NEXT_TO = """
+import socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((addr, port))
+except OSError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def _host_ends(ferryd: FerrydProcess) -> list[tuple[str, int]]:
+    flows = ferryd.request("flows")["flows"]
+    return [(str(f["host_addr"]), int(f["host_port"])) for f in flows if f["proto"] == "tcp"]
+
+
+def _twin_binds(host: Netns, ends: list[tuple[str, int]]) -> bool:
+    return all(
+        host.run([sys.executable, "-c", _BIND_NEXT_TO, addr, str(port)], check=False).returncode
+        == 0
+        for addr, port in ends
+    )
+
+
+def test_ports_take_a_restored_twin_before_and_after_a_move(two_hosts: MigrationBed) -> None:
+    """Each connection's local port takes a migration's restored socket next to it.
+
+    Several ferryds in one namespace (VMs over vhost-user, started by
+    libvirt) share its ports: connect() gives one local port to connections
+    towards different peers, and a migration arriving binds each of its
+    connections' ports before connecting it. A ferry socket holding the
+    port without SO_REUSEADDR made that bind fail (EADDRINUSE), and the
+    whole migration roll back: new connections have it from the start, and
+    restored ones get it back after repair OFF, which clears it.
+    """
+    bed = two_hosts
+    source = bed.start_source()
+    target = bed.start_target()
+    streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9450, "busy:1", "idle:3")
+    try:
+        streams.wait_flowing("busy", 1 << 20)
+        ends = _host_ends(source)
+        assert len(ends) == 4
+        assert _twin_binds(bed.host_a, ends)
+        summary = bed.migrate_ok(source, target)
+        assert summary["flows"]["tcp"] == 4
+        moved = _host_ends(target)
+        assert sorted(moved) == sorted(ends)
+        # (Given back just after the resume, in the background.)
+        wait_for(lambda: _twin_binds(bed.host_b, moved), what="restored ports shared again")
+        mark = streams.report()["busy"]
+        streams.wait_more("busy", mark, 4 << 20, "after the move")
+        streams.finish()
     finally:
         streams.close()
 

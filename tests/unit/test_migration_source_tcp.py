@@ -331,8 +331,9 @@ async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
             twin_fd = twin.fileno()
             assert (await mig.abort())["note"] == "rolled back, nothing lost"
             assert role_of(mig) is Role.RUNNING
-            # At rest when dumped (flowstate.at_rest): nothing to finish.
-            assert kernel.calls[2:] == [f"new {twin_fd}", f"restore {twin_fd}"]
+            # At rest when dumped (flowstate.at_rest): nothing to finish; its
+            # address reuse is given back after repair OFF.
+            assert kernel.calls[2:] == [f"new {twin_fd}", f"restore {twin_fd}", f"reuse {twin_fd}"]
             # Nothing of the handed-over socket is touched again; the twin is
             # restored in repair mode and thawed.
             # (At rest: out of repair mode without the window probe.)
