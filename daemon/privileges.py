@@ -233,8 +233,10 @@ def _threads_holding_capabilities(me: int) -> list[tuple[str, dict[str, str]]]:
             continue
         try:
             status = process_status(f"self/task/{tid}")
-        except FileNotFoundError:
-            continue  # ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            # Ended meanwhile: gone before the open (ENOENT), or between the
+            # open and the read (ESRCH: proc_pid_status finds no task).
+            continue
         if int(status["CapEff"], 16) or int(status["CapPrm"], 16):
             holding.append((tid, status))
     return holding
