@@ -125,8 +125,9 @@ def measure(
         # One server, one port for every guest: the sources (one host namespace)
         # then get distinct local ports from connect(), as on distinct nodes.
         # With a port per guest, connect() gives two ferryds the same local
-        # port toward different peers, and a target's restore can collide with
-        # its sibling's socket between repair OFF and SO_REUSEADDR (EADDRINUSE).
+        # port toward different peers, and a target's restore can meet its
+        # sibling's socket between repair OFF and SO_REUSEADDR (EADDRINUSE:
+        # retried for restore.BIND_PATIENCE).
         server = Tool(bed.peer, "server", "::", str(PORT))
         stack.callback(server.stop)
         server.wait_line(lambda line: "listening" in line, "listening")

@@ -61,6 +61,7 @@ from ferryd.migration.records import (
     UdpFlowRecord,
 )
 from ferryd.migration.repair_client import RepairMode
+from ferryd.migration.sockstate import PortInUse
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
 log = logging.getLogger("ferryd.migration")
@@ -72,6 +73,17 @@ log = logging.getLogger("ferryd.migration")
 #: messages instead of 4. Constant: a passt-repair connection must never see
 #: a batch larger than the one before (repair_client's module doc).
 BATCH = 64
+
+#: How long a restored socket's bind() retries a port held by a socket that
+#: does not share it, and how often. Every ferry TCP socket shares its port
+#: (SO_REUSEADDR), but repair OFF clears that until ferryd sets it again: with
+#: several ferryds in one namespace (VMs over vhost-user) a sibling target's
+#: connection on the same local port may be in that instant, or in the
+#: resume's tail (Restorer._reuse_soon), when this one binds. Past the
+#: patience the holder is taken to stay (another program's socket): the
+#: migration fails as before and the source resumes.
+BIND_PATIENCE = 0.05
+BIND_RETRY = 0.001
 
 
 _Pending = tuple[SocketHost[TcpConn], TcpKernelState, TcpFlowRecord, Endpoints]
@@ -136,6 +148,8 @@ class Restorer:
         self.icmp: list[IcmpFlowRecord] = []
         self.counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
         self.repair_passes = 0
+        self.bind_retries = 0
+        """Binds tried again because their port was held for a moment (_new_socket)."""
 
     async def _client(self) -> RepairPort:
         """The helper, asked for once: every batch of this restore goes to the same one."""
@@ -159,7 +173,7 @@ class Restorer:
             if self.in_precopy:
                 self.precopied[index] = ends
             state = rec.kernel
-            self.pending.append((self.kernel.new_socket_for(state, SocketHost), state, rec, ends))
+            self.pending.append((await self._new_socket(state), state, rec, ends))
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
@@ -168,6 +182,22 @@ class Restorer:
             self.udp.append(rec)
         else:
             self.icmp.append(rec)
+
+    async def _new_socket(self, state: TcpKernelState) -> SocketHost[TcpConn]:
+        """A socket bound to the connection's port; a port held for a moment
+        is tried again for up to BIND_PATIENCE (see there)."""
+        give_up = None
+        while True:
+            try:
+                return self.kernel.new_socket_for(state, SocketHost)
+            except PortInUse:
+                now = trio.current_time()
+                if give_up is None:
+                    give_up = now + BIND_PATIENCE
+                elif now >= give_up:
+                    raise
+                self.bind_retries += 1
+            await trio.sleep(BIND_RETRY)
 
     def _drop(self, ends: Endpoints) -> bool:
         """Forget a pre-copied connection, its socket to be closed silently by the next

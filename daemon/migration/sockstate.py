@@ -224,6 +224,7 @@ from ferryd.wire.tcp import TCPOPT_MSS, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP, TCPO
 S = TypeVar("S", bound=socket.socket)
 
 __all__ = [
+    "PortInUse",
     "SocketStateError",
     "close_silently",
     "dump_tcp",
@@ -265,6 +266,11 @@ class SocketStateError(Exception):
         self.where = where
         self.step = step
         self.reason = reason
+
+
+class PortInUse(SocketStateError):
+    """bind() of a restored socket found its port held by a socket that does not
+    share it (EADDRINUSE): maybe for a moment only (see restore.BIND_PATIENCE)."""
 
 
 # -- encodings and helpers
@@ -631,7 +637,8 @@ def new_socket_for(state: TcpKernelState, cls: type[S]) -> S:
         sock.bind((_text(state.local_addr), state.local_port))
     except OSError as exc:
         sock.close()
-        raise SocketStateError(state.describe(), step, exc.strerror or str(exc)) from exc
+        error = PortInUse if exc.errno == errno.EADDRINUSE else SocketStateError
+        raise error(state.describe(), step, exc.strerror or str(exc)) from exc
     return sock
 
 

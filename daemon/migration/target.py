@@ -213,6 +213,11 @@ class TargetMigration:
                 },
             }
             log.info("migration: restored %s", restorer.counts)
+            if restorer.bind_retries:
+                log.info(
+                    "migration: %d binds waited for a port held for a moment",
+                    restorer.bind_retries,
+                )
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()

@@ -13,8 +13,8 @@ own seeds): from one host namespace, connect() then gives the sources
 distinct local ports, as distinct nodes or pods would have. (With a port per
 guest, two sources may get the same local port toward different peers, and
 one target's restore can then meet its sibling's socket in the instant
-between repair OFF and SO_REUSEADDR: EADDRINUSE. Not a case of one ferryd per
-network namespace.)
+between repair OFF and SO_REUSEADDR: its bind is tried again,
+restore.BIND_PATIENCE.)
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from ferryd.migration.ports import RepairPort, RepairSupply
 from ferryd.migration.repair_source import RepairSource
 from ferryd.migration.roles import Role, RoleMachine
 from ferryd.migration.session import MigrationCounters, Session
+from ferryd.migration.sockstate import PortInUse
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import StreamEvent
@@ -179,8 +180,14 @@ class FakeKernel:
         self.socks = socks or []
         self.calls: list[str] = []
         self.segments = (1, 1)
+        self.port_in_use = 0
+        """The next binds that find their port held (PortInUse)."""
 
     def new_socket_for(self, state: TcpKernelState, cls: type[S]) -> S:
+        if self.port_in_use:
+            self.port_in_use -= 1
+            self.calls.append("bind EADDRINUSE")
+            raise PortInUse(state.describe(), "bind", "Address already in use")
         sock = self.socks.pop(0)
         assert isinstance(sock, cls), f"a test gave {sock!r} where the restorer wants {cls}"
         self.calls.append(f"new {sock.fileno()}")

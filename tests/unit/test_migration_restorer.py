@@ -28,6 +28,7 @@ from ferryd.migration.errors import StreamRejected
 from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.repair_client import RepairError
 from ferryd.migration.restore import Restorer
+from ferryd.migration.sockstate import PortInUse
 from ferryd.wire.ip import IPPROTO_TCP
 from ferryd.wire.tcp import ACK, RST
 from testbed.wait import until
@@ -310,3 +311,36 @@ async def test_a_refused_batch_in_flight_fails_the_restore_and_discard_leaves_no
         assert all(s.fileno() < 0 for s in socks)
         await host.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_port_held_for_a_moment_is_bound_once_it_is_shared_again(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    # A sibling ferryd's connection on the same local port, between its repair
+    # OFF and its SO_REUSEADDR: the bind is tried again a moment later.
+    ours, _peer = host_pair
+    rec = _record(ours)
+    async with restoring([ours]) as (_host, restorer, kernel, _repair):
+        kernel.port_in_use = 3
+        await restorer.add(rec)
+        await restorer.finish()
+        fd = ours.fileno()
+        assert kernel.calls == [*["bind EADDRINUSE"] * 3, f"new {fd}", f"restore {fd}"]
+        assert restorer.bind_retries == 3 and restorer.counts["tcp"] == 1
+
+
+async def test_a_port_that_stays_held_fails_the_restore_after_the_patience(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(restore, "BIND_PATIENCE", 0.02)
+    ours, _peer = host_pair
+    rec = _record(ours)
+    async with restoring([ours]) as (_host, restorer, kernel, _repair):
+        kernel.port_in_use = 1_000_000
+        start = trio.current_time()
+        with pytest.raises(PortInUse):
+            await restorer.add(rec)
+        assert trio.current_time() - start >= 0.02
+        assert restorer.pending == [] and kernel.socks == [ours]  # nothing restored
+        await restorer.discard()
