@@ -579,10 +579,10 @@ class TcpFlows:
 
         Why not a cancel scope with the next deadline around the reactor's
         wait: entering one and giving it a deadline cost trio ~13-20 us of
-        CPU per wait here, once per request/response exchange (a
-        socketpair ping-pong: 15-34 us of CPU per wake without a scope,
-        28-54 with one), and a connection's deadline rarely comes due: this
-        task sleeps through the reactor's rounds. _settle() only brings its
+        CPU per wait here (a socketpair ping-pong: 15-34 us of CPU per wake
+        without a scope, 28-54 with one), paid by every round of the
+        reactor, and a connection's deadline rarely comes due: this task
+        sleeps through the reactor's rounds. _settle() only brings its
         wake-up earlier (a deadline that moved later wakes it once for
         nothing); _changed() wakes it at once to re-arm. Its round reads
         the epoll first, as the reactor's does: a socket's event that came

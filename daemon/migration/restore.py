@@ -431,7 +431,10 @@ class Restorer:
 
     def _reuse(self, socks: list[socket.socket]) -> None:
         # (Closed meanwhile: the data path runs, and a peer may have reset one.)
-        self.kernel.reuse_after_repair_off([sock for sock in socks if sock.fileno() >= 0])
+        try:
+            self.kernel.reuse_after_repair_off([sock for sock in socks if sock.fileno() >= 0])
+        except OSError as exc:  # never seen; in the session's nursery it would end ferryd
+            log.warning("giving restored sockets their address reuse back: %s", exc)
 
     async def _reuse_soon(self, socks: list[socket.socket]) -> None:
         for start in range(0, len(socks), BATCH):

@@ -344,3 +344,22 @@ async def test_a_port_that_stays_held_fails_the_restore_after_the_patience(
         assert trio.current_time() - start >= 0.02
         assert restorer.pending == [] and kernel.socks == [ours]  # nothing restored
         await restorer.discard()
+
+
+async def test_a_failure_to_give_address_reuse_back_leaves_the_resume_done(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ours, _peer = host_pair
+    rec = _record(ours)
+
+    def refuse(socks: list[socket.socket]) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    async with restoring([ours]) as (host, restorer, kernel, repair):
+        monkeypatch.setattr(kernel, "reuse_after_repair_off", refuse)
+        await restorer.add(rec)
+        await restorer.finish()
+        await restorer.resume()  # logged, not raised
+        assert repair.calls[-1][0] in (RepairMode.OFF, RepairMode.OFF_NO_WINDOW_PROBE)
+        assert host.calls == ["start"] and host.tcp.table.get(_key(rec)) is not None
