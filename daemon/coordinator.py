@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -180,12 +181,19 @@ def _hand_over_pipe(
 
     ``source_cmd`` is migrate-out (the freeze) or migrate-precopy. Our
     copies are closed as soon as each request is sent: the target sees the
-    end of the stream when the source closes the last write end.
+    end of the stream when the source closes the last write end. Between
+    network namespaces the stream is a pipe; within one (``same_netns``) it
+    is a Unix socket pair, which carries the TCP sockets themselves
+    (ferryd.migration.handover).
     """
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
+    if args.get("same_netns"):
+        rsock, wsock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        rfd, wfd = rsock.detach(), wsock.detach()  # (close-on-exec, as Python makes them)
+    else:
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    try:
         try:
             peers.ask("target", "migrate-in", fds=[rfd], **({"precopy": True} if precopy else {}))
         except _StepFailed as exc:

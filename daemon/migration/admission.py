@@ -17,8 +17,9 @@ What is checked, per record:
   destination the policy routes (not the host itself, not a group, not
   link-local under ``--no-link-local``). The guest-side address of a
   restored flow is the guest's: not checked here.
-- A TCP flow's socket must be connected to where the target itself would
-  connect it: the remote the guest sees, or, for the gateway under
+- A TCP flow's socket (its record's kernel state, or the socket itself
+  when handed over: :func:`check_connected`) must be connected to where
+  the target itself would connect it: the remote the guest sees, or, for the gateway under
   ``--map-gw``, the host. Inbound flows (accepted on a ``-t`` listener)
   record the peer that connected in as their remote, shown as is; only a
   peer on the host itself is shown as the gateway (flows.common,
@@ -47,7 +48,7 @@ from ferryd.migration.records import (
 )
 from ferryd.wire.ip import IpAddress
 
-__all__ = ["Admission", "check_record"]
+__all__ = ["Admission", "check_connected", "check_record"]
 
 
 def _check_remote(
@@ -69,19 +70,8 @@ def check_record(policy: DestinationPolicy, rec: FlowRecord) -> None:
         routed = _check_remote(policy, "TCP flow", rec.remote_addr, rec.remote_port)
         k = rec.kernel
         if k is None:
-            return  # still in its handshake: reset, not restored
-        host_shown_as_gateway = (
-            policy.map_gateway
-            and rec.remote_addr == gateway_of(policy.link, rec.remote_addr.version)
-            and policy.is_host_itself(k.remote_addr)
-        )
-        if k.remote_addr not in (rec.remote_addr, routed) and not host_shown_as_gateway:
-            raise StreamError(
-                f"the stream restores a TCP flow the guest sees as "
-                f"{endpoint_text(rec.remote_addr, rec.remote_port)} on a socket connected to "
-                f"{endpoint_text(k.remote_addr, k.remote_port)}, which this ferryd would not "
-                "connect it to: migration refused"
-            )
+            return  # in its handshake (reset, not restored), or handed over: check_connected
+        _check_connected(policy, rec, routed, k.remote_addr, k.remote_port)
     elif isinstance(rec, UdpFlowRecord):
         _check_remote(policy, "UDP flow", rec.remote_addr, rec.remote_port)
     elif isinstance(rec, IcmpFlowRecord):
@@ -95,6 +85,33 @@ def check_record(policy: DestinationPolicy, rec: FlowRecord) -> None:
                 f"the stream opens a listener on {endpoint_text(addr, rec.host_port)}, which is "
                 "not an address of this host: migration refused"
             )
+
+
+def check_connected(
+    policy: DestinationPolicy, rec: TcpFlowRecord, addr: IpAddress, port: int
+) -> None:
+    """Raise :class:`StreamError` unless a socket connected to ``addr``:``port`` is where
+    this ferryd would connect ``rec`` (a socket handed over beside the stream: its
+    record carries no kernel state to check, ferryd.migration.handover)."""
+    routed = _check_remote(policy, "TCP flow", rec.remote_addr, rec.remote_port)
+    _check_connected(policy, rec, routed, addr, port)
+
+
+def _check_connected(
+    policy: DestinationPolicy, rec: TcpFlowRecord, routed: IpAddress, addr: IpAddress, port: int
+) -> None:
+    host_shown_as_gateway = (
+        policy.map_gateway
+        and rec.remote_addr == gateway_of(policy.link, rec.remote_addr.version)
+        and policy.is_host_itself(addr)
+    )
+    if addr not in (rec.remote_addr, routed) and not host_shown_as_gateway:
+        raise StreamError(
+            f"the stream restores a TCP flow the guest sees as "
+            f"{endpoint_text(rec.remote_addr, rec.remote_port)} on a socket connected to "
+            f"{endpoint_text(addr, port)}, which this ferryd would not "
+            "connect it to: migration refused"
+        )
 
 
 class Admission:

@@ -35,9 +35,15 @@ from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.sockstate import SocketStateError, finish_restore
 
 
-def tcp_record(conn: TcpConn, kernel: TcpKernelState | None) -> TcpFlowRecord:
+def tcp_record(
+    conn: TcpConn, kernel: TcpKernelState | None, *, handed_over: bool = False
+) -> TcpFlowRecord:
+    """``conn``'s record: with its socket's dumped state, or ``handed_over`` (the socket
+    itself goes with the stream: ferryd.migration.handover); a connection still in its
+    handshake is neither (the target resets it)."""
     e = conn.ends
     g = conn.guest_state()
+    handshake = g.state is not State.ESTABLISHED
     return TcpFlowRecord(
         guest_addr=e.guest_addr,
         guest_port=e.guest_port,
@@ -54,7 +60,8 @@ def tcp_record(conn: TcpConn, kernel: TcpKernelState | None) -> TcpFlowRecord:
         guest_mss=min(g.guest_mss, 0xFFFF),
         flags=g.flags,
         state=STATE_NUMBERS[g.state],
-        handshake=g.state is not State.ESTABLISHED,
+        handshake=handshake,
+        handed_over=handed_over and not handshake,
     )
 
 

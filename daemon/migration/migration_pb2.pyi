@@ -27,7 +27,7 @@ class Stream(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., tcp: _Optional[_Iterable[_Union[TcpFlow, _Mapping]]] = ..., udp: _Optional[_Iterable[_Union[UdpFlow, _Mapping]]] = ..., icmp: _Optional[_Iterable[_Union[IcmpFlow, _Mapping]]] = ..., listener: _Optional[_Iterable[_Union[Listener, _Mapping]]] = ..., precopy_end: _Optional[_Iterable[_Union[PrecopyEnd, _Mapping]]] = ..., tcp_gone: _Optional[_Iterable[_Union[TcpGone, _Mapping]]] = ..., trailer: _Optional[_Union[Trailer, _Mapping]] = ...) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("magic", "version", "min_compatible_version", "guest_mac", "ferry_mac", "mtu", "ipv4", "ipv6", "flow_count_hint", "software_version", "frozen_at_unix_ns", "precopy")
+    __slots__ = ("magic", "version", "min_compatible_version", "guest_mac", "ferry_mac", "mtu", "ipv4", "ipv6", "flow_count_hint", "software_version", "frozen_at_unix_ns", "precopy", "handover")
     MAGIC_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_COMPATIBLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Header(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     FROZEN_AT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     PRECOPY_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_FIELD_NUMBER: _ClassVar[int]
     magic: int
     version: int
     min_compatible_version: int
@@ -52,7 +53,8 @@ class Header(_message.Message):
     software_version: str
     frozen_at_unix_ns: int
     precopy: bool
-    def __init__(self, magic: _Optional[int] = ..., version: _Optional[int] = ..., min_compatible_version: _Optional[int] = ..., guest_mac: _Optional[bytes] = ..., ferry_mac: _Optional[bytes] = ..., mtu: _Optional[int] = ..., ipv4: _Optional[_Union[GuestIp, _Mapping]] = ..., ipv6: _Optional[_Union[GuestIp, _Mapping]] = ..., flow_count_hint: _Optional[int] = ..., software_version: _Optional[str] = ..., frozen_at_unix_ns: _Optional[int] = ..., precopy: _Optional[bool] = ...) -> None: ...
+    handover: bool
+    def __init__(self, magic: _Optional[int] = ..., version: _Optional[int] = ..., min_compatible_version: _Optional[int] = ..., guest_mac: _Optional[bytes] = ..., ferry_mac: _Optional[bytes] = ..., mtu: _Optional[int] = ..., ipv4: _Optional[_Union[GuestIp, _Mapping]] = ..., ipv6: _Optional[_Union[GuestIp, _Mapping]] = ..., flow_count_hint: _Optional[int] = ..., software_version: _Optional[str] = ..., frozen_at_unix_ns: _Optional[int] = ..., precopy: _Optional[bool] = ..., handover: _Optional[bool] = ...) -> None: ...
 
 class GuestIp(_message.Message):
     __slots__ = ("address", "prefix_len", "gateway", "dns")
@@ -67,7 +69,7 @@ class GuestIp(_message.Message):
     def __init__(self, address: _Optional[bytes] = ..., prefix_len: _Optional[int] = ..., gateway: _Optional[bytes] = ..., dns: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TcpFlow(_message.Message):
-    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "socket", "seq_ack_from_guest", "seq_to_guest_delta", "seq_from_guest", "seq_ack_to_guest_delta", "guest_window", "guest_wscales", "guest_mss", "flags", "state", "handshake")
+    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "socket", "seq_ack_from_guest", "seq_to_guest_delta", "seq_from_guest", "seq_ack_to_guest_delta", "guest_window", "guest_wscales", "guest_mss", "flags", "state", "handshake", "socket_handed_over")
     GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
     GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,7 @@ class TcpFlow(_message.Message):
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
     guest_addr: bytes
     guest_port: int
     remote_addr: bytes
@@ -98,7 +101,8 @@ class TcpFlow(_message.Message):
     flags: int
     state: int
     handshake: bool
-    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., socket: _Optional[_Union[TcpSocket, _Mapping]] = ..., seq_ack_from_guest: _Optional[int] = ..., seq_to_guest_delta: _Optional[int] = ..., seq_from_guest: _Optional[int] = ..., seq_ack_to_guest_delta: _Optional[int] = ..., guest_window: _Optional[int] = ..., guest_wscales: _Optional[int] = ..., guest_mss: _Optional[int] = ..., flags: _Optional[int] = ..., state: _Optional[int] = ..., handshake: _Optional[bool] = ...) -> None: ...
+    socket_handed_over: bool
+    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., socket: _Optional[_Union[TcpSocket, _Mapping]] = ..., seq_ack_from_guest: _Optional[int] = ..., seq_to_guest_delta: _Optional[int] = ..., seq_from_guest: _Optional[int] = ..., seq_ack_to_guest_delta: _Optional[int] = ..., guest_window: _Optional[int] = ..., guest_wscales: _Optional[int] = ..., guest_mss: _Optional[int] = ..., flags: _Optional[int] = ..., state: _Optional[int] = ..., handshake: _Optional[bool] = ..., socket_handed_over: _Optional[bool] = ...) -> None: ...
 
 class TcpSocket(_message.Message):
     __slots__ = ("local_addr", "local_port", "remote_addr", "remote_port", "tcp_state", "mss", "wscales", "options", "timestamp", "send_seq", "recv_seq", "snd_wnd", "rcv_wnd", "rcv_wup_delta", "snd_wl1_delta", "max_window_delta", "send_queue", "unsent", "recv_queue")

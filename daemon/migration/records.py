@@ -122,6 +122,9 @@ class StreamHeader:
     """The source's wall clock at freeze, ns since the Unix epoch (logs only)."""
     precopy: bool = False
     """The stream starts with TCP flows pre-copied while the guest ran (stream.py)."""
+    handover: bool = False
+    """Source and target share a network namespace: TCP sockets travel beside the
+    stream, not as kernel state (TcpFlowRecord.handed_over; stream.py)."""
 
     def __post_init__(self) -> None:
         if len(self.ferry_mac) != 6:
@@ -135,6 +138,8 @@ class StreamHeader:
         if self.ipv6 is not None:
             _check_ip_config(self.ipv6, IPv6Address, 128)
         _check_u32("flow count hint", self.flow_count_hint)
+        if self.handover and self.precopy:
+            raise ValueError("a handover stream has no pre-copy (nothing to copy ahead)")
         if self.frozen_at_ns is not None and not 0 < self.frozen_at_ns < 1 << 64:
             raise ValueError(f"freeze time {self.frozen_at_ns} ns is out of range")
 
@@ -162,7 +167,7 @@ class TcpFlowRecord:
     """The remote address as the guest sees it."""
     remote_port: int
     kernel: TcpKernelState | None
-    """The host socket; None only for a flow still in its handshake."""
+    """The host socket's state; None for a flow still in its handshake or handed over."""
     seq_to_guest: int
     seq_ack_from_guest: int
     seq_from_guest: int
@@ -178,6 +183,9 @@ class TcpFlowRecord:
     """Opaque here: ferryd's TCP flow state, numbered by its TCP flow code (STATE_NUMBERS)."""
     handshake: bool = False
     """Still in the handshake: the target resets the flow instead of restoring it."""
+    handed_over: bool = False
+    """The host socket itself goes to the target beside the stream (a handover
+    stream, same network namespace): no kernel state, nothing to restore."""
 
     def __post_init__(self) -> None:
         # One expression for the usual, valid record (a migration builds one
@@ -188,7 +196,7 @@ class TcpFlowRecord:
             and type(self.remote_addr) is kind
             and 0 < self.guest_port <= 0xFFFF
             and 0 < self.remote_port <= 0xFFFF
-            and (self.kernel is not None or self.handshake)
+            and (self.kernel is not None or self.handshake) != self.handed_over
             and 0 <= self.seq_to_guest < _U32
             and 0 <= self.seq_ack_from_guest < _U32
             and 0 <= self.seq_from_guest < _U32
@@ -204,8 +212,12 @@ class TcpFlowRecord:
         _check_version_match("TCP flow, guest side", self.guest_addr, self.remote_addr)
         _check_port("guest port", self.guest_port)
         _check_port("remote port", self.remote_port)
-        if self.kernel is None and not self.handshake:
+        if self.handshake and self.handed_over:
+            raise ValueError("a TCP flow in its handshake is reset, not handed over")
+        if self.kernel is None and not (self.handshake or self.handed_over):
             raise ValueError("a TCP flow past its handshake needs its socket's state")
+        if self.kernel is not None and self.handed_over:
+            raise ValueError("a handed-over TCP flow carries no socket state")
         for name in (
             "seq_to_guest",
             "seq_ack_from_guest",
@@ -327,6 +339,7 @@ def header_to_proto(
         software_version=header.software_version,
         frozen_at_unix_ns=header.frozen_at_ns or 0,
         precopy=header.precopy,
+        handover=header.handover,
     )
     for config, field in ((header.ipv4, msg.ipv4), (header.ipv6, msg.ipv6)):
         if config is not None:
@@ -354,6 +367,7 @@ def _tcp_to_proto(flow: TcpFlowRecord, header: StreamHeader) -> pb.TcpFlow:
         flags=flow.flags,
         state=flow.state,
         handshake=flow.handshake,
+        socket_handed_over=flow.handed_over,
     )
     k = flow.kernel
     if k is not None:
@@ -484,6 +498,7 @@ def header_from_proto_untrusted(msg: pb.Header) -> StreamHeader:
             software_version=msg.software_version,
             frozen_at_ns=msg.frozen_at_unix_ns or None,
             precopy=msg.precopy,
+            handover=msg.handover,
         )
     except ValueError as exc:
         raise StreamError(f"invalid header: {exc}") from None
@@ -543,6 +558,8 @@ def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
         )
     if msg.guest_wscales > 0xFF:
         raise ValueError(f"guest window scales {msg.guest_wscales:#x} do not fit a byte")
+    if msg.socket_handed_over and not header.handover:
+        raise ValueError("a handed-over socket in a stream that is not a handover")
     return TcpFlowRecord(
         guest_addr=guest_addr,
         guest_port=msg.guest_port,
@@ -560,6 +577,7 @@ def _tcp_from_proto(msg: pb.TcpFlow, header: StreamHeader) -> TcpFlowRecord:
         flags=msg.flags,
         state=msg.state,
         handshake=msg.handshake,
+        handed_over=msg.socket_handed_over,
     )
 
 

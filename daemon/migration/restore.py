@@ -32,6 +32,13 @@ in flight, and the guest already holds its latest ACK and window, so
 :meth:`Restorer.resume` only arms it; so does a connection of the plain
 (post-freeze) part that was at rest when dumped (flowstate.at_rest).
 
+A handover stream (source and target in one network namespace,
+ferryd.migration.handover) brings the sockets themselves: a handed-over
+connection is adopted as its record arrives, with nothing to restore or
+repair, and resumes as any other (the guest resynchronised; its unsent
+bytes never left the socket's send queue). Until the resume the source
+holds the same socket: a discard only closes this ferryd's reference.
+
 If anything fails before resume, :meth:`Restorer.discard` closes every
 socket silently and leaves nothing behind.
 """
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from ipaddress import ip_address
 
 import trio
 
@@ -48,8 +56,10 @@ from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
 from ferryd.flows.tcp_host import SocketHost
+from ferryd.migration.admission import check_connected
 from ferryd.migration.errors import MigrationAborted, StreamRejected
 from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
+from ferryd.migration.handover import HandoverStream
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import LINUX, KernelRepair, RepairPort, RepairSupply
@@ -116,10 +126,13 @@ class Restorer:
         kernel: KernelRepair = LINUX,
         *,
         nursery: trio.Nursery | None = None,
+        handover: HandoverStream | None = None,
     ) -> None:
         """``nursery``: where the helper's repair ON runs while the next batch is
-        restored (see _batch); None: one batch after the other."""
+        restored (see _batch); None: one batch after the other. ``handover``: the
+        stream the handed-over sockets come with (None: a pipe, none can)."""
         self.d = host
+        self.handover = handover
         self._nursery = nursery
         self._flights: list[_Flight] = []
         """Batches whose repair ON was sent, oldest first, not restored yet."""
@@ -127,9 +140,15 @@ class Restorer:
         self._helper: RepairPort | None = None
         self.kernel = kernel
         self.pending: list[_Pending] = []
-        self.restored: dict[Endpoints, tuple[TcpConn, TcpKernelState, TcpFlowRecord, bool]] = {}
-        """By 4-tuple: the connection, its socket's state, its record, and whether it was
-        at rest (flowstate.at_rest) in the plain part: resume() only arms those."""
+        self.restored: dict[
+            Endpoints, tuple[TcpConn, TcpKernelState | None, TcpFlowRecord, bool]
+        ] = {}
+        """By 4-tuple: the connection, its socket's state (None: handed over), its record,
+        and whether it was at rest (flowstate.at_rest) in the plain part: resume() only
+        arms those."""
+        self.handed: dict[int, socket.socket] = {}
+        """Sockets handed over (the source holds them too), by id(): discard() closes
+        this ferryd's reference only."""
         self.in_repair: dict[int, socket.socket] = {}
         """Sockets in repair mode, by id(): closed silently by discard()."""
         self.in_precopy = False
@@ -167,6 +186,9 @@ class Restorer:
                         f"{ends.remote_addr}:{ends.remote_port} twice"
                     )
                 self.replaced += 1
+            if rec.handed_over:
+                self._adopt_handed(rec, ends)
+                return
             if rec.kernel is None:
                 self.resets.append(rec)
                 return
@@ -182,6 +204,42 @@ class Restorer:
             self.udp.append(rec)
         else:
             self.icmp.append(rec)
+
+    def _adopt_handed(self, rec: TcpFlowRecord, ends: Endpoints) -> None:
+        """A connection whose socket came beside the stream: adopted as it is.
+
+        Its timestamp clock is read from the socket (no dump carried it); a
+        FIN its peer sent is the live socket's to report, as on the source.
+        """
+        what = f"TCP {ends.guest_addr}:{ends.guest_port} -> {ends.remote_addr}:{ends.remote_port}"
+        if self.handover is None:
+            raise StreamRejected(f"{what}: handed over, but the stream carries no sockets")
+        sock = self.handover.take(what)
+        self.handed[id(sock)] = sock
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            pass  # reset meanwhile: connected to nothing, its flow ends in the data path
+        else:
+            # The target's own destination rules, as for a record's kernel state
+            # (admission.py; no scope id, as sockstate's dump leaves it out).
+            addr = ip_address(peer[0].partition("%")[0])
+            check_connected(self.d.policy, rec, addr, peer[1])
+        try:
+            timestamp = sock.timestamp()
+        except OSError:  # (a socket that failed: its flow ends in the data path)
+            timestamp = 0
+        conn = self.d.tcp.adopt(
+            ends,
+            sock,
+            6 if sock.family == socket.AF_INET6 else 4,
+            guest_state(rec),
+            sock_timestamp=timestamp,
+            fin_received=False,
+            now=trio.current_time(),
+        )
+        self.restored[ends] = (conn, None, rec, False)
+        self.counts["tcp"] += 1
 
     async def _new_socket(self, state: TcpKernelState) -> SocketHost[TcpConn]:
         """A socket bound to the connection's port; a port held for a moment
@@ -349,6 +407,8 @@ class Restorer:
         _off_early gave SO_REUSEADDR back).
         """
         await self._drain()
+        if self.handover is not None and (extra := self.handover.left()):
+            raise StreamRejected(f"{extra} sockets came with the stream that no record named")
         for listener in self.listeners:
             fwd = PortForward(listener.bind_addr, listener.host_port, listener.guest_port)
             flows = self.d.tcp if listener.proto == IPPROTO_TCP else self.d.udp
@@ -396,6 +456,8 @@ class Restorer:
         t_off = (trio.current_time() - t0) * 1e3
         self.in_repair.clear()
         for conn, state, _ in moving:
+            if state is None:
+                continue  # handed over: its unsent bytes never left its send queue
             sock = socket_of(conn)
             sent = self.kernel.finish_restore(sock, state)
             if sent < state.unsent:
@@ -417,6 +479,7 @@ class Restorer:
         # resumed means every connection is listened to again.
         self.d.tcp.flush(now)
         self.restored.clear()
+        self.handed.clear()
         self.live.clear()
         if quiet or socks:
             # Repair OFF took their SO_REUSEADDR (sockstate.reuse_after_repair_off):
@@ -486,6 +549,9 @@ class Restorer:
                     log.warning("closing a restored socket: %s", exc)
                     sock.close()
         self.in_repair.clear()
+        for sock in self.handed.values():
+            sock.close()  # this ferryd's reference: the source still holds the socket
+        self.handed.clear()
         self.restored.clear()
         # The forwarding listeners and datagram flows restored so far hold the
         # source's ports: on one host the source binds them again when it rolls

@@ -155,13 +155,13 @@ window and RTO), link-local IPv6 scope ids.
 close_silently(): in repair mode close() calls tcp_disconnect(), which sends
 neither FIN nor RST (it only sets ECONNABORTED on the socket).
 
-On one host (tests, same namespace) the target's connect() of a 4-tuple
-fails with EADDRNOTAVAIL while the source socket exists: close the source
-silently right before restore_in_repair() of its replacement. A peer segment
-arriving in that gap (a window update, a retransmission) is answered with an
-RST (checked: a peer reading during the restore lost connections), so keep
-the gap per socket tiny and the peer quiet if you can. Between two hosts
-there is no gap: the source keeps its frozen sockets until the fabric moved.
+On one host (same namespace) the target's connect() of a 4-tuple fails
+with EADDRNOTAVAIL while the source socket exists, and a peer segment
+arriving between the source's close and the target's restore is answered
+with an RST (checked: a peer reading during the restore lost connections).
+So nothing here is used there: the socket itself is handed over
+(ferryd.migration.handover). Between two hosts there is no gap: the source
+keeps its frozen sockets until the fabric moved.
 
 Errors: everything raises :class:`SocketStateError`, whose message names the
 socket's 4-tuple and the failing step. A state to restore is valid by

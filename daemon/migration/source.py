@@ -65,11 +65,13 @@ without a stream), and the freeze starts when QEMU stops the VM
 (:meth:`freeze_early`), a few milliseconds before it asks for the stream:
 :meth:`migrate_out` then writes the kept pre-copy and dumps the rest.
 
-Same network namespace as the target (REFERENCE.md, "Same host"): the
-target cannot connect a 4-tuple while this socket exists, so each socket is
-closed silently (repair mode: no FIN, no RST) right after its record left,
-and every port the target must bind is released. A rollback then restores
-this ferryd from the records it streamed, exactly as a target would.
+Same network namespace as the target: the stream is a Unix socket and the
+TCP sockets themselves go with it (ferryd.migration.handover): nothing is
+put in repair mode or dumped, and the source keeps its own reference to
+each socket until its linger ends, so a rollback finds every connection
+where it was. The forwarding listeners and the datagram sockets are closed
+instead, their ports released for the target to bind; a rollback binds
+them again from the records it streamed, exactly as a target would.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
 from ferryd.migration import restore
 from ferryd.migration.errors import MigrationAborted, MigrationError, MigrationFailed
 from ferryd.migration.flowstate import at_rest, tcp_record
+from ferryd.migration.handover import HandoverStream, is_socket
 from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.ports import LINUX, KernelDump, RepairPort
 from ferryd.migration.records import (
@@ -107,6 +110,9 @@ from ferryd.migration.stream import StreamEncoder
 from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 
 log = logging.getLogger("ferryd.migration")
+
+Stream = trio.lowlevel.FdStream | HandoverStream
+"""The stream a migration writes: a pipe, or in one namespace a socket that carries sockets."""
 
 #: A frozen source that hears neither commit nor abort rolls back by itself.
 OUTCOME_TIMEOUT = 120.0
@@ -204,12 +210,12 @@ class SourceMigration:
         """Frozen connections whose dump may have held the send window (sockstate,
         "Nothing new after the dump"): the window to give back if they thaw here."""
         self.records: list[FlowRecord] = []
-        """Same-namespace only: what was streamed, for a rollback."""
+        """Same-namespace only: the listeners and datagram flows streamed, for a rollback."""
         self.timings: dict[str, float] = {}
         self._watchdog: trio.CancelScope | None = None
         self.listeners_closed = False
         self.sockets_closed = False
-        self.stream: trio.lowlevel.FdStream | None = None
+        self.stream: Stream | None = None
         self.enc = StreamEncoder()
         self.precopied: dict[TcpConn, tuple[int, tuple[int, int], TcpGuestState]] = {}
         """Pre-copied connections: record index, segment counts and guest side at the dump
@@ -231,8 +237,9 @@ class SourceMigration:
         self._work_done.set()
         self._rollback_lock = trio.Lock()
         self._retrying = False
-        self.handed_over: list[TcpConn] = []
-        """Same namespace: connections whose sockets went to the target (a rollback's part)."""
+        self.handed: list[TcpConn] = []
+        """Same namespace: connections whose sockets went to the target as well (closed
+        here when the linger ends; a rollback carries on with them)."""
         self.rollback_error: str | None = None
         """Why the last rollback attempt could not complete; None once one did."""
         self.rollback_attempts = 0
@@ -423,6 +430,7 @@ class SourceMigration:
             software_version=SOFTWARE_VERSION,
             frozen_at_ns=None if precopy else time.time_ns(),
             precopy=precopy,
+            handover=not precopy and self.same_netns,
         )
 
     async def migrate_out(
@@ -438,6 +446,7 @@ class SourceMigration:
         always tells (QEMU: ferryd.migration_device_state).
         """
         roles = self.roles
+        stream: Stream
         if fd is not None and self.early is not None:
             return await self._stream_frozen(fd, same_netns, outcome_timeout, *self.early)
         kept = self.kept if fd is not None else None
@@ -449,8 +458,15 @@ class SourceMigration:
                 raise MigrationFailed("no pre-copy in the target's network namespace")
             roles.step(Event.FREEZE_PRECOPIED)  # (kept only while precopied; no watchdog)
         elif fd is not None:
-            stream = self.stream = trio.lowlevel.FdStream(fd)  # owns fd from here on
+            handover = same_netns and is_socket(fd)
+            # (owns fd from here on)
+            stream = self.stream = HandoverStream(fd) if handover else trio.lowlevel.FdStream(fd)
             try:
+                if same_netns and not handover:
+                    raise MigrationFailed(
+                        "migrate-out into the same network namespace needs the stream on a"
+                        " Unix socket (the sockets go with it); nothing changed"
+                    )
                 roles.step(Event.FREEZE, "cannot migrate out: this ferryd is {role}")
             except BaseException:
                 await stream.aclose()
@@ -526,9 +542,7 @@ class SourceMigration:
             "timings_ms": {**self.precopy_timings, **self.timings},
         }
 
-    async def _undo(
-        self, what: str, exc: Exception, stream: trio.lowlevel.FdStream | None
-    ) -> MigrationFailed:
+    async def _undo(self, what: str, exc: Exception, stream: Stream | None) -> MigrationFailed:
         """A freeze failed (``what``, because of ``exc``): close the stream, roll back.
 
         Answers the error to raise: what happened, rolled back or not.
@@ -567,6 +581,8 @@ class SourceMigration:
         d.hand_over(drain=True)
         t_stopped = time.monotonic()
         self.conns = [c for c in d.tcp.connections() if not c.closed]
+        if self.same_netns:
+            return [], t_stopped  # the sockets go as they are: nothing to freeze
         repairable = [c for c in self.conns if c.state is not State.CONNECTING]
         if repairable:
             self.repair = await self.repair_source.get()
@@ -660,7 +676,7 @@ class SourceMigration:
 
     async def _stream(
         self,
-        stream: trio.lowlevel.FdStream,
+        stream: Stream,
         counts: dict[str, int],
         repairable: list[TcpConn],
         kept: bytes,
@@ -692,25 +708,24 @@ class SourceMigration:
 
     async def _write_records(
         self,
-        stream: trio.lowlevel.FdStream,
+        stream: Stream,
         counts: dict[str, int],
         frozen: Callable[[TcpConn], Awaitable[None]],
     ) -> int:
         d, kernel = self.host, self.kernel
         enc = self.enc
         out = bytearray()
-        to_close: list[TcpConn] = []
+        fds: list[int] = []
+        """Same namespace: the sockets of the handed-over records in ``out``, in order."""
 
         async def flush() -> None:
-            # Same namespace: free each 4-tuple before the target can read its
-            # record (its connect() fails while this socket exists).
-            for conn in to_close:
-                d.tcp.forget(conn)  # out of the reactor's epoll before the fd goes
-                kernel.close_silently(socket_of(conn))
-            to_close.clear()
             if out:
-                await stream.send_all(bytes(out))
+                if isinstance(stream, HandoverStream):
+                    await stream.send_all(bytes(out), fds)
+                else:
+                    await stream.send_all(bytes(out))
                 out.clear()
+                fds.clear()
 
         unflushed = 0
 
@@ -721,7 +736,7 @@ class SourceMigration:
             # FLUSH_RECORDS (restore.BATCH), so each flush completes one there;
             # counting the header too, every batch waited for the next flush.
             unflushed += type(record) is TcpFlowRecord
-            if record is not None and self.same_netns:
+            if self.same_netns and record is not None and type(record) is not TcpFlowRecord:
                 self.records.append(record)
             if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS:
                 unflushed = 0
@@ -748,14 +763,20 @@ class SourceMigration:
                 counts["tcp"] += 1
                 counts["unchanged"] += 1
                 continue
-            dumped = None if conn.state is State.CONNECTING else kernel.dump_tcp(socket_of(conn))
-            if dumped is not None and may_hold_window(dumped):
-                self.held_windows[conn] = dumped.snd_wnd
-            rec_tcp: TcpFlowRecord = tcp_record(conn, dumped)
+            if self.same_netns:
+                rec_tcp = tcp_record(conn, None, handed_over=True)
+                if rec_tcp.handed_over:
+                    fds.append(socket_of(conn).fileno())
+                    self.handed.append(conn)
+            else:
+                dumped = (
+                    None if conn.state is State.CONNECTING else kernel.dump_tcp(socket_of(conn))
+                )
+                if dumped is not None and may_hold_window(dumped):
+                    self.held_windows[conn] = dumped.snd_wnd
+                rec_tcp = tcp_record(conn, dumped)
             await emit(enc.flow(rec_tcp), rec_tcp)
             counts["tcp" if not rec_tcp.handshake else "reset"] += 1
-            if self.same_netns and dumped is not None:
-                to_close.append(conn)
         if precopied := self.precopied:  # pre-copied, and closed since
             await emit(enc.tcp_gone(sorted(index for index, _, _ in precopied.values())))
             precopied.clear()
@@ -827,6 +848,11 @@ class SourceMigration:
             if socket_of(conn).fileno() >= 0:
                 self.host.tcp.forget(conn)
                 self.kernel.close_silently(socket_of(conn))
+        for conn in self.handed:
+            # Only this ferryd's reference goes: the target holds the socket
+            # (no SO_LINGER, no shutdown, nothing the peer would see).
+            self.host.tcp.forget(conn)
+            socket_of(conn).close()
         log.info("linger time over: exiting")
         self.s.handed_over()
 
@@ -960,27 +986,20 @@ class SourceMigration:
                         self.kernel.reopen_send_window(socket_of(conn), snd_wnd)
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([socket_of(c) for c in live], RepairMode.OFF)  # and thaws
-                # The twins restored below bind next to these on a forwarded port.
+                # (Repair OFF cleared their SO_REUSEADDR: back, as on a target.)
                 self.kernel.reuse_after_repair_off([socket_of(c) for c in live])
-            self.handed_over += [c for c in self.frozen if socket_of(c).fileno() < 0]
             self.frozen.clear()
             self.held_windows.clear()
         d.tcp.bound_queues(None)  # (a pre-copy's cap; restored ones below are fresh)
         d.take_over()
+        self.handed.clear()  # (still in the table, untouched: they carry on)
         if self.same_netns and self.records:
-            # Same namespace: what was handed over is restored here from the
-            # records, exactly as the target would have.
-            self.repair = await self.repair_source.get()
-            # (The handed-over connections left the table when their sockets
-            # went: TcpFlows.forget, in _stream's flush.)
+            # Same namespace: the listeners and datagram sockets closed for the
+            # target are bound again from the records, as the target would have.
             restorer = restore.Restorer(d, self.repair_source, self.kernel)
-            closed = {c.ends for c in self.handed_over}
             try:
                 for rec in self.records:
-                    if isinstance(rec, TcpFlowRecord):
-                        if rec.kernel is not None and restore.ends_of(rec) in closed:
-                            await restorer.add(rec)
-                    elif isinstance(rec, ListenerRecord):
+                    if isinstance(rec, ListenerRecord):
                         tcp = rec.proto == IPPROTO_TCP
                         if (tcp and self.listeners_closed) or (not tcp and self.sockets_closed):
                             await restorer.add(rec)

@@ -125,13 +125,15 @@ __all__ = [
 
 MAGIC = int.from_bytes(b"FRRY", "little")
 """Header.magic: a little-endian fixed32 that reads "FRRY" on the wire."""
-STREAM_VERSION = 2
-"""The format version this ferryd writes (2: pre-copy)."""
+STREAM_VERSION = 3
+"""The format version this ferryd writes (2: pre-copy; 3: handover)."""
 MIN_COMPATIBLE_VERSION = 1
 """The oldest reader version that can read what this ferryd writes without pre-copy."""
 PRECOPY_VERSION = 2
 """The oldest reader version that understands pre-copy (its streams say so)."""
-READER_VERSION = 2
+HANDOVER_VERSION = 3
+"""The oldest reader version that takes sockets handed over beside the stream."""
+READER_VERSION = 3
 """This ferryd reads every stream whose min_compatible_version is at most this."""
 MAX_RECORD_SIZE = 64 << 20
 MAX_HEADER_SIZE = 64 << 10
@@ -251,7 +253,10 @@ class StreamEncoder:
     def header(self, header: StreamHeader) -> bytes:
         if self._state is not _EncoderState.NEW:
             raise RuntimeError("the stream's header was already written")
-        oldest = PRECOPY_VERSION if header.precopy else MIN_COMPATIBLE_VERSION
+        if header.handover:
+            oldest = HANDOVER_VERSION
+        else:
+            oldest = PRECOPY_VERSION if header.precopy else MIN_COMPATIBLE_VERSION
         msg = header_to_proto(header, STREAM_VERSION, oldest, MAGIC)
         record = self._emit(_Field.HEADER, msg.SerializeToString())
         self._header = header
@@ -558,6 +563,10 @@ class StreamDecoder:
         if header.precopy and oldest < PRECOPY_VERSION:
             raise StreamError(
                 f"header announces a pre-copy but says version {oldest} readers can read it"
+            )
+        if header.handover and oldest < HANDOVER_VERSION:
+            raise StreamError(
+                f"header announces a handover but says version {oldest} readers can read it"
             )
         self._header = header
         return HeaderReceived(header, version, oldest)

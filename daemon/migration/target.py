@@ -35,6 +35,7 @@ import trio
 from ferryd.link import LinkConfig
 from ferryd.migration.admission import Admission
 from ferryd.migration.errors import MigrationAborted, MigrationError, MigrationFailed
+from ferryd.migration.handover import HandoverStream, is_socket
 from ferryd.migration.history import Direction, Outcome
 from ferryd.migration.restore import Restorer
 from ferryd.migration.roles import Event, Role
@@ -144,7 +145,10 @@ class TargetMigration:
     async def _restore(self, fd: int) -> None:
         d = self.d
         self.s.nursery.start_soon(self._reach_helper)
-        stream = trio.lowlevel.FdStream(fd)
+        # A socket: source and target share a namespace, and the sockets come with
+        # the stream (ferryd.migration.handover). A pipe otherwise.
+        handover = HandoverStream(fd) if is_socket(fd) else None
+        stream = handover or trio.lowlevel.FdStream(fd)
         restorer = self.restorer = Restorer(d, self.repair, nursery=self.s.nursery)
         decoder = StreamDecoder()
         admission = Admission()
@@ -167,7 +171,7 @@ class TargetMigration:
                                 trio.current_time(),
                             )
                             restorer = self.restorer = Restorer(
-                                d, self.repair, nursery=self.s.nursery
+                                d, self.repair, nursery=self.s.nursery, handover=handover
                             )
                             restorer.in_precopy = h.precopy
                             d.guest_mac = h.guest_mac

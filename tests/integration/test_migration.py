@@ -206,16 +206,15 @@ def test_inbound_connection_and_listener_move(two_hosts: MigrationBed) -> None:
             later.close()
 
 
-# Known issues (README): a same-namespace move resets a busy connection whose
-# peer sends in the gap between the source's close and the target's connect,
-# and two moves back to back stall one connection in about one run of eight.
-# Both predate the hardening; a test must fail three times running to fail.
+# Known issue (README): two moves back to back stall one connection in about
+# one run of eight. It predates the hardening; a test must fail three times
+# running to fail.
 KNOWN_FLAKY = pytest.mark.flaky(reruns=2)
 
 
-@KNOWN_FLAKY
 def test_one_host_namespace(one_host: MigrationBed) -> None:
-    """Source and target in one namespace: sockets close before their twins connect."""
+    """Source and target in one namespace: the sockets themselves go to the target
+    (ferryd.migration.handover); a busy peer never meets a moment without one."""
     bed = one_host
     source = bed.start_source()
     target = bed.start_target()

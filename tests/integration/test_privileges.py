@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -155,31 +156,33 @@ def test_port_80_forward_migrates_between_hosts(two_hosts: MigrationBed) -> None
 
 
 def _failed_same_host_migration(source: FerrydProcess, target: FerrydProcess) -> None:
-    """Stream to the target through a pipe that loses the end: it refuses; abort."""
-    from_source, to_proxy = os.pipe()
+    """Stream to the target through a proxy that loses the end (and the sockets handed
+    over beside it): it refuses; abort."""
+    from_source, to_proxy = socket.socketpair()  # one namespace: the stream is a socket
     from_proxy, to_target = os.pipe()
     target.request("migrate-in", fds=[from_proxy])
     os.close(from_proxy)
 
     def proxy() -> None:
-        with os.fdopen(from_source, "rb") as reader:
-            data = reader.read()
+        data = bytearray()
+        with from_source:
+            while chunk := from_source.recv(1 << 16):  # (sockets that came: dropped)
+                data += chunk
         with contextlib.suppress(BrokenPipeError), os.fdopen(to_target, "wb") as writer:
             writer.write(data[: len(data) // 2])
 
     thread = threading.Thread(target=proxy)
     thread.start()
     try:
-        source.request("migrate-out", fds=[to_proxy], same_netns=True, timeout=60)
+        source.request("migrate-out", fds=[to_proxy.fileno()], same_netns=True, timeout=60)
     finally:
-        os.close(to_proxy)
+        to_proxy.close()
         thread.join(60)
     with pytest.raises(ControlRequestFailed):
         target.request("migrate-wait", timeout=60)
     source.request("migrate-abort", timeout=60)
 
 
-@pytest.mark.flaky(reruns=2)  # the same-namespace gap (README known issues)
 def test_failed_same_host_migration_keeps_port_80(one_host: MigrationBed) -> None:
     """Item 9: the source closed its port-80 listeners for the target; rollback binds them."""
     bed = one_host

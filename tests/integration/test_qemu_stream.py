@@ -154,13 +154,7 @@ def _stream_pair(bed: MigrationBed) -> tuple[FerrydProcess, str, FerrydProcess, 
 
 @pytest.mark.parametrize(
     "where",
-    [
-        "two_hosts",
-        # The same-namespace gap (README known issues): a busy connection is
-        # reset in about one run of eight, as since this test was written
-        # (checked at d8fa353: 1 of 8; today 1 of 4 and 1 of 6).
-        pytest.param("one_host", marks=pytest.mark.flaky(reruns=2)),
-    ],
+    ["two_hosts", "one_host"],
 )
 def test_migration_between_two_stream_ferryds(request: pytest.FixtureRequest, where: str) -> None:
     """The relay moves from the source's socket to the target's; every byte arrives."""

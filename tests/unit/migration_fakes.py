@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class Fakes:
     #: its role turns "rollback-pending").
     fail: dict[str, str] = field(default_factory=dict)
     same_netns_seen: list[object] = field(default_factory=list)
+    stream_kinds: list[str] = field(default_factory=list)
+    """What the source's stream was, per migrate-out with one ("pipe" or "socket")."""
     received: bytearray = field(default_factory=bytearray)
     eof_seen: trio.Event = field(default_factory=trio.Event)
     reader_done: trio.Event = field(default_factory=trio.Event)
@@ -136,6 +139,9 @@ def _make(fakes: Fakes, who: str, path: str, nursery: trio.Nursery) -> ControlSe
         async def migrate_out(req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
             fakes.log.append((who, "migrate-out"))
             fakes.same_netns_seen.append(req.get("same_netns"))
+            fakes.stream_kinds.append(
+                "socket" if fds and stat.S_ISSOCK(os.fstat(fds[0]).st_mode) else "pipe"
+            )
             await _misbehave(fakes, who, "migrate-out")
             if fakes.precopy_pipe is not None:
                 assert not fds

@@ -54,6 +54,7 @@ async def test_conversation_and_summary(fakes: Fakes) -> None:
     assert fakes.log == HAPPY
     assert bytes(fakes.received) == STREAM
     assert fakes.same_netns_seen == [False]
+    assert fakes.stream_kinds == ["pipe"]
     assert summary["flows"] == {"tcp": 3, "udp": 1, "icmp": 0, "listeners": 1}
     assert summary["restored"] == {"tcp": 3, "udp": 1, "icmp": 0, "listeners": 1}
     assert summary["stream_bytes"] == len(STREAM)
@@ -74,6 +75,7 @@ async def test_one_namespace_tells_the_source_and_skips_precopy(fakes: Fakes) ->
     await run(fakes, precopy=True)
     assert fakes.log == HAPPY
     assert fakes.same_netns_seen == [True]
+    assert fakes.stream_kinds == ["socket"]  # it carries the TCP sockets themselves
     assert fakes.precopy_seen == [None]
 
 

@@ -10,7 +10,9 @@ socket, and the segments the guest is sent, checked byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,10 +23,12 @@ import trio.testing
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.table import FlowKey
+from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import TcpConn
 from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import restore
 from ferryd.migration.errors import StreamRejected
+from ferryd.migration.handover import HandoverStream
 from ferryd.migration.records import TcpFlowRecord
 from ferryd.migration.repair_client import RepairError
 from ferryd.migration.restore import Restorer
@@ -363,3 +367,126 @@ async def test_a_failure_to_give_address_reuse_back_leaves_the_resume_done(
         await restorer.resume()  # logged, not raised
         assert repair.calls[-1][0] in (RepairMode.OFF, RepairMode.OFF_NO_WINDOW_PROBE)
         assert host.calls == ["start"] and host.tcp.table.get(_key(rec)) is not None
+
+
+# -- a handover stream: the sockets come beside the records (one namespace)
+
+
+def _handed(ours: socket.socket) -> TcpFlowRecord:
+    return dataclasses.replace(_record(ours), kernel=None, handed_over=True)
+
+
+@asynccontextmanager
+async def handover_with(
+    socks: Sequence[socket.socket],
+) -> AsyncIterator[HandoverStream]:
+    """A target's end of a handover stream that brought ``socks`` (duplicated)."""
+    near, far = socket.socketpair()
+    with far:
+        stream = HandoverStream(near.detach())
+        socket.send_fds(far, [b"x"], [s.fileno() for s in socks])
+        assert await stream.receive_some(16) == b"x"
+        try:
+            yield stream
+        finally:
+            await stream.aclose()
+
+
+async def test_a_handed_over_socket_is_adopted_as_it_is_and_resumed(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    """Nothing to restore or repair; at resume the guest is resynchronised from where
+    the source left off, and what waited in the (shared) socket reaches it."""
+    ours, peer = host_pair
+    peer.sendall(b"queued")
+    async with handover_with([ours]) as stream, restoring([]) as (host, _r, kernel, repair):
+        restorer = Restorer(host, repair, kernel, handover=stream)
+        await restorer.add(_handed(ours))
+        await restorer.finish()
+        assert kernel.calls == [] and repair.calls == []
+        (conn,) = host.tcp.connections()
+        assert conn.host.fileno() != ours.fileno()  # its own reference to the same socket
+        assert restorer.counts["tcp"] == 1
+        await restorer.resume()
+        assert kernel.calls == [] and repair.calls == []
+        segments = host.tcp_guest.segments
+        assert (segments[0].seq, segments[0].ack) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
+        assert b"".join(s.payload for s in segments if s.payload) == b"queued"
+        host.tcp.forget(conn)
+        socket_of(conn).close()
+
+
+async def test_discarding_a_handed_over_socket_closes_only_this_reference(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    ours, peer = host_pair
+    async with handover_with([ours]) as stream, restoring([]) as (host, _r, kernel, repair):
+        restorer = Restorer(host, repair, kernel, handover=stream)
+        await restorer.add(_handed(ours))
+        (conn,) = host.tcp.connections()
+        theirs = conn.host
+        await restorer.discard()
+        assert host.tcp.connections() == [] and theirs.fileno() < 0
+        assert kernel.calls == []  # no close_silently: it is not in repair mode
+        peer.settimeout(1)
+        ours.sendall(b"the source's still")  # no FIN, no RST reached the peer
+        assert peer.recv(64) == b"the source's still"
+
+
+async def test_a_handed_over_record_without_its_socket_is_refused(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    async with handover_with([]) as stream, restoring([]) as (host, _r, kernel, repair):
+        restorer = Restorer(host, repair, kernel, handover=stream)
+        with pytest.raises(StreamRejected, match="no socket came"):
+            await restorer.add(_handed(ours))
+    async with restoring([]) as (host, restorer, _kernel, _repair):  # a pipe: none can
+        with pytest.raises(StreamRejected, match="carries no sockets"):
+            await restorer.add(_handed(ours))
+        assert host.tcp.connections() == []
+
+
+async def test_sockets_no_record_named_fail_the_stream(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    async with handover_with([ours]) as stream, restoring([]) as (host, _r, kernel, repair):
+        restorer = Restorer(host, repair, kernel, handover=stream)
+        with pytest.raises(StreamRejected, match="1 sockets came with the stream"):
+            await restorer.finish()
+
+
+@pytest.mark.parametrize("kind", ["udp", "unix", "pipe"])
+async def test_a_descriptor_that_is_not_a_tcp_socket_is_refused(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], kind: str
+) -> None:
+    ours, _peer = host_pair
+    with contextlib.ExitStack() as stack:
+        if kind == "udp":
+            other: object = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        elif kind == "unix":
+            other, end = socket.socketpair()
+            stack.enter_context(other)
+            stack.enter_context(end)
+        else:
+            rfd, wfd = os.pipe()
+            stack.callback(os.close, rfd)
+            stack.callback(os.close, wfd)
+            other = _Fd(rfd)
+        handed = handover_with([other])  # type: ignore[list-item]
+        async with handed as stream, restoring([]) as (host, _r, kernel, repair):
+            restorer = Restorer(host, repair, kernel, handover=stream)
+            with pytest.raises(StreamRejected, match=r"not a (TCP )?socket"):
+                await restorer.add(_handed(ours))
+            assert host.tcp.connections() == []
+
+
+class _Fd:
+    """A bare descriptor, for handover_with()."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd

@@ -11,7 +11,11 @@ the guest hears after a rollback.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import socket
+import struct
+import termios
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -22,6 +26,8 @@ from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import source as source_module
+from ferryd.migration.errors import MigrationFailed
+from ferryd.migration.handover import HandoverStream
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import RepairPort
 from ferryd.migration.records import TcpFlowRecord
@@ -304,49 +310,104 @@ async def test_a_batch_of_tcp_flows_reaches_the_target_as_soon_as_it_is_dumped(
             assert (await mig.abort())["note"] == "rolled back, nothing lost"
 
 
-async def test_same_namespace_hands_the_socket_over_and_a_rollback_restores_it(
+async def _receive_handover(sock: socket.socket) -> tuple[bytes, list[socket.socket]]:
+    """Everything a same-namespace migration wrote into ``sock``'s peer, and the sockets
+    that came with it (as the target's HandoverStream takes them)."""
+    stream = HandoverStream(sock.detach())
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    taken: list[socket.socket] = [stream.take(f"socket {i}") for i in range(stream.left())]
+    await stream.aclose()
+    return bytes(data), taken
+
+
+async def test_same_namespace_hands_the_socket_itself_over_and_a_rollback_keeps_it(
     host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
-    """One host: the socket is closed silently once its record left; a rollback
-    restores the connection from that record, exactly as the target would."""
-    ours, _peer = host_pair
-    fd = ours.fileno()
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        twin_peer = socket.create_connection(server.getsockname())
-        twin: SocketHost[TcpConn] = SocketHost.taking(server.accept()[0])
-    twin.setblocking(True)  # as the kernel's restore hands a socket over
-    kernel = FakeKernel([twin])
+    """One host: nothing is frozen, dumped or repaired; the record carries the guest's
+    side and the socket goes beside it (SCM_RIGHTS). A rollback carries on with the
+    very same connection: the peer never lost its socket."""
+    ours, peer = host_pair
+    kernel = FakeKernel()
     reader, writer = socket.socketpair()
-    with reader, twin_peer, twin:
+    with reader:
         async with source(kernel) as (host, mig, repair):
             conn = _adopt(host, ours)
-            dump = kernel_state_of(ours)
-            await mig.migrate_out(writer.detach(), same_netns=True)
-            assert kernel.calls == [f"dump {fd}", f"close_silently {fd}"]
-            assert ours.fileno() < 0
-            assert host.tcp.connections() == []  # forgotten before the close
-            (rec,) = _tcp_records(decode_stream(await read_all(reader)))
-            _check_record(rec, dump)
+            async with trio.open_nursery() as nursery:
+                got: list[tuple[bytes, list[socket.socket]]] = []
 
-            twin_fd = twin.fileno()
+                async def receive() -> None:
+                    got.append(await _receive_handover(reader))
+
+                nursery.start_soon(receive)
+                answer = await mig.migrate_out(writer.detach(), same_netns=True)
+            assert answer["flows"]["tcp"] == 1
+            assert kernel.calls == [] and repair.calls == []  # no helper, no dump
+            data, (theirs,) = got[0]
+            with theirs:
+                (rec,) = _tcp_records(decode_stream(data))
+                assert rec.handed_over and rec.kernel is None and not rec.handshake
+                assert (rec.seq_to_guest, rec.seq_from_guest) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
+                # The same socket: what the peer sends is in both, once.
+                assert theirs.getpeername() == ours.getpeername()
+                peer.sendall(b"still here")
+                await until(lambda: _inq(theirs) == 10, what="the peer's bytes")
+                assert _inq(ours) == 10
+            # The target's reference is gone; ours stands, and the rollback keeps it.
             assert (await mig.abort())["note"] == "rolled back, nothing lost"
             assert role_of(mig) is Role.RUNNING
-            # At rest when dumped (flowstate.at_rest): nothing to finish; its
-            # address reuse is given back after repair OFF.
-            assert kernel.calls[2:] == [f"new {twin_fd}", f"restore {twin_fd}", f"reuse {twin_fd}"]
-            # Nothing of the handed-over socket is touched again; the twin is
-            # restored in repair mode and thawed.
-            # (At rest: out of repair mode without the window probe.)
-            assert repair.calls[1:] == [
-                (RepairMode.ON, [twin_fd]),
-                (RepairMode.OFF_NO_WINDOW_PROBE, [twin_fd]),
-            ]
-            (restored,) = host.tcp.connections()
-            assert restored is not conn and restored.ends == ENDS
-            assert not twin.getblocking()  # tuned by TcpFlows.adopt
-            assert twin.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            # ... and nothing to tell the guest: it holds our ACK and window already.
-            assert host.tcp_guest.segments == []
+            assert host.tcp.connections() == [conn] and ours.fileno() >= 0
+            assert repair.calls == [] and kernel.calls == []
+            peer.settimeout(1)
+            ours.sendall(b"and answering")
+            assert peer.recv(64) == b"and answering"
+
+
+async def test_same_namespace_source_lets_go_of_its_reference_only_when_the_linger_ends(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    """Committed, the source closes its copy of each handed-over socket without a
+    word to the peer: the target's copy carries the connection on."""
+    ours, peer = host_pair
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(FakeKernel()) as (host, mig, _repair):
+            _adopt(host, ours)
+            async with trio.open_nursery() as nursery:
+                got: list[tuple[bytes, list[socket.socket]]] = []
+
+                async def receive() -> None:
+                    got.append(await _receive_handover(reader))
+
+                nursery.start_soon(receive)
+                await mig.migrate_out(writer.detach(), same_netns=True)
+            (theirs,) = got[0][1]
+            with theirs:
+                assert await mig.commit() == {"linger": 0.0}
+                await until(lambda: ours.fileno() < 0, what="the linger's end")
+                assert host.tcp.connections() == []
+                peer.settimeout(1)
+                theirs.sendall(b"from the target")
+                assert peer.recv(64) == b"from the target"  # no FIN, no RST came first
+                peer.sendall(b"to the target")
+                assert theirs.recv(64) == b"to the target"
+
+
+async def test_same_namespace_needs_a_socket_for_the_stream() -> None:
+    """A pipe cannot carry sockets: refused before anything is frozen."""
+    rfd, wfd = os.pipe()
+    with os.fdopen(rfd, "rb"):
+        async with source(FakeKernel()) as (_host, mig, repair):
+            with pytest.raises(MigrationFailed, match="Unix socket"):
+                await mig.migrate_out(wfd, same_netns=True)
+            assert role_of(mig) is Role.RUNNING and repair.calls == []
+
+
+def _inq(sock: socket.socket) -> int:
+    """Bytes in the receive queue (SIOCINQ: a peek would move the shared SO_PEEK_OFF)."""
+    count: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    return count
 
 
 @pytest.mark.parametrize("moved", [False, True])

@@ -1,9 +1,9 @@
 """Restorer.discard() leaves nothing behind, and nothing broken, on real flow tables.
 
-The situation: a same-namespace source rolls back by restoring from its
-records, and that restore fails (the helper went away): discard() undoes
-it, and the rollback is tried again later, restoring the same 4-tuples
-and the same UDP flows once more. No helper here: the restored TCP socket
+The situation: a restore fails half-way (a target's, or a same-namespace
+source's rollback that binds its datagram flows again from its records):
+discard() undoes it, and the restore is tried again later, with the same
+4-tuples and the same UDP flows once more. No helper here: the restored TCP socket
 is adopted as the Restorer would, and discard() closes it plainly (it is
 not in repair mode) rather than silently. The host is the migration
 layer's in-memory one (tests/unit/migration_host.py) over real flow tables.

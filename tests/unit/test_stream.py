@@ -482,7 +482,7 @@ def test_version_too_new_is_refused_before_any_flow() -> None:
     dec = StreamDecoder()
     with pytest.raises(StreamError) as info:
         dec.feed_untrusted(data)
-    assert str(info.value) == "stream version 7 needs a reader ≥ 5; this ferryd reads 2"
+    assert str(info.value) == "stream version 7 needs a reader ≥ 5; this ferryd reads 3"
 
 
 def test_newer_version_readable_by_us_is_accepted() -> None:
@@ -736,3 +736,40 @@ def test_a_flow_from_an_older_source_with_the_guests_isn_still_decodes() -> None
     parsed = pb.TcpFlow.FromString(old)
     assert parsed.SerializeToString() == old  # the field arrived, kept as unknown
     assert flow_from_proto_untrusted(parsed, HEADER) == flow
+
+
+# -- handover (version 3): the sockets go beside the stream, within one namespace
+
+
+def _handed_tcp() -> TcpFlowRecord:
+    return replace(idle_tcp(), kernel=None, handed_over=True)
+
+
+def test_a_handover_round_trips_and_needs_a_version_3_reader() -> None:
+    header = replace(HEADER, handover=True)
+    enc = StreamEncoder()
+    data = enc.header(header) + enc.flow(_handed_tcp()) + enc.trailer()
+    dec = StreamDecoder()
+    events = dec.feed_untrusted(data)
+    dec.eof()
+    assert events[0] == HeaderReceived(header, STREAM_VERSION, 3)
+    assert events[1] == FlowReceived(_handed_tcp(), 0)
+
+
+def test_a_handed_over_flow_outside_a_handover_is_refused() -> None:
+    bare = replace(HEADER, ipv4=None, ipv6=None)  # (the guest's address written out)
+    flow = _frame(2, flow_to_proto(_handed_tcp(), bare).SerializeToString())
+    refused(header_bytes() + flow, "handed-over socket in a stream that is not a handover")
+
+
+def test_a_handover_that_older_readers_could_read_is_refused() -> None:
+    refused(header_bytes(version=3, min_compatible_version=2, handover=True), "handover")
+
+
+def test_a_handover_carries_no_precopy_and_no_socket_state() -> None:
+    with pytest.raises(ValueError, match="no pre-copy"):
+        replace(HEADER, handover=True, precopy=True)
+    with pytest.raises(ValueError, match="carries no socket state"):
+        replace(idle_tcp(), handed_over=True)
+    with pytest.raises(ValueError, match="reset, not handed over"):
+        replace(idle_tcp(), kernel=None, handshake=True, handed_over=True)

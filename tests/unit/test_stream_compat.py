@@ -42,8 +42,8 @@ def _newer_schema() -> dict[str, type[Message]]:
     pb.DESCRIPTOR.CopyToProto(fdp)
     fdp.name = "migration_v2.proto"
     messages = {m.name: m for m in fdp.message_type}
-    _add_field(messages["Header"], "cluster_id", 13, _T.TYPE_STRING)
-    _add_field(messages["TcpFlow"], "ecn_state", 17, _T.TYPE_UINT32)
+    _add_field(messages["Header"], "cluster_id", 14, _T.TYPE_STRING)
+    _add_field(messages["TcpFlow"], "ecn_state", 18, _T.TYPE_UINT32)
     _add_field(messages["TcpFlow"], "congestion", 3000, _T.TYPE_BYTES)
     _add_field(messages["TcpSocket"], "tcp_notsent_lowat", 20, _T.TYPE_UINT32)
     _add_field(messages["Trailer"], "sha256", 3, _T.TYPE_BYTES)

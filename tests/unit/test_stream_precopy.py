@@ -10,6 +10,7 @@ from ferryd.migration import migration_pb2 as pb
 from ferryd.migration.records import TcpFlowRecord, UdpFlowRecord
 from ferryd.migration.stream import (
     PRECOPY_VERSION,
+    STREAM_VERSION,
     FlowReceived,
     HeaderReceived,
     PrecopyEnded,
@@ -40,7 +41,7 @@ def test_round_trip_with_precopy() -> None:
     dec = StreamDecoder()
     events = [e for i in range(len(data)) for e in dec.feed_untrusted(data[i : i + 1])]
     dec.eof()
-    assert events[0] == HeaderReceived(PRECOPY_HEADER, 2, PRECOPY_VERSION)
+    assert events[0] == HeaderReceived(PRECOPY_HEADER, STREAM_VERSION, PRECOPY_VERSION)
     assert events[1:] == [
         FlowReceived(a, 0),
         FlowReceived(b, 1),
