@@ -84,6 +84,10 @@ from ferryd.wire.ethernet import format_mac
 
 log = logging.getLogger("ferryd")
 
+#: How long a target stopped between restore and resume waits for its discard
+#: (a pre-copied socket goes back into repair mode through ferry-repair first).
+STOP_DISCARD_TIMEOUT = 10.0
+
 
 def raise_file_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -315,11 +319,22 @@ async def serve(
             nursery.start_soon(_exit_on_request, daemon, nursery.cancel_scope)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
-                if daemon.migration.role in (Role.RUNNING, Role.RESTORED):
+                role = daemon.migration.role
+                if role is Role.RUNNING:
                     # Reset every TCP connection both ways: a guest or a peer
                     # left waiting on a connection nobody serves would hang.
                     # (A migrated source's frozen sockets close silently.)
                     daemon.data.tcp.close(trio.current_time())
+                elif role is Role.RESTORED:
+                    # Restored, not resumed: the source still owns the guest's
+                    # connections (in one namespace, the very sockets) and rolls
+                    # back when this one is gone. Let go of them as migrate-abort
+                    # does, without a word to either side.
+                    try:
+                        with trio.move_on_after(STOP_DISCARD_TIMEOUT):
+                            await daemon.migration.abort()
+                    except Exception as exc:  # shutting down anyway: say so, go on
+                        log.error("discarding the restored connections: %s", exc)
                 nursery.cancel_scope.cancel()
                 break
         systemd.stopping("shutting down")

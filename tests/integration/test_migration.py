@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -232,6 +233,44 @@ def test_one_host_namespace(one_host: MigrationBed) -> None:
     finally:
         streams.close()
         udp.close()
+
+
+@pytest.mark.parametrize("where", ["one_host", "two_hosts"])
+def test_a_target_stopped_before_the_resume_lets_go_silently(
+    request: pytest.FixtureRequest, where: str
+) -> None:
+    """SIGTERM between restore and resume: the target discards what it restored, as a
+    migrate-abort would, without resetting anything (in one namespace the sockets are
+    the source's too); the source rolls back and every stream goes on byte-exact."""
+    bed: MigrationBed = request.getfixturevalue(where)
+    source = bed.start_source()
+    target = bed.start_target()
+    streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9350, "busy:2", "idle:4")
+    try:
+        streams.wait_flowing("busy", 1 << 20)
+        one_host = where == "one_host"
+        if one_host:
+            near, far = socket.socketpair()
+            rfd, wfd = near.detach(), far.detach()
+        else:
+            rfd, wfd = os.pipe()
+        try:
+            target.request("migrate-in", fds=[rfd])
+        finally:
+            os.close(rfd)
+        try:
+            source.request("migrate-out", fds=[wfd], same_netns=one_host, timeout=60)
+        finally:
+            os.close(wfd)
+        assert target.request("migrate-wait", timeout=60)["restored"]["tcp"] == 6
+        assert target.stop() == 0
+        source.request("migrate-abort", timeout=60)
+        assert source.role() == "running"
+        before = streams.report()["busy"]
+        streams.wait_more("busy", before, 4 << 20, "on the source after the target stopped")
+        streams.finish()
+    finally:
+        streams.close()
 
 
 @KNOWN_FLAKY
