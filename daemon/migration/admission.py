@@ -115,7 +115,8 @@ def _check_connected(
 
 
 class Admission:
-    """:func:`check_record` over one stream, skipping the TCP flows it already admitted.
+    """:func:`check_record` (and :func:`check_connected`) over one stream, skipping the
+    TCP flows it already admitted.
 
     A TCP flow's verdict depends only on the policy, the remote the guest
     sees and the remote its socket is connected to; a stream of a thousand
@@ -138,3 +139,13 @@ class Admission:
             return
         check_record(policy, rec)
         self._admitted = (policy, remote, connected)
+
+    def check_connected(
+        self, policy: DestinationPolicy, rec: TcpFlowRecord, addr: IpAddress, port: int
+    ) -> None:
+        """:func:`check_connected`, skipping the triple last admitted (see the class)."""
+        last, remote = self._admitted, rec.remote_addr
+        if last is not None and last[0] is policy and last[1] is remote and last[2] is addr:
+            return
+        check_connected(policy, rec, addr, port)
+        self._admitted = (policy, remote, addr)

@@ -97,10 +97,19 @@ def at_rest(rec: TcpFlowRecord) -> bool:
     k = rec.kernel
     return (
         k is not None
-        and not rec.handshake
         and k.tcp_state == TcpState.ESTABLISHED
         and not k.send_queue
         and not k.recv_queue
+        and guest_at_rest(rec)
+    )
+
+
+def guest_at_rest(rec: TcpFlowRecord) -> bool:
+    """:func:`at_rest`'s half of the guest's side: established, nothing in flight to
+    the guest, the guest holds our latest ACK, no FIN either way. The socket's half
+    is the record's dump, or a handed-over socket's own (sockstate.queues_empty)."""
+    return (
+        not rec.handshake
         and rec.seq_to_guest == rec.seq_ack_from_guest
         and rec.seq_ack_to_guest == rec.seq_from_guest
         and not rec.flags & CLOSING

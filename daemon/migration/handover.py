@@ -100,23 +100,24 @@ class HandoverStream:
             )
         return data
 
-    def take(self, what: str) -> SocketHost[Any]:
-        """The next socket received, for the handed-over connection ``what``."""
+    def take(self) -> SocketHost[Any]:
+        """The next socket received, for the next handed-over record (StreamRejected
+        if there is none, or it is not a TCP socket: the caller names the record)."""
         if not self._received:
-            raise StreamRejected(f"{what}: handed over, but no socket came with its record")
+            raise StreamRejected("handed over, but no socket came with its record")
         fd = self._received.popleft()
         try:
             sock: SocketHost[Any] = SocketHost(fileno=fd)
         except OSError as exc:  # not a socket at all (ENOTSOCK)
             os.close(fd)
-            raise StreamRejected(f"{what}: the descriptor handed over is not a socket") from exc
+            raise StreamRejected("the descriptor handed over is not a socket") from exc
         if (
             sock.family not in (socket.AF_INET, socket.AF_INET6)
             or sock.type != socket.SOCK_STREAM
             or sock.proto != socket.IPPROTO_TCP
         ):
             sock.close()
-            raise StreamRejected(f"{what}: the socket handed over is not a TCP socket")
+            raise StreamRejected("the socket handed over is not a TCP socket")
         return sock
 
     def left(self) -> int:

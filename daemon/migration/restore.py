@@ -45,6 +45,7 @@ socket silently and leaves nothing behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from ipaddress import ip_address
@@ -56,9 +57,9 @@ from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import Endpoints, TcpConn
 from ferryd.flows.tcp_host import SocketHost
-from ferryd.migration.admission import check_connected
+from ferryd.migration.admission import Admission
 from ferryd.migration.errors import MigrationAborted, StreamRejected
-from ferryd.migration.flowstate import RestoreTail, at_rest, guest_state
+from ferryd.migration.flowstate import RestoreTail, at_rest, guest_at_rest, guest_state
 from ferryd.migration.handover import HandoverStream
 from ferryd.migration.host import MigrationHost
 from ferryd.migration.kernel_state import TcpKernelState
@@ -71,8 +72,8 @@ from ferryd.migration.records import (
     UdpFlowRecord,
 )
 from ferryd.migration.repair_client import RepairMode
-from ferryd.migration.sockstate import PortInUse
-from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
+from ferryd.migration.sockstate import PortInUse, queues_empty
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpAddress
 
 log = logging.getLogger("ferryd.migration")
 
@@ -94,6 +95,13 @@ BATCH = 64
 #: migration fails as before and the source resumes.
 BIND_PATIENCE = 0.05
 BIND_RETRY = 0.001
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_address(text: str) -> IpAddress:
+    """A handed-over socket's getpeername() address, parsed once (a stream names the
+    same few peers a thousand times), without a scope id, as sockstate's dump."""
+    return ip_address(text.partition("%")[0])
 
 
 _Pending = tuple[SocketHost[TcpConn], TcpKernelState, TcpFlowRecord, Endpoints]
@@ -146,6 +154,8 @@ class Restorer:
         """By 4-tuple: the connection, its socket's state (None: handed over), its record,
         and whether it was at rest (flowstate.at_rest) in the plain part: resume() only
         arms those."""
+        self._admission = Admission()
+        """Handed-over sockets' remotes against this ferryd's rules (admission.py)."""
         self.handed: dict[int, socket.socket] = {}
         """Sockets handed over (the source holds them too), by id(): discard() closes
         this ferryd's reference only."""
@@ -211,20 +221,22 @@ class Restorer:
         Its timestamp clock is read from the socket (no dump carried it); a
         FIN its peer sent is the live socket's to report, as on the source.
         """
-        what = f"TCP {ends.guest_addr}:{ends.guest_port} -> {ends.remote_addr}:{ends.remote_port}"
-        if self.handover is None:
-            raise StreamRejected(f"{what}: handed over, but the stream carries no sockets")
-        sock = self.handover.take(what)
+        try:
+            if self.handover is None:
+                raise StreamRejected("handed over, but the stream carries no sockets")
+            sock = self.handover.take()
+        except StreamRejected as exc:
+            e = ends
+            what = f"TCP {e.guest_addr}:{e.guest_port} -> {e.remote_addr}:{e.remote_port}"
+            raise StreamRejected(f"{what}: {exc}") from None
         self.handed[id(sock)] = sock
         try:
             peer = sock.getpeername()
         except OSError:
             pass  # reset meanwhile: connected to nothing, its flow ends in the data path
         else:
-            # The target's own destination rules, as for a record's kernel state
-            # (admission.py; no scope id, as sockstate's dump leaves it out).
-            addr = ip_address(peer[0].partition("%")[0])
-            check_connected(self.d.policy, rec, addr, peer[1])
+            # The target's own destination rules, as for a record's kernel state.
+            self._admission.check_connected(self.d.policy, rec, _peer_address(peer[0]), peer[1])
         try:
             timestamp = sock.timestamp()
         except OSError:  # (a socket that failed: its flow ends in the data path)
@@ -238,8 +250,13 @@ class Restorer:
             fin_received=False,
             now=trio.current_time(),
         )
-        self.restored[ends] = (conn, None, rec, False)
+        # At rest (flowstate.at_rest, the socket's half read live): armed now,
+        # nothing to resynchronise at resume.
+        rest = guest_at_rest(rec) and queues_empty(sock)
+        self.restored[ends] = (conn, None, rec, rest)
         self.counts["tcp"] += 1
+        if rest:
+            self.d.tcp.prearm([conn], trio.current_time())
 
     async def _new_socket(self, state: TcpKernelState) -> SocketHost[TcpConn]:
         """A socket bound to the connection's port; a port held for a moment

@@ -232,6 +232,7 @@ __all__ = [
     "may_hold_window",
     "new_socket_for",
     "parse_tcp_info",
+    "queues_empty",
     "reopen_send_window",
     "restore_in_repair",
     "reuse_after_repair_off",
@@ -300,6 +301,27 @@ def parse_tcp_info(data: bytes) -> TcpInfoHead:
         snd_mss=fields[8 + 2],
         rcv_mss=fields[8 + 3],
     )
+
+
+def queues_empty(sock: socket.socket) -> bool:
+    """An established socket with nothing in either queue (TCP_INFO's state, SIOCINQ,
+    SIOCOUTQ), read without repair mode; False for one that cannot be read.
+
+    For a socket handed over alive (ferryd.migration.handover): what is true
+    now may change the next moment (a peer's segment), which is harmless for
+    the one use, flowstate.at_rest's: a connection armed without a resync
+    still wakes for what arrives after.
+    """
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        fd = sock.fileno()
+        return (
+            state == TcpState.ESTABLISHED
+            and not _ioctl_int(fd, SIOCINQ)
+            and not _ioctl_int(fd, SIOCOUTQ)
+        )
+    except OSError:
+        return False
 
 
 def repair_options(state: TcpKernelState) -> bytes:

@@ -490,3 +490,27 @@ class _Fd:
 
     def fileno(self) -> int:
         return self._fd
+
+
+async def test_a_handed_over_socket_at_rest_is_armed_without_a_resync(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    """Idle on both sides (flowstate.at_rest, the socket's half read live): resume says
+    nothing to the guest, and what the peer sends afterwards still reaches it."""
+    ours, peer = host_pair
+    async with handover_with([ours]) as stream, restoring([]) as (host, _r, kernel, repair):
+        restorer = Restorer(host, repair, kernel, handover=stream)
+        await restorer.add(_handed(ours))
+        await restorer.finish()
+        await restorer.resume()
+        assert host.tcp_guest.segments == []
+        host.tcp.attach(host.nursery)  # what the data path's start() does (MemoryHost's not)
+        peer.sendall(b"later")
+        segments = host.tcp_guest.segments
+        await until(lambda: any(s.payload for s in segments), what="the peer's bytes at the guest")
+        data = [s for s in segments if s.payload]
+        assert (data[0].seq, data[0].ack) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
+        assert b"".join(s.payload for s in data) == b"later"
+        (conn,) = host.tcp.connections()
+        host.tcp.forget(conn)
+        socket_of(conn).close()

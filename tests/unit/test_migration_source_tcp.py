@@ -317,7 +317,7 @@ async def _receive_handover(sock: socket.socket) -> tuple[bytes, list[socket.soc
     data = bytearray()
     while chunk := await stream.receive_some(65536):
         data += chunk
-    taken: list[socket.socket] = [stream.take(f"socket {i}") for i in range(stream.left())]
+    taken: list[socket.socket] = [stream.take() for _ in range(stream.left())]
     await stream.aclose()
     return bytes(data), taken
 
