@@ -326,8 +326,8 @@ def _add_migrate(parser: argparse.ArgumentParser) -> None:
         "--no-precopy",
         action="store_true",
         help="dump every connection after the freeze instead of pre-copying the quiet ones"
-        " while the guest runs (pre-copy is also skipped when both daemons share a network"
-        " namespace)",
+        " while the guest runs (when both daemons share a network namespace nothing is"
+        " dumped: the sockets themselves are handed over)",
     )
 
 

@@ -95,8 +95,10 @@ class HandoverStream:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self._received.extend(fds)
         if flags & socket.MSG_CTRUNC:
+            # (The kernel closed those that did not fit: scm_detach_fds.)
             raise StreamRejected(
-                f"more than {MAX_FDS_PER_MESSAGE} sockets in one message of the handover stream"
+                "sockets of the handover stream were lost on the way in: more than"
+                f" {MAX_FDS_PER_MESSAGE} in one message, or this ferryd's descriptor limit"
             )
         return data
 

@@ -59,6 +59,18 @@ def _record(
     )  # fmt: skip
 
 
+async def _later_bytes_reach_the_guest(host: MemoryHost, peer: socket.socket) -> None:
+    """Armed without a resync: what the peer sends after the resume reaches the guest,
+    from where the source left off."""
+    host.tcp.attach(host.nursery)  # what the data path's start() does (MemoryHost's not)
+    peer.sendall(b"later")
+    segments = host.tcp_guest.segments
+    await until(lambda: any(s.payload for s in segments), what="the peer's bytes at the guest")
+    data = [s for s in segments if s.payload]
+    assert (data[0].seq, data[0].ack) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
+    assert b"".join(s.payload for s in data) == b"later"
+
+
 def _key(rec: TcpFlowRecord) -> FlowKey:
     return FlowKey(IPPROTO_TCP, rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port)
 
@@ -134,13 +146,7 @@ async def test_resume_leaves_a_connection_at_rest_to_the_data_path(
         assert repair.calls[-1] == (RepairMode.OFF_NO_WINDOW_PROBE, [fd])
         assert f"finish {fd}" not in kernel.calls
         assert host.tcp_guest.segments == []
-        host.tcp.attach(host.nursery)  # what the data path's start() does (MemoryHost's not)
-        peer.sendall(b"later")
-        segments = host.tcp_guest.segments
-        await until(lambda: any(s.payload for s in segments), what="the peer's bytes at the guest")
-        data = [s for s in segments if s.payload]
-        assert (data[0].seq, data[0].ack) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
-        assert b"".join(s.payload for s in data) == b"later"
+        await _later_bytes_reach_the_guest(host, peer)
 
 
 async def test_discard_closes_silently_and_forgets(
@@ -504,13 +510,7 @@ async def test_a_handed_over_socket_at_rest_is_armed_without_a_resync(
         await restorer.finish()
         await restorer.resume()
         assert host.tcp_guest.segments == []
-        host.tcp.attach(host.nursery)  # what the data path's start() does (MemoryHost's not)
-        peer.sendall(b"later")
-        segments = host.tcp_guest.segments
-        await until(lambda: any(s.payload for s in segments), what="the peer's bytes at the guest")
-        data = [s for s in segments if s.payload]
-        assert (data[0].seq, data[0].ack) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
-        assert b"".join(s.payload for s in data) == b"later"
+        await _later_bytes_reach_the_guest(host, peer)
         (conn,) = host.tcp.connections()
         host.tcp.forget(conn)
         socket_of(conn).close()
