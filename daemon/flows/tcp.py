@@ -74,7 +74,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 import trio
@@ -785,6 +785,36 @@ class TcpFlows:
 
     def listeners(self) -> list[tuple[PortForward, IpAddress, int]]:
         return [(lst.fwd, lst.addr, lst.port) for lst in self._listeners]
+
+    def listening_sockets(self, fwd: PortForward) -> list[socket.socket]:
+        """The sockets listening for ``fwd`` (one per family), for a migration to hand over."""
+        return [lst.sock for lst in self._listeners if lst.fwd is fwd]
+
+    def adopt_forward(self, fwd: PortForward, socks: list[socket.socket]) -> None:
+        """Forward with listening sockets handed over by a migration's source (in one
+        namespace), as they are: connections already waiting in their accept queues
+        are the guest's. Raises :class:`ForwardError` for one that is not listening on
+        ``fwd.host_port``; the caller keeps ownership of ``socks`` then.
+        """
+        adopted = []
+        for sock in socks:
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                host, port = sock.getsockname()[:2]
+            except OSError as exc:
+                raise ForwardError(
+                    f"a TCP socket handed over for port {fwd.host_port}: {exc}"
+                ) from exc
+            if not listening or port != fwd.host_port:
+                raise ForwardError(
+                    f"a TCP socket handed over for port {fwd.host_port} is not listening on it"
+                )
+            sock.setblocking(False)
+            adopted.append(_Listener(sock, fwd, ip_address(host.partition("%")[0]), port))
+        for lst in adopted:
+            self._listeners.append(lst)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._accept_loop, lst)
 
     async def _accept_loop(self, lst: _Listener) -> None:
         while True:

@@ -101,6 +101,14 @@ class MigratingTcp(Protocol):
 
     async def add_forward(self, fwd: PortForward) -> None: ...
 
+    def listening_sockets(self, fwd: PortForward) -> list[socket.socket]:
+        """A forward's listening sockets (one namespace: they are handed over)."""
+        ...
+
+    def adopt_forward(self, fwd: PortForward, socks: list[socket.socket]) -> None:
+        """Forward with listening sockets a source handed over (ForwardError if unfit)."""
+        ...
+
 
 class MigratingUdp(Protocol):
     """The UDP flows as a migration drives them: ferryd.flows.udp.UdpFlows."""

@@ -181,16 +181,18 @@ class IcmpFlow(_message.Message):
     def __init__(self, guest_addr: _Optional[bytes] = ..., echo_id: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., idle_ms: _Optional[int] = ...) -> None: ...
 
 class Listener(_message.Message):
-    __slots__ = ("ip_proto", "bind_addr", "host_port", "guest_port")
+    __slots__ = ("ip_proto", "bind_addr", "host_port", "guest_port", "sockets_handed_over")
     IP_PROTO_FIELD_NUMBER: _ClassVar[int]
     BIND_ADDR_FIELD_NUMBER: _ClassVar[int]
     HOST_PORT_FIELD_NUMBER: _ClassVar[int]
     GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
+    SOCKETS_HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
     ip_proto: int
     bind_addr: bytes
     host_port: int
     guest_port: int
-    def __init__(self, ip_proto: _Optional[int] = ..., bind_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., guest_port: _Optional[int] = ...) -> None: ...
+    sockets_handed_over: int
+    def __init__(self, ip_proto: _Optional[int] = ..., bind_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., guest_port: _Optional[int] = ..., sockets_handed_over: _Optional[int] = ...) -> None: ...
 
 class PrecopyEnd(_message.Message):
     __slots__ = ("tcp_count",)

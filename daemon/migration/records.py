@@ -294,12 +294,19 @@ class ListenerRecord:
     """None: every address of both families."""
     host_port: int
     guest_port: int
+    handed_over: int = 0
+    """TCP in a handover stream: how many listening sockets come beside the stream
+    (one per family listened on); 0: the target binds the port itself."""
 
     def __post_init__(self) -> None:
         if self.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
             raise ValueError(f"listener protocol {self.proto} is neither TCP (6) nor UDP (17)")
         _check_port("listener host port", self.host_port)
         _check_port("listener guest port", self.guest_port)
+        if not 0 <= self.handed_over <= 2 or (
+            self.handed_over and self.proto != socket.IPPROTO_TCP
+        ):
+            raise ValueError(f"{self.handed_over} listening sockets handed over: 0, or 1-2 for TCP")
 
 
 FlowRecord = TcpFlowRecord | UdpFlowRecord | IcmpFlowRecord | ListenerRecord
@@ -426,6 +433,7 @@ def flow_to_proto(flow: FlowRecord, header: StreamHeader) -> FlowMessage:
         bind_addr=_packed(flow.bind_addr),
         host_port=flow.host_port,
         guest_port=flow.guest_port,
+        sockets_handed_over=flow.handed_over,
     )
 
 
@@ -605,11 +613,14 @@ def flow_from_proto_untrusted(msg: FlowMessage, header: StreamHeader) -> FlowRec
             return IcmpFlowRecord(
                 guest_addr=guest, echo_id=msg.echo_id, remote_addr=remote, idle=msg.idle_ms / 1000
             )
+        if msg.sockets_handed_over and not header.handover:
+            raise ValueError("handed-over sockets in a stream that is not a handover")
         return ListenerRecord(
             proto=msg.ip_proto,
             bind_addr=_optional_address("listener bind address", msg.bind_addr),
             host_port=msg.host_port,
             guest_port=msg.guest_port,
+            handed_over=msg.sockets_handed_over,
         )
     except (ValueError, StreamError) as exc:
         raise StreamError(f"invalid {kind} record: {exc}") from None

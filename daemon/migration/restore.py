@@ -173,6 +173,8 @@ class Restorer:
         """Pre-copied sockets to put back in repair mode and close (next _batch)."""
         self.resets: list[TcpFlowRecord] = []
         self.listeners: list[ListenerRecord] = []
+        self.listening: dict[int, list[socket.socket]] = {}
+        """Listening sockets handed over, by the index of their record in listeners."""
         self.udp: list[UdpFlowRecord] = []
         self.icmp: list[IcmpFlowRecord] = []
         self.counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
@@ -209,6 +211,11 @@ class Restorer:
             if len(self.pending) >= BATCH:
                 await self._batch()
         elif isinstance(rec, ListenerRecord):
+            if rec.handed_over:
+                # Taken now, in stream order (their descriptors came with the record).
+                self.listening[len(self.listeners)] = socks = []
+                for _ in range(rec.handed_over):
+                    socks.append(self._take(f"TCP listener on port {rec.host_port}"))
             self.listeners.append(rec)  # created by finish(), after every connection
         elif isinstance(rec, UdpFlowRecord):
             self.udp.append(rec)
@@ -222,14 +229,11 @@ class Restorer:
         FIN its peer sent is the live socket's to report, as on the source.
         """
         try:
-            if self.handover is None:
-                raise StreamRejected("handed over, but the stream carries no sockets")
-            sock = self.handover.take()
+            sock = self._take()
         except StreamRejected as exc:
             e = ends
             what = f"TCP {e.guest_addr}:{e.guest_port} -> {e.remote_addr}:{e.remote_port}"
             raise StreamRejected(f"{what}: {exc}") from None
-        self.handed[id(sock)] = sock
         try:
             peer = sock.getpeername()
         except OSError:
@@ -257,6 +261,20 @@ class Restorer:
         self.counts["tcp"] += 1
         if rest:
             self.d.tcp.prearm([conn], trio.current_time())
+
+    def _take(self, what: str = "") -> SocketHost[TcpConn]:
+        """The next socket handed over (kept in :attr:`handed` until resume or discard);
+        StreamRejected, prefixed with ``what`` if given, when there is none fit."""
+        try:
+            if self.handover is None:
+                raise StreamRejected("handed over, but the stream carries no sockets")
+            sock = self.handover.take()
+        except StreamRejected as exc:
+            if what:
+                raise StreamRejected(f"{what}: {exc}") from None
+            raise
+        self.handed[id(sock)] = sock
+        return sock
 
     async def _new_socket(self, state: TcpKernelState) -> SocketHost[TcpConn]:
         """A socket bound to the connection's port; a port held for a moment
@@ -426,10 +444,16 @@ class Restorer:
         await self._drain()
         if self.handover is not None and (extra := self.handover.left()):
             raise StreamRejected(f"{extra} sockets came with the stream that no record named")
-        for listener in self.listeners:
+        for index, listener in enumerate(self.listeners):
             fwd = PortForward(listener.bind_addr, listener.host_port, listener.guest_port)
             flows = self.d.tcp if listener.proto == IPPROTO_TCP else self.d.udp
-            await flows.add_forward(fwd)
+            handed = self.listening.get(index)
+            if handed is not None:
+                self.d.tcp.adopt_forward(fwd, handed)
+                for sock in handed:  # the flow table's now (close_listeners)
+                    del self.handed[id(sock)]
+            else:
+                await flows.add_forward(fwd)
             self.counts["listeners"] += 1
         now = trio.current_time()
         for rec in self.udp:
@@ -497,6 +521,7 @@ class Restorer:
         self.d.tcp.flush(now)
         self.restored.clear()
         self.handed.clear()
+        self.listening.clear()
         self.live.clear()
         if quiet or socks:
             # Repair OFF took their SO_REUSEADDR (sockstate.reuse_after_repair_off):
@@ -569,6 +594,7 @@ class Restorer:
         for sock in self.handed.values():
             sock.close()  # this ferryd's reference: the source still holds the socket
         self.handed.clear()
+        self.listening.clear()
         self.restored.clear()
         # The forwarding listeners and datagram flows restored so far hold the
         # source's ports: on one host the source binds them again when it rolls

@@ -69,9 +69,10 @@ Same network namespace as the target: the stream is a Unix socket and the
 TCP sockets themselves go with it (ferryd.migration.handover): nothing is
 put in repair mode or dumped, and the source keeps its own reference to
 each socket until its linger ends, so a rollback finds every connection
-where it was. The forwarding listeners and the datagram sockets are closed
-instead, their ports released for the target to bind; a rollback binds
-them again from the records it streamed, exactly as a target would.
+where it was. So do the TCP forwards' listening sockets, with the
+connections waiting in their accept queues. The datagram sockets are
+closed instead, their ports released for the target to bind; a rollback
+binds them again from the records it streamed, exactly as a target would.
 """
 
 from __future__ import annotations
@@ -210,10 +211,9 @@ class SourceMigration:
         """Frozen connections whose dump may have held the send window (sockstate,
         "Nothing new after the dump"): the window to give back if they thaw here."""
         self.records: list[FlowRecord] = []
-        """Same-namespace only: the listeners and datagram flows streamed, for a rollback."""
+        """Same-namespace only: the UDP listeners and datagram flows streamed, for a rollback."""
         self.timings: dict[str, float] = {}
         self._watchdog: trio.CancelScope | None = None
-        self.listeners_closed = False
         self.sockets_closed = False
         self.stream: Stream | None = None
         self.enc = StreamEncoder()
@@ -751,12 +751,14 @@ class SourceMigration:
             if (proto, fwd.host_port) in seen:  # one record per forward, not per family
                 continue
             seen.add((proto, fwd.host_port))
-            rec = ListenerRecord(proto, fwd.bind, fwd.host_port, fwd.guest_port)
+            # Same namespace: a TCP forward's listening sockets go too, their
+            # accept queues with them (the UDP ones are closed below).
+            hand_over = self.same_netns and proto == IPPROTO_TCP
+            handed = d.tcp.listening_sockets(fwd) if hand_over else []
+            fds.extend(sock.fileno() for sock in handed)
+            rec = ListenerRecord(proto, fwd.bind, fwd.host_port, fwd.guest_port, len(handed))
             await emit(enc.flow(rec), rec)
             counts["listeners"] += 1
-        if self.same_netns:
-            d.tcp.close_listeners()
-            self.listeners_closed = True
         for conn in self.conns:
             await frozen(conn)
             if self._confirmed(conn):
@@ -853,6 +855,8 @@ class SourceMigration:
             # (no SO_LINGER, no shutdown, nothing the peer would see).
             self.host.tcp.forget(conn)
             socket_of(conn).close()
+        if self.same_netns:
+            self.host.tcp.close_listeners()  # (handed over too: the same, a reference)
         log.info("linger time over: exiting")
         self.s.handed_over()
 
@@ -994,16 +998,15 @@ class SourceMigration:
         d.take_over()
         self.handed.clear()  # (still in the table, untouched: they carry on)
         if self.same_netns and self.records:
-            # Same namespace: the listeners and datagram sockets closed for the
-            # target are bound again from the records, as the target would have.
+            # Same namespace: the datagram sockets closed for the target are
+            # bound again from the records, as the target would have.
             restorer = restore.Restorer(d, self.repair_source, self.kernel)
             try:
                 for rec in self.records:
-                    if isinstance(rec, ListenerRecord):
-                        tcp = rec.proto == IPPROTO_TCP
-                        if (tcp and self.listeners_closed) or (not tcp and self.sockets_closed):
-                            await restorer.add(rec)
-                    elif self.sockets_closed:
+                    # (The TCP listeners were handed over: still here, as they were.)
+                    if self.sockets_closed and not (
+                        isinstance(rec, ListenerRecord) and rec.proto == IPPROTO_TCP
+                    ):
                         await restorer.add(rec)
                 await restorer.finish()
                 await restorer.resume()

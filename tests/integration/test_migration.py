@@ -235,6 +235,31 @@ def test_one_host_namespace(one_host: MigrationBed) -> None:
         udp.close()
 
 
+def test_one_host_hands_a_forwarded_ports_listener_over(one_host: MigrationBed) -> None:
+    """In one namespace the forward's listening socket goes to the target with the
+    connections through it: they carry on, and a new one reaches the guest there."""
+    bed = one_host
+    source = bed.start_source("-t", "9370,9371")
+    target = bed.start_target("-t", "9370,9371")
+    inbound = Streams(bed.guest, bed.peer, "0.0.0.0", bed.host_v4, 9370, "busy:2")
+    later: Streams | None = None
+    try:
+        inbound.wait_flowing("busy", 1 << 20)
+        summary = bed.migrate_ok(source, target)
+        assert summary["flows"]["listeners"] == 2 and summary["restored"]["listeners"] == 2
+        before = inbound.report()["busy"]
+        inbound.wait_more("busy", before, 4 << 20, "after the move")
+        source.stop()  # its linger over: the target's reference keeps the port listening
+        later = Streams(bed.guest, bed.peer, "0.0.0.0", bed.host_v4, 9371, "busy:1")
+        later.wait_flowing("busy", 1 << 20, "on a new connection to the target's port")
+        later.finish()
+        inbound.finish()
+    finally:
+        inbound.close()
+        if later is not None:
+            later.close()
+
+
 @pytest.mark.parametrize("where", ["one_host", "two_hosts"])
 def test_a_target_stopped_before_the_resume_lets_go_silently(
     request: pytest.FixtureRequest, where: str

@@ -184,7 +184,8 @@ def _failed_same_host_migration(source: FerrydProcess, target: FerrydProcess) ->
 
 
 def test_failed_same_host_migration_keeps_port_80(one_host: MigrationBed) -> None:
-    """Item 9: the source closed its port-80 listeners for the target; rollback binds them."""
+    """Item 9: the source handed its port-80 listeners over with the stream; after the
+    failed migration it still serves them, and the privileged port needed no rebinding."""
     bed = one_host
     source = bed.start_source("-t", "80,81")
     target = bed.start_target("-t", "80,81")

@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from ferry_repair.protocol import RepairCommand as RepairMode
+from ferryd.flows.portspec import ForwardError
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import TcpConn
@@ -29,12 +30,12 @@ from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import restore
 from ferryd.migration.errors import StreamRejected
 from ferryd.migration.handover import HandoverStream
-from ferryd.migration.records import TcpFlowRecord
+from ferryd.migration.records import ListenerRecord, TcpFlowRecord
 from ferryd.migration.repair_client import RepairError
 from ferryd.migration.restore import Restorer
 from ferryd.migration.sockstate import PortInUse
 from ferryd.wire.ip import IPPROTO_TCP
-from ferryd.wire.tcp import ACK, RST
+from ferryd.wire.tcp import ACK, RST, SYN
 from testbed.wait import until
 from tests.unit.migration_host import FakeKernel, FakeRepair, MemoryHost, kernel_state_of
 from tests.unit.test_flows_helpers import GUEST4, gateway_of
@@ -514,3 +515,48 @@ async def test_a_handed_over_socket_at_rest_is_armed_without_a_resync(
         (conn,) = host.tcp.connections()
         host.tcp.forget(conn)
         socket_of(conn).close()
+
+
+async def test_a_handed_over_listener_is_adopted_with_its_waiting_connection() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        rec = ListenerRecord(IPPROTO_TCP, None, port, 8080, 1)
+        with socket.create_connection(("127.0.0.1", port)) as waiting:
+            async with (
+                handover_with([server]) as stream,
+                restoring([]) as (host, _r, kernel, repair),
+            ):
+                restorer = Restorer(host, repair, kernel, handover=stream)
+                await restorer.add(rec)
+                await restorer.finish()
+                ((fwd, addr, got),) = host.tcp.listeners()
+                assert (fwd.host_port, fwd.guest_port, str(addr), got) == (
+                    port, 8080, "127.0.0.1", port,
+                )  # fmt: skip
+                assert restorer.counts["listeners"] == 1 and kernel.calls == []
+                # The connection that waited in the accept queue reaches the guest.
+                segments = host.tcp_guest.segments
+                await until(lambda: bool(segments), what="the waiting connection's SYN")
+                assert segments[0].flags & SYN
+                (conn,) = host.tcp.connections()
+                assert (conn.ends.guest_port, conn.ends.remote_port) == (
+                    8080, waiting.getsockname()[1],
+                )  # fmt: skip
+                for conn in host.tcp.connections():
+                    host.tcp.forget(conn)
+                    socket_of(conn).close()
+                host.tcp.close_listeners()
+
+
+async def test_a_handed_over_listener_that_does_not_listen_is_refused(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    rec = ListenerRecord(IPPROTO_TCP, None, ours.getsockname()[1], 8080, 1)
+    async with handover_with([ours]) as stream, restoring([]) as (host, _r, kernel, repair):
+        restorer = Restorer(host, repair, kernel, handover=stream)
+        await restorer.add(rec)
+        with pytest.raises(ForwardError, match="not listening"):
+            await restorer.finish()
+        await restorer.discard()
+        assert host.tcp.listeners() == [] and restorer.handed == {}

@@ -18,11 +18,13 @@ import struct
 import termios
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 
 import pytest
 import trio
 
 from ferry_repair.protocol import RepairCommand as RepairMode
+from ferryd.flows.portspec import PortForward
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import source as source_module
@@ -30,12 +32,13 @@ from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.handover import HandoverStream
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import RepairPort
-from ferryd.migration.records import TcpFlowRecord
+from ferryd.migration.records import ListenerRecord, TcpFlowRecord
 from ferryd.migration.repair_client import RepairUnavailable
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import FlowReceived, PrecopyEnded, StreamEvent
+from ferryd.wire.ip import IPPROTO_TCP
 from testbed.wait import until
 from tests.unit.migration_host import (
     FakeKernel,
@@ -485,3 +488,40 @@ async def test_qemus_precopy_reaches_the_helper_with_nothing_quiet_to_copy(
         host.tcp.forget(conn)
         await host.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_same_namespace_hands_a_forwards_listening_socket_over_and_keeps_it(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    """A TCP forward's listener goes beside its record, the connection waiting in its
+    accept queue with it; the source keeps listening through a rollback."""
+    ours, _peer = host_pair
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(FakeKernel()) as (host, mig, _repair):
+            _adopt(host, ours)
+            with socket.create_server(("127.0.0.1", 0)) as probe:
+                port = probe.getsockname()[1]  # a free port (forwards name theirs)
+            await host.tcp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 8080))
+            (listening,) = host.tcp.listening_sockets(host.tcp.listeners()[0][0])
+            async with trio.open_nursery() as nursery:
+                got: list[tuple[bytes, list[socket.socket]]] = []
+
+                async def receive() -> None:
+                    got.append(await _receive_handover(reader))
+
+                nursery.start_soon(receive)
+                await mig.migrate_out(writer.detach(), same_netns=True)
+            data, handed = got[0]
+            (lst,) = [e.flow for e in decode_stream(data) if isinstance(e, FlowReceived)][:1]
+            assert lst == ListenerRecord(IPPROTO_TCP, IPv4Address("127.0.0.1"), port, 8080, 1)
+            theirs, conn_sock = handed  # the listener's, then the connection's
+            with theirs, conn_sock, socket.create_connection(("127.0.0.1", port)) as waiting:
+                assert theirs.getsockname()[1] == port
+                # Waiting in the (shared) accept queue: the target's to take.
+                accepted, _ = theirs.accept()
+                accepted.close()
+                assert waiting.getpeername()[1] == port
+            assert (await mig.abort())["note"] == "rolled back, nothing lost"
+            assert host.tcp.listening_sockets(host.tcp.listeners()[0][0]) == [listening]
+            assert listening.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1

@@ -773,3 +773,19 @@ def test_a_handover_carries_no_precopy_and_no_socket_state() -> None:
         replace(idle_tcp(), handed_over=True)
     with pytest.raises(ValueError, match="reset, not handed over"):
         replace(idle_tcp(), kernel=None, handshake=True, handed_over=True)
+
+
+def test_handed_over_listeners_only_in_a_handover_and_only_tcp() -> None:
+    rec = ListenerRecord(6, None, 8080, 80, 2)
+    header = replace(HEADER, handover=True)
+    enc = StreamEncoder()
+    dec = StreamDecoder()
+    events = dec.feed_untrusted(enc.header(header) + enc.flow(rec) + enc.trailer())
+    dec.eof()
+    assert events[1] == FlowReceived(rec, 0)
+    flow = _frame(5, flow_to_proto(rec, HEADER).SerializeToString())
+    refused(header_bytes() + flow, "handed-over sockets in a stream that is not a handover")
+    with pytest.raises(ValueError, match="0, or 1-2 for TCP"):
+        ListenerRecord(17, None, 8080, 80, 1)
+    with pytest.raises(ValueError, match="0, or 1-2 for TCP"):
+        ListenerRecord(6, None, 8080, 80, 3)
