@@ -235,6 +235,26 @@ def test_one_host_namespace(one_host: MigrationBed) -> None:
         udp.close()
 
 
+def test_one_host_needs_no_repair_helper(one_host: MigrationBed) -> None:
+    """Nothing is frozen or repaired in one namespace: with ferry-repair gone the move
+    still succeeds (a rollback needs none either: the unit tests check it makes no
+    helper call)."""
+    bed = one_host
+    source = bed.start_source()
+    target = bed.start_target()
+    streams = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9380, "busy:2", "idle:4")
+    try:
+        streams.wait_flowing("busy", 1 << 20)
+        bed.helper.stop()
+        summary = bed.migrate_ok(source, target)
+        assert summary["flows"]["tcp"] == 6
+        before = streams.report()["busy"]
+        streams.wait_more("busy", before, 4 << 20, "after the move")
+        streams.finish()
+    finally:
+        streams.close()
+
+
 def test_one_host_hands_a_forwarded_ports_listener_over(one_host: MigrationBed) -> None:
     """In one namespace the forward's listening socket goes to the target with the
     connections through it: they carry on, and a new one reaches the guest there."""
