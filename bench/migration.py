@@ -1,7 +1,7 @@
 """Migration downtime through real ferryds, by number of connections.
 
 Run as root: ``python -m bench.migration [--sizes 1 100 1000 5000] [--busy 4]
-[--modes precopy plain] [--max-queue BYTES] [--no-reference]``.
+[--modes precopy plain handover] [--max-queue BYTES] [--no-reference]``.
 
 For each N it builds the two-host bed of the integration tests
 (testbed/migrationbed.py: two_host_bed: host A and host B with the same
@@ -26,6 +26,10 @@ only confirms them) and ``plain`` (``--no-precopy``: everything is dumped
 after the freeze), the reference the pre-copy is measured against. The
 ``precopy`` column is the source's pre-copy time, outside the downtime;
 ``unchanged`` counts the connections the freeze only had to confirm.
+``--modes ... handover`` adds the migration within one network namespace
+(the tests' one-host bed: the TCP sockets themselves go to the target,
+daemon/migration/handover.py), printed against ``plain`` of the same N and
+traffic when that ran in the same invocation.
 
 ``--parallel K`` also migrates K guests at once (each its own namespace,
 source in A, target in B, N connections; one ferry-repair per host serves
@@ -58,7 +62,7 @@ from typing import Any
 
 from bench.common import cpu_seconds, end_on_signals
 from testbed.ferryd_process import RUNAS_UID
-from testbed.migrationbed import MigrationBed, migrate_argv, two_host_bed
+from testbed.migrationbed import MigrationBed, migrate_argv, one_host_bed, two_host_bed
 from testbed.netns import Netns
 from testbed.repair import HelperProcess, listening_helper, raise_fd_limit
 from testbed.streams import Streams, Tool
@@ -74,18 +78,25 @@ PORT = 9800
 
 
 @contextlib.contextmanager
-def _bed(guests: int = 1) -> Iterator[tuple[MigrationBed, list[Netns], HelperProcess]]:
+def _bed(
+    guests: int = 1, *, one_host: bool = False
+) -> Iterator[tuple[MigrationBed, list[Netns], HelperProcess]]:
     """The two-host bed with *guests* guest namespaces; the target host's helper socket.
 
     One ferry-repair per host serves all of that host's ferryds, as on a node
     with one socket-activated ferry-repair: the bed's own for host A (the
-    sources), a second one for host B (the targets).
+    sources), a second one for host B (the targets). ``one_host``: the tests'
+    one-host bed instead (source and target in one namespace, one helper).
     """
     tmp = Path(tempfile.mkdtemp(prefix="fb-"))
+    make_bed = one_host_bed if one_host else two_host_bed
     try:
-        with two_host_bed(tmp) as bed, contextlib.ExitStack() as stack:
+        with make_bed(tmp) as bed, contextlib.ExitStack() as stack:
             try:
                 extra = [stack.enter_context(Netns("guest")) for _ in range(guests - 1)]
+                if one_host:
+                    yield bed, [bed.guest, *extra], bed.helper
+                    return
                 repair_b = tmp / "repair-b.sock"
                 helper_b = listening_helper(repair_b, "--allow-uid", str(RUNAS_UID))
                 yield bed, [bed.guest, *extra], stack.enter_context(helper_b)
@@ -111,7 +122,11 @@ def measure(
     busy_spec = f"busy:{busy}" + (f":{UNLIMITED}:{UNLIMITED}:{rate * 1e6:.0f}" if rate else "")
     specs = [busy_spec] + ([f"idle:{n - busy}"] if n > busy else [])
     limit = ("--max-flows", str(n + 100), *(["--max-queue", str(max_queue)] if max_queue else []))
-    with _bed(parallel) as (bed, guests, helper_b), contextlib.ExitStack() as stack:
+    one_host = mode == "handover"
+    with (
+        _bed(parallel, one_host=one_host) as (bed, guests, helper_b),
+        contextlib.ExitStack() as stack,
+    ):
         repair_b = helper_b.argv[helper_b.argv.index("--listen") + 1]
         pairs = [
             (
@@ -144,7 +159,7 @@ def measure(
         no_precopy = ["--no-precopy"] if mode == "plain" else []
         pids = {
             "helper A": [bed.helper.pid],
-            "helper B": [helper_b.pid],
+            "helper B": [] if one_host else [helper_b.pid],
             "ferryds": [f.pid for pair in pairs for f in pair],
         }
         cpu_before = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
@@ -285,6 +300,11 @@ def format_targets(rows: list[dict[str, Any]], rate: float) -> str:
             if times and idle
             else ""
         )
+        if mode == "handover" and times and (plain := solo_times(n, "plain", busy)):
+            against += (
+                f" ({statistics.median(times) / statistics.median(plain):.2f} x plain's"
+                f" {statistics.median(plain):.1f} ms between two hosts)"
+            )
         out.append(f"  {name}: {_spread(times, ' ms')}{against}; {limit}{verdict}")
         group = [r for r in rows if (r["n"], r["mode"], r["busy"]) == key and r["parallel"] > 1]
         if not group:
@@ -358,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         help="each busy connection's rate each way, MB/s (default 0: as fast as it goes)",
     )
     parser.add_argument(
-        "--modes", nargs="+", choices=("precopy", "plain"), default=["precopy", "plain"]
+        "--modes",
+        nargs="+",
+        choices=("precopy", "plain", "handover"),
+        default=["precopy", "plain"],
+        help="precopy: ferryctl's default; plain: --no-precopy; handover: source and target"
+        " in one network namespace (the sockets themselves go over), printed against plain",
     )
     parser.add_argument(
         "--max-queue",

@@ -127,14 +127,17 @@ class Admission:
     """
 
     def __init__(self) -> None:
-        self._admitted: tuple[DestinationPolicy, IpAddress, IpAddress] | None = None
+        self._admitted: tuple[DestinationPolicy, IpAddress, IpAddress | None] | None = None
 
     def check(self, policy: DestinationPolicy, rec: FlowRecord) -> None:
         """Raise :class:`StreamError` if restoring ``rec`` would break ``policy``."""
-        if type(rec) is not TcpFlowRecord or rec.kernel is None:
+        if type(rec) is not TcpFlowRecord or (rec.kernel is None and not rec.handed_over):
             check_record(policy, rec)
             return
-        last, remote, connected = self._admitted, rec.remote_addr, rec.kernel.remote_addr
+        # (Handed over: the remote the guest sees only, here; its socket's is
+        # checked once it is in hand, check_connected.)
+        connected = None if rec.kernel is None else rec.kernel.remote_addr
+        last, remote = self._admitted, rec.remote_addr
         if last is not None and last[0] is policy and last[1] is remote and last[2] is connected:
             return
         check_record(policy, rec)

@@ -71,3 +71,12 @@ def test_seeds_spec_numbers_connections_from_its_base() -> None:
     assert [c.seed for c in conns] == [2000, 2001, 2002, 2003, 2004]
     assert connection_count(specs) == 5
     assert [c.seed for c in parse_specs(["idle:2"])] == [0, 1]
+
+
+def test_a_handover_row_is_compared_with_plain_between_two_hosts() -> None:
+    rows = [
+        {**_row(1, 1, 0, 100.0, busy=0), "mode": "handover"},
+        {**_row(1, 1, 0, 160.0, busy=0), "mode": "plain"},
+    ]
+    text = format_targets(rows, rate=0)
+    assert "median 100.0 ms (0.62 x plain's 160.0 ms between two hosts)" in text
