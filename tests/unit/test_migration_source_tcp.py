@@ -19,6 +19,7 @@ import termios
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 import trio
@@ -325,6 +326,24 @@ async def _receive_handover(sock: socket.socket) -> tuple[bytes, list[socket.soc
     return bytes(data), taken
 
 
+async def _migrate_in_one_namespace(
+    mig: SourceMigration,
+) -> tuple[dict[str, Any], bytes, list[socket.socket]]:
+    """migrate_out(same_netns=True) into a socket pair: its answer, the stream, and the
+    sockets that came with it."""
+    reader, writer = socket.socketpair()
+    got: list[tuple[bytes, list[socket.socket]]] = []
+    with reader:
+        async with trio.open_nursery() as nursery:
+
+            async def receive() -> None:
+                got.append(await _receive_handover(reader))
+
+            nursery.start_soon(receive)
+            answer = await mig.migrate_out(writer.detach(), same_netns=True)
+    return answer, *got[0]
+
+
 async def test_same_namespace_hands_the_socket_itself_over_and_a_rollback_keeps_it(
     host_pair: tuple[SocketHost[TcpConn], socket.socket],
 ) -> None:
@@ -333,38 +352,29 @@ async def test_same_namespace_hands_the_socket_itself_over_and_a_rollback_keeps_
     very same connection: the peer never lost its socket."""
     ours, peer = host_pair
     kernel = FakeKernel()
-    reader, writer = socket.socketpair()
-    with reader:
-        async with source(kernel) as (host, mig, repair):
-            conn = _adopt(host, ours)
-            async with trio.open_nursery() as nursery:
-                got: list[tuple[bytes, list[socket.socket]]] = []
-
-                async def receive() -> None:
-                    got.append(await _receive_handover(reader))
-
-                nursery.start_soon(receive)
-                answer = await mig.migrate_out(writer.detach(), same_netns=True)
-            assert answer["flows"]["tcp"] == 1
-            assert kernel.calls == [] and repair.calls == []  # no helper, no dump
-            data, (theirs,) = got[0]
-            with theirs:
-                (rec,) = _tcp_records(decode_stream(data))
-                assert rec.handed_over and rec.kernel is None and not rec.handshake
-                assert (rec.seq_to_guest, rec.seq_from_guest) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
-                # The same socket: what the peer sends is in both, once.
-                assert theirs.getpeername() == ours.getpeername()
-                peer.sendall(b"still here")
-                await until(lambda: _inq(theirs) == 10, what="the peer's bytes")
-                assert _inq(ours) == 10
-            # The target's reference is gone; ours stands, and the rollback keeps it.
-            assert (await mig.abort())["note"] == "rolled back, nothing lost"
-            assert role_of(mig) is Role.RUNNING
-            assert host.tcp.connections() == [conn] and ours.fileno() >= 0
-            assert repair.calls == [] and kernel.calls == []
-            peer.settimeout(1)
-            ours.sendall(b"and answering")
-            assert peer.recv(64) == b"and answering"
+    async with source(kernel) as (host, mig, repair):
+        conn = _adopt(host, ours)
+        answer, data, handed = await _migrate_in_one_namespace(mig)
+        assert answer["flows"]["tcp"] == 1
+        assert kernel.calls == [] and repair.calls == []  # no helper, no dump
+        (theirs,) = handed
+        with theirs:
+            (rec,) = _tcp_records(decode_stream(data))
+            assert rec.handed_over and rec.kernel is None and not rec.handshake
+            assert (rec.seq_to_guest, rec.seq_from_guest) == (SEQ_TO_GUEST, SEQ_FROM_GUEST)
+            # The same socket: what the peer sends is in both, once.
+            assert theirs.getpeername() == ours.getpeername()
+            peer.sendall(b"still here")
+            await until(lambda: _inq(theirs) == 10, what="the peer's bytes")
+            assert _inq(ours) == 10
+        # The target's reference is gone; ours stands, and the rollback keeps it.
+        assert (await mig.abort())["note"] == "rolled back, nothing lost"
+        assert role_of(mig) is Role.RUNNING
+        assert host.tcp.connections() == [conn] and ours.fileno() >= 0
+        assert repair.calls == [] and kernel.calls == []
+        peer.settimeout(1)
+        ours.sendall(b"and answering")
+        assert peer.recv(64) == b"and answering"
 
 
 async def test_same_namespace_source_lets_go_of_its_reference_only_when_the_linger_ends(
@@ -373,28 +383,19 @@ async def test_same_namespace_source_lets_go_of_its_reference_only_when_the_ling
     """Committed, the source closes its copy of each handed-over socket without a
     word to the peer: the target's copy carries the connection on."""
     ours, peer = host_pair
-    reader, writer = socket.socketpair()
-    with reader:
-        async with source(FakeKernel()) as (host, mig, _repair):
-            _adopt(host, ours)
-            async with trio.open_nursery() as nursery:
-                got: list[tuple[bytes, list[socket.socket]]] = []
-
-                async def receive() -> None:
-                    got.append(await _receive_handover(reader))
-
-                nursery.start_soon(receive)
-                await mig.migrate_out(writer.detach(), same_netns=True)
-            (theirs,) = got[0][1]
-            with theirs:
-                assert await mig.commit() == {"linger": 0.0}
-                await until(lambda: ours.fileno() < 0, what="the linger's end")
-                assert host.tcp.connections() == []
-                peer.settimeout(1)
-                theirs.sendall(b"from the target")
-                assert peer.recv(64) == b"from the target"  # no FIN, no RST came first
-                peer.sendall(b"to the target")
-                assert theirs.recv(64) == b"to the target"
+    async with source(FakeKernel()) as (host, mig, _repair):
+        _adopt(host, ours)
+        _answer, _data, handed = await _migrate_in_one_namespace(mig)
+        (theirs,) = handed
+        with theirs:
+            assert await mig.commit() == {"linger": 0.0}
+            await until(lambda: ours.fileno() < 0, what="the linger's end")
+            assert host.tcp.connections() == []
+            peer.settimeout(1)
+            theirs.sendall(b"from the target")
+            assert peer.recv(64) == b"from the target"  # no FIN, no RST came first
+            peer.sendall(b"to the target")
+            assert theirs.recv(64) == b"to the target"
 
 
 async def test_same_namespace_needs_a_socket_for_the_stream() -> None:
@@ -496,32 +497,22 @@ async def test_same_namespace_hands_a_forwards_listening_socket_over_and_keeps_i
     """A TCP forward's listener goes beside its record, the connection waiting in its
     accept queue with it; the source keeps listening through a rollback."""
     ours, _peer = host_pair
-    reader, writer = socket.socketpair()
-    with reader:
-        async with source(FakeKernel()) as (host, mig, _repair):
-            _adopt(host, ours)
-            with socket.create_server(("127.0.0.1", 0)) as probe:
-                port = probe.getsockname()[1]  # a free port (forwards name theirs)
-            await host.tcp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 8080))
-            (listening,) = host.tcp.listening_sockets(host.tcp.listeners()[0][0])
-            async with trio.open_nursery() as nursery:
-                got: list[tuple[bytes, list[socket.socket]]] = []
-
-                async def receive() -> None:
-                    got.append(await _receive_handover(reader))
-
-                nursery.start_soon(receive)
-                await mig.migrate_out(writer.detach(), same_netns=True)
-            data, handed = got[0]
-            (lst,) = [e.flow for e in decode_stream(data) if isinstance(e, FlowReceived)][:1]
-            assert lst == ListenerRecord(IPPROTO_TCP, IPv4Address("127.0.0.1"), port, 8080, 1)
-            theirs, conn_sock = handed  # the listener's, then the connection's
-            with theirs, conn_sock, socket.create_connection(("127.0.0.1", port)) as waiting:
-                assert theirs.getsockname()[1] == port
-                # Waiting in the (shared) accept queue: the target's to take.
-                accepted, _ = theirs.accept()
-                accepted.close()
-                assert waiting.getpeername()[1] == port
-            assert (await mig.abort())["note"] == "rolled back, nothing lost"
-            assert host.tcp.listening_sockets(host.tcp.listeners()[0][0]) == [listening]
-            assert listening.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    async with source(FakeKernel()) as (host, mig, _repair):
+        _adopt(host, ours)
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            port = probe.getsockname()[1]  # a free port (forwards name theirs)
+        await host.tcp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 8080))
+        (listening,) = host.tcp.listening_sockets(host.tcp.listeners()[0][0])
+        _answer, data, handed = await _migrate_in_one_namespace(mig)
+        (lst,) = [e.flow for e in decode_stream(data) if isinstance(e, FlowReceived)][:1]
+        assert lst == ListenerRecord(IPPROTO_TCP, IPv4Address("127.0.0.1"), port, 8080, 1)
+        theirs, conn_sock = handed  # the listener's, then the connection's
+        with theirs, conn_sock, socket.create_connection(("127.0.0.1", port)) as waiting:
+            assert theirs.getsockname()[1] == port
+            # Waiting in the (shared) accept queue: the target's to take.
+            accepted, _ = theirs.accept()
+            accepted.close()
+            assert waiting.getpeername()[1] == port
+        assert (await mig.abort())["note"] == "rolled back, nothing lost"
+        assert host.tcp.listening_sockets(host.tcp.listeners()[0][0]) == [listening]
+        assert listening.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
