@@ -715,8 +715,7 @@ class SourceMigration:
         d, kernel = self.host, self.kernel
         enc = self.enc
         out = bytearray()
-        fds: list[int] = []
-        """Same namespace: the sockets of the handed-over records in ``out``, in order."""
+        fds: list[int] = []  # same namespace: the sockets the records in ``out`` hand over
 
         async def flush() -> None:
             if out:

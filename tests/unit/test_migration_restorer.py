@@ -27,7 +27,7 @@ from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import TcpConn
 from ferryd.flows.tcp_host import SocketHost
-from ferryd.migration import restore
+from ferryd.migration import handover, restore
 from ferryd.migration.errors import StreamRejected
 from ferryd.migration.handover import HandoverStream
 from ferryd.migration.records import ListenerRecord, TcpFlowRecord
@@ -560,3 +560,19 @@ async def test_a_handed_over_listener_that_does_not_listen_is_refused(
             await restorer.finish()
         await restorer.discard()
         assert host.tcp.listeners() == [] and restorer.handed == {}
+
+
+async def test_sockets_lost_on_the_way_in_fail_the_stream(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control message cut short (MSG_CTRUNC: the kernel closed the descriptors that
+    did not fit) is refused, never read as fewer sockets."""
+    ours, peer = host_pair
+    monkeypatch.setattr(handover, "_ANCILLARY_SPACE", socket.CMSG_LEN(4))  # room for one
+    near, far = socket.socketpair()
+    with far:
+        stream = HandoverStream(near.detach())
+        socket.send_fds(far, [b"x"], [ours.fileno(), peer.fileno()])
+        with pytest.raises(StreamRejected, match="lost on the way in"):
+            await stream.receive_some(16)
+        await stream.aclose()
