@@ -21,15 +21,22 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
 from ferryd.bugs import describe_bug
 from ferryd.descriptors import DescriptorBudget, open_flow_socket
-from ferryd.flows.common import gateway_of
+from ferryd.flows.common import gateway_of, sockaddr, strip_scope
 from ferryd.flows.destinations import Destinations, Refusal
-from ferryd.flows.table import DescriptorsSpent, Flow, FlowCounters, FlowLimitReached, FlowTable
+from ferryd.flows.table import (
+    DescriptorsSpent,
+    Flow,
+    FlowCounters,
+    FlowKey,
+    FlowLimitReached,
+    FlowTable,
+)
 from ferryd.guest import GuestPort
 from ferryd.link import LinkConfig
 from ferryd.logthrottle import LogThrottle
@@ -37,6 +44,11 @@ from ferryd.wire.icmp import build_admin_prohibited
 from ferryd.wire.ip import IpAddress, IpPacket
 
 RECV_SIZE = 65536
+
+
+class AdoptionRefused(Exception):
+    """A socket a migration handed over does not fit the flow it came for (the
+    message says how); the caller keeps the socket."""
 
 
 class SocketHandle(Protocol):
@@ -138,6 +150,38 @@ class DatagramFlows(Generic[H]):
         trio.lowlevel.notify_closing(handle.sock)
         handle.sock.close()
 
+    def _handed_local(
+        self, key: FlowKey, sock: socket.socket, port: int | None
+    ) -> tuple[IpAddress, int]:
+        """The local address and port of a socket handed over for ``key``'s flow
+        (ferryd.migration.handover), made non-blocking as every socket of the data
+        path, once it is found connected to ``port`` where this ferryd's own rules
+        send the flow (AdoptionRefused if not). ``port`` None: a ping socket, whose
+        peer cannot be read back (getpeername() says ENOTCONN for a peer port of 0,
+        inet_getname), is connected there again instead: it sends where this
+        ferryd's rules say, whatever the source had."""
+        target = self._destinations.policy.route(key.remote_addr)
+        if isinstance(target, Refusal):
+            raise AdoptionRefused(f"{self.kind} flow to {key.remote_addr}: {target.value}")
+        try:
+            sock.setblocking(False)
+            if port is None:
+                sock.connect(sockaddr(target, 0))
+                peer: tuple[Any, ...] = (str(target), 0)
+            else:
+                peer = sock.getpeername()
+            local = sock.getsockname()
+        except OSError as exc:
+            raise AdoptionRefused(
+                f"{self.kind} flow to {key.remote_addr}: the socket handed over: {exc}"
+            ) from None
+        if strip_scope(peer[0]) != target or peer[1] != (port or 0):
+            raise AdoptionRefused(
+                f"{self.kind} flow to {key.remote_addr}: the socket handed over is connected"
+                f" to {peer[0]} port {peer[1]}, not {target} port {port}"
+            )
+        return strip_scope(local[0]), local[1]
+
     def _new_socket(self, family: int, proto: int = 0) -> socket.socket:
         """A datagram socket for a new flow (see :func:`open_flow_socket`)."""
         return open_flow_socket(socket.socket, self._budget, family, socket.SOCK_DGRAM, proto)
@@ -174,8 +218,9 @@ class DatagramFlows(Generic[H]):
     def close(self) -> None:
         raise NotImplementedError
 
-    def close_sockets_for_handover(self) -> None:
-        """Same-namespace migration: free every port for the target."""
+    def clear(self) -> None:
+        """Close every flow and listener, and stay usable: a target discarding what a
+        migration restored (a source rolling back keeps its own)."""
         self.close()
         self._closed = False
 

@@ -212,6 +212,27 @@ class IcmpFlows(DatagramFlows[_Echo]):
         except FlowLimitReached as exc:
             log.info("ICMP echo flow %s id %d: %s", key.guest_addr, key.guest_port, exc)
 
+    def flow_socket(self, key: FlowKey) -> socket.socket | None:
+        """An echo flow's ping socket, for a migration in one namespace to hand over."""
+        flow = self.table.get(key)
+        return None if flow is None else flow.handle.sock
+
+    def adopt(self, key: FlowKey, sock: socket.socket, now: float) -> None:
+        """Take a migrated echo flow's ping socket over (handed over in one namespace,
+        replies waiting in it included), connected again to this ferryd's route for
+        the flow; as UdpFlows.adopt_outbound otherwise."""
+        host_addr, host_port = self._handed_local(key, sock, None)
+        handle = _Echo(sock)
+        try:
+            flow = self.table.add(
+                key, handle, now, state="echo", host_addr=host_addr, host_port=host_port
+            )
+        except FlowLimitReached as exc:
+            log.info("ICMP echo flow %s id %d: %s", key.guest_addr, key.guest_port, exc)
+            sock.close()
+            return
+        self._spawn(flow, handle)
+
     async def _reader(self, flow: Flow[_Echo], handle: _Echo) -> None:
         with handle.scope:
             while not handle.closed:

@@ -529,6 +529,60 @@ class UdpFlows(DatagramFlows[_Handle]):
         if flow is None:
             log.info("UDP flow %s:%d could not be restored", key.guest_addr, key.guest_port)
 
+    def flow_socket(self, key: FlowKey) -> socket.socket | None:
+        """An outbound flow's socket, for a migration in one namespace to hand over;
+        None for an inbound one (it answers through its listener's socket)."""
+        flow = self.table.get(key)
+        return flow.handle.sock if flow is not None and isinstance(flow.handle, _Outbound) else None
+
+    def adopt_outbound(self, key: FlowKey, sock: socket.socket, now: float) -> None:
+        """Take a migrated outbound flow's socket over as it is: handed over in one
+        namespace (ferryd.migration.handover), with its port and the datagrams
+        waiting in it. Raises AdoptionRefused if it is not connected where this
+        ferryd routes the flow (``sock`` stays the caller's); owns it otherwise
+        (a full table drops the flow, as restore_outbound)."""
+        host_addr, host_port = self._handed_local(key, sock, key.remote_port)
+        handle = _Outbound(sock)
+        try:
+            flow = self.table.add(
+                key, handle, now, state="outbound", host_addr=host_addr, host_port=host_port
+            )
+        except FlowLimitReached as exc:
+            log.info("UDP flow %s:%d not taken over: %s", key.guest_addr, key.guest_port, exc)
+            sock.close()
+            return
+        self._spawn_outbound(flow, handle)
+
+    def listening_sockets(self, fwd: PortForward) -> list[socket.socket]:
+        """The sockets listening for ``fwd`` (one per family), for a migration to hand over."""
+        return [lst.sock for lst in self._listeners if lst.fwd is fwd]
+
+    def adopt_forward(self, fwd: PortForward, socks: list[socket.socket]) -> None:
+        """Forward with listening sockets a migration's source handed over (in one
+        namespace), as they are: datagrams waiting in them are the guest's. Raises
+        :class:`ForwardError` for one that is not an unconnected socket bound to
+        ``fwd``'s port (and address, if it names one); ``socks`` stay the caller's then.
+        """
+        adopted = []
+        for sock in socks:
+            what = f"a UDP socket handed over for port {fwd.host_port}"
+            try:
+                host, port = sock.getsockname()[:2]
+                sock.getpeername()
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    raise ForwardError(f"{what}: {exc}") from exc
+            else:
+                raise ForwardError(f"{what} is connected: not a listener")
+            addr = strip_scope(host)
+            if port != fwd.host_port or fwd.bind not in (None, addr):
+                raise ForwardError(f"{what} is bound to {host} port {port}")
+            adopted.append(_Listener(sock, fwd, addr.version, addr, port))
+        for lst in adopted:
+            lst.sock.setblocking(False)
+            self._listeners.append(lst)
+            self._spawn_listener(lst)
+
     def restore_inbound(self, key: FlowKey, listener_port: int, now: float) -> None:
         """Recreate a migrated inbound flow on its (already restored) listener."""
         for lst in self._listeners:

@@ -1,4 +1,4 @@
-"""A migration stream that carries the TCP sockets themselves: source and target
+"""A migration stream that carries the sockets themselves: source and target
 in one network namespace.
 
 Between hosts a connection travels as its socket's kernel state: dumped in
@@ -27,8 +27,16 @@ and a reader gets them with the recvmsg() that reaches those bytes
 every descriptor is in hand before the first byte of the chunk that names it
 is decoded: the n-th handed-over record takes the n-th descriptor.
 
+The datagram sockets go the same way (stream version 4): a UDP forward's
+listening sockets, each outbound UDP flow's connected socket and each echo
+flow's ping socket. Closed on the source and bound again on the target, as
+they were before, a datagram arriving in between met no socket and was lost
+(and the kernel answered it with an ICMP port unreachable); handed over,
+it waits in the socket's queue for the target's resume.
+
 Hostile input: what arrives is whatever the other end sent. Every
-descriptor that is not a TCP socket is refused (closed) and fails the
+descriptor that is not a socket of the kind its record names (TCP, UDP, or
+a ping socket of the record's family) is refused (closed) and fails the
 stream; so does a record without a descriptor, descriptors without records
 at the end, and a truncated control message (the kernel then closed the
 descriptors that did not fit: MSG_CTRUNC).
@@ -42,7 +50,7 @@ import os
 import socket
 import stat
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -53,6 +61,23 @@ from ferryd.migration.errors import StreamRejected
 #: source sends at most FLUSH_RECORDS (64) per chunk.
 MAX_FDS_PER_MESSAGE = 253
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+_S = TypeVar("_S", bound=socket.socket)
+_INET = (socket.AF_INET, socket.AF_INET6)
+#: What a socket handed over for a record of each protocol must be: its
+#: families and type (a ping socket is SOCK_DGRAM, icmp(7)).
+_KINDS = {
+    socket.IPPROTO_TCP: (_INET, socket.SOCK_STREAM),
+    socket.IPPROTO_UDP: (_INET, socket.SOCK_DGRAM),
+    socket.IPPROTO_ICMP: ((socket.AF_INET,), socket.SOCK_DGRAM),
+    socket.IPPROTO_ICMPV6: ((socket.AF_INET6,), socket.SOCK_DGRAM),
+}
+_NAMES = {
+    socket.IPPROTO_TCP: "TCP",
+    socket.IPPROTO_UDP: "UDP",
+    socket.IPPROTO_ICMP: "ping (ICMP)",
+    socket.IPPROTO_ICMPV6: "ping (ICMPv6)",
+}
 
 
 def is_socket(fd: int) -> bool:
@@ -103,23 +128,30 @@ class HandoverStream:
         return data
 
     def take(self) -> SocketHost[Any]:
-        """The next socket received, for the next handed-over record (StreamRejected
+        """The next socket received, for the next handed-over TCP record (StreamRejected
         if there is none, or it is not a TCP socket: the caller names the record)."""
+        sock: SocketHost[Any] = self._take(SocketHost, socket.IPPROTO_TCP)
+        return sock
+
+    def take_datagram(self, proto: int) -> socket.socket:
+        """The next socket received, for a handed-over UDP (``proto`` IPPROTO_UDP) or
+        echo record (IPPROTO_ICMP or IPPROTO_ICMPV6: a ping socket of that family);
+        StreamRejected as :meth:`take`."""
+        return self._take(socket.socket, proto)
+
+    def _take(self, cls: type[_S], proto: int) -> _S:
         if not self._received:
             raise StreamRejected("handed over, but no socket came with its record")
         fd = self._received.popleft()
         try:
-            sock: SocketHost[Any] = SocketHost(fileno=fd)
+            sock = cls(fileno=fd)
         except OSError as exc:  # not a socket at all (ENOTSOCK)
             os.close(fd)
             raise StreamRejected("the descriptor handed over is not a socket") from exc
-        if (
-            sock.family not in (socket.AF_INET, socket.AF_INET6)
-            or sock.type != socket.SOCK_STREAM
-            or sock.proto != socket.IPPROTO_TCP
-        ):
+        family, kind = _KINDS[proto]
+        if sock.family not in family or sock.type != kind or sock.proto != proto:
             sock.close()
-            raise StreamRejected("the socket handed over is not a TCP socket")
+            raise StreamRejected(f"the socket handed over is not a {_NAMES[proto]} socket")
         return sock
 
     def left(self) -> int:

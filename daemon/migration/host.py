@@ -13,7 +13,7 @@ What a migration needs, and why:
 - the flows (ferryd.flows), each through a small protocol of its own
   (:class:`MigratingTcp`, :class:`MigratingUdp`, :class:`MigratingEchoes`):
   what a dump reads, a pre-copy holds, a restore adds and a handover
-  closes; never their tables, tasks or sockets' tuning;
+  gives and adopts; never their tables, tasks or sockets' tuning;
 - the freeze and the thaw (:meth:`stop`, :meth:`start`);
 - the handover of the guest's frames (:meth:`hand_over`, :meth:`take_over`),
   whatever the frontend does to move them;
@@ -127,8 +127,20 @@ class MigratingUdp(Protocol):
         self, key: FlowKey, host_addr: IpAddress | None, host_port: int | None, now: float
     ) -> None: ...
 
-    def close_sockets_for_handover(self) -> None:
-        """Free every port for a target in this namespace; the flows stay usable."""
+    def flow_socket(self, key: FlowKey) -> socket.socket | None:
+        """An outbound flow's socket (one namespace: handed over); None: inbound."""
+        ...
+
+    def adopt_outbound(self, key: FlowKey, sock: socket.socket, now: float) -> None:
+        """An outbound flow on a socket a source handed over (AdoptionRefused if unfit)."""
+        ...
+
+    def listening_sockets(self, fwd: PortForward) -> list[socket.socket]: ...
+
+    def adopt_forward(self, fwd: PortForward, socks: list[socket.socket]) -> None: ...
+
+    def clear(self) -> None:
+        """Close every flow and listener; the table stays usable (a discarded restore)."""
         ...
 
 
@@ -141,7 +153,11 @@ class MigratingEchoes(Protocol):
 
     def restore(self, key: FlowKey, now: float) -> None: ...
 
-    def close_sockets_for_handover(self) -> None: ...
+    def flow_socket(self, key: FlowKey) -> socket.socket | None: ...
+
+    def adopt(self, key: FlowKey, sock: socket.socket, now: float) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class MigrationHost(Protocol):

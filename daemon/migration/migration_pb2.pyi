@@ -147,7 +147,7 @@ class TcpSocket(_message.Message):
     def __init__(self, local_addr: _Optional[bytes] = ..., local_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., tcp_state: _Optional[int] = ..., mss: _Optional[int] = ..., wscales: _Optional[int] = ..., options: _Optional[int] = ..., timestamp: _Optional[int] = ..., send_seq: _Optional[int] = ..., recv_seq: _Optional[int] = ..., snd_wnd: _Optional[int] = ..., rcv_wnd: _Optional[int] = ..., rcv_wup_delta: _Optional[int] = ..., snd_wl1_delta: _Optional[int] = ..., max_window_delta: _Optional[int] = ..., send_queue: _Optional[bytes] = ..., unsent: _Optional[int] = ..., recv_queue: _Optional[bytes] = ...) -> None: ...
 
 class UdpFlow(_message.Message):
-    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "idle_ms", "listener_port", "listener_addr", "host_port", "host_addr")
+    __slots__ = ("guest_addr", "guest_port", "remote_addr", "remote_port", "idle_ms", "listener_port", "listener_addr", "host_port", "host_addr", "socket_handed_over")
     GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
     GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class UdpFlow(_message.Message):
     LISTENER_ADDR_FIELD_NUMBER: _ClassVar[int]
     HOST_PORT_FIELD_NUMBER: _ClassVar[int]
     HOST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
     guest_addr: bytes
     guest_port: int
     remote_addr: bytes
@@ -166,19 +167,22 @@ class UdpFlow(_message.Message):
     listener_addr: bytes
     host_port: int
     host_addr: bytes
-    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., idle_ms: _Optional[int] = ..., listener_port: _Optional[int] = ..., listener_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., host_addr: _Optional[bytes] = ...) -> None: ...
+    socket_handed_over: bool
+    def __init__(self, guest_addr: _Optional[bytes] = ..., guest_port: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., remote_port: _Optional[int] = ..., idle_ms: _Optional[int] = ..., listener_port: _Optional[int] = ..., listener_addr: _Optional[bytes] = ..., host_port: _Optional[int] = ..., host_addr: _Optional[bytes] = ..., socket_handed_over: _Optional[bool] = ...) -> None: ...
 
 class IcmpFlow(_message.Message):
-    __slots__ = ("guest_addr", "echo_id", "remote_addr", "idle_ms")
+    __slots__ = ("guest_addr", "echo_id", "remote_addr", "idle_ms", "socket_handed_over")
     GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
     ECHO_ID_FIELD_NUMBER: _ClassVar[int]
     REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
     IDLE_MS_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
     guest_addr: bytes
     echo_id: int
     remote_addr: bytes
     idle_ms: int
-    def __init__(self, guest_addr: _Optional[bytes] = ..., echo_id: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., idle_ms: _Optional[int] = ...) -> None: ...
+    socket_handed_over: bool
+    def __init__(self, guest_addr: _Optional[bytes] = ..., echo_id: _Optional[int] = ..., remote_addr: _Optional[bytes] = ..., idle_ms: _Optional[int] = ..., socket_handed_over: _Optional[bool] = ...) -> None: ...
 
 class Listener(_message.Message):
     __slots__ = ("ip_proto", "bind_addr", "host_port", "guest_port", "sockets_handed_over")

@@ -251,6 +251,9 @@ class UdpFlowRecord:
     """Outbound flows: the host socket's port, for the target to try to keep."""
     host_addr: IpAddress | None = None
     """Outbound flows: the host socket's address; None: any."""
+    handed_over: bool = False
+    """Outbound flows in a handover stream: the flow's socket comes beside the
+    stream (ferryd.migration.handover), datagrams waiting in it included."""
 
     @property
     def inbound(self) -> bool:
@@ -267,6 +270,9 @@ class UdpFlowRecord:
             raise ValueError("a listener address without a listener port")
         if self.host_port is not None:
             _check_port("host port", self.host_port)
+        if self.handed_over and self.listener_port is not None:
+            # (An inbound flow answers through its listener's socket: it has none.)
+            raise ValueError("an inbound flow's socket handed over")
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +283,8 @@ class IcmpFlowRecord:
     """The remote address as the guest sees it (ICMPv6 if IPv6)."""
     idle: float
     """Seconds since the last echo either way (carried in milliseconds)."""
+    handed_over: bool = False
+    """In a handover stream: the flow's ping socket comes beside the stream."""
 
     def __post_init__(self) -> None:
         _check_version_match("ICMP flow", self.guest_addr, self.remote_addr)
@@ -295,7 +303,7 @@ class ListenerRecord:
     host_port: int
     guest_port: int
     handed_over: int = 0
-    """TCP in a handover stream: how many listening sockets come beside the stream
+    """In a handover stream: how many listening sockets come beside the stream
     (one per family listened on); 0: the target binds the port itself."""
 
     def __post_init__(self) -> None:
@@ -303,10 +311,8 @@ class ListenerRecord:
             raise ValueError(f"listener protocol {self.proto} is neither TCP (6) nor UDP (17)")
         _check_port("listener host port", self.host_port)
         _check_port("listener guest port", self.guest_port)
-        if not 0 <= self.handed_over <= 2 or (
-            self.handed_over and self.proto != socket.IPPROTO_TCP
-        ):
-            raise ValueError(f"{self.handed_over} listening sockets handed over: 0, or 1-2 for TCP")
+        if not 0 <= self.handed_over <= 2:
+            raise ValueError(f"{self.handed_over} listening sockets handed over: 0, 1 or 2")
 
 
 FlowRecord = TcpFlowRecord | UdpFlowRecord | IcmpFlowRecord | ListenerRecord
@@ -420,6 +426,7 @@ def flow_to_proto(flow: FlowRecord, header: StreamHeader) -> FlowMessage:
             listener_addr=_packed(flow.listener_addr),
             host_port=flow.host_port or 0,
             host_addr=_packed(flow.host_addr),
+            socket_handed_over=flow.handed_over,
         )
     if isinstance(flow, IcmpFlowRecord):
         return pb.IcmpFlow(
@@ -427,6 +434,7 @@ def flow_to_proto(flow: FlowRecord, header: StreamHeader) -> FlowMessage:
             echo_id=flow.echo_id,
             remote_addr=flow.remote_addr.packed,
             idle_ms=_idle_ms(flow.idle),
+            socket_handed_over=flow.handed_over,
         )
     return pb.Listener(
         ip_proto=flow.proto,
@@ -595,6 +603,8 @@ def flow_from_proto_untrusted(msg: FlowMessage, header: StreamHeader) -> FlowRec
     try:
         if isinstance(msg, pb.TcpFlow):
             return _tcp_from_proto(msg, header)
+        if not isinstance(msg, pb.Listener) and msg.socket_handed_over and not header.handover:
+            raise ValueError("a handed-over socket in a stream that is not a handover")
         if isinstance(msg, pb.UdpFlow):
             guest, remote = _guest_side(header, msg.guest_addr, msg.remote_addr)
             return UdpFlowRecord(
@@ -607,11 +617,16 @@ def flow_from_proto_untrusted(msg: FlowMessage, header: StreamHeader) -> FlowRec
                 listener_addr=_optional_address("listener address", msg.listener_addr),
                 host_port=msg.host_port or None,
                 host_addr=_optional_address("host address", msg.host_addr),
+                handed_over=msg.socket_handed_over,
             )
         if isinstance(msg, pb.IcmpFlow):
             guest, remote = _guest_side(header, msg.guest_addr, msg.remote_addr)
             return IcmpFlowRecord(
-                guest_addr=guest, echo_id=msg.echo_id, remote_addr=remote, idle=msg.idle_ms / 1000
+                guest_addr=guest,
+                echo_id=msg.echo_id,
+                remote_addr=remote,
+                idle=msg.idle_ms / 1000,
+                handed_over=msg.socket_handed_over,
             )
         if msg.sockets_handed_over and not header.handover:
             raise ValueError("handed-over sockets in a stream that is not a handover")

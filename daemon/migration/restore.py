@@ -36,8 +36,10 @@ A handover stream (source and target in one network namespace,
 ferryd.migration.handover) brings the sockets themselves: a handed-over
 connection is adopted as its record arrives, with nothing to restore or
 repair, and resumes as any other (the guest resynchronised; its unsent
-bytes never left the socket's send queue). Until the resume the source
-holds the same socket: a discard only closes this ferryd's reference.
+bytes never left the socket's send queue). The forwards' listening sockets
+and the datagram flows' sockets come the same way, taken in stream order
+and adopted by :meth:`Restorer.finish`. Until the resume the source holds
+the same sockets: a discard only closes this ferryd's references.
 
 If anything fails before resume, :meth:`Restorer.discard` closes every
 socket silently and leaves nothing behind.
@@ -48,10 +50,13 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from ipaddress import ip_address
+from typing import TypeVar
 
 import trio
 
+from ferryd.flows.datagram import AdoptionRefused
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp import socket_of
@@ -103,6 +108,8 @@ def _peer_address(text: str) -> IpAddress:
     same few peers a thousand times), without a scope id, as sockstate's dump."""
     return ip_address(text.partition("%")[0])
 
+
+_S = TypeVar("_S", bound=socket.socket)
 
 _Pending = tuple[SocketHost[TcpConn], TcpKernelState, TcpFlowRecord, Endpoints]
 """A connection's socket (bound, unconnected), its state, its record, its 4-tuple."""
@@ -175,8 +182,9 @@ class Restorer:
         self.listeners: list[ListenerRecord] = []
         self.listening: dict[int, list[socket.socket]] = {}
         """Listening sockets handed over, by the index of their record in listeners."""
-        self.udp: list[UdpFlowRecord] = []
-        self.icmp: list[IcmpFlowRecord] = []
+        self.udp: list[tuple[UdpFlowRecord, socket.socket | None]] = []
+        self.icmp: list[tuple[IcmpFlowRecord, socket.socket | None]] = []
+        """Datagram flows, with the socket handed over for each (None: bound anew)."""
         self.counts = {"tcp": 0, "udp": 0, "icmp": 0, "listeners": 0, "reset": 0}
         self.repair_passes = 0
         self.bind_retries = 0
@@ -213,14 +221,22 @@ class Restorer:
         elif isinstance(rec, ListenerRecord):
             if rec.handed_over:
                 # Taken now, in stream order (their descriptors came with the record).
-                self.listening[len(self.listeners)] = socks = []
-                for _ in range(rec.handed_over):
-                    socks.append(self._take(f"TCP listener on port {rec.host_port}"))
+                tcp = rec.proto == IPPROTO_TCP
+                what = f"{'TCP' if tcp else 'UDP'} listener on port {rec.host_port}"
+                self.listening[len(self.listeners)] = [
+                    self._take(what) if tcp else self._take_datagram(what, IPPROTO_UDP)
+                    for _ in range(rec.handed_over)
+                ]
             self.listeners.append(rec)  # created by finish(), after every connection
         elif isinstance(rec, UdpFlowRecord):
-            self.udp.append(rec)
+            what = f"UDP flow {rec.guest_addr}:{rec.guest_port}"
+            sock = self._take_datagram(what, IPPROTO_UDP) if rec.handed_over else None
+            self.udp.append((rec, sock))
         else:
-            self.icmp.append(rec)
+            proto = IPPROTO_ICMP if rec.remote_addr.version == 4 else IPPROTO_ICMPV6
+            what = f"ICMP echo flow {rec.guest_addr} id {rec.echo_id}"
+            sock = self._take_datagram(what, proto) if rec.handed_over else None
+            self.icmp.append((rec, sock))
 
     def _adopt_handed(self, rec: TcpFlowRecord, ends: Endpoints) -> None:
         """A connection whose socket came beside the stream: adopted as it is.
@@ -263,12 +279,20 @@ class Restorer:
             self.d.tcp.prearm([conn], trio.current_time())
 
     def _take(self, what: str = "") -> SocketHost[TcpConn]:
-        """The next socket handed over (kept in :attr:`handed` until resume or discard);
-        StreamRejected, prefixed with ``what`` if given, when there is none fit."""
+        """The next socket handed over, a TCP one (kept in :attr:`handed` until adopted,
+        resumed or discarded); StreamRejected, prefixed with ``what`` if given, when
+        there is none fit."""
+        return self._next_handed(what, HandoverStream.take)
+
+    def _take_datagram(self, what: str, proto: int) -> socket.socket:
+        """The next socket handed over, a UDP or ping one (``proto``), as :meth:`_take`."""
+        return self._next_handed(what, lambda stream: stream.take_datagram(proto))
+
+    def _next_handed(self, what: str, take: Callable[[HandoverStream], _S]) -> _S:
         try:
             if self.handover is None:
                 raise StreamRejected("handed over, but the stream carries no sockets")
-            sock = self.handover.take()
+            sock = take(self.handover)
         except StreamRejected as exc:
             if what:
                 raise StreamRejected(f"{what}: {exc}") from None
@@ -449,28 +473,42 @@ class Restorer:
             flows = self.d.tcp if listener.proto == IPPROTO_TCP else self.d.udp
             handed = self.listening.get(index)
             if handed is not None:
-                self.d.tcp.adopt_forward(fwd, handed)
-                for sock in handed:  # the flow table's now (close_listeners)
-                    del self.handed[id(sock)]
+                flows.adopt_forward(fwd, handed)
+                self._adopted(handed)  # the flow table's now (close_listeners)
             else:
                 await flows.add_forward(fwd)
             self.counts["listeners"] += 1
         now = trio.current_time()
-        for rec in self.udp:
-            key = FlowKey(
-                IPPROTO_UDP, rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port
-            )
-            if rec.listener_port is not None:
-                self.d.udp.restore_inbound(key, rec.listener_port, now)
-            else:
-                self.d.udp.restore_outbound(key, rec.host_addr, rec.host_port, now)
-            self.counts["udp"] += 1
-        for rec_icmp in self.icmp:
-            proto = IPPROTO_ICMP if rec_icmp.guest_addr.version == 4 else IPPROTO_ICMPV6
-            key = FlowKey(proto, rec_icmp.guest_addr, rec_icmp.echo_id, rec_icmp.remote_addr, 0)
-            self.d.icmp.restore(key, now)
-            self.counts["icmp"] += 1
+        try:
+            for rec, sock in self.udp:
+                key = FlowKey(
+                    IPPROTO_UDP, rec.guest_addr, rec.guest_port, rec.remote_addr, rec.remote_port
+                )
+                if sock is not None:
+                    self.d.udp.adopt_outbound(key, sock, now)
+                    self._adopted([sock])
+                elif rec.listener_port is not None:
+                    self.d.udp.restore_inbound(key, rec.listener_port, now)
+                else:
+                    self.d.udp.restore_outbound(key, rec.host_addr, rec.host_port, now)
+                self.counts["udp"] += 1
+            for rec_icmp, sock in self.icmp:
+                proto = IPPROTO_ICMP if rec_icmp.guest_addr.version == 4 else IPPROTO_ICMPV6
+                key = FlowKey(proto, rec_icmp.guest_addr, rec_icmp.echo_id, rec_icmp.remote_addr, 0)
+                if sock is not None:
+                    self.d.icmp.adopt(key, sock, now)
+                    self._adopted([sock])
+                else:
+                    self.d.icmp.restore(key, now)
+                self.counts["icmp"] += 1
+        except AdoptionRefused as exc:  # (the socket stays in self.handed: discard() closes it)
+            raise StreamRejected(str(exc)) from None
         self.counts["reset"] += len(self.resets)
+
+    def _adopted(self, socks: list[socket.socket]) -> None:
+        """Handed-over sockets now a flow table's: its close is theirs from here on."""
+        for sock in socks:
+            del self.handed[id(sock)]
 
     async def resume(self) -> float:
         """Repair OFF, start the data path, resync the guest. Returns ms spent in repair OFF."""
@@ -596,15 +634,11 @@ class Restorer:
         self.handed.clear()
         self.listening.clear()
         self.restored.clear()
-        # The forwarding listeners and datagram flows restored so far hold the
-        # source's ports: on one host the source binds them again when it rolls
-        # back. Closed as for a handover, which leaves UDP and ICMP usable (a
-        # source rolling back keeps them; a target may take a migration again);
-        # and only a kind this restorer was given: a source rolling back
-        # restores only what it had closed, and keeps the rest running.
-        if any(rec.proto == IPPROTO_TCP for rec in self.listeners):
+        # The forwards and datagram flows restored so far (their ports are the
+        # source's; in one namespace their sockets too, and this closes only
+        # this ferryd's references). The tables stay usable: a target may take
+        # a migration again.
+        if self.listeners:
             self.d.tcp.close_listeners()
-        if self.udp or any(rec.proto != IPPROTO_TCP for rec in self.listeners):
-            self.d.udp.close_sockets_for_handover()
-        if self.icmp:
-            self.d.icmp.close_sockets_for_handover()
+        self.d.udp.clear()
+        self.d.icmp.clear()

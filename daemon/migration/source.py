@@ -66,13 +66,12 @@ without a stream), and the freeze starts when QEMU stops the VM
 :meth:`migrate_out` then writes the kept pre-copy and dumps the rest.
 
 Same network namespace as the target: the stream is a Unix socket and the
-TCP sockets themselves go with it (ferryd.migration.handover): nothing is
-put in repair mode or dumped, and the source keeps its own reference to
-each socket until its linger ends, so a rollback finds every connection
-where it was. So do the TCP forwards' listening sockets, with the
-connections waiting in their accept queues. The datagram sockets are
-closed instead, their ports released for the target to bind; a rollback
-binds them again from the records it streamed, exactly as a target would.
+sockets themselves go with it (ferryd.migration.handover): nothing is put
+in repair mode or dumped, and the source keeps its own reference to each
+socket until its linger ends, so a rollback finds every flow where it was.
+That is every TCP connection, every forward's listening sockets (with the
+connections waiting in their accept queues, or the datagrams in their
+receive queues), and every outbound UDP flow's and echo flow's socket.
 """
 
 from __future__ import annotations
@@ -89,7 +88,6 @@ import trio
 
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
-from ferryd.migration import restore
 from ferryd.migration.errors import MigrationAborted, MigrationError, MigrationFailed
 from ferryd.migration.flowstate import at_rest, tcp_record
 from ferryd.migration.handover import HandoverStream, is_socket
@@ -210,11 +208,8 @@ class SourceMigration:
         self.held_windows: dict[TcpConn, int] = {}
         """Frozen connections whose dump may have held the send window (sockstate,
         "Nothing new after the dump"): the window to give back if they thaw here."""
-        self.records: list[FlowRecord] = []
-        """Same-namespace only: the UDP listeners and datagram flows streamed, for a rollback."""
         self.timings: dict[str, float] = {}
         self._watchdog: trio.CancelScope | None = None
-        self.sockets_closed = False
         self.stream: Stream | None = None
         self.enc = StreamEncoder()
         self.precopied: dict[TcpConn, tuple[int, tuple[int, int], TcpGuestState]] = {}
@@ -735,8 +730,6 @@ class SourceMigration:
             # FLUSH_RECORDS (restore.BATCH), so each flush completes one there;
             # counting the header too, every batch waited for the next flush.
             unflushed += type(record) is TcpFlowRecord
-            if self.same_netns and record is not None and type(record) is not TcpFlowRecord:
-                self.records.append(record)
             if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS:
                 unflushed = 0
                 await flush()
@@ -750,10 +743,10 @@ class SourceMigration:
             if (proto, fwd.host_port) in seen:  # one record per forward, not per family
                 continue
             seen.add((proto, fwd.host_port))
-            # Same namespace: a TCP forward's listening sockets go too, their
-            # accept queues with them (the UDP ones are closed below).
-            hand_over = self.same_netns and proto == IPPROTO_TCP
-            handed = d.tcp.listening_sockets(fwd) if hand_over else []
+            # Same namespace: a forward's listening sockets go too, what waits
+            # in them (a TCP accept queue, UDP datagrams) with them.
+            flows = d.tcp if proto == IPPROTO_TCP else d.udp
+            handed = flows.listening_sockets(fwd) if self.same_netns else []
             fds.extend(sock.fileno() for sock in handed)
             rec = ListenerRecord(proto, fwd.bind, fwd.host_port, fwd.guest_port, len(handed))
             await emit(enc.flow(rec), rec)
@@ -784,6 +777,9 @@ class SourceMigration:
         now = trio.current_time()
         for udp in d.udp.entries(now):
             key = udp.key
+            sock = d.udp.flow_socket(key) if self.same_netns else None
+            if sock is not None:
+                fds.append(sock.fileno())
             rec_udp = UdpFlowRecord(
                 guest_addr=key.guest_addr,
                 guest_port=key.guest_port,
@@ -792,18 +788,20 @@ class SourceMigration:
                 idle=udp.idle,
                 listener_port=udp.listener_port,
                 host_port=udp.host_port,
+                handed_over=sock is not None,
             )
             await emit(enc.flow(rec_udp), rec_udp)
             counts["udp"] += 1
         for echo in d.icmp.entries(now):
             key = echo.key
-            rec_icmp = IcmpFlowRecord(key.guest_addr, key.guest_port, key.remote_addr, echo.idle)
+            sock = d.icmp.flow_socket(key) if self.same_netns else None
+            if sock is not None:
+                fds.append(sock.fileno())
+            rec_icmp = IcmpFlowRecord(
+                key.guest_addr, key.guest_port, key.remote_addr, echo.idle, sock is not None
+            )
             await emit(enc.flow(rec_icmp), rec_icmp)
             counts["icmp"] += 1
-        if self.same_netns:
-            d.udp.close_sockets_for_handover()
-            d.icmp.close_sockets_for_handover()
-            self.sockets_closed = True
         await emit(enc.trailer())
         await flush()
         await stream.aclose()
@@ -993,28 +991,10 @@ class SourceMigration:
                 self.kernel.reuse_after_repair_off([socket_of(c) for c in live])
             self.frozen.clear()
             self.held_windows.clear()
-        d.tcp.bound_queues(None)  # (a pre-copy's cap; restored ones below are fresh)
+        d.tcp.bound_queues(None)  # (a pre-copy's cap)
         d.take_over()
-        self.handed.clear()  # (still in the table, untouched: they carry on)
-        if self.same_netns and self.records:
-            # Same namespace: the datagram sockets closed for the target are
-            # bound again from the records, as the target would have.
-            restorer = restore.Restorer(d, self.repair_source, self.kernel)
-            try:
-                for rec in self.records:
-                    # (The TCP listeners were handed over: still here, as they were.)
-                    if self.sockets_closed and not (
-                        isinstance(rec, ListenerRecord) and rec.proto == IPPROTO_TCP
-                    ):
-                        await restorer.add(rec)
-                await restorer.finish()
-                await restorer.resume()
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await restorer.discard()
-                raise
-            self.roles.step(Event.ROLLED_BACK)
-            self.records.clear()
-        else:
-            await d.start()
-            self.roles.step(Event.ROLLED_BACK)
+        # Same namespace: every socket handed over is still in the tables,
+        # untouched (the target's references close with its discard).
+        self.handed.clear()
+        await d.start()
+        self.roles.step(Event.ROLLED_BACK)

@@ -125,15 +125,19 @@ __all__ = [
 
 MAGIC = int.from_bytes(b"FRRY", "little")
 """Header.magic: a little-endian fixed32 that reads "FRRY" on the wire."""
-STREAM_VERSION = 3
-"""The format version this ferryd writes (2: pre-copy; 3: handover)."""
+STREAM_VERSION = 4
+"""The format version this ferryd writes (2: pre-copy; 3: handover; 4: datagram
+sockets handed over too)."""
 MIN_COMPATIBLE_VERSION = 1
 """The oldest reader version that can read what this ferryd writes without pre-copy."""
 PRECOPY_VERSION = 2
 """The oldest reader version that understands pre-copy (its streams say so)."""
 HANDOVER_VERSION = 3
 """The oldest reader version that takes sockets handed over beside the stream."""
-READER_VERSION = 3
+DATAGRAM_HANDOVER_VERSION = 4
+"""The oldest that takes UDP and ping sockets so too: what this ferryd's handover
+streams say (a version 3 reader would bind their ports and find descriptors left)."""
+READER_VERSION = 4
 """This ferryd reads every stream whose min_compatible_version is at most this."""
 MAX_RECORD_SIZE = 64 << 20
 MAX_HEADER_SIZE = 64 << 10
@@ -254,7 +258,7 @@ class StreamEncoder:
         if self._state is not _EncoderState.NEW:
             raise RuntimeError("the stream's header was already written")
         if header.handover:
-            oldest = HANDOVER_VERSION
+            oldest = DATAGRAM_HANDOVER_VERSION
         else:
             oldest = PRECOPY_VERSION if header.precopy else MIN_COMPATIBLE_VERSION
         msg = header_to_proto(header, STREAM_VERSION, oldest, MAGIC)

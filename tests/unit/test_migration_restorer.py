@@ -14,8 +14,9 @@ import contextlib
 import dataclasses
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 
 import pytest
 import trio
@@ -30,11 +31,17 @@ from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import handover, restore
 from ferryd.migration.errors import StreamRejected
 from ferryd.migration.handover import HandoverStream
-from ferryd.migration.records import ListenerRecord, TcpFlowRecord
+from ferryd.migration.records import (
+    FlowRecord,
+    IcmpFlowRecord,
+    ListenerRecord,
+    TcpFlowRecord,
+    UdpFlowRecord,
+)
 from ferryd.migration.repair_client import RepairError
 from ferryd.migration.restore import Restorer
 from ferryd.migration.sockstate import PortInUse
-from ferryd.wire.ip import IPPROTO_TCP
+from ferryd.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from ferryd.wire.tcp import ACK, RST, SYN
 from testbed.wait import until
 from tests.unit.migration_host import FakeKernel, FakeRepair, MemoryHost, kernel_state_of
@@ -576,3 +583,96 @@ async def test_sockets_lost_on_the_way_in_fail_the_stream(
         with pytest.raises(StreamRejected, match="lost on the way in"):
             await stream.receive_some(16)
         await stream.aclose()
+
+
+# -- datagram sockets handed over (stream version 4)
+
+
+@contextlib.contextmanager
+def _datagram_flows() -> Iterator[tuple[list[socket.socket], list[FlowRecord], socket.socket]]:
+    """A UDP forward's listener on 127.0.0.1, an outbound UDP flow's socket connected to
+    a peer there, and an echo flow's ping socket toward it, as a source holds them,
+    each with its record (handed over); and the peer."""
+    with contextlib.ExitStack() as stack:
+        peer = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        peer.bind(("127.0.0.1", 0))
+        listening = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        listening.bind(("127.0.0.1", 0))
+        outbound = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        outbound.connect(peer.getsockname())
+        ping = stack.enter_context(
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        )
+        ping.connect(("127.0.0.1", 0))
+        records: list[FlowRecord] = [
+            ListenerRecord(
+                IPPROTO_UDP, IPv4Address("127.0.0.1"), listening.getsockname()[1], 53, 1
+            ),
+            UdpFlowRecord(
+                GUEST4, 40000, LOOPBACK, peer.getsockname()[1], 0.0,
+                host_port=outbound.getsockname()[1], handed_over=True,
+            ),
+            IcmpFlowRecord(GUEST4, 7, LOOPBACK, 0.0, handed_over=True),
+        ]  # fmt: skip
+        yield [listening, outbound, ping], records, peer
+
+
+async def test_handed_over_datagram_sockets_are_adopted_with_what_waits_in_them() -> None:
+    """No port is bound anew: the target reads the source's own sockets, and what
+    arrived while neither daemon read them reaches the guest after the resume."""
+    with _datagram_flows() as (socks, records, peer):
+        listening, outbound, ping = socks
+        peer.sendto(b"answer", outbound.getsockname())  # for the outbound flow
+        peer.sendto(b"inbound", listening.getsockname())  # to the forwarded port
+        ping.send(b"\x08\x00\x00\x00\x00\x07\x00\x01ping")  # its reply waits
+        async with handover_with(socks) as stream, restoring([]) as (host, _r, kernel, repair):
+            restorer = Restorer(host, repair, kernel, handover=stream)
+            for rec in records:
+                await restorer.add(rec)
+            await restorer.finish()
+            assert restorer.handed == {} and kernel.calls == [] and repair.calls == []
+            assert restorer.counts == {
+                "tcp": 0, "udp": 1, "icmp": 1, "listeners": 1, "reset": 0
+            }  # fmt: skip
+            ((fwd, addr, port),) = host.udp.listeners()
+            assert (fwd.guest_port, str(addr), port) == (53, "127.0.0.1", socks[0].getsockname()[1])
+            await restorer.resume()  # (MemoryHost's datagram flows read all along)
+            packets = await host.guest.wait_for(3)
+            payloads = sorted(bytes(p.payload[8:]) for p in packets)
+            assert payloads == [b"answer", b"inbound", b"ping"]
+            assert {p.dst for p in packets} == {GUEST4}
+        # The target's references closed; the source's sockets stand.
+        assert all(sock.fileno() >= 0 for sock in socks)
+
+
+async def test_a_handed_over_datagram_socket_connected_elsewhere_is_refused() -> None:
+    """This ferryd's own route for the flow must be the socket's peer; the stream fails,
+    and a discard closes only this ferryd's reference."""
+    with _datagram_flows() as (socks, records, peer):
+        _listening, outbound, _ping = socks
+        wrong = dataclasses.replace(records[1], remote_port=peer.getsockname()[1] + 1)
+        async with (
+            handover_with([outbound]) as stream,
+            restoring([]) as (host, _r, kernel, repair),
+        ):
+            restorer = Restorer(host, repair, kernel, handover=stream)
+            await restorer.add(wrong)
+            with pytest.raises(StreamRejected, match=r"is connected to 127\.0\.0\.1 port"):
+                await restorer.finish()
+            await restorer.discard()
+            assert host.udp.count() == 0 and restorer.handed == {}
+        outbound.send(b"still the source's")
+        assert peer.recv(64) == b"still the source's"
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+async def test_a_socket_of_the_wrong_kind_for_a_datagram_record_is_refused(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], which: int
+) -> None:
+    ours, _peer = host_pair  # a TCP socket where a UDP or ping socket is due
+    with _datagram_flows() as (_socks, records, _udp_peer):
+        async with handover_with([ours]) as stream, restoring([]) as (host, _r, kernel, repair):
+            restorer = Restorer(host, repair, kernel, handover=stream)
+            with pytest.raises(StreamRejected, match=r"is not a (UDP|ping \(ICMP\)) socket"):
+                await restorer.add(records[which])
+            assert restorer.handed == {} and stream.left() == 0

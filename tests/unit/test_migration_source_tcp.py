@@ -26,6 +26,7 @@ import trio
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.portspec import PortForward
+from ferryd.flows.table import FlowKey
 from ferryd.flows.tcp_conn import Endpoints, State, TcpConn, TcpGuestState
 from ferryd.flows.tcp_host import SocketHost
 from ferryd.migration import source as source_module
@@ -33,13 +34,18 @@ from ferryd.migration.errors import MigrationFailed
 from ferryd.migration.handover import HandoverStream
 from ferryd.migration.kernel_state import TcpKernelState
 from ferryd.migration.ports import RepairPort
-from ferryd.migration.records import ListenerRecord, TcpFlowRecord
+from ferryd.migration.records import (
+    IcmpFlowRecord,
+    ListenerRecord,
+    TcpFlowRecord,
+    UdpFlowRecord,
+)
 from ferryd.migration.repair_client import RepairUnavailable
 from ferryd.migration.roles import Role
 from ferryd.migration.source import SourceMigration
 from ferryd.migration.stream import StreamDecoder
 from ferryd.migration.stream_events import FlowReceived, PrecopyEnded, StreamEvent
-from ferryd.wire.ip import IPPROTO_TCP
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
 from testbed.wait import until
 from tests.unit.migration_host import (
     FakeKernel,
@@ -314,30 +320,37 @@ async def test_a_batch_of_tcp_flows_reaches_the_target_as_soon_as_it_is_dumped(
             assert (await mig.abort())["note"] == "rolled back, nothing lost"
 
 
-async def _receive_handover(sock: socket.socket) -> tuple[bytes, list[socket.socket]]:
+async def _receive_handover(
+    sock: socket.socket, protos: Sequence[int] | None
+) -> tuple[bytes, list[socket.socket]]:
     """Everything a same-namespace migration wrote into ``sock``'s peer, and the sockets
-    that came with it (as the target's HandoverStream takes them)."""
+    that came with it, as the target's HandoverStream takes them: of the protocols
+    ``protos`` names, in order (None: every one TCP)."""
     stream = HandoverStream(sock.detach())
     data = bytearray()
     while chunk := await stream.receive_some(65536):
         data += chunk
-    taken: list[socket.socket] = [stream.take() for _ in range(stream.left())]
+    kinds = [IPPROTO_TCP] * stream.left() if protos is None else protos
+    taken: list[socket.socket] = [
+        stream.take() if proto == IPPROTO_TCP else stream.take_datagram(proto) for proto in kinds
+    ]
+    assert stream.left() == 0
     await stream.aclose()
     return bytes(data), taken
 
 
 async def _migrate_in_one_namespace(
-    mig: SourceMigration,
+    mig: SourceMigration, protos: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], bytes, list[socket.socket]]:
     """migrate_out(same_netns=True) into a socket pair: its answer, the stream, and the
-    sockets that came with it."""
+    sockets that came with it (see _receive_handover)."""
     reader, writer = socket.socketpair()
     got: list[tuple[bytes, list[socket.socket]]] = []
     with reader:
         async with trio.open_nursery() as nursery:
 
             async def receive() -> None:
-                got.append(await _receive_handover(reader))
+                got.append(await _receive_handover(reader, protos))
 
             nursery.start_soon(receive)
             answer = await mig.migrate_out(writer.detach(), same_netns=True)
@@ -516,3 +529,43 @@ async def test_same_namespace_hands_a_forwards_listening_socket_over_and_keeps_i
         assert (await mig.abort())["note"] == "rolled back, nothing lost"
         assert host.tcp.listening_sockets(host.tcp.listeners()[0][0]) == [listening]
         assert listening.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+
+
+async def test_same_namespace_hands_the_datagram_sockets_over_and_a_rollback_keeps_them() -> None:
+    """A UDP forward's listener, an outbound UDP flow's socket and an echo flow's ping
+    socket go beside their records, in stream order, the very same sockets; nothing is
+    closed here, and a rollback carries on with every one."""
+    async with source(FakeKernel()) as (host, mig, _repair):
+        now = trio.current_time()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]  # a free port (forwards name theirs)
+        await host.udp.add_forward(PortForward(IPv4Address("127.0.0.1"), port, 53))
+        udp_key = FlowKey(IPPROTO_UDP, GUEST4, 40000, gateway_of(4), 9)
+        host.udp.restore_outbound(udp_key, None, None, now)  # to the host's loopback
+        echo_key = FlowKey(IPPROTO_ICMP, GUEST4, 7, gateway_of(4), 0)
+        host.icmp.restore(echo_key, now)
+        (listening,) = host.udp.listening_sockets(host.udp.listeners()[0][0])
+        ours = [listening, host.udp.flow_socket(udp_key), host.icmp.flow_socket(echo_key)]
+        answer, data, handed = await _migrate_in_one_namespace(
+            mig, [IPPROTO_UDP, IPPROTO_UDP, IPPROTO_ICMP]
+        )
+        assert (answer["flows"]["udp"], answer["flows"]["icmp"]) == (1, 1)
+        lst, udp, echo = [e.flow for e in decode_stream(data) if isinstance(e, FlowReceived)]
+        assert lst == ListenerRecord(IPPROTO_UDP, IPv4Address("127.0.0.1"), port, 53, 1)
+        assert isinstance(udp, UdpFlowRecord) and isinstance(echo, IcmpFlowRecord)
+        assert ours[1] is not None
+        host_port = ours[1].getsockname()[1]
+        assert udp == UdpFlowRecord(
+            GUEST4, 40000, gateway_of(4), 9, udp.idle, host_port=host_port, handed_over=True
+        )
+        assert echo == IcmpFlowRecord(GUEST4, 7, gateway_of(4), echo.idle, handed_over=True)
+        for mine, theirs in zip(ours, handed, strict=True):
+            assert mine is not None
+            with theirs:  # the same socket (one inode), not a twin bound next to it
+                assert os.fstat(theirs.fileno()).st_ino == os.fstat(mine.fileno()).st_ino
+        assert (await mig.abort())["note"] == "rolled back, nothing lost"
+        assert host.udp.listening_sockets(host.udp.listeners()[0][0]) == [listening]
+        assert host.udp.flow_socket(udp_key) is ours[1]
+        assert host.icmp.flow_socket(echo_key) is ours[2]
+        assert all(sock is not None and sock.fileno() >= 0 for sock in ours)

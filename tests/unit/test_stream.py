@@ -482,7 +482,7 @@ def test_version_too_new_is_refused_before_any_flow() -> None:
     dec = StreamDecoder()
     with pytest.raises(StreamError) as info:
         dec.feed_untrusted(data)
-    assert str(info.value) == "stream version 7 needs a reader ≥ 5; this ferryd reads 3"
+    assert str(info.value) == "stream version 7 needs a reader ≥ 5; this ferryd reads 4"
 
 
 def test_newer_version_readable_by_us_is_accepted() -> None:
@@ -745,21 +745,46 @@ def _handed_tcp() -> TcpFlowRecord:
     return replace(idle_tcp(), kernel=None, handed_over=True)
 
 
-def test_a_handover_round_trips_and_needs_a_version_3_reader() -> None:
+GUEST4 = IPv4Address("10.77.0.1")
+PEER4 = IPv4Address("93.184.216.34")
+
+
+def _handed_datagrams() -> list[FlowRecord]:
+    return [
+        UdpFlowRecord(GUEST4, 5353, PEER4, 53, 1.5, host_port=40000, handed_over=True),
+        IcmpFlowRecord(GUEST4, 7, PEER4, 0.5, handed_over=True),
+        ListenerRecord(17, None, 5353, 53, 2),
+    ]
+
+
+def test_a_handover_round_trips_and_needs_a_version_4_reader() -> None:
     header = replace(HEADER, handover=True)
     enc = StreamEncoder()
-    data = enc.header(header) + enc.flow(_handed_tcp()) + enc.trailer()
+    flows = [_handed_tcp(), *_handed_datagrams()]
+    data = enc.header(header) + b"".join(enc.flow(f) for f in flows) + enc.trailer()
     dec = StreamDecoder()
     events = dec.feed_untrusted(data)
     dec.eof()
-    assert events[0] == HeaderReceived(header, STREAM_VERSION, 3)
-    assert events[1] == FlowReceived(_handed_tcp(), 0)
+    # (Version 3 readers took TCP sockets only: they would bind the datagram ports.)
+    assert events[0] == HeaderReceived(header, STREAM_VERSION, 4)
+    assert events[1:-1] == [FlowReceived(f, i) for i, f in enumerate(flows)]
+
+
+def test_a_version_3_handover_is_still_read() -> None:
+    """A source one release older (an in-place upgrade) writes min_compatible_version 3."""
+    dec = StreamDecoder()
+    (event,) = dec.feed_untrusted(header_bytes(version=3, min_compatible_version=3, handover=True))
+    assert isinstance(event, HeaderReceived) and event.header.handover
 
 
 def test_a_handed_over_flow_outside_a_handover_is_refused() -> None:
     bare = replace(HEADER, ipv4=None, ipv6=None)  # (the guest's address written out)
     flow = _frame(2, flow_to_proto(_handed_tcp(), bare).SerializeToString())
     refused(header_bytes() + flow, "handed-over socket in a stream that is not a handover")
+    for rec in _handed_datagrams()[:2]:
+        field = 3 if isinstance(rec, UdpFlowRecord) else 4
+        flow = _frame(field, flow_to_proto(rec, bare).SerializeToString())
+        refused(header_bytes() + flow, "handed-over socket in a stream that is not a handover")
 
 
 def test_a_handover_that_older_readers_could_read_is_refused() -> None:
@@ -775,7 +800,7 @@ def test_a_handover_carries_no_precopy_and_no_socket_state() -> None:
         replace(idle_tcp(), kernel=None, handshake=True, handed_over=True)
 
 
-def test_handed_over_listeners_only_in_a_handover_and_only_tcp() -> None:
+def test_handed_over_listeners_only_in_a_handover() -> None:
     rec = ListenerRecord(6, None, 8080, 80, 2)
     header = replace(HEADER, handover=True)
     enc = StreamEncoder()
@@ -785,7 +810,7 @@ def test_handed_over_listeners_only_in_a_handover_and_only_tcp() -> None:
     assert events[1] == FlowReceived(rec, 0)
     flow = _frame(5, flow_to_proto(rec, HEADER).SerializeToString())
     refused(header_bytes() + flow, "handed-over sockets in a stream that is not a handover")
-    with pytest.raises(ValueError, match="0, or 1-2 for TCP"):
-        ListenerRecord(17, None, 8080, 80, 1)
-    with pytest.raises(ValueError, match="0, or 1-2 for TCP"):
+    with pytest.raises(ValueError, match="0, 1 or 2"):
         ListenerRecord(6, None, 8080, 80, 3)
+    with pytest.raises(ValueError, match="inbound flow's socket handed over"):
+        UdpFlowRecord(GUEST4, 5353, PEER4, 53, 1.5, listener_port=53, handed_over=True)
