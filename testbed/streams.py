@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -282,3 +283,57 @@ class UdpExchange:
     def close(self) -> None:
         self.client.stop()
         self.server.stop()
+
+
+class UdpFlood:
+    """Numbered datagrams without resending, counted at the other end (streamtool's
+    ``udpflood`` and ``udpcount``): what a migration loses shows as missing.
+
+    ``inbound``: the peer floods ``addr``:``port`` (a forwarded port of the
+    host) and the guest counts on ``port``; else the guest says hello to the
+    peer at ``addr``:``port`` (an outbound flow) and the peer floods it back.
+    """
+
+    def __init__(self, peer_ns: Netns, guest_ns: Netns, addr: str, port: int, *, inbound: bool):
+        any_addr = "::" if ":" in addr else "0.0.0.0"
+        if inbound:
+            self.counter = Tool(guest_ns, "udpcount", "listen", any_addr, str(port))
+            self.counter.wait_line(lambda line: "listening" in line, "listening")
+            self.flood = Tool(peer_ns, "udpflood", "to", addr, str(port))
+        else:
+            self.flood = Tool(peer_ns, "udpflood", "reply", any_addr, str(port))
+            self.flood.wait_line(lambda line: "listening" in line, "listening")
+            self.counter = Tool(guest_ns, "udpcount", "hello", addr, str(port))
+        self._reports = 0
+
+    def received(self) -> int:
+        self._reports += 1
+        self.counter.command("report")
+        lines = self.counter.wait_lines(lambda line: "missing" in line, self._reports, "a count")
+        got: int = lines[-1]["received"]
+        return got
+
+    def wait_more(self, count: int, what: str) -> None:
+        mark = self.received()
+        wait_for(
+            lambda: self.received() >= mark + count,
+            timeout=WAIT_SECONDS,
+            interval=0.1,
+            what=f"{count} more datagrams {what}",
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """Stop the flood, wait until the count stops growing; the flood's sent and the
+        counter's received and missing."""
+        self.flood.command("stop")
+        sent: int = self.flood.wait_line(lambda line: "done" in line, "the flood's end")["sent"]
+        deadline = time.monotonic() + 10
+        while self.received() < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.counter.command("stop")
+        final = self.counter.wait_line(lambda line: bool(line.get("done")), "the final count")
+        return {"sent": sent, "received": final["received"], "missing": final["missing"]}
+
+    def close(self) -> None:
+        self.flood.stop()
+        self.counter.stop()

@@ -53,26 +53,41 @@ UDP: ``udpecho ADDR PORT`` answers each datagram with itself;
 longest wait for one echo, which spans any migration) and exits 1 if an
 echo came back altered or one datagram went unanswered for :data:`UDP_GIVE_UP` s.
 
+UDP without resending, to count what a migration loses: ``udpflood to ADDR
+PORT`` sends numbered datagrams there, one every :data:`UDP_FLOOD_INTERVAL` s;
+``udpflood reply ADDR PORT`` binds there and floods whoever sent it the first
+datagram; ``stop`` on stdin ends either, which prints ``{"done": true,
+"sent": N}``. ``udpcount listen ADDR PORT`` binds there and counts the
+numbered datagrams it gets; ``udpcount hello ADDR PORT`` says hello to a
+``udpflood reply`` until its first datagram comes, then counts; ``report``
+prints ``{"received": R, "missing": M}`` (M: numbers below the highest seen
+that never came), ``stop`` the same with ``"done": true``.
+
 Usage:
   ``streamtool.py server ADDR PORT``
   ``streamtool.py client ADDR PORT SPEC [SPEC ...]``
   ``streamtool.py udpecho ADDR PORT``
   ``streamtool.py udp ADDR PORT``
+  ``streamtool.py udpflood to|reply ADDR PORT``
+  ``streamtool.py udpcount listen|hello ADDR PORT``
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import resource
+import select
 import selectors
 import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Length of the pattern: a prime, so that no natural chunk size divides it.
 PERIOD = 1_048_573
@@ -678,6 +693,76 @@ def udp_client(addr: str, port: int) -> int:
     return 0 if ok else 1
 
 
+UDP_FLOOD_INTERVAL = 0.002
+
+
+def _stdin_says(buf: bytearray) -> set[str]:
+    """The commands (``report``, ``stop``) that arrived on stdin since the last call."""
+    with contextlib.suppress(BlockingIOError):
+        buf += os.read(sys.stdin.fileno(), 4096)
+    lines = buf[: buf.rfind(b"\n") + 1]  # (complete lines only: a word may come in halves)
+    del buf[: len(lines)]
+    return {word for word in ("report", "stop") if word.encode() in lines}
+
+
+def udp_flood(mode: str, addr: str, port: int) -> int:
+    sock = socket.socket(_family(addr), socket.SOCK_DGRAM)
+    dest: Any = (addr, port)
+    if mode == "reply":
+        sock.bind(dest)
+        _emit(listening=port)
+        _, dest = sock.recvfrom(65535)
+    sock.setblocking(False)
+    os.set_blocking(sys.stdin.fileno(), False)
+    buf = bytearray()
+    index, due = 0, time.monotonic()
+    while "stop" not in _stdin_says(buf):
+        now = time.monotonic()
+        if now >= due:
+            due += UDP_FLOOD_INTERVAL
+            with contextlib.suppress(BlockingIOError):  # (sent on the next turn)
+                sock.sendto(index.to_bytes(8, "big") + bytes(56), dest)
+                index += 1
+        select.select([sys.stdin.fileno()], [], [], max(0.0, due - time.monotonic()))
+    _emit(done=True, sent=index)
+    return 0
+
+
+def udp_count(mode: str, addr: str, port: int) -> int:
+    sock = socket.socket(_family(addr), socket.SOCK_DGRAM)
+    if mode == "listen":
+        sock.bind((addr, port))
+    else:
+        sock.connect((addr, port))
+    sock.setblocking(False)
+    os.set_blocking(sys.stdin.fileno(), False)
+    _emit(listening=port)
+    seen: set[int] = set()
+    buf = bytearray()
+    hello_at = 0.0
+    while True:
+        said = _stdin_says(buf)
+        if said:
+            missing = max(seen) + 1 - len(seen) if seen else 0
+            if "stop" in said:
+                _emit(done=True, received=len(seen), missing=missing)
+                return 0
+            _emit(received=len(seen), missing=missing)
+        if mode == "hello" and not seen and time.monotonic() >= hello_at:
+            hello_at = time.monotonic() + 0.1
+            with contextlib.suppress(OSError):  # refused until the flood listens
+                sock.send(b"hello")
+        select.select([sock, sys.stdin.fileno()], [], [], 0.05)
+        while True:
+            try:
+                data = sock.recv(65535)
+            except BlockingIOError:
+                break
+            except OSError:  # an ICMP error for a hello (ECONNREFUSED): said again
+                continue
+            seen.add(int.from_bytes(data[:8], "big"))
+
+
 def reply_done(index: int, payload: bytes) -> bool:
     """On stop: the last datagram sent was answered (index moved past it)."""
     return int.from_bytes(payload[:8], "big") < index
@@ -694,6 +779,10 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) == 3 and argv[0] == "udp":
         return udp_client(argv[1], int(argv[2]))
+    if len(argv) == 4 and argv[0] == "udpflood" and argv[1] in ("to", "reply"):
+        return udp_flood(argv[1], argv[2], int(argv[3]))
+    if len(argv) == 4 and argv[0] == "udpcount" and argv[1] in ("listen", "hello"):
+        return udp_count(argv[1], argv[2], int(argv[3]))
     print(__doc__, file=sys.stderr)
     return 2
 
