@@ -26,7 +26,10 @@ connection to it failed mid-freeze, or ferry-repair was restarted or is
 down. The rollback reaches it anew (the repair client reconnects), and if
 it still cannot, nothing is claimed: the frozen connections stay frozen
 (their peers keep retransmitting into the drop-all filter, nothing is lost
-yet), the role says ``rollback-pending``, ``status`` shows why, the
+yet) and held (TcpFlows.hold: the guest's segments for them are dropped,
+and it resends them), while everything else of the guest is served again:
+the data path starts before the thaw, since only the thaw needs the
+helper. The role says ``rollback-pending``, ``status`` shows why, the
 rollback is retried in the background (:data:`ROLLBACK_RETRY_MAX` apart at
 most) and by every ``migrate-abort``. ``migrate-abort`` acts in every
 source state short of the end: it stops a pre-copy or a freeze in
@@ -237,6 +240,9 @@ class SourceMigration:
         here when the linger ends; a rollback carries on with them)."""
         self.rollback_error: str | None = None
         """Why the last rollback attempt could not complete; None once one did."""
+        self._serving = False
+        """A rollback attempt started the data path again; only the frozen TCP
+        connections (held) wait for the helper's thaw."""
         self.rollback_attempts = 0
         self._linger_scope: trio.CancelScope | None = None
         self.t_freeze: float | None = None
@@ -977,24 +983,35 @@ class SourceMigration:
             self._retrying = False
 
     async def _rollback_steps(self) -> None:
+        """The data path first, every flow but the frozen TCP connections served again
+        (they are held, TcpFlows.hold); then those thawed through the helper and
+        released. An attempt that cannot reach the helper leaves the guest served
+        but for those (``rollback-pending``), and the next one only thaws."""
         d = self.host
-        await d.stop()  # a freeze cancelled half-way: let it end first
+        if not self._serving:
+            await d.stop()  # a freeze cancelled half-way: let it end first
+            d.tcp.bound_queues(None)  # (a pre-copy's cap)
+            d.take_over()
+            # Same namespace: every socket handed over is still in the tables,
+            # untouched (the target's references close with its discard).
+            self.handed.clear()
+            # In repair mode a send fails and a peek reads nothing: until the
+            # thaw they are left alone, their guest segments dropped (resent).
+            d.tcp.hold([c for c in self.frozen if socket_of(c).fileno() >= 0])
+            await d.start()
+            self._serving = True
         if self.frozen:
             live = [c for c in self.frozen if socket_of(c).fileno() >= 0]
             if live:
                 for conn in live:
-                    if (snd_wnd := self.held_windows.get(conn)) is not None:
+                    if (snd_wnd := self.held_windows.pop(conn, None)) is not None:
                         self.kernel.reopen_send_window(socket_of(conn), snd_wnd)
                 repair = self.repair = await self.repair_source.get()
                 await repair.set_repair([socket_of(c) for c in live], RepairMode.OFF)  # and thaws
                 # (Repair OFF cleared their SO_REUSEADDR: back, as on a target.)
                 self.kernel.reuse_after_repair_off([socket_of(c) for c in live])
+            d.tcp.release(self.frozen, trio.current_time())
             self.frozen.clear()
             self.held_windows.clear()
-        d.tcp.bound_queues(None)  # (a pre-copy's cap)
-        d.take_over()
-        # Same namespace: every socket handed over is still in the tables,
-        # untouched (the target's references close with its discard).
-        self.handed.clear()
-        await d.start()
+        self._serving = False
         self.roles.step(Event.ROLLED_BACK)

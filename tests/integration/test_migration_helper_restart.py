@@ -227,8 +227,9 @@ def test_helper_down_during_rollback(two_hosts: MigrationBed, helper: Helper, fi
     """Frozen, the helper stops, the migration is aborted: the rollback cannot complete.
 
     The source says so (exit 1, "rollback incomplete"), shows it in status,
-    and once the helper is back a migrate-abort (or its own retry) finishes
-    the rollback with every connection intact.
+    serves the guest meanwhile but for the frozen connections (a new one
+    flows), and once the helper is back a migrate-abort (or its own retry)
+    finishes the rollback with every connection intact.
     """
     bed = two_hosts
     source, target = _start_pair(bed, helper)
@@ -254,6 +255,13 @@ def test_helper_down_during_rollback(two_hosts: MigrationBed, helper: Helper, fi
         status = source.request("status")
         assert status["role"] == "rollback-pending"
         assert "repair helper" in status["migration"]["rollback_error"]
+        # Meanwhile the guest is served, but for its frozen connections: a new one flows.
+        fresh = Streams(bed.peer, bed.guest, "::", bed.peer_v4, 9721, "busy:1")
+        try:
+            fresh.wait_flowing("busy", 1 << 20, "while the rollback waits for the helper")
+            fresh.finish()
+        finally:
+            fresh.close()
         helper.start()
         if finish == "migrate-abort":
             again = _ctl(source, "migrate-abort")

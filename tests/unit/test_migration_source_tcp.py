@@ -569,3 +569,37 @@ async def test_same_namespace_hands_the_datagram_sockets_over_and_a_rollback_kee
         assert host.udp.flow_socket(udp_key) is ours[1]
         assert host.icmp.flow_socket(echo_key) is ours[2]
         assert all(sock is not None and sock.fileno() >= 0 for sock in ours)
+
+
+async def test_a_rollback_that_cannot_reach_the_helper_serves_the_guest_meanwhile(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    """The helper gone at the rollback: the data path serves the guest again at once,
+    the frozen connection held (rollback-pending: nothing of its socket is read, its
+    guest segments are dropped) until an attempt reaches the helper, which then only
+    thaws and releases it."""
+    ours, peer = host_pair
+    fd = ours.fileno()
+    repair = _Counting()
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(FakeKernel(), repair) as (host, mig, _repair):
+            conn = _adopt(host, ours)
+            await mig.migrate_out(writer.detach(), same_netns=False)
+            repair.reachable = False
+            assert not await mig.rollback()
+            assert role_of(mig) is Role.ROLLBACK_PENDING
+            assert host.calls[-2:] == ["take_over", "start"] and host.running
+            host.tcp.attach(host.nursery)  # what the data path's start() does
+            peer.sendall(b"after the thaw")
+            await trio.sleep(0.05)
+            assert host.tcp_guest.segments == []  # held: its socket is left alone
+            repair.reachable = True
+            assert await mig.rollback()
+            assert role_of(mig) is Role.RUNNING
+            assert repair.calls[-1] == (RepairMode.OFF, [fd])
+            assert host.calls.count("start") == 1  # the data path ran on throughout
+            segments = host.tcp_guest.segments
+            await until(lambda: any(s.payload for s in segments), what="the peer's bytes")
+            assert b"".join(s.payload for s in segments) == b"after the thaw"
+            assert not conn.closed
