@@ -95,6 +95,7 @@ class DatagramFlows(Generic[H]):
         self.drops: Counter[str] = Counter()
         """Datagrams dropped or ignored, by reason (for status and tests)."""
         self._buf = bytearray(RECV_SIZE)
+        self._log = logger
         self._throttle = LogThrottle(logger)
         self._closed = False
 
@@ -150,16 +151,20 @@ class DatagramFlows(Generic[H]):
         trio.lowlevel.notify_closing(handle.sock)
         handle.sock.close()
 
-    def _handed_local(
-        self, key: FlowKey, sock: socket.socket, port: int | None
-    ) -> tuple[IpAddress, int]:
-        """The local address and port of a socket handed over for ``key``'s flow
-        (ferryd.migration.handover), made non-blocking as every socket of the data
-        path, once it is found connected to ``port`` where this ferryd's own rules
-        send the flow (AdoptionRefused if not). ``port`` None: a ping socket, whose
-        peer cannot be read back (getpeername() says ENOTCONN for a peer port of 0,
-        inet_getname), is connected there again instead: it sends where this
-        ferryd's rules say, whatever the source had."""
+    def _adopt(
+        self, key: FlowKey, handle: H, sock: socket.socket, port: int | None, state: str, now: float
+    ) -> Flow[H] | None:
+        """A flow for ``key`` on ``handle``, whose socket ``sock`` a migration handed over
+        (ferryd.migration.handover); made non-blocking, as every socket of the data path.
+
+        It must be connected to ``port`` where this ferryd's own rules send the
+        flow (AdoptionRefused if not: the caller keeps the socket). ``port``
+        None: a ping socket, whose peer cannot be read back (getpeername() says
+        ENOTCONN for a peer port of 0, inet_getname), is connected there again
+        instead: it sends where this ferryd's rules say, whatever the source had.
+        None, and the socket closed, when the table has no room (the flow is
+        dropped, as a restore that cannot open it).
+        """
         target = self._destinations.policy.route(key.remote_addr)
         if isinstance(target, Refusal):
             raise AdoptionRefused(f"{self.kind} flow to {key.remote_addr}: {target.value}")
@@ -180,7 +185,14 @@ class DatagramFlows(Generic[H]):
                 f"{self.kind} flow to {key.remote_addr}: the socket handed over is connected"
                 f" to {peer[0]} port {peer[1]}, not {target} port {port}"
             )
-        return strip_scope(local[0]), local[1]
+        try:
+            return self.table.add(
+                key, handle, now, state=state, host_addr=strip_scope(local[0]), host_port=local[1]
+            )
+        except FlowLimitReached as exc:
+            self._log.info("%s flow %s not taken over: %s", self.kind, key, exc)
+            sock.close()
+            return None
 
     def _new_socket(self, family: int, proto: int = 0) -> socket.socket:
         """A datagram socket for a new flow (see :func:`open_flow_socket`)."""

@@ -221,17 +221,10 @@ class IcmpFlows(DatagramFlows[_Echo]):
         """Take a migrated echo flow's ping socket over (handed over in one namespace,
         replies waiting in it included), connected again to this ferryd's route for
         the flow; as UdpFlows.adopt_outbound otherwise."""
-        host_addr, host_port = self._handed_local(key, sock, None)
         handle = _Echo(sock)
-        try:
-            flow = self.table.add(
-                key, handle, now, state="echo", host_addr=host_addr, host_port=host_port
-            )
-        except FlowLimitReached as exc:
-            log.info("ICMP echo flow %s id %d: %s", key.guest_addr, key.guest_port, exc)
-            sock.close()
-            return
-        self._spawn(flow, handle)
+        flow = self._adopt(key, handle, sock, None, "echo", now)
+        if flow is not None:
+            self._spawn(flow, handle)
 
     async def _reader(self, flow: Flow[_Echo], handle: _Echo) -> None:
         with handle.scope:

@@ -541,17 +541,10 @@ class UdpFlows(DatagramFlows[_Handle]):
         waiting in it. Raises AdoptionRefused if it is not connected where this
         ferryd routes the flow (``sock`` stays the caller's); owns it otherwise
         (a full table drops the flow, as restore_outbound)."""
-        host_addr, host_port = self._handed_local(key, sock, key.remote_port)
         handle = _Outbound(sock)
-        try:
-            flow = self.table.add(
-                key, handle, now, state="outbound", host_addr=host_addr, host_port=host_port
-            )
-        except FlowLimitReached as exc:
-            log.info("UDP flow %s:%d not taken over: %s", key.guest_addr, key.guest_port, exc)
-            sock.close()
-            return
-        self._spawn_outbound(flow, handle)
+        flow = self._adopt(key, handle, sock, key.remote_port, "outbound", now)
+        if flow is not None:
+            self._spawn_outbound(flow, handle)
 
     def listening_sockets(self, fwd: PortForward) -> list[socket.socket]:
         """The sockets listening for ``fwd`` (one per family), for a migration to hand over."""

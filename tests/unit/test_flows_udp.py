@@ -15,6 +15,7 @@ import trio
 
 from ferryd.flows.common import peer_as_seen_by_guest
 from ferryd.flows.portspec import ForwardError, PortForward
+from ferryd.flows.table import FlowKey
 from ferryd.flows.udp import UdpFlows
 from ferryd.wire.icmp import parse_icmp_untrusted
 from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, IpAddress
@@ -420,3 +421,20 @@ async def test_datagrams_to_the_host_itself_are_refused(dst: str) -> None:
         assert (icmp.type, icmp.code) == ((3, 13) if target.version == 4 else (1, 1))
         assert len(flows.table) == 0
         assert flows.drops["refused"] == 1
+
+
+async def test_an_adopted_socket_without_room_drops_its_flow() -> None:
+    """A migration's socket handed over when the table is full: the flow is dropped
+    and this reference closed (as a restore that cannot open it), nothing raised."""
+    async with udp_flows(limit=1) as (flows, _guest):
+        peer = await server(4)
+        mine = []
+        for guest_port in (40000, 40001):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect(("127.0.0.1", port_of(peer)))
+            key = FlowKey(IPPROTO_UDP, GUEST4, guest_port, gateway_of(4), port_of(peer))
+            flows.adopt_outbound(key, sock, trio.current_time())
+            mine.append(sock)
+        assert flows.count() == 1
+        assert mine[0].fileno() >= 0 and mine[1].fileno() < 0
+        peer.close()
