@@ -736,7 +736,10 @@ class SourceMigration:
             # FLUSH_RECORDS (restore.BATCH), so each flush completes one there;
             # counting the header too, every batch waited for the next flush.
             unflushed += type(record) is TcpFlowRecord
-            if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS:
+            # One sendmsg() carries at most SCM_MAX_FD (253) descriptors
+            # (include/net/scm.h; more is EINVAL): a chunk holds at most
+            # FLUSH_RECORDS, plus the one or two of the record just added.
+            if len(out) >= CHUNK or unflushed >= FLUSH_RECORDS or len(fds) >= FLUSH_RECORDS:
                 unflushed = 0
                 await flush()
 

@@ -603,3 +603,18 @@ async def test_a_rollback_that_cannot_reach_the_helper_serves_the_guest_meanwhil
             await until(lambda: any(s.payload for s in segments), what="the peer's bytes")
             assert b"".join(s.payload for s in segments) == b"after the thaw"
             assert not conn.closed
+
+
+async def test_same_namespace_hands_hundreds_of_datagram_sockets_over() -> None:
+    """A chunk carries at most FLUSH_RECORDS descriptors, whatever kind of record
+    they come with: one sendmsg() takes no more than SCM_MAX_FD (253)."""
+    async with source(FakeKernel()) as (host, mig, _repair):
+        now = trio.current_time()
+        for guest_port in range(40000, 40300):
+            key = FlowKey(IPPROTO_UDP, GUEST4, guest_port, gateway_of(4), 9)
+            host.udp.restore_outbound(key, None, None, now)
+        assert host.udp.count() == 300
+        answer, _data, handed = await _migrate_in_one_namespace(mig, [IPPROTO_UDP] * 300)
+        assert answer["flows"]["udp"] == 300 and len(handed) == 300
+        for sock in handed:
+            sock.close()
