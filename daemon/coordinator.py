@@ -183,7 +183,7 @@ def _hand_over_pipe(
     copies are closed as soon as each request is sent: the target sees the
     end of the stream when the source closes the last write end. Between
     network namespaces the stream is a pipe; within one (``same_netns``) it
-    is a Unix socket pair, which carries the TCP sockets themselves
+    is a Unix socket pair, which carries the sockets themselves
     (ferryd.migration.handover).
     """
     if args.get("same_netns"):
