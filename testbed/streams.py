@@ -323,16 +323,21 @@ class UdpFlood:
         )
 
     def finish(self) -> dict[str, Any]:
-        """Stop the flood, wait until the count stops growing; the flood's sent and the
-        counter's received and missing."""
+        """Stop the flood and wait until its last datagram came (10 s at most): the
+        flood's count ``sent`` and the counter's final line (first, last, missing)."""
         self.flood.command("stop")
         sent: int = self.flood.wait_line(lambda line: "done" in line, "the flood's end")["sent"]
         deadline = time.monotonic() + 10
-        while self.received() < sent and time.monotonic() < deadline:
+        while self._last() != sent - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         self.counter.command("stop")
         final = self.counter.wait_line(lambda line: bool(line.get("done")), "the final count")
-        return {"sent": sent, "received": final["received"], "missing": final["missing"]}
+        return {"sent": sent, **{k: final[k] for k in ("received", "first", "last", "missing")}}
+
+    def _last(self) -> int | None:
+        self.received()
+        last: int | None = self.counter.lines[-1]["last"]
+        return last
 
     def close(self) -> None:
         self.flood.stop()

@@ -60,8 +60,9 @@ datagram; ``stop`` on stdin ends either, which prints ``{"done": true,
 "sent": N}``. ``udpcount listen ADDR PORT`` binds there and counts the
 numbered datagrams it gets; ``udpcount hello ADDR PORT`` says hello to a
 ``udpflood reply`` until its first datagram comes, then counts; ``report``
-prints ``{"received": R, "missing": M}`` (M: numbers below the highest seen
-that never came), ``stop`` the same with ``"done": true``.
+prints ``{"received": R, "first": F, "last": L, "missing": M}`` (F and L:
+the lowest and highest number seen, M: the numbers between them that never
+came), ``stop`` the same with ``"done": true``.
 
 Usage:
   ``streamtool.py server ADDR PORT``
@@ -743,11 +744,14 @@ def udp_count(mode: str, addr: str, port: int) -> int:
     while True:
         said = _stdin_says(buf)
         if said:
-            missing = max(seen) + 1 - len(seen) if seen else 0
+            counts = {"received": len(seen), "missing": 0, "first": None, "last": None}
+            if seen:
+                first, last = min(seen), max(seen)
+                counts.update(first=first, last=last, missing=last - first + 1 - len(seen))
             if "stop" in said:
-                _emit(done=True, received=len(seen), missing=missing)
+                _emit(done=True, **counts)
                 return 0
-            _emit(received=len(seen), missing=missing)
+            _emit(**counts)
         if mode == "hello" and not seen and time.monotonic() >= hello_at:
             hello_at = time.monotonic() + 0.1
             with contextlib.suppress(OSError):  # refused until the flood listens
