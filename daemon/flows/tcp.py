@@ -74,7 +74,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import trio
@@ -810,7 +810,7 @@ class TcpFlows:
                     f"a TCP socket handed over for port {fwd.host_port} is not listening on it"
                 )
             sock.setblocking(False)
-            adopted.append(_Listener(sock, fwd, ip_address(host.partition("%")[0]), port))
+            adopted.append(_Listener(sock, fwd, strip_scope(host), port))
         for lst in adopted:
             self._listeners.append(lst)
             if self._nursery is not None:

@@ -47,15 +47,14 @@ socket silently and leaves nothing behind.
 
 from __future__ import annotations
 
-import functools
 import logging
 import socket
 from collections.abc import Callable
-from ipaddress import ip_address
 from typing import TypeVar
 
 import trio
 
+from ferryd.flows.common import strip_scope
 from ferryd.flows.datagram import AdoptionRefused
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
@@ -78,7 +77,7 @@ from ferryd.migration.records import (
 )
 from ferryd.migration.repair_client import RepairMode
 from ferryd.migration.sockstate import PortInUse, queues_empty
-from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IpAddress
+from ferryd.wire.ip import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP
 
 log = logging.getLogger("ferryd.migration")
 
@@ -100,13 +99,6 @@ BATCH = 64
 #: migration fails as before and the source resumes.
 BIND_PATIENCE = 0.05
 BIND_RETRY = 0.001
-
-
-@functools.lru_cache(maxsize=1024)
-def _peer_address(text: str) -> IpAddress:
-    """A handed-over socket's getpeername() address, parsed once (a stream names the
-    same few peers a thousand times), without a scope id, as sockstate's dump."""
-    return ip_address(text.partition("%")[0])
 
 
 _S = TypeVar("_S", bound=socket.socket)
@@ -256,7 +248,7 @@ class Restorer:
             pass  # reset meanwhile: connected to nothing, its flow ends in the data path
         else:
             # The target's own destination rules, as for a record's kernel state.
-            self._admission.check_connected(self.d.policy, rec, _peer_address(peer[0]), peer[1])
+            self._admission.check_connected(self.d.policy, rec, strip_scope(peer[0]), peer[1])
         try:
             timestamp = sock.timestamp()
         except OSError:  # (a socket that failed: its flow ends in the data path)
