@@ -21,7 +21,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import trio
 
@@ -168,23 +168,20 @@ class DatagramFlows(Generic[H]):
         target = self._destinations.policy.route(key.remote_addr)
         if isinstance(target, Refusal):
             raise AdoptionRefused(f"{self.kind} flow to {key.remote_addr}: {target.value}")
+        what = f"{self.kind} flow to {key.remote_addr}: the socket handed over"
         try:
             sock.setblocking(False)
             if port is None:
                 sock.connect(sockaddr(target, 0))
-                peer: tuple[Any, ...] = (str(target), 0)
             else:
                 peer = sock.getpeername()
+                if strip_scope(peer[0]) != target or peer[1] != port:
+                    raise AdoptionRefused(
+                        f"{what} is connected to {peer[0]} port {peer[1]}, not {target} port {port}"
+                    )
             local = sock.getsockname()
         except OSError as exc:
-            raise AdoptionRefused(
-                f"{self.kind} flow to {key.remote_addr}: the socket handed over: {exc}"
-            ) from None
-        if strip_scope(peer[0]) != target or peer[1] != (port or 0):
-            raise AdoptionRefused(
-                f"{self.kind} flow to {key.remote_addr}: the socket handed over is connected"
-                f" to {peer[0]} port {peer[1]}, not {target} port {port}"
-            )
+            raise AdoptionRefused(f"{what}: {exc}") from None
         try:
             return self.table.add(
                 key, handle, now, state=state, host_addr=strip_scope(local[0]), host_port=local[1]
