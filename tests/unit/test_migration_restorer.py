@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -676,3 +677,33 @@ async def test_a_socket_of_the_wrong_kind_for_a_datagram_record_is_refused(
             with pytest.raises(StreamRejected, match=r"is not a (UDP|ping \(ICMP\)) socket"):
                 await restorer.add(records[which])
             assert restorer.handed == {} and stream.left() == 0
+
+
+@pytest.mark.parametrize(
+    ("unfit", "error"),
+    [("connected", "is connected: not a listener"), ("another port", "is bound to 127.0.0.1")],
+)
+async def test_a_handed_over_udp_listener_that_does_not_fit_is_refused(
+    unfit: str, error: str
+) -> None:
+    """A UDP socket handed over for a forward must be unconnected and on the forward's
+    port; else the restore fails, and a discard closes this ferryd's reference only."""
+    with _datagram_flows() as (socks, records, peer):
+        listening = socks[0]
+        rec = records[0]
+        assert isinstance(rec, ListenerRecord)
+        if unfit == "connected":
+            listening.connect(peer.getsockname())
+        else:
+            rec = dataclasses.replace(rec, host_port=peer.getsockname()[1])
+        async with (
+            handover_with([listening]) as stream,
+            restoring([]) as (host, _r, kernel, repair),
+        ):
+            restorer = Restorer(host, repair, kernel, handover=stream)
+            await restorer.add(rec)
+            with pytest.raises(ForwardError, match=re.escape(error)):
+                await restorer.finish()
+            await restorer.discard()
+            assert host.udp.listeners() == [] and restorer.handed == {}
+        assert listening.fileno() >= 0  # the source's stands

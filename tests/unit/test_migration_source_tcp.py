@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from ferry_repair.protocol import RepairCommand as RepairMode
 from ferryd.flows.portspec import PortForward
@@ -592,7 +593,7 @@ async def test_a_rollback_that_cannot_reach_the_helper_serves_the_guest_meanwhil
             assert host.calls[-2:] == ["take_over", "start"] and host.running
             host.tcp.attach(host.nursery)  # what the data path's start() does
             peer.sendall(b"after the thaw")
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the reactor had its turn
             assert host.tcp_guest.segments == []  # held: its socket is left alone
             repair.reachable = True
             assert await mig.rollback()
