@@ -53,7 +53,13 @@ everything) but which the guest waits for before it runs there. A second
 table cuts the source's downtime at QEMU's own checkpoints
 (:func:`downtime_phases`): the VM's stop (each ring's GET_VRING_BASE),
 the pause and RAM's last pass, the other devices, the virtio-net device,
-the end; so a difference between back-ends shows where it arises.
+the end; so a difference between back-ends shows where it arises. A
+third cuts out each wait for the back-end's answers, from QEMU's
+vhost-user trace events (:func:`backend_answers`): the two
+GET_VRING_BASE, SET_DEVICE_STATE_FD, the stream to EOF and
+CHECK_DEVICE_STATE; what is left of the phases is QEMU's own work on a
+machine the back-end shares (ferryd's early freeze runs during the RAM
+phase).
 
 **Late-failure rows** (``--late-failure-sizes``, default 100): the same
 up to ``completed``, without touching the fabric; then the target QEMU is
@@ -374,6 +380,8 @@ class MigrationRun:
     load_ms: float | None = None
     #: The source's downtime phase by phase (downtime_phases), ms.
     phases: dict[str, float] | None = None
+    #: How long the source QEMU waited for its back-end's answers (backend_answers), ms.
+    answers: dict[str, float] | None = None
     #: Connections that survived: every byte echoed in order, then a clean close both ways.
     ok: int = 0
     failed: int = 0
@@ -410,12 +418,17 @@ def _started(backend: Backend, bed: MigrationBed, host: Netns, name: str) -> Ite
 
 
 #: QEMU's trace events with each device's save and load time (trace-events in
-#: QEMU's migration/: "downtime=" in microseconds) and the downtime's
-#: checkpoints, written to its log, each line stamped ``PID@SECONDS:`` (-msg
-#: timestamp=on; the stamp is taken when the event is logged).
+#: QEMU's migration/: "downtime=" in microseconds), the downtime's
+#: checkpoints, and every vhost-user message QEMU writes and every reply it
+#: reads (hw/virtio/trace-events: ``vhost_user_write req:N``, a few dozen in
+#: a VM's life: the data path never crosses that socket), written to its
+#: log, each line stamped ``PID@SECONDS:`` (-msg timestamp=on; the stamp is
+#: taken when the event is logged).
 DEVICE_TRACES = (
     "-trace", "enable=vmstate_downtime_save", "-trace", "enable=vmstate_downtime_load",
-    "-trace", "enable=vmstate_downtime_checkpoint", "-msg", "timestamp=on",
+    "-trace", "enable=vmstate_downtime_checkpoint",
+    "-trace", "enable=vhost_user_write", "-trace", "enable=vhost_user_read",
+    "-msg", "timestamp=on",
 )  # fmt: skip
 _NET_DEVICE_TIME = re.compile(
     r"vmstate_downtime_(save|load) type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+)"
@@ -471,6 +484,58 @@ def downtime_phases(qemu_log: str) -> dict[str, float] | None:
     return {
         phase: max(0.0, (b - a) * 1e3)
         for phase, a, b in zip(PHASES, bounds, bounds[1:], strict=False)
+    }
+
+
+#: The back-end's part of the source's downtime, as QEMU waits for it
+#: (:func:`backend_answers`), in order.
+ANSWERS = ("vring base", "state fd", "stream", "check")
+_GET_VRING_BASE, _SET_DEVICE_STATE_FD, _CHECK_DEVICE_STATE = 11, 42, 43
+_MESSAGE = re.compile(
+    r"^\d+@(\d+\.\d+):(?:vhost_user_(write|read) req:(\d+)"
+    r"|vmstate_downtime_checkpoint (src-downtime-start|src-downtime-end))",
+    re.MULTILINE,
+)
+
+
+def backend_answers(qemu_log: str) -> dict[str, float] | None:
+    """How long the source QEMU waited for its back-end in its last downtime (ms), or None.
+
+    QEMU blocks on each of these with the VM stopped (vhost-user.rst; the
+    ``vhost_user_write``/``_read`` trace events stamp each request and its
+    reply): ``vring base``, both rings' GET_VRING_BASE round trips added up
+    (the VM's stop); ``state fd``, SET_DEVICE_STATE_FD's; ``stream``, from
+    its reply to QEMU's CHECK_DEVICE_STATE, which it sends once it read the
+    back-end's stream to EOF (the back-end's freeze and dump as QEMU sees
+    them); ``check``, CHECK_DEVICE_STATE's. What the phases do not say: a
+    back-end's slow answer and a machine busy elsewhere look alike there.
+    """
+    sent: dict[int, float] = {}
+    waits: dict[int, list[float]] = {}  # per request: its round trips, ms
+    replied: dict[int, float] = {}  # per request: when its last reply was read
+    state = ""  # the last checkpoint: messages count only between start and end
+    for stamp, way, request, checkpoint in _MESSAGE.findall(qemu_log):
+        t = float(stamp)
+        if checkpoint:
+            state = checkpoint
+            if checkpoint == "src-downtime-start":  # the last migration's, if several
+                sent, waits, replied = {}, {}, {}
+        elif state == "src-downtime-start":
+            req = int(request)
+            if way == "write":
+                sent[req] = t
+            elif req in sent:
+                waits.setdefault(req, []).append((t - sent.pop(req)) * 1e3)
+                replied[req] = t
+    needed = (_GET_VRING_BASE, _SET_DEVICE_STATE_FD, _CHECK_DEVICE_STATE)
+    if state != "src-downtime-end" or any(req not in waits for req in needed):
+        return None
+    check_sent = replied[_CHECK_DEVICE_STATE] - waits[_CHECK_DEVICE_STATE][-1] / 1e3
+    return {
+        "vring base": sum(waits[_GET_VRING_BASE]),
+        "state fd": waits[_SET_DEVICE_STATE_FD][-1],
+        "stream": max(0.0, (check_sent - replied[_SET_DEVICE_STATE_FD]) * 1e3),
+        "check": waits[_CHECK_DEVICE_STATE][-1],
     }
 
 
@@ -651,6 +716,7 @@ def _migrate(
         row.total_ms = float(info["total-time"])
         row.save_ms = net_device_ms(source.qemu_log(), "save")
         row.phases = downtime_phases(source.qemu_log())
+        row.answers = backend_answers(source.qemu_log())
         if late_failure:
             # The target dies before it runs: a manager resumes the source, whose
             # back-end has saved its state (frozen its sockets) and must carry on.
@@ -800,21 +866,31 @@ def format_migrations(
     return "\n".join(table + notes) + "\n"
 
 
-def format_phases(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]) -> str:
-    """Medians of each downtime phase (downtime_phases) per back-end and N, migrations only."""
-    header = ("back-end", "N", "runs", *PHASES)
+def format_phases(
+    rows: list[MigrationRun],
+    backends: Sequence[str],
+    sizes: Sequence[int],
+    what: str = "phases",
+) -> str:
+    """Medians of each downtime phase (downtime_phases) per back-end and N, migrations
+    only; ``what="answers"``: of each wait for the back-end (backend_answers)."""
+    columns, digits = (PHASES, 1) if what == "phases" else (ANSWERS, 2)
+    header = ("back-end", "N", "runs", *columns)
     lines: list[tuple[str, ...]] = [header]
     for name in backends:
         for n in sizes:
-            mine = [
-                r.phases
+            mine: list[dict[str, float]] = [
+                cut
                 for r in rows
-                if r.backend == name and r.n == n and r.scenario == MIGRATE and r.phases
+                if r.backend == name
+                and r.n == n
+                and r.scenario == MIGRATE
+                and (cut := getattr(r, what)) is not None
             ]
             if mine:
                 lines.append((
                     name, str(n), str(len(mine)),
-                    *(f"{statistics.median(p[phase] for p in mine):.1f}" for phase in PHASES),
+                    *(f"{statistics.median(p[c] for p in mine):.{digits}f}" for c in columns),
                 ))  # fmt: skip
     if len(lines) == 1:
         return ""
@@ -1001,6 +1077,14 @@ def main(argv: list[str] | None = None) -> int:
                 " (the back-end's stream); end = to QEMU's end of downtime"
             )
             sys.stdout.write(phases)
+        if answers := format_phases(migrations, measured, args.sizes, "answers"):
+            print(
+                "\nthe back-end's answers in the source's downtime (medians, ms, from QEMU's"
+                " vhost-user trace): vring base =\nboth GET_VRING_BASE round trips; state fd ="
+                " SET_DEVICE_STATE_FD's; stream = from its reply to\nCHECK_DEVICE_STATE (the"
+                " stream read to EOF); check = CHECK_DEVICE_STATE's"
+            )
+            sys.stdout.write(answers)
     if any(r.scenario == LATE_FAILURE for r in migrations):
         print(
             "\nlate failure: the target QEMU killed once the migration completed, the source"

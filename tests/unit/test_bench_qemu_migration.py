@@ -14,6 +14,7 @@ import pytest
 
 from bench.passt_build import cached
 from bench.qemu_migration import (
+    ANSWERS,
     LATE_FAILURE,
     MIGRATE,
     PHASES,
@@ -21,6 +22,7 @@ from bench.qemu_migration import (
     RowTimeout,
     ThroughputRun,
     _row_deadline,
+    backend_answers,
     downtime_phases,
     format_migrations,
     format_phases,
@@ -118,6 +120,56 @@ def test_the_downtime_is_cut_at_qemus_checkpoints() -> None:
     # No timestamps (QEMU without -msg timestamp=on), or a downtime that never ended: none.
     assert downtime_phases(_SOURCE_LOG.replace("590@1796283445.", "")) is None
     assert downtime_phases(_SOURCE_LOG.rsplit("590@", 1)[0]) is None
+
+
+# A source QEMU's log with its vhost-user messages (-trace enable=vhost_user_write,
+# enable=vhost_user_read): one exchange before the downtime (not counted), then
+# GET_VRING_BASE (11) for each ring, SET_DEVICE_STATE_FD (42), CHECK_DEVICE_STATE (43).
+_MESSAGES_LOG = """\
+590@1796283444.000000:vhost_user_write req:11 flags:0x1
+590@1796283444.009000:vhost_user_read req:11 flags:0x5
+590@1796283445.000000:vmstate_downtime_checkpoint src-downtime-start
+590@1796283445.000100:vhost_user_write req:11 flags:0x1
+590@1796283445.000300:vhost_user_read req:11 flags:0x5
+590@1796283445.000310:vhost_user_write req:11 flags:0x1
+590@1796283445.000410:vhost_user_read req:11 flags:0x5
+590@1796283445.000827:vmstate_downtime_checkpoint src-vm-stopped
+590@1796283445.005000:vhost_user_write req:42 flags:0x9
+590@1796283445.005050:vhost_user_read req:42 flags:0x5
+590@1796283445.006050:vhost_user_write req:43 flags:0x1
+590@1796283445.006300:vhost_user_read req:43 flags:0x5
+590@1796283445.008158:vmstate_downtime_checkpoint src-downtime-end
+590@1796283446.000000:vhost_user_write req:43 flags:0x1
+590@1796283446.005000:vhost_user_read req:43 flags:0x5
+"""
+
+
+def test_the_backends_answers_are_its_round_trips_in_the_last_downtime() -> None:
+    answers = backend_answers(_MESSAGES_LOG)
+    assert answers is not None
+    # Both rings' round trips added (0.2 + 0.1), the exchanges outside the downtime left out.
+    expected = {"vring base": 0.3, "state fd": 0.05, "stream": 1.0, "check": 0.25}
+    assert answers == pytest.approx(expected, abs=1e-3)
+    assert list(answers) == list(ANSWERS)
+    # A downtime that never ended, or a back-end never asked for its state: none.
+    assert backend_answers(_MESSAGES_LOG.split("590@1796283445.008158")[0]) is None
+    no_check = "".join(line for line in _MESSAGES_LOG.splitlines(True) if "req:43" not in line)
+    assert backend_answers(no_check) is None
+    # Another migration's downtime starts the count again.
+    again = _MESSAGES_LOG + _MESSAGES_LOG.replace("590@1796283445.000300", "590@1796283445.001100")
+    assert backend_answers(again) == pytest.approx({**expected, "vring base": 1.1}, abs=1e-3)
+
+
+def test_the_answer_table_has_a_median_per_back_end_and_size() -> None:
+    rows = [
+        _run("passt", 100, 7, 100, answers=dict.fromkeys(ANSWERS, 0.05)),
+        _run("ferryd", 100, 9, 100, answers=dict.fromkeys(ANSWERS, 0.25)),
+        _run("ferryd", 100, 9, 100, answers=None),
+    ]
+    table = format_phases(rows, ["passt", "ferryd"], [100], "answers").splitlines()
+    assert table[0].split()[3:] == ["vring", "base", "state", "fd", "stream", "check"]
+    assert table[1].split() == ["passt", "100", "1", *["0.05"] * len(ANSWERS)]
+    assert table[2].split() == ["ferryd", "100", "1", *["0.25"] * len(ANSWERS)]
 
 
 def test_the_phase_table_has_a_median_per_back_end_and_size() -> None:
