@@ -216,7 +216,12 @@ class TargetMigration:
                     "repair_on_passes": restorer.repair_passes,
                 },
             }
-            log.info("migration: restored %s", restorer.counts)
+            log.info(
+                "migration: restored %s from %d bytes in %.1f ms",
+                restorer.counts,
+                decoder.bytes_consumed,
+                self.result["timings_ms"]["restore"],
+            )
             if restorer.bind_retries:
                 log.info(
                     "migration: %d binds waited for a port held for a moment",
