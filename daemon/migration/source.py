@@ -529,7 +529,8 @@ class SourceMigration:
         self.s.counters.last_connections = counts["tcp"]
         self.streamed = counts
         log.info(
-            "migration: streamed %s in %d bytes, %.1f ms (stop %.1f, repair on %.1f, dump and stream %.1f)",
+            "migration: streamed %s in %d bytes, %.1f ms"
+            " (stop %.1f, repair on %.1f, dump and stream %.1f)",
             counts,
             written,
             (t_dumped - t_freeze) * 1e3,
