@@ -37,7 +37,7 @@ from ferryd.descriptors import DescriptorBudget
 from ferryd.flows.destinations import DestinationPolicy, Destinations
 from ferryd.flows.icmp import IcmpFlows
 from ferryd.flows.portspec import ForwardError, PortForward
-from ferryd.flows.tcp import TcpFlows
+from ferryd.flows.tcp import TcpFlows, new_peek_buffer
 from ferryd.flows.udp import UdpFlows
 from ferryd.frontends.base import Frontend
 from ferryd.link import LinkConfig
@@ -89,6 +89,8 @@ class DataPath:
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._done.set()
+        self._peek_buffer = new_peek_buffer()
+        """Every TcpFlows built here peeks into it (see new_peek_buffer)."""
         self._build(link, now)
 
     def rebuild(self, link: LinkConfig, now: float) -> None:
@@ -139,7 +141,14 @@ class DataPath:
         }
         self.udp = UdpFlows(self.stack, link, None, **kw)
         self.icmp = IcmpFlows(self.stack, link, None, **kw)
-        self.tcp = TcpFlows(self.stack, link, None, max_queue=self.max_queue or None, **kw)
+        self.tcp = TcpFlows(
+            self.stack,
+            link,
+            None,
+            max_queue=self.max_queue or None,
+            peek_buffer=self._peek_buffer,
+            **kw,
+        )
         self.budget.track(f.table for f in (self.tcp, self.udp, self.icmp))
         self.stack.udp, self.stack.icmp, self.stack.tcp = self.udp, self.icmp, self.tcp
         # Registered again: the counts start over with the new components.

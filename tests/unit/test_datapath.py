@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
@@ -26,6 +27,7 @@ from ferryd.counters import Registry
 from ferryd.datapath import DataPath
 from ferryd.descriptors import DescriptorBudget
 from ferryd.flows.portspec import PortForward
+from ferryd.flows.tcp import PEEK_BUFFER
 from ferryd.frontends.base import Frontend, FrontendCounters, OnBurstEnd, OnFrame
 from ferryd.wire.arp import ARP_REPLY, ARP_REQUEST, ArpPacket, build_arp, parse_arp_untrusted
 from ferryd.wire.ethernet import BROADCAST, ETH_P_ARP, build_ethernet, parse_ethernet_untrusted
@@ -190,6 +192,19 @@ async def test_rebuild_gives_a_fresh_stack_and_empty_tables() -> None:
         assert dp.stack.tcp is dp.tcp and dp.stack.udp is dp.udp and dp.stack.icmp is dp.icmp
         assert dp.stack.guest_mac is None
         assert len(dp.tcp.table) == len(dp.udp.table) == len(dp.icmp.table) == 0
+
+
+async def test_rebuild_peeks_into_the_same_buffer() -> None:
+    """A rebuild (a target's LOAD, which the guest waits for) zeroes no new MiB to peek
+    into (flows/tcp.py, new_peek_buffer): it allocates far less than the buffer."""
+    async with data_path() as (dp, _frontend):
+        tracemalloc.start()
+        try:
+            dp.rebuild(LINK, trio.current_time())
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < PEEK_BUFFER // 4
 
 
 def _open_epolls() -> int:
