@@ -510,32 +510,31 @@ def backend_answers(qemu_log: str) -> dict[str, float] | None:
     them); ``check``, CHECK_DEVICE_STATE's. What the phases do not say: a
     back-end's slow answer and a machine busy elsewhere look alike there.
     """
-    sent: dict[int, float] = {}
-    waits: dict[int, list[float]] = {}  # per request: its round trips, ms
-    replied: dict[int, float] = {}  # per request: when its last reply was read
+    sent: dict[int, float] = {}  # per request: when QEMU wrote it, until its reply
+    rounds: dict[int, list[tuple[float, float]]] = {}  # per request: (written, answered)
     state = ""  # the last checkpoint: messages count only between start and end
     for stamp, way, request, checkpoint in _MESSAGE.findall(qemu_log):
         t = float(stamp)
         if checkpoint:
             state = checkpoint
             if checkpoint == "src-downtime-start":  # the last migration's, if several
-                sent, waits, replied = {}, {}, {}
+                sent, rounds = {}, {}
         elif state == "src-downtime-start":
             req = int(request)
             if way == "write":
                 sent[req] = t
             elif req in sent:
-                waits.setdefault(req, []).append((t - sent.pop(req)) * 1e3)
-                replied[req] = t
+                rounds.setdefault(req, []).append((sent.pop(req), t))
     needed = (_GET_VRING_BASE, _SET_DEVICE_STATE_FD, _CHECK_DEVICE_STATE)
-    if state != "src-downtime-end" or any(req not in waits for req in needed):
+    if state != "src-downtime-end" or any(req not in rounds for req in needed):
         return None
-    check_sent = replied[_CHECK_DEVICE_STATE] - waits[_CHECK_DEVICE_STATE][-1] / 1e3
+    fd_asked, fd_answered = rounds[_SET_DEVICE_STATE_FD][-1]
+    check_asked, check_answered = rounds[_CHECK_DEVICE_STATE][-1]
     return {
-        "vring base": sum(waits[_GET_VRING_BASE]),
-        "state fd": waits[_SET_DEVICE_STATE_FD][-1],
-        "stream": max(0.0, (check_sent - replied[_SET_DEVICE_STATE_FD]) * 1e3),
-        "check": waits[_CHECK_DEVICE_STATE][-1],
+        "vring base": sum(answered - asked for asked, answered in rounds[_GET_VRING_BASE]) * 1e3,
+        "state fd": (fd_answered - fd_asked) * 1e3,
+        "stream": max(0.0, (check_asked - fd_answered) * 1e3),
+        "check": (check_answered - check_asked) * 1e3,
     }
 
 
@@ -866,31 +865,40 @@ def format_migrations(
     return "\n".join(table + notes) + "\n"
 
 
-def format_phases(
+def format_phases(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]) -> str:
+    """Medians of each downtime phase (downtime_phases) per back-end and N, migrations only."""
+    return _medians(rows, backends, sizes, PHASES, lambda r: r.phases, "{:.1f}")
+
+
+def format_answers(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]) -> str:
+    """Medians of each wait for the back-end (backend_answers) per back-end and N."""
+    return _medians(rows, backends, sizes, ANSWERS, lambda r: r.answers, "{:.2f}")
+
+
+def _medians(
     rows: list[MigrationRun],
     backends: Sequence[str],
     sizes: Sequence[int],
-    what: str = "phases",
+    columns: Sequence[str],
+    cut: Callable[[MigrationRun], dict[str, float] | None],
+    fmt: str,
 ) -> str:
-    """Medians of each downtime phase (downtime_phases) per back-end and N, migrations
-    only; ``what="answers"``: of each wait for the back-end (backend_answers)."""
-    columns, digits = (PHASES, 1) if what == "phases" else (ANSWERS, 2)
+    """A table of the medians of ``cut``'s ``columns`` per back-end and N, migrations only
+    (rows without the cut left out); empty if no row has it."""
     header = ("back-end", "N", "runs", *columns)
     lines: list[tuple[str, ...]] = [header]
     for name in backends:
         for n in sizes:
-            mine: list[dict[str, float]] = [
-                cut
+            mine = [
+                c
                 for r in rows
-                if r.backend == name
-                and r.n == n
-                and r.scenario == MIGRATE
-                and (cut := getattr(r, what)) is not None
-            ]
+                if r.backend == name and r.n == n and r.scenario == MIGRATE
+                and (c := cut(r)) is not None
+            ]  # fmt: skip
             if mine:
                 lines.append((
                     name, str(n), str(len(mine)),
-                    *(f"{statistics.median(p[c] for p in mine):.{digits}f}" for c in columns),
+                    *(fmt.format(statistics.median(p[k] for p in mine)) for k in columns),
                 ))  # fmt: skip
     if len(lines) == 1:
         return ""
@@ -1077,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                 " (the back-end's stream); end = to QEMU's end of downtime"
             )
             sys.stdout.write(phases)
-        if answers := format_phases(migrations, measured, args.sizes, "answers"):
+        if answers := format_answers(migrations, measured, args.sizes):
             print(
                 "\nthe back-end's answers in the source's downtime (medians, ms, from QEMU's"
                 " vhost-user trace): vring base =\nboth GET_VRING_BASE round trips; state fd ="

@@ -24,6 +24,7 @@ from bench.qemu_migration import (
     _row_deadline,
     backend_answers,
     downtime_phases,
+    format_answers,
     format_migrations,
     format_phases,
     format_ratios,
@@ -166,7 +167,7 @@ def test_the_answer_table_has_a_median_per_back_end_and_size() -> None:
         _run("ferryd", 100, 9, 100, answers=dict.fromkeys(ANSWERS, 0.25)),
         _run("ferryd", 100, 9, 100, answers=None),
     ]
-    table = format_phases(rows, ["passt", "ferryd"], [100], "answers").splitlines()
+    table = format_answers(rows, ["passt", "ferryd"], [100]).splitlines()
     assert table[0].split()[3:] == ["vring", "base", "state", "fd", "stream", "check"]
     assert table[1].split() == ["passt", "100", "1", *["0.05"] * len(ANSWERS)]
     assert table[2].split() == ["ferryd", "100", "1", *["0.25"] * len(ANSWERS)]
