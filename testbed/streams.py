@@ -307,11 +307,16 @@ class UdpFlood:
         self._reports = 0
 
     def received(self) -> int:
+        got: int = self._report()["received"]
+        return got
+
+    def _report(self) -> dict[str, Any]:
+        """The counter's count now: received, first, last, missing."""
         self._reports += 1
         self.counter.command("report")
         lines = self.counter.wait_lines(lambda line: "missing" in line, self._reports, "a count")
-        got: int = lines[-1]["received"]
-        return got
+        report: dict[str, Any] = lines[-1]
+        return report
 
     def wait_more(self, count: int, what: str) -> None:
         mark = self.received()
@@ -328,16 +333,11 @@ class UdpFlood:
         self.flood.command("stop")
         sent: int = self.flood.wait_line(lambda line: "done" in line, "the flood's end")["sent"]
         deadline = time.monotonic() + 10
-        while self._last() != sent - 1 and time.monotonic() < deadline:
+        while self._report()["last"] != sent - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         self.counter.command("stop")
         final = self.counter.wait_line(lambda line: bool(line.get("done")), "the final count")
         return {"sent": sent, **{k: final[k] for k in ("received", "first", "last", "missing")}}
-
-    def _last(self) -> int | None:
-        self.received()
-        last: int | None = self.counter.lines[-1]["last"]
-        return last
 
     def close(self) -> None:
         self.flood.stop()
