@@ -207,12 +207,12 @@ class TargetMigration:
         else:
             self.s.roles.step(Event.RESTORED)
             self.t_first = t_first
-            t_end = time.monotonic()
+            restore_ms = (time.monotonic() - (t_first or t0)) * 1e3
             self.result = {
                 "restored": {**restorer.counts, "replaced": restorer.replaced},
                 "stream_bytes": decoder.bytes_consumed,
                 "timings_ms": {
-                    "restore": (t_end - (t_first or t0)) * 1e3,
+                    "restore": restore_ms,
                     "repair_on_passes": restorer.repair_passes,
                 },
             }
@@ -220,7 +220,7 @@ class TargetMigration:
                 "migration: restored %s from %d bytes in %.1f ms",
                 restorer.counts,
                 decoder.bytes_consumed,
-                self.result["timings_ms"]["restore"],
+                restore_ms,
             )
             if restorer.bind_retries:
                 log.info(
