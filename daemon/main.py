@@ -42,6 +42,7 @@ import trio
 
 from ferryd import migration_control
 from ferryd.background import Background
+from ferryd.collector import freeze_imports
 from ferryd.config import (
     ConfigError,
     Options,
@@ -406,6 +407,8 @@ def _run(opts: Options) -> None:
         if opts.repair_socket is not None:
             warn_if_nobody_listens(opts.repair_socket)
         frontend = _frontend(opts, link)
+        # Everything alive now lives until exit: out of every full collection.
+        freeze_imports()
         try:
             trio.run(serve, opts, link, frontend, runas, background)
         finally:

@@ -89,6 +89,7 @@ from typing import Any
 
 import trio
 
+from ferryd import collector
 from ferryd.flows.tcp import socket_of
 from ferryd.flows.tcp_conn import State, TcpConn, TcpGuestState
 from ferryd.migration.errors import MigrationAborted, MigrationError, MigrationFailed
@@ -490,7 +491,8 @@ class SourceMigration:
         counts = _no_flows()
         self._work_done = trio.Event()
         try:
-            with trio.CancelScope() as work:
+            # (no collection in the downtime: ferryd.collector)
+            with collector.paused(), trio.CancelScope() as work:
                 self._work = work
                 repairable, t_stopped = await self._freeze()
                 t_repaired = time.monotonic()
@@ -618,7 +620,7 @@ class SourceMigration:
         counts = _no_flows()
         self._work_done = trio.Event()
         try:
-            with trio.CancelScope() as work:
+            with collector.paused(), trio.CancelScope() as work:
                 self._work = work
                 repairable, t_stopped = await self._freeze()
                 rest = []
@@ -662,7 +664,7 @@ class SourceMigration:
         t_saved = time.monotonic()
         self._work_done = trio.Event()
         try:
-            with trio.CancelScope() as work:
+            with collector.paused(), trio.CancelScope() as work:
                 self._work = work
                 written = await self._stream(stream, counts, [], kept)
             if work.cancelled_caught:

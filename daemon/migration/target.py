@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from ferryd import collector
 from ferryd.link import LinkConfig
 from ferryd.migration.admission import Admission
 from ferryd.migration.errors import MigrationAborted, MigrationError, MigrationFailed
@@ -71,6 +72,8 @@ class TargetMigration:
         """How long the pre-copy took to restore; None until it was."""
         self.t_first: float | None = None
         """When the first bytes after the freeze arrived (the downtime's part here)."""
+        self._pause: collector.Pause | None = None
+        """The collector's pause from the restore's start to the resume (or the discard)."""
         self._settling = trio.Lock()
         """Held by resume and abort: control requests are served concurrently, and
         the coordinator sends migrate-abort when a resume takes too long; an abort
@@ -166,6 +169,8 @@ class TargetMigration:
                     for event in decoder.feed_untrusted(data):
                         if isinstance(event, HeaderReceived):
                             h = event.header
+                            if not h.precopy:
+                                self._pause_collector()
                             d.rebuild(
                                 LinkConfig(mac=h.ferry_mac, mtu=h.mtu, ipv4=h.ipv4, ipv6=h.ipv6),
                                 trio.current_time(),
@@ -183,6 +188,7 @@ class TargetMigration:
                         elif isinstance(event, PrecopyEnded):
                             await restorer.precopy_end()
                             self.precopy_ms = (time.monotonic() - t0) * 1e3
+                            self._pause_collector()  # what follows is the downtime's
                             self.precopy_settled.set()
                             t_first = None  # the downtime's part starts with what follows
                         elif isinstance(event, TcpFlowsGone):
@@ -195,6 +201,7 @@ class TargetMigration:
             if self._scope.cancelled_caught:
                 raise MigrationAborted("migration aborted")
         except Exception as exc:
+            self._collect_again()
             log.warning("migration in failed: %s; discarding what was restored", exc)
             with trio.CancelScope(shield=True):
                 await restorer.discard()
@@ -251,7 +258,27 @@ class TargetMigration:
 
     async def resume(self) -> dict[str, Any]:
         async with self._settling:
-            return await self._resume()
+            try:
+                return await self._resume()
+            finally:
+                self._collect_again()  # (failed: an abort follows, nothing to hurry)
+
+    def _pause_collector(self) -> None:
+        """No collection from here to the resume: the target's part of the downtime.
+
+        What the restore builds would set the collector off a dozen times
+        for 1,000 connections, and a collection ending the pause walks all
+        of it (ferryd.collector): so the pause lasts until the resume, or
+        until the restore fails or is discarded, not just the restore.
+        """
+        if self._pause is None:
+            self._pause = collector.Pause()
+
+    def _collect_again(self) -> None:
+        """End the restore's pause of the collector, if one is on."""
+        if self._pause is not None:
+            self._pause.end()
+            self._pause = None
 
     async def _resume(self) -> dict[str, Any]:
         roles = self.s.roles
@@ -314,6 +341,7 @@ class TargetMigration:
             d.hand_over(drain=False)  # restored: wait_precopy or migrate_in took it over
             d.rebuild(d.link, trio.current_time())
             roles.step(Event.DISCARD)
+            self._collect_again()
             self.s.counters.in_failed += 1
             self._record(Outcome.FAILED, error="aborted after the restore: discarded")
         return {"role": str(roles.role)}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 from collections.abc import Iterator
 
 import pytest
 
+from ferryd import collector
 from ferryd.flows.tcp_conn import TcpConn
 from ferryd.flows.tcp_host import SocketHost
 from ferryd.linux import SO_PEEK_OFF
@@ -18,6 +20,19 @@ from tests.unit.migration_fakes import (  # noqa: F401 (fixtures: a fake source 
     fake_paths,
     fakes,
 )
+
+
+@pytest.fixture(autouse=True)
+def collector_running() -> Iterator[None]:
+    """Each test starts with Python's collector running and no pause on.
+
+    A test that leaves a migration target restored and not resumed leaves
+    the collector paused (ferryd.collector), as a daemon would until its
+    resume or discard; the tests after it must not inherit that.
+    """
+    yield
+    collector._depth = 0
+    gc.enable()
 
 
 @pytest.fixture
