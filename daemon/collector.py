@@ -22,7 +22,7 @@ machine, 2 vCPUs, Python 3.11):
   (the record, the kernel state, the socket, the connection and its table
   entries) within milliseconds, which is what sets the collector off: 11
   or 12 young and 1 middle collection during the restore of 1,000
-  connections (2.6-4.7 ms of the target's CPU in its downtime), and a full
+  connections (2.6-4.6 ms of the target's CPU in its downtime), and a full
   one when the thresholds line up (23 ms, once in four restores of an
   in-process benchmark).
 
