@@ -99,7 +99,7 @@ class TargetMigration:
             # resume: the source hands its own over when it freezes, and
             # what the guest sends during the downtime waits here, not lost.
             d.take_over()
-        self.s.nursery.start_soon(self._restore, fd)
+        self.s.nursery.start_soon(self._restore, fd, precopy)
         await trio.lowlevel.checkpoint()
         return {}
 
@@ -130,7 +130,9 @@ class TargetMigration:
             raise
         await d.stop()
         d.take_over()
-        self.s.nursery.start_soon(self._restore, fd)
+        # (QEMU's guest is stopped already: a pre-copy the stream starts with
+        # is restored in the downtime too, with the collector paused.)
+        self.s.nursery.start_soon(self._restore, fd, False)
         await trio.lowlevel.checkpoint()
         return {}
 
@@ -145,7 +147,9 @@ class TargetMigration:
         with contextlib.suppress(MigrationError):
             await self.repair.get()
 
-    async def _restore(self, fd: int) -> None:
+    async def _restore(self, fd: int, precopy: bool) -> None:
+        """Read and restore the stream on ``fd``; ``precopy``: it starts with a pre-copy
+        read while the source's guest still runs (the downtime starts after it)."""
         d = self.d
         self.s.nursery.start_soon(self._reach_helper)
         # A socket: source and target share a namespace, and the sockets come with
@@ -158,6 +162,8 @@ class TargetMigration:
         t0 = time.monotonic()
         t_first: float | None = None
         try:
+            if not precopy:
+                self._pause_collector()
             with trio.CancelScope() as self._scope:
                 while True:
                     data = await stream.receive_some(READ_SIZE)
@@ -169,8 +175,6 @@ class TargetMigration:
                     for event in decoder.feed_untrusted(data):
                         if isinstance(event, HeaderReceived):
                             h = event.header
-                            if not h.precopy:
-                                self._pause_collector()
                             d.rebuild(
                                 LinkConfig(mac=h.ferry_mac, mtu=h.mtu, ipv4=h.ipv4, ipv6=h.ipv6),
                                 trio.current_time(),

@@ -158,3 +158,20 @@ async def test_a_precopy_is_restored_with_the_collector_on_and_the_rest_without(
         await mig.wait()
         await mig.resume()
         assert gc.isenabled()
+
+
+async def test_qemus_load_restores_even_a_precopy_with_the_collector_paused() -> None:
+    """QEMU's guest is stopped before the stream exists: all of a LOAD is the downtime."""
+    enc = StreamEncoder()
+    reader, writer = socket.socketpair()
+    tsock = trio.SocketStream(trio.socket.from_stdlib_socket(writer))
+    async with target(Role.RUNNING) as (_, mig):
+        await mig.load(reader.detach())
+        await tsock.send_all(enc.header(_header(precopy=True)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not gc.isenabled()
+        await tsock.send_all(enc.precopy_end() + enc.flow(_udp(5353)) + enc.trailer())
+        await tsock.aclose()
+        await mig.wait()
+        await mig.resume()
+        assert gc.isenabled()
