@@ -55,9 +55,26 @@ def test_ratios_are_ferryd_over_passt_medians_of_the_same_run() -> None:
     ]
     report = format_ratios(rows, tput, [100, 1000])
     assert "QEMU downtime, N=100: 0.75 (target ≤ 1.0)" in report  # 9 / 12
+    assert "checkpoints" not in report  # no run had QEMU's stamped phases
     assert "QEMU downtime, N=1000: not measured" in report
     assert "throughput guest→peer: 0.50 (target ≥ 0.8)" in report
     assert "throughput peer→guest: not measured" in report
+
+
+def test_the_downtime_ratio_is_also_given_from_qemus_checkpoints() -> None:
+    def stamped(backend: str, downtime: float, *phases: float) -> MigrationRun:
+        return _run(backend, 100, downtime, 100, phases=dict(zip(PHASES, phases, strict=True)))
+
+    rows = [
+        stamped("passt", 7, 0.5, 2.5, 1.5, 2.5, 0.0),  # 7.0 ms between the stamps
+        stamped("passt", 8, 0.5, 3.0, 2.0, 3.0, 0.5),  # 9.0
+        stamped("ferryd", 9, 1.0, 3.0, 2.0, 2.0, 0.0),  # 8.0
+        stamped("ferryd", 8, 1.0, 3.5, 2.0, 2.5, 0.0),  # 9.0
+        _run("ferryd", 100, 14, 100),  # no stamps (QEMU's log lost): in neither median
+    ]
+    report = format_ratios(rows, [], [100])
+    assert "QEMU downtime, N=100: 1.20 (target ≤ 1.0)" in report  # 9 / 7.5, whole ms
+    assert "from its checkpoints: 1.06 (8.5 / 8.0 ms)" in report
 
 
 def test_migration_table_shows_each_run_and_why_one_failed() -> None:
