@@ -939,31 +939,15 @@ def format_ratios(
     """ferryd/passt in this run, against the issue's targets."""
     out = ["ferryd / passt (medians, this run):"]
     for n in sizes if migrations else ():
-        values = {
-            b: _median(
-                [
-                    r.downtime_ms
-                    for r in migrations
-                    if r.backend == b and r.n == n and r.scenario == MIGRATE
-                ]
-            )
-            for b in BACKENDS
-        }
+        values = _per_backend(migrations, n, lambda r: r.downtime_ms)
         target = " (target ≤ 1.0)" if n >= 100 else ""
         out.append(f"  QEMU downtime, N={n}: {_ratio(values['ferryd'], values['passt'])}{target}")
         # query-migrate gives whole milliseconds (QEMU's ms clock), where a
         # millisecond is 10-15% of the downtime at 1 and 100 connections; the
         # same interval from its checkpoints' microsecond stamps says more.
-        stamped = {
-            b: _median(
-                [
-                    sum(r.phases.values())
-                    for r in migrations
-                    if r.backend == b and r.n == n and r.scenario == MIGRATE and r.phases
-                ]
-            )
-            for b in BACKENDS
-        }
+        stamped = _per_backend(
+            migrations, n, lambda r: sum(r.phases.values()) if r.phases else None
+        )
         if stamped["ferryd"] is not None and stamped["passt"] is not None:
             out.append(
                 f"    from its checkpoints: {_ratio(stamped['ferryd'], stamped['passt'])}"
@@ -978,6 +962,19 @@ def format_ratios(
             f"  throughput {direction}: {_ratio(values['ferryd'], values['passt'])} (target ≥ 0.8)"
         )
     return "\n".join(out) + "\n"
+
+
+def _per_backend(
+    migrations: list[MigrationRun], n: int, cut: Callable[[MigrationRun], float | None]
+) -> dict[str, float | None]:
+    """Per back-end, the median of ``cut`` over its migrations of ``n`` (late failures and
+    runs without the figure left out)."""
+    return {
+        b: _median(
+            [cut(r) for r in migrations if r.backend == b and r.n == n and r.scenario == MIGRATE]
+        )
+        for b in BACKENDS
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> str:
