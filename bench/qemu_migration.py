@@ -31,8 +31,10 @@ bytes/s in all). The target back-end and the target QEMU (``-incoming``)
 start. QEMU migrates with ``pause-before-switchover`` and a downtime limit
 of ``--downtime-limit`` ms (10: with QEMU's default 300 ms the final RAM
 pass dominates the figure). When the source waits in ``pre-switchover``
-(the guest stopped, the back-end not yet asked for its state) host A
-leaves the fabric, so that nothing reaches the source after its back-end
+(the guest stopped, the back-end not yet asked for its state; QEMU's
+MIGRATION event says so the moment it happens: the bench waits on QMP
+events, it does not poll, so QEMU answers no command during its downtime)
+host A leaves the fabric, so that nothing reaches the source after its back-end
 froze its sockets (passt's repair-mode sockets would ACK and lose it);
 then ``migrate-continue``; when QEMU reports ``completed`` host B joins the
 fabric. In the guest, now on the target, every connection sends another
@@ -41,10 +43,11 @@ and waits for the server's EOF: a connection survives if every byte came
 back in order and the close then completed both ways ("data echoed"
 counts those whose bytes all came back, whatever their close did).
 Reported: QEMU's ``downtime`` and ``total-time``
-(query-migrate on the source), the bench's own pause in
-``pre-switchover`` (part of QEMU's downtime, the same for both
-back-ends), the connections that survived, and from QEMU's own trace
-events (``vmstate_downtime_save``/``_load``, microseconds per device) the
+(query-migrate on the source), the bench's own work in the pause
+(unplugging host A, migrate-continue; the pause is part of QEMU's
+downtime, and the same work for both back-ends), the connections that
+survived, and from QEMU's own trace events
+(``vmstate_downtime_save``/``_load``, microseconds per device) the
 virtio-net device's save on the source, which is the back-end's part of
 QEMU's downtime (SET_DEVICE_STATE_FD, the stream read to EOF,
 CHECK_DEVICE_STATE), and its load on the target, which QEMU does not
@@ -52,14 +55,14 @@ count (no return path: the source's downtime ends when it sent
 everything) but which the guest waits for before it runs there. A second
 table cuts the source's downtime at QEMU's own checkpoints
 (:func:`downtime_phases`): the VM's stop (each ring's GET_VRING_BASE),
-the pause and RAM's last pass, the other devices, the virtio-net device,
-the end; so a difference between back-ends shows where it arises. A
+the pause in pre-switchover as QEMU saw it, RAM's last pass, the other
+devices, the virtio-net device, the end; so a difference between back-ends shows where it arises. A
 third cuts out each wait for the back-end's answers, from QEMU's
 vhost-user trace events (:func:`backend_answers`): the two
 GET_VRING_BASE, SET_DEVICE_STATE_FD, the stream to EOF and
 CHECK_DEVICE_STATE; what is left of the phases is QEMU's own work on a
-machine the back-end shares (ferryd's early freeze runs during the RAM
-phase).
+machine the back-end shares (ferryd's early freeze runs during the pause
+and RAM's last pass).
 
 **Late-failure rows** (``--late-failure-sizes``, default 100): the same
 up to ``completed``, without touching the fabric; then the target QEMU is
@@ -117,6 +120,7 @@ from testbed.netns import Netns
 from testbed.paths import FERRYD, TCPTOOL
 from testbed.repair import raise_fd_limit
 from testbed.vm import (
+    MIGRATION_ENDED,
     Vm,
     VmError,
     choose_accel,
@@ -374,6 +378,7 @@ class MigrationRun:
     scenario: str = MIGRATE
     downtime_ms: float | None = None
     total_ms: float | None = None
+    #: The bench's own work in pre-switchover: host A unplugged, migrate-continue answered.
     pause_ms: float | None = None
     #: The virtio-net device's save (source) and load (target), from QEMU's trace events.
     save_ms: float | None = None
@@ -428,19 +433,20 @@ DEVICE_TRACES = (
     "-trace", "enable=vmstate_downtime_save", "-trace", "enable=vmstate_downtime_load",
     "-trace", "enable=vmstate_downtime_checkpoint",
     "-trace", "enable=vhost_user_write", "-trace", "enable=vhost_user_read",
-    "-msg", "timestamp=on",
+    "-trace", "enable=migrate_set_state", "-msg", "timestamp=on",
 )  # fmt: skip
 _NET_DEVICE_TIME = re.compile(
     r"vmstate_downtime_(save|load) type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+)"
 )
 _STAMPED = re.compile(
-    r"^\d+@(\d+\.\d+):vmstate_downtime_(?:checkpoint (\S+)"
-    r"|save type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+))",
+    r"^\d+@(\d+\.\d+):(?:vmstate_downtime_(?:checkpoint (\S+)"
+    r"|save type=non-iterable idstr=\S*/virtio-net \S+ downtime=(\d+))"
+    r"|migrate_set_state new state (\S+))",
     re.MULTILINE,
 )
 
 #: Where the source's downtime went, in order (:func:`downtime_phases`).
-PHASES = ("stop", "RAM", "devices", "net", "end")
+PHASES = ("stop", "pause", "RAM", "devices", "net", "end")
 
 
 def net_device_ms(qemu_log: str, what: str) -> float | None:
@@ -455,32 +461,41 @@ def downtime_phases(qemu_log: str) -> dict[str, float] | None:
     QEMU 10's migration_completion_precopy() logs src-downtime-start, stops
     the VM (vhost_dev_stop: the back-end answers GET_VRING_BASE for each
     ring) and logs src-vm-stopped, waits in pre-switchover (the bench's
-    pause) and sends RAM's last pass (src-iterable-saved), then saves every
-    other device, the virtio-net device among them (SET_DEVICE_STATE_FD,
-    the back-end's stream read to EOF, CHECK_DEVICE_STATE: its own trace
-    event, logged when its save ends), and logs src-non-iterable-saved and
-    src-downtime-end. So: ``stop`` (start to vm-stopped), ``RAM`` (to
-    iterable-saved, the pause included), ``devices`` (the other devices),
-    ``net`` (the virtio-net device), ``end`` (from the device states to
-    downtime-end). Only the first and the fourth wait for the back-end;
-    the others are QEMU's, but they share the machine with what the
-    back-end does meanwhile (ferryd's early freeze runs during ``RAM``).
+    pause: migration_maybe_pause() moves to ``device`` once
+    migrate-continue came, trace event migrate_set_state) and sends RAM's
+    last pass (src-iterable-saved), then saves every other device, the
+    virtio-net device among them (SET_DEVICE_STATE_FD, the back-end's
+    stream read to EOF, CHECK_DEVICE_STATE: its own trace event, logged
+    when its save ends), and logs src-non-iterable-saved and
+    src-downtime-end. So: ``stop`` (start to vm-stopped), ``pause`` (to
+    the state ``device``: the bench noticing pre-switchover, unplugging
+    host A, migrate-continue reaching QEMU), ``RAM`` (to iterable-saved),
+    ``devices`` (the other devices), ``net`` (the virtio-net device),
+    ``end`` (from the device states to downtime-end). Only the first and
+    the fifth wait for the back-end; the others are QEMU's (and the
+    bench's), but they share the machine with what the back-end does
+    meanwhile (ferryd's early freeze runs during ``pause`` and ``RAM``).
     """
     marks: dict[str, float] = {}
     net: tuple[float, float] | None = None
-    for stamp, checkpoint, net_us in _STAMPED.findall(qemu_log):
+    for stamp, checkpoint, net_us, state in _STAMPED.findall(qemu_log):
         if checkpoint == "src-downtime-start":  # the last migration's, if there were several
             marks, net = {}, None
         if checkpoint:
             marks[checkpoint] = float(stamp)
+        elif state:
+            if marks and state == "device":
+                marks["device"] = float(stamp)
         elif marks:
             net = (float(stamp), int(net_us) / 1e6)
-    points = ("src-downtime-start", "src-vm-stopped", "src-iterable-saved", "src-downtime-end")
+    points = (
+        "src-downtime-start", "src-vm-stopped", "device", "src-iterable-saved", "src-downtime-end"
+    )  # fmt: skip
     if net is None or any(p not in marks for p in points):
         return None
-    start, stopped, ram, end = (marks[p] for p in points)
+    start, stopped, resumed, ram, end = (marks[p] for p in points)
     net_end, net_s = net
-    bounds = (start, stopped, ram, net_end - net_s, net_end, end)
+    bounds = (start, stopped, resumed, ram, net_end - net_s, net_end, end)
     return {
         phase: max(0.0, (b - a) * 1e3)
         for phase, a, b in zip(PHASES, bounds, bounds[1:], strict=False)
@@ -668,15 +683,19 @@ def _migrate(
         unplug = stack.enter_context(_unplugger(bed.host_a, bed.fabric.uplink))
         source.qmp.execute(
             "migrate-set-capabilities",
-            capabilities=[{"capability": "pause-before-switchover", "state": True}],
+            capabilities=[
+                {"capability": "pause-before-switchover", "state": True},
+                # The state's change as an event: the pause (QEMU's downtime)
+                # starts when QEMU enters pre-switchover, not at the next poll.
+                {"capability": "events", "state": True},
+            ],
         )
         source.qmp.set_downtime_limit(args.downtime_limit)
         source.qmp.migrate(f"unix:{channel}")
         try:
-            info = source.wait_migration(
+            status = source.wait_migration_event(
                 ("pre-switchover", "failed", "cancelled"),
                 timeout=args.converge_timeout,
-                interval=0.001,
                 what="pre-switchover",
             )
         except WaitTimeout:
@@ -687,8 +706,9 @@ def _migrate(
                 f"(status {info.get('status')}, ram {_ram_figures(info)}); cancelled\n"
                 f"--- source back-end ---\n{source_backend.log()}"
             ) from None
-        if info["status"] != "pre-switchover":
-            raise AssertionError(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
+        if status != "pre-switchover":
+            info = source.qmp.query_migrate()
+            raise AssertionError(f"QEMU's migration {status}: {info.get('error-desc')}")
         late_failure = row.scenario == LATE_FAILURE
         paused = time.monotonic()
         if not late_failure:
@@ -696,9 +716,11 @@ def _migrate(
         source.qmp.execute("migrate-continue", state="pre-switchover")
         row.pause_ms = (time.monotonic() - paused) * 1000
         try:
-            info = source.wait_migration(
-                timeout=SWITCHOVER_TIMEOUT, interval=0.001, what="the migration's end"
+            # An event, not a poll: no command for QEMU to answer during its downtime.
+            source.wait_migration_event(
+                MIGRATION_ENDED, timeout=SWITCHOVER_TIMEOUT, what="the migration's end"
             )
+            info = source.qmp.query_migrate()
         except WaitTimeout:
             # The guest is stopped: only the device states (the back-end's among them) are left.
             info = source.qmp.query_migrate()
@@ -834,7 +856,7 @@ def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
 def format_migrations(
     rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int], scenario: str
 ) -> str:
-    header = ("back-end", "N", "runs", "QEMU downtime ms", "total ms", "pause ms",
+    header = ("back-end", "N", "runs", "QEMU downtime ms", "total ms", "unplug+go ms",
               "net save ms", "net load ms", "survived", "data echoed")  # fmt: skip
     lines: list[tuple[str, ...]] = [header]
     notes: list[str] = []
@@ -1095,9 +1117,10 @@ def main(argv: list[str] | None = None) -> int:
         if phases := format_phases(migrations, measured, args.sizes):
             print(
                 "\nwhere the source's downtime went (medians, ms, from QEMU's checkpoints): stop ="
-                " the VM stopped, each ring's\nGET_VRING_BASE answered; RAM = the pause and RAM's"
-                " last pass; devices = the other devices;\nnet = the virtio-net device's save"
-                " (the back-end's stream); end = to QEMU's end of downtime"
+                " the VM stopped, each ring's\nGET_VRING_BASE answered; pause = pre-switchover, to"
+                " migrate-continue\nreaching QEMU; RAM = RAM's last pass; devices = the other"
+                " devices; net = the virtio-net device's\nsave (the back-end's stream); end ="
+                " to QEMU's end of downtime"
             )
             sys.stdout.write(phases)
         if answers := format_answers(migrations, measured, args.sizes):

@@ -20,9 +20,11 @@ import contextlib
 import itertools
 import json
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Qmp", "QmpCommandError", "QmpError"]
+__all__ = ["Qmp", "QmpCommandError", "QmpError", "QmpEventTimeout"]
 
 #: QMP answers come within milliseconds; the deadline is for a stuck QEMU.
 DEFAULT_TIMEOUT = 30.0
@@ -45,6 +47,10 @@ class QmpCommandError(QmpError):
         self.desc = desc
 
 
+class QmpEventTimeout(QmpError):
+    """The event waited for did not come in time; the connection is still usable."""
+
+
 class Qmp:
     """One QMP connection, ready for commands once constructed (capabilities negotiated)."""
 
@@ -56,6 +62,9 @@ class Qmp:
         self._broken = False
         #: Events received so far, in order (``{"event": ..., "data": ..., "timestamp": ...}``).
         self.events: list[dict[str, Any]] = []
+        self._waited = 0
+        """events[:_waited] were looked at by :meth:`wait_event` already."""
+        self._timeout = timeout
         try:
             try:
                 self._sock.connect(path)
@@ -111,6 +120,38 @@ class Qmp:
                 raise QmpError(f"QMP answer to {command} with neither return nor error: {answer}")
             return answer["return"]
 
+    def wait_event(
+        self, name: str, accept: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """The next event *name* whose ``data`` *accept* takes: already received or still to come.
+
+        Every event up to it is passed over for later waits (still in
+        :attr:`events`). Waiting on an event costs no command: QEMU sends it
+        the moment its state changes, where polling with a command finds the
+        change up to one interval late and makes QEMU answer all along.
+        :class:`QmpEventTimeout` if it does not come within *timeout*
+        seconds (the connection stays usable).
+        """
+        if self._broken:
+            raise QmpError(f"the QMP connection broke earlier; not waiting for {name}")
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                while self._waited < len(self.events):
+                    event = self.events[self._waited]
+                    self._waited += 1
+                    data = event.get("data", {})
+                    if event.get("event") == name and isinstance(data, dict) and accept(data):
+                        return data
+                message = self._receive_untrusted(deadline)
+                if "event" not in message:
+                    self._broken = True
+                    raise QmpError(f"QMP answer while no command was sent: {message}")
+                self.events.append(message)
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(self._timeout)
+
     # The commands the tests use, typed.
 
     def query_status(self) -> str:
@@ -143,12 +184,25 @@ class Qmp:
         with contextlib.suppress(QmpError):
             self.execute("quit")
 
-    def _receive_untrusted(self) -> dict[str, Any]:
-        """The next JSON object from QEMU; QmpError for anything else or for silence."""
+    def _receive_untrusted(self, deadline: float | None = None) -> dict[str, Any]:
+        """The next JSON object from QEMU; QmpError for anything else or for silence.
+
+        With a *deadline* (time.monotonic()), QmpEventTimeout once it passed
+        (a part of a line already read is kept for the next call).
+        """
         while b"\n" not in self._buffer:
             try:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise QmpEventTimeout("the event waited for did not come in time")
+                    self._sock.settimeout(min(left, self._timeout))
                 data = self._sock.recv(65536)
             except TimeoutError as e:
+                if deadline is not None and time.monotonic() < deadline:
+                    continue  # the socket's own timeout, shorter than the wait: go on
+                if deadline is not None:
+                    raise QmpEventTimeout("the event waited for did not come in time") from e
                 self._broken = True
                 raise QmpError("QEMU sent nothing on QMP before the deadline") from e
             except OSError as e:

@@ -45,7 +45,7 @@ from typing import Any
 
 from testbed.guest_image import GuestImage
 from testbed.netns import Netns
-from testbed.qmp import Qmp, QmpError
+from testbed.qmp import Qmp, QmpError, QmpEventTimeout
 from testbed.wait import WaitTimeout, wait_for
 
 __all__ = [
@@ -452,6 +452,26 @@ class Vm(Guest):
             return info if info.get("status") in statuses else None
 
         return wait_for(reached, timeout=timeout, interval=interval, what=what)
+
+    def wait_migration_event(
+        self, statuses: Sequence[str], *, timeout: float, what: str = "QEMU's migration"
+    ) -> str:
+        """Wait (this VM is the source) for QEMU's MIGRATION event with one of *statuses*;
+        that status. QEMU sends the event only with the ``events`` migration
+        capability on (migrate-set-capabilities, before migrate).
+
+        Where a wait matters to the figure (the bench's pause in
+        ``pre-switchover`` is part of QEMU's downtime), this finds the
+        state the moment QEMU enters it; :meth:`wait_migration` polls,
+        up to one interval late, with a command QEMU answers each time.
+        WaitTimeout after *timeout* seconds.
+        """
+        assert self.qmp is not None
+        try:
+            data = self.qmp.wait_event("MIGRATION", lambda d: d.get("status") in statuses, timeout)
+        except QmpEventTimeout:
+            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}") from None
+        return str(data["status"])
 
     # Reports
 

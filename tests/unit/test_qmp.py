@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.qmp import Qmp, QmpCommandError, QmpError
+from testbed.qmp import Qmp, QmpCommandError, QmpError, QmpEventTimeout
 
 GREETING = b'{"QMP": {"version": {}, "capabilities": []}}\r\n'
 
@@ -82,6 +82,35 @@ def test_commands_return_their_value_and_events_are_kept(qmp_path: Path) -> None
         assert [e["event"] for e in qmp.events] == ["MIGRATION"]
     qemu.close()
     assert [r["execute"] for r in qemu.requests] == ["qmp_capabilities", "query-migrate"]
+
+
+def test_an_event_is_waited_for_in_order_and_its_absence_is_a_timeout(qmp_path: Path) -> None:
+    def migration(status: str) -> bytes:
+        return b'{"event": "MIGRATION", "data": {"status": "%s"}}' % status.encode()
+
+    qemu = ScriptedQemu(
+        qmp_path,
+        [
+            CAPABILITIES,
+            # Events that came with a command's answer are waited on too, in order.
+            [migration("setup"), b'{"return": {}, "id": ID}', migration("active")],
+            [b'{"return": {}, "id": ID}', migration("pre-switchover"), migration("device")],
+            [b'{"return": {"status": "paused"}, "id": ID}'],
+        ],
+    )
+    with Qmp(str(qmp_path), timeout=5) as qmp:
+        qmp.migrate("unix:/nowhere")
+        assert qmp.wait_event("MIGRATION", lambda d: d["status"] != "x", 5) == {"status": "setup"}
+        qmp.execute("migrate-continue", state="pre-switchover")
+        data = qmp.wait_event("MIGRATION", lambda d: d["status"] == "device", 5)
+        assert data == {"status": "device"}  # active and pre-switchover passed over
+        with pytest.raises(QmpEventTimeout):
+            qmp.wait_event("MIGRATION", lambda d: True, 0.2)  # nothing more comes
+        assert [e["data"]["status"] for e in qmp.events] == [
+            "setup", "active", "pre-switchover", "device"
+        ]  # fmt: skip
+        assert qmp.query_status() == "paused"  # still usable after a wait that timed out
+    qemu.close()
 
 
 def test_a_refusal_names_the_command_and_qemus_reason(qmp_path: Path) -> None:
