@@ -378,7 +378,7 @@ class MigrationRun:
     scenario: str = MIGRATE
     downtime_ms: float | None = None
     total_ms: float | None = None
-    #: The bench's own work in pre-switchover: host A unplugged, migrate-continue answered.
+    #: The bench's own work in pre-switchover: host A unplugged, migrate-continue sent.
     pause_ms: float | None = None
     #: The virtio-net device's save (source) and load (target), from QEMU's trace events.
     save_ms: float | None = None
@@ -574,14 +574,18 @@ def _echo_server(peer: Netns, address: str) -> None:
 
 
 @contextlib.contextmanager
-def _unplugger(host: Netns, ifname: str) -> Iterator[Callable[[], None]]:
+def _unplugger(host: Netns, ifname: str) -> Iterator[Callable[[], Callable[[], None]]]:
     """A function that sets *ifname* down in *host* at once: one netlink request.
 
     The pause in ``pre-switchover`` is part of QEMU's downtime: an ``ip``
     command costs tens of milliseconds (and deleting a veth about 20 ms in
     the kernel), a netlink request on a socket opened beforehand in the
     namespace (ferryd.netns.run_in_netns) well under one. Down is enough: no
-    frame crosses a veth without carrier either way.
+    frame crosses a veth without carrier either way. The link is down once
+    the request is sent (rtnetlink handles it in the sender's send(2),
+    under the RTNL lock, and queues the answer before returning), so the
+    function returns at once, and what it returns reads and checks the
+    answer: the bench's migrate-continue goes out in between.
     """
 
     def open_there() -> tuple[socket.socket, int]:
@@ -594,12 +598,15 @@ def _unplugger(host: Netns, ifname: str) -> Iterator[Callable[[], None]]:
     request = struct.pack("=IHHII", 32, RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
     request += struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, IFF_UP)
 
-    def down() -> None:
-        sock.send(request)
+    def confirm() -> None:
         reply = sock.recv(4096)
         kind, error = struct.unpack_from("=H", reply, 4)[0], struct.unpack_from("=i", reply, 16)[0]
         if kind != NLMSG_ERROR or error != 0:
             raise AssertionError(f"setting {ifname} down in {host.name}: netlink error {error}")
+
+    def down() -> Callable[[], None]:
+        sock.send(request)
+        return confirm
 
     try:
         yield down
@@ -711,10 +718,14 @@ def _migrate(
             raise AssertionError(f"QEMU's migration {status}: {info.get('error-desc')}")
         late_failure = row.scenario == LATE_FAILURE
         paused = time.monotonic()
-        if not late_failure:
-            unplug()  # nothing reaches the source once its back-end has frozen
-        source.qmp.execute("migrate-continue", state="pre-switchover")
+        # Nothing reaches the source once its back-end has frozen: host A is
+        # down before QEMU reads migrate-continue. Both answers are read after.
+        unplugged = None if late_failure else unplug()
+        continued = source.qmp.send("migrate-continue", state="pre-switchover")
         row.pause_ms = (time.monotonic() - paused) * 1000
+        if unplugged is not None:
+            unplugged()
+        source.qmp.answer(continued)
         try:
             # An event, not a poll: no command for QEMU to answer during its downtime.
             source.wait_migration_event(

@@ -89,6 +89,16 @@ class Qmp:
 
     def execute(self, command: str, **arguments: Any) -> Any:
         """Run *command* and return its ``return`` value; QmpCommandError if QEMU refuses it."""
+        return self.answer(self.send(command, **arguments))
+
+    def send(self, command: str, **arguments: Any) -> tuple[int, str]:
+        """Send *command* without waiting for its answer; what :meth:`answer` takes.
+
+        For a command whose answer does not matter yet (the bench's
+        migrate-continue: QEMU acts on it when it reads it, and the bench
+        has other work meanwhile). No other command may be sent before
+        its answer was read.
+        """
         if self._broken:
             raise QmpError("the QMP connection broke earlier; not sending " + command)
         request_id = next(self._ids)
@@ -100,6 +110,11 @@ class Qmp:
         except OSError as e:
             self._broken = True
             raise QmpError(f"QMP: sending {command} failed: {e}") from e
+        return request_id, command
+
+    def answer(self, sent: tuple[int, str]) -> Any:
+        """The ``return`` value of a command :meth:`send` sent; QmpCommandError if refused."""
+        request_id, command = sent
         while True:
             answer = self._receive_untrusted()
             if "event" in answer:

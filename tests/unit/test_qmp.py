@@ -101,7 +101,8 @@ def test_an_event_is_waited_for_in_order_and_its_absence_is_a_timeout(qmp_path: 
     with Qmp(str(qmp_path), timeout=5) as qmp:
         qmp.migrate("unix:/nowhere")
         assert qmp.wait_event("MIGRATION", lambda d: d["status"] != "x", 5) == {"status": "setup"}
-        qmp.execute("migrate-continue", state="pre-switchover")
+        continued = qmp.send("migrate-continue", state="pre-switchover")
+        assert qmp.answer(continued) == {}  # (sent, then its answer read: the bench's way)
         data = qmp.wait_event("MIGRATION", lambda d: d["status"] == "device", 5)
         assert data == {"status": "device"}  # active and pre-switchover passed over
         with pytest.raises(QmpEventTimeout):
