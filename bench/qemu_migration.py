@@ -33,9 +33,10 @@ of ``--downtime-limit`` ms (10: with QEMU's default 300 ms the final RAM
 pass dominates the figure). When the source waits in ``pre-switchover``
 (the guest stopped, the back-end not yet asked for its state; QEMU's
 MIGRATION event says so the moment it happens: the bench waits on QMP
-events, it does not poll, so QEMU answers no command during its downtime)
-host A leaves the fabric, so that nothing reaches the source after its back-end
-froze its sockets (passt's repair-mode sockets would ACK and lose it);
+events, it does not poll, so QEMU answers no command during its
+downtime) host A leaves the fabric, so that nothing reaches the source
+after its back-end froze its sockets (passt's repair-mode sockets would
+ACK and lose it);
 then ``migrate-continue``; when QEMU reports ``completed`` host B joins the
 fabric. In the guest, now on the target, every connection sends another
 checked chunk, waits for the echo of everything it ever sent, half-closes
@@ -56,8 +57,8 @@ everything) but which the guest waits for before it runs there. A second
 table cuts the source's downtime at QEMU's own checkpoints
 (:func:`downtime_phases`): the VM's stop (each ring's GET_VRING_BASE),
 the pause in pre-switchover as QEMU saw it, RAM's last pass, the other
-devices, the virtio-net device, the end; so a difference between back-ends shows where it arises. A
-third cuts out each wait for the back-end's answers, from QEMU's
+devices, the virtio-net device, the end; so a difference between
+back-ends shows where it arises. A third cuts out each wait for the back-end's answers, from QEMU's
 vhost-user trace events (:func:`backend_answers`): the two
 GET_VRING_BASE, SET_DEVICE_STATE_FD, the stream to EOF and
 CHECK_DEVICE_STATE; what is left of the phases is QEMU's own work on a

@@ -114,6 +114,20 @@ def test_an_event_is_waited_for_in_order_and_its_absence_is_a_timeout(qmp_path: 
     qemu.close()
 
 
+def test_an_answer_while_waiting_for_an_event_breaks_the_connection(qmp_path: Path) -> None:
+    qemu = ScriptedQemu(
+        qmp_path,
+        [CAPABILITIES, [b'{"return": {}, "id": ID}', b'{"return": {}, "id": 99}']],
+    )
+    with Qmp(str(qmp_path), timeout=5) as qmp:
+        qmp.execute("migrate-continue", state="pre-switchover")
+        with pytest.raises(QmpError, match="no command was sent"):
+            qmp.wait_event("MIGRATION", lambda d: True, 5)
+        with pytest.raises(QmpError, match="broke earlier"):
+            qmp.wait_event("MIGRATION", lambda d: True, 5)
+    qemu.close()
+
+
 def test_a_refusal_names_the_command_and_qemus_reason(qmp_path: Path) -> None:
     qemu = ScriptedQemu(
         qmp_path,
