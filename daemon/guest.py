@@ -23,8 +23,8 @@ class GuestPort(Protocol):
         l4: bytes,
         payload: bytes | memoryview = b"",
         csum_offset: int | None = None,
-    ) -> None:
-        """Send ``l4`` followed by ``payload`` to the guest.
+    ) -> bool:
+        """Send ``l4`` followed by ``payload`` to the guest; False if it could not take it.
 
         Without ``csum_offset`` the message is complete and checksummed. With
         it, the 16-bit field at that offset of ``l4`` holds only the

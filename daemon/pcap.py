@@ -215,15 +215,15 @@ class CapturingFrontend:
     def drain(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         self.inner.drain(self._tee(on_frame), on_burst_end)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> bool:
         self.pcap.write_frame(frame)
-        self.inner.send(frame)
+        return self.inner.send(frame)
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         self.pcap.write_parts(parts)
-        self.inner.send_partial(parts, csum_start, csum_offset)
+        return self.inner.send_partial(parts, csum_start, csum_offset)
 
     def hand_over(self) -> None:
         self.inner.hand_over()

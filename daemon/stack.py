@@ -138,7 +138,7 @@ class Stack:
         l4: bytes,
         payload: bytes | memoryview = b"",
         csum_offset: int | None = None,
-    ) -> None:
+    ) -> bool:
         hdr = ip_header(src, dst, proto, len(l4) + len(payload))
         mac, version = self.guest_mac or BROADCAST, src.version
         cached = self._eth_header
@@ -151,14 +151,12 @@ class Stack:
             )
         eth = cached[2]
         if csum_offset is None:
-            self._send_frame(eth + hdr + l4 + payload)
-            return
+            return self._send_frame(eth + hdr + l4 + payload)
         if self._frontend.csum_offload:
             start = len(eth) + len(hdr)
-            self._frontend.send_partial([eth + hdr + l4, payload], start, csum_offset)
-            return
+            return self._frontend.send_partial([eth + hdr + l4, payload], start, csum_offset)
         # No offload: complete the checksum here.
-        self._send_frame(eth + hdr + complete_partial(l4, csum_offset, payload) + payload)
+        return self._send_frame(eth + hdr + complete_partial(l4, csum_offset, payload) + payload)
 
     def guest_address(self, version: int) -> IpAddress | None:
         return self._guest_addr.get(version)

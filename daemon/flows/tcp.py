@@ -530,6 +530,11 @@ class TcpFlows:
             return
         if conn in self._held:
             return  # release() arms it
+        if conn.push_due and not conn.ack_due:
+            # Its push stopped for want of room in the guest's queue
+            # (TcpConn.push): the next flush() pushes it again.
+            conn.ack_due = True
+            self._ack_due.append(conn)
         try:
             if conn.state is State.CONNECTING:
                 mask = EPOLLOUT

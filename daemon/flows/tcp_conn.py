@@ -31,10 +31,18 @@ same amount (sk_peek_offset_bwd), so the offset always equals the flight. A
 retransmission rewinds ``seq_to_guest`` to the guest's last ACK and the
 peek offset to 0; until the guest ACKs beyond all that was resent, its
 duplicate ACKs (its answers to resent bytes it already held) start no new
-rewind (RFC 6582 "recover"). The flight is limited by the guest's window.
-Because the queued flight keeps the socket readable, the reader waits with
-SO_RCVLOWAT set to flight + 1: tcp_poll then reports readability only when
-bytes beyond the flight arrived (or on FIN/error).
+rewind (RFC 6582 "recover"). The flight is limited by the guest's window,
+and by the room in the guest's queue: a segment the frontend refuses
+(FrameSink.send: a full receive ring or socket) ends the push there, the
+peek offset goes back to the flight, and the adapter pushes again at its
+next flush (the guest's frames, or the frontend telling of new room), not
+on readability (``_starved``). Sending on into a queue that drops would
+make every segment after the first refused one a loss for the guest to
+answer with duplicate ACKs, and a window larger than the queue a
+go-back-N that never catches up. Because the queued flight keeps the
+socket readable, the reader waits with SO_RCVLOWAT set to flight + 1:
+tcp_poll then reports readability only when bytes beyond the flight
+arrived (or on FIN/error).
 
 Timestamps (RFC 7323). When the guest's SYN (or its SYN-ACK) carries them,
 every segment to the guest does too, on the host socket's own clock (see
@@ -191,6 +199,13 @@ CLOSING = Flags.FIN_FROM_GUEST | Flags.SOCK_EOF | Flags.FIN_TO_GUEST | Flags.FIN
 _SHARED_VALUES = 1024
 #: What the timestamps option adds to each segment (10 bytes, 2 NOPs: RFC 7323 §3.2).
 TS_OPTION_LEN = 12
+#: TcpConn._starved: readable, but the receive queue holds only bytes in flight
+#: (tcp_epollin_ready reports readability when the window is nearly closed):
+#: the guest's ACK comes first.
+FLIGHT_ONLY = 1
+#: TcpConn._starved: the frontend had no room for a segment (FrameSink.send):
+#: the adapter pushes again at the next flush (the guest's frames, or new room).
+NO_ROOM = 2
 
 
 class Endpoints(FlowKey):
@@ -398,7 +413,8 @@ class TcpConn:
         self.rto = RTO_INITIAL
         self.timer: float = INF
         self._rcvlowat = 1
-        self._starved = False
+        self._starved = 0
+        """Not reading the socket: FLIGHT_ONLY, or NO_ROOM (see those); 0: reading."""
         self.want_writable = False
         """The adapter should wait for writability and call on_writable()."""
         self._hole_acked = -1
@@ -611,7 +627,8 @@ class TcpConn:
         seq: int,
         payload: memoryview | bytes = b"",
         options: TcpOptions | None = None,
-    ) -> None:
+    ) -> bool:
+        """Send the guest one segment; False if the frontend had no room for it."""
         e = self.ends
         if flags & SYN:
             window = min(self.wnd_to_guest, 0xFFFF)
@@ -633,7 +650,7 @@ class TcpConn:
             options if options is not None else NO_OPTIONS,
             len(payload),
         )
-        self.shared.guest.send_ip(
+        return self.shared.guest.send_ip(
             e.remote_addr, e.guest_addr, IPPROTO_TCP, hdr, payload, TCP_CSUM_OFFSET
         )
 
@@ -879,7 +896,7 @@ class TcpConn:
             self.dupacks = 0
             self.retries = 0
             self.rto = RTO_INITIAL
-            self._starved = False
+            self._starved = 0
             self.timer = now + self.rto_jittered() if self.flight else INF
         elif (
             acked == 0
@@ -1022,7 +1039,7 @@ class TcpConn:
             # full of unacknowledged bytes (tcp_epollin_ready reports
             # readability when the receive window is nearly closed). Wait
             # for the guest's ACK instead of spinning.
-            self._starved = True
+            self._starved = FLIGHT_ONLY
         self._maybe_finish(now)
 
     def push(self, now: float, limit: int | None = None) -> int:
@@ -1032,6 +1049,8 @@ class TcpConn:
         socket readable."""
         if self.state is not State.ESTABLISHED or self.flags & Flags.FIN_TO_GUEST:
             return 0
+        if self._starved == NO_ROOM:
+            self._starved = 0  # tried again: it stops again if there is still none
         shared = self.shared
         link_mss = shared.link_mss
         left = min(self.guest_wnd, shared.rcvlowat_cap) - self.flight
@@ -1053,7 +1072,7 @@ class TcpConn:
             if self.flags & Flags.TIMESTAMPS
             else NO_OPTIONS
         )
-        drained = False
+        drained = full = False
         while left > 0:
             want = min(left, len(buf))
             try:
@@ -1077,12 +1096,27 @@ class TcpConn:
             for off in range(0, n, mss):
                 end = min(off + mss, n)
                 flags = ACK | PSH if end == n else ACK
-                self._send(flags, seq_add(self.seq_to_guest, off), buf[off:end], options)
+                if not self._send(flags, seq_add(self.seq_to_guest, off), buf[off:end], options):
+                    # The guest has no room for it (a full receive ring): what
+                    # was not sent stays in the socket, unpeeked, and waits for
+                    # room rather than go on into a queue that drops it (with
+                    # a guest window larger than its ring, it did: go-back-N
+                    # over and over, a download at ~1% of its speed).
+                    n = off
+                    full = True
+                    break
             self.seq_to_guest = seq_add(self.seq_to_guest, n)
             if seq_diff(self.seq_to_guest, self.seq_max_to_guest) > 0:
                 self.seq_max_to_guest = self.seq_to_guest
             total += n
             left -= n
+            if full:
+                self.host.set_peek_offset(self.data_flight)  # SO_PEEK_OFF back to the flight
+                self._starved = NO_ROOM  # not reading: the socket's bytes wait for room
+                self.push_due = True  # the adapter pushes it again (TcpFlows.flush)
+                if not self.flight:  # no retransmission timer: this one, as a last resort
+                    self.timer = min(self.timer, now + self.rto_jittered())
+                break
             if n < want:
                 drained = True
                 break
@@ -1111,7 +1145,7 @@ class TcpConn:
         self.flags &= ~Flags.FIN_TO_GUEST
         self.host.set_peek_offset(0)
         self.dupacks = 0
-        self._starved = False
+        self._starved = 0
         self.prepare_wait()
 
     def on_timer(self, now: float) -> None:
@@ -1127,6 +1161,12 @@ class TcpConn:
             return
         if now < self.timer:
             return  # woken for a deadline that has since moved
+        if state is State.ESTABLISHED and not self.flight and self._starved == NO_ROOM:
+            # Nothing in flight to resend: the frontend had no room, and
+            # nothing told of new room since (push arms this again if so).
+            self.timer = INF
+            self.push(now)
+            return
         if self.retries >= MAX_RETRIES:
             log.info(
                 "%s: no answer from the guest after %d retransmissions: reset",

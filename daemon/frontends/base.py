@@ -44,14 +44,20 @@ class FrameSink(Protocol):
     csum_offload: bool
     """True if frames may leave the L4 checksum to the guest's kernel."""
 
-    def send(self, frame: bytes) -> None:
-        """Deliver one complete frame; drop it (and count it) if the guest cannot take it now."""
+    def send(self, frame: bytes) -> bool:
+        """Deliver one complete frame; drop it (and count it) if the guest cannot take it now.
+
+        True if it went out. False tells the sender the guest has no room now
+        (a full receive ring or socket) or no link: a TCP push stops there and
+        goes on when the guest has taken frames (flows/tcp_conn.py,
+        ``TcpConn.push``) instead of sending into a queue that drops.
+        """
         ...
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
-        """Deliver a frame whose L4 checksum the guest's kernel may leave unsummed."""
+    ) -> bool:
+        """Deliver a frame whose L4 checksum the guest's kernel may leave unsummed (as send)."""
         ...
 
 

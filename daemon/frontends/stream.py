@@ -37,7 +37,9 @@ stream, allows the longest any link has.
 Writing never blocks the data path. A frame goes out in one ``sendmsg``
 with its length; when QEMU's side is full (it reads the socket only as
 fast as the guest takes frames) the frame is dropped and counted in
-``dropped_out``, as a full NIC queue would drop it. A write that takes only
+``dropped_out``, as a full NIC queue would drop it; the sender hears of it
+(``send`` returns False: TCP's push stops there) and ``on_burst_end`` is
+called once QEMU's side has room again. A write that takes only
 part of a frame cannot be undone, and the stream must never carry half a
 frame followed by another: the rest is kept (one frame at most) and
 finished as soon as the socket is writable, before any later frame; later
@@ -182,6 +184,8 @@ class StreamFrontend:
         self._unsent = b""
         """The rest of a frame a write took only part of (see the module docstring)."""
         self._unsent_waiting = trio.Event()
+        self._room_wanted = False
+        """A frame was refused for want of room (see :meth:`_want_room`)."""
         self._throttle = LogThrottle(log)
         self._qemu = OneQemu(listener, path, self.counters, self._throttle)
 
@@ -211,13 +215,13 @@ class StreamFrontend:
 
     # --- frames out ---------------------------------------------------------
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> bool:
         """Write one complete frame; drop it (and count it) if QEMU cannot take it now."""
-        self._write([frame])
+        return self._write([frame])
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         """Complete the L4 checksum (the stream has no offload) and write the frame.
 
         The stack does this itself for a frontend without ``csum_offload``;
@@ -227,25 +231,38 @@ class StreamFrontend:
         rest = parts[1:]
         payload = rest[0] if len(rest) == 1 else b"".join(rest)
         l4 = complete_partial(head[csum_start:], csum_offset, payload)
-        self._write([head[:csum_start] + l4, *rest])
+        return self._write([head[:csum_start] + l4, *rest])
 
-    def _write(self, parts: list[bytes | memoryview]) -> None:
+    def _write(self, parts: list[bytes | memoryview]) -> bool:
         conn = self._conn
-        if conn is None or not self.serving or (self._unsent and not self._flush(conn)):
+        if conn is None or not self.serving:
             self.counters.dropped_out += 1
-            return
+            return False
+        if self._unsent and not self._flush(conn):
+            self.counters.dropped_out += 1
+            self._want_room()
+            return False
         out, size = frame_parts(parts)
         try:
             sent = conn.sendmsg(out, (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except OSError:
-            # EAGAIN: QEMU's side is full. EPIPE/ECONNRESET: QEMU is gone, and
-            # the reader will see the end. Either way the frame is lost.
+        except BlockingIOError:  # QEMU's side is full: the frame is lost
             self.counters.dropped_out += 1
-            return
+            self._want_room()
+            return False
+        except OSError:  # EPIPE/ECONNRESET: QEMU is gone, and the reader will see the end
+            self.counters.dropped_out += 1
+            return False
         self.counters.frames_out += 1
         if sent < size:
             self._unsent = unsent_tail(out, sent)
             self._unsent_waiting.set()
+        return True
+
+    def _want_room(self) -> None:
+        """A frame was refused for want of room: tell the data path when there is some
+        (:meth:`_finish_unsent`), so that the push that stopped there goes on."""
+        self._room_wanted = True
+        self._unsent_waiting.set()
 
     def _flush(self, conn: socket.socket) -> bool:
         """Write what is left of a partly written frame; True once none is."""
@@ -259,13 +276,19 @@ class StreamFrontend:
         self._unsent = self._unsent[sent:]
         return not self._unsent
 
-    async def _finish_unsent(self, conn: socket.socket) -> None:
-        """Finish a partly written frame as soon as QEMU's side has room."""
+    async def _finish_unsent(self, conn: socket.socket, on_burst_end: OnBurstEnd) -> None:
+        """Finish a partly written frame as soon as QEMU's side has room; after a frame
+        was refused, call ``on_burst_end`` once there is room (TcpFlows.flush pushes
+        the connections that stopped for it)."""
         while True:
             await self._unsent_waiting.wait()
             self._unsent_waiting = trio.Event()
             while self._unsent and not self._flush(conn):
                 await trio.lowlevel.wait_writable(conn)
+            if self._room_wanted:
+                await trio.lowlevel.wait_writable(conn)
+                self._room_wanted = False
+                on_burst_end()
 
     # --- frames in ------------------------------------------------------------
 
@@ -278,7 +301,7 @@ class StreamFrontend:
             assert conn is not None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._qemu.refuse_others, conn)
-                nursery.start_soon(self._finish_unsent, conn)
+                nursery.start_soon(self._finish_unsent, conn, on_burst_end)
                 if self._unsent:
                     self._unsent_waiting.set()
                 end = await self._read(conn, on_frame, on_burst_end)

@@ -316,28 +316,31 @@ class TapFrontend:
     #: Frames may be sent with a partial L4 checksum (see the module doc).
     csum_offload = True
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> bool:
         """Write one complete frame; if the tap's queue is full, drop it."""
-        self._write([_VNET_PLAIN, frame])
+        return self._write([_VNET_PLAIN, frame])
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         """Write a frame whose L4 checksum the guest's kernel may leave unsummed."""
         hdr = _VNET_CSUM.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, csum_start, csum_offset)
-        self._write([hdr, *parts])
+        return self._write([hdr, *parts])
 
-    def _write(self, parts: list[bytes | memoryview]) -> None:
+    def _write(self, parts: list[bytes | memoryview]) -> bool:
         try:
             os.writev(self.fd, parts)
-            self.counters.frames_out += 1
         except BlockingIOError:
             self.counters.dropped_out += 1  # a full NIC queue: see daemon/guest.py
+            return False
         except OSError as exc:
             # EIO: the tap is down (guest side closed it); nothing to deliver to.
             self.counters.dropped_out += 1
             if exc.errno != errno.EIO:
                 log.warning("tap write failed: %s", exc)
+            return False
+        self.counters.frames_out += 1
+        return True
 
     async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         """Deliver every frame the guest sends, until cancelled.

@@ -11,8 +11,9 @@ class RecordingFrontend:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> bool:
         self.sent.append(frame)
+        return True
 
-    def send_partial(self, parts: list[bytes | memoryview], start: int, offset: int) -> None:
+    def send_partial(self, parts: list[bytes | memoryview], start: int, offset: int) -> bool:
         raise AssertionError("not used without csum_offload")

@@ -37,12 +37,13 @@ class RecordingGuest:
         l4: bytes,
         payload: bytes | memoryview = b"",
         csum_offset: int | None = None,
-    ) -> None:
+    ) -> bool:
         assert proto == IPPROTO_TCP
         packet = IpPacket(src.version, src, dst, proto, 64, memoryview(bytes(l4) + payload))
         seg = parse_tcp_untrusted(packet, verify_checksum=False)
         self.routes.append((src, dst, proto))
         self.segments.append(Sent(seg.seq, seg.ack, seg.flags, seg.options, bytes(seg.payload)))
+        return True
 
     def guest_address(self, version: int) -> IpAddress | None:
         return guest_of(version)

@@ -162,13 +162,14 @@ class WireGuest:
         l4: bytes,
         payload: bytes | memoryview = b"",
         csum_offset: int | None = None,
-    ) -> None:
+    ) -> bool:
         assert proto == IPPROTO_TCP and src == REMOTE and dst == GUEST
         packet = IpPacket(4, src, dst, IPPROTO_TCP, 64, memoryview(bytes(l4) + bytes(payload)))
         seg = parse_tcp_untrusted(packet, verify_checksum=False)
         self.check_ack(seg)
         self.sent += 1
         self.out.append(seg)
+        return True
 
     def check_ack(self, seg: TcpSegment) -> None:
         """No ACK covers a byte (or a FIN) the host socket did not take."""

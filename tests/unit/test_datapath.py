@@ -60,15 +60,17 @@ class MemoryFrontend:
             self.queue.append(frame)
             self._readable.set()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> bool:
         self.sent.append(bytes(frame))
         self.counters.frames_out += 1
+        return True
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         self.sent.append(b"".join(parts))
         self.counters.frames_out += 1
+        return True
 
     def _deliver(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         while self.queue:

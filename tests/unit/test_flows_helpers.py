@@ -93,12 +93,13 @@ class FakeGuest:
         l4: bytes,
         payload: bytes | memoryview = b"",
         csum_offset: int | None = None,
-    ) -> None:
+    ) -> bool:
         # UDP and ICMP always send complete, checksummed messages.
         assert csum_offset is None
         # Parse it back: proves the builders produced a valid packet.
         self.packets.append(parse_ip(build_ip(src, dst, proto, l4 + payload)))
         self._changed.set()
+        return True
 
     def guest_address(self, version: int) -> IpAddress | None:
         return guest_of(version)

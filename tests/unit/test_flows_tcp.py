@@ -47,11 +47,12 @@ class Link:
         l4: bytes,
         payload: bytes | memoryview = b"",
         csum_offset: int | None = None,
-    ) -> None:
+    ) -> bool:
         assert proto == IPPROTO_TCP and dst == GUEST4
         packet = IpPacket(4, src, dst, proto, 64, memoryview(bytes(l4) + bytes(payload)))
         self.segs.append((src, parse_tcp_untrusted(packet, verify_checksum=False)))
         self.changed.set()
+        return True
 
     def guest_address(self, version: int) -> IpAddress | None:
         return GUEST4 if version == 4 else None

@@ -63,13 +63,15 @@ class _Frontend:
             on_frame(memoryview(frame), False)
         on_burst_end()
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes) -> bool:
         self.sent.append(frame)
+        return True
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         self.sent.append((parts, csum_start, csum_offset))
+        return True
 
     def hand_over(self) -> None:
         self.calls.append("hand_over")

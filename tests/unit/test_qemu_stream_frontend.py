@@ -283,6 +283,26 @@ async def test_a_full_qemu_costs_frames_never_half_a_frame(tmp_path: Path) -> No
         qemu.close()
 
 
+async def test_a_refused_frame_is_said_and_room_again_ends_a_burst(tmp_path: Path) -> None:
+    """send() says which frames QEMU's full side refused (TCP's push stops there), and
+    once QEMU reads again the frontend calls on_burst_end (the push goes on); while
+    it does not read, no such call comes."""
+    async with served(tmp_path) as (frontend, guest, path, _):
+        qemu = await Qemu.connect(path)
+        await until(lambda: frontend.describe()["connected"], what="QEMU accepted")
+        size = max_frame_for_mtu(65520) - 4
+        taken = [frontend.send(numbered(i, size)) for i in range(200)]
+        assert taken.count(True) == frontend.counters.frames_out
+        assert taken.count(False) == frontend.counters.dropped_out > 0
+        bursts = guest.bursts
+        await trio.sleep(0.1)
+        assert guest.bursts == bursts  # QEMU reads nothing: no room, no call
+        await qemu.frames(frontend.counters.frames_out)
+        await until(lambda: guest.bursts > bursts, what="on_burst_end once QEMU read")
+        assert frontend.send(numbered(200, size))
+        qemu.close()
+
+
 # --- the handover -------------------------------------------------------------------
 
 

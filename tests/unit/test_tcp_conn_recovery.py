@@ -7,6 +7,9 @@ built by hand, so time and order are explicit.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from ferryd.flows.tcp_conn import State, TcpConn
 from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.tcp import ACK, NO_OPTIONS, SYN, TcpOptions, TcpSegment
@@ -86,3 +89,70 @@ def test_acks_for_resent_old_data_do_not_rewind_again() -> None:
     for _ in range(3):
         ack(conn, after, 0.5)
     assert data_at(wire, after) == 2
+
+
+class FullGuest(WireGuest):
+    """A guest link whose queue takes ``room`` more segments, then refuses (a full ring)."""
+
+    def __init__(self, host: MemoryHost, room: int) -> None:
+        super().__init__(host)
+        self.room = room
+        self.refused = 0
+
+    def send_ip(self, *args: Any, **kwargs: Any) -> bool:
+        if self.room <= 0:
+            self.refused += 1
+            return False
+        self.room -= 1
+        return super().send_ip(*args, **kwargs)
+
+
+def waits_for_room(conn: TcpConn) -> bool:
+    """The adapter is to push it again (at its next flush), and not on readability."""
+    return conn.push_due and not conn.reading()
+
+
+def test_a_push_the_guest_has_no_room_for_waits_and_loses_nothing() -> None:
+    """With no room in the guest's queue for a segment, the push stops there: the
+    bytes stay in the socket, unpeeked, and go at the next flush, once each and in
+    order (no go-back-N over a queue that drops)."""
+    host = MemoryHost()
+    wire = FullGuest(host, room=1_000)
+    conn = established(host, wire)
+    start = conn.seq_to_guest
+    data = os.urandom(10 * MSS)
+    host.rcv += data
+    wire.room = 3
+    assert conn.push(0.0) == 3 * MSS
+    assert wire.refused == 1
+    assert conn.seq_to_guest == conn.seq_max_to_guest == seq_add(start, 3 * MSS)
+    assert host.peek_off == conn.data_flight == 3 * MSS  # the refused bytes are unpeeked
+    assert waits_for_room(conn)  # pushed again by the adapter, not on EPOLLIN
+
+    conn.flush_ack(0.1)  # a flush with still no room: nothing goes, nothing is lost
+    assert wire.refused == 2 and conn.seq_to_guest == seq_add(start, 3 * MSS)
+    assert host.peek_off == 3 * MSS and waits_for_room(conn)
+
+    wire.room = 1_000  # the guest posted buffers
+    conn.flush_ack(0.2)
+    assert not waits_for_room(conn) and conn.seq_to_guest == seq_add(start, 10 * MSS)
+    got = b"".join(bytes(s.payload) for s in wire.out if s.payload)
+    assert got == data  # every byte once, in order
+    assert [s.seq for s in wire.out if s.payload] == [seq_add(start, k * MSS) for k in range(10)]
+    ack(conn, seq_add(start, 10 * MSS), 0.3)
+    assert conn.flight == 0 and host.rcv == b"" and conn.reading()
+
+
+def test_no_room_with_nothing_in_flight_is_tried_again_by_the_timer() -> None:
+    """Nothing in flight means no retransmission timer: a push that found no room at
+    all arms one, and tries again when it fires (without counting a retry)."""
+    host = MemoryHost()
+    wire = FullGuest(host, room=1_000)
+    conn = established(host, wire)
+    host.rcv += bytes(2 * MSS)
+    wire.room = 0
+    assert conn.push(0.0) == 0
+    assert conn.flight == 0 and conn.deadline() < float("inf")
+    wire.room = 1_000
+    conn.on_timer(conn.deadline())
+    assert conn.flight == 2 * MSS and conn.retries == 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ferryd.frontends.vhost_user.device import MAX_TX_FRAME, NetDevice, VhostUserCounters
+from ferryd.frontends.vhost_user.device import (
+    MAX_TX_FRAME,
+    NOTIFY,
+    TAKEN,
+    NetDevice,
+    VhostUserCounters,
+)
 from ferryd.frontends.vhost_user.features import (
     TX_QUEUE,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -102,7 +108,7 @@ def test_too_long_empty_and_disabled_ring_frames_are_discarded_but_returned() ->
 
 def test_send_delivers_into_guest_buffers_and_counts_drops() -> None:
     ram, qemu, device = _device()
-    assert not device.send(b"no buffer yet")
+    assert device.send(b"no buffer yet") == 0
     assert device.counters.dropped_out == 1 and device.counters.notifications == 0
     heads = {}
     for k in range(4):
@@ -110,8 +116,8 @@ def test_send_delivers_into_guest_buffers_and_counts_drops() -> None:
         heads[qemu.rx.chain([(gpa, 4096, W)])] = gpa
     for head in heads:
         qemu.rx.post(head)
-    assert device.send(b"hello guest")
-    assert device.send_partial([b"part one ", memoryview(b"part two")], 34, 16)
+    assert device.send(b"hello guest") == TAKEN | NOTIFY
+    assert device.send_partial([b"part one ", memoryview(b"part two")], 34, 16) == TAKEN | NOTIFY
     assert device.counters.frames_out == 2 and device.counters.notifications == 2
     used = qemu.rx.take_used()
     first = ram.read(heads[used[0][0]], used[0][1])
@@ -126,7 +132,7 @@ def test_no_interrupt_when_the_guest_asks_for_none() -> None:
     _, qemu, device = _device()
     qemu.rx.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     qemu.rx.post(qemu.rx.chain([(HIGH.gpa, 4096, W)]))
-    assert not device.send(b"quiet")
+    assert device.send(b"quiet") == TAKEN
     assert device.counters.frames_out == 1 and device.counters.notifications == 0
 
 

@@ -276,3 +276,49 @@ async def test_a_frame_to_the_guest_interrupts_it_at_once_unless_it_asked_not_to
     finally:
         qemu.close()
     await running.recorder.disconnected_event.wait()
+
+
+async def test_a_frame_with_no_buffer_is_refused_and_new_buffers_let_the_sender_go_on(
+    tmp_path: Path,
+) -> None:
+    """A frame that finds no receive buffer is refused (send says so: TCP's push
+    stops there). The guest's next kick on the receive ring, which comes with new
+    buffers, calls on_burst_end (the data path pushes again); until it comes, a
+    retry that finds no buffer either is all that happens."""
+    frontend = VhostUserFrontend.listen(str(tmp_path / "vhost.sock"))
+    recorder = Recorder()
+    recorder.frontend = frontend
+    frontend.handler = recorder
+    frame = b"\x02" * 12 + b"\x08\x00" + b"to the guest" * 5
+    retries: list[bool] = []
+    retried = trio.Event()
+
+    def on_burst_end() -> None:
+        if "_watch_room" in trio.lowlevel.current_task().name:  # not the reader's
+            retries.append(frontend.send(frame))
+            retried.set()
+
+    qemu = VhostUserQemu(frontend.path)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(frontend.serve)
+            nursery.start_soon(frontend.run, lambda f, t: None, on_burst_end)
+            await _in_thread(qemu.start)
+            qemu.post_rx(1)  # one buffer, and its kick
+            assert frontend.send(frame)
+            assert not frontend.send(frame)
+            with trio.fail_after(5):
+                await retried.wait()
+            retried = trio.Event()
+            await trio.sleep(0.1)
+            assert retries == [False]  # the old kick was read: no new one, no retry
+            qemu.post_rx(2)
+            with trio.fail_after(5):
+                await retried.wait()
+            assert retries == [False, True]
+            assert await _in_thread(qemu.receive, 2) == [frame] * 2
+            assert frontend.counters.dropped_out == 2
+            nursery.cancel_scope.cancel()
+    finally:
+        qemu.close()
+        frontend.close()

@@ -64,6 +64,11 @@ class VhostUserCounters(FrontendCounters):
     """Rings stopped because the guest's driver broke them (until QEMU restarts them)."""
 
 
+#: What :meth:`NetDevice.send` says of a frame: it went in; and the guest wants to hear of it.
+TAKEN = 1
+NOTIFY = 2
+
+
 class NetDevice:
     """Frames in and out of one vhost-user session's queue pair (no I/O)."""
 
@@ -81,29 +86,30 @@ class NetDevice:
         features = self.session.features
         return features is not None and bool(features & bit(VIRTIO_NET_F_GUEST_CSUM))
 
-    def send(self, frame: bytes | memoryview) -> bool:
+    def send(self, frame: bytes | memoryview) -> int:
         """One frame to the guest, or dropped and counted if it has no buffer for it now.
 
-        True if it went in and the guest wants an interrupt for it (counted).
+        0 if dropped; else :data:`TAKEN`, with :data:`NOTIFY` if the guest
+        wants an interrupt for it (counted).
         """
         return self._deliver(self._rx.push_frame_untrusted((frame,)))
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> bool:
+    ) -> int:
         """A frame whose L4 checksum the guest may leave unsummed (csum_offload only)."""
         return self._deliver(self._rx.push_frame_untrusted(parts, csum=(csum_start, csum_offset)))
 
-    def _deliver(self, buffers: int) -> bool:
+    def _deliver(self, buffers: int) -> int:
         counters = self.counters
         if not buffers:
             counters.dropped_out += 1
-            return False
+            return 0
         counters.frames_out += 1
         if self._rx.should_notify():
             counters.notifications += 1
-            return True
-        return False
+            return TAKEN | NOTIFY
+        return TAKEN
 
     def receive_burst(self, on_frame: OnFrame, limit: int) -> tuple[bool, bool]:
         """Hand up to ``limit`` of the guest's frames to ``on_frame``.

@@ -39,9 +39,13 @@ at the first, it receives while the rest goes in (its NAPI poll sets
 VIRTQ_AVAIL_F_NO_INTERRUPT, so the frames after it cost no signal). With
 this, a TCG guest's download went from 0.61× to 0.76× passt's
 (bench/README.md, qemu_migration). When the guest has no buffer (or the
-ring is not running) the frame is dropped and counted, as a
-full NIC queue drops it; TCP retransmits. The guest's kick on the receive
-ring (new buffers) needs nothing: ferryd keeps no frame to resend.
+ring is not running) the frame is dropped and counted, as a full NIC queue
+drops it, and :meth:`send` says so: TCP's push stops there, its bytes left
+in the socket, and goes on when the guest's kick on the receive ring says
+it posted buffers (:meth:`_watch_room` calls ``on_burst_end``). Dropping
+and going on, as before, cost a guest whose TCP window is larger than its
+ring (Linux's ~1 MiB of buffers; a guest with 1 GiB of RAM offers ~3 MiB)
+its download: go-back-N over a ring that drops most of it, 0.01 Gbit/s.
 
 A ring's start and the migration. QEMU resumes a source VM after a failed
 migration by starting its rings again (the session's DeviceResumed comes
@@ -89,7 +93,7 @@ from ferryd.frontends.vhost_user.actions import (
     TransferDeviceState,
 )
 from ferryd.frontends.vhost_user.channel import Ended, serve_connection
-from ferryd.frontends.vhost_user.device import NetDevice, VhostUserCounters
+from ferryd.frontends.vhost_user.device import NOTIFY, NetDevice, VhostUserCounters
 from ferryd.frontends.vhost_user.device_state import DeviceStateHandler
 from ferryd.frontends.vhost_user.errors import GuestDriverError, VhostUserProtocolError
 from ferryd.frontends.vhost_user.features import NUM_QUEUES, RX_QUEUE, TX_QUEUE
@@ -147,6 +151,10 @@ class VhostUserFrontend:
         """The kick the reader waits on, woken (notify_closing) when a ring changes."""
         self._idle: trio.Event | None = None
         """What the reader waits on while the transmit ring is not running."""
+        self._room_wanted = False
+        """A frame found no receive buffer: the guest's next kick there is awaited."""
+        self._room_waiter: trio.Event | None = None
+        """What :meth:`_watch_room` waits on while no frame is waiting for room."""
         self._throttle = LogThrottle(log)
         self._qemu = OneQemu(listener, path, self.counters, self._throttle)
 
@@ -336,48 +344,103 @@ class VhostUserFrontend:
 
     # --- frames out -------------------------------------------------------------
 
-    def send(self, frame: bytes | memoryview) -> None:
+    def send(self, frame: bytes | memoryview) -> bool:
         """One frame into the guest's receive ring, or dropped and counted."""
         device = self._device
         if device is None or not self._running[RX_QUEUE]:
             self.counters.dropped_out += 1
-            return
+            return False
         try:
-            notify = device.send(frame)
+            sent = device.send(frame)
         except GuestDriverError as exc:
             self.counters.dropped_out += 1
             self._ring_broken(RX_QUEUE, exc)
-            return
-        if notify:
-            self._signal(RX_QUEUE)
+            return False
+        return self._sent(sent)
 
     def send_partial(
         self, parts: list[bytes | memoryview], csum_start: int, csum_offset: int
-    ) -> None:
+    ) -> bool:
         """A frame whose L4 checksum the guest may leave unsummed (GUEST_CSUM acked)."""
         device = self._device
         if device is None or not self._running[RX_QUEUE]:
             self.counters.dropped_out += 1
-            return
+            return False
         try:
             if self.csum_offload:
-                notify = device.send_partial(parts, csum_start, csum_offset)
+                sent = device.send_partial(parts, csum_start, csum_offset)
             else:  # not for a caller that read csum_offload, but the frame stays right
                 head = bytes(parts[0])
                 payload = b"".join(parts[1:])
                 l4 = complete_partial(head[csum_start:], csum_offset, payload)
-                notify = device.send(head[:csum_start] + l4 + payload)
+                sent = device.send(head[:csum_start] + l4 + payload)
         except GuestDriverError as exc:
             self.counters.dropped_out += 1
             self._ring_broken(RX_QUEUE, exc)
-            return
-        if notify:
+            return False
+        return self._sent(sent)
+
+    def _sent(self, sent: int) -> bool:
+        if sent & NOTIFY:
             self._signal(RX_QUEUE)
+        elif not sent and not self._room_wanted:
+            # No buffer for it: the sender stops (TCP's push) until the guest
+            # posts more, which its kick on the receive ring says (_watch_room).
+            self._room_wanted = True
+            if self._room_waiter is not None:
+                self._room_waiter.set()
+        return bool(sent)
 
     # --- frames in ----------------------------------------------------------------
 
     async def run(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
-        """Deliver the guest's frames from the transmit ring, until cancelled."""
+        """Deliver the guest's frames from the transmit ring, and tell of new receive
+        buffers after a frame found none (:meth:`_watch_room`), until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_room, on_burst_end)
+            await self._read(on_frame, on_burst_end)
+
+    async def _watch_room(self, on_burst_end: OnBurstEnd) -> None:
+        """After a frame found no receive buffer: call ``on_burst_end`` when the guest
+        posts more.
+
+        The guest's driver kicks the receive ring when it refills it (Linux:
+        try_fill_recv, unless the device set VRING_USED_F_NO_NOTIFY, which
+        ferryd never does). ferryd reads that kick only here: its counter is
+        cleared first, then ``on_burst_end`` lets the data path try again
+        (TcpFlows.flush pushes the connections that stopped for room), so
+        buffers posted before the clear are used now and a kick after it
+        wakes the wait; if the retry finds no buffer either, the wait is for
+        that kick. Without a kick to wait on (the ring stopped), the next
+        burst of the guest's frames retries, as every burst does.
+        """
+        while True:
+            if not self._room_wanted:
+                self._room_waiter = trio.Event()
+                try:
+                    await self._room_waiter.wait()
+                finally:
+                    self._room_waiter = None
+            kick = self._kick[RX_QUEUE]
+            if kick is not None:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.eventfd_read(kick)
+            self._room_wanted = False
+            on_burst_end()
+            kick = self._kick[RX_QUEUE]
+            if not self._room_wanted or kick is None:
+                continue
+            try:
+                await trio.lowlevel.wait_readable(kick)
+            except trio.ClosedResourceError:
+                pass  # the kick was replaced: read the new one
+            except OSError as exc:  # not expected of an eventfd
+                self._room_wanted = False
+                self._throttle.warning(
+                    "kick", trio.current_time(), "cannot wait on QEMU's kick eventfd: %s", exc
+                )
+
+    async def _read(self, on_frame: OnFrame, on_burst_end: OnBurstEnd) -> None:
         while True:
             kick = self._kick[TX_QUEUE]
             if kick is not None and self._running[TX_QUEUE]:
