@@ -1034,7 +1034,12 @@ class TcpConn:
         if self.state is not State.ESTABLISHED:
             return
         sent = self.push(now, limit)
-        if not sent and self.data_flight and not self.flags & Flags.SOCK_EOF:
+        if (
+            not sent
+            and self.data_flight
+            and not self.flags & Flags.SOCK_EOF
+            and self._starved != NO_ROOM  # that one is pushed again at a flush
+        ):
             # Readable but nothing beyond the flight: the receive queue is
             # full of unacknowledged bytes (tcp_epollin_ready reports
             # readability when the receive window is nearly closed). Wait

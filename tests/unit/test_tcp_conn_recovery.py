@@ -156,3 +156,21 @@ def test_no_room_with_nothing_in_flight_is_tried_again_by_the_timer() -> None:
     wire.room = 1_000
     conn.on_timer(conn.deadline())
     assert conn.flight == 2 * MSS and conn.retries == 0
+
+
+def test_a_readable_socket_with_no_room_waits_for_room_not_for_an_ack() -> None:
+    """Readable, bytes in flight, and not one more segment taken: the connection
+    waits for room (pushed again at the next flush), not for the guest's ACK, and
+    reads again once that push went out."""
+    host = MemoryHost()
+    wire = FullGuest(host, room=1_000)
+    conn = established(host, wire)
+    wire.room = 2
+    host.rcv += bytes(2 * MSS)
+    assert conn.push(0.0) == 2 * MSS
+    host.rcv += bytes(2 * MSS)
+    conn.on_readable(0.1)  # the ring is full: nothing more goes
+    assert conn.flight == 2 * MSS and waits_for_room(conn)
+    wire.room = 1_000
+    conn.flush_ack(0.2)  # no ACK came; room did
+    assert conn.flight == 4 * MSS and conn.reading()
