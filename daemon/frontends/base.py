@@ -68,7 +68,8 @@ class FrontendCounters:
     frames_in: int = 0
     frames_out: int = 0
     dropped_out: int = 0
-    """Frames for the guest dropped: its queue was full, or the frontend is down."""
+    """Frames for the guest not taken: its queue was full, or the frontend is down (a
+    TCP push stops at one and sends its bytes again later: FrameSink.send)."""
 
 
 class Frontend(FrameSink, Protocol):
