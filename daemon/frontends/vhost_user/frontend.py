@@ -44,8 +44,9 @@ drops it, and :meth:`send` says so: TCP's push stops there, its bytes left
 in the socket, and goes on when the guest's kick on the receive ring says
 it posted buffers (:meth:`_watch_room` calls ``on_burst_end``). Dropping
 and going on, as before, cost a guest whose TCP window is larger than its
-ring (Linux's ~1 MiB of buffers; a guest with 1 GiB of RAM offers ~3 MiB)
-its download: go-back-N over a ring that drops most of it, 0.01 Gbit/s.
+ring (Linux's ~1 MiB of buffers; a guest with 1 GiB of RAM lets its receive
+buffer grow to 6 MiB, tcp_rmem) its download: go-back-N over a ring that
+drops most of it, 0.01 Gbit/s.
 
 A ring's start and the migration. QEMU resumes a source VM after a failed
 migration by starting its rings again (the session's DeviceResumed comes
