@@ -302,8 +302,8 @@ class StreamFrontend:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._qemu.refuse_others, conn)
                 nursery.start_soon(self._finish_unsent, conn, on_burst_end)
-                if self._unsent:
-                    self._unsent_waiting.set()
+                if self._unsent or self._room_wanted:
+                    self._unsent_waiting.set()  # a new QEMU: finish it, and push again
                 end = await self._read(conn, on_frame, on_burst_end)
                 nursery.cancel_scope.cancel()
             self._disconnect(end)

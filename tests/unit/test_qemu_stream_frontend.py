@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from ferryd.frontends.base import Frontend
 from ferryd.frontends.stream import (
@@ -295,7 +296,8 @@ async def test_a_refused_frame_is_said_and_room_again_ends_a_burst(tmp_path: Pat
         assert taken.count(True) == frontend.counters.frames_out
         assert taken.count(False) == frontend.counters.dropped_out > 0
         bursts = guest.bursts
-        await trio.sleep(0.1)
+        with trio.fail_after(WAIT):
+            await trio.testing.wait_all_tasks_blocked()  # waiting for writability
         assert guest.bursts == bursts  # QEMU reads nothing: no room, no call
         await qemu.frames(frontend.counters.frames_out)
         await until(lambda: guest.bursts > bursts, what="on_burst_end once QEMU read")

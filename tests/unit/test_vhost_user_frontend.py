@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from ferryd.frontends.vhost_user.frontend import VhostUserFrontend
 from ferryd.frontends.vhost_user.messages import (
@@ -310,7 +311,8 @@ async def test_a_frame_with_no_buffer_is_refused_and_new_buffers_let_the_sender_
             with trio.fail_after(5):
                 await retried.wait()
             retried = trio.Event()
-            await trio.sleep(0.1)
+            with trio.fail_after(5):  # a watcher that retried without a kick would spin here
+                await trio.testing.wait_all_tasks_blocked()  # it waits for a kick
             assert retries == [False]  # the old kick was read: no new one, no retry
             qemu.post_rx(2)
             with trio.fail_after(5):

@@ -429,7 +429,10 @@ class VhostUserFrontend:
             self._room_wanted = False
             on_burst_end()
             kick = self._kick[RX_QUEUE]
-            if not self._room_wanted or kick is None:
+            if kick is None:  # the ring stopped: no kick comes, the next burst retries
+                self._room_wanted = False
+                continue
+            if not self._room_wanted:
                 continue
             try:
                 await trio.lowlevel.wait_readable(kick)
