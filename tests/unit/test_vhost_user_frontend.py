@@ -12,6 +12,7 @@ QEMU's own pipe.
 from __future__ import annotations
 
 import os
+import select
 import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -277,6 +278,68 @@ async def test_a_frame_to_the_guest_interrupts_it_at_once_unless_it_asked_not_to
     finally:
         qemu.close()
     await running.recorder.disconnected_event.wait()
+
+
+def _signalled(fd: int) -> bool:
+    """The eventfd was written (without reading it)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def test_the_transmit_interrupt_goes_with_the_answer_or_at_the_bursts_end(
+    tmp_path: Path,
+) -> None:
+    """A burst of the guest's frames owes it a transmit interrupt. Not before
+    on_burst_end: when the data path answers there (an ACK, a push), the two
+    interrupts go back to back, which wakes QEMU once; with no answer it goes
+    before the reader waits again, so the guest never waits for it."""
+    frontend = VhostUserFrontend.listen(str(tmp_path / "vhost.sock"))
+    recorder = Recorder()
+    recorder.frontend = frontend
+    frontend.handler = recorder
+    reply = b"\x02" * 12 + b"\x08\x00" + b"an answer" * 5
+    answer = True
+    seen: list[tuple[bool, bool]] = []  # in on_burst_end: (tx signalled, answered)
+    ended = trio.Event()
+    qemu = VhostUserQemu(frontend.path)
+
+    def on_burst_end() -> None:
+        if "_watch_room" in trio.lowlevel.current_task().name or not qemu.sent:
+            return
+        seen.append((_signalled(qemu.tx.call), answer))
+        if answer:
+            assert frontend.send(reply)
+            # Both written now, in this call, before any checkpoint.
+            assert os.eventfd_read(qemu.rx.call) == 1
+            assert os.eventfd_read(qemu.tx.call) == 1
+        ended.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(frontend.serve)
+            nursery.start_soon(frontend.run, lambda f, t: None, on_burst_end)
+            await _in_thread(qemu.start)
+            qemu.post_rx(4)
+            qemu.transmit(b"\x02" * 12 + b"\x08\x00" + b"from the guest" * 5)
+            with trio.fail_after(5):
+                await ended.wait()
+            assert seen == [(False, True)]  # not written before the answer
+            assert frontend.counters.notifications == 2
+            answer, ended = False, trio.Event()
+            qemu.transmit(b"\x02" * 12 + b"\x08\x00" + b"and again" * 5)
+            with trio.fail_after(5):
+                await ended.wait()
+                await trio.testing.wait_all_tasks_blocked()  # the reader waits again
+            assert seen[1] == (False, False)
+            assert os.eventfd_read(qemu.tx.call) == 1  # written at the burst's end
+            assert not _signalled(qemu.rx.call)
+            assert qemu.transmitted() == 2
+            assert await _in_thread(qemu.receive, 1) == [reply]
+            nursery.cancel_scope.cancel()
+    finally:
+        qemu.close()
+        frontend.close()
 
 
 async def test_a_frame_with_no_buffer_is_refused_and_new_buffers_let_the_sender_go_on(
