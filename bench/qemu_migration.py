@@ -904,6 +904,34 @@ def format_phases(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequ
     return _medians(rows, backends, sizes, PHASES, lambda r: r.phases, "{:.1f}")
 
 
+#: An ``end`` phase at least this long (ms) is a source that waited for its target.
+WAIT_MS = 5.0
+
+
+def format_waits(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]) -> str:
+    """The migrations whose source waited after its last device (``end`` ≥ WAIT_MS), one
+    line each; empty if none did.
+
+    Without a return path that phase is the stream's last flush, ~0.1 ms. A long one is
+    the source asleep on a full migration socket: the target QEMU does not read the
+    stream while it waits for its back-end's CHECK_DEVICE_STATE answer (the restore),
+    so a device state too large for what the socket still holds makes the source wait
+    for the target's whole restore (README, known issues). A median hides such a run.
+    """
+    notes = []
+    for name in backends:
+        for n in sizes:
+            mine = [r for r in rows if r.backend == name and r.n == n and r.scenario == MIGRATE]
+            for run, r in enumerate(mine, 1):
+                if r.phases is not None and r.phases["end"] >= WAIT_MS:
+                    downtime = "?" if r.downtime_ms is None else f"{r.downtime_ms:g}"
+                    notes.append(
+                        f"  {name} N={n} run {run}: {r.phases['end']:.1f} ms of its"
+                        f" {downtime} ms downtime after its last device"
+                    )
+    return "\n".join(notes) + "\n" if notes else ""
+
+
 def format_answers(rows: list[MigrationRun], backends: Sequence[str], sizes: Sequence[int]) -> str:
     """Medians of each wait for the back-end (backend_answers) per back-end and N."""
     return _medians(rows, backends, sizes, ANSWERS, lambda r: r.answers, "{:.2f}")
@@ -1135,6 +1163,13 @@ def main(argv: list[str] | None = None) -> int:
                 " to QEMU's end of downtime"
             )
             sys.stdout.write(phases)
+        if waits := format_waits(migrations, measured, args.sizes):
+            print(
+                f"\nsources that waited for their target after the last device (end ≥ {WAIT_MS:g}"
+                " ms: the migration socket\nfull while the target QEMU waits for its back-end's"
+                " CHECK_DEVICE_STATE answer, the restore)"
+            )
+            sys.stdout.write(waits)
         if answers := format_answers(migrations, measured, args.sizes):
             print(
                 "\nthe back-end's answers in the source's downtime (medians, ms, from QEMU's"

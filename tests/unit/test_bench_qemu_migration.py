@@ -28,6 +28,7 @@ from bench.qemu_migration import (
     format_migrations,
     format_phases,
     format_ratios,
+    format_waits,
     net_device_ms,
 )
 
@@ -210,6 +211,25 @@ def test_the_phase_table_has_a_median_per_back_end_and_size() -> None:
     assert table.splitlines()[1].split() == ["ferryd", "100", "3", *["2.0"] * len(PHASES)]
     assert len(table.splitlines()) == 2  # passt had no phases; N=1 no rows
     assert format_phases(rows[3:], ["passt", "ferryd"], [100]) == ""
+
+
+def test_the_runs_whose_source_waited_for_the_target_are_named() -> None:
+    """A median hides the one run in three whose source sat on a full migration socket
+    while the target restored (`end` 59 ms instead of ~0.1): each such run is listed."""
+    quick = dict.fromkeys(PHASES, 0.1)
+    rows = [
+        _run("ferryd", 1000, 12, 1000, phases=quick),
+        _run("ferryd", 1000, 72, 1000, phases={**quick, "end": 59.1}),
+        _run("ferryd", 1000, 12, 1000, phases=None),
+        _run("passt", 1000, 94, 1000, phases={**quick, "end": 56.6}),
+        _run("ferryd", 100, 9, 100, scenario=LATE_FAILURE, phases={**quick, "end": 70.0}),
+    ]
+    lines = format_waits(rows, ["passt", "ferryd"], [100, 1000]).splitlines()
+    assert lines == [
+        "  passt N=1000 run 1: 56.6 ms of its 94 ms downtime after its last device",
+        "  ferryd N=1000 run 2: 59.1 ms of its 72 ms downtime after its last device",
+    ]
+    assert format_waits(rows[:1], ["ferryd"], [1000]) == ""
 
 
 def test_the_cache_gives_the_newest_complete_build(tmp_path: Path) -> None:
