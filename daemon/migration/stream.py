@@ -403,12 +403,15 @@ _ALLOWED: dict[_DecoderState, dict[int, tuple[_Kind, _DecoderState]]] = {
 }
 
 
-def _parse_untrusted(msg: _M, body: bytes, what: str) -> _M:
-    """``msg`` filled from ``body``; StreamError naming ``what`` if it does not parse."""
+def _parse_untrusted(msg: _M, body: bytes, what: str, index: int | None = None) -> _M:
+    """``msg`` filled from ``body``; StreamError naming ``what`` (with ``index``: "``what``
+    record ``index``", built only then: a flow's name costs a format per record) if it
+    does not parse."""
     try:
         msg.ParseFromString(body)
     except (DecodeError, ValueError) as exc:
-        raise StreamError(f"{what} does not parse: {exc}") from None
+        name = what if index is None else f"{what} record {index}"
+        raise StreamError(f"{name} does not parse: {exc}") from None
     return msg
 
 
@@ -434,8 +437,7 @@ class StreamDecoder:
     """
 
     def __init__(self, *, max_record_size: int = MAX_RECORD_SIZE) -> None:
-        self._state = _DecoderState.EXPECT_HEADER
-        self._allowed = _ALLOWED[self._state]
+        self._enter(_DecoderState.EXPECT_HEADER)
         self._buf = bytearray()
         self._header: StreamHeader | None = None
         self._crc = 0
@@ -499,9 +501,13 @@ class StreamDecoder:
         if self._state is _DecoderState.FAILED:
             raise StreamError(f"the stream already failed: {self._failure}")
 
+    def _enter(self, state: _DecoderState) -> None:
+        """The state, and the record kinds it takes (kept with it: _next_record's lookup)."""
+        self._state = state
+        self._allowed = _ALLOWED[state]
+
     def _fail(self, message: str) -> None:
-        self._state = _DecoderState.FAILED
-        self._allowed = _ALLOWED[self._state]
+        self._enter(_DecoderState.FAILED)
         self._failure = message
         self._buf.clear()
         raise StreamError(message)
@@ -579,8 +585,7 @@ class StreamDecoder:
                 events.append(RecordSkipped(field_number, size, self._count))
                 self._count += 1
         if next_state is not self._state:
-            self._state = next_state
-            self._allowed = _ALLOWED[next_state]
+            self._enter(next_state)
         self._consumed += end - pos
         return end
 
@@ -643,13 +648,9 @@ class StreamDecoder:
 
     def _accept_flow(self, field_number: int, body: bytes) -> FlowReceived:
         assert self._header is not None  # the transition table admits flows only after it
-        msg = _FLOW_MESSAGES[field_number]()
-        try:
-            msg.ParseFromString(body)
-        except (DecodeError, ValueError) as exc:  # _parse_untrusted's, its name built only now
-            raise StreamError(
-                f"{_RECORD_NAMES[field_number]} record {self._count} does not parse: {exc}"
-            ) from None
+        msg = _parse_untrusted(
+            _FLOW_MESSAGES[field_number](), body, _RECORD_NAMES[field_number], self._count
+        )
         try:
             flow = flow_from_proto_untrusted(msg, self._header)
         except StreamError as exc:

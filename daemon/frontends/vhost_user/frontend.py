@@ -391,8 +391,7 @@ class VhostUserFrontend:
         if sent & NOTIFY:
             self._signal(RX_QUEUE)
             if self._tx_due:  # with it: one wake-up of QEMU for both (see _burst)
-                self._tx_due = False
-                self._signal(TX_QUEUE)
+                self._signal_tx_due()
         elif not sent and not self._room_wanted:
             # No buffer for it: the sender stops (TCP's push) until the guest
             # posts more, which its kick on the receive ring says (_watch_room).
