@@ -29,14 +29,14 @@ SO_ATTACH_BPF = 50
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_SOCKET_FILTER = 1
 #: bpf(2)'s syscall number (asm/unistd_64.h, include/uapi/asm-generic/unistd.h).
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
 # BPF_ALU64 | BPF_MOV | BPF_K to r0, imm 0; then BPF_JMP | BPF_EXIT (linux/bpf.h).
 _PROGRAM = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
 def load_drop_all() -> int | None:
     """Load the program; its fd, or None if this kernel or our privileges refuse it."""
-    number = _SYS_BPF.get(platform.machine())
+    number = SYS_BPF.get(platform.machine())
     if number is None:
         return None
     insns = ctypes.create_string_buffer(_PROGRAM, len(_PROGRAM))

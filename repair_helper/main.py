@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from ferry_repair.activation import SD_LISTEN_FDS_START, ActivationError, activation_listener
+from ferry_repair.armed import ArmedFilter
 from ferry_repair.dropall import load_drop_all
 from ferry_repair.endpoints import EndpointError, bind_listener, connect_to_daemon
 from ferry_repair.peer import CallerPolicy
@@ -116,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Loaded while we may still hold CAP_BPF/CAP_SYS_ADMIN (dropall.py).
         drop_all = load_drop_all()
         use_drop_all_program(drop_all)
+        server.armed = ArmedFilter.load()
         drop_capabilities()
         # Between the two: the thread inherits the reduced capabilities, and the
         # filter (applied to every thread) forbids clone() afterwards.
@@ -133,9 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             " any port, other users' included"
         )
     log.info(
-        "serving (%s); intake freeze: %s",
+        "serving (%s); intake freeze: %s; armed filter: %s",
         policy,
         "eBPF program" if drop_all is not None else "classic BPF filter (no CAP_BPF to load eBPF)",
+        "yes" if server.armed is not None else "no (no CAP_BPF to load it)",
     )
     server.run()
     # Leave without finalizing the interpreter: the closer thread (closer.py)

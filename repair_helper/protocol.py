@@ -4,7 +4,8 @@ A client (ferryd, or passt) hands sockets to the helper over a Unix stream
 socket, one *batch* per message: exactly one data byte, the command, read as
 a signed 8-bit integer (1: repair on, 0: repair off, -1: repair off without
 the kernel's window probe), carried together with 1..253 file descriptors in
-one SCM_RIGHTS control message. The helper sets TCP_REPAIR to the command on
+one SCM_RIGHTS control message (ferry-repair's own commands, RepairCommand,
+differ). The helper sets TCP_REPAIR to the command on
 every descriptor, closes its copies, and echoes the command byte. On any
 error it sends nothing more and closes the connection, so a client that
 pipelines batches learns which one failed by counting the replies it got
@@ -63,11 +64,33 @@ _ControlMessage = tuple[int, int, bytes]
 
 
 class RepairCommand(enum.IntEnum):
-    """The command byte, which is also the TCP_REPAIR value the helper sets."""
+    """The command byte: passt-repair's three are the TCP_REPAIR value the helper sets.
+
+    ferry-repair adds three (armed.py), which passt-repair does not know:
+    ferryd sends them only to a helper it connected to (``--repair``), never
+    to one that connected to it (``--repair-listen``, maybe passt-repair).
+    """
 
     ON = 1
     OFF = 0
     OFF_NO_WINDOW_PROBE = -1
+    ARM = 2
+    """As OFF_NO_WINDOW_PROBE, but each socket keeps the armed filter (armed.py)."""
+    FREEZE_ARMED = 3
+    """No descriptors: every socket this connection armed stops its intake. The
+    command byte is followed by how many sockets the caller armed (u32, little
+    endian), which must be how many the helper holds for it."""
+    DISARM = 4
+    """No descriptors: every socket this connection armed lets everything in again."""
+
+    @property
+    def takes_descriptors(self) -> bool:
+        return self not in (RepairCommand.FREEZE_ARMED, RepairCommand.DISARM)
+
+    @property
+    def repair_value(self) -> int:
+        """The TCP_REPAIR value set on each descriptor."""
+        return -1 if self is RepairCommand.ARM else int(self)
 
     def to_byte(self) -> bytes:
         """The command as the one signed byte on the wire."""
@@ -88,6 +111,8 @@ class Request:
 
     command: RepairCommand
     fds: tuple[int, ...]
+    count: int = 0
+    """FREEZE_ARMED: how many sockets the caller armed."""
 
 
 #: struct linger {l_onoff = 0, l_linger = 0}: close() never waits for unsent data.
@@ -143,12 +168,15 @@ def parse_request_untrusted(
     """Check one received message (recvmsg's first three results) and return its request.
 
     Raises :class:`RequestRefused` if the message is not exactly one known
-    command byte with 1..253 descriptors and nothing else. Either way the
+    command byte with 1..253 descriptors and nothing else (for FREEZE_ARMED,
+    the byte and its count with no descriptor; for DISARM, the byte alone). Either way the
     descriptors the message carried (:func:`fds_in`) stay open: the caller
     closes them, off the serving thread (module docstring).
     """
     fds = fds_in(ancdata)
-    return Request(_command_untrusted(data, ancdata, msg_flags, len(fds)), tuple(fds))
+    command = _command_untrusted(data, ancdata, msg_flags, len(fds))
+    count = int.from_bytes(data[1:], "little") if command is RepairCommand.FREEZE_ARMED else 0
+    return Request(command, tuple(fds), count)
 
 
 def _command_untrusted(
@@ -158,16 +186,27 @@ def _command_untrusted(
         raise RequestRefused(
             "control data truncated (MSG_CTRUNC): more descriptors than the helper could take"
         )
-    if len(data) != 1:
-        raise RequestRefused(f"message of {len(data)} bytes, expected 1 command byte")
+    if not data:
+        raise RequestRefused("message of 0 bytes, expected a command byte")
     for level, kind, _ in ancdata:
         if (level, kind) != (socket.SOL_SOCKET, socket.SCM_RIGHTS):
             raise RequestRefused(f"unexpected control message (level {level}, type {kind})")
-    value = int.from_bytes(data, "little", signed=True)
+    value = int.from_bytes(data[:1], "little", signed=True)
     try:
         command = RepairCommand(value)
     except ValueError:
         raise RequestRefused(f"unknown command {value}") from None
+    expected = 5 if command is RepairCommand.FREEZE_ARMED else 1
+    if len(data) != expected:
+        raise RequestRefused(
+            f"message of {len(data)} bytes, expected {expected} for command {command.name}"
+        )
+    if not command.takes_descriptors:
+        if nfds:
+            raise RequestRefused(
+                f"{nfds} descriptors with command {command.name}, which takes none"
+            )
+        return command
     if nfds == 0:
         raise RequestRefused("no descriptors with the command")
     if nfds > SCM_MAX_FD:

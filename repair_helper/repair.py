@@ -105,8 +105,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from ferry_repair.armed import ArmedFilter, ArmedFilterError, socket_cookie
 from ferry_repair.dropall import SO_ATTACH_BPF
-from ferry_repair.protocol import TCP_REPAIR, Request, RequestRefused
+from ferry_repair.protocol import TCP_REPAIR, RepairCommand, Request, RequestRefused
 
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 SO_ATTACH_FILTER = 26
@@ -149,18 +150,26 @@ class CallerRules:
         return cls(None if uid == 0 else uid, forced_reuse)
 
 
-def carry_out_untrusted(request: Request, rules: CallerRules) -> None:
-    """Set TCP_REPAIR to ``request.command`` on every descriptor.
+def carry_out_untrusted(
+    request: Request, rules: CallerRules, armed: ArmedFilter | None = None
+) -> list[int]:
+    """Set TCP_REPAIR to ``request.command`` on every descriptor; for ARM, the cookies
+    of the sockets armed (``armed``'s program attached, their keys passing).
 
     Raises :class:`RequestRefused` (the client's fault) if a descriptor is not
     an IPv4/IPv6 socket of the caller's (or, for repair ON, is not bound),
     before any socket is changed; or if the kernel refuses the option on one
     of them (not TCP, listening, not ours to repair); or if the caller moved
-    a socket while it was being switched. The descriptors stay open, in every
-    case: the caller hands them to the closer thread (closer.py).
+    a socket while it was being switched; or, for ARM, if there is no armed
+    filter or its map is full. The descriptors stay open, in every case: the
+    caller hands them to the closer thread (closer.py).
     """
     handles: list[_socket.socket] = []
-    value = int(request.command)
+    cookies: list[int] = []
+    arm = request.command is RepairCommand.ARM
+    if arm and armed is None:
+        raise RequestRefused("ARM: this helper has no armed filter (no CAP_BPF at start-up)")
+    value = request.command.repair_value
     guard = value == 1 and not rules.forced_reuse
     try:
         for index, fd in enumerate(request.fds):
@@ -180,6 +189,17 @@ def carry_out_untrusted(request: Request, rules: CallerRules) -> None:
                         raise
                     if guard:
                         _drop_forced_reuse_untrusted(handle, index, addresses[index])
+                elif arm:
+                    assert armed is not None
+                    cookie = socket_cookie(handle)
+                    try:
+                        armed.add(cookie)
+                    except ArmedFilterError as exc:
+                        raise RequestRefused(f"cannot arm descriptor {index}: {exc}") from None
+                    cookies.append(cookie)
+                    # Replaces the drop-all filter: the armed one passes until frozen.
+                    handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, armed.program_fd)
+                    handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
                 else:
                     _detach_filter(handle)
                     handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
@@ -188,6 +208,7 @@ def carry_out_untrusted(request: Request, rules: CallerRules) -> None:
     finally:
         for handle in handles:
             handle.detach()
+    return cookies
 
 
 def _check_owner_untrusted(fd: int, index: int, uid: int) -> None:

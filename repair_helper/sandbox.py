@@ -19,7 +19,8 @@ all it can, in two steps:
    allows only the syscalls the serving loop makes. setsockopt() is allowed
    only for (IPPROTO_TCP, TCP_REPAIR) and the SOL_SOCKET options repair.py
    sets (filters, SO_REUSEADDR, SO_LINGER), getsockopt() only at SOL_SOCKET
-   level (SO_PEERCRED); no socket(), connect(), open(), execve(), no
+   level (SO_PEERCRED, SO_COOKIE); bpf() only for the armed filter's map
+   updates (armed.py); no socket(), connect(), open(), execve(), no
    filesystem at all. (Measured: with the filter on, a batch costs about a
    fifth more, mostly the kernel's slower syscall entry for filtered tasks;
    the helper stays within its budget of twice the direct cost.)
@@ -39,6 +40,7 @@ import socket
 
 import prctl
 
+from ferry_repair.armed import RUNTIME_COMMANDS
 from ferry_repair.capabilities import (
     capability_problem,
     limit_capabilities,
@@ -120,6 +122,9 @@ def install_seccomp() -> None:
             ALLOW, "setsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET), syscall_arg(2, EQ, option)
         )
     rules.add_rule(ALLOW, "getsockopt", syscall_arg(1, EQ, socket.SOL_SOCKET))
+    # the armed filter's map (armed.py): updates and deletes only, never a load
+    for command in RUNTIME_COMMANDS:
+        rules.add_rule(ALLOW, "bpf", syscall_arg(0, EQ, command))
     # glibc's fstat(fd) is newfstatat(fd, "", buf, AT_EMPTY_PATH), which the
     # owner check makes (repair.py). The rule checks only the flags: seccomp
     # cannot read the path (a pointer), and with AT_EMPTY_PATH a non-empty

@@ -53,8 +53,9 @@ freed something, or else after a backoff that doubles from
 connection open the closer may never free anything, while the shortage is
 another process's (ENFILE) or a limit that was raised again.
 
-No state survives a connection, and the helper keeps no descriptor it was
-handed beyond the batch that carried it (and the closer's queue).
+The helper keeps no descriptor it was handed beyond the batch that carried
+it (and the closer's queue). The one state that may survive a connection
+is the keys of sockets it armed and froze (armed.py): those stay frozen.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ferry_repair.armed import DROP, MAX_KEYS_PER_CONNECTION, ArmedFilter, ArmedFilterError
 from ferry_repair.closer import MAX_BACKLOG, Closer, close_batch
 from ferry_repair.peer import CallerPolicy, PeerCredentials, peer_credentials
 from ferry_repair.protocol import (
@@ -74,6 +76,7 @@ from ferry_repair.protocol import (
     DATA_BUFFER_SIZE,
     SCM_MAX_FD,
     RepairCommand,
+    Request,
     RequestRefused,
     fds_in,
     parse_request_untrusted,
@@ -110,6 +113,10 @@ class _Connection:
     peer: PeerCredentials
     rules: CallerRules
     replies: bytearray = field(default_factory=bytearray)
+    armed: set[int] = field(default_factory=set)
+    """The cookies of the sockets this connection armed (armed.py), until DISARM."""
+    frozen: bool = False
+    """FREEZE_ARMED came (and no DISARM since): those sockets hear nothing."""
 
 
 class Server:
@@ -120,9 +127,17 @@ class Server:
     thread's) and before the seccomp filter (clone() is not allowed then).
     """
 
-    def __init__(self, policy: CallerPolicy, *, forced_reuse: bool = False) -> None:
+    def __init__(
+        self,
+        policy: CallerPolicy,
+        *,
+        forced_reuse: bool = False,
+        armed: ArmedFilter | None = None,
+    ) -> None:
         self._policy = policy
         self._forced_reuse = forced_reuse
+        self.armed = armed
+        """The armed filter (armed.py), if it could be loaded; set before :meth:`run`."""
         self._selector = selectors.DefaultSelector()
         self._idle = selectors.DefaultSelector()  # nothing registered: a sleep
         self._closer = Closer()
@@ -304,7 +319,12 @@ class Server:
             fds = fds_in(ancdata)
             try:
                 request = parse_request_untrusted(data, ancdata, flags)
-                carry_out_untrusted(request, conn.rules)
+                if request.command.takes_descriptors:
+                    if request.command is RepairCommand.ARM:
+                        _check_can_arm_untrusted(conn, len(request.fds))
+                    conn.armed.update(carry_out_untrusted(request, conn.rules, self.armed))
+                else:
+                    self._armed_command_untrusted(conn, request)
             except RequestRefused as exc:
                 self._closer.close_later(fds)  # never closed here (module docstring)
                 self.refusals += 1
@@ -346,7 +366,48 @@ class Server:
             self._selector.modify(conn.sock, wanted)
         return not conn.replies
 
+    def _armed_command_untrusted(self, conn: _Connection, request: Request) -> None:
+        """FREEZE_ARMED or DISARM, on this connection's armed sockets only (armed.py)."""
+        armed = self.armed
+        if armed is None:
+            raise RequestRefused(
+                f"{request.command.name}: this helper has no armed filter (no CAP_BPF at start-up)"
+            )
+        if request.command is RepairCommand.FREEZE_ARMED:
+            if request.count != len(conn.armed):
+                # (a new connection after a lost one holds none: the caller
+                # must not take its sockets for frozen)
+                raise RequestRefused(
+                    f"FREEZE_ARMED of {request.count} sockets, but this connection armed"
+                    f" {len(conn.armed)}"
+                )
+            try:
+                armed.set_all(list(conn.armed), DROP)
+            except ArmedFilterError as exc:
+                raise RequestRefused(f"FREEZE_ARMED: {exc}") from None
+            conn.frozen = True
+            return
+        self._disarm(conn)
+
+    def _disarm(self, conn: _Connection) -> None:
+        """Every socket ``conn`` armed passes again; its keys leave the map."""
+        assert self.armed is not None
+        try:
+            self.armed.remove_all(list(conn.armed))
+        except ArmedFilterError:
+            # A key gone already (the same socket armed over another
+            # connection too, and released there): one by one, past those.
+            self.armed.remove_each(conn.armed)
+        conn.armed.clear()
+        conn.frozen = False
+
     def _drop(self, conn: _Connection) -> None:
+        if conn.armed:
+            if conn.frozen:
+                # Left frozen: they may be moving to another host (armed.py).
+                log.info("client %s left %d armed sockets frozen", conn.peer, len(conn.armed))
+            else:
+                self._disarm(conn)
         del self._connections[conn.sock.fileno()]
         self._selector.unregister(conn.sock)
         self._close_client(conn.sock)  # the closer frees it: see _maybe_resume_listener
@@ -357,3 +418,13 @@ class Server:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         self._closer.close_later([sock.detach()])
+
+
+def _check_can_arm_untrusted(conn: _Connection, count: int) -> None:
+    if conn.frozen:
+        raise RequestRefused("ARM after FREEZE_ARMED: DISARM first")
+    if len(conn.armed) + count > MAX_KEYS_PER_CONNECTION:
+        raise RequestRefused(
+            f"ARM: at most {MAX_KEYS_PER_CONNECTION} armed sockets per connection"
+            f" ({len(conn.armed)} already)"
+        )

@@ -238,7 +238,7 @@ def test_refuses_non_socket(helper: HelperProcess, socket_path: Path, baseline_f
         os.close(write_end)
 
 
-@pytest.mark.parametrize("command", [b"\x02", b"\x7f", b"\x80", b"\xfe"])
+@pytest.mark.parametrize("command", [b"\x05", b"\x7f", b"\x80", b"\xfe"])
 def test_refuses_unknown_command(
     helper: HelperProcess, socket_path: Path, baseline_fds: int, command: bytes
 ) -> None:

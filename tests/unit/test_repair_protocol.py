@@ -59,12 +59,39 @@ def is_open(fd: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("command", list(RepairCommand))
+@pytest.mark.parametrize("command", [c for c in RepairCommand if c.takes_descriptors])
 def test_valid_request(pipe_fds: list[int], command: RepairCommand) -> None:
     fds = make_fds(pipe_fds, 5)
     request = parse_request_untrusted(command.to_byte(), [rights(fds)], 0)
     assert request == Request(command, tuple(fds))
     assert all(is_open(fd) for fd in fds)  # the caller's to close
+
+
+def test_the_armed_commands_take_no_descriptor_and_freeze_carries_its_count() -> None:
+    freeze = RepairCommand.FREEZE_ARMED.to_byte() + (1000).to_bytes(4, "little")
+    assert parse_request_untrusted(freeze, [], 0) == Request(RepairCommand.FREEZE_ARMED, (), 1000)
+    disarm = RepairCommand.DISARM.to_byte()
+    assert parse_request_untrusted(disarm, [], 0) == Request(RepairCommand.DISARM, ())
+
+
+@pytest.mark.parametrize(
+    ("data", "with_fds", "why"),
+    [
+        (RepairCommand.FREEZE_ARMED.to_byte(), False, "expected 5"),
+        (RepairCommand.FREEZE_ARMED.to_byte() + bytes(5), False, "expected 5"),
+        (RepairCommand.DISARM.to_byte() + bytes(4), False, "expected 1"),
+        (RepairCommand.DISARM.to_byte(), True, "which takes none"),
+        (RepairCommand.FREEZE_ARMED.to_byte() + bytes(4), True, "which takes none"),
+        (RepairCommand.ARM.to_byte(), False, "no descriptors"),
+        (RepairCommand.ARM.to_byte() + bytes(4), True, "expected 1"),
+    ],
+)
+def test_malformed_armed_commands_are_refused(
+    pipe_fds: list[int], data: bytes, with_fds: bool, why: str
+) -> None:
+    ancdata = [rights(make_fds(pipe_fds, 2))] if with_fds else []
+    with pytest.raises(RequestRefused, match=why):
+        parse_request_untrusted(data, ancdata, 0)
 
 
 def test_command_bytes_are_signed() -> None:
@@ -116,7 +143,7 @@ def test_other_control_message(pipe_fds: list[int]) -> None:
     assert all(is_open(fd) for fd in fds)
 
 
-@given(st.integers(-128, 127).filter(lambda v: v not in (-1, 0, 1)))
+@given(st.integers(-128, 127).filter(lambda v: v not in {int(c) for c in RepairCommand}))
 def test_unknown_commands(value: int) -> None:
     read_end, write_end = os.pipe()
     try:
@@ -130,7 +157,7 @@ def test_unknown_commands(value: int) -> None:
 
 
 @given(
-    st.binary(max_size=3),
+    st.binary(max_size=6),
     st.lists(st.tuples(st.sampled_from([0, 1, 6]), st.integers(0, 3), st.binary(max_size=24))),
     st.sampled_from([0, socket.MSG_CTRUNC]),
 )
@@ -147,4 +174,7 @@ def test_never_raises_anything_else(
         request = parse_request_untrusted(data, ancdata, flags)
     except RequestRefused:
         return
-    assert 1 <= len(request.fds) <= SCM_MAX_FD
+    if request.command.takes_descriptors:
+        assert 1 <= len(request.fds) <= SCM_MAX_FD
+    else:
+        assert not request.fds
