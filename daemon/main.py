@@ -336,6 +336,15 @@ async def serve(
                             await daemon.migration.abort()
                     except Exception as exc:  # shutting down anyway: say so, go on
                         log.error("discarding the restored connections: %s", exc)
+                else:
+                    # A migrated source: its frozen sockets must close silently.
+                    with trio.move_on_after(STOP_DISCARD_TIMEOUT) as waited:
+                        await daemon.migration.before_exit()
+                    if waited.cancelled_caught:
+                        log.error(
+                            "exiting with migrated connections not in repair mode: their"
+                            " sockets here close with a FIN (no repair helper answered)"
+                        )
                 nursery.cancel_scope.cancel()
                 break
         systemd.stopping("shutting down")

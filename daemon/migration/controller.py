@@ -203,6 +203,13 @@ class MigrationController:
     async def commit(self) -> dict[str, Any]:
         return await self._current(SourceMigration).commit()
 
+    async def before_exit(self) -> None:
+        """A source whose frozen sockets are not all in repair mode (armed ones,
+        SourceMigration.repair_armed) puts them there, so that exiting closes
+        them silently. Nothing to do otherwise."""
+        if isinstance(self.migration, SourceMigration) and self.migration.armed_frozen:
+            await self.migration.repair_armed()
+
     # --- target -------------------------------------------------------------
 
     async def migrate_in(self, fd: int, precopy: bool = False) -> dict[str, Any]:

@@ -87,6 +87,18 @@ class RepairPort(Protocol):
         """Connections to the helper made after the first (shown by ``status``)."""
         ...
 
+    can_arm: bool
+    """Whether the helper takes ARM (set_repair), FREEZE_ARMED and DISARM
+    (repair_helper/armed.py); set False once it refused one."""
+
+    async def freeze_armed(self, count: int) -> None:
+        """Stop the intake of the ``count`` sockets armed over this connection, at once."""
+        ...
+
+    async def disarm(self) -> None:
+        """Let the sockets armed over this connection hear again."""
+        ...
+
 
 class RepairSupply(Protocol):
     """Where the repair helper comes from, and again after it went away."""

@@ -6,7 +6,9 @@ passt-repair's (see repair_helper/protocol.py): one message per batch of at
 most 253 sockets (the kernel's SCM_MAX_FD), carrying the command byte and the
 descriptors, answered by the same byte once every socket of the batch is
 switched. The helper answers batches in order, and on any error closes the
-connection without answering that batch or any later one.
+connection without answering that batch or any later one. ferry-repair adds
+three commands of its own (ARM, FREEZE_ARMED, DISARM: repair_helper/armed.py),
+sent only to a helper ferryd connected to (``can_arm``).
 
 Two ways to reach a helper, one API:
 
@@ -267,6 +269,7 @@ class RepairClient:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         steady_batches: bool = False,
         redial: Redial | None = None,
+        can_arm: bool = False,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -281,6 +284,11 @@ class RepairClient:
         self._served = False
         """The connection answered a call before (so it may have gone stale since)."""
         self.reconnects = 0
+        self.can_arm = can_arm
+        """Whether to send ferry-repair's own commands (ARM, FREEZE_ARMED, DISARM:
+        repair_helper/armed.py): only to a helper we connected to, and only until
+        one refused them (an older ferry-repair); never to one that connected to us,
+        which may be passt-repair."""
 
     @classmethod
     async def connect(
@@ -302,7 +310,11 @@ class RepairClient:
             return await _dial(where, uids)
 
         return cls(
-            await redial(), reply_timeout=reply_timeout, max_in_flight=max_in_flight, redial=redial
+            await redial(),
+            reply_timeout=reply_timeout,
+            max_in_flight=max_in_flight,
+            redial=redial,
+            can_arm=True,
         )
 
     async def __aenter__(self) -> RepairClient:
@@ -386,6 +398,52 @@ class RepairClient:
                 except RepairError as then:
                     # Maybe it had refused the batch after all: say both.
                     raise _after(exc, then) from exc
+
+    async def freeze_armed(self, count: int) -> None:
+        """Stop the intake of every socket this connection armed, ``count`` of them.
+
+        Only on the connection that armed them: if it is gone, the helper has
+        released them (or will refuse the count), and this raises RepairError,
+        as when the helper refuses; the caller then freezes them one by one.
+        """
+        await self._command(RepairMode.FREEZE_ARMED, count.to_bytes(4, "little"))
+
+    async def disarm(self) -> None:
+        """Let every socket this connection armed hear again (and forget them).
+
+        Nothing to do if the connection is gone: the helper released them
+        then, or left them frozen, which repair OFF undoes.
+        """
+        await self._command(RepairMode.DISARM, b"")
+
+    async def _command(self, mode: RepairMode, tail: bytes) -> None:
+        """One of the commands without descriptors, on the current connection only."""
+        async with self._lock:
+            sock = self._sock
+            if sock is None or _hung_up(sock):
+                self._drop()
+                if mode is RepairMode.DISARM:
+                    await trio.lowlevel.checkpoint()
+                    return
+                raise RepairError(f"{mode.name}: the helper connection that armed them is gone")
+            byte = mode.to_byte()
+            try:
+                with trio.fail_after(self._timeout):
+                    await sock.sendmsg([byte + tail], [], _SEND_FLAGS)
+                    reply = await sock.recv(1)
+            except (OSError, trio.TooSlowError) as exc:
+                self._drop()
+                why = "no answer in time" if isinstance(exc, trio.TooSlowError) else exc.strerror
+                raise RepairError(f"{mode.name}: the repair helper failed: {why}") from None
+            if reply != byte:
+                self._drop()
+                if not reply:
+                    raise RepairError(
+                        f"{mode.name}: the repair helper closed the connection instead of"
+                        " answering (its log says why)"
+                    )
+                raise RepairError(f"{mode.name}: the repair helper answered {reply!r}")
+            self._served = True
 
     async def _exchange(
         self,

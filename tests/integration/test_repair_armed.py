@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ferry_repair.protocol import RepairCommand
+from ferryd.migration.repair_client import RepairClient, RepairError, RepairMode
 from ferryd.migration.sockstate import segment_counts
 from testbed.repair import HelperProcess, listening_helper
 from tests.integration.test_repair_helper import dropped, expect_refusal, peer_unacked
@@ -162,3 +163,27 @@ def test_a_frozen_connection_that_goes_leaves_its_sockets_frozen(
             send_batch(unix, RepairCommand.OFF.to_byte(), [s.fileno() for s in conns.clients])
             assert recv_exactly(unix, 1) == RepairCommand.OFF.to_byte()
         assert_flowing(conns, b"f" * 500)
+
+
+async def test_ferryds_client_arms_freezes_and_disarms(
+    helper: HelperProcess, socket_path: Path
+) -> None:
+    """RepairClient's side of it, as a migration source uses it; a count the helper
+    does not hold is a RepairError (the source then freezes one by one)."""
+    with TcpConnections(300) as conns:
+        async with await RepairClient.connect(socket_path) as client:
+            assert client.can_arm
+            await client.set_repair(conns.clients, RepairMode.ON)
+            await client.set_repair(conns.clients, RepairMode.ARM)
+            assert not any(repair_states(conns.clients))
+            with pytest.raises(RepairError, match="closed the connection instead of answering"):
+                await client.freeze_armed(299)
+            # That connection is gone, and what it armed with it: a new one holds none.
+            with pytest.raises(RepairError, match="connection that armed them is gone"):
+                await client.freeze_armed(300)
+            await client.set_repair(conns.clients, RepairMode.ON)
+            await client.set_repair(conns.clients, RepairMode.ARM)
+            await client.freeze_armed(300)
+            assert_frozen(conns, b"c" * 700)
+            await client.disarm()
+            assert_flowing(conns, b"c" * 700)

@@ -225,6 +225,15 @@ class FakeRepair:
     def __init__(self) -> None:
         self.calls: list[tuple[RepairMode, list[int]]] = []
         self.reconnects = 0
+        self.can_arm = False
+
+    async def freeze_armed(self, count: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((RepairMode.FREEZE_ARMED, [count]))
+
+    async def disarm(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((RepairMode.DISARM, []))
 
     async def set_repair(
         self,

@@ -462,6 +462,93 @@ async def test_a_precopied_connection_is_dumped_again_only_if_it_moved(
                 _check_record(rec, ours)
 
 
+class _Arming(FakeRepair):
+    """A helper that takes ferry-repair's armed commands; ``refuse_arm``: an older one."""
+
+    def __init__(self, refuse_arm: bool = False) -> None:
+        super().__init__()
+        self.can_arm = True
+        self.refuse_arm = refuse_arm
+
+    async def set_repair(
+        self,
+        socks: Sequence[socket.socket],
+        mode: RepairMode,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if mode is RepairMode.ARM and self.refuse_arm:
+            self.calls.append((mode, [s.fileno() for s in socks]))
+            raise RepairUnavailable("unknown command 2")
+        await super().set_repair(socks, mode, progress=progress)
+
+
+@pytest.mark.parametrize("moved", [False, True])
+@pytest.mark.parametrize("outcome", ["rollback", "commit"])
+async def test_an_armed_connection_is_frozen_by_one_call_and_stays_out_of_repair_mode(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket], moved: bool, outcome: str
+) -> None:
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    kernel = FakeKernel()
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(kernel, _Arming()) as (host, mig, repair):
+            _adopt(host, ours)
+            assert (await mig.precopy(writer.detach()))["precopied"] == 1
+            # Held in repair mode for the dump, then out of it armed.
+            assert repair.calls == [(RepairMode.ON, [fd]), (RepairMode.ARM, [fd])]
+            if moved:
+                kernel.segments = (2, 1)  # a segment came in since the dump
+            answer = await mig.migrate_out(None, same_netns=False)
+            assert answer["flows"]["unchanged"] == (0 if moved else 1)
+            # One FREEZE_ARMED for all; only a connection that moved goes into
+            # repair mode, to be dumped again.
+            again = [(RepairMode.ON, [fd])] if moved else []
+            assert repair.calls[2:] == [(RepairMode.FREEZE_ARMED, [1]), *again]
+            assert kernel.calls[3:] == [f"segments {fd}", *([f"dump {fd}"] if moved else [])]
+            assert len(_tcp_records(decode_stream(await read_all(reader)))) == (2 if moved else 1)
+            del repair.calls[:]
+            if outcome == "rollback":
+                assert (await mig.abort())["note"] == "rolled back, nothing lost"
+                # Repair OFF takes the filter off whichever way it was frozen.
+                assert repair.calls == [(RepairMode.OFF, [fd]), (RepairMode.DISARM, [])]
+                assert not conn_closed(host)
+            else:
+                await mig.commit()
+                # At once, before the linger: each frozen socket in repair mode,
+                # so that it closes silently whenever ferryd exits.
+                await until(lambda: bool(repair.calls))
+                frozen_armed = [] if moved else [(RepairMode.ON, [fd])]
+                assert repair.calls == [*frozen_armed, (RepairMode.DISARM, [])]
+                assert mig.frozen and not mig.armed_frozen
+
+
+async def test_a_helper_that_will_not_arm_gets_the_bare_release_and_the_freeze_one_by_one(
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+) -> None:
+    ours, _peer = host_pair
+    fd = ours.fileno()
+    reader, writer = socket.socketpair()
+    with reader:
+        async with source(FakeKernel(), _Arming(refuse_arm=True)) as (host, mig, repair):
+            _adopt(host, ours)
+            assert (await mig.precopy(writer.detach()))["precopied"] == 1
+            assert repair.calls == [
+                (RepairMode.ON, [fd]),
+                (RepairMode.ARM, [fd]),
+                (RepairMode.OFF_NO_WINDOW_PROBE, [fd]),
+            ]
+            assert not repair.can_arm
+            answer = await mig.migrate_out(None, same_netns=False)
+            assert answer["flows"]["unchanged"] == 1
+            assert repair.calls[3:] == [(RepairMode.ON, [fd])]
+
+
+def conn_closed(host: MemoryHost) -> bool:
+    return not host.tcp.connections() or any(c.closed for c in host.tcp.connections())
+
+
 class _Counting(FakeRepair):
     """Counts get(); ``reachable`` False: get() raises RepairUnavailable, as with no helper."""
 
