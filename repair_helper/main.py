@@ -54,8 +54,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ferry-repair",
         description="Set or clear TCP_REPAIR on sockets handed over a Unix socket"
-        " (passt-repair's protocol). Without --listen or --connect, expects a"
-        " socket from systemd (socket activation).",
+        " (passt-repair's protocol), and arm sockets so that one request stops the"
+        " intake of all a caller armed (ferryd's migration freeze; needs CAP_BPF at"
+        " start-up, else refused and ferryd freezes one by one). Without --listen or"
+        " --connect, expects a socket from systemd (socket activation).",
         epilog="Exit status: 0 served and ended cleanly; 1 a request had to be refused"
         " (--connect mode) or an internal error; 2 cannot start as configured (options,"
         " endpoint, missing CAP_NET_ADMIN). Start-up failures are one line; -v adds"
