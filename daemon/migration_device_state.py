@@ -343,7 +343,8 @@ class DeviceStateMigration:
             role = self.controller.role
             try:
                 if role is Role.FROZEN:
-                    await self.controller.commit()  # the target took over
+                    # The target took over, and its VM runs (QEMU completed).
+                    await self.controller.commit(target_running=True)
                 elif role in (Role.PRECOPYING, Role.PRECOPIED):
                     await self.controller.drop_kept_precopy()  # no SAVE came
                 elif role is Role.MIGRATING_OUT:

@@ -200,8 +200,8 @@ class MigrationController:
             self.migration = migration
             await migration.freeze_early()
 
-    async def commit(self) -> dict[str, Any]:
-        return await self._current(SourceMigration).commit()
+    async def commit(self, *, target_running: bool = False) -> dict[str, Any]:
+        return await self._current(SourceMigration).commit(target_running=target_running)
 
     async def before_exit(self) -> None:
         """A source whose frozen sockets are not all in repair mode (armed ones,

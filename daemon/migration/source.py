@@ -66,7 +66,7 @@ ferry-repair), are frozen and put in repair mode one by one, as without
 a pre-copy; those that moved are dumped in full and replace their
 pre-copied record; pre-copied connections that ended meanwhile are
 listed in one TcpGone record. The confirmed ones go into repair mode
-right after the commit (SourceMigration.repair_armed), so that they close
+soon after the commit (SourceMigration.repair_armed), so that they close
 silently whenever this ferryd exits, and a rollback's repair OFF takes
 their filter off like any other's.
 
@@ -951,7 +951,9 @@ class SourceMigration:
             self.failure = f"no commit or abort in {patience:.0f} s"
             await self.rollback()
 
-    async def commit(self) -> dict[str, Any]:
+    async def commit(self, *, target_running: bool = False) -> dict[str, Any]:
+        """The target took over (``target_running``: and runs already, QEMU's case;
+        ferryctl commits before it resumes the target): linger, then exit."""
         self.roles.step(Event.COMMIT, "nothing to commit: this ferryd is {role}")
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -960,17 +962,17 @@ class SourceMigration:
             Outcome.COMPLETED, downtime_ms=self.s.counters.last_downtime_ms, flows=self.streamed
         )
         self._linger_scope = trio.CancelScope()
-        self.s.nursery.start_soon(self._linger, self._linger_scope)
+        self.s.nursery.start_soon(self._linger, self._linger_scope, not target_running)
         log.info("migration committed: guest handed over; lingering %.0f s", self.s.linger)
         return {"linger": self.s.linger}
 
-    async def _linger(self, scope: trio.CancelScope) -> None:
+    async def _linger(self, scope: trio.CancelScope, resume_follows: bool) -> None:
         with scope:
             # Soon: from then on every frozen socket closes silently, whenever
             # this ferryd exits (a SIGTERM before that calls repair_armed too).
-            # Not at once: the commit comes just before the target's resume,
-            # which the helper's pass would slow down on a shared CPU.
-            delay = min(ARMED_REPAIR_DELAY, self.s.linger)
+            # Not at once if the target's resume follows the commit: the
+            # helper's pass would slow it down on a shared CPU.
+            delay = min(ARMED_REPAIR_DELAY, self.s.linger) if resume_follows else 0.0
             await trio.sleep(delay)
             await self.repair_armed()
             await trio.sleep(self.s.linger - delay)

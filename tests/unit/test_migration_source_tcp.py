@@ -72,13 +72,14 @@ SAVED = TcpGuestState(
 
 @asynccontextmanager
 async def source(
-    kernel: FakeKernel, repair: FakeRepair | None = None
+    kernel: FakeKernel, repair: FakeRepair | None = None, linger: float = 0.0
 ) -> AsyncIterator[tuple[MemoryHost, SourceMigration, FakeRepair]]:
     async with trio.open_nursery() as nursery:
         host = MemoryHost(nursery)
         repair = repair or FakeRepair()
         mig = SourceMigration(
-            session(host, nursery, Role.RUNNING, repair=repair, precopy_quiet=0.0), kernel
+            session(host, nursery, Role.RUNNING, repair=repair, precopy_quiet=0.0, linger=linger),
+            kernel,
         )
         try:
             yield host, mig, repair
@@ -484,16 +485,22 @@ class _Arming(FakeRepair):
 
 
 @pytest.mark.parametrize("moved", [False, True])
-@pytest.mark.parametrize("outcome", ["rollback", "commit"])
+@pytest.mark.parametrize(
+    ("outcome", "target_running"), [("rollback", False), ("commit", False), ("commit", True)]
+)
 async def test_an_armed_connection_is_frozen_by_one_call_and_stays_out_of_repair_mode(
-    host_pair: tuple[SocketHost[TcpConn], socket.socket], moved: bool, outcome: str
+    host_pair: tuple[SocketHost[TcpConn], socket.socket],
+    moved: bool,
+    outcome: str,
+    target_running: bool,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     ours, _peer = host_pair
     fd = ours.fileno()
     kernel = FakeKernel()
     reader, writer = socket.socketpair()
     with reader:
-        async with source(kernel, _Arming()) as (host, mig, repair):
+        async with source(kernel, _Arming(), linger=30.0) as (host, mig, repair):
             _adopt(host, ours)
             assert (await mig.precopy(writer.detach()))["precopied"] == 1
             # Held in repair mode for the dump, then out of it armed.
@@ -515,10 +522,15 @@ async def test_an_armed_connection_is_frozen_by_one_call_and_stays_out_of_repair
                 assert repair.calls == [(RepairMode.OFF, [fd]), (RepairMode.DISARM, [])]
                 assert not conn_closed(host)
             else:
-                await mig.commit()
-                # At once, before the linger: each frozen socket in repair mode,
-                # so that it closes silently whenever ferryd exits.
-                await until(lambda: bool(repair.calls))
+                await mig.commit(target_running=target_running)
+                # Before the linger (at once if the target runs already, as with
+                # QEMU): each frozen socket in repair mode, so that it closes
+                # silently whenever ferryd exits.
+                await trio.testing.wait_all_tasks_blocked()
+                if not target_running:
+                    assert repair.calls == []  # the target's resume goes first
+                    mock_clock.jump(source_module.ARMED_REPAIR_DELAY)
+                    await trio.testing.wait_all_tasks_blocked()
                 frozen_armed = [] if moved else [(RepairMode.ON, [fd])]
                 assert repair.calls == [*frozen_armed, (RepairMode.DISARM, [])]
                 assert mig.frozen and not mig.armed_frozen
