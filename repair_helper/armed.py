@@ -58,7 +58,7 @@ import os
 import platform
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 
 from ferry_repair.dropall import SYS_BPF
 
@@ -206,19 +206,19 @@ class ArmedFilter:
             ),
         )
 
-    def set_all(self, cookies: Sequence[int], value: int) -> None:
-        """Set every key in ``cookies`` to ``value`` (PASS or DROP), in one call."""
-        self._batch(_BPF_MAP_UPDATE_BATCH, cookies, value)
+    def set_all(self, keys: ArmedKeys, value: int) -> None:
+        """Set every key of ``keys`` to ``value`` (PASS or DROP), in one call."""
+        self._batch(_BPF_MAP_UPDATE_BATCH, keys, value)
 
-    def remove_all(self, cookies: Sequence[int]) -> None:
-        """Delete every key in ``cookies`` (their sockets then pass everything)."""
-        self._batch(_BPF_MAP_DELETE_BATCH, cookies, None)
+    def remove_all(self, keys: ArmedKeys) -> None:
+        """Delete every key of ``keys`` (their sockets then pass everything)."""
+        self._batch(_BPF_MAP_DELETE_BATCH, keys, None)
 
-    def remove_each(self, cookies: Iterable[int]) -> None:
-        """Delete the keys in ``cookies`` one by one, those already gone passed over."""
+    def remove_each(self, keys: ArmedKeys) -> None:
+        """Delete the keys one by one, those already gone passed over."""
         key = ctypes.create_string_buffer(8)
-        for cookie in cookies:
-            key.raw = _COOKIE.pack(cookie)
+        for packed in keys.each():
+            key.raw = packed
             # BPF_MAP_DELETE_ELEM: map_fd, (pad), key.
             attr = struct.pack("<IIQ", self.map_fd, 0, ctypes.addressof(key))
             try:
@@ -227,13 +227,13 @@ class ArmedFilter:
                 if exc.errno != errno.ENOENT:
                     raise
 
-    def _batch(self, command: int, cookies: Sequence[int], value: int | None) -> None:
-        count = len(cookies)
+    def _batch(self, command: int, armed: ArmedKeys, value: int | None) -> None:
+        count = len(armed)
         if not count:
             return
-        keys = ctypes.create_string_buffer(struct.pack(f"<{count}Q", *cookies), 8 * count)
+        keys = ctypes.create_string_buffer(bytes(armed.packed), 8 * count)
         values = (
-            ctypes.create_string_buffer(struct.pack(f"<{count}I", *([value] * count)), 4 * count)
+            ctypes.create_string_buffer(struct.pack("<I", value) * count, 4 * count)
             if value is not None
             else None
         )
@@ -254,6 +254,34 @@ class ArmedFilter:
                 0,
             ),
         )
+
+
+class ArmedKeys:
+    """The keys one connection armed, each once, kept packed for the map's batch calls
+    (a FREEZE_ARMED of 16,384 keys then packs nothing)."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self.packed = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, cookies: Iterable[int]) -> None:
+        for cookie in cookies:
+            if cookie not in self._seen:
+                self._seen.add(cookie)
+                self.packed += _COOKIE.pack(cookie)
+
+    def each(self) -> Iterator[bytes]:
+        """Each key, packed as the map takes it."""
+        view = memoryview(self.packed)
+        for start in range(0, len(view), 8):
+            yield bytes(view[start : start + 8])
+
+    def clear(self) -> None:
+        self._seen.clear()
+        self.packed.clear()
 
 
 def socket_cookie(handle: _socket.socket) -> int:

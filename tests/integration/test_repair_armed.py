@@ -187,3 +187,24 @@ async def test_ferryds_client_arms_freezes_and_disarms(
             assert_frozen(conns, b"c" * 700)
             await client.disarm()
             assert_flowing(conns, b"c" * 700)
+
+
+def test_sockets_armed_over_two_connections_are_released_by_each(
+    helper: HelperProcess, socket_path: Path
+) -> None:
+    """The second DISARM finds the keys gone (the map's batch delete stops at the
+    first missing key) and removes the rest one by one, still answering."""
+    with (
+        TcpConnections(3) as conns,
+        unix_client(socket_path) as first,
+        unix_client(socket_path) as second,
+    ):
+        arm(first, conns)
+        arm(second, conns)
+        command(first, DISARM)
+        command(second, DISARM)
+        command(second, freeze(0))  # nothing left armed there
+        assert helper.count("cannot remove its armed keys") == 0
+        for server in conns.servers:
+            server.send(b"d" * 100)
+        assert_flowing(conns, b"d" * 100)
