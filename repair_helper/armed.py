@@ -79,7 +79,6 @@ _BPF_MAP_TYPE_HASH = 1
 _BPF_F_NO_PREALLOC = 1
 _BPF_PROG_TYPE_SOCKET_FILTER = 1
 _BPF_ANY = 0
-_BPF_NOEXIST = 1
 
 #: Keys the map holds at most: 16 ferryds each migrating 16,384 connections
 #: (ferryd's default --max-flows). ~80 bytes of kernel memory a key, taken as used.

@@ -105,7 +105,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ferry_repair.armed import ArmedFilter, ArmedFilterError, socket_cookie
+from ferry_repair.armed import ArmedFilter, ArmedFilterError, ArmedKeys, socket_cookie
 from ferry_repair.dropall import SO_ATTACH_BPF
 from ferry_repair.protocol import TCP_REPAIR, RepairCommand, Request, RequestRefused
 
@@ -151,10 +151,15 @@ class CallerRules:
 
 
 def carry_out_untrusted(
-    request: Request, rules: CallerRules, armed: ArmedFilter | None = None
-) -> list[int]:
-    """Set TCP_REPAIR to ``request.command`` on every descriptor; for ARM, the cookies
-    of the sockets armed (``armed``'s program attached, their keys passing).
+    request: Request,
+    rules: CallerRules,
+    armed: ArmedFilter | None = None,
+    keys: ArmedKeys | None = None,
+) -> None:
+    """Set TCP_REPAIR to ``request.command`` on every descriptor; for ARM, attach
+    ``armed``'s program instead of detaching the filter, each key added to the map
+    (passing) and to ``keys`` as it goes, so that a batch refused half-way leaves
+    none in the map that its connection does not know of (server.py removes them).
 
     Raises :class:`RequestRefused` (the client's fault) if a descriptor is not
     an IPv4/IPv6 socket of the caller's (or, for repair ON, is not bound),
@@ -165,9 +170,8 @@ def carry_out_untrusted(
     caller hands them to the closer thread (closer.py).
     """
     handles: list[_socket.socket] = []
-    cookies: list[int] = []
     arm = request.command is RepairCommand.ARM
-    if arm and armed is None:
+    if arm and (armed is None or keys is None):
         raise RequestRefused("ARM: this helper has no armed filter (no CAP_BPF at start-up)")
     value = request.command.repair_value
     guard = value == 1 and not rules.forced_reuse
@@ -190,13 +194,13 @@ def carry_out_untrusted(
                     if guard:
                         _drop_forced_reuse_untrusted(handle, index, addresses[index])
                 elif arm:
-                    assert armed is not None
+                    assert armed is not None and keys is not None
                     cookie = socket_cookie(handle)
                     try:
                         armed.add(cookie)
                     except ArmedFilterError as exc:
                         raise RequestRefused(f"cannot arm descriptor {index}: {exc}") from None
-                    cookies.append(cookie)
+                    keys.add((cookie,))
                     # Replaces the drop-all filter: the armed one passes until frozen.
                     handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, armed.program_fd)
                     handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)
@@ -208,7 +212,6 @@ def carry_out_untrusted(
     finally:
         for handle in handles:
             handle.detach()
-    return cookies
 
 
 def _check_owner_untrusted(fd: int, index: int, uid: int) -> None:

@@ -133,16 +133,10 @@ class Server:
     thread's) and before the seccomp filter (clone() is not allowed then).
     """
 
-    def __init__(
-        self,
-        policy: CallerPolicy,
-        *,
-        forced_reuse: bool = False,
-        armed: ArmedFilter | None = None,
-    ) -> None:
+    def __init__(self, policy: CallerPolicy, *, forced_reuse: bool = False) -> None:
         self._policy = policy
         self._forced_reuse = forced_reuse
-        self.armed = armed
+        self.armed: ArmedFilter | None = None
         """The armed filter (armed.py), if it could be loaded; set before :meth:`run`."""
         self._selector = selectors.DefaultSelector()
         self._idle = selectors.DefaultSelector()  # nothing registered: a sleep
@@ -328,7 +322,7 @@ class Server:
                 if request.command.takes_descriptors:
                     if request.command is RepairCommand.ARM:
                         _check_can_arm_untrusted(conn, len(request.fds))
-                    conn.armed.add(carry_out_untrusted(request, conn.rules, self.armed))
+                    carry_out_untrusted(request, conn.rules, self.armed, conn.armed)
                 else:
                     self._armed_command_untrusted(conn, request)
             except RequestRefused as exc:

@@ -145,13 +145,13 @@ FLUSH_RECORDS = 64
 SOFTWARE_VERSION = f"ferry {importlib.metadata.version('ferry')}"
 #: Connections held at once for a pre-copy dump (one ferry-repair message).
 PRECOPY_BATCH = 128
-#: A rollback that could not reach the helper is tried again after this many
-#: seconds, doubling up to :data:`ROLLBACK_RETRY_MAX`.
 #: After a commit, how long the connections frozen armed wait before the helper
 #: puts them in repair mode (SourceMigration._linger): ferryctl commits the source
 #: right before it resumes the target, and on one host's 2 CPUs the pass (~5 ms of
 #: the helper's for 1,000) made the target's repair OFF and resume up to 5 ms slower.
 ARMED_REPAIR_DELAY = 0.25
+#: A rollback that could not reach the helper is tried again after this many
+#: seconds, doubling up to :data:`ROLLBACK_RETRY_MAX`.
 ROLLBACK_RETRY_FIRST = 0.25
 ROLLBACK_RETRY_MAX = 5.0
 
@@ -454,29 +454,16 @@ class SourceMigration:
                 await self.repair.disarm()
 
     def _confirm_stopped(self, stopped: set[TcpConn], counts: dict[str, int]) -> list[TcpConn]:
-        """Confirm each connection in ``stopped`` as :meth:`_confirmed` does (counted in
-        ``counts``, kept in :attr:`armed_frozen`); the others, to freeze one by one.
-
-        The same test, inlined: at 1,000 connections this loop is most of
-        what the freeze does with the VM stopped.
-        """
-        precopied = self.precopied
-        segment_counts = self.kernel.segment_counts
-        confirmed = self.armed_frozen
+        """Confirm each connection in ``stopped`` (:meth:`_confirmed`: counted in
+        ``counts``, kept in :attr:`armed_frozen`); the others, to freeze one by one."""
         rest: list[TcpConn] = []
         for conn in self.conns:
-            if conn in stopped:
-                pre = precopied.pop(conn, None)
-                if (
-                    pre is not None
-                    and pre[1] == segment_counts(socket_of(conn))
-                    and pre[2] == conn.guest_state()
-                ):
-                    confirmed.append(conn)
-                    continue
-            rest.append(conn)
-        counts["tcp"] += len(confirmed)
-        counts["unchanged"] += len(confirmed)
+            if conn in stopped and self._confirmed(conn):
+                self.armed_frozen.append(conn)
+            else:
+                rest.append(conn)
+        counts["tcp"] += len(self.armed_frozen)
+        counts["unchanged"] += len(self.armed_frozen)
         return rest
 
     async def _freeze_armed(self) -> set[TcpConn]:

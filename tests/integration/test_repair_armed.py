@@ -21,7 +21,12 @@ from ferry_repair.protocol import RepairCommand
 from ferryd.migration.repair_client import RepairClient, RepairError, RepairMode
 from ferryd.migration.sockstate import segment_counts
 from testbed.repair import HelperProcess, listening_helper
-from tests.integration.test_repair_helper import dropped, expect_refusal, peer_unacked
+from tests.integration.test_repair_helper import (
+    bound_udp_socket,
+    dropped,
+    expect_refusal,
+    peer_unacked,
+)
 from tests.integration.test_repair_support import (
     TcpConnections,
     public_tmp_dir,
@@ -208,3 +213,26 @@ def test_sockets_armed_over_two_connections_are_released_by_each(
         for server in conns.servers:
             server.send(b"d" * 100)
         assert_flowing(conns, b"d" * 100)
+
+
+def test_an_arm_refused_half_way_leaves_the_helper_serving(
+    helper: HelperProcess, socket_path: Path
+) -> None:
+    """A UDP socket after two TCP ones: the kernel refuses TCP_REPAIR on it once the
+    two are armed; the batch is refused, and the connection's keys go with it."""
+    with (
+        TcpConnections(2) as conns,
+        bound_udp_socket() as udp,
+        unix_client(socket_path) as unix,
+    ):
+        fds = [s.fileno() for s in conns.clients]
+        send_batch(unix, ON, fds)
+        assert recv_exactly(unix, 1) == ON
+        reason = "descriptor 2 of the batch is not a TCP socket; descriptors 0..1 were switched"
+        with expect_refusal(helper, socket_path, reason):
+            send_batch(unix, ARM, [*fds, udp.fileno()])
+            assert recv_reply_or_eof(unix) == b""
+        assert not any(repair_states(conns.clients))
+        for server in conns.servers:
+            server.send(b"h" * 100)
+        assert_flowing(conns, b"h" * 100)

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from ferry_repair.armed import ArmedFilter
+from ferry_repair.armed import ArmedFilter, ArmedKeys
 from ferry_repair.protocol import RepairCommand, Request, RequestRefused
 from ferry_repair.repair import CallerRules, carry_out_untrusted
 
@@ -42,7 +42,9 @@ def test_pipe_refused() -> None:
         armed = ArmedFilter.load()
         for command in (c for c in RepairCommand if c.takes_descriptors):
             with pytest.raises(RequestRefused, match="descriptor 0 of the batch is not a socket"):
-                carry_out_untrusted(Request(command, (r, w)), CallerRules(os.getuid()), armed)
+                carry_out_untrusted(
+                    Request(command, (r, w)), CallerRules(os.getuid()), armed, ArmedKeys()
+                )
             assert is_open(r) and is_open(w)
     finally:
         os.close(r)
