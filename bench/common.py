@@ -12,7 +12,8 @@ Benchmarks here compare ferryd with references measured in the same run
   ``python -m bench.common echo-server|rr-client ...``; iperf3 cannot
   measure this;
 * :func:`cpu_seconds`: a process's user+system CPU time from
-  ``/proc/PID/stat``, to charge a forwarder for the bytes it moved;
+  ``/proc/PID/stat``, to charge a forwarder for the bytes it moved
+  (:func:`cpu_times`: the two apart);
 * :func:`wait_listening`: wait until a TCP port listens in a namespace.
 
 The helpers never sleep a fixed time; they poll with deadlines
@@ -44,6 +45,7 @@ __all__ = [
     "IperfResult",
     "RrResult",
     "cpu_seconds",
+    "cpu_times",
     "echo_server",
     "iperf3",
     "percentile",
@@ -59,15 +61,22 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process *pid* (all its threads), in seconds.
+    """User + system CPU time of process *pid* (all its threads), in seconds."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of process *pid* (all its threads), in seconds.
 
     Fields 14 and 15 of /proc/PID/stat, counted after the ``comm`` field,
-    which is parenthesised and may itself contain spaces.
+    which is parenthesised and may itself contain spaces. The kernel splits
+    them by sampling at each tick (proc(5): "measured in clock ticks"), so
+    the split of a short run is approximate: a few ticks either way.
     """
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state), so utime (14) and stime (15) are 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
 def sleeps(pid: int) -> int:
