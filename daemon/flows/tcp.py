@@ -116,12 +116,20 @@ LISTEN_BACKLOG = 1024
 #: frames: with iperf3 --bidir they waited ~11 ms in the tap's queue, and the
 #: upload, limited by its window over that round trip, got 2.5 Gbit/s next to
 #: a 13 Gbit/s download. So while the guest sends bulk data (a burst of its
-#: frames carried at least BUSY_BURST payload bytes), one push sends at most
-#: PUSH_SHARE and leaves the rest for the next round: the socket stays
-#: readable (level-triggered, SO_RCVLOWAT is the flight + 1), and the
-#: frontend's reader runs in between. Alone, a download pushes its window.
+#: frames carried at least BUSY_BURST payload bytes), what all pushes send to
+#: the guest until its next burst is bounded by a credit: each busy burst
+#: adds its own payload and PUSH_QUANTUM (at most PUSH_CREDIT_CAP in all),
+#: each push spends what it sent, and a push with no credit left waits for
+#: the next burst (TcpConn.push), so the download keeps pace with the upload
+#: plus a quantum. A bound per push (1 MiB, before) let every reactor round
+#: between two bursts push another MiB: the smaller direction got 0.36-1.0 of
+#: the larger in iperf3 --bidir runs, below half in 3 of 8; with the credit
+#: 0.62-1.0 over 24 runs, the same total (bench/README.md). A burst that is
+#: not busy (the guest only ACKs) lifts the bound: alone, a download pushes
+#: its window.
 BUSY_BURST = 1 << 16
-PUSH_SHARE = 1 << 20
+PUSH_QUANTUM = 1 << 18
+PUSH_CREDIT_CAP = 1 << 21
 #: How often expire() starts looking for connections past their idle limit
 #: (TcpConn.idle_expired, two hours): a reset comes at most this late, plus
 #: a second per IDLE_SCAN_BATCH connections in the table.
@@ -218,9 +226,10 @@ class TcpFlows:
         }
         """What the connections of each IP version share (the link's MSS differs)."""
         self._burst_payload = 0
-        """Payload bytes the guest sent in the burst of frames so far (see PUSH_SHARE)."""
-        self._share: int | None = None
-        """What one push may send now: PUSH_SHARE after a busy burst, else None (no limit)."""
+        """Payload bytes the guest sent in the burst of frames so far (see PUSH_QUANTUM)."""
+        self._credit: int | None = None
+        """What pushes may send until the guest's next burst (see PUSH_QUANTUM); None
+        after a burst that was not busy: no bound."""
         self._listeners: list[_Listener] = []
         self._throttle = LogThrottle(log)
         self._ack_due: list[TcpConn] = []
@@ -406,12 +415,15 @@ class TcpFlows:
         """The frontend's queue ran dry: send the ACKs deferred meanwhile,
         and re-arm the connections the burst changed."""
         due, self._ack_due = self._ack_due, []
-        self._share = PUSH_SHARE if self._burst_payload >= BUSY_BURST else None
-        self._burst_payload = 0
-        share = self._share
+        burst, self._burst_payload = self._burst_payload, 0
+        if burst >= BUSY_BURST:
+            credit = (self._credit or 0) + burst + PUSH_QUANTUM
+            self._credit = min(credit, PUSH_CREDIT_CAP)
+        else:
+            self._credit = None
         for conn in due:
             try:
-                conn.flush_ack(now, share)
+                self._spend(conn.flush_ack(now, self._credit))
             except Exception as exc:
                 self._bug(conn, exc, now)
             self._dirty[conn] = None
@@ -626,7 +638,7 @@ class TcpFlows:
                     conn.on_connected(now)  # EPOLLOUT, or ERR/HUP: SO_ERROR tells
                     continue
                 if events & (EPOLLIN | EPOLLERR | EPOLLHUP) and conn.reading():
-                    conn.on_readable(now, self._share)
+                    self._spend(conn.on_readable(now, self._credit))
                 writable = events & (EPOLLOUT | EPOLLERR | EPOLLHUP)
                 if writable and conn.want_writable and not conn.closed:
                     conn.on_writable(now)
@@ -634,6 +646,11 @@ class TcpFlows:
                 self._failed(conn, exc, now)
             except Exception as exc:
                 self._bug(conn, exc, now)
+
+    def _spend(self, sent: int) -> None:
+        """A push sent ``sent`` payload bytes to the guest: out of the credit, if any."""
+        if self._credit is not None:
+            self._credit = max(0, self._credit - sent)
 
     def _timers(self, interest: Interest[TcpConn], now: float) -> None:
         """Fire the due deadlines; reschedule those that moved later."""

@@ -203,9 +203,15 @@ TS_OPTION_LEN = 12
 #: (tcp_epollin_ready reports readability when the window is nearly closed):
 #: the guest's ACK comes first.
 FLIGHT_ONLY = 1
-#: TcpConn._starved: the frontend had no room for a segment (FrameSink.send):
-#: the adapter pushes again at the next flush (the guest's frames, or new room).
+#: TcpConn._starved: the frontend had no room for a segment (FrameSink.send),
+#: or the adapter's credit for this turn is spent (flows/tcp.py,
+#: PUSH_QUANTUM): the adapter pushes again at the next flush (the guest's
+#: frames, or new room).
 NO_ROOM = 2
+#: How long a push that found the adapter's credit spent, with nothing in
+#: flight, waits for the guest's next burst before its timer pushes anyway:
+#: a guest that stopped sending (its upload ended) must not stall a download.
+CREDIT_WAIT = 0.002
 
 
 class Endpoints(FlowKey):
@@ -658,18 +664,20 @@ class TcpConn:
         self._update_window()
         self._send(ACK, self.seq_to_guest)
 
-    def flush_ack(self, now: float, limit: int | None = None) -> None:
+    def flush_ack(self, now: float, limit: int | None = None) -> int:
         """The burst of guest frames ended: send what its segments let go (one push for
         all their ACKs, at most ``limit`` bytes: see push), then the ACK deferred by
         _data_from_guest unless data carried it."""
         self.ack_due = False
+        pushed = 0
         if self.push_due:
             self.push_due = False
             if self.state is State.ESTABLISHED:
-                self.push(now, limit)
+                pushed = self.push(now, limit)
                 self._maybe_finish(now)
         if self.state is State.ESTABLISHED and self.seq_ack_to_guest != self.seq_from_guest:
             self.send_ack()
+        return pushed
 
     def _at_burst_end(self) -> None:
         """Have the adapter call flush_ack() once the frontend's queue ran dry."""
@@ -1029,10 +1037,10 @@ class TcpConn:
             if self.wnd_to_guest != before:
                 self._send(ACK, self.seq_to_guest)
 
-    def on_readable(self, now: float, limit: int | None = None) -> None:
+    def on_readable(self, now: float, limit: int | None = None) -> int:
         """New bytes in the socket: push them (at most ``limit``: see push)."""
         if self.state is not State.ESTABLISHED:
-            return
+            return 0
         sent = self.push(now, limit)
         if (
             not sent
@@ -1046,18 +1054,30 @@ class TcpConn:
             # for the guest's ACK instead of spinning.
             self._starved = FLIGHT_ONLY
         self._maybe_finish(now)
+        return sent
 
     def push(self, now: float, limit: int | None = None) -> int:
         """Send the guest what its window allows, at most ``limit`` payload bytes
-        (None: no limit; the adapter's share for one turn, flows/tcp.py,
-        PUSH_SHARE); returns the payload bytes sent. What is left keeps the
-        socket readable."""
+        (None: no limit; the adapter's credit, flows/tcp.py, PUSH_QUANTUM);
+        returns the payload bytes sent. What is left keeps the socket readable,
+        or, with no credit left (``limit`` 0), waits for the next flush."""
         if self.state is not State.ESTABLISHED or self.flags & Flags.FIN_TO_GUEST:
             return 0
         if self._starved == NO_ROOM:
             self._starved = 0  # tried again: it stops again if there is still none
+        if limit is not None and limit <= 0:
+            # The adapter's credit is spent (flows/tcp.py, PUSH_QUANTUM): wait for
+            # the guest's next burst as for room (TcpFlows.flush pushes it again).
+            # Nothing in flight means no ACK may come: the timer then pushes it
+            # (on_timer) if no burst came first.
+            self._starved = NO_ROOM
+            self.push_due = True
+            if not self.flight:
+                self.timer = min(self.timer, now + CREDIT_WAIT)
+            return 0
         shared = self.shared
         link_mss = shared.link_mss
+        idle = not self.flight
         left = min(self.guest_wnd, shared.rcvlowat_cap) - self.flight
         if limit is not None and limit < left:
             left = limit
@@ -1136,7 +1156,10 @@ class TcpConn:
             self.flags |= Flags.FIN_TO_GUEST
         if total:
             self.flow.to_guest(total, now)
-        if self.flight and self.timer == INF:
+        if self.flight and (self.timer == INF or idle):
+            # The first bytes in flight start the retransmission timer (RFC 6298
+            # §5.1); a timer set while nothing was in flight (a probe, a wait for
+            # room or credit) was not that one, and must not resend these early.
             self.timer = now + self.rto_jittered()
         elif not self.flight and self.guest_wnd == 0 and not total:
             # Zero window with data waiting: probe it (RFC 9293 §3.8.6.1).

@@ -255,7 +255,7 @@ class Pair:
         self.wire = wire
         self.now = now
         self.share = share
-        """The most one push may send (TcpFlows' PUSH_SHARE while the guest is busy)."""
+        """The most one push may send (as TcpFlows' credit may allow while the guest is busy)."""
         self.watch = Watch()
         self.connect_done = False
 

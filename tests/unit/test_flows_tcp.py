@@ -19,10 +19,19 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from ferryd.flows import tcp
 from ferryd.flows.portspec import PortForward
 from ferryd.flows.table import FlowKey
-from ferryd.flows.tcp import IDLE_SCAN_BATCH, IDLE_SCAN_INTERVAL, TcpCounters, TcpFlows, socket_of
+from ferryd.flows.tcp import (
+    BUSY_BURST,
+    IDLE_SCAN_BATCH,
+    IDLE_SCAN_INTERVAL,
+    TcpCounters,
+    TcpFlows,
+    socket_of,
+)
 from ferryd.flows.tcp_conn import IDLE_TIMEOUT, INF, State, TcpConn
+from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.ip import IPPROTO_TCP, IpAddress, IpPacket
 from ferryd.wire.tcp import ACK, NO_OPTIONS, RST, SYN, TcpSegment, parse_tcp_untrusted
 from tests.unit.tcp_ref_guest import GState, RefGuest
@@ -322,5 +331,67 @@ async def test_the_flow_list_shows_the_host_sockets_own_address() -> None:
         assert (entry["host_addr"], entry["host_port"]) == (seen_by_peer[0], seen_by_peer[1])
         assert entry["state"] == "established" and entry["guest_port"] == GUEST_PORT
         assert conn.state is State.ESTABLISHED
+        peer.close()
+    listener.close()
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view[: 1 << 16]) :]
+
+
+async def test_while_the_guest_uploads_its_bursts_bound_what_the_pushes_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy burst of the guest's frames (BUSY_BURST payload bytes or more) gives
+    the pushes a credit of its payload and PUSH_QUANTUM: until the guest's next
+    burst they send no more than that, however much the socket holds and however
+    many reactor rounds pass; a burst that is not busy lifts the bound, and every
+    byte still arrives once, in order. (A smaller quantum, so that the credit
+    stays below what the socket's receive queue holds unacknowledged.)"""
+    monkeypatch.setattr(tcp, "PUSH_QUANTUM", 1 << 15)
+    up, down = random.Random(5).randbytes(70_000), random.Random(6).randbytes(1_000_000)
+    listener, port = await _loopback_listener()
+    got = bytearray()
+    async with tcp_flows() as (flows, link):
+        guest = RefGuest(25, b"", ports=(GUEST_PORT, port), close=False)
+        conn, peer = await _established(flows, link, listener, guest)
+        # Buffers that let the guest upload 70 KB in one window, and hold more
+        # than the credit for the guest.
+        host = socket_of(conn)
+        host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        host.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        guest.data = b"."
+        acked = seq_add(guest.snd_una, 1)
+        await pump(flows, link, guest, GW4, lambda: guest.snd_una == acked)
+        assert guest.snd_wnd >= len(up)
+        guest.data = b"." + up  # (what it sent before, then the upload)
+        guest.send(trio.current_time())
+        burst = guest.take()
+        assert sum(len(s.payload) for s in burst) == len(up) >= BUSY_BURST
+        for seg in burst:
+            flows.from_guest(from_guest(GUEST4, GW4), seg, trio.current_time())
+        flows.flush(trio.current_time())
+        credit = len(up) + tcp.PUSH_QUANTUM
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_all, peer, down)
+            with trio.fail_after(TIMEOUT):
+                while conn.data_flight < credit:
+                    await link.changed.wait()
+                    for _src, seg in link.take():
+                        guest.receive(seg, trio.current_time())
+            await trio.sleep(0.2)  # reactor rounds, the socket still readable: nothing more
+            for _src, seg in link.take():
+                guest.receive(seg, trio.current_time())
+            assert conn.data_flight == credit  # spent to the byte, not a segment more
+            assert conn.push_due and not conn.reading()  # waits for the next burst
+            # The guest's ACKs alone are not a busy burst: the download goes on.
+            await pump(flows, link, guest, GW4, lambda: len(guest.received) == len(down))
+        assert bytes(guest.received) == down
+        with trio.fail_after(TIMEOUT):
+            while len(got) < len(up) + 1:
+                got.extend(await peer.recv(1 << 16))
+        assert bytes(got) == b"." + up
         peer.close()
     listener.close()

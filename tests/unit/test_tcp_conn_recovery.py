@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ferryd.flows.tcp_conn import State, TcpConn
+from ferryd.flows.tcp_conn import CREDIT_WAIT, RTO_INITIAL, State, TcpConn
 from ferryd.flows.tcp_seq import seq_add
 from ferryd.wire.tcp import ACK, NO_OPTIONS, SYN, TcpOptions, TcpSegment
 from tests.unit.tcp_memory import GUEST_PORT, REMOTE_PORT, MemoryHost, WireGuest, new_conn
@@ -174,3 +174,48 @@ def test_a_readable_socket_with_no_room_waits_for_room_not_for_an_ack() -> None:
     wire.room = 1_000
     conn.flush_ack(0.2)  # no ACK came; room did
     assert conn.flight == 4 * MSS and conn.reading()
+
+
+def test_a_push_with_no_credit_left_waits_for_the_next_flush() -> None:
+    """The adapter's credit for this turn is spent (flows/tcp.py, PUSH_QUANTUM): the
+    push sends nothing and stops reading; the next flush, with new credit, sends as
+    much as that allows and reads again once the rest went too."""
+    host = MemoryHost()
+    wire = FullGuest(host, room=1_000)
+    conn = established(host, wire)
+    data = os.urandom(5 * MSS)
+    host.rcv += data
+    assert conn.on_readable(0.0, 0) == 0
+    assert not wire.out and waits_for_room(conn)
+    assert conn.flush_ack(0.1, 2 * MSS) == 2 * MSS
+    assert conn.reading()  # three segments left: readable, pushed in the next rounds
+    assert conn.on_readable(0.1, None) == 3 * MSS
+    assert b"".join(bytes(s.payload) for s in wire.out if s.payload) == data
+
+
+def test_no_credit_with_nothing_in_flight_is_pushed_by_the_timer_soon() -> None:
+    """A guest that stopped sending (its upload ended) brings no flush: with nothing
+    in flight no ACK will either, so the timer pushes, without counting a retry."""
+    host = MemoryHost()
+    wire = FullGuest(host, room=1_000)
+    conn = established(host, wire)
+    host.rcv += bytes(2 * MSS)
+    assert conn.push(0.0, 0) == 0
+    assert conn.deadline() == CREDIT_WAIT
+    conn.on_timer(conn.deadline())
+    assert conn.flight == 2 * MSS and conn.retries == 0
+
+
+def test_bytes_sent_after_a_wait_get_a_whole_retransmission_timeout() -> None:
+    """The short timer of a wait for credit is not the retransmission timer: the
+    bytes a flush then sends are resent only a retransmission timeout later."""
+    host = MemoryHost()
+    wire = FullGuest(host, room=1_000)
+    conn = established(host, wire)
+    host.rcv += bytes(2 * MSS)
+    assert conn.push(0.0, 0) == 0
+    assert conn.flush_ack(0.001, 2 * MSS) == 2 * MSS
+    assert conn.deadline() >= 0.001 + RTO_INITIAL
+    wire.out.clear()
+    conn.on_timer(CREDIT_WAIT)
+    assert not wire.out and conn.retries == 0

@@ -49,7 +49,7 @@ def test_both_directions_end_to_end(inbound: bool, timestamps: bool) -> None:
 
 @pytest.mark.parametrize("drop", [0.0, 0.05], ids=["clean", "lossy"])
 def test_pushes_limited_to_a_share_still_deliver_everything(drop: float) -> None:
-    """With every push held to 3,000 bytes (TcpFlows.PUSH_SHARE, while the guest
+    """With every push held to 3,000 bytes (a TcpFlows credit, while the guest
     uploads) the rest goes in later rounds; both streams arrive whole, in order."""
     up, down = _payload(200_000, 3), _payload(400_000, 4)
     out = run(up, down, share=3000, drop=drop, seed=7)
