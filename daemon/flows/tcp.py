@@ -122,11 +122,11 @@ LISTEN_BACKLOG = 1024
 #: each push spends what it sent, and a push with no credit left waits for
 #: the next burst (TcpConn.push), so the download keeps pace with the upload
 #: plus a quantum. A bound per push (1 MiB, before) let every reactor round
-#: between two bursts push another MiB: the smaller direction got 0.36-1.0 of
-#: the larger in iperf3 --bidir runs, below half in 3 of 8; with the credit
-#: 0.62-1.0 over 24 runs, the same total (bench/README.md). A burst that is
-#: not busy (the guest only ACKs) lifts the bound: alone, a download pushes
-#: its window.
+#: between two bursts push another MiB: in iperf3 --bidir the smaller
+#: direction got 0.33-0.99 of the larger, below half in 10 of 24 runs; with
+#: the credit 0.56-0.98, none below, the same total (bench/README.md). A
+#: burst that is not busy (the guest only ACKs) lifts the bound: alone, a
+#: download pushes its window.
 BUSY_BURST = 1 << 16
 PUSH_QUANTUM = 1 << 18
 PUSH_CREDIT_CAP = 1 << 21
