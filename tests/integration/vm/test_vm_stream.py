@@ -30,7 +30,7 @@ from testbed.tcptool import expected
 from testbed.tcptool_process import server
 from testbed.topology import Topology
 from testbed.vm import stream_netdev
-from testbed.wait import wait_for
+from testbed.wait import WaitTimeout, wait_for
 from tests.integration.conftest import _test_failed
 from tests.integration.vm.conftest import StartPasst, StartVm
 
@@ -52,7 +52,14 @@ class Backend:
     closes_after_half_close: bool
 
 
-@pytest.fixture(params=["ferryd", "passt"])
+#: Debian 12's passt is the reference here, not what is tested: in one CI run
+#: of many (2026-12-05, the whole suite beside it) its guest's download
+#: never ended; it passed at once when run again. A rerun keeps a stall of
+#: the reference from failing the suite; ferryd's runs get none.
+PASST_REFERENCE = pytest.param("passt", marks=pytest.mark.flaky(reruns=2))
+
+
+@pytest.fixture(params=["ferryd", PASST_REFERENCE])
 def backend(
     request: pytest.FixtureRequest,
     topology: Topology,
@@ -149,12 +156,16 @@ def test_guest_takes_its_address_by_dhcp_and_streams_both_ways(
         f" nc {peer} {SOURCE_PORT} </tmp/request >/tmp/down 2>&1 & echo $! >/tmp/nc.pid;"
         f" echo '{NBYTES} {seed}' >/tmp/request"
     )
-    wait_for(
-        lambda: vm.run("kill -0 $(cat /tmp/nc.pid)").status != 0,
-        timeout=60,
-        interval=0.5,
-        what="nc to end on the peer's close",
-    )
+    try:
+        wait_for(
+            lambda: vm.run("kill -0 $(cat /tmp/nc.pid)").status != 0,
+            timeout=60,
+            interval=0.5,
+            what="nc to end on the peer's close",
+        )
+    except WaitTimeout as exc:
+        arrived = vm.run("wc -c </tmp/down").output.strip()
+        raise AssertionError(f"{exc}: {arrived} of {NBYTES} bytes arrived") from None
     vm.check("kill $(cat /tmp/holder)")
     count, down_digest = vm.check("wc -c </tmp/down && sha256sum /tmp/down").split()[:2]
     assert (int(count), down_digest) == (NBYTES, expected(NBYTES, seed))
