@@ -381,7 +381,9 @@ async def test_while_the_guest_uploads_its_bursts_bound_what_the_pushes_send(
                     await link.changed.wait()
                     for _src, seg in link.take():
                         guest.receive(seg, trio.current_time())
-            await trio.sleep(0.2)  # reactor rounds, the socket still readable: nothing more
+            # Until nothing runs: the peer blocked on a full socket, the reactor
+            # waiting on its epoll, the connection not among what it waits for.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
             for _src, seg in link.take():
                 guest.receive(seg, trio.current_time())
             assert conn.data_flight == credit  # spent to the byte, not a segment more
