@@ -58,7 +58,7 @@ import os
 import platform
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from ferry_repair.dropall import SYS_BPF
 
@@ -266,11 +266,11 @@ class ArmedKeys:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def add(self, cookies: Iterable[int]) -> None:
-        for cookie in cookies:
-            if cookie not in self._seen:
-                self._seen.add(cookie)
-                self.packed += _COOKIE.pack(cookie)
+    def add(self, cookie: int) -> None:
+        """Keep ``cookie``'s key, once however often it is armed."""
+        if cookie not in self._seen:
+            self._seen.add(cookie)
+            self.packed += _COOKIE.pack(cookie)
 
     def each(self) -> Iterator[bytes]:
         """Each key, packed as the map takes it."""

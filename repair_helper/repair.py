@@ -200,7 +200,7 @@ def carry_out_untrusted(
                         armed.add(cookie)
                     except ArmedFilterError as exc:
                         raise RequestRefused(f"cannot arm descriptor {index}: {exc}") from None
-                    keys.add((cookie,))
+                    keys.add(cookie)
                     # Replaces the drop-all filter: the armed one passes until frozen.
                     handle.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, armed.program_fd)
                     handle.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, value)

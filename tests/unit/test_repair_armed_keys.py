@@ -9,8 +9,8 @@ from ferry_repair.armed import ArmedKeys
 
 def test_each_cookie_is_kept_once_in_arming_order_packed_little_endian() -> None:
     keys = ArmedKeys()
-    keys.add([5, 1 << 40, 5])
-    keys.add([7, 1 << 40])
+    for cookie in (5, 1 << 40, 5, 7, 1 << 40):
+        keys.add(cookie)
     assert len(keys) == 3
     assert bytes(keys.packed) == struct.pack("<3Q", 5, 1 << 40, 7)
     assert list(keys.each()) == [struct.pack("<Q", k) for k in (5, 1 << 40, 7)]
