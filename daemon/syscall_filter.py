@@ -77,6 +77,13 @@ ALLOWED_SYSCALLS = (
     "gettid", "getuid", "geteuid", "getgid", "getegid", "getrandom", "clock_gettime",
     "clock_nanosleep", "nanosleep", "gettimeofday", "rt_sigaction", "rt_sigprocmask",
     "rt_sigreturn", "sigaltstack", "sched_yield", "exit", "exit_group",
+    # A stop (SIGSTOP, a debugger, the cgroup freezer) during a timed poll(),
+    # nanosleep or futex wait resumes it through restart_syscall
+    # (-ERESTART_RESTARTBLOCK). ferryd's loop waits in epoll_wait, which
+    # returns EINTR instead, so nothing needs it today; denied, the next such
+    # wait would fail with EPERM after a stop (ferry-repair's GIL wait did and
+    # glibc aborted it: ferry_repair.sandbox). It only resumes an allowed call.
+    "restart_syscall",
 )  # fmt: skip
 
 # asm-generic/ioctls.h (the queue lengths and TUNSETQUEUE come from where they are used)

@@ -75,6 +75,15 @@ ALLOWED_SYSCALLS = (
     # CPython itself: memory, signals, time, log lines, exit
     "brk", "mmap", "munmap", "mremap", "madvise", "futex", "getpid", "gettid",
     "rt_sigreturn", "rt_sigprocmask", "clock_gettime", "write", "exit", "exit_group",
+    # A stop (SIGSTOP, a debugger, the cgroup freezer) that interrupts a timed
+    # wait makes the kernel resume it through restart_syscall
+    # (-ERESTART_RESTARTBLOCK, kernel/signal.c): the GIL's timed futex wait
+    # while the closer thread runs, say. Denied, that futex call returns
+    # EPERM, glibc aborts ("The futex facility returned an unexpected error
+    # code"), and with tgkill denied abort() ends on hlt: SIGSEGV, every
+    # caller's batch lost (seen: two stops under load). It only resumes a call
+    # the filter allowed when it began. writev: glibc's fatal messages.
+    "restart_syscall", "writev",
 )  # fmt: skip
 
 

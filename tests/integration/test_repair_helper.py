@@ -12,10 +12,13 @@ import contextlib
 import fcntl
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -453,3 +456,52 @@ def test_many_clients_at_once(helper: HelperProcess, socket_path: Path) -> None:
     finally:
         for unix in clients:
             unix.close()
+
+
+#: Stop/continue cycles the helper goes through while it serves (two were
+#: enough to kill it when restart_syscall was denied).
+STOPS = 50
+
+
+def test_survives_being_stopped_while_it_serves(helper: HelperProcess, socket_path: Path) -> None:
+    """SIGSTOP and SIGCONT (job control, a debugger, the cgroup freezer) while batches flow.
+
+    A stop that interrupts a timed wait (the GIL's, with the closer thread
+    busy) resumes it through restart_syscall; the seccomp filter must allow
+    it (sandbox.py), or glibc aborts the helper and every caller's batch is
+    lost.
+    """
+    stopped = threading.Event()
+
+    def stop_and_continue() -> None:
+        for _ in range(STOPS):
+            helper.proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.002)
+            helper.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+        stopped.set()
+
+    n = 2 * SCM_MAX_FD
+    with TcpConnections(n) as conns, unix_client(socket_path) as unix:
+        fds = [s.fileno() for s in conns.clients]
+        batches = [fds[:SCM_MAX_FD], fds[SCM_MAX_FD:]]
+        stopper = threading.Thread(target=stop_and_continue)
+        stopper.start()
+        passes = 0
+        try:
+            while not stopped.is_set():
+                for command, state in ((b"\x01", True), (b"\x00", False)):
+                    for batch in batches:
+                        send_batch(unix, command, batch)
+                    replies = recv_exactly(unix, len(batches))
+                    assert replies == command * len(batches), (
+                        f"pass {passes}: replies {replies!r}; helper exit {helper.proc.poll()}"
+                    )
+                    assert repair_states(conns.clients) == [state] * n
+                passes += 1
+        finally:
+            stopper.join()
+            clear_repair(conns.clients)
+    assert passes > 0
+    assert helper.proc.poll() is None
+    assert_serves(socket_path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -468,4 +469,35 @@ def test_no_buffer_peer_to_guest(topology: Topology, start_ferryd: StartFerryd) 
     assert rss_after - rss_before < RSS_SLACK_KIB, (rss_before, rss_after, peer_acked)
     guest.tell()
     assert sender.out.json(timeout=60, what="the sender's verdict")["ok"]
+    no_tcp_flows(ferryd)
+
+
+# --- stopped and continued ----------------------------------------------------
+
+
+def test_stopped_and_continued_while_streaming(
+    topology: Topology, start_ferryd: StartFerryd
+) -> None:
+    """SIGSTOP and SIGCONT (job control, a debugger, the cgroup freezer) mid-stream.
+
+    The bytes arrive whole both ways and ferryd, under its seccomp filter,
+    lives on. (ferry-repair died of this: test_repair_helper.py.)
+    """
+    ferryd = start(topology, start_ferryd)
+    server(topology.peer, "sink", "::", PORT)
+    server(topology.peer, "source", "::", PORT + 1)
+    addr = topology.peers_v4[1]
+    size = 200 * MB
+    up = spawn(topology.guest, "send", addr, PORT, size, 21)
+    down = spawn(topology.guest, "fetch", addr, PORT + 1, size, 22)
+    for _ in range(50):
+        ferryd.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.002)
+        ferryd.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    assert ferryd.proc.poll() is None, "ferryd died of being stopped"
+    sent, fetched = up.out.json(timeout=120), down.out.json(timeout=120)
+    assert sent["ok"] and fetched["ok"] and fetched["bytes"] == size
+    assert up.finish() == 0 and down.finish() == 0
+    assert ferryd.proc.poll() is None
     no_tcp_flows(ferryd)
