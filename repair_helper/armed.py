@@ -60,7 +60,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from ferry_repair.dropall import SYS_BPF
+from ferry_repair.dropall import SYS_BPF, bpf_at_start
 
 _BPF_MAP_CREATE = 0
 _BPF_MAP_UPDATE_ELEM = 2
@@ -145,25 +145,21 @@ class ArmedFilter:
         number = SYS_BPF.get(platform.machine())
         if number is None:
             return None
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-
-        def bpf(command: int, attr: bytes) -> int:
-            buf = ctypes.create_string_buffer(attr, len(attr))
-            return int(libc.syscall(number, command, buf, len(attr)))
-
         # union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size,
         # max_entries, map_flags.
-        map_fd = bpf(
+        map_fd = bpf_at_start(
+            number,
             _BPF_MAP_CREATE,
             struct.pack("<IIIII", _BPF_MAP_TYPE_HASH, 8, 4, MAX_KEYS, _BPF_F_NO_PREALLOC),
+            "the armed filter's map",
         )
         if map_fd < 0:
             return None
         code = _program(map_fd)
         insns = ctypes.create_string_buffer(code, len(code))
         license_ = ctypes.create_string_buffer(b"GPL")
-        program_fd = bpf(
+        program_fd = bpf_at_start(
+            number,
             _BPF_PROG_LOAD,
             struct.pack(
                 "<IIQQIIQI",
@@ -176,6 +172,7 @@ class ArmedFilter:
                 0,
                 0,
             ),
+            "the armed filter's program",
         )
         if program_fd < 0:
             os.close(map_fd)

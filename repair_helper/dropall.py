@@ -21,15 +21,23 @@ tcp_filter).
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import platform
 import struct
+
+log = logging.getLogger("ferry-repair")
 
 SO_ATTACH_BPF = 50
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_SOCKET_FILTER = 1
 #: bpf(2)'s syscall number (asm/unistd_64.h, include/uapi/asm-generic/unistd.h).
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
+#: Tries at a bpf() call at start-up that failed with EAGAIN: the verifier
+#: gives up on a program when a signal is pending (kernel/bpf/verifier.c,
+#: do_check), a stop included; libbpf tries five times as well.
+BPF_ATTEMPTS = 5
 # BPF_ALU64 | BPF_MOV | BPF_K to r0, imm 0; then BPF_JMP | BPF_EXIT (linux/bpf.h).
 _PROGRAM = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
@@ -54,11 +62,35 @@ def load_drop_all() -> int | None:
         0,
         0,
     )
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    fd = int(libc.syscall(number, _BPF_PROG_LOAD, buf, len(attr)))
+    fd = bpf_at_start(number, _BPF_PROG_LOAD, attr, "the drop-all program")
     if fd < 0:
         return None
     os.set_inheritable(fd, False)
     return fd
+
+
+def bpf_at_start(number: int, command: int, attr: bytes, what: str) -> int:
+    """bpf(2) ``command`` with ``attr``: a descriptor, or -1 (logged unless EPERM).
+
+    EPERM is the expected refusal (no CAP_BPF), which the serving line
+    reports; any other is logged here with its errno, so that the helper
+    does not blame a missing capability for, say, a memory limit.
+    """
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    for _ in range(BPF_ATTEMPTS):
+        fd = int(libc.syscall(number, command, buf, len(attr)))
+        if fd >= 0:
+            return fd
+        code = ctypes.get_errno()
+        if code != errno.EAGAIN:
+            break
+    if code != errno.EPERM:
+        log.warning(
+            "cannot create %s: bpf(): %s %s",
+            what,
+            errno.errorcode.get(code, code),
+            os.strerror(code),
+        )
+    return -1
